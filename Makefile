@@ -1,0 +1,80 @@
+# moonproxy: `make run` and `make test` work on a fresh Debian 12 machine.
+BUILD    ?= build
+SAN      ?=
+PREFIX   ?= /usr/local
+LUAJIT_INC ?= /usr/include/luajit-2.1
+
+CC       ?= cc
+CFLAGS   ?= -O2 -g
+WARN     := -Wall -Wextra -Wshadow
+ifeq ($(CI),true)
+WARN     += -Werror
+endif
+CPPFLAGS += -std=c11 -D_GNU_SOURCE -I$(LUAJIT_INC) -DMP_LUA_DIR='"$(PREFIX)/share/moonproxy/lua"'
+ifneq ($(SAN),)
+CFLAGS   := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined -DMP_DEBUG
+LDFLAGS  += -fsanitize=address,undefined
+endif
+LDLIBS   := -lluajit-5.1 -lev -lpcre2-8 -lpthread -lm -ldl
+
+# The offline core (router, regex, parser, config) also builds as the Lua C
+# module moonproxy.core used by moonproxy.testing and the specs.
+CORE_SRCS := http1.c router.c regex.c config.c vm.c util.c l_core.c $(notdir $(wildcard src/l_*.c))
+CORE_SRCS := $(sort $(CORE_SRCS))
+SRV_SRCS  := $(filter-out l_core.c,$(notdir $(wildcard src/*.c)))
+
+SRV_OBJS  := $(SRV_SRCS:%.c=$(BUILD)/obj/%.o)
+CORE_OBJS := $(CORE_SRCS:%.c=$(BUILD)/pic/%.o)
+
+BIN  := $(BUILD)/moonproxy
+CORE := $(BUILD)/lib/moonproxy/core.so
+
+.PHONY: all deps run test test-run test-asan bench fuzz clean fmt lint install
+
+all: $(BIN) $(CORE)
+
+deps:
+	@scripts/deps.sh test
+
+$(BUILD)/obj/%.o: src/%.c | $(BUILD)/obj
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(WARN) -MMD -MP -c -o $@ $<
+
+$(BUILD)/pic/%.o: src/%.c | $(BUILD)/pic
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(WARN) -fPIC -MMD -MP -c -o $@ $<
+
+$(BIN): $(SRV_OBJS)
+	$(CC) $(LDFLAGS) -rdynamic -o $@ $^ $(LDLIBS)
+
+$(CORE): $(CORE_OBJS) | $(BUILD)/lib/moonproxy
+	$(CC) $(LDFLAGS) -shared -o $@ $^ -lpcre2-8 -lpthread -lm
+
+$(BUILD)/obj $(BUILD)/pic $(BUILD)/lib/moonproxy:
+	mkdir -p $@
+
+-include $(wildcard $(BUILD)/obj/*.d $(BUILD)/pic/*.d)
+
+run: deps all
+	scripts/run-demo.sh $(BIN)
+
+# Every spec: parser and router (core/), Lua modules (unit/), the real binary
+# on loopback (e2e/), and each example's spec.
+BUSTED := luajit /usr/bin/busted --lpath='lua/?.lua;lua/?/init.lua;spec/?.lua' --cpath='$(BUILD)/lib/?.so'
+test: deps all test-run
+
+test-run:
+	MOONPROXY_BIN=$(BIN) $(BUSTED) $(BUSTED_ARGS) spec examples
+
+# The same suites under AddressSanitizer + UndefinedBehaviorSanitizer. The
+# Lua C module runs inside luajit, so the ASan runtime is preloaded.
+test-asan: deps
+	$(MAKE) BUILD=build-asan SAN=1 all
+	LD_PRELOAD=$$($(CC) -print-file-name=libasan.so):$$($(CC) -print-file-name=libubsan.so) \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	$(MAKE) BUILD=build-asan test-run
+
+bench: all
+	scripts/deps.sh bench
+	scripts/bench.sh $(BIN)
+
+clean:
+	rm -rf build build-asan build-fuzz

@@ -1,0 +1,310 @@
+-- moonproxy: the configuration DSL (SPEC "The configuration script").
+-- Each call checks its arguments at once and raises "file:line: message" at
+-- the operator's line. The loader (src/config.c) calls M._reset() before it
+-- runs a script and M._finish(script_path) after it; _finish does the checks
+-- that need the whole script and returns the normalized table that
+-- mp_config_build() reads. require "moonproxy" has no side effects.
+local schema = require "moonproxy.schema"
+
+local type, ipairs, setmetatable, getmetatable, getinfo = type, ipairs, setmetatable, getmetatable, debug.getinfo
+local error, tostring, pairs = error, tostring, pairs
+local fmt, sort = string.format, table.sort
+local check, fail, bad, show = schema.check, schema.fail, schema.bad, schema.show
+
+local _M = {}
+
+local function new_state()
+  return { listen = {}, upstreams = {}, upstream_by_name = {}, routes = {}, route_by_name = {} }
+end
+
+local state = new_state() -- what the script declared so far; a new one per load
+
+-- Forgets every declaration: the loader calls it before each script.
+function _M._reset()
+  state = new_state()
+end
+
+-- "file:line" of the first Lua caller of the DSL function that called where().
+local function where()
+  for level = 3, 12 do
+    local info = getinfo(level, "Sl")
+    if not info then
+      break
+    elseif info.what ~= "C" then
+      return info.short_src .. ":" .. info.currentline
+    end
+  end
+  return "?"
+end
+
+local function not_yet(what)
+  return function()
+    error(what .. " is not supported yet", 2)
+  end
+end
+
+_M.on_request = not_yet("proxy.on_request")
+_M.on_response = not_yet("proxy.on_response")
+_M.on_log = not_yet("proxy.on_log")
+_M.shared = not_yet("proxy.shared")
+_M.expect = not_yet("proxy.expect")
+
+-- listen / admin ---------------------------------------------------------------
+
+local listen_spec = { addr = schema.listen_addr }
+
+local function listener(t, what, src)
+  local l = check(type(t) == "string" and { addr = t } or t, listen_spec, what, src)
+  if not l.addr then
+    fail(src, '%s: needs addr = "host:port"', what)
+  end
+  l.src = src
+  return l
+end
+
+function _M.listen(t)
+  local src = where()
+  local l = listener(t, "listen", src)
+  for _, other in ipairs(state.listen) do
+    if other.addr == l.addr then
+      fail(src, "listen: %s is already declared at %s", l.addr, other.src)
+    end
+  end
+  state.listen[#state.listen + 1] = l
+end
+
+function _M.admin(t)
+  local src = where()
+  if state.admin then
+    fail(src, "admin: already declared at %s (there is one admin port)", state.admin.src)
+  end
+  state.admin = listener(t, "admin", src)
+end
+
+-- settings ---------------------------------------------------------------------
+
+local function workers(v)
+  if v == "auto" then
+    return 0
+  end
+  return schema.integer(1, 1024)(v, nil, nil)
+end
+
+local function access_log(v)
+  if v == false or (type(v) == "string" and v ~= "") then
+    return v
+  end
+  return bad(v, 'must be "stdout", a file path, or false')
+end
+
+local settings_spec = {
+  workers = workers,
+  client_header_timeout = schema.duration,
+  client_body_timeout = schema.duration,
+  keepalive_timeout = schema.duration,
+  shutdown_timeout = schema.duration,
+  max_header_size = schema.size,
+  max_uri_size = schema.size,
+  max_body_size = schema.size,
+  max_connections = schema.integer(1),
+  trusted_proxies = schema.list(schema.string),
+  access_log = access_log,
+}
+
+local function settings_defaults()
+  return {
+    workers = 0, client_header_timeout = 10, client_body_timeout = 60, keepalive_timeout = 75,
+    max_header_size = 16384, max_uri_size = 8192, max_body_size = 10485760, max_connections = 10000,
+    shutdown_timeout = 30, trusted_proxies = {}, access_log = "stdout",
+  }
+end
+
+function _M.settings(t)
+  local src = where()
+  if state.settings then
+    fail(src, "settings: already declared at %s (use one proxy.settings call)", state.settings.src)
+  end
+  local s = check(t, settings_spec, "settings", src)
+  for _, k in ipairs({ "max_header_size", "max_uri_size" }) do
+    if s[k] == 0 then
+      fail(src, "settings: %s must be greater than 0", k)
+    end
+  end
+  for k, v in pairs(settings_defaults()) do
+    if s[k] == nil then
+      s[k] = v
+    end
+  end
+  s.src = src
+  state.settings = s
+end
+
+-- upstreams --------------------------------------------------------------------
+
+local upstream_mt = { __tostring = function(u) return "upstream '" .. u.name .. "'" end }
+
+local server_spec = { addr = schema.server_addr, weight = schema.integer(1, 1000) }
+
+local function servers(v, src, what)
+  local shape = '"host:port" or { addr = "host:port", weight = N }'
+  local list, err = schema.list(function(e) return e end, true)(v, src, what)
+  if err then
+    return bad(v, type(v) == "table" and #v == 0 and "must list at least one server" or "must be a list of " .. shape)
+  end
+  local seen = {}
+  for i, e in ipairs(list) do
+    local label = fmt("%s[%d]", what, i)
+    if type(e) ~= "string" and type(e) ~= "table" then
+      fail(src, "%s must be %s, got %s", label, shape, show(e))
+    end
+    e = check(type(e) == "string" and { addr = e } or e, server_spec, label, src)
+    if not e.addr then
+      fail(src, '%s: needs addr = "host:port"', label)
+    elseif seen[e.addr] then
+      fail(src, "%s: %s is listed twice (use weight instead)", label, e.addr)
+    end
+    seen[e.addr] = true
+    list[i] = { addr = e.addr, weight = e.weight or 1 }
+  end
+  return list
+end
+
+local function balancer(v)
+  if v == "round_robin" then
+    return v
+  elseif type(v) == "string" then
+    return nil, fmt("%s is not supported yet (only \"round_robin\" for now)", show(v))
+  end
+  return nil, type(v) .. " balancers are not supported yet (only \"round_robin\" for now)"
+end
+
+local timeouts_spec = { connect = schema.duration, send = schema.duration, read = schema.duration }
+
+local function timeouts(v, src, what)
+  local t = check(v, timeouts_spec, what, src)
+  return { connect = t.connect or 5, send = t.send or 60, read = t.read or 60 }
+end
+
+local upstream_spec = {
+  servers = servers, balancer = balancer, keepalive = schema.integer(0, 100000),
+  keepalive_timeout = schema.duration, timeouts = timeouts, retries = schema.integer(0, 100), host = schema.host_header,
+}
+local upstream_later = { health = true, passive = true, hash_key = true, fail_open = true }
+
+local function declare_upstream(name, t, src)
+  local what = "upstream '" .. name .. "'"
+  local u = check(t, upstream_spec, what, src, upstream_later)
+  if not u.servers then
+    fail(src, '%s: needs servers = { "host:port", ... }', what)
+  end
+  local prev = state.upstream_by_name[name]
+  if prev then
+    fail(src, "%s is already declared at %s", what, prev.src)
+  end
+  u.name, u.src = name, src
+  u.balancer = u.balancer or "round_robin"
+  u.keepalive = u.keepalive or 32
+  u.keepalive_timeout = u.keepalive_timeout or 60
+  u.timeouts = u.timeouts or timeouts({}, src, what)
+  u.retries = u.retries or 1
+  state.upstreams[#state.upstreams + 1] = u
+  state.upstream_by_name[name] = u
+  return setmetatable({ name = name, src = src }, upstream_mt)
+end
+
+-- proxy.upstream "name" { ... } (or proxy.upstream("name", { ... })) returns
+-- an upstream object for routes' `upstream = `.
+function _M.upstream(name, t)
+  local src = where()
+  if type(name) ~= "string" or not name:match("^[%w.%-_]+$") then
+    fail(src, 'upstream: expects a name (letters, digits, ".-_"): proxy.upstream "api" { servers = {...} }, got %s',
+      show(name))
+  end
+  if t ~= nil then
+    return declare_upstream(name, t, src)
+  end
+  return function(spec)
+    return declare_upstream(name, spec, where())
+  end
+end
+
+-- routes -----------------------------------------------------------------------
+
+local function upstream_ref(v)
+  if type(v) == "string" and v ~= "" then
+    return v
+  elseif getmetatable(v) == upstream_mt then
+    return v.name
+  end
+  return bad(v, 'must be an upstream (local api = proxy.upstream "api" {...}) or its name')
+end
+
+local route_spec = {
+  name = schema.string, host = schema.route_host, method = schema.methods,
+  path = schema.uri_path, prefix = schema.uri_path, regex = schema.string,
+  headers = schema.header_filters, strip_prefix = schema.boolean, upstream = upstream_ref,
+}
+local route_later = {
+  static = true, handler = true, rewrite = true, on_request = true, on_response = true, plugins = true,
+}
+
+function _M.route(t)
+  local src = where()
+  local r = check(t, route_spec, "route", src, route_later)
+  if ((r.path and 1 or 0) + (r.prefix and 1 or 0) + (r.regex and 1 or 0)) > 1 then
+    fail(src, "route: set only one of path, prefix, regex")
+  elseif r.strip_prefix and not r.prefix then
+    fail(src, "route: strip_prefix needs a prefix")
+  elseif not r.upstream then
+    fail(src, 'route: needs a target: upstream = api (an upstream or its name)')
+  end
+  r.index = #state.routes + 1
+  r.name = r.name or tostring(r.index)
+  local prev = state.route_by_name[r.name]
+  if prev then
+    fail(src, "route: name '%s' is already used by the route at %s (a route without a name is named by its index)",
+      r.name, prev.src)
+  end
+  r.methods, r.method = r.method, nil
+  r.strip_prefix = r.strip_prefix or false
+  r.src = src
+  state.routes[r.index] = r
+  state.route_by_name[r.name] = r
+end
+
+-- whole-script checks ------------------------------------------------------------
+
+-- Returns the normalized configuration (see src/config.h); raises the first
+-- problem found with the src of the declaration at fault. script names the
+-- file for problems that have no declaration (no listener).
+function _M._finish(script)
+  local s = state
+  if #s.listen == 0 then
+    error(fmt('%s: no listener: declare one with proxy.listen { addr = "127.0.0.1:8080" }', script or "config"), 0)
+  end
+  if s.admin then
+    for _, l in ipairs(s.listen) do
+      if l.addr == s.admin.addr then
+        fail(s.admin.src, "admin: %s is also a listener (declared at %s)", l.addr, l.src)
+      end
+    end
+  end
+  for _, r in ipairs(s.routes) do
+    if not s.upstream_by_name[r.upstream] then
+      local names = {}
+      for _, u in ipairs(s.upstreams) do
+        names[#names + 1] = u.name
+      end
+      sort(names)
+      local hint = schema.suggest(r.upstream, names)
+      fail(r.src, "route '%s': unknown upstream '%s'%s", r.name, r.upstream,
+        hint and fmt(" (did you mean '%s'?)", hint) or (#names == 0 and " (no upstream is declared)" or ""))
+    end
+  end
+  if not s.settings then
+    s.settings = settings_defaults()
+  end
+  return { listen = s.listen, admin = s.admin, settings = s.settings, upstreams = s.upstreams, routes = s.routes }
+end
+
+return _M

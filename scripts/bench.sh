@@ -1,0 +1,739 @@
+#!/usr/bin/env bash
+# scripts/bench.sh [BIN] — moonproxy against nginx and HAProxy, on loopback.
+#
+# Puts each proxy in turn in front of the same fast backend (an nginx that
+# answers "hello world\n" itself), with the same number of workers, and drives
+# it with wrk. For every proxy and client concurrency it reports throughput,
+# p50/p99 latency, the proxy's CPU time per request (the figure that survives a
+# noisy shared machine best: it does not depend on how much CPU wrk and the
+# backend took from us) and how many upstream connections the proxy opened
+# during the measured run (0 or few means the keep-alive pool works). It then
+# holds IDLE_CONNS idle keep-alive client connections on each proxy and reports
+# the RSS they cost. Results go to stdout and to build/bench-results.md.
+#
+# Environment:
+#   WORKERS=2            worker threads/processes for every proxy
+#   CONNS="1 10 100"     wrk client connection counts
+#   DURATION=10s         each measured wrk run (WARMUP=1s before it)
+#   IDLE_CONNS=9000      idle connections for the memory figure (0 = skip)
+#   PROXIES="nginx haproxy moonproxy"   which proxies, in this order
+#   SKIP_MOONPROXY=1     leave moonproxy out (also automatic when BIN is missing)
+#   OUT=build/bench-results.md
+# Profiling modes (they replace the comparison run; moonproxy must be built):
+#   CALLGRIND=1      moonproxy -w 1 under callgrind: instructions per request in
+#                    steady state, plus the top functions
+#   MALLOC_CHECK=1   malloc/calloc/realloc calls per request in steady state,
+#                    via an LD_PRELOAD counter (nginx and HAProxy for reference)
+#
+# Every process started here is stopped by PID on exit, and the temp dir goes.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${1:-$ROOT/build/moonproxy}
+[[ $BIN == /* ]] || BIN=$PWD/$BIN
+
+WORKERS=${WORKERS:-2}
+CONNS=${CONNS:-1 10 100}
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-1s}
+IDLE_CONNS=${IDLE_CONNS:-9000}
+PROXIES=${PROXIES:-nginx haproxy moonproxy}
+OUT=${OUT:-$ROOT/build/bench-results.md}
+CALLGRIND=${CALLGRIND:-0}
+MALLOC_CHECK=${MALLOC_CHECK:-0}
+
+NGINX=${NGINX:-/usr/sbin/nginx}
+HAPROXY=${HAPROXY:-/usr/sbin/haproxy}
+WRK=${WRK:-wrk}
+LUAJIT=${LUAJIT:-luajit}
+IDLE_SCRIPT=$ROOT/scripts/idle_conns.lua
+CLK_TCK=$(getconf CLK_TCK)
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/moonproxy-bench.XXXXXX")
+
+# ---------------------------------------------------------------------------
+# Processes: every PID we start is recorded, and stopped on exit however we
+# leave (error, ^C). Never by name: the machine is shared.
+
+declare -A STARTED=()
+LAST_PID=
+
+log() { printf '%s\n' "$*" >&2; }
+
+# die MESSAGE [LOGFILE]: print the message (and the tail of a server's log,
+# which is about to vanish with the temp dir) and exit; the EXIT trap cleans up.
+die() {
+    log "bench: $1"
+    if [[ -n ${2:-} && -s $2 ]]; then
+        log "--- last lines of $(basename "$2"):"
+        tail -n 20 "$2" >&2
+    fi
+    exit 1
+}
+
+# start_bg LOGFILE CMD...: start CMD in the background, output to LOGFILE;
+# its PID goes to LAST_PID (not echoed: a $(...) would make it a grandchild).
+start_bg() {
+    local logf=$1; shift
+    "$@" >"$logf" 2>&1 </dev/null &
+    LAST_PID=$!
+    STARTED[$LAST_PID]=1
+}
+
+# proc_tree PID: PID and all its descendants (nginx = master + workers), read
+# from /proc without forking once per process.
+proc_tree() {
+    local f line pid ppid rest
+    local -A kids=()
+    for f in /proc/[0-9]*/stat; do
+        { read -r line <"$f"; } 2>/dev/null || continue   # it may just have exited
+        pid=${line%% *}
+        rest=${line##*) }               # comm may hold spaces: skip past ')'
+        read -r _ ppid _ <<<"$rest"
+        kids[$ppid]+=" $pid"
+    done
+    local -a queue=("$1")
+    local out=""
+    while ((${#queue[@]})); do
+        pid=${queue[0]}; queue=("${queue[@]:1}")
+        [[ -d /proc/$pid ]] || continue
+        out+=" $pid"
+        # shellcheck disable=SC2206
+        [[ -n ${kids[$pid]:-} ]] && queue+=(${kids[$pid]})
+    done
+    echo "$out"
+}
+
+# alive PID: exists and is not a zombie.
+alive() {
+    local line
+    { read -r line <"/proc/$1/stat"; } 2>/dev/null || return 1
+    line=${line##*) }
+    [[ ${line:0:1} != Z ]]
+}
+
+# stop_tree PID: SIGTERM the process, give it (and its children) 5 s, then
+# SIGKILL whatever of that tree is left, by PID.
+stop_tree() {
+    local root=$1 p i left tree
+    tree=$(proc_tree "$root")
+    kill -TERM "$root" 2>/dev/null || true
+    for ((i = 0; i < 50; i++)); do
+        left=""
+        for p in $tree; do alive "$p" && left+=" $p"; done
+        [[ -z $left ]] && break
+        sleep 0.1
+    done
+    for p in $left; do
+        log "bench: pid $p did not stop on SIGTERM, killing it"
+        kill -KILL "$p" 2>/dev/null || true
+    done
+    wait "$root" 2>/dev/null || true
+    unset "STARTED[$root]"
+}
+
+cleanup() {
+    local p
+    for p in "${!STARTED[@]}"; do stop_tree "$p"; done
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------------------
+# Ports, probed with bash's /dev/tcp (no curl/nc needed).
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+declare -A PORTS_TAKEN=()
+# A free port below the ephemeral range (32768+), so wrk's and the proxies'
+# own outgoing connections can't collide with it.
+free_port() {
+    local p i
+    for ((i = 0; i < 200; i++)); do
+        p=$((20000 + RANDOM % 12000))
+        [[ -n ${PORTS_TAKEN[$p]:-} ]] && continue
+        port_open "$p" && continue
+        PORTS_TAKEN[$p]=1
+        echo "$p"
+        return 0
+    done
+    die "no free port found"
+}
+
+# wait_port PORT PID NAME LOGFILE [TENTHS]: poll until PORT accepts; fail fast
+# if the server died, and give up after TENTHS/10 seconds (default 10 s).
+wait_port() {
+    local port=$1 pid=$2 name=$3 logf=$4 limit=${5:-100} i
+    for ((i = 0; i < limit; i++)); do
+        kill -0 "$pid" 2>/dev/null || { START_ERR="$name exited during start-up"; return 1; }
+        port_open "$port" && return 0
+        sleep 0.1
+    done
+    START_ERR="$name did not listen on 127.0.0.1:$port within $((limit / 10)) s"
+    return 1
+}
+
+# ---------------------------------------------------------------------------
+# Measurements from /proc.
+
+# cpu_ticks PIDS...: utime+stime (fields 14, 15 of /proc/PID/stat, in clock
+# ticks; for a threaded process they include every thread).
+cpu_ticks() {
+    local p line sum=0
+    local -a f
+    for p in "$@"; do
+        { read -r line <"/proc/$p/stat"; } 2>/dev/null || continue
+        line=${line##*) }                 # fields from 3 (state) on
+        read -ra f <<<"$line"
+        sum=$((sum + f[11] + f[12]))
+    done
+    echo "$sum"
+}
+
+# rss_kib PIDS...: sum of VmRSS (KiB). Shared pages of nginx's master and
+# workers are counted in each, but we only ever use differences.
+rss_kib() {
+    local p k v sum=0
+    for p in "$@"; do
+        { while read -r k v _; do
+            [[ $k == VmRSS: ]] && sum=$((sum + v))
+        done <"/proc/$p/status"; } 2>/dev/null || true
+    done
+    echo "$sum"
+}
+
+# upstream_accepts: the backend's "accepts" counter from stub_status, over a
+# raw HTTP/1.0 request on /dev/tcp. The query itself is one accept.
+upstream_accepts() {
+    local fd line n=""
+    exec {fd}<>"/dev/tcp/127.0.0.1/$BACKEND_PORT" || die "backend stub_status unreachable"
+    printf 'GET /nginx_status HTTP/1.0\r\nHost: backend\r\n\r\n' >&"$fd"
+    while IFS= read -r -t 5 line <&"$fd"; do
+        line=${line%$'\r'}
+        if [[ $line =~ ^\ *([0-9]+)\ +[0-9]+\ +[0-9]+\ *$ ]]; then n=${BASH_REMATCH[1]}; fi
+    done
+    exec {fd}>&-
+    [[ -n $n ]] || die "could not read the backend's stub_status"
+    echo "$n"
+}
+
+# ---------------------------------------------------------------------------
+# wrk.
+
+# run_wrk PORT CONNS DURATION OUTFILE: wrk needs threads <= connections.
+run_wrk() {
+    local port=$1 c=$2 d=$3 outf=$4 t=2
+    ((c < t)) && t=$c
+    "$WRK" -t "$t" -c "$c" -d "$d" --latency "http://127.0.0.1:$port/" >"$outf" 2>&1 ||
+        die "wrk failed against 127.0.0.1:$port" "$outf"
+}
+
+# parse_wrk FILE -> "requests req/s p50_us p99_us errors"
+parse_wrk() {
+    awk '
+    function us(v,   n, u) {
+        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+        if (u == "ms") return n * 1000
+        if (u == "s")  return n * 1000000
+        if (u == "m")  return n * 60000000
+        return n                                  # "us"
+    }
+    /^ *50% /           { p50 = us($2) }
+    /^ *99% /           { p99 = us($2) }
+    / requests in /     { req = $1 }
+    /^Requests\/sec:/   { rps = $2 }
+    /Socket errors:/    { gsub(/,/, ""); err += $4 + $6 + $8 + $10 }
+    /Non-2xx or 3xx/    { err += $NF }
+    END { printf "%d %.0f %.0f %.0f %d\n", req, rps, p50, p99, err }
+    ' "$1"
+}
+
+# ---------------------------------------------------------------------------
+# Servers. Each start_* writes its config into the temp dir, starts the server
+# in the foreground-mode it has (so $! is the real PID), and waits for its port.
+
+NGINX_USER_LINE=""
+# As root, nginx would switch its workers to "nobody"; keep the current user.
+[[ $(id -u) == 0 ]] && NGINX_USER_LINE="user $(id -un) $(id -gn);"
+
+# nginx_common DIR: directives every nginx here needs: its own prefix, pid and
+# temp dirs inside the temp dir, in the foreground, quiet.
+nginx_common() {
+    local dir=$1
+    cat <<EOF
+$NGINX_USER_LINE
+daemon off;
+master_process on;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+worker_rlimit_nofile 20000;
+EOF
+}
+nginx_http_common() {
+    local dir=$1
+    cat <<EOF
+    access_log off;
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    # nginx closes a client keep-alive connection after 1000 requests by
+    # default; wrk would then reconnect and the backend would count it as a
+    # new upstream connection. Lift it so the figures show pooling only.
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+EOF
+}
+
+start_backend() {
+    local dir=$TMP/backend
+    mkdir -p "$dir"
+    BACKEND_PORT=$(free_port)
+    {
+        nginx_common "$dir"
+        cat <<EOF
+worker_processes 1;
+events { worker_connections 4096; }
+http {
+$(nginx_http_common "$dir")
+    server {
+        listen 127.0.0.1:$BACKEND_PORT backlog=4096;
+        location / { return 200 "hello world\n"; }
+        location = /nginx_status { stub_status; }
+    }
+}
+EOF
+    } >"$dir/nginx.conf"
+    start_bg "$dir/stderr.log" "$NGINX" -p "$dir/" -c "$dir/nginx.conf" -e "$dir/error.log"
+    BACKEND_PID=$LAST_PID
+    wait_port "$BACKEND_PORT" "$BACKEND_PID" "backend nginx" "$dir/error.log" ||
+        die "$START_ERR" "$dir/error.log"
+}
+
+# start_proxy NAME: start one proxy in front of the backend. Sets PROXY_PID,
+# PROXY_PORT, PROXY_LOG; returns 1 (START_ERR set) if it did not come up.
+start_proxy() {
+    local name=$1 dir=$TMP/$1
+    mkdir -p "$dir"
+    PROXY_PORT=$(free_port)
+    PROXY_LOG=$dir/stderr.log
+    case $name in
+    moonproxy)
+        write_moonproxy_cfg "$dir/cfg.lua" "$PROXY_PORT" "$WORKERS"
+        # -t first: a config error then reads as one clear line.
+        "$BIN" -t -c "$dir/cfg.lua" >"$dir/check.log" 2>&1 || {
+            START_ERR="moonproxy -t rejected the config: $(head -c 500 "$dir/check.log")"
+            return 1
+        }
+        start_bg "$PROXY_LOG" "$BIN" -c "$dir/cfg.lua"
+        ;;
+    nginx)
+        {
+            nginx_common "$dir"
+            cat <<EOF
+worker_processes $WORKERS;
+events { worker_connections 10240; }
+http {
+$(nginx_http_common "$dir")
+    upstream b {
+        server 127.0.0.1:$BACKEND_PORT;
+        keepalive 64;
+        keepalive_requests 100000000;
+        keepalive_timeout 300s;
+    }
+    server {
+        listen 127.0.0.1:$PROXY_PORT backlog=4096;
+        location / {
+            proxy_pass http://b;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+        } >"$dir/nginx.conf"
+        PROXY_LOG=$dir/error.log
+        start_bg "$dir/stderr.log" "$NGINX" -p "$dir/" -c "$dir/nginx.conf" -e "$dir/error.log"
+        ;;
+    haproxy)
+        # maxconn: the hard RLIMIT_NOFILE here may be 20000 and HAProxy
+        # sizes its fd table at about 2 x maxconn.
+        cat >"$dir/haproxy.cfg" <<EOF
+global
+    nbthread $WORKERS
+    maxconn 9800
+    pidfile $dir/haproxy.pid
+defaults
+    mode http
+    maxconn 9800
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 300s
+    timeout server 300s
+    timeout http-keep-alive 300s
+    timeout http-request 10s
+frontend fe
+    bind 127.0.0.1:$PROXY_PORT
+    default_backend be
+backend be
+    server s1 127.0.0.1:$BACKEND_PORT
+EOF
+        start_bg "$PROXY_LOG" "$HAPROXY" -f "$dir/haproxy.cfg" -db
+        ;;
+    *) die "unknown proxy $name" ;;
+    esac
+    PROXY_PID=$LAST_PID
+    wait_port "$PROXY_PORT" "$PROXY_PID" "$name" "$PROXY_LOG"
+}
+
+# write_moonproxy_cfg FILE PORT WORKERS
+write_moonproxy_cfg() {
+    cat >"$1" <<EOF
+local proxy = require "moonproxy"
+proxy.listen { addr = "127.0.0.1:$2" }
+proxy.settings { workers = $3, access_log = false, shutdown_timeout = 2 }
+local b = proxy.upstream "b" { servers = { "127.0.0.1:$BACKEND_PORT" }, keepalive = 64 }
+proxy.route { prefix = "/", upstream = b }
+EOF
+}
+
+# ---------------------------------------------------------------------------
+# The comparison.
+
+declare -A RES=()      # RES[proxy:conns] = "requests rps p50 p99 errors cpu_us_per_req upstream_conns"
+declare -A IDLE=()     # IDLE[proxy] = "opened rss_before rss_after"
+declare -A FAILED=()   # FAILED[proxy] = why it has no figures
+
+# bench_proxy NAME: the wrk runs at every concurrency against the running proxy.
+bench_proxy() {
+    local name=$1 c pids t0 t1 a0 a1 wout
+    local req rps p50 p99 err cpu_us
+    for c in $CONNS; do
+        wout=$TMP/wrk-$name-$c.txt
+        run_wrk "$PROXY_PORT" "$c" "$WARMUP" "$wout"      # fill pools, fault pages in
+        pids=$(proc_tree "$PROXY_PID")
+        a0=$(upstream_accepts)
+        # shellcheck disable=SC2086
+        t0=$(cpu_ticks $pids)
+        run_wrk "$PROXY_PORT" "$c" "$DURATION" "$wout"
+        # shellcheck disable=SC2086
+        t1=$(cpu_ticks $pids)
+        a1=$(upstream_accepts)
+        read -r req rps p50 p99 err < <(parse_wrk "$wout")
+        ((req > 0)) || die "$name: wrk completed no request at -c $c" "$wout"
+        cpu_us=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$req" 'BEGIN { printf "%.2f", t * 1e6 / hz / n }')
+        RES[$name:$c]="$req $rps $p50 $p99 $err $cpu_us $((a1 - a0 - 1))"
+        log "  $name -c $c: $rps req/s, p50 ${p50}us, p99 ${p99}us, CPU ${cpu_us}us/req, upstream conns $((a1 - a0 - 1)), errors $err"
+    done
+}
+
+# idle_memory NAME: RSS of the proxy before and while it holds IDLE_CONNS idle
+# keep-alive connections (each has served one request).
+idle_memory() {
+    local name=$1 pids r0 r1 opened="" stopf=$TMP/idle-$name.stop outf=$TMP/idle-$name.out pid i
+    ((IDLE_CONNS > 0)) || return 0
+    pids=$(proc_tree "$PROXY_PID")
+    # shellcheck disable=SC2086
+    r0=$(rss_kib $pids)
+    start_bg "$outf" "$LUAJIT" "$IDLE_SCRIPT" 127.0.0.1 "$PROXY_PORT" "$IDLE_CONNS" "$stopf" 120
+    pid=$LAST_PID
+    for ((i = 0; i < 1000; i++)); do            # <= 100 s; the client's own deadline is 90 s
+        opened=$(awk '/^opened/ { print $2 }' "$outf")
+        [[ -n $opened ]] && break
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [[ -z $opened ]]; then
+        stop_tree "$pid"
+        FAILED[$name:idle]="idle client failed: $(tail -n 3 "$outf" | tr '\n' ' ')"
+        log "  $name: ${FAILED[$name:idle]}"
+        return 0
+    fi
+    sleep 1                                      # let lazily-freed buffers settle
+    # shellcheck disable=SC2086
+    r1=$(rss_kib $pids)
+    : >"$stopf"
+    for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    stop_tree "$pid"
+    IDLE[$name]="$opened $r0 $r1"
+    log "  $name: $opened idle conns: RSS $r0 -> $r1 KiB ($(awk -v a="$r0" -v b="$r1" -v n="$opened" 'BEGIN { printf "%.2f", (b - a) / n }') KiB/conn)"
+    grep -q '^idle_conns:' "$outf" && log "  $(grep '^idle_conns:' "$outf" | head -n 2)"
+    return 0
+}
+
+fmt_us() {
+    awk -v u="$1" 'BEGIN {
+        if (u < 1000) printf "%d µs", u
+        else if (u < 1000000) printf "%.2f ms", u / 1000
+        else printf "%.2f s", u / 1000000 }'
+}
+
+report() {
+    local name c req rps p50 p99 err cpu up ratio ncpu
+    echo "## moonproxy benchmark ($(date -u '+%Y-%m-%d %H:%M UTC'))"
+    echo
+    echo "Loopback, $(nproc) CPUs (shared, noisy: compare rows of one run, not runs)," \
+        "$WORKERS workers per proxy, wrk -d $DURATION after a $WARMUP warm-up," \
+        "backend: nginx with 1 worker returning \"hello world\\n\"."
+    echo "Versions: $($NGINX -v 2>&1 | sed 's/.*: //'), $($HAPROXY -v 2>/dev/null | head -n 1 | awk '{ print $1, $3 }'), $(wrk_version)${MP_VERSION:+, $MP_VERSION}."
+    echo "CPU µs/req: the proxy's utime+stime (all its processes/threads) over requests completed."
+    echo "Upstream conns: connections the backend accepted during the measured run (after the warm-up)."
+    echo
+    echo "| proxy | conns | req/s | p50 | p99 | CPU µs/req | CPU/req vs nginx | upstream conns opened | errors |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    for name in $PROXIES; do
+        if [[ -n ${FAILED[$name]:-} ]]; then
+            echo "| $name | | ${FAILED[$name]} | | | | | | |"
+            continue
+        fi
+        for c in $CONNS; do
+            [[ -n ${RES[$name:$c]:-} ]] || continue
+            read -r req rps p50 p99 err cpu up <<<"${RES[$name:$c]}"
+            ratio="–"
+            if [[ -n ${RES[nginx:$c]:-} ]]; then
+                ncpu=$(awk '{ print $6 }' <<<"${RES[nginx:$c]}")
+                ratio=$(awk -v a="$cpu" -v b="$ncpu" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "–" }')
+            fi
+            echo "| $name | $c | $rps | $(fmt_us "$p50") | $(fmt_us "$p99") | $cpu | $ratio | $up | $err |"
+        done
+    done
+    echo
+    if ((IDLE_CONNS > 0)); then
+        echo "Idle memory ($IDLE_CONNS keep-alive client connections, each after one request; RSS summed over the proxy's processes):"
+        echo
+        for name in $PROXIES; do
+            if [[ -n ${IDLE[$name]:-} ]]; then
+                read -r c r0 r1 <<<"${IDLE[$name]}"
+                echo "- $name: $c idle connections: RSS $r0 KiB -> $r1 KiB, $(awk -v a="$r0" -v b="$r1" -v n="$c" 'BEGIN { printf "%.2f", (b - a) / n }') KiB per connection"
+            elif [[ -n ${FAILED[$name:idle]:-} ]]; then
+                echo "- $name: ${FAILED[$name:idle]}"
+            elif [[ -n ${FAILED[$name]:-} ]]; then
+                echo "- $name: ${FAILED[$name]}"
+            fi
+        done
+        echo
+    fi
+}
+
+wrk_version() { "$WRK" -v 2>&1 | head -n 1 | awk '{ print $1, $2 }'; }
+
+# Which proxies can run: moonproxy only if built (the server may not exist yet).
+select_proxies() {
+    local p list=""
+    for p in $PROXIES; do
+        if [[ $p == moonproxy ]]; then
+            if [[ ${SKIP_MOONPROXY:-0} == 1 ]]; then log "moonproxy: skipped (SKIP_MOONPROXY=1)"; continue; fi
+            if [[ ! -x $BIN ]]; then log "moonproxy: not built ($BIN missing)"; continue; fi
+            MP_VERSION=$("$BIN" --version 2>/dev/null | head -n 1 || true)
+        fi
+        list+=" $p"
+    done
+    PROXIES=$list
+}
+
+compare() {
+    local name
+    select_proxies
+    start_backend
+    log "backend nginx on 127.0.0.1:$BACKEND_PORT"
+    for name in $PROXIES; do
+        log "$name: starting ($WORKERS workers)"
+        if ! start_proxy "$name"; then
+            FAILED[$name]="did not start: $START_ERR"
+            log "$name: $START_ERR"
+            [[ -s ${PROXY_LOG:-} ]] && tail -n 20 "$PROXY_LOG" >&2
+            [[ -n ${PROXY_PID:-} ]] && stop_tree "$PROXY_PID"
+            continue
+        fi
+        bench_proxy "$name"
+        idle_memory "$name"
+        stop_tree "$PROXY_PID"
+    done
+    mkdir -p "$(dirname "$OUT")"
+    report | tee "$OUT"
+    log "written to $OUT"
+    # A proxy that would not start fails the run, after the others reported.
+    local p
+    for p in "${!FAILED[@]}"; do [[ $p == *:* ]] || return 1; done
+    return 0
+}
+
+# ---------------------------------------------------------------------------
+# CALLGRIND=1: moonproxy with one worker under callgrind. Counters are zeroed
+# after a warm-up (callgrind_control talks to the running process through
+# vgdb) and dumped right after the measured wrk run, so start-up, config load
+# and shutdown are not in the figure.
+
+callgrind_mode() {
+    local dir=$TMP/callgrind cg_pid req ir c=10
+    [[ -x $BIN ]] || die "CALLGRIND=1 needs $BIN (make all)"
+    command -v callgrind_control >/dev/null || die "callgrind_control missing (scripts/deps.sh bench)"
+    mkdir -p "$dir"
+    start_backend
+    PROXY_PORT=$(free_port)
+    write_moonproxy_cfg "$dir/cfg.lua" "$PROXY_PORT" 1
+    start_bg "$dir/valgrind.log" valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out.%p" \
+        "$BIN" -c "$dir/cfg.lua" -w 1
+    cg_pid=$LAST_PID
+    wait_port "$PROXY_PORT" "$cg_pid" "moonproxy under callgrind" "$dir/valgrind.log" 600 ||
+        die "$START_ERR" "$dir/valgrind.log"
+    run_wrk "$PROXY_PORT" "$c" 2s "$dir/warm.txt"
+    callgrind_control -z "$cg_pid" >/dev/null || die "callgrind_control -z failed"
+    run_wrk "$PROXY_PORT" "$c" 5s "$dir/wrk.txt"
+    callgrind_control -d "$cg_pid" >/dev/null || die "callgrind_control -d failed"
+    req=$(parse_wrk "$dir/wrk.txt" | awk '{ print $1 }')
+    local dump="$dir/callgrind.out.$cg_pid.1"
+    for ((i = 0; i < 50 && ! -s $dump; i++)); do sleep 0.1; done
+    [[ -s $dump ]] || die "no callgrind dump at $dump"
+    # "summary:" (or "totals:") holds the total of the first event, Ir.
+    ir=$(awk '/^(summary|totals):/ { print $2; exit }' "$dump")
+    stop_tree "$cg_pid"
+    mkdir -p "$ROOT/build"
+    cp "$dump" "$ROOT/build/callgrind.out.moonproxy"
+    {
+        echo "## moonproxy under callgrind (-w 1, wrk -c $c, 5 s after a 2 s warm-up)"
+        echo
+        echo "- requests: $req, instructions: $ir"
+        echo "- **instructions per request: $(awk -v a="$ir" -v n="$req" 'BEGIN { printf "%.0f", a / n }')**"
+        echo "- profile kept in build/callgrind.out.moonproxy (callgrind_annotate it)"
+        echo
+        echo '```'
+        callgrind_annotate "$dump" 2>/dev/null | awk '/^-+$/ { s++ } s >= 3' | sed -n '2,26p'
+        echo '```'
+    } | tee "$OUT"
+}
+
+# ---------------------------------------------------------------------------
+# MALLOC_CHECK=1: allocations per request in steady state. A tiny LD_PRELOAD
+# shim (ltrace is not available, and valgrind would distort timing) counts
+# calls into a MAP_SHARED file, so the counters are read from bash with od at
+# any moment — no signal handler to fight the server's own signal setup — and
+# forked workers (nginx) add to the same counters.
+
+build_malloc_shim() {
+    cat >"$TMP/malloc_count.c" <<'EOF'
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+/* glibc's real allocator entry points: no dlsym, so no recursion at start. */
+extern void *__libc_malloc(size_t);
+extern void *__libc_calloc(size_t, size_t);
+extern void *__libc_realloc(void *, size_t);
+extern void *__libc_memalign(size_t, size_t);
+extern void __libc_free(void *);
+
+enum { C_MALLOC, C_CALLOC, C_REALLOC, C_MEMALIGN, C_FREE, C_N };
+static _Atomic unsigned long early[C_N];           /* until the map exists */
+static _Atomic unsigned long *ctr = early;
+#define COUNT(i) atomic_fetch_add_explicit(&ctr[i], 1, memory_order_relaxed)
+
+void *malloc(size_t n) { COUNT(C_MALLOC); return __libc_malloc(n); }
+void *calloc(size_t a, size_t b) { COUNT(C_CALLOC); return __libc_calloc(a, b); }
+void *realloc(void *p, size_t n) { COUNT(C_REALLOC); return __libc_realloc(p, n); }
+void free(void *p) { if (p) COUNT(C_FREE); __libc_free(p); }
+void *memalign(size_t a, size_t n) { COUNT(C_MEMALIGN); return __libc_memalign(a, n); }
+void *aligned_alloc(size_t a, size_t n) { COUNT(C_MEMALIGN); return __libc_memalign(a, n); }
+int posix_memalign(void **out, size_t a, size_t n) {
+    COUNT(C_MEMALIGN);
+    void *p = __libc_memalign(a, n);
+    if (!p) return ENOMEM;
+    *out = p;
+    return 0;
+}
+
+__attribute__((constructor)) static void mc_init(void) {
+    const char *path = getenv("MALLOC_COUNT_FILE");
+    if (!path) return;
+    int fd = open(path, O_RDWR | O_CREAT, 0600);
+    if (fd < 0 || ftruncate(fd, sizeof early) != 0) return;
+    void *m = mmap(NULL, sizeof early, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (m == MAP_FAILED) return;
+    _Atomic unsigned long *shared = m;
+    for (int i = 0; i < C_N; i++) shared[i] = early[i];
+    ctr = shared;
+}
+
+__attribute__((destructor)) static void mc_fini(void) {
+    char buf[160];
+    int n = snprintf(buf, sizeof buf, "malloc-count[%d]: malloc=%lu calloc=%lu realloc=%lu memalign=%lu free=%lu\n",
+                     (int)getpid(), ctr[0], ctr[1], ctr[2], ctr[3], ctr[4]);
+    if (n > 0) (void)!write(2, buf, (size_t)n);
+}
+EOF
+    gcc -O2 -shared -fPIC -o "$TMP/malloc_count.so" "$TMP/malloc_count.c" ||
+        die "could not build the malloc counting shim"
+}
+
+# read_malloc FILE -> "malloc calloc realloc memalign free"
+read_malloc() { od -An -t u8 -N 40 -v "$1" | tr -s ' \n' ' ' | sed 's/^ //'; }
+
+malloc_mode() {
+    local name dir m0 m1 req c=10
+    local -a a b
+    build_malloc_shim
+    select_proxies
+    start_backend
+    {
+        echo "## allocations per request in steady state (wrk -c $c, 5 s after a 2 s warm-up, $WORKERS workers)"
+        echo
+        echo "| proxy | requests | malloc | calloc | realloc | memalign | allocations/req | free/req |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    } >"$TMP/malloc.md"
+    for name in $PROXIES; do
+        dir=$TMP/$name
+        # Preload only into the proxy: wrap its start through env.
+        export MALLOC_COUNT_FILE=$TMP/malloc-$name.cnt
+        if ! LD_PRELOAD=$TMP/malloc_count.so start_proxy "$name"; then
+            echo "| $name | did not start: $START_ERR | | | | | | |" >>"$TMP/malloc.md"
+            [[ -n ${PROXY_PID:-} ]] && stop_tree "$PROXY_PID"
+            unset MALLOC_COUNT_FILE
+            continue
+        fi
+        unset MALLOC_COUNT_FILE
+        run_wrk "$PROXY_PORT" "$c" 2s "$TMP/malloc-warm.txt"
+        m0=$(read_malloc "$TMP/malloc-$name.cnt")
+        run_wrk "$PROXY_PORT" "$c" 5s "$TMP/malloc-$name.txt"
+        m1=$(read_malloc "$TMP/malloc-$name.cnt")
+        req=$(parse_wrk "$TMP/malloc-$name.txt" | awk '{ print $1 }')
+        stop_tree "$PROXY_PID"
+        read -ra a <<<"$m0"; read -ra b <<<"$m1"
+        awk -v n="$req" -v name="$name" \
+            -v d0=$((b[0] - a[0])) -v d1=$((b[1] - a[1])) -v d2=$((b[2] - a[2])) -v d3=$((b[3] - a[3])) -v d4=$((b[4] - a[4])) \
+            'BEGIN { printf "| %s | %d | %.2f | %.2f | %.2f | %.2f | **%.2f** | %.2f |\n",
+                     name, n, d0 / n, d1 / n, d2 / n, d3 / n, (d0 + d1 + d2 + d3) / n, d4 / n }' >>"$TMP/malloc.md"
+    done
+    echo >>"$TMP/malloc.md"
+    echo "Counted with an LD_PRELOAD shim over glibc's malloc family. LuaJIT's own allocator (mmap-backed) is not counted; HAProxy and nginx draw most memory from their own pools." >>"$TMP/malloc.md"
+    tee "$OUT" <"$TMP/malloc.md"
+}
+
+# ---------------------------------------------------------------------------
+
+main() {
+    command -v "$WRK" >/dev/null || die "wrk missing (scripts/deps.sh bench)"
+    [[ -x $NGINX ]] || die "$NGINX missing (scripts/deps.sh bench)"
+    # Every client and idle connection is a descriptor; take what the hard limit allows.
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    if [[ $CALLGRIND == 1 ]]; then
+        callgrind_mode
+    elif [[ $MALLOC_CHECK == 1 ]]; then
+        malloc_mode
+    else
+        [[ -x $HAPROXY ]] || die "$HAPROXY missing (scripts/deps.sh bench)"
+        command -v "$LUAJIT" >/dev/null || die "luajit missing (scripts/deps.sh test)"
+        compare
+    fi
+}
+
+main "$@"

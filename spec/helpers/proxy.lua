@@ -1,0 +1,374 @@
+-- helpers.proxy: start and stop the real moonproxy binary and the fake origin
+-- (helpers/origin.lua) for the e2e specs; eventually(); free ports; RSS.
+--
+-- Processes are children of the busted process (fork + execvp through the
+-- FFI), so stop() gets their real exit status. A child gets /dev/null as
+-- stdin, its stdout and stderr go to temp files, it inherits no other file
+-- descriptor (a test's sockets stay the test's) and SIGPIPE is reset to its
+-- default. Every child is stopped by PID in stop(); the ones a failed spec left
+-- behind are killed when the Lua state closes.
+--
+--   local h = require "helpers.proxy"
+--   local origin = h.start_origin("a")                    -- origin.port, origin:stats()
+--   local proxy = h.start_proxy { workers = 1, vars = { a = origin.addr }, config = [[
+--     local proxy = require "moonproxy"
+--     proxy.listen { addr = "${listen}" }
+--     proxy.settings { access_log = "${access_log}" }
+--     proxy.route { prefix = "/", upstream = proxy.upstream "a" { servers = { "${a}" } } }
+--   ]] }
+--   ... proxy.port ...
+--   proxy:stop(); origin:stop()
+local bit = require "bit"
+local ffi = require "ffi"
+local socket = require "socket"
+local cjson = require "cjson"
+local raw = require "helpers.raw_http"
+
+pcall(ffi.cdef, [[
+int fork(void);
+int execvp(const char *file, char *const argv[]);
+int waitpid(int pid, int *status, int options);
+void _exit(int status);
+int open(const char *path, int flags, int mode);
+int dup2(int oldfd, int newfd);
+int close(int fd);
+int kill(int pid, int sig);
+typedef void (*mp_test_sighandler_t)(int);
+mp_test_sighandler_t signal(int signum, mp_test_sighandler_t handler);
+]])
+local C = ffi.C
+
+local M = {}
+
+local O_WRONLY_CREAT_TRUNC = 577 -- O_WRONLY | O_CREAT | O_TRUNC on Linux
+local WNOHANG = 1
+local SIG = { HUP = 1, INT = 2, KILL = 9, TERM = 15, PIPE = 13 }
+M.SIG = SIG
+
+local HERE = (debug.getinfo(1, "S").source:match("^@(.*)/[^/]*$")) or "spec/helpers"
+M.ORIGIN_SCRIPT = HERE .. "/origin.lua"
+
+function M.bin()
+    local b = os.getenv("MOONPROXY_BIN")
+    if b and b ~= "" then return b end
+    return "build/moonproxy"
+end
+
+-- Polls fn (every interval s, default 0.02) until it returns a truthy value,
+-- which is returned; raises after timeout seconds (default 5). Errors raised
+-- by fn count as "not yet" and the last one is reported.
+function M.eventually(fn, timeout, interval)
+    timeout = timeout or 5
+    local deadline = socket.gettime() + timeout
+    local last
+    for _ = 1, 1000000 do
+        local ok, v = pcall(fn)
+        if ok and v then return v end
+        last = ok and tostring(v) or v
+        if socket.gettime() >= deadline then break end
+        socket.sleep(interval or 0.02)
+    end
+    error(string.format("eventually: not true within %.1fs (last: %s)", timeout, tostring(last)), 2)
+end
+
+-- A port nothing listens on right now (bind 127.0.0.1:0, read it, close).
+function M.free_port()
+    local s = assert(socket.bind("127.0.0.1", 0))
+    local _, port = s:getsockname()
+    s:close()
+    return tonumber(port)
+end
+
+function M.port_open(port)
+    local s = socket.tcp()
+    s:settimeout(0.5)
+    local ok = s:connect("127.0.0.1", port)
+    s:close()
+    return ok == 1
+end
+
+local temp_files = {}
+
+-- A fresh temp file name ending in suffix; removed at cleanup().
+function M.tmpname(suffix)
+    local base = os.tmpname() -- creates the file
+    temp_files[#temp_files + 1] = base
+    local name = base .. (suffix or "")
+    if suffix then temp_files[#temp_files + 1] = name end
+    return name
+end
+
+function M.write_file(path, text)
+    local f = assert(io.open(path, "wb"))
+    f:write(text)
+    f:close()
+    return path
+end
+
+function M.read_file(path)
+    local f = io.open(path, "rb")
+    if not f then return nil end
+    local s = f:read("*a")
+    f:close()
+    return s
+end
+
+--------------------------------------------------------------------------
+-- Processes.
+
+local Proc = {}
+Proc.__index = Proc
+local live = {} -- pid -> Proc, for the last-chance cleanup
+
+local function decode_status(st)
+    local sig = bit.band(st, 0x7f)
+    if sig == 0 then return bit.band(bit.rshift(st, 8), 0xff), nil end
+    return nil, sig
+end
+
+-- Starts argv (a list of strings) as a child; stdout and stderr go to files.
+function M.spawn(argv, opts)
+    opts = opts or {}
+    local out = opts.stdout or M.tmpname(".out")
+    local err = opts.stderr or M.tmpname(".err")
+    local cargv = ffi.new("char *[?]", #argv + 1)
+    local keep = {}
+    for i, a in ipairs(argv) do
+        keep[i] = ffi.new("char[?]", #a + 1, a)
+        cargv[i - 1] = keep[i]
+    end
+    cargv[#argv] = nil
+    io.stdout:flush()
+    io.stderr:flush()
+    local pid = C.fork()
+    if pid == 0 then
+        C.dup2(C.open("/dev/null", 0, 0), 0)
+        C.dup2(C.open(out, O_WRONLY_CREAT_TRUNC, 420), 1)
+        C.dup2(C.open(err, O_WRONLY_CREAT_TRUNC, 420), 2)
+        for fd = 3, 4095 do C.close(fd) end
+        C.signal(SIG.PIPE, nil) -- SIG_DFL: luasocket ignores it in the parent
+        C.execvp(cargv[0], cargv)
+        C._exit(127)
+    end
+    assert(pid > 0, "fork failed")
+    local p = setmetatable({ pid = pid, argv = argv, out_path = out, err_path = err, keep = keep }, Proc)
+    live[pid] = p
+    return p
+end
+
+-- Reaps the child if it exited. Returns true while it runs.
+function Proc:alive()
+    if self.exited then return false end
+    local st = ffi.new("int[1]")
+    local r = C.waitpid(self.pid, st, WNOHANG)
+    if r == 0 then return true end
+    self.exited = true
+    live[self.pid] = nil
+    if r == self.pid then
+        self.code, self.signal = decode_status(st[0])
+    end
+    return false
+end
+
+function Proc:kill(sig)
+    if self:alive() then C.kill(self.pid, SIG[sig] or sig) end
+end
+
+-- Waits (bounded) for the exit. Returns the exit code (nil if killed by a
+-- signal, see self.signal), or nil, "timeout".
+function Proc:wait(timeout)
+    local deadline = socket.gettime() + (timeout or 10)
+    while self:alive() do
+        if socket.gettime() >= deadline then return nil, "timeout" end
+        socket.sleep(0.01)
+    end
+    return self.code, self.signal
+end
+
+-- SIGTERM, wait up to timeout (default 10 s), then SIGKILL. Returns the exit
+-- code (nil when it had to be killed or died of a signal) and the signal.
+function Proc:stop(timeout)
+    if not self.exited then
+        self:kill("TERM")
+        local code = self:wait(timeout or 10)
+        if code == nil and not self.exited then
+            self:kill("KILL")
+            self:wait(5)
+        end
+    end
+    return self.code, self.signal
+end
+
+function Proc:stdout()
+    return M.read_file(self.out_path) or ""
+end
+
+function Proc:stderr()
+    return M.read_file(self.err_path) or ""
+end
+
+-- Last-chance cleanup when the Lua state closes (a spec that died in setup).
+M._reaper = newproxy(true)
+getmetatable(M._reaper).__gc = function()
+    for pid, p in pairs(live) do
+        if p:alive() then C.kill(pid, SIG.KILL) end
+        p:wait(2)
+    end
+    for _, f in ipairs(temp_files) do os.remove(f) end
+end
+
+-- Removes the temp files made so far (call from lazy_teardown).
+function M.cleanup()
+    for _, f in ipairs(temp_files) do os.remove(f) end
+    temp_files = {}
+end
+
+-- Runs a short command line (shell words already quoted) with a time limit.
+-- Returns the combined stdout+stderr and the exit status.
+function M.run(cmdline, timeout)
+    local f = io.popen(string.format("timeout -k 2 %d %s 2>&1; echo \"__rc=$?\"", timeout or 10, cmdline))
+    local out = f:read("*a")
+    f:close()
+    local body, rc = out:match("^(.*)__rc=(%d+)%s*$")
+    return body or out, tonumber(rc)
+end
+
+function M.quote(s)
+    return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+-- Resident set size of a process in KiB (from /proc/PID/status), or nil.
+function M.rss_kb(pid)
+    local s = M.read_file("/proc/" .. pid .. "/status")
+    return s and tonumber(s:match("VmRSS:%s*(%d+)"))
+end
+
+local function wait_listening(proc, port, timeout, what)
+    local deadline = socket.gettime() + timeout
+    while true do
+        if not proc:alive() then
+            error(string.format("%s exited (code %s, signal %s) before listening on %d:\n%s%s",
+                what, tostring(proc.code), tostring(proc.signal), port, proc:stdout(), proc:stderr()), 3)
+        end
+        if M.port_open(port) then return end
+        if socket.gettime() >= deadline then
+            proc:stop(2)
+            error(string.format("%s not listening on %d after %ds:\n%s", what, port, timeout, proc:stderr()), 3)
+        end
+        socket.sleep(0.02)
+    end
+end
+
+--------------------------------------------------------------------------
+-- The origin.
+
+local Origin = setmetatable({}, { __index = Proc })
+Origin.__index = Origin
+
+-- Starts helpers/origin.lua on a free port. opts.idle: idle close (seconds).
+function M.start_origin(name, opts)
+    opts = opts or {}
+    local port = opts.port or M.free_port()
+    local argv = { "luajit", M.ORIGIN_SCRIPT, tostring(port), name or "origin" }
+    if opts.idle then
+        argv[#argv + 1] = "--idle"
+        argv[#argv + 1] = tostring(opts.idle)
+    end
+    local o = setmetatable(M.spawn(argv), Origin)
+    o.port, o.name, o.addr = port, name, "127.0.0.1:" .. port
+    wait_listening(o, port, 10, "origin " .. tostring(name))
+    return o
+end
+
+-- The origin's counters (see origin.lua: /_stats), fetched directly.
+function Origin:stats()
+    local res, err = raw.get(self.port, "/_stats", nil, { timeout = 5 })
+    assert(res, "origin /_stats: " .. tostring(err))
+    assert(res.status == 200, "origin /_stats status " .. tostring(res.status))
+    return cjson.decode(res.body)
+end
+
+-- The origin's echo of a response (the JSON body decoded); raises with the
+-- status and body when it is not a 200 echo.
+function M.echo(res, err)
+    assert(res, "no response: " .. tostring(err))
+    if res.status ~= 200 then
+        error(string.format("expected a 200 echo, got %s: %s", tostring(res.status), tostring(res.body)), 2)
+    end
+    local ok, e = pcall(cjson.decode, res.body or "")
+    if not ok or type(e) ~= "table" then error("not an echo body: " .. tostring(res.body), 2) end
+    return e
+end
+
+-- Every value of a request header in an echo, in order (case-insensitive).
+function M.echo_headers(e, name)
+    local t = {}
+    for _, h in ipairs(e.headers) do
+        if h[1]:lower() == name:lower() then t[#t + 1] = h[2] end
+    end
+    return t
+end
+
+-- The single value of a request header in an echo (nil if absent; raises if repeated).
+function M.echo_header(e, name)
+    local t = M.echo_headers(e, name)
+    assert(#t <= 1, "header " .. name .. " repeated: " .. table.concat(t, " | "))
+    return t[1]
+end
+
+--------------------------------------------------------------------------
+-- The proxy.
+
+local Proxy = setmetatable({}, { __index = Proc })
+Proxy.__index = Proxy
+
+-- Writes a config to a temp file and returns its path. ${name} in text is
+-- replaced from vars (an unknown name is an error).
+function M.write_config(text, vars, suffix)
+    local conf = text:gsub("%${([%w_]+)}", function(k)
+        local v = vars and vars[k]
+        if v == nil then error("config template: no value for ${" .. k .. "}", 3) end
+        return tostring(v)
+    end)
+    return M.write_file(M.tmpname(suffix or ".lua"), conf)
+end
+
+-- Starts the binary. opts: config (template text), vars (for the template;
+-- listen, port and access_log are provided), workers (-w), log_level (-l),
+-- args (more arguments), wait (false: do not wait for the port).
+-- Returns a Proxy: pid, port, url, conf_path, access_log, stop(), stderr()...
+function M.start_proxy(opts)
+    local port = opts.port or M.free_port()
+    local vars = {}
+    for k, v in pairs(opts.vars or {}) do vars[k] = v end
+    vars.port = port
+    vars.listen = "127.0.0.1:" .. port
+    vars.access_log = vars.access_log or M.tmpname(".access.log")
+    local conf = M.write_config(opts.config, vars)
+    local argv = { M.bin(), "-c", conf }
+    if opts.workers then
+        argv[#argv + 1] = "-w"
+        argv[#argv + 1] = tostring(opts.workers)
+    end
+    if opts.log_level then
+        argv[#argv + 1] = "-l"
+        argv[#argv + 1] = opts.log_level
+    end
+    for _, a in ipairs(opts.args or {}) do argv[#argv + 1] = a end
+    local p = setmetatable(M.spawn(argv), Proxy)
+    p.port, p.conf_path, p.access_log = port, conf, vars.access_log
+    p.url = "http://127.0.0.1:" .. port
+    if opts.wait ~= false then wait_listening(p, port, 10, "moonproxy") end
+    return p
+end
+
+-- The access log's lines decoded as JSON (a line that is not JSON raises).
+function Proxy:access_log_entries()
+    local t = {}
+    for line in (M.read_file(self.access_log) or ""):gmatch("[^\n]+") do
+        t[#t + 1] = cjson.decode(line)
+    end
+    return t
+end
+
+return M

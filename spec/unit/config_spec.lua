@@ -1,0 +1,439 @@
+-- The configuration DSL (lua/moonproxy.lua) and its C build (src/config.c),
+-- loaded the way the server loads a file: moonproxy.core.load_config.
+local core = require "moonproxy.core"
+
+local HEAD = 'local proxy = require "moonproxy"'
+local LISTEN = 'proxy.listen { addr = "127.0.0.1:8080" }'
+local API = 'local api = proxy.upstream "api" { servers = { "127.0.0.1:9001" } }'
+
+local tmpfiles = {}
+
+local function write(path, text)
+  local f = assert(io.open(path, "w"))
+  f:write(text)
+  f:close()
+  tmpfiles[#tmpfiles + 1] = path
+end
+
+-- Writes the lines (after the require on line 1) to a temp file and loads it.
+-- Returns the summary (or nil), the error, and the file's path.
+local function load(lines, path)
+  path = path or os.tmpname()
+  write(path, HEAD .. "\n" .. table.concat(lines, "\n") .. "\n")
+  local cfg, err = core.load_config(path)
+  return cfg, err, path
+end
+
+-- Asserts that the lines fail at line (counting the require as line 1) with a
+-- message containing text.
+local function fails_at(lines, line, text)
+  local cfg, err, path = load(lines)
+  assert.is_nil(cfg)
+  assert.is_string(err)
+  local where = path .. ":" .. line .. ":"
+  assert(err:sub(1, #where) == where, "expected the error at " .. where .. " got: " .. err)
+  assert(err:find(text, 1, true), "expected '" .. text .. "' in: " .. err)
+  assert(not err:find("stack traceback", 1, true), "traceback in: " .. err)
+  return err
+end
+
+local function ok(lines)
+  local cfg, err = load(lines)
+  assert(cfg, err)
+  return cfg
+end
+
+teardown(function()
+  for _, p in ipairs(tmpfiles) do
+    os.remove(p)
+  end
+end)
+
+describe("require 'moonproxy'", function()
+  it("has no side effects and declares no globals", function()
+    local before = {}
+    for k in pairs(_G) do
+      before[k] = true
+    end
+    package.loaded.moonproxy = nil
+    local proxy = require "moonproxy"
+    assert.is_function(proxy.listen)
+    for k in pairs(_G) do
+      assert(before[k], "new global " .. tostring(k))
+    end
+  end)
+
+  it("forgets every declaration on _reset()", function()
+    local proxy = require "moonproxy"
+    proxy._reset()
+    proxy.listen { addr = "127.0.0.1:1" }
+    proxy._reset()
+    assert.has_error(function() proxy._finish("x.lua") end)
+    proxy._reset()
+  end)
+end)
+
+describe("load_config() defaults", function()
+  local cfg = ok { LISTEN, API, 'proxy.route { upstream = api }' }
+
+  it("applies every settings default", function()
+    assert.same({
+      workers = 0, client_header_timeout = 10, client_body_timeout = 60, keepalive_timeout = 75,
+      max_header_size = 16384, max_uri_size = 8192, max_body_size = 10485760, max_connections = 10000,
+      shutdown_timeout = 30, trusted_proxies = {}, access_log = "stdout",
+    }, cfg.settings)
+  end)
+
+  it("applies every upstream default", function()
+    local u = cfg.upstreams.api
+    assert.same({ "127.0.0.1:9001" }, u.servers)
+    assert.same({ 1 }, u.weights)
+    assert.equal("round_robin", u.balancer)
+    assert.equal(32, u.keepalive)
+    assert.equal(60, u.keepalive_timeout)
+    assert.same({ connect = 5, send = 60, read = 60 }, u.timeouts)
+    assert.equal(1, u.retries)
+    assert.is_nil(u.host)
+    assert.equal(1, u.index)
+  end)
+
+  it("names a route by its index, targets its upstream, matches every path", function()
+    assert.equal(1, #cfg.routes)
+    local r = cfg.routes[1]
+    assert.equal("1", r.name)
+    assert.equal(1, r.index)
+    assert.equal("api", r.upstream)
+    assert.is_false(r.strip_prefix)
+    assert.equal("/", r.prefix) -- no path, prefix or regex: a catch-all
+  end)
+
+  it("has no admin port unless declared", function()
+    assert.is_nil(cfg.admin)
+    assert.same({ "127.0.0.1:8080" }, cfg.listen)
+  end)
+end)
+
+describe("load_config() settings", function()
+  local function settings(body)
+    return ok { LISTEN, "proxy.settings { " .. body .. " }" }.settings
+  end
+
+  it("reads sizes as bytes or k/m/g strings", function()
+    local s = settings 'max_header_size = "64k", max_uri_size = 4096, max_body_size = "1g"'
+    assert.equal(65536, s.max_header_size)
+    assert.equal(4096, s.max_uri_size)
+    assert.equal(1024 ^ 3, s.max_body_size)
+    assert.equal(10 * 1024 * 1024, settings('max_body_size = "10M"').max_body_size)
+  end)
+
+  it("takes max_body_size = 0 as unlimited", function()
+    assert.equal(0, settings("max_body_size = 0").max_body_size)
+  end)
+
+  it("reads durations in seconds, fractions included", function()
+    local s = settings "client_header_timeout = 2.5, client_body_timeout = 1, keepalive_timeout = 0.25, shutdown_timeout = 5"
+    assert.equal(2.5, s.client_header_timeout)
+    assert.equal(1, s.client_body_timeout)
+    assert.equal(0.25, s.keepalive_timeout)
+    assert.equal(5, s.shutdown_timeout)
+  end)
+
+  it("takes workers = 'auto' as 0 and a number as itself", function()
+    assert.equal(0, settings('workers = "auto"').workers)
+    assert.equal(3, settings("workers = 3").workers)
+  end)
+
+  it("parses trusted_proxies as CIDRs (a bare address is one host)", function()
+    local s = settings 'trusted_proxies = { "10.0.0.0/8", "192.168.1.7", "::1", "fd00::/8" }'
+    assert.same({ "10.0.0.0/8", "192.168.1.7/32", "::1/128", "fd00::/8" }, s.trusted_proxies)
+  end)
+
+  it("takes access_log as a path or false", function()
+    assert.equal("/var/log/mp.log", settings('access_log = "/var/log/mp.log"').access_log)
+    assert.is_false(settings("access_log = false").access_log)
+  end)
+
+  it("takes max_connections", function()
+    assert.equal(5, settings("max_connections = 5").max_connections)
+  end)
+end)
+
+describe("load_config() declarations", function()
+  it("keeps every listener and the admin port", function()
+    local cfg = ok { LISTEN, 'proxy.listen { addr = "[::1]:8081" }', 'proxy.listen "*:8082"',
+      'proxy.admin { addr = "127.0.0.1:8085" }' }
+    assert.same({ "127.0.0.1:8080", "[::1]:8081", "*:8082" }, cfg.listen)
+    assert.equal("127.0.0.1:8085", cfg.admin)
+  end)
+
+  it("reads servers with weights and every upstream option", function()
+    local cfg = ok { LISTEN, 'proxy.upstream "api" {',
+      '  servers = { "127.0.0.1:9001", { addr = "[::1]:9002", weight = 3 }, "localhost:9003" },',
+      '  keepalive = 0, keepalive_timeout = 5, retries = 0, host = "api.internal",',
+      '  timeouts = { connect = 0.5, read = 10 },', '}' }
+    local u = cfg.upstreams.api
+    assert.same({ "127.0.0.1:9001", "[::1]:9002", "localhost:9003" }, u.servers)
+    assert.same({ 1, 3, 1 }, u.weights)
+    assert.same({ connect = 0.5, send = 60, read = 10 }, u.timeouts)
+    assert.equal(0, u.keepalive)
+    assert.equal(5, u.keepalive_timeout)
+    assert.equal(0, u.retries)
+    assert.equal("api.internal", u.host)
+    assert.equal(u.src, cfg.path .. ":3")
+  end)
+
+  it("accepts proxy.upstream(name, table) and a route naming the upstream by string", function()
+    local cfg = ok { LISTEN, 'proxy.route { upstream = "late" }',
+      'proxy.upstream("late", { servers = { "127.0.0.1:1" } })' }
+    assert.equal("late", cfg.routes[1].upstream)
+  end)
+
+  it("reads every route field and records each route's file:line", function()
+    local cfg = ok { LISTEN, API,
+      'proxy.route { name = "v1", host = "API.example.com", method = { "get", "Post" }, prefix = "/v1/",',
+      '              strip_prefix = true, headers = { ["X-Env"] = "prod", ["x-id"] = "~^[0-9]+$" }, upstream = api }',
+      'proxy.route { host = "*.example.com", path = "/exact", upstream = api }',
+      'proxy.route { regex = [[^/u/(\\d+)$]], method = "DELETE", upstream = "api" }' }
+    local r1, r2, r3 = cfg.routes[1], cfg.routes[2], cfg.routes[3]
+    assert.equal("v1", r1.name)
+    assert.equal("api.example.com", r1.host)
+    assert.equal("/v1/", r1.prefix)
+    assert.is_true(r1.strip_prefix)
+    assert.equal(cfg.path .. ":4", r1.src)
+    assert.equal("*.example.com", r2.host)
+    assert.equal("/exact", r2.path)
+    assert.equal(cfg.path .. ":6", r2.src)
+    assert.equal("3", r3.name)
+    assert.equal([[^/u/(\d+)$]], r3.regex)
+  end)
+
+  it("normalizes methods and header filters", function()
+    local proxy = require "moonproxy"
+    proxy._reset()
+    proxy.listen "127.0.0.1:1"
+    proxy.upstream "a" { servers = { "127.0.0.1:2" } }
+    proxy.route { method = { "get", "Post" }, headers = { ["X-B"] = "~^x", ["X-A"] = "v" }, upstream = "a" }
+    proxy.route { method = "put", upstream = "a" }
+    local t = proxy._finish("inline")
+    proxy._reset()
+    assert.same({ "GET", "POST" }, t.routes[1].methods)
+    assert.same({ { name = "x-a", value = "v", regex = false }, { name = "x-b", value = "^x", regex = true } },
+      t.routes[1].headers)
+    assert.same({ "PUT" }, t.routes[2].methods)
+    assert.is_nil(t.routes[2].headers)
+    assert.matches("config_spec.lua:%d+$", t.routes[1].src)
+  end)
+
+  it("lets a configuration require a module next to it", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p " .. dir))
+    write(dir .. "/mp_sibling_routes.lua", table.concat({
+      "local proxy = require 'moonproxy'",
+      "return function(up) proxy.route { prefix = '/from-sibling/', upstream = up } end",
+    }, "\n"))
+    local cfg, err = load({ LISTEN, API, 'require "mp_sibling_routes"(api)' }, dir .. "/main.lua")
+    assert(cfg, err)
+    assert.equal("/from-sibling/", cfg.routes[1].prefix)
+    assert.equal(dir .. "/mp_sibling_routes.lua:2", cfg.routes[1].src)
+    tmpfiles[#tmpfiles + 1] = dir
+  end)
+
+  it("loads a configuration file itself named moonproxy.lua", function()
+    local dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p " .. dir))
+    local cfg, err = load({ LISTEN, API, "proxy.route { upstream = api }" }, dir .. "/moonproxy.lua")
+    assert(cfg, err)
+    assert.equal(1, #cfg.routes)
+    tmpfiles[#tmpfiles + 1] = dir
+  end)
+
+  it("runs every load from a clean slate", function()
+    local a = ok { LISTEN, API, 'proxy.route { upstream = api }' }
+    local b = ok { LISTEN, API, 'proxy.route { upstream = api }' }
+    assert.equal(1, #a.routes)
+    assert.equal(1, #b.routes)
+  end)
+end)
+
+describe("load_config() errors", function()
+  it("reports a missing file", function()
+    local cfg, err = core.load_config("/nonexistent/moonproxy.lua")
+    assert.is_nil(cfg)
+    assert.matches("cannot open /nonexistent/moonproxy.lua", err, 1, true)
+  end)
+
+  it("reports a syntax error at its line", function()
+    fails_at({ LISTEN, "local x = = 1" }, 3, "unexpected symbol")
+  end)
+
+  it("reports a runtime error in the script at its line", function()
+    fails_at({ LISTEN, "", "local t = nil; t.x = 1" }, 4, "attempt to index")
+  end)
+
+  it("needs a listener", function()
+    local cfg, err, path = load { API }
+    assert.is_nil(cfg)
+    assert.equal(path .. ": no listener: declare one with proxy.listen { addr = \"127.0.0.1:8080\" }", err)
+  end)
+
+  it("refuses unknown keys, suggesting the near one", function()
+    local err = fails_at({ LISTEN, "proxy.settings { worker = 2 }" }, 3, "settings: unknown key 'worker'")
+    assert.matches("(did you mean 'workers'?)", err, 1, true)
+    fails_at({ LISTEN, API, 'proxy.route { prefx = "/", upstream = api }' }, 4, "route: unknown key 'prefx'")
+    fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "127.0.0.1:1" }, keepalives = 2 }' }, 3,
+      "upstream 'a': unknown key 'keepalives'")
+    fails_at({ 'proxy.listen { addr = "127.0.0.1:1", port = 80 }' }, 2, "listen: unknown key 'port'")
+    fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "127.0.0.1:1" }, timeouts = { conect = 1 } }' }, 3,
+      "upstream 'a': timeouts: unknown key 'conect'")
+    fails_at({ LISTEN, 'proxy.upstream "a" { servers = { { addr = "127.0.0.1:1", wieght = 2 } } }' }, 3,
+      "upstream 'a': servers[1]: unknown key 'wieght'")
+  end)
+
+  it("points at the line where a multi-line declaration starts", function()
+    fails_at({ LISTEN, "", "proxy.settings {", "  workers = 2,", "  bogus = 1,", "}" }, 4, "unknown key 'bogus'")
+  end)
+
+  it("refuses bad sizes", function()
+    fails_at({ LISTEN, 'proxy.settings { max_body_size = "10 MB" }' }, 3, "settings: max_body_size must be a size")
+    fails_at({ LISTEN, "proxy.settings { max_header_size = -1 }" }, 3, "max_header_size must be a size")
+    fails_at({ LISTEN, "proxy.settings { max_uri_size = 1.5 }" }, 3, "max_uri_size must be a size")
+    fails_at({ LISTEN, "proxy.settings { max_header_size = 0 }" }, 3, "max_header_size must be greater than 0")
+  end)
+
+  it("refuses bad durations", function()
+    fails_at({ LISTEN, "proxy.settings { keepalive_timeout = 0 }" }, 3, "keepalive_timeout must be a number of seconds")
+    fails_at({ LISTEN, 'proxy.settings { client_header_timeout = "10s" }' }, 3, "client_header_timeout must be")
+    fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "127.0.0.1:1" }, timeouts = { read = -1 } }' }, 3,
+      "upstream 'a': timeouts: read must be a number of seconds")
+  end)
+
+  it("refuses bad workers, max_connections, access_log and trusted_proxies", function()
+    fails_at({ LISTEN, "proxy.settings { workers = 0 }" }, 3, "workers must be an integer from 1 to 1024")
+    fails_at({ LISTEN, 'proxy.settings { workers = "many" }' }, 3, "workers must be")
+    fails_at({ LISTEN, "proxy.settings { max_connections = 0 }" }, 3, "max_connections must be an integer")
+    fails_at({ LISTEN, "proxy.settings { access_log = true }" }, 3, "access_log must be")
+    fails_at({ LISTEN, 'proxy.settings { trusted_proxies = "10.0.0.0/8" }' }, 3, "trusted_proxies must be a list")
+    fails_at({ LISTEN, 'proxy.settings { trusted_proxies = { "10.0.0.0/33" } }' }, 3,
+      "settings: trusted_proxies[1] is not an address or CIDR")
+    fails_at({ LISTEN, 'proxy.settings { trusted_proxies = { "example.com" } }' }, 3, "trusted_proxies[1]")
+  end)
+
+  it("refuses a second settings or admin declaration", function()
+    fails_at({ LISTEN, "proxy.settings { workers = 1 }", "proxy.settings { workers = 2 }" }, 4,
+      "settings: already declared at")
+    fails_at({ LISTEN, 'proxy.admin "127.0.0.1:1"', 'proxy.admin "127.0.0.1:2"' }, 4, "admin: already declared")
+  end)
+
+  it("refuses bad addresses", function()
+    fails_at({ 'proxy.listen { addr = "8080" }' }, 2, 'listen: addr must be "host:port"')
+    fails_at({ 'proxy.listen { addr = "127.0.0.1:70000" }' }, 2, "needs a port from 0 to 65535")
+    fails_at({ 'proxy.listen { addr = "example.com:80" }' }, 2, "host names are not supported yet")
+    fails_at({ 'proxy.listen { addr = "::1:80" }' }, 2, 'must be "host:port" or "[ipv6]:port"')
+    fails_at({ 'proxy.listen { addr = "[::zz]:80" }' }, 2, "listen: addr must be")
+    fails_at({ 'proxy.listen { addr = "[1::2::3]:80" }' }, 2, "listen: bad address '[1::2::3]:80'")
+    fails_at({ "proxy.listen {}" }, 2, 'listen: needs addr = "host:port"')
+    fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "127.0.0.1:0" } }' }, 3, "needs a port from 1 to 65535")
+    fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "*:80" } }' }, 3, "needs a host")
+    fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "300.1.1.1:80" } }' }, 3, "numeric IP address")
+  end)
+
+  it("refuses a listener declared twice and an admin port on a listener", function()
+    fails_at({ LISTEN, LISTEN }, 3, "listen: 127.0.0.1:8080 is already declared at")
+    fails_at({ LISTEN, 'proxy.admin "127.0.0.1:8080"' }, 3, "admin: 127.0.0.1:8080 is also a listener")
+  end)
+
+  it("refuses bad upstream declarations", function()
+    fails_at({ LISTEN, 'proxy.upstream { servers = { "127.0.0.1:1" } }' }, 3, "upstream: expects a name")
+    fails_at({ LISTEN, 'proxy.upstream "a" {}' }, 3, "upstream 'a': needs servers")
+    fails_at({ LISTEN, 'proxy.upstream "a" { servers = {} }' }, 3, "upstream 'a': servers must list at least one server")
+    fails_at({ LISTEN, 'proxy.upstream "a" { servers = { 5 } }' }, 3, 'servers[1] must be "host:port" or {')
+    fails_at({ LISTEN, 'proxy.upstream "a" { servers = "127.0.0.1:1" }' }, 3, "servers must be a list")
+    fails_at({ LISTEN, 'proxy.upstream "a" { servers = { { addr = "127.0.0.1:1", weight = 0 } } }' }, 3,
+      "servers[1]: weight must be an integer from 1 to 1000")
+    fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "127.0.0.1:1", "127.0.0.1:1" } }' }, 3, "listed twice")
+    fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "127.0.0.1:1" }, retries = -1 }' }, 3, "retries must be")
+    fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "127.0.0.1:1" }, host = "a b" }' }, 3, "host must be")
+  end)
+
+  it("refuses duplicate upstream names at the second declaration", function()
+    fails_at({ LISTEN, API, "", 'proxy.upstream "api" { servers = { "127.0.0.1:2" } }' }, 5,
+      "upstream 'api' is already declared at")
+  end)
+
+  it("refuses duplicate route names at the second route", function()
+    fails_at({ LISTEN, API, 'proxy.route { name = "x", upstream = api }', 'proxy.route { name = "x", upstream = api }' },
+      5, "route: name 'x' is already used by the route at")
+    fails_at({ LISTEN, API, 'proxy.route { name = "2", upstream = api }', 'proxy.route { upstream = api }' },
+      5, "name '2' is already used")
+  end)
+
+  it("refuses a route naming an upstream that does not exist, at the route's line", function()
+    local err = fails_at({ LISTEN, API, "", 'proxy.route { prefix = "/", upstream = "apii" }' }, 5,
+      "route '1': unknown upstream 'apii'")
+    assert.matches("did you mean 'api'", err, 1, true)
+  end)
+
+  it("refuses bad routes", function()
+    fails_at({ LISTEN, API, 'proxy.route { prefix = "/" }' }, 4, "route: needs a target")
+    fails_at({ LISTEN, API, 'proxy.route { path = "/a", prefix = "/b", upstream = api }' }, 4,
+      "set only one of path, prefix, regex")
+    fails_at({ LISTEN, API, 'proxy.route { path = "/a", strip_prefix = true, upstream = api }' }, 4,
+      "strip_prefix needs a prefix")
+    fails_at({ LISTEN, API, 'proxy.route { prefix = "v1", upstream = api }' }, 4, 'prefix must start with "/"')
+    fails_at({ LISTEN, API, 'proxy.route { host = "a.com:80", upstream = api }' }, 4, "host must be a host name")
+    fails_at({ LISTEN, API, 'proxy.route { method = {}, upstream = api }' }, 4, "method must be")
+    fails_at({ LISTEN, API, 'proxy.route { headers = { ["x-a"] = 1 }, upstream = api }' }, 4, "headers ['x-a']")
+    fails_at({ LISTEN, API, 'proxy.route { upstream = proxy.upstream "api" }' }, 4, "upstream must be an upstream")
+    fails_at({ LISTEN, API, 'proxy.route { strip_prefix = "yes", prefix = "/", upstream = api }' }, 4,
+      "strip_prefix must be true or false")
+  end)
+
+  it("reports a bad regex at the route's line (compiled by the C router)", function()
+    fails_at({ LISTEN, API, "", 'proxy.route { regex = "^/(a", upstream = api }' }, 5, "^/(a")
+  end)
+
+  it("reports a bad header regex at the route's line", function()
+    fails_at({ LISTEN, API, 'proxy.route { headers = { ["x-a"] = "~(" }, upstream = api }' }, 4, "(")
+  end)
+end)
+
+describe("load_config() features of later releases", function()
+  for _, key in ipairs { "static", "handler", "rewrite", "on_request", "on_response", "plugins" } do
+    it("refuses route " .. key, function()
+      fails_at({ LISTEN, API, "proxy.route { upstream = api, " .. key .. " = {} }" }, 4,
+        "route: '" .. key .. "' is not supported yet")
+    end)
+  end
+
+  for _, key in ipairs { "health", "passive", "hash_key", "fail_open" } do
+    it("refuses upstream " .. key, function()
+      fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "127.0.0.1:1" }, ' .. key .. " = true }" }, 3,
+        "upstream 'a': '" .. key .. "' is not supported yet")
+    end)
+  end
+
+  it("refuses balancers other than round_robin", function()
+    fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "127.0.0.1:1" }, balancer = "least_conn" }' }, 3,
+      'balancer "least_conn" is not supported yet')
+    fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "127.0.0.1:1" }, balancer = function() end }' }, 3,
+      "function balancers are not supported yet")
+  end)
+
+  for _, fn in ipairs { "on_request", "on_response", "on_log", "shared", "expect" } do
+    it("refuses proxy." .. fn, function()
+      fails_at({ LISTEN, "", "proxy." .. fn .. "(function() end)" }, 4, "proxy." .. fn .. " is not supported yet")
+    end)
+  end
+end)
+
+describe("examples/quickstart.lua", function()
+  it("loads", function()
+    local cfg, err = core.load_config("examples/quickstart.lua")
+    assert(cfg, err)
+    assert.same({ "127.0.0.1:8080" }, cfg.listen)
+    assert.equal("stdout", cfg.settings.access_log)
+    assert.same({ "127.0.0.1:9001" }, cfg.upstreams.demo.servers)
+  end)
+end)

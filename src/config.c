@@ -1,0 +1,651 @@
+/* config.c: loads a configuration script and turns the normalized table the
+ * DSL returns (lua/moonproxy.lua, _finish) into an mp_config_t; parses
+ * addresses and CIDRs. */
+#include "config.h"
+#include "vm.h"
+
+#include <lauxlib.h>
+#include <lua.h>
+
+#include <arpa/inet.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+/* ---- addresses ---------------------------------------------------------- */
+
+static int parse_port(const char *s, unsigned *port)
+{
+    unsigned v = 0;
+    size_t n = 0;
+    for (; s[n] >= '0' && s[n] <= '9'; n++) {
+        if (n == 5)
+            return MP_EINVAL;
+        v = v * 10 + (unsigned)(s[n] - '0');
+    }
+    if (n == 0 || s[n] != '\0' || v > 65535)
+        return MP_EINVAL;
+    *port = v;
+    return 0;
+}
+
+int mp_addr_parse(const char *text, mp_addr_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (!text)
+        return MP_EINVAL;
+    char host[INET6_ADDRSTRLEN];
+    const char *h = text, *colon;
+    int v6 = text[0] == '[';
+    if (v6) {
+        const char *close = strchr(text, ']');
+        if (!close || close[1] != ':')
+            return MP_EINVAL;
+        h = text + 1;
+        colon = close + 1;
+    } else {
+        colon = strrchr(text, ':');
+        if (!colon || memchr(text, ':', (size_t)(colon - text)))
+            return MP_EINVAL; /* no port, or an IPv6 address without brackets */
+    }
+    size_t hlen = (size_t)(colon - h) - (size_t)v6;
+    unsigned port;
+    if (hlen >= sizeof(host) || parse_port(colon + 1, &port) != 0)
+        return MP_EINVAL;
+    memcpy(host, h, hlen);
+    host[hlen] = '\0';
+
+    if (v6) {
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&out->ss;
+        if (inet_pton(AF_INET6, host, &sin6->sin6_addr) != 1)
+            return MP_EINVAL;
+        sin6->sin6_family = AF_INET6;
+        sin6->sin6_port = htons((uint16_t)port);
+        out->sslen = sizeof(*sin6);
+    } else {
+        struct sockaddr_in *sin = (struct sockaddr_in *)&out->ss;
+        if (hlen == 0 || strcmp(host, "*") == 0)
+            sin->sin_addr.s_addr = htonl(INADDR_ANY);
+        else if (strcmp(host, "localhost") == 0)
+            sin->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        else if (inet_pton(AF_INET, host, &sin->sin_addr) != 1)
+            return MP_EINVAL;
+        sin->sin_family = AF_INET;
+        sin->sin_port = htons((uint16_t)port);
+        out->sslen = sizeof(*sin);
+    }
+    out->text = strdup(text);
+    if (!out->text) {
+        memset(out, 0, sizeof(*out));
+        return MP_ENOMEM;
+    }
+    return 0;
+}
+
+static unsigned addr_port(const mp_addr_t *a)
+{
+    if (a->ss.ss_family == AF_INET6)
+        return ntohs(((const struct sockaddr_in6 *)&a->ss)->sin6_port);
+    return ntohs(((const struct sockaddr_in *)&a->ss)->sin_port);
+}
+
+int mp_cidr_parse(const char *text, mp_cidr_t *out)
+{
+    memset(out, 0, sizeof(*out));
+    if (!text)
+        return MP_EINVAL;
+    char host[INET6_ADDRSTRLEN];
+    const char *slash = strchr(text, '/');
+    size_t hlen = slash ? (size_t)(slash - text) : strlen(text);
+    if (hlen == 0 || hlen >= sizeof(host))
+        return MP_EINVAL;
+    memcpy(host, text, hlen);
+    host[hlen] = '\0';
+
+    unsigned max;
+    if (inet_pton(AF_INET, host, out->addr) == 1) {
+        out->family = AF_INET;
+        max = 32;
+    } else if (inet_pton(AF_INET6, host, out->addr) == 1) {
+        out->family = AF_INET6;
+        max = 128;
+    } else {
+        return MP_EINVAL;
+    }
+    unsigned bits = max;
+    if (slash) {
+        bits = 0;
+        const char *p = slash + 1;
+        if (*p == '\0' || strlen(p) > 3)
+            return MP_EINVAL;
+        for (; *p; p++) {
+            if (*p < '0' || *p > '9')
+                return MP_EINVAL;
+            bits = bits * 10 + (unsigned)(*p - '0');
+        }
+        if (bits > max)
+            return MP_EINVAL;
+    }
+    out->bits = (uint8_t)bits;
+    /* host bits are meaningless ("10.1.2.3/8" is 10.0.0.0/8): clear them */
+    for (unsigned i = 0; i < max / 8; i++) {
+        unsigned keep = bits > i * 8 ? bits - i * 8 : 0;
+        if (keep < 8)
+            out->addr[i] &= (uint8_t)(0xff00u >> keep);
+    }
+    return 0;
+}
+
+static int prefix_eq(const uint8_t *a, const uint8_t *b, unsigned bits)
+{
+    unsigned whole = bits / 8, rest = bits % 8;
+    if (memcmp(a, b, whole) != 0)
+        return 0;
+    if (rest == 0)
+        return 1;
+    uint8_t mask = (uint8_t)(0xff00u >> rest);
+    return (a[whole] & mask) == (b[whole] & mask);
+}
+
+int mp_cidr_match(const mp_cidr_t *c, const struct sockaddr *sa)
+{
+    static const uint8_t v4mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+    uint8_t a[16];
+    if (sa->sa_family == AF_INET) {
+        const uint8_t *ip = (const uint8_t *)&((const struct sockaddr_in *)sa)->sin_addr;
+        if (c->family == AF_INET)
+            return prefix_eq(ip, c->addr, c->bits);
+        memcpy(a, v4mapped, 12); /* a v6 CIDR such as ::ffff:10.0.0.0/104 */
+        memcpy(a + 12, ip, 4);
+        return c->family == AF_INET6 && prefix_eq(a, c->addr, c->bits);
+    }
+    if (sa->sa_family == AF_INET6) {
+        const uint8_t *ip = (const uint8_t *)&((const struct sockaddr_in6 *)sa)->sin6_addr;
+        if (c->family == AF_INET6)
+            return prefix_eq(ip, c->addr, c->bits);
+        return c->family == AF_INET && memcmp(ip, v4mapped, 12) == 0 && prefix_eq(ip + 12, c->addr, c->bits);
+    }
+    return 0;
+}
+
+/* ---- the build ----------------------------------------------------------- */
+
+/* The walk runs protected (see mp_config_build): a problem raises
+ * "src: message". Every allocation is attached to the config at once, so an
+ * error leaks nothing: mp_config_free takes a half-built config. */
+
+static int fail(lua_State *L, const char *src, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+static int fail(lua_State *L, const char *src, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    lua_pushfstring(L, "%s: %s", src ? src : "config", msg);
+    return lua_error(L);
+}
+
+static char *xstrdup(lua_State *L, const char *s)
+{
+    char *d = s ? strdup(s) : NULL;
+    if (s && !d)
+        fail(L, NULL, "out of memory");
+    return d;
+}
+
+static void *xcalloc(lua_State *L, size_t n, size_t size)
+{
+    void *p = calloc(n ? n : 1, size);
+    if (!p)
+        fail(L, NULL, "out of memory");
+    return p;
+}
+
+/* A string field of the table at t: borrowed (valid while the table lives),
+ * NULL when nil. */
+static const char *get_str(lua_State *L, int t, const char *k, const char *src, const char *what)
+{
+    lua_getfield(L, t, k);
+    size_t len = 0;
+    const char *s = NULL;
+    if (lua_type(L, -1) == LUA_TSTRING) {
+        s = lua_tolstring(L, -1, &len);
+        if (strlen(s) != len)
+            fail(L, src, "%s: %s holds a NUL byte", what, k);
+    } else if (!lua_isnil(L, -1)) {
+        fail(L, src, "%s: %s must be a string, got %s", what, k, luaL_typename(L, -1));
+    }
+    lua_pop(L, 1);
+    return s;
+}
+
+#define DURATION_MIN 1e-9 /* seconds; the DSL refuses 0 */
+#define DURATION_MAX 1e9  /* seconds; anything larger is a typo */
+
+static double get_num(lua_State *L, int t, const char *k, double def, double lo, double hi, int integer,
+                      const char *src, const char *what)
+{
+    lua_getfield(L, t, k);
+    double v = def;
+    if (lua_type(L, -1) == LUA_TNUMBER)
+        v = lua_tonumber(L, -1);
+    else if (!lua_isnil(L, -1))
+        fail(L, src, "%s: %s must be a number, got %s", what, k, luaL_typename(L, -1));
+    lua_pop(L, 1);
+    if (!(v >= lo && v <= hi) || (integer && (double)(long long)v != v))
+        fail(L, src, "%s: %s is out of range (%g)", what, k, v);
+    return v;
+}
+
+static double get_dur(lua_State *L, int t, const char *k, double def, const char *src, const char *what)
+{
+    return get_num(L, t, k, def, DURATION_MIN, DURATION_MAX, 0, src, what);
+}
+
+/* Pushes the table field k and returns 1, or pushes nothing and returns 0 when nil. */
+static int get_table(lua_State *L, int t, const char *k, const char *src, const char *what)
+{
+    lua_getfield(L, t, k);
+    if (lua_istable(L, -1))
+        return 1;
+    if (!lua_isnil(L, -1))
+        fail(L, src, "%s: %s must be a table, got %s", what, k, luaL_typename(L, -1));
+    lua_pop(L, 1);
+    return 0;
+}
+
+static void build_settings(lua_State *L, mp_settings_t *s)
+{
+    if (!get_table(L, 1, "settings", NULL, "config"))
+        lua_newtable(L); /* every field takes its default */
+    int t = lua_gettop(L);
+    const char *src = get_str(L, t, "src", NULL, "settings");
+    const char *w = "settings";
+    s->workers = (int)get_num(L, t, "workers", 0, 0, 1024, 1, src, w);
+    s->client_header_timeout = get_dur(L, t, "client_header_timeout", 10, src, w);
+    s->client_body_timeout = get_dur(L, t, "client_body_timeout", 60, src, w);
+    s->keepalive_timeout = get_dur(L, t, "keepalive_timeout", 75, src, w);
+    s->shutdown_timeout = get_dur(L, t, "shutdown_timeout", 30, src, w);
+    s->max_header_size = (size_t)get_num(L, t, "max_header_size", 16384, 1, 1e9, 1, src, w);
+    s->max_uri_size = (size_t)get_num(L, t, "max_uri_size", 8192, 1, 1e9, 1, src, w);
+    s->max_body_size = (uint64_t)get_num(L, t, "max_body_size", 10485760, 0, 9007199254740991.0, 1, src, w);
+    s->max_connections = (int)get_num(L, t, "max_connections", 10000, 1, INT_MAX, 1, src, w);
+
+    lua_getfield(L, t, "access_log");
+    if (lua_isnil(L, -1))
+        s->access_log = xstrdup(L, "stdout");
+    else if (lua_type(L, -1) != LUA_TBOOLEAN || lua_toboolean(L, -1))
+        s->access_log = xstrdup(L, get_str(L, t, "access_log", src, w));
+    lua_pop(L, 1);
+
+    if (get_table(L, t, "trusted_proxies", src, w)) {
+        size_t n = lua_objlen(L, -1);
+        s->trusted = xcalloc(L, n, sizeof(*s->trusted));
+        s->ntrusted = n;
+        for (size_t i = 0; i < n; i++) {
+            lua_rawgeti(L, -1, (int)i + 1);
+            const char *text = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+            if (!text || mp_cidr_parse(text, &s->trusted[i]) != 0)
+                fail(L, src,
+                     "settings: trusted_proxies[%zu] is not an address or CIDR (\"10.0.0.0/8\", "
+                     "\"::1/128\"): %s",
+                     i + 1, text ? text : luaL_typename(L, -1));
+            lua_pop(L, 1);
+        }
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+}
+
+/* The address at field k of the table on top; listeners may use port 0. */
+static void build_addr(lua_State *L, mp_addr_t *a, const char *k, const char *src, const char *what,
+                       int listener)
+{
+    const char *text = get_str(L, lua_gettop(L), k, src, what);
+    if (!text)
+        fail(L, src, "%s: needs %s", what, k);
+    int rc = mp_addr_parse(text, a);
+    if (rc == MP_ENOMEM)
+        fail(L, src, "out of memory");
+    if (rc != 0 || (!listener && addr_port(a) == 0))
+        fail(L, src, "%s: bad address '%s' (numeric \"ip:port\" or \"[ipv6]:port\")", what, text);
+}
+
+static void build_listeners(lua_State *L, mp_config_t *cfg)
+{
+    if (!get_table(L, 1, "listen", NULL, "config") || lua_objlen(L, -1) == 0)
+        fail(L, cfg->path, "no listener: declare one with proxy.listen { addr = \"127.0.0.1:8080\" }");
+    size_t n = lua_objlen(L, -1);
+    cfg->listens = xcalloc(L, n, sizeof(*cfg->listens));
+    cfg->nlistens = n;
+    for (size_t i = 0; i < n; i++) {
+        lua_rawgeti(L, -1, (int)i + 1);
+        if (!lua_istable(L, -1))
+            fail(L, NULL, "listen[%zu] must be a table", i + 1);
+        build_addr(L, &cfg->listens[i], "addr", get_str(L, -1, "src", NULL, "listen"), "listen", 1);
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+
+    if (get_table(L, 1, "admin", NULL, "config")) {
+        cfg->admin = xcalloc(L, 1, sizeof(*cfg->admin));
+        build_addr(L, cfg->admin, "addr", get_str(L, -1, "src", NULL, "admin"), "admin", 1);
+        lua_pop(L, 1);
+    }
+}
+
+static void build_upstream(lua_State *L, mp_config_t *cfg, mp_upstream_def_t *u)
+{
+    int t = lua_gettop(L);
+    u->src = xstrdup(L, get_str(L, t, "src", NULL, "upstream"));
+    const char *src = u->src;
+    const char *name = get_str(L, t, "name", src, "upstream");
+    if (!name || !*name)
+        fail(L, src, "upstream: needs a name");
+    if (mp_config_upstream(cfg, name) >= 0)
+        fail(L, src, "upstream '%s' is declared twice", name);
+    u->name = xstrdup(L, name);
+    const char *w = "upstream";
+    u->balancer = xstrdup(L, get_str(L, t, "balancer", src, w));
+    if (!u->balancer)
+        u->balancer = xstrdup(L, "round_robin");
+    if (strcmp(u->balancer, "round_robin") != 0)
+        fail(L, src, "upstream '%s': balancer '%s' is not supported yet", name, u->balancer);
+    u->keepalive = (int)get_num(L, t, "keepalive", 32, 0, 100000, 1, src, w);
+    u->keepalive_timeout = get_dur(L, t, "keepalive_timeout", 60, src, w);
+    u->retries = (int)get_num(L, t, "retries", 1, 0, 100, 1, src, w);
+    u->host = xstrdup(L, get_str(L, t, "host", src, w));
+    u->connect_timeout = 5, u->send_timeout = 60, u->read_timeout = 60;
+    if (get_table(L, t, "timeouts", src, w)) {
+        int tt = lua_gettop(L);
+        u->connect_timeout = get_dur(L, tt, "connect", 5, src, "upstream timeouts");
+        u->send_timeout = get_dur(L, tt, "send", 60, src, "upstream timeouts");
+        u->read_timeout = get_dur(L, tt, "read", 60, src, "upstream timeouts");
+        lua_pop(L, 1);
+    }
+    if (!get_table(L, t, "servers", src, w) || lua_objlen(L, -1) == 0)
+        fail(L, src, "upstream '%s': needs at least one server", name);
+    size_t n = lua_objlen(L, -1);
+    u->servers = xcalloc(L, n, sizeof(*u->servers));
+    u->nservers = n;
+    for (size_t i = 0; i < n; i++) {
+        lua_rawgeti(L, -1, (int)i + 1);
+        if (!lua_istable(L, -1))
+            fail(L, src, "upstream '%s': servers[%zu] must be a table", name, i + 1);
+        build_addr(L, &u->servers[i].addr, "addr", src, "upstream server", 0);
+        u->servers[i].weight =
+            (int)get_num(L, lua_gettop(L), "weight", 1, 1, 1000, 1, src, "upstream server");
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+}
+
+static void build_upstreams(lua_State *L, mp_config_t *cfg)
+{
+    if (!get_table(L, 1, "upstreams", NULL, "config"))
+        return;
+    size_t n = lua_objlen(L, -1);
+    cfg->upstreams = xcalloc(L, n, sizeof(*cfg->upstreams));
+    cfg->nupstreams = n;
+    for (size_t i = 0; i < n; i++) {
+        lua_rawgeti(L, -1, (int)i + 1);
+        if (!lua_istable(L, -1))
+            fail(L, NULL, "upstreams[%zu] must be a table", i + 1);
+        build_upstream(L, cfg, &cfg->upstreams[i]);
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+}
+
+/* Route methods and headers: the pointer arrays live in a userdata left on
+ * the stack (collected by Lua, so a raise leaks nothing); the strings stay
+ * borrowed from the route table, which is alive until mp_router_add copies. */
+static void route_filters(lua_State *L, int t, mp_route_def_t *def, const char *src)
+{
+    if (get_table(L, t, "methods", src, "route")) {
+        size_t n = lua_objlen(L, -1);
+        const char **m = lua_newuserdata(L, (n ? n : 1) * sizeof(*m));
+        for (size_t i = 0; i < n; i++) {
+            lua_rawgeti(L, -2, (int)i + 1);
+            if (lua_type(L, -1) != LUA_TSTRING)
+                fail(L, src, "route: methods[%zu] must be a string", i + 1);
+            m[i] = lua_tostring(L, -1);
+            lua_pop(L, 1);
+        }
+        def->methods = m, def->nmethods = n;
+        lua_replace(L, -2); /* keep the userdata, drop the list */
+    } else {
+        lua_pushnil(L);
+    }
+    if (get_table(L, t, "headers", src, "route")) {
+        size_t n = lua_objlen(L, -1);
+        mp_route_header_def_t *h = lua_newuserdata(L, (n ? n : 1) * sizeof(*h));
+        for (size_t i = 0; i < n; i++) {
+            lua_rawgeti(L, -2, (int)i + 1);
+            if (!lua_istable(L, -1))
+                fail(L, src, "route: headers[%zu] must be a table", i + 1);
+            int e = lua_gettop(L);
+            h[i].name = get_str(L, e, "name", src, "route header");
+            h[i].value = get_str(L, e, "value", src, "route header");
+            if (!h[i].name || !h[i].value)
+                fail(L, src, "route: headers[%zu] needs name and value", i + 1);
+            lua_getfield(L, e, "regex");
+            h[i].is_regex = lua_toboolean(L, -1);
+            lua_pop(L, 2);
+        }
+        def->headers = h, def->nheaders = n;
+        lua_replace(L, -2);
+    } else {
+        lua_pushnil(L);
+    }
+}
+
+static void build_route(lua_State *L, mp_config_t *cfg)
+{
+    int t = lua_gettop(L);
+    const char *src = get_str(L, t, "src", NULL, "route");
+    mp_route_def_t def = {0};
+    def.src = src;
+    def.name = get_str(L, t, "name", src, "route");
+    def.host = get_str(L, t, "host", src, "route");
+    def.path = get_str(L, t, "path", src, "route");
+    def.prefix = get_str(L, t, "prefix", src, "route");
+    def.regex = get_str(L, t, "regex", src, "route");
+    lua_getfield(L, t, "strip_prefix");
+    def.strip_prefix = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    const char *up = get_str(L, t, "upstream", src, "route");
+    if (!up)
+        fail(L, src, "route: needs a target: upstream = ...");
+    def.target = mp_config_upstream(cfg, up);
+    if (def.target < 0)
+        fail(L, src, "route '%s': unknown upstream '%s'", def.name ? def.name : "?", up);
+    route_filters(L, t, &def, src);
+    char err[512];
+    if (mp_router_add(cfg->router, &def, err, sizeof(err)) != 0) {
+        lua_pushstring(L, err); /* already "src: message" */
+        lua_error(L);
+    }
+    lua_settop(L, t);
+}
+
+static void build_routes(lua_State *L, mp_config_t *cfg)
+{
+    cfg->router = mp_router_new();
+    if (!cfg->router)
+        fail(L, NULL, "out of memory");
+    if (!get_table(L, 1, "routes", NULL, "config"))
+        return;
+    size_t n = lua_objlen(L, -1);
+    for (size_t i = 0; i < n; i++) {
+        lua_rawgeti(L, -1, (int)i + 1);
+        if (!lua_istable(L, -1))
+            fail(L, NULL, "routes[%zu] must be a table", i + 1);
+        build_route(L, cfg);
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+}
+
+/* lua_CFunction: (normalized table, cfg lightuserdata). */
+static int build(lua_State *L)
+{
+    mp_config_t *cfg = lua_touserdata(L, 2);
+    luaL_checktype(L, 1, LUA_TTABLE);
+    build_settings(L, &cfg->settings);
+    build_listeners(L, cfg);
+    build_upstreams(L, cfg);
+    build_routes(L, cfg);
+    return 0;
+}
+
+/* Cuts the traceback mp_vm_call appends: configuration errors are the
+ * operator's, and "file:line: message" is what they need. */
+static void strip_traceback(char *err)
+{
+    char *tb = err ? strstr(err, "\nstack traceback:") : NULL;
+    if (tb)
+        *tb = '\0';
+}
+
+int mp_config_build(lua_State *L, int idx, mp_config_t **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    mp_config_t *cfg = calloc(1, sizeof(*cfg));
+    if (!cfg) {
+        snprintf(err, errlen, "out of memory");
+        return MP_ENOMEM;
+    }
+    if (idx < 0 && idx > LUA_REGISTRYINDEX)
+        idx = lua_gettop(L) + idx + 1;
+    lua_pushcfunction(L, build);
+    lua_pushvalue(L, idx);
+    lua_pushlightuserdata(L, cfg);
+    if (mp_vm_call(L, 2, 0, err, errlen) != 0) {
+        strip_traceback(err);
+        mp_config_free(cfg);
+        return MP_EINVAL;
+    }
+    *out = cfg;
+    return 0;
+}
+
+/* lua_CFunction: (script path) -> the moonproxy module, reset, with the
+ * script's folder on package.path so that a configuration can require its
+ * sibling modules. That folder goes after moonproxy's own lua/ (see
+ * mp_vm_new), and the DSL is loaded before: the script must not shadow it
+ * (the default configuration file is itself called moonproxy.lua). */
+static int prepare(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "moonproxy");
+    lua_call(L, 1, 1); /* 2: the module */
+    lua_getfield(L, 2, "_reset");
+    lua_call(L, 0, 0);
+
+    const char *slash = strrchr(path, '/');
+    if (!slash)
+        lua_pushliteral(L, ".");
+    else
+        lua_pushlstring(L, path, slash == path ? 1 : (size_t)(slash - path));
+    const char *dir = lua_tostring(L, 3);
+    const char *sep = slash == path ? "" : "/";
+    const char *mine = lua_pushfstring(L, "%s%s?.lua;%s%s?/init.lua;", dir, sep, dir, sep);
+    const char *lua_dir = mp_vm_lua_dir();
+    const char *ours = lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;", lua_dir, lua_dir);
+    lua_getglobal(L, "package"); /* 6 */
+    lua_getfield(L, 6, "path");
+    const char *old = lua_isstring(L, 7) ? lua_tostring(L, 7) : "";
+    size_t skip = strncmp(old, ours, strlen(ours)) == 0 ? strlen(ours) : 0;
+    if (strncmp(old + skip, mine, strlen(mine)) != 0) {
+        lua_pushlstring(L, old, skip);
+        lua_pushstring(L, mine);
+        lua_pushstring(L, old + skip);
+        lua_concat(L, 3);
+        lua_setfield(L, 6, "path");
+    }
+    lua_settop(L, 2);
+    return 1;
+}
+
+int mp_config_load(lua_State *L, const char *path, mp_config_t **out, char *err, size_t errlen)
+{
+    *out = NULL;
+    int top = lua_gettop(L), rc;
+    lua_pushcfunction(L, prepare);
+    lua_pushstring(L, path);
+    rc = mp_vm_call(L, 1, 1, err, errlen);
+    if (rc == 0) {
+        /* luaL_loadfile names the chunk "@path": errors read "path:line:" */
+        if (luaL_loadfile(L, path) != 0) {
+            snprintf(err, errlen, "%s", lua_tostring(L, -1));
+            rc = MP_EINVAL;
+        } else {
+            rc = mp_vm_call(L, 0, 0, err, errlen);
+        }
+    }
+    if (rc == 0) {
+        lua_getfield(L, top + 1, "_finish");
+        lua_pushstring(L, path);
+        rc = mp_vm_call(L, 1, 1, err, errlen);
+    }
+    if (rc == 0)
+        rc = mp_config_build(L, -1, out, err, errlen);
+    if (rc == 0 && !((*out)->path = strdup(path))) {
+        mp_config_free(*out);
+        *out = NULL;
+        snprintf(err, errlen, "out of memory");
+        rc = MP_ENOMEM;
+    }
+    if (rc != 0)
+        strip_traceback(err);
+    lua_settop(L, top);
+    return rc;
+}
+
+static void addr_dispose(mp_addr_t *a)
+{
+    free(a->text);
+    a->text = NULL;
+}
+
+void mp_config_free(mp_config_t *cfg)
+{
+    if (!cfg)
+        return;
+    for (size_t i = 0; i < cfg->nupstreams; i++) {
+        mp_upstream_def_t *u = &cfg->upstreams[i];
+        for (size_t j = 0; j < u->nservers; j++)
+            addr_dispose(&u->servers[j].addr);
+        free(u->servers);
+        free(u->name);
+        free(u->balancer);
+        free(u->host);
+        free(u->src);
+    }
+    free(cfg->upstreams);
+    for (size_t i = 0; i < cfg->nlistens; i++)
+        addr_dispose(&cfg->listens[i]);
+    free(cfg->listens);
+    if (cfg->admin)
+        addr_dispose(cfg->admin);
+    free(cfg->admin);
+    free(cfg->settings.trusted);
+    free(cfg->settings.access_log);
+    if (cfg->router)
+        mp_router_free(cfg->router);
+    free(cfg->path);
+    free(cfg);
+}
+
+int mp_config_upstream(const mp_config_t *cfg, const char *name)
+{
+    for (size_t i = 0; i < cfg->nupstreams; i++)
+        if (cfg->upstreams[i].name && strcmp(cfg->upstreams[i].name, name) == 0)
+            return (int)i;
+    return -1;
+}

@@ -1,0 +1,85 @@
+/* config.h: a configuration as the C core uses it, built from the table the
+ * Lua DSL (lua/moonproxy.lua) returns. Immutable once built. */
+#ifndef MP_CONFIG_H
+#define MP_CONFIG_H
+
+#include "common.h"
+#include "router.h"
+
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+typedef struct lua_State lua_State;
+
+typedef struct {
+    struct sockaddr_storage ss;
+    socklen_t sslen;
+    char *text; /* "host:port" as written */
+} mp_addr_t;
+
+typedef struct {
+    mp_addr_t addr;
+    int weight;
+} mp_server_def_t;
+
+typedef struct {
+    char *name;
+    mp_server_def_t *servers;
+    size_t nservers;
+    char *balancer;           /* "round_robin" for now */
+    int keepalive;            /* idle pooled connections per server per worker */
+    double keepalive_timeout; /* seconds an idle pooled connection is kept */
+    double connect_timeout, send_timeout, read_timeout; /* seconds */
+    int retries;
+    char *host;               /* NULL: pass the client's Host */
+    char *src;                /* "file:line" */
+} mp_upstream_def_t;
+
+typedef struct {
+    uint8_t family; /* AF_INET or AF_INET6 */
+    uint8_t bits;
+    uint8_t addr[16];
+} mp_cidr_t;
+
+typedef struct {
+    int workers; /* 0 = auto (number of CPUs) */
+    double client_header_timeout, client_body_timeout, keepalive_timeout, shutdown_timeout; /* seconds */
+    size_t max_header_size, max_uri_size;
+    uint64_t max_body_size; /* 0 = unlimited */
+    int max_connections;    /* per worker */
+    mp_cidr_t *trusted;
+    size_t ntrusted;
+    char *access_log;       /* NULL: off; "stdout"; else a path */
+} mp_settings_t;
+
+typedef struct {
+    char *path;        /* the script */
+    mp_settings_t settings;
+    mp_addr_t *listens;
+    size_t nlistens;
+    mp_addr_t *admin;  /* NULL when no admin port */
+    mp_upstream_def_t *upstreams;
+    size_t nupstreams;
+    mp_router_t *router; /* route targets are indexes into upstreams */
+} mp_config_t;
+
+/* Builds a configuration from the normalized table at stack index idx (see
+ * lua/moonproxy.lua, M._finish). Returns 0 with *out owned by the caller, or
+ * MP_EINVAL with "file:line: message" in err. Does not pop the table. */
+int mp_config_build(lua_State *L, int idx, mp_config_t **out, char *err, size_t errlen);
+
+/* Loads the script at path in L (see vm.h) and builds it: the whole
+ * "load a configuration file" step used by the server, -t and the tests. */
+int mp_config_load(lua_State *L, const char *path, mp_config_t **out, char *err, size_t errlen);
+
+void mp_config_free(mp_config_t *cfg);
+
+/* Parses "host:port", "[v6]:port" or ":port" / "*:port" (any address). */
+int mp_addr_parse(const char *text, mp_addr_t *out);
+int mp_cidr_parse(const char *text, mp_cidr_t *out);
+int mp_cidr_match(const mp_cidr_t *c, const struct sockaddr *sa);
+
+/* Upstream index by name, or -1. */
+int mp_config_upstream(const mp_config_t *cfg, const char *name);
+
+#endif

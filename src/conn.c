@@ -1,0 +1,517 @@
+/* conn.c: the client side of the proxy: read and parse request heads, route
+ * them, answer errors made here, keep-alive and pipelining, timeouts, close. */
+#include "conn.h"
+
+#include "listener.h"
+#include "pool.h"
+#include "upstream.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define LINGER_SECONDS 2.0
+
+enum { MP_CS_LINGER = MP_CS_LOCAL + 1 }; /* response sent; reading what the client still sends, then close */
+
+static void on_io(struct ev_loop *loop, ev_io *io, int revents);
+static void on_timer(struct ev_loop *loop, ev_timer *t, int revents);
+static void on_readable(mp_conn_t *c);
+static void flush_local(mp_conn_t *c);
+
+static const char *reason_phrase(int status)
+{
+    switch (status) {
+    case 400: return "Bad Request";
+    case 404: return "Not Found";
+    case 408: return "Request Timeout";
+    case 413: return "Content Too Large";
+    case 414: return "URI Too Long";
+    case 431: return "Request Header Fields Too Large";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    default: return "Error";
+    }
+}
+
+void mp_conn_want(mp_conn_t *c, int events)
+{
+    if ((c->io.events & (EV_READ | EV_WRITE)) == events && (events == 0) == !ev_is_active(&c->io))
+        return;
+    ev_io_stop(c->w->loop, &c->io);
+    ev_io_modify(&c->io, events);
+    if (events)
+        ev_io_start(c->w->loop, &c->io);
+}
+
+void mp_conn_timer(mp_conn_t *c, double seconds)
+{
+    c->timer.repeat = seconds;
+    ev_timer_again(c->w->loop, &c->timer);
+}
+
+static void link_conn(mp_conn_t **head, mp_conn_t *c)
+{
+    c->prev = NULL;
+    c->next = *head;
+    if (*head)
+        (*head)->prev = c;
+    *head = c;
+}
+
+static void unlink_conn(mp_conn_t **head, mp_conn_t *c)
+{
+    if (c->prev)
+        c->prev->next = c->next;
+    else
+        *head = c->next;
+    if (c->next)
+        c->next->prev = c->prev;
+    c->prev = c->next = NULL;
+}
+
+void mp_conn_accept(mp_worker_t *w, int fd, const struct sockaddr *peer)
+{
+    mp_conn_t *c = calloc(1, sizeof(*c));
+    if (!c) {
+        close(fd);
+        return;
+    }
+    c->w = w;
+    c->fd = fd;
+    if (peer->sa_family == AF_INET6) {
+        memcpy(&c->peer, peer, sizeof(c->peer));
+    } else {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)peer;
+        c->peer.sin6_family = AF_INET6;
+        c->peer.sin6_port = in->sin_port;
+        c->peer.sin6_addr.s6_addr[10] = c->peer.sin6_addr.s6_addr[11] = 0xff;
+        memcpy(&c->peer.sin6_addr.s6_addr[12], &in->sin_addr, 4);
+    }
+    link_conn(&w->conns, c);
+    w->nconns++;
+    w->stats.accepted++;
+    c->state = MP_CS_HEAD;
+    ev_io_init(&c->io, on_io, fd, EV_READ);
+    ev_init(&c->timer, on_timer);
+    mp_conn_timer(c, w->cfg->settings.client_header_timeout);
+    ev_io_start(w->loop, &c->io);
+    /* The listener defers accept until data arrives: read it now. */
+    on_readable(c);
+}
+
+/* Requests come from a per-worker free list: steady traffic does not
+ * malloc. Only the bookkeeping is zeroed; the parser fills the field array. */
+static mp_req_t *req_new(mp_conn_t *c)
+{
+    mp_worker_t *w = c->w;
+    mp_req_t *r = w->free_reqs;
+    if (r) {
+        w->free_reqs = *(mp_req_t **)r;
+        w->nfree_reqs--;
+    } else if (!(r = malloc(sizeof(*r)))) {
+        return NULL;
+    }
+    memset(r, 0, offsetof(mp_req_t, h));
+    memset(&r->h, 0, offsetof(mp_http_request_t, headers));
+    memset(&r->h.head_len, 0, sizeof(r->h) - offsetof(mp_http_request_t, head_len));
+    memset(&r->match, 0, sizeof(*r) - offsetof(mp_req_t, match));
+    r->conn = c;
+    r->upstream = r->server = -1;
+    r->t_start = ev_now(c->w->loop);
+    return r;
+}
+
+static int id_char_ok(char ch)
+{
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '.' ||
+           ch == '_' || ch == ':' || ch == '-';
+}
+
+/* X-Request-ID: the client's if it is 1–128 characters of A-Za-z0-9._:-,
+ * otherwise 32 random hex digits. */
+static void assign_request_id(mp_req_t *r)
+{
+    int i = mp_http1_find(r->h.headers, r->h.nheaders, "x-request-id", 12);
+    if (i >= 0) {
+        mp_slice v = r->h.headers[i].value;
+        size_t k = 0;
+        while (k < v.len && id_char_ok(v.p[k]))
+            k++;
+        if (v.len >= 1 && v.len <= 128 && k == v.len) {
+            memcpy(r->id, v.p, v.len);
+            r->id_len = (uint8_t)v.len;
+            return;
+        }
+    }
+    static const char hex[] = "0123456789abcdef";
+    mp_worker_t *w = r->conn->w;
+    for (int half = 0; half < 2; half++) {
+        uint64_t x = mp_worker_rand(w);
+        for (int k = 0; k < 16; k++, x >>= 4)
+            r->id[half * 16 + k] = hex[x & 15];
+    }
+    r->id_len = 32;
+}
+
+static void describe_peer(mp_req_t *r)
+{
+    const struct sockaddr_in6 *p = &r->conn->peer;
+    if (IN6_IS_ADDR_V4MAPPED(&p->sin6_addr))
+        inet_ntop(AF_INET, &p->sin6_addr.s6_addr[12], r->client_ip, sizeof(r->client_ip));
+    else
+        inet_ntop(AF_INET6, &p->sin6_addr, r->client_ip, sizeof(r->client_ip));
+    const mp_settings_t *s = &r->conn->w->cfg->settings;
+    for (size_t i = 0; i < s->ntrusted; i++)
+        if (mp_cidr_match(&s->trusted[i], (const struct sockaddr *)p)) {
+            r->trusted_peer = 1;
+            break;
+        }
+}
+
+/* A complete, valid head is in c->in: decide framing, route, and hand the
+ * request to the exchange, or answer it here. */
+static void start_request(mp_conn_t *c)
+{
+    mp_req_t *r = c->req;
+    mp_http_request_t *h = &r->h;
+    const mp_settings_t *s = &c->w->cfg->settings;
+
+    r->is_head = h->method.len == 4 && memcmp(h->method.p, "HEAD", 4) == 0;
+    r->keepalive = h->minor == 1 ? !h->conn_close : (h->conn_keepalive && !h->conn_close);
+    if (c->w->stopping)
+        r->keepalive = 0;
+    r->body_start = (uint32_t)h->head_len;
+    c->in.start = r->body_start;
+    if (h->chunked) {
+        r->body.kind = MP_BODY_CHUNKED;
+    } else if (h->content_length > 0) {
+        r->body.kind = MP_BODY_LENGTH;
+        r->body.left = (uint64_t)h->content_length;
+    } else {
+        r->body.done = 1;
+    }
+    assign_request_id(r);
+    describe_peer(r);
+    if (s->max_body_size && h->content_length > 0 && (uint64_t)h->content_length > s->max_body_size)
+        return mp_conn_fail(c, 413);
+
+    mp_route_query_t q = {h->method, h->host, h->path, h->headers, h->nheaders};
+    if (mp_router_match(c->w->cfg->router, &q, &r->match) != 0)
+        return mp_conn_fail(c, 404);
+    r->upstream = r->match.route->target;
+    c->state = MP_CS_PROXY;
+    mp_upstream_start(r);
+}
+
+/* Parses what c->in holds. Returns 1 when a request was started or
+ * answered, 0 when more bytes are needed. */
+static int try_parse(mp_conn_t *c)
+{
+    if (!c->req && !(c->req = req_new(c))) {
+        mp_conn_close(c);
+        return 1;
+    }
+    int rc = mp_http1_parse_request(mp_buf_head(&c->in), mp_buf_len(&c->in), &c->scanned, &c->w->limits,
+                                    &c->req->h);
+    if (rc == MP_EAGAIN) {
+        if (mp_buf_room(&c->in) == 0) { /* the limits are below the block size; keep it an invariant */
+            c->req->h.status = 431;
+            rc = MP_EPROTO;
+        } else {
+            return 0;
+        }
+    }
+    if (rc < 0) {
+        mp_log_debug("w%d: bad request from client: %s", c->w->id, c->req->h.error ? c->req->h.error : "?");
+        c->req->keepalive = 0;
+        c->req->body.done = 1;
+        mp_conn_fail(c, c->req->h.status ? c->req->h.status : 400);
+        return 1;
+    }
+    start_request(c);
+    return 1;
+}
+
+static void on_readable(mp_conn_t *c)
+{
+    mp_worker_t *w = c->w;
+    if (mp_buf_acquire(&c->in, &w->bufs) != 0)
+        return mp_conn_close(c);
+    for (;;) {
+        if (mp_buf_len(&c->in) && try_parse(c))
+            return;
+        ssize_t n = read(c->fd, mp_buf_tail(&c->in), mp_buf_room(&c->in));
+        if (n > 0) {
+            c->in.end += (uint32_t)n;
+            if (c->state == MP_CS_IDLE) {
+                c->state = MP_CS_HEAD;
+                mp_conn_timer(c, w->cfg->settings.client_header_timeout);
+            }
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN) {
+            if (c->state == MP_CS_IDLE || mp_buf_len(&c->in) == 0)
+                mp_buf_release(&c->in, &w->bufs); /* an idle connection holds no block */
+            return;
+        }
+        return mp_conn_close(c); /* EOF or error: nothing to answer */
+    }
+}
+
+static void linger_read(mp_conn_t *c)
+{
+    char sink[4096];
+    for (;;) {
+        ssize_t n = read(c->fd, sink, sizeof(sink));
+        if (n > 0)
+            continue;
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN)
+            return;
+        return mp_conn_close(c);
+    }
+}
+
+static void on_io(struct ev_loop *loop, ev_io *io, int revents)
+{
+    (void)loop;
+    mp_conn_t *c = container_of(io, mp_conn_t, io);
+    switch (c->state) {
+    case MP_CS_PROXY:
+        return mp_upstream_on_client(c->req, revents);
+    case MP_CS_LOCAL:
+        if (revents & EV_WRITE)
+            flush_local(c);
+        return;
+    case MP_CS_LINGER:
+        return linger_read(c);
+    default:
+        return on_readable(c);
+    }
+}
+
+static void on_timer(struct ev_loop *loop, ev_timer *t, int revents)
+{
+    (void)loop;
+    (void)revents;
+    mp_conn_t *c = container_of(t, mp_conn_t, timer);
+    switch (c->state) {
+    case MP_CS_HEAD:
+        if (c->in.end > 0) {
+            if (!c->req && !(c->req = req_new(c)))
+                return mp_conn_close(c);
+            c->req->keepalive = 0;
+            c->req->body.done = 1;
+            mp_log_info("w%d: client_header_timeout: 408 to a client that sent %u bytes", c->w->id,
+                        (unsigned)c->in.end);
+            return mp_conn_fail(c, 408);
+        }
+        return mp_conn_close(c);
+    case MP_CS_PROXY:
+        return mp_upstream_on_client_timeout(c->req);
+    default: /* idle keep-alive, a stalled local response, lingering */
+        return mp_conn_close(c);
+    }
+}
+
+/* Stops reading requests and closes once the client has had time to read
+ * the response: closing with unread bytes would reset the connection and
+ * could destroy the response in flight (RFC 9112 §9.6). */
+static void linger_close(mp_conn_t *c)
+{
+    if (shutdown(c->fd, SHUT_WR) != 0)
+        return mp_conn_close(c);
+    c->state = MP_CS_LINGER;
+    mp_buf_release(&c->in, &c->w->bufs);
+    mp_buf_release(&c->out, &c->w->bufs);
+    mp_conn_want(c, EV_READ);
+    mp_conn_timer(c, LINGER_SECONDS);
+    linger_read(c);
+}
+
+static void log_request(mp_conn_t *c, mp_req_t *r)
+{
+    mp_worker_t *w = c->w;
+    w->stats.requests++;
+    if (w->alog.fd < 0)
+        return;
+    ev_tstamp now = ev_now(w->loop);
+    mp_alog_entry_t e = {0};
+    e.time = ev_time() - (now - r->t_start);
+    e.id = (mp_slice){r->id, r->id_len};
+    e.client = (mp_slice){r->client_ip, strlen(r->client_ip)};
+    e.method = r->h.method;
+    e.path = r->h.path;
+    if (r->match.route)
+        e.route = (mp_slice){r->match.route->name, strlen(r->match.route->name)};
+    e.status = r->status;
+    e.bytes = r->bytes_sent;
+    e.upstream_time = -1;
+    if (r->server >= 0) {
+        const mp_upstream_def_t *u = &w->cfg->upstreams[r->upstream];
+        const char *addr = u->servers[r->server].addr.text;
+        e.upstream_server = (mp_slice){addr, strlen(addr)};
+        e.upstream_time = (r->t_up_end ? r->t_up_end : now) - r->t_up_start;
+    }
+    e.duration = now - r->t_start;
+    mp_alog_write(&w->alog, &e);
+}
+
+static void end_request(mp_conn_t *c)
+{
+    mp_req_t *r = c->req;
+    if (!r)
+        return;
+    mp_upstream_cancel(r);
+    if (r->status)
+        log_request(c, r);
+    mp_worker_t *w = c->w;
+    if (w->nfree_reqs < 256) {
+        *(mp_req_t **)r = w->free_reqs;
+        w->free_reqs = r;
+        w->nfree_reqs++;
+    } else {
+        free(r);
+    }
+    c->req = NULL;
+    c->requests++;
+}
+
+void mp_conn_request_done(mp_conn_t *c)
+{
+    mp_worker_t *w = c->w;
+    mp_req_t *r = c->req;
+    int keep = r->keepalive && r->body.done && !w->stopping && !c->read_eof;
+    end_request(c);
+    mp_buf_release(&c->out, &w->bufs);
+    if (!keep)
+        return linger_close(c);
+
+    /* Pipelined bytes after this request move to the front. */
+    mp_buf_compact(&c->in);
+    c->scanned = 0;
+    if (mp_buf_len(&c->in)) {
+        c->state = MP_CS_HEAD;
+        mp_conn_timer(c, w->cfg->settings.client_header_timeout);
+        mp_conn_want(c, EV_READ);
+        ev_feed_event(w->loop, &c->io, EV_READ); /* next loop turn: no recursion through pipelines */
+        return;
+    }
+    mp_buf_release(&c->in, &w->bufs);
+    c->state = MP_CS_IDLE;
+    mp_conn_want(c, EV_READ);
+    mp_conn_timer(c, w->cfg->settings.keepalive_timeout);
+}
+
+static void flush_local(mp_conn_t *c)
+{
+    while (mp_buf_len(&c->out)) {
+        ssize_t n = write(c->fd, mp_buf_head(&c->out), mp_buf_len(&c->out));
+        if (n > 0) {
+            c->out.start += (uint32_t)n;
+            if (c->req)
+                c->req->bytes_sent += (uint64_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN) {
+            mp_conn_want(c, EV_WRITE);
+            mp_conn_timer(c, c->w->cfg->settings.client_body_timeout);
+            return;
+        }
+        return mp_conn_close(c);
+    }
+    mp_conn_request_done(c);
+}
+
+void mp_conn_fail(mp_conn_t *c, int status)
+{
+    mp_worker_t *w = c->w;
+    mp_req_t *r = c->req;
+    if (c->closed)
+        return;
+    if (!r || r->resp_started)
+        return mp_conn_close(c);
+    mp_upstream_cancel(r);
+    if (!r->id_len)
+        assign_request_id(r);
+    if (!r->client_ip[0])
+        describe_peer(r);
+    r->status = status;
+    if (!r->body.done || status == 408 || status == 400)
+        r->keepalive = 0;
+
+    const char *reason = reason_phrase(status);
+    char body[64];
+    int blen = snprintf(body, sizeof(body), "%d %s\n", status, reason);
+    mp_slice date = mp_worker_date(w);
+    char head[512];
+    int hlen = snprintf(head, sizeof(head),
+                        "HTTP/1.1 %d %s\r\n%.*sContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                        "X-Request-ID: %.*s\r\n%s\r\n",
+                        status, reason, (int)date.len, date.p, r->is_head ? 0 : blen, r->id_len, r->id,
+                        r->keepalive ? "" : "Connection: close\r\n");
+    if (mp_buf_acquire(&c->out, &w->bufs) != 0 || mp_buf_append(&c->out, head, (size_t)hlen) != 0 ||
+        (!r->is_head && mp_buf_append(&c->out, body, (size_t)blen) != 0))
+        return mp_conn_close(c);
+    if (status >= 500)
+        mp_log_info("w%d: %d for request %.*s", w->id, status, r->id_len, r->id);
+    r->resp_started = 1;
+    c->state = MP_CS_LOCAL;
+    mp_conn_want(c, 0);
+    flush_local(c);
+}
+
+void mp_conn_close(mp_conn_t *c)
+{
+    if (c->closed)
+        return;
+    mp_worker_t *w = c->w;
+    c->closed = 1;
+    if (c->req && c->req->status == 0 && c->state == MP_CS_PROXY)
+        c->req->status = 499; /* the client went away first (nginx's convention) */
+    end_request(c);
+    ev_io_stop(w->loop, &c->io);
+    ev_timer_stop(w->loop, &c->timer);
+    close(c->fd);
+    c->fd = -1;
+    mp_buf_release(&c->in, &w->bufs);
+    mp_buf_release(&c->out, &w->bufs);
+    unlink_conn(&w->conns, c);
+    link_conn(&w->graveyard, c);
+    w->nconns--;
+    if (w->accept_paused && !w->stopping)
+        mp_listener_pause(w, 0);
+}
+
+void mp_conn_reap(mp_worker_t *w)
+{
+    while (w->graveyard) {
+        mp_conn_t *c = w->graveyard;
+        w->graveyard = c->next;
+        free(c);
+    }
+}
+
+void mp_conn_drain(mp_worker_t *w)
+{
+    mp_conn_t *next;
+    for (mp_conn_t *c = w->conns; c; c = next) {
+        next = c->next;
+        if (c->state == MP_CS_IDLE || (c->state == MP_CS_HEAD && c->in.end == 0))
+            mp_conn_close(c);
+        else if (c->req)
+            c->req->keepalive = 0;
+    }
+}

@@ -1,0 +1,117 @@
+/* conn.h: a client connection: its socket, buffers and timer, the request
+ * state machine (head, proxying, local response, keep-alive, close) and the
+ * request it is serving. */
+#ifndef MP_CONN_H
+#define MP_CONN_H
+
+#include "buf.h"
+#include "common.h"
+#include "http1.h"
+#include "router.h"
+#include "worker.h"
+
+#include <ev.h>
+#include <netinet/in.h>
+
+enum mp_conn_state {
+    MP_CS_IDLE,  /* keep-alive, no request bytes yet */
+    MP_CS_HEAD,  /* receiving a request head */
+    MP_CS_PROXY, /* the exchange (upstream.c) drives the socket */
+    MP_CS_LOCAL, /* writing a response made here (error, 404) */
+};
+
+enum mp_body_kind { MP_BODY_NONE, MP_BODY_LENGTH, MP_BODY_CHUNKED, MP_BODY_CLOSE };
+
+/* Framing of one body being relayed. */
+typedef struct {
+    uint8_t kind;       /* mp_body_kind */
+    uint64_t left;      /* MP_BODY_LENGTH: bytes still to come */
+    uint64_t total;     /* payload bytes seen (decoded for chunked) */
+    mp_chunked_t chunk; /* MP_BODY_CHUNKED */
+    unsigned done : 1;
+} mp_framing_t;
+
+/* One request, from its head to the end of its response. Lives in the
+ * worker while the connection serves it; the head's slices point into
+ * conn->in, which stays pinned at [0, head_len) until the request ends. */
+typedef struct mp_req {
+    mp_conn_t *conn;
+    mp_upconn_t *up;          /* the upstream connection in use, or NULL */
+    mp_http_request_t h;      /* parsed head */
+    mp_route_match_t match;
+    int upstream;             /* index in cfg->upstreams, -1 */
+    int server;               /* index in the upstream's servers, -1 */
+    int tries;                /* connection attempts that counted against retries */
+    mp_framing_t body;        /* request body, client → upstream */
+    mp_framing_t resp;        /* response body, upstream → client */
+    uint32_t body_start;      /* offset in conn->in where the request body begins */
+    uint32_t body_ready;      /* conn->in [in.start, body_ready): framed body bytes to forward */
+    uint32_t resp_scan;       /* up->in: response bytes whose framing was checked */
+    uint32_t resp_ready;      /* up->in [in.start, resp_ready): body bytes to send the client */
+    int status;               /* response status sent (or to send) to the client */
+    uint64_t bytes_sent;      /* to the client, head included */
+    ev_tstamp t_start, t_up_start, t_up_end;
+    char id[129];             /* X-Request-ID sent upstream and echoed */
+    uint8_t id_len;
+    char client_ip[46];
+    unsigned keepalive : 1;      /* keep the client connection after this response */
+    unsigned is_head : 1;        /* HEAD request */
+    unsigned trusted_peer : 1;   /* the peer is one of trusted_proxies */
+    unsigned body_replayable : 1; /* every body byte is still in conn->in */
+    unsigned head_sent : 1;      /* the upstream request head was written */
+    unsigned resp_started : 1;   /* a response byte reached the client */
+    unsigned resp_head_done : 1; /* the upstream response head was parsed */
+    unsigned dechunk : 1;        /* HTTP/1.0 client: strip chunked framing */
+    unsigned sent_continue : 1;  /* 100 Continue was sent to the client */
+    unsigned up_reusable : 1;    /* the upstream connection may go back to the pool */
+    unsigned body_abandoned : 1; /* the upstream answered before the whole body; stop sending it */
+} mp_req_t;
+
+struct mp_conn {
+    mp_worker_t *w;
+    int fd;
+    uint8_t state;     /* mp_conn_state */
+    uint8_t closed;
+    uint8_t read_eof;  /* the client half-closed or vanished */
+    uint16_t refs;
+    ev_io io;
+    ev_timer timer;
+    mp_buf_t in;       /* client bytes; a request's head pinned at the front */
+    mp_buf_t out;      /* response head or local response to write */
+    size_t scanned;    /* parser resume point for the head in progress */
+    mp_req_t *req;     /* NULL between requests */
+    struct sockaddr_in6 peer; /* v4 peers stored v4-mapped */
+    unsigned requests; /* served on this connection */
+    mp_conn_t *prev, *next; /* worker->conns, or worker->graveyard */
+};
+
+/* Takes ownership of an accepted, non-blocking fd. */
+void mp_conn_accept(mp_worker_t *w, int fd, const struct sockaddr *peer);
+
+/* Sets the events the client watcher waits for (EV_READ | EV_WRITE). */
+void mp_conn_want(mp_conn_t *c, int events);
+
+/* Arms the connection timer for `seconds` (ev_timer_again); 0 stops it. */
+void mp_conn_timer(mp_conn_t *c, double seconds);
+
+/* The exchange finished: the response was fully written. Logs the request,
+ * then serves the next pipelined one, idles, or closes. */
+void mp_conn_request_done(mp_conn_t *c);
+
+/* Answers the current request with a response made here (status, a short
+ * text body) when nothing of a response was sent yet; otherwise closes. The
+ * connection closes after it unless the request can be cleanly followed. */
+void mp_conn_fail(mp_conn_t *c, int status);
+
+/* Closes the client connection (and cancels its exchange). Memory is freed
+ * before the worker's next poll, so a caller's pointers stay valid until it
+ * returns to the loop. */
+void mp_conn_close(mp_conn_t *c);
+
+/* Frees closed connections; called by the worker before each poll. */
+void mp_conn_reap(mp_worker_t *w);
+
+/* Graceful stop: close idle connections, let busy ones finish. */
+void mp_conn_drain(mp_worker_t *w);
+
+#endif

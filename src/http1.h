@@ -1,0 +1,109 @@
+/* http1.h: strict, incremental, zero-copy HTTP/1.1 parsing of request and
+ * response heads and of chunked framing (RFC 9110, RFC 9112). Pure: no I/O,
+ * no malloc, no global state. Every slice points into the caller's buffer. */
+#ifndef MP_HTTP1_H
+#define MP_HTTP1_H
+
+#include "common.h"
+
+#include <stdint.h>
+#include <sys/types.h>
+
+#define MP_HTTP_MAX_HEADERS 100 /* more fields than this: 431 */
+
+typedef struct {
+    mp_slice name;  /* as received (case preserved) */
+    mp_slice value; /* leading/trailing OWS removed */
+} mp_header_t;
+
+typedef struct {
+    size_t max_header_size; /* whole head incl. request line; 431 beyond */
+    size_t max_uri_size;    /* request target; 414 beyond */
+} mp_http_limits_t;
+
+typedef struct {
+    mp_slice method;
+    mp_slice target; /* the request-target exactly as received */
+    mp_slice path;   /* origin-form: target up to '?'; absolute-form: the path after the authority ("/" if none) */
+    mp_slice query;  /* after '?', without it; len 0 if none (has_query says whether '?' was there) */
+    mp_slice host;   /* authority of an absolute-form target, else the Host field value; may include ":port" */
+    int minor;       /* HTTP/1.<minor>: 0 or 1 */
+    int64_t content_length; /* -1 when absent */
+    unsigned chunked : 1;          /* Transfer-Encoding: chunked */
+    unsigned has_query : 1;
+    unsigned conn_close : 1;       /* Connection: close */
+    unsigned conn_keepalive : 1;   /* Connection: keep-alive */
+    unsigned expect_continue : 1;  /* Expect: 100-continue */
+    unsigned upgrade : 1;          /* an Upgrade field is present */
+    unsigned nheaders;
+    mp_header_t headers[MP_HTTP_MAX_HEADERS];
+    size_t head_len;    /* bytes of the head including the final empty line */
+    int status;         /* on MP_EPROTO: 400, 414, 431 or 501 */
+    const char *error;  /* on MP_EPROTO: static reason, e.g. "conflicting Content-Length" */
+} mp_http_request_t;
+
+typedef struct {
+    int minor;
+    int status; /* 100..999 */
+    mp_slice reason;
+    int64_t content_length; /* -1 when absent */
+    unsigned chunked : 1;
+    unsigned conn_close : 1;
+    unsigned conn_keepalive : 1;
+    unsigned nheaders;
+    mp_header_t headers[MP_HTTP_MAX_HEADERS];
+    size_t head_len;
+    const char *error; /* on MP_EPROTO */
+} mp_http_response_t;
+
+/* Parses a request head from buf[0..len). The caller calls again with the
+ * same buffer grown by newly read bytes; *scanned (start at 0) remembers how
+ * far the search for the end of the head got, so a head that arrives one byte
+ * at a time is not rescanned from the start.
+ * Returns the head length (> 0) with req filled, MP_EAGAIN when the head is
+ * not complete yet (and still within limits), or MP_EPROTO with req->status
+ * (400 bad syntax / bad framing / missing Host on 1.1, 414 target too long,
+ * 431 head too large or too many fields, 501 unknown Transfer-Encoding) and
+ * req->error set. Leading empty lines before the request line are skipped
+ * (RFC 9112 §2.2) and count into head_len. */
+int mp_http1_parse_request(const char *buf, size_t len, size_t *scanned, const mp_http_limits_t *lim,
+                           mp_http_request_t *req);
+
+/* Parses a response head from buf[0..len) the same way (max bounds the head).
+ * Returns the head length, MP_EAGAIN, or MP_EPROTO with res->error. When both
+ * Transfer-Encoding: chunked and Content-Length are present the response is
+ * refused (MP_EPROTO). A Transfer-Encoding other than chunked: MP_EPROTO. */
+int mp_http1_parse_response(const char *buf, size_t len, size_t *scanned, size_t max, mp_http_response_t *res);
+
+/* Chunked transfer-coding decoder (RFC 9112 §7.1). A zeroed struct is ready. */
+typedef struct {
+    int state;
+    uint64_t remaining; /* bytes left in the current chunk's data */
+    unsigned digits;
+    unsigned line_len;  /* bytes of the current size/trailer line, bounded */
+    unsigned done : 1;  /* the last chunk and the trailer section were consumed */
+} mp_chunked_t;
+
+/* Consumes chunked framing from p[0..len). At most one run of chunk data is
+ * reported per call, in *data (a slice of p; len 0 when none). Returns the
+ * number of bytes consumed (framing + data), which is less than len only when
+ * a data run was reported or the message ended (c->done); or MP_EPROTO for a
+ * bad chunk size (non-hex, overflow past 2^62, empty), a missing CRLF after
+ * data, or an over-long size or trailer line (> 4096 bytes). Chunk extensions
+ * are accepted and skipped; trailer fields are consumed and not interpreted.
+ * Bytes after the end of the message are never consumed. */
+ssize_t mp_chunked_decode(mp_chunked_t *c, const char *p, size_t len, mp_slice *data);
+
+/* Finds a header by lowercase name; returns its index or -1. */
+int mp_http1_find(const mp_header_t *h, unsigned n, const char *lower_name, size_t name_len);
+
+/* Iterates the comma-separated tokens of a field value (e.g. Connection).
+ * Start with *pos = 0; returns 1 with *tok set (OWS trimmed, empty elements
+ * skipped) or 0 at the end. */
+int mp_http1_next_token(mp_slice value, size_t *pos, mp_slice *tok);
+
+/* libFuzzer entry points: feed arbitrary bytes; must never crash. */
+void mp_fuzz_http1(const uint8_t *data, size_t size);
+void mp_fuzz_chunked(const uint8_t *data, size_t size);
+
+#endif

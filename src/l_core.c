@@ -1,0 +1,20 @@
+/* l_core.c: luaopen for moonproxy.core; only the module build links it. */
+#include "l_core.h"
+
+#include <lauxlib.h>
+#include <lua.h>
+
+int luaopen_moonproxy_core(lua_State *L);
+
+int luaopen_moonproxy_core(lua_State *L)
+{
+    lua_newtable(L);
+    /* weak while the parts are being written; see l_core.h */
+    if (mp_l_http1_register)
+        mp_l_http1_register(L);
+    if (mp_l_router_register)
+        mp_l_router_register(L);
+    if (mp_l_config_register)
+        mp_l_config_register(L);
+    return 1;
+}

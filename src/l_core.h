@@ -1,0 +1,13 @@
+/* l_core.h: the Lua C module moonproxy.core (the offline core for
+ * moonproxy.testing and the specs). Each l_*.c adds its functions. */
+#ifndef MP_L_CORE_H
+#define MP_L_CORE_H
+
+typedef struct lua_State lua_State;
+
+/* Each adds its functions to the table on top of the stack. */
+void mp_l_http1_register(lua_State *L) __attribute__((weak));
+void mp_l_router_register(lua_State *L) __attribute__((weak));
+void mp_l_config_register(lua_State *L) __attribute__((weak));
+
+#endif

@@ -1,0 +1,23 @@
+/* listener.h: listening sockets (one per worker per address, SO_REUSEPORT,
+ * so the kernel spreads connections) and accepting on them. */
+#ifndef MP_LISTENER_H
+#define MP_LISTENER_H
+
+#include "config.h"
+#include "worker.h"
+
+/* Opens a non-blocking listening socket on a. When a's port is 0 the
+ * chosen port is written back into a, so that the next sockets for the same
+ * address (other workers) share it. Returns the fd or MP_EIO (errno set). */
+int mp_listener_open(mp_addr_t *a);
+
+/* Starts accepting on w->listeners. */
+void mp_listener_start(mp_worker_t *w);
+
+/* Stops accepting: accepts what is already queued, then closes. */
+void mp_listener_close(mp_worker_t *w);
+
+/* Stops (full) or resumes accepting while at max_connections. */
+void mp_listener_pause(mp_worker_t *w, int paused);
+
+#endif

@@ -1,0 +1,148 @@
+/* log.c: error log lines and JSON access log lines. */
+#include "log.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+int mp_log_level = MP_LOG_INFO;
+
+static const char *const level_names[] = {"debug", "info", "warn", "error"};
+
+int mp_log_parse_level(const char *s)
+{
+    for (int i = 0; i < (int)MP_ARRAY_LEN(level_names); i++)
+        if (strcmp(s, level_names[i]) == 0)
+            return i;
+    return -1;
+}
+
+static size_t format_time(char *out, size_t n, double t)
+{
+    time_t sec = (time_t)t;
+    struct tm tm;
+    gmtime_r(&sec, &tm);
+    size_t len = strftime(out, n, "%Y-%m-%dT%H:%M:%S", &tm);
+    len += (size_t)snprintf(out + len, n - len, ".%03dZ", (int)((t - (double)sec) * 1000));
+    return len;
+}
+
+static double now_epoch(void)
+{
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    return (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
+}
+
+void mp_log(int level, const char *fmt, ...)
+{
+    if (level < mp_log_level)
+        return;
+    char line[2048];
+    size_t len = format_time(line, sizeof(line), now_epoch());
+    len += (size_t)snprintf(line + len, sizeof(line) - len, " [%s] ", level_names[level]);
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(line + len, sizeof(line) - len - 1, fmt, ap);
+    va_end(ap);
+    len = n < 0 ? len : (len + (size_t)n > sizeof(line) - 2 ? sizeof(line) - 2 : len + (size_t)n);
+    line[len++] = '\n';
+    ssize_t unused = write(2, line, len); /* a lost log line is all we can do */
+    (void)unused;
+}
+
+int mp_alog_open(const char *target)
+{
+    if (!target)
+        return -1;
+    if (strcmp(target, "stdout") == 0)
+        return 1;
+    int fd = open(target, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    return fd < 0 ? MP_EIO : fd;
+}
+
+/* Appends s as JSON string contents (no quotes); bytes >= 0x80 are passed
+ * through, control bytes and quotes escaped. Returns the new length. */
+static size_t json_escape(char *out, size_t len, size_t cap, mp_slice s)
+{
+    static const char hex[] = "0123456789abcdef";
+    for (size_t i = 0; i < s.len && len + 6 < cap; i++) {
+        unsigned char c = (unsigned char)s.p[i];
+        if (c == '"' || c == '\\') {
+            out[len++] = '\\';
+            out[len++] = (char)c;
+        } else if (c < 0x20 || c == 0x7f) {
+            memcpy(out + len, "\\u00", 4);
+            out[len + 4] = hex[c >> 4];
+            out[len + 5] = hex[c & 15];
+            len += 6;
+        } else {
+            out[len++] = (char)c;
+        }
+    }
+    return len;
+}
+
+static size_t json_field(char *out, size_t len, size_t cap, const char *key, mp_slice v)
+{
+    len += (size_t)snprintf(out + len, cap - len, ",\"%s\":\"", key);
+    if (len >= cap)
+        return cap;
+    len = json_escape(out, len, cap, v);
+    if (len < cap)
+        out[len++] = '"';
+    return len;
+}
+
+void mp_alog_write(mp_alog_t *a, const mp_alog_entry_t *e)
+{
+    if (a->fd < 0)
+        return;
+    char line[4096];
+    size_t cap = sizeof(line) - 2, len = 0;
+    char ts[40];
+    format_time(ts, sizeof(ts), e->time);
+    len += (size_t)snprintf(line, cap, "{\"time\":\"%s\"", ts);
+    len = json_field(line, len, cap, "id", e->id);
+    len = json_field(line, len, cap, "client", e->client);
+    len = json_field(line, len, cap, "method", e->method);
+    len = json_field(line, len, cap, "path", e->path);
+    len = json_field(line, len, cap, "route", e->route);
+    if (len < cap)
+        len += (size_t)snprintf(line + len, cap - len, ",\"status\":%d,\"bytes\":%llu", e->status,
+                                (unsigned long long)e->bytes);
+    if (len < cap && e->upstream_time >= 0) {
+        len = json_field(line, len, cap, "upstream", e->upstream_server);
+        if (len < cap)
+            len += (size_t)snprintf(line + len, cap - len, ",\"upstream_time\":%.3f", e->upstream_time);
+    }
+    if (len < cap)
+        len += (size_t)snprintf(line + len, cap - len, ",\"duration\":%.3f}", e->duration);
+    if (len > cap)
+        len = cap;
+    line[len++] = '\n';
+    if (len > sizeof(a->buf) - a->len)
+        mp_alog_flush(a);
+    memcpy(a->buf + a->len, line, len);
+    a->len += len;
+}
+
+void mp_alog_flush(mp_alog_t *a)
+{
+    size_t off = 0;
+    while (off < a->len) {
+        ssize_t n = write(a->fd, a->buf + off, a->len - off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            a->dropped++;
+            break;
+        }
+        off += (size_t)n;
+    }
+    a->len = 0;
+}

@@ -1,0 +1,53 @@
+/* log.h: the error log (stderr, one line per event, with level and worker)
+ * and the access log (one JSON object per line, buffered per worker and
+ * written once per loop iteration). */
+#ifndef MP_LOG_H
+#define MP_LOG_H
+
+#include "common.h"
+
+#include <stdarg.h>
+#include <stdint.h>
+
+enum { MP_LOG_DEBUG, MP_LOG_INFO, MP_LOG_WARN, MP_LOG_ERROR };
+
+extern int mp_log_level;
+
+/* Parses "debug|info|warn|error"; returns the level or -1. */
+int mp_log_parse_level(const char *s);
+
+/* Writes "<ISO time> [level] <message>\n" to stderr in one write(2). */
+void mp_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+#define mp_log_debug(...) (mp_log_level <= MP_LOG_DEBUG ? mp_log(MP_LOG_DEBUG, __VA_ARGS__) : (void)0)
+#define mp_log_info(...) (mp_log_level <= MP_LOG_INFO ? mp_log(MP_LOG_INFO, __VA_ARGS__) : (void)0)
+#define mp_log_warn(...) mp_log(MP_LOG_WARN, __VA_ARGS__)
+#define mp_log_error(...) mp_log(MP_LOG_ERROR, __VA_ARGS__)
+
+/* One access log sink per worker. A zeroed struct with fd = -1 is off. */
+typedef struct {
+    int fd;        /* -1: off; shared between workers (opened O_APPEND once) */
+    size_t len;
+    char buf[16384];
+    uint64_t dropped; /* lines lost to a failing write */
+} mp_alog_t;
+
+/* Opens the access log target: NULL = off (-1), "stdout" (1), or a path
+ * opened O_APPEND. Returns the fd, -1 for off, or MP_EIO. */
+int mp_alog_open(const char *target);
+
+/* What one access log line records. */
+typedef struct {
+    double time;      /* request start, epoch seconds */
+    mp_slice id, client, method, path, route, upstream_server;
+    int status;
+    uint64_t bytes;   /* response bytes sent to the client, head included */
+    double upstream_time, duration; /* seconds; upstream_time < 0: no upstream */
+} mp_alog_entry_t;
+
+void mp_alog_write(mp_alog_t *a, const mp_alog_entry_t *e);
+
+/* Writes what is buffered. Called before the loop blocks. */
+void mp_alog_flush(mp_alog_t *a);
+
+#endif

@@ -1,0 +1,272 @@
+/* main.c: the command line, the listening sockets, starting and stopping the
+ * worker threads, and signals. */
+#include "config.h"
+#include "listener.h"
+#include "log.h"
+#include "vm.h"
+#include "worker.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#define MP_VERSION "0.1.0"
+#define MAX_WORKERS 256
+
+static const char usage[] =
+    "usage: moonproxy [-c FILE] [-t] [-w N] [-l LEVEL] [--version] [--help]\n"
+    "  -c FILE   configuration script (default: ./moonproxy.lua)\n"
+    "  -t        load and validate the configuration, print ok or the error, exit\n"
+    "  -w N      worker threads (default: settings.workers, else the number of CPUs)\n"
+    "  -l LEVEL  log level: debug|info|warn|error (default: info)\n"
+    "signals: SIGHUP reloads; SIGTERM/SIGINT stop gracefully (a second one exits at once)\n";
+
+typedef struct {
+    const char *path;
+    int test_only;
+    int workers;
+} options_t;
+
+static struct {
+    mp_worker_t *workers;
+    int nworkers;
+    int stopping;
+    ev_timer deadline, poll;
+    ev_signal sigterm, sigint, sighup;
+} g;
+
+static int parse_args(int argc, char **argv, options_t *o)
+{
+    o->path = "moonproxy.lua";
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *next = i + 1 < argc ? argv[i + 1] : NULL;
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+            fputs(usage, stdout);
+            exit(0);
+        } else if (strcmp(a, "--version") == 0 || strcmp(a, "-v") == 0) {
+            printf("moonproxy %s\n", MP_VERSION);
+            exit(0);
+        } else if (strcmp(a, "-t") == 0) {
+            o->test_only = 1;
+        } else if (strcmp(a, "-c") == 0 && next) {
+            o->path = argv[++i];
+        } else if (strcmp(a, "-w") == 0 && next) {
+            char *end;
+            long n = strtol(argv[++i], &end, 10);
+            if (*end || n < 1 || n > MAX_WORKERS) {
+                fprintf(stderr, "moonproxy: -w takes a number from 1 to %d\n", MAX_WORKERS);
+                return -1;
+            }
+            o->workers = (int)n;
+        } else if (strcmp(a, "-l") == 0 && next) {
+            if ((mp_log_level = mp_log_parse_level(argv[++i])) < 0) {
+                fprintf(stderr, "moonproxy: -l takes debug, info, warn or error\n");
+                return -1;
+            }
+        } else {
+            fprintf(stderr, "moonproxy: unknown or incomplete option '%s'\n%s", a, usage);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static void addr_text(const mp_addr_t *a, char *out, size_t n)
+{
+    char ip[INET6_ADDRSTRLEN] = "?";
+    int port = 0;
+    if (a->ss.ss_family == AF_INET6) {
+        const struct sockaddr_in6 *s6 = (const struct sockaddr_in6 *)&a->ss;
+        inet_ntop(AF_INET6, &s6->sin6_addr, ip, sizeof(ip));
+        port = ntohs(s6->sin6_port);
+        snprintf(out, n, "[%s]:%d", ip, port);
+        return;
+    }
+    const struct sockaddr_in *s4 = (const struct sockaddr_in *)&a->ss;
+    inet_ntop(AF_INET, &s4->sin_addr, ip, sizeof(ip));
+    snprintf(out, n, "%s:%d", ip, ntohs(s4->sin_port));
+}
+
+/* Opens nworkers sockets per listen address: fds[w * nlistens + i]. */
+static int open_listeners(mp_config_t *cfg, int nworkers, int *fds)
+{
+    for (size_t i = 0; i < cfg->nlistens; i++) {
+        mp_addr_t a = cfg->listens[i];
+        char text[80];
+        for (int w = 0; w < nworkers; w++) {
+            int fd = mp_listener_open(&a); /* the first one fixes port 0 for the rest */
+            if (fd < 0) {
+                addr_text(&a, text, sizeof(text));
+                fprintf(stderr, "moonproxy: cannot listen on %s: %s\n", cfg->listens[i].text, strerror(errno));
+                return -1;
+            }
+            fds[w * cfg->nlistens + i] = fd;
+        }
+        addr_text(&a, text, sizeof(text));
+        mp_log_info("listening on %s", text);
+    }
+    return 0;
+}
+
+static atomic_int workers_done;
+
+static void on_poll(struct ev_loop *loop, ev_timer *t, int revents)
+{
+    (void)t;
+    (void)revents;
+    if (atomic_load(&workers_done) == g.nworkers)
+        ev_break(loop, EVBREAK_ALL);
+}
+
+static void on_deadline(struct ev_loop *loop, ev_timer *t, int revents)
+{
+    (void)t;
+    (void)revents;
+    mp_log_warn("shutdown_timeout reached: closing the remaining connections");
+    ev_break(loop, EVBREAK_ALL);
+}
+
+static void on_stop_signal(struct ev_loop *loop, ev_signal *s, int revents)
+{
+    (void)revents;
+    if (g.stopping) {
+        mp_log_warn("second signal %d: exiting now", s->signum);
+        _exit(1);
+    }
+    g.stopping = 1;
+    mp_log_info("signal %d: stopping (draining in-flight requests)", s->signum);
+    for (int i = 0; i < g.nworkers; i++)
+        mp_worker_stop(&g.workers[i]);
+    ev_timer_init(&g.poll, on_poll, 0.02, 0.02);
+    ev_timer_start(loop, &g.poll);
+    ev_timer_init(&g.deadline, on_deadline, g.workers[0].cfg->settings.shutdown_timeout, 0);
+    ev_timer_start(loop, &g.deadline);
+}
+
+static void on_hup(struct ev_loop *loop, ev_signal *s, int revents)
+{
+    (void)loop;
+    (void)s;
+    (void)revents;
+    mp_log_warn("SIGHUP: reload is not implemented yet; the running configuration stays");
+}
+
+static void *worker_main(void *arg);
+
+static int test_config(const char *path)
+{
+    char err[2048];
+    lua_State *L = mp_vm_new();
+    mp_config_t *cfg = NULL;
+    int rc = L ? mp_config_load(L, path, &cfg, err, sizeof(err)) : MP_ENOMEM;
+    if (rc == 0)
+        puts("ok");
+    else
+        fprintf(stderr, "%s\n", L ? err : "out of memory");
+    if (cfg)
+        mp_config_free(cfg);
+    if (L)
+        mp_vm_close(L);
+    return rc == 0 ? 0 : 1;
+}
+
+static int worker_count(const options_t *o, const mp_config_t *cfg)
+{
+    if (o->workers)
+        return o->workers;
+    if (cfg->settings.workers)
+        return cfg->settings.workers;
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n < 1 ? 1 : (n > MAX_WORKERS ? MAX_WORKERS : (int)n);
+}
+
+int main(int argc, char **argv)
+{
+    options_t o = {0};
+    if (parse_args(argc, argv, &o) != 0)
+        return 2;
+    signal(SIGPIPE, SIG_IGN);
+    if (o.test_only)
+        return test_config(o.path);
+
+    char err[2048];
+    lua_State *L = mp_vm_new();
+    mp_config_t *cfg = NULL;
+    if (!L || mp_config_load(L, o.path, &cfg, err, sizeof(err)) != 0) {
+        fprintf(stderr, "%s\n", L ? err : "out of memory");
+        return 1;
+    }
+    g.nworkers = worker_count(&o, cfg);
+    int alog = mp_alog_open(cfg->settings.access_log);
+    if (alog == MP_EIO) {
+        fprintf(stderr, "moonproxy: cannot open access_log %s: %s\n", cfg->settings.access_log, strerror(errno));
+        return 1;
+    }
+    int *fds = calloc((size_t)g.nworkers * (cfg->nlistens ? cfg->nlistens : 1), sizeof(int));
+    g.workers = calloc((size_t)g.nworkers, sizeof(*g.workers));
+    if (!fds || !g.workers || open_listeners(cfg, g.nworkers, fds) != 0)
+        return 1;
+
+    /* Workers inherit a mask without the stop and reload signals: only the
+     * main thread's loop receives them. */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &set, NULL);
+
+    for (int i = 0; i < g.nworkers; i++) {
+        if (mp_worker_init(&g.workers[i], i, o.path, fds + (size_t)i * cfg->nlistens, cfg->nlistens, err,
+                           sizeof(err)) != 0) {
+            fprintf(stderr, "%s\n", err);
+            return 1;
+        }
+        g.workers[i].alog.fd = alog;
+    }
+    for (int i = 0; i < g.nworkers; i++) {
+        pthread_t t;
+        if (pthread_create(&t, NULL, worker_main, &g.workers[i]) != 0) {
+            fprintf(stderr, "moonproxy: cannot start worker threads\n");
+            return 1;
+        }
+        g.workers[i].thread = t;
+    }
+    mp_log_info("moonproxy %s started with %d worker%s (%s)", MP_VERSION, g.nworkers, g.nworkers == 1 ? "" : "s",
+                o.path);
+
+    struct ev_loop *loop = ev_default_loop(EVFLAG_AUTO | EVFLAG_SIGNALFD);
+    ev_signal_init(&g.sigterm, on_stop_signal, SIGTERM);
+    ev_signal_init(&g.sigint, on_stop_signal, SIGINT);
+    ev_signal_init(&g.sighup, on_hup, SIGHUP);
+    ev_signal_start(loop, &g.sigterm);
+    ev_signal_start(loop, &g.sigint);
+    ev_signal_start(loop, &g.sighup);
+    ev_run(loop, 0);
+
+    if (atomic_load(&workers_done) != g.nworkers)
+        _exit(0); /* shutdown_timeout: the remaining connections end with the process */
+    for (int i = 0; i < g.nworkers; i++) {
+        mp_worker_join(&g.workers[i]);
+        mp_worker_dispose(&g.workers[i]);
+    }
+    mp_log_info("stopped");
+    free(g.workers);
+    free(fds);
+    mp_config_free(cfg);
+    mp_vm_close(L);
+    return 0;
+}
+
+static void *worker_main(void *arg)
+{
+    mp_worker_t *w = arg;
+    mp_worker_run(w);
+    atomic_fetch_add(&workers_done, 1);
+    return NULL;
+}

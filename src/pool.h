@@ -1,0 +1,81 @@
+/* pool.h: upstream connections and, per worker, the idle keep-alive ones of
+ * each server (at most `keepalive`, closed after keepalive_timeout or as soon
+ * as the server closes or sends anything while idle). Wraps the balancer;
+ * never chooses a server itself. */
+#ifndef MP_POOL_H
+#define MP_POOL_H
+
+#include "buf.h"
+#include "common.h"
+#include "worker.h"
+
+#include <ev.h>
+
+typedef void (*mp_io_cb)(struct ev_loop *, ev_io *, int);
+typedef void (*mp_timer_cb)(struct ev_loop *, ev_timer *, int);
+
+enum mp_upconn_state { MP_UP_CONNECTING, MP_UP_ACTIVE, MP_UP_IDLE, MP_UP_CLOSED };
+
+struct mp_req;
+
+struct mp_upconn {
+    mp_worker_t *w;
+    int fd;
+    uint8_t state;    /* mp_upconn_state */
+    uint8_t reused;   /* taken from the idle pool for the current request */
+    int upstream;     /* index in cfg->upstreams */
+    int server;       /* index in its servers */
+    ev_io io;
+    ev_timer timer;
+    mp_buf_t in;      /* response bytes; only while active */
+    mp_buf_t out;     /* request head; only while it is written */
+    size_t scanned;   /* response head parser resume point */
+    struct mp_req *req; /* the request using it, NULL when idle */
+    unsigned requests;  /* served on this connection */
+    mp_upconn_t *prev, *next; /* idle list, or the worker's graveyard */
+};
+
+typedef struct {
+    mp_upconn_t *idle; /* most recently used first */
+    unsigned nidle;
+} mp_server_pool_t;
+
+struct mp_pool {
+    const mp_upstream_def_t *def;
+    mp_server_pool_t *servers; /* def->nservers */
+    unsigned rr;               /* round robin position */
+};
+
+/* One pool per upstream of w->cfg, in w->pools. Returns 0 or MP_ENOMEM. */
+int mp_pool_init_all(mp_worker_t *w);
+void mp_pool_dispose_all(mp_worker_t *w);
+
+/* A live idle connection to the server, or NULL. Checks the socket before
+ * handing it out (a peer that closed it is dropped). */
+mp_upconn_t *mp_pool_take(mp_worker_t *w, int upstream, int server);
+
+/* Starts a non-blocking connect to the server; u->state is CONNECTING or
+ * ACTIVE (connected at once). Returns NULL with errno set on failure. */
+mp_upconn_t *mp_upconn_connect(mp_worker_t *w, int upstream, int server, mp_io_cb io_cb, mp_timer_cb timer_cb);
+
+/* Gives u back to its server's idle list, or closes it when the list is
+ * full. u must have no request and no unread bytes. */
+void mp_pool_put(mp_upconn_t *u);
+
+/* An idle pooled connection became readable (the server closed it or sent
+ * bytes nobody asked for) or idled out: it is closed. */
+void mp_pool_idle_event(mp_upconn_t *u);
+
+/* Closes u; its memory is freed before the worker's next poll. */
+void mp_upconn_close(mp_upconn_t *u);
+void mp_upconn_reap(mp_worker_t *w);
+
+/* Sets the events u waits for, and its timer (0: stopped). */
+void mp_upconn_want(mp_upconn_t *u, int events);
+void mp_upconn_timer(mp_upconn_t *u, double seconds);
+
+/* Round robin over the upstream's servers, skipping `avoid` (-1: none)
+ * when another exists. */
+int mp_balancer_pick(mp_pool_t *p, int avoid);
+
+#endif

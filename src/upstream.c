@@ -1,0 +1,743 @@
+/* upstream.c: one proxied exchange. The request head is rewritten into the
+ * upstream connection's out buffer; body bytes are relayed from the client's
+ * in buffer and response bytes from the upstream's in buffer, each side
+ * reading only while the other can take more (back-pressure). */
+#include "upstream.h"
+
+#include "pool.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+/* Why an exchange failed; the one place mapping failures to statuses. */
+enum up_err { UE_CONNECT, UE_CONNECT_TIMEOUT, UE_SEND_TIMEOUT, UE_READ_TIMEOUT, UE_RESET, UE_INVALID };
+
+static const char *const up_err_text[] = {"connect failed", "connect timed out", "send timed out",
+                                          "read timed out", "connection broken", "invalid response"};
+
+static void on_up_io(struct ev_loop *loop, ev_io *io, int revents);
+static void on_up_timer(struct ev_loop *loop, ev_timer *t, int revents);
+static void connect_to(mp_req_t *r, int server, int fresh);
+static void pump_request(mp_req_t *r);
+static void pump_response(mp_req_t *r);
+
+static mp_worker_t *worker_of(mp_req_t *r)
+{
+    return r->conn->w;
+}
+
+static const mp_upstream_def_t *udef(mp_req_t *r)
+{
+    return &worker_of(r)->cfg->upstreams[r->upstream];
+}
+
+static void attach(mp_req_t *r, mp_upconn_t *u)
+{
+    r->up = u;
+    u->req = r;
+    u->scanned = 0;
+}
+
+static mp_upconn_t *detach(mp_req_t *r)
+{
+    mp_upconn_t *u = r->up;
+    if (u) {
+        u->req = NULL;
+        r->up = NULL;
+    }
+    return u;
+}
+
+void mp_upstream_cancel(mp_req_t *r)
+{
+    mp_upconn_t *u = detach(r);
+    if (u)
+        mp_upconn_close(u);
+}
+
+/* Request body framing: nothing forwarded, from the first body byte. */
+static void reset_request_body(mp_req_t *r)
+{
+    mp_conn_t *c = r->conn;
+    memset(&r->body, 0, sizeof(r->body));
+    if (r->h.chunked) {
+        r->body.kind = MP_BODY_CHUNKED;
+    } else if (r->h.content_length > 0) {
+        r->body.kind = MP_BODY_LENGTH;
+        r->body.left = (uint64_t)r->h.content_length;
+    } else {
+        r->body.done = 1;
+    }
+    c->in.start = r->body_start;
+    r->body_ready = r->body_start;
+    r->head_sent = 0;
+}
+
+void mp_upstream_start(mp_req_t *r)
+{
+    r->body_replayable = 1;
+    reset_request_body(r);
+    connect_to(r, mp_balancer_pick(&worker_of(r)->pools[r->upstream], -1), 0);
+}
+
+/* Which events each side waits for and which timer runs, derived from the
+ * exchange's state after every step. */
+static void sync_events(mp_req_t *r)
+{
+    mp_conn_t *c = r->conn;
+    mp_upconn_t *u = r->up;
+    const mp_settings_t *s = &c->w->cfg->settings;
+    int pending_resp = mp_buf_len(&c->out) || (u && r->resp_ready > u->in.start);
+    int need_body = !r->body.done && !r->body_abandoned;
+    int client_room = c->in.data ? mp_buf_room(&c->in) > 0 : 1;
+
+    int cev = (pending_resp ? EV_WRITE : 0) | (!c->read_eof && client_room ? EV_READ : 0);
+    mp_conn_want(c, cev);
+    if (pending_resp || (need_body && client_room && !(u && u->state == MP_UP_CONNECTING)))
+        mp_conn_timer(c, s->client_body_timeout);
+    else
+        mp_conn_timer(c, 0);
+
+    if (!u)
+        return;
+    const mp_upstream_def_t *d = udef(r);
+    if (u->state == MP_UP_CONNECTING) {
+        mp_upconn_want(u, EV_WRITE);
+        mp_upconn_timer(u, d->connect_timeout);
+        return;
+    }
+    int pending_req = !r->body_abandoned && (mp_buf_len(&u->out) || r->body_ready > c->in.start);
+    int up_room = u->in.data ? mp_buf_room(&u->in) > 0 : 1;
+    int uev = (pending_req ? EV_WRITE : 0) | (!pending_resp && up_room ? EV_READ : 0);
+    mp_upconn_want(u, uev);
+    if (pending_req)
+        mp_upconn_timer(u, d->send_timeout);
+    else if ((uev & EV_READ) && (r->body.done || r->body_abandoned || r->resp_head_done))
+        mp_upconn_timer(u, d->read_timeout);
+    else
+        mp_upconn_timer(u, 0);
+}
+
+static int is_idempotent(mp_slice m)
+{
+    static const char *const names[] = {"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"};
+    for (size_t i = 0; i < MP_ARRAY_LEN(names); i++)
+        if (m.len == strlen(names[i]) && memcmp(m.p, names[i], m.len) == 0)
+            return 1;
+    return 0;
+}
+
+/* The one place where a failed exchange is retried or mapped to a status:
+ * connect errors retry any method on another server; a connection broken
+ * before any response byte retries idempotent requests whose body is still
+ * whole; a pooled connection the server had closed is replaced once. */
+static void up_error(mp_req_t *r, enum up_err e)
+{
+    mp_worker_t *w = worker_of(r);
+    mp_upconn_t *u = detach(r);
+    const mp_upstream_def_t *d = udef(r);
+    int reused = u && u->reused;
+    int got_bytes = u && (u->in.end > 0 || r->resp_head_done);
+    int server = r->server;
+    if (u)
+        mp_upconn_close(u);
+    w->stats.upstream_errors++;
+
+    int nothing_sent = e == UE_CONNECT || e == UE_CONNECT_TIMEOUT;
+    int replayable = r->body_replayable && !r->resp_started && !got_bytes;
+    if (replayable && reused && e == UE_RESET && (is_idempotent(r->h.method) || !r->head_sent)) {
+        mp_log_debug("w%d: pooled connection to %s was closed; request %.*s retried on a new one", w->id,
+                     d->servers[server].addr.text, r->id_len, r->id);
+        reset_request_body(r);
+        return connect_to(r, server, 1);
+    }
+    mp_log_warn("w%d: upstream %s server %s: %s (request %.*s)", w->id, d->name, d->servers[server].addr.text,
+                up_err_text[e], r->id_len, r->id);
+    if (r->tries <= d->retries && d->nservers > 1 && replayable &&
+        (nothing_sent || (e == UE_RESET && is_idempotent(r->h.method)))) {
+        reset_request_body(r);
+        return connect_to(r, mp_balancer_pick(&w->pools[r->upstream], server), 0);
+    }
+    int status = (e == UE_CONNECT_TIMEOUT || e == UE_SEND_TIMEOUT || e == UE_READ_TIMEOUT) ? 504 : 502;
+    mp_conn_fail(r->conn, status);
+}
+
+static void connect_to(mp_req_t *r, int server, int fresh)
+{
+    mp_worker_t *w = worker_of(r);
+    r->server = server;
+    if (!r->t_up_start)
+        r->t_up_start = ev_now(w->loop);
+    mp_upconn_t *u = fresh ? NULL : mp_pool_take(w, r->upstream, server);
+    if (u) {
+        w->stats.upstream_reused++;
+        u->reused = 1;
+    } else {
+        r->tries++;
+        u = mp_upconn_connect(w, r->upstream, server, on_up_io, on_up_timer);
+        if (!u) {
+            r->up = NULL;
+            return up_error(r, UE_CONNECT);
+        }
+        w->stats.upstream_connects++;
+        u->reused = 0;
+    }
+    attach(r, u);
+    if (u->state == MP_UP_CONNECTING)
+        return sync_events(r);
+    pump_request(r);
+}
+
+/* Hop-by-hop fields (RFC 9110 §7.6.1) are never forwarded. */
+static int is_hop_by_hop(mp_slice n)
+{
+    switch (n.len) {
+    case 2: return MP_SLICE_IEQ(n, "te");
+    case 7: return MP_SLICE_IEQ(n, "trailer") || MP_SLICE_IEQ(n, "upgrade");
+    case 10: return MP_SLICE_IEQ(n, "connection") || MP_SLICE_IEQ(n, "keep-alive");
+    case 16: return MP_SLICE_IEQ(n, "proxy-connection");
+    case 17: return MP_SLICE_IEQ(n, "transfer-encoding");
+    default: return 0;
+    }
+}
+
+#define MAX_CONN_TOKENS 16
+
+/* Collects the field names listed in Connection fields. */
+static unsigned connection_tokens(const mp_header_t *h, unsigned n, mp_slice *toks)
+{
+    unsigned k = 0;
+    for (unsigned i = 0; i < n; i++) {
+        if (!MP_SLICE_IEQ(h[i].name, "connection"))
+            continue;
+        size_t pos = 0;
+        mp_slice t;
+        while (k < MAX_CONN_TOKENS && mp_http1_next_token(h[i].value, &pos, &t))
+            toks[k++] = t;
+    }
+    return k;
+}
+
+static int slice_ieq(mp_slice a, mp_slice b)
+{
+    if (a.len != b.len)
+        return 0;
+    for (size_t i = 0; i < a.len; i++)
+        if (mp_lower(a.p[i]) != mp_lower(b.p[i]))
+            return 0;
+    return 1;
+}
+
+/* Whether a field is dropped when forwarding: hop-by-hop, or named in
+ * Connection. */
+static int is_dropped(mp_slice name, const mp_slice *toks, unsigned ntoks)
+{
+    if (is_hop_by_hop(name))
+        return 1;
+    for (unsigned i = 0; i < ntoks; i++)
+        if (slice_ieq(name, toks[i]))
+            return 1;
+    return 0;
+}
+
+static int put(mp_buf_t *b, const char *p, size_t n)
+{
+    return mp_buf_append(b, p, n);
+}
+
+static int put_s(mp_buf_t *b, mp_slice s)
+{
+    return mp_buf_append(b, s.p, s.len);
+}
+
+#define PUT_LIT(b, lit) put((b), (lit), sizeof(lit) - 1)
+
+/* The upstream's request line: the path after strip_prefix, and the query. */
+static int put_target(mp_buf_t *b, mp_req_t *r)
+{
+    const mp_route_t *route = r->match.route;
+    mp_slice path = r->h.path;
+    if (route->strip_prefix && route->prefix) {
+        size_t strip = route->prefix_len - (route->prefix[route->prefix_len - 1] == '/');
+        path.p += strip;
+        path.len -= strip;
+    }
+    int rc = path.len ? put_s(b, path) : PUT_LIT(b, "/");
+    if (r->h.has_query)
+        rc |= PUT_LIT(b, "?") | put_s(b, r->h.query);
+    return rc;
+}
+
+static int put_forwarded(mp_buf_t *b, mp_req_t *r, mp_slice host)
+{
+    const mp_http_request_t *h = &r->h;
+    int rc = PUT_LIT(b, "X-Forwarded-For: ");
+    for (unsigned i = 0; i < h->nheaders; i++)
+        if (MP_SLICE_IEQ(h->headers[i].name, "x-forwarded-for") && h->headers[i].value.len)
+            rc |= put_s(b, h->headers[i].value) | PUT_LIT(b, ", ");
+    rc |= put(b, r->client_ip, strlen(r->client_ip)) | PUT_LIT(b, "\r\n");
+    if (!r->trusted_peer || mp_http1_find(h->headers, h->nheaders, "x-forwarded-proto", 17) < 0)
+        rc |= PUT_LIT(b, "X-Forwarded-Proto: http\r\n");
+    if (!r->trusted_peer || mp_http1_find(h->headers, h->nheaders, "x-forwarded-host", 16) < 0)
+        rc |= PUT_LIT(b, "X-Forwarded-Host: ") | put_s(b, host) | PUT_LIT(b, "\r\n");
+    rc |= PUT_LIT(b, "X-Request-ID: ") | put(b, r->id, r->id_len) | PUT_LIT(b, "\r\n");
+    return rc;
+}
+
+/* Writes the request head the upstream receives (HTTP/1.1 always). */
+static int build_request_head(mp_req_t *r, mp_buf_t *b)
+{
+    const mp_http_request_t *h = &r->h;
+    const mp_upstream_def_t *d = udef(r);
+    mp_slice toks[MAX_CONN_TOKENS];
+    unsigned ntoks = connection_tokens(h->headers, h->nheaders, toks);
+    mp_slice host = h->host;
+    if (!host.len) {
+        const char *t = d->servers[r->server].addr.text;
+        host = (mp_slice){t, strlen(t)};
+    }
+
+    int rc = put_s(b, h->method) | PUT_LIT(b, " ") | put_target(b, r) | PUT_LIT(b, " HTTP/1.1\r\nHost: ");
+    rc |= d->host ? put(b, d->host, strlen(d->host)) : put_s(b, host);
+    rc |= PUT_LIT(b, "\r\n");
+    for (unsigned i = 0; i < h->nheaders; i++) {
+        mp_slice n = h->headers[i].name;
+        if (is_dropped(n, toks, ntoks) || MP_SLICE_IEQ(n, "host") || MP_SLICE_IEQ(n, "x-forwarded-for") ||
+            MP_SLICE_IEQ(n, "x-request-id") || MP_SLICE_IEQ(n, "expect"))
+            continue;
+        if (!r->trusted_peer && (MP_SLICE_IEQ(n, "x-forwarded-proto") || MP_SLICE_IEQ(n, "x-forwarded-host")))
+            continue;
+        rc |= put_s(b, n) | PUT_LIT(b, ": ") | put_s(b, h->headers[i].value) | PUT_LIT(b, "\r\n");
+    }
+    rc |= put_forwarded(b, r, host);
+    if (h->chunked)
+        rc |= PUT_LIT(b, "Transfer-Encoding: chunked\r\n");
+    if (d->keepalive == 0)
+        rc |= PUT_LIT(b, "Connection: close\r\n");
+    rc |= PUT_LIT(b, "\r\n");
+    return rc ? MP_ENOMEM : 0;
+}
+
+/* Advances r->body_ready over the request body bytes in c->in, checking
+ * their framing. Returns 0, or the status for a framing error. */
+static int frame_request_body(mp_req_t *r)
+{
+    mp_conn_t *c = r->conn;
+    mp_framing_t *f = &r->body;
+    const mp_settings_t *s = &c->w->cfg->settings;
+    if (f->kind == MP_BODY_LENGTH) {
+        uint64_t n = c->in.end - r->body_ready;
+        if (n > f->left)
+            n = f->left;
+        r->body_ready += (uint32_t)n;
+        f->left -= n;
+        f->total += n;
+        f->done = f->left == 0;
+        return 0;
+    }
+    while (f->kind == MP_BODY_CHUNKED && !f->done && r->body_ready < c->in.end) {
+        mp_slice data;
+        ssize_t k = mp_chunked_decode(&f->chunk, c->in.data + r->body_ready, c->in.end - r->body_ready, &data);
+        if (k < 0)
+            return 400;
+        r->body_ready += (uint32_t)k;
+        f->total += data.len;
+        if (s->max_body_size && f->total > s->max_body_size)
+            return 413;
+        f->done = f->chunk.done;
+        if (k == 0)
+            break;
+    }
+    return 0;
+}
+
+/* The client's body broke its framing or grew too large: the upstream
+ * request is aborted so that no complete request reaches the server. */
+static void body_error(mp_req_t *r, int status)
+{
+    mp_log_info("w%d: request %.*s: bad request body (%d)", worker_of(r)->id, r->id_len, r->id, status);
+    mp_upstream_cancel(r);
+    r->keepalive = 0;
+    mp_conn_fail(r->conn, status);
+}
+
+static void send_continue(mp_req_t *r)
+{
+    mp_conn_t *c = r->conn;
+    if (!r->h.expect_continue || r->h.minor < 1 || r->body.done || r->sent_continue ||
+        c->in.end != r->body_start)
+        return;
+    r->sent_continue = 1;
+    if (mp_buf_acquire(&c->out, &c->w->bufs) == 0)
+        MP_BUF_LIT(&c->out, "HTTP/1.1 100 Continue\r\n\r\n");
+}
+
+/* Writes the pending request head and the framed body bytes. */
+static void pump_request(mp_req_t *r)
+{
+    mp_conn_t *c = r->conn;
+    mp_upconn_t *u = r->up;
+    if (!r->head_sent && !mp_buf_len(&u->out)) {
+        if (mp_buf_acquire(&u->out, &c->w->bufs) != 0 || build_request_head(r, &u->out) != 0) {
+            mp_upstream_cancel(r);
+            return mp_conn_fail(c, 431);
+        }
+        send_continue(r);
+    }
+    int st = r->body_abandoned ? 0 : frame_request_body(r);
+    if (st)
+        return body_error(r, st);
+    for (;;) {
+        struct iovec iov[2];
+        int n = 0;
+        if (mp_buf_len(&u->out))
+            iov[n++] = (struct iovec){mp_buf_head(&u->out), mp_buf_len(&u->out)};
+        if (!r->body_abandoned && r->body_ready > c->in.start)
+            iov[n++] = (struct iovec){c->in.data + c->in.start, r->body_ready - c->in.start};
+        if (n == 0)
+            break;
+        ssize_t k = writev(u->fd, iov, n);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0 && errno == EAGAIN)
+            break;
+        if (k < 0)
+            return up_error(r, UE_RESET);
+        size_t head = mp_buf_len(&u->out) < (size_t)k ? mp_buf_len(&u->out) : (size_t)k;
+        u->out.start += (uint32_t)head;
+        c->in.start += (uint32_t)((size_t)k - head);
+        if (head && !mp_buf_len(&u->out)) {
+            mp_buf_release(&u->out, &c->w->bufs);
+            r->head_sent = 1;
+        }
+    }
+    if (!r->body.done && c->in.start == c->in.end) {
+        /* All body bytes so far are forwarded: reuse the room after the head. */
+        if (c->in.start > r->body_start)
+            r->body_replayable = 0;
+        c->in.start = c->in.end = r->body_ready = r->body_start;
+    }
+    if (mp_buf_len(&c->out))
+        return pump_response(r); /* a 100 Continue to flush */
+    sync_events(r);
+}
+
+static int put_response_head(mp_req_t *r, const mp_http_response_t *rh, mp_buf_t *b)
+{
+    mp_slice toks[MAX_CONN_TOKENS];
+    unsigned ntoks = connection_tokens(rh->headers, rh->nheaders, toks);
+    char line[48];
+    int n = snprintf(line, sizeof(line), "HTTP/1.1 %03d ", rh->status);
+    int rc = put(b, line, (size_t)n) | put_s(b, rh->reason) | PUT_LIT(b, "\r\n");
+    for (unsigned i = 0; i < rh->nheaders; i++) {
+        mp_slice name = rh->headers[i].name;
+        if (is_dropped(name, toks, ntoks) || MP_SLICE_IEQ(name, "x-request-id"))
+            continue;
+        rc |= put_s(b, name) | PUT_LIT(b, ": ") | put_s(b, rh->headers[i].value) | PUT_LIT(b, "\r\n");
+    }
+    rc |= PUT_LIT(b, "X-Request-ID: ") | put(b, r->id, r->id_len) | PUT_LIT(b, "\r\n");
+    if (r->resp.kind == MP_BODY_CHUNKED && !r->dechunk)
+        rc |= PUT_LIT(b, "Transfer-Encoding: chunked\r\n");
+    if (!r->keepalive)
+        rc |= PUT_LIT(b, "Connection: close\r\n");
+    else if (r->h.minor == 0)
+        rc |= PUT_LIT(b, "Connection: keep-alive\r\n");
+    rc |= PUT_LIT(b, "\r\n");
+    return rc ? MP_ENOMEM : 0;
+}
+
+/* The upstream's response head is complete: decide the body's framing and
+ * both connections' fate, and queue the head for the client. */
+static int begin_response(mp_req_t *r, const mp_http_response_t *rh)
+{
+    mp_conn_t *c = r->conn;
+    mp_upconn_t *u = r->up;
+    mp_framing_t *f = &r->resp;
+    memset(f, 0, sizeof(*f));
+    if (r->is_head || rh->status == 204 || rh->status == 304) {
+        f->kind = MP_BODY_NONE;
+        f->done = 1;
+    } else if (rh->chunked) {
+        f->kind = MP_BODY_CHUNKED;
+        r->dechunk = r->h.minor == 0;
+    } else if (rh->content_length >= 0) {
+        f->kind = MP_BODY_LENGTH;
+        f->left = (uint64_t)rh->content_length;
+        f->done = f->left == 0;
+    } else {
+        f->kind = MP_BODY_CLOSE;
+    }
+    r->up_reusable = !rh->conn_close && (rh->minor == 1 || rh->conn_keepalive) && f->kind != MP_BODY_CLOSE &&
+                     udef(r)->keepalive > 0;
+    if (f->kind == MP_BODY_CLOSE || r->dechunk)
+        r->keepalive = 0;
+    if (!r->body.done) {
+        /* RFC 9110 §15: the server answered before the whole body; stop sending it. */
+        r->body_abandoned = 1;
+        r->up_reusable = 0;
+        r->keepalive = 0;
+    }
+    r->status = rh->status;
+    if (mp_buf_acquire(&c->out, &c->w->bufs) != 0 || put_response_head(r, rh, &c->out) != 0)
+        return MP_ENOMEM;
+    u->in.start += (uint32_t)rh->head_len;
+    r->resp_ready = r->resp_scan = u->in.start;
+    r->resp_head_done = 1;
+    return 0;
+}
+
+/* Parses the response head from u->in; 1xx interim responses are dropped
+ * (Expect is answered here, and Upgrade is not forwarded). Returns 1 when
+ * the head is complete, 0 for more bytes, or an up_err. */
+static int parse_response_head(mp_req_t *r)
+{
+    mp_upconn_t *u = r->up;
+    static __thread mp_http_response_t rh;
+    for (;;) {
+        int rc = mp_http1_parse_response(mp_buf_head(&u->in), mp_buf_len(&u->in), &u->scanned,
+                                         u->in.cap, &rh);
+        if (rc == MP_EAGAIN)
+            return mp_buf_room(&u->in) ? 0 : -(int)UE_INVALID - 1;
+        if (rc < 0) {
+            mp_log_debug("w%d: invalid upstream response: %s", worker_of(r)->id, rh.error ? rh.error : "?");
+            return -(int)UE_INVALID - 1;
+        }
+        if (rh.status >= 100 && rh.status < 200) {
+            if (rh.status == 101)
+                return -(int)UE_INVALID - 1;
+            u->in.start += (uint32_t)rh.head_len;
+            u->scanned = 0;
+            continue;
+        }
+        return begin_response(r, &rh) == 0 ? 1 : -(int)UE_INVALID - 1;
+    }
+}
+
+/* Advances r->resp_ready over response body bytes in u->in; for HTTP/1.0
+ * clients chunked framing is removed in place. Returns 0 or MP_EPROTO. */
+static int frame_response_body(mp_req_t *r)
+{
+    mp_upconn_t *u = r->up;
+    mp_framing_t *f = &r->resp;
+    if (f->kind == MP_BODY_LENGTH) {
+        uint64_t n = u->in.end - r->resp_scan;
+        if (n > f->left)
+            n = f->left;
+        r->resp_scan += (uint32_t)n;
+        r->resp_ready = r->resp_scan;
+        f->left -= n;
+        f->done = f->left == 0;
+    } else if (f->kind == MP_BODY_CLOSE) {
+        r->resp_scan = r->resp_ready = u->in.end;
+    }
+    while (f->kind == MP_BODY_CHUNKED && !f->done && r->resp_scan < u->in.end) {
+        mp_slice data;
+        ssize_t k = mp_chunked_decode(&f->chunk, u->in.data + r->resp_scan, u->in.end - r->resp_scan, &data);
+        if (k < 0)
+            return MP_EPROTO;
+        if (r->dechunk && data.len) {
+            memmove(u->in.data + r->resp_ready, data.p, data.len);
+            r->resp_ready += (uint32_t)data.len;
+        }
+        r->resp_scan += (uint32_t)k;
+        if (!r->dechunk)
+            r->resp_ready = r->resp_scan;
+        f->done = f->chunk.done;
+        if (k == 0)
+            break;
+    }
+    return 0;
+}
+
+static void finish(mp_req_t *r)
+{
+    mp_worker_t *w = worker_of(r);
+    r->t_up_end = ev_now(w->loop);
+    mp_upconn_t *u = detach(r);
+    if (u) {
+        int clean = r->up_reusable && r->body.done && !r->body_abandoned && u->in.end == r->resp_scan;
+        mp_buf_release(&u->in, &w->bufs);
+        mp_buf_release(&u->out, &w->bufs);
+        if (clean) {
+            u->requests++;
+            mp_pool_put(u);
+        } else {
+            mp_upconn_close(u);
+        }
+    }
+    mp_conn_request_done(r->conn);
+}
+
+/* Writes the pending client output (100 Continue, the response head) and
+ * the framed response body bytes, until done or the client blocks. */
+static void pump_response(mp_req_t *r)
+{
+    mp_conn_t *c = r->conn;
+    mp_upconn_t *u = r->up;
+    if (u && r->resp_head_done && frame_response_body(r) != 0) {
+        mp_log_warn("w%d: request %.*s: bad chunked framing from upstream", c->w->id, r->id_len, r->id);
+        return mp_conn_close(c);
+    }
+    for (;;) {
+        struct iovec iov[2];
+        int n = 0;
+        if (mp_buf_len(&c->out))
+            iov[n++] = (struct iovec){mp_buf_head(&c->out), mp_buf_len(&c->out)};
+        if (u && r->resp_ready > u->in.start)
+            iov[n++] = (struct iovec){u->in.data + u->in.start, r->resp_ready - u->in.start};
+        if (n == 0)
+            break;
+        ssize_t k = writev(c->fd, iov, n);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0 && errno == EAGAIN)
+            return sync_events(r);
+        if (k < 0)
+            return mp_conn_close(c);
+        r->bytes_sent += (uint64_t)k;
+        if (r->resp_head_done)
+            r->resp_started = 1;
+        size_t head = mp_buf_len(&c->out) < (size_t)k ? mp_buf_len(&c->out) : (size_t)k;
+        c->out.start += (uint32_t)head;
+        if (u)
+            u->in.start += (uint32_t)((size_t)k - head);
+    }
+    mp_buf_release(&c->out, &c->w->bufs);
+    if (r->resp_head_done && r->resp.done)
+        return finish(r);
+    if (u && u->in.data && u->in.start == r->resp_ready && r->resp_scan == u->in.end)
+        u->in.start = u->in.end = r->resp_ready = r->resp_scan = 0;
+    sync_events(r);
+}
+
+static void upstream_readable(mp_req_t *r)
+{
+    mp_upconn_t *u = r->up;
+    if (mp_buf_acquire(&u->in, &worker_of(r)->bufs) != 0)
+        return mp_conn_close(r->conn);
+    if (!mp_buf_room(&u->in))
+        return sync_events(r); /* back-pressure: the client has not taken what we hold */
+    ssize_t n;
+    do
+        n = read(u->fd, mp_buf_tail(&u->in), mp_buf_room(&u->in));
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && errno == EAGAIN)
+        return sync_events(r);
+    if (n <= 0) {
+        if (!r->resp_head_done)
+            return up_error(r, UE_RESET);
+        if (r->resp.kind == MP_BODY_CLOSE) {
+            r->resp.done = 1;
+            return pump_response(r);
+        }
+        mp_log_warn("w%d: request %.*s: upstream closed mid-response", worker_of(r)->id, r->id_len, r->id);
+        return mp_conn_close(r->conn); /* the client must not mistake a cut body for a whole one */
+    }
+    u->in.end += (uint32_t)n;
+    if (!r->resp_head_done) {
+        int rc = parse_response_head(r);
+        if (rc == 0)
+            return sync_events(r);
+        if (rc < 0)
+            return up_error(r, (enum up_err)(-rc - 1));
+    }
+    pump_response(r);
+}
+
+static void on_connected(mp_req_t *r)
+{
+    mp_upconn_t *u = r->up;
+    int err = 0;
+    socklen_t len = sizeof(err);
+    if (getsockopt(u->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0)
+        return up_error(r, UE_CONNECT);
+    u->state = MP_UP_ACTIVE;
+    pump_request(r);
+}
+
+static void on_up_io(struct ev_loop *loop, ev_io *io, int revents)
+{
+    (void)loop;
+    mp_upconn_t *u = container_of(io, mp_upconn_t, io);
+    mp_req_t *r = u->req;
+    if (!r)
+        return mp_pool_idle_event(u);
+    if (u->state == MP_UP_CONNECTING)
+        return on_connected(r);
+    if (revents & EV_WRITE) {
+        pump_request(r);
+        if (r->up != u || r->conn->closed)
+            return;
+    }
+    if ((revents & EV_READ) && u->state == MP_UP_ACTIVE)
+        upstream_readable(r);
+}
+
+static void on_up_timer(struct ev_loop *loop, ev_timer *t, int revents)
+{
+    (void)loop;
+    (void)revents;
+    mp_upconn_t *u = container_of(t, mp_upconn_t, timer);
+    mp_req_t *r = u->req;
+    if (!r)
+        return mp_pool_idle_event(u);
+    if (u->state == MP_UP_CONNECTING)
+        return up_error(r, UE_CONNECT_TIMEOUT);
+    if (r->resp_started) {
+        mp_log_warn("w%d: request %.*s: upstream read timed out mid-response", worker_of(r)->id, r->id_len, r->id);
+        return mp_conn_close(r->conn);
+    }
+    up_error(r, (u->io.events & EV_WRITE) ? UE_SEND_TIMEOUT : UE_READ_TIMEOUT);
+}
+
+static void client_readable(mp_req_t *r)
+{
+    mp_conn_t *c = r->conn;
+    if (mp_buf_acquire(&c->in, &c->w->bufs) != 0)
+        return mp_conn_close(c);
+    if (!mp_buf_room(&c->in))
+        return sync_events(r);
+    ssize_t n;
+    do
+        n = read(c->fd, mp_buf_tail(&c->in), mp_buf_room(&c->in));
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && errno == EAGAIN)
+        return sync_events(r);
+    if (n <= 0) {
+        /* The client went away (or half-closed): its request is cancelled. */
+        c->read_eof = 1;
+        return mp_conn_close(c);
+    }
+    c->in.end += (uint32_t)n;
+    if (!r->body.done && !r->body_abandoned && r->up && r->up->state == MP_UP_ACTIVE)
+        return pump_request(r);
+    sync_events(r);
+}
+
+void mp_upstream_on_client(mp_req_t *r, int revents)
+{
+    mp_conn_t *c = r->conn;
+    if (revents & EV_WRITE) {
+        pump_response(r);
+        if (c->closed || c->req != r)
+            return;
+    }
+    if (revents & EV_READ)
+        client_readable(r);
+}
+
+void mp_upstream_on_client_timeout(mp_req_t *r)
+{
+    mp_conn_t *c = r->conn;
+    if (!r->body.done && !r->body_abandoned && !r->resp_started) {
+        mp_log_info("w%d: request %.*s: client_body_timeout", c->w->id, r->id_len, r->id);
+        mp_upstream_cancel(r);
+        r->keepalive = 0;
+        return mp_conn_fail(c, 408);
+    }
+    mp_log_info("w%d: request %.*s: client stopped reading; closed", c->w->id, r->id_len, r->id);
+    mp_conn_close(c);
+}

@@ -1,0 +1,23 @@
+/* vm.h: lua_State life: create a VM with moonproxy's Lua modules on its
+ * path, and the one place that calls into Lua (protected, with traceback). */
+#ifndef MP_VM_H
+#define MP_VM_H
+
+#include "common.h"
+
+typedef struct lua_State lua_State;
+
+/* Where lua/ lives: $MOONPROXY_LUA_PATH, else next to the executable
+ * (<exe dir>/../lua, <exe dir>/lua), else the compiled-in MP_LUA_DIR. */
+const char *mp_vm_lua_dir(void);
+
+/* A new VM with the standard libraries and package.path/cpath set so that
+ * require "moonproxy" finds lua/moonproxy.lua. NULL on out of memory. */
+lua_State *mp_vm_new(void);
+void mp_vm_close(lua_State *L);
+
+/* lua_pcall with a traceback handler. On error returns MP_EINVAL, pops the
+ * error and copies its message (first line: "file:line: message") into err. */
+int mp_vm_call(lua_State *L, int nargs, int nresults, char *err, size_t errlen);
+
+#endif

@@ -1,0 +1,151 @@
+/* worker.c: a worker thread: its own loop, Lua VM, configuration, listening
+ * sockets, connections and pools; nothing on its request path is shared. */
+#include "worker.h"
+
+#include "conn.h"
+#include "listener.h"
+#include "pool.h"
+#include "vm.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/random.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MIN_BLOCK_SIZE (32 * 1024)
+#define MAX_FREE_BLOCKS 1024
+
+static void on_wake(struct ev_loop *loop, ev_async *a, int revents)
+{
+    (void)revents;
+    mp_worker_t *w = container_of(a, mp_worker_t, wake);
+    if (!w->stop_requested || w->stopping)
+        return;
+    w->stopping = 1;
+    mp_listener_close(w);
+    mp_conn_drain(w);
+    ev_feed_event(loop, &w->flush, EV_PREPARE);
+}
+
+/* Before each poll: write buffered access log lines, free what callbacks
+ * closed, and end the loop once a stopping worker has no connection left. */
+static void on_prepare(struct ev_loop *loop, ev_prepare *p, int revents)
+{
+    (void)revents;
+    mp_worker_t *w = container_of(p, mp_worker_t, flush);
+    if (w->alog.len)
+        mp_alog_flush(&w->alog);
+    mp_conn_reap(w);
+    mp_upconn_reap(w);
+    if (w->stopping && w->nconns == 0)
+        ev_break(loop, EVBREAK_ALL);
+}
+
+uint64_t mp_worker_rand(mp_worker_t *w)
+{
+    /* xorshift128+: request IDs need to be unique, not secret. */
+    uint64_t s1 = w->rng[0];
+    const uint64_t s0 = w->rng[1];
+    w->rng[0] = s0;
+    s1 ^= s1 << 23;
+    w->rng[1] = s1 ^ s0 ^ (s1 >> 17) ^ (s0 >> 26);
+    return w->rng[1] + s0;
+}
+
+mp_slice mp_worker_date(mp_worker_t *w)
+{
+    ev_tstamp now = ev_now(w->loop);
+    if ((long)now != (long)w->date_at || !w->date_len) {
+        time_t t = (time_t)now;
+        struct tm tm;
+        gmtime_r(&t, &tm);
+        w->date_len = strftime(w->date, sizeof(w->date), "Date: %a, %d %b %Y %H:%M:%S GMT\r\n", &tm);
+        w->date_at = now;
+    }
+    return (mp_slice){w->date, w->date_len};
+}
+
+int mp_worker_init(mp_worker_t *w, int id, const char *path, const int *fds, size_t nfds, char *err,
+                   size_t errlen)
+{
+    memset(w, 0, sizeof(*w));
+    w->id = id;
+    w->alog.fd = -1;
+    if (!(w->L = mp_vm_new())) {
+        snprintf(err, errlen, "out of memory");
+        return MP_ENOMEM;
+    }
+    if (mp_config_load(w->L, path, &w->cfg, err, errlen) != 0)
+        return MP_EINVAL;
+    const mp_settings_t *s = &w->cfg->settings;
+    size_t block = s->max_header_size + 16 * 1024;
+    mp_bufpool_init(&w->bufs, block < MIN_BLOCK_SIZE ? MIN_BLOCK_SIZE : block, MAX_FREE_BLOCKS);
+    w->limits.max_header_size = s->max_header_size;
+    w->limits.max_uri_size = s->max_uri_size;
+    if (getrandom(w->rng, sizeof(w->rng), 0) != sizeof(w->rng))
+        w->rng[0] = (uint64_t)time(NULL) ^ ((uint64_t)id << 32), w->rng[1] = (uint64_t)getpid() | 1;
+
+    w->loop = ev_loop_new(EVFLAG_AUTO | EVFLAG_NOSIGMASK);
+    w->listeners = calloc(nfds ? nfds : 1, sizeof(*w->listeners));
+    if (!w->loop || !w->listeners || mp_pool_init_all(w) != 0) {
+        snprintf(err, errlen, "out of memory");
+        return MP_ENOMEM;
+    }
+    w->nlisteners = nfds;
+    for (size_t i = 0; i < nfds; i++)
+        w->listeners[i].fd = fds[i];
+    ev_async_init(&w->wake, on_wake);
+    ev_async_start(w->loop, &w->wake);
+    ev_prepare_init(&w->flush, on_prepare);
+    ev_prepare_start(w->loop, &w->flush);
+    return 0;
+}
+
+void mp_worker_run(mp_worker_t *w)
+{
+    mp_listener_start(w);
+    ev_run(w->loop, 0);
+    if (w->alog.len)
+        mp_alog_flush(&w->alog);
+}
+
+void mp_worker_stop(mp_worker_t *w)
+{
+    w->stop_requested = 1;
+    ev_async_send(w->loop, &w->wake);
+}
+
+void mp_worker_join(mp_worker_t *w)
+{
+    pthread_join(w->thread, NULL);
+}
+
+void mp_worker_dispose(mp_worker_t *w)
+{
+    if (w->loop) {
+        mp_conn_t *next;
+        for (mp_conn_t *c = w->conns; c; c = next) {
+            next = c->next;
+            mp_conn_close(c);
+        }
+        mp_conn_reap(w);
+        mp_pool_dispose_all(w);
+        for (size_t i = 0; i < w->nlisteners; i++)
+            if (w->listeners[i].fd >= 0)
+                close(w->listeners[i].fd);
+        ev_loop_destroy(w->loop);
+    }
+    while (w->free_reqs) {
+        struct mp_req *r = w->free_reqs;
+        w->free_reqs = *(struct mp_req **)r;
+        free(r);
+    }
+    free(w->listeners);
+    mp_bufpool_dispose(&w->bufs);
+    if (w->cfg)
+        mp_config_free(w->cfg);
+    if (w->L)
+        mp_vm_close(w->L);
+    memset(w, 0, sizeof(*w));
+}

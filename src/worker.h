@@ -1,0 +1,78 @@
+/* worker.h: a worker thread: its libev loop, its Lua VM and configuration,
+ * its listening sockets, its connections, upstream pools and buffers. */
+#ifndef MP_WORKER_H
+#define MP_WORKER_H
+
+#include "buf.h"
+#include "common.h"
+#include "config.h"
+#include "log.h"
+
+#include <ev.h>
+#include <pthread.h>
+#include <stdint.h>
+
+typedef struct mp_conn mp_conn_t;
+typedef struct mp_upconn mp_upconn_t;
+typedef struct mp_pool mp_pool_t;
+
+typedef struct {
+    int fd;
+    ev_io io;
+    struct mp_worker *w;
+} mp_listener_t;
+
+/* Counters of one worker; summed by whoever reports them. */
+typedef struct {
+    uint64_t accepted, requests, upstream_connects, upstream_reused, upstream_errors;
+} mp_stats_t;
+
+typedef struct mp_worker {
+    int id;
+    pthread_t thread;
+    struct ev_loop *loop;
+    lua_State *L;
+    mp_config_t *cfg;
+    mp_listener_t *listeners;
+    size_t nlisteners;
+    ev_async wake;    /* main thread → worker: see `stop` */
+    ev_prepare flush; /* before each poll: access log, delayed frees */
+    volatile int stop_requested; /* set by the main thread before wake */
+    int stopping;
+    int accept_paused;      /* at max_connections */
+    mp_bufpool_t bufs;
+    mp_pool_t *pools;       /* one per upstream in cfg */
+    mp_conn_t *conns;       /* every open client connection (doubly linked) */
+    unsigned nconns;
+    mp_conn_t *graveyard;   /* closed, freed before the next poll */
+    mp_upconn_t *up_graveyard;
+    struct mp_req *free_reqs; /* recycled request objects */
+    unsigned nfree_reqs;
+    mp_alog_t alog;
+    mp_http_limits_t limits;
+    uint64_t rng[2];
+    ev_tstamp date_at;      /* second of the cached Date value */
+    char date[40];          /* "Date: ...\r\n" */
+    size_t date_len;
+    mp_stats_t stats;
+} mp_worker_t;
+
+/* Prepares w (loop, VM, configuration from path, pools); listener fds are
+ * given by the main thread. Returns 0 or MP_EINVAL with err set. */
+int mp_worker_init(mp_worker_t *w, int id, const char *path, const int *fds, size_t nfds, char *err,
+                   size_t errlen);
+/* Runs the worker's loop on the calling thread until it stopped and drained. */
+void mp_worker_run(mp_worker_t *w);
+
+/* Asks a running worker to stop accepting and drain (thread-safe). */
+void mp_worker_stop(mp_worker_t *w);
+void mp_worker_join(mp_worker_t *w);
+void mp_worker_dispose(mp_worker_t *w);
+
+/* 64 random bits from the worker's generator. */
+uint64_t mp_worker_rand(mp_worker_t *w);
+
+/* The cached "Date: ...\r\n" line, refreshed at most once per second. */
+mp_slice mp_worker_date(mp_worker_t *w);
+
+#endif
