@@ -62,7 +62,7 @@ BUSTED := luajit /usr/bin/busted --lpath='lua/?.lua;lua/?/init.lua;spec/?.lua' -
 test: deps all test-run
 
 test-run:
-	MOONPROXY_BIN=$(BIN) $(BUSTED) $(BUSTED_ARGS) spec examples
+	MOONPROXY_BIN=$(BIN) MOONPROXY_LUA_PATH=$(CURDIR)/lua $(BUSTED) $(BUSTED_ARGS) spec examples
 
 # The same suites under AddressSanitizer + UndefinedBehaviorSanitizer. The
 # Lua C module runs inside luajit, so the ASan runtime is preloaded.

@@ -20,13 +20,16 @@
 #   SKIP_MOONPROXY=1     leave moonproxy out (also automatic when BIN is missing)
 #   OUT=build/bench-results.md
 # Profiling modes (they replace the comparison run; moonproxy must be built):
-#   CALLGRIND=1      moonproxy -w 1 under callgrind: instructions per request in
-#                    steady state, plus the top functions
+#   CALLGRIND=1      each proxy with 1 worker (moonproxy -w 1) under callgrind:
+#                    instructions per request in steady state, top functions;
+#                    profiles kept in build/callgrind.out.<proxy>
 #   MALLOC_CHECK=1   malloc/calloc/realloc calls per request in steady state,
 #                    via an LD_PRELOAD counter (nginx and HAProxy for reference)
 #
 # Every process started here is stopped by PID on exit, and the temp dir goes.
-set -euo pipefail
+set -Eeuo pipefail
+# A failing command would otherwise end the run silently (set -e).
+trap 'log "bench: failed at line $LINENO: $BASH_COMMAND"' ERR
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN=${1:-$ROOT/build/moonproxy}
@@ -203,6 +206,15 @@ rss_kib() {
     echo "$sum"
 }
 
+# established PORT: server-side sockets on 127.0.0.1:PORT in ESTABLISHED
+# state, from /proc/net/tcp. Proves the proxy still holds the idle client
+# connections when we read its RSS (a proxy that closed them would look cheap).
+established() {
+    awk -v port="$(printf '%04X' "$1")" '
+        NR > 1 && $4 == "01" { split($2, a, ":"); if (a[2] == port) n++ }
+        END { print n + 0 }' /proc/net/tcp
+}
+
 # upstream_accepts: the backend's "accepts" counter from stub_status, over a
 # raw HTTP/1.0 request on /dev/tcp. The query itself is one accept.
 upstream_accepts() {
@@ -257,14 +269,14 @@ NGINX_USER_LINE=""
 # As root, nginx would switch its workers to "nobody"; keep the current user.
 [[ $(id -u) == 0 ]] && NGINX_USER_LINE="user $(id -un) $(id -gn);"
 
-# nginx_common DIR: directives every nginx here needs: its own prefix, pid and
-# temp dirs inside the temp dir, in the foreground, quiet.
+# nginx_common DIR [MASTER]: directives every nginx here needs: its own
+# prefix, pid and temp dirs inside the temp dir, in the foreground, quiet.
 nginx_common() {
     local dir=$1
     cat <<EOF
 $NGINX_USER_LINE
 daemon off;
-master_process on;
+master_process ${2:-on};
 pid $dir/nginx.pid;
 error_log $dir/error.log warn;
 worker_rlimit_nofile 20000;
@@ -314,26 +326,31 @@ EOF
 
 # start_proxy NAME: start one proxy in front of the backend. Sets PROXY_PID,
 # PROXY_PORT, PROXY_LOG; returns 1 (START_ERR set) if it did not come up.
+# The profiling modes set PROXY_WRAP (a command prefix: valgrind, env
+# LD_PRELOAD=...), PROXY_WORKERS, PROXY_WAIT (start-up limit, tenths of s)
+# and NGINX_MASTER (off under valgrind: the profiled process must be the one
+# that serves).
+PROXY_WRAP=()
 start_proxy() {
-    local name=$1 dir=$TMP/$1
+    local name=$1 dir=$TMP/$1 workers=${PROXY_WORKERS:-$WORKERS} master=${NGINX_MASTER:-on}
     mkdir -p "$dir"
     PROXY_PORT=$(free_port)
     PROXY_LOG=$dir/stderr.log
     case $name in
     moonproxy)
-        write_moonproxy_cfg "$dir/cfg.lua" "$PROXY_PORT" "$WORKERS"
+        write_moonproxy_cfg "$dir/cfg.lua" "$PROXY_PORT" "$workers"
         # -t first: a config error then reads as one clear line.
         "$BIN" -t -c "$dir/cfg.lua" >"$dir/check.log" 2>&1 || {
             START_ERR="moonproxy -t rejected the config: $(head -c 500 "$dir/check.log")"
             return 1
         }
-        start_bg "$PROXY_LOG" "$BIN" -c "$dir/cfg.lua"
+        start_bg "$PROXY_LOG" "${PROXY_WRAP[@]}" "$BIN" -c "$dir/cfg.lua" -w "$workers"
         ;;
     nginx)
         {
-            nginx_common "$dir"
+            nginx_common "$dir" "$master"
             cat <<EOF
-worker_processes $WORKERS;
+worker_processes $workers;
 events { worker_connections 10240; }
 http {
 $(nginx_http_common "$dir")
@@ -355,14 +372,14 @@ $(nginx_http_common "$dir")
 EOF
         } >"$dir/nginx.conf"
         PROXY_LOG=$dir/error.log
-        start_bg "$dir/stderr.log" "$NGINX" -p "$dir/" -c "$dir/nginx.conf" -e "$dir/error.log"
+        start_bg "$dir/stderr.log" "${PROXY_WRAP[@]}" "$NGINX" -p "$dir/" -c "$dir/nginx.conf" -e "$dir/error.log"
         ;;
     haproxy)
         # maxconn: the hard RLIMIT_NOFILE here may be 20000 and HAProxy
         # sizes its fd table at about 2 x maxconn.
         cat >"$dir/haproxy.cfg" <<EOF
 global
-    nbthread $WORKERS
+    nbthread $workers
     maxconn 9800
     pidfile $dir/haproxy.pid
 defaults
@@ -381,12 +398,12 @@ frontend fe
 backend be
     server s1 127.0.0.1:$BACKEND_PORT
 EOF
-        start_bg "$PROXY_LOG" "$HAPROXY" -f "$dir/haproxy.cfg" -db
+        start_bg "$PROXY_LOG" "${PROXY_WRAP[@]}" "$HAPROXY" -f "$dir/haproxy.cfg" -db
         ;;
     *) die "unknown proxy $name" ;;
     esac
     PROXY_PID=$LAST_PID
-    wait_port "$PROXY_PORT" "$PROXY_PID" "$name" "$PROXY_LOG"
+    wait_port "$PROXY_PORT" "$PROXY_PID" "$name" "$PROXY_LOG" "${PROXY_WAIT:-100}"
 }
 
 # write_moonproxy_cfg FILE PORT WORKERS
@@ -433,7 +450,8 @@ bench_proxy() {
 # idle_memory NAME: RSS of the proxy before and while it holds IDLE_CONNS idle
 # keep-alive connections (each has served one request).
 idle_memory() {
-    local name=$1 pids r0 r1 opened="" stopf=$TMP/idle-$name.stop outf=$TMP/idle-$name.out pid i
+    local name=$1 pids r0 r1 held opened="" stopf outf pid i
+    stopf=$TMP/idle-$name.stop outf=$TMP/idle-$name.out
     ((IDLE_CONNS > 0)) || return 0
     pids=$(proc_tree "$PROXY_PID")
     # shellcheck disable=SC2086
@@ -455,11 +473,12 @@ idle_memory() {
     sleep 1                                      # let lazily-freed buffers settle
     # shellcheck disable=SC2086
     r1=$(rss_kib $pids)
+    held=$(established "$PROXY_PORT")
     : >"$stopf"
     for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     stop_tree "$pid"
-    IDLE[$name]="$opened $r0 $r1"
-    log "  $name: $opened idle conns: RSS $r0 -> $r1 KiB ($(awk -v a="$r0" -v b="$r1" -v n="$opened" 'BEGIN { printf "%.2f", (b - a) / n }') KiB/conn)"
+    IDLE[$name]="$opened $r0 $r1 $held"
+    log "  $name: $opened idle conns ($held held open by the proxy): RSS $r0 -> $r1 KiB ($(awk -v a="$r0" -v b="$r1" -v n="$opened" 'BEGIN { printf "%.2f", (b - a) / n }') KiB/conn)"
     grep -q '^idle_conns:' "$outf" && log "  $(grep '^idle_conns:' "$outf" | head -n 2)"
     return 0
 }
@@ -472,12 +491,12 @@ fmt_us() {
 }
 
 report() {
-    local name c req rps p50 p99 err cpu up ratio ncpu
+    local name c req rps p50 p99 err cpu up ratio ncpu r0 r1 held
     echo "## moonproxy benchmark ($(date -u '+%Y-%m-%d %H:%M UTC'))"
     echo
     echo "Loopback, $(nproc) CPUs (shared, noisy: compare rows of one run, not runs)," \
         "$WORKERS workers per proxy, wrk -d $DURATION after a $WARMUP warm-up," \
-        "backend: nginx with 1 worker returning \"hello world\\n\"."
+        "backend: nginx with 1 worker returning \"hello world\"."
     echo "Versions: $($NGINX -v 2>&1 | sed 's/.*: //'), $($HAPROXY -v 2>/dev/null | head -n 1 | awk '{ print $1, $3 }'), $(wrk_version)${MP_VERSION:+, $MP_VERSION}."
     echo "CPU µs/req: the proxy's utime+stime (all its processes/threads) over requests completed."
     echo "Upstream conns: connections the backend accepted during the measured run (after the warm-up)."
@@ -506,8 +525,8 @@ report() {
         echo
         for name in $PROXIES; do
             if [[ -n ${IDLE[$name]:-} ]]; then
-                read -r c r0 r1 <<<"${IDLE[$name]}"
-                echo "- $name: $c idle connections: RSS $r0 KiB -> $r1 KiB, $(awk -v a="$r0" -v b="$r1" -v n="$c" 'BEGIN { printf "%.2f", (b - a) / n }') KiB per connection"
+                read -r c r0 r1 held <<<"${IDLE[$name]}"
+                echo "- $name: $c idle connections ($held still open on the proxy's side when measured): RSS $r0 KiB -> $r1 KiB, $(awk -v a="$r0" -v b="$r1" -v n="$c" 'BEGIN { printf "%.2f", (b - a) / n }') KiB per connection"
             elif [[ -n ${FAILED[$name:idle]:-} ]]; then
                 echo "- $name: ${FAILED[$name:idle]}"
             elif [[ -n ${FAILED[$name]:-} ]]; then
@@ -562,47 +581,83 @@ compare() {
 }
 
 # ---------------------------------------------------------------------------
-# CALLGRIND=1: moonproxy with one worker under callgrind. Counters are zeroed
-# after a warm-up (callgrind_control talks to the running process through
-# vgdb) and dumped right after the measured wrk run, so start-up, config load
-# and shutdown are not in the figure.
+# CALLGRIND=1: each proxy with one worker under callgrind (moonproxy -w 1;
+# nginx and HAProxy as a reference: instruction counts do not care how noisy
+# the machine is). Counters are zeroed after a warm-up (callgrind_control
+# talks to the running process through vgdb) and dumped right after the
+# measured wrk run, so start-up, config load and shutdown are not counted.
+
+# cg_top DUMP: the 15 functions with the most self cost. Frames that were on
+# the stack when the counters were zeroed (main, __libc_start_main, the event
+# loop) show up as the whole total in a zeroed dump: they are left out.
+cg_top() {
+    # Through a file: awk stops early, and a SIGPIPE'd callgrind_annotate
+    # would fail the pipeline (pipefail).
+    callgrind_annotate --threshold=100 "$1" >"$1.txt" 2>/dev/null || true
+    awk '
+        /file:function/      { on = 1; next }
+        !on || /^-+$/        { next }
+        NF == 0              { if (n) exit; next }
+        /\(100\.0%\)/         { next }
+        { sub(/ \[.*\//, " ["); print; if (++n == 15) exit }' "$1.txt"
+}
 
 callgrind_mode() {
-    local dir=$TMP/callgrind cg_pid req ir c=10
-    [[ -x $BIN ]] || die "CALLGRIND=1 needs $BIN (make all)"
+    local name dir req ir i c=10 dump
     command -v callgrind_control >/dev/null || die "callgrind_control missing (scripts/deps.sh bench)"
-    mkdir -p "$dir"
+    select_proxies
     start_backend
-    PROXY_PORT=$(free_port)
-    write_moonproxy_cfg "$dir/cfg.lua" "$PROXY_PORT" 1
-    start_bg "$dir/valgrind.log" valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out.%p" \
-        "$BIN" -c "$dir/cfg.lua" -w 1
-    cg_pid=$LAST_PID
-    wait_port "$PROXY_PORT" "$cg_pid" "moonproxy under callgrind" "$dir/valgrind.log" 600 ||
-        die "$START_ERR" "$dir/valgrind.log"
-    run_wrk "$PROXY_PORT" "$c" 2s "$dir/warm.txt"
-    callgrind_control -z "$cg_pid" >/dev/null || die "callgrind_control -z failed"
-    run_wrk "$PROXY_PORT" "$c" 5s "$dir/wrk.txt"
-    callgrind_control -d "$cg_pid" >/dev/null || die "callgrind_control -d failed"
-    req=$(parse_wrk "$dir/wrk.txt" | awk '{ print $1 }')
-    local dump="$dir/callgrind.out.$cg_pid.1"
-    for ((i = 0; i < 50 && ! -s $dump; i++)); do sleep 0.1; done
-    [[ -s $dump ]] || die "no callgrind dump at $dump"
-    # "summary:" (or "totals:") holds the total of the first event, Ir.
-    ir=$(awk '/^(summary|totals):/ { print $2; exit }' "$dump")
-    stop_tree "$cg_pid"
     mkdir -p "$ROOT/build"
-    cp "$dump" "$ROOT/build/callgrind.out.moonproxy"
     {
-        echo "## moonproxy under callgrind (-w 1, wrk -c $c, 5 s after a 2 s warm-up)"
+        echo "## instructions per request under callgrind (1 worker, wrk -c $c for 5 s after a 2 s warm-up)"
         echo
-        echo "- requests: $req, instructions: $ir"
-        echo "- **instructions per request: $(awk -v a="$ir" -v n="$req" 'BEGIN { printf "%.0f", a / n }')**"
-        echo "- profile kept in build/callgrind.out.moonproxy (callgrind_annotate it)"
+        echo "| proxy | requests | instructions (Ir) | Ir/request | vs nginx |"
+        echo "|---|---:|---:|---:|---:|"
+    } >"$TMP/cg.md"
+    : >"$TMP/cg-top.md"
+    declare -A irq=()
+    for name in $PROXIES; do
+        dir=$TMP/$name
+        mkdir -p "$dir"
+        PROXY_WRAP=(valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out.%p")
+        PROXY_WORKERS=1 PROXY_WAIT=600 NGINX_MASTER=off
+        log "$name: starting under callgrind"
+        if ! start_proxy "$name"; then
+            echo "| $name | did not start: $START_ERR | | | |" >>"$TMP/cg.md"
+            [[ -n ${PROXY_PID:-} ]] && stop_tree "$PROXY_PID"
+            continue
+        fi
+        run_wrk "$PROXY_PORT" "$c" 2s "$dir/warm.txt"
+        callgrind_control -z "$PROXY_PID" >>"$dir/vgdb.log" 2>&1 || die "callgrind_control -z $PROXY_PID failed" "$dir/vgdb.log"
+        run_wrk "$PROXY_PORT" "$c" 5s "$dir/wrk.txt"
+        callgrind_control -d "$PROXY_PID" >>"$dir/vgdb.log" 2>&1 || die "callgrind_control -d $PROXY_PID failed" "$dir/vgdb.log"
+        req=$(parse_wrk "$dir/wrk.txt" | awk '{ print $1 }')
+        dump=$dir/callgrind.out.$PROXY_PID.1
+        for ((i = 0; i < 50; i++)); do [[ -s $dump ]] && break; sleep 0.1; done
+        [[ -s $dump ]] || die "$name: no callgrind dump at $dump"
+        stop_tree "$PROXY_PID"
+        # "summary:" (older: "totals:") is the total of the first event, Ir.
+        ir=$(awk '/^(summary|totals):/ { print $2; exit }' "$dump")
+        irq[$name]=$(awk -v a="$ir" -v n="$req" 'BEGIN { printf "%.0f", a / n }')
+        cp "$dump" "$ROOT/build/callgrind.out.$name"
+        log "  $name: $req requests, ${irq[$name]} instructions/request"
+        echo "| $name | $req | $ir | ${irq[$name]} | $(awk -v a="${irq[$name]}" -v b="${irq[nginx]:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "–" }') |" >>"$TMP/cg.md"
+        {
+            echo "Top functions by self cost, $name:"
+            echo
+            echo '```'
+            cg_top "$dump"
+            echo '```'
+            echo
+        } >>"$TMP/cg-top.md"
+    done
+    PROXY_WRAP=() PROXY_WORKERS="" PROXY_WAIT="" NGINX_MASTER=""
+    {
+        cat "$TMP/cg.md"
         echo
-        echo '```'
-        callgrind_annotate "$dump" 2>/dev/null | awk '/^-+$/ { s++ } s >= 3' | sed -n '2,26p'
-        echo '```'
+        echo "Profiles kept in build/callgrind.out.<proxy> (callgrind_annotate them)."
+        echo
+        cat "$TMP/cg-top.md"
     } | tee "$OUT"
 }
 
@@ -687,20 +742,18 @@ malloc_mode() {
     {
         echo "## allocations per request in steady state (wrk -c $c, 5 s after a 2 s warm-up, $WORKERS workers)"
         echo
-        echo "| proxy | requests | malloc | calloc | realloc | memalign | allocations/req | free/req |"
-        echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+        echo "| proxy | requests | malloc | calloc | realloc | memalign | allocations/req | free/req | allocations since start |"
+        echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     } >"$TMP/malloc.md"
     for name in $PROXIES; do
         dir=$TMP/$name
-        # Preload only into the proxy: wrap its start through env.
-        export MALLOC_COUNT_FILE=$TMP/malloc-$name.cnt
-        if ! LD_PRELOAD=$TMP/malloc_count.so start_proxy "$name"; then
-            echo "| $name | did not start: $START_ERR | | | | | | |" >>"$TMP/malloc.md"
+        # Preload only into the proxy (not wrk): start it through env.
+        PROXY_WRAP=(env LD_PRELOAD="$TMP/malloc_count.so" MALLOC_COUNT_FILE="$TMP/malloc-$name.cnt")
+        if ! start_proxy "$name"; then
+            echo "| $name | did not start: $START_ERR | | | | | | | |" >>"$TMP/malloc.md"
             [[ -n ${PROXY_PID:-} ]] && stop_tree "$PROXY_PID"
-            unset MALLOC_COUNT_FILE
             continue
         fi
-        unset MALLOC_COUNT_FILE
         run_wrk "$PROXY_PORT" "$c" 2s "$TMP/malloc-warm.txt"
         m0=$(read_malloc "$TMP/malloc-$name.cnt")
         run_wrk "$PROXY_PORT" "$c" 5s "$TMP/malloc-$name.txt"
@@ -710,11 +763,13 @@ malloc_mode() {
         read -ra a <<<"$m0"; read -ra b <<<"$m1"
         awk -v n="$req" -v name="$name" \
             -v d0=$((b[0] - a[0])) -v d1=$((b[1] - a[1])) -v d2=$((b[2] - a[2])) -v d3=$((b[3] - a[3])) -v d4=$((b[4] - a[4])) \
-            'BEGIN { printf "| %s | %d | %.2f | %.2f | %.2f | %.2f | **%.2f** | %.2f |\n",
-                     name, n, d0 / n, d1 / n, d2 / n, d3 / n, (d0 + d1 + d2 + d3) / n, d4 / n }' >>"$TMP/malloc.md"
+            -v all=$((b[0] + b[1] + b[2] + b[3])) \
+            'BEGIN { printf "| %s | %d | %.2f | %.2f | %.2f | %.2f | **%.2f** | %.2f | %d |\n",
+                     name, n, d0 / n, d1 / n, d2 / n, d3 / n, (d0 + d1 + d2 + d3) / n, d4 / n, all }' >>"$TMP/malloc.md"
     done
+    PROXY_WRAP=()
     echo >>"$TMP/malloc.md"
-    echo "Counted with an LD_PRELOAD shim over glibc's malloc family. LuaJIT's own allocator (mmap-backed) is not counted; HAProxy and nginx draw most memory from their own pools." >>"$TMP/malloc.md"
+    echo "Counted with an LD_PRELOAD shim over glibc's malloc family (the last column, never 0, shows the shim was loaded). LuaJIT's own allocator (mmap-backed) is not counted; HAProxy and nginx draw most memory from their own pools." >>"$TMP/malloc.md"
     tee "$OUT" <"$TMP/malloc.md"
 }
 

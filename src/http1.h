@@ -10,6 +10,7 @@
 #include <sys/types.h>
 
 #define MP_HTTP_MAX_HEADERS 100 /* more fields than this: 431 */
+#define MP_HTTP_MAX_METHOD 32   /* a longer method: 400 */
 
 typedef struct {
     mp_slice name;  /* as received (case preserved) */
@@ -59,20 +60,25 @@ typedef struct {
 /* Parses a request head from buf[0..len). The caller calls again with the
  * same buffer grown by newly read bytes; *scanned (start at 0) remembers how
  * far the search for the end of the head got, so a head that arrives one byte
- * at a time is not rescanned from the start.
+ * at a time is not rescanned from the start. It is opaque (it packs offsets
+ * and a phase): pass it back unchanged, reset it to 0 for a new head. The
+ * bytes may move between calls (offsets only are kept).
  * Returns the head length (> 0) with req filled, MP_EAGAIN when the head is
  * not complete yet (and still within limits), or MP_EPROTO with req->status
- * (400 bad syntax / bad framing / missing Host on 1.1, 414 target too long,
- * 431 head too large or too many fields, 501 unknown Transfer-Encoding) and
- * req->error set. Leading empty lines before the request line are skipped
- * (RFC 9112 §2.2) and count into head_len. */
+ * (400 bad syntax / bad framing / missing Host on 1.1 / method longer than
+ * MP_HTTP_MAX_METHOD, 414 target too long, 431 head too large or too many
+ * fields, 501 unknown Transfer-Encoding) and req->error set. A bad or too
+ * long request line is refused as soon as it shows, before the head is
+ * complete. Leading empty lines before the request line are skipped
+ * (RFC 9112 §2.2) and count into head_len. Limits above 1 GiB are clamped. */
 int mp_http1_parse_request(const char *buf, size_t len, size_t *scanned, const mp_http_limits_t *lim,
                            mp_http_request_t *req);
 
 /* Parses a response head from buf[0..len) the same way (max bounds the head).
  * Returns the head length, MP_EAGAIN, or MP_EPROTO with res->error. When both
  * Transfer-Encoding: chunked and Content-Length are present the response is
- * refused (MP_EPROTO). A Transfer-Encoding other than chunked: MP_EPROTO. */
+ * refused (MP_EPROTO). A Transfer-Encoding other than chunked, or any in an
+ * HTTP/1.0 response (RFC 9112 §6.1): MP_EPROTO. */
 int mp_http1_parse_response(const char *buf, size_t len, size_t *scanned, size_t max, mp_http_response_t *res);
 
 /* Chunked transfer-coding decoder (RFC 9112 §7.1). A zeroed struct is ready. */

@@ -287,6 +287,15 @@ static int put_forwarded(mp_buf_t *b, mp_req_t *r, mp_slice host)
     return rc;
 }
 
+static int put_length(mp_buf_t *b, int64_t n)
+{
+    if (n < 0)
+        return 0;
+    char line[48];
+    int len = snprintf(line, sizeof(line), "Content-Length: %lld\r\n", (long long)n);
+    return put(b, line, (size_t)len);
+}
+
 /* Writes the request head the upstream receives (HTTP/1.1 always). */
 static int build_request_head(mp_req_t *r, mp_buf_t *b)
 {
@@ -306,13 +315,14 @@ static int build_request_head(mp_req_t *r, mp_buf_t *b)
     for (unsigned i = 0; i < h->nheaders; i++) {
         mp_slice n = h->headers[i].name;
         if (is_dropped(n, toks, ntoks) || MP_SLICE_IEQ(n, "host") || MP_SLICE_IEQ(n, "x-forwarded-for") ||
-            MP_SLICE_IEQ(n, "x-request-id") || MP_SLICE_IEQ(n, "expect"))
+            MP_SLICE_IEQ(n, "x-request-id") || MP_SLICE_IEQ(n, "expect") || MP_SLICE_IEQ(n, "content-length"))
             continue;
         if (!r->trusted_peer && (MP_SLICE_IEQ(n, "x-forwarded-proto") || MP_SLICE_IEQ(n, "x-forwarded-host")))
             continue;
         rc |= put_s(b, n) | PUT_LIT(b, ": ") | put_s(b, h->headers[i].value) | PUT_LIT(b, "\r\n");
     }
     rc |= put_forwarded(b, r, host);
+    rc |= put_length(b, h->content_length); /* one value, however the client repeated it */
     if (h->chunked)
         rc |= PUT_LIT(b, "Transfer-Encoding: chunked\r\n");
     if (d->keepalive == 0)
@@ -434,11 +444,14 @@ static int put_response_head(mp_req_t *r, const mp_http_response_t *rh, mp_buf_t
     int rc = put(b, line, (size_t)n) | put_s(b, rh->reason) | PUT_LIT(b, "\r\n");
     for (unsigned i = 0; i < rh->nheaders; i++) {
         mp_slice name = rh->headers[i].name;
-        if (is_dropped(name, toks, ntoks) || MP_SLICE_IEQ(name, "x-request-id"))
+        if (is_dropped(name, toks, ntoks) || MP_SLICE_IEQ(name, "x-request-id") ||
+            MP_SLICE_IEQ(name, "content-length"))
             continue;
         rc |= put_s(b, name) | PUT_LIT(b, ": ") | put_s(b, rh->headers[i].value) | PUT_LIT(b, "\r\n");
     }
     rc |= PUT_LIT(b, "X-Request-ID: ") | put(b, r->id, r->id_len) | PUT_LIT(b, "\r\n");
+    if (!rh->chunked)
+        rc |= put_length(b, rh->content_length);
     if (r->resp.kind == MP_BODY_CHUNKED && !r->dechunk)
         rc |= PUT_LIT(b, "Transfer-Encoding: chunked\r\n");
     if (!r->keepalive)

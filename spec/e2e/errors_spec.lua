@@ -19,23 +19,29 @@ local slow = proxy.upstream "slow" { servers = { "${a}" }, retries = 0, timeouts
 local dead = proxy.upstream "dead" { servers = { "${dead}" }, timeouts = { connect = 1 } }
 proxy.route { prefix = "/a/", strip_prefix = true, upstream = a }
 proxy.route { prefix = "/t/", strip_prefix = true, upstream = slow }
+local mixed = proxy.upstream "mixed" { servers = { "${dead}", "${a}" }, retries = 1, timeouts = { connect = 1 } }
+local pair = proxy.upstream "pair" { servers = { "${a}", "${b}" }, retries = 1 }
 proxy.route { prefix = "/dead/", upstream = dead }
+proxy.route { prefix = "/mixed/", strip_prefix = true, upstream = mixed }
+proxy.route { prefix = "/pair/", strip_prefix = true, upstream = pair }
 ]=]
 
 describe("moonproxy errors", function()
-    local a, proxy
+    local a, b, proxy
 
     lazy_setup(function()
         a = h.start_origin("a")
+        b = h.start_origin("b")
         proxy = h.start_proxy {
             workers = 1, config = CONFIG,
-            vars = { a = a.addr, dead = "127.0.0.1:" .. h.free_port() },
+            vars = { a = a.addr, b = b.addr, dead = "127.0.0.1:" .. h.free_port() },
         }
     end)
 
     lazy_teardown(function()
         if proxy then proxy:stop() end
         if a then a:stop() end
+        if b then b:stop() end
         h.cleanup()
     end)
 
@@ -82,6 +88,14 @@ describe("moonproxy errors", function()
             assert_refused(GOOD_HEAD .. "Content-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", 400)
         end)
 
+        it("refuses a Content-Length list of equal values, or forwards it as one value", function()
+            local res = send_raw(GOOD_HEAD .. "Content-Length: 5, 5\r\n\r\nhello")
+            if res.status ~= 400 then
+                local e = h.echo(res)
+                assert.same({ "5" }, h.echo_headers(e, "content-length"))
+            end
+        end)
+
         it("refuses a bad chunk size, and the origin gets no complete request", function()
             assert_refused(GOOD_HEAD .. "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\nhello\r\n0\r\n\r\n",
                 400, "completed")
@@ -111,6 +125,11 @@ describe("moonproxy errors", function()
 
         it("answers 413 to a Content-Length above max_body_size without waiting for the body", function()
             assert_refused(GOOD_HEAD .. "Content-Length: 100000\r\n\r\n", 413)
+        end)
+
+        it("answers 413 instead of 100 Continue to a too large Expect: 100-continue request", function()
+            local res = assert_refused(GOOD_HEAD .. "Content-Length: 100000\r\nExpect: 100-continue\r\n\r\n", 413)
+            assert.same({}, res.interim)
         end)
 
         it("answers 413 to a chunked body growing past max_body_size, and the origin gets no complete request", function()
@@ -148,6 +167,30 @@ describe("moonproxy errors", function()
             local res = assert(raw.get(proxy.port, "/t/slow?ms=4000", nil, { timeout = 6 }))
             assert.equal(504, res.status)
             assert.is_true(socket.gettime() - t0 < 3.5)
+        end)
+    end)
+
+    describe("retries", function()
+        it("retry a request on another server when connecting fails", function()
+            for i = 1, 4 do
+                local e = h.echo(raw.request(proxy.port, { method = "POST", target = "/mixed/r?i=" .. i, body = "x" }))
+                assert.equal("a", e.name)
+            end
+        end)
+
+        it("retry a GET on another server when the connection breaks before the answer", function()
+            local sa, sb = a:stats(), b:stats()
+            assert.equal(502, assert(raw.get(proxy.port, "/pair/reset")).status)
+            local na, nb = a:stats().requests - sa.requests, b:stats().requests - sb.requests
+            assert.same({ 1, 1 }, { na, nb })
+        end)
+
+        it("do not replay a POST once it was sent", function()
+            local sa, sb = a:stats(), b:stats()
+            local res = assert(raw.request(proxy.port, { method = "POST", target = "/pair/reset", body = "once" }))
+            assert.equal(502, res.status)
+            local n = a:stats().requests - sa.requests + b:stats().requests - sb.requests
+            assert.equal(1, n)
         end)
     end)
 

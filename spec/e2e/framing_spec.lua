@@ -4,6 +4,7 @@
 local h = require "helpers.proxy"
 local raw = require "helpers.raw_http"
 local origin = require "helpers.origin"
+local socket = require "socket"
 
 local CONFIG = [=[
 local proxy = require "moonproxy"
@@ -61,6 +62,45 @@ describe("moonproxy framing", function()
             assert.equal(origin.checksum("first"), h.echo(list[1]).body_sum)
             assert.equal("/p?n=2", h.echo(list[2]).target)
             assert.equal(origin.checksum(("x"):rep(5000)), h.echo(list[3]).body_sum)
+        end)
+
+        it("answers pipelined requests in order when the first one is slow", function()
+            local c = connect()
+            finally(function() c:close() end)
+            local list = assert(raw.pipeline(c, {
+                { target = "/slow?ms=300" }, { target = "/p?n=2" }, { target = "/p?n=3" },
+            }))
+            assert.equal("/slow?ms=300", h.echo(list[1]).target)
+            assert.equal("/p?n=2", h.echo(list[2]).target)
+            assert.equal("/p?n=3", h.echo(list[3]).target)
+        end)
+
+        it("parses a request sent in small pieces", function()
+            local c = connect()
+            finally(function() c:close() end)
+            local bytes = raw.build { method = "POST", target = "/pieces?x=1", headers = { { "Host", "x" }, { "X-A", "b" } },
+                                      body = "0123456789" }
+            local pieces = {}
+            for i = 1, #bytes, 7 do pieces[#pieces + 1] = bytes:sub(i, i + 6) end
+            assert(c:send_pieces(pieces, 0.002))
+            local e = h.echo(c:read_response())
+            assert.equal("/pieces?x=1", e.target)
+            assert.equal("b", h.echo_header(e, "x-a"))
+            assert.equal(origin.checksum("0123456789"), e.body_sum)
+        end)
+
+        it("serves slow requests on 10 connections in parallel", function()
+            local conns = {}
+            finally(function() for _, c in ipairs(conns) do c:close() end end)
+            local t0 = socket.gettime()
+            for i = 1, 10 do
+                conns[i] = connect()
+                assert(conns[i]:send(raw.build { target = "/slow?ms=600&i=" .. i }))
+            end
+            for i = 1, 10 do
+                assert.equal("/slow?ms=600&i=" .. i, h.echo(conns[i]:read_response()).target)
+            end
+            assert.is_true(socket.gettime() - t0 < 2.5, "took " .. (socket.gettime() - t0) .. " s")
         end)
 
         it("answers an HTTP/1.0 client and closes the connection", function()
@@ -168,6 +208,21 @@ describe("moonproxy framing", function()
             assert.equal(300000, res.body_len)
             assert.equal(origin.pattern_sum(300000), origin.checksum(res.body))
             assert.is_true(c:wait_closed(3))
+        end)
+
+        it("stream: the head reaches the client before the origin sends the body", function()
+            local c = connect()
+            finally(function() c:close() end)
+            local t0 = socket.gettime()
+            assert(c:send(raw.build { target = "/slowbody?ms=1500" }))
+            h.eventually(function()
+                c:fill(socket.gettime() + 0.05)
+                return c.buf:find("\r\n\r\n", 1, true)
+            end, 3)
+            assert.is_true(socket.gettime() - t0 < 1.2, "the head came after " .. (socket.gettime() - t0) .. " s")
+            local res = assert(c:read_response())
+            assert.equal("slow body\n", res.body)
+            assert.is_true(socket.gettime() - t0 >= 1.2)
         end)
 
         it("reach the client whole when the origin ends the body by closing", function()

@@ -3,6 +3,7 @@
 local h = require "helpers.proxy"
 local raw = require "helpers.raw_http"
 local origin = require "helpers.origin"
+local socket = require "socket"
 
 local CONFIG = [=[
 local proxy = require "moonproxy"
@@ -70,5 +71,18 @@ describe("moonproxy upstream pool", function()
         local e = h.echo(raw.get(proxy.port, "/after-hang"))
         assert.equal("/after-hang", e.target)
         assert.equal(before.closed_by_peer + 1, a:stats().closed_by_peer)
+    end)
+
+    it("cancels a download when the client goes away", function()
+        local before = a:stats()
+        local c = assert(raw.connect(proxy.port))
+        assert(c:send("GET /big?size=" .. 200 * 1024 * 1024 .. " HTTP/1.1\r\nHost: x\r\n\r\n"))
+        h.eventually(function()
+            c:fill(socket.gettime() + 0.05)
+            return #c.buf >= 1024 * 1024
+        end, 5)
+        c:close()
+        h.eventually(function() return a:stats().closed_by_peer == before.closed_by_peer + 1 end, 5)
+        assert.equal(200, assert(raw.get(proxy.port, "/after-cancel")).status)
     end)
 end)

@@ -215,3 +215,24 @@ describe("moonproxy forwarding", function()
         end)
     end)
 end)
+
+describe("moonproxy with 2 workers", function()
+    local a, proxy
+
+    lazy_setup(function()
+        a = h.start_origin("a")
+        proxy = h.start_proxy { workers = 2, config = CONFIG, vars = { a = a.addr, b = a.addr } }
+    end)
+
+    lazy_teardown(function()
+        if proxy then proxy:stop() end
+        if a then a:stop() end
+        h.cleanup()
+    end)
+
+    it("serves 40 requests from new connections", function()
+        for i = 1, 40 do
+            assert.equal("/w?i=" .. i, h.echo(raw.get(proxy.port, "/w?i=" .. i)).target)
+        end
+    end)
+end)

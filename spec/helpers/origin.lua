@@ -622,4 +622,9 @@ local function main(argv)
     end
 end
 
-main({ ... })
+local ok, err = pcall(main, { ... })
+if not ok then
+    if tostring(err):find("interrupted", 1, true) then os.exit(0) end -- Ctrl-C
+    io.stderr:write("origin ", NAME, ": ", tostring(err), "\n")
+    os.exit(1)
+end
