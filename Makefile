@@ -76,5 +76,10 @@ bench: all
 	scripts/deps.sh bench
 	scripts/bench.sh $(BIN)
 
+# libFuzzer on the request-head, response-head and chunked parsers.
+FUZZ_SECONDS ?= 30
+fuzz: deps
+	scripts/fuzz.sh $(FUZZ_SECONDS)
+
 clean:
 	rm -rf build build-asan build-fuzz

@@ -135,6 +135,7 @@ stop_tree() {
     unset "STARTED[$root]"
 }
 
+# shellcheck disable=SC2317  # called from the EXIT trap
 cleanup() {
     local p
     for p in "${!STARTED[@]}"; do stop_tree "$p"; done
@@ -206,13 +207,16 @@ rss_kib() {
     echo "$sum"
 }
 
-# established PORT: server-side sockets on 127.0.0.1:PORT in ESTABLISHED
-# state, from /proc/net/tcp. Proves the proxy still holds the idle client
-# connections when we read its RSS (a proxy that closed them would look cheap).
+# established PORT: proxy-side sockets of 127.0.0.1:PORT in ESTABLISHED state
+# whose client side is ESTABLISHED too, from /proc/net/tcp. Proves the proxy
+# still holds the idle client connections when we read its RSS (one that had
+# closed them would look cheap).
 established() {
-    awk -v port="$(printf '%04X' "$1")" '
-        NR > 1 && $4 == "01" { split($2, a, ":"); if (a[2] == port) n++ }
-        END { print n + 0 }' /proc/net/tcp
+    awk -v me="0100007F:$(printf '%04X' "$1")" '
+        NR == 1 || $4 != "01"  { next }
+        $2 == me               { srv[$3] = 1 }      # key: the client address
+        $3 == me               { cli[$2] = 1 }
+        END { for (k in srv) if (k in cli) n++; print n + 0 }' /proc/net/tcp
 }
 
 # upstream_accepts: the backend's "accepts" counter from stub_status, over a
@@ -497,7 +501,7 @@ report() {
     echo "Loopback, $(nproc) CPUs (shared, noisy: compare rows of one run, not runs)," \
         "$WORKERS workers per proxy, wrk -d $DURATION after a $WARMUP warm-up," \
         "backend: nginx with 1 worker returning \"hello world\"."
-    echo "Versions: $($NGINX -v 2>&1 | sed 's/.*: //'), $($HAPROXY -v 2>/dev/null | head -n 1 | awk '{ print $1, $3 }'), $(wrk_version)${MP_VERSION:+, $MP_VERSION}."
+    echo "Versions: $(versions)."
     echo "CPU µs/req: the proxy's utime+stime (all its processes/threads) over requests completed."
     echo "Upstream conns: connections the backend accepted during the measured run (after the warm-up)."
     echo
@@ -537,7 +541,17 @@ report() {
     fi
 }
 
-wrk_version() { "$WRK" -v 2>&1 | head -n 1 | awk '{ print $1, $2 }'; }
+# versions: one line. Whole outputs are captured first: "head -n 1" on a
+# pipe would SIGPIPE the tool and fail the pipeline (wrk -v also exits 1).
+versions() {
+    local n h w
+    n=$("$NGINX" -v 2>&1 || true)
+    h=$("$HAPROXY" -v 2>/dev/null || true)
+    w=$("$WRK" -v 2>&1 || true)
+    h=${h%%$'\n'*} w=${w%%$'\n'*}
+    printf '%s, %s, %s%s' "${n##*: }" "$(awk '{ print $1, $3 }' <<<"$h")" \
+        "$(awk '{ print $1, $2 }' <<<"$w")" "${MP_VERSION:+, $MP_VERSION}"
+}
 
 # Which proxies can run: moonproxy only if built (the server may not exist yet).
 select_proxies() {
@@ -546,7 +560,8 @@ select_proxies() {
         if [[ $p == moonproxy ]]; then
             if [[ ${SKIP_MOONPROXY:-0} == 1 ]]; then log "moonproxy: skipped (SKIP_MOONPROXY=1)"; continue; fi
             if [[ ! -x $BIN ]]; then log "moonproxy: not built ($BIN missing)"; continue; fi
-            MP_VERSION=$("$BIN" --version 2>/dev/null | head -n 1 || true)
+            MP_VERSION=$("$BIN" --version 2>/dev/null || true)
+            MP_VERSION=${MP_VERSION%%$'\n'*}
         fi
         list+=" $p"
     done
@@ -576,8 +591,7 @@ compare() {
     log "written to $OUT"
     # A proxy that would not start fails the run, after the others reported.
     local p
-    for p in "${!FAILED[@]}"; do [[ $p == *:* ]] || return 1; done
-    return 0
+    for p in "${!FAILED[@]}"; do [[ $p == *:* ]] || STATUS=1; done
 }
 
 # ---------------------------------------------------------------------------
@@ -775,6 +789,7 @@ malloc_mode() {
 
 # ---------------------------------------------------------------------------
 
+STATUS=0
 main() {
     command -v "$WRK" >/dev/null || die "wrk missing (scripts/deps.sh bench)"
     [[ -x $NGINX ]] || die "$NGINX missing (scripts/deps.sh bench)"
@@ -789,6 +804,7 @@ main() {
         command -v "$LUAJIT" >/dev/null || die "luajit missing (scripts/deps.sh test)"
         compare
     fi
+    exit "$STATUS"
 }
 
 main "$@"

@@ -200,7 +200,7 @@ static int parse_request_cb(const char *buf, size_t len, size_t *scanned, void *
 }
 
 /* parse_request(str | {pieces...} [, {max_header_size=, max_uri_size=}])
- * -> request table | false (incomplete) | nil, status, error */
+ * -> request table, parser calls | false (incomplete) | nil, status, error */
 static int l_parse_request(lua_State *L)
 {
     mp_http_limits_t lim = {opt_size(L, 2, "max_header_size", 16384), opt_size(L, 2, "max_uri_size", 8192)};

@@ -39,10 +39,7 @@ describe("moonproxy errors", function()
     end)
 
     lazy_teardown(function()
-        if proxy then proxy:stop() end
-        if a then a:stop() end
-        if b then b:stop() end
-        h.cleanup()
+        h.shutdown(proxy, a, b)
     end)
 
     -- Sends bytes on a new connection and reads the answer.

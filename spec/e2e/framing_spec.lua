@@ -23,9 +23,7 @@ describe("moonproxy framing", function()
     end)
 
     lazy_teardown(function()
-        if proxy then proxy:stop() end
-        if a then a:stop() end
-        h.cleanup()
+        h.shutdown(proxy, a)
     end)
 
     local function connect()
@@ -170,6 +168,15 @@ describe("moonproxy framing", function()
             assert.equal("", c.buf)
         end)
 
+        it("answers HEAD for a chunked resource without waiting for a body", function()
+            local c = connect()
+            finally(function() c:close() end)
+            local res = assert(c:request { method = "HEAD", target = "/big?size=5000&chunked=1" })
+            assert.equal(200, res.status)
+            assert.equal(0, res.body_len)
+            assert.equal("/next", h.echo(c:request { target = "/next" }).target)
+        end)
+
         it("passes 204 without a body and keeps the connection usable", function()
             local c = connect()
             finally(function() c:close() end)
@@ -223,6 +230,22 @@ describe("moonproxy framing", function()
             local res = assert(c:read_response())
             assert.equal("slow body\n", res.body)
             assert.is_true(socket.gettime() - t0 >= 1.2)
+        end)
+
+        it("are cut, not completed, when the origin closes before the Content-Length", function()
+            local c = connect()
+            finally(function() c:close() end)
+            local res, err = c:request { target = "/truncated?size=100000" }
+            assert.is_nil(res, "a complete response came back")
+            assert.equal("closed", err)
+        end)
+
+        it("are cut, not completed, when the origin closes inside a chunk", function()
+            local c = connect()
+            finally(function() c:close() end)
+            local res, err = c:request { target = "/truncated?size=100000&chunked=1" }
+            assert.is_nil(res, "a complete response came back")
+            assert.equal("closed", err)
         end)
 
         it("reach the client whole when the origin ends the body by closing", function()

@@ -4,6 +4,7 @@
 local h = require "helpers.proxy"
 local raw = require "helpers.raw_http"
 local origin = require "helpers.origin"
+local socket = require "socket"
 
 local CONFIG = [=[
 local proxy = require "moonproxy"
@@ -24,9 +25,7 @@ describe("moonproxy large bodies #slow", function()
     end)
 
     lazy_teardown(function()
-        if proxy then proxy:stop() end
-        if a then a:stop() end
-        h.cleanup()
+        h.shutdown(proxy, a)
     end)
 
     it("forwards a 20 MiB chunked upload sent in pieces intact, without holding it", function()
@@ -75,5 +74,27 @@ describe("moonproxy large bodies #slow", function()
         assert.equal(origin.pattern_sum(size), origin.sum_hex(st))
         assert.is_true(max_rss > 0, "no RSS sample")
         assert.is_true(max_rss < 64 * 1024, "proxy RSS reached " .. max_rss .. " KiB")
+    end)
+
+    it("holds back the origin when the client stops reading (RSS stays under 48 MiB)", function()
+        local size = 128 * MiB
+        local c = assert(raw.connect(proxy.port, { timeout = 60 }))
+        finally(function() c:close() end)
+        assert(c:send("GET /big?size=" .. size .. " HTTP/1.1\r\nHost: x\r\n\r\n"))
+        h.eventually(function()
+            c:fill(socket.gettime() + 0.05)
+            return #c.buf >= MiB
+        end, 5)
+        -- the client reads nothing for a second; the proxy must not buffer the origin's bytes
+        local max_rss = 0
+        for _ = 1, 20 do
+            max_rss = math.max(max_rss, h.rss_kb(proxy.pid) or 0)
+            socket.sleep(0.05)
+        end
+        local st = origin.sum_new()
+        local res = assert(c:read_response { timeout = 60, sink = function(p) origin.sum_update(st, p) end })
+        assert.equal(size, res.body_len)
+        assert.equal(origin.pattern_sum(size), origin.sum_hex(st))
+        assert.is_true(max_rss < 48 * 1024, "proxy RSS reached " .. max_rss .. " KiB")
     end)
 end)

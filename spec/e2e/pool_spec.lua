@@ -25,10 +25,7 @@ describe("moonproxy upstream pool", function()
     end)
 
     lazy_teardown(function()
-        if proxy then proxy:stop() end
-        if a then a:stop() end
-        if idle then idle:stop() end
-        h.cleanup()
+        h.shutdown(proxy, a, idle)
     end)
 
     local function post(target, body)

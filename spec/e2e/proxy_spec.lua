@@ -33,10 +33,7 @@ describe("moonproxy forwarding", function()
     end)
 
     lazy_teardown(function()
-        if proxy then proxy:stop() end
-        if a then a:stop() end
-        if b then b:stop() end
-        h.cleanup()
+        h.shutdown(proxy, a, b)
     end)
 
     local function get(target, headers)
@@ -225,9 +222,7 @@ describe("moonproxy with 2 workers", function()
     end)
 
     lazy_teardown(function()
-        if proxy then proxy:stop() end
-        if a then a:stop() end
-        h.cleanup()
+        h.shutdown(proxy, a)
     end)
 
     it("serves 40 requests from new connections", function()

@@ -30,6 +30,8 @@
 --   /noframe?size=N  N bytes (default 1000) of the pattern with neither
 --                    Content-Length nor chunked: the body ends at close.
 --   /hang            never answer; wait (at most 300 s) for the peer to close.
+--   /truncated?size=N&chunked=1   a head promising N bytes of the pattern
+--                    (Content-Length, or chunked), half of them, then close.
 --   anything else    200 JSON echo {name, method, target, version, headers =
 --                    [[name, value], ...] as received, trailers = [raw lines],
 --                    body_len, body_sum, conn_id, conn_req}.
@@ -37,7 +39,9 @@
 --   resp_header=Name:Value   add this response header;
 --   conn=TOKEN               add TOKEN to the response's Connection header
 --                            (so `resp_header=X-Hop:1&conn=X-Hop` sends a
---                            header the proxy must drop as hop-by-hop).
+--                            header the proxy must drop as hop-by-hop);
+--   early_hints=1            send `103 Early Hints` (with a Link header)
+--                            before the response.
 --
 -- Checksum: Adler-32 of the (de-chunked) body as 8 lowercase hex digits.
 -- Pattern: byte i of a pattern body is byte (i % 65536) of block(i // 65536),
@@ -480,6 +484,16 @@ handlers["/big"] = function(c, req)
     return keep
 end
 
+handlers["/truncated"] = function(c, req)
+    local size = tonumber(req.q.size and req.q.size[1]) or 1000
+    local chunked = req.q.chunked and req.q.chunked[1] == "1"
+    local framing = chunked and { "Transfer-Encoding", "chunked" } or { "Content-Length", tostring(size) }
+    local body = M.pattern(math.floor(size / 2))
+    if chunked then body = string.format("%x\r\n", size) .. body end
+    c:send(build_head(req, 200, { framing }, true) .. body)
+    return false
+end
+
 handlers["/slow"] = function(c, req)
     local ms = tonumber(req.q.ms and req.q.ms[1]) or 1000
     if not c:pause_until(socket.gettime() + ms / 1000) then
@@ -535,6 +549,9 @@ handlers["/noframe"] = function(c, req)
 end
 
 local function handle(c, req)
+    if req.q.early_hints and not c:send("HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n") then
+        return false
+    end
     local h = handlers[req.path]
     if h then return h(c, req) end
     local code = req.path:match("^/status/(%d%d%d)$")

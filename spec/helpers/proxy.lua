@@ -362,6 +362,33 @@ function M.start_proxy(opts)
     return p
 end
 
+-- Problems in the proxy's error log that fail a spec whatever it tested:
+-- sanitizer reports and crashes.
+local BAD_LOG = { "AddressSanitizer", "LeakSanitizer", "runtime error:", "Segmentation fault" }
+
+-- For lazy_teardown: stops the proxy (SIGTERM), then every other process
+-- given, then removes temp files; raises if the proxy did not exit 0 or its
+-- stderr has a sanitizer report.
+function M.shutdown(proxy, ...)
+    local code, sig
+    if proxy then code, sig = proxy:stop() end
+    for i = 1, select("#", ...) do
+        local p = select(i, ...)
+        if p then p:stop() end
+    end
+    if proxy then
+        local log = proxy:stderr()
+        for _, bad in ipairs(BAD_LOG) do
+            if log:find(bad, 1, true) then error("moonproxy's stderr has '" .. bad .. "':\n" .. log:sub(-4000), 2) end
+        end
+        if code ~= 0 then
+            error(string.format("moonproxy exited with code %s (signal %s) on SIGTERM:\n%s",
+                tostring(code), tostring(sig), log:sub(-4000)), 2)
+        end
+    end
+    M.cleanup()
+end
+
 -- The access log's lines decoded as JSON (a line that is not JSON raises).
 function Proxy:access_log_entries()
     local t = {}
