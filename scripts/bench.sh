@@ -18,8 +18,9 @@
 #   IDLE_CONNS=9000      idle connections for the memory figure (0 = skip)
 #   PROXIES="nginx haproxy moonproxy"   which proxies, in this order
 #   SKIP_MOONPROXY=1     leave moonproxy out (also automatic when BIN is missing)
-#   OUT=build/bench-results.md
-# Profiling modes (they replace the comparison run; moonproxy must be built):
+#   OUT=build/bench-results.md  (profiling modes: build/bench-callgrind.md,
+#                                build/bench-malloc.md)
+# Profiling modes (they replace the comparison run, and take PROXIES too):
 #   CALLGRIND=1      each proxy with 1 worker (moonproxy -w 1) under callgrind:
 #                    instructions per request in steady state, top functions;
 #                    profiles kept in build/callgrind.out.<proxy>
@@ -41,9 +42,12 @@ DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-1s}
 IDLE_CONNS=${IDLE_CONNS:-9000}
 PROXIES=${PROXIES:-nginx haproxy moonproxy}
-OUT=${OUT:-$ROOT/build/bench-results.md}
 CALLGRIND=${CALLGRIND:-0}
 MALLOC_CHECK=${MALLOC_CHECK:-0}
+# The profiling modes write their own file: they must not clobber a comparison.
+if [[ $CALLGRIND == 1 ]]; then OUT=${OUT:-$ROOT/build/bench-callgrind.md}
+elif [[ $MALLOC_CHECK == 1 ]]; then OUT=${OUT:-$ROOT/build/bench-malloc.md}
+else OUT=${OUT:-$ROOT/build/bench-results.md}; fi
 
 NGINX=${NGINX:-/usr/sbin/nginx}
 HAPROXY=${HAPROXY:-/usr/sbin/haproxy}
@@ -586,7 +590,6 @@ compare() {
         idle_memory "$name"
         stop_tree "$PROXY_PID"
     done
-    mkdir -p "$(dirname "$OUT")"
     report | tee "$OUT"
     log "written to $OUT"
     # A proxy that would not start fails the run, after the others reported.
@@ -795,6 +798,7 @@ main() {
     [[ -x $NGINX ]] || die "$NGINX missing (scripts/deps.sh bench)"
     # Every client and idle connection is a descriptor; take what the hard limit allows.
     ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    mkdir -p "$(dirname "$OUT")"
     if [[ $CALLGRIND == 1 ]]; then
         callgrind_mode
     elif [[ $MALLOC_CHECK == 1 ]]; then

@@ -18,10 +18,15 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT INT TERM
 
 status=0
-for t in http1 chunked; do
+for t in http1 chunked router; do
+    srcs="$root/src/http1.c $root/src/util.c"
+    libs=""
+    if [ "$t" = router ]; then
+        srcs="$root/src/router.c $root/src/regex.c $root/src/util.c"
+        libs="-lpcre2-8"
+    fi
     # shellcheck disable=SC2086
-    $cc $flags -I"$root/src" -o "$out/fuzz_$t" \
-        "$root/src/http1.c" "$root/src/util.c" "$root/spec/fuzz/fuzz_$t.c"
+    $cc $flags -I"$root/src" -o "$out/fuzz_$t" $srcs "$root/spec/fuzz/fuzz_$t.c" $libs
     mkdir -p "$work/$t"
     cp "$root"/spec/fixtures/fuzz/http1/* "$work/$t/"
     echo "fuzz: $t for ${secs}s" >&2

@@ -10,6 +10,7 @@ proxy.listen { addr = "${listen}" }
 proxy.settings {
   access_log = "${access_log}",
   client_header_timeout = 1,
+  keepalive_timeout = 1,
   max_uri_size = "1k",
   max_header_size = "4k",
   max_body_size = "64k",
@@ -204,6 +205,17 @@ describe("moonproxy errors", function()
             assert.equal(408, res.status)
             assert.is_true(socket.gettime() - t0 >= 0.9)
             assert.is_true(loris:wait_closed(3))
+        end)
+    end)
+
+    describe("keepalive_timeout", function()
+        it("closes a client connection idle for longer", function()
+            local c = assert(raw.connect(proxy.port))
+            finally(function() c:close() end)
+            assert.equal(200, assert(c:request { target = "/a/idle" }).status)
+            local t0 = socket.gettime()
+            assert.is_true(c:wait_closed(4))
+            assert.is_true(socket.gettime() - t0 >= 0.8)
         end)
     end)
 end)
