@@ -299,9 +299,10 @@ nginx_http_common() {
     fastcgi_temp_path $dir/fastcgi;
     uwsgi_temp_path $dir/uwsgi;
     scgi_temp_path $dir/scgi;
-    # nginx closes a client keep-alive connection after 1000 requests by
-    # default; wrk would then reconnect and the backend would count it as a
-    # new upstream connection. Lift it so the figures show pooling only.
+    # nginx closes a keep-alive connection after 1000 requests by default:
+    # the backend would make every proxy reconnect upstream that often, and
+    # the nginx proxy would make wrk reconnect. Lift it so that "upstream
+    # conns opened" shows the proxies' pooling only.
     keepalive_requests 100000000;
     keepalive_timeout 300s;
 EOF
@@ -369,7 +370,11 @@ $(nginx_http_common "$dir")
         keepalive_timeout 300s;
     }
     server {
-        listen 127.0.0.1:$PROXY_PORT backlog=4096;
+        # reuseport: one listening socket per worker, as moonproxy does.
+        # Without it the kernel hands most connections to one worker, whose
+        # in-flight upstream connections then overflow its 64-slot idle
+        # cache and get closed and reopened all the time at 100 clients.
+        listen 127.0.0.1:$PROXY_PORT backlog=4096 reuseport;
         location / {
             proxy_pass http://b;
             proxy_http_version 1.1;
@@ -429,7 +434,7 @@ EOF
 # The comparison.
 
 declare -A RES=()      # RES[proxy:conns] = "requests rps p50 p99 errors cpu_us_per_req upstream_conns"
-declare -A IDLE=()     # IDLE[proxy] = "opened rss_before rss_after"
+declare -A IDLE=()     # IDLE[proxy] = "opened rss_before rss_after held"
 declare -A FAILED=()   # FAILED[proxy] = why it has no figures
 
 # bench_proxy NAME: the wrk runs at every concurrency against the running proxy.
@@ -525,6 +530,18 @@ report() {
                 ratio=$(awk -v a="$cpu" -v b="$ncpu" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "–" }')
             fi
             echo "| $name | $c | $rps | $(fmt_us "$p50") | $(fmt_us "$p99") | $cpu | $ratio | $up | $err |"
+        done
+    done
+    # Say when a pool overflowed: it explains a CPU/req figure.
+    for name in $PROXIES; do
+        for c in $CONNS; do
+            [[ -n ${RES[$name:$c]:-} ]] || continue
+            read -r req rps p50 p99 err cpu up <<<"${RES[$name:$c]}"
+            if ((up * 100 > req)); then
+                echo
+                echo "Note: $name at $c connections opened $up upstream connections for $req requests:" \
+                    "its idle pool (keepalive 64 per worker) did not hold them, which costs CPU per request."
+            fi
         done
     done
     echo

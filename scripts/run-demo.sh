@@ -17,8 +17,16 @@ cleanup() {
     return 0
 }
 trap cleanup EXIT
+trap 'exit 129' HUP
 trap 'exit 130' INT
 trap 'exit 143' TERM
+
+for port in 9001 8080; do
+    if (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; then
+        echo "run-demo: 127.0.0.1:$port is already in use (an earlier demo still running?)" >&2
+        exit 1
+    fi
+done
 
 luajit spec/helpers/origin.lua 9001 demo &
 origin_pid=$!

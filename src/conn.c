@@ -392,10 +392,13 @@ void mp_conn_request_done(mp_conn_t *c)
     mp_worker_t *w = c->w;
     mp_req_t *r = c->req;
     int keep = r->keepalive && r->body.done && !w->stopping && !c->read_eof;
+    int unread = !r->body.done || c->in.start < c->in.end;
     end_request(c);
     mp_buf_release(&c->out, &w->bufs);
-    if (!keep)
+    if (!keep && unread)
         return linger_close(c);
+    if (!keep)
+        return mp_conn_close(c);
 
     /* Pipelined bytes after this request move to the front. */
     mp_buf_compact(&c->in);

@@ -102,6 +102,11 @@ describe("moonproxy forwarding", function()
             assert.equal("1.2.3.4, 127.0.0.1", h.echo_header(e, "x-forwarded-for"))
         end)
 
+        it("appends to several X-Forwarded-For lines as one list", function()
+            local e = h.echo(get("/xff", { { "Host", "x" }, { "X-Forwarded-For", "1.1.1.1" }, { "X-Forwarded-For", "2.2.2.2" } }))
+            assert.equal("1.1.1.1, 2.2.2.2, 127.0.0.1", h.echo_header(e, "x-forwarded-for"))
+        end)
+
         it("sets X-Forwarded-For when the client sent none", function()
             local e = h.echo(get("/xff"))
             assert.equal("127.0.0.1", h.echo_header(e, "x-forwarded-for"))
@@ -110,6 +115,13 @@ describe("moonproxy forwarding", function()
         it("sets X-Forwarded-Proto to http", function()
             local e = h.echo(get("/xfp"))
             assert.equal("http", h.echo_header(e, "x-forwarded-proto"))
+        end)
+
+        it("replaces X-Forwarded-Proto and X-Forwarded-Host sent by the client", function()
+            local e = h.echo(get("/xf", { { "Host", "real.example" }, { "X-Forwarded-Proto", "https" },
+                                          { "X-Forwarded-Host", "spoofed.example" } }))
+            assert.equal("http", h.echo_header(e, "x-forwarded-proto"))
+            assert.equal("real.example", h.echo_header(e, "x-forwarded-host"))
         end)
 
         it("sets X-Forwarded-Host to the client's Host", function()
@@ -139,6 +151,21 @@ describe("moonproxy forwarding", function()
             assert.not_equal("abc 123", id)
             assert.truthy(#id >= 1 and #id <= 128 and id:match(REQUEST_ID), id)
             assert.equal(id, res:header("x-request-id"))
+        end)
+
+        it("keeps an X-Request-ID of 128 characters", function()
+            local id = ("A1._:-"):rep(22):sub(1, 128)
+            local res = assert(get("/rid", { { "X-Request-ID", id } }))
+            assert.equal(id, h.echo_header(h.echo(res), "x-request-id"))
+            assert.equal(id, res:header("x-request-id"))
+        end)
+
+        it("replaces an X-Request-ID of 129 characters", function()
+            local long = ("r"):rep(129)
+            local res = assert(get("/rid", { { "X-Request-ID", long } }))
+            local id = h.echo_header(h.echo(res), "x-request-id")
+            assert.not_equal(long, id)
+            assert.truthy(#id >= 1 and #id <= 128 and id:match(REQUEST_ID), id)
         end)
 
         it("replaces an X-Request-ID of 200 characters", function()
@@ -223,6 +250,26 @@ describe("moonproxy with 2 workers", function()
 
     lazy_teardown(function()
         h.shutdown(proxy, a)
+    end)
+
+    it("serves 50 concurrent connections with 10 pipelined requests each", function()
+        local conns = {}
+        finally(function() for _, c in ipairs(conns) do c:close() end end)
+        for i = 1, 50 do
+            conns[i] = assert(raw.connect(proxy.port))
+            local reqs = {}
+            for j = 1, 10 do
+                reqs[j] = raw.build { method = "POST", target = "/c?i=" .. i .. "&j=" .. j, body = ("b"):rep(i * j) }
+            end
+            assert(conns[i]:send(table.concat(reqs)))
+        end
+        for i = 1, 50 do
+            for j = 1, 10 do
+                local e = h.echo(conns[i]:read_response())
+                assert.equal("/c?i=" .. i .. "&j=" .. j, e.target)
+                assert.equal(i * j, e.body_len)
+            end
+        end
     end)
 
     it("serves 40 requests from new connections", function()

@@ -41,7 +41,8 @@
 --                            (so `resp_header=X-Hop:1&conn=X-Hop` sends a
 --                            header the proxy must drop as hop-by-hop);
 --   early_hints=1            send `103 Early Hints` (with a Link header)
---                            before the response.
+--                            before the response;
+--   pad_header=N             add `X-Pad: ` with N bytes of "p".
 --
 -- Checksum: Adler-32 of the (de-chunked) body as 8 lowercase hex digits.
 -- Pattern: byte i of a pattern body is byte (i % 65536) of block(i // 65536),
@@ -260,9 +261,13 @@ end
 
 -- Waits until deadline; false when the peer closed the connection meanwhile.
 function Conn:pause_until(deadline)
+    if self.eof then -- the peer half-closed already: nothing to watch
+        wait(nil, nil, deadline)
+        return true
+    end
     while socket.gettime() < deadline do
-        if wait(self.eof and nil or self.sock, nil, deadline) == "timeout" then return true end
-        if not self.eof and not self:peer_alive() then return false end
+        if wait(self.sock, nil, deadline) == "timeout" then return true end
+        if not self:peer_alive() then return false end
     end
     return true
 end
@@ -285,7 +290,7 @@ local function has_token(value, token)
 end
 
 local function url_decode(s)
-    s = s:gsub("+", " ")
+    s = s:gsub("%+", " ")
     return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
 end
 
@@ -301,10 +306,11 @@ local function parse_query(q)
 end
 
 -- Reads a head (nil at a clean close or idle timeout) and then the body.
+-- Returns req, or nil, err, bad (true when the peer broke HTTP: answer 400).
 function Conn:read_request()
     local deadline = socket.gettime() + IDLE
     while not self.buf:find("\r?\n\r?\n") do
-        if #self.buf > MAX_HEAD then return nil, "head too large" end
+        if #self.buf > MAX_HEAD then return nil, "head too large", true end
         local ok, err = self:fill(deadline)
         if not ok then return nil, err end
         deadline = soon()
@@ -316,11 +322,11 @@ function Conn:read_request()
     local lines = {}
     for line in (head .. "\n"):gmatch("(.-)\r?\n") do lines[#lines + 1] = line end
     local method, target, version = lines[1]:match("^(%S+) (%S+) (HTTP/%d%.%d)$")
-    if not method then return nil, "bad request line: " .. lines[1] end
+    if not method then return nil, "bad request line: " .. lines[1], true end
     local req = { method = method, target = target, version = version, headers = {}, trailers = {} }
     for i = 2, #lines do
         local name, value = lines[i]:match("^([^:]+):[ \t]*(.-)[ \t]*$")
-        if not name then return nil, "bad header line: " .. lines[i] end
+        if not name then return nil, "bad header line: " .. lines[i], true end
         req.headers[#req.headers + 1] = { name, value }
     end
     req.path, req.query = target:match("^([^?]*)%??(.*)$")
@@ -346,19 +352,19 @@ function Conn:read_request()
     req.body_len = 0
     self.in_body = req.path ~= "/_stats"
     if te then
-        if not has_token(te, "chunked") then return nil, "unsupported transfer-encoding " .. te end
+        if not has_token(te, "chunked") then return nil, "unsupported transfer-encoding " .. te, true end
         while true do
             local line, err = self:read_line(4096)
             if not line then return nil, err end
             local hex = line:match("^(%x+)[ \t]*;?")
-            if not hex then return nil, "bad chunk size line: " .. line end
+            if not hex then return nil, "bad chunk size line: " .. line, true end
             local size = tonumber(hex, 16)
             if size == 0 then break end
             local ok, berr = self:read_body_bytes(size, st)
             if not ok then return nil, berr end
             req.body_len = req.body_len + size
             local crlf, cerr = self:read_line(4096)
-            if crlf ~= "" then return nil, cerr or "missing CRLF after chunk" end
+            if crlf ~= "" then return nil, cerr or "missing CRLF after chunk", crlf ~= nil end
         end
         while true do
             local line, err = self:read_line(8192)
@@ -368,7 +374,7 @@ function Conn:read_request()
         end
     elseif cl then
         local n = tonumber(cl)
-        if not n then return nil, "bad content-length " .. cl end
+        if not n or cl:find("[^%d]") then return nil, "bad content-length " .. cl, true end
         local ok, err = self:read_body_bytes(n, st)
         if not ok then return nil, err end
         req.body_len = n
@@ -399,6 +405,7 @@ local function build_head(req, status, headers, keep)
     elseif req.version == "HTTP/1.0" then
         conn[#conn + 1] = "keep-alive"
     end
+    if req.q.pad_header then add("X-Pad", ("p"):rep(tonumber(req.q.pad_header[1]) or 0)) end
     for _, t in ipairs(req.q.conn or {}) do conn[#conn + 1] = t end
     if #conn > 0 then add("Connection", table.concat(conn, ", ")) end
     out[#out + 1] = "\r\n"
@@ -569,8 +576,13 @@ local function serve(sock)
     local c = setmetatable({ sock = sock, buf = "", id = accepted, nreq = 0 }, Conn)
     local ok, err = pcall(function()
         while true do
-            local req, rerr = c:read_request()
+            local req, rerr, bad = c:read_request()
             if not req then
+                if bad then
+                    local msg = "origin: " .. tostring(rerr) .. "\n"
+                    c:send(string.format("HTTP/1.1 400 Bad Request\r\nX-Origin: %s\r\nContent-Length: %d\r\n"
+                        .. "Connection: close\r\n\r\n%s", NAME, #msg, msg))
+                end
                 if c.in_body then stats.aborted = stats.aborted + 1 end
                 if c.in_body or #c.buf > 0 or (rerr ~= "closed" and rerr ~= "timeout") then
                     log("connection", c.id, "dropped:", tostring(rerr))
