@@ -511,6 +511,7 @@ report() {
         "$WORKERS workers per proxy, wrk -d $DURATION after a $WARMUP warm-up," \
         "backend: nginx with 1 worker returning \"hello world\"."
     echo "Versions: $(versions)."
+    echo "Load average (1 min) at start: $LOAD0, at end: $(cut -d' ' -f1 /proc/loadavg) (other work on the machine skews single rows)."
     echo "CPU µs/req: the proxy's utime+stime (all its processes/threads) over requests completed."
     echo "Upstream conns: connections the backend accepted during the measured run (after the warm-up)."
     echo
@@ -592,6 +593,7 @@ select_proxies() {
 compare() {
     local name
     select_proxies
+    LOAD0=$(cut -d' ' -f1 /proc/loadavg)
     start_backend
     log "backend nginx on 127.0.0.1:$BACKEND_PORT"
     for name in $PROXIES; do

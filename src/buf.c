@@ -63,12 +63,3 @@ void mp_buf_compact(mp_buf_t *b)
     b->start = 0;
     b->end = (uint32_t)n;
 }
-
-int mp_buf_append(mp_buf_t *b, const void *p, size_t n)
-{
-    if (n > mp_buf_room(b))
-        return MP_ENOMEM;
-    memcpy(b->data + b->end, p, n);
-    b->end += (uint32_t)n;
-    return 0;
-}

@@ -35,8 +35,6 @@ void mp_buf_release(mp_buf_t *b, mp_bufpool_t *bp);
 /* Moves the unconsumed bytes to the front of the block. */
 void mp_buf_compact(mp_buf_t *b);
 
-/* Appends n bytes; returns 0, or MP_ENOMEM when they do not fit. */
-int mp_buf_append(mp_buf_t *b, const void *p, size_t n);
 
 static inline size_t mp_buf_len(const mp_buf_t *b)
 {
@@ -56,6 +54,16 @@ static inline char *mp_buf_head(const mp_buf_t *b)
 static inline char *mp_buf_tail(const mp_buf_t *b)
 {
     return b->data + b->end;
+}
+
+/* Appends n bytes; returns 0, or MP_ENOMEM when they do not fit. */
+static inline int mp_buf_append(mp_buf_t *b, const void *p, size_t n)
+{
+    if (MP_UNLIKELY(n > mp_buf_room(b)))
+        return MP_ENOMEM;
+    memcpy(b->data + b->end, p, n);
+    b->end += (uint32_t)n;
+    return 0;
 }
 
 #define MP_BUF_LIT(b, lit) mp_buf_append((b), (lit), sizeof(lit) - 1)

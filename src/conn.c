@@ -160,11 +160,25 @@ static void assign_request_id(mp_req_t *r)
     r->id_len = 32;
 }
 
+/* Dotted quad without printf (inet_ntop formats with sprintf). */
+static void format_ipv4(const uint8_t *a, char *out)
+{
+    for (int i = 0; i < 4; i++) {
+        unsigned v = a[i];
+        if (v >= 100)
+            *out++ = (char)('0' + v / 100);
+        if (v >= 10)
+            *out++ = (char)('0' + v / 10 % 10);
+        *out++ = (char)('0' + v % 10);
+        *out++ = i < 3 ? '.' : '\0';
+    }
+}
+
 static void describe_peer(mp_req_t *r)
 {
     const struct sockaddr_in6 *p = &r->conn->peer;
     if (IN6_IS_ADDR_V4MAPPED(&p->sin6_addr))
-        inet_ntop(AF_INET, &p->sin6_addr.s6_addr[12], r->client_ip, sizeof(r->client_ip));
+        format_ipv4(&p->sin6_addr.s6_addr[12], r->client_ip);
     else
         inet_ntop(AF_INET6, &p->sin6_addr, r->client_ip, sizeof(r->client_ip));
     const mp_settings_t *s = &r->conn->w->cfg->settings;

@@ -69,6 +69,11 @@ static void unlink_idle(mp_upconn_t *u)
     sp->nidle--;
 }
 
+/* Idle for less than this, a pooled connection is taken without a peek:
+ * servers close idle connections after seconds, and the idle watcher has
+ * already seen anything that arrived before this loop turn. */
+#define PEEK_AFTER_IDLE 1.0
+
 /* A pooled connection is usable when the server has neither closed it nor
  * sent anything: a peek must find nothing to read (RFC 9112 §9.3.1 lets a
  * server close an idle connection at any time). */
@@ -85,7 +90,7 @@ mp_upconn_t *mp_pool_take(mp_worker_t *w, int upstream, int server)
     while (sp->idle) {
         mp_upconn_t *u = sp->idle;
         unlink_idle(u);
-        if (!still_open(u->fd)) {
+        if (ev_now(w->loop) - u->idle_since >= PEEK_AFTER_IDLE && !still_open(u->fd)) {
             u->state = MP_UP_ACTIVE; /* not in the idle list any more */
             mp_upconn_close(u);
             continue;
@@ -140,6 +145,7 @@ void mp_pool_put(mp_upconn_t *u)
     mp_buf_release(&u->out, &w->bufs);
     u->state = MP_UP_IDLE;
     u->req = NULL;
+    u->idle_since = ev_now(w->loop);
     u->prev = NULL;
     u->next = sp->idle;
     if (sp->idle)

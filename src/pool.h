@@ -32,6 +32,7 @@ struct mp_upconn {
     size_t scanned;   /* response head parser resume point */
     struct mp_req *req; /* the request using it, NULL when idle */
     unsigned requests;  /* served on this connection */
+    ev_tstamp idle_since; /* when it went back to the pool */
     mp_upconn_t *prev, *next; /* idle list, or the worker's graveyard */
 };
 
