@@ -19,9 +19,9 @@ LDLIBS   := -lluajit-5.1 -lev -lpcre2-8 -lpthread -lm -ldl
 
 # The offline core (router, regex, parser, config) also builds as the Lua C
 # module moonproxy.core used by moonproxy.testing and the specs.
-CORE_SRCS := http1.c router.c regex.c config.c vm.c util.c l_core.c $(notdir $(wildcard src/l_*.c))
-CORE_SRCS := $(sort $(CORE_SRCS))
-SRV_SRCS  := $(filter-out l_core.c,$(notdir $(wildcard src/*.c)))
+SRV_SRCS  := $(notdir $(wildcard src/*.c))
+SRV_ONLY  := main.c worker.c listener.c conn.c upstream.c pool.c buf.c log.c l_request.c admin.c reload.c
+CORE_SRCS := $(filter-out $(SRV_ONLY),$(SRV_SRCS))
 
 SRV_OBJS  := $(SRV_SRCS:%.c=$(BUILD)/obj/%.o)
 CORE_OBJS := $(CORE_SRCS:%.c=$(BUILD)/pic/%.o)

@@ -5,6 +5,7 @@
 -- that need the whole script and returns the normalized table that
 -- mp_config_build() reads. require "moonproxy" has no side effects.
 local schema = require "moonproxy.schema"
+local hooks = require "moonproxy.hooks"
 
 local type, ipairs, setmetatable, getmetatable, getinfo = type, ipairs, setmetatable, getmetatable, debug.getinfo
 local error, tostring, pairs = error, tostring, pairs
@@ -14,7 +15,8 @@ local check, fail, bad, show = schema.check, schema.fail, schema.bad, schema.sho
 local _M = {}
 
 local function new_state()
-  return { listen = {}, upstreams = {}, upstream_by_name = {}, routes = {}, route_by_name = {} }
+  return { listen = {}, upstreams = {}, upstream_by_name = {}, routes = {}, route_by_name = {},
+    global = { on_request = {}, on_response = {}, on_log = {}, plugins = {} } }
 end
 
 local state = new_state() -- what the script declared so far; a new one per load
@@ -43,11 +45,45 @@ local function not_yet(what)
   end
 end
 
-_M.on_request = not_yet("proxy.on_request")
-_M.on_response = not_yet("proxy.on_response")
-_M.on_log = not_yet("proxy.on_log")
-_M.shared = not_yet("proxy.shared")
 _M.expect = not_yet("proxy.expect")
+
+-- Global hooks, run for every request in declaration order (README "Hooks").
+local function global_hook(phase)
+  return function(fn)
+    local src = where()
+    if type(fn) ~= "function" then
+      fail(src, "proxy.%s expects a function, got %s", phase, show(fn))
+    end
+    local list = state.global[phase]
+    list[#list + 1] = fn
+  end
+end
+
+_M.on_request = global_hook("on_request")
+_M.on_response = global_hook("on_response")
+_M.on_log = global_hook("on_log")
+
+-- proxy.plugin { "name", option = value }: a plugin for every request.
+function _M.plugin(entry)
+  local list = state.global.plugins
+  list[#list + 1] = { entry = entry, src = where() }
+end
+
+-- Run-time helpers, for hooks and plugins.
+local core = require "moonproxy.core"
+_M.now = core.now
+
+-- proxy.shared(name, size): a dictionary shared by all workers (SPEC "Shared state").
+function _M.shared(name, size)
+  if type(name) ~= "string" or name == "" then
+    error("proxy.shared expects a name, got " .. show(name), 2)
+  end
+  local bytes, err = schema.size(size)
+  if not bytes or bytes <= 0 then
+    error("proxy.shared '" .. name .. "': size " .. (err or "must be greater than 0"), 2)
+  end
+  return core.shared(name, bytes)
+end
 
 -- listen / admin ---------------------------------------------------------------
 
@@ -109,6 +145,10 @@ local settings_spec = {
   max_connections = schema.integer(1),
   trusted_proxies = schema.list(schema.string),
   access_log = access_log,
+  plugin_path = schema.string,
+  reload_drain_timeout = schema.duration,
+  hook_timeout = schema.duration,
+  watch = schema.boolean,
 }
 
 local function settings_defaults()
@@ -116,6 +156,7 @@ local function settings_defaults()
     workers = 0, client_header_timeout = 10, client_body_timeout = 60, keepalive_timeout = 75,
     max_header_size = 16384, max_uri_size = 8192, max_body_size = 10485760, max_connections = 10000,
     shutdown_timeout = 30, trusted_proxies = {}, access_log = "stdout",
+    reload_drain_timeout = 30, hook_timeout = 1, watch = false,
   }
 end
 
@@ -243,10 +284,10 @@ local route_spec = {
   name = schema.string, host = schema.route_host, method = schema.methods,
   path = schema.uri_path, prefix = schema.uri_path, regex = schema.string,
   headers = schema.header_filters, strip_prefix = schema.boolean, upstream = upstream_ref,
+  rewrite = schema.func, on_request = schema.func, on_response = schema.func, handler = schema.func,
+  plugins = schema.list(function(e) return e end),
 }
-local route_later = {
-  static = true, handler = true, rewrite = true, on_request = true, on_response = true, plugins = true,
-}
+local route_later = { static = true }
 
 function _M.route(t)
   local src = where()
@@ -255,8 +296,8 @@ function _M.route(t)
     fail(src, "route: set only one of path, prefix, regex")
   elseif r.strip_prefix and not r.prefix then
     fail(src, "route: strip_prefix needs a prefix")
-  elseif not r.upstream then
-    fail(src, 'route: needs a target: upstream = api (an upstream or its name)')
+  elseif not r.upstream == not r.handler then
+    fail(src, "route: needs one target: upstream = api (an upstream or its name), or handler = function(req)")
   end
   r.index = #state.routes + 1
   r.name = r.name or tostring(r.index)
@@ -274,6 +315,33 @@ end
 
 -- whole-script checks ------------------------------------------------------------
 
+-- Loads every plugin (plugin_path is relative to the script's folder) and
+-- builds the per-phase chains (moonproxy.hooks).
+local function build_hooks(s, script)
+  local path = s.settings.plugin_path
+  if path and path:sub(1, 1) ~= "/" and script then
+    path = (script:match("^(.*)/[^/]*$") or ".") .. "/" .. path
+  end
+  local global = s.global
+  local plugins = {}
+  for i, p in ipairs(global.plugins) do
+    plugins[i] = hooks.plugin(p.entry, p.src, path)
+  end
+  for _, r in ipairs(s.routes) do
+    if r.plugins then
+      for i, p in ipairs(r.plugins) do
+        r.plugins[i] = hooks.plugin(p, r.src, path)
+      end
+    end
+  end
+  local index = {}
+  for i, u in ipairs(s.upstreams) do
+    index[u.name] = i - 1
+  end
+  return hooks.build({ plugins = plugins, on_request = global.on_request, on_response = global.on_response,
+    on_log = global.on_log }, s.routes, index)
+end
+
 -- Returns the normalized configuration (see src/config.h); raises the first
 -- problem found with the src of the declaration at fault. script names the
 -- file for problems that have no declaration (no listener).
@@ -290,7 +358,7 @@ function _M._finish(script)
     end
   end
   for _, r in ipairs(s.routes) do
-    if not s.upstream_by_name[r.upstream] then
+    if r.upstream and not s.upstream_by_name[r.upstream] then
       local names = {}
       for _, u in ipairs(s.upstreams) do
         names[#names + 1] = u.name
@@ -304,7 +372,8 @@ function _M._finish(script)
   if not s.settings then
     s.settings = settings_defaults()
   end
-  return { listen = s.listen, admin = s.admin, settings = s.settings, upstreams = s.upstreams, routes = s.routes }
+  return { listen = s.listen, admin = s.admin, settings = s.settings, upstreams = s.upstreams, routes = s.routes,
+    hooks = build_hooks(s, script) }
 end
 
 return _M

@@ -273,6 +273,11 @@ static void build_settings(lua_State *L, mp_settings_t *s)
     s->max_uri_size = (size_t)get_num(L, t, "max_uri_size", 8192, 1, 1e9, 1, src, w);
     s->max_body_size = (uint64_t)get_num(L, t, "max_body_size", 10485760, 0, 9007199254740991.0, 1, src, w);
     s->max_connections = (int)get_num(L, t, "max_connections", 10000, 1, INT_MAX, 1, src, w);
+    s->reload_drain_timeout = get_dur(L, t, "reload_drain_timeout", 30, src, w);
+    s->hook_timeout = get_dur(L, t, "hook_timeout", 1, src, w);
+    lua_getfield(L, t, "watch");
+    s->watch = lua_toboolean(L, -1);
+    lua_pop(L, 1);
 
     lua_getfield(L, t, "access_log");
     if (lua_isnil(L, -1))
@@ -458,10 +463,13 @@ static void build_route(lua_State *L, mp_config_t *cfg)
     def.strip_prefix = lua_toboolean(L, -1);
     lua_pop(L, 1);
     const char *up = get_str(L, t, "upstream", src, "route");
-    if (!up)
-        fail(L, src, "route: needs a target: upstream = ...");
-    def.target = mp_config_upstream(cfg, up);
-    if (def.target < 0)
+    lua_getfield(L, t, "handler");
+    int handler = lua_isfunction(L, -1);
+    lua_pop(L, 1);
+    if (!up && !handler)
+        fail(L, src, "route: needs a target: upstream = ... or handler = function(req)");
+    def.target = up ? mp_config_upstream(cfg, up) : -1;
+    if (up && def.target < 0)
         fail(L, src, "route '%s': unknown upstream '%s'", def.name ? def.name : "?", up);
     route_filters(L, t, &def, src);
     char err[512];
@@ -490,6 +498,49 @@ static void build_routes(lua_State *L, mp_config_t *cfg)
     lua_pop(L, 1);
 }
 
+/* A registry reference to the function at field k of the table on top, or
+ * LUA_NOREF. */
+static int ref_field(lua_State *L, const char *k)
+{
+    lua_getfield(L, -1, k);
+    if (!lua_isfunction(L, -1)) {
+        lua_pop(L, 1);
+        return LUA_NOREF;
+    }
+    return luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+/* The chains lua/moonproxy/hooks.lua built, as references in this VM. */
+static void build_hooks(lua_State *L, mp_config_t *cfg)
+{
+    size_t n = mp_router_count(cfg->router);
+    cfg->route_hooks = xcalloc(L, n ? n : 1, sizeof(*cfg->route_hooks));
+    cfg->pre_ref = cfg->log_ref = LUA_NOREF;
+    for (size_t i = 0; i < n; i++)
+        cfg->route_hooks[i].request = cfg->route_hooks[i].response = LUA_NOREF;
+    if (!get_table(L, 1, "hooks", NULL, "config"))
+        return;
+    cfg->pre_ref = ref_field(L, "pre");
+    cfg->log_ref = ref_field(L, "log");
+    lua_getfield(L, -1, "routes");
+    for (size_t i = 0; i < n && lua_istable(L, -1); i++) {
+        lua_rawgeti(L, -1, (int)i + 1);
+        if (lua_istable(L, -1)) {
+            mp_route_hooks_t *h = &cfg->route_hooks[i];
+            h->request = ref_field(L, "request");
+            h->response = ref_field(L, "response");
+            lua_getfield(L, -1, "captures");
+            h->captures = (uint8_t)lua_toboolean(L, -1);
+            lua_pop(L, 1);
+            h->handler = mp_router_get(cfg->router, i)->target < 0;
+            cfg->has_hooks |= h->request != LUA_NOREF || h->response != LUA_NOREF;
+        }
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 2);
+    cfg->has_hooks |= cfg->pre_ref != LUA_NOREF || cfg->log_ref != LUA_NOREF;
+}
+
 /* lua_CFunction: (normalized table, cfg lightuserdata). */
 static int build(lua_State *L)
 {
@@ -499,6 +550,7 @@ static int build(lua_State *L)
     build_listeners(L, cfg);
     build_upstreams(L, cfg);
     build_routes(L, cfg);
+    build_hooks(L, cfg);
     return 0;
 }
 
@@ -638,6 +690,7 @@ void mp_config_free(mp_config_t *cfg)
     free(cfg->settings.access_log);
     if (cfg->router)
         mp_router_free(cfg->router);
+    free(cfg->route_hooks);
     free(cfg->path);
     free(cfg);
 }

@@ -50,7 +50,19 @@ typedef struct {
     mp_cidr_t *trusted;
     size_t ntrusted;
     char *access_log;       /* NULL: off; "stdout"; else a path */
+    double reload_drain_timeout; /* seconds an old generation may keep requests */
+    double hook_timeout;    /* seconds one call into Lua may take before the watchdog reports it */
+    int watch;              /* reload when the script changes */
 } mp_settings_t;
+
+/* A route's Lua chains (lua/moonproxy/hooks.lua): registry references in
+ * the VM that built the configuration; LUA_NOREF where nothing is attached. */
+typedef struct {
+    int request;      /* rewrite, plugins, on_request, handler */
+    int response;     /* plugins and on_response, on the response head */
+    uint8_t captures; /* the request chain takes the regex captures */
+    uint8_t handler;  /* the chain's result is the upstream (a handler route) */
+} mp_route_hooks_t;
 
 typedef struct {
     char *path;        /* the script */
@@ -60,7 +72,11 @@ typedef struct {
     mp_addr_t *admin;  /* NULL when no admin port */
     mp_upstream_def_t *upstreams;
     size_t nupstreams;
-    mp_router_t *router; /* route targets are indexes into upstreams */
+    mp_router_t *router; /* route targets are indexes into upstreams; -1 for handler routes */
+    int pre_ref;         /* global request chain, before routing (LUA_NOREF: none) */
+    int log_ref;         /* on_log chain, after the response (LUA_NOREF: none) */
+    mp_route_hooks_t *route_hooks; /* by route index - 1 */
+    int has_hooks;       /* any chain at all: requests need a Lua object */
 } mp_config_t;
 
 /* Builds a configuration from the normalized table at stack index idx (see

@@ -4,11 +4,13 @@
 #include <lauxlib.h>
 #include <lua.h>
 
-int luaopen_moonproxy_core(lua_State *L);
+const char mp_responded_tag = 1;
 
 int luaopen_moonproxy_core(lua_State *L)
 {
     lua_newtable(L);
+    lua_pushlightuserdata(L, MP_RESPONDED);
+    lua_setfield(L, -2, "RESPONDED");
     /* weak while the parts are being written; see l_core.h */
     if (mp_l_http1_register)
         mp_l_http1_register(L);

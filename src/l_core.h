@@ -10,4 +10,11 @@ void mp_l_http1_register(lua_State *L) __attribute__((weak));
 void mp_l_router_register(lua_State *L) __attribute__((weak));
 void mp_l_config_register(lua_State *L) __attribute__((weak));
 
+/* luaopen for moonproxy.core; the server preloads it in every VM. */
+int luaopen_moonproxy_core(lua_State *L);
+
+/* What req:respond returns: hook chains stop on it (core.RESPONDED). */
+extern const char mp_responded_tag;
+#define MP_RESPONDED ((void *)&mp_responded_tag)
+
 #endif

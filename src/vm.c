@@ -2,6 +2,8 @@
  * mp_vm_call(), the one protected way into Lua. */
 #include "vm.h"
 
+#include "l_core.h"
+
 #include <lauxlib.h>
 #include <lua.h>
 #include <lualib.h>
@@ -70,6 +72,11 @@ static int vm_setup(lua_State *L)
     lua_getfield(L, -1, "path");
     lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", dir, dir, lua_tostring(L, -1));
     lua_setfield(L, -3, "path");
+    lua_pop(L, 1);
+    /* The C core, for the DSL, hooks and plugins: the same module the specs load. */
+    lua_getfield(L, -1, "preload");
+    lua_pushcfunction(L, luaopen_moonproxy_core);
+    lua_setfield(L, -2, "moonproxy.core");
     lua_pop(L, 2);
     return 0;
 }

@@ -114,6 +114,13 @@ function _M.boolean(v)
   return v
 end
 
+function _M.func(v)
+  if type(v) == "function" then
+    return v
+  end
+  return bad(v, "must be a function")
+end
+
 function _M.string(v)
   if type(v) ~= "string" or v == "" then
     return bad(v, "must be a non-empty string")

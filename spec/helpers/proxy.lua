@@ -334,7 +334,8 @@ function M.write_config(text, vars, suffix)
 end
 
 -- Starts the binary. opts: config (template text), vars (for the template;
--- listen, port and access_log are provided), workers (-w), log_level (-l),
+-- listen, port, access_log and admin (a free 127.0.0.1 port, see
+-- Proxy:admin) are provided), workers (-w), log_level (-l),
 -- args (more arguments), wait (false: do not wait for the port).
 -- Returns a Proxy: pid, port, url, conf_path, access_log, stop(), stderr()...
 function M.start_proxy(opts)
@@ -344,6 +345,11 @@ function M.start_proxy(opts)
     vars.port = port
     vars.listen = "127.0.0.1:" .. port
     vars.access_log = vars.access_log or M.tmpname(".access.log")
+    local admin_port
+    if vars.admin == nil then
+        admin_port = M.free_port()
+        vars.admin = "127.0.0.1:" .. admin_port
+    end
     local conf = M.write_config(opts.config, vars)
     local argv = { M.bin(), "-c", conf }
     if opts.workers then
@@ -357,6 +363,7 @@ function M.start_proxy(opts)
     for _, a in ipairs(opts.args or {}) do argv[#argv + 1] = a end
     local p = setmetatable(M.spawn(argv), Proxy)
     p.port, p.conf_path, p.access_log = port, conf, vars.access_log
+    p.admin_port, p.vars = admin_port, vars
     p.url = "http://127.0.0.1:" .. port
     if opts.wait ~= false then wait_listening(p, port, 10, "moonproxy") end
     return p
@@ -396,6 +403,59 @@ function Proxy:access_log_entries()
         t[#t + 1] = cjson.decode(line)
     end
     return t
+end
+
+-- Rewrites the proxy's configuration file in place (for a reload) from a
+-- template; vars are added to the ones the proxy was started with.
+function Proxy:rewrite_config(text, vars)
+    local all = {}
+    for k, v in pairs(self.vars or {}) do all[k] = v end
+    for k, v in pairs(vars or {}) do all[k] = v end
+    local conf = text:gsub("%${([%w_]+)}", function(k)
+        local v = all[k]
+        if v == nil then error("config template: no value for ${" .. k .. "}", 3) end
+        return tostring(v)
+    end)
+    M.write_file(self.conf_path, conf)
+    return conf
+end
+
+-- One request to the admin port (the ${admin} address start_proxy chose).
+-- Returns the response and its body decoded as JSON (nil when it is not
+-- JSON), or nil, err.
+function Proxy:admin(method, path, opts)
+    assert(self.admin_port, "this proxy was started with its own ${admin} address")
+    local res, err = raw.request(self.admin_port, { method = method, target = path,
+        body = (method == "POST" or method == "PUT") and "" or nil }, opts or { timeout = 10 })
+    if not res then return nil, err end
+    local ok, doc = pcall(cjson.decode, res.body or "")
+    return res, ok and type(doc) == "table" and doc or nil
+end
+
+-- The number (1-based) of the first line of text that contains needle.
+function M.line_of(text, needle)
+    local n = 0
+    for line in (text .. "\n"):gmatch("(.-)\n") do
+        n = n + 1
+        if line:find(needle, 1, true) then return n end
+    end
+    error("no line contains " .. needle, 2)
+end
+
+-- The lines of text (stderr...) that contain every one of the plain strings given.
+function M.lines_with(text, ...)
+    local out = {}
+    for line in text:gmatch("[^\n]+") do
+        local all = true
+        for i = 1, select("#", ...) do
+            if not line:find((select(i, ...)), 1, true) then
+                all = false
+                break
+            end
+        end
+        if all then out[#out + 1] = line end
+    end
+    return out
 end
 
 return M

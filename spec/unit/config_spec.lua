@@ -376,7 +376,7 @@ describe("load_config() errors", function()
   end)
 
   it("refuses bad routes", function()
-    fails_at({ LISTEN, API, 'proxy.route { prefix = "/" }' }, 4, "route: needs a target")
+    fails_at({ LISTEN, API, 'proxy.route { prefix = "/" }' }, 4, "route: needs one target")
     fails_at({ LISTEN, API, 'proxy.route { path = "/a", prefix = "/b", upstream = api }' }, 4,
       "set only one of path, prefix, regex")
     fails_at({ LISTEN, API, 'proxy.route { path = "/a", strip_prefix = true, upstream = api }' }, 4,
@@ -399,13 +399,37 @@ describe("load_config() errors", function()
   end)
 end)
 
-describe("load_config() features of later releases", function()
-  for _, key in ipairs { "static", "handler", "rewrite", "on_request", "on_response", "plugins" } do
-    it("refuses route " .. key, function()
+describe("load_config() hooks and plugins", function()
+  for _, key in ipairs { "rewrite", "on_request", "on_response" } do
+    it("refuses a route " .. key .. " that is not a function", function()
       fails_at({ LISTEN, API, "proxy.route { upstream = api, " .. key .. " = {} }" }, 4,
-        "route: '" .. key .. "' is not supported yet")
+        key .. " must be a function")
     end)
   end
+
+  it("refuses a route with both an upstream and a handler", function()
+    fails_at({ LISTEN, API, "proxy.route { upstream = api, handler = function() end }" }, 4, "needs one target")
+  end)
+
+  it("accepts a handler route without an upstream", function()
+    ok { LISTEN, API, "proxy.route { prefix = '/h', handler = function(req) return api end }" }
+  end)
+
+  it("refuses an unknown plugin at the route's line", function()
+    fails_at({ LISTEN, API, 'proxy.route { upstream = api, plugins = { { "no_such_plugin" } } }' }, 4,
+      "unknown plugin 'no_such_plugin'")
+  end)
+
+  it("refuses a global hook that is not a function", function()
+    fails_at({ LISTEN, API, "proxy.on_request(42)" }, 4, "proxy.on_request expects a function")
+  end)
+end)
+
+describe("load_config() features of later releases", function()
+  it("refuses route static", function()
+    fails_at({ LISTEN, API, "proxy.route { upstream = api, static = {} }" }, 4,
+      "route: 'static' is not supported yet")
+  end)
 
   for _, key in ipairs { "health", "passive", "hash_key", "fail_open" } do
     it("refuses upstream " .. key, function()
@@ -421,7 +445,7 @@ describe("load_config() features of later releases", function()
       "function balancers are not supported yet")
   end)
 
-  for _, fn in ipairs { "on_request", "on_response", "on_log", "shared", "expect" } do
+  for _, fn in ipairs { "expect" } do
     it("refuses proxy." .. fn, function()
       fails_at({ LISTEN, "", "proxy." .. fn .. "(function() end)" }, 4, "proxy." .. fn .. " is not supported yet")
     end)
