@@ -515,13 +515,14 @@ static void build_hooks(lua_State *L, mp_config_t *cfg)
 {
     size_t n = mp_router_count(cfg->router);
     cfg->route_hooks = xcalloc(L, n ? n : 1, sizeof(*cfg->route_hooks));
-    cfg->pre_ref = cfg->log_ref = LUA_NOREF;
+    cfg->pre_ref = cfg->log_ref = cfg->response_ref = LUA_NOREF;
     for (size_t i = 0; i < n; i++)
         cfg->route_hooks[i].request = cfg->route_hooks[i].response = LUA_NOREF;
     if (!get_table(L, 1, "hooks", NULL, "config"))
         return;
     cfg->pre_ref = ref_field(L, "pre");
     cfg->log_ref = ref_field(L, "log");
+    cfg->response_ref = ref_field(L, "response");
     lua_getfield(L, -1, "routes");
     for (size_t i = 0; i < n && lua_istable(L, -1); i++) {
         lua_rawgeti(L, -1, (int)i + 1);

@@ -75,6 +75,7 @@ typedef struct {
     mp_router_t *router; /* route targets are indexes into upstreams; -1 for handler routes */
     int pre_ref;         /* global request chain, before routing (LUA_NOREF: none) */
     int log_ref;         /* on_log chain, after the response (LUA_NOREF: none) */
+    int response_ref;    /* global response chain, for responses made before routing */
     mp_route_hooks_t *route_hooks; /* by route index - 1 */
     int has_hooks;       /* any chain at all: requests need a Lua object */
 } mp_config_t;

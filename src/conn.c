@@ -2,6 +2,7 @@
  * them, answer errors made here, keep-alive and pipelining, timeouts, close. */
 #include "conn.h"
 
+#include "l_request.h"
 #include "listener.h"
 #include "pool.h"
 #include "upstream.h"
@@ -10,7 +11,10 @@
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <lauxlib.h>
+#include <lua.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #define LINGER_SECONDS 2.0
@@ -21,24 +25,6 @@ static void on_io(struct ev_loop *loop, ev_io *io, int revents);
 static void on_timer(struct ev_loop *loop, ev_timer *t, int revents);
 static void on_readable(mp_conn_t *c);
 static void flush_local(mp_conn_t *c);
-
-static const char *reason_phrase(int status)
-{
-    switch (status) {
-    case 400: return "Bad Request";
-    case 404: return "Not Found";
-    case 408: return "Request Timeout";
-    case 413: return "Content Too Large";
-    case 414: return "URI Too Long";
-    case 431: return "Request Header Fields Too Large";
-    case 500: return "Internal Server Error";
-    case 501: return "Not Implemented";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    default: return "Error";
-    }
-}
 
 void mp_conn_want(mp_conn_t *c, int events)
 {
@@ -191,11 +177,59 @@ static void describe_peer(mp_req_t *r)
 
 /* A complete, valid head is in c->in: decide framing, route, and hand the
  * request to the exchange, or answer it here. */
+/* A hook chain's outcome: answer what a hook answered, or 500 for an error. */
+static void hook_outcome(mp_conn_t *c, int rc)
+{
+    if (rc == MP_HOOK_RESPONDED)
+        return mp_conn_respond(c);
+    mp_conn_fail(c, 500);
+}
+
+/* Routes r by its (possibly hook-changed) path and runs the route's request
+ * chain. Returns 0 when the request goes upstream. */
+static int route_request(mp_conn_t *c, mp_req_t *r)
+{
+    const mp_config_t *cfg = c->w->cfg;
+    mp_http_request_t *h = &r->h;
+    mp_route_query_t q = {h->method, h->host, r->path, h->headers, h->nheaders};
+    r->match_path = r->path;
+    if (mp_router_match(cfg->router, &q, &r->match) != 0)
+        return mp_conn_fail(c, 404), -1;
+    const mp_route_t *route = r->match.route;
+    if (route->strip_prefix && route->prefix) {
+        /* the path keeps its leading '/': "/v1/users" less "/v1/" is "/users" */
+        size_t strip = route->prefix_len - (route->prefix[route->prefix_len - 1] == '/');
+        r->path.p += strip;
+        r->path.len -= strip;
+        if (!r->path.len)
+            r->path = MP_SLICE_LIT("/");
+    }
+    r->upstream = route->target;
+    const mp_route_hooks_t *hooks = &cfg->route_hooks[route->index - 1];
+    if (hooks->request == LUA_NOREF)
+        return 0;
+    int up = -1;
+    int rc = mp_hook_route(c->w->L, r, hooks, &up);
+    if (rc != MP_HOOK_NEXT)
+        return hook_outcome(c, rc), -1;
+    if (hooks->handler) {
+        if (up < 0 || (size_t)up >= cfg->nupstreams) {
+            mp_log_error("w%d: route '%s' (%s): the handler neither responded nor returned an upstream "
+                         "(request %.*s)", c->w->id, route->name, route->src, r->id_len, r->id);
+            return mp_conn_fail(c, 500), -1;
+        }
+        r->upstream = up;
+    }
+    return 0;
+}
+
+/* A complete, valid head is in c->in: decide framing, run the hooks, route,
+ * and hand the request to the exchange, or answer it here. */
 static void start_request(mp_conn_t *c)
 {
     mp_req_t *r = c->req;
     mp_http_request_t *h = &r->h;
-    const mp_settings_t *s = &c->w->cfg->settings;
+    const mp_config_t *cfg = c->w->cfg;
 
     r->is_head = h->method.len == 4 && memcmp(h->method.p, "HEAD", 4) == 0;
     r->keepalive = h->minor == 1 ? !h->conn_close : (h->conn_keepalive && !h->conn_close);
@@ -211,15 +245,21 @@ static void start_request(mp_conn_t *c)
     } else {
         r->body.done = 1;
     }
+    r->path = h->path;
+    r->query = h->query;
+    r->has_query = h->has_query;
     assign_request_id(r);
     describe_peer(r);
-    if (s->max_body_size && h->content_length > 0 && (uint64_t)h->content_length > s->max_body_size)
+    if (cfg->settings.max_body_size && h->content_length > 0 &&
+        (uint64_t)h->content_length > cfg->settings.max_body_size)
         return mp_conn_fail(c, 413);
-
-    mp_route_query_t q = {h->method, h->host, h->path, h->headers, h->nheaders};
-    if (mp_router_match(c->w->cfg->router, &q, &r->match) != 0)
-        return mp_conn_fail(c, 404);
-    r->upstream = r->match.route->target;
+    if (cfg->pre_ref != LUA_NOREF) {
+        int rc = mp_hook_pre(c->w->L, r, cfg->pre_ref);
+        if (rc != MP_HOOK_NEXT)
+            return hook_outcome(c, rc);
+    }
+    if (route_request(c, r) != 0)
+        return;
     c->state = MP_CS_PROXY;
     mp_upstream_start(r);
 }
@@ -387,6 +427,10 @@ static void end_request(mp_conn_t *c)
     if (!r)
         return;
     mp_upstream_cancel(r);
+    const mp_config_t *cfg = c->w->cfg;
+    if (r->status && cfg->log_ref != LUA_NOREF)
+        mp_hook_log(c->w->L, r, cfg->log_ref);
+    mp_hook_release(c->w->L, r);
     if (r->status)
         log_request(c, r);
     mp_worker_t *w = c->w;
@@ -432,12 +476,17 @@ void mp_conn_request_done(mp_conn_t *c)
 
 static void flush_local(mp_conn_t *c)
 {
-    while (mp_buf_len(&c->out)) {
-        ssize_t n = write(c->fd, mp_buf_head(&c->out), mp_buf_len(&c->out));
+    mp_req_t *r = c->req;
+    while (mp_buf_len(&c->out) || r->local_out_len) {
+        struct iovec iov[2] = {{mp_buf_head(&c->out), mp_buf_len(&c->out)},
+                               {(char *)r->local_out, r->local_out_len}};
+        ssize_t n = writev(c->fd, iov, 2);
         if (n > 0) {
-            c->out.start += (uint32_t)n;
-            if (c->req)
-                c->req->bytes_sent += (uint64_t)n;
+            size_t head = mp_buf_len(&c->out) < (size_t)n ? mp_buf_len(&c->out) : (size_t)n;
+            c->out.start += (uint32_t)head;
+            r->local_out += (size_t)n - head;
+            r->local_out_len -= (size_t)n - head;
+            r->bytes_sent += (uint64_t)n;
             continue;
         }
         if (n < 0 && errno == EINTR)
@@ -452,9 +501,58 @@ static void flush_local(mp_conn_t *c)
     mp_conn_request_done(c);
 }
 
-void mp_conn_fail(mp_conn_t *c, int status)
+/* Writes a response made here: head into c->out, the body after it (or,
+ * when it does not fit, from the request's local_body). */
+static void send_local(mp_conn_t *c, int status, const char *body, size_t blen, const mp_hedit_t *edits)
 {
     mp_worker_t *w = c->w;
+    mp_req_t *r = c->req;
+    r->status = status;
+    mp_slice date = mp_worker_date(w);
+    char head[512];
+    int hlen = snprintf(head, sizeof(head), "HTTP/1.1 %d %s\r\n%.*sContent-Length: %zu\r\nX-Request-ID: %.*s\r\n%s",
+                        status, mp_http1_reason(status), (int)date.len, date.p, r->is_head ? 0 : blen,
+                        r->id_len, r->id, r->keepalive ? "" : "Connection: close\r\n");
+    mp_buf_t *b = &c->out;
+    if (mp_buf_acquire(b, &w->bufs) != 0 || mp_buf_append(b, head, (size_t)hlen) != 0 ||
+        (!mp_hedit_find(edits, MP_SLICE_LIT("content-type")) &&
+         MP_BUF_LIT(b, "Content-Type: text/plain\r\n") != 0) ||
+        mp_hedit_put(b, edits, NULL) != 0 || MP_BUF_LIT(b, "\r\n") != 0)
+        return mp_conn_close(c);
+    if (r->is_head)
+        blen = 0;
+    if (blen <= mp_buf_room(b)) {
+        mp_buf_append(b, body, blen);
+        blen = 0;
+    }
+    r->local_out = body;
+    r->local_out_len = blen;
+    r->resp_started = 1;
+    c->state = MP_CS_LOCAL;
+    mp_conn_want(c, 0);
+    flush_local(c);
+}
+
+/* A hook answered: the response hooks see that answer like any other. */
+void mp_conn_respond(mp_conn_t *c)
+{
+    mp_req_t *r = c->req;
+    const mp_config_t *cfg = c->w->cfg;
+    if (!r->body.done)
+        r->keepalive = 0;
+    r->status = r->local_status;
+    int ref = r->match.route ? cfg->route_hooks[r->match.route->index - 1].response : cfg->response_ref;
+    if (ref != LUA_NOREF) {
+        if (mp_hook_response(c->w->L, r, ref, NULL) != MP_HOOK_NEXT)
+            return mp_conn_fail(c, 500);
+        if (r->resp_status)
+            r->local_status = r->resp_status;
+    }
+    send_local(c, r->local_status, r->local_body, r->local_body_len, r->resp_edits);
+}
+
+void mp_conn_fail(mp_conn_t *c, int status)
+{
     mp_req_t *r = c->req;
     if (c->closed)
         return;
@@ -465,29 +563,13 @@ void mp_conn_fail(mp_conn_t *c, int status)
         assign_request_id(r);
     if (!r->client_ip[0])
         describe_peer(r);
-    r->status = status;
     if (!r->body.done || status == 408 || status == 400)
         r->keepalive = 0;
-
-    const char *reason = reason_phrase(status);
-    char body[64];
-    int blen = snprintf(body, sizeof(body), "%d %s\n", status, reason);
-    mp_slice date = mp_worker_date(w);
-    char head[512];
-    int hlen = snprintf(head, sizeof(head),
-                        "HTTP/1.1 %d %s\r\n%.*sContent-Type: text/plain\r\nContent-Length: %d\r\n"
-                        "X-Request-ID: %.*s\r\n%s\r\n",
-                        status, reason, (int)date.len, date.p, r->is_head ? 0 : blen, r->id_len, r->id,
-                        r->keepalive ? "" : "Connection: close\r\n");
-    if (mp_buf_acquire(&c->out, &w->bufs) != 0 || mp_buf_append(&c->out, head, (size_t)hlen) != 0 ||
-        (!r->is_head && mp_buf_append(&c->out, body, (size_t)blen) != 0))
-        return mp_conn_close(c);
     if (status >= 500)
-        mp_log_info("w%d: %d for request %.*s", w->id, status, r->id_len, r->id);
-    r->resp_started = 1;
-    c->state = MP_CS_LOCAL;
-    mp_conn_want(c, 0);
-    flush_local(c);
+        mp_log_info("w%d: %d for request %.*s", c->w->id, status, r->id_len, r->id);
+    char body[64];
+    int blen = snprintf(body, sizeof(body), "%d %s\n", status, mp_http1_reason(status));
+    send_local(c, status, body, (size_t)blen, NULL);
 }
 
 void mp_conn_close(mp_conn_t *c)

@@ -6,6 +6,7 @@
 
 #include "buf.h"
 #include "common.h"
+#include "headers.h"
 #include "http1.h"
 #include "router.h"
 #include "worker.h"
@@ -19,6 +20,8 @@ enum mp_conn_state {
     MP_CS_PROXY, /* the exchange (upstream.c) drives the socket */
     MP_CS_LOCAL, /* writing a response made here (error, 404) */
 };
+
+enum mp_phase { MP_PHASE_REQUEST, MP_PHASE_RESPONSE, MP_PHASE_LOG, MP_PHASE_DONE };
 
 enum mp_body_kind { MP_BODY_NONE, MP_BODY_LENGTH, MP_BODY_CHUNKED, MP_BODY_CLOSE };
 
@@ -51,6 +54,22 @@ typedef struct mp_req {
     int status;               /* response status sent (or to send) to the client */
     uint64_t bytes_sent;      /* to the client, head included */
     ev_tstamp t_start, t_up_start, t_up_end;
+    mp_slice path;            /* what the upstream gets: the received path, stripped or rewritten */
+    mp_slice query;           /* likewise; valid when has_query */
+    /* Hooks (l_request.c): the Lua objects, and what hooks changed. */
+    struct mp_lbox *lbox[2];  /* req and res objects, cleared when the request ends */
+    mp_buf_t arena;           /* strings and edits written by hooks */
+    mp_hedit_t *edits;        /* request header edits, newest first */
+    mp_hedit_t *resp_edits;   /* response header edits (and respond()'s headers) */
+    const mp_http_response_t *rh; /* the upstream's response head, during response hooks */
+    mp_slice match_path;      /* the path the router matched (regex captures index it) */
+    const char *local_out;    /* body of a local response still to write after c->out */
+    size_t local_out_len;
+    char *local_body;         /* respond()'s body (malloc'd) */
+    size_t local_body_len;
+    uint16_t local_status;    /* respond()'s status; 0 when no hook responded */
+    uint16_t resp_status;     /* response status as hooks set it; 0: the upstream's */
+    uint8_t phase;            /* mp_phase: what hooks may do now */
     char id[129];             /* X-Request-ID sent upstream and echoed */
     uint8_t id_len;
     char client_ip[46];
@@ -65,6 +84,7 @@ typedef struct mp_req {
     unsigned sent_continue : 1;  /* 100 Continue was sent to the client */
     unsigned up_reusable : 1;    /* the upstream connection may go back to the pool */
     unsigned body_abandoned : 1; /* the upstream answered before the whole body; stop sending it */
+    unsigned has_query : 1;      /* query is present ('?' was there) */
 } mp_req_t;
 
 struct mp_conn {
@@ -102,6 +122,9 @@ void mp_conn_request_done(mp_conn_t *c);
  * text body) when nothing of a response was sent yet; otherwise closes. The
  * connection closes after it unless the request can be cleanly followed. */
 void mp_conn_fail(mp_conn_t *c, int status);
+
+/* Answers the current request with what a hook gave req:respond. */
+void mp_conn_respond(mp_conn_t *c);
 
 /* Closes the client connection (and cancels its exchange). Memory is freed
  * before the worker's next poll, so a caller's pointers stay valid until it

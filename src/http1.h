@@ -108,6 +108,9 @@ int mp_http1_find(const mp_header_t *h, unsigned n, const char *lower_name, size
  * skipped) or 0 at the end. */
 int mp_http1_next_token(mp_slice value, size_t *pos, mp_slice *tok);
 
+/* The reason phrase for a status ("Not Found"), or "Unknown". */
+const char *mp_http1_reason(int status);
+
 /* libFuzzer entry points: feed arbitrary bytes; must never crash. */
 void mp_fuzz_http1(const uint8_t *data, size_t size);
 void mp_fuzz_chunked(const uint8_t *data, size_t size);

@@ -18,5 +18,7 @@ int luaopen_moonproxy_core(lua_State *L)
         mp_l_router_register(L);
     if (mp_l_config_register)
         mp_l_config_register(L);
+    if (mp_l_shared_register)
+        mp_l_shared_register(L);
     return 1;
 }

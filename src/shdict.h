@@ -33,10 +33,10 @@
 
 #include "common.h"
 
-#define MP_SHDICT_CHUNK 64            /* bytes per arena chunk */
-#define MP_SHDICT_MIN_SIZE 1024       /* smallest arena accepted by open */
-#define MP_SHDICT_KEY_MAX 65536       /* longest key, in bytes */
-#define MP_SHDICT_EXISTS 1            /* add: a live entry already holds the key */
+#define MP_SHDICT_CHUNK 64      /* bytes per arena chunk */
+#define MP_SHDICT_MIN_SIZE 1024 /* smallest arena accepted by open */
+#define MP_SHDICT_KEY_MAX 65536 /* longest key, in bytes */
+#define MP_SHDICT_EXISTS 1      /* add: a live entry already holds the key */
 
 typedef struct mp_shdict mp_shdict_t;
 

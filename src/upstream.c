@@ -4,19 +4,22 @@
  * reading only while the other can take more (back-pressure). */
 #include "upstream.h"
 
+#include "l_request.h"
 #include "pool.h"
 
 #include <errno.h>
+#include <lauxlib.h>
+#include <lua.h>
 #include <stdio.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 /* Why an exchange failed; the one place mapping failures to statuses. */
-enum up_err { UE_CONNECT, UE_CONNECT_TIMEOUT, UE_SEND_TIMEOUT, UE_READ_TIMEOUT, UE_RESET, UE_INVALID };
+enum up_err { UE_CONNECT, UE_CONNECT_TIMEOUT, UE_SEND_TIMEOUT, UE_READ_TIMEOUT, UE_RESET, UE_INVALID, UE_HOOK };
 
-static const char *const up_err_text[] = {"connect failed", "connect timed out", "send timed out",
-                                          "read timed out", "connection broken", "invalid response"};
+static const char *const up_err_text[] = {"connect failed",    "connect timed out", "send timed out", "read timed out",
+                                          "connection broken", "invalid response",  "response hook failed"};
 
 static void on_up_io(struct ev_loop *loop, ev_io *io, int revents);
 static void on_up_timer(struct ev_loop *loop, ev_timer *t, int revents);
@@ -258,32 +261,37 @@ static int put_s(mp_buf_t *b, mp_slice s)
 /* The upstream's request line: the path after strip_prefix, and the query. */
 static int put_target(mp_buf_t *b, mp_req_t *r)
 {
-    const mp_route_t *route = r->match.route;
-    mp_slice path = r->h.path;
-    if (route->strip_prefix && route->prefix) {
-        size_t strip = route->prefix_len - (route->prefix[route->prefix_len - 1] == '/');
-        path.p += strip;
-        path.len -= strip;
-    }
-    int rc = path.len ? put_s(b, path) : PUT_LIT(b, "/");
-    if (r->h.has_query)
-        rc |= PUT_LIT(b, "?") | put_s(b, r->h.query);
+    int rc = put_s(b, r->path);
+    if (r->has_query)
+        rc |= PUT_LIT(b, "?") | put_s(b, r->query);
     return rc;
+}
+
+/* Hooks' edits replace what the proxy itself would send under that name. */
+static int edited(mp_req_t *r, const char *name, size_t len)
+{
+    return r->edits && mp_hedit_find(r->edits, (mp_slice){name, len});
 }
 
 static int put_forwarded(mp_buf_t *b, mp_req_t *r, mp_slice host)
 {
     const mp_http_request_t *h = &r->h;
-    int rc = PUT_LIT(b, "X-Forwarded-For: ");
-    for (unsigned i = 0; i < h->nheaders; i++)
-        if (MP_SLICE_IEQ(h->headers[i].name, "x-forwarded-for") && h->headers[i].value.len)
-            rc |= put_s(b, h->headers[i].value) | PUT_LIT(b, ", ");
-    rc |= put(b, r->client_ip, strlen(r->client_ip)) | PUT_LIT(b, "\r\n");
-    if (!r->trusted_peer || mp_http1_find(h->headers, h->nheaders, "x-forwarded-proto", 17) < 0)
+    int rc = 0;
+    if (!edited(r, "x-forwarded-for", 15)) {
+        rc |= PUT_LIT(b, "X-Forwarded-For: ");
+        for (unsigned i = 0; i < h->nheaders; i++)
+            if (MP_SLICE_IEQ(h->headers[i].name, "x-forwarded-for") && h->headers[i].value.len)
+                rc |= put_s(b, h->headers[i].value) | PUT_LIT(b, ", ");
+        rc |= put(b, r->client_ip, strlen(r->client_ip)) | PUT_LIT(b, "\r\n");
+    }
+    if (!edited(r, "x-forwarded-proto", 17) &&
+        (!r->trusted_peer || mp_http1_find(h->headers, h->nheaders, "x-forwarded-proto", 17) < 0))
         rc |= PUT_LIT(b, "X-Forwarded-Proto: http\r\n");
-    if (!r->trusted_peer || mp_http1_find(h->headers, h->nheaders, "x-forwarded-host", 16) < 0)
+    if (!edited(r, "x-forwarded-host", 16) &&
+        (!r->trusted_peer || mp_http1_find(h->headers, h->nheaders, "x-forwarded-host", 16) < 0))
         rc |= PUT_LIT(b, "X-Forwarded-Host: ") | put_s(b, host) | PUT_LIT(b, "\r\n");
-    rc |= PUT_LIT(b, "X-Request-ID: ") | put(b, r->id, r->id_len) | PUT_LIT(b, "\r\n");
+    if (!edited(r, "x-request-id", 12))
+        rc |= PUT_LIT(b, "X-Request-ID: ") | put(b, r->id, r->id_len) | PUT_LIT(b, "\r\n");
     return rc;
 }
 
@@ -318,19 +326,27 @@ static int build_request_head(mp_req_t *r, mp_buf_t *b)
         host = (mp_slice){t, strlen(t)};
     }
 
+    mp_slice send_host = host; /* X-Forwarded-Host keeps the client's */
+    const mp_hedit_t *host_edit = r->edits ? mp_hedit_find(r->edits, MP_SLICE_LIT("host")) : NULL;
+    if (host_edit && host_edit->nvalues)
+        send_host = host_edit->values[0];
+    else if (d->host)
+        send_host = (mp_slice){d->host, strlen(d->host)};
     int rc = put_s(b, h->method) | PUT_LIT(b, " ") | put_target(b, r) | PUT_LIT(b, " HTTP/1.1\r\nHost: ");
-    rc |= d->host ? put(b, d->host, strlen(d->host)) : put_s(b, host);
-    rc |= PUT_LIT(b, "\r\n");
+    rc |= put_s(b, send_host) | PUT_LIT(b, "\r\n");
     for (unsigned i = 0; i < h->nheaders; i++) {
         mp_slice n = h->headers[i].name;
         if (is_dropped(n, toks, ntoks) || MP_SLICE_IEQ(n, "host") || MP_SLICE_IEQ(n, "x-forwarded-for") ||
             MP_SLICE_IEQ(n, "x-request-id") || MP_SLICE_IEQ(n, "expect") || MP_SLICE_IEQ(n, "content-length"))
+            continue;
+        if (r->edits && mp_hedit_find(r->edits, n))
             continue;
         if (!r->trusted_peer && (MP_SLICE_IEQ(n, "x-forwarded-proto") || MP_SLICE_IEQ(n, "x-forwarded-host")))
             continue;
         rc |= put_s(b, n) | PUT_LIT(b, ": ") | put_s(b, h->headers[i].value) | PUT_LIT(b, "\r\n");
     }
     rc |= put_forwarded(b, r, host);
+    rc |= mp_hedit_put(b, r->edits, "host");
     rc |= put_length(b, h->content_length); /* one value, however the client repeated it */
     if (h->chunked)
         rc |= PUT_LIT(b, "Transfer-Encoding: chunked\r\n");
@@ -448,15 +464,23 @@ static int put_response_head(mp_req_t *r, const mp_http_response_t *rh, mp_buf_t
 {
     mp_slice toks[MAX_CONN_TOKENS];
     unsigned ntoks = connection_tokens(rh->headers, rh->nheaders, toks);
-    int rc = PUT_LIT(b, "HTTP/1.1 ") | put_u64(b, (uint64_t)rh->status) | PUT_LIT(b, " ") | put_s(b, rh->reason) |
-             PUT_LIT(b, "\r\n");
+    int rc = PUT_LIT(b, "HTTP/1.1 ");
+    if (r->resp_status && r->resp_status != rh->status)
+        rc |= put_u64(b, r->resp_status) | PUT_LIT(b, " ") | put(b, mp_http1_reason(r->resp_status),
+                                                                   strlen(mp_http1_reason(r->resp_status)));
+    else
+        rc |= put_u64(b, (uint64_t)rh->status) | PUT_LIT(b, " ") | put_s(b, rh->reason);
+    rc |= PUT_LIT(b, "\r\n");
     for (unsigned i = 0; i < rh->nheaders; i++) {
         mp_slice name = rh->headers[i].name;
         if (is_dropped(name, toks, ntoks) || MP_SLICE_IEQ(name, "x-request-id") ||
             MP_SLICE_IEQ(name, "content-length"))
             continue;
+        if (r->resp_edits && mp_hedit_find(r->resp_edits, name))
+            continue;
         rc |= put_s(b, name) | PUT_LIT(b, ": ") | put_s(b, rh->headers[i].value) | PUT_LIT(b, "\r\n");
     }
+    rc |= mp_hedit_put(b, r->resp_edits, NULL);
     rc |= PUT_LIT(b, "X-Request-ID: ") | put(b, r->id, r->id_len) | PUT_LIT(b, "\r\n");
     if (!rh->chunked)
         rc |= put_length(b, rh->content_length);
@@ -502,6 +526,13 @@ static int begin_response(mp_req_t *r, const mp_http_response_t *rh)
         r->keepalive = 0;
     }
     r->status = rh->status;
+    int ref = c->w->cfg->route_hooks[r->match.route->index - 1].response;
+    if (ref != LUA_NOREF) {
+        if (mp_hook_response(c->w->L, r, ref, rh) != MP_HOOK_NEXT)
+            return MP_EINVAL;
+        if (r->resp_status)
+            r->status = r->resp_status;
+    }
     if (mp_buf_acquire(&c->out, &c->w->bufs) != 0 || put_response_head(r, rh, &c->out) != 0)
         return MP_ENOMEM;
     u->in.start += (uint32_t)rh->head_len;
@@ -533,7 +564,10 @@ static int parse_response_head(mp_req_t *r)
             u->scanned = 0;
             continue;
         }
-        return begin_response(r, &rh) == 0 ? 1 : -(int)UE_INVALID - 1;
+        rc = begin_response(r, &rh);
+        if (rc == MP_EINVAL)
+            return -(int)UE_HOOK - 1;
+        return rc == 0 ? 1 : -(int)UE_INVALID - 1;
     }
 }
 
@@ -662,6 +696,10 @@ static void upstream_readable(mp_req_t *r)
         int rc = parse_response_head(r);
         if (rc == 0)
             return sync_events(r);
+        if (rc == -(int)UE_HOOK - 1) {
+            mp_upstream_cancel(r);
+            return mp_conn_fail(r->conn, 500);
+        }
         if (rc < 0)
             return up_error(r, (enum up_err)(-rc - 1));
     }

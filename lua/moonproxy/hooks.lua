@@ -125,14 +125,17 @@ local function add_hooks(steps, fns)
 end
 
 -- The chains of a whole configuration, for src/config.c:
--- { pre = fn|nil, log = fn|nil, routes = { [i] = { request = fn|nil, response = fn|nil, captures = bool } } }.
+-- { pre = fn|nil, log = fn|nil, response = fn|nil (the global part, for responses made
+--   before a route was chosen), routes = { [i] = { request = fn|nil, response = fn|nil, captures = bool } } }.
 function _M.build(global, routes, upstream_index)
   local pre = {}
   add_plugins(pre, global.plugins, "on_request")
   add_hooks(pre, global.on_request)
-  local log = {}
+  local log, response = {}, {}
   add_hooks(log, global.on_log)
-  local out = { pre = chain(pre), log = chain(log), routes = {} }
+  add_plugins(response, global.plugins, "on_response")
+  add_hooks(response, global.on_response)
+  local out = { pre = chain(pre), log = chain(log), response = chain(response), routes = {} }
   for i, r in ipairs(routes) do
     local req, res = {}, {}
     if r.rewrite then

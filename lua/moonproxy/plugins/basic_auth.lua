@@ -53,9 +53,9 @@ return {
   name = "basic_auth",
 
   schema = function(conf)
-    local c = util.check(conf, spec, "basic_auth")
+    local c = util.check(conf, spec)
     if not c.users then
-      util.fail("basic_auth", 'needs users = { name = "password", ... }')
+      util.fail('needs users = { name = "password", ... }')
     end
     return {
       users = c.users,

@@ -9,6 +9,8 @@
 -- ones there; remove drops the header. A value is a string (numbers are taken
 -- as text) or a list of strings (several headers of that name). Each side runs
 -- remove, then set, then append, in the alphabetical order of the names.
+-- Headers the proxy manages (Content-Length, Transfer-Encoding, Connection,
+-- Keep-Alive, TE, Trailer, Upgrade, Proxy-Connection) cannot be named.
 local util = require "moonproxy.plugins.util"
 
 local type, ipairs = type, ipairs
@@ -29,7 +31,7 @@ local function name_values(v, path)
   end
   local out = {}
   for _, k in ipairs(sorted_keys(v)) do
-    local name, err = util.header_name(k)
+    local name, err = util.writable_header_name(k)
     if err then
       return nil, "'" .. path .. "' " .. err, true
     end
@@ -43,7 +45,7 @@ local function name_values(v, path)
 end
 
 local function names(v, path)
-  return util.list(util.header_name)(type(v) == "string" and { v } or v, nil, path)
+  return util.list(util.writable_header_name)(type(v) == "string" and { v } or v, nil, path)
 end
 
 local side = util.options { set = name_values, append = name_values, remove = names }
@@ -70,10 +72,10 @@ return {
   name = "headers",
 
   schema = function(conf)
-    local c = util.check(conf, { request = side, response = side }, "headers")
+    local c = util.check(conf, { request = side, response = side })
     local out = { request = normalize(c.request), response = normalize(c.response) }
     if not out.request and not out.response then
-      util.fail("headers", "needs request = { set, append, remove } or response = { ... }")
+      util.fail("needs request = { set, append, remove } or response = { ... }")
     end
     return out
   end,

@@ -38,9 +38,9 @@ return {
   name = "ip_restriction",
 
   schema = function(conf)
-    local c = util.check(conf, { allow = util.cidrs, deny = util.cidrs }, "ip_restriction")
+    local c = util.check(conf, { allow = util.cidrs, deny = util.cidrs })
     if not c.allow and not c.deny then
-      util.fail("ip_restriction", 'needs allow = { "10.0.0.0/8", ... } and/or deny = { ... }')
+      util.fail('needs allow = { "10.0.0.0/8", ... } and/or deny = { ... }')
     end
     return { allow = c.allow, deny = c.deny, cache = {}, cached = 0 }
   end,

@@ -52,7 +52,7 @@ local function header(v)
   if v == false then
     return v
   end
-  return util.header_name(v)
+  return util.writable_header_name(v)
 end
 
 local function realm(v)
@@ -65,7 +65,7 @@ end
 local spec = { keys = keys, header = header, query = util.string, hide_credentials = util.boolean, realm = realm }
 
 local function unescape(s)
-  s = s:gsub("+", " ")
+  s = s:gsub("%+", " ")
   return (s:gsub("%%(%x%x)", function(h) return char(tonumber(h, 16)) end))
 end
 
@@ -91,11 +91,11 @@ return {
   name = "key_auth",
 
   schema = function(conf)
-    local c = util.check(conf, spec, "key_auth")
+    local c = util.check(conf, spec)
     if not c.keys then
-      util.fail("key_auth", 'needs keys = { "k1", ... } or { k1 = "consumer" }')
+      util.fail('needs keys = { "k1", ... } or { k1 = "consumer" }')
     elseif c.header == false and not c.query then
-      util.fail("key_auth", "header = false needs query = \"name\"")
+      util.fail("header = false needs query = \"name\"")
     end
     return {
       keys = c.keys,

@@ -39,11 +39,12 @@ local function check_table(t, spec, path)
   return out
 end
 
--- The plugin's entry point: check_table that raises "name: message".
-function _M.check(conf, spec, name)
+-- The plugin's entry point: check_table that raises the message as it is
+-- (the loader prefixes "file:line: plugin 'name': ").
+function _M.check(conf, spec)
   local out, err = check_table(conf, spec)
   if not out then
-    error(name .. ": " .. err, 0)
+    error(err, 0)
   end
   return out
 end
@@ -56,8 +57,8 @@ function _M.options(spec)
   end
 end
 
-function _M.fail(name, ...)
-  error(name .. ": " .. fmt(...), 0)
+function _M.fail(...)
+  error(fmt(...), 0)
 end
 
 local function bad(v, msg)
@@ -71,6 +72,19 @@ function _M.header_name(v)
     return bad(v, "must be a header name")
   end
   return v:lower()
+end
+
+-- A header name that hooks may write: not one the proxy manages (framing and
+-- connection), which the runtime refuses to change.
+local managed = { ["content-length"] = true, ["transfer-encoding"] = true, connection = true, ["keep-alive"] = true,
+  te = true, trailer = true, upgrade = true, ["proxy-connection"] = true }
+
+function _M.writable_header_name(v)
+  local name, err = _M.header_name(v)
+  if name and managed[name] then
+    return nil, "must not be a header the proxy manages (framing and connection), got " .. schema.show(v)
+  end
+  return name, err
 end
 
 -- A header value: a string (or a number, kept as text) without CR, LF or NUL.
@@ -194,22 +208,33 @@ local function prefix(addr, len)
   return sub(addr, 1, full) .. char(band(byte(addr, full + 1), lshift(0xff, 8 - rest)))
 end
 
+-- "ip" or "ip/len" -> 16-byte address, prefix length over 128 bits; or nil.
+local function parse_cidr(c)
+  if type(c) ~= "string" then
+    return nil
+  end
+  local ip, len = c:match("^([^/]+)/(%d%d?%d?)$")
+  local addr, is4 = _M.parse_ip(ip or c)
+  local bits = is4 and 32 or 128
+  len = tonumber(len) or bits
+  if addr and len <= bits then
+    return addr, is4 and len + 96 or len
+  end
+end
+
 -- A checker: a list of "ip" or "ip/len" -> a set { lens = {...}, [len] = { [prefix] = true } }
 -- (host bits past len are ignored: "10.1.2.3/8" is 10.0.0.0/8).
 function _M.cidrs(v, path)
-  local list, err = schema.list(schema.string)(type(v) == "string" and { v } or v, nil, path)
+  local list, err = schema.list(function(e) return e end)(type(v) == "string" and { v } or v, nil, path)
   if err then
     return bad(v, 'must be a list of addresses or CIDRs ("10.0.0.0/8", "2001:db8::/32")')
   end
   local set = { lens = {} }
   for i, c in ipairs(list) do
-    local ip, len = c:match("^([^/]+)/(%d%d?%d?)$")
-    local addr, is4 = _M.parse_ip(ip or c)
-    len = tonumber(len) or (is4 and 32 or 128)
-    if not addr or len > (is4 and 32 or 128) then
+    local addr, len = parse_cidr(c)
+    if not addr then
       return nil, fmt("'%s[%d]' must be an address or CIDR, got %s", path, i, schema.show(c)), true
     end
-    len = is4 and len + 96 or len
     if not set[len] then
       set[len] = {}
       set.lens[#set.lens + 1] = len

@@ -1,0 +1,522 @@
+-- End-to-end: the admin port (/live, /ready, /configz) and reloads (POST
+-- /reload, SIGHUP, /rollback) against the real binary: refused scripts keep
+-- the running configuration, connections and in-flight requests survive,
+-- upstream pools are kept, and a reload storm under load fails no request.
+-- Each spec rewrites the configuration file in place and then reloads.
+local h = require "helpers.proxy"
+local raw = require "helpers.raw_http"
+local origin = require "helpers.origin"
+local socket = require "socket"
+local cjson = require "cjson"
+
+-- /x answers the marker itself; every response carries it as x-marker; the
+-- rest goes to the origin.
+local CONFIG = [=[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = "${access_log}" }
+local a = proxy.upstream "a" { servers = { "${a}" }, keepalive = 16 }
+proxy.on_response(function(req, res) res.headers["x-marker"] = "${marker}" end)
+proxy.route { name = "marker", path = "/x", handler = function(req) return req:respond(200, "${marker}") end }
+proxy.route { name = "proxied", prefix = "/", upstream = a }
+]=]
+
+-- The same with a syntax error (a missing comma) on the /x route's line.
+local SYNTAX_ERROR = [=[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = "${access_log}" }
+local a = proxy.upstream "a" { servers = { "${a}" }, keepalive = 16 }
+proxy.route { name = "marker", path = "/x" handler = function(req) return req:respond(200, "broken") end }
+proxy.route { name = "proxied", prefix = "/", upstream = a }
+]=]
+
+-- The same with a route naming an upstream nobody declared.
+local UNKNOWN_UPSTREAM = [=[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = "${access_log}" }
+local a = proxy.upstream "a" { servers = { "${a}" }, keepalive = 16 }
+proxy.route { name = "marker", path = "/x", handler = function(req) return req:respond(200, "broken") end }
+proxy.route { name = "proxied", prefix = "/", upstream = "no_such_upstream" }
+]=]
+
+-- Two route tables for the reload storm: /x answers A or B.
+local TABLE = [=[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = false }
+local a = proxy.upstream "a" { servers = { "${a}" }, keepalive = 16 }
+proxy.route { name = "x", path = "/x", handler = function(req) return req:respond(200, "${table}") end }
+proxy.route { name = "table_${table}", path = "/only-${table}", handler = function(req) return req:respond(200, "${table}") end }
+proxy.route { name = "proxied", prefix = "/", upstream = a }
+]=]
+
+local function basename(path)
+    return path:match("[^/]+$")
+end
+
+-- Lines of text that mention "reload" (any case) and the number n as a whole number.
+local function reload_lines(text, n)
+    local out = {}
+    for line in text:gmatch("[^\n]+") do
+        if line:lower():find("reload", 1, true) and line:find("%f[%d]" .. n .. "%f[%D]") then
+            out[#out + 1] = line
+        end
+    end
+    return out
+end
+
+-- The body of a 200 answer to GET target (nil otherwise).
+local function body(port, target)
+    local res = raw.get(port, target)
+    return res and res.status == 200 and res.body or nil
+end
+
+local function configz(proxy)
+    local res, doc = proxy:admin("GET", "/configz")
+    assert(res, "GET /configz failed")
+    assert.equal(200, res.status)
+    assert(doc, "/configz is not JSON: " .. tostring(res.body))
+    return doc
+end
+
+-- Rewrites the configuration from template (vars added) and POSTs /reload:
+-- returns the response and its JSON.
+local function reload(proxy, template, vars)
+    proxy:rewrite_config(template, vars)
+    local res, doc = proxy:admin("POST", "/reload")
+    assert(res, "POST /reload failed: " .. tostring(doc))
+    return res, doc
+end
+
+-- Reloads to CONFIG with marker; asserts success and returns the generation.
+local function reload_ok(proxy, marker)
+    local res, doc = reload(proxy, CONFIG, { marker = marker })
+    assert.equal(200, res.status, res.body)
+    assert(doc and type(doc.generation) == "number", "no generation in " .. tostring(res.body))
+    return doc.generation
+end
+
+describe("the admin port", function()
+    local a, proxy
+
+    lazy_setup(function()
+        a = h.start_origin("a")
+        proxy = h.start_proxy { workers = 2, config = CONFIG, vars = { a = a.addr, marker = "v1" } }
+        h.eventually(function() return h.port_open(proxy.admin_port) end, 5)
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy, a)
+    end)
+
+    it("answers GET /live with 200", function()
+        local res = assert(proxy:admin("GET", "/live"))
+        assert.equal(200, res.status)
+    end)
+
+    it("answers GET /ready with 200 once the configuration is loaded", function()
+        h.eventually(function()
+            local res = proxy:admin("GET", "/ready")
+            return res and res.status == 200
+        end, 5)
+        assert.equal("v1", body(proxy.port, "/x"))
+    end)
+
+    it("answers GET /configz with the generation, load time, source, routes and upstreams", function()
+        local doc = configz(proxy)
+        assert.is_number(doc.generation)
+        assert.truthy(doc.generation >= 1)
+        assert.is_not_nil(doc.loaded_at)
+        assert.is_string(doc.source)
+        assert.truthy(#doc.source > 0)
+        assert.is_table(doc.routes)
+        assert.is_table(doc.upstreams)
+        local routes, upstreams = cjson.encode(doc.routes), cjson.encode(doc.upstreams)
+        assert.truthy(routes:find('"marker"', 1, true), routes)
+        assert.truthy(routes:find('"proxied"', 1, true), routes)
+        assert.truthy(upstreams:find('"a"', 1, true), upstreams)
+        assert.truthy(upstreams:find(a.addr, 1, true), upstreams)
+    end)
+
+    it("answers 404 for an unknown path", function()
+        local res = assert(proxy:admin("GET", "/no-such-admin-page"))
+        assert.equal(404, res.status)
+    end)
+
+    it("is not served on the proxy's listener", function()
+        local e = h.echo(raw.get(proxy.port, "/configz"))
+        assert.equal("/configz", e.target)
+    end)
+end)
+
+describe("reload", function()
+    local a, proxy
+
+    lazy_setup(function()
+        a = h.start_origin("a")
+        proxy = h.start_proxy { workers = 2, config = CONFIG, vars = { a = a.addr, marker = "v1" } }
+        h.eventually(function()
+            local res = proxy:admin("GET", "/ready")
+            return res and res.status == 200
+        end, 5)
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy, a)
+    end)
+
+    describe("by POST /reload", function()
+        it("switches every worker to the new routes and answers the new generation", function()
+            local before = configz(proxy).generation
+            local g = reload_ok(proxy, "post-1")
+            assert.truthy(g > before, g .. " after " .. before)
+            for _ = 1, 20 do -- new connections, spread over both workers
+                assert.equal("post-1", body(proxy.port, "/x"))
+            end
+            assert.equal(g, configz(proxy).generation)
+        end)
+
+        it("logs one line with the new generation number", function()
+            local g = reload_ok(proxy, "post-log")
+            h.eventually(function() return #reload_lines(proxy:stderr(), g) >= 1 end, 5)
+            assert.equal(1, #reload_lines(proxy:stderr(), g), proxy:stderr():sub(-3000))
+        end)
+
+        it("gives increasing generation numbers", function()
+            local last = configz(proxy).generation
+            for i = 1, 4 do
+                local g = reload_ok(proxy, "inc-" .. i)
+                assert.truthy(g > last, g .. " after " .. last)
+                last = g
+            end
+            assert.equal("inc-4", body(proxy.port, "/x"))
+        end)
+
+        it("reloads the proxied routes too", function()
+            reload_ok(proxy, "post-proxied")
+            local res = assert(raw.get(proxy.port, "/through"))
+            assert.equal("/through", h.echo(res).target)
+            assert.equal("post-proxied", (res:header("x-marker")))
+        end)
+    end)
+
+    describe("by SIGHUP", function()
+        it("switches to the new routes", function()
+            local before = configz(proxy).generation
+            proxy:rewrite_config(CONFIG, { marker = "hup-1" })
+            proxy:kill("HUP")
+            h.eventually(function()
+                for _ = 1, 6 do
+                    if body(proxy.port, "/x") ~= "hup-1" then return false end
+                end
+                return true
+            end, 5)
+            local g = configz(proxy).generation
+            assert.truthy(g > before, g .. " after " .. before)
+            h.eventually(function() return #reload_lines(proxy:stderr(), g) >= 1 end, 5)
+            assert.equal(1, #reload_lines(proxy:stderr(), g), proxy:stderr():sub(-3000))
+            assert.is_true(proxy:alive())
+        end)
+    end)
+
+    describe("a refused script", function()
+        local function keeps_serving(marker, generation)
+            assert.equal(marker, body(proxy.port, "/x"))
+            assert.equal("/still", h.echo(raw.get(proxy.port, "/still")).target)
+            assert.equal(generation, configz(proxy).generation)
+            assert.is_true(proxy:alive())
+        end
+
+        it("with a syntax error answers 422 with file:line and keeps the running configuration", function()
+            local g = reload_ok(proxy, "good-1")
+            local res, doc = reload(proxy, SYNTAX_ERROR)
+            assert.equal(422, res.status, res.body)
+            assert(doc and type(doc.error) == "string", "no error in " .. tostring(res.body))
+            local at = basename(proxy.conf_path) .. ":" .. h.line_of(SYNTAX_ERROR, 'path = "/x" handler') .. ":"
+            assert.truthy(doc.error:find(at, 1, true), "expected " .. at .. " in " .. doc.error)
+            keeps_serving("good-1", g)
+        end)
+
+        it("with a syntax error is logged with file:line", function()
+            reload_ok(proxy, "good-2")
+            local at = basename(proxy.conf_path) .. ":" .. h.line_of(SYNTAX_ERROR, 'path = "/x" handler') .. ":"
+            local before = #h.lines_with(proxy:stderr(), at)
+            local res = reload(proxy, SYNTAX_ERROR)
+            assert.equal(422, res.status)
+            h.eventually(function() return #h.lines_with(proxy:stderr(), at) == before + 1 end, 5)
+        end)
+
+        it("naming an unknown upstream answers 422 with file:line", function()
+            local g = reload_ok(proxy, "good-3")
+            local res, doc = reload(proxy, UNKNOWN_UPSTREAM)
+            assert.equal(422, res.status, res.body)
+            assert(doc and type(doc.error) == "string", "no error in " .. tostring(res.body))
+            local at = basename(proxy.conf_path) .. ":" .. h.line_of(UNKNOWN_UPSTREAM, "no_such_upstream") .. ":"
+            assert.truthy(doc.error:find(at, 1, true), "expected " .. at .. " in " .. doc.error)
+            assert.truthy(doc.error:find("no_such_upstream", 1, true), doc.error)
+            keeps_serving("good-3", g)
+        end)
+
+        it("by SIGHUP is logged with file:line and the running configuration stays", function()
+            local g = reload_ok(proxy, "good-4")
+            local at = basename(proxy.conf_path) .. ":" .. h.line_of(SYNTAX_ERROR, 'path = "/x" handler') .. ":"
+            local before = #h.lines_with(proxy:stderr(), at)
+            proxy:rewrite_config(SYNTAX_ERROR)
+            proxy:kill("HUP")
+            h.eventually(function() return #h.lines_with(proxy:stderr(), at) == before + 1 end, 5)
+            keeps_serving("good-4", g)
+        end)
+
+        it("does not stop the next good reload", function()
+            reload(proxy, SYNTAX_ERROR)
+            reload_ok(proxy, "good-5")
+            assert.equal("good-5", body(proxy.port, "/x"))
+        end)
+    end)
+
+    describe("POST /rollback", function()
+        it("goes back to the previous configuration, past a refused reload", function()
+            reload_ok(proxy, "roll-1")
+            local g2 = reload_ok(proxy, "roll-2")
+            assert.equal("roll-2", body(proxy.port, "/x"))
+            local refused = reload(proxy, SYNTAX_ERROR)
+            assert.equal(422, refused.status)
+            local res, doc = proxy:admin("POST", "/rollback")
+            assert(res, "POST /rollback failed")
+            assert.equal(200, res.status, res.body)
+            assert(doc and type(doc.generation) == "number", "no generation in " .. tostring(res.body))
+            assert.not_equal(g2, doc.generation)
+            for _ = 1, 10 do
+                assert.equal("roll-1", body(proxy.port, "/x"))
+            end
+            assert.equal(doc.generation, configz(proxy).generation)
+        end)
+    end)
+
+    describe("client connections", function()
+        it("a keep-alive connection survives a reload and its next request uses the new configuration", function()
+            reload_ok(proxy, "ka-1")
+            local c = assert(raw.connect(proxy.port))
+            finally(function() c:close() end)
+            local r1 = assert(c:request { target = "/x" })
+            assert.equal("ka-1", r1.body)
+            reload_ok(proxy, "ka-2")
+            local r2 = assert(c:request { target = "/x" })
+            assert.equal("ka-2", r2.body)
+            local r3 = assert(c:request { target = "/after" })
+            assert.equal("/after", h.echo(r3).target)
+            assert.equal("ka-2", (r3:header("x-marker")))
+        end)
+
+        it("an in-flight request finishes with 200 on the configuration it started with", function()
+            reload_ok(proxy, "flight-1")
+            local before = a:stats().requests
+            local c = assert(raw.connect(proxy.port, { timeout = 10 }))
+            finally(function() c:close() end)
+            assert(c:send(raw.build { target = "/slow?ms=800" }))
+            h.eventually(function() return a:stats().requests == before + 1 end, 3)
+            local t0 = socket.gettime()
+            reload_ok(proxy, "flight-2")
+            local took = socket.gettime() - t0
+            assert.equal("flight-2", body(proxy.port, "/x"))
+            local res = assert(c:read_response())
+            assert.equal("/slow?ms=800", h.echo(res).target)
+            assert.equal("flight-1", (res:header("x-marker")))
+            assert.truthy(took < 0.7, string.format("POST /reload waited %.2fs for the in-flight request", took))
+            local r2 = assert(c:request { target = "/x" })
+            assert.equal("flight-2", r2.body)
+        end)
+
+        it("keeps the pooled upstream connections of an unchanged upstream", function()
+            reload_ok(proxy, "pool-0")
+            local c = assert(raw.connect(proxy.port))
+            finally(function() c:close() end)
+            for i = 1, 3 do assert.equal("/warm" .. i, h.echo(c:request { target = "/warm" .. i }).target) end
+            local before = a:stats().connections
+            for r = 1, 5 do
+                reload_ok(proxy, "pool-" .. r)
+                for i = 1, 3 do
+                    local res = c:request { target = "/pooled?r=" .. r .. "&i=" .. i }
+                    assert.equal("/pooled?r=" .. r .. "&i=" .. i, h.echo(res).target)
+                end
+            end
+            assert.equal(before, a:stats().connections)
+        end)
+    end)
+end)
+
+describe("reload under load #slow", function()
+    local a, proxy
+
+    lazy_setup(function()
+        a = h.start_origin("a")
+        proxy = h.start_proxy { workers = 2, config = TABLE, vars = { a = a.addr, table = "A" } }
+        h.eventually(function()
+            local res = proxy:admin("GET", "/ready")
+            return res and res.status == 200
+        end, 5)
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy, a)
+    end)
+
+    it("fails no request while reloading 20 times between two route tables", function()
+        local RELOADS, UPLOAD_PIECES, PIECE = 20, 10, 4096
+        local failures = {}
+        local function fail(fmt, ...)
+            if #failures < 50 then failures[#failures + 1] = string.format(fmt, ...) end
+        end
+
+        local kc = assert(raw.connect(proxy.port))
+        local conns = { kc }
+        finally(function() for _, c in ipairs(conns) do c:close() end end)
+
+        -- Uploads: a chunked POST sent in UPLOAD_PIECES pieces, one every 0.1 s.
+        local uploads, nupload, uploads_ok = {}, 0, 0
+        local function start_upload()
+            nupload = nupload + 1
+            local c, err = raw.connect(proxy.port, { timeout = 10 })
+            if not c then return fail("upload %d: connect: %s", nupload, tostring(err)) end
+            conns[#conns + 1] = c
+            local pieces = {}
+            for i = 1, UPLOAD_PIECES do
+                pieces[i] = (string.format("upload %d piece %d|", nupload, i)):rep(PIECE):sub(1, PIECE)
+            end
+            local whole = table.concat(pieces)
+            local u = { c = c, id = nupload, pieces = pieces, sent = 0, next_at = socket.gettime(),
+                        sum = origin.checksum(whole), len = #whole }
+            local ok, serr = c:send("POST /upload?u=" .. u.id .. " HTTP/1.1\r\nHost: load\r\n"
+                .. "Transfer-Encoding: chunked\r\n\r\n")
+            if not ok then return fail("upload %d: send head: %s", u.id, tostring(serr)) end
+            uploads[#uploads + 1] = u
+        end
+        local function pump_uploads(now)
+            for i = #uploads, 1, -1 do
+                local u = uploads[i]
+                if now >= u.next_at then
+                    u.sent = u.sent + 1
+                    local p = u.pieces[u.sent]
+                    local ok, err = u.c:send(string.format("%x\r\n", #p) .. p .. "\r\n"
+                        .. (u.sent == #u.pieces and "0\r\n\r\n" or ""))
+                    u.next_at = now + 0.1
+                    if not ok then
+                        fail("upload %d: send piece %d: %s", u.id, u.sent, tostring(err))
+                        table.remove(uploads, i)
+                    elseif u.sent == #u.pieces then
+                        table.remove(uploads, i)
+                        local res, rerr = u.c:read_response { timeout = 10 }
+                        if not res then
+                            fail("upload %d: no response: %s", u.id, tostring(rerr))
+                        elseif res.status ~= 200 then
+                            fail("upload %d: status %d: %s", u.id, res.status, tostring(res.body))
+                        else
+                            local okj, e = pcall(cjson.decode, res.body)
+                            if not okj or e.body_sum ~= u.sum or e.body_len ~= u.len then
+                                fail("upload %d: origin got %s", u.id, tostring(res.body):sub(1, 200))
+                            else
+                                uploads_ok = uploads_ok + 1
+                            end
+                        end
+                    end
+                end
+            end
+        end
+
+        -- One request on the keep-alive connection; /x must answer one of
+        -- `allowed` (a set), anything else the origin's echo.
+        local n = 0
+        local function check(target, res, err, allowed)
+            if not res then
+                fail("request %d %s: %s", n, target, tostring(err))
+                kc:close()
+                kc = assert(raw.connect(proxy.port)) -- a reload must not close it: counted as a failure
+                conns[#conns + 1] = kc
+            elseif res.status ~= 200 then
+                fail("request %d %s: status %d", n, target, res.status)
+            elseif target == "/x" then
+                if not allowed[res.body] then fail("request %d /x: got %s", n, tostring(res.body)) end
+            else
+                local okj, e = pcall(cjson.decode, res.body)
+                if not okj or e.target ~= target then fail("request %d %s: got %s", n, target, tostring(res.body)) end
+            end
+        end
+
+        local current, other = "A", "B"
+        local last_generation = configz(proxy).generation
+        local reloads = 0
+        local deadline = socket.gettime() + 15
+        local next_reload = socket.gettime() + 0.15
+        while socket.gettime() < deadline and n < 20000 do
+            local now = socket.gettime()
+            if reloads >= RELOADS and #uploads == 0 then break end
+            while reloads < RELOADS and #uploads < 3 do start_upload() end
+            n = n + 1
+            local target = n % 2 == 0 and "/x" or "/p?n=" .. n
+            if reloads < RELOADS and now >= next_reload then
+                -- a request in flight across the reload: either table
+                kc:send(raw.build { target = "/x" })
+                proxy:rewrite_config(TABLE, { table = other })
+                local res, doc = proxy:admin("POST", "/reload")
+                if not res or res.status ~= 200 then
+                    fail("reload %d: %s", reloads + 1, res and (res.status .. " " .. tostring(res.body)) or tostring(doc))
+                elseif not doc or type(doc.generation) ~= "number" or doc.generation <= last_generation then
+                    fail("reload %d: generation %s after %s", reloads + 1, tostring(doc and doc.generation),
+                        tostring(last_generation))
+                else
+                    last_generation = doc.generation
+                end
+                local r, err = kc:read_response()
+                check("/x", r, err, { [current] = true, [other] = true })
+                current, other = other, current
+                reloads = reloads + 1
+                next_reload = socket.gettime() + 0.15
+                -- once POST /reload answered, new requests see the new table
+                n = n + 1
+                local r2, err2 = kc:request { target = "/x" }
+                check("/x", r2, err2, { [current] = true })
+                -- /only-A exists in table A only (in B it reaches the origin's echo)
+                local fresh = raw.get(proxy.port, "/only-" .. current)
+                if not fresh or fresh.status ~= 200 or fresh.body ~= current then
+                    fail("reload %d: /only-%s on a new connection: %s %s", reloads, current,
+                        tostring(fresh and fresh.status), tostring(fresh and fresh.body):sub(1, 100))
+                end
+            else
+                local r, err = kc:request { target = target }
+                check(target, r, err, { [current] = true })
+            end
+            pump_uploads(socket.gettime())
+            socket.sleep(0.001)
+        end
+
+        assert.same({}, failures)
+        assert.equal(RELOADS, reloads)
+        assert.equal(0, #uploads, "uploads still running at the deadline")
+        assert.truthy(uploads_ok >= 3, "only " .. uploads_ok .. " uploads")
+        assert.truthy(n >= 200, "only " .. n .. " requests")
+        assert.is_true(proxy:alive())
+    end)
+
+    it("does not grow its RSS by more than 30 MiB over 200 reloads", function()
+        local function reload_n(k)
+            for i = 1, k do
+                proxy:rewrite_config(TABLE, { table = i % 2 == 0 and "A" or "B" })
+                local res = proxy:admin("POST", "/reload")
+                assert(res and res.status == 200, "reload failed: " .. tostring(res and res.body))
+            end
+        end
+        reload_n(20)
+        local rss20 = assert(h.rss_kb(proxy.pid))
+        reload_n(180)
+        local rss200 = assert(h.rss_kb(proxy.pid))
+        assert.truthy(rss200 - rss20 < 30 * 1024,
+            string.format("RSS grew from %d KiB to %d KiB over 180 reloads", rss20, rss200))
+        assert.equal(200, (raw.get(proxy.port, "/x") or {}).status)
+    end)
+end)

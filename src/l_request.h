@@ -1,0 +1,34 @@
+/* l_request.h: the `req` and `res` objects hooks see (SPEC "The request and
+ * response objects"), and the calls into a configuration's hook chains. */
+#ifndef MP_L_REQUEST_H
+#define MP_L_REQUEST_H
+
+#include "conn.h"
+
+typedef struct lua_State lua_State;
+
+/* Outcome of running a chain. */
+enum {
+    MP_HOOK_NEXT = 0,      /* go on */
+    MP_HOOK_RESPONDED = 1, /* a hook called req:respond: r->local_status is set */
+    MP_HOOK_ERROR = -1,    /* a hook raised: logged with file:line; answer 500 */
+};
+
+/* Runs the global request chain (before routing). */
+int mp_hook_pre(lua_State *L, mp_req_t *r, int ref);
+
+/* Runs a route's request chain. For handler routes *upstream receives the
+ * index the handler returned (-1 when it returned none). */
+int mp_hook_route(lua_State *L, mp_req_t *r, const mp_route_hooks_t *h, int *upstream);
+
+/* Runs a route's response chain on rh (the upstream's response head). */
+int mp_hook_response(lua_State *L, mp_req_t *r, int ref, const mp_http_response_t *rh);
+
+/* Runs the on_log chain once the response was sent. Errors are logged. */
+void mp_hook_log(lua_State *L, mp_req_t *r, int ref);
+
+/* The request ended: its Lua objects become stale ("request finished"),
+ * the arena and respond()'s body are released. Safe when no hook ran. */
+void mp_hook_release(lua_State *L, mp_req_t *r);
+
+#endif
