@@ -627,14 +627,23 @@ static int prepare(lua_State *L)
 
 int mp_config_load(lua_State *L, const char *path, mp_config_t **out, char *err, size_t errlen)
 {
+    return mp_config_load_text(L, path, NULL, 0, out, err, errlen);
+}
+
+int mp_config_load_text(lua_State *L, const char *path, const char *text, size_t len, mp_config_t **out, char *err,
+                        size_t errlen)
+{
     *out = NULL;
     int top = lua_gettop(L), rc;
     lua_pushcfunction(L, prepare);
     lua_pushstring(L, path);
     rc = mp_vm_call(L, 1, 1, err, errlen);
     if (rc == 0) {
-        /* luaL_loadfile names the chunk "@path": errors read "path:line:" */
-        if (luaL_loadfile(L, path) != 0) {
+        /* the chunk is named "@path": errors read "path:line:" */
+        lua_pushfstring(L, "@%s", path);
+        int bad = text ? luaL_loadbuffer(L, text, len, lua_tostring(L, -1)) : luaL_loadfile(L, path);
+        lua_remove(L, -2);
+        if (bad) {
             snprintf(err, errlen, "%s", lua_tostring(L, -1));
             rc = MP_EINVAL;
         } else {

@@ -89,6 +89,11 @@ int mp_config_build(lua_State *L, int idx, mp_config_t **out, char *err, size_t 
  * "load a configuration file" step used by the server, -t and the tests. */
 int mp_config_load(lua_State *L, const char *path, mp_config_t **out, char *err, size_t errlen);
 
+/* The same from the script's text (a reload's or rollback's copy); path
+ * still names it in errors and locates its sibling modules. */
+int mp_config_load_text(lua_State *L, const char *path, const char *text, size_t len, mp_config_t **out, char *err,
+                        size_t errlen);
+
 void mp_config_free(mp_config_t *cfg);
 
 /* Parses "host:port", "[v6]:port" or ":port" / "*:port" (any address). */

@@ -5,6 +5,7 @@
 #include "l_request.h"
 #include "listener.h"
 #include "pool.h"
+#include "reload.h"
 #include "upstream.h"
 
 #include <arpa/inet.h>
@@ -109,6 +110,7 @@ static mp_req_t *req_new(mp_conn_t *c)
     memset(&r->h.head_len, 0, sizeof(r->h) - offsetof(mp_http_request_t, head_len));
     memset(&r->match, 0, sizeof(*r) - offsetof(mp_req_t, match));
     r->conn = c;
+    r->gen = mp_gen_ref(w->gen);
     r->upstream = r->server = -1;
     r->t_start = ev_now(c->w->loop);
     return r;
@@ -167,7 +169,7 @@ static void describe_peer(mp_req_t *r)
         format_ipv4(&p->sin6_addr.s6_addr[12], r->client_ip);
     else
         inet_ntop(AF_INET6, &p->sin6_addr, r->client_ip, sizeof(r->client_ip));
-    const mp_settings_t *s = &r->conn->w->cfg->settings;
+    const mp_settings_t *s = &r->gen->cfg->settings;
     for (size_t i = 0; i < s->ntrusted; i++)
         if (mp_cidr_match(&s->trusted[i], (const struct sockaddr *)p)) {
             r->trusted_peer = 1;
@@ -189,7 +191,7 @@ static void hook_outcome(mp_conn_t *c, int rc)
  * chain. Returns 0 when the request goes upstream. */
 static int route_request(mp_conn_t *c, mp_req_t *r)
 {
-    const mp_config_t *cfg = c->w->cfg;
+    const mp_config_t *cfg = r->gen->cfg;
     mp_http_request_t *h = &r->h;
     mp_route_query_t q = {h->method, h->host, r->path, h->headers, h->nheaders};
     r->match_path = r->path;
@@ -209,7 +211,7 @@ static int route_request(mp_conn_t *c, mp_req_t *r)
     if (hooks->request == LUA_NOREF)
         return 0;
     int up = -1;
-    int rc = mp_hook_route(c->w->L, r, hooks, &up);
+    int rc = mp_hook_route(r->gen->L, r, hooks, &up);
     if (rc != MP_HOOK_NEXT)
         return hook_outcome(c, rc), -1;
     if (hooks->handler) {
@@ -229,7 +231,7 @@ static void start_request(mp_conn_t *c)
 {
     mp_req_t *r = c->req;
     mp_http_request_t *h = &r->h;
-    const mp_config_t *cfg = c->w->cfg;
+    const mp_config_t *cfg = r->gen->cfg;
 
     r->is_head = h->method.len == 4 && memcmp(h->method.p, "HEAD", 4) == 0;
     r->keepalive = h->minor == 1 ? !h->conn_close : (h->conn_keepalive && !h->conn_close);
@@ -254,7 +256,7 @@ static void start_request(mp_conn_t *c)
         (uint64_t)h->content_length > cfg->settings.max_body_size)
         return mp_conn_fail(c, 413);
     if (cfg->pre_ref != LUA_NOREF) {
-        int rc = mp_hook_pre(c->w->L, r, cfg->pre_ref);
+        int rc = mp_hook_pre(r->gen->L, r, cfg->pre_ref);
         if (rc != MP_HOOK_NEXT)
             return hook_outcome(c, rc);
     }
@@ -412,7 +414,7 @@ static void log_request(mp_conn_t *c, mp_req_t *r)
     e.bytes = r->bytes_sent;
     e.upstream_time = -1;
     if (r->server >= 0) {
-        const mp_upstream_def_t *u = &w->cfg->upstreams[r->upstream];
+        const mp_upstream_def_t *u = &r->gen->cfg->upstreams[r->upstream];
         const char *addr = u->servers[r->server].addr.text;
         e.upstream_server = (mp_slice){addr, strlen(addr)};
         e.upstream_time = (r->t_up_end ? r->t_up_end : now) - r->t_up_start;
@@ -427,13 +429,14 @@ static void end_request(mp_conn_t *c)
     if (!r)
         return;
     mp_upstream_cancel(r);
-    const mp_config_t *cfg = c->w->cfg;
+    const mp_config_t *cfg = r->gen->cfg;
     if (r->status && cfg->log_ref != LUA_NOREF)
-        mp_hook_log(c->w->L, r, cfg->log_ref);
-    mp_hook_release(c->w->L, r);
+        mp_hook_log(r->gen->L, r, cfg->log_ref);
+    mp_hook_release(r->gen->L, r);
     if (r->status)
         log_request(c, r);
     mp_worker_t *w = c->w;
+    mp_gen_unref(w, r->gen);
     if (w->nfree_reqs < 256) {
         *(mp_req_t **)r = w->free_reqs;
         w->free_reqs = r;
@@ -537,13 +540,13 @@ static void send_local(mp_conn_t *c, int status, const char *body, size_t blen, 
 void mp_conn_respond(mp_conn_t *c)
 {
     mp_req_t *r = c->req;
-    const mp_config_t *cfg = c->w->cfg;
+    const mp_config_t *cfg = r->gen->cfg;
     if (!r->body.done)
         r->keepalive = 0;
     r->status = r->local_status;
     int ref = r->match.route ? cfg->route_hooks[r->match.route->index - 1].response : cfg->response_ref;
     if (ref != LUA_NOREF) {
-        if (mp_hook_response(c->w->L, r, ref, NULL) != MP_HOOK_NEXT)
+        if (mp_hook_response(r->gen->L, r, ref, NULL) != MP_HOOK_NEXT)
             return mp_conn_fail(c, 500);
         if (r->resp_status)
             r->local_status = r->resp_status;

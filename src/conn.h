@@ -39,6 +39,7 @@ typedef struct {
  * conn->in, which stays pinned at [0, head_len) until the request ends. */
 typedef struct mp_req {
     mp_conn_t *conn;
+    mp_gen_t *gen;            /* the configuration generation it runs on (pinned) */
     mp_upconn_t *up;          /* the upstream connection in use, or NULL */
     mp_http_request_t h;      /* parsed head */
     mp_route_match_t match;

@@ -6,6 +6,7 @@
 
 #include "l_core.h"
 #include "log.h"
+#include "reload.h"
 #include "vm.h"
 
 #include <arpa/inet.h>
@@ -211,7 +212,7 @@ static int ip_trusted(const mp_settings_t *s, const char *text, size_t len)
  * address that is not itself a trusted proxy (the leftmost when all are). */
 static void push_remote_addr(lua_State *L, mp_req_t *r)
 {
-    const mp_settings_t *s = &r->conn->w->cfg->settings;
+    const mp_settings_t *s = &r->gen->cfg->settings;
     mp_slice best = {r->client_ip, strlen(r->client_ip)};
     if (r->trusted_peer) {
         const mp_header_t *h = r->h.headers;

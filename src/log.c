@@ -65,9 +65,7 @@ int mp_alog_open(const char *target)
     return fd < 0 ? MP_EIO : fd;
 }
 
-/* Appends s as JSON string contents (no quotes); bytes >= 0x80 are passed
- * through, control bytes and quotes escaped. Returns the new length. */
-static size_t json_escape(char *out, size_t len, size_t cap, mp_slice s)
+size_t mp_json_escape(char *out, size_t len, size_t cap, mp_slice s)
 {
     static const char hex[] = "0123456789abcdef";
     for (size_t i = 0; i < s.len && len + 6 < cap; i++) {
@@ -92,7 +90,7 @@ static size_t json_field(char *out, size_t len, size_t cap, const char *key, mp_
     len += (size_t)snprintf(out + len, cap - len, ",\"%s\":\"", key);
     if (len >= cap)
         return cap;
-    len = json_escape(out, len, cap, v);
+    len = mp_json_escape(out, len, cap, v);
     if (len < cap)
         out[len++] = '"';
     return len;

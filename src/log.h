@@ -24,6 +24,11 @@ void mp_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)
 #define mp_log_warn(...) mp_log(MP_LOG_WARN, __VA_ARGS__)
 #define mp_log_error(...) mp_log(MP_LOG_ERROR, __VA_ARGS__)
 
+/* Appends s to out[len..cap) as JSON string contents (no quotes): bytes
+ * >= 0x80 pass through, control bytes and quotes are escaped; stops short
+ * rather than overflow. Returns the new length. */
+size_t mp_json_escape(char *out, size_t len, size_t cap, mp_slice s);
+
 /* One access log sink per worker. A zeroed struct with fd = -1 is off. */
 typedef struct {
     int fd;        /* -1: off; shared between workers (opened O_APPEND once) */

@@ -1,7 +1,9 @@
 /* main.c: the command line, the listening sockets, starting and stopping the
  * worker threads, and signals. */
+#include "admin.h"
 #include "config.h"
 #include "listener.h"
+#include "reload.h"
 #include "log.h"
 #include "vm.h"
 #include "worker.h"
@@ -35,6 +37,9 @@ static struct {
     mp_worker_t *workers;
     int nworkers;
     int stopping;
+    int ready; /* for /ready: listeners accept and a configuration runs */
+    mp_reloader_t *rl;
+    mp_admin_t *admin;
     ev_timer deadline, poll;
     ev_signal sigterm, sigint, sighup;
 } g;
@@ -139,12 +144,13 @@ static void on_stop_signal(struct ev_loop *loop, ev_signal *s, int revents)
         _exit(1);
     }
     g.stopping = 1;
+    g.ready = 0;
     mp_log_info("signal %d: stopping (draining in-flight requests)", s->signum);
     for (int i = 0; i < g.nworkers; i++)
         mp_worker_stop(&g.workers[i]);
     ev_timer_init(&g.poll, on_poll, 0.02, 0.02);
     ev_timer_start(loop, &g.poll);
-    ev_timer_init(&g.deadline, on_deadline, g.workers[0].cfg->settings.shutdown_timeout, 0);
+    ev_timer_init(&g.deadline, on_deadline, mp_reloader_config(g.rl)->settings.shutdown_timeout, 0);
     ev_timer_start(loop, &g.deadline);
 }
 
@@ -153,7 +159,8 @@ static void on_hup(struct ev_loop *loop, ev_signal *s, int revents)
     (void)loop;
     (void)s;
     (void)revents;
-    mp_log_warn("SIGHUP: reload is not implemented yet; the running configuration stays");
+    if (!g.stopping)
+        mp_reload(g.rl, 0, "SIGHUP", NULL, NULL);
 }
 
 static void *worker_main(void *arg);
@@ -222,12 +229,23 @@ int main(int argc, char **argv)
     pthread_sigmask(SIG_BLOCK, &set, NULL);
 
     for (int i = 0; i < g.nworkers; i++) {
-        if (mp_worker_init(&g.workers[i], i, o.path, fds + (size_t)i * cfg->nlistens, cfg->nlistens, err,
-                           sizeof(err)) != 0) {
-            fprintf(stderr, "%s\n", err);
+        if (mp_worker_init(&g.workers[i], i, cfg->settings.max_header_size, fds + (size_t)i * cfg->nlistens,
+                           cfg->nlistens) != 0) {
+            fprintf(stderr, "moonproxy: out of memory\n");
             return 1;
         }
         g.workers[i].alog.fd = alog;
+    }
+    /* Every worker gets its own VM and configuration: generation 1. */
+    if (!(g.rl = mp_reloader_new(o.path, g.workers, g.nworkers, err, sizeof(err)))) {
+        fprintf(stderr, "%s\n", err);
+        return 1;
+    }
+    struct ev_loop *loop = ev_default_loop(EVFLAG_AUTO | EVFLAG_SIGNALFD);
+    mp_reloader_start(g.rl, loop);
+    if (cfg->admin && !(g.admin = mp_admin_start(loop, cfg->admin, g.rl, &g.ready, err, sizeof(err)))) {
+        fprintf(stderr, "moonproxy: %s\n", err);
+        return 1;
     }
     for (int i = 0; i < g.nworkers; i++) {
         pthread_t t;
@@ -237,10 +255,10 @@ int main(int argc, char **argv)
         }
         g.workers[i].thread = t;
     }
+    g.ready = 1;
     mp_log_info("moonproxy %s started with %d worker%s (%s)", MP_VERSION, g.nworkers, g.nworkers == 1 ? "" : "s",
                 o.path);
 
-    struct ev_loop *loop = ev_default_loop(EVFLAG_AUTO | EVFLAG_SIGNALFD);
     ev_signal_init(&g.sigterm, on_stop_signal, SIGTERM);
     ev_signal_init(&g.sigint, on_stop_signal, SIGINT);
     ev_signal_init(&g.sighup, on_hup, SIGHUP);
@@ -256,6 +274,8 @@ int main(int argc, char **argv)
         mp_worker_dispose(&g.workers[i]);
     }
     mp_log_info("stopped");
+    mp_reloader_free(g.rl);
+    mp_admin_free(g.admin);
     free(g.workers);
     free(fds);
     mp_config_free(cfg);

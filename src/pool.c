@@ -8,36 +8,75 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-int mp_pool_init_all(mp_worker_t *w)
+static mp_server_pool_t *server_pool(mp_worker_t *w, const mp_upstream_def_t *def, const mp_server_def_t *srv)
 {
-    size_t n = w->cfg->nupstreams;
-    w->pools = calloc(n ? n : 1, sizeof(*w->pools));
-    if (!w->pools)
-        return MP_ENOMEM;
-    for (size_t i = 0; i < n; i++) {
-        mp_pool_t *p = &w->pools[i];
-        p->def = &w->cfg->upstreams[i];
-        p->servers = calloc(p->def->nservers, sizeof(*p->servers));
-        if (!p->servers)
-            return MP_ENOMEM;
+    for (mp_server_pool_t *sp = w->server_pools; sp; sp = sp->next)
+        if (strcmp(sp->upstream, def->name) == 0 && strcmp(sp->addr.text, srv->addr.text) == 0)
+            return sp;
+    mp_server_pool_t *sp = calloc(1, sizeof(*sp));
+    if (!sp || !(sp->upstream = strdup(def->name)) || !(sp->addr.text = strdup(srv->addr.text))) {
+        if (sp)
+            free(sp->upstream);
+        free(sp);
+        return NULL;
     }
-    return 0;
+    sp->addr.ss = srv->addr.ss;
+    sp->addr.sslen = srv->addr.sslen;
+    sp->next = w->server_pools;
+    w->server_pools = sp;
+    return sp;
 }
 
-void mp_pool_dispose_all(mp_worker_t *w)
+static void server_pool_unref(mp_worker_t *w, mp_server_pool_t *sp)
 {
-    if (!w->pools)
+    if (--sp->refs)
         return;
-    for (size_t i = 0; i < w->cfg->nupstreams; i++) {
-        mp_pool_t *p = &w->pools[i];
-        for (size_t s = 0; p->servers && s < p->def->nservers; s++)
-            while (p->servers[s].idle)
-                mp_upconn_close(p->servers[s].idle);
+    while (sp->idle)
+        mp_upconn_close(sp->idle);
+    for (mp_server_pool_t **p = &w->server_pools; *p; p = &(*p)->next)
+        if (*p == sp) {
+            *p = sp->next;
+            break;
+        }
+    free(sp->upstream);
+    free(sp->addr.text);
+    free(sp);
+}
+
+mp_pool_t *mp_pools_new(mp_worker_t *w, const mp_config_t *cfg)
+{
+    size_t n = cfg->nupstreams;
+    mp_pool_t *pools = calloc(n ? n : 1, sizeof(*pools));
+    for (size_t i = 0; pools && i < n; i++) {
+        mp_pool_t *p = &pools[i];
+        p->def = &cfg->upstreams[i];
+        p->servers = calloc(p->def->nservers, sizeof(*p->servers));
+        for (size_t s = 0; p->servers && s < p->def->nservers; s++) {
+            mp_server_pool_t *sp = server_pool(w, p->def, &p->def->servers[s]);
+            if (!sp)
+                break;
+            sp->refs++;
+            sp->keepalive = p->def->keepalive;
+            sp->keepalive_timeout = p->def->keepalive_timeout;
+            p->servers[s] = sp;
+        }
+        if (!p->servers || !p->servers[p->def->nservers - 1]) {
+            mp_pools_free(w, pools, i + 1);
+            return NULL;
+        }
+    }
+    return pools;
+}
+
+void mp_pools_free(mp_worker_t *w, mp_pool_t *pools, size_t n)
+{
+    for (size_t i = 0; pools && i < n; i++) {
+        mp_pool_t *p = &pools[i];
+        for (size_t s = 0; p->servers && s < p->def->nservers && p->servers[s]; s++)
+            server_pool_unref(w, p->servers[s]);
         free(p->servers);
     }
-    free(w->pools);
-    w->pools = NULL;
-    mp_upconn_reap(w);
+    free(pools);
 }
 
 void mp_upconn_want(mp_upconn_t *u, int events)
@@ -58,7 +97,7 @@ void mp_upconn_timer(mp_upconn_t *u, double seconds)
 
 static void unlink_idle(mp_upconn_t *u)
 {
-    mp_server_pool_t *sp = &u->w->pools[u->upstream].servers[u->server];
+    mp_server_pool_t *sp = u->sp;
     if (u->prev)
         u->prev->next = u->next;
     else
@@ -84,9 +123,8 @@ static int still_open(int fd)
     return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
 }
 
-mp_upconn_t *mp_pool_take(mp_worker_t *w, int upstream, int server)
+mp_upconn_t *mp_pool_take(mp_server_pool_t *sp, mp_worker_t *w)
 {
-    mp_server_pool_t *sp = &w->pools[upstream].servers[server];
     while (sp->idle) {
         mp_upconn_t *u = sp->idle;
         unlink_idle(u);
@@ -103,9 +141,9 @@ mp_upconn_t *mp_pool_take(mp_worker_t *w, int upstream, int server)
     return NULL;
 }
 
-mp_upconn_t *mp_upconn_connect(mp_worker_t *w, int upstream, int server, mp_io_cb io_cb, mp_timer_cb timer_cb)
+mp_upconn_t *mp_upconn_connect(mp_worker_t *w, mp_server_pool_t *sp, mp_io_cb io_cb, mp_timer_cb timer_cb)
 {
-    const mp_addr_t *a = &w->cfg->upstreams[upstream].servers[server].addr;
+    const mp_addr_t *a = &sp->addr;
     int fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return NULL;
@@ -126,8 +164,7 @@ mp_upconn_t *mp_upconn_connect(mp_worker_t *w, int upstream, int server, mp_io_c
     }
     u->w = w;
     u->fd = fd;
-    u->upstream = upstream;
-    u->server = server;
+    u->sp = sp;
     u->state = rc == 0 ? MP_UP_ACTIVE : MP_UP_CONNECTING;
     ev_io_init(&u->io, io_cb, fd, 0);
     ev_init(&u->timer, timer_cb);
@@ -137,9 +174,8 @@ mp_upconn_t *mp_upconn_connect(mp_worker_t *w, int upstream, int server, mp_io_c
 void mp_pool_put(mp_upconn_t *u)
 {
     mp_worker_t *w = u->w;
-    mp_pool_t *p = &w->pools[u->upstream];
-    mp_server_pool_t *sp = &p->servers[u->server];
-    if (w->stopping || sp->nidle >= (unsigned)p->def->keepalive)
+    mp_server_pool_t *sp = u->sp;
+    if (w->stopping || sp->nidle >= (unsigned)sp->keepalive)
         return mp_upconn_close(u);
     mp_buf_release(&u->in, &w->bufs);
     mp_buf_release(&u->out, &w->bufs);
@@ -153,7 +189,7 @@ void mp_pool_put(mp_upconn_t *u)
     sp->idle = u;
     sp->nidle++;
     mp_upconn_want(u, EV_READ);
-    mp_upconn_timer(u, p->def->keepalive_timeout);
+    mp_upconn_timer(u, sp->keepalive_timeout);
 }
 
 void mp_pool_idle_event(mp_upconn_t *u)

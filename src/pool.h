@@ -1,7 +1,8 @@
 /* pool.h: upstream connections and, per worker, the idle keep-alive ones of
  * each server (at most `keepalive`, closed after keepalive_timeout or as soon
- * as the server closes or sends anything while idle). Wraps the balancer;
- * never chooses a server itself. */
+ * as the server closes or sends anything while idle). A server's pool is
+ * keyed by upstream name and address, so it outlives a reload that keeps
+ * them. Wraps the balancer; never chooses a server itself. */
 #ifndef MP_POOL_H
 #define MP_POOL_H
 
@@ -17,14 +18,14 @@ typedef void (*mp_timer_cb)(struct ev_loop *, ev_timer *, int);
 enum mp_upconn_state { MP_UP_CONNECTING, MP_UP_ACTIVE, MP_UP_IDLE, MP_UP_CLOSED };
 
 struct mp_req;
+typedef struct mp_server_pool mp_server_pool_t;
 
 struct mp_upconn {
     mp_worker_t *w;
     int fd;
     uint8_t state;    /* mp_upconn_state */
     uint8_t reused;   /* taken from the idle pool for the current request */
-    int upstream;     /* index in cfg->upstreams */
-    int server;       /* index in its servers */
+    mp_server_pool_t *sp; /* its server; kept alive by the request's generation */
     ev_io io;
     ev_timer timer;
     mp_buf_t in;      /* response bytes; only while active */
@@ -36,28 +37,40 @@ struct mp_upconn {
     mp_upconn_t *prev, *next; /* idle list, or the worker's graveyard */
 };
 
-typedef struct {
-    mp_upconn_t *idle; /* most recently used first */
+/* One server of one upstream, in one worker. */
+struct mp_server_pool {
+    char *upstream;      /* upstream name */
+    mp_addr_t addr;      /* a copy: the pool outlives the configuration */
+    int keepalive;       /* from the newest generation using it */
+    double keepalive_timeout;
+    mp_upconn_t *idle;   /* most recently used first */
     unsigned nidle;
-} mp_server_pool_t;
-
-struct mp_pool {
-    const mp_upstream_def_t *def;
-    mp_server_pool_t *servers; /* def->nservers */
-    unsigned rr;               /* round robin position */
+    unsigned refs;       /* generations using it */
+    mp_server_pool_t *next; /* worker->server_pools */
 };
 
-/* One pool per upstream of w->cfg, in w->pools. Returns 0 or MP_ENOMEM. */
-int mp_pool_init_all(mp_worker_t *w);
-void mp_pool_dispose_all(mp_worker_t *w);
+/* The servers of one upstream in one generation. */
+struct mp_pool {
+    const mp_upstream_def_t *def;
+    mp_server_pool_t **servers; /* def->nservers */
+    unsigned rr;                /* round robin position */
+};
+
+/* The pools of every upstream of cfg, taking (or creating) the worker's
+ * server pools. Returns NULL when out of memory. */
+mp_pool_t *mp_pools_new(mp_worker_t *w, const mp_config_t *cfg);
+
+/* Drops a generation's hold on its server pools; a server no generation
+ * uses any more has its idle connections closed. */
+void mp_pools_free(mp_worker_t *w, mp_pool_t *pools, size_t n);
 
 /* A live idle connection to the server, or NULL. Checks the socket before
- * handing it out (a peer that closed it is dropped). */
-mp_upconn_t *mp_pool_take(mp_worker_t *w, int upstream, int server);
+ * handing out one that idled long. */
+mp_upconn_t *mp_pool_take(mp_server_pool_t *sp, mp_worker_t *w);
 
 /* Starts a non-blocking connect to the server; u->state is CONNECTING or
  * ACTIVE (connected at once). Returns NULL with errno set on failure. */
-mp_upconn_t *mp_upconn_connect(mp_worker_t *w, int upstream, int server, mp_io_cb io_cb, mp_timer_cb timer_cb);
+mp_upconn_t *mp_upconn_connect(mp_worker_t *w, mp_server_pool_t *sp, mp_io_cb io_cb, mp_timer_cb timer_cb);
 
 /* Gives u back to its server's idle list, or closes it when the list is
  * full. u must have no request and no unread bytes. */

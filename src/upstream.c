@@ -6,6 +6,7 @@
 
 #include "l_request.h"
 #include "pool.h"
+#include "reload.h"
 
 #include <errno.h>
 #include <lauxlib.h>
@@ -34,7 +35,12 @@ static mp_worker_t *worker_of(mp_req_t *r)
 
 static const mp_upstream_def_t *udef(mp_req_t *r)
 {
-    return &worker_of(r)->cfg->upstreams[r->upstream];
+    return &r->gen->cfg->upstreams[r->upstream];
+}
+
+static mp_pool_t *pool_of(mp_req_t *r)
+{
+    return &r->gen->pools[r->upstream];
 }
 
 static void attach(mp_req_t *r, mp_upconn_t *u)
@@ -83,7 +89,7 @@ void mp_upstream_start(mp_req_t *r)
 {
     r->body_replayable = 1;
     reset_request_body(r);
-    connect_to(r, mp_balancer_pick(&worker_of(r)->pools[r->upstream], -1), 0);
+    connect_to(r, mp_balancer_pick(pool_of(r), -1), 0);
 }
 
 /* Which events each side waits for and which timer runs, derived from the
@@ -92,7 +98,7 @@ static void sync_events(mp_req_t *r)
 {
     mp_conn_t *c = r->conn;
     mp_upconn_t *u = r->up;
-    const mp_settings_t *s = &c->w->cfg->settings;
+    const mp_settings_t *s = &r->gen->cfg->settings;
     int pending_resp = mp_buf_len(&c->out) || (u && r->resp_ready > u->in.start);
     int need_body = !r->body.done && !r->body_abandoned;
     int client_room = c->in.data ? mp_buf_room(&c->in) > 0 : 1;
@@ -162,7 +168,7 @@ static void up_error(mp_req_t *r, enum up_err e)
     if (r->tries <= d->retries && d->nservers > 1 && replayable &&
         (nothing_sent || (e == UE_RESET && is_idempotent(r->h.method)))) {
         reset_request_body(r);
-        return connect_to(r, mp_balancer_pick(&w->pools[r->upstream], server), 0);
+        return connect_to(r, mp_balancer_pick(pool_of(r), server), 0);
     }
     int status = (e == UE_CONNECT_TIMEOUT || e == UE_SEND_TIMEOUT || e == UE_READ_TIMEOUT) ? 504 : 502;
     mp_conn_fail(r->conn, status);
@@ -174,13 +180,14 @@ static void connect_to(mp_req_t *r, int server, int fresh)
     r->server = server;
     if (!r->t_up_start)
         r->t_up_start = ev_now(w->loop);
-    mp_upconn_t *u = fresh ? NULL : mp_pool_take(w, r->upstream, server);
+    mp_server_pool_t *sp = pool_of(r)->servers[server];
+    mp_upconn_t *u = fresh ? NULL : mp_pool_take(sp, w);
     if (u) {
         w->stats.upstream_reused++;
         u->reused = 1;
     } else {
         r->tries++;
-        u = mp_upconn_connect(w, r->upstream, server, on_up_io, on_up_timer);
+        u = mp_upconn_connect(w, sp, on_up_io, on_up_timer);
         if (!u) {
             r->up = NULL;
             return up_error(r, UE_CONNECT);
@@ -362,7 +369,7 @@ static int frame_request_body(mp_req_t *r)
 {
     mp_conn_t *c = r->conn;
     mp_framing_t *f = &r->body;
-    const mp_settings_t *s = &c->w->cfg->settings;
+    const mp_settings_t *s = &r->gen->cfg->settings;
     if (f->kind == MP_BODY_LENGTH) {
         uint64_t n = c->in.end - r->body_ready;
         if (n > f->left)
@@ -526,9 +533,9 @@ static int begin_response(mp_req_t *r, const mp_http_response_t *rh)
         r->keepalive = 0;
     }
     r->status = rh->status;
-    int ref = c->w->cfg->route_hooks[r->match.route->index - 1].response;
+    int ref = r->gen->cfg->route_hooks[r->match.route->index - 1].response;
     if (ref != LUA_NOREF) {
-        if (mp_hook_response(c->w->L, r, ref, rh) != MP_HOOK_NEXT)
+        if (mp_hook_response(r->gen->L, r, ref, rh) != MP_HOOK_NEXT)
             return MP_EINVAL;
         if (r->resp_status)
             r->status = r->resp_status;

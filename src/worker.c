@@ -5,6 +5,7 @@
 #include "conn.h"
 #include "listener.h"
 #include "pool.h"
+#include "reload.h"
 #include "vm.h"
 
 #include <stdio.h>
@@ -15,11 +16,42 @@
 
 #define MIN_BLOCK_SIZE (32 * 1024)
 #define MAX_FREE_BLOCKS 1024
+#define EXPIRE_SECONDS 1.0
+
+/* Installs a generation the main thread handed over, if any. */
+static void take_handover(mp_worker_t *w)
+{
+    pthread_mutex_lock(&w->handover_lock);
+    lua_State *L = w->next_L;
+    mp_config_t *cfg = w->next_cfg;
+    uint64_t id = w->next_id;
+    w->next_L = NULL;
+    w->next_cfg = NULL;
+    pthread_mutex_unlock(&w->handover_lock);
+    if (!L)
+        return;
+    if (mp_gen_install(w, id, L, cfg) != 0) {
+        mp_log_error("w%d: out of memory installing generation %llu", w->id, (unsigned long long)id);
+        return;
+    }
+    w->installed = id;
+    mp_log_debug("w%d: now on generation %llu", w->id, (unsigned long long)id);
+    if (w->main_ack)
+        ev_async_send(w->main_loop, w->main_ack);
+}
+
+static void on_expire(struct ev_loop *loop, ev_timer *t, int revents)
+{
+    (void)loop;
+    (void)revents;
+    mp_gen_expire(container_of(t, mp_worker_t, expire));
+}
 
 static void on_wake(struct ev_loop *loop, ev_async *a, int revents)
 {
     (void)revents;
     mp_worker_t *w = container_of(a, mp_worker_t, wake);
+    take_handover(w);
     if (!w->stop_requested || w->stopping)
         return;
     w->stopping = 1;
@@ -66,32 +98,21 @@ mp_slice mp_worker_date(mp_worker_t *w)
     return (mp_slice){w->date, w->date_len};
 }
 
-int mp_worker_init(mp_worker_t *w, int id, const char *path, const int *fds, size_t nfds, char *err,
-                   size_t errlen)
+int mp_worker_init(mp_worker_t *w, int id, size_t max_header_size, const int *fds, size_t nfds)
 {
     memset(w, 0, sizeof(*w));
     w->id = id;
     w->alog.fd = -1;
-    if (!(w->L = mp_vm_new())) {
-        snprintf(err, errlen, "out of memory");
-        return MP_ENOMEM;
-    }
-    if (mp_config_load(w->L, path, &w->cfg, err, errlen) != 0)
-        return MP_EINVAL;
-    const mp_settings_t *s = &w->cfg->settings;
-    size_t block = s->max_header_size + 16 * 1024;
+    pthread_mutex_init(&w->handover_lock, NULL);
+    size_t block = max_header_size + 16 * 1024;
     mp_bufpool_init(&w->bufs, block < MIN_BLOCK_SIZE ? MIN_BLOCK_SIZE : block, MAX_FREE_BLOCKS);
-    w->limits.max_header_size = s->max_header_size;
-    w->limits.max_uri_size = s->max_uri_size;
     if (getrandom(w->rng, sizeof(w->rng), 0) != sizeof(w->rng))
         w->rng[0] = (uint64_t)time(NULL) ^ ((uint64_t)id << 32), w->rng[1] = (uint64_t)getpid() | 1;
 
     w->loop = ev_loop_new(EVFLAG_AUTO | EVFLAG_NOSIGMASK);
     w->listeners = calloc(nfds ? nfds : 1, sizeof(*w->listeners));
-    if (!w->loop || !w->listeners || mp_pool_init_all(w) != 0) {
-        snprintf(err, errlen, "out of memory");
+    if (!w->loop || !w->listeners)
         return MP_ENOMEM;
-    }
     w->nlisteners = nfds;
     for (size_t i = 0; i < nfds; i++)
         w->listeners[i].fd = fds[i];
@@ -99,6 +120,8 @@ int mp_worker_init(mp_worker_t *w, int id, const char *path, const int *fds, siz
     ev_async_start(w->loop, &w->wake);
     ev_prepare_init(&w->flush, on_prepare);
     ev_prepare_start(w->loop, &w->flush);
+    ev_init(&w->expire, on_expire);
+    w->expire.repeat = EXPIRE_SECONDS;
     return 0;
 }
 
@@ -130,7 +153,8 @@ void mp_worker_dispose(mp_worker_t *w)
             mp_conn_close(c);
         }
         mp_conn_reap(w);
-        mp_pool_dispose_all(w);
+        mp_gen_dispose_all(w);
+        mp_upconn_reap(w);
         for (size_t i = 0; i < w->nlisteners; i++)
             if (w->listeners[i].fd >= 0)
                 close(w->listeners[i].fd);
@@ -143,9 +167,10 @@ void mp_worker_dispose(mp_worker_t *w)
     }
     free(w->listeners);
     mp_bufpool_dispose(&w->bufs);
-    if (w->cfg)
-        mp_config_free(w->cfg);
-    if (w->L)
-        mp_vm_close(w->L);
+    if (w->next_L) {
+        mp_config_free(w->next_cfg);
+        mp_vm_close(w->next_L);
+    }
+    pthread_mutex_destroy(&w->handover_lock);
     memset(w, 0, sizeof(*w));
 }

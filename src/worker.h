@@ -27,12 +27,26 @@ typedef struct {
     uint64_t accepted, requests, upstream_connects, upstream_reused, upstream_errors;
 } mp_stats_t;
 
+typedef struct mp_gen mp_gen_t;
+typedef struct mp_server_pool mp_server_pool_t;
+
 typedef struct mp_worker {
     int id;
     pthread_t thread;
     struct ev_loop *loop;
-    lua_State *L;
-    mp_config_t *cfg;
+    mp_gen_t *gen;          /* the current configuration generation (reload.h) */
+    mp_gen_t *retired;      /* older ones, until their last request ends */
+    const mp_config_t *cfg; /* gen->cfg: connection-level settings */
+    mp_server_pool_t *server_pools; /* idle upstream connections, across generations */
+    ev_timer expire;        /* cuts requests of generations drained too long */
+    /* Hand-over of a new generation from the main thread (reload.c). */
+    pthread_mutex_t handover_lock;
+    lua_State *next_L;
+    mp_config_t *next_cfg;
+    uint64_t next_id;
+    _Atomic uint64_t installed; /* the generation this worker runs */
+    struct ev_loop *main_loop;  /* where to acknowledge an installed generation */
+    ev_async *main_ack;
     mp_listener_t *listeners;
     size_t nlisteners;
     ev_async wake;    /* main thread → worker: see `stop` */
@@ -41,7 +55,6 @@ typedef struct mp_worker {
     int stopping;
     int accept_paused;      /* at max_connections */
     mp_bufpool_t bufs;
-    mp_pool_t *pools;       /* one per upstream in cfg */
     mp_conn_t *conns;       /* every open client connection (doubly linked) */
     unsigned nconns;
     mp_conn_t *graveyard;   /* closed, freed before the next poll */
@@ -57,10 +70,10 @@ typedef struct mp_worker {
     mp_stats_t stats;
 } mp_worker_t;
 
-/* Prepares w (loop, VM, configuration from path, pools); listener fds are
- * given by the main thread. Returns 0 or MP_EINVAL with err set. */
-int mp_worker_init(mp_worker_t *w, int id, const char *path, const int *fds, size_t nfds, char *err,
-                   size_t errlen);
+/* Prepares w (loop, buffers for heads up to max_header_size); listener fds
+ * are given by the main thread, the configuration by the reloader. Returns 0
+ * or MP_ENOMEM. */
+int mp_worker_init(mp_worker_t *w, int id, size_t max_header_size, const int *fds, size_t nfds);
 /* Runs the worker's loop on the calling thread until it stopped and drained. */
 void mp_worker_run(mp_worker_t *w);
 

@@ -1,0 +1,353 @@
+/* admin.c: the admin HTTP endpoints on the main thread's loop. Requests are
+ * small and rare: one per connection, answered with Connection: close. */
+#include "admin.h"
+
+#include "http1.h"
+#include "listener.h"
+#include "log.h"
+#include "router.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define ADMIN_TIMEOUT 10.0
+#define ADMIN_HEAD_MAX 8192
+
+typedef struct admin_conn admin_conn_t;
+
+struct mp_admin {
+    struct ev_loop *loop;
+    int fd;
+    ev_io io;
+    mp_reloader_t *rl;
+    const int *ready;
+    admin_conn_t *conns;
+};
+
+struct admin_conn {
+    mp_admin_t *a;
+    int fd;
+    ev_io io;
+    ev_timer timer;
+    char in[ADMIN_HEAD_MAX];
+    size_t len, scanned;
+    char *out; /* the whole response, malloc'd */
+    size_t out_len, out_off;
+    int waiting; /* for a reload to finish; the connection lives until then */
+    admin_conn_t *next;
+};
+
+/* A growable string for JSON answers. */
+typedef struct {
+    char *p;
+    size_t len, cap;
+    int oom;
+} sb_t;
+
+static void sb_room(sb_t *b, size_t n)
+{
+    if (b->oom || b->len + n + 1 <= b->cap)
+        return;
+    size_t cap = b->cap ? b->cap : 1024;
+    while (cap < b->len + n + 1)
+        cap *= 2;
+    char *p = realloc(b->p, cap);
+    if (!p) {
+        b->oom = 1;
+        return;
+    }
+    b->p = p;
+    b->cap = cap;
+}
+
+static void sb_printf(sb_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+static void sb_printf(sb_t *b, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    sb_room(b, (size_t)n);
+    if (b->oom)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(b->p + b->len, b->cap - b->len, fmt, ap);
+    va_end(ap);
+    b->len += (size_t)n;
+}
+
+/* A JSON string (quoted), or null for NULL. */
+static void sb_str(sb_t *b, const char *s)
+{
+    if (!s) {
+        sb_printf(b, "null");
+        return;
+    }
+    size_t n = strlen(s);
+    sb_room(b, n * 6 + 2);
+    if (b->oom)
+        return;
+    b->p[b->len++] = '"';
+    b->len = mp_json_escape(b->p, b->len, b->cap, (mp_slice){s, n});
+    b->p[b->len++] = '"';
+    b->p[b->len] = '\0';
+}
+
+static void close_conn(admin_conn_t *c)
+{
+    mp_admin_t *a = c->a;
+    ev_io_stop(a->loop, &c->io);
+    ev_timer_stop(a->loop, &c->timer);
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
+    if (c->waiting)
+        return; /* freed when the reload calls back */
+    for (admin_conn_t **p = &a->conns; *p; p = &(*p)->next)
+        if (*p == c) {
+            *p = c->next;
+            break;
+        }
+    free(c->out);
+    free(c);
+}
+
+static void on_conn_io(struct ev_loop *loop, ev_io *io, int revents);
+
+static void flush(admin_conn_t *c)
+{
+    while (c->out_off < c->out_len) {
+        ssize_t n = write(c->fd, c->out + c->out_off, c->out_len - c->out_off);
+        if (n > 0) {
+            c->out_off += (size_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN) {
+            ev_io_stop(c->a->loop, &c->io);
+            ev_io_set(&c->io, c->fd, EV_WRITE);
+            ev_io_start(c->a->loop, &c->io);
+            return;
+        }
+        break;
+    }
+    close_conn(c);
+}
+
+static void respond(admin_conn_t *c, int status, const char *type, const char *body, size_t len)
+{
+    size_t cap = len + 256;
+    c->out = malloc(cap);
+    if (!c->out)
+        return close_conn(c);
+    int n = snprintf(c->out, cap,
+                     "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n",
+                     status, mp_http1_reason(status), type, len);
+    memcpy(c->out + n, body, len);
+    c->out_len = (size_t)n + len;
+    flush(c);
+}
+
+static void respond_json(admin_conn_t *c, int status, sb_t *b)
+{
+    if (b->oom) {
+        free(b->p);
+        return respond(c, 500, "text/plain", "out of memory\n", 14);
+    }
+    respond(c, status, "application/json", b->p, b->len);
+    free(b->p);
+}
+
+static void configz_routes(sb_t *b, const mp_config_t *cfg)
+{
+    sb_printf(b, "[");
+    for (size_t i = 0; i < mp_router_count(cfg->router); i++) {
+        const mp_route_t *r = mp_router_get(cfg->router, i);
+        sb_printf(b, "%s{\"index\":%d,\"name\":", i ? "," : "", r->index);
+        sb_str(b, r->name);
+        sb_printf(b, ",\"host\":");
+        sb_str(b, r->host);
+        sb_printf(b, ",\"path\":");
+        sb_str(b, r->path);
+        sb_printf(b, ",\"prefix\":");
+        sb_str(b, r->prefix);
+        sb_printf(b, ",\"regex\":");
+        sb_str(b, r->regex);
+        sb_printf(b, ",\"upstream\":");
+        sb_str(b, r->target >= 0 ? cfg->upstreams[r->target].name : NULL);
+        sb_printf(b, ",\"handler\":%s,\"src\":", cfg->route_hooks[i].handler ? "true" : "false");
+        sb_str(b, r->src);
+        sb_printf(b, "}");
+    }
+    sb_printf(b, "]");
+}
+
+static void configz(admin_conn_t *c)
+{
+    const mp_reloader_t *rl = c->a->rl;
+    const mp_config_t *cfg = mp_reloader_config(rl);
+    sb_t b = {0};
+    sb_printf(&b, "{\"generation\":%llu,\"loaded_at\":%.3f,\"source\":", (unsigned long long)mp_reloader_generation(rl),
+              mp_reloader_loaded_at(rl));
+    sb_str(&b, cfg->path);
+    sb_printf(&b, ",\"routes\":");
+    configz_routes(&b, cfg);
+    sb_printf(&b, ",\"upstreams\":{");
+    for (size_t i = 0; i < cfg->nupstreams; i++) {
+        const mp_upstream_def_t *u = &cfg->upstreams[i];
+        sb_printf(&b, "%s", i ? "," : "");
+        sb_str(&b, u->name);
+        sb_printf(&b, ":{\"balancer\":");
+        sb_str(&b, u->balancer);
+        sb_printf(&b, ",\"keepalive\":%d,\"retries\":%d,\"servers\":[", u->keepalive, u->retries);
+        for (size_t s = 0; s < u->nservers; s++) {
+            sb_printf(&b, "%s{\"addr\":", s ? "," : "");
+            sb_str(&b, u->servers[s].addr.text);
+            sb_printf(&b, ",\"weight\":%d}", u->servers[s].weight);
+        }
+        sb_printf(&b, "]}");
+    }
+    sb_printf(&b, "}}\n");
+    respond_json(c, 200, &b);
+}
+
+/* mp_reload_cb: the answer to POST /reload or /rollback. */
+static void on_reloaded(void *arg, uint64_t generation, const char *err)
+{
+    admin_conn_t *c = arg;
+    c->waiting = 0;
+    if (c->fd < 0)
+        return close_conn(c); /* the client left meanwhile */
+    sb_t b = {0};
+    if (err) {
+        sb_printf(&b, "{\"error\":");
+        sb_str(&b, err);
+        sb_printf(&b, ",\"generation\":%llu}\n", (unsigned long long)generation);
+        return respond_json(c, 422, &b);
+    }
+    sb_printf(&b, "{\"generation\":%llu}\n", (unsigned long long)generation);
+    respond_json(c, 200, &b);
+}
+
+static void route(admin_conn_t *c, const mp_http_request_t *h)
+{
+    int get = MP_SLICE_IEQ(h->method, "get") || MP_SLICE_IEQ(h->method, "head");
+    int post = MP_SLICE_IEQ(h->method, "post");
+    mp_slice p = h->path;
+    if (MP_SLICE_IEQ(p, "/live"))
+        return get ? respond(c, 200, "text/plain", "live\n", 5) : respond(c, 405, "text/plain", "GET\n", 4);
+    if (MP_SLICE_IEQ(p, "/ready")) {
+        if (!get)
+            return respond(c, 405, "text/plain", "GET\n", 4);
+        return *c->a->ready ? respond(c, 200, "text/plain", "ready\n", 6)
+                            : respond(c, 503, "text/plain", "not ready\n", 10);
+    }
+    if (MP_SLICE_IEQ(p, "/configz"))
+        return get ? configz(c) : respond(c, 405, "text/plain", "GET\n", 4);
+    int rollback = MP_SLICE_IEQ(p, "/rollback");
+    if (MP_SLICE_IEQ(p, "/reload") || rollback) {
+        if (!post)
+            return respond(c, 405, "text/plain", "POST\n", 5);
+        c->waiting = 1;
+        ev_io_stop(c->a->loop, &c->io);
+        ev_timer_stop(c->a->loop, &c->timer);
+        return mp_reload(c->a->rl, rollback, rollback ? "POST /rollback" : "POST /reload", on_reloaded, c);
+    }
+    respond(c, 404, "text/plain", "not found\n", 10);
+}
+
+static void on_conn_io(struct ev_loop *loop, ev_io *io, int revents)
+{
+    (void)loop;
+    admin_conn_t *c = container_of(io, admin_conn_t, io);
+    if (revents & EV_WRITE)
+        return flush(c);
+    ssize_t n = read(c->fd, c->in + c->len, sizeof(c->in) - c->len);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR))
+        return;
+    if (n <= 0)
+        return close_conn(c);
+    c->len += (size_t)n;
+    static mp_http_request_t h; /* the main thread's only */
+    mp_http_limits_t lim = {ADMIN_HEAD_MAX, ADMIN_HEAD_MAX};
+    int rc = mp_http1_parse_request(c->in, c->len, &c->scanned, &lim, &h);
+    if (rc == MP_EAGAIN && c->len < sizeof(c->in))
+        return;
+    ev_io_stop(c->a->loop, &c->io);
+    if (rc < 0)
+        return respond(c, rc == MP_EAGAIN ? 431 : h.status ? h.status : 400, "text/plain", "bad request\n", 12);
+    route(c, &h);
+}
+
+static void on_conn_timeout(struct ev_loop *loop, ev_timer *t, int revents)
+{
+    (void)loop;
+    (void)revents;
+    close_conn(container_of(t, admin_conn_t, timer));
+}
+
+static void on_accept(struct ev_loop *loop, ev_io *io, int revents)
+{
+    (void)revents;
+    mp_admin_t *a = container_of(io, mp_admin_t, io);
+    for (int i = 0; i < 16; i++) {
+        int fd = accept4(a->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0)
+            return;
+        admin_conn_t *c = calloc(1, sizeof(*c));
+        if (!c) {
+            close(fd);
+            return;
+        }
+        c->a = a;
+        c->fd = fd;
+        c->next = a->conns;
+        a->conns = c;
+        ev_io_init(&c->io, on_conn_io, fd, EV_READ);
+        ev_io_start(loop, &c->io);
+        ev_timer_init(&c->timer, on_conn_timeout, ADMIN_TIMEOUT, 0);
+        ev_timer_start(loop, &c->timer);
+    }
+}
+
+mp_admin_t *mp_admin_start(struct ev_loop *loop, mp_addr_t *addr, mp_reloader_t *rl, const int *ready, char *err,
+                           size_t errlen)
+{
+    mp_admin_t *a = calloc(1, sizeof(*a));
+    if (!a) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    a->fd = mp_listener_open(addr);
+    if (a->fd < 0) {
+        snprintf(err, errlen, "cannot listen on %s (admin): %s", addr->text, strerror(errno));
+        free(a);
+        return NULL;
+    }
+    a->loop = loop;
+    a->rl = rl;
+    a->ready = ready;
+    ev_io_init(&a->io, on_accept, a->fd, EV_READ);
+    ev_io_start(loop, &a->io);
+    return a;
+}
+
+void mp_admin_free(mp_admin_t *a)
+{
+    if (!a)
+        return;
+    ev_io_stop(a->loop, &a->io);
+    close(a->fd);
+    while (a->conns) {
+        admin_conn_t *c = a->conns;
+        c->waiting = 0;
+        close_conn(c);
+    }
+    free(a);
+}

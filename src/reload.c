@@ -1,0 +1,377 @@
+/* reload.c: configuration generations: built and validated by the main
+ * thread for every worker, handed over, installed by each worker, drained
+ * and freed. */
+#include "reload.h"
+
+#include "conn.h"
+#include "log.h"
+#include "pool.h"
+#include "vm.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/time.h>
+
+#define EXPIRE_CHECK_SECONDS 1.0
+
+/* ---- worker side ---- */
+
+static void gen_free(mp_worker_t *w, mp_gen_t *g)
+{
+    mp_pools_free(w, g->pools, g->cfg->nupstreams);
+    mp_config_free(g->cfg);
+    mp_vm_close(g->L);
+    free(g);
+}
+
+void mp_gen_unref(mp_worker_t *w, mp_gen_t *g)
+{
+    if (--g->refs)
+        return;
+    for (mp_gen_t **p = &w->retired; *p; p = &(*p)->next)
+        if (*p == g) {
+            *p = g->next;
+            break;
+        }
+    mp_log_debug("w%d: generation %llu freed", w->id, (unsigned long long)g->id);
+    gen_free(w, g);
+}
+
+int mp_gen_install(mp_worker_t *w, uint64_t id, lua_State *L, mp_config_t *cfg)
+{
+    mp_gen_t *g = calloc(1, sizeof(*g));
+    if (g)
+        g->pools = mp_pools_new(w, cfg);
+    if (!g || !g->pools) {
+        free(g);
+        mp_config_free(cfg);
+        mp_vm_close(L);
+        return MP_ENOMEM;
+    }
+    g->id = id;
+    g->L = L;
+    g->cfg = cfg;
+    g->refs = 1;
+    mp_gen_t *old = w->gen;
+    w->gen = g;
+    w->cfg = cfg;
+    w->limits.max_uri_size = cfg->settings.max_uri_size;
+    /* the read buffer's size was fixed at start: a head must leave room in it */
+    size_t room = w->bufs.block_size - 1024;
+    w->limits.max_header_size = cfg->settings.max_header_size < room ? cfg->settings.max_header_size : room;
+    if (old) {
+        old->retired_at = ev_now(w->loop);
+        old->next = w->retired;
+        w->retired = old;
+        mp_gen_unref(w, old);
+        if (w->retired && !ev_is_active(&w->expire))
+            ev_timer_again(w->loop, &w->expire);
+    }
+    return 0;
+}
+
+void mp_gen_expire(mp_worker_t *w)
+{
+    ev_tstamp now = ev_now(w->loop);
+    double limit = w->cfg->settings.reload_drain_timeout;
+    for (mp_gen_t *g = w->retired; g; g = g->next) {
+        if (now - g->retired_at < limit)
+            continue;
+        mp_log_warn("w%d: generation %llu still has requests after reload_drain_timeout (%gs): closing them",
+                    w->id, (unsigned long long)g->id, limit);
+        g->retired_at = now; /* once per period: closing frees g when the last goes */
+        mp_conn_t *next;
+        for (mp_conn_t *c = w->conns; c; c = next) {
+            next = c->next;
+            if (c->req && c->req->gen == g)
+                mp_conn_close(c); /* may free g: the outer loop stops here */
+        }
+        break;
+    }
+    if (!w->retired)
+        ev_timer_stop(w->loop, &w->expire);
+}
+
+void mp_gen_dispose_all(mp_worker_t *w)
+{
+    while (w->retired) {
+        mp_gen_t *g = w->retired;
+        w->retired = g->next;
+        gen_free(w, g);
+    }
+    if (w->gen)
+        gen_free(w, w->gen);
+    w->gen = NULL;
+    w->cfg = NULL;
+}
+
+/* ---- main thread side ---- */
+
+typedef struct waiter {
+    uint64_t generation;
+    mp_reload_cb cb;
+    void *arg;
+    struct waiter *next;
+} waiter_t;
+
+struct mp_reloader {
+    char *path;
+    mp_worker_t *workers;
+    int nworkers;
+    char *text, *prev_text; /* the scripts of the current and the previous generation */
+    size_t len, prev_len;
+    uint64_t generation;
+    double loaded_at;
+    lua_State *L;      /* the main thread's view of the current generation */
+    mp_config_t *cfg;
+    struct ev_loop *loop;
+    ev_async ack;      /* a worker installed a generation */
+    ev_stat watch;     /* settings.watch */
+    waiter_t *waiters;
+};
+
+static double epoch_now(void)
+{
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    return (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
+}
+
+static char *read_file(const char *path, size_t *len, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        snprintf(err, errlen, "%s: cannot open: %s", path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 4096, n = 0;
+    char *buf = malloc(cap);
+    for (size_t k; buf && (k = fread(buf + n, 1, cap - n, f)) > 0;) {
+        n += k;
+        if (n == cap) {
+            char *bigger = realloc(buf, cap *= 2);
+            if (!bigger)
+                free(buf);
+            buf = bigger;
+        }
+    }
+    fclose(f);
+    if (!buf)
+        snprintf(err, errlen, "%s: out of memory", path);
+    *len = n;
+    return buf;
+}
+
+/* Builds n (VM, configuration) pairs from text; all or nothing. */
+static int build(const mp_reloader_t *rl, const char *text, size_t len, int n, lua_State **Ls, mp_config_t **cfgs,
+                 char *err, size_t errlen)
+{
+    for (int i = 0; i < n; i++) {
+        Ls[i] = mp_vm_new();
+        cfgs[i] = NULL;
+        int rc = Ls[i] ? mp_config_load_text(Ls[i], rl->path, text, len, &cfgs[i], err, errlen) : MP_ENOMEM;
+        if (rc != 0) {
+            if (!Ls[i])
+                snprintf(err, errlen, "out of memory");
+            for (int k = 0; k <= i; k++) {
+                mp_config_free(cfgs[k]);
+                if (Ls[k])
+                    mp_vm_close(Ls[k]);
+            }
+            return MP_EINVAL;
+        }
+    }
+    return 0;
+}
+
+static void hand_over(mp_worker_t *w, uint64_t id, lua_State *L, mp_config_t *cfg)
+{
+    pthread_mutex_lock(&w->handover_lock);
+    lua_State *old_L = w->next_L; /* a hand-over the worker has not taken yet is superseded */
+    mp_config_t *old_cfg = w->next_cfg;
+    w->next_L = L;
+    w->next_cfg = cfg;
+    w->next_id = id;
+    pthread_mutex_unlock(&w->handover_lock);
+    if (old_L) {
+        mp_config_free(old_cfg);
+        mp_vm_close(old_L);
+    }
+    ev_async_send(w->loop, &w->wake);
+}
+
+static int all_installed(const mp_reloader_t *rl, uint64_t generation)
+{
+    for (int i = 0; i < rl->nworkers; i++)
+        if (rl->workers[i].installed < generation)
+            return 0;
+    return 1;
+}
+
+static void on_ack(struct ev_loop *loop, ev_async *a, int revents)
+{
+    (void)loop;
+    (void)revents;
+    mp_reloader_t *rl = container_of(a, mp_reloader_t, ack);
+    for (waiter_t **p = &rl->waiters; *p;) {
+        waiter_t *wt = *p;
+        if (!all_installed(rl, wt->generation)) {
+            p = &wt->next;
+            continue;
+        }
+        *p = wt->next;
+        if (wt->cb)
+            wt->cb(wt->arg, wt->generation, NULL);
+        free(wt);
+    }
+}
+
+static void on_script_changed(struct ev_loop *loop, ev_stat *st, int revents)
+{
+    (void)loop;
+    (void)revents;
+    mp_reloader_t *rl = container_of(st, mp_reloader_t, watch);
+    if (st->attr.st_nlink)
+        mp_reload(rl, 0, "the script changed (settings.watch)", NULL, NULL);
+}
+
+mp_reloader_t *mp_reloader_new(const char *path, mp_worker_t *workers, int nworkers, char *err, size_t errlen)
+{
+    mp_reloader_t *rl = calloc(1, sizeof(*rl));
+    lua_State **Ls = calloc((size_t)nworkers + 1, sizeof(*Ls));
+    mp_config_t **cfgs = calloc((size_t)nworkers + 1, sizeof(*cfgs));
+    if (!rl || !Ls || !cfgs || !(rl->path = strdup(path))) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
+    rl->workers = workers;
+    rl->nworkers = nworkers;
+    if (!(rl->text = read_file(path, &rl->len, err, errlen)) ||
+        build(rl, rl->text, rl->len, nworkers + 1, Ls, cfgs, err, errlen) != 0)
+        goto fail;
+    rl->generation = 1;
+    rl->loaded_at = epoch_now();
+    rl->L = Ls[nworkers];
+    rl->cfg = cfgs[nworkers];
+    for (int i = 0; i < nworkers; i++) {
+        if (mp_gen_install(&workers[i], 1, Ls[i], cfgs[i]) != 0) {
+            snprintf(err, errlen, "out of memory");
+            for (int k = i + 1; k < nworkers; k++) {
+                mp_config_free(cfgs[k]);
+                mp_vm_close(Ls[k]);
+            }
+            goto fail;
+        }
+        workers[i].installed = 1;
+    }
+    free(Ls);
+    free(cfgs);
+    return rl;
+fail:
+    free(Ls);
+    free(cfgs);
+    mp_reloader_free(rl);
+    return NULL;
+}
+
+void mp_reloader_start(mp_reloader_t *rl, struct ev_loop *loop)
+{
+    rl->loop = loop;
+    ev_async_init(&rl->ack, on_ack);
+    ev_async_start(loop, &rl->ack);
+    for (int i = 0; i < rl->nworkers; i++) {
+        rl->workers[i].main_loop = loop;
+        rl->workers[i].main_ack = &rl->ack;
+    }
+    if (rl->cfg->settings.watch) {
+        ev_stat_init(&rl->watch, on_script_changed, rl->path, 1.0);
+        ev_stat_start(loop, &rl->watch);
+    }
+}
+
+void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb cb, void *arg)
+{
+    char err[2048];
+    size_t len = 0;
+    char *text = NULL;
+    int n = rl->nworkers + 1;
+    lua_State **Ls = calloc((size_t)n, sizeof(*Ls));
+    mp_config_t **cfgs = calloc((size_t)n, sizeof(*cfgs));
+    waiter_t *wt = calloc(1, sizeof(*wt));
+    if (!Ls || !cfgs || !wt) {
+        snprintf(err, sizeof(err), "out of memory");
+    } else if (rollback && !rl->prev_text) {
+        snprintf(err, sizeof(err), "no previous configuration to roll back to");
+    } else if (rollback && !(text = malloc(rl->prev_len ? rl->prev_len : 1))) {
+        snprintf(err, sizeof(err), "out of memory");
+    } else if (rollback) {
+        memcpy(text, rl->prev_text, rl->prev_len);
+        len = rl->prev_len;
+    } else {
+        text = read_file(rl->path, &len, err, sizeof(err));
+    }
+    if (!text || build(rl, text, len, n, Ls, cfgs, err, sizeof(err)) != 0) {
+        mp_log_error("reload refused (%s), generation %llu keeps running: %s", reason,
+                     (unsigned long long)rl->generation, err);
+        free(text);
+        free(Ls);
+        free(cfgs);
+        free(wt);
+        if (cb)
+            cb(arg, rl->generation, err);
+        return;
+    }
+    uint64_t id = ++rl->generation;
+    mp_config_free(rl->cfg);
+    mp_vm_close(rl->L);
+    rl->L = Ls[rl->nworkers];
+    rl->cfg = cfgs[rl->nworkers];
+    free(rl->prev_text);
+    rl->prev_text = rl->text;
+    rl->prev_len = rl->len;
+    rl->text = text;
+    rl->len = len;
+    rl->loaded_at = epoch_now();
+    *wt = (waiter_t){id, cb, arg, rl->waiters};
+    rl->waiters = wt;
+    for (int i = 0; i < rl->nworkers; i++)
+        hand_over(&rl->workers[i], id, Ls[i], cfgs[i]);
+    mp_log_info("reload: generation %llu loaded (%s%s)", (unsigned long long)id, reason,
+                rollback ? ", rollback" : "");
+    free(Ls);
+    free(cfgs);
+}
+
+const mp_config_t *mp_reloader_config(const mp_reloader_t *rl)
+{
+    return rl->cfg;
+}
+
+uint64_t mp_reloader_generation(const mp_reloader_t *rl)
+{
+    return rl->generation;
+}
+
+double mp_reloader_loaded_at(const mp_reloader_t *rl)
+{
+    return rl->loaded_at;
+}
+
+void mp_reloader_free(mp_reloader_t *rl)
+{
+    if (!rl)
+        return;
+    while (rl->waiters) {
+        waiter_t *wt = rl->waiters;
+        rl->waiters = wt->next;
+        free(wt);
+    }
+    mp_config_free(rl->cfg);
+    if (rl->L)
+        mp_vm_close(rl->L);
+    free(rl->text);
+    free(rl->prev_text);
+    free(rl->path);
+    free(rl);
+}
