@@ -25,6 +25,7 @@ struct mp_admin {
     ev_io io;
     mp_reloader_t *rl;
     const int *ready;
+    const int *stuck;
     admin_conn_t *conns;
 };
 
@@ -240,8 +241,12 @@ static void route(admin_conn_t *c, const mp_http_request_t *h)
     int get = MP_SLICE_IEQ(h->method, "get") || MP_SLICE_IEQ(h->method, "head");
     int post = MP_SLICE_IEQ(h->method, "post");
     mp_slice p = h->path;
-    if (MP_SLICE_IEQ(p, "/live"))
-        return get ? respond(c, 200, "text/plain", "live\n", 5) : respond(c, 405, "text/plain", "GET\n", 4);
+    if (MP_SLICE_IEQ(p, "/live")) {
+        if (!get)
+            return respond(c, 405, "text/plain", "GET\n", 4);
+        return *c->a->stuck ? respond(c, 503, "text/plain", "a worker is stuck in a hook\n", 28)
+                            : respond(c, 200, "text/plain", "live\n", 5);
+    }
     if (MP_SLICE_IEQ(p, "/ready")) {
         if (!get)
             return respond(c, 405, "text/plain", "GET\n", 4);
@@ -316,8 +321,8 @@ static void on_accept(struct ev_loop *loop, ev_io *io, int revents)
     }
 }
 
-mp_admin_t *mp_admin_start(struct ev_loop *loop, mp_addr_t *addr, mp_reloader_t *rl, const int *ready, char *err,
-                           size_t errlen)
+mp_admin_t *mp_admin_start(struct ev_loop *loop, mp_addr_t *addr, mp_reloader_t *rl, const int *ready,
+                           const int *stuck, char *err, size_t errlen)
 {
     mp_admin_t *a = calloc(1, sizeof(*a));
     if (!a) {
@@ -333,6 +338,7 @@ mp_admin_t *mp_admin_start(struct ev_loop *loop, mp_addr_t *addr, mp_reloader_t 
     a->loop = loop;
     a->rl = rl;
     a->ready = ready;
+    a->stuck = stuck;
     ev_io_init(&a->io, on_accept, a->fd, EV_READ);
     ev_io_start(loop, &a->io);
     return a;

@@ -11,10 +11,11 @@
 
 typedef struct mp_admin mp_admin_t;
 
-/* Listens on addr with loop. *ready tells /ready (non-zero: ready). Returns
- * NULL with err set when the port cannot be opened. */
-mp_admin_t *mp_admin_start(struct ev_loop *loop, mp_addr_t *addr, mp_reloader_t *rl, const int *ready, char *err,
-                           size_t errlen);
+/* Listens on addr with loop. *ready tells /ready (non-zero: ready), *stuck
+ * /live (non-zero: workers stuck in a hook, 503). Returns NULL with err set
+ * when the port cannot be opened. */
+mp_admin_t *mp_admin_start(struct ev_loop *loop, mp_addr_t *addr, mp_reloader_t *rl, const int *ready,
+                           const int *stuck, char *err, size_t errlen);
 
 void mp_admin_free(mp_admin_t *a);
 

@@ -450,11 +450,20 @@ static int run(lua_State *L, mp_req_t *r, int ref, int nargs, const char *phase)
     lua_insert(L, base);
     push_box(L, r, BOX_REQ);
     lua_insert(L, base + 1);
-    if (mp_vm_call(L, nargs, 1, err, sizeof(err)) != 0) {
+    mp_worker_t *w = r->conn->w;
+    w->lua_since = ev_now(w->loop);
+    w->lua_vm = L;
+    int rc = mp_vm_call(L, nargs, 1, err, sizeof(err));
+    w->lua_vm = NULL;
+    w->lua_since = 0;
+    if (rc != 0) {
         char *nl = strchr(err, '\n');
         if (nl)
             *nl = '\0';
-        mp_log_error("w%d: %s hook failed for request %.*s: %s", r->conn->w->id, phase, r->id_len, r->id, err);
+        const mp_route_t *route = r->match.route;
+        mp_log_error("w%d: %s hook%s%s%s%s failed for request %.*s: %s", r->conn->w->id, phase,
+                     route ? " of route '" : "", route ? route->name : "", route ? "' at " : "", route ? route->src : "",
+                     r->id_len, r->id, err);
         return MP_HOOK_ERROR;
     }
     return MP_HOOK_NEXT;

@@ -38,6 +38,8 @@ static struct {
     int nworkers;
     int stopping;
     int ready; /* for /ready: listeners accept and a configuration runs */
+    int stuck; /* workers stuck in a hook (for /live) */
+    ev_timer watchdog;
     mp_reloader_t *rl;
     mp_admin_t *admin;
     ev_timer deadline, poll;
@@ -165,6 +167,14 @@ static void on_hup(struct ev_loop *loop, ev_signal *s, int revents)
 
 static void *worker_main(void *arg);
 
+static void on_watchdog(struct ev_loop *loop, ev_timer *t, int revents)
+{
+    (void)loop;
+    (void)t;
+    (void)revents;
+    g.stuck = mp_watchdog_check(g.workers, g.nworkers, mp_reloader_config(g.rl)->settings.hook_timeout);
+}
+
 static int test_config(const char *path)
 {
     char err[2048];
@@ -243,7 +253,7 @@ int main(int argc, char **argv)
     }
     struct ev_loop *loop = ev_default_loop(EVFLAG_AUTO | EVFLAG_SIGNALFD);
     mp_reloader_start(g.rl, loop);
-    if (cfg->admin && !(g.admin = mp_admin_start(loop, cfg->admin, g.rl, &g.ready, err, sizeof(err)))) {
+    if (cfg->admin && !(g.admin = mp_admin_start(loop, cfg->admin, g.rl, &g.ready, &g.stuck, err, sizeof(err)))) {
         fprintf(stderr, "moonproxy: %s\n", err);
         return 1;
     }
@@ -256,6 +266,9 @@ int main(int argc, char **argv)
         g.workers[i].thread = t;
     }
     g.ready = 1;
+    double budget = mp_reloader_config(g.rl)->settings.hook_timeout;
+    ev_timer_init(&g.watchdog, on_watchdog, budget / 4 < 0.25 ? budget / 4 : 0.25, budget / 4 < 0.25 ? budget / 4 : 0.25);
+    ev_timer_start(loop, &g.watchdog);
     mp_log_info("moonproxy %s started with %d worker%s (%s)", MP_VERSION, g.nworkers, g.nworkers == 1 ? "" : "s",
                 o.path);
 

@@ -21,7 +21,7 @@ static void gen_free(mp_worker_t *w, mp_gen_t *g)
 {
     mp_pools_free(w, g->pools, g->cfg->nupstreams);
     mp_config_free(g->cfg);
-    mp_vm_close(g->L);
+    mp_worker_close_vm(w, g->L);
     free(g);
 }
 

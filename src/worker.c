@@ -8,9 +8,12 @@
 #include "reload.h"
 #include "vm.h"
 
+#include <lauxlib.h>
+#include <lua.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -74,6 +77,63 @@ static void on_prepare(struct ev_loop *loop, ev_prepare *p, int revents)
         ev_break(loop, EVBREAK_ALL);
 }
 
+static mp_worker_t *watched;
+static int nwatched;
+
+/* The count hook the watchdog sets: raises in the hook that overran, and
+ * clears itself in a call that did not (the worker may have moved on). */
+static void on_budget(lua_State *L, lua_Debug *ar)
+{
+    (void)ar;
+    for (int i = 0; i < nwatched; i++) {
+        mp_worker_t *w = &watched[i];
+        if (w->lua_vm != L)
+            continue;
+        double since = w->lua_since, budget = w->cfg->settings.hook_timeout;
+        if (since > 0 && ev_time() - since > budget) {
+            lua_sethook(L, NULL, 0, 0);
+            lua_pushfstring(L, "stopped: the hook ran longer than hook_timeout (%fs)", budget);
+            lua_error(L);
+        }
+    }
+    lua_sethook(L, NULL, 0, 0);
+}
+
+int mp_watchdog_check(mp_worker_t *workers, int n, double hook_timeout)
+{
+    watched = workers;
+    nwatched = n;
+    int stuck = 0;
+    double now = ev_time();
+    for (int i = 0; i < n; i++) {
+        mp_worker_t *w = &workers[i];
+        pthread_mutex_lock(&w->vm_lock);
+        lua_State *L = w->lua_vm;
+        double since = w->lua_since;
+        if (L && since > 0 && now - since > hook_timeout)
+            lua_sethook(L, on_budget, LUA_MASKCOUNT, 100);
+        pthread_mutex_unlock(&w->vm_lock);
+        if (L && since > 0 && now - since > 3 * hook_timeout && !w->stuck) {
+            w->stuck = 1;
+            mp_log_error("w%d: a hook has run for %.1fs and cannot be interrupted (LuaJIT-compiled code does not "
+                         "check hooks); the worker stops accepting new connections",
+                         w->id, now - since);
+            for (size_t k = 0; k < w->nlisteners; k++)
+                if (w->listeners[k].fd >= 0)
+                    shutdown(w->listeners[k].fd, SHUT_RD); /* leaves the reuseport group; the fd stays valid */
+        }
+        stuck += w->stuck;
+    }
+    return stuck;
+}
+
+void mp_worker_close_vm(mp_worker_t *w, lua_State *L)
+{
+    pthread_mutex_lock(&w->vm_lock);
+    mp_vm_close(L);
+    pthread_mutex_unlock(&w->vm_lock);
+}
+
 uint64_t mp_worker_rand(mp_worker_t *w)
 {
     /* xorshift128+: request IDs need to be unique, not secret. */
@@ -104,6 +164,7 @@ int mp_worker_init(mp_worker_t *w, int id, size_t max_header_size, const int *fd
     w->id = id;
     w->alog.fd = -1;
     pthread_mutex_init(&w->handover_lock, NULL);
+    pthread_mutex_init(&w->vm_lock, NULL);
     size_t block = max_header_size + 16 * 1024;
     mp_bufpool_init(&w->bufs, block < MIN_BLOCK_SIZE ? MIN_BLOCK_SIZE : block, MAX_FREE_BLOCKS);
     if (getrandom(w->rng, sizeof(w->rng), 0) != sizeof(w->rng))
@@ -172,5 +233,6 @@ void mp_worker_dispose(mp_worker_t *w)
         mp_vm_close(w->next_L);
     }
     pthread_mutex_destroy(&w->handover_lock);
+    pthread_mutex_destroy(&w->vm_lock);
     memset(w, 0, sizeof(*w));
 }

@@ -47,6 +47,11 @@ typedef struct mp_worker {
     _Atomic uint64_t installed; /* the generation this worker runs */
     struct ev_loop *main_loop;  /* where to acknowledge an installed generation */
     ev_async *main_ack;
+    /* The hook watchdog (mp_watchdog_check): which VM runs a hook since when. */
+    lua_State *_Atomic lua_vm;  /* non-NULL while a hook runs */
+    _Atomic double lua_since;   /* loop time the hook started */
+    pthread_mutex_t vm_lock;    /* held by the watchdog touching lua_vm, and to close a VM */
+    int stuck;                  /* a hook could not be interrupted: the worker stopped accepting */
     mp_listener_t *listeners;
     size_t nlisteners;
     ev_async wake;    /* main thread → worker: see `stop` */
@@ -81,6 +86,16 @@ void mp_worker_run(mp_worker_t *w);
 void mp_worker_stop(mp_worker_t *w);
 void mp_worker_join(mp_worker_t *w);
 void mp_worker_dispose(mp_worker_t *w);
+
+/* Main thread, periodically: interrupts hooks that ran longer than
+ * hook_timeout (a count hook raising an error: the request gets 500). Code
+ * LuaJIT compiled does not run hooks; a worker stuck there for 3 times the
+ * budget is reported and stops accepting, so other workers take its share.
+ * Returns the number of stuck workers (for /live). */
+int mp_watchdog_check(mp_worker_t *workers, int n, double hook_timeout);
+
+/* Closes a VM the watchdog may be looking at. */
+void mp_worker_close_vm(mp_worker_t *w, lua_State *L);
 
 /* 64 random bits from the worker's generator. */
 uint64_t mp_worker_rand(mp_worker_t *w);

@@ -14,6 +14,38 @@ local RESPONDED = core.RESPONDED
 
 local _M = {}
 
+-- Calls only request hooks may make. A response or log hook naming one is
+-- refused at load (a static look at its constants, nested functions
+-- included), rather than failing requests later.
+local REQUEST_ONLY = { set_path = true, set_query = true, respond = true }
+local ok_jutil, jutil = pcall(require, "jit.util")
+
+local function request_only_call(fn)
+  local info = jutil.funcinfo(fn)
+  for i = -1, -(info.gcconsts or 0), -1 do
+    local k = jutil.funck(fn, i)
+    if type(k) == "string" and REQUEST_ONLY[k] then
+      return k, info
+    elseif type(k) == "proto" then
+      local name, where = request_only_call(k)
+      if name then
+        return name, where
+      end
+    end
+  end
+end
+
+local function check_phase(fn, what)
+  if not ok_jutil or type(fn) ~= "function" then
+    return
+  end
+  local name, info = request_only_call(fn)
+  if name then
+    local src = (info.source or "?"):gsub("^@", "") .. ":" .. tostring(info.linedefined)
+    fail(src, "%s calls req:%s, which only request hooks (on_request, rewrite, handler) may call", what, name)
+  end
+end
+
 -- Steps: { call = function(step, a, b) -> RESPONDED | nil, ... }.
 local function call_hook(s, a, b) return s.fn(a, b) end
 local function call_plugin_request(s, req) return s.fn(s.conf, req) end
@@ -128,6 +160,15 @@ end
 -- { pre = fn|nil, log = fn|nil, response = fn|nil (the global part, for responses made
 --   before a route was chosen), routes = { [i] = { request = fn|nil, response = fn|nil, captures = bool } } }.
 function _M.build(global, routes, upstream_index)
+  for _, fn in ipairs(global.on_response or {}) do
+    check_phase(fn, "proxy.on_response")
+  end
+  for _, fn in ipairs(global.on_log or {}) do
+    check_phase(fn, "proxy.on_log")
+  end
+  for _, r in ipairs(routes) do
+    check_phase(r.on_response, "route '" .. r.name .. "' on_response")
+  end
   local pre = {}
   add_plugins(pre, global.plugins, "on_request")
   add_hooks(pre, global.on_request)

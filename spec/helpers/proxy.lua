@@ -458,4 +458,41 @@ function M.lines_with(text, ...)
     return out
 end
 
+-- Concurrent clients: opens one connection per entry of conns (a list of
+-- lists of requests for raw.build) before sending anything, then sends each
+-- connection's requests at once (pipelined), then reads every response.
+-- Returns a list (per connection) of lists of responses; raises on a
+-- connect, send or read error (every read bounded by opts.timeout, 10 s).
+function M.fan_out(port, conns, opts)
+    opts = opts or {}
+    local timeout = opts.timeout or 10
+    local cs = {}
+    local ok, err = pcall(function()
+        for i = 1, #conns do
+            cs[i] = assert(raw.connect(port, { timeout = timeout }))
+        end
+        for i, reqs in ipairs(conns) do
+            local bytes = {}
+            for j, r in ipairs(reqs) do bytes[j] = type(r) == "table" and raw.build(r) or r end
+            assert(cs[i]:send(table.concat(bytes)))
+        end
+    end)
+    local out = {}
+    if ok then
+        ok, err = pcall(function()
+            for i, reqs in ipairs(conns) do
+                out[i] = {}
+                for j in ipairs(reqs) do
+                    local res, rerr = cs[i]:read_response { timeout = timeout }
+                    if not res then error(string.format("connection %d, response %d: %s", i, j, tostring(rerr))) end
+                    out[i][j] = res
+                end
+            end
+        end)
+    end
+    for _, c in pairs(cs) do c:close() end
+    if not ok then error("fan_out: " .. tostring(err), 2) end
+    return out
+end
+
 return M

@@ -420,6 +420,17 @@ describe("load_config() hooks and plugins", function()
       "unknown plugin 'no_such_plugin'")
   end)
 
+  it("refuses a response hook that calls a request-only method, at the hook's line", function()
+    fails_at({ LISTEN, API, "proxy.route { prefix = '/', upstream = api,",
+      "  on_response = function(req, res) return req:respond(200, 'x') end }" }, 5,
+      "on_response calls req:respond, which only request hooks")
+  end)
+
+  it("refuses an on_log hook that calls req:set_path", function()
+    fails_at({ LISTEN, API, "proxy.on_log(function(req, res)", "  req:set_path('/x')", "end)" }, 4,
+      "proxy.on_log calls req:set_path")
+  end)
+
   it("refuses a global hook that is not a function", function()
     fails_at({ LISTEN, API, "proxy.on_request(42)" }, 4, "proxy.on_request expects a function")
   end)
