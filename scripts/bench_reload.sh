@@ -114,7 +114,7 @@ free_port() {
 now_ns() { date +%s%N; }
 
 # ms NS: nanoseconds as milliseconds with two decimals.
-ms() { awk -v n="$1" 'BEGIN { printf "%.2f", n / 1e6 }'; }
+ms() { awk -v n="$1" 'BEGIN { printf "%.2f\n", n / 1e6 }'; }
 
 # rss_kib PID: VmRSS of the proxy (all threads share it).
 rss_kib() { awk '$1 == "VmRSS:" { print $2 }' "/proc/$1/status"; }
@@ -262,9 +262,10 @@ measure_hups() {
         done
         ((found)) || die "no 'reload: generation $gen loaded' line within 10 s of SIGHUP"
         ms $((t1 - t0)) >>"$TMP/hup.txt"
-        # The answer to SIGHUP is the log line, written before the workers
-        # install the generation: wait until they all have (/configz lags
-        # nothing, so poll /live... the next POST would overlap otherwise).
+        # The line is written before the workers install the generation and
+        # nothing tells when they have: leave them 50 ms so that the next
+        # signal finds an idle main thread (a pending hand-over would merely
+        # be superseded, but the timing would then mix two reloads).
         sleep 0.05
     done
     stop_pid "$TAILER_PID"

@@ -99,10 +99,14 @@ static void on_budget(lua_State *L, lua_Debug *ar)
     lua_sethook(L, NULL, 0, 0);
 }
 
-int mp_watchdog_check(mp_worker_t *workers, int n, double hook_timeout)
+void mp_watchdog_init(mp_worker_t *workers, int n)
 {
     watched = workers;
     nwatched = n;
+}
+
+int mp_watchdog_check(mp_worker_t *workers, int n, double hook_timeout)
+{
     int stuck = 0;
     double now = ev_time();
     for (int i = 0; i < n; i++) {

@@ -56,7 +56,7 @@ typedef struct mp_worker {
     size_t nlisteners;
     ev_async wake;    /* main thread → worker: see `stop` */
     ev_prepare flush; /* before each poll: access log, delayed frees */
-    volatile int stop_requested; /* set by the main thread before wake */
+    _Atomic int stop_requested; /* set by the main thread before wake */
     int stopping;
     int accept_paused;      /* at max_connections */
     mp_bufpool_t bufs;
@@ -93,6 +93,9 @@ void mp_worker_dispose(mp_worker_t *w);
  * budget is reported and stops accepting, so other workers take its share.
  * Returns the number of stuck workers (for /live). */
 int mp_watchdog_check(mp_worker_t *workers, int n, double hook_timeout);
+
+/* Tells the watchdog's hook which workers there are; before they start. */
+void mp_watchdog_init(mp_worker_t *workers, int n);
 
 /* Closes a VM the watchdog may be looking at. */
 void mp_worker_close_vm(mp_worker_t *w, lua_State *L);
