@@ -475,7 +475,7 @@ describe("global plugins", function()
 
     lazy_setup(function()
         a = h.start_origin("a")
-        proxy = h.start_proxy { workers = 1, vars = { a = a.addr }, config = [=[
+        proxy = h.start_proxy { workers = 1, vars = { a = a.addr, down = "127.0.0.1:" .. h.free_port() }, config = [=[
 local proxy = require "moonproxy"
 proxy.listen { addr = "${listen}" }
 proxy.settings { access_log = "${access_log}", trusted_proxies = { "127.0.0.1/32" } }
@@ -484,6 +484,7 @@ proxy.plugin { "headers", request = { set = { ["x-order"] = "global" } },
                           response = { set = { ["x-res-order"] = "global" } } }
 proxy.plugin { "ip_restriction", deny = { "203.0.113.66" } }
 proxy.route { prefix = "/one", upstream = a }
+proxy.route { prefix = "/down", upstream = proxy.upstream "down" { servers = { "${down}" }, retries = 0 } }
 proxy.route { prefix = "/two", upstream = a, plugins = { { "headers",
   request = { append = { ["x-order"] = "route" } }, response = { append = { ["x-res-order"] = "route" } } } } }
 proxy.route { path = "/handled", handler = function(req)
@@ -522,12 +523,21 @@ end }
         assert.equal(404, assert(raw.get(proxy.port, "/no-route-here")).status)
     end)
 
-    it("change a response made before any route was chosen (404, 403)", function()
+    it("change a response a global plugin made", function()
+        local res = assert(raw.get(proxy.port, "/one/x", { { "X-Forwarded-For", "203.0.113.66" } }))
+        assert.equal(403, res.status)
+        assert.same({ "global" }, res:header_all("x-res-order"))
+    end)
+
+    it("change the 404 of a request no route matched", function()
         local res = assert(raw.get(proxy.port, "/no-route-here"))
         assert.equal(404, res.status)
         assert.same({ "global" }, res:header_all("x-res-order"))
-        res = assert(raw.get(proxy.port, "/one/x", { { "X-Forwarded-For", "203.0.113.66" } }))
-        assert.equal(403, res.status)
+    end)
+
+    it("change the 502 the proxy makes when the upstream is down", function()
+        local res = assert(raw.get(proxy.port, "/down/x"))
+        assert.equal(502, res.status)
         assert.same({ "global" }, res:header_all("x-res-order"))
     end)
 end)
@@ -541,6 +551,7 @@ describe("rate_limit shared by two workers", function()
         proxy = h.start_proxy { workers = 2, vars = { a = a.addr }, config = [=[
 local proxy = require "moonproxy"
 proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
 proxy.settings { access_log = false }
 local vm = tostring(proxy.shared("mp_test_vm", "64k"):incr("id", 1, 0))
 local a = proxy.upstream "a" { servers = { "${a}" }, keepalive = 32 }
@@ -576,6 +587,17 @@ proxy.route { prefix = "/", upstream = a, plugins = { { "rate_limit", rate = 0.1
         assert(nvm >= 2, "the connections all went to one worker; cannot show sharing")
         assert.equal(3, passed)
         assert.equal(21, limited)
+    end)
+
+    it("keeps its buckets across a reload", function()
+        -- the burst above emptied the bucket of 127.0.0.1 (one token per 10 s)
+        assert.equal(429, assert(raw.get(proxy.port, "/after")).status)
+        local res, err = proxy:admin("POST", "/reload")
+        assert(res, "POST /reload: " .. tostring(err))
+        assert.equal(200, res.status, res.body)
+        for i = 1, 6 do
+            assert.equal(429, assert(raw.get(proxy.port, "/after-reload/" .. i)).status, "request " .. i)
+        end
     end)
 end)
 

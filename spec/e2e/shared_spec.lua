@@ -179,4 +179,16 @@ describe("proxy.shared across two workers", function()
             assert(tonumber(r:header("x-vm")) > vm_before, "x-vm " .. tostring(r:header("x-vm")) .. " <= " .. vm_before)
         end
     end)
+
+    it("refuses a reload that declares the dictionary with another size, and keeps serving its data", function()
+        local text = proxy:rewrite_config((CONFIG:gsub('"counts", "1m"', '"counts", "2m"')), { marker = "v3" })
+        local res, doc = proxy:admin("POST", "/reload")
+        assert(res, "POST /reload: " .. tostring(doc))
+        assert.equal(422, res.status, res.body)
+        local at = proxy.conf_path:match("[^/]+$") .. ":" .. h.line_of(text, 'proxy.shared("counts"') .. ":"
+        assert(doc and type(doc.error) == "string" and doc.error:find(at, 1, true), "expected " .. at .. " in " .. res.body)
+        local r = assert(raw.get(proxy.port, "/get?kept"))
+        assert.equal("yes", r.body)
+        assert.equal("v2", r:header("x-marker"))
+    end)
 end)
