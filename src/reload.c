@@ -290,6 +290,27 @@ void mp_reloader_start(mp_reloader_t *rl, struct ev_loop *loop)
     }
 }
 
+static int same_text(const char *a, const char *b)
+{
+    return (!a && !b) || (a && b && strcmp(a, b) == 0);
+}
+
+/* What a reload cannot change is said once, rather than silently ignored. */
+static void warn_fixed_at_start(const mp_config_t *old, const mp_config_t *new)
+{
+    int same = old->nlistens == new->nlistens;
+    for (size_t i = 0; same && i < old->nlistens; i++)
+        same = same_text(old->listens[i].text, new->listens[i].text);
+    if (!same)
+        mp_log_warn("reload: the listen addresses changed; they apply at the next restart");
+    if (!same_text(old->admin ? old->admin->text : NULL, new->admin ? new->admin->text : NULL))
+        mp_log_warn("reload: the admin address changed; it applies at the next restart");
+    if (!same_text(old->settings.access_log, new->settings.access_log))
+        mp_log_warn("reload: access_log changed; it applies at the next restart");
+    if (old->settings.workers != new->settings.workers)
+        mp_log_warn("reload: workers changed; it applies at the next restart");
+}
+
 void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb cb, void *arg)
 {
     char err[2048];
@@ -323,6 +344,7 @@ void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb
         return;
     }
     uint64_t id = ++rl->generation;
+    warn_fixed_at_start(rl->cfg, cfgs[rl->nworkers]);
     mp_config_free(rl->cfg);
     mp_vm_close(rl->L);
     rl->L = Ls[rl->nworkers];
