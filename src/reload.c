@@ -9,11 +9,13 @@
 #include "vm.h"
 
 #include <errno.h>
+#include <lauxlib.h>
+#include <lua.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/time.h>
 
-#define EXPIRE_CHECK_SECONDS 1.0
+#define MAX_WATCHED 64
 
 /* ---- worker side ---- */
 
@@ -127,7 +129,10 @@ struct mp_reloader {
     mp_config_t *cfg;
     struct ev_loop *loop;
     ev_async ack;      /* a worker installed a generation */
-    ev_stat watch;     /* settings.watch */
+    ev_stat watch;     /* settings.watch: the script */
+    ev_stat modules[MAX_WATCHED]; /* and the modules it required from outside lua/ */
+    char *module_paths[MAX_WATCHED];
+    int nmodules;
     waiter_t *waiters;
 };
 
@@ -231,9 +236,54 @@ static void on_script_changed(struct ev_loop *loop, ev_stat *st, int revents)
 {
     (void)loop;
     (void)revents;
-    mp_reloader_t *rl = container_of(st, mp_reloader_t, watch);
+    mp_reloader_t *rl = st->data;
     if (st->attr.st_nlink)
-        mp_reload(rl, 0, "the script changed (settings.watch)", NULL, NULL);
+        mp_reload(rl, 0, "a watched file changed (settings.watch)", NULL, NULL);
+}
+
+static void unwatch_modules(mp_reloader_t *rl)
+{
+    for (int i = 0; i < rl->nmodules; i++) {
+        ev_stat_stop(rl->loop, &rl->modules[i]);
+        free(rl->module_paths[i]);
+    }
+    rl->nmodules = 0;
+}
+
+/* settings.watch also covers the modules the script required: their files
+ * are found in the main thread's VM (package.loaded, package.searchpath),
+ * leaving out moonproxy's own. */
+static void watch_modules(mp_reloader_t *rl)
+{
+    unwatch_modules(rl);
+    if (!rl->loop || !rl->cfg->settings.watch)
+        return;
+    lua_State *L = rl->L;
+    const char *ours = mp_vm_lua_dir();
+    int top = lua_gettop(L);
+    lua_getglobal(L, "package");
+    lua_getfield(L, top + 1, "loaded");
+    lua_getfield(L, top + 1, "searchpath");
+    lua_getfield(L, top + 1, "path");
+    for (lua_pushnil(L); lua_next(L, top + 2) && rl->nmodules < MAX_WATCHED; lua_pop(L, 1)) {
+        if (lua_type(L, -2) != LUA_TSTRING || !lua_isfunction(L, top + 3))
+            continue;
+        lua_pushvalue(L, top + 3);
+        lua_pushvalue(L, -3);
+        lua_pushvalue(L, top + 4);
+        if (lua_pcall(L, 2, 1, 0) == 0 && lua_isstring(L, -1) && strncmp(lua_tostring(L, -1), ours, strlen(ours))) {
+            char *path = strdup(lua_tostring(L, -1));
+            if (path) {
+                int i = rl->nmodules++;
+                rl->module_paths[i] = path;
+                ev_stat_init(&rl->modules[i], on_script_changed, path, 1.0);
+                rl->modules[i].data = rl;
+                ev_stat_start(rl->loop, &rl->modules[i]);
+            }
+        }
+        lua_pop(L, 1);
+    }
+    lua_settop(L, top);
 }
 
 mp_reloader_t *mp_reloader_new(const char *path, mp_worker_t *workers, int nworkers, char *err, size_t errlen)
@@ -284,10 +334,11 @@ void mp_reloader_start(mp_reloader_t *rl, struct ev_loop *loop)
         rl->workers[i].main_loop = loop;
         rl->workers[i].main_ack = &rl->ack;
     }
-    if (rl->cfg->settings.watch) {
-        ev_stat_init(&rl->watch, on_script_changed, rl->path, 1.0);
+    ev_stat_init(&rl->watch, on_script_changed, rl->path, 1.0);
+    rl->watch.data = rl;
+    if (rl->cfg->settings.watch)
         ev_stat_start(loop, &rl->watch);
-    }
+    watch_modules(rl);
 }
 
 static int same_text(const char *a, const char *b)
@@ -359,6 +410,13 @@ void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb
     rl->waiters = wt;
     for (int i = 0; i < rl->nworkers; i++)
         hand_over(&rl->workers[i], id, Ls[i], cfgs[i]);
+    if (rl->loop) {
+        if (rl->cfg->settings.watch && !ev_is_active(&rl->watch))
+            ev_stat_start(rl->loop, &rl->watch);
+        else if (!rl->cfg->settings.watch)
+            ev_stat_stop(rl->loop, &rl->watch);
+        watch_modules(rl);
+    }
     mp_log_info("reload: generation %llu loaded (%s%s)", (unsigned long long)id, reason,
                 rollback ? ", rollback" : "");
     free(Ls);
@@ -384,6 +442,10 @@ void mp_reloader_free(mp_reloader_t *rl)
 {
     if (!rl)
         return;
+    if (rl->loop) {
+        unwatch_modules(rl);
+        ev_stat_stop(rl->loop, &rl->watch);
+    }
     while (rl->waiters) {
         waiter_t *wt = rl->waiters;
         rl->waiters = wt->next;

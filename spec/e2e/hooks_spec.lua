@@ -207,6 +207,44 @@ proxy.route { path = "/stale", handler = function(req)
   return req:respond(200, "no error")
 end }
 
+-- values a hook may not produce (the "\r\n" are real CR LF in the script)
+proxy.route { prefix = "/bad/", upstream = a, on_request = function(req)
+  local what = req.path
+  if what == "/bad/header-value" then
+    req.headers["x-bad"] = "a\r\nInjected: 1"
+  elseif what == "/bad/header-name" then
+    req.headers["x-bad\r\nInjected"] = "1"
+  elseif what == "/bad/path" then
+    req:set_path("/a HTTP/1.1\r\nInjected: 1\r\n\r\nGET /b")
+  elseif what == "/bad/query" then
+    req:set_query("a=1 HTTP/1.1\r\nInjected: 1")
+  elseif what == "/bad/respond-header" then
+    return req:respond(200, "x", { ["x-bad"] = "a\r\nInjected: 1" })
+  elseif what == "/bad/respond-status" then
+    return req:respond(1000, "bad status")
+  elseif what == "/bad/content-length" then
+    req.headers["content-length"] = "2"
+  elseif what == "/bad/transfer-encoding" then
+    req.headers["transfer-encoding"] = "chunked"
+  end
+end }
+proxy.route { prefix = "/badres/", upstream = a, on_response = function(req, res)
+  local what = req.path
+  if what == "/badres/header-value" then
+    res.headers["x-bad"] = "a\r\nInjected: 1"
+  elseif what == "/badres/content-length" then
+    res.headers["content-length"] = "1"
+  elseif what == "/badres/status" then
+    res.status = 99
+  end
+end }
+
+-- several values for one header
+proxy.route { path = "/list", upstream = a, on_request = function(req) req.headers["x-l"] = { "1", "2" } end }
+-- a big direct response, and one to a HEAD
+proxy.route { path = "/respond/big", handler = function(req) return req:respond(200, ("0123456789"):rep(100000)) end }
+proxy.route { path = "/respond/head", handler = function(req) return req:respond(200, "hello body") end }
+
 proxy.route { prefix = "/", upstream = a }
 ]=]
 
@@ -558,6 +596,130 @@ describe("hooks", function()
             assert.equal(500, r1.status)
             if r1:has_token("connection", "close") then return end -- closing after a 500 is allowed
             assert.equal("/next", h.echo(c:request { target = "/next" }).target)
+        end)
+    end)
+
+    describe("a value a hook may not produce", function()
+        -- Sends target with a request id; returns the response and the id.
+        local n = 0
+        local function send(target)
+            n = n + 1
+            local id = "bad-" .. n
+            return assert(get(target, { { "X-Request-ID", id } })), id
+        end
+
+        for _, what in ipairs { "header-value", "header-name", "path", "query" } do
+            it("(a CR LF in the request's " .. what .. ") answers 500 and forwards nothing", function()
+                local before = a:stats().requests
+                local res = send("/bad/" .. what)
+                assert.equal(500, res.status)
+                assert.same({}, res:header_all("injected"))
+                assert.equal(before, a:stats().requests)
+            end)
+        end
+
+        it("(a CR LF in a response header) answers 500 and the client never sees it", function()
+            for _, target in ipairs { "/badres/header-value", "/bad/respond-header" } do
+                local res = send(target)
+                assert.equal(500, res.status, target)
+                assert.same({}, res:header_all("injected"), target)
+            end
+        end)
+
+        it("(a status out of range) answers 500", function()
+            assert.equal(500, send("/bad/respond-status").status)
+            assert.equal(500, send("/badres/status").status)
+        end)
+
+        it("(request framing headers) never reaches the origin with a body it does not describe", function()
+            for _, target in ipairs { "/bad/content-length", "/bad/transfer-encoding" } do
+                local before = a:stats()
+                local res = assert(raw.request(proxy.port, { method = "POST", target = target, body = "abcdef" }))
+                if res.status ~= 500 then
+                    local e = h.echo(res)
+                    assert.equal(6, e.body_len, target)
+                    assert.same({ "6" }, h.echo_headers(e, "content-length"), target)
+                end
+                local after = a:stats()
+                assert.truthy(after.requests - before.requests <= 1, target)
+                assert.equal(after.requests - before.requests, after.completed - before.completed, target)
+            end
+            assert.equal("/after-framing", h.echo(get("/after-framing")).target)
+        end)
+
+        it("(a response Content-Length) leaves the keep-alive connection in sync", function()
+            local c = assert(raw.connect(proxy.port))
+            finally(function() c:close() end)
+            local r1 = assert(c:request { target = "/badres/content-length" })
+            if r1.status == 200 then assert.equal("/badres/content-length", h.echo(r1).target) end
+            if r1:has_token("connection", "close") then return end
+            assert.equal("/in-sync", h.echo(c:request { target = "/in-sync" }).target)
+        end)
+
+        it("is reported at the script's line when req:respond is misused", function()
+            for _, case in ipairs {
+                { "/bad/respond-status", 'req:respond(1000, "bad status")' },
+                { "/bad/respond-header", 'req:respond(200, "x", { ["x-bad"]' },
+            } do
+                local _, id = send(case[1])
+                local at = where(case[2]) .. ":"
+                local lines
+                h.eventually(function()
+                    lines = h.lines_with(proxy:stderr(), id)
+                    return #lines > 0
+                end, 5)
+                assert.equal(1, #h.lines_with(proxy:stderr(), id, at),
+                    "expected " .. at .. " in the error line of " .. id .. ":\n" .. table.concat(lines, "\n"))
+            end
+        end)
+
+        it("keeps control characters out of the error log line", function()
+            local _, id = send("/bad/path")
+            local at = where("/a HTTP/1.1") .. ":"
+            h.eventually(function() return #h.lines_with(proxy:stderr(), id, at) == 1 end, 5)
+            local line = h.lines_with(proxy:stderr(), id, at)[1]
+            assert.falsy(line:find("[%c]"), "control character in: " .. line:gsub("%c", function(c)
+                return string.format("\\x%02x", c:byte())
+            end))
+        end)
+    end)
+
+    describe("header lists, big and HEAD responses, pipelining", function()
+        it("a list assigned to a request header sends one line per value", function()
+            assert.same({ "1", "2" }, h.echo_headers(h.echo(get("/list")), "x-l"))
+        end)
+
+        it("req:respond sends a 1 MB body whole", function()
+            local res = assert(get("/respond/big"))
+            assert.equal(200, res.status)
+            assert.equal(1000000, #res.body)
+            assert.equal(("0123456789"):rep(100000), res.body)
+        end)
+
+        it("req:respond answers a HEAD without a body and the connection goes on", function()
+            local c = assert(raw.connect(proxy.port))
+            finally(function() c:close() end)
+            local r1 = assert(c:request { method = "HEAD", target = "/respond/head" })
+            assert.equal(200, r1.status)
+            assert.equal("/after-head", h.echo(c:request { target = "/after-head" }).target)
+        end)
+
+        it("req:respond gives a HEAD the Content-Length of the body a GET gets", function()
+            local res = assert(raw.request(proxy.port, { method = "HEAD", target = "/respond/head" }))
+            assert.equal(200, res.status)
+            local cl = res:header("content-length")
+            assert.truthy(cl == nil or cl == "10", "HEAD Content-Length: " .. tostring(cl) .. " (GET body: 10 bytes)")
+        end)
+
+        it("answers pipelined requests in order when the middle one fails in a hook", function()
+            local c = assert(raw.connect(proxy.port))
+            finally(function() c:close() end)
+            local list = assert(raw.pipeline(c, { { target = "/p1" }, { target = "/handler/fail" },
+                                                  { target = "/handler/respond" }, { target = "/p4" } }))
+            assert.equal("/p1", h.echo(list[1]).target)
+            assert.equal(500, list[2].status)
+            assert.equal(201, list[3].status)
+            assert.equal("/p4", h.echo(list[4]).target)
         end)
     end)
 

@@ -56,6 +56,25 @@ proxy.route { name = "table_${table}", path = "/only-${table}", handler = functi
 proxy.route { name = "proxied", prefix = "/", upstream = a }
 ]=]
 
+-- An upstream whose server is ${server}; a shared dict that on_log writes
+-- the marker of the last /slow request into, read back at /last; /incr
+-- counts in the same dict.
+local STATEFUL = [=[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = false }
+local d = proxy.shared("reload_state", "1m")
+local a = proxy.upstream "a" { servers = { "${server}" }, keepalive = 16 }
+proxy.on_log(function(req, res)
+  if req.path == "/slow" then d:set("last_slow", "${marker}") end
+end)
+proxy.route { path = "/x", handler = function(req) return req:respond(200, "${marker}") end }
+proxy.route { path = "/incr", handler = function(req) return req:respond(200, tostring(d:incr("n", 1, 0))) end }
+proxy.route { path = "/last", handler = function(req) return req:respond(200, tostring(d:get("last_slow"))) end }
+proxy.route { prefix = "/", upstream = a }
+]=]
+
 local function basename(path)
     return path:match("[^/]+$")
 end
@@ -348,6 +367,170 @@ describe("reload", function()
             end
             assert.equal(before, a:stats().connections)
         end)
+    end)
+end)
+
+describe("reload and runtime state", function()
+    local a, b, proxy
+
+    lazy_setup(function()
+        a = h.start_origin("a")
+        b = h.start_origin("b")
+        proxy = h.start_proxy { workers = 2, config = STATEFUL, vars = { server = a.addr, marker = "s1" } }
+        h.eventually(function()
+            local res = proxy:admin("GET", "/ready")
+            return res and res.status == 200
+        end, 5)
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy, a, b)
+    end)
+
+    local function reload_to(server, marker)
+        local res, doc = reload(proxy, STATEFUL, { server = server, marker = marker })
+        assert.equal(200, res.status, res.body)
+        return doc.generation
+    end
+
+    it("keeps the shared dictionaries", function()
+        reload_to(a.addr, "s1")
+        local n1 = tonumber(body(proxy.port, "/incr"))
+        local n2 = tonumber(body(proxy.port, "/incr"))
+        assert.equal(n1 + 1, n2)
+        reload_to(a.addr, "s2")
+        assert.equal(n2 + 1, tonumber(body(proxy.port, "/incr")))
+    end)
+
+    it("runs the old generation's on_log for a request in flight across the reload", function()
+        reload_to(a.addr, "log-old")
+        local before = a:stats().requests
+        local c = assert(raw.connect(proxy.port, { timeout = 10 }))
+        finally(function() c:close() end)
+        assert(c:send(raw.build { target = "/slow?ms=500" }))
+        h.eventually(function() return a:stats().requests == before + 1 end, 3)
+        reload_to(a.addr, "log-new")
+        local res = assert(c:read_response())
+        assert.equal(200, res.status)
+        h.eventually(function() return body(proxy.port, "/last") == "log-old" end, 5)
+    end)
+
+    it("sends new requests to an upstream's new server and finishes in-flight ones on the old", function()
+        reload_to(a.addr, "srv-a")
+        local before = a:stats().requests
+        local c = assert(raw.connect(proxy.port, { timeout = 10 }))
+        finally(function() c:close() end)
+        assert(c:send(raw.build { target = "/slow?ms=500" }))
+        h.eventually(function() return a:stats().requests == before + 1 end, 3)
+        reload_to(b.addr, "srv-b")
+        for i = 1, 6 do
+            assert.equal("b", h.echo(raw.get(proxy.port, "/where?i=" .. i)).name)
+        end
+        local res = assert(c:read_response())
+        assert.equal("a", h.echo(res).name)
+        local r2 = assert(c:request { target = "/where-now" })
+        assert.equal("b", h.echo(r2).name)
+    end)
+
+    it("closes the pooled connections to a server no configuration uses any more", function()
+        reload_to(a.addr, "pool-a")
+        for i = 1, 6 do assert.equal("a", h.echo(raw.get(proxy.port, "/warm?i=" .. i)).name) end
+        assert.truthy(a:stats().open >= 1)
+        reload_to(b.addr, "pool-b")
+        assert.equal("b", h.echo(raw.get(proxy.port, "/moved")).name)
+        h.eventually(function() return a:stats().open == 0 end, 5)
+    end)
+
+    it("takes two concurrent POST /reload without harm", function()
+        proxy:rewrite_config(STATEFUL, { server = a.addr, marker = "concurrent" })
+        local c1 = assert(raw.connect(proxy.admin_port, { timeout = 10 }))
+        local c2 = assert(raw.connect(proxy.admin_port, { timeout = 10 }))
+        finally(function() c1:close(); c2:close() end)
+        assert(c1:send(raw.build { method = "POST", target = "/reload", body = "" }))
+        assert(c2:send(raw.build { method = "POST", target = "/reload", body = "" }))
+        local r1, r2 = assert(c1:read_response()), assert(c2:read_response())
+        local ok = 0
+        for _, r in ipairs { r1, r2 } do
+            assert.truthy(r.status == 200 or r.status == 409 or r.status == 429 or r.status == 503,
+                "POST /reload: " .. r.status .. " " .. tostring(r.body))
+            if r.status == 200 then ok = ok + 1 end
+        end
+        assert.truthy(ok >= 1)
+        assert.equal("concurrent", body(proxy.port, "/x"))
+        assert.is_true(proxy:alive())
+    end)
+
+    it("survives a burst of SIGHUPs and ends on the file's configuration", function()
+        local g = configz(proxy).generation
+        proxy:rewrite_config(STATEFUL, { server = a.addr, marker = "burst" })
+        for _ = 1, 10 do
+            proxy:kill("HUP")
+            socket.sleep(0.005)
+        end
+        h.eventually(function() return configz(proxy).generation > g and body(proxy.port, "/x") == "burst" end, 5)
+        assert.is_true(proxy:alive())
+        assert.equal("a", h.echo(raw.get(proxy.port, "/after-burst")).name)
+    end)
+
+    it("refuses a missing configuration file with 422 and keeps serving", function()
+        reload_to(a.addr, "present")
+        local g = configz(proxy).generation
+        local away = proxy.conf_path .. ".away"
+        assert(os.rename(proxy.conf_path, away))
+        local res, doc
+        local ok, err = pcall(function() res, doc = proxy:admin("POST", "/reload") end)
+        assert(os.rename(away, proxy.conf_path))
+        assert(ok, err)
+        assert.equal(422, res.status, res.body)
+        assert.truthy(doc and type(doc.error) == "string" and doc.error:find(basename(proxy.conf_path), 1, true),
+            res.body)
+        assert.equal("present", body(proxy.port, "/x"))
+        assert.equal(g, configz(proxy).generation)
+    end)
+
+    it("refuses a script that raises at its top level with 422 and file:line", function()
+        reload_to(a.addr, "before-raise")
+        local text = STATEFUL .. 'error("raised at the top level")\n'
+        local res, doc = reload(proxy, text, { server = a.addr, marker = "raised" })
+        assert.equal(422, res.status, res.body)
+        local at = basename(proxy.conf_path) .. ":" .. h.line_of(text, "raised at the top level") .. ":"
+        assert.truthy(doc and doc.error and doc.error:find(at, 1, true), "expected " .. at .. " in " .. res.body)
+        assert.equal("before-raise", body(proxy.port, "/x"))
+    end)
+
+    it("does not reload on GET /reload", function()
+        reload_to(a.addr, "no-get")
+        local g = configz(proxy).generation
+        proxy:rewrite_config(STATEFUL, { server = a.addr, marker = "got" })
+        local res = assert(proxy:admin("GET", "/reload"))
+        assert.truthy(res.status == 405 or res.status == 404, "GET /reload: " .. res.status)
+        assert.equal("no-get", body(proxy.port, "/x"))
+        assert.equal(g, configz(proxy).generation)
+    end)
+end)
+
+describe("POST /rollback without a previous configuration", function()
+    local a, proxy
+
+    lazy_setup(function()
+        a = h.start_origin("a")
+        proxy = h.start_proxy { workers = 1, config = CONFIG, vars = { a = a.addr, marker = "only" } }
+        h.eventually(function()
+            local res = proxy:admin("GET", "/ready")
+            return res and res.status == 200
+        end, 5)
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy, a)
+    end)
+
+    it("is refused with a 4xx and the configuration stays", function()
+        local g = configz(proxy).generation
+        local res = assert(proxy:admin("POST", "/rollback"))
+        assert.truthy(res.status >= 400 and res.status < 500, "POST /rollback: " .. res.status .. " " .. res.body)
+        assert.equal("only", body(proxy.port, "/x"))
+        assert.equal(g, configz(proxy).generation)
     end)
 end)
 

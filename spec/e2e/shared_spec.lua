@@ -117,7 +117,7 @@ describe("proxy.shared across two workers", function()
     end)
 
     it("loses no increment when both workers hammer one key", function()
-        local all, nvm = spread(8, 10, "/bulk?hammer")
+        local all, nvm = spread(16, 5, "/bulk?hammer")
         assert(nvm >= 2, "every connection went to one worker; cannot show sharing")
         local max = 0
         for _, res in ipairs(all) do max = math.max(max, tonumber(res.body)) end
@@ -127,7 +127,7 @@ describe("proxy.shared across two workers", function()
 
     it("lets every worker read what one worker set, add and delete", function()
         assert.equal("true", (body("/set?color=blue")))
-        local all, nvm = spread(8, 2, "/get?color")
+        local all, nvm = spread(16, 2, "/get?color")
         assert(nvm >= 2, "every connection went to one worker")
         for _, res in ipairs(all) do assert.equal("blue", res.body) end
         assert.equal("nil exists", (body("/add?color=red")))
@@ -135,7 +135,7 @@ describe("proxy.shared across two workers", function()
         assert.equal("true", (body("/add?shape=round")))
         assert.equal("round", (body("/get?shape")))
         body("/delete?color")
-        for _, res in ipairs((spread(8, 1, "/get?color"))) do assert.equal("(nil)", res.body) end
+        for _, res in ipairs((spread(16, 1, "/get?color"))) do assert.equal("(nil)", res.body) end
         assert.equal("true", (body("/add?color=red")))
         assert.equal("red", (body("/get?color")))
     end)
@@ -148,7 +148,7 @@ describe("proxy.shared across two workers", function()
         if socket.gettime() - t0 < 0.5 then assert.equal("here", first) end
         h.eventually(function() return body("/get?brief") == "(nil)" end, 5, 0.05)
         assert(socket.gettime() - t0 >= 0.55, "expired after " .. (socket.gettime() - t0) .. " s, ttl 0.6")
-        for _, res in ipairs((spread(8, 1, "/get?brief"))) do assert.equal("(nil)", res.body) end
+        for _, res in ipairs((spread(16, 1, "/get?brief"))) do assert.equal("(nil)", res.body) end
         assert.equal("here", (body("/get?lasting")))
         -- an expired key is free for add again
         assert.equal("true", (body("/add?brief=again")))
@@ -167,7 +167,7 @@ describe("proxy.shared across two workers", function()
             local r = raw.get(proxy.port, "/get?reload")
             return r and r.status == 200 and r:header("x-marker") == "v2"
         end, 5)
-        local all, nvm = spread(8, 1, "/get?kept")
+        local all, nvm = spread(16, 1, "/get?kept")
         for _, r in ipairs(all) do
             assert.equal("v2", r:header("x-marker"))
             assert.equal("yes", r.body)
