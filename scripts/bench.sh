@@ -16,7 +16,8 @@
 #   CONNS="1 10 100"     wrk client connection counts
 #   DURATION=10s         each measured wrk run (WARMUP=1s before it)
 #   IDLE_CONNS=9000      idle connections for the memory figure (0 = skip)
-#   PROXIES="nginx haproxy moonproxy"   which proxies, in this order
+#   PROXIES="nginx haproxy moonproxy"   which proxies, in this order (also
+#                        moonproxy-noop, moonproxy-hdr, nginx-lua: see Hooks)
 #   SKIP_MOONPROXY=1     leave moonproxy out (also automatic when BIN is missing)
 #   OUT=build/bench-results.md  (profiling modes: build/bench-callgrind.md,
 #                                build/bench-malloc.md)
@@ -26,6 +27,34 @@
 #                    profiles kept in build/callgrind.out.<proxy>
 #   MALLOC_CHECK=1   malloc/calloc/realloc calls per request in steady state,
 #                    via an LD_PRELOAD counter (nginx and HAProxy for reference)
+#
+# Hooks (what a Lua hook costs per request, against nginx + lua-nginx-module):
+#   HOOKS=1          five configurations, all started at once and measured in
+#                    interleaved rounds (so drifting load on the machine hits
+#                    them alike), wrk at HOOK_CONNS, requests carrying
+#                    User-Agent, Accept, Accept-Encoding and Accept-Language:
+#                      moonproxy        no hook (the plain config)
+#                      moonproxy-noop   proxy.on_request(function(req) end)
+#                      moonproxy-hdr    on_request reading user-agent and
+#                                       accept, setting x-seen
+#                      nginx-lua        the default run's nginx config (upstream
+#                                       keepalive, reuseport) + the same work
+#                                       in access_by_lua_block
+#                      nginx            plain, for reference
+#                    Reports trivial hook ÷ no hook (target <= 1.10) and header
+#                    hook ÷ nginx+lua (target <= 0.8) in CPU µs/request; to
+#                    build/bench-hooks.md. About 3.5 min (HOOK_ROUNDS=3 of
+#                    HOOK_DURATION=6s). Before measuring, each configuration is
+#                    checked to do the work: the backend echoes x-seen back.
+#   HOOKS=1 CALLGRIND=1  the three moonproxy configurations (and nginx-lua for
+#                    reference) under callgrind: instructions/request, the
+#                    exact figure, plus the inclusive cost of the hook entry
+#                    (mp_hook_pre + mp_hook_release); build/bench-hooks-callgrind.md,
+#                    profiles in build/callgrind.out.hooks-<config>.
+#   The default run ends with a short version of HOOKS=1 (HOOK_ROUNDS=2 of
+#   3 s, about 80 s; whole default run about 3.5 min), appended to OUT and
+#   written to build/bench-hooks.md; SHORT_HOOKS=0 leaves it out.
+#   HOOK_PROXIES, HOOK_CONNS="10 100", HOOK_ROUNDS, HOOK_DURATION
 #
 # Every process started here is stopped by PID on exit, and the temp dir goes.
 set -Eeuo pipefail
@@ -41,12 +70,29 @@ CONNS=${CONNS:-1 10 100}
 DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-1s}
 IDLE_CONNS=${IDLE_CONNS:-9000}
-PROXIES=${PROXIES:-nginx haproxy moonproxy}
 CALLGRIND=${CALLGRIND:-0}
 MALLOC_CHECK=${MALLOC_CHECK:-0}
+HOOKS=${HOOKS:-0}
+SHORT_HOOKS=${SHORT_HOOKS:-1}
+HOOK_CONNS=${HOOK_CONNS:-10 100}
+if [[ $HOOKS == 1 ]]; then
+    HOOK_ROUNDS=${HOOK_ROUNDS:-3} HOOK_DURATION=${HOOK_DURATION:-6s}
+else
+    HOOK_ROUNDS=${HOOK_ROUNDS:-2} HOOK_DURATION=${HOOK_DURATION:-3s}
+fi
+HOOK_PROXIES=${HOOK_PROXIES:-moonproxy moonproxy-noop moonproxy-hdr nginx-lua nginx}
+if [[ $HOOKS == 1 && $CALLGRIND == 1 ]]; then
+    PROXIES=${PROXIES:-moonproxy moonproxy-noop moonproxy-hdr nginx-lua}
+elif [[ $HOOKS == 1 ]]; then
+    HOOK_PROXIES=${PROXIES:-$HOOK_PROXIES}   # PROXIES= picks among the five
+fi
+PROXIES=${PROXIES:-nginx haproxy moonproxy}
+HOOKS_OUT=${HOOKS_OUT:-$ROOT/build/bench-hooks.md}
 # The profiling modes write their own file: they must not clobber a comparison.
-if [[ $CALLGRIND == 1 ]]; then OUT=${OUT:-$ROOT/build/bench-callgrind.md}
+if [[ $HOOKS == 1 && $CALLGRIND == 1 ]]; then OUT=${OUT:-$ROOT/build/bench-hooks-callgrind.md}
+elif [[ $CALLGRIND == 1 ]]; then OUT=${OUT:-$ROOT/build/bench-callgrind.md}
 elif [[ $MALLOC_CHECK == 1 ]]; then OUT=${OUT:-$ROOT/build/bench-malloc.md}
+elif [[ $HOOKS == 1 ]]; then OUT=${OUT:-$HOOKS_OUT}
 else OUT=${OUT:-$ROOT/build/bench-results.md}; fi
 
 NGINX=${NGINX:-/usr/sbin/nginx}

@@ -536,22 +536,31 @@ static void send_local(mp_conn_t *c, int status, const char *body, size_t blen, 
     flush_local(c);
 }
 
+/* Runs the response hooks on a response made here (the route's chain, or
+ * the global one before routing). Returns the status to send, which a hook
+ * may have changed, or 0 when a hook failed. */
+static int local_response_hooks(mp_req_t *r, int status)
+{
+    const mp_config_t *cfg = r->gen->cfg;
+    int ref = r->match.route ? cfg->route_hooks[r->match.route->index - 1].response : cfg->response_ref;
+    if (ref == LUA_NOREF)
+        return status;
+    r->status = status;
+    if (mp_hook_response(r->gen->L, r, ref, NULL) != MP_HOOK_NEXT)
+        return 0;
+    return r->resp_status ? r->resp_status : status;
+}
+
 /* A hook answered: the response hooks see that answer like any other. */
 void mp_conn_respond(mp_conn_t *c)
 {
     mp_req_t *r = c->req;
-    const mp_config_t *cfg = r->gen->cfg;
     if (!r->body.done)
         r->keepalive = 0;
-    r->status = r->local_status;
-    int ref = r->match.route ? cfg->route_hooks[r->match.route->index - 1].response : cfg->response_ref;
-    if (ref != LUA_NOREF) {
-        if (mp_hook_response(r->gen->L, r, ref, NULL) != MP_HOOK_NEXT)
-            return mp_conn_fail(c, 500);
-        if (r->resp_status)
-            r->local_status = r->resp_status;
-    }
-    send_local(c, r->local_status, r->local_body, r->local_body_len, r->resp_edits);
+    int status = local_response_hooks(r, r->local_status);
+    if (!status)
+        return mp_conn_fail(c, 500);
+    send_local(c, status, r->local_body, r->local_body_len, r->resp_edits);
 }
 
 void mp_conn_fail(mp_conn_t *c, int status)
@@ -572,7 +581,18 @@ void mp_conn_fail(mp_conn_t *c, int status)
         mp_log_info("w%d: %d for request %.*s", c->w->id, status, r->id_len, r->id);
     char body[64];
     int blen = snprintf(body, sizeof(body), "%d %s\n", status, mp_http1_reason(status));
-    send_local(c, status, body, (size_t)blen, NULL);
+    /* Response hooks see the proxy's own errors too, once the head was valid
+     * (and not when a hook is what failed). */
+    int shown = status;
+    if (r->path.p && !r->hook_failed) {
+        r->resp_edits = NULL;
+        if (!(shown = local_response_hooks(r, status))) {
+            shown = 500;
+            r->resp_edits = NULL;
+            blen = snprintf(body, sizeof(body), "500 %s\n", mp_http1_reason(500));
+        }
+    }
+    send_local(c, shown, body, (size_t)blen, r->resp_edits);
 }
 
 void mp_conn_close(mp_conn_t *c)

@@ -86,6 +86,7 @@ typedef struct mp_req {
     unsigned up_reusable : 1;    /* the upstream connection may go back to the pool */
     unsigned body_abandoned : 1; /* the upstream answered before the whole body; stop sending it */
     unsigned has_query : 1;      /* query is present ('?' was there) */
+    unsigned hook_failed : 1;    /* a hook raised: no more hooks for this request */
 } mp_req_t;
 
 struct mp_conn {

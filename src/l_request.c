@@ -457,6 +457,7 @@ static int run(lua_State *L, mp_req_t *r, int ref, int nargs, const char *phase)
     w->lua_vm = NULL;
     w->lua_since = 0;
     if (rc != 0) {
+        r->hook_failed = 1;
         char *nl = strchr(err, '\n');
         if (nl)
             *nl = '\0';

@@ -13,9 +13,11 @@
 #include <lua.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 
 #define MAX_WATCHED 64
+#define WATCH_SECONDS 1.0
 
 /* ---- worker side ---- */
 
@@ -110,6 +112,12 @@ void mp_gen_dispose_all(mp_worker_t *w)
 
 /* ---- main thread side ---- */
 
+/* A file settings.watch follows, and how it looked. */
+typedef struct {
+    char *path;
+    struct stat seen;
+} watched_t;
+
 typedef struct waiter {
     uint64_t generation;
     mp_reload_cb cb;
@@ -129,10 +137,9 @@ struct mp_reloader {
     mp_config_t *cfg;
     struct ev_loop *loop;
     ev_async ack;      /* a worker installed a generation */
-    ev_stat watch;     /* settings.watch: the script */
-    ev_stat modules[MAX_WATCHED]; /* and the modules it required from outside lua/ */
-    char *module_paths[MAX_WATCHED];
-    int nmodules;
+    ev_timer watch;    /* settings.watch: polls the script and the modules it required */
+    watched_t files[MAX_WATCHED];
+    int nfiles;
     waiter_t *waiters;
 };
 
@@ -232,32 +239,62 @@ static void on_ack(struct ev_loop *loop, ev_async *a, int revents)
     }
 }
 
-static void on_script_changed(struct ev_loop *loop, ev_stat *st, int revents)
+static int stat_changed(const struct stat *a, const struct stat *b)
+{
+    return a->st_ino != b->st_ino || a->st_size != b->st_size || a->st_mtim.tv_sec != b->st_mtim.tv_sec ||
+           a->st_mtim.tv_nsec != b->st_mtim.tv_nsec;
+}
+
+/* A periodic stat of every watched file (nanosecond mtimes: an edit within
+ * the same second is seen too). */
+static void on_watch(struct ev_loop *loop, ev_timer *t, int revents)
 {
     (void)loop;
     (void)revents;
-    mp_reloader_t *rl = st->data;
-    if (st->attr.st_nlink)
+    mp_reloader_t *rl = container_of(t, mp_reloader_t, watch);
+    for (int i = 0; i < rl->nfiles; i++) {
+        struct stat now;
+        if (stat(rl->files[i].path, &now) != 0 || !stat_changed(&now, &rl->files[i].seen))
+            continue;
+        rl->files[i].seen = now;
+        mp_log_info("watch: %s changed", rl->files[i].path);
         mp_reload(rl, 0, "a watched file changed (settings.watch)", NULL, NULL);
-}
-
-static void unwatch_modules(mp_reloader_t *rl)
-{
-    for (int i = 0; i < rl->nmodules; i++) {
-        ev_stat_stop(rl->loop, &rl->modules[i]);
-        free(rl->module_paths[i]);
+        return;
     }
-    rl->nmodules = 0;
 }
 
-/* settings.watch also covers the modules the script required: their files
+static void unwatch(mp_reloader_t *rl)
+{
+    for (int i = 0; i < rl->nfiles; i++)
+        free(rl->files[i].path);
+    rl->nfiles = 0;
+}
+
+static void watch_file(mp_reloader_t *rl, const char *path)
+{
+    if (rl->nfiles == MAX_WATCHED)
+        return;
+    watched_t *f = &rl->files[rl->nfiles];
+    if (!(f->path = strdup(path)))
+        return;
+    if (stat(path, &f->seen) != 0)
+        memset(&f->seen, 0, sizeof(f->seen));
+    rl->nfiles++;
+}
+
+/* settings.watch covers the script and the modules it required: their files
  * are found in the main thread's VM (package.loaded, package.searchpath),
  * leaving out moonproxy's own. */
-static void watch_modules(mp_reloader_t *rl)
+static void watch_files(mp_reloader_t *rl)
 {
-    unwatch_modules(rl);
-    if (!rl->loop || !rl->cfg->settings.watch)
+    unwatch(rl);
+    if (!rl->loop)
         return;
+    if (!rl->cfg->settings.watch) {
+        ev_timer_stop(rl->loop, &rl->watch);
+        return;
+    }
+    watch_file(rl, rl->path);
     lua_State *L = rl->L;
     const char *ours = mp_vm_lua_dir();
     int top = lua_gettop(L);
@@ -265,25 +302,19 @@ static void watch_modules(mp_reloader_t *rl)
     lua_getfield(L, top + 1, "loaded");
     lua_getfield(L, top + 1, "searchpath");
     lua_getfield(L, top + 1, "path");
-    for (lua_pushnil(L); lua_next(L, top + 2) && rl->nmodules < MAX_WATCHED; lua_pop(L, 1)) {
+    for (lua_pushnil(L); lua_next(L, top + 2); lua_pop(L, 1)) {
         if (lua_type(L, -2) != LUA_TSTRING || !lua_isfunction(L, top + 3))
             continue;
         lua_pushvalue(L, top + 3);
         lua_pushvalue(L, -3);
         lua_pushvalue(L, top + 4);
-        if (lua_pcall(L, 2, 1, 0) == 0 && lua_isstring(L, -1) && strncmp(lua_tostring(L, -1), ours, strlen(ours))) {
-            char *path = strdup(lua_tostring(L, -1));
-            if (path) {
-                int i = rl->nmodules++;
-                rl->module_paths[i] = path;
-                ev_stat_init(&rl->modules[i], on_script_changed, path, 1.0);
-                rl->modules[i].data = rl;
-                ev_stat_start(rl->loop, &rl->modules[i]);
-            }
-        }
+        if (lua_pcall(L, 2, 1, 0) == 0 && lua_isstring(L, -1) && strncmp(lua_tostring(L, -1), ours, strlen(ours)))
+            watch_file(rl, lua_tostring(L, -1));
         lua_pop(L, 1);
     }
     lua_settop(L, top);
+    if (!ev_is_active(&rl->watch))
+        ev_timer_again(rl->loop, &rl->watch);
 }
 
 mp_reloader_t *mp_reloader_new(const char *path, mp_worker_t *workers, int nworkers, char *err, size_t errlen)
@@ -334,11 +365,9 @@ void mp_reloader_start(mp_reloader_t *rl, struct ev_loop *loop)
         rl->workers[i].main_loop = loop;
         rl->workers[i].main_ack = &rl->ack;
     }
-    ev_stat_init(&rl->watch, on_script_changed, rl->path, 1.0);
-    rl->watch.data = rl;
-    if (rl->cfg->settings.watch)
-        ev_stat_start(loop, &rl->watch);
-    watch_modules(rl);
+    ev_init(&rl->watch, on_watch);
+    rl->watch.repeat = WATCH_SECONDS;
+    watch_files(rl);
 }
 
 static int same_text(const char *a, const char *b)
@@ -410,13 +439,7 @@ void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb
     rl->waiters = wt;
     for (int i = 0; i < rl->nworkers; i++)
         hand_over(&rl->workers[i], id, Ls[i], cfgs[i]);
-    if (rl->loop) {
-        if (rl->cfg->settings.watch && !ev_is_active(&rl->watch))
-            ev_stat_start(rl->loop, &rl->watch);
-        else if (!rl->cfg->settings.watch)
-            ev_stat_stop(rl->loop, &rl->watch);
-        watch_modules(rl);
-    }
+    watch_files(rl);
     mp_log_info("reload: generation %llu loaded (%s%s)", (unsigned long long)id, reason,
                 rollback ? ", rollback" : "");
     free(Ls);
@@ -442,10 +465,9 @@ void mp_reloader_free(mp_reloader_t *rl)
 {
     if (!rl)
         return;
-    if (rl->loop) {
-        unwatch_modules(rl);
-        ev_stat_stop(rl->loop, &rl->watch);
-    }
+    if (rl->loop)
+        ev_timer_stop(rl->loop, &rl->watch);
+    unwatch(rl);
     while (rl->waiters) {
         waiter_t *wt = rl->waiters;
         rl->waiters = wt->next;

@@ -698,8 +698,11 @@ describe("reload under load #slow", function()
         local rss20 = assert(h.rss_kb(proxy.pid))
         reload_n(180)
         local rss200 = assert(h.rss_kb(proxy.pid))
-        assert.truthy(rss200 - rss20 < 30 * 1024,
-            string.format("RSS grew from %d KiB to %d KiB over 180 reloads", rss20, rss200))
+        -- AddressSanitizer keeps freed memory in quarantine (256 MiB): no bound there
+        if not os.getenv("ASAN_OPTIONS") then
+            assert.truthy(rss200 - rss20 < 30 * 1024,
+                string.format("RSS grew from %d KiB to %d KiB over 180 reloads", rss20, rss200))
+        end
         assert.equal(200, (raw.get(proxy.port, "/x") or {}).status)
     end)
 end)
