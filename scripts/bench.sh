@@ -287,11 +287,22 @@ upstream_accepts() {
 # ---------------------------------------------------------------------------
 # wrk.
 
+# Extra wrk arguments for every run: the hooks runs send a browser's usual
+# request headers (wrk alone sends only Host, and a hook reading User-Agent
+# would then find nothing).
+WRK_ARGS=()
+HOOK_REQ_HEADERS=(
+    "User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+    "Accept: text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+    "Accept-Encoding: gzip, deflate, br"
+    "Accept-Language: en-US,en;q=0.5"
+)
+
 # run_wrk PORT CONNS DURATION OUTFILE: wrk needs threads <= connections.
 run_wrk() {
     local port=$1 c=$2 d=$3 outf=$4 t=2
     ((c < t)) && t=$c
-    "$WRK" -t "$t" -c "$c" -d "$d" --latency "http://127.0.0.1:$port/" >"$outf" 2>&1 ||
+    "$WRK" -t "$t" -c "$c" -d "$d" --latency "${WRK_ARGS[@]}" "http://127.0.0.1:$port/" >"$outf" 2>&1 ||
         die "wrk failed against 127.0.0.1:$port" "$outf"
 }
 
@@ -367,7 +378,9 @@ http {
 $(nginx_http_common "$dir")
     server {
         listen 127.0.0.1:$BACKEND_PORT backlog=4096;
-        location / { return 200 "hello world\n"; }
+        # X-Seen-Echo: what a hook set in the forwarded request (the hooks
+        # runs check it); absent when the request has no x-seen.
+        location / { add_header X-Seen-Echo \$http_x_seen; return 200 "hello world\n"; }
         location = /nginx_status { stub_status; }
     }
 }
@@ -392,8 +405,8 @@ start_proxy() {
     PROXY_PORT=$(free_port)
     PROXY_LOG=$dir/stderr.log
     case $name in
-    moonproxy)
-        write_moonproxy_cfg "$dir/cfg.lua" "$PROXY_PORT" "$workers"
+    moonproxy | moonproxy-noop | moonproxy-hdr)
+        write_moonproxy_cfg "$dir/cfg.lua" "$PROXY_PORT" "$workers" "${name#moonproxy}"
         # -t first: a config error then reads as one clear line.
         "$BIN" -t -c "$dir/cfg.lua" >"$dir/check.log" 2>&1 || {
             START_ERR="moonproxy -t rejected the config: $(head -c 500 "$dir/check.log")"
@@ -401,8 +414,17 @@ start_proxy() {
         }
         start_bg "$PROXY_LOG" "${PROXY_WRAP[@]}" "$BIN" -c "$dir/cfg.lua" -w "$workers"
         ;;
-    nginx)
+    nginx | nginx-lua)
+        local lua_load="" lua_access=""
+        if [[ $name == nginx-lua ]]; then
+            lua_load=$(nginx_lua_modules) || { START_ERR=$lua_load; return 1; }
+            # The same work as moonproxy-hdr's hook. ngx.req.get_headers()
+            # is how OpenResty code reads headers (ngx.var.http_* would
+            # skip the table but is not the common idiom).
+            lua_access='access_by_lua_block { local h = ngx.req.get_headers(); local a, b = h["user-agent"], h["accept"]; ngx.req.set_header("x-seen", a and "1" or "0") }'
+        fi
         {
+            echo "$lua_load"
             nginx_common "$dir" "$master"
             cat <<EOF
 worker_processes $workers;
@@ -422,6 +444,7 @@ $(nginx_http_common "$dir")
         # cache and get closed and reopened all the time at 100 clients.
         listen 127.0.0.1:$PROXY_PORT backlog=4096 reuseport;
         location / {
+            $lua_access
             proxy_pass http://b;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
@@ -465,15 +488,38 @@ EOF
     wait_port "$PROXY_PORT" "$PROXY_PID" "$name" "$PROXY_LOG" "${PROXY_WAIT:-100}"
 }
 
-# write_moonproxy_cfg FILE PORT WORKERS
+# write_moonproxy_cfg FILE PORT WORKERS [HOOK]: HOOK is "" (none), "-noop"
+# (a global on_request hook that does nothing: the price of entering Lua) or
+# "-hdr" (reads two request headers and sets one: a typical small hook).
 write_moonproxy_cfg() {
+    local hook=""
+    case ${4:-} in
+    -noop) hook='proxy.on_request(function(req) end)' ;;
+    -hdr) hook='proxy.on_request(function(req) local h = req.headers; local a, b = h["user-agent"], h["accept"]; h["x-seen"] = a and "1" or "0" end)' ;;
+    esac
     cat >"$1" <<EOF
 local proxy = require "moonproxy"
 proxy.listen { addr = "127.0.0.1:$2" }
 proxy.settings { workers = $3, access_log = false, shutdown_timeout = 2 }
 local b = proxy.upstream "b" { servers = { "127.0.0.1:$BACKEND_PORT" }, keepalive = 64 }
 proxy.route { prefix = "/", upstream = b }
+$hook
 EOF
+}
+
+# nginx_lua_modules: the load_module lines for lua-nginx-module (Debian's
+# libnginx-mod-http-lua) and the NDK it needs first, by absolute path (our
+# nginx prefix is the temp dir). Fails with a message if they are missing.
+nginx_lua_modules() {
+    local d
+    for d in /usr/lib/nginx/modules /usr/share/nginx/modules; do
+        if [[ -f $d/ngx_http_lua_module.so && -f $d/ndk_http_module.so ]]; then
+            printf 'load_module %s;\nload_module %s;\n' "$d/ndk_http_module.so" "$d/ngx_http_lua_module.so"
+            return 0
+        fi
+    done
+    echo "ngx_http_lua_module.so not found (apt-get install libnginx-mod-http-lua)"
+    return 1
 }
 
 # ---------------------------------------------------------------------------
@@ -625,7 +671,7 @@ versions() {
 select_proxies() {
     local p list=""
     for p in $PROXIES; do
-        if [[ $p == moonproxy ]]; then
+        if [[ $p == moonproxy* ]]; then
             if [[ ${SKIP_MOONPROXY:-0} == 1 ]]; then log "moonproxy: skipped (SKIP_MOONPROXY=1)"; continue; fi
             if [[ ! -x $BIN ]]; then log "moonproxy: not built ($BIN missing)"; continue; fi
             MP_VERSION=$("$BIN" --version 2>/dev/null || true)

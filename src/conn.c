@@ -514,7 +514,7 @@ static void send_local(mp_conn_t *c, int status, const char *body, size_t blen, 
     mp_slice date = mp_worker_date(w);
     char head[512];
     int hlen = snprintf(head, sizeof(head), "HTTP/1.1 %d %s\r\n%.*sContent-Length: %zu\r\nX-Request-ID: %.*s\r\n%s",
-                        status, mp_http1_reason(status), (int)date.len, date.p, r->is_head ? 0 : blen,
+                        status, mp_http1_reason(status), (int)date.len, date.p, blen, /* HEAD too: RFC 9110 §9.3.2 */
                         r->id_len, r->id, r->keepalive ? "" : "Connection: close\r\n");
     mp_buf_t *b = &c->out;
     if (mp_buf_acquire(b, &w->bufs) != 0 || mp_buf_append(b, head, (size_t)hlen) != 0 ||

@@ -45,11 +45,25 @@ void mp_log(int level, const char *fmt, ...)
     char line[2048];
     size_t len = format_time(line, sizeof(line), now_epoch());
     len += (size_t)snprintf(line + len, sizeof(line) - len, " [%s] ", level_names[level]);
+    char msg[1024];
     va_list ap;
     va_start(ap, fmt);
-    int n = vsnprintf(line + len, sizeof(line) - len - 1, fmt, ap);
+    int n = vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
-    len = n < 0 ? len : (len + (size_t)n > sizeof(line) - 2 ? sizeof(line) - 2 : len + (size_t)n);
+    size_t mlen = n < 0 ? 0 : ((size_t)n >= sizeof(msg) ? sizeof(msg) - 1 : (size_t)n);
+    /* One event, one line: bytes from peers or scripts cannot break it. */
+    static const char hex[] = "0123456789abcdef";
+    for (size_t i = 0; i < mlen && len + 5 < sizeof(line); i++) {
+        unsigned char c = (unsigned char)msg[i];
+        if (c >= 0x20 && c != 0x7f) {
+            line[len++] = (char)c;
+        } else {
+            line[len++] = '\\';
+            line[len++] = 'x';
+            line[len++] = hex[c >> 4];
+            line[len++] = hex[c & 15];
+        }
+    }
     line[len++] = '\n';
     ssize_t unused = write(2, line, len); /* a lost log line is all we can do */
     (void)unused;

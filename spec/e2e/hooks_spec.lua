@@ -773,17 +773,23 @@ describe("hooks", function()
     end)
 end)
 
-describe("hooks behind an untrusted peer", function()
+describe("hooks without a catch-all route, behind an untrusted peer", function()
     local a, proxy
 
     lazy_setup(function()
         a = h.start_origin("a")
-        proxy = h.start_proxy { workers = 1, vars = { a = a.addr }, config = [=[
+        proxy = h.start_proxy { workers = 1, vars = { a = a.addr, dead = h.free_port() }, config = [=[
 local proxy = require "moonproxy"
 proxy.listen { addr = "${listen}" }
 proxy.settings { access_log = "${access_log}", trusted_proxies = { "10.0.0.0/8" } }
+local logged = {}
+proxy.on_request(function(req) req.ctx.seen = "on_request" end)
+proxy.on_response(function(req, res) res.headers["x-seen"] = req.ctx.seen .. "," .. tostring(res.status) end)
+proxy.on_log(function(req, res) logged[req.id] = tostring(res.status) end)
+proxy.route { path = "/_logged", handler = function(req) return req:respond(200, logged[req.query] or "none") end }
 proxy.route { path = "/remote", handler = function(req) return req:respond(200, req.remote_addr) end }
-proxy.route { prefix = "/", upstream = proxy.upstream "a" { servers = { "${a}" } } }
+proxy.route { prefix = "/o/", upstream = proxy.upstream "a" { servers = { "${a}" } } }
+proxy.route { prefix = "/dead/", upstream = proxy.upstream "dead" { servers = { "127.0.0.1:${dead}" }, retries = 0 } }
 ]=] }
     end)
 
@@ -796,6 +802,19 @@ proxy.route { prefix = "/", upstream = proxy.upstream "a" { servers = { "${a}" }
         assert.equal(200, res.status)
         assert.equal("127.0.0.1", res.body)
     end)
+
+    for _, case in ipairs { { "/no-route", 404 }, { "/dead/x", 502 } } do
+        it("runs the global hooks and on_log for a " .. case[2] .. " made by the proxy", function()
+            local id = "proxy-made-" .. case[2]
+            local res = assert(raw.get(proxy.port, case[1], { { "X-Request-ID", id } }))
+            assert.equal(case[2], res.status)
+            assert.equal("on_request," .. case[2], (res:header("x-seen")))
+            h.eventually(function()
+                local r = raw.get(proxy.port, "/_logged?" .. id)
+                return r and r.body == tostring(case[2])
+            end, 5)
+        end)
+    end
 end)
 
 describe("hooks refused at load time", function()

@@ -318,6 +318,19 @@ describe("reload", function()
         end)
     end)
 
+    describe("POST /rollback after a configuration that fails at run time", function()
+        it("brings the working configuration back", function()
+            reload_ok(proxy, "works")
+            local broken = CONFIG:gsub('return req:respond%(200, "%${marker}"%)', 'error("fails at run time")')
+            local res = reload(proxy, broken, { marker = "broken" })
+            assert.equal(200, res.status, res.body)
+            assert.equal(500, raw.get(proxy.port, "/x").status)
+            local rb = assert(proxy:admin("POST", "/rollback"))
+            assert.equal(200, rb.status, rb.body)
+            assert.equal("works", body(proxy.port, "/x"))
+        end)
+    end)
+
     describe("client connections", function()
         it("a keep-alive connection survives a reload and its next request uses the new configuration", function()
             reload_ok(proxy, "ka-1")
@@ -344,12 +357,46 @@ describe("reload", function()
             reload_ok(proxy, "flight-2")
             local took = socket.gettime() - t0
             assert.equal("flight-2", body(proxy.port, "/x"))
+            reload_ok(proxy, "flight-3")
+            reload_ok(proxy, "flight-2")
             local res = assert(c:read_response())
             assert.equal("/slow?ms=800", h.echo(res).target)
             assert.equal("flight-1", (res:header("x-marker")))
             assert.truthy(took < 0.7, string.format("POST /reload waited %.2fs for the in-flight request", took))
             local r2 = assert(c:request { target = "/x" })
             assert.equal("flight-2", r2.body)
+        end)
+
+        it("a download in flight across reloads arrives whole", function()
+            reload_ok(proxy, "dl-1")
+            local size = 8 * 1024 * 1024
+            local c = assert(raw.connect(proxy.port, { timeout = 20 }))
+            finally(function() c:close() end)
+            assert(c:send(raw.build { target = "/big?size=" .. size }))
+            local st, got, reloads, res, err = origin.sum_new(), 0, 0, nil, nil
+            local co = coroutine.wrap(function()
+                res, err = c:read_response { timeout = 20, sink = function(piece)
+                    origin.sum_update(st, piece)
+                    got = got + #piece
+                    coroutine.yield()
+                end }
+                return "done"
+            end)
+            -- read a piece, reload every 512 KiB, until the body is in
+            local next_at = 512 * 1024
+            while co() ~= "done" do
+                if got >= next_at and reloads < 8 then
+                    reloads = reloads + 1
+                    reload_ok(proxy, "dl-" .. (reloads + 1))
+                    next_at = next_at + 512 * 1024
+                end
+            end
+            assert(res, err)
+            assert.equal(200, res.status)
+            assert.equal(size, got)
+            assert.equal(origin.pattern_sum(size), origin.sum_hex(st))
+            assert.equal("dl-1", (res:header("x-marker")))
+            assert.truthy(reloads >= 4, "only " .. reloads .. " reloads during the download")
         end)
 
         it("keeps the pooled upstream connections of an unchanged upstream", function()
