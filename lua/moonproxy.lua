@@ -146,6 +146,7 @@ local settings_spec = {
   trusted_proxies = schema.list(schema.string),
   access_log = access_log,
   plugin_path = schema.string,
+  lua_balancers = schema.boolean,
   reload_drain_timeout = schema.duration,
   hook_timeout = schema.duration,
   watch = schema.boolean,
@@ -210,13 +211,62 @@ local function servers(v, src, what)
   return list
 end
 
+local BALANCERS = { round_robin = true, weighted = true, least_conn = true, p2c = true, chash = true, ewma = true }
+
+-- A built-in name, a function(servers, req, upstream), or a module { pick = ... }.
 local function balancer(v)
-  if v == "round_robin" then
+  if type(v) == "string" and BALANCERS[v] then
+    return v
+  elseif type(v) == "function" then
+    return v
+  elseif type(v) == "table" and type(v.pick) == "function" then
     return v
   elseif type(v) == "string" then
-    return nil, fmt("%s is not supported yet (only \"round_robin\" for now)", show(v))
+    return nil, fmt("%s is not a balancer (built in: chash, ewma, least_conn, p2c, round_robin, weighted)", show(v))
   end
-  return nil, type(v) .. " balancers are not supported yet (only \"round_robin\" for now)"
+  return bad(v, "must be a built-in name, a function(servers, req, upstream), or a module { pick = function }")
+end
+
+local function hash_key(v)
+  if type(v) == "function" or v == "ip" then
+    return v
+  elseif type(v) == "string" and (v:match("^header:[%w!#$%%&'*+.^_`|~-]+$") or v:match("^cookie:[^%s;=]+$")) then
+    return v
+  end
+  return bad(v, 'must be "header:NAME", "cookie:NAME", "ip", or a function(req)')
+end
+
+local function statuses(v)
+  local list, err = schema.list(schema.integer(100, 599), true)(v)
+  if not list then
+    return nil, err
+  end
+  return list
+end
+
+local health_spec = {
+  path = schema.uri_path, interval = schema.duration, timeout = schema.duration, rise = schema.integer(1, 100),
+  fall = schema.integer(1, 100), statuses = statuses, host = schema.host_header,
+}
+
+local function health(v, src, what)
+  local h = check(v, health_spec, what, src)
+  return { path = h.path or "/", interval = h.interval or 2, timeout = h.timeout or 1, rise = h.rise or 2,
+    fall = h.fall or 3, statuses = h.statuses, host = h.host }
+end
+
+local passive_spec = { failures = schema.integer(0, 1000000), cooldown = schema.duration, statuses = statuses }
+
+local function passive(v, src, what)
+  local p = check(v, passive_spec, what, src)
+  return { failures = p.failures or 5, cooldown = p.cooldown or 10, statuses = p.statuses or { 502, 503, 504 } }
+end
+
+local function ratio(v)
+  if type(v) == "number" and v >= 0 and v <= 1 then
+    return v
+  end
+  return bad(v, "must be a number from 0 to 1")
 end
 
 local timeouts_spec = { connect = schema.duration, send = schema.duration, read = schema.duration }
@@ -229,8 +279,9 @@ end
 local upstream_spec = {
   servers = servers, balancer = balancer, keepalive = schema.integer(0, 100000),
   keepalive_timeout = schema.duration, timeouts = timeouts, retries = schema.integer(0, 100), host = schema.host_header,
+  hash_key = hash_key, health = health, passive = passive, fail_open = schema.boolean, retry_budget = ratio,
 }
-local upstream_later = { health = true, passive = true, hash_key = true, fail_open = true }
+local upstream_later = {}
 
 local function declare_upstream(name, t, src)
   local what = "upstream '" .. name .. "'"
@@ -248,6 +299,22 @@ local function declare_upstream(name, t, src)
   u.keepalive_timeout = u.keepalive_timeout or 60
   u.timeouts = u.timeouts or timeouts({}, src, what)
   u.retries = u.retries or 1
+  u.passive = u.passive or passive({}, src, what)
+  u.retry_budget = u.retry_budget or 0.2
+  u.fail_open = u.fail_open or false
+  if u.balancer == "chash" and not u.hash_key then
+    fail(src, '%s: balancer "chash" needs hash_key ("header:NAME", "cookie:NAME", "ip", or a function)', what)
+  end
+  -- A Lua policy: the function the core calls (settings.lua_balancers makes the
+  -- built-in names use their Lua modules too).
+  if type(u.balancer) == "table" then
+    u.balancer_fn, u.balancer = u.balancer.pick, "lua"
+  elseif type(u.balancer) == "function" then
+    u.balancer_fn, u.balancer = u.balancer, "lua"
+  end
+  if type(u.hash_key) == "function" then
+    u.hash_key_fn, u.hash_key = u.hash_key, "function"
+  end
   state.upstreams[#state.upstreams + 1] = u
   state.upstream_by_name[name] = u
   return setmetatable({ name = name, src = src }, upstream_mt)
@@ -371,6 +438,11 @@ function _M._finish(script)
   end
   if not s.settings then
     s.settings = settings_defaults()
+  end
+  for _, u in ipairs(s.upstreams) do
+    if s.settings.lua_balancers and BALANCERS[u.balancer] then
+      u.balancer_fn = require("moonproxy.balancer." .. u.balancer).pick
+    end
   end
   return { listen = s.listen, admin = s.admin, settings = s.settings, upstreams = s.upstreams, routes = s.routes,
     hooks = build_hooks(s, script) }

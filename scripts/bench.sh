@@ -588,6 +588,14 @@ idle_memory() {
     return 0
 }
 
+# oneline TEXT: on one line and at most 300 characters, for a table cell.
+oneline() {
+    local t=${1//$'\n'/ }
+    t=${t//|/\\|}
+    ((${#t} > 300)) && t="${t:0:300}…"
+    printf '%s' "$t"
+}
+
 fmt_us() {
     awk -v u="$1" 'BEGIN {
         if (u < 1000) printf "%d µs", u
@@ -667,19 +675,26 @@ versions() {
         "$(awk '{ print $1, $2 }' <<<"$w")" "${MP_VERSION:+, $MP_VERSION}"
 }
 
-# Which proxies can run: moonproxy only if built (the server may not exist yet).
-select_proxies() {
-    local p list=""
-    for p in $PROXIES; do
+# available NAMES...: those that can run, space-separated: the moonproxy
+# configurations only if the binary is built (the server may not exist yet).
+available() {
+    local p
+    for p in "$@"; do
         if [[ $p == moonproxy* ]]; then
-            if [[ ${SKIP_MOONPROXY:-0} == 1 ]]; then log "moonproxy: skipped (SKIP_MOONPROXY=1)"; continue; fi
-            if [[ ! -x $BIN ]]; then log "moonproxy: not built ($BIN missing)"; continue; fi
-            MP_VERSION=$("$BIN" --version 2>/dev/null || true)
-            MP_VERSION=${MP_VERSION%%$'\n'*}
+            if [[ ${SKIP_MOONPROXY:-0} == 1 ]]; then log "$p: skipped (SKIP_MOONPROXY=1)"; continue; fi
+            if [[ ! -x $BIN ]]; then log "$p: not built ($BIN missing)"; continue; fi
         fi
-        list+=" $p"
+        printf ' %s' "$p"
     done
-    PROXIES=$list
+}
+
+select_proxies() {
+    # shellcheck disable=SC2086
+    PROXIES=$(available $PROXIES)
+    if [[ -x $BIN ]]; then
+        MP_VERSION=$("$BIN" --version 2>/dev/null || true)
+        MP_VERSION=${MP_VERSION%%$'\n'*}
+    fi
 }
 
 compare() {
@@ -691,7 +706,7 @@ compare() {
     for name in $PROXIES; do
         log "$name: starting ($WORKERS workers)"
         if ! start_proxy "$name"; then
-            FAILED[$name]="did not start: $START_ERR"
+            FAILED[$name]="did not start: $(oneline "$START_ERR")"
             log "$name: $START_ERR"
             [[ -s ${PROXY_LOG:-} ]] && tail -n 20 "$PROXY_LOG" >&2
             [[ -n ${PROXY_PID:-} ]] && stop_tree "$PROXY_PID"
@@ -706,6 +721,173 @@ compare() {
     # A proxy that would not start fails the run, after the others reported.
     local p
     for p in "${!FAILED[@]}"; do [[ $p == *:* ]] || STATUS=1; done
+}
+
+# ---------------------------------------------------------------------------
+# Hooks: what running Lua for every request costs, next to nginx running the
+# same Lua through lua-nginx-module. All configurations run at once, each on
+# its own port (an idle proxy burns no CPU), and are driven one after the
+# other in rounds whose order rotates: load from other work on this shared
+# machine then spreads over all of them instead of landing on whichever one
+# happened to run at the time, which matters for a 10% target.
+
+declare -A HPID=()      # HPID[config] = PID
+declare -A HPORT=()     # HPORT[config] = its port
+declare -A HACC=()      # HACC[config:conns] = "requests ticks": summed over rounds
+declare -A HROUND=()    # HROUND[config:conns] = lines "cpu_us rps p50 p99 errors", one per round
+HOOK_LIST=()
+
+# check_hook NAME PORT: one request through the proxy with a User-Agent; the
+# backend echoes the x-seen it received. moonproxy-hdr and nginx-lua must
+# have set it to 1, the others must not have touched it: proves that each
+# configuration does the work it is timed for.
+check_hook() {
+    local name=$1 port=$2 fd line status="" seen="" want=""
+    [[ $name == moonproxy-hdr || $name == nginx-lua ]] && want=1
+    exec {fd}<>"/dev/tcp/127.0.0.1/$port" || { START_ERR="check: cannot connect"; return 1; }
+    printf 'GET / HTTP/1.1\r\nHost: bench\r\nUser-Agent: bench\r\nAccept: */*\r\nConnection: close\r\n\r\n' >&"$fd"
+    while IFS= read -r -t 5 line <&"$fd"; do
+        line=${line%$'\r'}
+        [[ -z $line ]] && break
+        [[ -z $status ]] && status=$line
+        if [[ ${line,,} == x-seen-echo:* ]]; then seen=${line#*:} seen=${seen// /}; fi
+    done
+    exec {fd}>&-
+    [[ $status == "HTTP/1.1 200"* && $seen == "$want" ]] && return 0
+    START_ERR="check failed: status '$status', backend saw x-seen '$seen', expected '$want'"
+    return 1
+}
+
+# hook_run NAME CONNS: one measured wrk run against a running configuration.
+hook_run() {
+    local name=$1 c=$2 pids t0 t1 wout=$TMP/hooks-wrk-$1-$2.txt
+    local req rps p50 p99 err cpu_us acc_req acc_t
+    run_wrk "${HPORT[$name]}" "$c" "$WARMUP" "$wout"
+    pids=$(proc_tree "${HPID[$name]}")
+    # shellcheck disable=SC2086
+    t0=$(cpu_ticks $pids)
+    run_wrk "${HPORT[$name]}" "$c" "$HOOK_DURATION" "$wout"
+    # shellcheck disable=SC2086
+    t1=$(cpu_ticks $pids)
+    read -r req rps p50 p99 err < <(parse_wrk "$wout")
+    ((req > 0)) || die "$name: wrk completed no request at -c $c" "$wout"
+    cpu_us=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$req" 'BEGIN { printf "%.2f", t * 1e6 / hz / n }')
+    read -r acc_req acc_t <<<"${HACC[$name:$c]:-0 0}"
+    HACC[$name:$c]="$((acc_req + req)) $((acc_t + t1 - t0))"
+    HROUND[$name:$c]+="$cpu_us $rps $p50 $p99 $err"$'\n'
+    log "  $name -c $c: $rps req/s, p50 ${p50}us, p99 ${p99}us, CPU ${cpu_us}us/req, errors $err"
+}
+
+hooks_bench() {
+    local name c r i n h
+    # shellcheck disable=SC2086
+    read -ra HOOK_LIST <<<"$(available $HOOK_PROXIES)"
+    ((${#HOOK_LIST[@]})) || die "hooks: no configuration can run"
+    [[ -n ${BACKEND_PID:-} ]] || start_backend
+    HLOAD0=$(cut -d' ' -f1 /proc/loadavg)
+    WRK_ARGS=()
+    for h in "${HOOK_REQ_HEADERS[@]}"; do WRK_ARGS+=(-H "$h"); done
+    for name in "${HOOK_LIST[@]}"; do
+        log "hooks: starting $name ($WORKERS workers)"
+        PROXY_PID="" PROXY_LOG=""      # so a failed start stops nothing else
+        if start_proxy "$name" && check_hook "$name" "$PROXY_PORT"; then
+            HPID[$name]=$PROXY_PID HPORT[$name]=$PROXY_PORT
+            continue
+        fi
+        FAILED[hooks:$name]="did not start: $(oneline "$START_ERR")"
+        STATUS=1
+        log "hooks: $name: $START_ERR"
+        [[ -s ${PROXY_LOG:-} ]] && tail -n 20 "$PROXY_LOG" >&2
+        [[ -n ${PROXY_PID:-} ]] && stop_tree "$PROXY_PID"
+    done
+    n=${#HOOK_LIST[@]}
+    for ((r = 0; r < HOOK_ROUNDS; r++)); do
+        log "hooks: round $((r + 1)) of $HOOK_ROUNDS"
+        for c in $HOOK_CONNS; do
+            for ((i = 0; i < n; i++)); do
+                name=${HOOK_LIST[(i + r) % n]}
+                [[ -n ${HPID[$name]:-} ]] && hook_run "$name" "$c"
+            done
+        done
+    done
+    WRK_ARGS=()
+    for name in "${!HPID[@]}"; do stop_tree "${HPID[$name]}"; done
+}
+
+# median_field COL LINES: the median of column COL over the lines.
+median_field() {
+    awk -v k="$1" 'NF { print $k }' <<<"$2" | sort -g |
+        awk '{ v[NR] = $1 } END { if (NR) print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'
+}
+
+# hook_cpu NAME CONNS: CPU µs/request over all rounds (ticks over requests).
+hook_cpu() {
+    local req t
+    [[ -n ${HACC[$1:$2]:-} ]] || return 0
+    read -r req t <<<"${HACC[$1:$2]}"
+    awk -v t="$t" -v hz="$CLK_TCK" -v n="$req" 'BEGIN { printf "%.2f", t * 1e6 / hz / n }'
+}
+
+# ratio A B: A / B with two decimals, "–" if either is missing.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a / b; else print "–" }'; }
+
+# verdict RATIO TARGET: "met" or "missed" (RATIO <= TARGET).
+verdict() { awk -v r="$1" -v t="$2" 'BEGIN { if (r == "–") print "not measured"; else if (r <= t) print "met"; else print "**missed**" }'; }
+
+declare -A HOOK_LABEL=(
+    [moonproxy]="moonproxy, no hook"
+    [moonproxy-noop]="moonproxy, trivial hook"
+    [moonproxy-hdr]="moonproxy, header hook"
+    [nginx-lua]="nginx + lua, header hook"
+    [nginx]="nginx, plain"
+)
+
+hooks_report() {
+    local name c lines rps p50 p99 err cpu spread base ng r1 r2 req acc_t
+    echo "## hooks: CPU per request with a Lua hook ($(date -u '+%Y-%m-%d %H:%M UTC'))"
+    echo
+    echo "Same backend, $WORKERS workers each, all configurations running at once and driven in turn," \
+        "$HOOK_ROUNDS round(s) (order rotating) of wrk -d $HOOK_DURATION after a $WARMUP warm-up, per connection count." \
+        "Every request carries User-Agent, Accept, Accept-Encoding and Accept-Language (wrk -H)." \
+        "Load average (1 min) at start: $HLOAD0, at end: $(cut -d' ' -f1 /proc/loadavg)."
+    echo "Hooks: trivial = \`proxy.on_request(function(req) end)\`; header = read user-agent and accept, set x-seen" \
+        "(moonproxy: \`req.headers\`; nginx: \`access_by_lua_block\` with \`ngx.req.get_headers()\` and \`ngx.req.set_header\`)." \
+        "Each configuration was checked to forward x-seen as expected before measuring."
+    echo "CPU µs/req: the proxy's utime+stime over all rounds' requests; \"per round\": each round's figure (the spread is the noise)." \
+        "req/s: mean over rounds; p50/p99: median over rounds."
+    echo
+    echo "| configuration | conns | req/s | p50 | p99 | CPU µs/req | per round | vs moonproxy no hook | vs nginx + lua | errors |"
+    echo "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"
+    for name in "${HOOK_LIST[@]}"; do
+        if [[ -n ${FAILED[hooks:$name]:-} ]]; then
+            echo "| ${HOOK_LABEL[$name]:-$name} | | ${FAILED[hooks:$name]} | | | | | | | |"
+            continue
+        fi
+        for c in $HOOK_CONNS; do
+            [[ -n ${HACC[$name:$c]:-} ]] || continue
+            lines=${HROUND[$name:$c]}
+            read -r req acc_t <<<"${HACC[$name:$c]}"
+            rps=$(awk 'NF { s += $2; n++ } END { printf "%.0f", s / n }' <<<"$lines")
+            p50=$(median_field 3 "$lines") p99=$(median_field 4 "$lines")
+            err=$(awk 'NF { s += $5 } END { print s + 0 }' <<<"$lines")
+            spread=$(awk 'NF { printf "%s%s", sep, $1; sep = ", " }' <<<"$lines")
+            cpu=$(hook_cpu "$name" "$c")
+            echo "| ${HOOK_LABEL[$name]:-$name} | $c | $rps | $(fmt_us "$p50") | $(fmt_us "$p99") | $cpu | $spread |" \
+                "$(ratio "$cpu" "$(hook_cpu moonproxy "$c")") | $(ratio "$cpu" "$(hook_cpu nginx-lua "$c")") | $err |"
+        done
+    done
+    echo
+    for c in $HOOK_CONNS; do
+        base=$(hook_cpu moonproxy "$c") ng=$(hook_cpu nginx-lua "$c")
+        r1=$(ratio "$(hook_cpu moonproxy-noop "$c")" "$base")
+        r2=$(ratio "$(hook_cpu moonproxy-hdr "$c")" "$ng")
+        echo "- $c connections: trivial hook ÷ no hook = **$r1** (target ≤ 1.10: $(verdict "$r1" 1.10));" \
+            "header hook ÷ nginx + lua = **$r2** (target ≤ 0.80: $(verdict "$r2" 0.80));" \
+            "header hook ÷ no hook = $(ratio "$(hook_cpu moonproxy-hdr "$c")" "$base");" \
+            "nginx + lua ÷ nginx = $(ratio "$ng" "$(hook_cpu nginx "$c")")."
+    done
+    echo
+    echo "Exact instruction counts for the moonproxy configurations: \`HOOKS=1 CALLGRIND=1 scripts/bench.sh\`."
 }
 
 # ---------------------------------------------------------------------------
@@ -730,19 +912,38 @@ cg_top() {
         { sub(/ \[.*\//, " ["); print; if (++n == 15) exit }' "$1.txt"
 }
 
+# cg_incl DUMP FUNCTION: the inclusive Ir of FUNCTION (0 if never called).
+cg_incl() {
+    [[ -s $1.incl.txt ]] || callgrind_annotate --inclusive=yes --threshold=100 "$1" >"$1.incl.txt" 2>/dev/null || true
+    awk -v f=":$2 " 'index($0, f) { gsub(/,/, "", $1); print $1; found = 1; exit }
+                     END { if (!found) print 0 }' "$1.incl.txt"
+}
+
 callgrind_mode() {
-    local name dir req ir i c=10 dump
+    local name dir req ir i c=10 dump ref=nginx tag="" h pre rel
     command -v callgrind_control >/dev/null || die "callgrind_control missing (scripts/deps.sh bench)"
+    # HOOKS=1: the hook configurations, against moonproxy without a hook, with
+    # the browser-like request headers the hooks read.
+    if [[ $HOOKS == 1 ]]; then
+        ref=moonproxy tag=hooks-
+        for h in "${HOOK_REQ_HEADERS[@]}"; do WRK_ARGS+=(-H "$h"); done
+    fi
     select_proxies
     start_backend
     mkdir -p "$ROOT/build"
     {
-        echo "## instructions per request under callgrind (1 worker, wrk -c $c for 5 s after a 2 s warm-up)"
+        echo "## instructions per request under callgrind (1 worker, wrk -c $c for 5 s after a 2 s warm-up${tag:+, requests with User-Agent, Accept, Accept-Encoding, Accept-Language})"
         echo
-        echo "| proxy | requests | instructions (Ir) | Ir/request | vs nginx |"
+        echo "| proxy | requests | instructions (Ir) | Ir/request | vs $ref |"
         echo "|---|---:|---:|---:|---:|"
     } >"$TMP/cg.md"
     : >"$TMP/cg-top.md"
+    {
+        echo "Entering Lua, per request (inclusive Ir: mp_hook_pre runs the on_request chain, mp_hook_release drops the request's Lua objects):"
+        echo
+        echo "| proxy | mp_hook_pre | mp_hook_release | together | Ir/request − $ref |"
+        echo "|---|---:|---:|---:|---:|"
+    } >"$TMP/cg-hooks.md"
     declare -A irq=()
     for name in $PROXIES; do
         dir=$TMP/$name
@@ -751,7 +952,7 @@ callgrind_mode() {
         PROXY_WORKERS=1 PROXY_WAIT=600 NGINX_MASTER=off
         log "$name: starting under callgrind"
         if ! start_proxy "$name"; then
-            echo "| $name | did not start: $START_ERR | | | |" >>"$TMP/cg.md"
+            echo "| $name | did not start: $(oneline "$START_ERR") | | | |" >>"$TMP/cg.md"
             [[ -n ${PROXY_PID:-} ]] && stop_tree "$PROXY_PID"
             continue
         fi
@@ -767,9 +968,15 @@ callgrind_mode() {
         # "summary:" (older: "totals:") is the total of the first event, Ir.
         ir=$(awk '/^(summary|totals):/ { print $2; exit }' "$dump")
         irq[$name]=$(awk -v a="$ir" -v n="$req" 'BEGIN { printf "%.0f", a / n }')
-        cp "$dump" "$ROOT/build/callgrind.out.$name"
+        cp "$dump" "$ROOT/build/callgrind.out.$tag$name"
         log "  $name: $req requests, ${irq[$name]} instructions/request"
-        echo "| $name | $req | $ir | ${irq[$name]} | $(awk -v a="${irq[$name]}" -v b="${irq[nginx]:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "–" }') |" >>"$TMP/cg.md"
+        echo "| $name | $req | $ir | ${irq[$name]} | $(awk -v a="${irq[$name]}" -v b="${irq[$ref]:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "–" }') |" >>"$TMP/cg.md"
+        if [[ $name == moonproxy* ]]; then
+            pre=$(cg_incl "$dump" mp_hook_pre) rel=$(cg_incl "$dump" mp_hook_release)
+            awk -v n="$name" -v p="$pre" -v r="$rel" -v q="$req" -v a="${irq[$name]}" -v b="${irq[$ref]:-0}" 'BEGIN {
+                d = (b > 0) ? sprintf("%+d", a - b) : "–"
+                printf "| %s | %.0f | %.0f | %.0f | %s |\n", n, p / q, r / q, (p + r) / q, d }' >>"$TMP/cg-hooks.md"
+        fi
         {
             echo "Top functions by self cost, $name:"
             echo
@@ -779,11 +986,15 @@ callgrind_mode() {
             echo
         } >>"$TMP/cg-top.md"
     done
-    PROXY_WRAP=() PROXY_WORKERS="" PROXY_WAIT="" NGINX_MASTER=""
+    PROXY_WRAP=() PROXY_WORKERS="" PROXY_WAIT="" NGINX_MASTER="" WRK_ARGS=()
     {
         cat "$TMP/cg.md"
         echo
-        echo "Profiles kept in build/callgrind.out.<proxy> (callgrind_annotate them)."
+        if [[ $HOOKS == 1 ]]; then
+            cat "$TMP/cg-hooks.md"
+            echo
+        fi
+        echo "Profiles kept in build/callgrind.out.$tag<proxy> (callgrind_annotate them)."
         echo
         cat "$TMP/cg-top.md"
     } | tee "$OUT"
@@ -878,7 +1089,7 @@ malloc_mode() {
         # Preload only into the proxy (not wrk): start it through env.
         PROXY_WRAP=(env LD_PRELOAD="$TMP/malloc_count.so" MALLOC_COUNT_FILE="$TMP/malloc-$name.cnt")
         if ! start_proxy "$name"; then
-            echo "| $name | did not start: $START_ERR | | | | | | | |" >>"$TMP/malloc.md"
+            echo "| $name | did not start: $(oneline "$START_ERR") | | | | | | | |" >>"$TMP/malloc.md"
             [[ -n ${PROXY_PID:-} ]] && stop_tree "$PROXY_PID"
             continue
         fi
@@ -914,10 +1125,22 @@ main() {
         callgrind_mode
     elif [[ $MALLOC_CHECK == 1 ]]; then
         malloc_mode
+    elif [[ $HOOKS == 1 ]]; then
+        hooks_bench
+        hooks_report | tee "$OUT"
+        log "written to $OUT"
     else
         [[ -x $HAPROXY ]] || die "$HAPROXY missing (scripts/deps.sh bench)"
         command -v "$LUAJIT" >/dev/null || die "luajit missing (scripts/deps.sh test)"
         compare
+        if [[ $SHORT_HOOKS == 1 ]]; then
+            hooks_bench
+            hooks_report >"$TMP/hooks.md"
+            { echo; cat "$TMP/hooks.md"; } >>"$OUT"
+            cp "$TMP/hooks.md" "$HOOKS_OUT"
+            cat "$TMP/hooks.md"
+            log "hooks: appended to $OUT and written to $HOOKS_OUT"
+        fi
     fi
     exit "$STATUS"
 }

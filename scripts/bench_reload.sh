@@ -20,6 +20,15 @@
 #      in a row (POST /reload, one after the other), after the first 20 and
 #      after all of them. Retired generations are freed when their last
 #      request ends (here: at once, the proxy is idle), so RSS must stay flat.
+#      Each storm reload is timed too: a reload that gets slower with the
+#      generation number shows as first 20 vs last 20.
+#   4. Where the time goes (same proxy, the script rewritten in place, then
+#      POST /reload x RELOADS each): a 1-route script (the fixed cost of a
+#      reload: new VMs, the DSL, the hand-over) and the 1,000-route script
+#      run with the JIT off (jit.off() first, jit.on() last: the DSL's
+#      functions, called 1,000 times, get traced, and every trace LuaJIT
+#      commits costs two mprotect calls, each a TLB shootdown across the
+#      proxy's threads).
 #
 # The single-VM cost of the script (moonproxy -t, one process start + one
 # load) is printed too: a reload builds WORKERS+1 VMs one after the other on
@@ -224,18 +233,19 @@ check_routing() {
     [[ $st == 404 ]] || die "GET /nowhere answered $st, expected 404"
 }
 
+# measure_posts NAME: RELOADS timed POST /reload into $TMP/post-NAME-{curl,wall}.txt.
 measure_posts() {
-    local i
-    : >"$TMP/post-curl.txt"
-    : >"$TMP/post-wall.txt"
+    local i curl=$TMP/post-$1-curl.txt wall=$TMP/post-$1-wall.txt
+    : >"$curl"
+    : >"$wall"
     post_reload # a first one, not counted: page faults, lazily built tables
     for ((i = 0; i < RELOADS; i++)); do
         post_reload
-        ms "$RL_CURL_NS" >>"$TMP/post-curl.txt"
-        ms "$RL_WALL_NS" >>"$TMP/post-wall.txt"
+        ms "$RL_CURL_NS" >>"$curl"
+        ms "$RL_WALL_NS" >>"$wall"
     done
-    log "POST /reload x $RELOADS: curl time_total ms (min median max mean): $(stats "$TMP/post-curl.txt")"
-    log "                        wall with curl's start-up:               $(stats "$TMP/post-wall.txt")"
+    log "POST /reload x $RELOADS ($1): curl time_total ms (min median max mean): $(stats "$curl")"
+    log "    wall with curl's start-up: $(stats "$wall")"
 }
 
 # SIGHUP: `tail -F` follows the log into a coprocess; each reload reads its
@@ -276,9 +286,11 @@ measure_storm() {
     local i g0 t0 t1
     RSS0=$(rss_kib "$PROXY_PID")
     g0=$(configz_generation)
+    : >"$TMP/storm.txt"
     t0=$(now_ns)
     for ((i = 1; i <= STORM; i++)); do
         post_reload
+        ms "$RL_CURL_NS" >>"$TMP/storm.txt"
         ((i == 20)) && RSS20=$(rss_kib "$PROXY_PID")
     done
     t1=$(now_ns)
@@ -286,7 +298,27 @@ measure_storm() {
     RSS200=$(rss_kib "$PROXY_PID")
     STORM_MS=$(ms $((t1 - t0)))
     [[ $RL_GEN == $((g0 + STORM)) ]] || die "after $STORM reloads from generation $g0 the proxy runs $RL_GEN"
+    head -n 20 "$TMP/storm.txt" >"$TMP/storm-first.txt"
+    tail -n 20 "$TMP/storm.txt" >"$TMP/storm-last.txt"
     log "storm: $STORM reloads in $STORM_MS ms; RSS $RSS0 -> $RSS20 (after 20) -> $RSS200 KiB (after $STORM)"
+    log "storm: curl ms (min median max mean) all: $(stats "$TMP/storm.txt"), first 20: $(stats "$TMP/storm-first.txt"), last 20: $(stats "$TMP/storm-last.txt")"
+}
+
+# measure_variants: the fixed cost and the JIT's share (see the header).
+measure_variants() {
+    local head
+    head=$(sed -n '1,/^local svc/p' "$CFG")
+    printf '%s\nproxy.route { name = "all", prefix = "/", upstream = svc }\n' "$head" >"$TMP/one.lua"
+    { echo 'require("jit").off() -- bench_reload.sh: measuring the JIT share of a reload'
+      cat "$CFG"
+      echo 'require("jit").on()'; } >"$TMP/jitoff.lua"
+    cp "$CFG" "$TMP/routes.orig.lua"
+    cp "$TMP/one.lua" "$CFG"
+    measure_posts one
+    cp "$TMP/jitoff.lua" "$CFG"
+    measure_posts jitoff
+    cp "$TMP/routes.orig.lua" "$CFG"
+    post_reload # back to the plain script for the last routing check
 }
 
 # The single-VM load: moonproxy -t (process start + one load + validation).
@@ -302,12 +334,14 @@ measure_check() {
     log "moonproxy -t x 5: ms (min median max mean): $(stats "$TMP/check.txt")"
 }
 
+# row LABEL N FILE: a table row with the stats of FILE.
+row() {
+    local -a v
+    read -r -a v <<<"$(stats "$3")"
+    echo "| $1 | $2 | ${v[0]} | ${v[1]} | ${v[2]} | ${v[3]} |"
+}
+
 report() {
-    local p w h c
-    read -r -a p <<<"$(stats "$TMP/post-curl.txt")"
-    read -r -a w <<<"$(stats "$TMP/post-wall.txt")"
-    read -r -a h <<<"$(stats "$TMP/hup.txt")"
-    read -r -a c <<<"$(stats "$TMP/check.txt")"
     echo "## moonproxy reload benchmark ($(date -u '+%Y-%m-%d %H:%M UTC'))"
     echo
     echo "$($BIN --version 2>/dev/null | head -n 1), $WORKERS workers, $(nproc) CPUs (shared)." \
@@ -316,10 +350,15 @@ report() {
     echo
     echo "| measure | n | min ms | median ms | max ms | mean ms |"
     echo "|---|---:|---:|---:|---:|---:|"
-    echo "| POST /reload → 200 (curl time_total; every worker runs the new generation) | $RELOADS | ${p[0]} | ${p[1]} | ${p[2]} | ${p[3]} |"
-    echo "| same, wall time around curl (date +%s%N, includes curl's start-up) | $RELOADS | ${w[0]} | ${w[1]} | ${w[2]} | ${w[3]} |"
-    echo "| SIGHUP → log \"reload: generation N loaded\" (via tail -F) | $HUPS | ${h[0]} | ${h[1]} | ${h[2]} | ${h[3]} |"
-    echo "| moonproxy -t (process start + one VM load, reference) | 5 | ${c[0]} | ${c[1]} | ${c[2]} | ${c[3]} |"
+    row "**POST /reload → 200** (curl time_total; every worker runs the new generation)" "$RELOADS" "$TMP/post-main-curl.txt"
+    row "same, wall time around curl (date +%s%N, includes curl's start-up)" "$RELOADS" "$TMP/post-main-wall.txt"
+    row "SIGHUP → log \"reload: generation N loaded\" (via tail -F)" "$HUPS" "$TMP/hup.txt"
+    row "storm: POST /reload, all (curl time_total)" "$STORM" "$TMP/storm.txt"
+    row "storm: first 20" 20 "$TMP/storm-first.txt"
+    row "storm: last 20" 20 "$TMP/storm-last.txt"
+    row "where the time goes: POST /reload with a 1-route script (fixed cost)" "$RELOADS" "$TMP/post-one-curl.txt"
+    row "where the time goes: POST /reload, 1,000 routes, script run with the JIT off" "$RELOADS" "$TMP/post-jitoff-curl.txt"
+    row "moonproxy -t (process start + one VM load, reference)" 5 "$TMP/check.txt"
     echo
     echo "| RSS (VmRSS) | KiB |"
     echo "|---|---:|"
@@ -347,9 +386,10 @@ main() {
     n=$(configz_routes)
     ((n == 1000)) || die "/configz lists $n routes, expected 1000"
     check_routing
-    measure_posts
+    measure_posts main
     measure_hups
     measure_storm
+    measure_variants
     check_routing
     report | tee "$OUT"
     log "written to $OUT"

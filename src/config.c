@@ -342,6 +342,66 @@ static void build_listeners(lua_State *L, mp_config_t *cfg)
     }
 }
 
+/* A registry reference to the function at field k of the table at t, or
+ * LUA_NOREF. */
+static int ref_field_at(lua_State *L, int t, const char *k)
+{
+    lua_getfield(L, t, k);
+    if (!lua_isfunction(L, -1)) {
+        lua_pop(L, 1);
+        return LUA_NOREF;
+    }
+    return luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+static void build_statuses(lua_State *L, int t, const char *k, mp_statuses_t *out, const char *src)
+{
+    lua_getfield(L, t, k);
+    if (lua_istable(L, -1)) {
+        size_t n = lua_objlen(L, -1);
+        if (n > MP_MAX_STATUSES)
+            fail(L, src, "%s: at most %d statuses", k, MP_MAX_STATUSES);
+        for (size_t i = 0; i < n; i++) {
+            lua_rawgeti(L, -1, (int)i + 1);
+            out->codes[out->n++] = (uint16_t)lua_tointeger(L, -1);
+            lua_pop(L, 1);
+        }
+    }
+    lua_pop(L, 1);
+}
+
+static void build_passive(lua_State *L, int t, mp_upstream_def_t *u, const char *src)
+{
+    u->passive_failures = 5;
+    u->passive_cooldown = 10;
+    if (!get_table(L, t, "passive", src, "upstream"))
+        return;
+    int pt = lua_gettop(L);
+    u->passive_failures = (int)get_num(L, pt, "failures", 5, 0, 1000000, 1, src, "upstream passive");
+    u->passive_cooldown = get_dur(L, pt, "cooldown", 10, src, "upstream passive");
+    build_statuses(L, pt, "statuses", &u->passive_statuses, src);
+    lua_pop(L, 1);
+}
+
+static void build_health(lua_State *L, int t, mp_upstream_def_t *u, const char *src)
+{
+    if (!get_table(L, t, "health", src, "upstream"))
+        return;
+    int ht = lua_gettop(L);
+    mp_health_def_t *h = u->health = xcalloc(L, 1, sizeof(*h));
+    const char *w = "upstream health";
+    h->path = xstrdup(L, get_str(L, ht, "path", src, w));
+    if (!h->path)
+        h->path = xstrdup(L, "/");
+    h->host = xstrdup(L, get_str(L, ht, "host", src, w));
+    h->interval = get_dur(L, ht, "interval", 2, src, w);
+    h->timeout = get_dur(L, ht, "timeout", 1, src, w);
+    h->rise = (int)get_num(L, ht, "rise", 2, 1, 100, 1, src, w);
+    h->fall = (int)get_num(L, ht, "fall", 3, 1, 100, 1, src, w);
+    build_statuses(L, ht, "statuses", &h->statuses, src);
+    lua_pop(L, 1);
+}
+
 static void build_upstream(lua_State *L, mp_config_t *cfg, mp_upstream_def_t *u)
 {
     int t = lua_gettop(L);
@@ -357,8 +417,15 @@ static void build_upstream(lua_State *L, mp_config_t *cfg, mp_upstream_def_t *u)
     u->balancer = xstrdup(L, get_str(L, t, "balancer", src, w));
     if (!u->balancer)
         u->balancer = xstrdup(L, "round_robin");
-    if (strcmp(u->balancer, "round_robin") != 0)
-        fail(L, src, "upstream '%s': balancer '%s' is not supported yet", name, u->balancer);
+    u->balancer_ref = ref_field_at(L, t, "balancer_fn");
+    u->hash_key = xstrdup(L, get_str(L, t, "hash_key", src, w));
+    u->hash_key_ref = ref_field_at(L, t, "hash_key_fn");
+    lua_getfield(L, t, "fail_open");
+    u->fail_open = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    u->retry_budget = get_num(L, t, "retry_budget", 0.2, 0, 1, 0, src, w);
+    build_passive(L, t, u, src);
+    build_health(L, t, u, src);
     u->keepalive = (int)get_num(L, t, "keepalive", 32, 0, 100000, 1, src, w);
     u->keepalive_timeout = get_dur(L, t, "keepalive_timeout", 60, src, w);
     u->retries = (int)get_num(L, t, "retries", 1, 0, 100, 1, src, w);
@@ -688,6 +755,12 @@ void mp_config_free(mp_config_t *cfg)
         free(u->balancer);
         free(u->host);
         free(u->src);
+        free(u->hash_key);
+        if (u->health) {
+            free(u->health->path);
+            free(u->health->host);
+            free(u->health);
+        }
     }
     free(cfg->upstreams);
     for (size_t i = 0; i < cfg->nlistens; i++)

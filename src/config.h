@@ -22,11 +22,36 @@ typedef struct {
     int weight;
 } mp_server_def_t;
 
+#define MP_MAX_STATUSES 16
+
+typedef struct {
+    int n;
+    uint16_t codes[MP_MAX_STATUSES];
+} mp_statuses_t;
+
+/* Active health checks of an upstream's servers (SPEC `health`). */
+typedef struct {
+    char *path;
+    char *host;              /* NULL: the server's address */
+    double interval, timeout; /* seconds */
+    int rise, fall;
+    mp_statuses_t statuses;  /* n == 0: any 2xx or 3xx */
+} mp_health_def_t;
+
 typedef struct {
     char *name;
     mp_server_def_t *servers;
     size_t nservers;
-    char *balancer;           /* "round_robin" for now */
+    char *balancer;           /* a built-in name, or "lua" for an operator's policy */
+    int balancer_ref;         /* the Lua pick function (custom, or lua_balancers), or LUA_NOREF */
+    char *hash_key;           /* chash: "header:NAME", "cookie:NAME", "ip", "function" (hash_key_ref), or NULL */
+    int hash_key_ref;
+    int fail_open;            /* when every server is down, try them anyway */
+    double retry_budget;      /* retries at most this share of the requests of the last 10 s */
+    int passive_failures;     /* consecutive failures that eject a server; 0: never */
+    double passive_cooldown;  /* seconds */
+    mp_statuses_t passive_statuses; /* responses that count as failures */
+    mp_health_def_t *health;  /* NULL: no active checks */
     int keepalive;            /* idle pooled connections per server per worker */
     double keepalive_timeout; /* seconds an idle pooled connection is kept */
     double connect_timeout, send_timeout, read_timeout; /* seconds */

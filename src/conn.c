@@ -179,6 +179,50 @@ static void describe_peer(mp_req_t *r)
 
 /* A complete, valid head is in c->in: decide framing, route, and hand the
  * request to the exchange, or answer it here. */
+static int ip_trusted(const mp_settings_t *s, const char *text, size_t len)
+{
+    char ip[INET6_ADDRSTRLEN];
+    if (len == 0 || len >= sizeof(ip))
+        return 0;
+    memcpy(ip, text, len);
+    ip[len] = '\0';
+    struct sockaddr_in6 sa = {.sin6_family = AF_INET6};
+    struct sockaddr_in sa4 = {.sin_family = AF_INET};
+    const struct sockaddr *p = (const struct sockaddr *)&sa;
+    if (inet_pton(AF_INET, ip, &sa4.sin_addr) == 1)
+        p = (const struct sockaddr *)&sa4;
+    else if (inet_pton(AF_INET6, ip, &sa.sin6_addr) != 1)
+        return 0;
+    for (size_t i = 0; i < s->ntrusted; i++)
+        if (mp_cidr_match(&s->trusted[i], p))
+            return 1;
+    return 0;
+}
+
+mp_slice mp_req_remote_addr(const mp_req_t *r)
+{
+    const mp_settings_t *s = &r->gen->cfg->settings;
+    mp_slice best = {r->client_ip, strlen(r->client_ip)};
+    if (r->trusted_peer) {
+        const mp_header_t *h = r->h.headers;
+        for (int i = (int)r->h.nheaders - 1; i >= 0; i--) {
+            if (!MP_SLICE_IEQ(h[i].name, "x-forwarded-for"))
+                continue;
+            mp_slice toks[32];
+            size_t pos = 0, k = 0;
+            while (k < MP_ARRAY_LEN(toks) && mp_http1_next_token(h[i].value, &pos, &toks[k]))
+                k++;
+            while (k-- > 0) {
+                best = toks[k];
+                if (!ip_trusted(s, best.p, best.len))
+                    goto done;
+            }
+        }
+    }
+done:
+    return best;
+}
+
 /* A hook chain's outcome: answer what a hook answered, or 500 for an error. */
 static void hook_outcome(mp_conn_t *c, int rc)
 {
@@ -513,9 +557,13 @@ static void send_local(mp_conn_t *c, int status, const char *body, size_t blen, 
     r->status = status;
     mp_slice date = mp_worker_date(w);
     char head[512];
-    int hlen = snprintf(head, sizeof(head), "HTTP/1.1 %d %s\r\n%.*sContent-Length: %zu\r\nX-Request-ID: %.*s\r\n%s",
-                        status, mp_http1_reason(status), (int)date.len, date.p, blen, /* HEAD too: RFC 9110 §9.3.2 */
-                        r->id_len, r->id, r->keepalive ? "" : "Connection: close\r\n");
+    char retry[40] = "";
+    if (r->retry_after && status == 503)
+        snprintf(retry, sizeof(retry), "Retry-After: %u\r\n", r->retry_after);
+    int hlen = snprintf(head, sizeof(head),
+                        "HTTP/1.1 %d %s\r\n%.*sContent-Length: %zu\r\nX-Request-ID: %.*s\r\n%s%s", status,
+                        mp_http1_reason(status), (int)date.len, date.p, blen, /* HEAD too: RFC 9110 §9.3.2 */
+                        r->id_len, r->id, retry, r->keepalive ? "" : "Connection: close\r\n");
     mp_buf_t *b = &c->out;
     if (mp_buf_acquire(b, &w->bufs) != 0 || mp_buf_append(b, head, (size_t)hlen) != 0 ||
         (!mp_hedit_find(edits, MP_SLICE_LIT("content-type")) &&

@@ -71,6 +71,11 @@ typedef struct mp_req {
     uint16_t local_status;    /* respond()'s status; 0 when no hook responded */
     uint16_t resp_status;     /* response status as hooks set it; 0: the upstream's */
     uint8_t phase;            /* mp_phase: what hooks may do now */
+    uint16_t retry_after;     /* a 503 from the proxy: seconds for Retry-After (0: none) */
+    struct mp_peer *peer;     /* the server of the current attempt (health.h), or NULL */
+    double attempt_start;     /* when the current attempt began (ev_time) */
+    unsigned peer_trial : 1;  /* the attempt is a half-open circuit's trial */
+    unsigned peer_reported : 1; /* its outcome was reported */
     char id[129];             /* X-Request-ID sent upstream and echoed */
     uint8_t id_len;
     char client_ip[46];
@@ -124,6 +129,11 @@ void mp_conn_request_done(mp_conn_t *c);
  * text body) when nothing of a response was sent yet; otherwise closes. The
  * connection closes after it unless the request can be cleanly followed. */
 void mp_conn_fail(mp_conn_t *c, int status);
+
+/* The real client: the peer, or, from a trusted peer, the rightmost
+ * X-Forwarded-For address that is not itself a trusted proxy (the leftmost
+ * when all are). Borrowed from the request. */
+mp_slice mp_req_remote_addr(const mp_req_t *r);
 
 /* Answers the current request with what a hook gave req:respond. */
 void mp_conn_respond(mp_conn_t *c);

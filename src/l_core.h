@@ -10,6 +10,7 @@ void mp_l_http1_register(lua_State *L) __attribute__((weak));
 void mp_l_router_register(lua_State *L) __attribute__((weak));
 void mp_l_config_register(lua_State *L) __attribute__((weak));
 void mp_l_shared_register(lua_State *L) __attribute__((weak));
+void mp_l_balance_register(lua_State *L) __attribute__((weak));
 
 /* luaopen for moonproxy.core; the server preloads it in every VM. */
 int luaopen_moonproxy_core(lua_State *L);

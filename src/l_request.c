@@ -188,50 +188,10 @@ static void push_headers(lua_State *L, mp_lbox_t *b)
 
 /* ---- req ---- */
 
-static int ip_trusted(const mp_settings_t *s, const char *text, size_t len)
-{
-    char ip[INET6_ADDRSTRLEN];
-    if (len == 0 || len >= sizeof(ip))
-        return 0;
-    memcpy(ip, text, len);
-    ip[len] = '\0';
-    struct sockaddr_in6 sa = {.sin6_family = AF_INET6};
-    struct sockaddr_in sa4 = {.sin_family = AF_INET};
-    const struct sockaddr *p = (const struct sockaddr *)&sa;
-    if (inet_pton(AF_INET, ip, &sa4.sin_addr) == 1)
-        p = (const struct sockaddr *)&sa4;
-    else if (inet_pton(AF_INET6, ip, &sa.sin6_addr) != 1)
-        return 0;
-    for (size_t i = 0; i < s->ntrusted; i++)
-        if (mp_cidr_match(&s->trusted[i], p))
-            return 1;
-    return 0;
-}
-
-/* The real client: from a trusted peer, the rightmost X-Forwarded-For
- * address that is not itself a trusted proxy (the leftmost when all are). */
 static void push_remote_addr(lua_State *L, mp_req_t *r)
 {
-    const mp_settings_t *s = &r->gen->cfg->settings;
-    mp_slice best = {r->client_ip, strlen(r->client_ip)};
-    if (r->trusted_peer) {
-        const mp_header_t *h = r->h.headers;
-        for (int i = (int)r->h.nheaders - 1; i >= 0; i--) {
-            if (!MP_SLICE_IEQ(h[i].name, "x-forwarded-for"))
-                continue;
-            mp_slice toks[32];
-            size_t pos = 0, k = 0;
-            while (k < MP_ARRAY_LEN(toks) && mp_http1_next_token(h[i].value, &pos, &toks[k]))
-                k++;
-            while (k-- > 0) {
-                best = toks[k];
-                if (!ip_trusted(s, best.p, best.len))
-                    goto done;
-            }
-        }
-    }
-done:
-    lua_pushlstring(L, best.p, best.len);
+    mp_slice a = mp_req_remote_addr(r);
+    lua_pushlstring(L, a.p, a.len);
 }
 
 static int req_set_path(lua_State *L)
@@ -440,16 +400,11 @@ static void push_box(lua_State *L, mp_req_t *r, int which)
     r->lbox[which] = b;
 }
 
-/* Calls the chain at ref with (req, arg): arg is pushed by the caller as
- * the top value when nargs is 2. Leaves one result on the stack on success. */
-static int run(lua_State *L, mp_req_t *r, int ref, int nargs, const char *phase)
+/* Calls the function below its nargs arguments (already on the stack) under
+ * the watchdog; leaves one result on success. */
+static int call(lua_State *L, mp_req_t *r, int nargs, const char *phase)
 {
     char err[1024];
-    int base = lua_gettop(L) - nargs + 2; /* where the caller's argument after req is */
-    lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
-    lua_insert(L, base);
-    push_box(L, r, BOX_REQ);
-    lua_insert(L, base + 1);
     mp_worker_t *w = r->conn->w;
     w->lua_since = ev_now(w->loop);
     w->lua_vm = L;
@@ -462,19 +417,44 @@ static int run(lua_State *L, mp_req_t *r, int ref, int nargs, const char *phase)
         if (nl)
             *nl = '\0';
         const mp_route_t *route = r->match.route;
-        mp_log_error("w%d: %s hook%s%s%s%s failed for request %.*s: %s", r->conn->w->id, phase,
-                     route ? " of route '" : "", route ? route->name : "", route ? "' at " : "", route ? route->src : "",
-                     r->id_len, r->id, err);
+        mp_log_error("w%d: %s%s%s%s%s failed for request %.*s: %s", w->id, phase, route ? " of route '" : "",
+                     route ? route->name : "", route ? "' at " : "", route ? route->src : "", r->id_len, r->id, err);
         return MP_HOOK_ERROR;
     }
     return MP_HOOK_NEXT;
+}
+
+/* Calls the chain at ref with (req, arg): arg is pushed by the caller as
+ * the top value when nargs is 2. Leaves one result on the stack on success. */
+static int run(lua_State *L, mp_req_t *r, int ref, int nargs, const char *phase)
+{
+    int base = lua_gettop(L) - nargs + 2; /* where the caller's argument after req is */
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+    lua_insert(L, base);
+    push_box(L, r, BOX_REQ);
+    lua_insert(L, base + 1);
+    return call(L, r, nargs, phase);
+}
+
+int mp_hook_pick(lua_State *L, mp_req_t *r, int ref)
+{
+    lua_rawgeti(L, LUA_REGISTRYINDEX, ref); /* servers, upstream, fn */
+    lua_insert(L, -3);
+    push_box(L, r, BOX_REQ);
+    lua_insert(L, -2); /* fn, servers, req, upstream */
+    return call(L, r, 3, "balancer");
+}
+
+int mp_hook_hash_key(lua_State *L, mp_req_t *r, int ref)
+{
+    return run(L, r, ref, 1, "hash_key function");
 }
 
 int mp_hook_pre(lua_State *L, mp_req_t *r, int ref)
 {
     r->phase = MP_PHASE_REQUEST;
     lua_pushnil(L);
-    int rc = run(L, r, ref, 2, "on_request");
+    int rc = run(L, r, ref, 2, "on_request hook");
     if (rc == MP_HOOK_NEXT)
         lua_pop(L, 1);
     return rc == MP_HOOK_NEXT && r->local_status ? MP_HOOK_RESPONDED : rc;
@@ -501,7 +481,7 @@ int mp_hook_route(lua_State *L, mp_req_t *r, const mp_route_hooks_t *h, int *ups
         push_captures(L, r);
     else
         lua_pushnil(L);
-    int rc = run(L, r, h->request, 2, "route");
+    int rc = run(L, r, h->request, 2, "route hook");
     if (rc != MP_HOOK_NEXT)
         return rc;
     if (h->handler && lua_isnumber(L, -1))
@@ -515,7 +495,7 @@ int mp_hook_response(lua_State *L, mp_req_t *r, int ref, const mp_http_response_
     r->phase = MP_PHASE_RESPONSE;
     r->rh = rh;
     push_box(L, r, BOX_RES);
-    int rc = run(L, r, ref, 2, "on_response");
+    int rc = run(L, r, ref, 2, "on_response hook");
     r->rh = NULL;
     if (rc == MP_HOOK_NEXT)
         lua_pop(L, 1);
@@ -526,7 +506,7 @@ void mp_hook_log(lua_State *L, mp_req_t *r, int ref)
 {
     r->phase = MP_PHASE_LOG;
     push_box(L, r, BOX_RES);
-    if (run(L, r, ref, 2, "on_log") == MP_HOOK_NEXT)
+    if (run(L, r, ref, 2, "on_log hook") == MP_HOOK_NEXT)
         lua_pop(L, 1);
 }
 

@@ -27,6 +27,13 @@ int mp_hook_response(lua_State *L, mp_req_t *r, int ref, const mp_http_response_
 /* Runs the on_log chain once the response was sent. Errors are logged. */
 void mp_hook_log(lua_State *L, mp_req_t *r, int ref);
 
+/* Calls a Lua balancer pick(servers, req, upstream), with servers and
+ * upstream the two values on top of the stack (replaced by the result). */
+int mp_hook_pick(lua_State *L, mp_req_t *r, int ref);
+
+/* Calls a hash_key function(req); leaves its result on the stack. */
+int mp_hook_hash_key(lua_State *L, mp_req_t *r, int ref);
+
 /* The request ended: its Lua objects become stale ("request finished"),
  * the arena and respond()'s body are released. Safe when no hook ran. */
 void mp_hook_release(lua_State *L, mp_req_t *r);

@@ -223,12 +223,3 @@ void mp_upconn_reap(mp_worker_t *w)
         free(u);
     }
 }
-
-int mp_balancer_pick(mp_pool_t *p, int avoid)
-{
-    unsigned n = (unsigned)p->def->nservers;
-    unsigned i = p->rr++ % n;
-    if (n > 1 && (int)i == avoid)
-        i = p->rr++ % n;
-    return (int)i;
-}

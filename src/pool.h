@@ -2,7 +2,7 @@
  * each server (at most `keepalive`, closed after keepalive_timeout or as soon
  * as the server closes or sends anything while idle). A server's pool is
  * keyed by upstream name and address, so it outlives a reload that keeps
- * them. Wraps the balancer; never chooses a server itself. */
+ * them. Never chooses a server (balancer.h does). */
 #ifndef MP_POOL_H
 #define MP_POOL_H
 
@@ -53,7 +53,6 @@ struct mp_server_pool {
 struct mp_pool {
     const mp_upstream_def_t *def;
     mp_server_pool_t **servers; /* def->nservers */
-    unsigned rr;                /* round robin position */
 };
 
 /* The pools of every upstream of cfg, taking (or creating) the worker's
@@ -88,8 +87,5 @@ void mp_upconn_reap(mp_worker_t *w);
 void mp_upconn_want(mp_upconn_t *u, int events);
 void mp_upconn_timer(mp_upconn_t *u, double seconds);
 
-/* Round robin over the upstream's servers, skipping `avoid` (-1: none)
- * when another exists. */
-int mp_balancer_pick(mp_pool_t *p, int avoid);
 
 #endif

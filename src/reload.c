@@ -3,6 +3,7 @@
  * and freed. */
 #include "reload.h"
 
+#include "balancer.h"
 #include "conn.h"
 #include "log.h"
 #include "pool.h"
@@ -23,6 +24,7 @@
 
 static void gen_free(mp_worker_t *w, mp_gen_t *g)
 {
+    mp_balancers_free(g->balancers, g->cfg->nupstreams);
     mp_pools_free(w, g->pools, g->cfg->nupstreams);
     mp_config_free(g->cfg);
     mp_worker_close_vm(w, g->L);
@@ -45,9 +47,11 @@ void mp_gen_unref(mp_worker_t *w, mp_gen_t *g)
 int mp_gen_install(mp_worker_t *w, uint64_t id, lua_State *L, mp_config_t *cfg)
 {
     mp_gen_t *g = calloc(1, sizeof(*g));
-    if (g)
-        g->pools = mp_pools_new(w, cfg);
-    if (!g || !g->pools) {
+    if (g && (g->pools = mp_pools_new(w, cfg)))
+        g->balancers = mp_balancers_new(L, cfg, mp_worker_rand(w));
+    if (!g || !g->pools || !g->balancers) {
+        if (g)
+            mp_pools_free(w, g->pools, cfg->nupstreams);
         free(g);
         mp_config_free(cfg);
         mp_vm_close(L);

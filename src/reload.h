@@ -21,6 +21,7 @@ typedef struct mp_gen {
     lua_State *L;         /* owned; its hooks are what cfg's refs point to */
     mp_config_t *cfg;     /* owned */
     mp_pool_t *pools;     /* one per cfg->upstreams */
+    struct mp_balancer_s *balancers; /* one per cfg->upstreams */
     unsigned refs;        /* requests, plus one while current */
     ev_tstamp retired_at; /* when a newer one was installed */
     struct mp_gen *next;  /* the worker's retired generations */

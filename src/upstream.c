@@ -4,6 +4,7 @@
  * reading only while the other can take more (back-pressure). */
 #include "upstream.h"
 
+#include "balancer.h"
 #include "l_request.h"
 #include "pool.h"
 #include "reload.h"
@@ -60,11 +61,37 @@ static mp_upconn_t *detach(mp_req_t *r)
     return u;
 }
 
+static mp_balancer_t *balancer_of(mp_req_t *r)
+{
+    return &r->gen->balancers[r->upstream];
+}
+
+/* The passive outcome of the current attempt, once (health.h). */
+static void peer_result(mp_req_t *r, enum mp_outcome out, const char *reason)
+{
+    if (!r->peer || r->peer_reported)
+        return;
+    r->peer_reported = 1;
+    double ms = out == MP_OUT_NEUTRAL ? -1 : (ev_time() - r->attempt_start) * 1000;
+    mp_peer_result(r->peer, out, ms, r->peer_trial, &balancer_of(r)->passive, reason);
+}
+
+/* The attempt is over: it no longer counts as in flight. */
+static void peer_done(mp_req_t *r)
+{
+    if (!r->peer)
+        return;
+    peer_result(r, MP_OUT_NEUTRAL, NULL);
+    mp_peer_done(r->peer);
+    r->peer = NULL;
+}
+
 void mp_upstream_cancel(mp_req_t *r)
 {
     mp_upconn_t *u = detach(r);
     if (u)
         mp_upconn_close(u);
+    peer_done(r);
 }
 
 /* Request body framing: nothing forwarded, from the first body byte. */
@@ -85,11 +112,31 @@ static void reset_request_body(mp_req_t *r)
     r->head_sent = 0;
 }
 
+/* Asks the balancer for a server (avoid: one that just failed) and starts
+ * the attempt; no server available is a 503 with Retry-After. */
+static void pick_and_connect(mp_req_t *r, int avoid)
+{
+    mp_balancer_t *b = balancer_of(r);
+    int trial;
+    int server = mp_balancer_pick(b, r, avoid, &trial);
+    if (server == MP_PICK_ERROR)
+        return mp_conn_fail(r->conn, 500);
+    if (server < 0) {
+        r->retry_after = (uint16_t)mp_balancer_retry_after(b, mp_health_now());
+        mp_log_warn("w%d: upstream %s: no server available (request %.*s)", worker_of(r)->id, b->def->name,
+                    r->id_len, r->id);
+        return mp_conn_fail(r->conn, 503);
+    }
+    r->peer_trial = (unsigned)trial;
+    connect_to(r, server, 0);
+}
+
 void mp_upstream_start(mp_req_t *r)
 {
     r->body_replayable = 1;
     reset_request_body(r);
-    connect_to(r, mp_balancer_pick(pool_of(r), -1), 0);
+    mp_balancer_count(balancer_of(r), 0, ev_now(worker_of(r)->loop));
+    pick_and_connect(r, -1);
 }
 
 /* Which events each side waits for and which timer runs, derived from the
@@ -158,17 +205,30 @@ static void up_error(mp_req_t *r, enum up_err e)
     int nothing_sent = e == UE_CONNECT || e == UE_CONNECT_TIMEOUT;
     int replayable = r->body_replayable && !r->resp_started && !got_bytes;
     if (replayable && reused && e == UE_RESET && (is_idempotent(r->h.method) || !r->head_sent)) {
+        /* the server had closed an idle connection: not its failure */
         mp_log_debug("w%d: pooled connection to %s was closed; request %.*s retried on a new one", w->id,
                      d->servers[server].addr.text, r->id_len, r->id);
         reset_request_body(r);
         return connect_to(r, server, 1);
     }
+    peer_result(r, MP_OUT_FAIL, up_err_text[e]);
+    peer_done(r);
     mp_log_warn("w%d: upstream %s server %s: %s (request %.*s)", w->id, d->name, d->servers[server].addr.text,
                 up_err_text[e], r->id_len, r->id);
+    mp_balancer_t *b = balancer_of(r);
+    double now = ev_now(w->loop);
     if (r->tries <= d->retries && d->nservers > 1 && replayable &&
         (nothing_sent || (e == UE_RESET && is_idempotent(r->h.method)))) {
-        reset_request_body(r);
-        return connect_to(r, mp_balancer_pick(pool_of(r), server), 0);
+        /* A retry after connecting failed adds no load (nothing reached a
+         * server); one after a broken exchange does, and is budgeted. */
+        if (nothing_sent || mp_balancer_retry_allowed(b, now)) {
+            if (!nothing_sent)
+                mp_balancer_count(b, 1, now);
+            reset_request_body(r);
+            return pick_and_connect(r, server);
+        }
+        mp_log_warn("w%d: upstream %s: retry budget exhausted, request %.*s not retried", w->id, d->name, r->id_len,
+                    r->id);
     }
     int status = (e == UE_CONNECT_TIMEOUT || e == UE_SEND_TIMEOUT || e == UE_READ_TIMEOUT) ? 504 : 502;
     mp_conn_fail(r->conn, status);
@@ -181,6 +241,12 @@ static void connect_to(mp_req_t *r, int server, int fresh)
     if (!r->t_up_start)
         r->t_up_start = ev_now(w->loop);
     mp_server_pool_t *sp = pool_of(r)->servers[server];
+    if (!r->peer) {
+        r->peer = balancer_of(r)->peers[server];
+        r->peer_reported = 0;
+        mp_peer_begin(r->peer);
+    }
+    r->attempt_start = ev_time();
     mp_upconn_t *u = fresh ? NULL : mp_pool_take(sp, w);
     if (u) {
         w->stats.upstream_reused++;
@@ -533,6 +599,11 @@ static int begin_response(mp_req_t *r, const mp_http_response_t *rh)
         r->keepalive = 0;
     }
     r->status = rh->status;
+    char reason[24];
+    int failed = mp_balancer_failure_status(balancer_of(r), rh->status);
+    if (failed)
+        snprintf(reason, sizeof(reason), "status %d", rh->status);
+    peer_result(r, failed ? MP_OUT_FAIL : MP_OUT_OK, failed ? reason : NULL);
     int ref = r->gen->cfg->route_hooks[r->match.route->index - 1].response;
     if (ref != LUA_NOREF) {
         if (mp_hook_response(r->gen->L, r, ref, rh) != MP_HOOK_NEXT)
@@ -618,6 +689,7 @@ static void finish(mp_req_t *r)
 {
     mp_worker_t *w = worker_of(r);
     r->t_up_end = ev_now(w->loop);
+    peer_done(r);
     mp_upconn_t *u = detach(r);
     if (u) {
         int clean = r->up_reusable && r->body.done && !r->body_abandoned && u->in.end == r->resp_scan;

@@ -145,6 +145,13 @@ proxy.route { prefix = "/fields", upstream = a, on_request = function(req)
   h["x-f-absent"] = tostring(h["x-not-sent"])
 end }
 
+-- a repeated response header read as a list and removed
+proxy.route { prefix = "/cookies", upstream = a, on_response = function(req, res)
+  local v = res.headers["Set-Cookie"]
+  res.headers["x-cookies"] = type(v) == "table" and table.concat(v, "|") or ("single:" .. tostring(v))
+  res.headers["set-cookie"] = nil
+end }
+
 -- header and target changes
 proxy.route { prefix = "/change", upstream = a, on_request = function(req)
   req.headers["x-added"] = "added"
@@ -342,8 +349,10 @@ describe("hooks", function()
         it("shares one req.ctx table across the hooks of a request only", function()
             local r1 = assert(get("/order/one"))
             local r2 = assert(get("/order/two"))
-            assert.equal("on_request,rewrite:one,route_on_request,on_response,route_on_response", (r1:header("x-trace")))
-            assert.equal("on_request,rewrite:two,route_on_request,on_response,route_on_response", (r2:header("x-trace")))
+            assert.equal("on_request,rewrite:one,route_on_request,on_response,route_on_response",
+                (r1:header("x-trace")))
+            assert.equal("on_request,rewrite:two,route_on_request,on_response,route_on_response",
+                (r2:header("x-trace")))
         end)
     end)
 
@@ -450,6 +459,13 @@ describe("hooks", function()
             assert.equal("/res/x", h.echo({ status = 200, body = res.body }).target)
         end)
 
+        it("read a repeated header as a list and remove every line of it", function()
+            local res = assert(get("/cookies?resp_header=Set-Cookie:a%3D1&resp_header=Set-Cookie:b%3D2"))
+            assert.equal(200, res.status)
+            assert.equal("a=1|b=2", (res:header("x-cookies")))
+            assert.same({}, res:header_all("set-cookie"))
+        end)
+
         it("leave the body and its framing intact", function()
             local res = assert(get("/big?size=100000"))
             assert.equal(203, res.status)
@@ -550,7 +566,9 @@ describe("hooks", function()
             local res = assert(get(target, hs))
             assert.equal(status or 500, res.status)
             local at = where(needle)
-            h.eventually(function() return #h.lines_with(proxy:stderr(), at .. ":", id) == 1 end, 5)
+            local ok = pcall(h.eventually, function() return #h.lines_with(proxy:stderr(), at .. ":", id) == 1 end, 5)
+            assert(ok, "expected one line with " .. at .. ": and " .. id .. " in the error log, got:\n"
+                .. table.concat(h.lines_with(proxy:stderr(), id), "\n"))
             assert.equal("/after-error", h.echo(get("/after-error")).target)
             assert.is_true(proxy:alive())
         end
@@ -720,6 +738,36 @@ describe("hooks", function()
             assert.equal(500, list[2].status)
             assert.equal(201, list[3].status)
             assert.equal("/p4", h.echo(list[4]).target)
+        end)
+    end)
+
+    describe("on_log and the access log", function()
+        local function entry(id)
+            return h.eventually(function()
+                for _, e in ipairs(proxy:access_log_entries()) do
+                    if e.id == id then return e end
+                end
+            end, 5)
+        end
+
+        it("see the status a response hook set", function()
+            assert.equal(203, assert(get("/res/logged", { { "X-Request-ID", "log-203" } })).status)
+            assert.truthy(logged("log-203"):find("status=203", 1, true))
+            assert.equal(203, entry("log-203").status)
+        end)
+
+        it("see the 500 of a request whose hook failed", function()
+            assert.equal(500, assert(get("/handler/fail", { { "X-Request-ID", "log-500" } })).status)
+            assert.truthy(logged("log-500"):find("status=500", 1, true))
+            assert.equal(500, entry("log-500").status)
+        end)
+
+        it("see a response made by a hook, with no upstream", function()
+            assert.equal(201, assert(get("/handler/respond", { { "X-Request-ID", "log-201" } })).status)
+            assert.truthy(logged("log-201"):find("status=201", 1, true))
+            local e = entry("log-201")
+            assert.equal(201, e.status)
+            assert.is_nil(e.upstream)
         end)
     end)
 

@@ -52,7 +52,8 @@ proxy.admin { addr = "${admin}" }
 proxy.settings { access_log = false }
 local a = proxy.upstream "a" { servers = { "${a}" }, keepalive = 16 }
 proxy.route { name = "x", path = "/x", handler = function(req) return req:respond(200, "${table}") end }
-proxy.route { name = "table_${table}", path = "/only-${table}", handler = function(req) return req:respond(200, "${table}") end }
+proxy.route { name = "table_${table}", path = "/only-${table}",
+              handler = function(req) return req:respond(200, "${table}") end }
 proxy.route { name = "proxied", prefix = "/", upstream = a }
 ]=]
 
@@ -73,6 +74,83 @@ proxy.route { path = "/x", handler = function(req) return req:respond(200, "${ma
 proxy.route { path = "/incr", handler = function(req) return req:respond(200, tostring(d:incr("n", 1, 0))) end }
 proxy.route { path = "/last", handler = function(req) return req:respond(200, tostring(d:get("last_slow"))) end }
 proxy.route { prefix = "/", upstream = a }
+]=]
+
+-- A load generator run as its own process, so that its requests really
+-- overlap the reloads: luajit LOADER PORT STOPFILE OUTFILE. Until STOPFILE
+-- exists (at most 30 s) it sends GET /x and GET /p?n=N in turn over 4
+-- keep-alive connections and writes one line per request to OUTFILE:
+-- "N T_SENT T_ANSWERED STATUS BODY" (BODY: /x's body, or "echo-ok" /
+-- "echo-bad" for /p), or "ERR N T_SENT message" (then it reconnects).
+local LOADER = [=[
+local socket = require "socket"
+local port, stopfile, outfile = tonumber(arg[1]), arg[2], arg[3]
+local out = assert(io.open(outfile, "w"))
+local function connect()
+  local c = socket.tcp()
+  c:settimeout(5)
+  local ok, err = c:connect("127.0.0.1", port)
+  if not ok then c:close() return nil, err end
+  c:setoption("tcp-nodelay", true)
+  return c
+end
+local function exchange(c, target)
+  local ok, err = c:send("GET " .. target .. " HTTP/1.1\r\nHost: load\r\n\r\n")
+  if not ok then return nil, "send: " .. tostring(err) end
+  local line, rerr = c:receive("*l")
+  if not line then return nil, "status line: " .. tostring(rerr) end
+  local status = tonumber(line:match("^HTTP/1%.1 (%d%d%d)"))
+  if not status then return nil, "bad status line: " .. line end
+  local len
+  while true do
+    local hl, herr = c:receive("*l")
+    if not hl then return nil, "head: " .. tostring(herr) end
+    if hl == "" or hl == "\r" then break end
+    local v = hl:match("^[Cc]ontent%-[Ll]ength:%s*(%d+)")
+    if v then len = tonumber(v) end
+  end
+  if not len then return nil, "no Content-Length" end
+  local body, berr = c:receive(len)
+  if not body then return nil, "body: " .. tostring(berr) end
+  return status, body
+end
+local conns = {}
+for i = 1, 4 do conns[i] = assert(connect()) end
+local deadline = socket.gettime() + 30
+local n = 0
+while socket.gettime() < deadline do
+  if n % 16 == 0 then
+    local f = io.open(stopfile, "r")
+    if f then f:close() break end
+  end
+  n = n + 1
+  local i = n % 4 + 1
+  local target = n % 2 == 0 and "/x" or ("/p?n=" .. n)
+  local t1 = socket.gettime()
+  local status, body = exchange(conns[i], target)
+  local t2 = socket.gettime()
+  if not status then
+    out:write(string.format("ERR %d %.6f %s %s\n", n, t1, target, tostring(body)))
+    conns[i]:close()
+    conns[i] = assert(connect())
+  else
+    if target ~= "/x" then
+      body = body:find('"target":"\\/p?n=' .. n .. '"', 1, true) and "echo-ok" or "echo-bad"
+    end
+    out:write(string.format("%d %.6f %.6f %d %s\n", n, t1, t2, status, body))
+  end
+end
+out:close()
+]=]
+
+-- Settings that a reload applies: trusted_proxies and max_body_size.
+local SETTINGS = [=[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = false, trusted_proxies = { ${trusted} }, max_body_size = "${max_body}" }
+proxy.route { path = "/remote", handler = function(req) return req:respond(200, req.remote_addr) end }
+proxy.route { prefix = "/", upstream = proxy.upstream "a" { servers = { "${a}" } } }
 ]=]
 
 local function basename(path)
@@ -168,6 +246,12 @@ describe("the admin port", function()
         assert.equal(404, res.status)
     end)
 
+    it("answers a garbage request with 400 and keeps working", function()
+        local res = assert(raw.request(proxy.admin_port, "GARBAGE\r\n\r\n"))
+        assert.equal(400, res.status)
+        assert.equal(200, assert(proxy:admin("GET", "/live")).status)
+    end)
+
     it("is not served on the proxy's listener", function()
         local e = h.echo(raw.get(proxy.port, "/configz"))
         assert.equal("/configz", e.target)
@@ -225,6 +309,18 @@ describe("reload", function()
         end)
     end)
 
+    describe("with a stalled admin client", function()
+        it("still reloads at once", function()
+            local stalled = assert(raw.connect(proxy.admin_port))
+            finally(function() stalled:close() end)
+            assert(stalled:send("POST /reload HTTP/1.1\r\nHost: x\r\n"))
+            local t0 = socket.gettime()
+            reload_ok(proxy, "not-stalled")
+            assert.truthy(socket.gettime() - t0 < 2, "POST /reload took " .. (socket.gettime() - t0) .. " s")
+            assert.equal("not-stalled", body(proxy.port, "/x"))
+        end)
+    end)
+
     describe("by SIGHUP", function()
         it("switches to the new routes", function()
             local before = configz(proxy).generation
@@ -262,13 +358,15 @@ describe("reload", function()
             keeps_serving("good-1", g)
         end)
 
-        it("with a syntax error is logged with file:line", function()
-            reload_ok(proxy, "good-2")
+        it("with a syntax error is logged on one line with file:line and the running generation", function()
+            local g = reload_ok(proxy, "good-2")
             local at = basename(proxy.conf_path) .. ":" .. h.line_of(SYNTAX_ERROR, 'path = "/x" handler') .. ":"
-            local before = #h.lines_with(proxy:stderr(), at)
+            local before = h.lines_with(proxy:stderr(), at)
             local res = reload(proxy, SYNTAX_ERROR)
             assert.equal(422, res.status)
-            h.eventually(function() return #h.lines_with(proxy:stderr(), at) == before + 1 end, 5)
+            h.eventually(function() return #h.lines_with(proxy:stderr(), at) == #before + 1 end, 5)
+            local line = h.lines_with(proxy:stderr(), at)[#before + 1]
+            assert.truthy(line:find("%f[%d]" .. g .. "%f[%D]"), "no generation " .. g .. " in: " .. line)
         end)
 
         it("naming an unknown upstream answers 422 with file:line", function()
@@ -365,6 +463,41 @@ describe("reload", function()
             assert.truthy(took < 0.7, string.format("POST /reload waited %.2fs for the in-flight request", took))
             local r2 = assert(c:request { target = "/x" })
             assert.equal("flight-2", r2.body)
+        end)
+
+        it("100 idle keep-alive connections survive a reload and see the new configuration", function()
+            reload_ok(proxy, "idle-1")
+            local conns = {}
+            finally(function() for _, c in ipairs(conns) do c:close() end end)
+            for i = 1, 100 do
+                conns[i] = assert(raw.connect(proxy.port))
+                assert.equal("idle-1", assert(conns[i]:request { target = "/x" }).body)
+            end
+            reload_ok(proxy, "idle-2")
+            local bad = {}
+            for i, c in ipairs(conns) do
+                local res, err = c:request { target = "/x" }
+                if not res or res.body ~= "idle-2" then
+                    bad[#bad + 1] = i .. ": " .. tostring(res and res.body or err)
+                end
+            end
+            assert.same({}, bad)
+        end)
+
+        it("a request pipelined behind one in flight across a reload is answered in order", function()
+            reload_ok(proxy, "pipe-1")
+            local before = a:stats().requests
+            local c = assert(raw.connect(proxy.port, { timeout = 10 }))
+            finally(function() c:close() end)
+            assert(c:send(raw.build { target = "/slow?ms=500" } .. raw.build { target = "/x" }))
+            h.eventually(function() return a:stats().requests == before + 1 end, 3)
+            reload_ok(proxy, "pipe-2")
+            local r1 = assert(c:read_response())
+            assert.equal("/slow?ms=500", h.echo(r1).target)
+            assert.equal("pipe-1", (r1:header("x-marker")))
+            local r2 = assert(c:read_response())
+            assert.equal(200, r2.status)
+            assert.truthy(r2.body == "pipe-1" or r2.body == "pipe-2", r2.body)
         end)
 
         it("a download in flight across reloads arrives whole", function()
@@ -556,6 +689,54 @@ describe("reload and runtime state", function()
     end)
 end)
 
+describe("reload of settings", function()
+    local a, proxy
+
+    lazy_setup(function()
+        a = h.start_origin("a")
+        proxy = h.start_proxy { workers = 2, config = SETTINGS,
+                                vars = { a = a.addr, trusted = '"127.0.0.1/32"', max_body = "1m" } }
+        h.eventually(function()
+            local res = proxy:admin("GET", "/ready")
+            return res and res.status == 200
+        end, 5)
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy, a)
+    end)
+
+    local function remote()
+        local res = assert(raw.get(proxy.port, "/remote", { { "X-Forwarded-For", "203.0.113.7" } }))
+        assert.equal(200, res.status)
+        return res.body
+    end
+
+    local function post(size)
+        return assert(raw.request(proxy.port, { method = "POST", target = "/post", body = ("b"):rep(size) })).status
+    end
+
+    it("applies new trusted_proxies and max_body_size", function()
+        assert.equal("203.0.113.7", remote())
+        assert.equal(200, post(4096))
+        local res = reload(proxy, SETTINGS, { trusted = "", max_body = "1k" })
+        assert.equal(200, res.status, res.body)
+        for _ = 1, 4 do
+            assert.equal("127.0.0.1", remote())
+            assert.equal(413, post(4096))
+        end
+        assert.equal(200, post(512))
+    end)
+
+    it("keeps listening where it listened when the listen address changes, and says so", function()
+        local other = "127.0.0.1:" .. h.free_port()
+        local res = reload(proxy, SETTINGS, { trusted = '"127.0.0.1/32"', max_body = "1m", listen = other })
+        assert.equal(200, res.status, res.body)
+        assert.equal("203.0.113.7", remote())
+        h.eventually(function() return #h.lines_with(proxy:stderr(), "restart") >= 1 end, 5)
+    end)
+end)
+
 describe("POST /rollback without a previous configuration", function()
     local a, proxy
 
@@ -606,7 +787,19 @@ describe("reload under load #slow", function()
 
         local kc = assert(raw.connect(proxy.port))
         local conns = { kc }
-        finally(function() for _, c in ipairs(conns) do c:close() end end)
+        local stopfile = h.tmpname(".stop")
+        local loader_out = h.tmpname(".load")
+        local loader = h.spawn { "luajit", h.write_file(h.tmpname(".lua"), LOADER), tostring(proxy.port), stopfile,
+                                 loader_out }
+        finally(function()
+            for _, c in ipairs(conns) do c:close() end
+            h.write_file(stopfile, "stop")
+            loader:stop(5)
+        end)
+        local origin_before = a:stats()
+        -- when each reload started and ended, and the table it put in place
+        local windows = { { s = -math.huge, e = -math.huge, table = "A" } }
+        h.eventually(function() return #(h.read_file(loader_out) or "") > 0 end, 5)
 
         -- Uploads: a chunked POST sent in UPLOAD_PIECES pieces, one every 0.1 s.
         local uploads, nupload, uploads_ok = {}, 0, 0
@@ -693,9 +886,12 @@ describe("reload under load #slow", function()
                 -- a request in flight across the reload: either table
                 kc:send(raw.build { target = "/x" })
                 proxy:rewrite_config(TABLE, { table = other })
+                local t_start = socket.gettime()
                 local res, doc = proxy:admin("POST", "/reload")
+                windows[#windows + 1] = { s = t_start, e = socket.gettime(), table = other }
                 if not res or res.status ~= 200 then
-                    fail("reload %d: %s", reloads + 1, res and (res.status .. " " .. tostring(res.body)) or tostring(doc))
+                    fail("reload %d: %s", reloads + 1,
+                        res and (res.status .. " " .. tostring(res.body)) or tostring(doc))
                 elseif not doc or type(doc.generation) ~= "number" or doc.generation <= last_generation then
                     fail("reload %d: generation %s after %s", reloads + 1, tostring(doc and doc.generation),
                         tostring(last_generation))
@@ -725,7 +921,41 @@ describe("reload under load #slow", function()
             socket.sleep(0.001)
         end
 
+        -- the loader's answers: table k was live from the start of reload k
+        -- to the end of reload k+1; an answer must come from a table live
+        -- at some point between the request's sending and its answer
+        h.write_file(stopfile, "stop")
+        assert.equal(0, loader:wait(10), loader:stderr())
+        local loaded, overlapping = 0, 0
+        for line in (h.read_file(loader_out) or ""):gmatch("[^\n]+") do
+            local ln, t1, t2, status, answer = line:match("^(%d+) (%S+) (%S+) (%d+) (.*)$")
+            t1, t2 = tonumber(t1), tonumber(t2)
+            if not ln then
+                fail("loader: %s", line)
+            elseif status ~= "200" then
+                fail("loader request %s: status %s", ln, status)
+            elseif answer == "echo-bad" then
+                fail("loader request %s: wrong echo", ln)
+            elseif answer ~= "echo-ok" then
+                loaded = loaded + 1
+                local ok = false
+                for k, w in ipairs(windows) do
+                    local live_until = windows[k + 1] and windows[k + 1].e or math.huge
+                    if w.table == answer and w.s <= t2 and live_until >= t1 then ok = true end
+                    if w.s <= t2 and w.e >= t1 then overlapping = overlapping + 1 end
+                end
+                if not ok then
+                    fail("loader request %s /x sent %.6f answered %.6f: %s, not live then", ln, t1, t2, answer)
+                end
+            end
+        end
         assert.same({}, failures)
+        -- the pools survive the reloads: at most one connection per request
+        -- in flight at once (8 clients) per worker, not new ones per reload
+        local opened = a:stats().connections - origin_before.connections
+        assert.truthy(opened <= 16, opened .. " upstream connections opened during the reloads")
+        assert.truthy(loaded >= 200, "the loader made only " .. loaded .. " /x requests")
+        assert.truthy(overlapping >= 1, "no loader request overlapped a reload")
         assert.equal(RELOADS, reloads)
         assert.equal(0, #uploads, "uploads still running at the deadline")
         assert.truthy(uploads_ok >= 3, "only " .. uploads_ok .. " uploads")

@@ -436,24 +436,44 @@ describe("load_config() hooks and plugins", function()
   end)
 end)
 
+describe("load_config() balancing and health", function()
+  local UP = 'proxy.upstream "a" { servers = { "127.0.0.1:1", "127.0.0.1:2" }, '
+
+  it("accepts every built-in balancer", function()
+    for _, b in ipairs { "round_robin", "weighted", "least_conn", "p2c", "ewma" } do
+      local cfg = ok { LISTEN, UP .. 'balancer = "' .. b .. '" }' }
+      assert.equal(b, cfg.upstreams.a.balancer)
+    end
+  end)
+
+  it("accepts a Lua function or module as the balancer", function()
+    ok { LISTEN, UP .. "balancer = function(servers, req) return servers[1] end }" }
+    ok { LISTEN, UP .. "balancer = { pick = function(servers, req) return servers[1] end } }" }
+  end)
+
+  it("refuses an unknown balancer name at the upstream's line", function()
+    fails_at({ LISTEN, UP .. 'balancer = "fastest" }' }, 3, '"fastest" is not a balancer')
+  end)
+
+  it("needs a hash_key for chash, and refuses a malformed one", function()
+    fails_at({ LISTEN, UP .. 'balancer = "chash" }' }, 3, "needs hash_key")
+    fails_at({ LISTEN, UP .. 'balancer = "chash", hash_key = "query:x" }' }, 3, "hash_key must be")
+    ok { LISTEN, UP .. 'balancer = "chash", hash_key = "cookie:sid" }' }
+    ok { LISTEN, UP .. 'balancer = "chash", hash_key = function(req) return req.path end }' }
+  end)
+
+  it("checks health and passive tables", function()
+    ok { LISTEN, UP .. 'health = { path = "/health", interval = 2, timeout = 1, rise = 2, fall = 3 } }' }
+    fails_at({ LISTEN, UP .. "health = { rise = 0 } }" }, 3, "rise")
+    fails_at({ LISTEN, UP .. "passive = { failures = 3, colldown = 1 } }" }, 3, "colldown")
+    fails_at({ LISTEN, UP .. "passive = { statuses = { 600 } } }" }, 3, "statuses")
+  end)
+end)
+
 describe("load_config() features of later releases", function()
   it("refuses route static", function()
     fails_at({ LISTEN, API, "proxy.route { upstream = api, static = {} }" }, 4,
       "route: 'static' is not supported yet")
-  end)
-
-  for _, key in ipairs { "health", "passive", "hash_key", "fail_open" } do
-    it("refuses upstream " .. key, function()
-      fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "127.0.0.1:1" }, ' .. key .. " = true }" }, 3,
-        "upstream 'a': '" .. key .. "' is not supported yet")
-    end)
-  end
-
-  it("refuses balancers other than round_robin", function()
-    fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "127.0.0.1:1" }, balancer = "least_conn" }' }, 3,
-      'balancer "least_conn" is not supported yet')
-    fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "127.0.0.1:1" }, balancer = function() end }' }, 3,
-      "function balancers are not supported yet")
   end)
 
   for _, fn in ipairs { "expect" } do
