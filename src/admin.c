@@ -2,6 +2,7 @@
  * small and rare: one per connection, answered with Connection: close. */
 #include "admin.h"
 
+#include "health.h"
 #include "http1.h"
 #include "listener.h"
 #include "log.h"
@@ -218,6 +219,40 @@ static void configz(admin_conn_t *c)
     respond_json(c, 200, &b);
 }
 
+/* GET /upstreams: every server's live state (SPEC "Admin port"). */
+static void upstreams(admin_conn_t *c)
+{
+    const mp_config_t *cfg = mp_reloader_config(c->a->rl);
+    double now = mp_health_now();
+    sb_t b = {0};
+    sb_printf(&b, "{");
+    for (size_t i = 0; i < cfg->nupstreams; i++) {
+        const mp_upstream_def_t *u = &cfg->upstreams[i];
+        sb_printf(&b, "%s", i ? "," : "");
+        sb_str(&b, u->name);
+        sb_printf(&b, ":{\"balancer\":");
+        sb_str(&b, u->balancer);
+        sb_printf(&b, ",\"servers\":[");
+        for (size_t s = 0; s < u->nservers; s++) {
+            mp_peer_t *p = mp_peer_get(u->name, u->servers[s].addr.text);
+            if (!p)
+                continue;
+            sb_printf(&b, "%s{\"addr\":", s ? "," : "");
+            sb_str(&b, p->addr);
+            double open = p->open_until;
+            sb_printf(&b,
+                      ",\"weight\":%d,\"healthy\":%s,\"probe_up\":%s,\"circuit\":\"%s\",\"active\":%d,"
+                      "\"failures\":%d,\"latency_ms\":%.3f,\"requests\":%llu,\"failed\":%llu}",
+                      u->servers[s].weight, mp_peer_healthy(p, now) ? "true" : "false", p->probe_up ? "true" : "false",
+                      open <= 0 ? "closed" : (now < open ? "open" : "half-open"), (int)p->active, (int)p->fails,
+                      mp_peer_latency(p), (unsigned long long)p->requests, (unsigned long long)p->failures);
+        }
+        sb_printf(&b, "]}");
+    }
+    sb_printf(&b, "}\n");
+    respond_json(c, 200, &b);
+}
+
 /* mp_reload_cb: the answer to POST /reload or /rollback. */
 static void on_reloaded(void *arg, uint64_t generation, const char *err)
 {
@@ -255,6 +290,8 @@ static void route(admin_conn_t *c, const mp_http_request_t *h)
     }
     if (MP_SLICE_IEQ(p, "/configz"))
         return get ? configz(c) : respond(c, 405, "text/plain", "GET\n", 4);
+    if (MP_SLICE_IEQ(p, "/upstreams"))
+        return get ? upstreams(c) : respond(c, 405, "text/plain", "GET\n", 4);
     int rollback = MP_SLICE_IEQ(p, "/rollback");
     if (MP_SLICE_IEQ(p, "/reload") || rollback) {
         if (!post)

@@ -57,9 +57,8 @@ int mp_pick_round_robin(unsigned *cursor, const mp_pick_server_t *s, int n)
 {
     if (n <= 0)
         return -1;
-    unsigned start = *cursor % (unsigned)n;
-    for (int k = 0; k < n; k++) {
-        int i = (int)((start + (unsigned)k) % (unsigned)n);
+    int i = (int)(*cursor % (unsigned)n);
+    for (int k = 0; k < n; k++, i = i + 1 < n ? i + 1 : 0) {
         if (s[i].available) {
             *cursor = (unsigned)i + 1;
             return i;
@@ -89,13 +88,10 @@ int mp_pick_least_conn(unsigned *cursor, const mp_pick_server_t *s, int n)
 {
     if (n <= 0)
         return -1;
-    unsigned start = *cursor % (unsigned)n;
-    int best = -1;
-    for (int k = 0; k < n; k++) {
-        int i = (int)((start + (unsigned)k) % (unsigned)n);
+    int best = -1, i = (int)(*cursor % (unsigned)n);
+    for (int k = 0; k < n; k++, i = i + 1 < n ? i + 1 : 0)
         if (s[i].available && (best < 0 || lighter(&s[i], &s[best])))
             best = i;
-    }
     if (best >= 0)
         *cursor = (unsigned)best + 1;
     return best;

@@ -58,7 +58,7 @@ static int l_pick_state(lua_State *L)
     int n = (int)lua_objlen(L, 2);
     if (!lua_isnoneornil(L, 3))
         luaL_checktype(L, 3, LUA_TTABLE);
-    uint64_t seed = (uint64_t)luaL_optnumber(L, 4, 0);
+    uint64_t seed = (uint64_t)luaL_optinteger(L, 4, 0);
     if (n > MP_CHASH_MAX_SERVERS || (policy == P_CHASH && n < 1))
         return luaL_error(L, "addrs: 1..%d servers", MP_CHASH_MAX_SERVERS);
     size_t size = sizeof(pick_state_t) + (size_t)n * (sizeof(mp_pick_server_t) + sizeof(int));

@@ -3,6 +3,8 @@
 #include "admin.h"
 #include "config.h"
 #include "listener.h"
+#include "health.h"
+#include "probe.h"
 #include "reload.h"
 #include "log.h"
 #include "vm.h"
@@ -42,6 +44,7 @@ static struct {
     ev_timer watchdog;
     mp_reloader_t *rl;
     mp_admin_t *admin;
+    mp_probes_t *probes;
     ev_timer deadline, poll;
     ev_signal sigterm, sigint, sighup;
 } g;
@@ -167,6 +170,11 @@ static void on_hup(struct ev_loop *loop, ev_signal *s, int revents)
 
 static void *worker_main(void *arg);
 
+static void sync_probes(void *arg, const mp_config_t *cfg)
+{
+    mp_probes_sync(arg, cfg);
+}
+
 static void on_watchdog(struct ev_loop *loop, ev_timer *t, int revents)
 {
     (void)loop;
@@ -253,6 +261,12 @@ int main(int argc, char **argv)
     }
     struct ev_loop *loop = ev_default_loop(EVFLAG_AUTO | EVFLAG_SIGNALFD);
     mp_reloader_start(g.rl, loop);
+    if (!(g.probes = mp_probes_new(loop))) {
+        fprintf(stderr, "moonproxy: out of memory\n");
+        return 1;
+    }
+    mp_probes_sync(g.probes, mp_reloader_config(g.rl));
+    mp_reloader_on_config(g.rl, sync_probes, g.probes);
     if (cfg->admin && !(g.admin = mp_admin_start(loop, cfg->admin, g.rl, &g.ready, &g.stuck, err, sizeof(err)))) {
         fprintf(stderr, "moonproxy: %s\n", err);
         return 1;
@@ -288,8 +302,10 @@ int main(int argc, char **argv)
         mp_worker_dispose(&g.workers[i]);
     }
     mp_log_info("stopped");
+    mp_probes_free(g.probes);
     mp_reloader_free(g.rl);
     mp_admin_free(g.admin);
+    mp_health_close_all();
     free(g.workers);
     free(fds);
     mp_config_free(cfg);

@@ -145,6 +145,8 @@ struct mp_reloader {
     watched_t files[MAX_WATCHED];
     int nfiles;
     waiter_t *waiters;
+    void (*on_config)(void *arg, const mp_config_t *cfg);
+    void *on_config_arg;
 };
 
 static double epoch_now(void)
@@ -444,10 +446,18 @@ void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb
     for (int i = 0; i < rl->nworkers; i++)
         hand_over(&rl->workers[i], id, Ls[i], cfgs[i]);
     watch_files(rl);
+    if (rl->on_config)
+        rl->on_config(rl->on_config_arg, rl->cfg);
     mp_log_info("reload: generation %llu loaded (%s%s)", (unsigned long long)id, reason,
                 rollback ? ", rollback" : "");
     free(Ls);
     free(cfgs);
+}
+
+void mp_reloader_on_config(mp_reloader_t *rl, void (*fn)(void *arg, const mp_config_t *cfg), void *arg)
+{
+    rl->on_config = fn;
+    rl->on_config_arg = arg;
 }
 
 const mp_config_t *mp_reloader_config(const mp_reloader_t *rl)

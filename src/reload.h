@@ -67,6 +67,10 @@ void mp_reloader_start(mp_reloader_t *rl, struct ev_loop *loop);
  * worker runs it, or at once with the error. reason is logged. */
 void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb cb, void *arg);
 
+/* Called on the main thread with the new configuration after each
+ * accepted reload (active health checks follow it). */
+void mp_reloader_on_config(mp_reloader_t *rl, void (*fn)(void *arg, const mp_config_t *cfg), void *arg);
+
 /* The current configuration as the main thread sees it (for /configz). */
 const mp_config_t *mp_reloader_config(const mp_reloader_t *rl);
 uint64_t mp_reloader_generation(const mp_reloader_t *rl);

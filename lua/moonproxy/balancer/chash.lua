@@ -13,7 +13,8 @@
 local bit = require "bit"
 
 local bxor, band, rshift = bit.bxor, bit.band, bit.rshift
-local byte, concat, sort, type, tonumber, tostring = string.byte, table.concat, table.sort, type, tonumber, tostring
+local byte, concat, sort, max = string.byte, table.concat, table.sort, math.max
+local type, tonumber, tostring = type, tonumber, tostring
 
 local POINTS, MAX_POINTS, SPLIT = 640, 1048576, 65536 -- MP_CHASH_POINTS, MP_CHASH_MAX_POINTS
 
@@ -52,39 +53,31 @@ local function build(list)
   end
   sort(order, function(a, b) -- by address bytes, then position: the rank
     local x, y = list[a].addr, list[b].addr
-    if x ~= y then
-      return x < y
-    end
-    return a < b
+    return x < y or (x == y and a < b)
   end)
-  local keys, scale = {}, total_w * POINTS > MAX_POINTS
+  local keys, nk, scale = {}, 0, total_w * POINTS > MAX_POINTS
   for r = 1, n do
     local w = weight_of(list[order[r]])
-    local c = w * POINTS
+    local c = scale and w * MAX_POINTS or w * POINTS
     if scale then
-      c = w * MAX_POINTS
-      c = (c - c % total_w) / total_w
-      c = c < 1 and 1 or c
+      c = max(1, (c - c % total_w) / total_w)
     end
     local seed, z = hash64(list[order[r]].addr), nil
     for j = 0, c - 1 do
-      local point
-      if j % 2 == 0 then
+      if j % 2 == 0 then -- each mp_rand64 gives two points: high half, then low half
         seed = seed + 0x9e3779b97f4a7c15ULL
         z = mix(seed)
-        point = tonumber(rshift(z, 32))
-      else
-        point = tonumber(band(z, 0xffffffffULL))
       end
-      keys[#keys + 1] = point * SPLIT + (r - 1) -- equal points order by rank
+      local point = tonumber(j % 2 == 0 and rshift(z, 32) or band(z, 0xffffffffULL))
+      nk = nk + 1
+      keys[nk] = point * SPLIT + (r - 1) -- equal points order by rank
     end
   end
   sort(keys)
-  local ring = { points = {}, owner = {}, addrs = {}, weights = {}, mark = {}, obj = {}, stamp = 0 }
-  for j = 1, #keys do
+  local ring = { n = nk, points = {}, owner = {}, addrs = {}, weights = {}, mark = {}, obj = {}, stamp = 0 }
+  for j = 1, nk do
     local rank = keys[j] % SPLIT
-    ring.points[j] = (keys[j] - rank) / SPLIT
-    ring.owner[j] = order[rank + 1]
+    ring.points[j], ring.owner[j] = (keys[j] - rank) / SPLIT, order[rank + 1]
   end
   for i = 1, n do
     ring.addrs[i], ring.weights[i] = list[i].addr, weight_of(list[i])
@@ -94,15 +87,12 @@ end
 
 local function same(ring, list)
   local addrs, weights = ring.addrs, ring.weights
-  if #addrs ~= #list then
-    return false
-  end
   for i = 1, #list do
     if addrs[i] ~= list[i].addr or weights[i] ~= weight_of(list[i]) then
       return false
     end
   end
-  return true
+  return #addrs == #list
 end
 
 local parsed = {} -- hash_key -> { kind, name, cookie pattern }
@@ -152,14 +142,10 @@ function _M.pick(servers, req, upstream)
     local pos = full and s.index or i
     mark[pos], obj[pos] = stamp, s
   end
-  local key = key_of(req, upstream and upstream.hash_key)
-  if key == nil then
-    key = req.remote_addr or ""
-  end
+  local key = key_of(req, upstream and upstream.hash_key) or req.remote_addr or ""
   local pos = tonumber(rshift(hash64(tostring(key)), 32))
-  local points, owner = ring.points, ring.owner
-  local np = #points
-  local lo, hi = 1, np + 1 -- the first point >= pos
+  local points, owner, np = ring.points, ring.owner, ring.n
+  local lo, hi = 1, np + 1 -- the first point >= pos, then clockwise to an available server
   while lo < hi do
     local mid = lo + rshift(hi - lo, 1)
     if points[mid] < pos then
@@ -168,16 +154,11 @@ function _M.pick(servers, req, upstream)
       hi = mid
     end
   end
-  local j = lo
-  for _ = 1, np do
-    if j > np then
-      j = 1
-    end
-    local o = owner[j]
+  for step = 0, np - 1 do
+    local o = owner[(lo + step - 1) % np + 1]
     if mark[o] == stamp then
       return obj[o]
     end
-    j = j + 1
   end
   return nil
 end
