@@ -68,8 +68,11 @@ static int lua_objects(lua_State *L, mp_balancer_t *b)
         lua_setmetatable(L, -2);
         lua_rawseti(L, -2, (int)i + 1);
     }
+    lua_pushvalue(L, -1);
     b->servers_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    lua_createtable(L, 0, 2);
+    lua_createtable(L, 0, 3);
+    lua_insert(L, -2);
+    lua_setfield(L, -2, "servers"); /* all of them, available or not */
     lua_pushstring(L, d->name);
     lua_setfield(L, -2, "name");
     if (d->hash_key_ref != LUA_NOREF)
@@ -234,7 +237,11 @@ static int pick_once(mp_balancer_t *b, mp_req_t *r, const mp_pick_server_t *s, i
         int has = hash_of(b, r, &hash);
         if (has < 0)
             return has;
-        return has ? mp_chash_pick(b->ring, hash, s, n) : mp_pick_round_robin(&b->cursor, s, n);
+        if (!has) { /* no key: the client's address, as the Lua module does */
+            mp_slice a = mp_req_remote_addr(r);
+            hash = mp_hash64(a.p, a.len);
+        }
+        return mp_chash_pick(b->ring, hash, s, n);
     }
     default: return pick_lua(b, r, s, n, navailable);
     }
