@@ -131,15 +131,11 @@ static mp_slice check_value(lua_State *L, int idx, mp_slice name)
     return v;
 }
 
-/* headers[name] = string | number | { values } | nil */
-static int hdr_newindex(lua_State *L)
+/* Records headers[name at kidx] = value at vidx for the request (res = 0)
+ * or the response (res = 1). Raises for the Lua code that asked. */
+static void set_header(lua_State *L, mp_req_t *r, int res, int kidx, int vidx)
 {
-    mp_lhdr_t *o = luaL_checkudata(L, 1, HDR_MT);
-    mp_req_t *r = live(L, o->box);
-    int res = o->box->which == BOX_RES;
-    if (r->phase > MP_PHASE_RESPONSE || (res && r->phase != MP_PHASE_RESPONSE && !r->local_status))
-        need_phase(L, r, res ? MP_PHASE_RESPONSE : MP_PHASE_REQUEST, "changing headers");
-    mp_slice name = check_name(L, 2);
+    mp_slice name = check_name(L, kidx);
     if (!mp_header_name_ok(name))
         luaL_error(L, "'%s' is not a valid header name", name.p);
     static const char *const framing[] = {"content-length", "transfer-encoding", "connection", "keep-alive",
@@ -147,17 +143,17 @@ static int hdr_newindex(lua_State *L)
     for (size_t i = 0; i < MP_ARRAY_LEN(framing); i++)
         if (mp_header_name_eq(name, (mp_slice){framing[i], strlen(framing[i])}))
             luaL_error(L, "header '%s' is managed by the proxy (message framing and connection)", name.p);
-    unsigned n = lua_istable(L, 3) ? (unsigned)lua_objlen(L, 3) : !lua_isnil(L, 3);
+    unsigned n = lua_istable(L, vidx) ? (unsigned)lua_objlen(L, vidx) : !lua_isnil(L, vidx);
     if (n > MP_HTTP_MAX_HEADERS)
         luaL_error(L, "header '%s': too many values", name.p);
     mp_hedit_t *e = (mp_hedit_t *)arena_alloc(L, r, sizeof(*e) + n * sizeof(mp_slice));
     e->name = arena_copy(L, r, name.p, name.len);
     e->nvalues = n;
     for (unsigned i = 0; i < n; i++) {
-        if (lua_istable(L, 3))
-            lua_rawgeti(L, 3, (int)i + 1);
+        if (lua_istable(L, vidx))
+            lua_rawgeti(L, vidx, (int)i + 1);
         else
-            lua_pushvalue(L, 3);
+            lua_pushvalue(L, vidx);
         mp_slice v = check_value(L, -1, name);
         e->values[i] = arena_copy(L, r, v.p, v.len);
         lua_pop(L, 1);
@@ -165,6 +161,17 @@ static int hdr_newindex(lua_State *L)
     mp_hedit_t **list = res ? &r->resp_edits : &r->edits;
     e->next = *list;
     *list = e;
+}
+
+/* headers[name] = string | number | { values } | nil */
+static int hdr_newindex(lua_State *L)
+{
+    mp_lhdr_t *o = luaL_checkudata(L, 1, HDR_MT);
+    mp_req_t *r = live(L, o->box);
+    int res = o->box->which == BOX_RES;
+    if (r->phase > MP_PHASE_RESPONSE || (res && r->phase != MP_PHASE_RESPONSE))
+        need_phase(L, r, res ? MP_PHASE_RESPONSE : MP_PHASE_REQUEST, "changing headers");
+    set_header(L, r, res, 2, 3);
     return 0;
 }
 
@@ -242,21 +249,8 @@ static int req_respond(lua_State *L)
     const char *body = luaL_optlstring(L, 3, "", &n);
     if (!lua_isnoneornil(L, 4)) {
         luaL_checktype(L, 4, LUA_TTABLE);
-        mp_lbox_t res = {.r = r, .which = BOX_RES, .hdr_ref = LUA_NOREF};
-        mp_lhdr_t *o = lua_newuserdata(L, sizeof(*o)); /* a throwaway view onto resp_edits */
-        o->box = &res;
-        luaL_getmetatable(L, HDR_MT);
-        lua_setmetatable(L, -2);
-        int view = lua_gettop(L);
-        r->local_status = (uint16_t)status; /* lets the view write response headers */
-        for (lua_pushnil(L); lua_next(L, 4); lua_pop(L, 1)) {
-            lua_pushcfunction(L, hdr_newindex);
-            lua_pushvalue(L, view);
-            lua_pushvalue(L, -4);
-            lua_pushvalue(L, -4);
-            lua_call(L, 3, 0);
-        }
-        o->box = NULL;
+        for (lua_pushnil(L); lua_next(L, 4); lua_pop(L, 1))
+            set_header(L, r, 1, lua_gettop(L) - 1, lua_gettop(L));
     }
     if (!(r->local_body = malloc(n ? n : 1)))
         luaL_error(L, "out of memory");

@@ -225,10 +225,13 @@ proxy.route { prefix = "/bad/", upstream = a, on_request = function(req)
     req:set_path("/a HTTP/1.1\r\nInjected: 1\r\n\r\nGET /b")
   elseif what == "/bad/query" then
     req:set_query("a=1 HTTP/1.1\r\nInjected: 1")
+  -- (not `return req:respond(...)`: a tail call leaves no caller line for the error)
   elseif what == "/bad/respond-header" then
-    return req:respond(200, "x", { ["x-bad"] = "a\r\nInjected: 1" })
+    local answered = req:respond(200, "x", { ["x-bad"] = "a\r\nInjected: 1" })
+    return answered
   elseif what == "/bad/respond-status" then
-    return req:respond(1000, "bad status")
+    local answered = req:respond(1000, "bad status")
+    return answered
   elseif what == "/bad/content-length" then
     req.headers["content-length"] = "2"
   elseif what == "/bad/transfer-encoding" then

@@ -1,11 +1,13 @@
 -- helpers.origin: the real backend the end-to-end specs put behind moonproxy.
 --
 -- As a script:  luajit spec/helpers/origin.lua PORT [NAME] [--idle SECONDS]
+--                  [--mode MODE]
 --   One process, one thread: every connection is a coroutine scheduled with
 --   socket.select, so a slow or hanging request never blocks the others.
 --   HTTP/1.1 keep-alive and pipelining, Content-Length and chunked request
 --   bodies (extensions and trailers allowed), `Expect: 100-continue`.
 --   --idle closes a connection idle between requests for SECONDS (default 60).
+--   --mode starts the origin in that failure mode (see /_mode; default ok).
 -- As a module:  require "helpers.origin" returns the body pattern and the
 --   checksum below (no server is started), so specs compute what to expect.
 --
@@ -17,7 +19,24 @@
 --                    `closed_by_peer` connections the peer closed while a
 --                    complete request was waiting for (or receiving) its
 --                    answer. /_stats itself and the connections that carry it
---                    are not counted.
+--                    are not counted. Also `paths`: {path = count} of the
+--                    counted requests (e.g. paths["/health"]: active probes),
+--                    and `mode`, `health_mode` (see /_mode).
+--   /_mode?set=MODE&health=MODE   failure injection for the whole origin
+--                    (not counted, like /_stats; answers 200 JSON {mode,
+--                    health_mode}). MODE applies to every request after its
+--                    whole head and body were read, except /_stats and /_mode:
+--                      ok        normal behaviour (the endpoints below)
+--                      NNN       answer that status, body "mode NNN\n"
+--                      reset     close with a TCP reset, nothing answered
+--                      close     close (FIN), nothing answered
+--                      stall     never answer; wait (at most 300 s) for the peer
+--                      slow:N    wait N ms (a timer), then behave normally
+--                                (also `set=slow&ms=N`)
+--                      partial   a 200 head promising 2000 bytes (Content-Length)
+--                                and 1000 of them, then a TCP reset
+--                    `health=MODE` gives the path /health its own mode
+--                    (`health=follow`, the default, makes it use the main one).
 --   /big?size=N&chunked=1   N bytes of the pattern (Content-Length, or chunked
 --                    with chunked=1; close-delimited for an HTTP/1.0 client).
 --   /status/NNN      that status, body "status NNN\n" (none for 1xx/204/304;
@@ -134,6 +153,10 @@ local IO_TIMEOUT = 30 -- seconds without progress before giving up on a peer
 local NAME = "origin"
 local IDLE = 60
 local stats = { connections = 0, open = 0, requests = 0, completed = 0, aborted = 0, closed_by_peer = 0 }
+local paths = {} -- path -> counted requests
+local CONTROL = { ["/_stats"] = true, ["/_mode"] = true } -- not counted, never affected by a mode
+local MODE = { kind = "ok", text = "ok" }
+local HEALTH_MODE = nil -- nil: /health follows MODE
 local accepted = 0
 local stats_open = 0 -- connections used for /_stats, hidden from stats.open
 
@@ -332,7 +355,7 @@ function Conn:read_request()
     req.path, req.query = target:match("^([^?]*)%??(.*)$")
     req.q = parse_query(req.query)
     self.nreq = self.nreq + 1
-    if req.path == "/_stats" then
+    if CONTROL[req.path] then
         if self.nreq == 1 then
             self.stats_conn = true
             stats.connections = stats.connections - 1
@@ -340,6 +363,7 @@ function Conn:read_request()
         end
     else
         stats.requests = stats.requests + 1
+        paths[req.path] = (paths[req.path] or 0) + 1
     end
     req.conn_req = self.nreq
 
@@ -350,7 +374,7 @@ function Conn:read_request()
     end
     local st = M.sum_new()
     req.body_len = 0
-    self.in_body = req.path ~= "/_stats"
+    self.in_body = not CONTROL[req.path]
     if te then
         if not has_token(te, "chunked") then return nil, "unsupported transfer-encoding " .. te, true end
         while true do
@@ -381,7 +405,7 @@ function Conn:read_request()
     end
     req.body_sum = M.sum_hex(st)
     self.in_body = false
-    if req.path ~= "/_stats" then stats.completed = stats.completed + 1 end
+    if not CONTROL[req.path] then stats.completed = stats.completed + 1 end
     return req
 end
 
@@ -459,7 +483,43 @@ handlers["/_stats"] = function(c, req)
     for k, v in pairs(stats) do s[k] = v end
     s.name = NAME
     s.open = stats.open - stats_open
+    s.paths = {}
+    for k, v in pairs(paths) do s.paths[k] = v end
+    s.mode = MODE.text
+    s.health_mode = HEALTH_MODE and HEALTH_MODE.text or "follow"
     return c:respond(req, 200, json_headers(), cjson.encode(s))
+end
+
+-- A mode from its text (see /_mode), or nil, err.
+local function parse_mode(text, ms)
+    if text == "ok" or text == "reset" or text == "close" or text == "stall" or text == "partial" then
+        return { kind = text, text = text }
+    end
+    local code = text:match("^(%d%d%d)$")
+    if code then return { kind = "status", code = tonumber(code), text = text } end
+    local n = text:match("^slow:(%d+)$") or (text == "slow" and (ms or "1000"))
+    if n and tonumber(n) then return { kind = "slow", ms = tonumber(n), text = "slow:" .. n } end
+    return nil, "unknown mode " .. text
+end
+
+handlers["/_mode"] = function(c, req)
+    local ms = req.q.ms and req.q.ms[1]
+    if req.q.set then
+        local m, err = parse_mode(req.q.set[1], ms)
+        if not m then return c:respond(req, 400, { { "Content-Type", "text/plain" } }, err .. "\n") end
+        MODE = m
+    end
+    if req.q.health then
+        if req.q.health[1] == "follow" then
+            HEALTH_MODE = nil
+        else
+            local m, err = parse_mode(req.q.health[1], ms)
+            if not m then return c:respond(req, 400, { { "Content-Type", "text/plain" } }, err .. "\n") end
+            HEALTH_MODE = m
+        end
+    end
+    return c:respond(req, 200, json_headers(),
+        cjson.encode { mode = MODE.text, health_mode = HEALTH_MODE and HEALTH_MODE.text or "follow" })
 end
 
 handlers["/big"] = function(c, req)
@@ -555,7 +615,43 @@ handlers["/noframe"] = function(c, req)
     return false
 end
 
+-- Applies a failure mode; returns true, keep when it answered (or dropped)
+-- the request, false when the request goes on normally.
+local function apply_mode(c, req, m)
+    if m.kind == "status" then
+        return true, c:respond(req, m.code, { { "Content-Type", "text/plain" } }, "mode " .. m.code .. "\n")
+    elseif m.kind == "reset" then
+        c.sock:setoption("linger", { on = true, timeout = 0 })
+        return true, false
+    elseif m.kind == "close" then
+        return true, false
+    elseif m.kind == "stall" then
+        if not c:pause_until(socket.gettime() + 300) then
+            stats.closed_by_peer = stats.closed_by_peer + 1
+        end
+        return true, false
+    elseif m.kind == "slow" then
+        if not c:pause_until(socket.gettime() + m.ms / 1000) then
+            stats.closed_by_peer = stats.closed_by_peer + 1
+            return true, false
+        end
+        return false
+    elseif m.kind == "partial" then
+        c:send(build_head(req, 200, { { "Content-Length", "2000" } }, true) .. M.pattern(1000))
+        c.sock:setoption("linger", { on = true, timeout = 0 })
+        return true, false
+    end
+    return false
+end
+
 local function handle(c, req)
+    if not CONTROL[req.path] then
+        local m = (req.path == "/health" and HEALTH_MODE) or MODE
+        if m.kind ~= "ok" then
+            local done, keep = apply_mode(c, req, m)
+            if done then return keep end
+        end
+    end
     if req.q.early_hints and not c:send("HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n") then
         return false
     end
@@ -601,13 +697,17 @@ end
 local function main(argv)
     local port = tonumber(argv[1])
     if not port then
-        io.stderr:write("usage: luajit spec/helpers/origin.lua PORT [NAME] [--idle SECONDS]\n")
+        io.stderr:write("usage: luajit spec/helpers/origin.lua PORT [NAME] [--idle SECONDS] [--mode MODE]\n")
         os.exit(2)
     end
     local i = 2
     while argv[i] do
         if argv[i] == "--idle" then
             IDLE = assert(tonumber(argv[i + 1]), "--idle needs seconds")
+            i = i + 2
+        elseif argv[i] == "--mode" then
+            local m, err = parse_mode(tostring(argv[i + 1]))
+            MODE = assert(m, err)
             i = i + 2
         else
             NAME = argv[i]
