@@ -5,6 +5,7 @@
 #include "vm.h"
 
 #include <lauxlib.h>
+#include <luajit.h>
 #include <lua.h>
 
 #include <arpa/inet.h>
@@ -705,6 +706,10 @@ int mp_config_load_text(lua_State *L, const char *path, const char *text, size_t
     lua_pushcfunction(L, prepare);
     lua_pushstring(L, path);
     rc = mp_vm_call(L, 1, 1, err, errlen);
+    /* The script runs once: compiling its declarations into traces would
+     * cost more than running them (each trace is an mprotect) and slow
+     * reloads down; hooks are compiled later, when requests run them. */
+    luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
     if (rc == 0) {
         /* the chunk is named "@path": errors read "path:line:" */
         lua_pushfstring(L, "@%s", path);
@@ -730,6 +735,7 @@ int mp_config_load_text(lua_State *L, const char *path, const char *text, size_t
         snprintf(err, errlen, "out of memory");
         rc = MP_ENOMEM;
     }
+    luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_ON);
     if (rc != 0)
         strip_traceback(err);
     lua_settop(L, top);

@@ -29,7 +29,8 @@ typedef struct mp_lbox {
 } mp_lbox_t;
 
 typedef struct {
-    mp_lbox_t *box; /* kept alive through the object's environment table */
+    mp_req_t *r; /* NULL once the request ended (cleared with its box) */
+    uint8_t which;
 } mp_lhdr_t;
 
 static mp_req_t *live(lua_State *L, mp_lbox_t *b)
@@ -101,12 +102,21 @@ static void push_received(lua_State *L, const mp_header_t *h, unsigned n, mp_sli
     push_values(L, found, k);
 }
 
+/* The metamethods are reachable only through their own objects
+ * (__metatable hides the tables), so the userdata's type is known. */
+static mp_req_t *live_hdr(lua_State *L, mp_lhdr_t *o)
+{
+    if (!o->r)
+        luaL_error(L, "request finished: this object belongs to a request that has ended");
+    return o->r;
+}
+
 static int hdr_index(lua_State *L)
 {
-    mp_lhdr_t *o = luaL_checkudata(L, 1, HDR_MT);
-    mp_req_t *r = live(L, o->box);
+    mp_lhdr_t *o = lua_touserdata(L, 1);
+    mp_req_t *r = live_hdr(L, o);
     mp_slice name = check_name(L, 2);
-    int res = o->box->which == BOX_RES;
+    int res = o->which == BOX_RES;
     const mp_hedit_t *e = mp_hedit_find(res ? r->resp_edits : r->edits, name);
     if (e)
         push_values(L, e->values, e->nvalues);
@@ -166,9 +176,9 @@ static void set_header(lua_State *L, mp_req_t *r, int res, int kidx, int vidx)
 /* headers[name] = string | number | { values } | nil */
 static int hdr_newindex(lua_State *L)
 {
-    mp_lhdr_t *o = luaL_checkudata(L, 1, HDR_MT);
-    mp_req_t *r = live(L, o->box);
-    int res = o->box->which == BOX_RES;
+    mp_lhdr_t *o = lua_touserdata(L, 1);
+    mp_req_t *r = live_hdr(L, o);
+    int res = o->which == BOX_RES;
     if (r->phase > MP_PHASE_RESPONSE || (res && r->phase != MP_PHASE_RESPONSE))
         need_phase(L, r, res ? MP_PHASE_RESPONSE : MP_PHASE_REQUEST, "changing headers");
     set_header(L, r, res, 2, 3);
@@ -182,13 +192,9 @@ static void push_headers(lua_State *L, mp_lbox_t *b)
         return;
     }
     mp_lhdr_t *o = lua_newuserdata(L, sizeof(*o));
-    o->box = b;
-    luaL_getmetatable(L, HDR_MT);
+    *o = (mp_lhdr_t){b->r, b->which};
+    lua_rawgeti(L, LUA_REGISTRYINDEX, b->r->gen->lua_mt[MP_MT_HEADERS]);
     lua_setmetatable(L, -2);
-    lua_createtable(L, 1, 0); /* the environment keeps the box alive */
-    lua_rawgeti(L, LUA_REGISTRYINDEX, b->self_ref);
-    lua_rawseti(L, -2, 1);
-    lua_setfenv(L, -2);
     lua_pushvalue(L, -1);
     b->hdr_ref = luaL_ref(L, LUA_REGISTRYINDEX);
 }
@@ -276,7 +282,7 @@ static void push_ctx(lua_State *L, mp_lbox_t *b)
 
 static int req_index(lua_State *L)
 {
-    mp_lbox_t *b = luaL_checkudata(L, 1, REQ_MT);
+    mp_lbox_t *b = lua_touserdata(L, 1);
     size_t n;
     const char *k = luaL_checklstring(L, 2, &n);
     lua_pushvalue(L, 2);
@@ -320,7 +326,7 @@ static int req_newindex(lua_State *L)
 
 static int res_index(lua_State *L)
 {
-    mp_lbox_t *b = luaL_checkudata(L, 1, RES_MT);
+    mp_lbox_t *b = lua_touserdata(L, 1);
     size_t n;
     const char *k = luaL_checklstring(L, 2, &n);
     mp_req_t *r = live(L, b);
@@ -335,7 +341,7 @@ static int res_index(lua_State *L)
 
 static int res_newindex(lua_State *L)
 {
-    mp_lbox_t *b = luaL_checkudata(L, 1, RES_MT);
+    mp_lbox_t *b = lua_touserdata(L, 1);
     mp_req_t *r = live(L, b);
     size_t n;
     const char *k = luaL_checklstring(L, 2, &n);
@@ -351,30 +357,31 @@ static int res_newindex(lua_State *L)
 
 /* ---- objects and chains ---- */
 
-static void ensure_metatables(lua_State *L)
+static int new_metatable(lua_State *L, const char *name, lua_CFunction index, lua_CFunction newindex)
 {
-    if (luaL_newmetatable(L, REQ_MT)) {
+    luaL_newmetatable(L, name);
+    if (index == req_index) {
         static const luaL_Reg methods[] = {
             {"set_path", req_set_path}, {"set_query", req_set_query}, {"respond", req_respond}, {NULL, NULL}};
         lua_newtable(L);
         luaL_register(L, NULL, methods);
         lua_pushcclosure(L, req_index, 1);
-        lua_setfield(L, -2, "__index");
-        lua_pushcfunction(L, req_newindex);
-        lua_setfield(L, -2, "__newindex");
-        luaL_newmetatable(L, RES_MT);
-        lua_pushcfunction(L, res_index);
-        lua_setfield(L, -2, "__index");
-        lua_pushcfunction(L, res_newindex);
-        lua_setfield(L, -2, "__newindex");
-        luaL_newmetatable(L, HDR_MT);
-        lua_pushcfunction(L, hdr_index);
-        lua_setfield(L, -2, "__index");
-        lua_pushcfunction(L, hdr_newindex);
-        lua_setfield(L, -2, "__newindex");
-        lua_pop(L, 2);
+    } else {
+        lua_pushcfunction(L, index);
     }
-    lua_pop(L, 1);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, newindex);
+    lua_setfield(L, -2, "__newindex");
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "__metatable"); /* getmetatable(req) is false: the metamethods stay ours */
+    return luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+void mp_l_request_setup(lua_State *L, int refs[MP_MT_COUNT])
+{
+    refs[MP_MT_REQ] = new_metatable(L, REQ_MT, req_index, req_newindex);
+    refs[MP_MT_RES] = new_metatable(L, RES_MT, res_index, res_newindex);
+    refs[MP_MT_HEADERS] = new_metatable(L, HDR_MT, hdr_index, hdr_newindex);
 }
 
 static void push_box(lua_State *L, mp_req_t *r, int which)
@@ -384,10 +391,9 @@ static void push_box(lua_State *L, mp_req_t *r, int which)
         lua_rawgeti(L, LUA_REGISTRYINDEX, b->self_ref);
         return;
     }
-    ensure_metatables(L);
     b = lua_newuserdata(L, sizeof(*b));
     *b = (mp_lbox_t){.r = r, .ctx_ref = LUA_NOREF, .hdr_ref = LUA_NOREF, .which = (uint8_t)which};
-    luaL_getmetatable(L, which == BOX_REQ ? REQ_MT : RES_MT);
+    lua_rawgeti(L, LUA_REGISTRYINDEX, r->gen->lua_mt[which == BOX_REQ ? MP_MT_REQ : MP_MT_RES]);
     lua_setmetatable(L, -2);
     lua_pushvalue(L, -1);
     b->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
@@ -511,8 +517,14 @@ void mp_hook_release(lua_State *L, mp_req_t *r)
         if (!b)
             continue;
         b->r = NULL;
-        luaL_unref(L, LUA_REGISTRYINDEX, b->ctx_ref);
-        luaL_unref(L, LUA_REGISTRYINDEX, b->hdr_ref);
+        if (b->hdr_ref != LUA_NOREF) {
+            lua_rawgeti(L, LUA_REGISTRYINDEX, b->hdr_ref);
+            ((mp_lhdr_t *)lua_touserdata(L, -1))->r = NULL;
+            lua_pop(L, 1);
+            luaL_unref(L, LUA_REGISTRYINDEX, b->hdr_ref);
+        }
+        if (b->ctx_ref != LUA_NOREF)
+            luaL_unref(L, LUA_REGISTRYINDEX, b->ctx_ref);
         luaL_unref(L, LUA_REGISTRYINDEX, b->self_ref);
         b->ctx_ref = b->hdr_ref = b->self_ref = LUA_NOREF;
         r->lbox[i] = NULL;

@@ -7,6 +7,12 @@
 
 typedef struct lua_State lua_State;
 
+enum { MP_MT_REQ, MP_MT_RES, MP_MT_HEADERS, MP_MT_COUNT };
+
+/* Creates the metatables of the objects hooks see in L (once per VM: a
+ * generation keeps the references). */
+void mp_l_request_setup(lua_State *L, int refs[MP_MT_COUNT]);
+
 /* Outcome of running a chain. */
 enum {
     MP_HOOK_NEXT = 0,      /* go on */

@@ -5,6 +5,7 @@
 
 #include "balancer.h"
 #include "conn.h"
+#include "l_request.h"
 #include "log.h"
 #include "pool.h"
 #include "vm.h"
@@ -60,6 +61,7 @@ int mp_gen_install(mp_worker_t *w, uint64_t id, lua_State *L, mp_config_t *cfg)
     g->id = id;
     g->L = L;
     g->cfg = cfg;
+    mp_l_request_setup(L, g->lua_mt);
     g->refs = 1;
     mp_gen_t *old = w->gen;
     w->gen = g;

@@ -22,6 +22,7 @@ typedef struct mp_gen {
     mp_config_t *cfg;     /* owned */
     mp_pool_t *pools;     /* one per cfg->upstreams */
     struct mp_balancer_s *balancers; /* one per cfg->upstreams */
+    int lua_mt[3];        /* the hook objects' metatables in L (l_request.h) */
     unsigned refs;        /* requests, plus one while current */
     ev_tstamp retired_at; /* when a newer one was installed */
     struct mp_gen *next;  /* the worker's retired generations */

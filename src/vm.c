@@ -10,6 +10,7 @@
 
 #include <limits.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -63,6 +64,10 @@ const char *mp_vm_lua_dir(void)
     return lua_dir;
 }
 
+static _Atomic int handler_ref; /* 0: not known yet */
+
+static int on_error(lua_State *L);
+
 /* Runs under lua_cpcall so that an out-of-memory error cannot escape. */
 static int vm_setup(lua_State *L)
 {
@@ -78,6 +83,11 @@ static int vm_setup(lua_State *L)
     lua_pushcfunction(L, luaopen_moonproxy_core);
     lua_setfield(L, -2, "moonproxy.core");
     lua_pop(L, 2);
+    /* mp_vm_call's message handler, made once: every VM made here gets it
+     * at the same reference (their set-up is identical). */
+    lua_pushcfunction(L, on_error);
+    int ref = luaL_ref(L, LUA_REGISTRYINDEX), none = 0;
+    atomic_compare_exchange_strong(&handler_ref, &none, ref);
     return 0;
 }
 
@@ -140,7 +150,14 @@ static void copy_error(const char *msg, size_t len, char *err, size_t errlen)
 int mp_vm_call(lua_State *L, int nargs, int nresults, char *err, size_t errlen)
 {
     int base = lua_gettop(L) - nargs; /* the function's slot */
-    lua_pushcfunction(L, on_error);
+    int ref = handler_ref;
+    if (ref > 0)
+        lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
+    if (ref <= 0 || lua_tocfunction(L, -1) != on_error) { /* a VM not made by mp_vm_new */
+        if (ref > 0)
+            lua_pop(L, 1);
+        lua_pushcfunction(L, on_error);
+    }
     lua_insert(L, base);
     int rc = lua_pcall(L, nargs, nresults, base);
     lua_remove(L, base);
