@@ -183,26 +183,67 @@ static char *read_file(const char *path, size_t *len, char *err, size_t errlen)
     return buf;
 }
 
-/* Builds n (VM, configuration) pairs from text; all or nothing. */
+typedef struct {
+    const char *path, *text;
+    size_t len;
+    lua_State *L;
+    mp_config_t *cfg;
+    int rc;
+    char err[1024];
+} build_job_t;
+
+static void *build_one(void *arg)
+{
+    build_job_t *j = arg;
+    j->L = mp_vm_new();
+    j->rc = j->L ? mp_config_load_text(j->L, j->path, j->text, j->len, &j->cfg, j->err, sizeof(j->err)) : MP_ENOMEM;
+    if (!j->L)
+        snprintf(j->err, sizeof(j->err), "out of memory");
+    return NULL;
+}
+
+/* Builds n (VM, configuration) pairs from text, in parallel threads (the
+ * VMs are independent until handed over); all or nothing. */
 static int build(const mp_reloader_t *rl, const char *text, size_t len, int n, lua_State **Ls, mp_config_t **cfgs,
                  char *err, size_t errlen)
 {
+    build_job_t *jobs = calloc((size_t)n, sizeof(*jobs));
+    pthread_t *threads = calloc((size_t)n, sizeof(*threads));
+    if (!jobs || !threads) {
+        free(jobs);
+        free(threads);
+        snprintf(err, errlen, "out of memory");
+        return MP_ENOMEM;
+    }
+    int started[n];
     for (int i = 0; i < n; i++) {
-        Ls[i] = mp_vm_new();
-        cfgs[i] = NULL;
-        int rc = Ls[i] ? mp_config_load_text(Ls[i], rl->path, text, len, &cfgs[i], err, errlen) : MP_ENOMEM;
-        if (rc != 0) {
-            if (!Ls[i])
-                snprintf(err, errlen, "out of memory");
-            for (int k = 0; k <= i; k++) {
-                mp_config_free(cfgs[k]);
-                if (Ls[k])
-                    mp_vm_close(Ls[k]);
-            }
-            return MP_EINVAL;
+        jobs[i] = (build_job_t){.path = rl->path, .text = text, .len = len};
+        started[i] = i > 0 && pthread_create(&threads[i], NULL, build_one, &jobs[i]) == 0;
+    }
+    build_one(&jobs[0]); /* one on this thread meanwhile */
+    int rc = 0;
+    for (int i = 0; i < n; i++) {
+        if (started[i])
+            pthread_join(threads[i], NULL);
+        else if (i > 0)
+            build_one(&jobs[i]);
+        if (jobs[i].rc != 0 && rc == 0) {
+            rc = MP_EINVAL;
+            snprintf(err, errlen, "%s", jobs[i].err);
         }
     }
-    return 0;
+    for (int i = 0; i < n; i++) {
+        Ls[i] = jobs[i].L;
+        cfgs[i] = jobs[i].cfg;
+        if (rc != 0) {
+            mp_config_free(cfgs[i]);
+            if (Ls[i])
+                mp_vm_close(Ls[i]);
+        }
+    }
+    free(jobs);
+    free(threads);
+    return rc;
 }
 
 static void hand_over(mp_worker_t *w, uint64_t id, lua_State *L, mp_config_t *cfg)
