@@ -21,22 +21,16 @@ enum { P_ROUND_ROBIN, P_WEIGHTED, P_LEAST_CONN, P_P2C, P_CHASH, P_EWMA, P_LUA };
 
 static const char *const policy_names[] = {"round_robin", "weighted", "least_conn", "p2c", "chash", "ewma"};
 
-/* A server as Lua policies see it: reads the shared state when asked. */
-typedef struct {
-    mp_peer_t *peer;
-    const mp_server_def_t *def;
-    int index; /* 1-based */
-} lserver_t;
-
+/* A server as Lua policies see it: a table with the fixed fields (addr,
+ * weight, index) and, at key 0, its shared state, which __index reads when
+ * a policy asks for a live one. */
 static int server_index(lua_State *L)
 {
-    lserver_t *s = luaL_checkudata(L, 1, SERVER_MT);
-    const char *k = luaL_checkstring(L, 2);
-    mp_peer_t *p = s->peer;
-    if (strcmp(k, "addr") == 0)
-        lua_pushstring(L, s->def->addr.text);
-    else if (strcmp(k, "weight") == 0)
-        lua_pushinteger(L, s->def->weight);
+    lua_rawgeti(L, 1, 0);
+    mp_peer_t *p = lua_touserdata(L, -1);
+    const char *k = lua_tostring(L, 2);
+    if (!p || !k)
+        lua_pushnil(L);
     else if (strcmp(k, "active") == 0)
         lua_pushinteger(L, p->active);
     else if (strcmp(k, "latency") == 0)
@@ -45,8 +39,6 @@ static int server_index(lua_State *L)
         lua_pushboolean(L, mp_peer_healthy(p, mp_health_now()));
     else if (strcmp(k, "failures") == 0)
         lua_pushinteger(L, p->fails);
-    else if (strcmp(k, "index") == 0)
-        lua_pushinteger(L, s->index);
     else
         lua_pushnil(L);
     return 1;
@@ -62,8 +54,15 @@ static int lua_objects(lua_State *L, mp_balancer_t *b)
     lua_pop(L, 1);
     lua_createtable(L, (int)d->nservers, 0);
     for (size_t i = 0; i < d->nservers; i++) {
-        lserver_t *s = lua_newuserdata(L, sizeof(*s));
-        *s = (lserver_t){b->peers[i], &d->servers[i], (int)i + 1};
+        lua_createtable(L, 1, 3);
+        lua_pushlightuserdata(L, b->peers[i]);
+        lua_rawseti(L, -2, 0);
+        lua_pushstring(L, d->servers[i].addr.text);
+        lua_setfield(L, -2, "addr");
+        lua_pushinteger(L, d->servers[i].weight);
+        lua_setfield(L, -2, "weight");
+        lua_pushinteger(L, (lua_Integer)i + 1);
+        lua_setfield(L, -2, "index");
         luaL_getmetatable(L, SERVER_MT);
         lua_setmetatable(L, -2);
         lua_rawseti(L, -2, (int)i + 1);
@@ -165,11 +164,24 @@ static int hash_of(mp_balancer_t *b, mp_req_t *r, uint64_t *hash)
         return 1;
     }
     if (strncmp(k, "header:", 7) == 0) {
-        int i = mp_http1_find(h->headers, h->nheaders, k + 7, strlen(k + 7));
-        if (i < 0)
-            return 0;
-        *hash = mp_hash64(h->headers[i].value.p, h->headers[i].value.len);
-        return 1;
+        /* repeated fields count as their values joined by ", " (RFC 9110 §5.3),
+         * as the Lua module does */
+        char joined[4096];
+        size_t len = 0, nlen = strlen(k + 7);
+        int found = 0;
+        for (unsigned i = 0; i < h->nheaders; i++) {
+            if (!mp_slice_ieq(h->headers[i].name, k + 7, nlen))
+                continue;
+            mp_slice v = h->headers[i].value;
+            if (found++ && len + 2 <= sizeof(joined))
+                memcpy(joined + len, ", ", 2), len += 2;
+            size_t take = v.len < sizeof(joined) - len ? v.len : sizeof(joined) - len;
+            memcpy(joined + len, v.p, take);
+            len += take;
+        }
+        if (found)
+            *hash = mp_hash64(joined, len);
+        return found > 0;
     }
     /* cookie:NAME: the first NAME=value pair of the Cookie fields */
     size_t nlen = strlen(k + 7);
@@ -210,12 +222,17 @@ static int pick_lua(mp_balancer_t *b, mp_req_t *r, const mp_pick_server_t *s, in
     lua_rawgeti(L, LUA_REGISTRYINDEX, b->upstream_ref);
     if (mp_hook_pick(L, r, b->def->balancer_ref) != MP_HOOK_NEXT)
         return MP_PICK_ERROR;
-    lserver_t *picked = luaL_testudata(L, -1, SERVER_MT);
     int index = MP_PICK_NONE;
-    if (picked && picked->index >= 1 && picked->index <= n && b->peers[picked->index - 1] == picked->peer &&
-        s[picked->index - 1].available)
-        index = picked->index - 1;
-    else if (!lua_isnil(L, -1)) {
+    if (lua_istable(L, -1)) {
+        lua_rawgeti(L, -1, 0);
+        mp_peer_t *peer = lua_touserdata(L, -1);
+        lua_getfield(L, -2, "index");
+        int i = (int)lua_tointeger(L, -1) - 1;
+        lua_pop(L, 2);
+        if (peer && i >= 0 && i < n && b->peers[i] == peer && s[i].available)
+            index = i;
+    }
+    if (index < 0 && !lua_isnil(L, -1)) {
         mp_log_error("upstream %s: the balancer returned a %s that is not one of the servers it was given",
                      b->def->name, luaL_typename(L, -1));
         index = MP_PICK_ERROR;
@@ -262,7 +279,7 @@ int mp_balancer_pick(mp_balancer_t *b, mp_req_t *r, int avoid, int *trial)
     if (navailable == 0 && b->def->fail_open)
         for (int i = 0; i < n; i++)
             s[i].available = 1, navailable++;
-    if (avoid >= 0 && navailable > 1 && s[avoid].available)
+    if (avoid >= 0 && s[avoid].available) /* a retry goes to another server, or nowhere */
         s[avoid].available = 0, navailable--;
     *trial = 0;
     /* A server whose circuit's cooldown ended is available to one trial:

@@ -221,14 +221,20 @@ static void up_error(mp_req_t *r, enum up_err e)
         (nothing_sent || (e == UE_RESET && is_idempotent(r->h.method)))) {
         /* A retry after connecting failed adds no load (nothing reached a
          * server); one after a broken exchange does, and is budgeted. */
-        if (nothing_sent || mp_balancer_retry_allowed(b, now)) {
+        int trial, next = -1;
+        if ((nothing_sent || mp_balancer_retry_allowed(b, now)) &&
+            (next = mp_balancer_pick(b, r, server, &trial)) >= 0) {
             if (!nothing_sent)
                 mp_balancer_count(b, 1, now);
             reset_request_body(r);
-            return pick_and_connect(r, server);
+            r->peer_trial = (unsigned)trial;
+            return connect_to(r, next, 0);
         }
-        mp_log_warn("w%d: upstream %s: retry budget exhausted, request %.*s not retried", w->id, d->name, r->id_len,
-                    r->id);
+        if (next == MP_PICK_ERROR)
+            return mp_conn_fail(r->conn, 500);
+        if (next == -1 && !nothing_sent && !mp_balancer_retry_allowed(b, now))
+            mp_log_warn("w%d: upstream %s: retry budget exhausted, request %.*s not retried", w->id, d->name,
+                        r->id_len, r->id);
     }
     int status = (e == UE_CONNECT_TIMEOUT || e == UE_SEND_TIMEOUT || e == UE_READ_TIMEOUT) ? 504 : 502;
     mp_conn_fail(r->conn, status);
@@ -522,8 +528,9 @@ static void pump_request(mp_req_t *r)
             r->head_sent = 1;
         }
     }
-    if (!r->body.done && c->in.start == c->in.end) {
-        /* All body bytes so far are forwarded: reuse the room after the head. */
+    if (!r->body.done && c->in.start == c->in.end && !mp_buf_room(&c->in)) {
+        /* All body bytes so far are forwarded and the buffer is full: reuse the
+         * room after the head (the body is no longer replayable). */
         if (c->in.start > r->body_start)
             r->body_replayable = 0;
         c->in.start = c->in.end = r->body_ready = r->body_start;

@@ -17,6 +17,9 @@
 --     proxy.route { prefix = "/", upstream = proxy.upstream "a" { servers = { "${a}" } } }
 --   ]] }
 --   ... proxy.port ...
+--   origin:mode("503")                 -- failure injection: "reset", "stall", "slow:200"...
+--   local results, counts = h.load(proxy.port, { total = 1000, concurrency = 8 })
+--   proxy:server_state("a", origin.addr).circuit   -- GET /upstreams (needs ${admin})
 --   proxy:stop(); origin:stop()
 local bit = require "bit"
 local ffi = require "ffi"
@@ -265,7 +268,8 @@ end
 local Origin = setmetatable({}, { __index = Proc })
 Origin.__index = Origin
 
--- Starts helpers/origin.lua on a free port. opts.idle: idle close (seconds).
+-- Starts helpers/origin.lua on a free port. opts.idle: idle close (seconds);
+-- opts.mode: the failure mode it starts in (see Origin:mode).
 function M.start_origin(name, opts)
     opts = opts or {}
     local port = opts.port or M.free_port()
@@ -273,6 +277,10 @@ function M.start_origin(name, opts)
     if opts.idle then
         argv[#argv + 1] = "--idle"
         argv[#argv + 1] = tostring(opts.idle)
+    end
+    if opts.mode then
+        argv[#argv + 1] = "--mode"
+        argv[#argv + 1] = tostring(opts.mode)
     end
     local o = setmetatable(M.spawn(argv), Origin)
     o.port, o.name, o.addr = port, name, "127.0.0.1:" .. port
@@ -286,6 +294,26 @@ function Origin:stats()
     assert(res, "origin /_stats: " .. tostring(err))
     assert(res.status == 200, "origin /_stats status " .. tostring(res.status))
     return cjson.decode(res.body)
+end
+
+-- Switches the origin's failure mode (origin.lua: /_mode): "ok", "503" (any
+-- status), "reset", "close", "stall", "slow:N" (ms), "partial"; health (optional)
+-- gives the path /health its own mode ("follow": the main one). Returns the
+-- modes now in force.
+function Origin:mode(set, health)
+    local q = {}
+    if set then q[#q + 1] = "set=" .. set end
+    if health then q[#q + 1] = "health=" .. health end
+    local res, err = raw.get(self.port, "/_mode?" .. table.concat(q, "&"), nil, { timeout = 5 })
+    assert(res, "origin /_mode: " .. tostring(err))
+    assert(res.status == 200, "origin /_mode: " .. tostring(res.status) .. " " .. tostring(res.body))
+    return cjson.decode(res.body)
+end
+
+-- Requests the origin counted for one path (origin.lua: /_stats paths).
+function Origin:path_count(path)
+    local p = self:stats().paths
+    return type(p) == "table" and p[path] or 0
 end
 
 -- The origin's echo of a response (the JSON body decoded); raises with the
@@ -432,6 +460,29 @@ function Proxy:admin(method, path, opts)
     return res, ok and type(doc) == "table" and doc or nil
 end
 
+-- GET /upstreams on the admin port, decoded (raises when it is not a 200 JSON).
+function Proxy:upstreams()
+    local res, doc = self:admin("GET", "/upstreams")
+    assert(res, "admin /upstreams: " .. tostring(doc))
+    assert(res.status == 200, "admin /upstreams status " .. tostring(res.status) .. ": " .. tostring(res.body))
+    assert(doc, "admin /upstreams is not JSON: " .. tostring(res.body))
+    return doc
+end
+
+-- One server's entry of /upstreams (upstream name, "host:port"), or nil.
+function Proxy:server_state(upstream, addr)
+    local u = self:upstreams()[upstream]
+    assert(u, "no upstream " .. upstream .. " in /upstreams")
+    for _, s in ipairs(u.servers or {}) do
+        if s.addr == addr then return s end
+    end
+end
+
+-- How many lines of the proxy's stderr contain every plain string given.
+function Proxy:log_count(...)
+    return #M.lines_with(self:stderr(), ...)
+end
+
 -- The number (1-based) of the first line of text that contains needle.
 function M.line_of(text, needle)
     local n = 0
@@ -493,6 +544,184 @@ function M.fan_out(port, conns, opts)
     for _, c in pairs(cs) do c:close() end
     if not ok then error("fan_out: " .. tostring(err), 2) end
     return out
+end
+
+--------------------------------------------------------------------------
+-- Load: many requests over a few concurrent keep-alive connections.
+
+-- Parses one complete response at the start of buf: returns res, rest; or
+-- nil while incomplete (at_eof: the connection ended, a close-delimited
+-- body is then complete).
+local function parse_response(buf, at_eof, head_only)
+    local he = buf:find("\r\n\r\n", 1, true)
+    if not he then return nil end
+    local head = buf:sub(1, he - 1)
+    local status = tonumber(head:match("^HTTP/%d%.%d (%d%d%d)"))
+    if not status then error("load: bad response head: " .. head:sub(1, 200)) end
+    local res = setmetatable({ status = status, headers = {} }, { __index = {
+        header = function(self, name)
+            name = name:lower()
+            for _, hv in ipairs(self.headers) do if hv[1]:lower() == name then return hv[2] end end
+        end } })
+    for line in head:gmatch("\r\n([^\r\n]*)") do
+        local n, v = line:match("^([^:]+):[ \t]*(.-)[ \t]*$")
+        if n then res.headers[#res.headers + 1] = { n, v } end
+    end
+    local rest = buf:sub(he + 4)
+    local cl, te = res:header("content-length"), res:header("transfer-encoding")
+    if head_only or (status >= 100 and status < 200) or status == 204 or status == 304 then
+        res.body = ""
+        return res, rest
+    elseif te and te:lower():find("chunked") then
+        local parts, at = {}, 1
+        while true do
+            local le = rest:find("\r\n", at, true)
+            if not le then return nil end
+            local size = tonumber(rest:sub(at, le - 1):match("^(%x+)"), 16)
+            if not size then error("load: bad chunk size line") end
+            if size == 0 then
+                local te2 = rest:find("\r\n\r\n", le, true)
+                if not te2 then return nil end
+                res.body = table.concat(parts)
+                return res, rest:sub(te2 + 4)
+            end
+            if #rest < le + 1 + size + 2 then return nil end
+            parts[#parts + 1] = rest:sub(le + 2, le + 1 + size)
+            at = le + 2 + size + 2
+        end
+    elseif cl then
+        local n = tonumber(cl)
+        if #rest < n then return nil end
+        res.body = rest:sub(1, n)
+        return res, rest:sub(n + 1)
+    elseif at_eof then
+        res.body = rest
+        return res, ""
+    end
+    return nil
+end
+
+-- Sends opts.total requests to port over opts.concurrency (default 1)
+-- keep-alive connections, each sending its next request as soon as its last
+-- response is complete (so that many are in flight at every moment).
+-- opts.request(i) returns the i-th request (a table for raw.build, or bytes;
+-- default GET /); opts.timeout bounds the whole run (default 60 s). A
+-- connection that closes is replaced. Returns the list (by i) of responses
+-- {status, headers, body, header(name)}, or {err = ...} for a request whose
+-- connection broke before a complete response, and a table of the counts of
+-- X-Origin values (the status as "status NNN" when there is none).
+function M.load(port, opts)
+    local total, conc = opts.total, math.min(opts.concurrency or 1, opts.total)
+    local build = opts.request or function() return { target = "/" } end
+    local deadline = socket.gettime() + (opts.timeout or 60)
+    local results, counts = {}, {}
+    local next_i, done = 1, 0
+    local conns = {}
+
+    local function open()
+        local sock = socket.tcp()
+        sock:settimeout(5)
+        local ok, err = sock:connect("127.0.0.1", port)
+        if not ok then
+            sock:close()
+            error("load: connect: " .. tostring(err))
+        end
+        sock:setoption("tcp-nodelay", true)
+        return { sock = sock, buf = "" }
+    end
+
+    local function finish(i, res)
+        results[i] = res
+        done = done + 1
+        local key = res.err and ("error " .. res.err) or res:header("x-origin") or ("status " .. res.status)
+        counts[key] = (counts[key] or 0) + 1
+    end
+
+    local function send_next(c)
+        if next_i > total then
+            c.i = nil
+            return
+        end
+        local i = next_i
+        next_i = next_i + 1
+        local r = build(i)
+        c.i, c.head_only = i, type(r) == "table" and r.method == "HEAD"
+        local bytes = type(r) == "table" and raw.build(r) or r
+        c.sock:settimeout(5)
+        local pos = 1
+        while pos <= #bytes do
+            local last, err, lastpart = c.sock:send(bytes, pos)
+            if not last then
+                if err == "closed" then break end -- read side reports it
+                error("load: send: " .. tostring(err))
+            end
+            pos = last + 1
+            if lastpart then pos = lastpart + 1 end
+        end
+        c.sock:settimeout(0)
+    end
+
+    for k = 1, conc do
+        conns[k] = open()
+        send_next(conns[k])
+    end
+
+    while done < total do
+        if socket.gettime() > deadline then
+            for _, c in ipairs(conns) do c.sock:close() end
+            error(string.format("load: %d of %d responses within the time limit", done, total))
+        end
+        local socks, by = {}, {}
+        for _, c in ipairs(conns) do
+            if c.i then
+                socks[#socks + 1] = c.sock
+                by[c.sock] = c
+            end
+        end
+        local ready = socket.select(socks, nil, 0.5)
+        for _, s in ipairs(ready) do
+            local c = by[s]
+            local data, err, partial = s:receive(65536)
+            local got = data or partial
+            if got and #got > 0 then c.buf = c.buf .. got end
+            local eof = err and err ~= "timeout"
+            while c.i do
+                local res, rest = parse_response(c.buf, eof, c.head_only)
+                if not res then break end
+                c.buf = rest
+                if res.status >= 100 and res.status < 200 then goto continue end -- interim: skip
+                finish(c.i, res)
+                local close = false
+                local conn = res:header("connection")
+                if conn and conn:lower():find("close") then close = true end
+                if close or eof then
+                    c.sock:close()
+                    local nc = open()
+                    c.sock, c.buf, eof = nc.sock, "", false
+                end
+                send_next(c)
+                ::continue::
+            end
+            if eof and c.i then
+                finish(c.i, { err = err })
+                c.sock:close()
+                local nc = open()
+                c.sock, c.buf = nc.sock, ""
+                send_next(c)
+            end
+        end
+    end
+    for _, c in ipairs(conns) do c.sock:close() end
+    return results, counts
+end
+
+-- "a=N b=M" for a counts table (messages).
+function M.show_counts(counts)
+    local keys = {}
+    for k in pairs(counts) do keys[#keys + 1] = k end
+    table.sort(keys)
+    for i, k in ipairs(keys) do keys[i] = k .. "=" .. counts[k] end
+    return table.concat(keys, " ")
 end
 
 return M
