@@ -142,6 +142,7 @@ local settings_spec = {
   max_header_size = schema.size,
   max_uri_size = schema.size,
   max_body_size = schema.size,
+  body_buffer_size = schema.size,
   max_connections = schema.integer(1),
   trusted_proxies = schema.list(schema.string),
   access_log = access_log,
@@ -157,7 +158,7 @@ local function settings_defaults()
     workers = 0, client_header_timeout = 10, client_body_timeout = 60, keepalive_timeout = 75,
     max_header_size = 16384, max_uri_size = 8192, max_body_size = 10485760, max_connections = 10000,
     shutdown_timeout = 30, trusted_proxies = {}, access_log = "stdout",
-    reload_drain_timeout = 30, hook_timeout = 1, watch = false,
+    reload_drain_timeout = 30, hook_timeout = 1, watch = false, body_buffer_size = 16384,
   }
 end
 

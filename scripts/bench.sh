@@ -43,7 +43,7 @@
 #                      nginx            plain, for reference
 #                    Reports trivial hook ÷ no hook (target <= 1.10) and header
 #                    hook ÷ nginx+lua (target <= 0.8) in CPU µs/request; to
-#                    build/bench-hooks.md. About 3.5 min (HOOK_ROUNDS=3 of
+#                    build/bench-hooks.md. About 4 min (HOOK_ROUNDS=3 of
 #                    HOOK_DURATION=6s). Before measuring, each configuration is
 #                    checked to do the work: the backend echoes x-seen back.
 #   HOOKS=1 CALLGRIND=1  the three moonproxy configurations (and nginx-lua for
@@ -52,7 +52,7 @@
 #                    (mp_hook_pre + mp_hook_release); build/bench-hooks-callgrind.md,
 #                    profiles in build/callgrind.out.hooks-<config>.
 #   The default run ends with a short version of HOOKS=1 (HOOK_ROUNDS=2 of
-#   3 s, about 80 s; whole default run about 3.5 min), appended to OUT and
+#   3 s, about 80 s; whole default run about 3.5 min, under 4), appended to OUT and
 #   written to build/bench-hooks.md; SHORT_HOOKS=0 leaves it out.
 #   HOOK_PROXIES, HOOK_CONNS="10 100", HOOK_ROUNDS, HOOK_DURATION
 #

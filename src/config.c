@@ -272,6 +272,7 @@ static void build_settings(lua_State *L, mp_settings_t *s)
     s->shutdown_timeout = get_dur(L, t, "shutdown_timeout", 30, src, w);
     s->max_header_size = (size_t)get_num(L, t, "max_header_size", 16384, 1, 1e9, 1, src, w);
     s->max_uri_size = (size_t)get_num(L, t, "max_uri_size", 8192, 1, 1e9, 1, src, w);
+    s->body_buffer_size = (size_t)get_num(L, t, "body_buffer_size", 16384, 1024, 64 * 1024 * 1024, 1, src, w);
     s->max_body_size = (uint64_t)get_num(L, t, "max_body_size", 10485760, 0, 9007199254740991.0, 1, src, w);
     s->max_connections = (int)get_num(L, t, "max_connections", 10000, 1, INT_MAX, 1, src, w);
     s->reload_drain_timeout = get_dur(L, t, "reload_drain_timeout", 30, src, w);

@@ -71,6 +71,7 @@ typedef struct {
     double client_header_timeout, client_body_timeout, keepalive_timeout, shutdown_timeout; /* seconds */
     size_t max_header_size, max_uri_size;
     uint64_t max_body_size; /* 0 = unlimited */
+    size_t body_buffer_size; /* room for body bytes beside the head; a body this small stays replayable */
     int max_connections;    /* per worker */
     mp_cidr_t *trusted;
     size_t ntrusted;

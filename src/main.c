@@ -247,8 +247,8 @@ int main(int argc, char **argv)
     pthread_sigmask(SIG_BLOCK, &set, NULL);
 
     for (int i = 0; i < g.nworkers; i++) {
-        if (mp_worker_init(&g.workers[i], i, cfg->settings.max_header_size, fds + (size_t)i * cfg->nlistens,
-                           cfg->nlistens) != 0) {
+        if (mp_worker_init(&g.workers[i], i, cfg->settings.max_header_size, cfg->settings.body_buffer_size,
+                           fds + (size_t)i * cfg->nlistens, cfg->nlistens) != 0) {
             fprintf(stderr, "moonproxy: out of memory\n");
             return 1;
         }

@@ -438,6 +438,8 @@ static void warn_fixed_at_start(const mp_config_t *old, const mp_config_t *new)
         mp_log_warn("reload: access_log changed; it applies at the next restart");
     if (old->settings.workers != new->settings.workers)
         mp_log_warn("reload: workers changed; it applies at the next restart");
+    if (old->settings.body_buffer_size != new->settings.body_buffer_size)
+        mp_log_warn("reload: body_buffer_size changed; it applies at the next restart");
 }
 
 void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb cb, void *arg)

@@ -551,16 +551,20 @@ static int put_response_head(mp_req_t *r, const mp_http_response_t *rh, mp_buf_t
     else
         rc |= put_u64(b, (uint64_t)rh->status) | PUT_LIT(b, " ") | put_s(b, rh->reason);
     rc |= PUT_LIT(b, "\r\n");
+    int dated = 0;
     for (unsigned i = 0; i < rh->nheaders; i++) {
         mp_slice name = rh->headers[i].name;
         if (is_dropped(name, toks, ntoks) || MP_SLICE_IEQ(name, "x-request-id") ||
             MP_SLICE_IEQ(name, "content-length"))
             continue;
+        dated |= MP_SLICE_IEQ(name, "date");
         if (r->resp_edits && mp_hedit_find(r->resp_edits, name))
             continue;
         rc |= put_s(b, name) | PUT_LIT(b, ": ") | put_s(b, rh->headers[i].value) | PUT_LIT(b, "\r\n");
     }
     rc |= mp_hedit_put(b, r->resp_edits, NULL);
+    if (!dated) /* RFC 9110 §6.6.1: a recipient with a clock adds one */
+        rc |= put_s(b, mp_worker_date(worker_of(r)));
     rc |= PUT_LIT(b, "X-Request-ID: ") | put(b, r->id, r->id_len) | PUT_LIT(b, "\r\n");
     if (!rh->chunked)
         rc |= put_length(b, rh->content_length);

@@ -162,14 +162,15 @@ mp_slice mp_worker_date(mp_worker_t *w)
     return (mp_slice){w->date, w->date_len};
 }
 
-int mp_worker_init(mp_worker_t *w, int id, size_t max_header_size, const int *fds, size_t nfds)
+int mp_worker_init(mp_worker_t *w, int id, size_t max_header_size, size_t body_buffer_size, const int *fds,
+                   size_t nfds)
 {
     memset(w, 0, sizeof(*w));
     w->id = id;
     w->alog.fd = -1;
     pthread_mutex_init(&w->handover_lock, NULL);
     pthread_mutex_init(&w->vm_lock, NULL);
-    size_t block = max_header_size + 16 * 1024;
+    size_t block = max_header_size + body_buffer_size;
     mp_bufpool_init(&w->bufs, block < MIN_BLOCK_SIZE ? MIN_BLOCK_SIZE : block, MAX_FREE_BLOCKS);
     if (getrandom(w->rng, sizeof(w->rng), 0) != sizeof(w->rng))
         w->rng[0] = (uint64_t)time(NULL) ^ ((uint64_t)id << 32), w->rng[1] = (uint64_t)getpid() | 1;

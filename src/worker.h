@@ -75,10 +75,12 @@ typedef struct mp_worker {
     mp_stats_t stats;
 } mp_worker_t;
 
-/* Prepares w (loop, buffers for heads up to max_header_size); listener fds
+/* Prepares w (loop, buffers for a head of max_header_size and
+ * body_buffer_size body bytes); listener fds
  * are given by the main thread, the configuration by the reloader. Returns 0
  * or MP_ENOMEM. */
-int mp_worker_init(mp_worker_t *w, int id, size_t max_header_size, const int *fds, size_t nfds);
+int mp_worker_init(mp_worker_t *w, int id, size_t max_header_size, size_t body_buffer_size, const int *fds,
+                   size_t nfds);
 /* Runs the worker's loop on the calling thread until it stopped and drained. */
 void mp_worker_run(mp_worker_t *w);
 

@@ -373,6 +373,8 @@ describe("moonproxy health", function()
         end)
 
         it("count a probe that times out as failed", function()
+            -- p is shared with the other upstreams' checks: start from "up" here
+            h.eventually(function() return state("acttmo", p).probe_up == true end, 6)
             mode(p, nil, "stall")
             h.eventually(function() return state("acttmo", p).probe_up == false end, 6)
             h.eventually(function()
