@@ -60,3 +60,16 @@ int mp_header_value_ok(mp_slice s)
     }
     return 1;
 }
+
+int mp_header_is_framing(mp_slice n)
+{
+    switch (n.len) {
+    case 2: return MP_SLICE_IEQ(n, "te");
+    case 7: return MP_SLICE_IEQ(n, "trailer") || MP_SLICE_IEQ(n, "upgrade");
+    case 10: return MP_SLICE_IEQ(n, "connection") || MP_SLICE_IEQ(n, "keep-alive");
+    case 14: return MP_SLICE_IEQ(n, "content-length");
+    case 16: return MP_SLICE_IEQ(n, "proxy-connection");
+    case 17: return MP_SLICE_IEQ(n, "transfer-encoding");
+    default: return 0;
+    }
+}

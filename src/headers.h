@@ -25,6 +25,11 @@ int mp_hedit_put(mp_buf_t *b, const mp_hedit_t *list, const char *skip);
 /* Case-insensitive equality of two field names. */
 int mp_header_name_eq(mp_slice a, mp_slice b);
 
+/* Whether a field belongs to the proxy: message framing and the connection
+ * (Content-Length, Transfer-Encoding, Connection, Keep-Alive, TE, Trailer,
+ * Upgrade, Proxy-Connection). Hooks may not set these. */
+int mp_header_is_framing(mp_slice name);
+
 /* Whether s is a valid field name (token) / field value (no CR, LF, NUL or
  * other controls but HTAB): hooks cannot split a head. */
 int mp_header_name_ok(mp_slice s);

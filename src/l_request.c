@@ -148,11 +148,8 @@ static void set_header(lua_State *L, mp_req_t *r, int res, int kidx, int vidx)
     mp_slice name = check_name(L, kidx);
     if (!mp_header_name_ok(name))
         luaL_error(L, "'%s' is not a valid header name", name.p);
-    static const char *const framing[] = {"content-length", "transfer-encoding", "connection", "keep-alive",
-                                          "te", "trailer", "upgrade", "proxy-connection"};
-    for (size_t i = 0; i < MP_ARRAY_LEN(framing); i++)
-        if (mp_header_name_eq(name, (mp_slice){framing[i], strlen(framing[i])}))
-            luaL_error(L, "header '%s' is managed by the proxy (message framing and connection)", name.p);
+    if (mp_header_is_framing(name))
+        luaL_error(L, "header '%s' is managed by the proxy (message framing and connection)", name.p);
     unsigned n = lua_istable(L, vidx) ? (unsigned)lua_objlen(L, vidx) : !lua_isnil(L, vidx);
     if (n > MP_HTTP_MAX_HEADERS)
         luaL_error(L, "header '%s': too many values", name.p);

@@ -111,7 +111,6 @@ static int open_listeners(mp_config_t *cfg, int nworkers, int *fds)
         for (int w = 0; w < nworkers; w++) {
             int fd = mp_listener_open(&a); /* the first one fixes port 0 for the rest */
             if (fd < 0) {
-                addr_text(&a, text, sizeof(text));
                 fprintf(stderr, "moonproxy: cannot listen on %s: %s\n", cfg->listens[i].text, strerror(errno));
                 return -1;
             }
