@@ -58,6 +58,9 @@
 #
 # Every process started here is stopped by PID on exit, and the temp dir goes.
 set -Eeuo pipefail
+BENCH_NAME=bench
+# shellcheck source-path=SCRIPTDIR source=bench/lib.sh
+. "$(dirname "$0")/bench/lib.sh"
 # A failing command would otherwise end the run silently (set -e).
 trap 'log "bench: failed at line $LINENO: $BASH_COMMAND"' ERR
 
@@ -102,16 +105,7 @@ LUAJIT=${LUAJIT:-luajit}
 IDLE_SCRIPT=$ROOT/scripts/idle_conns.lua
 CLK_TCK=$(getconf CLK_TCK)
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/moonproxy-bench.XXXXXX")
-
-# ---------------------------------------------------------------------------
-# Processes: every PID we start is recorded, and stopped on exit however we
-# leave (error, ^C). Never by name: the machine is shared.
-
-declare -A STARTED=()
-LAST_PID=
-
-log() { printf '%s\n' "$*" >&2; }
+bench_tmpdir moonproxy-bench
 
 # die MESSAGE [LOGFILE]: print the message (and the tail of a server's log,
 # which is about to vanish with the temp dir) and exit; the EXIT trap cleans up.
@@ -124,138 +118,8 @@ die() {
     exit 1
 }
 
-# start_bg LOGFILE CMD...: start CMD in the background, output to LOGFILE;
-# its PID goes to LAST_PID (not echoed: a $(...) would make it a grandchild).
-start_bg() {
-    local logf=$1; shift
-    "$@" >"$logf" 2>&1 </dev/null &
-    LAST_PID=$!
-    STARTED[$LAST_PID]=1
-}
-
-# proc_tree PID: PID and all its descendants (nginx = master + workers), read
-# from /proc without forking once per process.
-proc_tree() {
-    local f line pid ppid rest
-    local -A kids=()
-    for f in /proc/[0-9]*/stat; do
-        { read -r line <"$f"; } 2>/dev/null || continue   # it may just have exited
-        pid=${line%% *}
-        rest=${line##*) }               # comm may hold spaces: skip past ')'
-        read -r _ ppid _ <<<"$rest"
-        kids[$ppid]+=" $pid"
-    done
-    local -a queue=("$1")
-    local out=""
-    while ((${#queue[@]})); do
-        pid=${queue[0]}; queue=("${queue[@]:1}")
-        [[ -d /proc/$pid ]] || continue
-        out+=" $pid"
-        # shellcheck disable=SC2206
-        [[ -n ${kids[$pid]:-} ]] && queue+=(${kids[$pid]})
-    done
-    echo "$out"
-}
-
-# alive PID: exists and is not a zombie.
-alive() {
-    local line
-    { read -r line <"/proc/$1/stat"; } 2>/dev/null || return 1
-    line=${line##*) }
-    [[ ${line:0:1} != Z ]]
-}
-
-# stop_tree PID: SIGTERM the process, give it (and its children) 5 s, then
-# SIGKILL whatever of that tree is left, by PID.
-stop_tree() {
-    local root=$1 p i left tree
-    tree=$(proc_tree "$root")
-    kill -TERM "$root" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do
-        left=""
-        for p in $tree; do alive "$p" && left+=" $p"; done
-        [[ -z $left ]] && break
-        sleep 0.1
-    done
-    for p in $left; do
-        log "bench: pid $p did not stop on SIGTERM, killing it"
-        kill -KILL "$p" 2>/dev/null || true
-    done
-    wait "$root" 2>/dev/null || true
-    unset "STARTED[$root]"
-}
-
-# shellcheck disable=SC2317  # called from the EXIT trap
-cleanup() {
-    local p
-    for p in "${!STARTED[@]}"; do stop_tree "$p"; done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
 # ---------------------------------------------------------------------------
-# Ports, probed with bash's /dev/tcp (no curl/nc needed).
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-declare -A PORTS_TAKEN=()
-# A free port below the ephemeral range (32768+), so wrk's and the proxies'
-# own outgoing connections can't collide with it.
-free_port() {
-    local p i
-    for ((i = 0; i < 200; i++)); do
-        p=$((20000 + RANDOM % 12000))
-        [[ -n ${PORTS_TAKEN[$p]:-} ]] && continue
-        port_open "$p" && continue
-        PORTS_TAKEN[$p]=1
-        echo "$p"
-        return 0
-    done
-    die "no free port found"
-}
-
-# wait_port PORT PID NAME LOGFILE [TENTHS]: poll until PORT accepts; fail fast
-# if the server died, and give up after TENTHS/10 seconds (default 10 s).
-wait_port() {
-    local port=$1 pid=$2 name=$3 logf=$4 limit=${5:-100} i
-    for ((i = 0; i < limit; i++)); do
-        kill -0 "$pid" 2>/dev/null || { START_ERR="$name exited during start-up"; return 1; }
-        port_open "$port" && return 0
-        sleep 0.1
-    done
-    START_ERR="$name did not listen on 127.0.0.1:$port within $((limit / 10)) s"
-    return 1
-}
-
-# ---------------------------------------------------------------------------
-# Measurements from /proc.
-
-# cpu_ticks PIDS...: utime+stime (fields 14, 15 of /proc/PID/stat, in clock
-# ticks; for a threaded process they include every thread).
-cpu_ticks() {
-    local p line sum=0
-    local -a f
-    for p in "$@"; do
-        { read -r line <"/proc/$p/stat"; } 2>/dev/null || continue
-        line=${line##*) }                 # fields from 3 (state) on
-        read -ra f <<<"$line"
-        sum=$((sum + f[11] + f[12]))
-    done
-    echo "$sum"
-}
-
-# rss_kib PIDS...: sum of VmRSS (KiB). Shared pages of nginx's master and
-# workers are counted in each, but we only ever use differences.
-rss_kib() {
-    local p k v sum=0
-    for p in "$@"; do
-        { while read -r k v _; do
-            [[ $k == VmRSS: ]] && sum=$((sum + v))
-        done <"/proc/$p/status"; } 2>/dev/null || true
-    done
-    echo "$sum"
-}
+# Measurements from /proc (cpu_ticks, rss_kib: scripts/bench/lib.sh).
 
 # established PORT: proxy-side sockets of 127.0.0.1:PORT in ESTABLISHED state
 # whose client side is ESTABLISHED too, from /proc/net/tcp. Proves the proxy
@@ -269,20 +133,9 @@ established() {
         END { for (k in srv) if (k in cli) n++; print n + 0 }' /proc/net/tcp
 }
 
-# upstream_accepts: the backend's "accepts" counter from stub_status, over a
-# raw HTTP/1.0 request on /dev/tcp. The query itself is one accept.
-upstream_accepts() {
-    local fd line n=""
-    exec {fd}<>"/dev/tcp/127.0.0.1/$BACKEND_PORT" || die "backend stub_status unreachable"
-    printf 'GET /nginx_status HTTP/1.0\r\nHost: backend\r\n\r\n' >&"$fd"
-    while IFS= read -r -t 5 line <&"$fd"; do
-        line=${line%$'\r'}
-        if [[ $line =~ ^\ *([0-9]+)\ +[0-9]+\ +[0-9]+\ *$ ]]; then n=${BASH_REMATCH[1]}; fi
-    done
-    exec {fd}>&-
-    [[ -n $n ]] || die "could not read the backend's stub_status"
-    echo "$n"
-}
+# upstream_accepts: the backend's "accepts" counter from stub_status. The
+# query itself is one accept.
+upstream_accepts() { stub_status "$BACKEND_PORT" 1; }
 
 # ---------------------------------------------------------------------------
 # wrk.
@@ -306,64 +159,11 @@ run_wrk() {
         die "wrk failed against 127.0.0.1:$port" "$outf"
 }
 
-# parse_wrk FILE -> "requests req/s p50_us p99_us errors"
-parse_wrk() {
-    awk '
-    function us(v,   n, u) {
-        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
-        if (u == "ms") return n * 1000
-        if (u == "s")  return n * 1000000
-        if (u == "m")  return n * 60000000
-        return n                                  # "us"
-    }
-    /^ *50% /           { p50 = us($2) }
-    /^ *99% /           { p99 = us($2) }
-    / requests in /     { req = $1 }
-    /^Requests\/sec:/   { rps = $2 }
-    /Socket errors:/    { gsub(/,/, ""); err += $4 + $6 + $8 + $10 }
-    /Non-2xx or 3xx/    { err += $NF }
-    END { printf "%d %.0f %.0f %.0f %d\n", req, rps, p50, p99, err }
-    ' "$1"
-}
-
 # ---------------------------------------------------------------------------
 # Servers. Each start_* writes its config into the temp dir, starts the server
 # in the foreground-mode it has (so $! is the real PID), and waits for its port.
 
-NGINX_USER_LINE=""
-# As root, nginx would switch its workers to "nobody"; keep the current user.
-[[ $(id -u) == 0 ]] && NGINX_USER_LINE="user $(id -un) $(id -gn);"
-
-# nginx_common DIR [MASTER]: directives every nginx here needs: its own
-# prefix, pid and temp dirs inside the temp dir, in the foreground, quiet.
-nginx_common() {
-    local dir=$1
-    cat <<EOF
-$NGINX_USER_LINE
-daemon off;
-master_process ${2:-on};
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-worker_rlimit_nofile 20000;
-EOF
-}
-nginx_http_common() {
-    local dir=$1
-    cat <<EOF
-    access_log off;
-    client_body_temp_path $dir/body;
-    proxy_temp_path $dir/proxy;
-    fastcgi_temp_path $dir/fastcgi;
-    uwsgi_temp_path $dir/uwsgi;
-    scgi_temp_path $dir/scgi;
-    # nginx closes a keep-alive connection after 1000 requests by default:
-    # the backend would make every proxy reconnect upstream that often, and
-    # the nginx proxy would make wrk reconnect. Lift it so that "upstream
-    # conns opened" shows the proxies' pooling only.
-    keepalive_requests 100000000;
-    keepalive_timeout 300s;
-EOF
-}
+# nginx_common, nginx_http_common, nginx_lua_modules: scripts/bench/lib.sh.
 
 start_backend() {
     local dir=$TMP/backend
@@ -386,9 +186,9 @@ $(nginx_http_common "$dir")
 }
 EOF
     } >"$dir/nginx.conf"
-    start_bg "$dir/stderr.log" "$NGINX" -p "$dir/" -c "$dir/nginx.conf" -e "$dir/error.log"
+    start_nginx "$dir"
     BACKEND_PID=$LAST_PID
-    wait_port "$BACKEND_PORT" "$BACKEND_PID" "backend nginx" "$dir/error.log" ||
+    wait_port "$BACKEND_PORT" "$BACKEND_PID" "backend nginx" ||
         die "$START_ERR" "$dir/error.log"
 }
 
@@ -454,38 +254,21 @@ $(nginx_http_common "$dir")
 EOF
         } >"$dir/nginx.conf"
         PROXY_LOG=$dir/error.log
-        start_bg "$dir/stderr.log" "${PROXY_WRAP[@]}" "$NGINX" -p "$dir/" -c "$dir/nginx.conf" -e "$dir/error.log"
+        start_nginx "$dir" "${PROXY_WRAP[@]}"
         ;;
     haproxy)
         # maxconn: the hard RLIMIT_NOFILE here may be 20000 and HAProxy
         # sizes its fd table at about 2 x maxconn.
-        cat >"$dir/haproxy.cfg" <<EOF
-global
-    nbthread $workers
-    maxconn 9800
-    pidfile $dir/haproxy.pid
-defaults
-    mode http
-    maxconn 9800
-    option http-keep-alive
-    http-reuse always
-    timeout connect 5s
-    timeout client 300s
-    timeout server 300s
-    timeout http-keep-alive 300s
-    timeout http-request 10s
-frontend fe
-    bind 127.0.0.1:$PROXY_PORT
-    default_backend be
-backend be
-    server s1 127.0.0.1:$BACKEND_PORT
-EOF
+        {
+            haproxy_common "$dir" "$workers" "$PROXY_PORT"
+            echo "    server s1 127.0.0.1:$BACKEND_PORT"
+        } >"$dir/haproxy.cfg"
         start_bg "$PROXY_LOG" "${PROXY_WRAP[@]}" "$HAPROXY" -f "$dir/haproxy.cfg" -db
         ;;
     *) die "unknown proxy $name" ;;
     esac
     PROXY_PID=$LAST_PID
-    wait_port "$PROXY_PORT" "$PROXY_PID" "$name" "$PROXY_LOG" "${PROXY_WAIT:-100}"
+    wait_port "$PROXY_PORT" "$PROXY_PID" "$name" "${PROXY_WAIT:-100}"
 }
 
 # write_moonproxy_cfg FILE PORT WORKERS [HOOK]: HOOK is "" (none), "-noop"
@@ -505,21 +288,6 @@ local b = proxy.upstream "b" { servers = { "127.0.0.1:$BACKEND_PORT" }, keepaliv
 proxy.route { prefix = "/", upstream = b }
 $hook
 EOF
-}
-
-# nginx_lua_modules: the load_module lines for lua-nginx-module (Debian's
-# libnginx-mod-http-lua) and the NDK it needs first, by absolute path (our
-# nginx prefix is the temp dir). Fails with a message if they are missing.
-nginx_lua_modules() {
-    local d
-    for d in /usr/lib/nginx/modules /usr/share/nginx/modules; do
-        if [[ -f $d/ngx_http_lua_module.so && -f $d/ndk_http_module.so ]]; then
-            printf 'load_module %s;\nload_module %s;\n' "$d/ndk_http_module.so" "$d/ngx_http_lua_module.so"
-            return 0
-        fi
-    done
-    echo "ngx_http_lua_module.so not found (apt-get install libnginx-mod-http-lua)"
-    return 1
 }
 
 # ---------------------------------------------------------------------------
@@ -544,7 +312,7 @@ bench_proxy() {
         # shellcheck disable=SC2086
         t1=$(cpu_ticks $pids)
         a1=$(upstream_accepts)
-        read -r req rps p50 p99 err < <(parse_wrk "$wout")
+        read -r req rps p50 _ p99 err < <(parse_wrk "$wout")
         ((req > 0)) || die "$name: wrk completed no request at -c $c" "$wout"
         cpu_us=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$req" 'BEGIN { printf "%.2f", t * 1e6 / hz / n }')
         RES[$name:$c]="$req $rps $p50 $p99 $err $cpu_us $((a1 - a0 - 1))"
@@ -586,21 +354,6 @@ idle_memory() {
     log "  $name: $opened idle conns ($held held open by the proxy): RSS $r0 -> $r1 KiB ($(awk -v a="$r0" -v b="$r1" -v n="$opened" 'BEGIN { printf "%.2f", (b - a) / n }') KiB/conn)"
     grep -q '^idle_conns:' "$outf" && log "  $(grep '^idle_conns:' "$outf" | head -n 2)"
     return 0
-}
-
-# oneline TEXT: on one line and at most 300 characters, for a table cell.
-oneline() {
-    local t=${1//$'\n'/ }
-    t=${t//|/\\|}
-    ((${#t} > 300)) && t="${t:0:300}…"
-    printf '%s' "$t"
-}
-
-fmt_us() {
-    awk -v u="$1" 'BEGIN {
-        if (u < 1000) printf "%d µs", u
-        else if (u < 1000000) printf "%.2f ms", u / 1000
-        else printf "%.2f s", u / 1000000 }'
 }
 
 report() {
@@ -769,7 +522,7 @@ hook_run() {
     run_wrk "${HPORT[$name]}" "$c" "$HOOK_DURATION" "$wout"
     # shellcheck disable=SC2086
     t1=$(cpu_ticks $pids)
-    read -r req rps p50 p99 err < <(parse_wrk "$wout")
+    read -r req rps p50 _ p99 err < <(parse_wrk "$wout")
     ((req > 0)) || die "$name: wrk completed no request at -c $c" "$wout"
     cpu_us=$(awk -v t=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$req" 'BEGIN { printf "%.2f", t * 1e6 / hz / n }')
     read -r acc_req acc_t <<<"${HACC[$name:$c]:-0 0}"

@@ -43,6 +43,9 @@
 # Every process started here (the proxy, tail) is stopped by PID on exit; the
 # temp dir goes too. Only 127.0.0.1 is used.
 set -Eeuo pipefail
+BENCH_NAME=bench_reload
+# shellcheck source-path=SCRIPTDIR source=bench/lib.sh
+. "$(dirname "$0")/bench/lib.sh"
 trap 'log "bench_reload: failed at line $LINENO: $BASH_COMMAND"' ERR
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -55,9 +58,7 @@ STORM=${STORM:-200}
 OUT=${OUT:-$ROOT/build/bench-reload.md}
 CURL=${CURL:-curl}
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/moonproxy-bench-reload.XXXXXX")
-
-log() { printf '%s\n' "$*" >&2; }
+bench_tmpdir moonproxy-bench-reload
 
 # die MESSAGE: print it with the end of the proxy's log (about to vanish
 # with the temp dir) and exit; the EXIT trap stops what we started.
@@ -70,53 +71,8 @@ die() {
     exit 1
 }
 
-# ---------------------------------------------------------------------------
-# Processes: recorded by PID, stopped on exit however we leave. Never by name.
-
-declare -A STARTED=()
-
-# stop_pid PID: SIGTERM, up to 5 s, then SIGKILL. moonproxy is one process
-# (threads), tail too: no process tree to walk.
-stop_pid() {
-    local pid=$1 i
-    kill -TERM "$pid" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    if kill -0 "$pid" 2>/dev/null; then
-        log "bench_reload: pid $pid did not stop on SIGTERM, killing it"
-        kill -KILL "$pid" 2>/dev/null || true
-    fi
-    wait "$pid" 2>/dev/null || true
-    unset "STARTED[$pid]"
-}
-
-# shellcheck disable=SC2317  # called from the EXIT trap
-cleanup() {
-    local p
-    for p in "${!STARTED[@]}"; do stop_pid "$p"; done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-# free_port: below the ephemeral range, not listening, not handed out before.
-declare -A PORTS_TAKEN=()
-free_port() {
-    local p i
-    for ((i = 0; i < 200; i++)); do
-        p=$((20000 + RANDOM % 12000))
-        [[ -n ${PORTS_TAKEN[$p]:-} ]] && continue
-        port_open "$p" && continue
-        PORTS_TAKEN[$p]=1
-        echo "$p"
-        return 0
-    done
-    die "no free port found"
-}
+# Processes (recorded by PID, stopped on exit however we leave, never by
+# name) and free ports: scripts/bench/lib.sh.
 
 # now_ns: date +%s%N (what the brief asks for; a fork, ~1 ms, outside the
 # timed request for curl's figure).
@@ -124,9 +80,6 @@ now_ns() { date +%s%N; }
 
 # ms NS: nanoseconds as milliseconds with two decimals.
 ms() { awk -v n="$1" 'BEGIN { printf "%.2f\n", n / 1e6 }'; }
-
-# rss_kib PID: VmRSS of the proxy (all threads share it).
-rss_kib() { awk '$1 == "VmRSS:" { print $2 }' "/proc/$1/status"; }
 
 # stats FILE -> "min median max mean" of the numbers in FILE, one a line.
 stats() {
@@ -179,9 +132,8 @@ start_proxy() {
     local i st
     "$BIN" -t -c "$CFG" >"$TMP/check.log" 2>&1 || die "moonproxy -t rejected the config: $(head -c 500 "$TMP/check.log")"
     PROXY_LOG=$TMP/proxy.log
-    "$BIN" -c "$CFG" -w "$WORKERS" -l info >"$PROXY_LOG" 2>&1 </dev/null &
-    PROXY_PID=$!
-    STARTED[$PROXY_PID]=1
+    start_bg "$PROXY_LOG" "$BIN" -c "$CFG" -w "$WORKERS" -l info
+    PROXY_PID=$LAST_PID
     # Ready = the admin says so (listeners accept, a configuration runs); 10 s.
     for ((i = 0; i < 100; i++)); do
         kill -0 "$PROXY_PID" 2>/dev/null || die "moonproxy exited during start-up"
@@ -278,7 +230,7 @@ measure_hups() {
         # be superseded, but the timing would then mix two reloads).
         sleep 0.05
     done
-    stop_pid "$TAILER_PID"
+    stop_tree "$TAILER_PID"
     log "SIGHUP -> log line x $HUPS: ms (min median max mean): $(stats "$TMP/hup.txt")"
 }
 

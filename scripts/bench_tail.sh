@@ -42,8 +42,10 @@
 #
 # Every process started here is stopped by PID on exit, and the temp dir goes.
 set -Eeuo pipefail
-
-log() { printf '%s\n' "$*" >&2; }
+BENCH_NAME=bench_tail
+# shellcheck source-path=SCRIPTDIR source=bench/lib.sh
+. "$(dirname "$0")/bench/lib.sh"
+ONELINE_MAX=400
 trap 'log "bench_tail: failed at line $LINENO: $BASH_COMMAND"' ERR
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -70,14 +72,7 @@ CLK_TCK=$(getconf CLK_TCK)
 T_START=$(date +%s)
 SETTLE=$(awk -v m="$SLOW_MS" 'BEGIN { printf "%.3f", (m + 50) / 1000 }')
 
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/moonproxy-bench-tail.XXXXXX")
-
-# ---------------------------------------------------------------------------
-# Processes: every PID we start is recorded, and stopped on exit however we
-# leave (error, ^C). Never by name: the machine is shared.
-
-declare -A STARTED=()
-LAST_PID=
+bench_tmpdir moonproxy-bench-tail
 
 die() {
     log "bench_tail: $1"
@@ -88,149 +83,12 @@ die() {
     exit 1
 }
 
-# start_bg LOGFILE CMD...: CMD in the background; its PID in LAST_PID.
-start_bg() {
-    local logf=$1; shift
-    "$@" >"$logf" 2>&1 </dev/null &
-    LAST_PID=$!
-    STARTED[$LAST_PID]=1
-}
-
-# proc_tree PID: PID and all its descendants (nginx = master + workers).
-proc_tree() {
-    local f line pid ppid rest
-    local -A kids=()
-    for f in /proc/[0-9]*/stat; do
-        { read -r line <"$f"; } 2>/dev/null || continue
-        pid=${line%% *}
-        rest=${line##*) }
-        read -r _ ppid _ <<<"$rest"
-        kids[$ppid]+=" $pid"
-    done
-    local -a queue=("$1")
-    local out=""
-    while ((${#queue[@]})); do
-        pid=${queue[0]}; queue=("${queue[@]:1}")
-        [[ -d /proc/$pid ]] || continue
-        out+=" $pid"
-        # shellcheck disable=SC2206
-        [[ -n ${kids[$pid]:-} ]] && queue+=(${kids[$pid]})
-    done
-    echo "$out"
-}
-
-alive() {
-    local line
-    { read -r line <"/proc/$1/stat"; } 2>/dev/null || return 1
-    line=${line##*) }
-    [[ ${line:0:1} != Z ]]
-}
-
-# stop_tree PID: SIGTERM, 5 s for the whole tree, then SIGKILL what is left.
-stop_tree() {
-    local root=$1 p i left="" tree
-    tree=$(proc_tree "$root")
-    kill -TERM "$root" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do
-        left=""
-        for p in $tree; do alive "$p" && left+=" $p"; done
-        [[ -z $left ]] && break
-        sleep 0.1
-    done
-    for p in $left; do
-        log "bench_tail: pid $p did not stop on SIGTERM, killing it"
-        kill -KILL "$p" 2>/dev/null || true
-    done
-    wait "$root" 2>/dev/null || true
-    unset "STARTED[$root]"
-}
-
-# shellcheck disable=SC2317  # called from the EXIT trap
-cleanup() {
-    local p
-    for p in "${!STARTED[@]}"; do stop_tree "$p"; done
-    rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
 # ---------------------------------------------------------------------------
-# Ports.
-
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-
-declare -A PORTS_TAKEN=()
-# A free port below the ephemeral range, so outgoing connections can't take it.
-free_port() {
-    local p i
-    for ((i = 0; i < 200; i++)); do
-        p=$((20000 + RANDOM % 12000))
-        [[ -n ${PORTS_TAKEN[$p]:-} ]] && continue
-        port_open "$p" && continue
-        PORTS_TAKEN[$p]=1
-        echo "$p"
-        return 0
-    done
-    die "no free port found"
-}
-
-# wait_port PORT PID NAME [TENTHS]: poll until PORT accepts (default 10 s),
-# fail fast if PID died.
-wait_port() {
-    local port=$1 pid=$2 name=$3 limit=${4:-100} i
-    for ((i = 0; i < limit; i++)); do
-        kill -0 "$pid" 2>/dev/null || { START_ERR="$name exited during start-up"; return 1; }
-        port_open "$port" && return 0
-        sleep 0.1
-    done
-    START_ERR="$name did not listen on 127.0.0.1:$port within $((limit / 10)) s"
-    return 1
-}
-
-# ---------------------------------------------------------------------------
-# Measurements.
-
-# user_ticks PIDS...: utime alone (the pick runs in user space; the kernel's
-# share of a request, most of it on loopback, does not depend on the policy).
-user_ticks() {
-    local p line sum=0
-    local -a f
-    for p in "$@"; do
-        { read -r line <"/proc/$p/stat"; } 2>/dev/null || continue
-        line=${line##*) }
-        read -ra f <<<"$line"
-        sum=$((sum + f[11]))
-    done
-    echo "$sum"
-}
-
-# cpu_ticks PIDS...: utime+stime in clock ticks (all threads included).
-cpu_ticks() {
-    local p line sum=0
-    local -a f
-    for p in "$@"; do
-        { read -r line <"/proc/$p/stat"; } 2>/dev/null || continue
-        line=${line##*) }
-        read -ra f <<<"$line"
-        sum=$((sum + f[11] + f[12]))
-    done
-    echo "$sum"
-}
+# Measurements (user_ticks, cpu_ticks: scripts/bench/lib.sh).
 
 # backend_requests: the backend's stub_status "requests" (all three servers;
 # the query itself counts one).
-backend_requests() {
-    local fd line n=""
-    exec {fd}<>"/dev/tcp/127.0.0.1/${BPORT[0]}" || die "backend stub_status unreachable"
-    printf 'GET /nginx_status HTTP/1.0\r\nHost: backend\r\n\r\n' >&"$fd"
-    while IFS= read -r -t 5 line <&"$fd"; do
-        line=${line%$'\r'}
-        if [[ $line =~ ^\ *[0-9]+\ +[0-9]+\ +([0-9]+)\ *$ ]]; then n=${BASH_REMATCH[1]}; fi
-    done
-    exec {fd}>&-
-    [[ -n $n ]] || die "could not read the backend's stub_status"
-    echo "$n"
-}
+backend_requests() { stub_status "${BPORT[0]}" 3; }
 
 # slow_requests: requests the slow server answered (2 bytes per log line).
 slow_requests() {
@@ -245,81 +103,9 @@ run_wrk() {
         die "wrk failed against 127.0.0.1:$1" "$3"
 }
 
-# parse_wrk FILE -> "requests rps p50_us p90_us p99_us errors"
-parse_wrk() {
-    awk '
-    function us(v,   n, u) {
-        n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
-        if (u == "ms") return n * 1000
-        if (u == "s")  return n * 1000000
-        if (u == "m")  return n * 60000000
-        return n
-    }
-    /^ *50% /           { p50 = us($2) }
-    /^ *90% /           { p90 = us($2) }
-    /^ *99% /           { p99 = us($2) }
-    / requests in /     { req = $1 }
-    /^Requests\/sec:/   { rps = $2 }
-    /Socket errors:/    { gsub(/,/, ""); err += $4 + $6 + $8 + $10 }
-    /Non-2xx or 3xx/    { err += $NF }
-    END { printf "%d %.0f %.0f %.0f %.0f %d\n", req, rps, p50, p90, p99, err }
-    ' "$1"
-}
-
-fmt_us() {
-    awk -v u="$1" 'BEGIN {
-        if (u < 1000) printf "%d µs", u
-        else if (u < 1000000) printf "%.2f ms", u / 1000
-        else printf "%.2f s", u / 1000000 }'
-}
-
-oneline() {
-    local t=${1//$'\n'/ }
-    t=${t//|/\\|}
-    ((${#t} > 400)) && t="${t:0:400}…"
-    printf '%s' "$t"
-}
-
 # ---------------------------------------------------------------------------
-# Servers.
-
-NGINX_USER_LINE=""
-[[ $(id -u) == 0 ]] && NGINX_USER_LINE="user $(id -un) $(id -gn);"
-
-nginx_common() {
-    cat <<EOF
-$NGINX_USER_LINE
-daemon off;
-master_process on;
-pid $1/nginx.pid;
-error_log $1/error.log warn;
-worker_rlimit_nofile 20000;
-EOF
-}
-
-nginx_http_common() {
-    cat <<EOF
-    access_log off;
-    client_body_temp_path $1/body;
-    proxy_temp_path $1/proxy;
-    fastcgi_temp_path $1/fastcgi;
-    uwsgi_temp_path $1/uwsgi;
-    scgi_temp_path $1/scgi;
-    keepalive_requests 100000000;
-    keepalive_timeout 300s;
-EOF
-}
-
-nginx_lua_modules() {
-    local d
-    for d in /usr/lib/nginx/modules /usr/share/nginx/modules; do
-        if [[ -f $d/ngx_http_lua_module.so && -f $d/ndk_http_module.so ]]; then
-            printf 'load_module %s;\nload_module %s;\n' "$d/ndk_http_module.so" "$d/ngx_http_lua_module.so"
-            return 0
-        fi
-    done
-    return 1
-}
+# Servers (nginx_common, nginx_http_common, nginx_lua_modules:
+# scripts/bench/lib.sh).
 
 # The backend: BPORT[0], BPORT[1] fast, BPORT[2] slow. Two workers with
 # reuseport on every port, so the load spreads over both.
@@ -362,7 +148,7 @@ $(nginx_http_common "$dir")
 }
 EOF
     } >"$dir/nginx.conf"
-    start_bg "$dir/stderr.log" "$NGINX" -p "$dir/" -c "$dir/nginx.conf" -e "$dir/error.log"
+    start_nginx "$dir"
     BACKEND_PID=$LAST_PID
     local p
     for p in "${BPORT[@]}"; do
@@ -438,36 +224,21 @@ $(nginx_http_common "$dir")
 }
 EOF
         } >"$dir/nginx.conf"
-        start_bg "$dir/stderr.log" "$NGINX" -p "$dir/" -c "$dir/nginx.conf" -e "$dir/error.log"
+        start_nginx "$dir"
         PROXY_LOGF=$dir/error.log
         ;;
     haproxy | haproxy-rr)
         local hb=leastconn
         [[ $name == haproxy-rr ]] && hb=roundrobin
-        cat >"$dir/haproxy.cfg" <<EOF
-global
-    nbthread $WORKERS
-    maxconn 9800
-    pidfile $dir/haproxy.pid
-defaults
-    mode http
-    maxconn 9800
-    option http-keep-alive
-    http-reuse always
-    timeout connect 5s
-    timeout client 300s
-    timeout server 300s
-    timeout http-keep-alive 300s
-    timeout http-request 10s
-frontend fe
-    bind 127.0.0.1:$PROXY_PORT
-    default_backend be
-backend be
+        {
+            haproxy_common "$dir" "$WORKERS" "$PROXY_PORT"
+            cat <<EOF
     balance $hb
     server s1 127.0.0.1:${BPORT[0]}
     server s2 127.0.0.1:${BPORT[1]}
     server s3 127.0.0.1:${BPORT[2]}
 EOF
+        } >"$dir/haproxy.cfg"
         start_bg "$dir/stderr.log" "$HAPROXY" -f "$dir/haproxy.cfg" -db
         PROXY_LOGF=$dir/stderr.log
         ;;
