@@ -2,6 +2,9 @@
 BUILD    ?= build
 SAN      ?=
 PREFIX   ?= /usr/local
+BINDIR   ?= $(PREFIX)/bin
+LUADIR   ?= $(PREFIX)/share/lua/5.1
+LIBDIR   ?= $(PREFIX)/lib/lua/5.1
 LUAJIT_INC ?= /usr/include/luajit-2.1
 
 CC       ?= cc
@@ -10,7 +13,7 @@ WARN     := -Wall -Wextra -Wshadow
 ifeq ($(CI),true)
 WARN     += -Werror
 endif
-CPPFLAGS += -std=c11 -D_GNU_SOURCE -I$(LUAJIT_INC) -DMP_LUA_DIR='"$(PREFIX)/share/moonproxy/lua"'
+CPPFLAGS += -std=c11 -D_GNU_SOURCE -I$(LUAJIT_INC) -DMP_LUA_DIR='"$(LUADIR)"'
 ifeq ($(SAN),thread)
 CFLAGS   := -O1 -g -fno-omit-frame-pointer -fsanitize=thread -DMP_DEBUG
 LDFLAGS  += -fsanitize=thread
@@ -97,6 +100,18 @@ bench: all
 FUZZ_SECONDS ?= 30
 fuzz: deps
 	scripts/fuzz.sh $(FUZZ_SECONDS)
+
+# Installs the binary, the Lua modules and moonproxy.core (also what
+# `luarocks make` runs, with the rock tree's directories).
+install: all
+	install -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(LUADIR)/moonproxy/balancer $(DESTDIR)$(LUADIR)/moonproxy/plugins \
+		$(DESTDIR)$(LIBDIR)/moonproxy
+	install -m 755 $(BIN) $(DESTDIR)$(BINDIR)/moonproxy
+	install -m 644 lua/moonproxy.lua $(DESTDIR)$(LUADIR)/moonproxy.lua
+	install -m 644 lua/moonproxy/*.lua $(DESTDIR)$(LUADIR)/moonproxy/
+	install -m 644 lua/moonproxy/balancer/*.lua $(DESTDIR)$(LUADIR)/moonproxy/balancer/
+	install -m 644 lua/moonproxy/plugins/*.lua $(DESTDIR)$(LUADIR)/moonproxy/plugins/
+	install -m 755 $(CORE) $(DESTDIR)$(LIBDIR)/moonproxy/core.so
 
 clean:
 	rm -rf build build-asan build-fuzz build-tsan

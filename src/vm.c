@@ -43,7 +43,8 @@ static void find_lua_dir(void)
         char *slash = strrchr(exe, '/');
         if (slash) {
             *slash = '\0';
-            static const char *const rel[] = {"/../lua", "/lua"};
+            /* a build tree, a copy beside it, or an install under a prefix */
+            static const char *const rel[] = {"/../lua", "/lua", "/../share/lua/5.1"};
             for (size_t i = 0; i < MP_ARRAY_LEN(rel); i++) {
                 char dir[PATH_MAX];
                 int len = snprintf(dir, sizeof(dir), "%s%s", exe, rel[i]);

@@ -8,7 +8,8 @@
 typedef struct lua_State lua_State;
 
 /* Where lua/ lives: $MOONPROXY_LUA_PATH, else next to the executable
- * (<exe dir>/../lua, <exe dir>/lua), else the compiled-in MP_LUA_DIR. */
+ * (<exe dir>/../lua, <exe dir>/lua, <exe dir>/../share/lua/5.1), else
+ * the compiled-in MP_LUA_DIR. */
 const char *mp_vm_lua_dir(void);
 
 /* A new VM with the standard libraries and package.path/cpath set so that
