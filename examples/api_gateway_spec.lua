@@ -3,7 +3,6 @@
 -- search) behind it. Each spec checks one claim of the example's comments.
 local h = require "helpers.proxy"
 local raw = require "helpers.raw_http"
-local core = require "moonproxy.core"
 
 local EXAMPLE = "examples/api_gateway.lua"
 local ALICE, BOB, MONITOR = "k-alice-7f3a", "k-bob-91cc", "k-monitor-0d2e"
@@ -13,14 +12,13 @@ describe("examples/api_gateway.lua", function()
 
   lazy_setup(function()
     users, orders, search = h.start_origin("users"), h.start_origin("orders"), h.start_origin("search")
-    local text = assert(h.read_file(EXAMPLE))
-    local n = {}
-    text, n[1] = text:gsub("127%.0%.0%.1:8080", "${listen}")
-    text, n[2] = text:gsub("127%.0%.0%.1:9001", "${users}")
-    text, n[3] = text:gsub("127%.0%.0%.1:9002", "${orders}")
-    text, n[4] = text:gsub("127%.0%.0%.1:9003", "${search}")
-    text, n[5] = text:gsub('access_log = "stdout"', 'access_log = "${access_log}"')
-    for i = 1, 5 do assert(n[i] == 1, "the example's addresses or access_log changed (substitution " .. i .. ")") end
+    local text = h.example_text(EXAMPLE, {
+      { "127.0.0.1:8080", "${listen}" },
+      { "127.0.0.1:9001", "${users}" },
+      { "127.0.0.1:9002", "${orders}" },
+      { "127.0.0.1:9003", "${search}" },
+      { 'access_log = "stdout"', 'access_log = "${access_log}"' },
+    })
     proxy = h.start_proxy { workers = 1, config = text,
       vars = { users = users.addr, orders = orders.addr, search = search.addr } }
   end)
@@ -45,11 +43,7 @@ describe("examples/api_gateway.lua", function()
   end
 
   it("passes moonproxy -t", function()
-    local out, rc = h.run(h.quote(h.bin()) .. " -t -c " .. EXAMPLE)
-    assert.equal(0, rc, out)
-    assert.equal("ok\n", out)
-    local cfg, err = core.load_config(EXAMPLE)
-    assert(cfg, err)
+    local cfg = h.check_example(EXAMPLE)
     assert.equal(4, #cfg.routes)
   end)
 

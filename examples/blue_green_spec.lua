@@ -9,7 +9,6 @@
 -- 40 shows at least two VMs, and after a reload, only new ones.
 local h = require "helpers.proxy"
 local raw = require "helpers.raw_http"
-local core = require "moonproxy.core"
 local mime = require "mime"
 
 local EXAMPLE = "examples/blue_green.lua"
@@ -30,14 +29,13 @@ describe("examples/blue_green.lua", function()
 
   lazy_setup(function()
     blue, green = h.start_origin("blue"), h.start_origin("green")
-    local text = assert(h.read_file(EXAMPLE))
-    local n = {}
-    text, n[1] = text:gsub("127%.0%.0%.1:8080", "${listen}")
-    text, n[2] = text:gsub("127%.0%.0%.1:8085", "${admin}")
-    text, n[3] = text:gsub("127%.0%.0%.1:9001", "${blue}")
-    text, n[4] = text:gsub("127%.0%.0%.1:9002", "${green}")
-    text, n[5] = text:gsub('access_log = "stdout"', 'access_log = "${access_log}"')
-    for i = 1, 5 do assert(n[i] == 1, "the example's addresses or access_log changed (substitution " .. i .. ")") end
+    local text = h.example_text(EXAMPLE, {
+      { "127.0.0.1:8080", "${listen}" },
+      { "127.0.0.1:8085", "${admin}" },
+      { "127.0.0.1:9001", "${blue}" },
+      { "127.0.0.1:9002", "${green}" },
+      { 'access_log = "stdout"', 'access_log = "${access_log}"' },
+    })
     proxy = h.start_proxy { workers = 2, config = text .. OBSERVER, vars = { blue = blue.addr, green = green.addr } }
   end)
 
@@ -84,11 +82,7 @@ describe("examples/blue_green.lua", function()
   local first_vms -- the VMs of the first generation
 
   it("passes moonproxy -t", function()
-    local out, rc = h.run(h.quote(h.bin()) .. " -t -c " .. EXAMPLE)
-    assert.equal(0, rc, out)
-    assert.equal("ok\n", out)
-    local cfg, err = core.load_config(EXAMPLE)
-    assert(cfg, err)
+    local cfg = h.check_example(EXAMPLE)
     assert.equal(3, #cfg.routes)
   end)
 

@@ -4,7 +4,6 @@
 -- 95:5 split over 2,000 requests, and last, the canary going away.
 local h = require "helpers.proxy"
 local raw = require "helpers.raw_http"
-local core = require "moonproxy.core"
 
 local EXAMPLE = "examples/canary.lua"
 
@@ -13,14 +12,13 @@ describe("examples/canary.lua", function()
 
   lazy_setup(function()
     stable, canary = h.start_origin("stable"), h.start_origin("canary")
-    local text = assert(h.read_file(EXAMPLE))
-    local n = {}
-    text, n[1] = text:gsub("127%.0%.0%.1:8080", "${listen}")
-    text, n[2] = text:gsub("127%.0%.0%.1:9001", "${stable}")
-    text, n[3] = text:gsub("127%.0%.0%.1:9002", "${canary}")
-    text, n[4] = text:gsub('access_log = "stdout"', 'access_log = "${access_log}"')
-    text, n[5] = text:gsub("127%.0%.0%.1:8085", "${admin}")
-    for i = 1, 5 do assert(n[i] == 1, "the example's addresses or access_log changed (substitution " .. i .. ")") end
+    local text = h.example_text(EXAMPLE, {
+      { "127.0.0.1:8080", "${listen}" },
+      { "127.0.0.1:9001", "${stable}" },
+      { "127.0.0.1:9002", "${canary}" },
+      { 'access_log = "stdout"', 'access_log = "${access_log}"' },
+      { "127.0.0.1:8085", "${admin}" },
+    })
     proxy = h.start_proxy { workers = 2, config = text, vars = { stable = stable.addr, canary = canary.addr } }
   end)
 
@@ -48,11 +46,7 @@ describe("examples/canary.lua", function()
   end
 
   it("passes moonproxy -t", function()
-    local out, rc = h.run(h.quote(h.bin()) .. " -t -c " .. EXAMPLE)
-    assert.equal(0, rc, out)
-    assert.equal("ok\n", out)
-    local cfg, err = core.load_config(EXAMPLE)
-    assert(cfg, err)
+    local cfg = h.check_example(EXAMPLE)
     assert.equal(1, #cfg.routes)
     assert.truthy(cfg.upstreams.stable and cfg.upstreams.canary and cfg.upstreams.split)
   end)

@@ -4,7 +4,6 @@
 -- MAINTENANCE line and reloading (SIGHUP, then POST /reload to undo it).
 local h = require "helpers.proxy"
 local raw = require "helpers.raw_http"
-local core = require "moonproxy.core"
 
 local EXAMPLE = "examples/hooks.lua"
 local BYPASS = "staff-7c1e"
@@ -14,13 +13,12 @@ describe("examples/hooks.lua", function()
 
   lazy_setup(function()
     origin = h.start_origin("app")
-    local text = assert(h.read_file(EXAMPLE))
-    local n = {}
-    text, n[1] = text:gsub("127%.0%.0%.1:8080", "${listen}")
-    text, n[2] = text:gsub("127%.0%.0%.1:8085", "${admin}")
-    text, n[3] = text:gsub("127%.0%.0%.1:9001", "${origin}")
-    text, n[4] = text:gsub('access_log = "stdout"', 'access_log = "${access_log}"')
-    for i = 1, 4 do assert(n[i] == 1, "the example's addresses or access_log changed (substitution " .. i .. ")") end
+    local text = h.example_text(EXAMPLE, {
+      { "127.0.0.1:8080", "${listen}" },
+      { "127.0.0.1:8085", "${admin}" },
+      { "127.0.0.1:9001", "${origin}" },
+      { 'access_log = "stdout"', 'access_log = "${access_log}"' },
+    })
     template = text
     proxy = h.start_proxy { workers = 2, config = template, vars = { origin = origin.addr } }
   end)
@@ -49,11 +47,7 @@ describe("examples/hooks.lua", function()
   end
 
   it("passes moonproxy -t", function()
-    local out, rc = h.run(h.quote(h.bin()) .. " -t -c " .. EXAMPLE)
-    assert.equal(0, rc, out)
-    assert.equal("ok\n", out)
-    local cfg, err = core.load_config(EXAMPLE)
-    assert(cfg, err)
+    local cfg = h.check_example(EXAMPLE)
     assert.equal(3, #cfg.routes)
   end)
 

@@ -301,14 +301,7 @@ describe("moonproxy retries", function()
 
     describe("afterwards", function()
         it("every server's in-flight count is back to 0", function()
-            h.eventually(function()
-                for name, u in pairs(proxy:upstreams()) do
-                    for _, s in ipairs(u.servers) do
-                        if s.active ~= 0 then error(name .. " " .. s.addr .. " active " .. s.active) end
-                    end
-                end
-                return true
-            end, 3)
+            proxy:wait_all_idle()
         end)
     end)
 end)

@@ -469,6 +469,19 @@ function Proxy:upstreams()
     return doc
 end
 
+-- Waits (bounded) until no server of any upstream has a request in flight;
+-- raises naming the first one that still has.
+function Proxy:wait_all_idle(timeout)
+    M.eventually(function()
+        for name, u in pairs(self:upstreams()) do
+            for _, sv in ipairs(u.servers) do
+                if sv.active ~= 0 then error(name .. " " .. sv.addr .. " active " .. sv.active) end
+            end
+        end
+        return true
+    end, timeout or 3)
+end
+
 -- One server's entry of /upstreams (upstream name, "host:port"), or nil.
 function Proxy:server_state(upstream, addr)
     local u = self:upstreams()[upstream]
@@ -481,6 +494,33 @@ end
 -- How many lines of the proxy's stderr contain every plain string given.
 function Proxy:log_count(...)
     return #M.lines_with(self:stderr(), ...)
+end
+
+-- The text of an example configuration made runnable in a spec: each
+-- { from, to } pair replaces a literal that must stand exactly once in the
+-- example (an address by a ${var} for start_proxy, the access log by
+-- ${access_log}, a timeout by a shorter one); raises when one does not.
+function M.example_text(path, swaps)
+    local text = assert(M.read_file(path))
+    for i, sw in ipairs(swaps) do
+        local n
+        text, n = text:gsub(sw[1]:gsub("[%^%$%(%)%%%.%[%]%*%+%-%?]", "%%%0"), (sw[2]:gsub("%%", "%%%%")))
+        if n ~= 1 then
+            error(string.format("%s: '%s' stands %d times, not once (substitution %d)", path, sw[1], n, i), 2)
+        end
+    end
+    return text
+end
+
+-- Checks an example with `moonproxy -t` (it must print ok) and returns its
+-- summary from moonproxy.core.load_config.
+function M.check_example(path)
+    local out, rc = M.run(M.quote(M.bin()) .. " -t -c " .. path)
+    if rc ~= 0 or out ~= "ok\n" then
+        error(string.format("moonproxy -t -c %s: exit %s:\n%s", path, tostring(rc), out), 2)
+    end
+    local cfg, err = require("moonproxy.core").load_config(path)
+    return assert(cfg, err)
 end
 
 -- The number (1-based) of the first line of text that contains needle.
