@@ -218,10 +218,7 @@ describe("the admin port", function()
     end)
 
     it("answers GET /ready with 200 once the configuration is loaded", function()
-        h.eventually(function()
-            local res = proxy:admin("GET", "/ready")
-            return res and res.status == 200
-        end, 5)
+        proxy:wait_ready()
         assert.equal("v1", body(proxy.port, "/x"))
     end)
 
@@ -264,10 +261,7 @@ describe("reload", function()
     lazy_setup(function()
         a = h.start_origin("a")
         proxy = h.start_proxy { workers = 2, config = CONFIG, vars = { a = a.addr, marker = "v1" } }
-        h.eventually(function()
-            local res = proxy:admin("GET", "/ready")
-            return res and res.status == 200
-        end, 5)
+        proxy:wait_ready()
     end)
 
     lazy_teardown(function()
@@ -557,10 +551,7 @@ describe("reload and runtime state", function()
         a = h.start_origin("a")
         b = h.start_origin("b")
         proxy = h.start_proxy { workers = 2, config = STATEFUL, vars = { server = a.addr, marker = "s1" } }
-        h.eventually(function()
-            local res = proxy:admin("GET", "/ready")
-            return res and res.status == 200
-        end, 5)
+        proxy:wait_ready()
     end)
 
     lazy_teardown(function()
@@ -696,10 +687,7 @@ describe("reload of settings", function()
         a = h.start_origin("a")
         proxy = h.start_proxy { workers = 2, config = SETTINGS,
                                 vars = { a = a.addr, trusted = '"127.0.0.1/32"', max_body = "1m" } }
-        h.eventually(function()
-            local res = proxy:admin("GET", "/ready")
-            return res and res.status == 200
-        end, 5)
+        proxy:wait_ready()
     end)
 
     lazy_teardown(function()
@@ -743,10 +731,7 @@ describe("POST /rollback without a previous configuration", function()
     lazy_setup(function()
         a = h.start_origin("a")
         proxy = h.start_proxy { workers = 1, config = CONFIG, vars = { a = a.addr, marker = "only" } }
-        h.eventually(function()
-            local res = proxy:admin("GET", "/ready")
-            return res and res.status == 200
-        end, 5)
+        proxy:wait_ready()
     end)
 
     lazy_teardown(function()
@@ -768,10 +753,7 @@ describe("reload under load #slow", function()
     lazy_setup(function()
         a = h.start_origin("a")
         proxy = h.start_proxy { workers = 2, config = TABLE, vars = { a = a.addr, table = "A" } }
-        h.eventually(function()
-            local res = proxy:admin("GET", "/ready")
-            return res and res.status == 200
-        end, 5)
+        proxy:wait_ready()
     end)
 
     lazy_teardown(function()

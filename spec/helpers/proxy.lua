@@ -469,6 +469,14 @@ function Proxy:upstreams()
     return doc
 end
 
+-- Waits (bounded) until the admin port answers GET /ready with 200.
+function Proxy:wait_ready(timeout)
+    M.eventually(function()
+        local res = self:admin("GET", "/ready")
+        return res and res.status == 200
+    end, timeout or 5)
+end
+
 -- Waits (bounded) until no server of any upstream has a request in flight;
 -- raises naming the first one that still has.
 function Proxy:wait_all_idle(timeout)
