@@ -25,7 +25,7 @@ LDLIBS   := -lluajit-5.1 -lev -lpcre2-8 -lpthread -lm -ldl
 
 # The offline core (router, regex, parser, config) also builds as the Lua C
 # module moonproxy.core used by moonproxy.testing and the specs.
-SRV_SRCS  := $(notdir $(wildcard src/*.c))
+SRV_SRCS  := $(filter-out fuzz.c,$(notdir $(wildcard src/*.c)))
 SRV_ONLY  := main.c worker.c listener.c conn.c upstream.c pool.c buf.c l_request.c admin.c reload.c probe.c balancer.c
 CORE_SRCS := $(filter-out $(SRV_ONLY),$(SRV_SRCS))
 

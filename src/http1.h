@@ -10,6 +10,7 @@
 #include <sys/types.h>
 
 #define MP_HTTP_MAX_HEADERS 100 /* more fields than this: 431 */
+#define MP_HTTP_MAX_LENGTH ((int64_t)1 << 62) /* largest Content-Length or chunk size */
 #define MP_HTTP_MAX_METHOD 32   /* a longer method: 400 */
 
 typedef struct {
@@ -111,7 +112,7 @@ int mp_http1_next_token(mp_slice value, size_t *pos, mp_slice *tok);
 /* The reason phrase for a status ("Not Found"), or "Unknown". */
 const char *mp_http1_reason(int status);
 
-/* libFuzzer entry points: feed arbitrary bytes; must never crash. */
+/* libFuzzer entry points (fuzz.c): feed arbitrary bytes; must never crash. */
 void mp_fuzz_http1(const uint8_t *data, size_t size);
 void mp_fuzz_chunked(const uint8_t *data, size_t size);
 
