@@ -23,11 +23,12 @@ LDFLAGS  += -fsanitize=address,undefined
 endif
 LDLIBS   := -lluajit-5.1 -lev -lpcre2-8 -lpthread -lm -ldl
 
-# The offline core (router, regex, parser, config) also builds as the Lua C
-# module moonproxy.core used by moonproxy.testing and the specs.
-SRV_SRCS  := $(filter-out fuzz.c,$(notdir $(wildcard src/*.c)))
-SRV_ONLY  := main.c worker.c listener.c conn.c upstream.c pool.c buf.c l_request.c admin.c reload.c probe.c balancer.c
-CORE_SRCS := $(filter-out $(SRV_ONLY),$(SRV_SRCS))
+# Everything but main.c also builds as the Lua C module moonproxy.core, which
+# moonproxy.testing and the specs use: the same router, hooks and request
+# handling as the server, with no sockets.
+# (l_sim.c, core.simulator for moonproxy.testing, is the module's alone.)
+SRV_SRCS  := $(filter-out fuzz.c l_sim.c,$(notdir $(wildcard src/*.c)))
+CORE_SRCS := $(filter-out main.c,$(SRV_SRCS)) l_sim.c
 
 SRV_OBJS  := $(SRV_SRCS:%.c=$(BUILD)/obj/%.o)
 CORE_OBJS := $(CORE_SRCS:%.c=$(BUILD)/pic/%.o)
@@ -52,7 +53,7 @@ $(BIN): $(SRV_OBJS)
 	$(CC) $(LDFLAGS) -rdynamic -o $@ $^ $(LDLIBS)
 
 $(CORE): $(CORE_OBJS) | $(BUILD)/lib/moonproxy
-	$(CC) $(LDFLAGS) -shared -o $@ $^ -lpcre2-8 -lpthread -lm
+	$(CC) $(LDFLAGS) -shared -o $@ $^ -lev -lpcre2-8 -lpthread -lm
 
 $(BUILD)/obj $(BUILD)/pic $(BUILD)/lib/moonproxy:
 	mkdir -p $@

@@ -16,7 +16,7 @@ local _M = {}
 
 local function new_state()
   return { listen = {}, upstreams = {}, upstream_by_name = {}, routes = {}, route_by_name = {},
-    global = { on_request = {}, on_response = {}, on_log = {}, plugins = {} } }
+    global = { on_request = {}, on_response = {}, on_log = {}, plugins = {} }, expects = {} }
 end
 
 local state = new_state() -- what the script declared so far; a new one per load
@@ -38,14 +38,6 @@ local function where()
   end
   return "?"
 end
-
-local function not_yet(what)
-  return function()
-    error(what .. " is not supported yet", 2)
-  end
-end
-
-_M.expect = not_yet("proxy.expect")
 
 -- Global hooks, run for every request in declaration order (README "Hooks").
 local function global_hook(phase)
@@ -348,24 +340,53 @@ local function upstream_ref(v)
   return bad(v, 'must be an upstream (local api = proxy.upstream "api" {...}) or its name')
 end
 
+-- static = { root = DIR, index = "index.html", fallback = "/index.html" }:
+-- files under root (relative to the script's folder: resolved in _finish;
+-- src/config.c checks that it is a directory).
+local function static_index(v)
+  if type(v) == "string" and v ~= "" and v ~= "." and v ~= ".." and not v:find("[/%z]") then
+    return v
+  end
+  return bad(v, 'must be a file name without "/", like "index.html"')
+end
+
+local function static_fallback(v)
+  local p, err = schema.uri_path(v)
+  if p and (("/" .. p .. "/"):find("/%.%.?/") or p:find("%%")) then
+    return bad(v, 'must be a plain path inside root (no "." or ".." segments, no "%")')
+  end
+  return p, err
+end
+
+local static_spec = { root = schema.string, index = static_index, fallback = static_fallback }
+
+local function static_files(v, src, what)
+  local s = check(v, static_spec, what, src)
+  if not s.root then
+    fail(src, '%s: needs root = "./public" (a folder, relative to the configuration file)', what)
+  end
+  s.index = s.index or "index.html"
+  return s
+end
+
 local route_spec = {
   name = schema.string, host = schema.route_host, method = schema.methods,
   path = schema.uri_path, prefix = schema.uri_path, regex = schema.string,
   headers = schema.header_filters, strip_prefix = schema.boolean, upstream = upstream_ref,
   rewrite = schema.func, on_request = schema.func, on_response = schema.func, handler = schema.func,
-  plugins = schema.list(function(e) return e end),
+  plugins = schema.list(function(e) return e end), static = static_files,
 }
-local route_later = { static = true }
 
 function _M.route(t)
   local src = where()
-  local r = check(t, route_spec, "route", src, route_later)
+  local r = check(t, route_spec, "route", src)
   if ((r.path and 1 or 0) + (r.prefix and 1 or 0) + (r.regex and 1 or 0)) > 1 then
     fail(src, "route: set only one of path, prefix, regex")
   elseif r.strip_prefix and not r.prefix then
     fail(src, "route: strip_prefix needs a prefix")
-  elseif not r.upstream == not r.handler then
-    fail(src, "route: needs one target: upstream = api (an upstream or its name), or handler = function(req)")
+  elseif (r.upstream and 1 or 0) + (r.handler and 1 or 0) + (r.static and 1 or 0) ~= 1 then
+    fail(src, "route: needs one target: upstream = api (an upstream or its name), handler = function(req), "
+      .. 'or static = { root = "./public" }')
   end
   r.index = #state.routes + 1
   r.name = r.name or tostring(r.index)
@@ -379,6 +400,49 @@ function _M.route(t)
   r.src = src
   state.routes[r.index] = r
   state.route_by_name[r.name] = r
+end
+
+-- proxy.expect { request = {...}, upstream =, target =, ... }: a guard. The
+-- server runs the request through the configuration (src/sim.c) at start,
+-- at -t and at every reload, and refuses the configuration if the result
+-- differs (README "Testing configurations").
+local header_map = function(v)
+  if type(v) ~= "table" then
+    return bad(v, "must be a table of name = value")
+  end
+  for k, x in pairs(v) do
+    if type(k) ~= "string" or not k:match("^[%w!#$%%&'*+.^_`|~-]+$") then
+      return bad(k, "must use header names as keys")
+    elseif type(x) ~= "string" and type(x) ~= "number" and type(x) ~= "table" and x ~= false then
+      return bad(x, fmt("['%s'] must be a string, a list of strings, or false (absent)", k))
+    end
+  end
+  return v
+end
+local expect_request = {
+  method = schema.string, host = schema.string, path = schema.string, headers = header_map,
+  body = function(v) return type(v) == "string" and v or bad(v, "must be a string") end,
+  remote_addr = schema.string,
+}
+local expect_spec = {
+  request = function(v, src, what) return check(v, expect_request, what, src) end,
+  upstream = upstream_ref, target = schema.string, route = function(v)
+    return (type(v) == "string" or type(v) == "number") and v or bad(v, "must be a route name or index")
+  end,
+  status = schema.integer(100, 599), server = schema.string, headers = header_map,
+}
+
+function _M.expect(t)
+  local src = where()
+  local e = check(t, expect_spec, "expect", src)
+  if not e.request then
+    fail(src, 'expect: needs request = { method = "GET", host = "...", path = "/..." }')
+  elseif e.upstream == nil and e.target == nil and e.route == nil and e.status == nil and e.server == nil
+    and e.headers == nil then
+    fail(src, "expect: says nothing to check (give upstream, target, route, status, server or headers)")
+  end
+  e.src = src
+  state.expects[#state.expects + 1] = e
 end
 
 -- whole-script checks ------------------------------------------------------------
@@ -437,6 +501,12 @@ function _M._finish(script)
         hint and fmt(" (did you mean '%s'?)", hint) or (#names == 0 and " (no upstream is declared)" or ""))
     end
   end
+  local dir = script and script:match("^(.*)/[^/]*$") or "."
+  for _, r in ipairs(s.routes) do
+    if r.static and r.static.root:sub(1, 1) ~= "/" and dir ~= "." then
+      r.static.root = dir .. "/" .. r.static.root:gsub("^%./+", "")
+    end
+  end
   if not s.settings then
     s.settings = settings_defaults()
   end
@@ -445,8 +515,13 @@ function _M._finish(script)
       u.balancer_fn = require("moonproxy.balancer." .. u.balancer).pick
     end
   end
+  for _, e in ipairs(s.expects) do
+    if type(e.upstream) == "string" and not s.upstream_by_name[e.upstream] then
+      fail(e.src, "expect: unknown upstream '%s'", e.upstream)
+    end
+  end
   return { listen = s.listen, admin = s.admin, settings = s.settings, upstreams = s.upstreams, routes = s.routes,
-    hooks = build_hooks(s, script) }
+    hooks = build_hooks(s, script), expects = #s.expects > 0 and s.expects or nil }
 end
 
 return _M

@@ -71,4 +71,10 @@ static inline int mp_slice_ieq(mp_slice a, const char *lower, size_t n)
 
 #define MP_SLICE_IEQ(s, lit) mp_slice_ieq((s), (lit), sizeof(lit) - 1)
 
+/* Monotonic seconds (CLOCK_MONOTONIC): the clock of shared dicts, health and
+ * proxy.now(). mp_now_pin(t) makes the calling thread read t instead (the
+ * simulator pins time for deterministic specs); mp_now_pin(0) unpins. */
+double mp_now(void);
+void mp_now_pin(double t);
+
 #endif

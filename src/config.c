@@ -9,10 +9,12 @@
 #include <lua.h>
 
 #include <arpa/inet.h>
+#include <errno.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 
 /* ---- addresses ---------------------------------------------------------- */
 
@@ -517,6 +519,35 @@ static void route_filters(lua_State *L, int t, mp_route_def_t *def, const char *
     }
 }
 
+/* The static = {...} table on top of the stack, for the route about to be
+ * added: root must be a directory now, fallback a file under it. */
+static void build_static(lua_State *L, mp_config_t *cfg, const char *name, const char *src)
+{
+    int t = lua_gettop(L);
+    mp_static_def_t *s = &cfg->statics[mp_router_count(cfg->router)];
+    const char *w = "route static";
+    s->root = xstrdup(L, get_str(L, t, "root", src, w));
+    s->index = xstrdup(L, get_str(L, t, "index", src, w));
+    s->fallback = xstrdup(L, get_str(L, t, "fallback", src, w));
+    if (!s->root)
+        fail(L, src, "route '%s': static needs root", name);
+    if (!s->index)
+        s->index = xstrdup(L, "index.html");
+    struct stat st;
+    if (stat(s->root, &st) != 0)
+        fail(L, src, "route '%s': static root '%s' %s", name, s->root,
+             errno == ENOENT || errno == ENOTDIR ? "does not exist" : strerror(errno));
+    if (!S_ISDIR(st.st_mode))
+        fail(L, src, "route '%s': static root '%s' is not a directory", name, s->root);
+    if (s->fallback) {
+        char *p = lua_newuserdata(L, strlen(s->root) + strlen(s->fallback) + 1);
+        strcat(strcpy(p, s->root), s->fallback);
+        if (stat(p, &st) != 0 || !S_ISREG(st.st_mode))
+            fail(L, src, "route '%s': static fallback '%s' is not a file in root '%s'", name, s->fallback, s->root);
+    }
+    lua_settop(L, t);
+}
+
 static void build_route(lua_State *L, mp_config_t *cfg)
 {
     int t = lua_gettop(L);
@@ -535,8 +566,13 @@ static void build_route(lua_State *L, mp_config_t *cfg)
     lua_getfield(L, t, "handler");
     int handler = lua_isfunction(L, -1);
     lua_pop(L, 1);
-    if (!up && !handler)
-        fail(L, src, "route: needs a target: upstream = ... or handler = function(req)");
+    int is_static = get_table(L, t, "static", src, "route");
+    if (is_static) {
+        build_static(L, cfg, def.name ? def.name : "?", src);
+        lua_pop(L, 1);
+    }
+    if (!!up + handler + is_static != 1)
+        fail(L, src, "route: needs one target: upstream = ..., handler = function(req) or static = {...}");
     def.target = up ? mp_config_upstream(cfg, up) : -1;
     if (up && def.target < 0)
         fail(L, src, "route '%s': unknown upstream '%s'", def.name ? def.name : "?", up);
@@ -557,6 +593,8 @@ static void build_routes(lua_State *L, mp_config_t *cfg)
     if (!get_table(L, 1, "routes", NULL, "config"))
         return;
     size_t n = lua_objlen(L, -1);
+    cfg->statics = xcalloc(L, n, sizeof(*cfg->statics));
+    cfg->nstatics = n;
     for (size_t i = 0; i < n; i++) {
         lua_rawgeti(L, -1, (int)i + 1);
         if (!lua_istable(L, -1))
@@ -602,7 +640,7 @@ static void build_hooks(lua_State *L, mp_config_t *cfg)
             lua_getfield(L, -1, "captures");
             h->captures = (uint8_t)lua_toboolean(L, -1);
             lua_pop(L, 1);
-            h->handler = mp_router_get(cfg->router, i)->target < 0;
+            h->handler = mp_router_get(cfg->router, i)->target < 0 && !cfg->statics[i].root;
             cfg->has_hooks |= h->request != LUA_NOREF || h->response != LUA_NOREF;
         }
         lua_pop(L, 1);
@@ -621,6 +659,9 @@ static int build(lua_State *L)
     build_upstreams(L, cfg);
     build_routes(L, cfg);
     build_hooks(L, cfg);
+    lua_getfield(L, 1, "expects");
+    cfg->nexpects = lua_istable(L, -1) ? lua_objlen(L, -1) : 0;
+    cfg->expect_ref = cfg->nexpects ? luaL_ref(L, LUA_REGISTRYINDEX) : (lua_pop(L, 1), LUA_NOREF);
     return 0;
 }
 
@@ -781,6 +822,12 @@ void mp_config_free(mp_config_t *cfg)
     if (cfg->router)
         mp_router_free(cfg->router);
     free(cfg->route_hooks);
+    for (size_t i = 0; i < cfg->nstatics; i++) {
+        free(cfg->statics[i].root);
+        free(cfg->statics[i].index);
+        free(cfg->statics[i].fallback);
+    }
+    free(cfg->statics);
     free(cfg->path);
     free(cfg);
 }

@@ -90,6 +90,13 @@ typedef struct {
     uint8_t handler;  /* the chain's result is the upstream (a handler route) */
 } mp_route_hooks_t;
 
+/* A static route's files (SPEC "Routes": static = {...}; served by static.c). */
+typedef struct {
+    char *root;     /* the folder (relative paths resolved from the script's folder); NULL: not static */
+    char *index;    /* file served for a directory: "index.html" */
+    char *fallback; /* "/index.html": served (200) when a file is missing, or NULL */
+} mp_static_def_t;
+
 typedef struct {
     char *path;        /* the script */
     mp_settings_t settings;
@@ -103,7 +110,11 @@ typedef struct {
     int log_ref;         /* on_log chain, after the response (LUA_NOREF: none) */
     int response_ref;    /* global response chain, for responses made before routing */
     mp_route_hooks_t *route_hooks; /* by route index - 1 */
+    mp_static_def_t *statics;      /* by route index - 1; root NULL for routes that are not static */
+    size_t nstatics;
     int has_hooks;       /* any chain at all: requests need a Lua object */
+    int expect_ref;      /* the proxy.expect guards, a list in the VM (nexpects > 0) */
+    size_t nexpects;
 } mp_config_t;
 
 /* Builds a configuration from the normalized table at stack index idx (see

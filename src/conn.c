@@ -6,6 +6,7 @@
 #include "listener.h"
 #include "pool.h"
 #include "reload.h"
+#include "static.h"
 #include "upstream.h"
 
 #include <arpa/inet.h>
@@ -14,11 +15,13 @@
 #include <stdlib.h>
 #include <lauxlib.h>
 #include <lua.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #define LINGER_SECONDS 2.0
+#define SENDFILE_TURN (2u << 20) /* bytes of a file sent per loop turn: one fast client does not hold the worker */
 
 enum { MP_CS_LINGER = MP_CS_LOCAL + 1 }; /* response sent; reading what the client still sends, then close */
 
@@ -26,6 +29,7 @@ static void on_io(struct ev_loop *loop, ev_io *io, int revents);
 static void on_timer(struct ev_loop *loop, ev_timer *t, int revents);
 static void on_readable(mp_conn_t *c);
 static void flush_local(mp_conn_t *c);
+static void send_static(mp_conn_t *c);
 
 void mp_conn_want(mp_conn_t *c, int events)
 {
@@ -177,8 +181,7 @@ static void describe_peer(mp_req_t *r)
         }
 }
 
-/* A complete, valid head is in c->in: decide framing, route, and hand the
- * request to the exchange, or answer it here. */
+/* Whether an address given as text is one of trusted_proxies. */
 static int ip_trusted(const mp_settings_t *s, const char *text, size_t len)
 {
     char ip[INET6_ADDRSTRLEN];
@@ -223,24 +226,22 @@ done:
     return best;
 }
 
-/* A hook chain's outcome: answer what a hook answered, or 500 for an error. */
-static void hook_outcome(mp_conn_t *c, int rc)
+/* A hook chain's outcome as mp_req_decide reports it. */
+static int hook_outcome(int rc)
 {
-    if (rc == MP_HOOK_RESPONDED)
-        return mp_conn_respond(c);
-    mp_conn_fail(c, 500);
+    return rc == MP_HOOK_RESPONDED ? MP_DECIDE_RESPONDED : 500;
 }
 
 /* Routes r by its (possibly hook-changed) path and runs the route's request
- * chain. Returns 0 when the request goes upstream. */
-static int route_request(mp_conn_t *c, mp_req_t *r)
+ * chain. Returns what mp_req_decide returns. */
+static int route_request(mp_req_t *r)
 {
     const mp_config_t *cfg = r->gen->cfg;
     mp_http_request_t *h = &r->h;
     mp_route_query_t q = {h->method, h->host, r->path, h->headers, h->nheaders};
     r->match_path = r->path;
     if (mp_router_match(cfg->router, &q, &r->match) != 0)
-        return mp_conn_fail(c, 404), -1;
+        return 404;
     const mp_route_t *route = r->match.route;
     if (route->strip_prefix && route->prefix) {
         /* the path keeps its leading '/': "/v1/users" less "/v1/" is "/users" */
@@ -251,31 +252,59 @@ static int route_request(mp_conn_t *c, mp_req_t *r)
             r->path = MP_SLICE_LIT("/");
     }
     r->upstream = route->target;
+    int go = cfg->statics[route->index - 1].root ? MP_DECIDE_STATIC : MP_DECIDE_UPSTREAM;
     const mp_route_hooks_t *hooks = &cfg->route_hooks[route->index - 1];
     if (hooks->request == LUA_NOREF)
-        return 0;
+        return go;
     int up = -1;
     int rc = mp_hook_route(r->gen->L, r, hooks, &up);
     if (rc != MP_HOOK_NEXT)
-        return hook_outcome(c, rc), -1;
+        return hook_outcome(rc);
     if (hooks->handler) {
         if (up < 0 || (size_t)up >= cfg->nupstreams) {
             mp_log_error("w%d: route '%s' (%s): the handler neither responded nor returned an upstream "
-                         "(request %.*s)", c->w->id, route->name, route->src, r->id_len, r->id);
-            return mp_conn_fail(c, 500), -1;
+                         "(request %.*s)", r->conn->w->id, route->name, route->src, r->id_len, r->id);
+            return 500;
         }
         r->upstream = up;
     }
-    return 0;
+    return go;
 }
 
-/* A complete, valid head is in c->in: decide framing, run the hooks, route,
- * and hand the request to the exchange, or answer it here. */
+void mp_req_identify(mp_req_t *r)
+{
+    if (!r->id_len)
+        assign_request_id(r);
+    if (!r->client_ip[0])
+        describe_peer(r);
+}
+
+int mp_req_decide(mp_req_t *r)
+{
+    const mp_http_request_t *h = &r->h;
+    const mp_config_t *cfg = r->gen->cfg;
+    r->path = h->path;
+    r->query = h->query;
+    r->has_query = h->has_query;
+    assign_request_id(r);
+    describe_peer(r);
+    if (cfg->settings.max_body_size && h->content_length > 0 &&
+        (uint64_t)h->content_length > cfg->settings.max_body_size)
+        return 413;
+    if (cfg->pre_ref != LUA_NOREF) {
+        int rc = mp_hook_pre(r->gen->L, r, cfg->pre_ref);
+        if (rc != MP_HOOK_NEXT)
+            return hook_outcome(rc);
+    }
+    return route_request(r);
+}
+
+/* A complete, valid head is in c->in: decide framing, then what
+ * mp_req_decide decides: the exchange, or an answer made here. */
 static void start_request(mp_conn_t *c)
 {
     mp_req_t *r = c->req;
     mp_http_request_t *h = &r->h;
-    const mp_config_t *cfg = r->gen->cfg;
 
     r->is_head = h->method.len == 4 && memcmp(h->method.p, "HEAD", 4) == 0;
     r->keepalive = h->minor == 1 ? !h->conn_close : (h->conn_keepalive && !h->conn_close);
@@ -291,21 +320,13 @@ static void start_request(mp_conn_t *c)
     } else {
         r->body.done = 1;
     }
-    r->path = h->path;
-    r->query = h->query;
-    r->has_query = h->has_query;
-    assign_request_id(r);
-    describe_peer(r);
-    if (cfg->settings.max_body_size && h->content_length > 0 &&
-        (uint64_t)h->content_length > cfg->settings.max_body_size)
-        return mp_conn_fail(c, 413);
-    if (cfg->pre_ref != LUA_NOREF) {
-        int rc = mp_hook_pre(r->gen->L, r, cfg->pre_ref);
-        if (rc != MP_HOOK_NEXT)
-            return hook_outcome(c, rc);
-    }
-    if (route_request(c, r) != 0)
-        return;
+    int d = mp_req_decide(r);
+    if (d == MP_DECIDE_RESPONDED)
+        return mp_conn_respond(c);
+    if (d == MP_DECIDE_STATIC)
+        return send_static(c);
+    if (d != MP_DECIDE_UPSTREAM)
+        return mp_conn_fail(c, d);
     c->state = MP_CS_PROXY;
     mp_upstream_start(r);
 }
@@ -473,6 +494,10 @@ static void end_request(mp_conn_t *c)
     if (!r)
         return;
     mp_upstream_cancel(r);
+    if (r->has_file) {
+        close(r->file_fd);
+        r->has_file = 0;
+    }
     const mp_config_t *cfg = r->gen->cfg;
     if (r->status && cfg->log_ref != LUA_NOREF)
         mp_hook_log(r->gen->L, r, cfg->log_ref);
@@ -521,6 +546,48 @@ void mp_conn_request_done(mp_conn_t *c)
     mp_conn_timer(c, w->cfg->settings.keepalive_timeout);
 }
 
+/* Waits until the client can take more, at most client_body_timeout. */
+static void wait_writable(mp_conn_t *c)
+{
+    mp_conn_want(c, EV_WRITE);
+    mp_conn_timer(c, c->w->cfg->settings.client_body_timeout);
+}
+
+/* Sends the rest of a static response's file (after the head). Returns 0
+ * once it is all sent, -1 when waiting for the socket or closed. */
+static int send_file(mp_conn_t *c)
+{
+    mp_req_t *r = c->req;
+    size_t turn = 0;
+    while (r->file_left) {
+        if (turn >= SENDFILE_TURN) { /* the socket is likely writable: the next loop turn goes on */
+            wait_writable(c);
+            return -1;
+        }
+        off_t off = (off_t)r->file_off;
+        size_t want = r->file_left < SENDFILE_TURN ? (size_t)r->file_left : SENDFILE_TURN;
+        ssize_t n = sendfile(c->fd, r->file_fd, &off, want);
+        if (n > 0) {
+            r->file_off += (uint64_t)n;
+            r->file_left -= (uint64_t)n;
+            r->bytes_sent += (uint64_t)n;
+            turn += (size_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN) {
+            wait_writable(c);
+            return -1;
+        }
+        if (n == 0) /* the file shrank: Content-Length cannot be kept */
+            mp_log_info("w%d: static file shrank while sent (request %.*s)", c->w->id, r->id_len, r->id);
+        mp_conn_close(c);
+        return -1;
+    }
+    return 0;
+}
+
 static void flush_local(mp_conn_t *c)
 {
     mp_req_t *r = c->req;
@@ -538,50 +605,13 @@ static void flush_local(mp_conn_t *c)
         }
         if (n < 0 && errno == EINTR)
             continue;
-        if (n < 0 && errno == EAGAIN) {
-            mp_conn_want(c, EV_WRITE);
-            mp_conn_timer(c, c->w->cfg->settings.client_body_timeout);
-            return;
-        }
+        if (n < 0 && errno == EAGAIN)
+            return wait_writable(c);
         return mp_conn_close(c);
     }
+    if (r->has_file && send_file(c) != 0)
+        return;
     mp_conn_request_done(c);
-}
-
-/* Writes a response made here: head into c->out, the body after it (or,
- * when it does not fit, from the request's local_body). */
-static void send_local(mp_conn_t *c, int status, const char *body, size_t blen, const mp_hedit_t *edits)
-{
-    mp_worker_t *w = c->w;
-    mp_req_t *r = c->req;
-    r->status = status;
-    mp_slice date = mp_worker_date(w);
-    char head[512];
-    char retry[40] = "";
-    if (r->retry_after && status == 503)
-        snprintf(retry, sizeof(retry), "Retry-After: %u\r\n", r->retry_after);
-    int hlen = snprintf(head, sizeof(head),
-                        "HTTP/1.1 %d %s\r\n%.*sContent-Length: %zu\r\nX-Request-ID: %.*s\r\n%s%s", status,
-                        mp_http1_reason(status), (int)date.len, date.p, blen, /* HEAD too: RFC 9110 §9.3.2 */
-                        r->id_len, r->id, retry, r->keepalive ? "" : "Connection: close\r\n");
-    mp_buf_t *b = &c->out;
-    if (mp_buf_acquire(b, &w->bufs) != 0 || mp_buf_append(b, head, (size_t)hlen) != 0 ||
-        (!mp_hedit_find(edits, MP_SLICE_LIT("content-type")) &&
-         MP_BUF_LIT(b, "Content-Type: text/plain\r\n") != 0) ||
-        mp_hedit_put(b, edits, NULL) != 0 || MP_BUF_LIT(b, "\r\n") != 0)
-        return mp_conn_close(c);
-    if (r->is_head)
-        blen = 0;
-    if (blen <= mp_buf_room(b)) {
-        mp_buf_append(b, body, blen);
-        blen = 0;
-    }
-    r->local_out = body;
-    r->local_out_len = blen;
-    r->resp_started = 1;
-    c->state = MP_CS_LOCAL;
-    mp_conn_want(c, 0);
-    flush_local(c);
 }
 
 /* Runs the response hooks on a response made here (the route's chain, or
@@ -599,16 +629,110 @@ static int local_response_hooks(mp_req_t *r, int status)
     return r->resp_status ? r->resp_status : status;
 }
 
+static void error_body(int status, mp_local_t *out)
+{
+    int n = snprintf(out->text, sizeof(out->text), "%d %s\n", status, mp_http1_reason(status));
+    out->body = (mp_slice){out->text, (size_t)n};
+}
+
+int mp_local_response(mp_req_t *r, int status, mp_buf_t *b, mp_local_t *out)
+{
+    const mp_hedit_t *edits = NULL;
+    int shown = 0;
+    if (status == 0 && (shown = local_response_hooks(r, r->local_status))) {
+        /* what req:respond gave, as the response hooks left it */
+        out->body = (mp_slice){r->local_body, r->local_body_len};
+        edits = r->resp_edits;
+    } else {
+        if (status == 0) /* a response hook failed on it */
+            status = 500;
+        error_body(status, out);
+        /* Response hooks see the proxy's own errors too, once the head was
+         * valid (and not when a hook is what failed). */
+        r->resp_edits = NULL;
+        shown = status;
+        if (r->path.p && !r->hook_failed && !(shown = local_response_hooks(r, status))) {
+            shown = 500;
+            r->resp_edits = NULL;
+            error_body(500, out);
+        }
+        edits = r->resp_edits;
+    }
+    r->status = shown;
+    mp_slice date = mp_worker_date(r->conn->w);
+    char head[512];
+    char retry[40] = "";
+    if (r->retry_after && shown == 503)
+        snprintf(retry, sizeof(retry), "Retry-After: %u\r\n", r->retry_after);
+    int hlen = snprintf(head, sizeof(head),
+                        "HTTP/1.1 %d %s\r\n%.*sContent-Length: %zu\r\nX-Request-ID: %.*s\r\n%s%s", shown,
+                        mp_http1_reason(shown), (int)date.len, date.p, out->body.len, /* HEAD too: RFC 9110 §9.3.2 */
+                        r->id_len, r->id, retry, r->keepalive ? "" : "Connection: close\r\n");
+    if (mp_buf_append(b, head, (size_t)hlen) != 0 ||
+        (!mp_hedit_find(edits, MP_SLICE_LIT("content-type")) &&
+         MP_BUF_LIT(b, "Content-Type: text/plain\r\n") != 0) ||
+        mp_hedit_put(b, edits, NULL) != 0 || MP_BUF_LIT(b, "\r\n") != 0)
+        return -1;
+    return shown;
+}
+
+/* Writes the response made here (status, or 0 for req:respond's): head
+ * into c->out, the body after it (or, when it does not fit, from the
+ * request's local_body). */
+static void send_local(mp_conn_t *c, int status)
+{
+    mp_req_t *r = c->req;
+    mp_local_t local;
+    mp_buf_t *b = &c->out;
+    if (mp_buf_acquire(b, &c->w->bufs) != 0 || mp_local_response(r, status, b, &local) < 0)
+        return mp_conn_close(c);
+    size_t blen = r->is_head ? 0 : local.body.len;
+    if (blen <= mp_buf_room(b)) {
+        mp_buf_append(b, local.body.p, blen);
+        blen = 0;
+    }
+    /* a body that did not fit is respond()'s, which lives in the request */
+    r->local_out = local.body.p;
+    r->local_out_len = blen;
+    r->resp_started = 1;
+    c->state = MP_CS_LOCAL;
+    mp_conn_want(c, 0);
+    flush_local(c);
+}
+
+/* A static route (static.h): the head into c->out, then the file with
+ * sendfile (flush_local), or the short body of a 301, 405 or error. */
+static void send_static(mp_conn_t *c)
+{
+    mp_req_t *r = c->req;
+    mp_static_file_t f;
+    mp_local_t local;
+    if (!r->body.done)
+        r->keepalive = 0; /* the body is not read */
+    mp_static_resolve(r, &f);
+    if (mp_buf_acquire(&c->out, &c->w->bufs) != 0 || mp_static_response(r, &f, &c->out, &local) < 0 ||
+        mp_buf_append(&c->out, local.body.p, r->is_head ? 0 : local.body.len) != 0) {
+        mp_static_dispose(&f);
+        return mp_conn_close(c);
+    }
+    if (f.fd >= 0) {
+        r->file_fd = f.fd;
+        r->file_left = f.size;
+        r->has_file = 1;
+    }
+    r->resp_started = 1;
+    c->state = MP_CS_LOCAL;
+    mp_conn_want(c, 0);
+    flush_local(c);
+}
+
 /* A hook answered: the response hooks see that answer like any other. */
 void mp_conn_respond(mp_conn_t *c)
 {
     mp_req_t *r = c->req;
     if (!r->body.done)
         r->keepalive = 0;
-    int status = local_response_hooks(r, r->local_status);
-    if (!status)
-        return mp_conn_fail(c, 500);
-    send_local(c, status, r->local_body, r->local_body_len, r->resp_edits);
+    send_local(c, 0);
 }
 
 void mp_conn_fail(mp_conn_t *c, int status)
@@ -619,28 +743,12 @@ void mp_conn_fail(mp_conn_t *c, int status)
     if (!r || r->resp_started)
         return mp_conn_close(c);
     mp_upstream_cancel(r);
-    if (!r->id_len)
-        assign_request_id(r);
-    if (!r->client_ip[0])
-        describe_peer(r);
+    mp_req_identify(r);
     if (!r->body.done || status == 408 || status == 400)
         r->keepalive = 0;
     if (status >= 500)
         mp_log_info("w%d: %d for request %.*s", c->w->id, status, r->id_len, r->id);
-    char body[64];
-    int blen = snprintf(body, sizeof(body), "%d %s\n", status, mp_http1_reason(status));
-    /* Response hooks see the proxy's own errors too, once the head was valid
-     * (and not when a hook is what failed). */
-    int shown = status;
-    if (r->path.p && !r->hook_failed) {
-        r->resp_edits = NULL;
-        if (!(shown = local_response_hooks(r, status))) {
-            shown = 500;
-            r->resp_edits = NULL;
-            blen = snprintf(body, sizeof(body), "500 %s\n", mp_http1_reason(500));
-        }
-    }
-    send_local(c, shown, body, (size_t)blen, r->resp_edits);
+    send_local(c, status);
 }
 
 void mp_conn_close(mp_conn_t *c)

@@ -92,6 +92,9 @@ typedef struct mp_req {
     unsigned body_abandoned : 1; /* the upstream answered before the whole body; stop sending it */
     unsigned has_query : 1;      /* query is present ('?' was there) */
     unsigned hook_failed : 1;    /* a hook raised: no more hooks for this request */
+    unsigned has_file : 1;       /* file_fd is open: a static response's body (closed at request end) */
+    int file_fd;
+    uint64_t file_off, file_left; /* bytes of the file sent, still to send */
 } mp_req_t;
 
 struct mp_conn {
@@ -111,6 +114,32 @@ struct mp_conn {
     unsigned requests; /* served on this connection */
     mp_conn_t *prev, *next; /* worker->conns, or worker->graveyard */
 };
+
+/* What a request's head decides (mp_req_decide): go upstream, answer what a
+ * hook answered with req:respond, serve a static route's file (static.h), or
+ * (any other value) answer that status. */
+enum { MP_DECIDE_UPSTREAM = 0, MP_DECIDE_RESPONDED = 1, MP_DECIDE_STATIC = 2 };
+
+/* Runs everything between a parsed head and the exchange: the request id,
+ * the client address, the body size limit, the global request hooks,
+ * routing and the route's request hooks. Touches no socket, so the
+ * simulator (sim.h) runs the very same decision. */
+int mp_req_decide(mp_req_t *r);
+
+/* Gives r its request id and client address if it has none yet (a head the
+ * parser refused never reached mp_req_decide). */
+void mp_req_identify(mp_req_t *r);
+
+/* A response made here. */
+typedef struct {
+    mp_slice body;  /* respond()'s body (in the request), or text */
+    char text[64];  /* an error's body: "404 Not Found\n" */
+} mp_local_t;
+
+/* Runs the response hooks on the response made here for r (status: the
+ * proxy's own error, or 0 for what req:respond gave), and appends its head
+ * to b. Returns the status to send, or -1 when b has no room. */
+int mp_local_response(mp_req_t *r, int status, mp_buf_t *b, mp_local_t *out);
 
 /* Takes ownership of an accepted, non-blocking fd. */
 void mp_conn_accept(mp_worker_t *w, int fd, const struct sockaddr *peer);

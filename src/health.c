@@ -19,9 +19,7 @@ static mp_peer_t *registry;
 
 double mp_health_now(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+    return mp_now();
 }
 
 mp_peer_t *mp_peer_get(const char *upstream, const char *addr)

@@ -106,7 +106,7 @@ static void push_route(lua_State *L, const mp_config_t *cfg, const mp_route_t *r
  * "addr"|nil, settings = {...}, upstreams = {name = {index, servers =
  * {"addr", ...}, weights = {...}, timeouts = {...}, ...}}, routes = {{name,
  * index, upstream, host, path, prefix, regex, strip_prefix, src}, ...}}. */
-static void push_summary(lua_State *L, const mp_config_t *cfg)
+void mp_l_push_config(lua_State *L, const mp_config_t *cfg)
 {
     lua_createtable(L, 0, 6);
     set_str(L, "path", cfg->path);
@@ -133,11 +133,12 @@ static void push_summary(lua_State *L, const mp_config_t *cfg)
         lua_rawseti(L, -2, (int)i + 1);
     }
     lua_setfield(L, -2, "routes");
+    set_num(L, "guards", (double)cfg->nexpects);
 }
 
 static int summary(lua_State *L)
 {
-    push_summary(L, lua_touserdata(L, 1));
+    mp_l_push_config(L, lua_touserdata(L, 1));
     return 1;
 }
 

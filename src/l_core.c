@@ -22,5 +22,7 @@ int luaopen_moonproxy_core(lua_State *L)
         mp_l_shared_register(L);
     if (mp_l_balance_register)
         mp_l_balance_register(L);
+    if (mp_l_sim_register)
+        mp_l_sim_register(L);
     return 1;
 }

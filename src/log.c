@@ -38,8 +38,25 @@ static double now_epoch(void)
     return (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
 }
 
+static _Thread_local void (*capture_fn)(void *arg, int level, const char *msg);
+static _Thread_local void *capture_arg;
+
+void mp_log_capture(void (*fn)(void *arg, int level, const char *msg), void *arg)
+{
+    capture_fn = fn;
+    capture_arg = arg;
+}
+
 void mp_log(int level, const char *fmt, ...)
 {
+    if (capture_fn) {
+        char text[1024];
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(text, sizeof(text), fmt, ap);
+        va_end(ap);
+        return capture_fn(capture_arg, level, text);
+    }
     if (level < mp_log_level)
         return;
     char line[2048];

@@ -16,8 +16,13 @@ extern int mp_log_level;
 /* Parses "debug|info|warn|error"; returns the level or -1. */
 int mp_log_parse_level(const char *s);
 
-/* Writes "<ISO time> [level] <message>\n" to stderr in one write(2). */
+/* Writes "<ISO time> [level] <message>\n" to stderr in one write(2), or
+ * hands the message to the calling thread's capture function. */
 void mp_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Sends this thread's log messages to fn instead of stderr (NULL: back to
+ * stderr). The simulator keeps them with the request that caused them. */
+void mp_log_capture(void (*fn)(void *arg, int level, const char *msg), void *arg);
 
 #define mp_log_debug(...) (mp_log_level <= MP_LOG_DEBUG ? mp_log(MP_LOG_DEBUG, __VA_ARGS__) : (void)0)
 #define mp_log_info(...) (mp_log_level <= MP_LOG_INFO ? mp_log(MP_LOG_INFO, __VA_ARGS__) : (void)0)

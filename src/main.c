@@ -7,6 +7,7 @@
 #include "probe.h"
 #include "reload.h"
 #include "log.h"
+#include "sim.h"
 #include "vm.h"
 #include "worker.h"
 
@@ -23,16 +24,28 @@
 
 static const char usage[] =
     "usage: moonproxy [-c FILE] [-t] [-w N] [-l LEVEL] [--version] [--help]\n"
+    "       moonproxy [-c FILE] --explain 'METHOD URL' [-H 'Name: value']... [--from ADDR]\n"
     "  -c FILE   configuration script (default: ./moonproxy.lua)\n"
-    "  -t        load and validate the configuration, print ok or the error, exit\n"
+    "  -t        load and validate the configuration (and its proxy.expect guards),\n"
+    "            print ok or the error, exit\n"
+    "  --explain 'GET http://host/path?q'  where this request would go and why: the\n"
+    "            route, the hooks' changes, the balancer's pick and what the upstream\n"
+    "            would receive (or the answer made here); -H adds a request header,\n"
+    "            --from sets the client address (default 127.0.0.1)\n"
     "  -w N      worker threads (default: settings.workers, else the number of CPUs)\n"
     "  -l LEVEL  log level: debug|info|warn|error (default: info)\n"
     "signals: SIGHUP reloads; SIGTERM/SIGINT stop gracefully (a second one exits at once)\n";
+
+#define MAX_EXPLAIN_HEADERS 64
 
 typedef struct {
     const char *path;
     int test_only;
     int workers;
+    const char *explain; /* "METHOD URL" */
+    const char *from;
+    const char *headers[MAX_EXPLAIN_HEADERS];
+    size_t nheaders;
 } options_t;
 
 static struct {
@@ -63,6 +76,16 @@ static int parse_args(int argc, char **argv, options_t *o)
             exit(0);
         } else if (strcmp(a, "-t") == 0) {
             o->test_only = 1;
+        } else if (strcmp(a, "--explain") == 0 && next) {
+            o->explain = argv[++i];
+        } else if (strcmp(a, "--from") == 0 && next) {
+            o->from = argv[++i];
+        } else if (strcmp(a, "-H") == 0 && next) {
+            if (o->nheaders == MAX_EXPLAIN_HEADERS) {
+                fprintf(stderr, "moonproxy: at most %d -H options\n", MAX_EXPLAIN_HEADERS);
+                return -1;
+            }
+            o->headers[o->nheaders++] = argv[++i];
         } else if (strcmp(a, "-c") == 0 && next) {
             o->path = argv[++i];
         } else if (strcmp(a, "-w") == 0 && next) {
@@ -182,21 +205,109 @@ static void on_watchdog(struct ev_loop *loop, ev_timer *t, int revents)
     g.stuck = mp_watchdog_check(g.workers, g.nworkers, mp_reloader_config(g.rl)->settings.hook_timeout);
 }
 
+/* -t: loads the script as a worker would and checks its guards. */
 static int test_config(const char *path)
 {
-    char err[2048];
-    lua_State *L = mp_vm_new();
-    mp_config_t *cfg = NULL;
-    int rc = L ? mp_config_load(L, path, &cfg, err, sizeof(err)) : MP_ENOMEM;
+    char err[8192];
+    mp_sim_t *s = mp_sim_new(path, NULL, 0, 1, err, sizeof(err));
+    int rc = s ? mp_sim_check_guards(s, err, sizeof(err)) : MP_EINVAL;
+    mp_sim_free(s);
     if (rc == 0)
         puts("ok");
     else
-        fprintf(stderr, "%s\n", L ? err : "out of memory");
-    if (cfg)
-        mp_config_free(cfg);
-    if (L)
-        mp_vm_close(L);
+        fprintf(stderr, "%s\n", err);
     return rc == 0 ? 0 : 1;
+}
+
+static void print_head(const char *head, size_t len)
+{
+    const char *end = head + len;
+    for (const char *p = head; p < end;) {
+        const char *eol = memchr(p, '\r', (size_t)(end - p));
+        if (!eol || eol == p)
+            break;
+        printf("  %.*s\n", (int)(eol - p), p);
+        p = eol + 2;
+    }
+}
+
+/* --explain 'METHOD URL': one request through the simulator (sim.h). */
+static int explain(const options_t *o)
+{
+    char method[32], url[8192];
+    if (sscanf(o->explain, "%31s %8191s", method, url) != 2) {
+        fprintf(stderr, "moonproxy: --explain takes 'METHOD URL', e.g. 'GET http://api.example.com/v1/users'\n");
+        return 2;
+    }
+    char host[512] = "";
+    const char *target = url;
+    if (strncmp(url, "http://", 7) == 0 || strncmp(url, "https://", 8) == 0) {
+        const char *h = strstr(url, "://") + 3;
+        size_t n = strcspn(h, "/?");
+        if (n >= sizeof(host)) {
+            fprintf(stderr, "moonproxy: --explain: the host is too long\n");
+            return 2;
+        }
+        memcpy(host, h, n);
+        host[n] = '\0';
+        target = h[n] == '/' ? h + n : h[n] == '?' ? NULL : "/";
+        if (!target) { /* "http://host?q": the path is "/" */
+            static char with_slash[8192];
+            snprintf(with_slash, sizeof(with_slash), "/%s", h + n);
+            target = with_slash;
+        }
+    } else if (url[0] != '/') {
+        fprintf(stderr, "moonproxy: --explain: the URL is http://host/path or /path, got '%s'\n", url);
+        return 2;
+    }
+    mp_sim_header_t headers[MAX_EXPLAIN_HEADERS];
+    char names[MAX_EXPLAIN_HEADERS][256];
+    for (size_t i = 0; i < o->nheaders; i++) {
+        const char *colon = strchr(o->headers[i], ':');
+        size_t n = colon ? (size_t)(colon - o->headers[i]) : 0;
+        if (!colon || n == 0 || n >= sizeof(names[i])) {
+            fprintf(stderr, "moonproxy: -H takes 'Name: value', got '%s'\n", o->headers[i]);
+            return 2;
+        }
+        memcpy(names[i], o->headers[i], n);
+        names[i][n] = '\0';
+        const char *v = colon + 1;
+        while (*v == ' ')
+            v++;
+        headers[i] = (mp_sim_header_t){names[i], v};
+    }
+    char err[4096];
+    mp_sim_t *s = mp_sim_new(o->path, NULL, 0, 1, err, sizeof(err));
+    if (!s) {
+        fprintf(stderr, "%s\n", err);
+        return 1;
+    }
+    mp_sim_request_t rq = {.method = method, .host = host[0] ? host : NULL, .target = target, .headers = headers,
+                           .nheaders = o->nheaders, .remote_addr = o->from};
+    mp_sim_result_t res;
+    int rc = mp_sim_request(s, &rq, &res);
+    if (rc != 0) {
+        fprintf(stderr, "moonproxy: --explain: %s\n", rc == MP_EINVAL ? "--from is not an IP address" : "out of memory");
+        mp_sim_free(s);
+        return 2;
+    }
+    printf("route:    %s\n", res.route ? res.route : "(none)");
+    if (res.forwarded) {
+        printf("upstream: %s\nserver:   %s\nthe upstream receives:\n", res.upstream, res.server);
+        print_head(res.head, res.head_len);
+    } else {
+        printf("answered: %d %s\n", res.status, mp_http1_reason(res.status));
+        print_head(res.head, res.head_len);
+        if (res.body_len)
+            printf("  \n  %.*s%s", (int)res.body_len, res.body, res.body[res.body_len - 1] == '\n' ? "" : "\n");
+    }
+    if (res.error)
+        printf("error:    %s\n", res.error);
+    printf("trace:\n");
+    for (size_t i = 0; i < res.ntrace; i++)
+        printf("  %2zu. %-8s %s\n", i + 1, res.trace[i].kind, res.trace[i].text);
+    mp_sim_free(s);
+    return 0;
 }
 
 static int worker_count(const options_t *o, const mp_config_t *cfg)
@@ -215,6 +326,8 @@ int main(int argc, char **argv)
     if (parse_args(argc, argv, &o) != 0)
         return 2;
     signal(SIGPIPE, SIG_IGN);
+    if (o.explain)
+        return explain(&o);
     if (o.test_only)
         return test_config(o.path);
 

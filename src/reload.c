@@ -8,6 +8,7 @@
 #include "l_request.h"
 #include "log.h"
 #include "pool.h"
+#include "sim.h"
 #include "vm.h"
 
 #include <errno.h>
@@ -232,6 +233,10 @@ static int build(const mp_reloader_t *rl, const char *text, size_t len, int n, l
             snprintf(err, errlen, "%s", jobs[i].err);
         }
     }
+    /* proxy.expect guards: a simulator of their own runs them (sim.h), so
+     * no worker's VM or balancer state is touched by them */
+    if (rc == 0 && jobs[0].cfg->nexpects && mp_sim_check_script(rl->path, text, len, err, errlen) != 0)
+        rc = MP_EINVAL;
     for (int i = 0; i < n; i++) {
         Ls[i] = jobs[i].L;
         cfgs[i] = jobs[i].cfg;

@@ -455,9 +455,7 @@ const char *mp_shdict_name(const mp_shdict_t *d)
 
 double mp_shdict_now(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+    return mp_now();
 }
 
 /* ---- operations ---- */

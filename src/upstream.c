@@ -393,7 +393,7 @@ static int put_length(mp_buf_t *b, int64_t n)
 }
 
 /* Writes the request head the upstream receives (HTTP/1.1 always). */
-static int build_request_head(mp_req_t *r, mp_buf_t *b)
+int mp_upstream_request_head(mp_req_t *r, mp_buf_t *b)
 {
     const mp_http_request_t *h = &r->h;
     const mp_upstream_def_t *d = udef(r);
@@ -495,7 +495,7 @@ static void pump_request(mp_req_t *r)
     mp_conn_t *c = r->conn;
     mp_upconn_t *u = r->up;
     if (!r->head_sent && !mp_buf_len(&u->out)) {
-        if (mp_buf_acquire(&u->out, &c->w->bufs) != 0 || build_request_head(r, &u->out) != 0) {
+        if (mp_buf_acquire(&u->out, &c->w->bufs) != 0 || mp_upstream_request_head(r, &u->out) != 0) {
             mp_upstream_cancel(r);
             return mp_conn_fail(c, 431);
         }
@@ -540,7 +540,7 @@ static void pump_request(mp_req_t *r)
     sync_events(r);
 }
 
-static int put_response_head(mp_req_t *r, const mp_http_response_t *rh, mp_buf_t *b)
+int mp_upstream_response_head(mp_req_t *r, const mp_http_response_t *rh, mp_buf_t *b)
 {
     mp_slice toks[MAX_CONN_TOKENS];
     unsigned ntoks = connection_tokens(rh->headers, rh->nheaders, toks);
@@ -622,7 +622,7 @@ static int begin_response(mp_req_t *r, const mp_http_response_t *rh)
         if (r->resp_status)
             r->status = r->resp_status;
     }
-    if (mp_buf_acquire(&c->out, &c->w->bufs) != 0 || put_response_head(r, rh, &c->out) != 0)
+    if (mp_buf_acquire(&c->out, &c->w->bufs) != 0 || mp_upstream_response_head(r, rh, &c->out) != 0)
         return MP_ENOMEM;
     u->in.start += (uint32_t)rh->head_len;
     r->resp_ready = r->resp_scan = u->in.start;

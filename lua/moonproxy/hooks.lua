@@ -63,12 +63,35 @@ local function call_handler(s, req)
   return index
 end
 
+-- The simulator (src/sim.c, behind moonproxy.testing, --explain and
+-- proxy.expect) sets package.loaded["moonproxy.trace"] to a function called
+-- around every step, tracer(label, done, result), to record what each hook
+-- changed. The server never sets it: its chains have no such calls.
+local function traced_chain(steps, tracer)
+  local n = #steps
+  return function(a, b)
+    for i = 1, n do
+      local s = steps[i]
+      tracer(s.label, false)
+      local ret = s.call(s, a, b)
+      tracer(s.label, true, ret)
+      if ret == RESPONDED or i == n then
+        return ret
+      end
+    end
+  end
+end
+
 -- One function running the steps in order; it stops at a response made by
 -- req:respond (or returns what the last step, a handler, returns).
 local function chain(steps)
   local n = #steps
   if n == 0 then
     return nil
+  end
+  local tracer = package.loaded["moonproxy.trace"]
+  if type(tracer) == "function" then
+    return traced_chain(steps, tracer)
   end
   if n == 1 and steps[1].call == call_hook then
     return steps[1].fn -- the common case: no wrapper at all
@@ -139,20 +162,28 @@ function _M.plugin(entry, src, plugin_path)
   return { name = name, conf = conf, on_request = mod.on_request, on_response = mod.on_response }
 end
 
-local function add_plugins(steps, plugins, phase)
+-- "file:line" where fn is defined, for traces.
+local function defined_at(fn)
+  local info = debug.getinfo(fn, "S")
+  return info and (info.short_src .. ":" .. tostring(info.linedefined)) or "?"
+end
+
+-- Steps are labelled for traces: "route 'api': plugin key_auth".
+local function add_plugins(steps, plugins, phase, owner)
   for _, p in ipairs(plugins or {}) do
     local fn = p[phase]
     if fn then
       steps[#steps + 1] = {
         call = phase == "on_request" and call_plugin_request or call_plugin_response, fn = fn, conf = p.conf,
+        label = fmt("%splugin %s (%s)", owner, p.name, phase),
       }
     end
   end
 end
 
-local function add_hooks(steps, fns)
+local function add_hooks(steps, fns, label)
   for _, fn in ipairs(fns or {}) do
-    steps[#steps + 1] = { call = call_hook, fn = fn }
+    steps[#steps + 1] = { call = call_hook, fn = fn, label = fmt("%s at %s", label, defined_at(fn)) }
   end
 end
 
@@ -170,27 +201,27 @@ function _M.build(global, routes, upstream_index)
     check_phase(r.on_response, "route '" .. r.name .. "' on_response")
   end
   local pre = {}
-  add_plugins(pre, global.plugins, "on_request")
-  add_hooks(pre, global.on_request)
+  add_plugins(pre, global.plugins, "on_request", "global ")
+  add_hooks(pre, global.on_request, "proxy.on_request")
   local log, response = {}, {}
-  add_hooks(log, global.on_log)
-  add_plugins(response, global.plugins, "on_response")
-  add_hooks(response, global.on_response)
+  add_hooks(log, global.on_log, "proxy.on_log")
+  add_plugins(response, global.plugins, "on_response", "global ")
+  add_hooks(response, global.on_response, "proxy.on_response")
   local out = { pre = chain(pre), log = chain(log), response = chain(response), routes = {} }
   for i, r in ipairs(routes) do
     local req, res = {}, {}
-    if r.rewrite then
-      req[#req + 1] = { call = call_hook, fn = r.rewrite }
-    end
-    add_plugins(req, r.plugins, "on_request")
-    add_hooks(req, { r.on_request })
+    local owner = fmt("route '%s': ", r.name)
+    add_hooks(req, { r.rewrite }, owner .. "rewrite")
+    add_plugins(req, r.plugins, "on_request", owner)
+    add_hooks(req, { r.on_request }, owner .. "on_request")
     if r.handler then
-      req[#req + 1] = { call = call_handler, fn = r.handler, upstream_index = upstream_index }
+      req[#req + 1] = { call = call_handler, fn = r.handler, upstream_index = upstream_index,
+        label = fmt("%shandler at %s", owner, defined_at(r.handler)) }
     end
-    add_plugins(res, global.plugins, "on_response")
-    add_hooks(res, global.on_response)
-    add_plugins(res, r.plugins, "on_response")
-    add_hooks(res, { r.on_response })
+    add_plugins(res, global.plugins, "on_response", "global ")
+    add_hooks(res, global.on_response, "proxy.on_response")
+    add_plugins(res, r.plugins, "on_response", owner)
+    add_hooks(res, { r.on_response }, owner .. "on_response")
     out.routes[i] = { request = chain(req), response = chain(res), captures = r.rewrite ~= nil and r.regex ~= nil }
   end
   return out

@@ -361,10 +361,22 @@ function M.write_config(text, vars, suffix)
     return M.write_file(M.tmpname(suffix or ".lua"), conf)
 end
 
+-- A template's text with ${name} replaced from vars (an unknown name is an
+-- error), as write_config does, without writing it.
+function M.expand_template(text, vars)
+    return (text:gsub("%${([%w_]+)}", function(k)
+        local v = vars and vars[k]
+        if v == nil then error("config template: no value for ${" .. k .. "}", 3) end
+        return tostring(v)
+    end))
+end
+
 -- Starts the binary. opts: config (template text), vars (for the template;
 -- listen, port, access_log and admin (a free 127.0.0.1 port, see
 -- Proxy:admin) are provided), workers (-w), log_level (-l),
--- args (more arguments), wait (false: do not wait for the port).
+-- args (more arguments), wait (false: do not wait for the port),
+-- conf_path (write the configuration there, e.g. in a folder beside the
+-- files it names by relative path, instead of a temp file; not removed).
 -- Returns a Proxy: pid, port, url, conf_path, access_log, stop(), stderr()...
 function M.start_proxy(opts)
     local port = opts.port or M.free_port()
@@ -378,7 +390,12 @@ function M.start_proxy(opts)
         admin_port = M.free_port()
         vars.admin = "127.0.0.1:" .. admin_port
     end
-    local conf = M.write_config(opts.config, vars)
+    local conf
+    if opts.conf_path then
+        conf = M.write_file(opts.conf_path, M.expand_template(opts.config, vars))
+    else
+        conf = M.write_config(opts.config, vars)
+    end
     local argv = { M.bin(), "-c", conf }
     if opts.workers then
         argv[#argv + 1] = "-w"

@@ -470,17 +470,63 @@ describe("load_config() balancing and health", function()
   end)
 end)
 
-describe("load_config() features of later releases", function()
-  it("refuses route static", function()
-    fails_at({ LISTEN, API, "proxy.route { upstream = api, static = {} }" }, 4,
-      "route: 'static' is not supported yet")
+describe("load_config() static routes", function()
+  local dir -- a temp folder: conf.lua beside site/ (index.html, app.js) and a plain file
+
+  setup(function()
+    dir = os.tmpname()
+    os.remove(dir)
+    assert(os.execute("mkdir -p " .. dir .. "/site/sub"))
+    write(dir .. "/site/index.html", "<h1>hi</h1>\n")
+    write(dir .. "/plain.txt", "not a folder\n")
   end)
 
-  for _, fn in ipairs { "expect" } do
-    it("refuses proxy." .. fn, function()
-      fails_at({ LISTEN, "", "proxy." .. fn .. "(function() end)" }, 4, "proxy." .. fn .. " is not supported yet")
-    end)
+  teardown(function()
+    os.execute("rm -rf " .. dir)
+  end)
+
+  local function static_route(fields)
+    return "proxy.route { prefix = \"/\", static = { " .. fields .. " } }"
   end
+
+  it("accepts a root relative to the script's folder, whatever the current one", function()
+    local cfg, err = load({ LISTEN, static_route('root = "./site", fallback = "/index.html"'),
+      (static_route('root = "site/sub"'):gsub('"/"', '"/sub/"')) }, dir .. "/conf.lua")
+    assert(cfg, err)
+    assert.equal(2, #cfg.routes)
+  end)
+
+  it("refuses a root that does not exist, at the route's line", function()
+    fails_at({ LISTEN, API, static_route('root = "./no-such-folder"') }, 4,
+      "route '1': static root '/tmp/no-such-folder' does not exist")
+  end)
+
+  it("refuses a root that is not a directory", function()
+    fails_at({ LISTEN, static_route('root = "' .. dir .. '/plain.txt"') }, 3, "is not a directory")
+  end)
+
+  it("refuses a fallback that is not a file in root", function()
+    fails_at({ LISTEN, static_route('root = "' .. dir .. '/site", fallback = "/app.html"') }, 3,
+      "static fallback '/app.html' is not a file in root")
+    fails_at({ LISTEN, static_route('root = "' .. dir .. '/site", fallback = "/sub"') }, 3,
+      "is not a file in root")
+    fails_at({ LISTEN, static_route('root = "' .. dir .. '/site", fallback = "/../plain.txt"') }, 3,
+      "fallback must be a plain path inside root")
+  end)
+
+  it("needs root, and checks index", function()
+    fails_at({ LISTEN, static_route('index = "index.html"') }, 3, "route: static: needs root")
+    fails_at({ LISTEN, static_route('root = "' .. dir .. '/site", index = "a/b.html"') }, 3,
+      'index must be a file name without "/"')
+    fails_at({ LISTEN, static_route('root = "' .. dir .. '/site", indx = "a.html"') }, 3,
+      "unknown key 'indx' (did you mean 'index'?)")
+  end)
+
+  it("refuses a route with static and another target", function()
+    local site = 'static = { root = "' .. dir .. '/site" }'
+    fails_at({ LISTEN, API, "proxy.route { upstream = api, " .. site .. " }" }, 4, "route: needs one target")
+    fails_at({ LISTEN, "proxy.route { handler = function() end, " .. site .. " }" }, 3, "route: needs one target")
+  end)
 end)
 
 describe("examples/quickstart.lua", function()

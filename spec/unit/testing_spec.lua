@@ -1,0 +1,304 @@
+-- moonproxy.testing: a configuration loaded offline runs requests through the
+-- server's own code (src/sim.c). These specs check the module's contract; the
+-- agreement with the running server is spec/e2e/agreement_spec.lua.
+local testing = require "moonproxy.testing"
+local core = require "moonproxy.core"
+local h = require "helpers.proxy"
+
+local HEAD = [[
+local proxy = require "moonproxy"
+proxy.listen { addr = "127.0.0.1:18080" }
+]]
+
+local function load(body, opts)
+  opts = opts or {}
+  opts.text = true
+  return testing.load(HEAD .. body, opts)
+end
+
+describe("moonproxy.testing", function()
+  describe("load", function()
+    it("loads a file, and a script's text", function()
+      local cfg = testing.load("examples/quickstart.lua")
+      assert.equal("api", cfg:routes()[1].name)
+      cfg:close()
+      cfg = load('proxy.route { prefix = "/", upstream = proxy.upstream "u" { servers = { "127.0.0.1:1" } } }')
+      assert.equal(1, #cfg:routes())
+    end)
+
+    it("refuses what the server refuses, with the same file:line", function()
+      local text = HEAD .. 'proxy.route { prefix = "/", upstream = "nope" }\n'
+      local cfg, err = testing.try_load(text, { text = true, name = "bad.lua" })
+      assert.is_nil(cfg)
+      assert.matches("^bad.lua:3: route '1': unknown upstream 'nope'", err)
+      -- the same text through the binary's -t
+      local path = h.write_file(h.tmpname(".lua"), text)
+      local out, rc = h.run(h.quote(h.bin()) .. " -t -c " .. path)
+      assert.are_not.equal(0, rc)
+      assert.truthy(out:find(err:gsub("^bad.lua", path), 1, true), out)
+      assert.has_error(function() testing.load(text, { text = true, name = "bad.lua" }) end)
+    end)
+  end)
+
+  describe("request", function()
+    local cfg
+    lazy_setup(function()
+      cfg = load([=[
+local api = proxy.upstream "api" { servers = { "127.0.0.1:9001" } }
+local web = proxy.upstream "web" { servers = { "127.0.0.1:9002", "127.0.0.1:9003" } }
+proxy.on_request(function(req)
+  if req.headers["x-block"] then return req:respond(403, "blocked\n", { ["x-why"] = "x-block" }) end
+  req.headers["x-seen"] = "1"
+end)
+proxy.route { name = "v1", host = "api.example.com", prefix = "/v1/", strip_prefix = true, upstream = api }
+proxy.route { name = "user", regex = [[^/users/(\d+)$]], upstream = api,
+  rewrite = function(req, m) req:set_path("/u/" .. m[1]) end }
+proxy.route { name = "boom", path = "/boom", upstream = api, on_request = function(req) error("kaput") end }
+proxy.route { name = "web", prefix = "/", upstream = web,
+  on_response = function(req, res) res.headers["x-served-by"] = "web"; if res.status == 404 then res.status = 410 end end }
+]=])
+    end)
+    lazy_teardown(function() cfg:close() end)
+
+    it("gives the route, the upstream, the server and the target", function()
+      local r = cfg:request { method = "GET", host = "api.example.com", path = "/v1/users?x=1" }
+      assert.same({ "v1", 1, "api", "127.0.0.1:9001", "GET", "/users?x=1" },
+        { r.route, r.route_index, r.upstream, r.server, r.method, r.target })
+      assert.is_nil(r.status)
+    end)
+
+    it("gives the headers the upstream receives", function()
+      local r = cfg:request { host = "api.example.com", path = "/v1/a", headers = { ["X-Thing"] = { "a", "b" } },
+        remote_addr = "10.1.2.3" }
+      assert.equal("api.example.com", r.headers.host)
+      assert.same({ "a", "b" }, r.headers["x-thing"])
+      assert.equal("1", r.headers["x-seen"])
+      assert.equal("10.1.2.3", r.headers["x-forwarded-for"])
+      assert.equal("http", r.headers["x-forwarded-proto"])
+      assert.equal("api.example.com", r.headers["x-forwarded-host"])
+      assert.matches("^%x+$", r.headers["x-request-id"])
+    end)
+
+    it("takes headers as ordered pairs too, and refuses other shapes", function()
+      local r = cfg:request { path = "/v1/a", host = "api.example.com",
+        headers = { { "X-B", "1" }, { "X-A", "2" }, { "X-B", "3" } } }
+      assert.same({ "1", "3" }, r.headers["x-b"])
+      local b = r.head:find("X-B: 1", 1, true)
+      assert.truthy(b and b < r.head:find("X-A: 2", 1, true) and r.head:find("X-A: 2", 1, true) < r.head:find("X-B: 3", 1, true))
+      assert.has_error(function() cfg:request { path = "/", headers = { ["x-a"] = {} , [1] = 5 } } end)
+      assert.has_error(function() cfg:request { path = "/", headers = { ["x-a"] = print } } end)
+    end)
+
+    it("runs rewrites with the regex captures", function()
+      local r = cfg:request { path = "/users/42?full=1" }
+      assert.same({ "user", "/u/42?full=1" }, { r.route, r.target })
+    end)
+
+    it("gives the answer a hook made, with its headers", function()
+      local r = cfg:request { path = "/v1/x", headers = { ["x-block"] = "yes" } }
+      assert.same({ 403, "blocked\n", "x-block" }, { r.status, r.body, r.headers["x-why"] })
+      assert.is_nil(r.upstream)
+    end)
+
+    it("reports a hook's error with file:line, and the 500", function()
+      local r = cfg:request { path = "/boom" }
+      assert.equal(500, r.status)
+      assert.matches("config.lua:12: kaput", r.error)
+    end)
+
+    it("answers 404 when no route matches, and 400 for what the parser refuses", function()
+      local c2 = load('proxy.route { host = "only.example.com", upstream = proxy.upstream "u" { servers = { "127.0.0.1:1" } } }')
+      assert.equal(404, c2:request({ path = "/" }).status)
+      assert.equal(400, c2:request({ path = "/", host = false }).status)
+      assert.equal(400, c2:request({ path = "/", headers = { ["bad name"] = "x" } }).status)
+      c2:close()
+    end)
+
+    it("balances over the servers (round robin)", function()
+      local picks = {}
+      for i = 1, 4 do
+        picks[i] = cfg:request({ path = "/page" }).server
+      end
+      assert.same({ "127.0.0.1:9002", "127.0.0.1:9003", "127.0.0.1:9002", "127.0.0.1:9003" }, picks)
+    end)
+
+    it("traces every decision", function()
+      local r = cfg:request { host = "api.example.com", path = "/v1/users" }
+      local steps = {}
+      for i, s in ipairs(r.trace) do steps[i] = s.step end
+      assert.same({ "request", "hook", "route", "balancer", "forward" }, steps)
+      assert.matches("proxy.on_request at config.lua:5: set request header x%-seen: 1", r.trace[2].text)
+      assert.matches("route 'v1' at config.lua:9 matched /v1/users", r.trace[3].text)
+      assert.matches("path now /users", r.trace[3].text)
+      assert.matches("picked 127.0.0.1:9001", r.trace[4].text)
+      local text = testing.format(r)
+      assert.matches("^forwarded to upstream 'api', server 127.0.0.1:9001: GET /users\n 1%. request", text)
+      assert.matches("\n 5%. forward  GET /users HTTP/1.1 to 127.0.0.1:9001", text)
+    end)
+  end)
+
+  describe("response", function()
+    it("runs the response hooks on what the upstream answers", function()
+      local cfg = load([[
+proxy.route { prefix = "/", upstream = proxy.upstream "u" { servers = { "127.0.0.1:1" } },
+  on_response = function(req, res) res.headers["server"] = nil; res.headers["x-route"] = req.route
+    if res.status == 404 then res.status = 410 end end }
+]])
+      local r = cfg:request { path = "/a" }
+      local res = cfg:response(r, { status = 200, headers = { Server = "apache", ["Content-Type"] = "text/plain" },
+        body = "hello" })
+      assert.same({ 200, "1", "text/plain", "5" },
+        { res.status, res.headers["x-route"], res.headers["content-type"], res.headers["content-length"] })
+      assert.is_nil(res.headers.server)
+      assert.equal("hello", res.body)
+      -- an earlier result is run again first
+      local first = cfg:request { path = "/first" }
+      cfg:request { path = "/second" }
+      assert.equal(410, cfg:response(first, { status = 404 }).status)
+      assert.has_error(function() cfg:response(cfg:request { path = "/x", host = false }, { status = 200 }) end)
+    end)
+  end)
+
+  describe("server state, time and randomness", function()
+    local TEXT = [[
+local u = proxy.upstream "u" { servers = { "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3" }, balancer = "p2c" }
+local f = proxy.upstream "f" { servers = { "127.0.0.1:4" }, fail_open = true }
+proxy.route { path = "/f", upstream = f }
+proxy.route { prefix = "/", upstream = u, plugins = { { "rate_limit", rate = 1, burst = 2, scope = "testing_spec" } } }
+]]
+
+    it("never picks a server marked down; 503 when none is left, unless fail_open", function()
+      local cfg = load(TEXT, { servers = { u = { ["127.0.0.1:1"] = { down = true }, ["127.0.0.1:2"] = { open = true } } } })
+      for i = 1, 10 do
+        assert.equal("127.0.0.1:3", cfg:request({ path = "/", remote_addr = "10.0.0." .. i }).server)
+      end
+      cfg:servers { u = { ["127.0.0.1:3"] = { down = true } }, f = { ["127.0.0.1:4"] = { down = true } } }
+      local r = cfg:request { path = "/", remote_addr = "10.0.1.1" }
+      assert.equal(503, r.status)
+      assert.truthy(r.headers["retry-after"])
+      assert.equal("127.0.0.1:4", cfg:request({ path = "/f" }).server)
+      assert.has_error(function() cfg:servers { u = { ["127.0.0.1:9"] = { down = true } } } end)
+    end)
+
+    it("p2c prefers the server with fewer requests in flight", function()
+      -- of two servers drawn at random, the less busy one: 3 wins whenever it
+      -- is drawn (two draws in three), 1 and 2 only against each other
+      local cfg = load(TEXT, { servers = { u = { ["127.0.0.1:1"] = { active = 50 }, ["127.0.0.1:2"] = { active = 50 } } } })
+      local n = 0
+      for i = 1, 30 do
+        n = n + (cfg:request({ path = "/", remote_addr = "10.0.2." .. i }).server == "127.0.0.1:3" and 1 or 0)
+      end
+      assert(n >= 14 and n <= 28, n .. " picks of the idle server out of 30")
+    end)
+
+    it("gives the same picks and ids for the same seed", function()
+      local a, b = load(TEXT, { seed = 7 }), load(TEXT, { seed = 7 })
+      for i = 1, 5 do
+        local ra = a:request { path = "/", remote_addr = "10.0.3." .. i }
+        local rb = b:request { path = "/", remote_addr = "10.0.3." .. i }
+        assert.same({ ra.server, ra.headers["x-request-id"] }, { rb.server, rb.headers["x-request-id"] })
+      end
+    end)
+
+    it("pins the clock: a rate limit refills only when time moves", function()
+      local cfg = load(TEXT, { now = 1000 })
+      local addr = "10.9.9." .. math.random(1, 250)
+      local st = {}
+      for i = 1, 3 do st[i] = cfg:request({ path = "/", remote_addr = addr }).status or 200 end
+      assert.same({ 200, 200, 429 }, st)
+      assert.equal(429, cfg:request({ path = "/", remote_addr = addr }).status)
+      cfg:set_now(1001)
+      assert.is_nil(cfg:request({ path = "/", remote_addr = addr }).status)
+      assert.equal(429, cfg:request({ path = "/", remote_addr = addr }).status)
+    end)
+  end)
+
+  describe("proxy.expect guards", function()
+    local GUARDED = [[
+local api = proxy.upstream "api" { servers = { "127.0.0.1:9001" } }
+proxy.route { name = "v1", prefix = "/v1/", strip_prefix = true, upstream = api }
+proxy.on_request(function(req) if req.headers["x-block"] then return req:respond(403, "no\n") end end)
+proxy.expect { request = { host = "api.example.com", path = "/v1/users" }, upstream = "api", target = "/users",
+  route = "v1", headers = { ["x-forwarded-host"] = "api.example.com", ["x-block"] = false } }
+proxy.expect { request = { path = "/v1/x", headers = { ["x-block"] = "1" } }, status = 403 }
+]]
+
+    it("load when they hold", function()
+      assert.truthy(load(GUARDED))
+    end)
+
+    it("refuse the configuration with the expected and actual result", function()
+      local cfg, err = testing.try_load(HEAD .. GUARDED .. [[
+proxy.expect { request = { path = "/v1/users" }, upstream = api, target = "/v1/users" }
+]], { text = true })
+      assert.is_nil(cfg)
+      assert.matches("^config.lua:9: proxy.expect failed for GET localhost/v1/users: target: expected '/v1/users', got '/users'",
+        err)
+      assert.matches("trace: 1%. request: GET http://localhost/v1/users", err)
+    end)
+
+    it("are checked for their own shape at load", function()
+      local _, err = testing.try_load(HEAD .. 'proxy.expect { upstream = "x" }', { text = true })
+      assert.matches("config.lua:3: expect: needs request", err)
+      _, err = testing.try_load(HEAD .. 'proxy.expect { request = { path = "/" } }', { text = true })
+      assert.matches("says nothing to check", err)
+      _, err = testing.try_load(HEAD .. 'proxy.expect { request = { path = "/" }, upstream = "nope" }', { text = true })
+      assert.matches("unknown upstream 'nope'", err)
+      _, err = testing.try_load(HEAD .. 'proxy.expect { request = { path = "/" }, target = "/", stauts = 200 }',
+        { text = true })
+      assert.matches("unknown key 'stauts' %(did you mean 'status'%?%)", err)
+    end)
+
+    it("are checked by -t", function()
+      local ok = h.write_file(h.tmpname(".lua"), HEAD .. GUARDED)
+      local out, rc = h.run(h.quote(h.bin()) .. " -t -c " .. ok)
+      assert.same({ 0, "ok\n" }, { rc, out })
+      local bad = h.write_file(h.tmpname(".lua"), HEAD .. GUARDED ..
+        'proxy.expect { request = { path = "/v1/x", headers = { ["x-block"] = "1" } }, upstream = "api" }\n')
+      out, rc = h.run(h.quote(h.bin()) .. " -t -c " .. bad)
+      assert.are_not.equal(0, rc)
+      assert.truthy(out:find(bad .. ":9: proxy.expect failed for GET localhost/v1/x: upstream: expected 'api', got an answer 403 from the proxy", 1, true), out)
+    end)
+  end)
+
+  describe("moonproxy --explain", function()
+    it("prints where a request goes and why", function()
+      local out, rc = h.run(h.quote(h.bin()) .. " -c examples/quickstart.lua --explain 'GET http://api.example.com/api/users?x=1' -H 'X-Thing: 1'")
+      assert.equal(0, rc, out)
+      assert.matches("route:    api\nupstream: demo\nserver:   127.0.0.1:9001\nthe upstream receives:\n  GET /users%?x=1 HTTP/1.1\n  Host: api.example.com\n", out)
+      assert.matches("\n  X%-Thing: 1\n", out)
+      assert.matches("trace:\n   1%. request  GET http://api.example.com/api/users%?x=1 from 127.0.0.1\n", out)
+    end)
+
+    it("prints the answer the proxy makes", function()
+      local out, rc = h.run(h.quote(h.bin()) .. " -c examples/api_gateway.lua --explain 'GET /v1/users'")
+      assert.equal(0, rc, out)
+      assert.matches("answered: 401 Unauthorized\n", out)
+    end)
+
+    it("refuses a malformed request", function()
+      local out, rc = h.run(h.quote(h.bin()) .. " -c examples/quickstart.lua --explain 'GET'")
+      assert.equal(2, rc)
+      assert.matches("%-%-explain takes 'METHOD URL'", out)
+      out, rc = h.run(h.quote(h.bin()) .. " -c examples/quickstart.lua --explain 'GET /' -H 'nocolon'")
+      assert.equal(2, rc)
+      assert.matches("%-H takes 'Name: value'", out)
+    end)
+  end)
+
+  it("exposes the same shared dicts as the configuration", function()
+    local cfg = load([[
+local flags = proxy.shared("testing_flags", "64k")
+proxy.route { prefix = "/", handler = function(req)
+  return flags:get("color") == "green" and "green" or "blue" end }
+proxy.upstream "blue" { servers = { "127.0.0.1:1" } }
+proxy.upstream "green" { servers = { "127.0.0.1:2" } }
+]])
+    local flags = core.shared("testing_flags", "64k")
+    flags:delete("color")
+    assert.equal("blue", cfg:request({ path = "/" }).upstream)
+    flags:set("color", "green")
+    assert.equal("green", cfg:request({ path = "/" }).upstream)
+    flags:delete("color")
+  end)
+end)

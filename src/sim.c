@@ -1,0 +1,986 @@
+/* sim.c: the simulator (sim.h): a worker with no sockets. A request is
+ * parsed from bytes by the server's parser, decided by mp_req_decide,
+ * balanced by the generation's balancer and written out by upstream.c's
+ * head builder, so what it reports is what the server would do. */
+#include "sim.h"
+
+#include "balancer.h"
+#include "conn.h"
+#include "l_request.h"
+#include "log.h"
+#include "reload.h"
+#include "static.h"
+#include "upstream.h"
+#include "vm.h"
+
+#include <arpa/inet.h>
+#include <lauxlib.h>
+#include <lua.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#define MAX_GUARD_HEADERS 64
+
+struct mp_sim {
+    mp_worker_t w;           /* a worker that never runs: buffers, rng, clock */
+    mp_gen_t gen;            /* its one generation */
+    mp_conn_t conn;          /* the pretend client connection */
+    mp_req_t req;            /* the last request, alive until the next call */
+    int live;                /* req holds hook objects to release */
+    int forwarded;           /* req went upstream (mp_sim_response may run) */
+    mp_peer_t *peers;        /* private server state, every upstream's servers in a row */
+    uint8_t *open;           /* by peer: the circuit is held open (mp_sim_set_server) */
+    double now;              /* pinned clock, 0: real */
+    char *raw;               /* the request bytes the parser reads (the head's slices point here) */
+    size_t raw_cap;
+    char *resp_raw;          /* the upstream response's */
+    size_t resp_raw_cap;
+    mp_buf_t out;            /* the head made */
+    mp_local_t local;
+    char *file_body;         /* a static route's file, as sent */
+    mp_sim_step_t *trace;
+    size_t ntrace, trace_cap;
+    char *error;
+    int route_noted;
+    struct {                 /* the request as it was before the hook being traced */
+        mp_slice path, query;
+        unsigned has_query;
+        const mp_hedit_t *edits, *resp_edits;
+        uint16_t local_status, resp_status;
+    } before;
+};
+
+/* ---- trace ---- */
+
+static void step(mp_sim_t *s, const char *kind, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+static void step(mp_sim_t *s, const char *kind, const char *fmt, ...)
+{
+    if (s->ntrace == s->trace_cap) {
+        size_t cap = s->trace_cap ? 2 * s->trace_cap : 16;
+        mp_sim_step_t *t = realloc(s->trace, cap * sizeof(*t));
+        if (!t)
+            return;
+        s->trace = t;
+        s->trace_cap = cap;
+    }
+    va_list ap;
+    va_start(ap, fmt);
+    char *text = NULL;
+    int n = vasprintf(&text, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    s->trace[s->ntrace++] = (mp_sim_step_t){kind, text};
+}
+
+static void reset_result(mp_sim_t *s)
+{
+    for (size_t i = 0; i < s->ntrace; i++)
+        free(s->trace[i].text);
+    s->ntrace = 0;
+    free(s->error);
+    s->error = NULL;
+    s->route_noted = 0;
+    s->out.start = s->out.end = 0;
+}
+
+/* Log lines of the request (a hook's error, "no server available") go into
+ * its trace instead of stderr. */
+static void on_log(void *arg, int level, const char *msg)
+{
+    mp_sim_t *s = arg;
+    if (level == MP_LOG_DEBUG)
+        return;
+    if (msg[0] == 'w') { /* "w0: " names the worker: there is none */
+        const char *p = msg + 1;
+        while (*p >= '0' && *p <= '9')
+            p++;
+        if (p[0] == ':' && p[1] == ' ')
+            msg = p + 2;
+    }
+    step(s, "log", "%s", msg);
+    if (level == MP_LOG_ERROR && !s->error)
+        s->error = strdup(msg);
+}
+
+/* "route 'api' at file:line" once, before the route's hooks run. */
+static void note_route(mp_sim_t *s)
+{
+    const mp_req_t *r = &s->req;
+    const mp_route_t *rt = r->match.route;
+    if (s->route_noted || !rt)
+        return;
+    s->route_noted = 1;
+    char why[512];
+    int n = snprintf(why, sizeof(why), "%s%s", rt->host ? "host " : "any host", rt->host ? rt->host : "");
+    if (rt->path)
+        n += snprintf(why + n, sizeof(why) - (size_t)n, ", path %s", rt->path);
+    else if (rt->regex)
+        n += snprintf(why + n, sizeof(why) - (size_t)n, ", regex %s (%d groups)", rt->regex, r->match.ncaptures);
+    else
+        n += snprintf(why + n, sizeof(why) - (size_t)n, ", prefix %s%s", rt->prefix ? rt->prefix : "/",
+                      rt->strip_prefix ? " (stripped)" : "");
+    const mp_config_t *cfg = r->gen->cfg;
+    const char *root = cfg->statics ? cfg->statics[rt->index - 1].root : NULL;
+    const char *kind = rt->target >= 0 ? ", upstream '" : root ? ", static root '" : ", handler";
+    const char *target = rt->target >= 0 ? cfg->upstreams[rt->target].name : root;
+    step(s, "route", "route '%s' at %s matched %.*s (%s)%s%s%s; path now %.*s", rt->name, rt->src,
+         (int)r->match_path.len, r->match_path.p, why, kind, target ? target : "", target ? "'" : "",
+         (int)r->path.len, r->path.p);
+}
+
+static int slice_same(mp_slice a, mp_slice b)
+{
+    return a.p == b.p && a.len == b.len;
+}
+
+/* Appends "what name: v1, v2" for the edits made since `since`, oldest first. */
+static size_t describe_edits(char *out, size_t n, size_t cap, const mp_hedit_t *list, const mp_hedit_t *since,
+                             const char *what)
+{
+    const mp_hedit_t *e[64];
+    size_t k = 0;
+    for (const mp_hedit_t *x = list; x && x != since && k < MP_ARRAY_LEN(e); x = x->next)
+        e[k++] = x;
+    while (k-- > 0 && n < cap) {
+        const mp_hedit_t *x = e[k];
+        if (x->nvalues == 0) {
+            n += (size_t)snprintf(out + n, cap - n, "; removed %s header %.*s", what, (int)x->name.len, x->name.p);
+            continue;
+        }
+        n += (size_t)snprintf(out + n, cap - n, "; set %s header %.*s: ", what, (int)x->name.len, x->name.p);
+        for (unsigned i = 0; i < x->nvalues && n < cap; i++)
+            n += (size_t)snprintf(out + n, cap - n, "%s%.*s", i ? ", " : "", (int)x->values[i].len, x->values[i].p);
+    }
+    return n < cap ? n : cap - 1;
+}
+
+/* tracer(label, done, result): package.loaded["moonproxy.trace"] in the
+ * simulator's VM; hooks.lua calls it around every step of a chain. */
+static int l_tracer(lua_State *L)
+{
+    mp_sim_t *s = lua_touserdata(L, lua_upvalueindex(1));
+    mp_req_t *r = &s->req;
+    const char *label = luaL_checkstring(L, 1);
+    note_route(s);
+    if (!lua_toboolean(L, 2)) {
+        s->before.path = r->path;
+        s->before.query = r->query;
+        s->before.has_query = r->has_query;
+        s->before.edits = r->edits;
+        s->before.resp_edits = r->resp_edits;
+        s->before.local_status = r->local_status;
+        s->before.resp_status = r->resp_status;
+        return 0;
+    }
+    char what[2048];
+    size_t n = 0;
+    what[0] = '\0';
+    if (!slice_same(r->path, s->before.path))
+        n += (size_t)snprintf(what + n, sizeof(what) - n, "; path %.*s -> %.*s", (int)s->before.path.len,
+                              s->before.path.p, (int)r->path.len, r->path.p);
+    if (n < sizeof(what) && (r->has_query != s->before.has_query || !slice_same(r->query, s->before.query)))
+        n += (size_t)snprintf(what + n, sizeof(what) - n, "; query %s%.*s", r->has_query ? "" : "removed",
+                              r->has_query ? (int)r->query.len : 0, r->query.p ? r->query.p : "");
+    if (n < sizeof(what))
+        n = describe_edits(what, n, sizeof(what), r->edits, s->before.edits, "request");
+    if (n < sizeof(what))
+        n = describe_edits(what, n, sizeof(what), r->resp_edits, s->before.resp_edits,
+                           r->phase == MP_PHASE_REQUEST ? "response" : "response");
+    if (n < sizeof(what) && r->resp_status != s->before.resp_status)
+        n += (size_t)snprintf(what + n, sizeof(what) - n, "; status -> %d", r->resp_status);
+    if (n < sizeof(what) && r->local_status != s->before.local_status)
+        n += (size_t)snprintf(what + n, sizeof(what) - n, "; responded %d", r->local_status);
+    if (n < sizeof(what) && lua_type(L, 3) == LUA_TNUMBER) {
+        lua_Integer u = lua_tointeger(L, 3);
+        const mp_config_t *cfg = r->gen->cfg;
+        if (u >= 0 && (size_t)u < cfg->nupstreams)
+            n += (size_t)snprintf(what + n, sizeof(what) - n, "; returned upstream '%s'", cfg->upstreams[u].name);
+    }
+    step(s, "hook", "%s: %s", label, what[0] ? what + 2 : "no change");
+    return 0;
+}
+
+/* ---- set up ---- */
+
+static void install_peers(mp_sim_t *s)
+{
+    const mp_config_t *cfg = s->gen.cfg;
+    lua_State *L = s->gen.L;
+    size_t k = 0;
+    for (size_t u = 0; u < cfg->nupstreams; u++) {
+        mp_balancer_t *b = &s->gen.balancers[u];
+        lua_rawgeti(L, LUA_REGISTRYINDEX, b->servers_ref); /* LUA_NOREF pushes nil */
+        for (size_t i = 0; i < cfg->upstreams[u].nservers; i++, k++) {
+            mp_peer_t *p = &s->peers[k];
+            p->upstream = cfg->upstreams[u].name;
+            p->addr = cfg->upstreams[u].servers[i].addr.text;
+            p->probe_up = 1;
+            b->peers[i] = p;
+            if (lua_istable(L, -1)) { /* the Lua policy's server objects read it too */
+                lua_rawgeti(L, -1, (int)i + 1);
+                lua_pushlightuserdata(L, p);
+                lua_rawseti(L, -2, 0);
+                lua_pop(L, 1);
+            }
+        }
+        lua_pop(L, 1);
+    }
+}
+
+mp_sim_t *mp_sim_new(const char *path, const char *text, size_t len, uint64_t seed, char *err, size_t errlen)
+{
+    mp_sim_t *s = calloc(1, sizeof(*s));
+    lua_State *L = mp_vm_new();
+    mp_config_t *cfg = NULL;
+    if (!s || !L) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
+    /* traced chains (hooks.lua): set before the script builds them */
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "loaded");
+    lua_pushlightuserdata(L, s);
+    lua_pushcclosure(L, l_tracer, 1);
+    lua_setfield(L, -2, "moonproxy.trace");
+    lua_pop(L, 2);
+    lua_getglobal(L, "math");
+    lua_getfield(L, -1, "randomseed");
+    lua_pushnumber(L, (double)(seed % 2147483647u));
+    lua_call(L, 1, 0);
+    lua_pop(L, 1);
+    int rc = text ? mp_config_load_text(L, path, text, len, &cfg, err, errlen)
+                  : mp_config_load(L, path, &cfg, err, errlen);
+    if (rc != 0)
+        goto fail;
+    const mp_settings_t *st = &cfg->settings;
+    if (mp_worker_init(&s->w, 0, st->max_header_size, st->body_buffer_size, NULL, 0) != 0) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
+    s->w.rng[0] = seed ^ 0x9e3779b97f4a7c15ull;
+    s->w.rng[1] = seed * 0xbf58476d1ce4e5b9ull + 1;
+    s->w.limits.max_uri_size = st->max_uri_size;
+    size_t room = s->w.bufs.block_size - 1024;
+    s->w.limits.max_header_size = st->max_header_size < room ? st->max_header_size : room;
+    s->w.cfg = cfg;
+    size_t npeers = 0;
+    for (size_t u = 0; u < cfg->nupstreams; u++)
+        npeers += cfg->upstreams[u].nservers;
+    s->gen = (mp_gen_t){.id = 1, .L = L, .cfg = cfg, .refs = 1};
+    if (!(s->peers = calloc(npeers ? npeers : 1, sizeof(*s->peers))) ||
+        !(s->open = calloc(npeers ? npeers : 1, 1)) ||
+        !(s->gen.balancers = mp_balancers_new(L, cfg, seed)) || mp_buf_acquire(&s->out, &s->w.bufs) != 0) {
+        snprintf(err, errlen, "out of memory");
+        goto fail;
+    }
+    mp_l_request_setup(L, s->gen.lua_mt);
+    install_peers(s);
+    s->conn.w = &s->w;
+    s->conn.fd = -1;
+    return s;
+fail:
+    if (s && s->gen.L) {
+        mp_sim_free(s);
+        return NULL;
+    }
+    mp_config_free(cfg);
+    if (L)
+        mp_vm_close(L);
+    if (s && s->w.loop)
+        mp_worker_dispose(&s->w);
+    free(s);
+    return NULL;
+}
+
+static void release(mp_sim_t *s)
+{
+    if (s->live)
+        mp_hook_release(s->gen.L, &s->req);
+    s->live = s->forwarded = 0;
+}
+
+void mp_sim_free(mp_sim_t *s)
+{
+    if (!s)
+        return;
+    release(s);
+    reset_result(s);
+    free(s->trace);
+    mp_buf_release(&s->out, &s->w.bufs);
+    if (s->gen.balancers)
+        mp_balancers_free(s->gen.balancers, s->gen.cfg->nupstreams);
+    mp_config_free(s->gen.cfg);
+    mp_vm_close(s->gen.L);
+    if (s->w.loop)
+        mp_worker_dispose(&s->w);
+    free(s->peers);
+    free(s->open);
+    free(s->raw);
+    free(s->resp_raw);
+    free(s->file_body);
+    free(s);
+}
+
+lua_State *mp_sim_vm(mp_sim_t *s)
+{
+    return s->gen.L;
+}
+
+const mp_config_t *mp_sim_config(mp_sim_t *s)
+{
+    return s->gen.cfg;
+}
+
+void mp_sim_set_now(mp_sim_t *s, double now)
+{
+    s->now = now;
+}
+
+int mp_sim_set_server(mp_sim_t *s, const char *upstream, const char *addr, const mp_sim_state_t *st)
+{
+    const mp_config_t *cfg = s->gen.cfg;
+    size_t k = 0;
+    for (size_t u = 0; u < cfg->nupstreams; u++)
+        for (size_t i = 0; i < cfg->upstreams[u].nservers; i++, k++) {
+            if (strcmp(cfg->upstreams[u].name, upstream) != 0 || strcmp(cfg->upstreams[u].servers[i].addr.text, addr))
+                continue;
+            mp_peer_t *p = &s->peers[k];
+            p->probe_up = !st->down;
+            p->active = st->active;
+            p->fails = st->failures;
+            union {
+                double d;
+                uint64_t u;
+            } lat = {.d = st->latency};
+            p->latency_bits = lat.u;
+            s->open[k] = (uint8_t)(st->open != 0);
+            p->open_until = 0;
+            return 0;
+        }
+    return MP_ENOENT;
+}
+
+/* ---- running ---- */
+
+typedef struct {
+    char **data;
+    size_t *cap;
+    size_t len;
+} raw_t;
+
+static int raw_append(raw_t *b, const char *p, size_t n)
+{
+    if (b->len + n + 1 > *b->cap) {
+        size_t cap = (b->len + n + 1) * 2;
+        char *d = realloc(*b->data, cap);
+        if (!d)
+            return MP_ENOMEM;
+        *b->data = d;
+        *b->cap = cap;
+    }
+    memcpy(*b->data + b->len, p, n);
+    b->len += n;
+    return 0;
+}
+
+#define RAW_STR(b, str) raw_append((b), (str), strlen(str))
+
+static int has_field(const mp_sim_header_t *h, size_t n, const char *name)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcasecmp(h[i].name, name) == 0)
+            return 1;
+    return 0;
+}
+
+static int put_fields(raw_t *b, const mp_sim_header_t *h, size_t n)
+{
+    int rc = 0;
+    for (size_t i = 0; i < n; i++)
+        rc |= RAW_STR(b, h[i].name) | RAW_STR(b, ": ") | RAW_STR(b, h[i].value) | RAW_STR(b, "\r\n");
+    return rc;
+}
+
+static int set_peer_addr(mp_conn_t *c, const char *text)
+{
+    struct sockaddr_in6 *p = &c->peer;
+    memset(p, 0, sizeof(*p));
+    p->sin6_family = AF_INET6;
+    struct in_addr v4;
+    if (inet_pton(AF_INET, text, &v4) == 1) {
+        p->sin6_addr.s6_addr[10] = p->sin6_addr.s6_addr[11] = 0xff;
+        memcpy(&p->sin6_addr.s6_addr[12], &v4, 4);
+        return 0;
+    }
+    return inet_pton(AF_INET6, text, &p->sin6_addr) == 1 ? 0 : MP_EINVAL;
+}
+
+static void new_request(mp_sim_t *s)
+{
+    mp_req_t *r = &s->req;
+    memset(r, 0, sizeof(*r));
+    r->conn = &s->conn;
+    r->gen = &s->gen;
+    r->upstream = r->server = -1;
+    r->t_start = ev_now(s->w.loop);
+    s->conn.req = r;
+    s->live = 1;
+}
+
+static const char *balancer_name(const mp_upstream_def_t *d)
+{
+    return d->balancer ? d->balancer : "round_robin";
+}
+
+/* "addr (up, 2 active, 12.0 ms)" for every server, as the pick saw them. */
+static void note_pick(mp_sim_t *s, const mp_balancer_t *b, int server)
+{
+    const mp_upstream_def_t *d = b->def;
+    char list[2048];
+    size_t n = 0;
+    double now = mp_health_now();
+    for (size_t i = 0; i < d->nservers && n < sizeof(list); i++) {
+        mp_peer_t *p = b->peers[i];
+        const char *state = !p->probe_up ? "down" : p->open_until > now ? "circuit open" : "up";
+        n += (size_t)snprintf(list + n, sizeof(list) - n, "%s%s (%s, weight %d, %d active, %.1f ms, %d failures)",
+                              i ? ", " : "", d->servers[i].addr.text, state, d->servers[i].weight, (int)p->active,
+                              mp_peer_latency(p), (int)p->fails);
+    }
+    if (server >= 0)
+        step(s, "balancer", "upstream '%s' (%s) picked %s among %s", d->name, balancer_name(d),
+             d->servers[server].addr.text, list);
+    else
+        step(s, "balancer", "upstream '%s' (%s) found no server available among %s", d->name, balancer_name(d), list);
+}
+
+/* The request has its outcome (status set): on_log runs, as in the server
+ * once the response was sent. */
+static void log_hooks(mp_sim_t *s)
+{
+    mp_req_t *r = &s->req;
+    int ref = s->gen.cfg->log_ref;
+    if (r->status && ref != LUA_NOREF)
+        mp_hook_log(s->gen.L, r, ref);
+}
+
+static void answer(mp_sim_t *s, int status, const char *why)
+{
+    mp_req_t *r = &s->req;
+    mp_req_identify(r);
+    if (status != 0 && (!r->body.done || status == 408 || status == 400))
+        r->keepalive = 0;
+    else if (status == 0 && !r->body.done)
+        r->keepalive = 0;
+    s->out.start = s->out.end = 0;
+    int shown = mp_local_response(r, status, &s->out, &s->local);
+    step(s, "response", "answered here: %d %s (%s)", shown > 0 ? shown : 500,
+         mp_http1_reason(shown > 0 ? shown : 500), why);
+    log_hooks(s);
+}
+
+/* A static route: the file it names, read into file_body, and the head. */
+static void serve_static(mp_sim_t *s)
+{
+    mp_req_t *r = &s->req;
+    mp_static_file_t f;
+    if (!r->body.done)
+        r->keepalive = 0; /* the server does not read the body */
+    int st = mp_static_resolve(r, &f);
+    if (f.file[0])
+        step(s, "static", "%s%s: %d %s%s%s", f.file, f.fallback ? " (the fallback: the path asked for is missing)" : "",
+             st, mp_http1_reason(st), f.content_type ? ", " : "", f.content_type ? f.content_type : "");
+    else
+        step(s, "static", "%d %s", st, mp_http1_reason(st));
+    s->out.start = s->out.end = 0;
+    int shown = mp_static_response(r, &f, &s->out, &s->local);
+    if (shown > 0 && f.fd >= 0) {
+        free(s->file_body);
+        size_t got = 0;
+        if ((s->file_body = malloc(f.size ? f.size : 1)))
+            while (got < f.size) {
+                ssize_t n = pread(f.fd, s->file_body + got, f.size - got, (off_t)got);
+                if (n <= 0)
+                    break;
+                got += (size_t)n;
+            }
+        s->local.body = (mp_slice){s->file_body, s->file_body ? got : 0};
+    }
+    mp_static_dispose(&f);
+    if (shown < 0)
+        return answer(s, 500, "the response head is too large");
+    step(s, "response", "answered here: %d %s (static route)", shown, mp_http1_reason(shown));
+    log_hooks(s);
+}
+
+static void fill_result(mp_sim_t *s, mp_sim_result_t *out)
+{
+    const mp_req_t *r = &s->req;
+    const mp_config_t *cfg = s->gen.cfg;
+    memset(out, 0, sizeof(*out));
+    out->forwarded = s->forwarded;
+    out->status = s->forwarded ? 0 : r->status;
+    if (r->match.route) {
+        out->route = r->match.route->name;
+        out->route_index = r->match.route->index;
+    }
+    if (r->upstream >= 0 && (size_t)r->upstream < cfg->nupstreams) {
+        out->upstream = cfg->upstreams[r->upstream].name;
+        if (r->server >= 0)
+            out->server = cfg->upstreams[r->upstream].servers[r->server].addr.text;
+    }
+    out->head = mp_buf_head(&s->out);
+    out->head_len = mp_buf_len(&s->out);
+    if (!s->forwarded) {
+        out->body = s->local.body.p;
+        out->body_len = r->is_head ? 0 : s->local.body.len;
+    }
+    out->error = s->error;
+    out->trace = s->trace;
+    out->ntrace = s->ntrace;
+}
+
+static int run_request(mp_sim_t *s, const mp_sim_request_t *rq)
+{
+    mp_req_t *r = &s->req;
+    const char *method = rq->method ? rq->method : "GET";
+    const char *target = rq->target ? rq->target : "/";
+    raw_t raw = {&s->raw, &s->raw_cap, 0};
+    int rc = RAW_STR(&raw, method) | RAW_STR(&raw, " ") | RAW_STR(&raw, target) | RAW_STR(&raw, " HTTP/1.1\r\n");
+    const char *host = rq->no_host ? NULL : rq->host ? rq->host : "localhost";
+    if (host)
+        rc |= RAW_STR(&raw, "Host: ") | RAW_STR(&raw, host) | RAW_STR(&raw, "\r\n");
+    rc |= put_fields(&raw, rq->headers, rq->nheaders);
+    if (rq->body_len && !has_field(rq->headers, rq->nheaders, "content-length") &&
+        !has_field(rq->headers, rq->nheaders, "transfer-encoding")) {
+        char cl[48];
+        snprintf(cl, sizeof(cl), "Content-Length: %zu\r\n", rq->body_len);
+        rc |= RAW_STR(&raw, cl);
+    }
+    rc |= RAW_STR(&raw, "\r\n");
+    if (rc)
+        return MP_ENOMEM;
+    const char *addr = rq->remote_addr ? rq->remote_addr : "127.0.0.1";
+    if (set_peer_addr(&s->conn, addr) != 0) {
+        step(s, "request", "remote_addr '%s' is not an IP address", addr);
+        return MP_EINVAL;
+    }
+    new_request(s);
+    step(s, "request", "%s %s%s%s from %s", method, host ? "http://" : "", host ? host : "", target, addr);
+    size_t scanned = 0;
+    rc = mp_http1_parse_request(s->raw, raw.len, &scanned, &s->w.limits, &r->h);
+    if (rc < 0) {
+        r->keepalive = 0;
+        r->body.done = 1;
+        int st = rc == MP_EAGAIN ? 431 : r->h.status ? r->h.status : 400;
+        char why[160];
+        snprintf(why, sizeof(why), "the parser refused the head: %s", r->h.error ? r->h.error : "too large");
+        answer(s, st, why);
+        return 0;
+    }
+    const mp_http_request_t *h = &r->h;
+    r->is_head = h->method.len == 4 && memcmp(h->method.p, "HEAD", 4) == 0;
+    r->keepalive = !h->conn_close;
+    r->body.done = !(h->chunked || h->content_length > 0);
+    int d = mp_req_decide(r);
+    note_route(s);
+    if (d == MP_DECIDE_RESPONDED)
+        return answer(s, 0, "a hook called req:respond"), 0;
+    if (d == MP_DECIDE_STATIC)
+        return serve_static(s), 0;
+    if (d != MP_DECIDE_UPSTREAM) {
+        const char *why = d == 404   ? "no route matched"
+                          : d == 413 ? "the body is larger than max_body_size"
+                          : s->error ? "a hook failed"
+                                     : "error";
+        return answer(s, d, why), 0;
+    }
+    mp_balancer_t *b = &s->gen.balancers[r->upstream];
+    int trial = 0;
+    int server = mp_balancer_pick(b, r, -1, &trial);
+    if (server == MP_PICK_ERROR)
+        return answer(s, 500, "the balancer failed"), 0;
+    note_pick(s, b, server);
+    if (server < 0) {
+        r->retry_after = (uint16_t)mp_balancer_retry_after(b, mp_health_now());
+        return answer(s, 503, "no server available"), 0;
+    }
+    if (trial) /* a half-open circuit's trial: nobody reports its outcome here */
+        b->peers[server]->trial = 0;
+    r->server = server;
+    s->out.start = s->out.end = 0;
+    if (mp_upstream_request_head(r, &s->out) != 0)
+        return answer(s, 431, "the upstream request head is too large"), 0;
+    s->forwarded = 1;
+    const char *eol = memchr(mp_buf_head(&s->out), '\r', mp_buf_len(&s->out));
+    step(s, "forward", "%.*s to %s", eol ? (int)(eol - mp_buf_head(&s->out)) : 0, mp_buf_head(&s->out),
+         b->def->servers[server].addr.text);
+    return 0;
+}
+
+/* A circuit held open stays open for its cooldown from now, whatever the
+ * clock says: no half-open trial while the caller keeps it open. */
+static void hold_open(mp_sim_t *s)
+{
+    const mp_config_t *cfg = s->gen.cfg;
+    size_t k = 0;
+    double now = mp_health_now();
+    for (size_t u = 0; u < cfg->nupstreams; u++)
+        for (size_t i = 0; i < cfg->upstreams[u].nservers; i++, k++)
+            if (s->open[k])
+                s->peers[k].open_until = now + (cfg->upstreams[u].passive_cooldown > 0 ? cfg->upstreams[u].passive_cooldown : 10);
+}
+
+int mp_sim_request(mp_sim_t *s, const mp_sim_request_t *rq, mp_sim_result_t *out)
+{
+    release(s);
+    reset_result(s);
+    mp_now_pin(s->now);
+    hold_open(s);
+    mp_log_capture(on_log, s);
+    int rc = run_request(s, rq);
+    mp_log_capture(NULL, NULL);
+    mp_now_pin(0);
+    fill_result(s, out);
+    return rc;
+}
+
+static int run_response(mp_sim_t *s, const mp_sim_response_t *rs)
+{
+    mp_req_t *r = &s->req;
+    raw_t b = {&s->resp_raw, &s->resp_raw_cap, 0};
+    char line[64];
+    snprintf(line, sizeof(line), "HTTP/1.1 %d %s\r\n", rs->status, mp_http1_reason(rs->status));
+    int rc = RAW_STR(&b, line) | put_fields(&b, rs->headers, rs->nheaders);
+    if (!has_field(rs->headers, rs->nheaders, "content-length") &&
+        !has_field(rs->headers, rs->nheaders, "transfer-encoding")) {
+        snprintf(line, sizeof(line), "Content-Length: %zu\r\n", rs->body_len);
+        rc |= RAW_STR(&b, line);
+    }
+    rc |= RAW_STR(&b, "\r\n");
+    if (rc)
+        return MP_ENOMEM;
+    static _Thread_local mp_http_response_t rh;
+    memset(&rh, 0, sizeof(rh));
+    size_t scanned = 0;
+    step(s, "response", "upstream answered %d", rs->status);
+    if (mp_http1_parse_response(s->resp_raw, b.len, &scanned, b.len, &rh) < 0) {
+        s->forwarded = 0;
+        return answer(s, 502, "the upstream's response head is invalid"), 0;
+    }
+    mp_framing_t *f = &r->resp;
+    memset(f, 0, sizeof(*f));
+    if (r->is_head || rh.status == 204 || rh.status == 304)
+        f->kind = MP_BODY_NONE;
+    else if (rh.chunked)
+        f->kind = MP_BODY_CHUNKED;
+    else if (rh.content_length >= 0)
+        f->kind = MP_BODY_LENGTH;
+    else
+        f->kind = MP_BODY_CLOSE;
+    if (f->kind == MP_BODY_CLOSE)
+        r->keepalive = 0;
+    r->status = rh.status;
+    int ref = s->gen.cfg->route_hooks[r->match.route->index - 1].response;
+    if (ref != LUA_NOREF) {
+        if (mp_hook_response(s->gen.L, r, ref, &rh) != MP_HOOK_NEXT) {
+            s->forwarded = 0;
+            /* the server closes the connection without a response: 502 in the access log */
+            r->status = 502;
+            step(s, "response", "a response hook failed: the client connection is closed");
+            s->out.start = s->out.end = 0;
+            log_hooks(s);
+            return 0;
+        }
+        if (r->resp_status)
+            r->status = r->resp_status;
+    }
+    s->out.start = s->out.end = 0;
+    rc = mp_upstream_response_head(r, &rh, &s->out);
+    if (rc != 0)
+        return MP_ENOMEM;
+    step(s, "response", "sent %d to the client", r->status);
+    log_hooks(s);
+    return 0;
+}
+
+int mp_sim_response(mp_sim_t *s, const mp_sim_response_t *rs, mp_sim_result_t *out)
+{
+    if (!s->forwarded)
+        return MP_EINVAL;
+    reset_result(s);
+    s->route_noted = 1;
+    mp_now_pin(s->now);
+    mp_log_capture(on_log, s);
+    int rc = run_response(s, rs);
+    mp_log_capture(NULL, NULL);
+    mp_now_pin(0);
+    fill_result(s, out);
+    if (rc == 0 && s->forwarded) { /* a response, not a request: report it as one */
+        out->forwarded = 0;
+        out->status = s->req.status;
+        out->body = NULL;
+        out->body_len = rs->body_len;
+    }
+    s->forwarded = 0;
+    return rc;
+}
+
+/* ---- guards ---- */
+
+/* The value of a field in a head made by the simulator, repeated fields
+ * joined with ", " (RFC 9110 §5.3). Returns how many there were. */
+static int head_field(const char *head, size_t len, const char *name, char *out, size_t cap)
+{
+    size_t nlen = strlen(name), n = 0;
+    int count = 0;
+    out[0] = '\0';
+    const char *p = memchr(head, '\n', len), *end = head + len;
+    while (p && ++p < end) {
+        const char *eol = memchr(p, '\r', (size_t)(end - p));
+        if (!eol || eol == p)
+            break;
+        if ((size_t)(eol - p) > nlen + 1 && p[nlen] == ':' && strncasecmp(p, name, nlen) == 0) {
+            const char *v = p + nlen + 1;
+            while (v < eol && *v == ' ')
+                v++;
+            n += (size_t)snprintf(out + n, n < cap ? cap - n : 0, "%s%.*s", count ? ", " : "", (int)(eol - v), v);
+            count++;
+        }
+        p = memchr(eol, '\n', (size_t)(end - eol));
+    }
+    return count;
+}
+
+static const char *opt_string(lua_State *L, int t, const char *k)
+{
+    lua_getfield(L, t, k);
+    const char *v = lua_tostring(L, -1);
+    lua_pop(L, 1); /* the guard table keeps the string alive */
+    return v;
+}
+
+size_t mp_sim_lua_headers(lua_State *L, int t, mp_sim_header_t *h, size_t max, int *bad)
+{
+    size_t n = 0;
+    *bad = 0;
+    if (lua_isnoneornil(L, t))
+        return 0;
+    if (!lua_istable(L, t))
+        return *bad = 1, 0;
+    for (lua_pushnil(L); lua_next(L, t); lua_pop(L, 1)) {
+        int pair = lua_type(L, -2) == LUA_TNUMBER && lua_istable(L, -1);
+        const char *name = NULL;
+        if (pair) { /* { "name", "value" } */
+            lua_rawgeti(L, -1, 1);
+            name = lua_tostring(L, -1);
+            lua_pop(L, 1); /* the pair table keeps it */
+        } else if (lua_type(L, -2) == LUA_TSTRING) {
+            name = lua_tostring(L, -2);
+        }
+        if (!name) {
+            *bad = 1;
+            continue;
+        }
+        if (lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1))
+            continue; /* false: absent */
+        if (!lua_istable(L, -1)) {
+            if (!lua_isstring(L, -1) || n == max)
+                *bad = 1;
+            else
+                h[n++] = (mp_sim_header_t){name, lua_tostring(L, -1)};
+            continue;
+        }
+        for (int i = pair ? 2 : 1; !pair || i == 2; i++) { /* a list of values, or the pair's one */
+            lua_rawgeti(L, -1, i);
+            const char *v = lua_tostring(L, -1);
+            lua_pop(L, 1);
+            if (!v) {
+                *bad |= pair;
+                break;
+            }
+            if (n == max) {
+                *bad = 1;
+                break;
+            }
+            h[n++] = (mp_sim_header_t){name, v};
+        }
+    }
+    return n;
+}
+
+static size_t mismatch(char *out, size_t n, size_t cap, const char *what, const char *want, const char *got)
+{
+    if (n >= cap)
+        return n;
+    return n + (size_t)snprintf(out + n, cap - n, "; %s: expected %s, got %s", what, want, got);
+}
+
+/* Compares one guard (the table on top of L's stack) with the result;
+ * appends the differences to out. */
+static size_t compare(lua_State *L, const mp_sim_result_t *res, char *out, size_t cap)
+{
+    int t = lua_gettop(L);
+    size_t n = 0;
+    char want[512], got[512];
+    lua_getfield(L, t, "route");
+    if (!lua_isnil(L, -1)) {
+        int by_index = lua_type(L, -1) == LUA_TNUMBER;
+        int ok = by_index ? res->route_index == (int)lua_tointeger(L, -1)
+                          : res->route && strcmp(res->route, lua_tostring(L, -1)) == 0;
+        if (!ok) {
+            snprintf(want, sizeof(want), by_index ? "%s" : "'%s'", lua_tostring(L, -1));
+            if (by_index)
+                snprintf(got, sizeof(got), "%d", res->route_index);
+            else if (res->route)
+                snprintf(got, sizeof(got), "'%s'", res->route);
+            else
+                snprintf(got, sizeof(got), "no route");
+            n = mismatch(out, n, cap, "route", want, got);
+        }
+    }
+    lua_pop(L, 1);
+    static const char *const names[] = {"upstream", "server"};
+    for (int i = 0; i < 2; i++) {
+        const char *w = opt_string(L, t, names[i]);
+        const char *g = i == 0 ? res->upstream : res->server;
+        if (w && (!g || strcmp(w, g) != 0 || (!res->forwarded && i == 1))) {
+            snprintf(want, sizeof(want), "'%s'", w);
+            if (!res->forwarded)
+                snprintf(got, sizeof(got), "an answer %d from the proxy", res->status);
+            else
+                snprintf(got, sizeof(got), "'%s'", g ? g : "none");
+            n = mismatch(out, n, cap, names[i], want, got);
+        }
+    }
+    const char *target = opt_string(L, t, "target");
+    if (target) {
+        const char *sp = res->forwarded ? memchr(res->head, ' ', res->head_len) : NULL;
+        const char *sp2 = sp ? memchr(sp + 1, ' ', res->head_len - (size_t)(sp + 1 - res->head)) : NULL;
+        if (!sp2 || strlen(target) != (size_t)(sp2 - sp - 1) || memcmp(target, sp + 1, strlen(target)) != 0) {
+            snprintf(want, sizeof(want), "'%s'", target);
+            if (sp2)
+                snprintf(got, sizeof(got), "'%.*s'", (int)(sp2 - sp - 1), sp + 1);
+            else
+                snprintf(got, sizeof(got), "an answer %d from the proxy", res->status);
+            n = mismatch(out, n, cap, "target", want, got);
+        }
+    }
+    lua_getfield(L, t, "status");
+    if (!lua_isnil(L, -1) && (res->forwarded || res->status != (int)lua_tointeger(L, -1))) {
+        snprintf(want, sizeof(want), "%d", (int)lua_tointeger(L, -1));
+        if (res->forwarded)
+            snprintf(got, sizeof(got), "forwarded to upstream '%s'", res->upstream);
+        else
+            snprintf(got, sizeof(got), "%d", res->status);
+        n = mismatch(out, n, cap, "status", want, got);
+    }
+    lua_pop(L, 1);
+    lua_getfield(L, t, "headers");
+    if (lua_istable(L, -1)) {
+        int ht = lua_gettop(L);
+        for (lua_pushnil(L); lua_next(L, ht); lua_pop(L, 1)) {
+            const char *name = lua_tostring(L, -2);
+            int count = head_field(res->head, res->head_len, name, got + 1, sizeof(got) - 2);
+            if (lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
+                if (count) {
+                    char what[160];
+                    snprintf(what, sizeof(what), "header %s", name);
+                    got[0] = '\'';
+                    strcat(got, "'");
+                    n = mismatch(out, n, cap, what, "none", got);
+                }
+                continue;
+            }
+            size_t w = 0;
+            if (lua_istable(L, -1)) {
+                for (int i = 1;; i++) {
+                    lua_rawgeti(L, -1, i);
+                    const char *v = lua_tostring(L, -1);
+                    lua_pop(L, 1);
+                    if (!v)
+                        break;
+                    w += (size_t)snprintf(want + 1 + w, w + 2 < sizeof(want) ? sizeof(want) - 2 - w : 0, "%s%s",
+                                          i > 1 ? ", " : "", v);
+                }
+            } else {
+                snprintf(want + 1, sizeof(want) - 2, "%s", lua_tostring(L, -1));
+            }
+            if (!count || strcmp(want + 1, got + 1) != 0) {
+                char what[160];
+                snprintf(what, sizeof(what), "header %s", name);
+                want[0] = got[0] = '\'';
+                strcat(want, "'");
+                strcat(got, "'");
+                n = mismatch(out, n, cap, what, want, count ? got : "none");
+            }
+        }
+    }
+    lua_pop(L, 1);
+    return n;
+}
+
+int mp_sim_check_guards(mp_sim_t *s, char *err, size_t errlen)
+{
+    const mp_config_t *cfg = s->gen.cfg;
+    lua_State *L = s->gen.L;
+    if (!cfg->nexpects)
+        return 0;
+    int top = lua_gettop(L);
+    int rc = 0;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, cfg->expect_ref);
+    for (size_t i = 1; i <= cfg->nexpects && rc == 0; i++) {
+        lua_rawgeti(L, top + 1, (int)i);
+        int g = lua_gettop(L);
+        lua_getfield(L, g, "request");
+        int q = lua_gettop(L);
+        mp_sim_header_t headers[MAX_GUARD_HEADERS];
+        lua_getfield(L, q, "headers");
+        int bad;
+        size_t nh = mp_sim_lua_headers(L, lua_gettop(L), headers, MP_ARRAY_LEN(headers), &bad);
+        lua_pop(L, 1);
+        size_t blen = 0;
+        lua_getfield(L, q, "body");
+        const char *body = lua_tolstring(L, -1, &blen);
+        lua_pop(L, 1);
+        mp_sim_request_t rq = {.method = opt_string(L, q, "method"), .host = opt_string(L, q, "host"),
+                               .target = opt_string(L, q, "path"), .headers = headers, .nheaders = nh,
+                               .body = body, .body_len = blen, .remote_addr = opt_string(L, q, "remote_addr")};
+        lua_pop(L, 1); /* the request table (the guard keeps it) */
+        mp_sim_result_t res;
+        if (mp_sim_request(s, &rq, &res) == MP_ENOMEM) {
+            snprintf(err, errlen, "out of memory");
+            rc = MP_ENOMEM;
+            break;
+        }
+        char diff[2048];
+        size_t n = compare(L, &res, diff, sizeof(diff));
+        if (n) {
+            const char *src = opt_string(L, g, "src");
+            size_t k = (size_t)snprintf(err, errlen, "%s: proxy.expect failed for %s %s%s%s: %s", src ? src : "?",
+                                        rq.method ? rq.method : "GET", rq.host ? rq.host : "localhost",
+                                        rq.target ? rq.target : "/", "", diff + 2);
+            for (size_t j = 0; j < res.ntrace && k < errlen; j++)
+                k += (size_t)snprintf(err + k, errlen - k, "%s %zu. %s: %s", j ? "" : " | trace:", j + 1,
+                                      res.trace[j].kind, res.trace[j].text);
+            rc = MP_EINVAL;
+        }
+        lua_settop(L, top + 1);
+    }
+    lua_settop(L, top);
+    release(s);
+    return rc;
+}
+
+int mp_sim_check_script(const char *path, const char *text, size_t len, char *err, size_t errlen)
+{
+    mp_sim_t *s = mp_sim_new(path, text, len, 1, err, errlen);
+    if (!s)
+        return MP_EINVAL;
+    int rc = mp_sim_check_guards(s, err, errlen);
+    mp_sim_free(s);
+    return rc;
+}
