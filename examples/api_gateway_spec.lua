@@ -254,3 +254,42 @@ describe("examples/api_gateway.lua", function()
     end)
   end)
 end)
+
+-- The same configuration tested offline: moonproxy.testing runs the server's
+-- own plugins, hooks and router on it, with no proxy and no services.
+describe("examples/api_gateway.lua offline, with moonproxy.testing", function()
+  local testing = require "moonproxy.testing"
+  local cfg = testing.load(EXAMPLE)
+
+  it("refuses a request without a key: 401 with WWW-Authenticate, nothing forwarded", function()
+    local r = cfg:request { path = "/users/42" }
+    assert.equal(401, r.status, testing.format(r))
+    assert.equal('Key realm="api"', r.headers["www-authenticate"])
+    assert.is_nil(r.upstream)
+  end)
+
+  it("sends /users/42 to users as /42, naming the consumer and dropping the key", function()
+    local r = cfg:request { path = "/users/42?x=1", headers = { ["x-api-key"] = ALICE, ["x-consumer"] = "admin" } }
+    assert.equal("users", r.upstream, testing.format(r))
+    assert.equal("/42?x=1", r.target)
+    assert.equal("alice", r.headers["x-consumer"]) -- the client's own value is replaced
+    assert.is_nil(r.headers["x-api-key"])
+  end)
+
+  it("refuses a declared body over 64k on orders with 413", function()
+    local r = cfg:request { method = "POST", path = "/orders",
+      headers = { ["x-api-key"] = BOB, ["content-length"] = tostring(64 * 1024 + 1) } }
+    assert.equal(413, r.status, testing.format(r))
+  end)
+
+  it("answers /health itself, for the monitor's key", function()
+    local r = cfg:request { path = "/health", headers = { ["x-api-key"] = MONITOR } }
+    assert.equal(200, r.status, testing.format(r))
+    assert.equal("application/json", r.headers["content-type"])
+    assert.equal('{"status":"ok","request_id":"' .. r.headers["x-request-id"] .. '"}\n', r.body)
+  end)
+
+  it("answers 404 to a path no route matches, once the key is valid", function()
+    assert.equal(404, cfg:request({ path = "/usersfoo", headers = { ["x-api-key"] = ALICE } }).status)
+  end)
+end)

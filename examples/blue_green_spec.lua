@@ -188,3 +188,50 @@ describe("examples/blue_green.lua", function()
     assert.same({ blue = 20 }, origins)
   end)
 end)
+
+-- The same configuration tested offline: moonproxy.testing runs the handlers
+-- and basic_auth, with no proxy and no servers. The live color is in the
+-- shared dictionary "deploy": from busted, core.shared with the name and size
+-- the configuration declares returns the same dictionary, so a spec can flip
+-- it directly (and must put it back: it lives as long as the process).
+describe("examples/blue_green.lua offline, with moonproxy.testing", function()
+  local testing = require "moonproxy.testing"
+  local deploy = require("moonproxy.core").shared("deploy", "64k")
+  local cfg = testing.load(EXAMPLE)
+
+  before_each(function() deploy:delete("live") end)
+  after_each(function() deploy:delete("live") end)
+
+  it("serves blue until the first switch", function()
+    local r = cfg:request { path = "/" }
+    assert.equal("blue", r.upstream, testing.format(r))
+    assert.equal("127.0.0.1:9001", r.server)
+  end)
+
+  it("serves whatever color the dictionary holds", function()
+    deploy:set("live", "green")
+    local r = cfg:request { path = "/page" }
+    assert.equal("green", r.upstream, testing.format(r))
+    assert.equal("green\n", cfg:request({ path = "/_live" }).body)
+  end)
+
+  it("refuses the switch without the right password: 401 with WWW-Authenticate", function()
+    local r = cfg:request { method = "POST", path = "/_switch?to=green",
+      headers = { authorization = basic("ops", "wrong") } }
+    assert.equal(401, r.status, testing.format(r))
+    assert.equal('Basic realm="deploy"', r.headers["www-authenticate"])
+    assert.is_nil(deploy:get("live"))
+  end)
+
+  it("switches with the right password, for the very next request", function()
+    local r = cfg:request { method = "POST", path = "/_switch?to=green",
+      headers = { authorization = basic("ops", "change-me") } }
+    assert.equal(200, r.status, testing.format(r))
+    assert.equal("live: green (was blue, switched by ops)\n", r.body)
+    assert.equal("green", cfg:request({ path = "/" }).upstream)
+  end)
+
+  it("lets GET /_switch fall through to the live color", function()
+    assert.equal("app", cfg:request({ path = "/_switch?to=green" }).route)
+  end)
+end)

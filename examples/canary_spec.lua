@@ -140,3 +140,43 @@ describe("examples/canary.lua", function()
     end)
   end)
 end)
+
+-- The same configuration tested offline: moonproxy.testing runs the handler,
+-- the weighted balancer and the response hook, with no proxy and no servers.
+describe("examples/canary.lua offline, with moonproxy.testing", function()
+  local testing = require "moonproxy.testing"
+  local STABLE, CANARY = "127.0.0.1:9001", "127.0.0.1:9002"
+
+  it("forces the canary, or stable, by header", function()
+    local cfg = testing.load(EXAMPLE)
+    local r = cfg:request { path = "/", headers = { ["x-canary"] = "always" } }
+    assert.equal("canary", r.upstream, testing.format(r))
+    assert.equal(CANARY, r.server)
+    assert.equal("stable", cfg:request({ path = "/", headers = { ["x-canary"] = "never" } }).upstream)
+  end)
+
+  it("forces it by cookie, matching the whole name and value", function()
+    local cfg = testing.load(EXAMPLE)
+    assert.equal("canary", cfg:request({ path = "/", headers = { cookie = "a=1; canary=1" } }).upstream)
+    assert.equal("stable", cfg:request({ path = "/", headers = { cookie = "canary=0" } }).upstream)
+    local r = cfg:request { path = "/", headers = { cookie = "mycanary=1; canary=10" } }
+    assert.equal("split", r.upstream, testing.format(r))
+  end)
+
+  it("splits 95:5, exactly, over 100 requests of one worker", function()
+    local cfg = testing.load(EXAMPLE) -- a fresh balancer
+    local counts = {}
+    for i = 1, 100 do
+      local s = cfg:request({ path = "/?i=" .. i }).server
+      counts[s] = (counts[s] or 0) + 1
+    end
+    assert.same({ [STABLE] = 95, [CANARY] = 5 }, counts)
+  end)
+
+  it("tells the client how the version was chosen", function()
+    local cfg = testing.load(EXAMPLE)
+    local r = cfg:request { path = "/", headers = { cookie = "canary=1" } }
+    local resp = cfg:response(r, { status = 200, headers = { ["content-type"] = "text/html" }, body = "<p>hi" })
+    assert.equal("cookie", resp.headers["x-canary-decision"], testing.format(resp))
+  end)
+end)

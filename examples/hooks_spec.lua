@@ -208,3 +208,43 @@ describe("examples/hooks.lua", function()
     end)
   end)
 end)
+
+-- The same configuration tested offline: moonproxy.testing runs the hooks,
+-- the route's rewrite and the response hooks, with no proxy and no backend.
+describe("examples/hooks.lua offline, with moonproxy.testing", function()
+  local testing = require "moonproxy.testing"
+  local cfg = testing.load(EXAMPLE)
+
+  it("rewrites the request headers the backend receives", function()
+    local r = cfg:request { path = "/page", remote_addr = "192.0.2.7",
+      headers = { ["x-real-ip"] = "203.0.113.9", ["x-debug"] = "1", ["x-maintenance-bypass"] = BYPASS } }
+    assert.equal("192.0.2.7", r.headers["x-real-ip"], testing.format(r))
+    assert.is_nil(r.headers["x-debug"])
+    assert.is_nil(r.headers["x-maintenance-bypass"])
+    assert.equal("en", r.headers["accept-language"])
+  end)
+
+  it("sends /old/items/42 as /items/42 and adds the deprecation headers to the response", function()
+    local r = cfg:request { path = "/old/items/42?x=1" }
+    assert.equal("legacy", r.route, testing.format(r))
+    assert.equal("/items/42?x=1", r.target)
+    local resp = cfg:response(r, { status = 200, headers = { server = "Apache/2.4", ["content-type"] = "text/plain" },
+      body = "item 42\n" })
+    assert.equal("true", resp.headers["deprecation"], testing.format(resp))
+    assert.equal('</items/42>; rel="successor-version"', resp.headers["link"])
+    assert.is_nil(resp.headers["server"])
+    assert.equal("nosniff", resp.headers["x-content-type-options"])
+  end)
+
+  it("answers 503 in maintenance, except for staff (a variant loaded as text)", function()
+    local text = assert(h.read_file(EXAMPLE)):gsub("local MAINTENANCE = false", "local MAINTENANCE = true")
+    local down = testing.load(text, { text = true, name = "hooks-maintenance.lua" })
+    local r = down:request { path = "/page" }
+    assert.equal(503, r.status, testing.format(r))
+    assert.equal("300", r.headers["retry-after"])
+    assert.is_nil(r.upstream)
+    r = down:request { path = "/page", headers = { ["x-maintenance-bypass"] = BYPASS } }
+    assert.equal("app", r.upstream, testing.format(r))
+    assert.equal("/healthz", down:request({ path = "/healthz" }).target)
+  end)
+end)

@@ -70,3 +70,44 @@ describe("examples/quickstart.lua", function()
     assert.equal("default", route_of(res))
   end)
 end)
+
+-- The same configuration tested offline: moonproxy.testing runs the server's
+-- own router and request head builder on it, with no proxy and no backend.
+describe("examples/quickstart.lua offline, with moonproxy.testing", function()
+  local testing = require "moonproxy.testing"
+  local cfg = testing.load(EXAMPLE)
+
+  it("declares its routes in this order", function()
+    local names = {}
+    for i, rt in ipairs(cfg:routes()) do names[i] = rt.name end
+    assert.same({ "api", "health", "user", "default" }, names)
+  end)
+
+  it("sends /api/... to demo without the prefix, query kept", function()
+    local r = cfg:request { method = "GET", path = "/api/hello?x=1" }
+    -- testing.format(r) explains the decision when an assertion fails
+    assert.equal("api", r.route, testing.format(r))
+    assert.equal("demo", r.upstream)
+    assert.equal("127.0.0.1:9001", r.server)
+    assert.equal("GET /hello?x=1", r.method .. " " .. r.target)
+  end)
+
+  it("matches /healthz for GET only; DELETE falls through to the catch-all", function()
+    assert.equal("health", cfg:request({ method = "GET", path = "/healthz" }).route)
+    local r = cfg:request { method = "DELETE", path = "/healthz" }
+    assert.equal("default", r.route, testing.format(r))
+    assert.equal("/healthz", r.target)
+  end)
+
+  it("tries the regex route before the catch-all prefix", function()
+    assert.equal("user", cfg:request({ path = "/users/42" }).route)
+    assert.equal("default", cfg:request({ path = "/users/abc" }).route)
+  end)
+
+  it("tells the backend who the client is", function()
+    local r = cfg:request { path = "/page", host = "www.example.com", remote_addr = "192.0.2.10" }
+    assert.equal("192.0.2.10", r.headers["x-forwarded-for"], testing.format(r))
+    assert.equal("www.example.com", r.headers["host"])
+    assert.matches("^%x+$", r.headers["x-request-id"])
+  end)
+end)

@@ -179,3 +179,45 @@ describe("examples/sticky_tenant.lua", function()
     end)
   end)
 end)
+
+-- The same configuration tested offline: moonproxy.testing calls the Lua
+-- policy with the servers as the balancer would see them, which cfg:servers
+-- sets (down, open circuit, requests in flight), with no proxy and no servers.
+describe("examples/sticky_tenant.lua offline, with moonproxy.testing", function()
+  local testing = require "moonproxy.testing"
+  local ADDRS = { "127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003" }
+
+  it("sends a tenant to its home server, every time", function()
+    local cfg = testing.load(EXAMPLE)
+    for _, t in ipairs { "acme", "globex", "initech" } do
+      local home = ADDRS[hash(t) % 3 + 1]
+      for i = 1, 5 do
+        local r = cfg:request { path = "/?i=" .. i, headers = { ["x-tenant"] = t } }
+        assert.equal(home, r.server, testing.format(r))
+      end
+    end
+  end)
+
+  it("moves only that tenant elsewhere while its home server's circuit is open", function()
+    local home = ADDRS[hash("acme") % 3 + 1]
+    local cfg = testing.load(EXAMPLE, { servers = { app = { [home] = { open = true } } } })
+    local r = cfg:request { path = "/", headers = { ["x-tenant"] = "acme" } }
+    assert.are_not.equal(home, r.server, testing.format(r))
+  end)
+
+  it("sends requests without a tenant to the least busy server", function()
+    local cfg = testing.load(EXAMPLE, { servers = { app = {
+      [ADDRS[1]] = { active = 4 }, [ADDRS[2]] = { active = 0 }, [ADDRS[3]] = { active = 7 } } } })
+    for i = 1, 3 do
+      local r = cfg:request { path = "/?i=" .. i }
+      assert.equal(ADDRS[2], r.server, testing.format(r))
+    end
+  end)
+
+  it("treats a repeated X-Tenant header as no tenant", function()
+    local cfg = testing.load(EXAMPLE, { servers = { app = { [ADDRS[1]] = { active = 1 }, [ADDRS[3]] = { active = 1 } } } })
+    assert.equal(ADDRS[3], ADDRS[hash("globex") % 3 + 1])
+    local r = cfg:request { path = "/", headers = { ["x-tenant"] = { "globex", "globex" } } }
+    assert.equal(ADDRS[2], r.server, testing.format(r)) -- the least busy, not globex's home
+  end)
+end)
