@@ -58,7 +58,7 @@ typedef struct mp_req {
     mp_slice path;            /* what the upstream gets: the received path, stripped or rewritten */
     mp_slice query;           /* likewise; valid when has_query */
     /* Hooks (l_request.c): the Lua objects, and what hooks changed. */
-    struct mp_lbox *lbox[2];  /* req and res objects, cleared when the request ends */
+    struct mp_lbox *lbox;     /* the Lua slot of its hook objects (l_request.c), or NULL */
     mp_buf_t arena;           /* strings and edits written by hooks */
     mp_hedit_t *edits;        /* request header edits, newest first */
     mp_hedit_t *resp_edits;   /* response header edits (and respond()'s headers) */

@@ -1,20 +1,25 @@
 /* headers.c: hook edits of header fields. */
 #include "headers.h"
 
-int mp_header_name_eq(mp_slice a, mp_slice b)
+static inline int name_eq(mp_slice a, mp_slice b)
 {
     if (a.len != b.len)
         return 0;
     for (size_t i = 0; i < a.len; i++)
-        if (mp_lower(a.p[i]) != mp_lower(b.p[i]))
+        if (a.p[i] != b.p[i] && mp_lower(a.p[i]) != mp_lower(b.p[i]))
             return 0;
     return 1;
+}
+
+int mp_header_name_eq(mp_slice a, mp_slice b)
+{
+    return name_eq(a, b);
 }
 
 const mp_hedit_t *mp_hedit_find(const mp_hedit_t *list, mp_slice name)
 {
     for (; list; list = list->next)
-        if (mp_header_name_eq(list->name, name))
+        if (name_eq(list->name, name))
             return list;
     return NULL;
 }
@@ -25,20 +30,30 @@ int mp_hedit_put(mp_buf_t *b, const mp_hedit_t *list, const char *skip)
     for (const mp_hedit_t *e = list; e; e = e->next) {
         if (mp_hedit_find(list, e->name) != e)
             continue; /* a newer edit of the same name wins */
-        if (skip && mp_header_name_eq(e->name, (mp_slice){skip, strlen(skip)}))
+        if (skip && name_eq(e->name, (mp_slice){skip, strlen(skip)}))
             continue;
-        for (unsigned i = 0; i < e->nvalues; i++)
-            rc |= mp_buf_append(b, e->name.p, e->name.len) | mp_buf_append(b, ": ", 2) |
-                  mp_buf_append(b, e->values[i].p, e->values[i].len) | mp_buf_append(b, "\r\n", 2);
+        for (unsigned i = 0; i < e->nvalues; i++) {
+            size_t n = e->name.len, v = e->values[i].len;
+            if (n + v + 4 > mp_buf_room(b)) {
+                rc = 1;
+                break;
+            }
+            char *p = mp_buf_tail(b);
+            memcpy(p, e->name.p, n);
+            memcpy(p + n, ": ", 2);
+            memcpy(p + n + 2, e->values[i].p, v);
+            memcpy(p + n + 2 + v, "\r\n", 2);
+            b->end += (uint32_t)(n + v + 4);
+        }
     }
     return rc ? MP_ENOMEM : 0;
 }
 
 static int is_tchar(unsigned char c)
 {
-    /* RFC 9110 §5.6.2 */
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           (c && strchr("!#$%&'*+-.^_`|~", c));
+    /* RFC 9110 §5.6.2: ALPHA, DIGIT and !#$%&'*+-.^_`|~, as a bitmap */
+    static const uint32_t tchar[8] = {0, 0x03ff6cfa, 0xc7fffffe, 0x57ffffff, 0, 0, 0, 0};
+    return (tchar[c >> 5] >> (c & 31)) & 1;
 }
 
 int mp_header_name_ok(mp_slice s)

@@ -1,7 +1,13 @@
 /* l_request.c: the `req`, `res` and headers objects of hooks, and running
- * the hook chains. A Lua object holds a box {request pointer}; the request's
- * end clears the pointer, so a stale object raises "request finished" and
- * never touches freed memory (STYLE "Buffers and lifetimes" 6). */
+ * the hook chains.
+ *
+ * A request that enters Lua takes a slot from its VM's free list. Slots are
+ * made on demand and kept for the VM's life, each with registry references
+ * of its own, so a request's objects are anchored (and pushed again by later
+ * hooks of the request) without luaL_ref/luaL_unref per request. An object
+ * is a small userdata {slot, serial}; the request's end bumps the slot's
+ * serial, so a stale object raises "request finished" and never touches
+ * freed memory (STYLE "Buffers and lifetimes" 6). */
 #include "l_request.h"
 
 #include "l_core.h"
@@ -12,32 +18,45 @@
 #include <arpa/inet.h>
 #include <lauxlib.h>
 #include <lua.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 
 #define REQ_MT "moonproxy.req"
 #define RES_MT "moonproxy.res"
 #define HDR_MT "moonproxy.headers"
+#define RES_HDR_MT "moonproxy.res_headers"
 
-enum { BOX_REQ, BOX_RES };
+/* What a slot anchors for its request; the first four are userdata objects. */
+enum { OBJ_REQ, OBJ_RES, OBJ_REQ_HDR, OBJ_RES_HDR, OBJ_CTX, OBJ_COUNT };
+
+typedef struct lstate lstate_t;
 
 typedef struct mp_lbox {
-    mp_req_t *r;  /* NULL once the request ended */
-    int self_ref; /* anchors the box while the request lives */
-    int ctx_ref;  /* req.ctx */
-    int hdr_ref;  /* the headers object */
-    uint8_t which;
+    mp_req_t *r;          /* the request using the slot; NULL when free */
+    uint64_t serial;      /* bumped when the request ends: its objects go stale */
+    unsigned made;        /* bit OBJ_*: made for the current request */
+    int ref[OBJ_COUNT];   /* registry references the slot owns for the VM's life */
+    lstate_t *st;         /* the VM's bookkeeping (owns the slot) */
+    struct mp_lbox *next; /* st->free */
 } mp_lbox_t;
 
-typedef struct {
-    mp_req_t *r; /* NULL once the request ended (cleared with its box) */
-    uint8_t which;
-} mp_lhdr_t;
+/* One per VM, a userdata anchored in the req metatable (at [1]). */
+struct lstate {
+    mp_lbox_t *free;       /* slots of no request */
+    int mt[OBJ_CTX];       /* registry references of the objects' metatables */
+};
 
-static mp_req_t *live(lua_State *L, mp_lbox_t *b)
+/* The payload of every object: valid while serial == s->serial. */
+typedef struct {
+    mp_lbox_t *s;
+    uint64_t serial;
+} lobj_t;
+
+static mp_req_t *live(lua_State *L, const lobj_t *o)
 {
-    if (!b->r)
+    if (MP_UNLIKELY(o->serial != o->s->serial))
         luaL_error(L, "request finished: this object belongs to a request that has ended");
-    return b->r;
+    return o->s->r;
 }
 
 static void need_phase(lua_State *L, mp_req_t *r, int phase, const char *what)
@@ -51,7 +70,7 @@ static void need_phase(lua_State *L, mp_req_t *r, int phase, const char *what)
 static char *arena_alloc(lua_State *L, mp_req_t *r, size_t n)
 {
     mp_buf_t *a = &r->arena;
-    if (mp_buf_acquire(a, &r->conn->w->bufs) != 0)
+    if (MP_UNLIKELY(!a->data) && mp_buf_acquire(a, &r->conn->w->bufs) != 0)
         luaL_error(L, "out of memory");
     size_t at = (a->end + 7u) & ~(size_t)7u;
     if (at + n > a->cap)
@@ -67,13 +86,92 @@ static mp_slice arena_copy(lua_State *L, mp_req_t *r, const char *p, size_t n)
     return (mp_slice){d, n};
 }
 
+/* The string at idx (a number is converted in place, as luaL_checklstring
+ * does); raises for other types. */
+static const char *key_at(lua_State *L, int idx, size_t *n)
+{
+    const char *k = lua_tolstring(L, idx, n);
+    return MP_LIKELY(k != NULL) ? k : luaL_checklstring(L, idx, n);
+}
+
+/* ---- slots and objects ---- */
+
+static lstate_t *state_of(lua_State *L, mp_req_t *r)
+{
+    lua_rawgeti(L, LUA_REGISTRYINDEX, r->gen->lua_mt[MP_MT_REQ]);
+    lua_rawgeti(L, -1, 1);
+    lstate_t *st = lua_touserdata(L, -1);
+    lua_pop(L, 2);
+    return st;
+}
+
+/* The request's slot, taken from the free list (or made) when it first
+ * enters Lua. */
+static mp_lbox_t *slot_of(lua_State *L, mp_req_t *r)
+{
+    mp_lbox_t *s = r->lbox;
+    if (MP_LIKELY(s != NULL))
+        return s;
+    lstate_t *st = state_of(L, r);
+    if ((s = st->free)) {
+        st->free = s->next;
+    } else {
+        s = lua_newuserdata(L, sizeof(*s));
+        memset(s, 0, sizeof(*s));
+        s->st = st;
+        luaL_ref(L, LUA_REGISTRYINDEX); /* kept for the VM's life: objects point at it */
+        for (int i = 0; i < OBJ_COUNT; i++) {
+            lua_pushboolean(L, 0);
+            s->ref[i] = luaL_ref(L, LUA_REGISTRYINDEX);
+        }
+    }
+    s->r = r;
+    s->made = 0;
+    s->next = NULL;
+    r->lbox = s;
+    return s;
+}
+
+/* Pushes the request's object of kind, made on first use. */
+static void push_obj(lua_State *L, mp_lbox_t *s, int kind)
+{
+    if (s->made & (1u << kind)) {
+        lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref[kind]);
+        return;
+    }
+    if (kind == OBJ_CTX) {
+        lua_newtable(L);
+    } else {
+        lobj_t *o = lua_newuserdata(L, sizeof(*o));
+        o->s = s;
+        o->serial = s->serial;
+        lua_rawgeti(L, LUA_REGISTRYINDEX, s->st->mt[kind]);
+        lua_setmetatable(L, -2);
+    }
+    lua_pushvalue(L, -1);
+    lua_rawseti(L, LUA_REGISTRYINDEX, s->ref[kind]);
+    s->made |= 1u << kind;
+}
+
 /* ---- headers objects ---- */
 
-static mp_slice check_name(lua_State *L, int idx)
+/* mp_header_name_eq for the lookups of hooks: lengths first, then bytes. */
+static inline int name_eq(mp_slice a, const char *b, size_t n)
 {
-    size_t n;
-    const char *p = luaL_checklstring(L, idx, &n);
-    return (mp_slice){p, n};
+    if (a.len != n)
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if (a.p[i] != b[i] && mp_lower(a.p[i]) != mp_lower(b[i]))
+            return 0;
+    return 1;
+}
+
+static const mp_hedit_t *find_edit(const mp_hedit_t *e, const char *name, size_t n)
+{
+    for (; e; e = e->next)
+        if (name_eq(e->name, name, n))
+            return e;
+    return NULL;
 }
 
 static void push_values(lua_State *L, const mp_slice *v, unsigned n)
@@ -92,41 +190,56 @@ static void push_values(lua_State *L, const mp_slice *v, unsigned n)
 }
 
 /* Pushes the received fields named name: nil, a string, or a list. */
-static void push_received(lua_State *L, const mp_header_t *h, unsigned n, mp_slice name)
+static void push_received(lua_State *L, const mp_header_t *h, unsigned n, const char *name, size_t len)
 {
-    mp_slice found[MP_HTTP_MAX_HEADERS];
-    unsigned k = 0;
-    for (unsigned i = 0; i < n; i++)
-        if (mp_header_name_eq(h[i].name, name))
-            found[k++] = h[i].value;
-    push_values(L, found, k);
+    unsigned i = 0;
+    while (i < n && !name_eq(h[i].name, name, len))
+        i++;
+    if (i == n) {
+        lua_pushnil(L);
+        return;
+    }
+    unsigned k = 1;
+    for (unsigned j = i + 1; j < n; j++)
+        k += name_eq(h[j].name, name, len);
+    if (k == 1) {
+        lua_pushlstring(L, h[i].value.p, h[i].value.len);
+        return;
+    }
+    lua_createtable(L, (int)k, 0);
+    for (unsigned j = i, at = 1; j < n; j++)
+        if (name_eq(h[j].name, name, len)) {
+            lua_pushlstring(L, h[j].value.p, h[j].value.len);
+            lua_rawseti(L, -2, (int)at++);
+        }
 }
 
-/* The metamethods are reachable only through their own objects
- * (__metatable hides the tables), so the userdata's type is known. */
-static mp_req_t *live_hdr(lua_State *L, mp_lhdr_t *o)
+/* headers[name]: res = 0 for the request's, 1 for the response's. */
+static int hdr_get(lua_State *L, int res)
 {
-    if (!o->r)
-        luaL_error(L, "request finished: this object belongs to a request that has ended");
-    return o->r;
-}
-
-static int hdr_index(lua_State *L)
-{
-    mp_lhdr_t *o = lua_touserdata(L, 1);
-    mp_req_t *r = live_hdr(L, o);
-    mp_slice name = check_name(L, 2);
-    int res = o->which == BOX_RES;
-    const mp_hedit_t *e = mp_hedit_find(res ? r->resp_edits : r->edits, name);
+    mp_req_t *r = live(L, lua_touserdata(L, 1));
+    size_t n;
+    const char *name = key_at(L, 2, &n);
+    const mp_hedit_t *e = find_edit(res ? r->resp_edits : r->edits, name, n);
     if (e)
         push_values(L, e->values, e->nvalues);
     else if (!res)
-        push_received(L, r->h.headers, r->h.nheaders, name);
+        push_received(L, r->h.headers, r->h.nheaders, name, n);
     else if (r->rh)
-        push_received(L, r->rh->headers, r->rh->nheaders, name);
+        push_received(L, r->rh->headers, r->rh->nheaders, name, n);
     else
         lua_pushnil(L);
     return 1;
+}
+
+static int req_hdr_index(lua_State *L)
+{
+    return hdr_get(L, 0);
+}
+
+static int res_hdr_index(lua_State *L)
+{
+    return hdr_get(L, 1);
 }
 
 static mp_slice check_value(lua_State *L, int idx, mp_slice name)
@@ -145,25 +258,40 @@ static mp_slice check_value(lua_State *L, int idx, mp_slice name)
  * or the response (res = 1). Raises for the Lua code that asked. */
 static void set_header(lua_State *L, mp_req_t *r, int res, int kidx, int vidx)
 {
-    mp_slice name = check_name(L, kidx);
+    mp_slice name;
+    name.p = key_at(L, kidx, &name.len);
     if (!mp_header_name_ok(name))
         luaL_error(L, "'%s' is not a valid header name", name.p);
     if (mp_header_is_framing(name))
         luaL_error(L, "header '%s' is managed by the proxy (message framing and connection)", name.p);
-    unsigned n = lua_istable(L, vidx) ? (unsigned)lua_objlen(L, vidx) : !lua_isnil(L, vidx);
-    if (n > MP_HTTP_MAX_HEADERS)
-        luaL_error(L, "header '%s': too many values", name.p);
-    mp_hedit_t *e = (mp_hedit_t *)arena_alloc(L, r, sizeof(*e) + n * sizeof(mp_slice));
-    e->name = arena_copy(L, r, name.p, name.len);
-    e->nvalues = n;
-    for (unsigned i = 0; i < n; i++) {
-        if (lua_istable(L, vidx))
-            lua_rawgeti(L, vidx, (int)i + 1);
-        else
-            lua_pushvalue(L, vidx);
-        mp_slice v = check_value(L, -1, name);
-        e->values[i] = arena_copy(L, r, v.p, v.len);
-        lua_pop(L, 1);
+    mp_hedit_t *e;
+    int vtype = lua_type(L, vidx);
+    if (vtype == LUA_TSTRING || vtype == LUA_TNUMBER) {
+        /* one value: the edit, its name and its value in one allocation */
+        mp_slice v = check_value(L, vidx, name);
+        e = (mp_hedit_t *)arena_alloc(L, r, sizeof(*e) + sizeof(mp_slice) + name.len + v.len);
+        char *p = (char *)(e->values + 1);
+        memcpy(p, name.p, name.len);
+        memcpy(p + name.len, v.p, v.len);
+        e->name = (mp_slice){p, name.len};
+        e->values[0] = (mp_slice){p + name.len, v.len};
+        e->nvalues = 1;
+    } else {
+        unsigned n = vtype == LUA_TTABLE ? (unsigned)lua_objlen(L, vidx) : vtype != LUA_TNIL;
+        if (n > MP_HTTP_MAX_HEADERS)
+            luaL_error(L, "header '%s': too many values", name.p);
+        e = (mp_hedit_t *)arena_alloc(L, r, sizeof(*e) + n * sizeof(mp_slice));
+        e->name = arena_copy(L, r, name.p, name.len);
+        e->nvalues = n;
+        for (unsigned i = 0; i < n; i++) {
+            if (vtype == LUA_TTABLE)
+                lua_rawgeti(L, vidx, (int)i + 1);
+            else
+                lua_pushvalue(L, vidx);
+            mp_slice v = check_value(L, -1, name);
+            e->values[i] = arena_copy(L, r, v.p, v.len);
+            lua_pop(L, 1);
+        }
     }
     mp_hedit_t **list = res ? &r->resp_edits : &r->edits;
     e->next = *list;
@@ -171,29 +299,23 @@ static void set_header(lua_State *L, mp_req_t *r, int res, int kidx, int vidx)
 }
 
 /* headers[name] = string | number | { values } | nil */
-static int hdr_newindex(lua_State *L)
+static int hdr_set(lua_State *L, int res)
 {
-    mp_lhdr_t *o = lua_touserdata(L, 1);
-    mp_req_t *r = live_hdr(L, o);
-    int res = o->which == BOX_RES;
+    mp_req_t *r = live(L, lua_touserdata(L, 1));
     if (r->phase > MP_PHASE_RESPONSE || (res && r->phase != MP_PHASE_RESPONSE))
         need_phase(L, r, res ? MP_PHASE_RESPONSE : MP_PHASE_REQUEST, "changing headers");
     set_header(L, r, res, 2, 3);
     return 0;
 }
 
-static void push_headers(lua_State *L, mp_lbox_t *b)
+static int req_hdr_newindex(lua_State *L)
 {
-    if (b->hdr_ref != LUA_NOREF) {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, b->hdr_ref);
-        return;
-    }
-    mp_lhdr_t *o = lua_newuserdata(L, sizeof(*o));
-    *o = (mp_lhdr_t){b->r, b->which};
-    lua_rawgeti(L, LUA_REGISTRYINDEX, b->r->gen->lua_mt[MP_MT_HEADERS]);
-    lua_setmetatable(L, -2);
-    lua_pushvalue(L, -1);
-    b->hdr_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    return hdr_set(L, 0);
+}
+
+static int res_hdr_newindex(lua_State *L)
+{
+    return hdr_set(L, 1);
 }
 
 /* ---- req ---- */
@@ -240,8 +362,7 @@ static int req_set_query(lua_State *L)
 /* req:respond(status, body, headers): answers here; returns core.RESPONDED. */
 static int req_respond(lua_State *L)
 {
-    mp_lbox_t *b = luaL_checkudata(L, 1, REQ_MT);
-    mp_req_t *r = live(L, b);
+    mp_req_t *r = live(L, luaL_checkudata(L, 1, REQ_MT));
     need_phase(L, r, MP_PHASE_REQUEST, "req:respond");
     if (r->local_status)
         luaL_error(L, "req:respond: this request was already answered");
@@ -264,51 +385,63 @@ static int req_respond(lua_State *L)
     return 1;
 }
 
-static void push_ctx(lua_State *L, mp_lbox_t *b)
-{
-    if (b->ctx_ref == LUA_NOREF) {
-        lua_newtable(L);
-        lua_pushvalue(L, -1);
-        b->ctx_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-        return;
-    }
-    lua_rawgeti(L, LUA_REGISTRYINDEX, b->ctx_ref);
-}
+#define KEY_IS(k, lit) (memcmp((k), (lit), sizeof(lit) - 1) == 0)
 
-#define KEY_IS(k, n, lit) ((n) == sizeof(lit) - 1 && memcmp((k), (lit), (n)) == 0)
-
+/* req.key: the methods (upvalues 1-3: set_path, set_query, respond) even on
+ * a stale object, the fields only while its request lives. The switch on
+ * the length keeps a lookup to one or two short compares. */
 static int req_index(lua_State *L)
 {
-    mp_lbox_t *b = lua_touserdata(L, 1);
+    lobj_t *o = lua_touserdata(L, 1);
     size_t n;
-    const char *k = luaL_checklstring(L, 2, &n);
-    lua_pushvalue(L, 2);
-    lua_rawget(L, lua_upvalueindex(1)); /* methods */
-    if (!lua_isnil(L, -1))
+    const char *k = key_at(L, 2, &n);
+    if ((n == 8 && KEY_IS(k, "set_path")) || (n == 9 && KEY_IS(k, "set_query")) ||
+        (n == 7 && KEY_IS(k, "respond"))) {
+        lua_pushvalue(L, lua_upvalueindex(n == 8 ? 1 : n == 9 ? 2 : 3));
         return 1;
-    mp_req_t *r = live(L, b);
-    if (KEY_IS(k, n, "method"))
-        lua_pushlstring(L, r->h.method.p, r->h.method.len);
-    else if (KEY_IS(k, n, "path"))
-        lua_pushlstring(L, r->path.p, r->path.len);
-    else if (KEY_IS(k, n, "query"))
-        r->has_query ? lua_pushlstring(L, r->query.p, r->query.len) : lua_pushnil(L);
-    else if (KEY_IS(k, n, "host"))
-        lua_pushlstring(L, r->h.host.p, r->h.host.len);
-    else if (KEY_IS(k, n, "headers"))
-        push_headers(L, b);
-    else if (KEY_IS(k, n, "ctx"))
-        push_ctx(L, b);
-    else if (KEY_IS(k, n, "id"))
-        lua_pushlstring(L, r->id, r->id_len);
-    else if (KEY_IS(k, n, "remote_addr"))
-        push_remote_addr(L, r);
-    else if (KEY_IS(k, n, "scheme"))
-        lua_pushliteral(L, "http");
-    else if (KEY_IS(k, n, "route"))
-        r->match.route ? (void)lua_pushstring(L, r->match.route->name) : lua_pushnil(L);
-    else
-        lua_pushnil(L);
+    }
+    mp_req_t *r = live(L, o);
+    switch (n) {
+    case 2:
+        if (KEY_IS(k, "id"))
+            return lua_pushlstring(L, r->id, r->id_len), 1;
+        break;
+    case 3:
+        if (KEY_IS(k, "ctx"))
+            return push_obj(L, o->s, OBJ_CTX), 1;
+        break;
+    case 4:
+        if (KEY_IS(k, "path"))
+            return lua_pushlstring(L, r->path.p, r->path.len), 1;
+        if (KEY_IS(k, "host"))
+            return lua_pushlstring(L, r->h.host.p, r->h.host.len), 1;
+        break;
+    case 5:
+        if (KEY_IS(k, "query")) {
+            r->has_query ? lua_pushlstring(L, r->query.p, r->query.len) : lua_pushnil(L);
+            return 1;
+        }
+        if (KEY_IS(k, "route")) {
+            r->match.route ? (void)lua_pushstring(L, r->match.route->name) : lua_pushnil(L);
+            return 1;
+        }
+        break;
+    case 6:
+        if (KEY_IS(k, "method"))
+            return lua_pushlstring(L, r->h.method.p, r->h.method.len), 1;
+        if (KEY_IS(k, "scheme"))
+            return lua_pushliteral(L, "http"), 1;
+        break;
+    case 7:
+        if (KEY_IS(k, "headers"))
+            return push_obj(L, o->s, OBJ_REQ_HDR), 1;
+        break;
+    case 11:
+        if (KEY_IS(k, "remote_addr"))
+            return push_remote_addr(L, r), 1;
+        break;
+    }
+    lua_pushnil(L);
     return 1;
 }
 
@@ -323,14 +456,14 @@ static int req_newindex(lua_State *L)
 
 static int res_index(lua_State *L)
 {
-    mp_lbox_t *b = lua_touserdata(L, 1);
+    lobj_t *o = lua_touserdata(L, 1);
     size_t n;
-    const char *k = luaL_checklstring(L, 2, &n);
-    mp_req_t *r = live(L, b);
-    if (KEY_IS(k, n, "status"))
+    const char *k = key_at(L, 2, &n);
+    mp_req_t *r = live(L, o);
+    if (n == 6 && KEY_IS(k, "status"))
         lua_pushinteger(L, r->resp_status ? r->resp_status : r->status);
-    else if (KEY_IS(k, n, "headers"))
-        push_headers(L, b);
+    else if (n == 7 && KEY_IS(k, "headers"))
+        push_obj(L, o->s, OBJ_RES_HDR);
     else
         lua_pushnil(L);
     return 1;
@@ -338,11 +471,10 @@ static int res_index(lua_State *L)
 
 static int res_newindex(lua_State *L)
 {
-    mp_lbox_t *b = lua_touserdata(L, 1);
-    mp_req_t *r = live(L, b);
+    mp_req_t *r = live(L, lua_touserdata(L, 1));
     size_t n;
     const char *k = luaL_checklstring(L, 2, &n);
-    if (!KEY_IS(k, n, "status"))
+    if (!(n == 6 && KEY_IS(k, "status")))
         return luaL_error(L, "res.%s cannot be assigned (res.status and res.headers[name] can)", k);
     need_phase(L, r, MP_PHASE_RESPONSE, "setting res.status");
     lua_Integer st = luaL_checkinteger(L, 3);
@@ -354,15 +486,15 @@ static int res_newindex(lua_State *L)
 
 /* ---- objects and chains ---- */
 
+/* Makes the metatable registered as name; returns a registry reference. */
 static int new_metatable(lua_State *L, const char *name, lua_CFunction index, lua_CFunction newindex)
 {
     luaL_newmetatable(L, name);
     if (index == req_index) {
-        static const luaL_Reg methods[] = {
-            {"set_path", req_set_path}, {"set_query", req_set_query}, {"respond", req_respond}, {NULL, NULL}};
-        lua_newtable(L);
-        luaL_register(L, NULL, methods);
-        lua_pushcclosure(L, req_index, 1);
+        lua_pushcfunction(L, req_set_path);
+        lua_pushcfunction(L, req_set_query);
+        lua_pushcfunction(L, req_respond);
+        lua_pushcclosure(L, req_index, 3);
     } else {
         lua_pushcfunction(L, index);
     }
@@ -376,25 +508,29 @@ static int new_metatable(lua_State *L, const char *name, lua_CFunction index, lu
 
 void mp_l_request_setup(lua_State *L, int refs[MP_MT_COUNT])
 {
-    refs[MP_MT_REQ] = new_metatable(L, REQ_MT, req_index, req_newindex);
-    refs[MP_MT_RES] = new_metatable(L, RES_MT, res_index, res_newindex);
-    refs[MP_MT_HEADERS] = new_metatable(L, HDR_MT, hdr_index, hdr_newindex);
-}
-
-static void push_box(lua_State *L, mp_req_t *r, int which)
-{
-    mp_lbox_t *b = r->lbox[which];
-    if (b) {
-        lua_rawgeti(L, LUA_REGISTRYINDEX, b->self_ref);
-        return;
+    lstate_t *st = NULL;
+    luaL_getmetatable(L, REQ_MT);
+    if (lua_istable(L, -1)) { /* set up before in this VM: share its slots */
+        lua_rawgeti(L, -1, 1);
+        st = lua_touserdata(L, -1);
+        lua_pop(L, 1);
     }
-    b = lua_newuserdata(L, sizeof(*b));
-    *b = (mp_lbox_t){.r = r, .ctx_ref = LUA_NOREF, .hdr_ref = LUA_NOREF, .which = (uint8_t)which};
-    lua_rawgeti(L, LUA_REGISTRYINDEX, r->gen->lua_mt[which == BOX_REQ ? MP_MT_REQ : MP_MT_RES]);
-    lua_setmetatable(L, -2);
-    lua_pushvalue(L, -1);
-    b->self_ref = luaL_ref(L, LUA_REGISTRYINDEX);
-    r->lbox[which] = b;
+    lua_pop(L, 1);
+    if (!st) {
+        st = lua_newuserdata(L, sizeof(*st));
+        st->free = NULL;
+        st->mt[OBJ_REQ] = new_metatable(L, REQ_MT, req_index, req_newindex);
+        st->mt[OBJ_RES] = new_metatable(L, RES_MT, res_index, res_newindex);
+        st->mt[OBJ_REQ_HDR] = new_metatable(L, HDR_MT, req_hdr_index, req_hdr_newindex);
+        st->mt[OBJ_RES_HDR] = new_metatable(L, RES_HDR_MT, res_hdr_index, res_hdr_newindex);
+        lua_rawgeti(L, LUA_REGISTRYINDEX, st->mt[OBJ_REQ]);
+        lua_insert(L, -2);
+        lua_rawseti(L, -2, 1); /* the metatable anchors the state; Lua cannot reach it */
+        lua_pop(L, 1);
+    }
+    refs[MP_MT_REQ] = st->mt[OBJ_REQ];
+    refs[MP_MT_RES] = st->mt[OBJ_RES];
+    refs[MP_MT_HEADERS] = st->mt[OBJ_REQ_HDR];
 }
 
 /* Calls the function below its nargs arguments (already on the stack) under
@@ -403,11 +539,13 @@ static int call(lua_State *L, mp_req_t *r, int nargs, const char *phase)
 {
     char err[1024];
     mp_worker_t *w = r->conn->w;
-    w->lua_since = ev_now(w->loop);
-    w->lua_vm = L;
+    /* release stores, not fences: the watchdog re-checks under vm_lock and
+     * its count hook ignores a VM that moved on */
+    atomic_store_explicit(&w->lua_since, ev_now(w->loop), memory_order_release);
+    atomic_store_explicit(&w->lua_vm, L, memory_order_release);
     int rc = mp_vm_call(L, nargs, 1, err, sizeof(err));
-    w->lua_vm = NULL;
-    w->lua_since = 0;
+    atomic_store_explicit(&w->lua_vm, NULL, memory_order_release);
+    atomic_store_explicit(&w->lua_since, 0, memory_order_release);
     if (rc != 0) {
         r->hook_failed = 1;
         char *nl = strchr(err, '\n');
@@ -421,37 +559,33 @@ static int call(lua_State *L, mp_req_t *r, int nargs, const char *phase)
     return MP_HOOK_NEXT;
 }
 
-/* Calls the chain at ref with (req, arg): arg is pushed by the caller as
- * the top value when nargs is 2. Leaves one result on the stack on success. */
-static int run(lua_State *L, mp_req_t *r, int ref, int nargs, const char *phase)
+/* Pushes the chain at ref, then req. */
+static void push_chain(lua_State *L, mp_req_t *r, int ref)
 {
-    int base = lua_gettop(L) - nargs + 2; /* where the caller's argument after req is */
     lua_rawgeti(L, LUA_REGISTRYINDEX, ref);
-    lua_insert(L, base);
-    push_box(L, r, BOX_REQ);
-    lua_insert(L, base + 1);
-    return call(L, r, nargs, phase);
+    push_obj(L, slot_of(L, r), OBJ_REQ);
 }
 
 int mp_hook_pick(lua_State *L, mp_req_t *r, int ref)
 {
-    lua_rawgeti(L, LUA_REGISTRYINDEX, ref); /* servers, upstream, fn */
-    lua_insert(L, -3);
-    push_box(L, r, BOX_REQ);
-    lua_insert(L, -2); /* fn, servers, req, upstream */
+    push_chain(L, r, ref); /* servers, upstream, fn, req */
+    lua_insert(L, -3);     /* servers, req, upstream, fn */
+    lua_insert(L, -4);     /* fn, servers, req, upstream */
     return call(L, r, 3, "balancer");
 }
 
 int mp_hook_hash_key(lua_State *L, mp_req_t *r, int ref)
 {
-    return run(L, r, ref, 1, "hash_key function");
+    push_chain(L, r, ref);
+    return call(L, r, 1, "hash_key function");
 }
 
 int mp_hook_pre(lua_State *L, mp_req_t *r, int ref)
 {
     r->phase = MP_PHASE_REQUEST;
+    push_chain(L, r, ref);
     lua_pushnil(L);
-    int rc = run(L, r, ref, 2, "on_request hook");
+    int rc = call(L, r, 2, "on_request hook");
     if (rc == MP_HOOK_NEXT)
         lua_pop(L, 1);
     return rc == MP_HOOK_NEXT && r->local_status ? MP_HOOK_RESPONDED : rc;
@@ -474,11 +608,12 @@ static void push_captures(lua_State *L, mp_req_t *r)
 int mp_hook_route(lua_State *L, mp_req_t *r, const mp_route_hooks_t *h, int *upstream)
 {
     r->phase = MP_PHASE_REQUEST;
+    push_chain(L, r, h->request);
     if (h->captures)
         push_captures(L, r);
     else
         lua_pushnil(L);
-    int rc = run(L, r, h->request, 2, "route hook");
+    int rc = call(L, r, 2, "route hook");
     if (rc != MP_HOOK_NEXT)
         return rc;
     if (h->handler && lua_isnumber(L, -1))
@@ -491,8 +626,9 @@ int mp_hook_response(lua_State *L, mp_req_t *r, int ref, const mp_http_response_
 {
     r->phase = MP_PHASE_RESPONSE;
     r->rh = rh;
-    push_box(L, r, BOX_RES);
-    int rc = run(L, r, ref, 2, "on_response hook");
+    push_chain(L, r, ref);
+    push_obj(L, r->lbox, OBJ_RES);
+    int rc = call(L, r, 2, "on_response hook");
     r->rh = NULL;
     if (rc == MP_HOOK_NEXT)
         lua_pop(L, 1);
@@ -502,29 +638,26 @@ int mp_hook_response(lua_State *L, mp_req_t *r, int ref, const mp_http_response_
 void mp_hook_log(lua_State *L, mp_req_t *r, int ref)
 {
     r->phase = MP_PHASE_LOG;
-    push_box(L, r, BOX_RES);
-    if (run(L, r, ref, 2, "on_log hook") == MP_HOOK_NEXT)
+    push_chain(L, r, ref);
+    push_obj(L, r->lbox, OBJ_RES);
+    if (call(L, r, 2, "on_log hook") == MP_HOOK_NEXT)
         lua_pop(L, 1);
 }
 
 void mp_hook_release(lua_State *L, mp_req_t *r)
 {
-    for (int i = 0; i < 2; i++) {
-        mp_lbox_t *b = r->lbox[i];
-        if (!b)
-            continue;
-        b->r = NULL;
-        if (b->hdr_ref != LUA_NOREF) {
-            lua_rawgeti(L, LUA_REGISTRYINDEX, b->hdr_ref);
-            ((mp_lhdr_t *)lua_touserdata(L, -1))->r = NULL;
-            lua_pop(L, 1);
-            luaL_unref(L, LUA_REGISTRYINDEX, b->hdr_ref);
+    mp_lbox_t *s = r->lbox;
+    if (s) {
+        if (s->made & (1u << OBJ_CTX)) { /* the table may be large: let it go now */
+            lua_pushboolean(L, 0);
+            lua_rawseti(L, LUA_REGISTRYINDEX, s->ref[OBJ_CTX]);
         }
-        if (b->ctx_ref != LUA_NOREF)
-            luaL_unref(L, LUA_REGISTRYINDEX, b->ctx_ref);
-        luaL_unref(L, LUA_REGISTRYINDEX, b->self_ref);
-        b->ctx_ref = b->hdr_ref = b->self_ref = LUA_NOREF;
-        r->lbox[i] = NULL;
+        s->serial++;
+        s->r = NULL;
+        s->made = 0;
+        s->next = s->st->free;
+        s->st->free = s;
+        r->lbox = NULL;
     }
     r->phase = MP_PHASE_DONE;
     mp_buf_release(&r->arena, &r->conn->w->bufs);
