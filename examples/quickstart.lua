@@ -46,3 +46,13 @@ proxy.route { name = "user", regex = [[^/users/(\d+)$]], upstream = demo }
 -- The catch-all: every other path. A route may also name its upstream as a
 -- string ("demo"), which may be declared later in the file.
 proxy.route { name = "default", prefix = "/", upstream = "demo" }
+
+-- Guards: what must stay true of this configuration, declared next to it.
+-- moonproxy runs each request through the configuration (the same code that
+-- serves real requests, with no sockets) at start, with -t and at every
+-- reload; one that does not hold refuses the configuration, showing what was
+-- expected and what happens instead. To ask "where would this go and why?"
+-- from a shell:
+--   moonproxy -c examples/quickstart.lua --explain 'GET http://localhost/api/users?page=2'
+proxy.expect { request = { path = "/api/users?page=2" }, route = "api", target = "/users?page=2" }
+proxy.expect { request = { method = "DELETE", path = "/healthz" }, route = "default" }
