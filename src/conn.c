@@ -668,7 +668,7 @@ int mp_local_response(mp_req_t *r, int status, mp_buf_t *b, mp_local_t *out)
                         "HTTP/1.1 %d %s\r\n%.*sContent-Length: %zu\r\nX-Request-ID: %.*s\r\n%s%s", shown,
                         mp_http1_reason(shown), (int)date.len, date.p, out->body.len, /* HEAD too: RFC 9110 §9.3.2 */
                         r->id_len, r->id, retry, r->keepalive ? "" : "Connection: close\r\n");
-    if (mp_buf_append(b, head, (size_t)hlen) != 0 ||
+    if (hlen < 0 || (size_t)hlen >= sizeof(head) || mp_buf_append(b, head, (size_t)hlen) != 0 ||
         (!mp_hedit_find(edits, MP_SLICE_LIT("content-type")) &&
          MP_BUF_LIT(b, "Content-Type: text/plain\r\n") != 0) ||
         mp_hedit_put(b, edits, NULL) != 0 || MP_BUF_LIT(b, "\r\n") != 0)
@@ -682,17 +682,17 @@ int mp_local_response(mp_req_t *r, int status, mp_buf_t *b, mp_local_t *out)
 static void send_local(mp_conn_t *c, int status)
 {
     mp_req_t *r = c->req;
-    mp_local_t local;
+    mp_local_t *local = &r->local;
     mp_buf_t *b = &c->out;
-    if (mp_buf_acquire(b, &c->w->bufs) != 0 || mp_local_response(r, status, b, &local) < 0)
+    if (mp_buf_acquire(b, &c->w->bufs) != 0 || mp_local_response(r, status, b, local) < 0)
         return mp_conn_close(c);
-    size_t blen = r->is_head ? 0 : local.body.len;
+    size_t blen = r->is_head ? 0 : local->body.len;
     if (blen <= mp_buf_room(b)) {
-        mp_buf_append(b, local.body.p, blen);
+        mp_buf_append(b, local->body.p, blen);
         blen = 0;
     }
-    /* a body that did not fit is respond()'s, which lives in the request */
-    r->local_out = local.body.p;
+    /* a body that did not fit is sent from the request (respond()'s, or local->text) */
+    r->local_out = local->body.p;
     r->local_out_len = blen;
     r->resp_started = 1;
     c->state = MP_CS_LOCAL;
@@ -706,12 +706,12 @@ static void send_static(mp_conn_t *c)
 {
     mp_req_t *r = c->req;
     mp_static_file_t f;
-    mp_local_t local;
+    mp_local_t *local = &r->local;
     if (!r->body.done)
         r->keepalive = 0; /* the body is not read */
     mp_static_resolve(r, &f);
-    if (mp_buf_acquire(&c->out, &c->w->bufs) != 0 || mp_static_response(r, &f, &c->out, &local) < 0 ||
-        mp_buf_append(&c->out, local.body.p, r->is_head ? 0 : local.body.len) != 0) {
+    if (mp_buf_acquire(&c->out, &c->w->bufs) != 0 || mp_static_response(r, &f, &c->out, local) < 0 ||
+        mp_buf_append(&c->out, local->body.p, r->is_head ? 0 : local->body.len) != 0) {
         mp_static_dispose(&f);
         return mp_conn_close(c);
     }

@@ -34,6 +34,12 @@ typedef struct {
     unsigned done : 1;
 } mp_framing_t;
 
+/* A response made here. */
+typedef struct {
+    mp_slice body;  /* respond()'s body (in the request), or text */
+    char text[64];  /* an error's body: "404 Not Found\n" */
+} mp_local_t;
+
 /* One request, from its head to the end of its response. Lives in the
  * worker while the connection serves it; the head's slices point into
  * conn->in, which stays pinned at [0, head_len) until the request ends. */
@@ -64,6 +70,7 @@ typedef struct mp_req {
     mp_hedit_t *resp_edits;   /* response header edits (and respond()'s headers) */
     const mp_http_response_t *rh; /* the upstream's response head, during response hooks */
     mp_slice match_path;      /* the path the router matched (regex captures index it) */
+    mp_local_t local;         /* a response made here (an error's text stays here while it is sent) */
     const char *local_out;    /* body of a local response still to write after c->out */
     size_t local_out_len;
     char *local_body;         /* respond()'s body (malloc'd) */
@@ -129,12 +136,6 @@ int mp_req_decide(mp_req_t *r);
 /* Gives r its request id and client address if it has none yet (a head the
  * parser refused never reached mp_req_decide). */
 void mp_req_identify(mp_req_t *r);
-
-/* A response made here. */
-typedef struct {
-    mp_slice body;  /* respond()'s body (in the request), or text */
-    char text[64];  /* an error's body: "404 Not Found\n" */
-} mp_local_t;
 
 /* Runs the response hooks on the response made here for r (status: the
  * proxy's own error, or 0 for what req:respond gave), and appends its head

@@ -52,22 +52,28 @@ static int l_close(lua_State *L)
     return 0;
 }
 
-/* Headers at index t (sim.h's mp_sim_lua_headers), raising for bad ones. */
+/* Headers at index t (sim.h's mp_sim_lua_headers), raising for bad ones.
+ * Leaves the table anchoring numbers' texts on the stack. */
 static size_t read_fields(lua_State *L, int t, mp_sim_header_t *h, size_t max)
 {
     int bad;
-    size_t n = mp_sim_lua_headers(L, t, h, max, &bad);
+    lua_newtable(L);
+    size_t n = mp_sim_lua_headers(L, t, lua_gettop(L), h, max, &bad);
     if (bad)
         luaL_error(L, "headers: { name = \"value\" | { values } | false } or { { \"name\", \"value\" }, ... }, "
                       "at most %d fields", (int)max);
     return n;
 }
 
+/* A string field (or nil; false for host); the argument table keeps it. */
 static const char *field_string(lua_State *L, int t, const char *k)
 {
     lua_getfield(L, t, k);
-    const char *v = lua_tostring(L, -1);
-    lua_pop(L, 1); /* the argument table keeps it alive */
+    int type = lua_type(L, -1);
+    if (type != LUA_TSTRING && type != LUA_TNIL && !(type == LUA_TBOOLEAN && !lua_toboolean(L, -1)))
+        luaL_error(L, "request: %s must be a string, got %s", k, lua_typename(L, type));
+    const char *v = type == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+    lua_pop(L, 1);
     return v;
 }
 

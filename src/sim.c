@@ -16,12 +16,14 @@
 #include <arpa/inet.h>
 #include <lauxlib.h>
 #include <lua.h>
+#include <luajit.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
 
 #define MAX_GUARD_HEADERS 64
+#define SIM_MAX_FILE (64u << 20) /* a static file's bytes a result carries at most */
 
 struct mp_sim {
     mp_worker_t w;           /* a worker that never runs: buffers, rng, clock */
@@ -38,7 +40,6 @@ struct mp_sim {
     char *resp_raw;          /* the upstream response's */
     size_t resp_raw_cap;
     mp_buf_t out;            /* the head made */
-    mp_local_t local;
     char *file_body;         /* a static route's file, as sent */
     mp_sim_step_t *trace;
     size_t ntrace, trace_cap;
@@ -53,6 +54,21 @@ struct mp_sim {
 };
 
 /* ---- trace ---- */
+
+/* snprintf at out + *n that keeps *n below cap (the text is cut). */
+static void appendf(char *out, size_t *n, size_t cap, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
+static void appendf(char *out, size_t *n, size_t cap, const char *fmt, ...)
+{
+    if (*n + 1 >= cap)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    int k = vsnprintf(out + *n, cap - *n, fmt, ap);
+    va_end(ap);
+    if (k > 0)
+        *n = *n + (size_t)k < cap ? *n + (size_t)k : cap - 1;
+}
 
 static void step(mp_sim_t *s, const char *kind, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
@@ -114,15 +130,16 @@ static void note_route(mp_sim_t *s)
     if (s->route_noted || !rt)
         return;
     s->route_noted = 1;
-    char why[512];
-    int n = snprintf(why, sizeof(why), "%s%s", rt->host ? "host " : "any host", rt->host ? rt->host : "");
+    char why[1024];
+    const char *host = rt->host ? rt->host : "";
     if (rt->path)
-        n += snprintf(why + n, sizeof(why) - (size_t)n, ", path %s", rt->path);
+        snprintf(why, sizeof(why), "%s%s, path %s", rt->host ? "host " : "any host", host, rt->path);
     else if (rt->regex)
-        n += snprintf(why + n, sizeof(why) - (size_t)n, ", regex %s (%d groups)", rt->regex, r->match.ncaptures);
+        snprintf(why, sizeof(why), "%s%s, regex %s (%d groups)", rt->host ? "host " : "any host", host, rt->regex,
+                 r->match.ncaptures);
     else
-        n += snprintf(why + n, sizeof(why) - (size_t)n, ", prefix %s%s", rt->prefix ? rt->prefix : "/",
-                      rt->strip_prefix ? " (stripped)" : "");
+        snprintf(why, sizeof(why), "%s%s, prefix %s%s", rt->host ? "host " : "any host", host,
+                 rt->prefix ? rt->prefix : "/", rt->strip_prefix ? " (stripped)" : "");
     const mp_config_t *cfg = r->gen->cfg;
     const char *root = cfg->statics ? cfg->statics[rt->index - 1].root : NULL;
     const char *kind = rt->target >= 0 ? ", upstream '" : root ? ", static root '" : ", handler";
@@ -143,19 +160,22 @@ static size_t describe_edits(char *out, size_t n, size_t cap, const mp_hedit_t *
 {
     const mp_hedit_t *e[64];
     size_t k = 0;
-    for (const mp_hedit_t *x = list; x && x != since && k < MP_ARRAY_LEN(e); x = x->next)
+    const mp_hedit_t *x = list;
+    for (; x && x != since && k < MP_ARRAY_LEN(e); x = x->next)
         e[k++] = x;
-    while (k-- > 0 && n < cap) {
-        const mp_hedit_t *x = e[k];
+    if (x && x != since)
+        appendf(out, &n, cap, "; (older %s header edits not shown)", what);
+    while (k-- > 0) {
+        x = e[k];
         if (x->nvalues == 0) {
-            n += (size_t)snprintf(out + n, cap - n, "; removed %s header %.*s", what, (int)x->name.len, x->name.p);
+            appendf(out, &n, cap, "; removed %s header %.*s", what, (int)x->name.len, x->name.p);
             continue;
         }
-        n += (size_t)snprintf(out + n, cap - n, "; set %s header %.*s: ", what, (int)x->name.len, x->name.p);
-        for (unsigned i = 0; i < x->nvalues && n < cap; i++)
-            n += (size_t)snprintf(out + n, cap - n, "%s%.*s", i ? ", " : "", (int)x->values[i].len, x->values[i].p);
+        appendf(out, &n, cap, "; set %s header %.*s: ", what, (int)x->name.len, x->name.p);
+        for (unsigned i = 0; i < x->nvalues; i++)
+            appendf(out, &n, cap, "%s%.*s", i ? ", " : "", (int)x->values[i].len, x->values[i].p);
     }
-    return n < cap ? n : cap - 1;
+    return n;
 }
 
 /* tracer(label, done, result): package.loaded["moonproxy.trace"] in the
@@ -180,29 +200,53 @@ static int l_tracer(lua_State *L)
     size_t n = 0;
     what[0] = '\0';
     if (!slice_same(r->path, s->before.path))
-        n += (size_t)snprintf(what + n, sizeof(what) - n, "; path %.*s -> %.*s", (int)s->before.path.len,
-                              s->before.path.p, (int)r->path.len, r->path.p);
-    if (n < sizeof(what) && (r->has_query != s->before.has_query || !slice_same(r->query, s->before.query)))
-        n += (size_t)snprintf(what + n, sizeof(what) - n, "; query %s%.*s", r->has_query ? "" : "removed",
-                              r->has_query ? (int)r->query.len : 0, r->query.p ? r->query.p : "");
-    if (n < sizeof(what))
-        n = describe_edits(what, n, sizeof(what), r->edits, s->before.edits, "request");
-    if (n < sizeof(what))
-        n = describe_edits(what, n, sizeof(what), r->resp_edits, s->before.resp_edits,
-                           r->phase == MP_PHASE_REQUEST ? "response" : "response");
-    if (n < sizeof(what) && r->resp_status != s->before.resp_status)
-        n += (size_t)snprintf(what + n, sizeof(what) - n, "; status -> %d", r->resp_status);
-    if (n < sizeof(what) && r->local_status != s->before.local_status)
-        n += (size_t)snprintf(what + n, sizeof(what) - n, "; responded %d", r->local_status);
-    if (n < sizeof(what) && lua_type(L, 3) == LUA_TNUMBER) {
+        appendf(what, &n, sizeof(what), "; path %.*s -> %.*s", (int)s->before.path.len, s->before.path.p,
+                (int)r->path.len, r->path.p);
+    if (r->has_query != s->before.has_query || !slice_same(r->query, s->before.query))
+        appendf(what, &n, sizeof(what), "; query %s%.*s", r->has_query ? "" : "removed",
+                r->has_query ? (int)r->query.len : 0, r->query.p ? r->query.p : "");
+    n = describe_edits(what, n, sizeof(what), r->edits, s->before.edits, "request");
+    n = describe_edits(what, n, sizeof(what), r->resp_edits, s->before.resp_edits, "response");
+    if (r->resp_status != s->before.resp_status)
+        appendf(what, &n, sizeof(what), "; status -> %d", r->resp_status);
+    if (r->local_status != s->before.local_status)
+        appendf(what, &n, sizeof(what), "; responded %d", r->local_status);
+    if (lua_type(L, 3) == LUA_TNUMBER) {
         lua_Integer u = lua_tointeger(L, 3);
         const mp_config_t *cfg = r->gen->cfg;
         if (u >= 0 && (size_t)u < cfg->nupstreams)
-            n += (size_t)snprintf(what + n, sizeof(what) - n, "; returned upstream '%s'", cfg->upstreams[u].name);
+            appendf(what, &n, sizeof(what), "; returned upstream '%s'", cfg->upstreams[u].name);
     }
     step(s, "hook", "%s: %s", label, what[0] ? what + 2 : "no change");
     return 0;
 }
+
+/* ---- the hooks' time budget ---- */
+
+/* The simulator runs on the caller's thread (the main thread, for guards),
+ * where no watchdog looks: a count hook stops a hook that runs longer than
+ * hook_timeout. Its VM runs interpreted, so the count hook always fires. */
+static _Thread_local double budget_end, budget_len;
+
+static double real_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void on_budget(lua_State *L, lua_Debug *ar)
+{
+    (void)ar;
+    if (real_now() > budget_end) {
+        lua_pushfstring(L, "stopped: the hook ran longer than hook_timeout (%fs)", budget_len);
+        lua_error(L);
+    }
+}
+
+/* Enters (on) or leaves a call of the simulator: the clock pin, the log
+ * capture and the budget. */
+static void running(mp_sim_t *s, int on);
 
 /* ---- set up ---- */
 
@@ -279,6 +323,7 @@ mp_sim_t *mp_sim_new(const char *path, const char *text, size_t len, uint64_t se
     }
     mp_l_request_setup(L, s->gen.lua_mt);
     install_peers(s);
+    luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
     s->conn.w = &s->w;
     s->conn.fd = -1;
     return s;
@@ -443,10 +488,10 @@ static void note_pick(mp_sim_t *s, const mp_balancer_t *b, int server)
     char list[2048];
     size_t n = 0;
     double now = mp_health_now();
-    for (size_t i = 0; i < d->nservers && n < sizeof(list); i++) {
+    for (size_t i = 0; i < d->nservers; i++) {
         mp_peer_t *p = b->peers[i];
         const char *state = !p->probe_up ? "down" : p->open_until > now ? "circuit open" : "up";
-        n += (size_t)snprintf(list + n, sizeof(list) - n, "%s%s (%s, weight %d, %d active, %.1f ms, %d failures)",
+        appendf(list, &n, sizeof(list), "%s%s (%s, weight %d, %d active, %.1f ms, %d failures)",
                               i ? ", " : "", d->servers[i].addr.text, state, d->servers[i].weight, (int)p->active,
                               mp_peer_latency(p), (int)p->fails);
     }
@@ -476,7 +521,7 @@ static void answer(mp_sim_t *s, int status, const char *why)
     else if (status == 0 && !r->body.done)
         r->keepalive = 0;
     s->out.start = s->out.end = 0;
-    int shown = mp_local_response(r, status, &s->out, &s->local);
+    int shown = mp_local_response(r, status, &s->out, &s->req.local);
     step(s, "response", "answered here: %d %s (%s)", shown > 0 ? shown : 500,
          mp_http1_reason(shown > 0 ? shown : 500), why);
     log_hooks(s);
@@ -496,18 +541,19 @@ static void serve_static(mp_sim_t *s)
     else
         step(s, "static", "%d %s", st, mp_http1_reason(st));
     s->out.start = s->out.end = 0;
-    int shown = mp_static_response(r, &f, &s->out, &s->local);
+    int shown = mp_static_response(r, &f, &s->out, &s->req.local);
     if (shown > 0 && f.fd >= 0) {
         free(s->file_body);
         size_t got = 0;
-        if ((s->file_body = malloc(f.size ? f.size : 1)))
-            while (got < f.size) {
-                ssize_t n = pread(f.fd, s->file_body + got, f.size - got, (off_t)got);
+        size_t want = f.size < SIM_MAX_FILE ? (size_t)f.size : SIM_MAX_FILE; /* the body reported is cut there */
+        if ((s->file_body = malloc(want ? want : 1)))
+            while (got < want) {
+                ssize_t n = pread(f.fd, s->file_body + got, want - got, (off_t)got);
                 if (n <= 0)
                     break;
                 got += (size_t)n;
             }
-        s->local.body = (mp_slice){s->file_body, s->file_body ? got : 0};
+        s->req.local.body = (mp_slice){s->file_body, s->file_body ? got : 0};
     }
     mp_static_dispose(&f);
     if (shown < 0)
@@ -527,7 +573,7 @@ static void fill_result(mp_sim_t *s, mp_sim_result_t *out)
         out->route = r->match.route->name;
         out->route_index = r->match.route->index;
     }
-    if (r->upstream >= 0 && (size_t)r->upstream < cfg->nupstreams) {
+    if (s->forwarded && r->upstream >= 0 && (size_t)r->upstream < cfg->nupstreams) {
         out->upstream = cfg->upstreams[r->upstream].name;
         if (r->server >= 0)
             out->server = cfg->upstreams[r->upstream].servers[r->server].addr.text;
@@ -535,8 +581,8 @@ static void fill_result(mp_sim_t *s, mp_sim_result_t *out)
     out->head = mp_buf_head(&s->out);
     out->head_len = mp_buf_len(&s->out);
     if (!s->forwarded) {
-        out->body = s->local.body.p;
-        out->body_len = r->is_head ? 0 : s->local.body.len;
+        out->body = s->req.local.body.p;
+        out->body_len = r->is_head ? 0 : s->req.local.body.len;
     }
     out->error = s->error;
     out->trace = s->trace;
@@ -564,11 +610,11 @@ static int run_request(mp_sim_t *s, const mp_sim_request_t *rq)
     if (rc)
         return MP_ENOMEM;
     const char *addr = rq->remote_addr ? rq->remote_addr : "127.0.0.1";
+    new_request(s);
     if (set_peer_addr(&s->conn, addr) != 0) {
         step(s, "request", "remote_addr '%s' is not an IP address", addr);
         return MP_EINVAL;
     }
-    new_request(s);
     step(s, "request", "%s %s%s%s from %s", method, host ? "http://" : "", host ? host : "", target, addr);
     size_t scanned = 0;
     rc = mp_http1_parse_request(s->raw, raw.len, &scanned, &s->w.limits, &r->h);
@@ -634,16 +680,30 @@ static void hold_open(mp_sim_t *s)
                 s->peers[k].open_until = now + (cfg->upstreams[u].passive_cooldown > 0 ? cfg->upstreams[u].passive_cooldown : 10);
 }
 
+static void running(mp_sim_t *s, int on)
+{
+    lua_State *L = s->gen.L;
+    if (on) {
+        mp_now_pin(s->now);
+        mp_log_capture(on_log, s);
+        budget_len = s->gen.cfg->settings.hook_timeout > 0 ? s->gen.cfg->settings.hook_timeout : 1;
+        budget_end = real_now() + budget_len;
+        lua_sethook(L, on_budget, LUA_MASKCOUNT, 1000);
+    } else {
+        lua_sethook(L, NULL, 0, 0);
+        mp_log_capture(NULL, NULL);
+        mp_now_pin(0);
+    }
+}
+
 int mp_sim_request(mp_sim_t *s, const mp_sim_request_t *rq, mp_sim_result_t *out)
 {
     release(s);
     reset_result(s);
-    mp_now_pin(s->now);
+    running(s, 1);
     hold_open(s);
-    mp_log_capture(on_log, s);
     int rc = run_request(s, rq);
-    mp_log_capture(NULL, NULL);
-    mp_now_pin(0);
+    running(s, 0);
     fill_result(s, out);
     return rc;
 }
@@ -713,11 +773,9 @@ int mp_sim_response(mp_sim_t *s, const mp_sim_response_t *rs, mp_sim_result_t *o
         return MP_EINVAL;
     reset_result(s);
     s->route_noted = 1;
-    mp_now_pin(s->now);
-    mp_log_capture(on_log, s);
+    running(s, 1);
     int rc = run_response(s, rs);
-    mp_log_capture(NULL, NULL);
-    mp_now_pin(0);
+    running(s, 0);
     fill_result(s, out);
     if (rc == 0 && s->forwarded) { /* a response, not a request: report it as one */
         out->forwarded = 0;
@@ -747,7 +805,7 @@ static int head_field(const char *head, size_t len, const char *name, char *out,
             const char *v = p + nlen + 1;
             while (v < eol && *v == ' ')
                 v++;
-            n += (size_t)snprintf(out + n, n < cap ? cap - n : 0, "%s%.*s", count ? ", " : "", (int)(eol - v), v);
+            appendf(out, &n, cap, "%s%.*s", count ? ", " : "", (int)(eol - v), v);
             count++;
         }
         p = memchr(eol, '\n', (size_t)(end - eol));
@@ -755,15 +813,34 @@ static int head_field(const char *head, size_t len, const char *name, char *out,
     return count;
 }
 
+/* A string field of the table at t (NULL when absent or not a string: the
+ * DSL checked the guards' shapes); the table keeps it alive. Never raises
+ * (lua_getfield would only with a metatable: the guards' tables have none). */
 static const char *opt_string(lua_State *L, int t, const char *k)
 {
     lua_getfield(L, t, k);
-    const char *v = lua_tostring(L, -1);
-    lua_pop(L, 1); /* the guard table keeps the string alive */
+    const char *v = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+    lua_pop(L, 1);
     return v;
 }
 
-size_t mp_sim_lua_headers(lua_State *L, int t, mp_sim_header_t *h, size_t max, int *bad)
+/* The string at idx, or a number's text, which is kept alive in the anchor
+ * table (a converted number exists only in its stack slot); NULL for other
+ * types. */
+static const char *anchored(lua_State *L, int idx, int anchor)
+{
+    int type = lua_type(L, idx);
+    if (type == LUA_TSTRING)
+        return lua_tostring(L, idx);
+    if (type != LUA_TNUMBER)
+        return NULL;
+    lua_pushvalue(L, idx);
+    const char *v = lua_tostring(L, -1);
+    lua_rawseti(L, anchor, (int)lua_objlen(L, anchor) + 1);
+    return v;
+}
+
+size_t mp_sim_lua_headers(lua_State *L, int t, int anchor, mp_sim_header_t *h, size_t max, int *bad)
 {
     size_t n = 0;
     *bad = 0;
@@ -776,8 +853,8 @@ size_t mp_sim_lua_headers(lua_State *L, int t, mp_sim_header_t *h, size_t max, i
         const char *name = NULL;
         if (pair) { /* { "name", "value" } */
             lua_rawgeti(L, -1, 1);
-            name = lua_tostring(L, -1);
-            lua_pop(L, 1); /* the pair table keeps it */
+            name = anchored(L, lua_gettop(L), anchor);
+            lua_pop(L, 1);
         } else if (lua_type(L, -2) == LUA_TSTRING) {
             name = lua_tostring(L, -2);
         }
@@ -788,15 +865,16 @@ size_t mp_sim_lua_headers(lua_State *L, int t, mp_sim_header_t *h, size_t max, i
         if (lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1))
             continue; /* false: absent */
         if (!lua_istable(L, -1)) {
-            if (!lua_isstring(L, -1) || n == max)
+            const char *v = anchored(L, lua_gettop(L), anchor);
+            if (!v || n == max)
                 *bad = 1;
             else
-                h[n++] = (mp_sim_header_t){name, lua_tostring(L, -1)};
+                h[n++] = (mp_sim_header_t){name, v};
             continue;
         }
         for (int i = pair ? 2 : 1; !pair || i == 2; i++) { /* a list of values, or the pair's one */
             lua_rawgeti(L, -1, i);
-            const char *v = lua_tostring(L, -1);
+            const char *v = anchored(L, lua_gettop(L), anchor);
             lua_pop(L, 1);
             if (!v) {
                 *bad |= pair;
@@ -883,6 +961,8 @@ static size_t compare(lua_State *L, const mp_sim_result_t *res, char *out, size_
     if (lua_istable(L, -1)) {
         int ht = lua_gettop(L);
         for (lua_pushnil(L); lua_next(L, ht); lua_pop(L, 1)) {
+            if (lua_type(L, -2) != LUA_TSTRING) /* the DSL allows none; never convert a key in place */
+                continue;
             const char *name = lua_tostring(L, -2);
             int count = head_field(res->head, res->head_len, name, got + 1, sizeof(got) - 2);
             if (lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
@@ -896,18 +976,19 @@ static size_t compare(lua_State *L, const mp_sim_result_t *res, char *out, size_
                 continue;
             }
             size_t w = 0;
+            want[1] = '\0';
             if (lua_istable(L, -1)) {
                 for (int i = 1;; i++) {
                     lua_rawgeti(L, -1, i);
-                    const char *v = lua_tostring(L, -1);
+                    const char *v = lua_tostring(L, -1); /* used before the pop: a number's text lives there */
+                    if (v)
+                        appendf(want + 1, &w, sizeof(want) - 2, "%s%s", i > 1 ? ", " : "", v);
                     lua_pop(L, 1);
                     if (!v)
                         break;
-                    w += (size_t)snprintf(want + 1 + w, w + 2 < sizeof(want) ? sizeof(want) - 2 - w : 0, "%s%s",
-                                          i > 1 ? ", " : "", v);
                 }
             } else {
-                snprintf(want + 1, sizeof(want) - 2, "%s", lua_tostring(L, -1));
+                appendf(want + 1, &w, sizeof(want) - 2, "%s", lua_tostring(L, -1));
             }
             if (!count || strcmp(want + 1, got + 1) != 0) {
                 char what[160];
@@ -938,9 +1019,11 @@ int mp_sim_check_guards(mp_sim_t *s, char *err, size_t errlen)
         lua_getfield(L, g, "request");
         int q = lua_gettop(L);
         mp_sim_header_t headers[MAX_GUARD_HEADERS];
+        lua_newtable(L); /* numbers' texts, until the guard is checked */
+        int anchor = lua_gettop(L);
         lua_getfield(L, q, "headers");
         int bad;
-        size_t nh = mp_sim_lua_headers(L, lua_gettop(L), headers, MP_ARRAY_LEN(headers), &bad);
+        size_t nh = mp_sim_lua_headers(L, lua_gettop(L), anchor, headers, MP_ARRAY_LEN(headers), &bad);
         lua_pop(L, 1);
         size_t blen = 0;
         lua_getfield(L, q, "body");
@@ -949,15 +1032,22 @@ int mp_sim_check_guards(mp_sim_t *s, char *err, size_t errlen)
         mp_sim_request_t rq = {.method = opt_string(L, q, "method"), .host = opt_string(L, q, "host"),
                                .target = opt_string(L, q, "path"), .headers = headers, .nheaders = nh,
                                .body = body, .body_len = blen, .remote_addr = opt_string(L, q, "remote_addr")};
-        lua_pop(L, 1); /* the request table (the guard keeps it) */
         mp_sim_result_t res;
-        if (mp_sim_request(s, &rq, &res) == MP_ENOMEM) {
+        int ran = mp_sim_request(s, &rq, &res);
+        if (ran == MP_ENOMEM) {
             snprintf(err, errlen, "out of memory");
             rc = MP_ENOMEM;
             break;
         }
         char diff[2048];
-        size_t n = compare(L, &res, diff, sizeof(diff));
+        size_t n = 0;
+        if (ran == MP_EINVAL) {
+            n = (size_t)snprintf(diff, sizeof(diff), "; request: remote_addr '%s' is not an IP address",
+                                 rq.remote_addr);
+        } else {
+            lua_pushvalue(L, g);
+            n = compare(L, &res, diff, sizeof(diff));
+        }
         if (n) {
             const char *src = opt_string(L, g, "src");
             size_t k = (size_t)snprintf(err, errlen, "%s: proxy.expect failed for %s %s%s%s: %s", src ? src : "?",

@@ -59,8 +59,8 @@ typedef struct {
     int status;             /* otherwise the response made here */
     const char *route;      /* the matched route's name, or NULL */
     int route_index;        /* 1-based; 0: none */
-    const char *upstream;   /* NULL when none was chosen */
-    const char *server;     /* the balancer's pick, or NULL */
+    const char *upstream;   /* where it went; NULL when the proxy answered */
+    const char *server;     /* the balancer's pick; NULL when the proxy answered */
     const char *head;       /* the upstream request head, or the response head */
     size_t head_len;
     const char *body;       /* the response body (responses only) */
@@ -106,8 +106,10 @@ int mp_sim_response(mp_sim_t *s, const mp_sim_response_t *rs, mp_sim_result_t *o
 /* Reads request or response headers from a Lua table at index t of L:
  * { name = "value" | { "v1", "v2" } | false (absent) } or a list of
  * { "name", "value" } pairs (to keep an order). The strings stay in the
- * table. Sets *bad for entries of another shape or beyond max; never raises. */
-size_t mp_sim_lua_headers(lua_State *L, int t, mp_sim_header_t *h, size_t max, int *bad);
+ * table; a number's text is kept in the table at index anchor (absolute), to
+ * be kept until the request ran. Sets *bad for entries of another shape or
+ * beyond max; raises only when out of memory. */
+size_t mp_sim_lua_headers(lua_State *L, int t, int anchor, mp_sim_header_t *h, size_t max, int *bad);
 
 /* Checks the configuration's proxy.expect guards. Returns 0, or MP_EINVAL
  * with the first failing guard (expected and actual, and the trace) in err. */

@@ -146,8 +146,10 @@ static int open_beneath(int rootfd, const char *root, const char *rel)
     if (!__atomic_load_n(&no_openat2, __ATOMIC_RELAXED)) {
         struct open_how how = {.flags = OPEN_FLAGS, .resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS};
         long fd = syscall(SYS_openat2, rootfd, rel, &how, sizeof(how));
-        if (fd >= 0 || (errno != ENOSYS && errno != EPERM && errno != EINVAL))
+        if (fd >= 0 || (errno != ENOSYS && errno != EPERM && errno != EINVAL && errno != EXDEV))
             return (int)fd;
+        if (errno == EXDEV) /* any absolute symlink: it may still lead inside root, which realpath tells */
+            return open_checked(root, rel);
         if (errno == ENOSYS)
             __atomic_store_n(&no_openat2, 1, __ATOMIC_RELAXED);
         /* EPERM, EINVAL: a seccomp filter, or an old kernel: try the other way */
@@ -508,11 +510,12 @@ int mp_static_response(mp_req_t *r, mp_static_file_t *f, mp_buf_t *b, mp_local_t
         snprintf(cl, sizeof(cl), "Content-Length: %llu\r\n",
                  (unsigned long long)(status == 200 ? f->size : (uint64_t)n)); /* HEAD too: RFC 9110 §9.3.2 */
     mp_slice date = mp_worker_date(r->conn->w);
-    char head[256];
+    char head[512]; /* a 128-byte id, the longest reason and every optional line fit */
     int hlen = snprintf(head, sizeof(head), "HTTP/1.1 %d %s\r\n%.*s%sX-Request-ID: %.*s\r\n%s", shown,
                         mp_http1_reason(shown), (int)date.len, date.p, cl, r->id_len, r->id,
                         r->keepalive ? "" : "Connection: close\r\n");
-    if (mp_buf_append(b, head, (size_t)hlen) != 0 || mp_hedit_put(b, r->resp_edits, NULL) != 0 ||
+    if (hlen < 0 || (size_t)hlen >= sizeof(head) || mp_buf_append(b, head, (size_t)hlen) != 0 ||
+        mp_hedit_put(b, r->resp_edits, NULL) != 0 ||
         MP_BUF_LIT(b, "\r\n") != 0) {
         mp_static_dispose(f);
         return -1;

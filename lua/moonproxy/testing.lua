@@ -94,7 +94,8 @@ end
 -- cfg:request { method = "GET", host =, path = "/p?q", headers = {}, body =,
 -- remote_addr = } -> result:
 --   route, route_index   the route matched (nil: none)
---   upstream, server     where it goes (server: the balancer's pick)
+--   upstream, server     where it goes (server: the balancer's pick); nil
+--                        when the proxy answered (the trace tells why)
 --   method, target       the request line the upstream receives
 --   headers              what it receives ({ name = value | { values } },
 --                        names lowercase), or, when the proxy answered, the
@@ -123,9 +124,10 @@ function Config:response(result, resp)
   elseif result.status then
     error(fmt("response: the proxy answered this request itself (%d); there is no upstream response", result.status), 2)
   end
-  if result.serial ~= self.serial then -- not the latest: run it again
+  if result.serial ~= self.serial then -- not the latest, or already answered: run it again
     self:request(result.request)
   end
+  self.serial = self.serial + 1 -- the next response for it runs the request again
   return self.sim:response(resp or {})
 end
 

@@ -31,6 +31,8 @@ proxy.route { name = "edited", prefix = "/edited/", static = { root = "${root}" 
   end }
 proxy.route { name = "broken", prefix = "/broken/", static = { root = "${root}" },
   on_response = function(req, res) error("boom") end }
+proxy.route { name = "unavailable", prefix = "/unavailable/", static = { root = "${root}" },
+  on_response = function(req, res) res.status = 503 end }
 proxy.route { name = "all", prefix = "/", static = { root = "${root}" } }
 ]=]
 
@@ -54,6 +56,9 @@ describe("static routes #slow", function()
     h.write_file(root .. "/index.html", "<h1>root</h1>\n")
     h.write_file(root .. "/guide/index.html", "<h1>guide</h1>\n")
     h.write_file(root .. "/a.txt", "a\n")
+    -- an absolute symlink that stays inside root is followed like a relative one
+    out, rc = h.run("ln -s " .. h.quote(root .. "/a.txt") .. " " .. h.quote(root .. "/abs.txt"))
+    assert(rc == 0, out)
     proxy = h.start_proxy { workers = 1, config = CONFIG, vars = { root = root } }
     assert.equal(200, assert(raw.get(proxy.port, "/docs/a.txt")).status) -- the worker is warm
     base_fds = fd_count(proxy.pid)
@@ -123,6 +128,19 @@ describe("static routes #slow", function()
       assert.is_string(res:header("last-modified"))
       assert.equal("a\n", res.body)
       assert.equal(410, get("/edited/a.txt?gone").status)
+    end)
+
+    it("keeps the head whole with the longest id, a long reason and Connection: close", function()
+      local id = string.rep("a", 128)
+      local res = get("/unavailable/a.txt", { { "X-Request-ID", id }, { "Connection", "close" } })
+      assert.equal(503, res.status)
+      assert.equal(id, res:header("x-request-id"))
+      assert.equal("close", res:header("connection"))
+      assert.equal("a\n", res.body)
+    end)
+
+    it("follows an absolute symlink that stays inside root", function()
+      assert.equal("a\n", get("/docs/abs.txt").body)
     end)
 
     it("answers 500 when a response hook fails, and goes on serving", function()

@@ -89,6 +89,23 @@ proxy.route { name = "web", prefix = "/", upstream = web,
       assert.has_error(function() cfg:request { path = "/", headers = { ["x-a"] = print } } end)
     end)
 
+    it("keeps numbers given as header values, whatever the garbage collector does", function()
+      local pause, stepmul = collectgarbage("setpause", 1), collectgarbage("setstepmul", 1000)
+      local ok, err = pcall(function()
+        for round = 1, 20 do
+          local headers = {}
+          for i = 1, 40 do headers[#headers + 1] = { "x-n" .. i, 1000000 + round * 100 + i } end
+          local r = cfg:request { path = "/v1/a", host = "api.example.com", headers = headers }
+          for i = 1, 40 do
+            assert.equal(tostring(1000000 + round * 100 + i), r.headers["x-n" .. i])
+          end
+        end
+      end)
+      collectgarbage("setpause", pause)
+      collectgarbage("setstepmul", stepmul)
+      assert(ok, err)
+    end)
+
     it("runs rewrites with the regex captures", function()
       local r = cfg:request { path = "/users/42?full=1" }
       assert.same({ "user", "/u/42?full=1" }, { r.route, r.target })
@@ -156,6 +173,10 @@ proxy.route { prefix = "/", upstream = proxy.upstream "u" { servers = { "127.0.0
       cfg:request { path = "/second" }
       assert.equal(410, cfg:response(first, { status = 404 }).status)
       assert.has_error(function() cfg:response(cfg:request { path = "/x", host = false }, { status = 200 }) end)
+      -- the same result twice: its request runs again
+      local again = cfg:request { path = "/again" }
+      assert.equal(200, cfg:response(again, { status = 200 }).status)
+      assert.equal(410, cfg:response(again, { status = 404 }).status)
     end)
   end)
 
@@ -247,6 +268,45 @@ proxy.expect { request = { path = "/v1/users" }, upstream = api, target = "/v1/u
       _, err = testing.try_load(HEAD .. 'proxy.expect { request = { path = "/" }, target = "/", stauts = 200 }',
         { text = true })
       assert.matches("unknown key 'stauts' %(did you mean 'status'%?%)", err)
+    end)
+
+    it("do not take an answer made by the proxy for the upstream", function()
+      local _, err = testing.try_load(HEAD .. GUARDED ..
+        'proxy.expect { request = { path = "/v1/x", headers = { ["x-block"] = "1" } }, upstream = "api" }\n',
+        { text = true })
+      assert.matches("upstream: expected 'api', got an answer 403 from the proxy", err)
+      local r = load(GUARDED):request { path = "/v1/x", headers = { ["x-block"] = "1" } }
+      assert.same({ 403 }, { r.status, r.upstream, r.server })
+    end)
+
+    it("refuse a request they cannot make", function()
+      local _, err = testing.try_load(HEAD .. GUARDED ..
+        'proxy.expect { request = { path = "/v1/x", remote_addr = "10.0.0" }, upstream = "api" }\n', { text = true })
+      assert.matches("config.lua:9: proxy.expect failed for GET localhost/v1/x: request: remote_addr '10.0.0' is not an IP address", err)
+    end)
+
+    it("stop a hook that never returns (hook_timeout) and refuse the configuration", function()
+      local text = HEAD .. [[
+proxy.settings { hook_timeout = 0.2 }
+proxy.route { path = "/spin", upstream = proxy.upstream "u" { servers = { "127.0.0.1:1" } },
+  on_request = function(req) while true do end end }
+]]
+      local cfg = testing.load(text, { text = true })
+      local r = cfg:request { path = "/spin" }
+      assert.equal(500, r.status)
+      assert.matches("stopped: the hook ran longer than hook_timeout", r.error)
+      local _, err = testing.try_load(text .. 'proxy.expect { request = { path = "/spin" }, upstream = "u" }\n',
+        { text = true })
+      assert.matches("proxy.expect failed for GET localhost/spin: upstream: expected 'u', got an answer 500", err)
+    end)
+
+    it("survive a route with a very long host", function()
+      local host = string.rep("h", 600) .. ".example.com"
+      local cfg, err = testing.try_load(HEAD .. 'proxy.route { host = "' .. host ..
+        '", upstream = proxy.upstream "u" { servers = { "127.0.0.1:1" } } }\n' ..
+        'proxy.expect { request = { host = "' .. host .. '", path = "/" }, upstream = "u" }\n', { text = true })
+      assert(cfg, err)
+      assert.matches("route '1' at config.lua:3 matched", cfg:request({ host = host, path = "/" }).trace[2].text)
     end)
 
     it("are checked by -t", function()
