@@ -342,9 +342,10 @@ static int resolve(const mp_req_t *r, const mp_static_def_t *def, mp_static_file
         return 500;
     }
     /* a directory asked for without '/': redirect, unless the client did send
-     * one (a hook took it away): no redirect loop */
+     * one (a hook took it away): no redirect loop. Root itself ("/", what
+     * strip_prefix leaves of "/site") counts as asked for without one. */
     const mp_slice hp = r->h.path;
-    int redirect = (p.len == 0 || p.p[p.len - 1] != '/') && (hp.len == 0 || hp.p[hp.len - 1] != '/');
+    int redirect = (p.len <= 1 || p.p[p.len - 1] != '/') && (hp.len == 0 || hp.p[hp.len - 1] != '/');
     int status = open_file(rootfd, def, rel, sizeof(rel), redirect, out);
     if (status == 404 && def->fallback) {
         clean_path((mp_slice){def->fallback, strlen(def->fallback)}, rel, cap);

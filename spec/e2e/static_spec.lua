@@ -16,6 +16,7 @@ proxy.listen { addr = "${listen}" }
 proxy.settings { access_log = "${access_log}", client_body_timeout = 1 }
 proxy.route { name = "docs", prefix = "/docs", static = { root = "${root}" } }
 proxy.route { name = "strip", prefix = "/s/", strip_prefix = true, static = { root = "${root}" } }
+proxy.route { name = "site", prefix = "/site", strip_prefix = true, static = { root = "${root}/guide" } }
 proxy.route { name = "versioned", regex = [[^/v\d+/(.*)$]], static = { root = "${root}" },
   rewrite = function(req, m) req:set_path("/" .. m[1]) end }
 proxy.route { name = "guarded", prefix = "/private/", static = { root = "${root}" },
@@ -98,6 +99,13 @@ describe("static routes #slow", function()
       local res = get("//guide?x")
       assert.equal(301, res.status)
       assert.equal("/guide/?x", res:header("location"))
+    end)
+
+    it("redirects a stripped prefix that names root (/site to /site/), so relative links work", function()
+      local res = get("/site?x=1")
+      assert.equal(301, res.status)
+      assert.equal("/site/?x=1", res:header("location"))
+      assert.equal("<h1>guide</h1>\n", get("/site/").body)
     end)
 
     it("answers 404 for a directory without an index", function()
