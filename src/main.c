@@ -298,8 +298,10 @@ static int explain(const options_t *o)
     } else {
         printf("answered: %d %s\n", res.status, mp_http1_reason(res.status));
         print_head(res.head, res.head_len);
-        if (res.body_len)
+        if (res.body_len && res.body_len <= 2048 && !memchr(res.body, '\0', res.body_len))
             printf("  \n  %.*s%s", (int)res.body_len, res.body, res.body[res.body_len - 1] == '\n' ? "" : "\n");
+        else if (res.body_len) /* a file, say: its size is enough here */
+            printf("  \n  (a body of %zu bytes)\n", res.body_len);
     }
     if (res.error)
         printf("error:    %s\n", res.error);
