@@ -81,10 +81,12 @@ test-asan: deps
 
 # ThreadSanitizer: the shared dictionaries under a multi-thread stress test,
 # then the server itself through the specs that cross threads (reloads,
-# shared dictionaries across workers, the watchdog, server health). Thread leaks are not
+# shared dictionaries across workers, the watchdog, server health, metrics
+# scraped while requests run). Thread leaks are not
 # reported: past shutdown_timeout the process exits with workers running,
 # by design.
-TSAN_SPECS := spec/e2e/reload_spec.lua spec/e2e/shared_spec.lua spec/e2e/watchdog_spec.lua spec/e2e/health_spec.lua
+TSAN_SPECS := spec/e2e/reload_spec.lua spec/e2e/shared_spec.lua spec/e2e/watchdog_spec.lua spec/e2e/health_spec.lua \
+              spec/e2e/metrics_spec.lua
 tsan: deps
 	scripts/tsan.sh
 	$(MAKE) BUILD=build-tsan SAN=thread $(BUILD_TSAN_BIN)

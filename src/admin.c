@@ -6,6 +6,7 @@
 #include "http1.h"
 #include "listener.h"
 #include "log.h"
+#include "metrics.h"
 #include "router.h"
 
 #include <errno.h>
@@ -253,6 +254,29 @@ static void upstreams(admin_conn_t *c)
     respond_json(c, 200, &b);
 }
 
+/* GET /metrics: the workers' counters summed, Prometheus text (metrics.h). */
+static void metrics(admin_conn_t *c)
+{
+    const mp_reloader_t *rl = c->a->rl;
+    int n;
+    mp_worker_t *workers = mp_reloader_workers(rl, &n);
+    const mp_metrics_t **ms = calloc(n > 0 ? (size_t)n : 1, sizeof(*ms));
+    if (!ms)
+        return respond(c, 500, "text/plain", "out of memory\n", 14);
+    for (int i = 0; i < n; i++)
+        ms[i] = &workers[i].metrics;
+    mp_metrics_src_t src = {.workers = ms, .nworkers = n, .cfg = mp_reloader_config(rl),
+                            .generation = mp_reloader_generation(rl)};
+    mp_reloader_counts(rl, &src.reloads_ok, &src.reloads_refused);
+    size_t len = 0;
+    char *text = mp_metrics_render(&src, &len);
+    free(ms);
+    if (!text)
+        return respond(c, 500, "text/plain", "out of memory\n", 14);
+    respond(c, 200, "text/plain; version=0.0.4; charset=utf-8", text, len);
+    free(text);
+}
+
 /* mp_reload_cb: the answer to POST /reload or /rollback. */
 static void on_reloaded(void *arg, uint64_t generation, const char *err)
 {
@@ -290,6 +314,8 @@ static void route(admin_conn_t *c, const mp_http_request_t *h)
     }
     if (MP_SLICE_IEQ(p, "/configz"))
         return get ? configz(c) : respond(c, 405, "text/plain", "GET\n", 4);
+    if (MP_SLICE_IEQ(p, "/metrics"))
+        return get ? metrics(c) : respond(c, 405, "text/plain", "GET\n", 4);
     if (MP_SLICE_IEQ(p, "/upstreams"))
         return get ? upstreams(c) : respond(c, 405, "text/plain", "GET\n", 4);
     int rollback = MP_SLICE_IEQ(p, "/rollback");

@@ -87,6 +87,7 @@ void mp_conn_accept(mp_worker_t *w, int fd, const struct sockaddr *peer)
     }
     link_conn(&w->conns, c);
     w->nconns++;
+    mp_metrics_add(&w->metrics.conns, 1);
     w->stats.accepted++;
     c->state = MP_CS_HEAD;
     ev_io_init(&c->io, on_io, fd, EV_READ);
@@ -460,13 +461,29 @@ static void linger_close(mp_conn_t *c)
     linger_read(c);
 }
 
+/* The request's metrics entry: by route name, cached per route in the
+ * worker's generation so that a request does no lookup. */
+static mp_route_stats_t *route_stats(mp_worker_t *w, mp_req_t *r)
+{
+    const mp_route_t *rt = r->match.route;
+    if (!rt)
+        return mp_metrics_route(&w->metrics, NULL);
+    mp_route_stats_t **cache = r->gen->route_stats;
+    if (!cache)
+        return mp_metrics_route(&w->metrics, rt->name);
+    if (!cache[rt->index - 1])
+        cache[rt->index - 1] = mp_metrics_route(&w->metrics, rt->name);
+    return cache[rt->index - 1];
+}
+
 static void log_request(mp_conn_t *c, mp_req_t *r)
 {
     mp_worker_t *w = c->w;
     w->stats.requests++;
+    ev_tstamp now = ev_now(w->loop);
+    mp_metrics_request(route_stats(w, r), r->status, now - r->t_start);
     if (w->alog.fd < 0)
         return;
-    ev_tstamp now = ev_now(w->loop);
     mp_alog_entry_t e = {0};
     e.time = ev_time() - (now - r->t_start);
     e.id = (mp_slice){r->id, r->id_len};
@@ -769,6 +786,7 @@ void mp_conn_close(mp_conn_t *c)
     unlink_conn(&w->conns, c);
     link_conn(&w->graveyard, c);
     w->nconns--;
+    mp_metrics_add(&w->metrics.conns, -1);
     if (w->accept_paused && !w->stopping)
         mp_listener_pause(w, 0);
 }

@@ -92,6 +92,12 @@ void mp_peer_done(mp_peer_t *p)
     p->active--;
 }
 
+void mp_peer_count(mp_peer_t *p, int status)
+{
+    int k = status >= 100 && status < 600 ? status / 100 - 1 : MP_PEER_CLASSES - 1;
+    atomic_fetch_add_explicit(&p->by_class[k], 1, memory_order_relaxed);
+}
+
 void mp_peer_result(mp_peer_t *p, enum mp_outcome out, double latency_ms, int trial, const mp_passive_t *pc,
                     const char *reason)
 {

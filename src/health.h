@@ -11,6 +11,8 @@
 
 #include <stdint.h>
 
+#define MP_PEER_CLASSES 6 /* attempts by response status 1xx..5xx, then none (error) */
+
 typedef struct mp_peer {
     char *upstream;          /* upstream name */
     char *addr;              /* "host:port" */
@@ -21,6 +23,7 @@ typedef struct mp_peer {
     _Atomic int trial;       /* half-open: a trial request is in flight */
     _Atomic uint64_t latency_bits; /* EWMA of response latency in ms, a double's bits */
     _Atomic uint64_t requests, failures; /* totals, for /upstreams and metrics */
+    _Atomic uint64_t by_class[MP_PEER_CLASSES]; /* attempts by outcome, for metrics */
     struct mp_peer *next;    /* the registry */
 } mp_peer_t;
 
@@ -57,6 +60,11 @@ void mp_peer_begin(mp_peer_t *p);
 void mp_peer_result(mp_peer_t *p, enum mp_outcome out, double latency_ms, int trial, const mp_passive_t *pc,
                     const char *reason);
 void mp_peer_done(mp_peer_t *p);
+
+/* Counts an attempt whose outcome is known under its response status's class
+ * (status 0: no response: connect failure, reset, timeout). The peer is
+ * shared by the workers: one relaxed atomic add. */
+void mp_peer_count(mp_peer_t *p, int status);
 
 /* Reads, for balancers and /upstreams. */
 static inline double mp_peer_latency(const mp_peer_t *p)

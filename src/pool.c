@@ -106,6 +106,7 @@ static void unlink_idle(mp_upconn_t *u)
         u->next->prev = u->prev;
     u->prev = u->next = NULL;
     sp->nidle--;
+    mp_metrics_add(&u->w->metrics.idle_up, -1);
 }
 
 /* Idle for less than this, a pooled connection is taken without a peek:
@@ -188,6 +189,7 @@ void mp_pool_put(mp_upconn_t *u)
         sp->idle->prev = u;
     sp->idle = u;
     sp->nidle++;
+    mp_metrics_add(&w->metrics.idle_up, 1);
     mp_upconn_want(u, EV_READ);
     mp_upconn_timer(u, sp->keepalive_timeout);
 }

@@ -30,6 +30,7 @@ static void gen_free(mp_worker_t *w, mp_gen_t *g)
     mp_pools_free(w, g->pools, g->cfg->nupstreams);
     mp_config_free(g->cfg);
     mp_worker_close_vm(w, g->L);
+    free(g->route_stats);
     free(g);
 }
 
@@ -62,6 +63,8 @@ int mp_gen_install(mp_worker_t *w, uint64_t id, lua_State *L, mp_config_t *cfg)
     g->id = id;
     g->L = L;
     g->cfg = cfg;
+    size_t nroutes = mp_router_count(cfg->router);
+    g->route_stats = nroutes ? calloc(nroutes, sizeof(*g->route_stats)) : NULL;
     mp_l_request_setup(L, g->lua_mt);
     g->refs = 1;
     mp_gen_t *old = w->gen;
@@ -139,6 +142,7 @@ struct mp_reloader {
     char *text, *prev_text; /* the scripts of the current and the previous generation */
     size_t len, prev_len;
     uint64_t generation;
+    uint64_t reloads_ok, reloads_refused; /* mp_reload() calls, rollbacks included */
     double loaded_at;
     lua_State *L;      /* the main thread's view of the current generation */
     mp_config_t *cfg;
@@ -475,11 +479,13 @@ void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb
         free(Ls);
         free(cfgs);
         free(wt);
+        rl->reloads_refused++;
         if (cb)
             cb(arg, rl->generation, err);
         return;
     }
     uint64_t id = ++rl->generation;
+    rl->reloads_ok++;
     warn_fixed_at_start(rl->cfg, cfgs[rl->nworkers]);
     mp_config_free(rl->cfg);
     mp_vm_close(rl->L);
@@ -518,6 +524,18 @@ const mp_config_t *mp_reloader_config(const mp_reloader_t *rl)
 uint64_t mp_reloader_generation(const mp_reloader_t *rl)
 {
     return rl->generation;
+}
+
+mp_worker_t *mp_reloader_workers(const mp_reloader_t *rl, int *n)
+{
+    *n = rl->nworkers;
+    return rl->workers;
+}
+
+void mp_reloader_counts(const mp_reloader_t *rl, uint64_t *ok, uint64_t *refused)
+{
+    *ok = rl->reloads_ok;
+    *refused = rl->reloads_refused;
 }
 
 double mp_reloader_loaded_at(const mp_reloader_t *rl)

@@ -22,6 +22,8 @@ typedef struct mp_gen {
     mp_config_t *cfg;     /* owned */
     mp_pool_t *pools;     /* one per cfg->upstreams */
     struct mp_balancer_s *balancers; /* one per cfg->upstreams */
+    struct mp_route_stats **route_stats; /* metrics.h entries by route index - 1, set on first
+                                            use; NULL when out of memory (looked up each time) */
     int lua_mt[3];        /* the hook objects' metatables in L (l_request.h) */
     unsigned refs;        /* requests, plus one while current */
     ev_tstamp retired_at; /* when a newer one was installed */
@@ -76,6 +78,10 @@ void mp_reloader_on_config(mp_reloader_t *rl, void (*fn)(void *arg, const mp_con
 const mp_config_t *mp_reloader_config(const mp_reloader_t *rl);
 uint64_t mp_reloader_generation(const mp_reloader_t *rl);
 double mp_reloader_loaded_at(const mp_reloader_t *rl);
+/* The workers (for GET /metrics), and how many reloads (rollbacks included)
+ * were accepted and refused since start. */
+mp_worker_t *mp_reloader_workers(const mp_reloader_t *rl, int *n);
+void mp_reloader_counts(const mp_reloader_t *rl, uint64_t *ok, uint64_t *refused);
 
 void mp_reloader_free(mp_reloader_t *rl);
 

@@ -66,12 +66,15 @@ static mp_balancer_t *balancer_of(mp_req_t *r)
     return &r->gen->balancers[r->upstream];
 }
 
-/* The passive outcome of the current attempt, once (health.h). */
-static void peer_result(mp_req_t *r, enum mp_outcome out, const char *reason)
+/* The passive outcome of the current attempt, once (health.h); status: the
+ * response's, 0 when none came. */
+static void peer_result(mp_req_t *r, enum mp_outcome out, int status, const char *reason)
 {
     if (!r->peer || r->peer_reported)
         return;
     r->peer_reported = 1;
+    if (out != MP_OUT_NEUTRAL)
+        mp_peer_count(r->peer, status);
     double ms = out == MP_OUT_NEUTRAL ? -1 : (ev_time() - r->attempt_start) * 1000;
     mp_peer_result(r->peer, out, ms, r->peer_trial, &balancer_of(r)->passive, reason);
 }
@@ -81,7 +84,7 @@ static void peer_done(mp_req_t *r)
 {
     if (!r->peer)
         return;
-    peer_result(r, MP_OUT_NEUTRAL, NULL);
+    peer_result(r, MP_OUT_NEUTRAL, 0, NULL);
     mp_peer_done(r->peer);
     r->peer = NULL;
 }
@@ -211,7 +214,7 @@ static void up_error(mp_req_t *r, enum up_err e)
         reset_request_body(r);
         return connect_to(r, server, 1);
     }
-    peer_result(r, MP_OUT_FAIL, up_err_text[e]);
+    peer_result(r, MP_OUT_FAIL, 0, up_err_text[e]);
     peer_done(r);
     mp_log_warn("w%d: upstream %s server %s: %s (request %.*s)", w->id, d->name, d->servers[server].addr.text,
                 up_err_text[e], r->id_len, r->id);
@@ -614,7 +617,7 @@ static int begin_response(mp_req_t *r, const mp_http_response_t *rh)
     int failed = mp_balancer_failure_status(balancer_of(r), rh->status);
     if (failed)
         snprintf(reason, sizeof(reason), "status %d", rh->status);
-    peer_result(r, failed ? MP_OUT_FAIL : MP_OUT_OK, failed ? reason : NULL);
+    peer_result(r, failed ? MP_OUT_FAIL : MP_OUT_OK, rh->status, failed ? reason : NULL);
     int ref = r->gen->cfg->route_hooks[r->match.route->index - 1].response;
     if (ref != LUA_NOREF) {
         if (mp_hook_response(r->gen->L, r, ref, rh) != MP_HOOK_NEXT)

@@ -237,6 +237,7 @@ void mp_worker_dispose(mp_worker_t *w)
         mp_config_free(w->next_cfg);
         mp_vm_close(w->next_L);
     }
+    mp_metrics_dispose(&w->metrics);
     pthread_mutex_destroy(&w->handover_lock);
     pthread_mutex_destroy(&w->vm_lock);
     memset(w, 0, sizeof(*w));

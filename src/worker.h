@@ -7,6 +7,7 @@
 #include "common.h"
 #include "config.h"
 #include "log.h"
+#include "metrics.h"
 
 #include <ev.h>
 #include <pthread.h>
@@ -73,6 +74,7 @@ typedef struct mp_worker {
     char date[40];          /* "Date: ...\r\n" */
     size_t date_len;
     mp_stats_t stats;
+    mp_metrics_t metrics;   /* written here, summed by GET /metrics (metrics.h) */
 } mp_worker_t;
 
 /* Prepares w (loop, buffers for a head of max_header_size and

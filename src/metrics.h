@@ -1,0 +1,69 @@
+/* metrics.h: per-worker request counters, written by their worker only and
+ * summed by the main thread on a scrape of GET /metrics (Prometheus text
+ * format 0.0.4). The hot path takes no lock, does no malloc and no atomic
+ * read-modify-write: a relaxed store of load + 1 (a plain add on x86). */
+#ifndef MP_METRICS_H
+#define MP_METRICS_H
+
+#include "common.h"
+#include "config.h"
+
+#include <stdatomic.h>
+#include <stdint.h>
+
+#define MP_METRICS_ROUTES 1024  /* route names per worker; the last slot is "_other" */
+#define MP_METRICS_CODES 16     /* distinct statuses per route; then status="other" */
+#define MP_METRICS_BUCKETS 12   /* histogram buckets, the last one +Inf */
+#define MP_METRICS_NONE "_none" /* route label of requests no route matched */
+#define MP_METRICS_OTHER "_other" /* route label past MP_METRICS_ROUTES names */
+
+/* The counters of one route name in one worker. Published once complete,
+ * never moved nor freed while the worker runs. */
+typedef struct mp_route_stats {
+    char *name;                                   /* owned; immutable once published */
+    _Atomic uint16_t codes[MP_METRICS_CODES];     /* status of each slot; 0: free */
+    _Atomic uint64_t by_code[MP_METRICS_CODES + 1]; /* last: any other status */
+    _Atomic uint64_t buckets[MP_METRICS_BUCKETS]; /* per bucket, not cumulative */
+    _Atomic double sum;                           /* seconds */
+} mp_route_stats_t;
+
+/* A worker's counters; a zeroed struct is a valid empty one. */
+typedef struct {
+    mp_route_stats_t *routes[MP_METRICS_ROUTES]; /* [0, nroutes) published */
+    _Atomic size_t nroutes;                      /* stored with release after routes[n] */
+    mp_route_stats_t *none;                      /* the worker's "_none" entry, cached */
+    _Atomic uint64_t conns;                      /* open client connections */
+    _Atomic uint64_t idle_up;                    /* idle pooled upstream connections */
+} mp_metrics_t;
+
+/* Worker side: the entry of a route name (NULL: no route matched), created
+ * on first use (the "_other" one past capacity; NULL only when out of
+ * memory). Callers cache it per route and generation. */
+mp_route_stats_t *mp_metrics_route(mp_metrics_t *m, const char *name);
+
+/* Worker side: counts one finished request (status sent, duration in
+ * seconds). s may be NULL (out of memory): nothing is counted. */
+void mp_metrics_request(mp_route_stats_t *s, int status, double duration);
+
+/* Frees the entries; only once the worker stopped. */
+void mp_metrics_dispose(mp_metrics_t *m);
+
+/* What a scrape reads besides the workers' counters (main thread). */
+typedef struct {
+    const mp_metrics_t *const *workers; /* one per worker */
+    int nworkers;
+    const mp_config_t *cfg;              /* current: which servers are reported */
+    uint64_t generation, reloads_ok, reloads_refused;
+} mp_metrics_src_t;
+
+/* Main thread: the Prometheus text of everything, malloc'd (*len set), or
+ * NULL when out of memory. The caller frees it. */
+char *mp_metrics_render(const mp_metrics_src_t *src, size_t *len);
+
+/* Worker side gauges: a relaxed store, read by the scrape. */
+static inline void mp_metrics_add(_Atomic uint64_t *g, int64_t d)
+{
+    atomic_store_explicit(g, atomic_load_explicit(g, memory_order_relaxed) + (uint64_t)d, memory_order_relaxed);
+}
+
+#endif
