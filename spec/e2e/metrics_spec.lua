@@ -118,6 +118,18 @@ describe("GET /metrics", function()
         return t
     end
 
+    -- The scrape once ready(values) holds, or after 5 s the last one (the
+    -- assertions that follow then say what differs): a worker counts a
+    -- request just after writing its response, so a client can scrape first.
+    local function settled(ready)
+        local v
+        pcall(h.eventually, function()
+            v = values()
+            return ready(v)
+        end, 5)
+        return v
+    end
+
     local function get(target)
         -- a new connection each time: SO_REUSEPORT spreads them over both workers
         return assert(raw.get(proxy.port, target, nil, { timeout = 10 }))
@@ -158,13 +170,17 @@ describe("GET /metrics", function()
         local before = values()
         for i = 1, 20 do assert.equal(200, get("/api/x?i=" .. i).status) end
         for i = 1, 5 do assert.equal(404, get("/nowhere/" .. i).status) end
-        local after = values()
+        local after = settled(function(v)
+            return (v[requests("api", 200)] or 0) - (before[requests("api", 200)] or 0) >= 20 and
+                (v[requests("_none", 404)] or 0) - (before[requests("_none", 404)] or 0) >= 5
+        end)
         assert.equal(20, after[requests("api", 200)] - (before[requests("api", 200)] or 0))
         assert.equal(5, after[requests("_none", 404)] - (before[requests("_none", 404)] or 0))
     end)
 
     it("has a cumulative duration histogram per route whose _count is the requests", function()
         for i = 1, 12 do assert.equal(200, get("/hist/x?i=" .. i).status) end
+        settled(function(v) return v[requests("hist", 200)] == 12 end)
         local _, samples = scrape()
         local buckets, sum, count = {}, nil, nil
         for _, s in ipairs(samples) do
@@ -191,6 +207,7 @@ describe("GET /metrics", function()
 
     it("escapes a route name's quote and backslash in label values", function()
         for _ = 1, 3 do assert.equal(200, get("/quote/x").status) end
+        settled(function(v) return v[requests('q"uo\\te', 200)] == 3 end)
         local res = scrape()
         assert.truthy(res.body:find('route="q\\"uo\\\\te",status="200"} 3', 1, true), res.body)
         assert.equal(3, values()[requests('q"uo\\te', 200)])
@@ -203,7 +220,10 @@ describe("GET /metrics", function()
         b:mode("ok")
         assert.equal(200, get("/bad/x").status)
         for _ = 1, 2 do assert.equal(502, get("/dead/x").status) end
-        local after = values()
+        local after = settled(function(v)
+            return (v[requests("dead", 502)] or 0) - (before[requests("dead", 502)] or 0) >= 2 and
+                (v[requests("bad", 503)] or 0) - (before[requests("bad", 503)] or 0) >= 4
+        end)
         local function delta(k) return (after[k] or 0) - (before[k] or 0) end
         assert.equal(4, delta(upstream("bad", b.addr, "5xx")))
         assert.equal(1, delta(upstream("bad", b.addr, "2xx")))
@@ -236,8 +256,9 @@ describe("GET /metrics", function()
 
     it("counts ok and refused reloads, shows the generation, and keeps route counts", function()
         local before = values()
+        local api0 = before[requests("api", 200)] or 0
         get("/api/before")
-        local api = values()[requests("api", 200)]
+        local api = settled(function(v) return v[requests("api", 200)] == api0 + 1 end)[requests("api", 200)]
         proxy:rewrite_config(CONFIG, { marker = "reloaded" })
         local res, doc = proxy:admin("POST", "/reload")
         assert.equal(200, res.status)
@@ -246,7 +267,7 @@ describe("GET /metrics", function()
         assert.equal(422, refused.status)
         proxy:rewrite_config(CONFIG, { marker = "start" })
         get("/api/after")
-        local after = values()
+        local after = settled(function(v) return v[requests("api", 200)] == api + 1 end)
         assert.equal(before["moonproxy_reloads_total{result=ok}"] + 1, after["moonproxy_reloads_total{result=ok}"])
         assert.equal(before["moonproxy_reloads_total{result=refused}"] + 1,
             after["moonproxy_reloads_total{result=refused}"])
@@ -269,7 +290,8 @@ describe("GET /metrics", function()
             for _ = 1, 25 do assert.equal(200, assert(conns[i]:read_response { timeout = 10 }).status) end
             conns[i]:close()
         end
-        local after = values()
-        assert.equal(200, after[requests("busy", 200)] - (before[requests("busy", 200)] or 0))
+        local busy0 = before[requests("busy", 200)] or 0
+        local after = settled(function(v) return v[requests("busy", 200)] == busy0 + 200 end)
+        assert.equal(200, after[requests("busy", 200)] - busy0)
     end)
 end)

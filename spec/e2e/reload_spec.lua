@@ -161,7 +161,8 @@ end
 local function reload_lines(text, n)
     local out = {}
     for line in text:gmatch("[^\n]+") do
-        if line:lower():find("reload", 1, true) and line:find("%f[%d]" .. n .. "%f[%D]") then
+        -- "generation N": a bare N would also match the time stamp ("09:38:10.202")
+        if line:lower():find("reload", 1, true) and line:find("generation " .. n .. "%f[%D]") then
             out[#out + 1] = line
         end
     end
