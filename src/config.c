@@ -2,6 +2,7 @@
  * DSL returns (lua/moonproxy.lua, _finish) into an mp_config_t; parses
  * addresses and CIDRs. */
 #include "config.h"
+#include "path.h"
 #include "vm.h"
 
 #include <lauxlib.h>
@@ -260,6 +261,25 @@ static int get_table(lua_State *L, int t, const char *k, const char *src, const 
     return 0;
 }
 
+/* settings.merge_slashes, escaped_slashes, underscores_in_headers (the
+ * DSL checked them; a table built another way gets the same refusals). */
+static void build_wire_settings(lua_State *L, int t, mp_settings_t *s, const char *src)
+{
+    static const char *const modes[] = {"reject", "keep", "decode"}; /* by mp_escaped_slashes */
+    lua_getfield(L, t, "merge_slashes");
+    s->merge_slashes = lua_isnil(L, -1) || lua_toboolean(L, -1);
+    lua_getfield(L, t, "underscores_in_headers");
+    s->underscores_in_headers = lua_toboolean(L, -1);
+    lua_pop(L, 2);
+    const char *mode = get_str(L, t, "escaped_slashes", src, "settings");
+    s->escaped_slashes = mode ? -1 : MP_SLASHES_REJECT;
+    for (int i = 0; mode && i < (int)MP_ARRAY_LEN(modes); i++)
+        if (strcmp(mode, modes[i]) == 0)
+            s->escaped_slashes = i;
+    if (s->escaped_slashes < 0)
+        fail(L, src, "settings: escaped_slashes must be \"reject\", \"keep\" or \"decode\", got \"%s\"", mode);
+}
+
 static void build_settings(lua_State *L, mp_settings_t *s)
 {
     if (!get_table(L, 1, "settings", NULL, "config"))
@@ -277,6 +297,7 @@ static void build_settings(lua_State *L, mp_settings_t *s)
     s->body_buffer_size = (size_t)get_num(L, t, "body_buffer_size", 16384, 1024, 64 * 1024 * 1024, 1, src, w);
     s->max_body_size = (uint64_t)get_num(L, t, "max_body_size", 10485760, 0, 9007199254740991.0, 1, src, w);
     s->max_connections = (int)get_num(L, t, "max_connections", 10000, 1, INT_MAX, 1, src, w);
+    build_wire_settings(L, t, s, src);
     s->reload_drain_timeout = get_dur(L, t, "reload_drain_timeout", 30, src, w);
     s->hook_timeout = get_dur(L, t, "hook_timeout", 1, src, w);
     lua_getfield(L, t, "watch");

@@ -156,6 +156,13 @@ describe("load_config() settings", function()
   it("takes max_connections", function()
     assert.equal(5, settings("max_connections = 5").max_connections)
   end)
+
+  it("takes merge_slashes, escaped_slashes and underscores_in_headers", function()
+    ok { LISTEN, 'proxy.settings { merge_slashes = false, escaped_slashes = "keep", underscores_in_headers = true }' }
+    for _, mode in ipairs { "reject", "keep", "decode" } do
+      ok { LISTEN, 'proxy.settings { escaped_slashes = "' .. mode .. '" }' }
+    end
+  end)
 end)
 
 describe("load_config() declarations", function()
@@ -318,6 +325,15 @@ describe("load_config() errors", function()
     fails_at({ LISTEN, 'proxy.settings { trusted_proxies = { "10.0.0.0/33" } }' }, 3,
       "settings: trusted_proxies[1] is not an address or CIDR")
     fails_at({ LISTEN, 'proxy.settings { trusted_proxies = { "example.com" } }' }, 3, "trusted_proxies[1]")
+  end)
+
+  it("refuses bad merge_slashes, escaped_slashes and underscores_in_headers", function()
+    fails_at({ LISTEN, 'proxy.settings { merge_slashes = "yes" }' }, 3, "settings: merge_slashes must be true or false")
+    fails_at({ LISTEN, 'proxy.settings { escaped_slashes = "allow" }' }, 3,
+      'settings: escaped_slashes must be "reject", "keep" or "decode", got "allow"')
+    fails_at({ LISTEN, "proxy.settings { escaped_slashes = true }" }, 3, "settings: escaped_slashes must be")
+    fails_at({ LISTEN, "proxy.settings { underscores_in_headers = 1 }" }, 3,
+      "settings: underscores_in_headers must be true or false")
   end)
 
   it("refuses a second settings or admin declaration", function()
