@@ -569,6 +569,26 @@ static void build_static(lua_State *L, mp_config_t *cfg, const char *name, const
     lua_settop(L, t);
 }
 
+/* A route's path or prefix p (field k) meets normalised paths only
+ * (path.h): one that normalisation would change could never match, so it
+ * is refused, with the spelling that would. */
+static void check_route_path(lua_State *L, const mp_settings_t *s, const char *p, const char *k, const char *name,
+                             const char *src)
+{
+    mp_path_opts_t o = {(uint8_t)s->merge_slashes, (uint8_t)s->escaped_slashes};
+    size_t len = p ? strlen(p) : 0;
+    if (!p || mp_path_is_normal(p, len, &o))
+        return;
+    char *out = lua_newuserdata(L, len);
+    const char *why = NULL;
+    ssize_t n = mp_path_normalize(p, len, &o, out, &why);
+    if (n < 0)
+        fail(L, src, "route '%s': %s '%s' never matches: such a path is refused with 400 (%s)", name, k, p, why);
+    if ((size_t)n != len || memcmp(out, p, len) != 0)
+        fail(L, src, "route '%s': %s '%s' never matches a normalised path; write '%.*s'", name, k, p, (int)n, out);
+    lua_pop(L, 1);
+}
+
 static void build_route(lua_State *L, mp_config_t *cfg)
 {
     int t = lua_gettop(L);
@@ -580,6 +600,8 @@ static void build_route(lua_State *L, mp_config_t *cfg)
     def.path = get_str(L, t, "path", src, "route");
     def.prefix = get_str(L, t, "prefix", src, "route");
     def.regex = get_str(L, t, "regex", src, "route");
+    check_route_path(L, &cfg->settings, def.path, "path", def.name ? def.name : "?", src);
+    check_route_path(L, &cfg->settings, def.prefix, "prefix", def.name ? def.name : "?", src);
     lua_getfield(L, t, "strip_prefix");
     def.strip_prefix = lua_toboolean(L, -1);
     lua_pop(L, 1);

@@ -336,6 +336,18 @@ describe("load_config() errors", function()
       "settings: underscores_in_headers must be true or false")
   end)
 
+  it("refuses a route path or prefix that no normalised path can match", function()
+    fails_at({ LISTEN, API, 'proxy.route { prefix = "/a//b", upstream = api }' }, 4,
+      "route '1': prefix '/a//b' never matches a normalised path; write '/a/b'")
+    fails_at({ LISTEN, API, 'proxy.route { path = "/caf%c3%a9", upstream = api }' }, 4, "write '/caf%C3%A9'")
+    fails_at({ LISTEN, API, 'proxy.route { name = "up", path = "/x/../y", upstream = api }' }, 4,
+      "route 'up': path '/x/../y' never matches a normalised path; write '/y'")
+    fails_at({ LISTEN, API, 'proxy.route { prefix = "/ids/a%2fb", upstream = api }' }, 4,
+      "never matches: such a path is refused with 400")
+    ok { LISTEN, API, 'proxy.settings { merge_slashes = false, escaped_slashes = "keep" }',
+      'proxy.route { prefix = "/a//b/%2F", upstream = api }' }
+  end)
+
   it("refuses a second settings or admin declaration", function()
     fails_at({ LISTEN, "proxy.settings { workers = 1 }", "proxy.settings { workers = 2 }" }, 4,
       "settings: already declared at")
