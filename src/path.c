@@ -188,3 +188,49 @@ int mp_path_check_query(const char *q, size_t len, const char **why)
     }
     return 0;
 }
+
+/* ---- fuzzing ---- */
+
+/* What a normalised path promises: it starts with '/', holds no dot
+ * segment, no "//" when merging, nothing refused, and normalises to itself. */
+static void check_normal(const char *p, size_t n, const mp_path_opts_t *o, char *tmp)
+{
+    MP_BUG_ON(n == 0 || p[0] != '/');
+    for (size_t i = 0; i < n; i++) {
+        MP_BUG_ON(p[i] == '\\' || p[i] == '#' || (unsigned char)p[i] <= ' ' || (unsigned char)p[i] >= 0x7f);
+        if (p[i] != '/')
+            continue;
+        const char *s = p + i + 1;
+        size_t rest = n - i - 1;
+        MP_BUG_ON(o->merge_slashes && rest && s[0] == '/');
+        MP_BUG_ON(rest && s[0] == '.' && (rest == 1 || s[1] == '/'));
+        MP_BUG_ON(rest >= 2 && s[0] == '.' && s[1] == '.' && (rest == 2 || s[2] == '/'));
+    }
+    const char *why = NULL;
+    ssize_t again = mp_path_normalize(p, n, o, tmp, &why);
+    MP_BUG_ON(again != (ssize_t)n || memcmp(tmp, p, n) != 0);
+}
+
+void mp_fuzz_path(const uint8_t *data, size_t size)
+{
+    static char in[4096], out[4096], tmp[4096];
+    if (size > sizeof(in))
+        return;
+    for (int merge = 0; merge < 2; merge++)
+        for (int mode = MP_SLASHES_REJECT; mode <= MP_SLASHES_DECODE; mode++) {
+            mp_path_opts_t o = {(uint8_t)merge, (uint8_t)mode};
+            const char *why = NULL, *why2 = NULL;
+            ssize_t n = mp_path_normalize((const char *)data, size, &o, out, &why);
+            memcpy(in, data, size);
+            ssize_t m = mp_path_normalize(in, size, &o, in, &why2); /* in place: the same result */
+            MP_BUG_ON(n != m || (n >= 0 && memcmp(in, out, (size_t)n) != 0));
+            if (n < 0) {
+                MP_BUG_ON(n != MP_EPROTO || !why || why != why2 || mp_path_is_normal((const char *)data, size, &o));
+                continue;
+            }
+            MP_BUG_ON((size_t)n > size);
+            if (mp_path_is_normal((const char *)data, size, &o))
+                MP_BUG_ON((size_t)n != size || memcmp(out, data, size) != 0);
+            check_normal(out, (size_t)n, &o, tmp);
+        }
+}

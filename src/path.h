@@ -46,4 +46,8 @@ ssize_t mp_path_normalize(const char *p, size_t len, const mp_path_opts_t *o, ch
  * MP_EPROTO with *why for '#', '\' or a control byte. */
 int mp_path_check_query(const char *q, size_t len, const char **why);
 
+/* libFuzzer entry point (spec/fuzz/fuzz_path.c): normalises arbitrary
+ * bytes under every option set and checks what the output promises. */
+void mp_fuzz_path(const uint8_t *data, size_t size);
+
 #endif
