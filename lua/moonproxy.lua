@@ -137,6 +137,10 @@ local settings_spec = {
   body_buffer_size = schema.size,
   max_connections = schema.integer(1),
   trusted_proxies = schema.list(schema.string),
+  -- paths and names (SPEC "Behaviour on the wire")
+  merge_slashes = schema.boolean,
+  escaped_slashes = schema.one_of { "reject", "keep", "decode" },
+  underscores_in_headers = schema.boolean,
   access_log = access_log,
   plugin_path = schema.string,
   lua_balancers = schema.boolean,
@@ -147,6 +151,7 @@ local settings_spec = {
 
 local function settings_defaults()
   return {
+    merge_slashes = true, escaped_slashes = "reject", underscores_in_headers = false,
     workers = 0, client_header_timeout = 10, client_body_timeout = 60, keepalive_timeout = 75,
     max_header_size = 16384, max_uri_size = 8192, max_body_size = 10485760, max_connections = 10000,
     shutdown_timeout = 30, trusted_proxies = {}, access_log = "stdout",

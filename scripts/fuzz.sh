@@ -18,12 +18,15 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT INT TERM
 
 status=0
-for t in http1 chunked router; do
+for t in http1 chunked router path; do
     srcs="$root/src/http1.c $root/src/fuzz.c $root/src/util.c"
     libs=""
     if [ "$t" = router ]; then
         srcs="$root/src/router.c $root/src/regex.c $root/src/util.c"
         libs="-lpcre2-8"
+    fi
+    if [ "$t" = path ]; then
+        srcs="$root/src/path.c $root/src/util.c"
     fi
     # shellcheck disable=SC2086
     $cc $flags -I"$root/src" -o "$out/fuzz_$t" $srcs "$root/spec/fuzz/fuzz_$t.c" $libs

@@ -2,6 +2,7 @@
  * DSL returns (lua/moonproxy.lua, _finish) into an mp_config_t; parses
  * addresses and CIDRs. */
 #include "config.h"
+#include "path.h"
 #include "vm.h"
 
 #include <lauxlib.h>
@@ -260,6 +261,25 @@ static int get_table(lua_State *L, int t, const char *k, const char *src, const 
     return 0;
 }
 
+/* settings.merge_slashes, escaped_slashes, underscores_in_headers (the
+ * DSL checked them; a table built another way gets the same refusals). */
+static void build_wire_settings(lua_State *L, int t, mp_settings_t *s, const char *src)
+{
+    static const char *const modes[] = {"reject", "keep", "decode"}; /* by mp_escaped_slashes */
+    lua_getfield(L, t, "merge_slashes");
+    s->merge_slashes = lua_isnil(L, -1) || lua_toboolean(L, -1);
+    lua_getfield(L, t, "underscores_in_headers");
+    s->underscores_in_headers = lua_toboolean(L, -1);
+    lua_pop(L, 2);
+    const char *mode = get_str(L, t, "escaped_slashes", src, "settings");
+    s->escaped_slashes = mode ? -1 : MP_SLASHES_REJECT;
+    for (int i = 0; mode && i < (int)MP_ARRAY_LEN(modes); i++)
+        if (strcmp(mode, modes[i]) == 0)
+            s->escaped_slashes = i;
+    if (s->escaped_slashes < 0)
+        fail(L, src, "settings: escaped_slashes must be \"reject\", \"keep\" or \"decode\", got \"%s\"", mode);
+}
+
 static void build_settings(lua_State *L, mp_settings_t *s)
 {
     if (!get_table(L, 1, "settings", NULL, "config"))
@@ -277,6 +297,7 @@ static void build_settings(lua_State *L, mp_settings_t *s)
     s->body_buffer_size = (size_t)get_num(L, t, "body_buffer_size", 16384, 1024, 64 * 1024 * 1024, 1, src, w);
     s->max_body_size = (uint64_t)get_num(L, t, "max_body_size", 10485760, 0, 9007199254740991.0, 1, src, w);
     s->max_connections = (int)get_num(L, t, "max_connections", 10000, 1, INT_MAX, 1, src, w);
+    build_wire_settings(L, t, s, src);
     s->reload_drain_timeout = get_dur(L, t, "reload_drain_timeout", 30, src, w);
     s->hook_timeout = get_dur(L, t, "hook_timeout", 1, src, w);
     lua_getfield(L, t, "watch");
@@ -548,6 +569,26 @@ static void build_static(lua_State *L, mp_config_t *cfg, const char *name, const
     lua_settop(L, t);
 }
 
+/* A route's path or prefix p (field k) meets normalised paths only
+ * (path.h): one that normalisation would change could never match, so it
+ * is refused, with the spelling that would. */
+static void check_route_path(lua_State *L, const mp_settings_t *s, const char *p, const char *k, const char *name,
+                             const char *src)
+{
+    mp_path_opts_t o = {(uint8_t)s->merge_slashes, (uint8_t)s->escaped_slashes};
+    size_t len = p ? strlen(p) : 0;
+    if (!p || mp_path_is_normal(p, len, &o))
+        return;
+    char *out = lua_newuserdata(L, len);
+    const char *why = NULL;
+    ssize_t n = mp_path_normalize(p, len, &o, out, &why);
+    if (n < 0)
+        fail(L, src, "route '%s': %s '%s' never matches: such a path is refused with 400 (%s)", name, k, p, why);
+    if ((size_t)n != len || memcmp(out, p, len) != 0)
+        fail(L, src, "route '%s': %s '%s' never matches a normalised path; write '%.*s'", name, k, p, (int)n, out);
+    lua_pop(L, 1);
+}
+
 static void build_route(lua_State *L, mp_config_t *cfg)
 {
     int t = lua_gettop(L);
@@ -559,6 +600,8 @@ static void build_route(lua_State *L, mp_config_t *cfg)
     def.path = get_str(L, t, "path", src, "route");
     def.prefix = get_str(L, t, "prefix", src, "route");
     def.regex = get_str(L, t, "regex", src, "route");
+    check_route_path(L, &cfg->settings, def.path, "path", def.name ? def.name : "?", src);
+    check_route_path(L, &cfg->settings, def.prefix, "prefix", def.name ? def.name : "?", src);
     lua_getfield(L, t, "strip_prefix");
     def.strip_prefix = lua_toboolean(L, -1);
     lua_pop(L, 1);

@@ -75,6 +75,10 @@ typedef struct {
     int max_connections;    /* per worker */
     mp_cidr_t *trusted;
     size_t ntrusted;
+    /* paths and names (SPEC "Behaviour on the wire", path.h) */
+    int merge_slashes;          /* "a//b" is "a/b" before routing */
+    int escaped_slashes;        /* mp_escaped_slashes: %2F and %5C refused, kept or decoded */
+    int underscores_in_headers; /* forward fields whose name has '_' (default: dropped) */
     char *access_log;       /* NULL: off; "stdout"; else a path */
     double reload_drain_timeout; /* seconds an old generation may keep requests */
     double hook_timeout;    /* seconds one call into Lua may take before the watchdog reports it */

@@ -4,6 +4,7 @@
 
 #include "l_request.h"
 #include "listener.h"
+#include "path.h"
 #include "pool.h"
 #include "reload.h"
 #include "static.h"
@@ -233,18 +234,63 @@ static int hook_outcome(int rc)
     return rc == MP_HOOK_RESPONDED ? MP_DECIDE_RESPONDED : 500;
 }
 
+/* Bump allocation from the request's arena (as l_request.c does), or NULL. */
+static char *arena_take(mp_req_t *r, size_t n)
+{
+    mp_buf_t *a = &r->arena;
+    if (!a->data && mp_buf_acquire(a, &r->conn->w->bufs) != 0)
+        return NULL;
+    size_t at = (a->end + 7u) & ~(size_t)7u;
+    if (at + n > a->cap)
+        return NULL;
+    a->end = (uint32_t)(at + n);
+    return a->data + at;
+}
+
+/* The asterisk-form target of OPTIONS * (the parser allows it only there). */
+static int is_asterisk(mp_slice path)
+{
+    return path.len == 1 && path.p[0] == '*';
+}
+
+/* OPTIONS * on a static route: answered here (RFC 9110 §9.3.7) with the
+ * methods a static route serves, as req:respond would answer. */
+static int answer_options(mp_req_t *r)
+{
+    static const char allow[] = "GET, HEAD";
+    mp_hedit_t *e = (mp_hedit_t *)arena_take(r, sizeof(*e) + sizeof(mp_slice));
+    if (!e || !(r->local_body = malloc(1)))
+        return 500;
+    e->name = MP_SLICE_LIT("Allow");
+    e->nvalues = 1;
+    e->values[0] = MP_SLICE_LIT(allow);
+    e->next = r->resp_edits;
+    r->resp_edits = e;
+    r->local_body_len = 0;
+    r->local_status = 200;
+    return MP_DECIDE_RESPONDED;
+}
+
+/* What a route's target makes of a request its hooks let through. */
+static int route_outcome(mp_req_t *r, int go)
+{
+    return go == MP_DECIDE_STATIC && is_asterisk(r->path) ? answer_options(r) : go;
+}
+
 /* Routes r by its (possibly hook-changed) path and runs the route's request
- * chain. Returns what mp_req_decide returns. */
+ * chain. OPTIONS * is routed as "/" (host rules apply) and forwarded as
+ * "*", as HAProxy does. Returns what mp_req_decide returns. */
 static int route_request(mp_req_t *r)
 {
     const mp_config_t *cfg = r->gen->cfg;
     mp_http_request_t *h = &r->h;
-    mp_route_query_t q = {h->method, h->host, r->path, h->headers, h->nheaders};
-    r->match_path = r->path;
+    int asterisk = is_asterisk(r->path);
+    r->match_path = asterisk ? MP_SLICE_LIT("/") : r->path;
+    mp_route_query_t q = {h->method, h->host, r->match_path, h->headers, h->nheaders};
     if (mp_router_match(cfg->router, &q, &r->match) != 0)
         return 404;
     const mp_route_t *route = r->match.route;
-    if (route->strip_prefix && route->prefix) {
+    if (route->strip_prefix && route->prefix && !asterisk) {
         /* the path keeps its leading '/': "/v1/users" less "/v1/" is "/users" */
         size_t strip = route->prefix_len - (route->prefix[route->prefix_len - 1] == '/');
         r->path.p += strip;
@@ -256,7 +302,7 @@ static int route_request(mp_req_t *r)
     int go = cfg->statics[route->index - 1].root ? MP_DECIDE_STATIC : MP_DECIDE_UPSTREAM;
     const mp_route_hooks_t *hooks = &cfg->route_hooks[route->index - 1];
     if (hooks->request == LUA_NOREF)
-        return go;
+        return route_outcome(r, go);
     int up = -1;
     int rc = mp_hook_route(r->gen->L, r, hooks, &up);
     if (rc != MP_HOOK_NEXT)
@@ -269,7 +315,54 @@ static int route_request(mp_req_t *r)
         }
         r->upstream = up;
     }
-    return go;
+    return route_outcome(r, go);
+}
+
+/* Drops the fields whose name has '_' (settings.underscores_in_headers =
+ * false, nginx's default): CGI-style backends map '-' and '_' to one
+ * variable, so X_Forwarded_For would pose as X-Forwarded-For. Dropped from
+ * the parsed list, they are absent for hooks, route `headers` filters and
+ * the upstream alike, as in nginx. */
+static void drop_underscored(mp_http_request_t *h)
+{
+    unsigned k = 0;
+    for (unsigned i = 0; i < h->nheaders; i++)
+        if (!memchr(h->headers[i].name.p, '_', h->headers[i].name.len))
+            h->headers[k++] = h->headers[i];
+    h->nheaders = k;
+}
+
+static int refuse_target(mp_req_t *r, const char *why)
+{
+    mp_log_debug("w%d: bad request target from client: %s (request %.*s)", r->conn->w->id, why, r->id_len, r->id);
+    r->h.error = why;
+    r->path = (mp_slice){NULL, 0}; /* refused like a bad head: no response hook sees it */
+    return 400;
+}
+
+/* Normalises r->path (SPEC "Behaviour on the wire", path.h) before anything
+ * looks at it: a path that changes is written to the request's arena, which
+ * is still empty (no hook ran) and as large as a head. The query is passed
+ * on untouched, once checked. Returns 0, or the status to answer. */
+static int normalize_target(mp_req_t *r)
+{
+    const mp_settings_t *s = &r->gen->cfg->settings;
+    mp_path_opts_t o = {(uint8_t)s->merge_slashes, (uint8_t)s->escaped_slashes};
+    mp_slice p = r->path;
+    const char *why = NULL;
+    if (r->has_query && mp_path_check_query(r->query.p, r->query.len, &why) != 0)
+        return refuse_target(r, why);
+    if (is_asterisk(p) || mp_path_is_normal(p.p, p.len, &o))
+        return 0;
+    char *out = arena_take(r, p.len);
+    if (!out)
+        return 500;
+    ssize_t n = mp_path_normalize(p.p, p.len, &o, out, &why);
+    if (n < 0)
+        return refuse_target(r, why);
+    r->arena.end -= (uint32_t)(p.len - (size_t)n);
+    r->path = (mp_slice){out, (size_t)n};
+    return 0;
 }
 
 void mp_req_identify(mp_req_t *r)
@@ -282,13 +375,18 @@ void mp_req_identify(mp_req_t *r)
 
 int mp_req_decide(mp_req_t *r)
 {
-    const mp_http_request_t *h = &r->h;
+    mp_http_request_t *h = &r->h;
     const mp_config_t *cfg = r->gen->cfg;
+    if (!cfg->settings.underscores_in_headers)
+        drop_underscored(h);
     r->path = h->path;
     r->query = h->query;
     r->has_query = h->has_query;
     assign_request_id(r);
     describe_peer(r);
+    int bad = normalize_target(r);
+    if (bad)
+        return bad;
     if (cfg->settings.max_body_size && h->content_length > 0 &&
         (uint64_t)h->content_length > cfg->settings.max_body_size)
         return 413;

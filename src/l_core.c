@@ -24,5 +24,7 @@ int luaopen_moonproxy_core(lua_State *L)
         mp_l_balance_register(L);
     if (mp_l_sim_register)
         mp_l_sim_register(L);
+    if (mp_l_path_register)
+        mp_l_path_register(L);
     return 1;
 }

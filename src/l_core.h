@@ -14,6 +14,7 @@ void mp_l_config_register(lua_State *L) __attribute__((weak));
 void mp_l_shared_register(lua_State *L) __attribute__((weak));
 void mp_l_balance_register(lua_State *L) __attribute__((weak));
 void mp_l_sim_register(lua_State *L) __attribute__((weak));
+void mp_l_path_register(lua_State *L) __attribute__((weak));
 
 /* Pushes a configuration as plain Lua data (core.load_config's summary). */
 void mp_l_push_config(lua_State *L, const mp_config_t *cfg);

@@ -589,6 +589,16 @@ static void fill_result(mp_sim_t *s, mp_sim_result_t *out)
     out->ntrace = s->ntrace;
 }
 
+/* Who answered a request mp_req_decide says was responded to. */
+static const char *responded_why(const mp_sim_t *s)
+{
+    const mp_req_t *r = &s->req;
+    const mp_route_t *rt = r->match.route;
+    if (rt && s->gen.cfg->statics[rt->index - 1].root && r->path.len == 1 && r->path.p[0] == '*')
+        return "OPTIONS * on a static route: the proxy answers it";
+    return "a hook called req:respond";
+}
+
 static int run_request(mp_sim_t *s, const mp_sim_request_t *rq)
 {
     mp_req_t *r = &s->req;
@@ -634,12 +644,15 @@ static int run_request(mp_sim_t *s, const mp_sim_request_t *rq)
     int d = mp_req_decide(r);
     note_route(s);
     if (d == MP_DECIDE_RESPONDED)
-        return answer(s, 0, "a hook called req:respond"), 0;
+        return answer(s, 0, responded_why(s)), 0;
     if (d == MP_DECIDE_STATIC)
         return serve_static(s), 0;
     if (d != MP_DECIDE_UPSTREAM) {
+        char refused[160];
+        snprintf(refused, sizeof(refused), "the request target is refused: %s", r->h.error ? r->h.error : "?");
         const char *why = d == 404   ? "no route matched"
                           : d == 413 ? "the body is larger than max_body_size"
+                          : d == 400 ? refused
                           : s->error ? "a hook failed"
                                      : "error";
         return answer(s, d, why), 0;

@@ -3,7 +3,7 @@
 -- function(v, src, what) -> value, or nil, "must be ..., got ...".
 local type, tostring, tonumber, pairs, ipairs, error = type, tostring, tonumber, pairs, ipairs, error
 local floor, min, huge = math.floor, math.min, math.huge
-local fmt, sort = string.format, table.sort
+local fmt, sort, concat = string.format, table.sort, table.concat
 
 local _M = {}
 
@@ -112,6 +112,23 @@ function _M.boolean(v)
     return bad(v, "must be true or false")
   end
   return v
+end
+
+-- One of the strings in list: one_of { "reject", "keep" }.
+function _M.one_of(list)
+  local shown = {}
+  for i, v in ipairs(list) do
+    shown[i] = show(v)
+  end
+  local msg = "must be " .. concat(shown, ", ", 1, #shown - 1) .. " or " .. shown[#shown]
+  return function(v)
+    for _, ok in ipairs(list) do
+      if v == ok then
+        return v
+      end
+    end
+    return bad(v, msg)
+  end
 end
 
 function _M.func(v)

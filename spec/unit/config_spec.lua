@@ -156,6 +156,13 @@ describe("load_config() settings", function()
   it("takes max_connections", function()
     assert.equal(5, settings("max_connections = 5").max_connections)
   end)
+
+  it("takes merge_slashes, escaped_slashes and underscores_in_headers", function()
+    ok { LISTEN, 'proxy.settings { merge_slashes = false, escaped_slashes = "keep", underscores_in_headers = true }' }
+    for _, mode in ipairs { "reject", "keep", "decode" } do
+      ok { LISTEN, 'proxy.settings { escaped_slashes = "' .. mode .. '" }' }
+    end
+  end)
 end)
 
 describe("load_config() declarations", function()
@@ -318,6 +325,27 @@ describe("load_config() errors", function()
     fails_at({ LISTEN, 'proxy.settings { trusted_proxies = { "10.0.0.0/33" } }' }, 3,
       "settings: trusted_proxies[1] is not an address or CIDR")
     fails_at({ LISTEN, 'proxy.settings { trusted_proxies = { "example.com" } }' }, 3, "trusted_proxies[1]")
+  end)
+
+  it("refuses bad merge_slashes, escaped_slashes and underscores_in_headers", function()
+    fails_at({ LISTEN, 'proxy.settings { merge_slashes = "yes" }' }, 3, "settings: merge_slashes must be true or false")
+    fails_at({ LISTEN, 'proxy.settings { escaped_slashes = "allow" }' }, 3,
+      'settings: escaped_slashes must be "reject", "keep" or "decode", got "allow"')
+    fails_at({ LISTEN, "proxy.settings { escaped_slashes = true }" }, 3, "settings: escaped_slashes must be")
+    fails_at({ LISTEN, "proxy.settings { underscores_in_headers = 1 }" }, 3,
+      "settings: underscores_in_headers must be true or false")
+  end)
+
+  it("refuses a route path or prefix that no normalised path can match", function()
+    fails_at({ LISTEN, API, 'proxy.route { prefix = "/a//b", upstream = api }' }, 4,
+      "route '1': prefix '/a//b' never matches a normalised path; write '/a/b'")
+    fails_at({ LISTEN, API, 'proxy.route { path = "/caf%c3%a9", upstream = api }' }, 4, "write '/caf%C3%A9'")
+    fails_at({ LISTEN, API, 'proxy.route { name = "up", path = "/x/../y", upstream = api }' }, 4,
+      "route 'up': path '/x/../y' never matches a normalised path; write '/y'")
+    fails_at({ LISTEN, API, 'proxy.route { prefix = "/ids/a%2fb", upstream = api }' }, 4,
+      "never matches: such a path is refused with 400")
+    ok { LISTEN, API, 'proxy.settings { merge_slashes = false, escaped_slashes = "keep" }',
+      'proxy.route { prefix = "/a//b/%2F", upstream = api }' }
   end)
 
   it("refuses a second settings or admin declaration", function()

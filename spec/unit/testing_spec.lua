@@ -154,6 +154,69 @@ proxy.route { name = "web", prefix = "/", upstream = web,
     end)
   end)
 
+  describe("request paths and names", function()
+    local ROUTES = [[
+local api = proxy.upstream "api" { servers = { "127.0.0.1:9001" } }
+proxy.route { name = "admin", prefix = "/admin", handler = function(req) return req:respond(403, "no\n") end }
+proxy.route { name = "files", host = "files.example.com", prefix = "/", static = { root = "." } }
+proxy.route { name = "all", prefix = "/", upstream = api,
+  on_request = function(req) req.headers["x-path"] = req.path end }
+]]
+
+    it("normalises the path before routing, hooks and the target, as the server does", function()
+      local cfg = load(ROUTES)
+      assert.same({ "admin", 403 }, { cfg:request({ path = "/x/../%61dmin" }).route, cfg:request({ path = "//admin" }).status })
+      local r = cfg:request { path = "/a/./b//c?x=/../y" }
+      assert.same({ "all", "/a/b/c?x=/../y", "/a/b/c" }, { r.route, r.target, r.headers["x-path"] })
+      assert.matches("matched /a/b/c ", r.trace[2].text)
+      cfg:close()
+    end)
+
+    it("refuses what the server refuses (status = 400), saying why", function()
+      local cfg = load(ROUTES)
+      for _, p in ipairs { "/../x", "/a%00", "/a\\b", "/a#b", "/x/..%2fadmin", "/x?a#b" } do
+        local r = cfg:request { path = p }
+        assert.same({ 400, nil }, { r.status, r.route }, p)
+      end
+      assert.matches("refused: the path climbs above /", cfg:request({ path = "/../x" }).trace[2].text)
+      cfg:close()
+    end)
+
+    it("follows settings.escaped_slashes and merge_slashes", function()
+      local cfg = load('proxy.settings { escaped_slashes = "keep", merge_slashes = false }\n' .. ROUTES)
+      assert.equal("/x/..%2Fadmin", cfg:request({ path = "/x/..%2fadmin" }).target)
+      assert.equal("//admin", cfg:request({ path = "//admin" }).target)
+      cfg:close()
+      cfg = load('proxy.settings { escaped_slashes = "decode" }\n' .. ROUTES)
+      assert.equal(403, cfg:request({ path = "/x/..%2fadmin" }).status)
+      cfg:close()
+    end)
+
+    it("drops header names with '_' unless underscores_in_headers = true", function()
+      local cfg = load(ROUTES)
+      local r = cfg:request { path = "/", headers = { X_Forwarded_For = "6.6.6.6" } }
+      assert.same({ nil, "127.0.0.1" }, { r.headers["x_forwarded_for"], r.headers["x-forwarded-for"] })
+      cfg:close()
+      cfg = load("proxy.settings { underscores_in_headers = true }\n" .. ROUTES)
+      r = cfg:request { path = "/", headers = { X_Forwarded_For = "6.6.6.6" } }
+      assert.same({ "6.6.6.6", "127.0.0.1" }, { r.headers["x_forwarded_for"], r.headers["x-forwarded-for"] })
+      cfg:close()
+    end)
+
+    it("routes OPTIONS * as / and forwards it as *, or answers it for a static route", function()
+      local cfg = load(ROUTES)
+      local r = cfg:request { method = "OPTIONS", path = "*" }
+      assert.same({ "all", "OPTIONS", "*" }, { r.route, r.method, r.target })
+      r = cfg:request { method = "OPTIONS", path = "*", host = "files.example.com" }
+      assert.same({ "files", 200, "GET, HEAD" }, { r.route, r.status, r.headers.allow })
+      assert.equal(400, cfg:request({ method = "GET", path = "*" }).status)
+      cfg:close()
+      cfg = load('proxy.route { host = "only.example.com", upstream = proxy.upstream "u" { servers = { "127.0.0.1:1" } } }')
+      assert.equal(404, cfg:request({ method = "OPTIONS", path = "*" }).status)
+      cfg:close()
+    end)
+  end)
+
   describe("response", function()
     it("runs the response hooks on what the upstream answers", function()
       local cfg = load([[
