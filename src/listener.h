@@ -20,4 +20,12 @@ void mp_listener_close(mp_worker_t *w);
 /* Stops (full) or resumes accepting while at max_connections. */
 void mp_listener_pause(mp_worker_t *w, int paused);
 
+/* Watches the listeners, or not, as the worker's state says: stopping,
+ * paused at max_connections, backing off after EMFILE, stuck in a hook. */
+void mp_listener_sync(mp_worker_t *w);
+
+/* listen(2) again on sockets the watchdog shut down (which left them bound
+ * but out of the SO_REUSEPORT group). Returns 0 or MP_EIO (errno set). */
+int mp_listener_relisten(mp_worker_t *w);
+
 #endif

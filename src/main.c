@@ -385,7 +385,6 @@ int main(int argc, char **argv)
         fprintf(stderr, "moonproxy: %s\n", err);
         return 1;
     }
-    mp_watchdog_init(g.workers, g.nworkers);
     for (int i = 0; i < g.nworkers; i++) {
         pthread_t t;
         if (pthread_create(&t, NULL, worker_main, &g.workers[i]) != 0) {
