@@ -92,8 +92,15 @@ static void accept_some(mp_listener_t *l)
 {
     mp_worker_t *w = l->w;
     for (int i = 0; i < ACCEPT_BATCH; i++) {
-        if (w->nconns >= (unsigned)w->cfg->settings.max_connections)
-            return mp_listener_pause(w, 1);
+        /* At the cap, the oldest idle keep-alive connection makes room for
+         * one the readiness said is queued; later in the batch that is not
+         * known, and the level-triggered watcher calls again if one is. */
+        if (w->nconns >= (unsigned)w->cfg->settings.max_connections) {
+            if (i > 0)
+                return;
+            if (!mp_conn_reclaim_idle(w))
+                return mp_listener_pause(w, 1);
+        }
         struct sockaddr_storage ss;
         socklen_t len = sizeof(ss);
         int fd = accept4(l->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
@@ -137,7 +144,7 @@ void mp_listener_pause(mp_worker_t *w, int paused)
     w->accept_paused = paused;
     static mp_log_limit_t lim;
     if (paused)
-        mp_log_limited(&lim, MP_LOG_WARN, "w%d: max_connections (%d) reached: not accepting for now",
+        mp_log_limited(&lim, MP_LOG_WARN, "w%d: max_connections (%d) reached, none idle: not accepting for now",
                        w->id, w->cfg->settings.max_connections);
     mp_listener_sync(w);
 }

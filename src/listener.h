@@ -17,7 +17,8 @@ void mp_listener_start(mp_worker_t *w);
 /* Stops accepting: accepts what is already queued, then closes. */
 void mp_listener_close(mp_worker_t *w);
 
-/* Stops (full) or resumes accepting while at max_connections. */
+/* Stops (full, no idle connection to reclaim) or resumes accepting at
+ * max_connections. */
 void mp_listener_pause(mp_worker_t *w, int paused);
 
 /* Watches the listeners, or not, as the worker's state says: stopping,
