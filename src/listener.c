@@ -4,6 +4,7 @@
 #include "conn.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <stdatomic.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -13,6 +14,18 @@
 #define ACCEPT_BATCH 64
 #define BACKLOG 4096
 #define BACKOFF_SECONDS 0.1 /* a pause on EMFILE: long enough not to spin, short against a full backlog */
+
+#define FD_HEADROOM_MIN 16
+
+static int fd_ceiling = INT_MAX; /* written before the workers start, then only read */
+
+void mp_listener_fd_limit(long long limit)
+{
+    long long headroom = limit / 64 > FD_HEADROOM_MIN ? limit / 64 : FD_HEADROOM_MIN;
+    fd_ceiling = limit <= 0 || limit - headroom > INT_MAX ? INT_MAX : (int)(limit - headroom);
+    if (fd_ceiling < FD_HEADROOM_MIN)
+        fd_ceiling = FD_HEADROOM_MIN;
+}
 
 int mp_listener_open(mp_addr_t *a)
 {
@@ -70,10 +83,10 @@ static void on_retry(struct ev_loop *loop, ev_timer *t, int revents)
 /* Out of descriptors or memory: the listener is level-triggered, so
  * retrying at once would spin on the same error. What is queued waits in the
  * kernel's backlog meanwhile (nginx and HAProxy pause the same way). */
-static void back_off(mp_worker_t *w, int err)
+static void back_off(mp_worker_t *w, const char *why)
 {
     static mp_log_limit_t lim;
-    mp_log_limited(&lim, MP_LOG_WARN, "w%d: accept: %s: not accepting for %.0f ms", w->id, strerror(err),
+    mp_log_limited(&lim, MP_LOG_WARN, "w%d: accept: %s: not accepting for %.0f ms", w->id, why,
                    BACKOFF_SECONDS * 1000);
     w->accept_backoff = 1;
     mp_listener_sync(w);
@@ -111,7 +124,14 @@ static void accept_some(mp_listener_t *l)
                 return;
             if (errno == EINVAL && atomic_load(&w->stuck))
                 return mp_listener_sync(w); /* the watchdog shut it down: mp_worker_unstick re-opens it */
-            return back_off(w, errno);
+            return back_off(w, strerror(errno));
+        }
+        if (fd >= fd_ceiling) {
+            /* accept takes the lowest free number: the descriptors below are
+             * all in use, and the headroom is kept for the upstream sockets
+             * (a client the proxy cannot forward is no use) and the admin port */
+            close(fd);
+            return back_off(w, "file descriptors nearly exhausted (RLIMIT_NOFILE), connection closed");
         }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));

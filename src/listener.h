@@ -11,6 +11,11 @@
  * address (other workers) share it. Returns the fd or MP_EIO (errno set). */
 int mp_listener_open(mp_addr_t *a);
 
+/* Client connections leave the last descriptors below RLIMIT_NOFILE (limit;
+ * 0: none) to upstream sockets, probes and the admin port. Called once,
+ * before the workers start. */
+void mp_listener_fd_limit(long long limit);
+
 /* Starts accepting on w->listeners. */
 void mp_listener_start(mp_worker_t *w);
 
