@@ -126,8 +126,9 @@ static void pick_and_connect(mp_req_t *r, int avoid)
         return mp_conn_fail(r->conn, 500);
     if (server < 0) {
         r->retry_after = (uint16_t)mp_balancer_retry_after(b, mp_health_now());
-        mp_log_warn("w%d: upstream %s: no server available (request %.*s)", worker_of(r)->id, b->def->name,
-                    r->id_len, r->id);
+        static mp_log_limit_t lim;
+        mp_log_limited(&lim, MP_LOG_WARN, "w%d: upstream %s: no server available (request %.*s)", worker_of(r)->id,
+                       b->def->name, r->id_len, r->id);
         return mp_conn_fail(r->conn, 503);
     }
     r->peer_trial = (unsigned)trial;
@@ -216,8 +217,9 @@ static void up_error(mp_req_t *r, enum up_err e)
     }
     peer_result(r, MP_OUT_FAIL, 0, up_err_text[e]);
     peer_done(r);
-    mp_log_warn("w%d: upstream %s server %s: %s (request %.*s)", w->id, d->name, d->servers[server].addr.text,
-                up_err_text[e], r->id_len, r->id);
+    static mp_log_limit_t lim; /* a server down under load fails every request */
+    mp_log_limited(&lim, MP_LOG_WARN, "w%d: upstream %s server %s: %s (request %.*s)", w->id, d->name,
+                   d->servers[server].addr.text, up_err_text[e], r->id_len, r->id);
     mp_balancer_t *b = balancer_of(r);
     double now = ev_now(w->loop);
     if (r->tries <= d->retries && d->nservers > 1 && replayable &&

@@ -82,6 +82,13 @@ proxy.route { path = "/block", handler = function(req)
   ffi.C.poll(nil, 0, 1500)
   return req:respond(200, "late")
 end }
+-- LuaJIT 2.1 compiles a loop around a C library function (it stitches the
+-- call into the trace): no count hook runs in it; this one ends by itself
+proxy.route { path = "/gc-loop", handler = function(req)
+  local stop = os.clock() + 1.2
+  while os.clock() < stop do collectgarbage("step") end
+  return req:respond(200, "done")
+end }
 -- stopped by the count hook although every error is caught in the loop
 proxy.route { path = "/pcall", handler = function(req)
   jit.off(true, true)
@@ -116,11 +123,11 @@ describe("the hook watchdog and a hook blocked in C (-w 1)", function()
     -- One stuck request: /live goes 503, then 200 again once the call
     -- returned, the worker uses no CPU meanwhile, writes a bounded number
     -- of lines, and accepts again.
-    local function stuck_once(round)
+    local function stuck_once(round, path)
         local before = #h.lines_with(proxy:stderr(), "")
         local c = assert(raw.connect(proxy.port, { timeout = 5 }))
         finally(function() c:close() end)
-        assert(c:send("GET /block HTTP/1.1\r\nHost: x\r\n\r\n"))
+        assert(c:send("GET " .. (path or "/block") .. " HTTP/1.1\r\nHost: x\r\n\r\n"))
         h.eventually(function() return live_status() == 503 end, 3)
         h.eventually(function() return live_status() == 200 end, 5)
         local res = assert(c:read_response { timeout = 5 })
@@ -135,7 +142,7 @@ describe("the hook watchdog and a hook blocked in C (-w 1)", function()
         end
         local lines = #h.lines_with(proxy:stderr(), "") - before
         assert.is_true(lines < 20, round .. ": " .. lines .. " log lines:\n" .. proxy:stderr():sub(-2000))
-        assert.equal(1, #h.lines_with(proxy:stderr(), "accepting new connections again") - (round - 1))
+        assert.equal(round, #h.lines_with(proxy:stderr(), "accepting new connections again"))
     end
 
     it("gives the worker back once a hook blocked in C returns", function()
@@ -144,6 +151,10 @@ describe("the hook watchdog and a hook blocked in C (-w 1)", function()
 
     it("gives it back again after a second stuck request", function()
         stuck_once(2)
+    end)
+
+    it("reports a compiled loop around collectgarbage('step') and gives the worker back when it ends", function()
+        stuck_once(3, "/gc-loop")
     end)
 
     it("stops an interpreted loop that catches the error with pcall", function()
