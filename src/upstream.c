@@ -217,9 +217,8 @@ static void up_error(mp_req_t *r, enum up_err e)
     }
     peer_result(r, MP_OUT_FAIL, 0, up_err_text[e]);
     peer_done(r);
-    static mp_log_limit_t lim; /* a server down under load fails every request */
-    mp_log_limited(&lim, MP_LOG_WARN, "w%d: upstream %s server %s: %s (request %.*s)", w->id, d->name,
-                   d->servers[server].addr.text, up_err_text[e], r->id_len, r->id);
+    mp_log_warn("w%d: upstream %s server %s: %s (request %.*s)", w->id, d->name, d->servers[server].addr.text,
+                up_err_text[e], r->id_len, r->id);
     mp_balancer_t *b = balancer_of(r);
     double now = ev_now(w->loop);
     if (r->tries <= d->retries && d->nservers > 1 && replayable &&

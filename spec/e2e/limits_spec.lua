@@ -70,7 +70,7 @@ proxy.route { prefix = "/", upstream = proxy.upstream "a" { servers = { "${a}" }
 
 local NOFILE = 64
 
--- Lines in text, and the text after the first n bytes.
+-- How many lines text has.
 local function count_lines(text) return #h.lines_with(text, "") end
 
 describe("out of file descriptors (RLIMIT_NOFILE " .. NOFILE .. ", -w 1)", function()
