@@ -130,7 +130,8 @@ local proxy = require "moonproxy"
 proxy.listen { addr = "${listen}" }
 proxy.admin { addr = "${admin}" }
 proxy.settings { access_log = false, shutdown_timeout = 1 }
-local a = proxy.upstream "a" { servers = { "${a}" }, passive = { failures = 5, cooldown = 30 } }
+local a = proxy.upstream "a" { servers = { "${a}" }, passive = { failures = 5, cooldown = 30 },
+  health = { path = "/health", interval = 0.1, timeout = 0.5, rise = 5, fall = 1 } }
 local ffi = require "ffi"
 pcall(ffi.cdef, "int dup(int fd); int close(int fd);")
 local held = {}
@@ -141,6 +142,14 @@ proxy.route { path = "/exhaust", upstream = a, on_request = function(req)
     if fd < 0 then break end
     held[#held + 1] = fd
   end
+end }
+proxy.route { path = "/hold", handler = function(req)
+  for _ = 1, 4096 do
+    local fd = ffi.C.dup(2)
+    if fd < 0 then break end
+    held[#held + 1] = fd
+  end
+  return req:respond(200, "holding " .. #held)
 end }
 proxy.route { path = "/release", handler = function(req)
   for i = #held, 1, -1 do ffi.C.close(held[i]); held[i] = nil end
@@ -176,5 +185,22 @@ describe("the proxy's own EMFILE opening an upstream socket (-w 1)", function()
         assert.equal(1, proxy:log_count("Too many open files", "not counted against the server"))
         local res = assert(c:request { target = "/served" })
         assert.equal(200, res.status)
+    end)
+
+    it("skips a health probe it cannot open a socket for instead of failing the server", function()
+        local c = assert(raw.connect(proxy.port, { timeout = 5 }))
+        finally(function() c:close() end)
+        h.eventually(function() return proxy:server_state("a", a.addr).probe_up end, 5)
+        local before = proxy:log_count("cannot probe upstream a")
+        local down0 = proxy:log_count("upstream a server", "is down")
+        assert.equal(200, assert(c:request { target = "/hold" }).status)
+        local ok = pcall(h.eventually, function()
+            return proxy:log_count("cannot probe upstream a") > before or proxy:log_count("upstream a server", "is down") > down0
+        end, 3)
+        assert.equal(200, assert(c:request { target = "/release" }).status)
+        assert.is_true(ok, "no probe ran while the descriptors were taken")
+        local s = proxy:server_state("a", a.addr)
+        assert.is_true(s.probe_up, "a probe that could not open its socket marked the server down")
+        assert.equal(down0, proxy:log_count("upstream a server", "is down"))
     end)
 end)
