@@ -360,12 +360,31 @@ static void on_conn_timeout(struct ev_loop *loop, ev_timer *t, int revents)
     close_conn(container_of(t, admin_conn_t, timer));
 }
 
+/* Out of descriptors (or memory), the level-triggered listener would call
+ * on_accept again at once: it pauses for a moment instead. */
+static ev_timer accept_retry;
+
+static void on_accept_retry(struct ev_loop *loop, ev_timer *t, int revents)
+{
+    (void)revents;
+    ev_io_start(loop, t->data);
+}
+
 static void on_accept(struct ev_loop *loop, ev_io *io, int revents)
 {
     (void)revents;
+    static mp_log_limit_t lim;
     mp_admin_t *a = container_of(io, mp_admin_t, io);
     for (int i = 0; i < 16; i++) {
         int fd = accept4(a->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0 && (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)) {
+            mp_log_limited(&lim, MP_LOG_WARN, "admin: accept: %s: not accepting for 100 ms", strerror(errno));
+            ev_io_stop(loop, io);
+            ev_timer_init(&accept_retry, on_accept_retry, 0.1, 0);
+            accept_retry.data = io;
+            ev_timer_start(loop, &accept_retry);
+            return;
+        }
         if (fd < 0)
             return;
         admin_conn_t *c = calloc(1, sizeof(*c));

@@ -68,6 +68,48 @@ static void unlink_conn(mp_conn_t **head, mp_conn_t *c)
     c->prev = c->next = NULL;
 }
 
+/* An idle connection goes in at the newest end of the worker's LRU. */
+static void idle_enter(mp_conn_t *c)
+{
+    mp_worker_t *w = c->w;
+    c->state = MP_CS_IDLE;
+    c->idle_prev = NULL;
+    c->idle_next = w->idle_newest;
+    if (w->idle_newest)
+        w->idle_newest->idle_prev = c;
+    else
+        w->idle_oldest = c;
+    w->idle_newest = c;
+}
+
+static void idle_leave(mp_conn_t *c)
+{
+    mp_worker_t *w = c->w;
+    if (c->state != MP_CS_IDLE)
+        return;
+    if (c->idle_prev)
+        c->idle_prev->idle_next = c->idle_next;
+    else
+        w->idle_newest = c->idle_next;
+    if (c->idle_next)
+        c->idle_next->idle_prev = c->idle_prev;
+    else
+        w->idle_oldest = c->idle_prev;
+    c->idle_prev = c->idle_next = NULL;
+}
+
+int mp_conn_reclaim_idle(mp_worker_t *w)
+{
+    mp_conn_t *c = w->idle_oldest;
+    if (!c)
+        return 0;
+    static mp_log_limit_t lim;
+    mp_log_limited(&lim, MP_LOG_INFO, "w%d: max_connections (%d) reached: closing the oldest idle connection",
+                   w->id, w->cfg->settings.max_connections);
+    mp_conn_close(c);
+    return 1;
+}
+
 void mp_conn_accept(mp_worker_t *w, int fd, const struct sockaddr *peer)
 {
     mp_conn_t *c = calloc(1, sizeof(*c));
@@ -471,6 +513,7 @@ static void on_readable(mp_conn_t *c)
         if (n > 0) {
             c->in.end += (uint32_t)n;
             if (c->state == MP_CS_IDLE) {
+                idle_leave(c);
                 c->state = MP_CS_HEAD;
                 mp_conn_timer(c, w->cfg->settings.client_header_timeout);
             }
@@ -656,9 +699,11 @@ void mp_conn_request_done(mp_conn_t *c)
         return;
     }
     mp_buf_release(&c->in, &w->bufs);
-    c->state = MP_CS_IDLE;
+    idle_enter(c);
     mp_conn_want(c, EV_READ);
     mp_conn_timer(c, w->cfg->settings.keepalive_timeout);
+    if (w->accept_paused && !w->stopping)
+        mp_listener_pause(w, 0); /* a connection waiting at the cap may now take this one's place */
 }
 
 /* Waits until the client can take more, at most client_body_timeout. */
@@ -872,6 +917,7 @@ void mp_conn_close(mp_conn_t *c)
         return;
     mp_worker_t *w = c->w;
     c->closed = 1;
+    idle_leave(c);
     if (c->req && c->req->status == 0 && c->state == MP_CS_PROXY)
         c->req->status = 499; /* the client went away first (nginx's convention) */
     end_request(c);

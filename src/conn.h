@@ -120,6 +120,7 @@ struct mp_conn {
     struct sockaddr_in6 peer; /* v4 peers stored v4-mapped */
     unsigned requests; /* served on this connection */
     mp_conn_t *prev, *next; /* worker->conns, or worker->graveyard */
+    mp_conn_t *idle_prev, *idle_next; /* worker's idle LRU while MP_CS_IDLE (prev: newer) */
 };
 
 /* What a request's head decides (mp_req_decide): go upstream, answer what a
@@ -172,6 +173,12 @@ void mp_conn_respond(mp_conn_t *c);
  * before the worker's next poll, so a caller's pointers stay valid until it
  * returns to the loop. */
 void mp_conn_close(mp_conn_t *c);
+
+/* At max_connections: closes the worker's oldest idle keep-alive connection
+ * (no request in progress; RFC 9112 §9.6 lets a server close those at any
+ * time) to make room for a new one. Returns 1 when one was closed, 0 when
+ * none is idle. O(1). */
+int mp_conn_reclaim_idle(mp_worker_t *w);
 
 /* Frees closed connections; called by the worker before each poll. */
 void mp_conn_reap(mp_worker_t *w);

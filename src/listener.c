@@ -4,12 +4,28 @@
 #include "conn.h"
 
 #include <errno.h>
+#include <limits.h>
+#include <stdatomic.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #define ACCEPT_BATCH 64
+#define BACKLOG 4096
+#define BACKOFF_SECONDS 0.1 /* a pause on EMFILE: long enough not to spin, short against a full backlog */
+
+#define FD_HEADROOM_MIN 16
+
+static int fd_ceiling = INT_MAX; /* written before the workers start, then only read */
+
+void mp_listener_fd_limit(long long limit)
+{
+    long long headroom = limit / 64 > FD_HEADROOM_MIN ? limit / 64 : FD_HEADROOM_MIN;
+    fd_ceiling = limit <= 0 || limit - headroom > INT_MAX ? INT_MAX : (int)(limit - headroom);
+    if (fd_ceiling < FD_HEADROOM_MIN)
+        fd_ceiling = FD_HEADROOM_MIN;
+}
 
 int mp_listener_open(mp_addr_t *a)
 {
@@ -24,7 +40,7 @@ int mp_listener_open(mp_addr_t *a)
     /* Accept only once the first bytes are there: no idle accept, no wasted wakeup. */
     int defer = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_DEFER_ACCEPT, &defer, sizeof(defer));
-    if (bind(fd, (struct sockaddr *)&a->ss, a->sslen) != 0 || listen(fd, 4096) != 0) {
+    if (bind(fd, (struct sockaddr *)&a->ss, a->sslen) != 0 || listen(fd, BACKLOG) != 0) {
         int saved = errno;
         close(fd);
         errno = saved;
@@ -35,21 +51,87 @@ int mp_listener_open(mp_addr_t *a)
     return fd;
 }
 
+/* Whether w's listening sockets are to be watched now. */
+static int want_accept(mp_worker_t *w)
+{
+    return !w->stopping && !w->accept_paused && !w->accept_backoff && !atomic_load(&w->stuck);
+}
+
+void mp_listener_sync(mp_worker_t *w)
+{
+    int on = want_accept(w);
+    for (size_t i = 0; i < w->nlisteners; i++) {
+        mp_listener_t *l = &w->listeners[i];
+        if (l->fd < 0)
+            continue;
+        if (on)
+            ev_io_start(w->loop, &l->io);
+        else
+            ev_io_stop(w->loop, &l->io);
+    }
+}
+
+static void on_retry(struct ev_loop *loop, ev_timer *t, int revents)
+{
+    (void)loop;
+    (void)revents;
+    mp_worker_t *w = container_of(t, mp_worker_t, accept_retry);
+    w->accept_backoff = 0;
+    mp_listener_sync(w);
+}
+
+/* Out of descriptors or memory: the listener is level-triggered, so
+ * retrying at once would spin on the same error. What is queued waits in the
+ * kernel's backlog meanwhile (nginx and HAProxy pause the same way). */
+static void back_off(mp_worker_t *w, const char *why)
+{
+    static mp_log_limit_t lim;
+    mp_log_limited(&lim, MP_LOG_WARN, "w%d: accept: %s: not accepting for %.0f ms", w->id, why,
+                   BACKOFF_SECONDS * 1000);
+    w->accept_backoff = 1;
+    mp_listener_sync(w);
+    ev_timer_set(&w->accept_retry, BACKOFF_SECONDS, 0);
+    ev_timer_start(w->loop, &w->accept_retry);
+}
+
+/* accept(2) passes errors of a connection that died in the queue through. */
+static int dead_in_queue(int err)
+{
+    return err == EINTR || err == ECONNABORTED || err == EPROTO || err == ENETDOWN || err == ENOPROTOOPT ||
+           err == EHOSTDOWN || err == ENONET || err == EHOSTUNREACH || err == EOPNOTSUPP || err == ENETUNREACH;
+}
+
 static void accept_some(mp_listener_t *l)
 {
     mp_worker_t *w = l->w;
     for (int i = 0; i < ACCEPT_BATCH; i++) {
-        if (w->nconns >= (unsigned)w->cfg->settings.max_connections)
-            return mp_listener_pause(w, 1);
+        /* At the cap, the oldest idle keep-alive connection makes room for
+         * one the readiness said is queued; later in the batch that is not
+         * known, and the level-triggered watcher calls again if one is. */
+        if (w->nconns >= (unsigned)w->cfg->settings.max_connections) {
+            if (i > 0)
+                return;
+            if (!mp_conn_reclaim_idle(w))
+                return mp_listener_pause(w, 1);
+        }
         struct sockaddr_storage ss;
         socklen_t len = sizeof(ss);
         int fd = accept4(l->fd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {
-            if (errno == EINTR || errno == ECONNABORTED)
+            if (dead_in_queue(errno))
                 continue;
-            if (errno != EAGAIN)
-                mp_log_warn("w%d: accept: %s", w->id, strerror(errno));
-            return;
+            if (errno == EAGAIN)
+                return;
+            if (errno == EINVAL && atomic_load(&w->stuck))
+                return mp_listener_sync(w); /* the watchdog shut it down: mp_worker_unstick re-opens it */
+            return back_off(w, strerror(errno));
+        }
+        if (fd >= fd_ceiling) {
+            /* accept takes the lowest free number: the descriptors below are
+             * all in use, and the headroom is kept for the upstream sockets
+             * (a client the proxy cannot forward is no use) and the admin port */
+            close(fd);
+            return back_off(w, "file descriptors nearly exhausted (RLIMIT_NOFILE), connection closed");
         }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -66,12 +148,13 @@ static void on_accept(struct ev_loop *loop, ev_io *io, int revents)
 
 void mp_listener_start(mp_worker_t *w)
 {
+    ev_init(&w->accept_retry, on_retry);
     for (size_t i = 0; i < w->nlisteners; i++) {
         mp_listener_t *l = &w->listeners[i];
         l->w = w;
         ev_io_init(&l->io, on_accept, l->fd, EV_READ);
-        ev_io_start(w->loop, &l->io);
     }
+    mp_listener_sync(w);
 }
 
 void mp_listener_pause(mp_worker_t *w, int paused)
@@ -79,18 +162,20 @@ void mp_listener_pause(mp_worker_t *w, int paused)
     if (w->accept_paused == paused)
         return;
     w->accept_paused = paused;
+    static mp_log_limit_t lim;
     if (paused)
-        mp_log_warn("w%d: max_connections (%d) reached: not accepting for now", w->id,
-                    w->cfg->settings.max_connections);
-    for (size_t i = 0; i < w->nlisteners; i++) {
-        mp_listener_t *l = &w->listeners[i];
-        if (l->fd < 0)
-            continue;
-        if (paused)
-            ev_io_stop(w->loop, &l->io);
-        else
-            ev_io_start(w->loop, &l->io);
-    }
+        mp_log_limited(&lim, MP_LOG_WARN, "w%d: max_connections (%d) reached, none idle: not accepting for now",
+                       w->id, w->cfg->settings.max_connections);
+    mp_listener_sync(w);
+}
+
+int mp_listener_relisten(mp_worker_t *w)
+{
+    int rc = 0;
+    for (size_t i = 0; i < w->nlisteners; i++)
+        if (w->listeners[i].fd >= 0 && listen(w->listeners[i].fd, BACKLOG) != 0)
+            rc = MP_EIO;
+    return rc;
 }
 
 void mp_listener_close(mp_worker_t *w)
@@ -100,8 +185,10 @@ void mp_listener_close(mp_worker_t *w)
         if (l->fd < 0)
             continue;
         ev_io_stop(w->loop, &l->io);
-        accept_some(l); /* what the kernel already queued for this socket would be reset on close */
+        if (!atomic_load(&w->stuck))
+            accept_some(l); /* what the kernel already queued for this socket would be reset on close */
         close(l->fd);
         l->fd = -1;
     }
+    ev_timer_stop(w->loop, &w->accept_retry);
 }

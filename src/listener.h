@@ -11,13 +11,27 @@
  * address (other workers) share it. Returns the fd or MP_EIO (errno set). */
 int mp_listener_open(mp_addr_t *a);
 
+/* Client connections leave the last descriptors below RLIMIT_NOFILE (limit;
+ * 0: none) to upstream sockets, probes and the admin port. Called once,
+ * before the workers start. */
+void mp_listener_fd_limit(long long limit);
+
 /* Starts accepting on w->listeners. */
 void mp_listener_start(mp_worker_t *w);
 
 /* Stops accepting: accepts what is already queued, then closes. */
 void mp_listener_close(mp_worker_t *w);
 
-/* Stops (full) or resumes accepting while at max_connections. */
+/* Stops (full, no idle connection to reclaim) or resumes accepting at
+ * max_connections. */
 void mp_listener_pause(mp_worker_t *w, int paused);
+
+/* Watches the listeners, or not, as the worker's state says: stopping,
+ * paused at max_connections, backing off after EMFILE, stuck in a hook. */
+void mp_listener_sync(mp_worker_t *w);
+
+/* listen(2) again on sockets the watchdog shut down (which left them bound
+ * but out of the SO_REUSEPORT group). Returns 0 or MP_EIO (errno set). */
+int mp_listener_relisten(mp_worker_t *w);
 
 #endif

@@ -2,6 +2,7 @@
 #include "log.h"
 
 #include <errno.h>
+#include <stdatomic.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
@@ -47,14 +48,11 @@ void mp_log_capture(void (*fn)(void *arg, int level, const char *msg), void *arg
     capture_arg = arg;
 }
 
-void mp_log(int level, const char *fmt, ...)
+static void log_v(int level, const char *suffix, const char *fmt, va_list ap)
 {
     if (capture_fn) {
         char text[1024];
-        va_list ap;
-        va_start(ap, fmt);
         vsnprintf(text, sizeof(text), fmt, ap);
-        va_end(ap);
         return capture_fn(capture_arg, level, text);
     }
     if (level < mp_log_level)
@@ -63,10 +61,9 @@ void mp_log(int level, const char *fmt, ...)
     size_t len = format_time(line, sizeof(line), now_epoch());
     len += (size_t)snprintf(line + len, sizeof(line) - len, " [%s] ", level_names[level]);
     char msg[1024];
-    va_list ap;
-    va_start(ap, fmt);
     int n = vsnprintf(msg, sizeof(msg), fmt, ap);
-    va_end(ap);
+    if (n >= 0 && suffix && (size_t)n < sizeof(msg))
+        n += snprintf(msg + n, sizeof(msg) - (size_t)n, "%s", suffix);
     size_t mlen = n < 0 ? 0 : ((size_t)n >= sizeof(msg) ? sizeof(msg) - 1 : (size_t)n);
     /* One event, one line: bytes from peers or scripts cannot break it. */
     static const char hex[] = "0123456789abcdef";
@@ -84,6 +81,42 @@ void mp_log(int level, const char *fmt, ...)
     line[len++] = '\n';
     ssize_t unused = write(2, line, len); /* a lost log line is all we can do */
     (void)unused;
+}
+
+void mp_log(int level, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    log_v(level, NULL, fmt, ap);
+    va_end(ap);
+}
+
+static int64_t monotonic_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int mp_log_limited(mp_log_limit_t *lim, int level, const char *fmt, ...)
+{
+    if (level < mp_log_level && !capture_fn)
+        return 0;
+    int64_t now = monotonic_ms(), next = atomic_load(&lim->next_ms);
+    /* one thread wins the second; the others only count */
+    if (now < next || !atomic_compare_exchange_strong(&lim->next_ms, &next, now + 1000)) {
+        atomic_fetch_add(&lim->suppressed, 1);
+        return 0;
+    }
+    uint64_t dropped = atomic_exchange(&lim->suppressed, 0);
+    char suffix[64] = "";
+    if (dropped)
+        snprintf(suffix, sizeof(suffix), " (%llu more suppressed)", (unsigned long long)dropped);
+    va_list ap;
+    va_start(ap, fmt);
+    log_v(level, suffix, fmt, ap);
+    va_end(ap);
+    return 1;
 }
 
 int mp_alog_open(const char *target)

@@ -24,6 +24,18 @@ void mp_log(int level, const char *fmt, ...) __attribute__((format(printf, 2, 3)
  * stderr). The simulator keeps them with the request that caused them. */
 void mp_log_capture(void (*fn)(void *arg, int level, const char *msg), void *arg);
 
+/* A rate limit for one repeated log line (a static per call site): at most
+ * one line a second, from any thread; the next line after a quiet spell
+ * says how many were suppressed. A zeroed struct is ready. */
+typedef struct {
+    _Atomic int64_t next_ms;     /* monotonic ms before which lines are suppressed */
+    _Atomic uint64_t suppressed; /* lines dropped since the last one written */
+} mp_log_limit_t;
+
+/* mp_log under lim: writes the line (with " (N more suppressed)" when some
+ * were dropped) or counts it as suppressed. Returns 1 when written. */
+int mp_log_limited(mp_log_limit_t *lim, int level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
 #define mp_log_debug(...) (mp_log_level <= MP_LOG_DEBUG ? mp_log(MP_LOG_DEBUG, __VA_ARGS__) : (void)0)
 #define mp_log_info(...) (mp_log_level <= MP_LOG_INFO ? mp_log(MP_LOG_INFO, __VA_ARGS__) : (void)0)
 #define mp_log_warn(...) mp_log(MP_LOG_WARN, __VA_ARGS__)

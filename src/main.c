@@ -17,6 +17,7 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #define MP_VERSION "0.1.0"
@@ -312,6 +313,35 @@ static int explain(const options_t *o)
     return 0;
 }
 
+/* Raises RLIMIT_NOFILE's soft limit (up to the hard one) toward what the
+ * configuration may hold open: per worker, max_connections clients, as many
+ * upstream connections and the idle pools; plus listeners, loops, the admin
+ * port and probes. Warns once when the hard limit is lower. Tells the
+ * listeners the limit in force (mp_listener_fd_limit). */
+static void raise_nofile(const mp_config_t *cfg, int nworkers)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return;
+    unsigned long long pools = 0;
+    for (size_t i = 0; i < cfg->nupstreams; i++)
+        pools += (unsigned long long)cfg->upstreams[i].keepalive * cfg->upstreams[i].nservers;
+    unsigned long long want = ((unsigned long long)cfg->settings.max_connections * 2 + pools) * (unsigned)nworkers +
+                              16ull * (unsigned)nworkers + cfg->nlistens * (unsigned)nworkers + 64;
+    if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < want) {
+        struct rlimit up = rl;
+        up.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max > want ? want : rl.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &up) == 0)
+            rl = up;
+    }
+    if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < want)
+        mp_log_warn("RLIMIT_NOFILE is %llu, below the %llu descriptors max_connections (%d) x %d workers may need "
+                    "(hard limit %llu): past it new connections wait; raise it (ulimit -n, LimitNOFILE=)",
+                    (unsigned long long)rl.rlim_cur, want, cfg->settings.max_connections, nworkers,
+                    (unsigned long long)rl.rlim_max);
+    mp_listener_fd_limit(rl.rlim_cur == RLIM_INFINITY ? 0 : (long long)rl.rlim_cur);
+}
+
 static int worker_count(const options_t *o, const mp_config_t *cfg)
 {
     if (o->workers)
@@ -341,6 +371,7 @@ int main(int argc, char **argv)
         return 1;
     }
     g.nworkers = worker_count(&o, cfg);
+    raise_nofile(cfg, g.nworkers);
     int alog = mp_alog_open(cfg->settings.access_log);
     if (alog == MP_EIO) {
         fprintf(stderr, "moonproxy: cannot open access_log %s: %s\n", cfg->settings.access_log, strerror(errno));
@@ -385,7 +416,6 @@ int main(int argc, char **argv)
         fprintf(stderr, "moonproxy: %s\n", err);
         return 1;
     }
-    mp_watchdog_init(g.workers, g.nworkers);
     for (int i = 0; i < g.nworkers; i++) {
         pthread_t t;
         if (pthread_create(&t, NULL, worker_main, &g.workers[i]) != 0) {

@@ -67,6 +67,11 @@ void mp_pools_free(mp_worker_t *w, mp_pool_t *pools, size_t n);
  * handing out one that idled long. */
 mp_upconn_t *mp_pool_take(mp_server_pool_t *sp, mp_worker_t *w);
 
+/* Whether a socket()/connect() errno is this process's or host's want of
+ * resources (descriptors, buffers, memory, local ports) rather than the
+ * server's failure: such a failure must not count against the server. */
+int mp_upconn_local_error(int err);
+
 /* Starts a non-blocking connect to the server; u->state is CONNECTING or
  * ACTIVE (connected at once). Returns NULL with errno set on failure. */
 mp_upconn_t *mp_upconn_connect(mp_worker_t *w, mp_server_pool_t *sp, mp_io_cb io_cb, mp_timer_cb timer_cb);

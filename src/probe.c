@@ -4,6 +4,7 @@
 
 #include "health.h"
 #include "log.h"
+#include "pool.h"
 
 #include <errno.h>
 #include <netinet/tcp.h>
@@ -86,16 +87,29 @@ static void verdict(probe_t *p, int good, const char *why)
     ev_timer_start(p->pr->loop, &p->timer);
 }
 
+/* The proxy could not open the probe's socket (mp_upconn_local_error): no
+ * verdict on the server, the next probe after an interval. */
+static void skip(probe_t *p, int err)
+{
+    static mp_log_limit_t lim;
+    mp_log_limited(&lim, MP_LOG_ERROR, "health: cannot probe upstream %s server %s: %s (not counted against it)",
+                   p->peer->upstream, p->peer->addr, strerror(err));
+    stop_exchange(p);
+    ev_timer_stop(p->pr->loop, &p->timer);
+    ev_timer_set(&p->timer, p->interval, 0);
+    ev_timer_start(p->pr->loop, &p->timer);
+}
+
 static void start(probe_t *p)
 {
     struct ev_loop *loop = p->pr->loop;
     p->fd = socket(p->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (p->fd < 0)
-        return verdict(p, 0, strerror(errno));
+        return mp_upconn_local_error(errno) ? skip(p, errno) : verdict(p, 0, strerror(errno));
     int one = 1;
     setsockopt(p->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     if (connect(p->fd, (struct sockaddr *)&p->ss, p->sslen) != 0 && errno != EINPROGRESS)
-        return verdict(p, 0, strerror(errno));
+        return mp_upconn_local_error(errno) ? skip(p, errno) : verdict(p, 0, strerror(errno));
     int n = snprintf(p->buf, sizeof(p->buf),
                      "GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: moonproxy-health\r\nConnection: close\r\n\r\n",
                      p->path, p->host ? p->host : p->peer->addr);

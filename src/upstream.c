@@ -126,8 +126,9 @@ static void pick_and_connect(mp_req_t *r, int avoid)
         return mp_conn_fail(r->conn, 500);
     if (server < 0) {
         r->retry_after = (uint16_t)mp_balancer_retry_after(b, mp_health_now());
-        mp_log_warn("w%d: upstream %s: no server available (request %.*s)", worker_of(r)->id, b->def->name,
-                    r->id_len, r->id);
+        static mp_log_limit_t lim;
+        mp_log_limited(&lim, MP_LOG_WARN, "w%d: upstream %s: no server available (request %.*s)", worker_of(r)->id,
+                       b->def->name, r->id_len, r->id);
         return mp_conn_fail(r->conn, 503);
     }
     r->peer_trial = (unsigned)trial;
@@ -243,6 +244,21 @@ static void up_error(mp_req_t *r, enum up_err e)
     mp_conn_fail(r->conn, status);
 }
 
+/* The proxy could not open a socket (errno err, mp_upconn_local_error):
+ * the request gets 503, the server is not blamed, the log is rate-limited
+ * (this repeats with every request while it lasts). */
+static void local_failure(mp_req_t *r, int err)
+{
+    static mp_log_limit_t lim;
+    mp_log_limited(&lim, MP_LOG_ERROR, "w%d: cannot open a connection to upstream %s server %s: %s (not counted "
+                   "against the server; request %.*s gets 503)", worker_of(r)->id, udef(r)->name,
+                   udef(r)->servers[r->server].addr.text, strerror(err), r->id_len, r->id);
+    worker_of(r)->stats.upstream_errors++;
+    peer_done(r);
+    r->retry_after = 1;
+    mp_conn_fail(r->conn, 503);
+}
+
 static void connect_to(mp_req_t *r, int server, int fresh)
 {
     mp_worker_t *w = worker_of(r);
@@ -265,6 +281,8 @@ static void connect_to(mp_req_t *r, int server, int fresh)
         u = mp_upconn_connect(w, sp, on_up_io, on_up_timer);
         if (!u) {
             r->up = NULL;
+            if (mp_upconn_local_error(errno))
+                return local_failure(r, errno);
             return up_error(r, UE_CONNECT);
         }
         w->stats.upstream_connects++;

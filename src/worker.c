@@ -10,6 +10,8 @@
 
 #include <lauxlib.h>
 #include <lua.h>
+#include <errno.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/random.h>
@@ -43,6 +45,8 @@ static void take_handover(mp_worker_t *w)
         ev_async_send(w->main_loop, w->main_ack);
 }
 
+static void unstick(mp_worker_t *w);
+
 static void on_expire(struct ev_loop *loop, ev_timer *t, int revents)
 {
     (void)loop;
@@ -73,36 +77,46 @@ static void on_prepare(struct ev_loop *loop, ev_prepare *p, int revents)
         mp_alog_flush(&w->alog);
     mp_conn_reap(w);
     mp_upconn_reap(w);
+    if (atomic_load(&w->stuck) == 1)
+        unstick(w);
     if (w->stopping && w->nconns == 0)
         ev_break(loop, EVBREAK_ALL);
 }
 
-static mp_worker_t *watched;
-static int nwatched;
+/* The worker this thread runs: hooks run on their worker's thread. */
+static _Thread_local mp_worker_t *running;
 
 /* The count hook the watchdog sets: raises in the hook that overran, and
- * clears itself in a call that did not (the worker may have moved on). */
+ * clears itself in a call that did not (the worker may have moved on).
+ * While the call overruns it fires at every instruction: a loop that
+ * catches the error with pcall meets it again on the pcall's return. It
+ * fires in coroutines the hook started too (the VM's hook is global). */
 static void on_budget(lua_State *L, lua_Debug *ar)
 {
     (void)ar;
-    for (int i = 0; i < nwatched; i++) {
-        mp_worker_t *w = &watched[i];
-        if (w->lua_vm != L)
-            continue;
-        double since = w->lua_since, budget = w->cfg->settings.hook_timeout;
-        if (since > 0 && ev_time() - since > budget) {
-            lua_sethook(L, NULL, 0, 0);
-            lua_pushfstring(L, "stopped: the hook ran longer than hook_timeout (%fs)", budget);
-            lua_error(L);
-        }
+    mp_worker_t *w = running;
+    double since = w && w->lua_vm ? w->lua_since : 0;
+    if (since > 0 && ev_time() - since > w->cfg->settings.hook_timeout) {
+        lua_sethook(L, on_budget, LUA_MASKCOUNT, 1);
+        lua_pushfstring(L, "stopped: the hook ran longer than hook_timeout (%fs)", w->cfg->settings.hook_timeout);
+        lua_error(L);
     }
     lua_sethook(L, NULL, 0, 0);
 }
 
-void mp_watchdog_init(mp_worker_t *workers, int n)
+/* Main thread, vm_lock held: w's hook cannot be interrupted. Its listening
+ * sockets leave the SO_REUSEPORT group (shutdown keeps them bound and the fd
+ * valid), and the wake-up makes the worker re-open them once it returns. */
+static void mark_stuck(mp_worker_t *w, double seconds)
 {
-    watched = workers;
-    nwatched = n;
+    atomic_store(&w->stuck, 1);
+    mp_log_error("w%d: a hook has run for %.1fs and cannot be interrupted (LuaJIT-compiled code and C calls do "
+                 "not run count hooks); the worker stops accepting new connections until it returns",
+                 w->id, seconds);
+    for (size_t k = 0; k < w->nlisteners; k++)
+        if (w->listeners[k].fd >= 0)
+            shutdown(w->listeners[k].fd, SHUT_RD);
+    ev_async_send(w->loop, &w->wake);
 }
 
 int mp_watchdog_check(mp_worker_t *workers, int n, double hook_timeout)
@@ -116,19 +130,28 @@ int mp_watchdog_check(mp_worker_t *workers, int n, double hook_timeout)
         double since = w->lua_since;
         if (L && since > 0 && now - since > hook_timeout)
             lua_sethook(L, on_budget, LUA_MASKCOUNT, 100);
+        if (L && since > 0 && now - since > 3 * hook_timeout && !atomic_load(&w->stuck))
+            mark_stuck(w, now - since);
         pthread_mutex_unlock(&w->vm_lock);
-        if (L && since > 0 && now - since > 3 * hook_timeout && !w->stuck) {
-            w->stuck = 1;
-            mp_log_error("w%d: a hook has run for %.1fs and cannot be interrupted (LuaJIT-compiled code does not "
-                         "check hooks); the worker stops accepting new connections",
-                         w->id, now - since);
-            for (size_t k = 0; k < w->nlisteners; k++)
-                if (w->listeners[k].fd >= 0)
-                    shutdown(w->listeners[k].fd, SHUT_RD); /* leaves the reuseport group; the fd stays valid */
-        }
-        stuck += w->stuck;
+        stuck += atomic_load(&w->stuck) != 0;
     }
     return stuck;
+}
+
+/* The worker is back from the hook the watchdog gave up on: it listens
+ * again (once; a socket that cannot listen stays reported on /live). */
+static void unstick(mp_worker_t *w)
+{
+    pthread_mutex_lock(&w->vm_lock);
+    if (mp_listener_relisten(w) == 0) {
+        atomic_store(&w->stuck, 0);
+        mp_log_warn("w%d: the stuck hook returned; accepting new connections again", w->id);
+    } else {
+        atomic_store(&w->stuck, 2);
+        mp_log_error("w%d: the stuck hook returned but its sockets cannot listen again: %s", w->id, strerror(errno));
+    }
+    pthread_mutex_unlock(&w->vm_lock);
+    mp_listener_sync(w);
 }
 
 void mp_worker_close_vm(mp_worker_t *w, lua_State *L)
@@ -193,6 +216,7 @@ int mp_worker_init(mp_worker_t *w, int id, size_t max_header_size, size_t body_b
 
 void mp_worker_run(mp_worker_t *w)
 {
+    running = w;
     mp_listener_start(w);
     ev_run(w->loop, 0);
     if (w->alog.len)

@@ -52,16 +52,20 @@ typedef struct mp_worker {
     lua_State *_Atomic lua_vm;  /* non-NULL while a hook runs */
     _Atomic double lua_since;   /* loop time the hook started */
     pthread_mutex_t vm_lock;    /* held by the watchdog touching lua_vm, and to close a VM */
-    int stuck;                  /* a hook could not be interrupted: the worker stopped accepting */
+    _Atomic int stuck;          /* a hook could not be interrupted: its listeners are shut down
+                                 * (main thread) until the worker re-opens them (mp_worker_unstick) */
     mp_listener_t *listeners;
     size_t nlisteners;
     ev_async wake;    /* main thread → worker: see `stop` */
     ev_prepare flush; /* before each poll: access log, delayed frees */
     _Atomic int stop_requested; /* set by the main thread before wake */
     int stopping;
-    int accept_paused;      /* at max_connections */
+    int accept_paused;      /* at max_connections, no idle connection to reclaim */
+    int accept_backoff;     /* out of descriptors or memory: accept_retry restarts accepting */
+    ev_timer accept_retry;
     mp_bufpool_t bufs;
     mp_conn_t *conns;       /* every open client connection (doubly linked) */
+    mp_conn_t *idle_newest, *idle_oldest; /* keep-alive connections between requests (LRU) */
     unsigned nconns;
     mp_conn_t *graveyard;   /* closed, freed before the next poll */
     mp_upconn_t *up_graveyard;
@@ -93,13 +97,11 @@ void mp_worker_dispose(mp_worker_t *w);
 
 /* Main thread, periodically: interrupts hooks that ran longer than
  * hook_timeout (a count hook raising an error: the request gets 500). Code
- * LuaJIT compiled does not run hooks; a worker stuck there for 3 times the
- * budget is reported and stops accepting, so other workers take its share.
+ * LuaJIT compiled and C calls do not run hooks; a worker stuck there for 3
+ * times the budget is reported and stops accepting, so other workers take
+ * its share, until the hook returns and the worker listens again.
  * Returns the number of stuck workers (for /live). */
 int mp_watchdog_check(mp_worker_t *workers, int n, double hook_timeout);
-
-/* Tells the watchdog's hook which workers there are; before they start. */
-void mp_watchdog_init(mp_worker_t *workers, int n);
 
 /* Closes a VM the watchdog may be looking at. */
 void mp_worker_close_vm(mp_worker_t *w, lua_State *L);

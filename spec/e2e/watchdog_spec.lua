@@ -66,3 +66,106 @@ describe("the hook watchdog", function()
         end
     end)
 end)
+
+-- A hook that blocks in C (here poll(2) through the FFI) runs no count hook:
+-- the watchdog gives up on it after 3 × hook_timeout and takes the worker's
+-- listeners out; once the call returns, the worker listens again.
+local BLOCKING = [=[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = false, hook_timeout = 0.2, shutdown_timeout = 1 }
+local a = proxy.upstream "a" { servers = { "${a}" } }
+local ffi = require "ffi"
+pcall(ffi.cdef, "int poll(void *fds, unsigned long nfds, int timeout);")
+proxy.route { path = "/block", handler = function(req)
+  ffi.C.poll(nil, 0, 1500)
+  return req:respond(200, "late")
+end }
+-- LuaJIT 2.1 compiles a loop around a C library function (it stitches the
+-- call into the trace): no count hook runs in it; this one ends by itself
+proxy.route { path = "/gc-loop", handler = function(req)
+  local stop = os.clock() + 1.2
+  while os.clock() < stop do collectgarbage("step") end
+  return req:respond(200, "done")
+end }
+-- stopped by the count hook although every error is caught in the loop
+proxy.route { path = "/pcall", handler = function(req)
+  jit.off(true, true)
+  while true do pcall(function() local t = {} for i = 1, 100 do t[i] = i end end) end
+end }
+-- stopped in a coroutine the hook runs
+proxy.route { path = "/coroutine", handler = function(req)
+  jit.off(true, true)
+  local co = coroutine.wrap(function() local n = 0 while true do n = n + 1 end end)
+  co()
+end }
+proxy.route { prefix = "/", upstream = a }
+]=]
+
+describe("the hook watchdog and a hook blocked in C (-w 1)", function()
+    local a, proxy
+
+    lazy_setup(function()
+        a = h.start_origin("a")
+        proxy = h.start_proxy { workers = 1, config = BLOCKING, vars = { a = a.addr } }
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy, a)
+    end)
+
+    local function live_status()
+        local live = proxy:admin("GET", "/live")
+        return live and live.status
+    end
+
+    -- One stuck request: /live goes 503, then 200 again once the call
+    -- returned, the worker uses no CPU meanwhile, writes a bounded number
+    -- of lines, and accepts again.
+    local function stuck_once(round, path)
+        local before = #h.lines_with(proxy:stderr(), "")
+        local c = assert(raw.connect(proxy.port, { timeout = 5 }))
+        finally(function() c:close() end)
+        assert(c:send("GET " .. (path or "/block") .. " HTTP/1.1\r\nHost: x\r\n\r\n"))
+        h.eventually(function() return live_status() == 503 end, 3)
+        h.eventually(function() return live_status() == 200 end, 5)
+        local res = assert(c:read_response { timeout = 5 })
+        -- 200, or 500 when the count hook met Lua code after the call
+        assert.is_true(res.status == 200 or res.status == 500, tostring(res.status))
+        local share = h.cpu_share(proxy.pid, 1.0)
+        assert.is_true(share < 0.2, string.format("round %d: %.0f%% of a core after the hook returned", round,
+            share * 100))
+        for i = 1, 5 do
+            local r = assert(raw.get(proxy.port, "/after-" .. round .. "-" .. i, nil, { timeout = 3 }))
+            assert.equal(200, r.status)
+        end
+        local lines = #h.lines_with(proxy:stderr(), "") - before
+        assert.is_true(lines < 20, round .. ": " .. lines .. " log lines:\n" .. proxy:stderr():sub(-2000))
+        assert.equal(round, #h.lines_with(proxy:stderr(), "accepting new connections again"))
+    end
+
+    it("gives the worker back once a hook blocked in C returns", function()
+        stuck_once(1)
+    end)
+
+    it("gives it back again after a second stuck request", function()
+        stuck_once(2)
+    end)
+
+    it("reports a compiled loop around collectgarbage('step') and gives the worker back when it ends", function()
+        stuck_once(3, "/gc-loop")
+    end)
+
+    it("stops an interpreted loop that catches the error with pcall", function()
+        local res = assert(raw.get(proxy.port, "/pcall", nil, { timeout = 5 }))
+        assert.equal(500, res.status)
+        assert.equal(200, live_status())
+    end)
+
+    it("stops an interpreted loop in a coroutine the hook started", function()
+        local res = assert(raw.get(proxy.port, "/coroutine", nil, { timeout = 5 }))
+        assert.equal(500, res.status)
+        assert.equal(200, live_status())
+    end)
+end)

@@ -240,6 +240,28 @@ function M.quote(s)
     return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
 end
 
+-- CPU time (user + system, seconds) a process used so far, from /proc/PID/stat.
+local clk_tck
+function M.cpu_seconds(pid)
+    if not clk_tck then
+        local out = M.run("getconf CLK_TCK", 5)
+        clk_tck = tonumber(out:match("%d+")) or 100
+    end
+    local s = assert(M.read_file("/proc/" .. pid .. "/stat"), "no /proc/" .. pid .. "/stat")
+    local rest = s:match("^%d+ %b() (.*)$") -- the name may hold spaces
+    local f = {}
+    for x in rest:gmatch("%S+") do f[#f + 1] = x end
+    -- fields 14 and 15 of stat(5); rest starts at field 3
+    return (tonumber(f[12]) + tonumber(f[13])) / clk_tck
+end
+
+-- The share of one core (0..n) pid used over the next `seconds` (bounded).
+function M.cpu_share(pid, seconds)
+    local c0, t0 = M.cpu_seconds(pid), socket.gettime()
+    socket.sleep(seconds)
+    return (M.cpu_seconds(pid) - c0) / (socket.gettime() - t0)
+end
+
 -- Resident set size of a process in KiB (from /proc/PID/status), or nil.
 function M.rss_kb(pid)
     local s = M.read_file("/proc/" .. pid .. "/status")
@@ -373,7 +395,8 @@ end
 
 -- Starts the binary. opts: config (template text), vars (for the template;
 -- listen, port, access_log and admin (a free 127.0.0.1 port, see
--- Proxy:admin) are provided), workers (-w), log_level (-l),
+-- Proxy:admin) are provided), workers (-w), log_level (-l), nofile (the
+-- child's RLIMIT_NOFILE, soft and hard, set by `ulimit -n` in sh before exec),
 -- args (more arguments), wait (false: do not wait for the port),
 -- conf_path (write the configuration there, e.g. in a folder beside the
 -- files it names by relative path, instead of a temp file; not removed).
@@ -406,6 +429,11 @@ function M.start_proxy(opts)
         argv[#argv + 1] = opts.log_level
     end
     for _, a in ipairs(opts.args or {}) do argv[#argv + 1] = a end
+    if opts.nofile then -- sh execs the binary: the PID stays the proxy's
+        table.insert(argv, 1, "ulimit -n " .. math.floor(opts.nofile) .. ' && exec "$0" "$@"')
+        table.insert(argv, 1, "-c")
+        table.insert(argv, 1, "sh")
+    end
     local p = setmetatable(M.spawn(argv), Proxy)
     p.port, p.conf_path, p.access_log = port, conf, vars.access_log
     p.admin_port, p.vars = admin_port, vars
