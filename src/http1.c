@@ -893,6 +893,23 @@ ssize_t mp_chunked_decode(mp_chunked_t *c, const char *p, size_t len, mp_slice *
 
 /* ---- re-framing (what the proxy writes for a chunked body it relays) ---- */
 
+ssize_t mp_chunked_decode_into(mp_chunked_t *c, char *dst, const char *p, size_t len, size_t *written)
+{
+    mp_chunk_part_t part;
+    ssize_t k = mp_chunked_next(c, p, len, &part);
+
+    *written = 0;
+    if (k < 0)
+        return k;
+    if (part.data.len) {
+        memmove(dst, part.data.p, part.data.len);
+        *written = part.data.len;
+    } else if (part.field.name.len && mp_http1_trailer_allowed(part.field.name)) {
+        *written = mp_chunked_put_trailer(dst, &part.field);
+    }
+    return k;
+}
+
 size_t mp_chunked_frame(char *out, uint64_t n, int after_data)
 {
     static const char hex[] = "0123456789abcdef";

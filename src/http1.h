@@ -125,6 +125,14 @@ ssize_t mp_chunked_next(mp_chunked_t *c, const char *p, size_t len, mp_chunk_par
  * skipped): at most one run per call, in *data (len 0 when none). */
 ssize_t mp_chunked_decode(mp_chunked_t *c, const char *p, size_t len, mp_slice *data);
 
+/* One step of decoding a chunked body in place, as the relay does: the part
+ * mp_chunked_next finds in p[0..len) is written at dst (dst <= p in the same
+ * buffer): a data run as it is, a trailer field re-serialised
+ * (mp_chunked_put_trailer) if mp_http1_trailer_allowed, else nothing.
+ * Returns what mp_chunked_next returns, with *written the bytes put at dst
+ * (never more than consumed). c->in_trailer tells data from fields. */
+ssize_t mp_chunked_decode_into(mp_chunked_t *c, char *dst, const char *p, size_t len, size_t *written);
+
 /* Writes into out (MP_CHUNK_FRAME_MAX bytes) the strict framing that
  * announces n bytes of chunk data: the CRLF that ends the previous chunk's
  * data when after_data, then n in lowercase hex and CRLF (n == 0: the last

@@ -96,6 +96,12 @@ void mp_upstream_cancel(mp_req_t *r)
     if (u)
         mp_upconn_close(u);
     peer_done(r);
+    /* Body bytes not yet written are never read as the next request: it
+     * starts after the body (for chunked, after the client's framing). */
+    if (r->body.done && r->body.kind == MP_BODY_CHUNKED && r->body.scan)
+        r->conn->in.start = r->body.scan;
+    else if (r->body.done && r->body.kind == MP_BODY_LENGTH)
+        r->conn->in.start = r->body_ready;
 }
 
 /* The re-framed output of a chunked body starts over (nothing written). */
@@ -468,17 +474,16 @@ static int decode_request_body(mp_req_t *r)
     mp_framing_t *f = &r->body;
     const mp_settings_t *s = &r->gen->cfg->settings;
     while (!f->done && f->scan < c->in.end) {
-        mp_chunk_part_t part;
-        ssize_t k = mp_chunked_next(&f->chunk, c->in.data + f->scan, c->in.end - f->scan, &part);
+        size_t put;
+        ssize_t k = mp_chunked_decode_into(&f->chunk, c->in.data + r->body_ready, c->in.data + f->scan,
+                                           c->in.end - f->scan, &put);
         if (k < 0)
             return 400;
-        memmove(c->in.data + r->body_ready, part.data.p, part.data.len);
-        r->body_ready += (uint32_t)part.data.len;
-        f->total += part.data.len;
         if (f->chunk.in_trailer && !f->trailers)
-            f->trailers = r->body_ready;
-        if (part.field.name.len && mp_http1_trailer_allowed(part.field.name))
-            r->body_ready += (uint32_t)mp_chunked_put_trailer(c->in.data + r->body_ready, &part.field);
+            f->trailers = r->body_ready; /* put is a trailer field then, never data */
+        if (!f->chunk.in_trailer)
+            f->total += put;
+        r->body_ready += (uint32_t)put;
         f->scan += (uint32_t)k;
         if (f->chunk.trailer_bytes > s->max_header_size)
             return 431;
