@@ -31,7 +31,16 @@ typedef struct {
     uint64_t left;      /* MP_BODY_LENGTH: bytes still to come */
     uint64_t total;     /* payload bytes seen (decoded for chunked) */
     mp_chunked_t chunk; /* MP_BODY_CHUNKED */
-    unsigned done : 1;
+    unsigned done : 1;  /* the whole body was read (for chunked: decoded) */
+    /* A chunked request body is decoded in place in conn->in and re-framed
+     * by the proxy (upstream.c): */
+    unsigned out_chunks : 1; /* a chunk was announced: the next framing starts with CRLF */
+    unsigned out_stage : 2;  /* 0 data chunks, 1 last chunk + trailers, 2 final CRLF, 3 all written */
+    uint8_t frame_len, frame_off;    /* frame[frame_off, frame_len): framing still to write */
+    char frame[MP_CHUNK_FRAME_MAX];
+    uint32_t out_left; /* bytes of the announced chunk (or of the trailers) still to write */
+    uint32_t scan;     /* conn->in: first byte of the client's framing not yet decoded */
+    uint32_t trailers; /* conn->in: where the re-serialised trailer fields begin; 0 before the last chunk */
 } mp_framing_t;
 
 /* A response made here. */
@@ -55,7 +64,7 @@ typedef struct mp_req {
     mp_framing_t body;        /* request body, client → upstream */
     mp_framing_t resp;        /* response body, upstream → client */
     uint32_t body_start;      /* offset in conn->in where the request body begins */
-    uint32_t body_ready;      /* conn->in [in.start, body_ready): framed body bytes to forward */
+    uint32_t body_ready;      /* conn->in [in.start, body_ready): body bytes to forward (chunked: decoded) */
     uint32_t resp_scan;       /* up->in: response bytes whose framing was checked */
     uint32_t resp_ready;      /* up->in [in.start, resp_ready): body bytes to send the client */
     int status;               /* response status sent (or to send) to the client */

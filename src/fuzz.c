@@ -20,7 +20,8 @@ static void check_request_result(const char *base, size_t n, int rc, const mp_ht
     MP_BUG_ON(rc == 0 || rc < MP_EPROTO || (rc > 0 && (size_t)rc > n));
     if (rc == MP_EPROTO)
         MP_BUG_ON(!req->error ||
-                  (req->status != 400 && req->status != 414 && req->status != 431 && req->status != 501));
+                  (req->status != 400 && req->status != 414 && req->status != 431 && req->status != 501 &&
+                   req->status != 505));
     if (rc <= 0)
         return;
     MP_BUG_ON(req->head_len != (size_t)rc || req->nheaders > MP_HTTP_MAX_HEADERS);
@@ -159,43 +160,63 @@ static void hash_data(chunked_run_t *r, mp_slice d)
     r->out += d.len;
 }
 
+static void hash_field(chunked_run_t *r, const mp_header_t *f)
+{
+    hash_data(r, f->name);
+    hash_data(r, (mp_slice){":", 1});
+    hash_data(r, f->value);
+    hash_data(r, (mp_slice){"\n", 1});
+}
+
 /* Decodes in[0..n) whole (seed 0) or in pieces of 1..64 bytes drawn from seed,
- * each piece in its own copy so that a read past its end is caught. */
+ * each piece in its own copy so that a read past its end is caught; the
+ * bytes the decoder did not take (an incomplete trailer line) are passed
+ * again at the front of the next piece. Data and trailer fields are hashed. */
 static chunked_run_t chunked_run(const char *in, size_t n, uint32_t seed)
 {
     chunked_run_t r = {0, 0, 0, 14695981039346656037u, 0};
     mp_chunked_t c = {0};
-    size_t off = 0;
+    size_t off = 0, held = 0;
 
-    while (off < n && !c.done) {
-        size_t plen = n - off, k = 0;
+    while (off + held < n && !c.done) {
+        size_t plen = n - off - held, k = 0;
 
         if (seed) {
             seed = seed * 1103515245u + 12345u;
             plen = plen < 1 + (seed >> 16) % 64 ? plen : 1 + (seed >> 16) % 64;
         }
+        plen += held;
         char piece[plen];
         memcpy(piece, in + off, plen);
         while (k < plen && !c.done) {
-            mp_slice d;
-            ssize_t got = mp_chunked_decode(&c, piece + k, plen - k, &d);
+            mp_chunk_part_t part;
+            ssize_t got = mp_chunked_next(&c, piece + k, plen - k, &part);
 
             if (got < 0) {
                 MP_BUG_ON(got != MP_EPROTO);
                 r.rc = got;
                 return r;
             }
-            MP_BUG_ON(got == 0 || (size_t)got > plen - k || d.len > (size_t)got);
-            MP_BUG_ON(d.len && (d.p < piece + k || d.p + d.len > piece + k + got));
-            MP_BUG_ON((size_t)got < plen - k && !d.len && !c.done);
-            hash_data(&r, d);
+            MP_BUG_ON((size_t)got > plen - k || part.data.len > (size_t)got);
+            MP_BUG_ON(part.data.len && (part.data.p < piece + k || part.data.p + part.data.len > piece + k + got));
+            MP_BUG_ON(part.field.name.len && (part.field.name.p < piece + k ||
+                                              part.field.value.p + part.field.value.len > piece + k + got));
+            MP_BUG_ON(part.data.len && part.field.name.len);
+            hash_data(&r, part.data);
+            if (part.field.name.len)
+                hash_field(&r, &part.field);
             k += (size_t)got;
+            if (got == 0) /* an incomplete trailer line: held for the next piece */
+                break;
         }
+        MP_BUG_ON(k < plen && !c.done && plen - k > MP_CHUNK_MAX_LINE + 1);
         off += k;
+        held = plen - k;
+        if (c.done)
+            held = 0;
     }
     r.consumed = off;
     r.done = c.done;
-    MP_BUG_ON(r.out > n);
     return r;
 }
 
@@ -211,3 +232,115 @@ void mp_fuzz_chunked(const uint8_t *data, size_t size)
     MP_BUG_ON(whole.done != pieces.done || whole.consumed != pieces.consumed);
 }
 
+
+/* ---- differential: decode, re-frame as the relay does, decode again ---- */
+
+/* A strict decode of a whole chunked body: its data and its forwardable
+ * trailer fields re-serialised, each written to its own buffer. */
+typedef struct {
+    int ok;          /* the message was complete and valid */
+    size_t consumed;
+    size_t data_len, trailer_len;
+    uint64_t ext_bytes;
+} strict_t;
+
+static strict_t strict_decode(const char *in, size_t n, char *data, char *trailers)
+{
+    strict_t s = {0, 0, 0, 0, 0};
+    mp_chunked_t c = {0};
+
+    while (s.consumed < n && !c.done) {
+        mp_chunk_part_t part;
+        ssize_t k = mp_chunked_next(&c, in + s.consumed, n - s.consumed, &part);
+
+        if (k <= 0)
+            return s;
+        memcpy(data + s.data_len, part.data.p, part.data.len);
+        s.data_len += part.data.len;
+        if (part.field.name.len && mp_http1_trailer_allowed(part.field.name))
+            s.trailer_len += mp_chunked_put_trailer(trailers + s.trailer_len, &part.field);
+        s.consumed += (size_t)k;
+    }
+    s.ok = c.done;
+    s.ext_bytes = c.ext_bytes;
+    return s;
+}
+
+/* The relay's work on in[0..n): the bytes arrive in pieces drawn from seed
+ * and are decoded in place (mp_chunked_decode_into); at random points the
+ * decoded data not yet sent goes out behind a size line (mp_chunked_frame),
+ * and at the end the last chunk, the trailer fields and the final CRLF.
+ * Returns the re-framed length in out, or 0 when the body is invalid or
+ * incomplete; *trailers_at: where the trailer fields begin in buf. */
+static size_t relay_reframe(const char *in, size_t n, uint32_t seed, char *buf, char *out, size_t *trailers_at)
+{
+    mp_chunked_t c = {0};
+    size_t ready = 0, scan = 0, end = 0, sent = 0, o = 0, tr = 0;
+    int chunks = 0, in_trailer = 0;
+
+    memcpy(buf, in, n);
+    while (!c.done) {
+        size_t put;
+        ssize_t k;
+
+        seed = seed * 1103515245u + 12345u;
+        if (end < n && (scan == end || (seed >> 20) % 4 == 0))
+            end += 1 + (seed >> 16) % 64 < n - end ? 1 + (seed >> 16) % 64 : n - end;
+        k = mp_chunked_decode_into(&c, buf + ready, buf + scan, end - scan, &put);
+        if (k < 0 || (k == 0 && end == n))
+            return 0;
+        MP_BUG_ON(put > (size_t)k || ready + put > scan + (size_t)k);
+        if (c.in_trailer && !in_trailer) {
+            tr = ready;
+            in_trailer = 1;
+        }
+        ready += put;
+        scan += (size_t)k;
+        if (!c.in_trailer && ready > sent && (seed >> 24) % 3 == 0) {
+            o += mp_chunked_frame(out + o, ready - sent, chunks);
+            memcpy(out + o, buf + sent, ready - sent);
+            o += ready - sent;
+            sent = ready;
+            chunks = 1;
+        }
+    }
+    if (tr > sent) {
+        o += mp_chunked_frame(out + o, tr - sent, chunks);
+        memcpy(out + o, buf + sent, tr - sent);
+        o += tr - sent;
+        chunks = 1;
+    }
+    o += mp_chunked_frame(out + o, 0, chunks);
+    memcpy(out + o, buf + tr, ready - tr);
+    o += ready - tr;
+    memcpy(out + o, "\r\n", 2);
+    *trailers_at = tr;
+    return o + 2;
+}
+
+void mp_fuzz_reframe(const uint8_t *data, size_t size)
+{
+    static char buf[FUZZ_MAX], out[FUZZ_MAX * 26 + 64], d1[FUZZ_MAX], t1[FUZZ_MAX], d2[FUZZ_MAX * 26 + 64],
+        t2[FUZZ_MAX * 26 + 64];
+    const char *in = (const char *)data + 1;
+    size_t n, tr = 0, olen;
+    strict_t first, again;
+
+    if (size < 1 || size > FUZZ_MAX)
+        return;
+    n = size - 1;
+    first = strict_decode(in, n, d1, t1);
+    olen = relay_reframe(in, n, data[0] | 1u, buf, out, &tr);
+    MP_BUG_ON(first.ok != (olen > 0)); /* pieces or not, the same verdict */
+    if (!olen)
+        return;
+    /* the relay's in-place result is what a plain decode finds */
+    MP_BUG_ON(tr != first.data_len || memcmp(buf, d1, tr) != 0);
+    MP_BUG_ON(memcmp(buf + tr, t1, first.trailer_len) != 0);
+    /* the re-framed bytes parse under the strict decoder to the same data
+     * and trailer fields, with no extensions and nothing left over */
+    again = strict_decode(out, olen, d2, t2);
+    MP_BUG_ON(!again.ok || again.consumed != olen || again.ext_bytes != 0);
+    MP_BUG_ON(again.data_len != first.data_len || memcmp(d2, d1, first.data_len) != 0);
+    MP_BUG_ON(again.trailer_len != first.trailer_len || memcmp(t2, t1, first.trailer_len) != 0);
+}

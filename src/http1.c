@@ -5,7 +5,7 @@
 
 #include <limits.h>
 
-#define MAX_LINE 4096                 /* chunk size and trailer lines */
+#define MAX_LINE MP_CHUNK_MAX_LINE /* chunk size and trailer lines */
 
 /* Character classes: RFC 9110 §5.6.2 (token), §5.5 (field values), RFC 9112
  * §3.2 (request-target), and what we accept in an authority. */
@@ -148,20 +148,26 @@ more:
 
 /* ---- start lines ---- */
 
-/* "HTTP/1.0" or "HTTP/1.1" exactly (RFC 9112 §2.3); other versions are
- * refused. With partial, v[0..n) may be a prefix, followed at most by the
- * line's CR. Returns 0 (valid, or a valid prefix) or -1. */
+/* "HTTP/" DIGIT "." DIGIT (RFC 9112 §2.3). A 1.x above 1.1 is served as
+ * 1.1 (§2.3: a recipient treats a higher minor version as the highest it
+ * supports), so *minor is 0 or 1. With partial, v[0..n) may be a prefix,
+ * followed at most by the line's CR. Returns 0 (valid, or a valid prefix),
+ * 1 for a well-formed version whose major is not 1 (505), or -1. */
 static int parse_version(const char *v, size_t n, int partial, int *minor)
 {
-    size_t k = n < 7 ? n : 7;
+    static const char form[] = "HTTP/9.9"; /* '9': any digit */
+    size_t k = n < 8 ? n : 8;
 
-    if (memcmp(v, "HTTP/1.", k) != 0 || (n >= 8 && v[7] != '0' && v[7] != '1'))
-        return -1;
+    for (size_t i = 0; i < k; i++)
+        if (form[i] == '9' ? (v[i] < '0' || v[i] > '9') : v[i] != form[i])
+            return -1;
     if (partial)
         return (n <= 8 || (n == 9 && v[8] == '\r')) ? 0 : -1;
     if (n != 8)
         return -1;
-    *minor = v[7] - '0';
+    if (v[5] != '1')
+        return 1;
+    *minor = v[7] == '0' ? 0 : 1;
     return 0;
 }
 
@@ -232,12 +238,12 @@ static int parse_target(mp_http_request_t *req, const char **err)
  * version (RFC 9112 §3). With partial, p[0..n) is a line still arriving:
  * MP_EAGAIN says it is a valid prefix so far, and the checks run in the same
  * order so that a prefix fails exactly as the whole line would. Returns 0
- * with the line's fields of req set, MP_EAGAIN, or 400/414 with *err. */
+ * with the line's fields of req set, MP_EAGAIN, or 400/414/505 with *err. */
 static int parse_request_line(const char *p, size_t n, int partial, const mp_http_limits_t *lim,
                               mp_http_request_t *req, const char **err)
 {
     size_t i = 0, t;
-    int minor = 0;
+    int minor = 0, v;
 
     while (i < n && IS(p[i], C_TCHAR))
         i++;
@@ -256,8 +262,11 @@ static int parse_request_line(const char *p, size_t n, int partial, const mp_htt
         return MP_EAGAIN;
     if (i == t || i == n || p[i] != ' ')
         return failed(err, "bad request target", 400);
-    if (parse_version(p + i + 1, n - i - 1, partial, &minor) < 0)
+    v = parse_version(p + i + 1, n - i - 1, partial, &minor);
+    if (v < 0)
         return failed(err, "bad HTTP version", 400);
+    if (v > 0) /* HTTP/2.0 and others are not spoken on this port */
+        return failed(err, "HTTP version not supported", 505);
     if (partial)
         return MP_EAGAIN;
     req->method = (mp_slice){p, t - 1};
@@ -270,7 +279,7 @@ static int parse_request_line(const char *p, size_t n, int partial, const mp_htt
  * reason after the code is tolerated. Returns NULL or the error. */
 static const char *parse_status_line(const char *p, size_t n, mp_http_response_t *res)
 {
-    if (n < 12 || parse_version(p, 8, 0, &res->minor) < 0 || p[8] != ' ')
+    if (n < 12 || parse_version(p, 8, 0, &res->minor) != 0 || p[8] != ' ')
         return "bad status line";
     if (p[9] < '1' || p[9] > '9' || p[10] < '0' || p[10] > '9' || p[11] < '0' || p[11] > '9')
         return "bad status code";
@@ -297,6 +306,7 @@ typedef struct {
     unsigned te_fields;     /* Transfer-Encoding fields */
     unsigned te_codings;    /* codings listed over all of them */
     unsigned te_chunked;    /* of which "chunked" */
+    unsigned te_last_chunked : 1; /* the final coding is chunked */
     unsigned conn_close : 1;
     unsigned conn_keepalive : 1;
     unsigned expect_continue : 1;
@@ -368,7 +378,8 @@ static void add_transfer_encoding(mp_slice v, fields_t *f)
     f->te_fields++;
     while (mp_http1_next_token(v, &pos, &tok)) {
         f->te_codings++;
-        f->te_chunked += MP_SLICE_IEQ(tok, "chunked");
+        f->te_last_chunked = MP_SLICE_IEQ(tok, "chunked");
+        f->te_chunked += f->te_last_chunked;
     }
 }
 
@@ -448,7 +459,8 @@ static int parse_fields(const char *p, const char *end, mp_header_t *h, unsigned
 }
 
 /* RFC 9112 §6.1 and §6.3: the framing of a message from its fields. Returns
- * 0, 400 (ambiguous) or 501 (a coding other than chunked). */
+ * 0, 400 (ambiguous: the final coding is not chunked, or chunked twice) or
+ * 501 (chunked after a coding we do not implement, e.g. "gzip, chunked"). */
 static int check_framing(const fields_t *f, int minor, const char **err)
 {
     if (!f->te_fields)
@@ -459,7 +471,11 @@ static int check_framing(const fields_t *f, int minor, const char **err)
         return failed(err, "Transfer-Encoding in HTTP/1.0", 400);
     if (f->te_codings == 0)
         return failed(err, "empty Transfer-Encoding", 400);
-    if (f->te_codings != 1 || f->te_chunked != 1)
+    if (!f->te_last_chunked) /* §6.3: the length cannot be determined */
+        return failed(err, "final Transfer-Encoding is not chunked", 400);
+    if (f->te_chunked != 1) /* §6.1: chunked is applied at most once */
+        return failed(err, "chunked applied more than once", 400);
+    if (f->te_codings != 1)
         return failed(err, "unsupported Transfer-Encoding", 501);
     return 0;
 }
@@ -629,17 +645,22 @@ int mp_http1_parse_response(const char *buf, size_t len, size_t *scanned, size_t
 /* ---- chunked transfer coding (RFC 9112 §7.1) ---- */
 
 enum {
-    CK_SIZE,         /* chunk-size hex digits */
-    CK_BWS,          /* whitespace after the size: only a ';' may follow */
-    CK_EXT,          /* chunk extensions, skipped */
-    CK_SIZE_LF,      /* CR ending the size line seen */
-    CK_DATA,         /* c->remaining bytes of data */
-    CK_DATA_CR,      /* the CRLF after data */
-    CK_DATA_LF,      /* CR after data seen */
-    CK_TRAILER,      /* start of a trailer line or of the final empty line */
-    CK_TRAILER_LINE, /* inside a trailer field line */
-    CK_TRAILER_LF,   /* CR ending a trailer line seen */
-    CK_END_LF,       /* CR of the final empty line seen */
+    CK_SIZE,       /* chunk-size hex digits */
+    CK_BWS,        /* whitespace after the size or a token value: only ';' may follow */
+    CK_EXT_START,  /* after ';': BWS, then a chunk-ext-name */
+    CK_EXT_NAME,   /* inside a chunk-ext-name */
+    CK_EXT_EQ_BWS, /* whitespace after a name: '=' or ';' must follow */
+    CK_EXT_VALUE,  /* after '=': BWS, then a token or a quoted-string */
+    CK_EXT_TOKEN,  /* inside a token value */
+    CK_EXT_QUOTED, /* inside a quoted-string */
+    CK_EXT_QPAIR,  /* after a backslash in a quoted-string */
+    CK_EXT_QEND,   /* after the closing quote */
+    CK_SIZE_LF,    /* CR ending the size line seen */
+    CK_DATA,       /* c->remaining bytes of data */
+    CK_DATA_CR,    /* the CRLF after data */
+    CK_DATA_LF,    /* CR after data seen */
+    CK_TRAILER,    /* start of a trailer field line or of the final empty line */
+    CK_END_LF,     /* CR of the final empty line seen */
     CK_DONE,
     CK_ERROR,
 };
@@ -649,10 +670,18 @@ static int hex_value(char ch)
     return ch <= '9' ? ch - '0' : (ch | 0x20) - 'a' + 10;
 }
 
-/* Counts one byte of a size or trailer line; over-long lines are refused. */
+/* Counts one byte of a size line; over-long lines are refused. */
 static int count_line(mp_chunked_t *c)
 {
     return ++c->line_len > MAX_LINE ? MP_EPROTO : 0;
+}
+
+/* Counts one byte of chunk extensions, moving to state. */
+static int ext_byte(mp_chunked_t *c, int state)
+{
+    c->state = state;
+    c->ext_bytes++;
+    return count_line(c);
 }
 
 static int add_size_digit(mp_chunked_t *c, char ch)
@@ -671,6 +700,7 @@ static int end_size_line(mp_chunked_t *c)
     c->line_len = 0;
     c->digits = 0;
     c->state = c->remaining ? CK_DATA : CK_TRAILER;
+    c->in_trailer = c->remaining == 0;
     return 0;
 }
 
@@ -687,16 +717,68 @@ static int finish(mp_chunked_t *c)
     return 0;
 }
 
-/* A CTL other than HTAB (a bare CR included) has no place in a line. */
-static int line_char(mp_chunked_t *c, unsigned char ch)
+/* qdtext and the second byte of a quoted-pair (RFC 9110 §5.6.4). */
+static int is_qdtext(unsigned char ch)
 {
-    if ((ch < 0x20 && ch != '\t') || ch == 0x7f)
-        return MP_EPROTO;
-    return count_line(c);
+    return ch == '\t' || ch == ' ' || ch == 0x21 || (ch >= 0x23 && ch <= 0x7e && ch != '\\') || ch >= 0x80;
 }
 
-/* Advances the framing state by one byte outside chunk data. Returns 0 or
- * MP_EPROTO. */
+static int is_qpair(unsigned char ch)
+{
+    return ch == '\t' || (ch >= 0x20 && ch != 0x7f);
+}
+
+/* One byte of chunk-ext (RFC 9112 §7.1.1):
+ *   *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )
+ * with chunk-ext-name = token and chunk-ext-val = token / quoted-string.
+ * The CR that ends the line is accepted only where the grammar may end. */
+static int ext_step(mp_chunked_t *c, unsigned char ch)
+{
+    int ws = is_ows((char)ch), tchar = IS(ch, C_TCHAR) != 0;
+
+    switch (c->state) {
+    case CK_BWS:
+        return ch == ';' ? ext_byte(c, CK_EXT_START) : ws ? ext_byte(c, CK_BWS) : MP_EPROTO;
+    case CK_EXT_START: /* a bare ';' or a name that is not a token is refused */
+        return tchar ? ext_byte(c, CK_EXT_NAME) : ws ? ext_byte(c, CK_EXT_START) : MP_EPROTO;
+    case CK_EXT_NAME:
+        if (tchar)
+            return ext_byte(c, CK_EXT_NAME);
+        if (ch == '=' || ch == ';')
+            return ext_byte(c, ch == '=' ? CK_EXT_VALUE : CK_EXT_START);
+        if (ch == '\r')
+            return to(c, CK_SIZE_LF);
+        return ws ? ext_byte(c, CK_EXT_EQ_BWS) : MP_EPROTO;
+    case CK_EXT_EQ_BWS:
+        if (ch == '=' || ch == ';')
+            return ext_byte(c, ch == '=' ? CK_EXT_VALUE : CK_EXT_START);
+        return ws ? ext_byte(c, CK_EXT_EQ_BWS) : MP_EPROTO;
+    case CK_EXT_VALUE:
+        if (ch == '"')
+            return ext_byte(c, CK_EXT_QUOTED);
+        return tchar ? ext_byte(c, CK_EXT_TOKEN) : ws ? ext_byte(c, CK_EXT_VALUE) : MP_EPROTO;
+    case CK_EXT_TOKEN:
+    case CK_EXT_QEND:
+        if (tchar && c->state == CK_EXT_TOKEN)
+            return ext_byte(c, CK_EXT_TOKEN);
+        if (ch == ';')
+            return ext_byte(c, CK_EXT_START);
+        if (ch == '\r')
+            return to(c, CK_SIZE_LF);
+        return ws ? ext_byte(c, CK_BWS) : MP_EPROTO;
+    case CK_EXT_QUOTED:
+        if (ch == '"' || ch == '\\')
+            return ext_byte(c, ch == '"' ? CK_EXT_QEND : CK_EXT_QPAIR);
+        return is_qdtext(ch) ? ext_byte(c, CK_EXT_QUOTED) : MP_EPROTO;
+    default: /* CK_EXT_QPAIR */
+        return is_qpair(ch) ? ext_byte(c, CK_EXT_QUOTED) : MP_EPROTO;
+    }
+}
+
+/* Advances the framing state by one byte outside chunk data and trailer
+ * field lines. Every line ends with CRLF: a bare LF (or CR) anywhere is
+ * refused (RFC 9112 §7.1), since a recipient that ends lines at LF would
+ * frame the body differently. Returns 0 or MP_EPROTO. */
 static int chunked_step(mp_chunked_t *c, unsigned char ch)
 {
     switch (c->state) {
@@ -705,57 +787,88 @@ static int chunked_step(mp_chunked_t *c, unsigned char ch)
             return add_size_digit(c, (char)ch);
         if (c->digits == 0)
             return MP_EPROTO;
-        if (is_ows((char)ch) || ch == ';') {
-            c->state = ch == ';' ? CK_EXT : CK_BWS;
-            return count_line(c);
-        }
         if (ch == '\r')
             return to(c, CK_SIZE_LF);
-        return ch == '\n' ? end_size_line(c) : MP_EPROTO;
-    case CK_BWS: /* BWS is allowed before ';' only */
         if (ch == ';')
-            c->state = CK_EXT;
-        else if (!is_ows((char)ch))
-            return MP_EPROTO;
-        return count_line(c);
-    case CK_EXT:
-        if (ch == '\r')
-            return to(c, CK_SIZE_LF);
-        return ch == '\n' ? end_size_line(c) : line_char(c, ch);
+            return ext_byte(c, CK_EXT_START);
+        return is_ows((char)ch) ? ext_byte(c, CK_BWS) : MP_EPROTO;
     case CK_SIZE_LF:
         return ch == '\n' ? end_size_line(c) : MP_EPROTO;
     case CK_DATA_CR:
-        if (ch == '\r')
-            return to(c, CK_DATA_LF);
-        if (ch != '\n')
-            return MP_EPROTO;
-        return to(c, CK_SIZE);
+        return ch == '\r' ? to(c, CK_DATA_LF) : MP_EPROTO;
     case CK_DATA_LF:
         return ch == '\n' ? to(c, CK_SIZE) : MP_EPROTO;
-    case CK_TRAILER:
-        if (ch == '\r')
-            return to(c, CK_END_LF);
-        if (ch == '\n')
-            return finish(c);
-        c->state = CK_TRAILER_LINE;
-        return line_char(c, ch);
-    case CK_TRAILER_LINE:
-        if (ch == '\r')
-            return to(c, CK_TRAILER_LF);
-        if (ch != '\n')
-            return line_char(c, ch);
-        c->line_len = 0;
-        return to(c, CK_TRAILER);
-    case CK_TRAILER_LF:
-        if (ch != '\n')
-            return MP_EPROTO;
-        c->line_len = 0;
-        return to(c, CK_TRAILER);
     case CK_END_LF:
+        c->trailer_bytes++;
         return ch == '\n' ? finish(c) : MP_EPROTO;
-    default: /* CK_ERROR stays an error */
-        return MP_EPROTO;
+    case CK_DATA:
+    case CK_TRAILER:
+    case CK_DONE:
+    case CK_ERROR:
+        return MP_EPROTO; /* handled by the caller, or an error that stays one */
+    default:
+        return ext_step(c, ch);
     }
+}
+
+/* A trailer field line at s[0..n) (RFC 9112 §7.1.2): a field line as in a
+ * head (parse_field), ended by CRLF. Returns its length with *f set, 0 when
+ * its end has not arrived yet, or MP_EPROTO. */
+static ssize_t trailer_line(mp_chunked_t *c, const char *s, size_t n, mp_header_t *f)
+{
+    const char *lf = memchr(s, '\n', n < MAX_LINE + 2 ? n : MAX_LINE + 2);
+    const char *err = NULL;
+    size_t len;
+
+    if (!lf)
+        return n < MAX_LINE + 2 ? 0 : MP_EPROTO;
+    if (lf == s || lf[-1] != '\r')
+        return MP_EPROTO;
+    len = (size_t)(lf - s) - 1;
+    if (parse_field(s, len, f, &err) != 0)
+        return MP_EPROTO;
+    c->trailer_bytes += len + 2;
+    return (ssize_t)(len + 2);
+}
+
+static ssize_t chunked_failed(mp_chunked_t *c)
+{
+    c->state = CK_ERROR;
+    return MP_EPROTO;
+}
+
+ssize_t mp_chunked_next(mp_chunked_t *c, const char *p, size_t len, mp_chunk_part_t *out)
+{
+    size_t i = 0;
+
+    out->data = (mp_slice){p, 0};
+    out->field = (mp_header_t){{p, 0}, {p, 0}};
+    while (i < len && !c->done) {
+        if (c->state == CK_DATA) {
+            size_t take = c->remaining < len - i ? (size_t)c->remaining : len - i;
+
+            out->data = (mp_slice){p + i, take};
+            c->remaining -= take;
+            if (!c->remaining)
+                c->state = CK_DATA_CR;
+            return (ssize_t)(i + take);
+        }
+        if (c->state == CK_TRAILER && p[i] != '\r') {
+            ssize_t k = trailer_line(c, p + i, len - i, &out->field);
+
+            if (k < 0)
+                return chunked_failed(c);
+            return (ssize_t)i + k; /* a field, or the line start when it is incomplete */
+        }
+        if (c->state == CK_TRAILER) {
+            c->trailer_bytes++;
+            c->state = CK_END_LF;
+        } else if (chunked_step(c, (unsigned char)p[i]) < 0) {
+            return chunked_failed(c);
+        }
+        i++;
+    }
+    return (ssize_t)i;
 }
 
 ssize_t mp_chunked_decode(mp_chunked_t *c, const char *p, size_t len, mp_slice *data)
@@ -764,22 +877,103 @@ ssize_t mp_chunked_decode(mp_chunked_t *c, const char *p, size_t len, mp_slice *
 
     *data = (mp_slice){p, 0};
     while (i < len && !c->done) {
-        if (c->state == CK_DATA) {
-            size_t take = c->remaining < len - i ? (size_t)c->remaining : len - i;
+        mp_chunk_part_t part;
+        ssize_t k = mp_chunked_next(c, p + i, len - i, &part);
 
-            *data = (mp_slice){p + i, take};
-            c->remaining -= take;
-            if (!c->remaining)
-                c->state = CK_DATA_CR;
-            return (ssize_t)(i + take);
+        if (k <= 0)
+            return k < 0 ? k : (ssize_t)i;
+        i += (size_t)k;
+        if (part.data.len) {
+            *data = part.data;
+            break;
         }
-        if (chunked_step(c, (unsigned char)p[i]) < 0) {
-            c->state = CK_ERROR;
-            return MP_EPROTO;
-        }
-        i++;
     }
     return (ssize_t)i;
+}
+
+/* ---- re-framing (what the proxy writes for a chunked body it relays) ---- */
+
+ssize_t mp_chunked_decode_into(mp_chunked_t *c, char *dst, const char *p, size_t len, size_t *written)
+{
+    mp_chunk_part_t part;
+    ssize_t k = mp_chunked_next(c, p, len, &part);
+
+    *written = 0;
+    if (k < 0)
+        return k;
+    if (part.data.len) {
+        memmove(dst, part.data.p, part.data.len);
+        *written = part.data.len;
+    } else if (part.field.name.len && mp_http1_trailer_allowed(part.field.name)) {
+        *written = mp_chunked_put_trailer(dst, &part.field);
+    }
+    return k;
+}
+
+size_t mp_chunked_frame(char *out, uint64_t n, int after_data)
+{
+    static const char hex[] = "0123456789abcdef";
+    size_t k = 0;
+    int shift = 60;
+
+    if (after_data) {
+        out[k++] = '\r';
+        out[k++] = '\n';
+    }
+    while (shift > 0 && !(n >> shift))
+        shift -= 4;
+    for (; shift >= 0; shift -= 4)
+        out[k++] = hex[(n >> shift) & 15];
+    out[k++] = '\r';
+    out[k++] = '\n';
+    return k;
+}
+
+/* RFC 9110 §6.5.1: fields a sender must not put in trailers (framing,
+ * routing, request modifiers, authentication, response control, how to
+ * process the content), hop-by-hop fields (§7.6.1), and the fields the
+ * proxy itself sets for its upstreams. content-* and x-forwarded-* are
+ * dropped by prefix below. */
+static const char *const trailer_denied[] = {
+    "transfer-encoding", "host", "trailer", "te", "connection", "keep-alive", "proxy-connection", "upgrade",
+    "cache-control", "expect", "max-forwards", "pragma", "range", "if-match", "if-none-match",
+    "if-modified-since", "if-unmodified-since", "if-range", "authorization", "proxy-authorization",
+    "authentication-info", "proxy-authenticate", "www-authenticate", "cookie", "set-cookie", "age",
+    "expires", "date", "location", "retry-after", "vary", "warning", "forwarded", "x-request-id",
+    "x-real-ip",
+};
+
+static int has_prefix(mp_slice s, const char *lower, size_t n)
+{
+    return s.len >= n && mp_slice_ieq((mp_slice){s.p, n}, lower, n);
+}
+
+int mp_http1_trailer_allowed(mp_slice name)
+{
+    if (has_prefix(name, "content-", 8) || has_prefix(name, "x-forwarded-", 12) || memchr(name.p, '_', name.len))
+        return 0;
+    for (size_t i = 0; i < MP_ARRAY_LEN(trailer_denied); i++)
+        if (mp_slice_ieq(name, trailer_denied[i], strlen(trailer_denied[i])))
+            return 0;
+    return 1;
+}
+
+size_t mp_chunked_put_trailer(char *dst, const mp_header_t *f)
+{
+    /* The line had OWS after the colon if the value starts past it; only
+     * then is the SP written, so the result is never longer than the line. */
+    int sp = f->value.p > f->name.p + f->name.len + 1;
+    size_t k = f->name.len;
+
+    memmove(dst, f->name.p, k);
+    dst[k++] = ':';
+    if (sp)
+        dst[k++] = ' ';
+    memmove(dst + k, f->value.p, f->value.len);
+    k += f->value.len;
+    dst[k++] = '\r';
+    dst[k++] = '\n';
+    return k;
 }
 
 /* ---- helpers ---- */
@@ -844,6 +1038,7 @@ const char *mp_http1_reason(int status)
     case 502: return "Bad Gateway";
     case 503: return "Service Unavailable";
     case 504: return "Gateway Timeout";
+    case 505: return "HTTP Version Not Supported";
     default: return "Unknown";
     }
 }

@@ -270,21 +270,35 @@ static int l_parse_response(lua_State *L)
     return 1;
 }
 
-/* chunked_decode(str | {pieces...}) -> data, done, consumed | nil, error
- * Each piece is decoded on its own (ending at the guard page) until it is
- * consumed or the message ends; consumed counts input bytes taken. */
+/* Appends trailer field f to the list on top of the stack as {name, value}. */
+static void add_trailer(lua_State *L, const mp_header_t *f, int *n)
+{
+    lua_createtable(L, 2, 0);
+    lua_pushlstring(L, f->name.p, f->name.len);
+    lua_rawseti(L, -2, 1);
+    lua_pushlstring(L, f->value.p, f->value.len);
+    lua_rawseti(L, -2, 2);
+    lua_rawseti(L, -2, ++*n);
+}
+
+/* chunked_decode(str | {pieces...}) -> data, done, consumed, trailers | nil, error
+ * Each piece is decoded on its own (ending at the guard page), after the
+ * bytes of the previous piece the decoder did not take (an incomplete
+ * trailer line), until it is consumed or the message ends; consumed counts
+ * input bytes taken; trailers is a list of {name, value}. */
 static int l_chunked_decode(lua_State *L)
 {
-    int pieces;
-    size_t total, consumed = 0;
+    int pieces, ntrailers = 0;
+    size_t total, consumed = 0, held = 0;
     mp_chunked_t c = {0};
     guarded_t *g;
     luaL_Buffer out;
 
     lua_settop(L, 1);
-    pieces = push_input(L, 1);
+    pieces = push_input(L, 1); /* 2: all the input */
     lua_tolstring(L, -1, &total);
-    g = guarded_new(L, total);
+    g = guarded_new(L, total); /* 3 */
+    lua_newtable(L);           /* 4: trailers */
     luaL_buffinit(L, &out);
     for (int k = 1; k <= pieces && !c.done; k++) {
         size_t len, off = 0;
@@ -296,26 +310,35 @@ static int l_chunked_decode(lua_State *L)
             s = lua_tolstring(L, -1, &len);
             lua_pop(L, 1); /* still referenced by the list */
         }
-        s = guarded_put(g, s, len);
+        /* the held bytes are the input's, just before this piece */
+        s = guarded_put(g, lua_tostring(L, 2) + consumed, held + len);
+        len += held;
         while (off < len && !c.done) {
-            mp_slice data;
-            ssize_t got = mp_chunked_decode(&c, s + off, len - off, &data);
+            mp_chunk_part_t part;
+            ssize_t got = mp_chunked_next(&c, s + off, len - off, &part);
             if (got < 0) {
                 lua_pushnil(L);
                 lua_pushstring(L, "bad chunked framing");
                 return 2;
             }
-            luaL_addlstring(&out, data.p, data.len);
+            luaL_addlstring(&out, part.data.p, part.data.len);
+            if (part.field.name.len) {
+                lua_pushvalue(L, 4);
+                add_trailer(L, &part.field, &ntrailers);
+                lua_pop(L, 1);
+            }
             off += (size_t)got;
             if (got == 0)
                 break;
         }
         consumed += off;
+        held = len - off;
     }
     luaL_pushresult(&out);
     lua_pushboolean(L, c.done);
     lua_pushnumber(L, (lua_Number)consumed);
-    return 3;
+    lua_pushvalue(L, 4);
+    return 4;
 }
 
 /* http1_tokens(value) -> { token, ... } as mp_http1_next_token sees them */

@@ -27,6 +27,7 @@ static void on_up_io(struct ev_loop *loop, ev_io *io, int revents);
 static void on_up_timer(struct ev_loop *loop, ev_timer *t, int revents);
 static void connect_to(mp_req_t *r, int server, int fresh);
 static void pump_request(mp_req_t *r);
+static int request_pending(mp_req_t *r);
 static void pump_response(mp_req_t *r);
 
 static mp_worker_t *worker_of(mp_req_t *r)
@@ -95,24 +96,46 @@ void mp_upstream_cancel(mp_req_t *r)
     if (u)
         mp_upconn_close(u);
     peer_done(r);
+    /* Body bytes not yet written are never read as the next request: it
+     * starts after the body (for chunked, after the client's framing). */
+    if (r->body.done && r->body.kind == MP_BODY_CHUNKED && r->body.scan)
+        r->conn->in.start = r->body.scan;
+    else if (r->body.done && r->body.kind == MP_BODY_LENGTH)
+        r->conn->in.start = r->body_ready;
 }
 
-/* Request body framing: nothing forwarded, from the first body byte. */
+/* The re-framed output of a chunked body starts over (nothing written). */
+static void reset_reframing(mp_framing_t *f)
+{
+    f->out_chunks = 0;
+    f->out_stage = 0;
+    f->frame_len = f->frame_off = 0;
+    f->out_left = 0;
+}
+
+/* Request body framing: nothing forwarded, from the first body byte. A
+ * chunked body already decoded in place is kept and sent again re-framed
+ * (a replay never decodes twice); a Content-Length body is counted anew. */
 static void reset_request_body(mp_req_t *r)
 {
     mp_conn_t *c = r->conn;
+    r->head_sent = 0;
+    c->in.start = r->body_start;
+    if (r->h.chunked && r->body.kind == MP_BODY_CHUNKED && r->body.scan) {
+        reset_reframing(&r->body);
+        return;
+    }
     memset(&r->body, 0, sizeof(r->body));
     if (r->h.chunked) {
         r->body.kind = MP_BODY_CHUNKED;
+        r->body.scan = r->body_start;
     } else if (r->h.content_length > 0) {
         r->body.kind = MP_BODY_LENGTH;
         r->body.left = (uint64_t)r->h.content_length;
     } else {
         r->body.done = 1;
     }
-    c->in.start = r->body_start;
     r->body_ready = r->body_start;
-    r->head_sent = 0;
 }
 
 /* Asks the balancer for a server (avoid: one that just failed) and starts
@@ -138,6 +161,7 @@ static void pick_and_connect(mp_req_t *r, int avoid)
 void mp_upstream_start(mp_req_t *r)
 {
     r->body_replayable = 1;
+    r->body.scan = 0; /* nothing decoded yet */
     reset_request_body(r);
     mp_balancer_count(balancer_of(r), 0, ev_now(worker_of(r)->loop));
     pick_and_connect(r, -1);
@@ -169,7 +193,7 @@ static void sync_events(mp_req_t *r)
         mp_upconn_timer(u, d->connect_timeout);
         return;
     }
-    int pending_req = !r->body_abandoned && (mp_buf_len(&u->out) || r->body_ready > c->in.start);
+    int pending_req = !r->body_abandoned && request_pending(r);
     int up_room = u->in.data ? mp_buf_room(&u->in) > 0 : 1;
     int uev = (pending_req ? EV_WRITE : 0) | (!pending_resp && up_room ? EV_READ : 0);
     mp_upconn_want(u, uev);
@@ -456,13 +480,48 @@ int mp_upstream_request_head(mp_req_t *r, mp_buf_t *b)
     return rc ? MP_ENOMEM : 0;
 }
 
+/* Decodes the client's chunked framing in c->in [body.scan, in.end) in
+ * place: data moves down to r->body_ready, over the framing (as
+ * frame_response_body does for HTTP/1.0 clients), and each trailer field
+ * that may be forwarded follows it re-serialised; nothing of the client's
+ * framing is kept. Extensions and trailers count against max_body_size,
+ * the trailer section against max_header_size. Returns 0, 400, 413 or 431. */
+static int decode_request_body(mp_req_t *r)
+{
+    mp_conn_t *c = r->conn;
+    mp_framing_t *f = &r->body;
+    const mp_settings_t *s = &r->gen->cfg->settings;
+    while (!f->done && f->scan < c->in.end) {
+        size_t put;
+        ssize_t k = mp_chunked_decode_into(&f->chunk, c->in.data + r->body_ready, c->in.data + f->scan,
+                                           c->in.end - f->scan, &put);
+        if (k < 0)
+            return 400;
+        if (f->chunk.in_trailer && !f->trailers)
+            f->trailers = r->body_ready; /* put is a trailer field then, never data */
+        if (!f->chunk.in_trailer)
+            f->total += put;
+        r->body_ready += (uint32_t)put;
+        f->scan += (uint32_t)k;
+        if (f->chunk.trailer_bytes > s->max_header_size)
+            return 431;
+        if (s->max_body_size && f->total + f->chunk.ext_bytes + f->chunk.trailer_bytes > s->max_body_size)
+            return 413;
+        f->done = f->chunk.done;
+        if (k == 0)
+            break;
+    }
+    return 0;
+}
+
 /* Advances r->body_ready over the request body bytes in c->in, checking
  * their framing. Returns 0, or the status for a framing error. */
 static int frame_request_body(mp_req_t *r)
 {
     mp_conn_t *c = r->conn;
     mp_framing_t *f = &r->body;
-    const mp_settings_t *s = &r->gen->cfg->settings;
+    if (f->kind == MP_BODY_CHUNKED)
+        return decode_request_body(r);
     if (f->kind == MP_BODY_LENGTH) {
         uint64_t n = c->in.end - r->body_ready;
         if (n > f->left)
@@ -471,21 +530,79 @@ static int frame_request_body(mp_req_t *r)
         f->left -= n;
         f->total += n;
         f->done = f->left == 0;
+    }
+    return 0;
+}
+
+/* Queues what comes next in the re-framed chunked body once the previous
+ * framing and its data are written (RFC 9112 §7.1): a size line for the
+ * decoded data not yet announced; once the client's body has ended, the last
+ * chunk followed by the trailer fields; then the final CRLF. */
+static void plan_reframing(mp_req_t *r)
+{
+    mp_conn_t *c = r->conn;
+    mp_framing_t *f = &r->body;
+    uint32_t data_end = f->trailers ? f->trailers : r->body_ready;
+    if (f->frame_off < f->frame_len || f->out_left || f->out_stage == 3)
+        return;
+    f->frame_off = f->frame_len = 0;
+    if (f->out_stage == 0 && c->in.start < data_end) {
+        f->out_left = data_end - c->in.start;
+        f->frame_len = (uint8_t)mp_chunked_frame(f->frame, f->out_left, f->out_chunks);
+        f->out_chunks = 1;
+    } else if (f->out_stage == 0 && f->done) {
+        f->frame_len = (uint8_t)mp_chunked_frame(f->frame, 0, f->out_chunks);
+        f->out_left = r->body_ready - c->in.start; /* the trailer fields */
+        f->out_stage = 1;
+    } else if (f->out_stage == 1) {
+        memcpy(f->frame, "\r\n", 2);
+        f->frame_len = 2;
+        f->out_stage = 2;
+    } else if (f->out_stage == 2) {
+        f->out_stage = 3;
+        c->in.start = f->scan; /* a pipelined request starts after the client's framing */
+    }
+}
+
+/* Whether request bytes wait to be written: the head, body bytes, or the
+ * rest of a re-framed chunked body. */
+static int request_pending(mp_req_t *r)
+{
+    const mp_framing_t *f = &r->body;
+    if ((r->up && mp_buf_len(&r->up->out)) || r->body_ready > r->conn->in.start)
+        return 1;
+    return f->kind == MP_BODY_CHUNKED && (f->frame_off < f->frame_len || (f->done && f->out_stage < 3));
+}
+
+/* c->in is full: makes room after the head by dropping the body bytes
+ * already forwarded (the body is then no longer replayable) and the gap
+ * decoding left. Returns 0, or 431 when a chunked body's trailer section
+ * cannot fit in the buffer. */
+static int make_body_room(mp_req_t *r)
+{
+    mp_conn_t *c = r->conn;
+    mp_framing_t *f = &r->body;
+    if (f->kind != MP_BODY_CHUNKED) {
+        if (c->in.start != c->in.end)
+            return 0;
+        if (c->in.start > r->body_start)
+            r->body_replayable = 0;
+        c->in.start = c->in.end = r->body_ready = r->body_start;
         return 0;
     }
-    while (f->kind == MP_BODY_CHUNKED && !f->done && r->body_ready < c->in.end) {
-        mp_slice data;
-        ssize_t k = mp_chunked_decode(&f->chunk, c->in.data + r->body_ready, c->in.end - r->body_ready, &data);
-        if (k < 0)
-            return 400;
-        r->body_ready += (uint32_t)k;
-        f->total += data.len;
-        if (s->max_body_size && f->total > s->max_body_size)
-            return 413;
-        f->done = f->chunk.done;
-        if (k == 0)
-            break;
-    }
+    uint32_t sent = c->in.start - r->body_start, unsent = r->body_ready - c->in.start;
+    uint32_t raw = c->in.end - f->scan, data_end = f->trailers ? f->trailers : r->body_ready;
+    if (sent == 0 && f->scan == r->body_ready)
+        return data_end > c->in.start ? 0 : 431; /* full of data to write, or of trailers */
+    if (sent)
+        r->body_replayable = 0;
+    memmove(c->in.data + r->body_start, c->in.data + c->in.start, unsent);
+    memmove(c->in.data + r->body_start + unsent, c->in.data + f->scan, raw);
+    if (f->trailers)
+        f->trailers -= sent;
+    c->in.start = r->body_start;
+    r->body_ready = f->scan = r->body_start + unsent;
+    c->in.end = f->scan + raw;
     return 0;
 }
 
@@ -510,11 +627,36 @@ static void send_continue(mp_req_t *r)
         MP_BUF_LIT(&c->out, "HTTP/1.1 100 Continue\r\n\r\n");
 }
 
-/* Writes the pending request head and the framed body bytes. */
+/* Accounts k bytes written from iov (head, framing, body) to their owners. */
+static void request_written(mp_req_t *r, size_t k)
+{
+    mp_conn_t *c = r->conn;
+    mp_upconn_t *u = r->up;
+    mp_framing_t *f = &r->body;
+    size_t head = mp_buf_len(&u->out) < k ? mp_buf_len(&u->out) : k;
+    u->out.start += (uint32_t)head;
+    k -= head;
+    if (head && !mp_buf_len(&u->out)) {
+        mp_buf_release(&u->out, &c->w->bufs);
+        r->head_sent = 1;
+    }
+    if (f->kind == MP_BODY_CHUNKED) {
+        size_t fr = (size_t)(f->frame_len - f->frame_off) < k ? (size_t)(f->frame_len - f->frame_off) : k;
+        f->frame_off += (uint8_t)fr;
+        k -= fr;
+        f->out_left -= (uint32_t)k;
+    }
+    c->in.start += (uint32_t)k;
+}
+
+/* Writes the pending request head and the body bytes; a chunked body goes
+ * out re-framed: the proxy's size lines around the decoded data. */
 static void pump_request(mp_req_t *r)
 {
     mp_conn_t *c = r->conn;
     mp_upconn_t *u = r->up;
+    mp_framing_t *f = &r->body;
+    int chunked = f->kind == MP_BODY_CHUNKED;
     if (!r->head_sent && !mp_buf_len(&u->out)) {
         if (mp_buf_acquire(&u->out, &c->w->bufs) != 0 || mp_upstream_request_head(r, &u->out) != 0) {
             mp_upstream_cancel(r);
@@ -526,12 +668,19 @@ static void pump_request(mp_req_t *r)
     if (st)
         return body_error(r, st);
     for (;;) {
-        struct iovec iov[2];
+        struct iovec iov[3];
         int n = 0;
+        if (chunked && !r->body_abandoned)
+            plan_reframing(r);
         if (mp_buf_len(&u->out))
             iov[n++] = (struct iovec){mp_buf_head(&u->out), mp_buf_len(&u->out)};
-        if (!r->body_abandoned && r->body_ready > c->in.start)
-            iov[n++] = (struct iovec){c->in.data + c->in.start, r->body_ready - c->in.start};
+        if (chunked && f->frame_off < f->frame_len && !r->body_abandoned)
+            iov[n++] = (struct iovec){f->frame + f->frame_off, (size_t)(f->frame_len - f->frame_off)};
+        size_t body = r->body_abandoned || r->body_ready <= c->in.start ? 0 : r->body_ready - c->in.start;
+        if (chunked && body > f->out_left)
+            body = f->out_left;
+        if (body)
+            iov[n++] = (struct iovec){c->in.data + c->in.start, body};
         if (n == 0)
             break;
         ssize_t k = writev(u->fd, iov, n);
@@ -541,21 +690,10 @@ static void pump_request(mp_req_t *r)
             break;
         if (k < 0)
             return up_error(r, UE_RESET);
-        size_t head = mp_buf_len(&u->out) < (size_t)k ? mp_buf_len(&u->out) : (size_t)k;
-        u->out.start += (uint32_t)head;
-        c->in.start += (uint32_t)((size_t)k - head);
-        if (head && !mp_buf_len(&u->out)) {
-            mp_buf_release(&u->out, &c->w->bufs);
-            r->head_sent = 1;
-        }
+        request_written(r, (size_t)k);
     }
-    if (!r->body.done && c->in.start == c->in.end && !mp_buf_room(&c->in)) {
-        /* All body bytes so far are forwarded and the buffer is full: reuse the
-         * room after the head (the body is no longer replayable). */
-        if (c->in.start > r->body_start)
-            r->body_replayable = 0;
-        c->in.start = c->in.end = r->body_ready = r->body_start;
-    }
+    if (!r->body.done && !r->body_abandoned && !mp_buf_room(&c->in) && (st = make_body_room(r)) != 0)
+        return body_error(r, st);
     if (mp_buf_len(&c->out))
         return pump_response(r); /* a 100 Continue to flush */
     sync_events(r);
@@ -624,7 +762,7 @@ static int begin_response(mp_req_t *r, const mp_http_response_t *rh)
                      udef(r)->keepalive > 0;
     if (f->kind == MP_BODY_CLOSE || r->dechunk)
         r->keepalive = 0;
-    if (!r->body.done) {
+    if (!r->body.done || request_pending(r)) {
         /* RFC 9110 §15: the server answered before the whole body; stop sending it. */
         r->body_abandoned = 1;
         r->up_reusable = 0;
@@ -724,7 +862,8 @@ static void finish(mp_req_t *r)
     peer_done(r);
     mp_upconn_t *u = detach(r);
     if (u) {
-        int clean = r->up_reusable && r->body.done && !r->body_abandoned && u->in.end == r->resp_scan;
+        int clean = r->up_reusable && r->body.done && !r->body_abandoned && !request_pending(r) &&
+                    u->in.end == r->resp_scan;
         mp_buf_release(&u->in, &w->bufs);
         mp_buf_release(&u->out, &w->bufs);
         if (clean) {
@@ -784,6 +923,13 @@ static void upstream_readable(mp_req_t *r)
     mp_upconn_t *u = r->up;
     if (mp_buf_acquire(&u->in, &worker_of(r)->bufs) != 0)
         return mp_conn_close(r->conn);
+    if (!mp_buf_room(&u->in) && r->resp_head_done && u->in.start == r->resp_ready && u->in.start > 0) {
+        /* all sent but a trailer line the decoder waits to see whole: move it to the front */
+        uint32_t held = u->in.end - r->resp_scan;
+        memmove(u->in.data, u->in.data + r->resp_scan, held);
+        u->in.start = r->resp_ready = r->resp_scan = 0;
+        u->in.end = held;
+    }
     if (!mp_buf_room(&u->in))
         return sync_events(r); /* back-pressure: the client has not taken what we hold */
     ssize_t n;

@@ -112,9 +112,22 @@ describe("parse_request() request line", function()
     assert.same({ 0, "" }, { r.minor, r.host })
   end)
 
-  for _, v in ipairs { "HTTP/2.0", "HTTP/1.2", "http/1.1", "HTTP/1.10", "HTTP/1", "HTTP/1.1 " } do
+  for _, v in ipairs { "http/1.1", "HTTP/1.10", "HTTP/1", "HTTP/1.1 ", "HTTP/1.x", "HTTP/11.1" } do
     it("refuses the version " .. string.format("%q", v), function()
       assert.equal(400, refused(head("GET / " .. v, "Host: a")))
+    end)
+  end
+
+  for _, v in ipairs { "HTTP/1.2", "HTTP/1.9" } do
+    it("reads the higher minor version " .. v .. " as HTTP/1.1 (RFC 9112 §2.3)", function()
+      local r = parsed(head("GET / " .. v, "Host: a"))
+      assert.equal(1, r.minor)
+    end)
+  end
+
+  for _, v in ipairs { "HTTP/2.0", "HTTP/0.9", "HTTP/3.1" } do
+    it("answers 505 to the version " .. v, function()
+      assert.equal(505, refused(head("GET / " .. v, "Host: a")))
     end)
   end
 
@@ -391,15 +404,26 @@ describe("parse_request() framing", function()
     assert.equal(400, refused(head("POST / HTTP/1.1", "Host: a", "Transfer-Encoding: ")))
   end)
 
-  for _, v in ipairs { "gzip", "identity", "chunked, gzip", "gzip, chunked", "chunked, chunked", "chunked;x=1" } do
-    it("answers 501 to Transfer-Encoding " .. string.format("%q", v), function()
-      assert.equal(501, refused(head("POST / HTTP/1.1", "Host: a", "Transfer-Encoding: " .. v)))
+  -- RFC 9112 §6.3: a final coding other than chunked leaves the length unknown: 400
+  for _, v in ipairs { "gzip", "identity", "chunked, gzip", "chunked, chunked", "chunked;x=1" } do
+    it("answers 400 to Transfer-Encoding " .. string.format("%q", v), function()
+      assert.equal(400, refused(head("POST / HTTP/1.1", "Host: a", "Transfer-Encoding: " .. v)))
     end)
   end
 
-  it("answers 501 to chunked listed in two Transfer-Encoding fields", function()
+  it("answers 400 to a final coding other than chunked over two fields", function()
+    local s = head("POST / HTTP/1.1", "Host: a", "Transfer-Encoding: chunked", "Transfer-Encoding: gzip")
+    assert.equal(400, refused(s))
+  end)
+
+  it("answers 400 to chunked listed in two Transfer-Encoding fields", function()
     local s = head("POST / HTTP/1.1", "Host: a", "Transfer-Encoding: chunked", "Transfer-Encoding: chunked")
-    assert.equal(501, refused(s))
+    assert.equal(400, refused(s))
+  end)
+
+  -- RFC 9112 §6.1: a coding the proxy does not implement, then chunked: 501
+  it("answers 501 to Transfer-Encoding \"gzip, chunked\"", function()
+    assert.equal(501, refused(head("POST / HTTP/1.1", "Host: a", "Transfer-Encoding: gzip, chunked")))
   end)
 end)
 
@@ -615,9 +639,82 @@ describe("chunked_decode()", function()
     assert.same({ "abc", true, #s }, { decoded(s .. "next") })
   end)
 
-  it("accepts bare LF line endings", function()
-    assert.same({ "abc", true, 14 }, { decoded("3\nabc\n0\nT: 1\n\n") })
+  it("reports trailer fields as field lines, OWS trimmed", function()
+    local _, err, _, trailers = core.chunked_decode("0\r\nX-Sum:  1 \r\nX-Empty:\r\nX-Other:\t2\r\n\r\n")
+    assert.is_true(err)
+    assert.same({ { "X-Sum", "1" }, { "X-Empty", "" }, { "X-Other", "2" } }, trailers)
   end)
+
+  it("reports the same trailer fields byte by byte", function()
+    local s = "1\r\na\r\n0\r\nA: 1\r\nB: 2\r\n\r\n"
+    assert.same({ core.chunked_decode(s) }, { core.chunked_decode(bytes(s)) })
+  end)
+
+  -- RFC 9112 §7.1: every chunk line ends with CRLF. A recipient that ends
+  -- lines at LF would read another message out of the body (issue 9).
+  for name, s in pairs {
+    ["a bare LF after the size"] = "3\nabc\r\n0\r\n\r\n",
+    ["a bare LF after an extension"] = "3;a=1\nabc\r\n0\r\n\r\n",
+    ["a bare LF after a bare ';' (the smuggling example)"] = "2;\nxx\r\n57\r\n0\r\n\r\n",
+    ["a bare LF after the data"] = "3\r\nabc\n0\r\n\r\n",
+    ["a bare LF after the last chunk"] = "3\r\nabc\r\n0\n\r\n",
+    ["a bare LF ending a trailer line"] = "0\r\nT: 1\n\r\n",
+    ["a bare LF ending the trailer section"] = "0\r\nT: 1\r\n\n",
+    ["a bare LF as the final line"] = "0\r\n\n",
+    ["bare LFs everywhere"] = "3\nabc\n0\nT: 1\n\n",
+    ["a bare CR after an extension"] = "3;a\rabc\r\n",
+    ["a bare CR after the last chunk"] = "0\r\r\n",
+  } do
+    it("refuses " .. name, function()
+      assert.equal("bad chunked framing", bad(s))
+    end)
+  end
+
+  -- RFC 9112 §7.1.1: *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )
+  for name, ext in pairs {
+    ["a bare ';'"] = ";",
+    ["a ';' after an extension"] = ";a;",
+    ["two ';'"] = ";;a",
+    ["a name that is not a token"] = ";a(b",
+    ["a name starting with '='"] = ";=1",
+    ["an empty value"] = ";a=",
+    ["a value that is not a token"] = ";a=b/c",
+    ["an unterminated quoted-string"] = ';a="x',
+    ["a control byte in a quoted-string"] = ';a="x\1"',
+    ["text after a quoted-string"] = ';a="x"y',
+    ["whitespace before the CRLF"] = ";a ",
+    ["whitespace after a value before the CRLF"] = ";a=1 ",
+    ["a control byte in an extension"] = ";a\1",
+  } do
+    it("refuses an extension with " .. name, function()
+      assert.equal("bad chunked framing", bad("3" .. ext .. "\r\nabc\r\n0\r\n\r\n"))
+    end)
+  end
+
+  for name, ext in pairs {
+    ["a name only"] = ";a",
+    ["several"] = ";a;b=1;c=\"x\"",
+    ["BWS around ';' and '='"] = " ;\ta = 1 ; b",
+    ["a quoted-pair"] = ';a="x\\"y"',
+    ["a token value with tchars"] = ";a=!#$%&'*+-.^_`|~09AZ",
+  } do
+    it("accepts an extension with " .. name, function()
+      assert.equal("abc", (decoded("3" .. ext .. "\r\nabc\r\n0\r\n\r\n")))
+    end)
+  end
+
+  for name, line in pairs {
+    ["no colon"] = "X-No-Colon",
+    ["whitespace before the colon"] = "X-A : 1",
+    ["an empty name"] = ": 1",
+    ["a name that is not a token"] = "X(A): 1",
+    ["obs-fold"] = " folded",
+    ["a control byte in the value"] = "X-A: 1\1",
+  } do
+    it("refuses a trailer line with " .. name, function()
+      assert.equal("bad chunked framing", bad("0\r\nT: ok\r\n" .. line .. "\r\n\r\n"))
+    end)
+  end
 
   for name, s in pairs {
     ["an empty size"] = "\r\nabc\r\n0\r\n\r\n",
@@ -632,7 +729,6 @@ describe("chunked_decode()", function()
     ["a size overflowing 64 bits"] = "10000000000000000000\r\n",
     ["a missing CRLF after data"] = "3\r\nabcd\r\n0\r\n\r\n",
     ["a CR without LF after data"] = "3\r\nabc\rx0\r\n\r\n",
-    ["a control byte in an extension"] = "3;a\1\r\nabc\r\n",
     ["a bare CR in a trailer"] = "0\r\nX: a\rb\r\n\r\n",
     ["a CR without LF ending the trailers"] = "0\r\n\rx",
   } do

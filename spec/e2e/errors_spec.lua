@@ -141,8 +141,12 @@ describe("moonproxy errors", function()
     end)
 
     describe("other refusals", function()
-        it("answers 501 to an unknown Transfer-Encoding", function()
-            assert_refused(GOOD_HEAD .. "Transfer-Encoding: gzip\r\n\r\n", 501)
+        it("answers 400 to a Transfer-Encoding whose final coding is not chunked (RFC 9112 §6.3)", function()
+            assert_refused(GOOD_HEAD .. "Transfer-Encoding: gzip\r\n\r\n", 400)
+        end)
+
+        it("answers 501 to an unknown Transfer-Encoding before chunked", function()
+            assert_refused(GOOD_HEAD .. "Transfer-Encoding: gzip, chunked\r\n\r\n", 501)
         end)
 
         it("answers 404 when no route matches", function()
