@@ -9,6 +9,9 @@
 #include <lualib.h>
 
 #include <limits.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -92,13 +95,65 @@ static int vm_setup(lua_State *L)
     return 0;
 }
 
+/* settings.lua_memory: what one VM's allocator may hold. The VM belongs to
+ * one thread at a time (a build thread, then its worker, handed over under a
+ * lock), so plain counters do: no atomics on every allocation. */
+typedef struct {
+    size_t used;  /* bytes the VM holds */
+    size_t limit; /* bytes; enforced only while armed */
+    int armed;    /* protected calls running: only there can an error be caught */
+    int refused;  /* an allocation was refused since the outermost call began */
+} budget_t;
+
+/* lua_Alloc. Only growth is refused, and only inside mp_vm_call: C code that
+ * pushes values outside a protected call must never reach the panic
+ * function, and LuaJIT cannot fail a shrink or a free. */
+static void *vm_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+    budget_t *b = ud;
+    if (nsize == 0) {
+        free(ptr);
+        b->used -= osize;
+        return NULL;
+    }
+    if (nsize > osize && b->armed && b->used - osize + nsize > b->limit) {
+        b->refused = 1;
+        return NULL;
+    }
+    void *p = realloc(ptr, nsize);
+    if (p)
+        b->used = b->used - osize + nsize;
+    return p;
+}
+
+static budget_t *budget_of(lua_State *L)
+{
+    void *ud = NULL;
+    return lua_getallocf(L, &ud) == vm_alloc ? ud : NULL;
+}
+
+static int on_panic(lua_State *L)
+{
+    const char *msg = lua_tostring(L, -1);
+    fprintf(stderr, "moonproxy: unprotected error in call to Lua API (%s)\n", msg ? msg : "?");
+    return 0;
+}
+
 lua_State *mp_vm_new(void)
 {
-    lua_State *L = luaL_newstate();
-    if (!L)
+    budget_t *b = calloc(1, sizeof(*b));
+    if (!b)
         return NULL;
+    b->limit = MP_VM_MEMORY_DEFAULT;
+    /* a custom allocator needs a GC64 LuaJIT on x86-64 (else NULL) */
+    lua_State *L = lua_newstate(vm_alloc, b);
+    if (!L) {
+        free(b);
+        return NULL;
+    }
+    lua_atpanic(L, on_panic);
     if (lua_cpcall(L, vm_setup, (void *)mp_vm_lua_dir()) != 0) {
-        lua_close(L);
+        mp_vm_close(L);
         return NULL;
     }
     return L;
@@ -106,8 +161,45 @@ lua_State *mp_vm_new(void)
 
 void mp_vm_close(lua_State *L)
 {
-    if (L)
-        lua_close(L);
+    if (!L)
+        return;
+    budget_t *b = budget_of(L);
+    lua_close(L);
+    free(b);
+}
+
+size_t mp_vm_memory(lua_State *L)
+{
+    budget_t *b = budget_of(L);
+    return b ? b->used : (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024;
+}
+
+int mp_vm_set_memory(lua_State *L, size_t limit)
+{
+    budget_t *b = budget_of(L);
+    if (!b)
+        return 0; /* a VM not made by mp_vm_new (the specs' own) has no budget */
+    if (b->used > limit) {
+        int armed = b->armed;
+        b->armed = 0; /* the collector may grow the string table */
+        lua_gc(L, LUA_GCCOLLECT, 0);
+        b->armed = armed;
+    }
+    if (b->used > limit)
+        return MP_ENOMEM;
+    b->limit = limit;
+    return 0;
+}
+
+/* After a refused allocation: a full collection gives the memory back, and
+ * glibc returns the freed pages to the system. */
+static void give_back(lua_State *L, budget_t *b)
+{
+    lua_gc(L, LUA_GCCOLLECT, 0);
+    b->refused = 0;
+#ifdef __GLIBC__
+    malloc_trim(0);
+#endif
 }
 
 /* Message handler: the error as a string, then the stack traceback. */
@@ -160,16 +252,29 @@ int mp_vm_call(lua_State *L, int nargs, int nresults, char *err, size_t errlen)
         lua_pushcfunction(L, on_error);
     }
     lua_insert(L, base);
+    budget_t *b = budget_of(L);
+    if (b && b->armed++ == 0)
+        b->refused = 0;
     int rc = lua_pcall(L, nargs, nresults, base);
     lua_remove(L, base);
-    if (rc == 0)
+    int outer = b && --b->armed == 0;
+    int refused = outer && b->refused;
+    if (rc == 0) {
+        if (refused) /* the script caught the error itself */
+            give_back(L, b);
         return 0;
+    }
     size_t len = 0;
     const char *msg = lua_tolstring(L, -1, &len);
-    if (msg)
+    if (refused && err && errlen)
+        snprintf(err, errlen, "lua_memory exceeded: the VM would hold more than %zu bytes (settings.lua_memory)",
+                 b->limit);
+    else if (msg)
         copy_error(msg, len, err, errlen);
     else
         copy_error("(error object is not a string)", 30, err, errlen);
     lua_pop(L, 1);
+    if (refused)
+        give_back(L, b);
     return MP_EINVAL;
 }

@@ -1,0 +1,128 @@
+-- End-to-end: settings.lua_memory bounds a worker's VM. A hook that allocates
+-- past it fails its request with 500 (logged once with the request id), the
+-- worker keeps serving, and the memory is given back to the system.
+local h = require "helpers.proxy"
+local raw = require "helpers.raw_http"
+local socket = require "socket"
+
+-- /grow keeps ~100 MB of distinct strings alive if nothing stops it.
+local CONFIG = [=[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = false, lua_memory = "32m", hook_timeout = 10 }
+local a = proxy.upstream "a" { servers = { "${a}" } }
+proxy.route { path = "/grow", handler = function(req)
+  local t = {}
+  for i = 1, 100000 do t[i] = string.rep("x", 1000) .. i end
+  return req:respond(200, "grew " .. #t .. "\n")
+end }
+proxy.route { path = "/pick", upstream = proxy.upstream "b" { servers = { "${a}" },
+  balancer = function(servers, req, upstream)
+    local t = {}
+    for i = 1, 100000 do t[i] = string.rep("x", 1000) .. i end
+    return servers[1]
+  end } }
+proxy.route { prefix = "/", upstream = a }
+]=]
+
+local MB = 1024
+-- ASan keeps freed memory in quarantine and adds shadow pages: RSS says
+-- nothing about the allocator there, so only the statuses are checked.
+local ASAN = (os.getenv("LD_PRELOAD") or ""):find("asan", 1, true) ~= nil
+
+-- Lines of text that contain plain.
+local function lines_with(text, plain)
+    local n = 0
+    for line in text:gmatch("[^\n]+") do
+        if line:find(plain, 1, true) then n = n + 1 end
+    end
+    return n
+end
+
+describe("settings.lua_memory", function()
+    local a, proxy
+
+    lazy_setup(function()
+        a = h.start_origin("a")
+        proxy = h.start_proxy { workers = 1, config = CONFIG, vars = { a = a.addr } }
+        proxy:wait_ready()
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy, a)
+    end)
+
+    it("fails a hook past the budget with 500, logged once with the request id", function()
+        local res = assert(raw.get(proxy.port, "/grow", { ["X-Request-ID"] = "grow-1" }, { timeout = 20 }))
+        assert.equal(500, res.status)
+        local log = proxy:stderr()
+        assert.equal(1, lines_with(log, "lua_memory"), log)
+        assert.truthy(log:find("grow%-1[^\n]*lua_memory"), log)
+    end)
+
+    it("keeps serving on the same worker afterwards", function()
+        for _ = 1, 3 do
+            assert.equal(200, assert(raw.get(proxy.port, "/after")).status)
+        end
+    end)
+
+    it("keeps the process small and gives the memory back", function()
+        local before = assert(h.rss_kb(proxy.pid))
+        local peak, statuses = before, {}
+        for i = 1, 3 do
+            local c = assert(raw.connect(proxy.port, { timeout = 20 }))
+            assert(c:send("GET /grow HTTP/1.1\r\nHost: x\r\nX-Request-ID: again-" .. i .. "\r\n\r\n"))
+            -- sample while the hook runs, then read its answer
+            for _ = 1, 50 do
+                peak = math.max(peak, h.rss_kb(proxy.pid) or 0)
+                socket.sleep(0.01)
+            end
+            local res = assert(c:read_response())
+            c:close()
+            statuses[i] = res.status
+            peak = math.max(peak, h.rss_kb(proxy.pid) or 0)
+        end
+        assert.same({ 500, 500, 500 }, statuses)
+        if not ASAN then -- 32m for the VM and malloc's slack: far from the 100 MB the hook asks for
+            assert(peak < 96 * MB and peak < before + 64 * MB, "RSS went from " .. before .. " to " .. peak .. " KiB")
+            h.eventually(function()
+                return assert(h.rss_kb(proxy.pid)) < before + 16 * MB
+            end, 5)
+        end
+        assert.equal(200, assert(raw.get(proxy.port, "/after")).status)
+    end)
+
+    it("bounds a Lua balancer the same way", function()
+        local res = assert(raw.get(proxy.port, "/pick", nil, { timeout = 20 }))
+        assert.equal(500, res.status)
+        assert.truthy(proxy:stderr():find("balancer[^\n]*lua_memory"), proxy:stderr())
+        assert.equal(200, assert(raw.get(proxy.port, "/after")).status)
+    end)
+
+    it("bounds the VMs a reload builds: a script past its budget is refused", function()
+        proxy:rewrite_config(CONFIG:gsub('lua_memory = "32m"', 'lua_memory = "16m"') .. [[
+local keep = {}
+for i = 1, 40000 do keep[i] = string.rep("y", 1000) .. i end
+]])
+        local res, doc = proxy:admin("POST", "/reload")
+        assert.equal(422, res.status)
+        assert.truthy(doc and doc.error:find("lua_memory exceeded", 1, true), res.body)
+        assert.equal(200, assert(raw.get(proxy.port, "/after")).status)
+    end)
+end)
+
+describe("settings.lua_memory in the configuration script", function()
+    it("refuses a script that holds more than the budget, with a clear error", function()
+        local conf = h.write_config([[
+local proxy = require "moonproxy"
+proxy.listen { addr = "127.0.0.1:1" }
+proxy.settings { lua_memory = "16m" }
+local keep = {}
+for i = 1, 40000 do keep[i] = string.rep("y", 1000) .. i end
+]])
+        local out, rc = h.run(h.quote(h.bin()) .. " -t -c " .. h.quote(conf))
+        assert.are_not.equal(0, rc)
+        assert.truthy(out:find(conf .. ": lua_memory exceeded", 1, true), out)
+    end)
+end)
