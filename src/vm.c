@@ -97,17 +97,73 @@ static int vm_setup(lua_State *L)
 
 /* settings.lua_memory: what one VM's allocator may hold. The VM belongs to
  * one thread at a time (a build thread, then its worker, handed over under a
- * lock), so plain counters do: no atomics on every allocation. */
+ * lock), so plain fields do: no atomics on every allocation.
+ *
+ * Debian's LuaJIT (2.1-20230119) crashes when a memory error is raised in
+ * compiled code (the rethrow at a trace exit, LuaJIT issues #946, #1247), so
+ * passing the budget raises nothing there: it arms a count hook, which
+ * raises "lua_memory exceeded" at the next interpreted instruction, and
+ * makes the collector finish a cycle at once, whose atomic phase cannot run
+ * on a trace: compiled code exits to the interpreter within a few
+ * allocations. Only an allocation past twice the budget is refused outright
+ * (a memory error where it happens). */
 typedef struct {
-    size_t used;  /* bytes the VM holds */
-    size_t limit; /* bytes; enforced only while armed */
-    int armed;    /* protected calls running: only there can an error be caught */
-    int refused;  /* an allocation was refused since the outermost call began */
+    lua_State *L;      /* the VM's main thread: hooks and GC tuning are per VM */
+    size_t used;       /* bytes the VM holds */
+    size_t limit;      /* bytes; checked only while armed */
+    int armed;         /* protected calls running: only there can an error be caught */
+    int over;          /* the budget was passed since the outermost call began */
+    int hooked;        /* our count hook is set; saved_* is what it replaced */
+    int pause, stepmul; /* the collector's settings, while over (else -1) */
+    lua_Hook saved_hook;
+    int saved_mask, saved_count;
 } budget_t;
 
-/* lua_Alloc. Only growth is refused, and only inside mp_vm_call: C code that
- * pushes values outside a protected call must never reach the panic
- * function, and LuaJIT cannot fail a shrink or a free. */
+static void unhook(budget_t *b)
+{
+    if (!b->hooked)
+        return;
+    b->hooked = 0;
+    lua_sethook(b->L, b->saved_hook, b->saved_mask, b->saved_count);
+}
+
+/* The count hook armed by over_budget(): raises in interpreted code only. */
+static void on_memory(lua_State *L, lua_Debug *ar)
+{
+    (void)ar;
+    void *ud = NULL;
+    lua_getallocf(L, &ud);
+    budget_t *b = ud;
+    luaL_where(L, 0); /* still hooked: these allocations do not arm it again */
+    lua_pushfstring(L, "lua_memory exceeded: the VM would hold more than %d MiB (settings.lua_memory)",
+                    (int)(b->limit >> 20));
+    lua_concat(L, 2);
+    unhook(b);
+    lua_error(L);
+}
+
+/* Safe inside the allocator: lua_sethook may be called at any time, and these
+ * lua_gc calls only store settings (no allocation, no collection). */
+static void over_budget(budget_t *b)
+{
+    b->over = 1;
+    if (b->hooked)
+        return;
+    b->saved_hook = lua_gethook(b->L);
+    b->saved_mask = lua_gethookmask(b->L);
+    b->saved_count = lua_gethookcount(b->L);
+    b->hooked = 1;
+    lua_sethook(b->L, on_memory, LUA_MASKCOUNT, 1);
+    if (b->pause < 0) {
+        b->pause = lua_gc(b->L, LUA_GCSETPAUSE, 1);
+        b->stepmul = lua_gc(b->L, LUA_GCSETSTEPMUL, 100000);
+    }
+    lua_gc(b->L, LUA_GCRESTART, 0); /* a step at the next check */
+}
+
+/* lua_Alloc. Frees and shrinks always succeed (LuaJIT cannot fail them), and
+ * outside mp_vm_call nothing is checked: C that pushes values outside a
+ * protected call must never reach the panic function. */
 static void *vm_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
 {
     budget_t *b = ud;
@@ -116,9 +172,14 @@ static void *vm_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
         b->used -= osize;
         return NULL;
     }
-    if (nsize > osize && b->armed && b->used - osize + nsize > b->limit) {
-        b->refused = 1;
-        return NULL;
+    if (nsize > osize && b->armed) {
+        size_t after = b->used - osize + nsize;
+        if (after > b->limit && after - b->limit > b->limit) {
+            over_budget(b);
+            return NULL;
+        }
+        if (after > b->limit)
+            over_budget(b);
     }
     void *p = realloc(ptr, nsize);
     if (p)
@@ -145,8 +206,9 @@ lua_State *mp_vm_new(void)
     if (!b)
         return NULL;
     b->limit = MP_VM_MEMORY_DEFAULT;
+    b->pause = b->stepmul = -1;
     /* a custom allocator needs a GC64 LuaJIT on x86-64 (else NULL) */
-    lua_State *L = lua_newstate(vm_alloc, b);
+    lua_State *L = b->L = lua_newstate(vm_alloc, b);
     if (!L) {
         free(b);
         return NULL;
@@ -191,12 +253,19 @@ int mp_vm_set_memory(lua_State *L, size_t limit)
     return 0;
 }
 
-/* After a refused allocation: a full collection gives the memory back, and
- * glibc returns the freed pages to the system. */
+/* After a call that passed the budget: the hook and the collector's
+ * settings are put back, a full collection gives the memory back, and glibc
+ * returns the freed pages to the system. */
 static void give_back(lua_State *L, budget_t *b)
 {
+    unhook(b);
+    if (b->pause >= 0) {
+        lua_gc(L, LUA_GCSETPAUSE, b->pause);
+        lua_gc(L, LUA_GCSETSTEPMUL, b->stepmul);
+        b->pause = b->stepmul = -1;
+    }
     lua_gc(L, LUA_GCCOLLECT, 0);
-    b->refused = 0;
+    b->over = 0;
 #ifdef __GLIBC__
     malloc_trim(0);
 #endif
@@ -253,28 +322,27 @@ int mp_vm_call(lua_State *L, int nargs, int nresults, char *err, size_t errlen)
     }
     lua_insert(L, base);
     budget_t *b = budget_of(L);
-    if (b && b->armed++ == 0)
-        b->refused = 0;
+    if (b)
+        b->armed++;
     int rc = lua_pcall(L, nargs, nresults, base);
     lua_remove(L, base);
-    int outer = b && --b->armed == 0;
-    int refused = outer && b->refused;
+    int over = b && --b->armed == 0 && b->over;
     if (rc == 0) {
-        if (refused) /* the script caught the error itself */
+        if (over) /* the script caught the error, or ended before the hook ran */
             give_back(L, b);
         return 0;
     }
     size_t len = 0;
     const char *msg = lua_tolstring(L, -1, &len);
-    if (refused && err && errlen)
-        snprintf(err, errlen, "lua_memory exceeded: the VM would hold more than %zu bytes (settings.lua_memory)",
-                 b->limit);
+    if (over && (!msg || !strstr(msg, "lua_memory exceeded")) && err && errlen)
+        snprintf(err, errlen, "lua_memory exceeded: the VM would hold more than %d MiB (settings.lua_memory)",
+                 (int)(b->limit >> 20));
     else if (msg)
         copy_error(msg, len, err, errlen);
     else
         copy_error("(error object is not a string)", 30, err, errlen);
     lua_pop(L, 1);
-    if (refused)
+    if (over)
         give_back(L, b);
     return MP_EINVAL;
 }
