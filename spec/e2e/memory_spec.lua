@@ -154,7 +154,9 @@ for i = 1, 40000 do keep[i] = string.rep("y", 1000) .. i end
 end)
 
 -- Ways of running out that LuaJIT compiles differently (each one asks for
--- 70-200 MB): each is stopped with a 500, and the worker lives on.
+-- 70-200 MB): each is stopped with a 500, and the worker lives on. A memory
+-- error raised in compiled code can crash Debian's LuaJIT (SIGSEGV at a trace
+-- exit): refusing allocations there did, with "caught" as a route's handler.
 local PATTERNS = {
     strings = 'local t = {} for i = 1, 100000 do t[i] = string.rep("x", 1000) .. i end',
     tables = "local t = {} for i = 1, 3e6 do t[i] = {} end",
@@ -163,6 +165,9 @@ local PATTERNS = {
     array = "local t = {} for i = 1, 1.5e7 do t[i] = i end",
     hash = 'local t = {} for i = 1, 1e6 do t["key" .. i] = i end',
     concat = 'local p = {} for i = 1, 100 do p[i] = string.rep("y", 1048576) end local s = table.concat(p)',
+    -- the errors caught while t stays: the next allocation outside pcall fails
+    caught = 'local t, n = {}, 0 for _, size in ipairs { 1000, 100, 10, 1 } do pcall(function() '
+        .. 'for i = 1, 60000 do n = n + 1; t[n] = string.rep("f", size) .. i end end) end',
 }
 
 describe("settings.lua_memory against compiled and interpreted loops", function()
@@ -209,6 +214,45 @@ proxy.route { prefix = "/", upstream = proxy.upstream "a" { servers = { "${a}" }
         end
         assert.same(want, got)
         assert.is_true(proxy:alive())
+    end)
+end)
+
+-- The first hook a worker runs fills its VM from a compiled loop, catching
+-- the errors, then lets the memory go: refusing allocations inside the trace
+-- killed the process here (SIGSEGV), a Debian LuaJIT bug.
+describe("settings.lua_memory on a fresh worker", function()
+    local proxy
+
+    lazy_setup(function()
+        proxy = h.start_proxy { workers = 1, config = [[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = false, lua_memory = "32m", hook_timeout = 10 }
+proxy.route { prefix = "/", handler = function(req)
+  local t, n, sizes = {}, 0, { 1000, 100, 10, 1 }
+  local function fill(size)
+    for i = 1, 60000 do n = n + 1; t[n] = string.rep("f", size) .. i end
+  end
+  for k = 1, #sizes do pcall(fill, sizes[k]) end
+  t = nil
+  collectgarbage()
+  return req:respond(200, "filled " .. n .. "\n")
+end }
+]] }
+        proxy:wait_ready()
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy)
+    end)
+
+    it("survives a compiled loop that catches the memory errors", function()
+        local res = assert(raw.get(proxy.port, "/fill", nil, { timeout = 20 }))
+        assert.equal(200, res.status)
+        assert.matches("^filled %d+\n$", res.body)
+        assert.is_true(proxy:alive())
+        assert.equal(200, assert(raw.get(proxy.port, "/again", nil, { timeout = 20 })).status)
     end)
 end)
 
