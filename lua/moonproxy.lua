@@ -125,6 +125,16 @@ local function access_log(v)
   return bad(v, 'must be "stdout", a file path, or false')
 end
 
+-- settings.lua_memory: each VM's budget (src/vm.c), at least 1m; the loader
+-- (src/config.c) sets _apply_lua_memory so that it holds from proxy.settings on.
+local function lua_memory(v)
+  local n, err = schema.size(v)
+  if n and n < 1024 * 1024 then
+    return bad(v, 'must be at least "1m"')
+  end
+  return n, err
+end
+
 local settings_spec = {
   workers = workers,
   client_header_timeout = schema.duration,
@@ -135,6 +145,7 @@ local settings_spec = {
   max_uri_size = schema.size,
   max_body_size = schema.size,
   body_buffer_size = schema.size,
+  lua_memory = lua_memory,
   max_connections = schema.integer(1),
   trusted_proxies = schema.list(schema.string),
   -- paths and names (SPEC "Behaviour on the wire")
@@ -156,6 +167,7 @@ local function settings_defaults()
     max_header_size = 16384, max_uri_size = 8192, max_body_size = 10485760, max_connections = 10000,
     shutdown_timeout = 30, trusted_proxies = {}, access_log = "stdout",
     reload_drain_timeout = 30, hook_timeout = 1, watch = false, body_buffer_size = 16384,
+    lua_memory = 256 * 1024 * 1024,
   }
 end
 
@@ -177,6 +189,14 @@ function _M.settings(t)
   end
   s.src = src
   state.settings = s
+  local fits, held = true, 0
+  if _M._apply_lua_memory then
+    fits, held = _M._apply_lua_memory(s.lua_memory)
+  end
+  if not fits then
+    fail(src, "settings: lua_memory (%s) is less than this VM holds already (%d bytes)",
+      show(t.lua_memory or s.lua_memory), held)
+  end
 end
 
 -- upstreams --------------------------------------------------------------------

@@ -9,6 +9,7 @@
 #include "metrics.h"
 #include "router.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -18,6 +19,8 @@
 
 #define ADMIN_TIMEOUT 10.0
 #define ADMIN_HEAD_MAX 8192
+#define ADMIN_HOSTS 5 /* names a Host field may give the admin port (see own_hosts) */
+#define ADMIN_HOST_MAX 64
 
 typedef struct admin_conn admin_conn_t;
 
@@ -29,6 +32,7 @@ struct mp_admin {
     const int *ready;
     const int *stuck;
     admin_conn_t *conns;
+    char hosts[ADMIN_HOSTS][ADMIN_HOST_MAX]; /* lowercase; "" unused */
 };
 
 struct admin_conn {
@@ -295,11 +299,59 @@ static void on_reloaded(void *arg, uint64_t generation, const char *err)
     respond_json(c, 200, &b);
 }
 
+/* The Host values that name this port: the address as configured,
+ * localhost with its port (or without one: no page on another site can
+ * make a browser send that), and the loopback addresses when the address
+ * is IPv6 or a wildcard. */
+static void own_hosts(mp_admin_t *a, const mp_addr_t *addr)
+{
+    unsigned port = 0;
+    int v6 = addr->ss.ss_family == AF_INET6, any = 0;
+    if (v6) {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)&addr->ss;
+        port = ntohs(sin6->sin6_port);
+        any = IN6_IS_ADDR_UNSPECIFIED(&sin6->sin6_addr);
+    } else {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)&addr->ss;
+        port = ntohs(sin->sin_port);
+        any = sin->sin_addr.s_addr == htonl(INADDR_ANY);
+    }
+    snprintf(a->hosts[0], ADMIN_HOST_MAX, "%s", addr->text ? addr->text : "");
+    snprintf(a->hosts[1], ADMIN_HOST_MAX, "localhost:%u", port);
+    snprintf(a->hosts[2], ADMIN_HOST_MAX, "localhost");
+    if (v6 || any)
+        snprintf(a->hosts[3], ADMIN_HOST_MAX, "[::1]:%u", port);
+    if (any)
+        snprintf(a->hosts[4], ADMIN_HOST_MAX, "127.0.0.1:%u", port);
+    for (int i = 0; i < ADMIN_HOSTS; i++)
+        for (char *q = a->hosts[i]; *q; q++)
+            *q = mp_lower(*q);
+}
+
+/* SPEC "Admin access": a web page in an operator's browser must not drive
+ * the admin port. Browsers send Origin on every cross-site POST and on
+ * scripted requests; DNS rebinding shows as a Host naming another site.
+ * /live and /ready (probe) skip the Host check: orchestrators probe them
+ * by the pod's address. A request without Host (HTTP/1.0) is no browser's. */
+static int from_browser(const mp_admin_t *a, const mp_http_request_t *h, int probe)
+{
+    if (mp_http1_find(h->headers, h->nheaders, "origin", 6) >= 0)
+        return 1;
+    if (probe || h->host.len == 0)
+        return 0;
+    for (int i = 0; i < ADMIN_HOSTS; i++)
+        if (a->hosts[i][0] && mp_slice_ieq(h->host, a->hosts[i], strlen(a->hosts[i])))
+            return 0;
+    return 1;
+}
+
 static void route(admin_conn_t *c, const mp_http_request_t *h)
 {
     int get = MP_SLICE_IEQ(h->method, "get") || MP_SLICE_IEQ(h->method, "head");
     int post = MP_SLICE_IEQ(h->method, "post");
     mp_slice p = h->path;
+    if (from_browser(c->a, h, MP_SLICE_IEQ(p, "/live") || MP_SLICE_IEQ(p, "/ready")))
+        return respond(c, 403, "text/plain", "forbidden: Origin, or a Host that is not the admin address\n", 59);
     if (MP_SLICE_IEQ(p, "/live")) {
         if (!get)
             return respond(c, 405, "text/plain", "GET\n", 4);
@@ -421,6 +473,7 @@ mp_admin_t *mp_admin_start(struct ev_loop *loop, mp_addr_t *addr, mp_reloader_t 
     a->rl = rl;
     a->ready = ready;
     a->stuck = stuck;
+    own_hosts(a, addr);
     ev_io_init(&a->io, on_accept, a->fd, EV_READ);
     ev_io_start(loop, &a->io);
     return a;

@@ -296,6 +296,8 @@ static void build_settings(lua_State *L, mp_settings_t *s)
     s->max_uri_size = (size_t)get_num(L, t, "max_uri_size", 8192, 1, 1e9, 1, src, w);
     s->body_buffer_size = (size_t)get_num(L, t, "body_buffer_size", 16384, 1024, 64 * 1024 * 1024, 1, src, w);
     s->max_body_size = (uint64_t)get_num(L, t, "max_body_size", 10485760, 0, 9007199254740991.0, 1, src, w);
+    s->lua_memory = (size_t)get_num(L, t, "lua_memory", (double)MP_VM_MEMORY_DEFAULT, 1 << 20, 9007199254740991.0, 1,
+                                    src, w);
     s->max_connections = (int)get_num(L, t, "max_connections", 10000, 1, INT_MAX, 1, src, w);
     build_wire_settings(L, t, s, src);
     s->reload_drain_timeout = get_dur(L, t, "reload_drain_timeout", 30, src, w);
@@ -739,6 +741,26 @@ int mp_config_build(lua_State *L, int idx, mp_config_t **out, char *err, size_t 
     return 0;
 }
 
+/* lua_CFunction: the DSL's _apply_lua_memory(bytes) -> fits, bytes held:
+ * settings.lua_memory holds from the proxy.settings call on. */
+static int apply_lua_memory(lua_State *L)
+{
+    size_t limit = (size_t)luaL_checknumber(L, 1);
+    lua_pushboolean(L, mp_vm_set_memory(L, limit) == 0);
+    lua_pushnumber(L, (double)mp_vm_memory(L));
+    return 2;
+}
+
+/* The budget of what the script built: what it holds must fit in it. */
+static int check_lua_memory(lua_State *L, const mp_config_t *cfg, char *err, size_t errlen)
+{
+    if (mp_vm_set_memory(L, cfg->settings.lua_memory) == 0)
+        return 0;
+    snprintf(err, errlen, "%s: settings: lua_memory (%zu bytes) is less than the configuration holds (%zu bytes)",
+             cfg->path, cfg->settings.lua_memory, mp_vm_memory(L));
+    return MP_EINVAL;
+}
+
 /* lua_CFunction: (script path) -> the moonproxy module, reset, with the
  * script's folder on package.path so that a configuration can require its
  * sibling modules. That folder goes after moonproxy's own lua/ (see
@@ -752,6 +774,8 @@ static int prepare(lua_State *L)
     lua_call(L, 1, 1); /* 2: the module */
     lua_getfield(L, 2, "_reset");
     lua_call(L, 0, 0);
+    lua_pushcfunction(L, apply_lua_memory);
+    lua_setfield(L, 2, "_apply_lua_memory");
 
     const char *slash = strrchr(path, '/');
     if (!slash)
@@ -819,6 +843,18 @@ int mp_config_load_text(lua_State *L, const char *path, const char *text, size_t
         *out = NULL;
         snprintf(err, errlen, "out of memory");
         rc = MP_ENOMEM;
+    }
+    if (lua_istable(L, top + 1)) { /* the module: its hook serves this load only */
+        lua_pushnil(L);
+        lua_setfield(L, top + 1, "_apply_lua_memory");
+    }
+    if (rc == 0 && (rc = check_lua_memory(L, *out, err, errlen)) != 0) {
+        mp_config_free(*out);
+        *out = NULL;
+    } else if (rc != 0 && strncmp(err, "lua_memory", 10) == 0) {
+        char msg[256]; /* a memory error has no file:line: name the script */
+        snprintf(msg, sizeof(msg), "%s", err);
+        snprintf(err, errlen, "%s: %s", path, msg);
     }
     luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_ON);
     if (rc != 0)

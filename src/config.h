@@ -72,6 +72,7 @@ typedef struct {
     size_t max_header_size, max_uri_size;
     uint64_t max_body_size; /* 0 = unlimited */
     size_t body_buffer_size; /* room for body bytes beside the head; a body this small stays replayable */
+    size_t lua_memory;      /* bytes each VM may hold (vm.c: mp_vm_set_memory) */
     int max_connections;    /* per worker */
     mp_cidr_t *trusted;
     size_t ntrusted;

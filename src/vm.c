@@ -9,6 +9,9 @@
 #include <lualib.h>
 
 #include <limits.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -92,13 +95,127 @@ static int vm_setup(lua_State *L)
     return 0;
 }
 
+/* settings.lua_memory: what one VM's allocator may hold. The VM belongs to
+ * one thread at a time (a build thread, then its worker, handed over under a
+ * lock), so plain fields do: no atomics on every allocation.
+ *
+ * Debian's LuaJIT (2.1-20230119) crashes when a memory error is raised in
+ * compiled code (the rethrow at a trace exit, LuaJIT issues #946, #1247), so
+ * passing the budget raises nothing there: it arms a count hook, which
+ * raises "lua_memory exceeded" at the next interpreted instruction, and
+ * makes the collector finish a cycle at once, whose atomic phase cannot run
+ * on a trace: compiled code exits to the interpreter within a few
+ * allocations. Only an allocation past twice the budget is refused outright
+ * (a memory error where it happens). */
+typedef struct {
+    lua_State *L;      /* the VM's main thread: hooks and GC tuning are per VM */
+    size_t used;       /* bytes the VM holds */
+    size_t limit;      /* bytes; checked only while armed */
+    int armed;         /* protected calls running: only there can an error be caught */
+    int over;          /* the budget was passed since the outermost call began */
+    int hooked;        /* our count hook is set; saved_* is what it replaced */
+    int pause, stepmul; /* the collector's settings, while over (else -1) */
+    lua_Hook saved_hook;
+    int saved_mask, saved_count;
+} budget_t;
+
+static void unhook(budget_t *b)
+{
+    if (!b->hooked)
+        return;
+    b->hooked = 0;
+    lua_sethook(b->L, b->saved_hook, b->saved_mask, b->saved_count);
+}
+
+/* The count hook armed by over_budget(): raises in interpreted code only. */
+static void on_memory(lua_State *L, lua_Debug *ar)
+{
+    (void)ar;
+    void *ud = NULL;
+    lua_getallocf(L, &ud);
+    budget_t *b = ud;
+    luaL_where(L, 0); /* still hooked: these allocations do not arm it again */
+    lua_pushfstring(L, "lua_memory exceeded: the VM would hold more than %d MiB (settings.lua_memory)",
+                    (int)(b->limit >> 20));
+    lua_concat(L, 2);
+    unhook(b);
+    lua_error(L);
+}
+
+/* Safe inside the allocator: lua_sethook may be called at any time, and these
+ * lua_gc calls only store settings (no allocation, no collection). */
+static void over_budget(budget_t *b)
+{
+    b->over = 1;
+    if (b->hooked)
+        return;
+    b->saved_hook = lua_gethook(b->L);
+    b->saved_mask = lua_gethookmask(b->L);
+    b->saved_count = lua_gethookcount(b->L);
+    b->hooked = 1;
+    lua_sethook(b->L, on_memory, LUA_MASKCOUNT, 1);
+    if (b->pause < 0) {
+        b->pause = lua_gc(b->L, LUA_GCSETPAUSE, 1);
+        b->stepmul = lua_gc(b->L, LUA_GCSETSTEPMUL, 100000);
+    }
+    lua_gc(b->L, LUA_GCRESTART, 0); /* a step at the next check */
+}
+
+/* lua_Alloc. Frees and shrinks always succeed (LuaJIT cannot fail them), and
+ * outside mp_vm_call nothing is checked: C that pushes values outside a
+ * protected call must never reach the panic function. */
+static void *vm_alloc(void *ud, void *ptr, size_t osize, size_t nsize)
+{
+    budget_t *b = ud;
+    if (nsize == 0) {
+        free(ptr);
+        b->used -= osize;
+        return NULL;
+    }
+    if (nsize > osize && b->armed) {
+        size_t after = b->used - osize + nsize;
+        if (after > b->limit && after - b->limit > b->limit) {
+            over_budget(b);
+            return NULL;
+        }
+        if (after > b->limit)
+            over_budget(b);
+    }
+    void *p = realloc(ptr, nsize);
+    if (p)
+        b->used = b->used - osize + nsize;
+    return p;
+}
+
+static budget_t *budget_of(lua_State *L)
+{
+    void *ud = NULL;
+    return lua_getallocf(L, &ud) == vm_alloc ? ud : NULL;
+}
+
+static int on_panic(lua_State *L)
+{
+    const char *msg = lua_tostring(L, -1);
+    fprintf(stderr, "moonproxy: unprotected error in call to Lua API (%s)\n", msg ? msg : "?");
+    return 0;
+}
+
 lua_State *mp_vm_new(void)
 {
-    lua_State *L = luaL_newstate();
-    if (!L)
+    budget_t *b = calloc(1, sizeof(*b));
+    if (!b)
         return NULL;
+    b->limit = MP_VM_MEMORY_DEFAULT;
+    b->pause = b->stepmul = -1;
+    /* a custom allocator needs a GC64 LuaJIT on x86-64 (else NULL) */
+    lua_State *L = b->L = lua_newstate(vm_alloc, b);
+    if (!L) {
+        free(b);
+        return NULL;
+    }
+    lua_atpanic(L, on_panic);
     if (lua_cpcall(L, vm_setup, (void *)mp_vm_lua_dir()) != 0) {
-        lua_close(L);
+        mp_vm_close(L);
         return NULL;
     }
     return L;
@@ -106,8 +223,52 @@ lua_State *mp_vm_new(void)
 
 void mp_vm_close(lua_State *L)
 {
-    if (L)
-        lua_close(L);
+    if (!L)
+        return;
+    budget_t *b = budget_of(L);
+    lua_close(L);
+    free(b);
+}
+
+size_t mp_vm_memory(lua_State *L)
+{
+    budget_t *b = budget_of(L);
+    return b ? b->used : (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024;
+}
+
+int mp_vm_set_memory(lua_State *L, size_t limit)
+{
+    budget_t *b = budget_of(L);
+    if (!b)
+        return 0; /* a VM not made by mp_vm_new (the specs' own) has no budget */
+    if (b->used > limit) {
+        int armed = b->armed;
+        b->armed = 0; /* the collector may grow the string table */
+        lua_gc(L, LUA_GCCOLLECT, 0);
+        b->armed = armed;
+    }
+    if (b->used > limit)
+        return MP_ENOMEM;
+    b->limit = limit;
+    return 0;
+}
+
+/* After a call that passed the budget: the hook and the collector's
+ * settings are put back, a full collection gives the memory back, and glibc
+ * returns the freed pages to the system. */
+static void give_back(lua_State *L, budget_t *b)
+{
+    unhook(b);
+    if (b->pause >= 0) {
+        lua_gc(L, LUA_GCSETPAUSE, b->pause);
+        lua_gc(L, LUA_GCSETSTEPMUL, b->stepmul);
+        b->pause = b->stepmul = -1;
+    }
+    lua_gc(L, LUA_GCCOLLECT, 0);
+    b->over = 0;
+#ifdef __GLIBC__
+    malloc_trim(0);
+#endif
 }
 
 /* Message handler: the error as a string, then the stack traceback. */
@@ -160,16 +321,28 @@ int mp_vm_call(lua_State *L, int nargs, int nresults, char *err, size_t errlen)
         lua_pushcfunction(L, on_error);
     }
     lua_insert(L, base);
+    budget_t *b = budget_of(L);
+    if (b)
+        b->armed++;
     int rc = lua_pcall(L, nargs, nresults, base);
     lua_remove(L, base);
-    if (rc == 0)
+    int over = b && --b->armed == 0 && b->over;
+    if (rc == 0) {
+        if (over) /* the script caught the error, or ended before the hook ran */
+            give_back(L, b);
         return 0;
+    }
     size_t len = 0;
     const char *msg = lua_tolstring(L, -1, &len);
-    if (msg)
+    if (over && (!msg || !strstr(msg, "lua_memory exceeded")) && err && errlen)
+        snprintf(err, errlen, "lua_memory exceeded: the VM would hold more than %d MiB (settings.lua_memory)",
+                 (int)(b->limit >> 20));
+    else if (msg)
         copy_error(msg, len, err, errlen);
     else
         copy_error("(error object is not a string)", 30, err, errlen);
     lua_pop(L, 1);
+    if (over)
+        give_back(L, b);
     return MP_EINVAL;
 }

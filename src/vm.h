@@ -17,8 +17,25 @@ const char *mp_vm_lua_dir(void);
 lua_State *mp_vm_new(void);
 void mp_vm_close(lua_State *L);
 
+/* settings.lua_memory: a VM from mp_vm_new starts with this budget. */
+#define MP_VM_MEMORY_DEFAULT ((size_t)256 << 20)
+
+/* Sets the bytes L's allocator may hold (mp_vm_new's VMs; others: no-op).
+ * Inside mp_vm_call, passing it raises "lua_memory exceeded" at the next
+ * interpreted instruction (compiled code exits to the interpreter first, see
+ * vm.c), and one allocation past twice it fails where it is made (a Lua
+ * memory error). Outside a call nothing is checked, so C never meets an
+ * unprotected error. Returns 0, or MP_ENOMEM (the old limit stays) when L
+ * holds more than limit even after a full collection. */
+int mp_vm_set_memory(lua_State *L, size_t limit);
+
+/* Bytes L's allocator holds now. */
+size_t mp_vm_memory(lua_State *L);
+
 /* lua_pcall with a traceback handler. On error returns MP_EINVAL, pops the
- * error and copies its message (first line: "file:line: message") into err. */
+ * error and copies its message (first line: "file:line: message") into err.
+ * When the call passed the VM's budget the message says "lua_memory
+ * exceeded", and (error or not) a full collection gives the memory back. */
 int mp_vm_call(lua_State *L, int nargs, int nresults, char *err, size_t errlen);
 
 #endif

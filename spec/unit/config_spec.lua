@@ -557,6 +557,31 @@ describe("load_config() static routes", function()
   end)
 end)
 
+describe("load_config() lua_memory", function()
+  -- ~40 MB of distinct strings the script keeps
+  local HOLD = "local keep = {} for i = 1, 40000 do keep[i] = string.rep('y', 1000) .. i end"
+
+  it("lets a script hold what fits in the budget", function()
+    ok { LISTEN, 'proxy.settings { lua_memory = "64m" }', HOLD }
+  end)
+
+  it("refuses a script that holds more after proxy.settings, at the line that passed it", function()
+    local cfg, err, path = load { LISTEN, 'proxy.settings { lua_memory = "16m" }', HOLD }
+    assert.is_nil(cfg)
+    assert.matches("^" .. path:gsub("%p", "%%%0") .. ":4: lua_memory exceeded", err)
+  end)
+
+  it("refuses a budget below what the script holds already, at the settings line", function()
+    fails_at({ LISTEN, HOLD, 'proxy.settings { lua_memory = "8m" }' }, 4,
+      'settings: lua_memory ("8m") is less than this VM holds already')
+  end)
+
+  it("refuses a lua_memory that is not a size of at least 1m", function()
+    fails_at({ LISTEN, 'proxy.settings { lua_memory = "512k" }' }, 3, 'settings: lua_memory must be at least "1m"')
+    fails_at({ LISTEN, 'proxy.settings { lua_memory = "lots" }' }, 3, "settings: lua_memory must be a size")
+  end)
+end)
+
 describe("examples/quickstart.lua", function()
   it("loads", function()
     local cfg, err = core.load_config("examples/quickstart.lua")

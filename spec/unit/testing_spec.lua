@@ -409,6 +409,24 @@ proxy.route { path = "/spin", upstream = proxy.upstream "u" { servers = { "127.0
     end)
   end)
 
+  it("fails a hook past lua_memory with 500, as the server does, and stays usable", function()
+    local cfg = load([[
+proxy.settings { lua_memory = "16m" }
+local u = proxy.upstream "u" { servers = { "127.0.0.1:1" } }
+proxy.route { path = "/grow", upstream = u, on_request = function(req)
+  local t = {}
+  for i = 1, 100000 do t[i] = string.rep("x", 1000) .. i end
+end }
+proxy.route { prefix = "/", upstream = u }
+]])
+    local r = cfg:request { path = "/grow" }
+    assert.equal(500, r.status)
+    assert.matches("lua_memory", r.error, 1, true)
+    r = cfg:request { path = "/after" }
+    assert.same({ nil, "u" }, { r.status, r.upstream })
+    cfg:close()
+  end)
+
   it("exposes the same shared dicts as the configuration", function()
     local cfg = load([[
 local flags = proxy.shared("testing_flags", "64k")

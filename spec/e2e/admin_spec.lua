@@ -1,0 +1,94 @@
+-- End-to-end: the admin port refuses what a web page in an operator's browser
+-- could send (SPEC "Admin access"): any request with an Origin field (a
+-- cross-site POST /rollback), and a Host that does not name the admin port
+-- (DNS rebinding reading /configz). /live and /ready take any Host, so that
+-- orchestrator probes by the pod's address keep working.
+local h = require "helpers.proxy"
+local raw = require "helpers.raw_http"
+
+local CONFIG = [=[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = false }
+proxy.route { prefix = "/", upstream = proxy.upstream "a" { servers = { "${a}" } } }
+]=]
+
+local EVIL = "http://evil.example"
+
+describe("the admin port against browsers", function()
+    local a, proxy
+
+    -- One admin request with these header pairs (Host only when given).
+    local function admin(method, target, headers)
+        local res, err = raw.request(proxy.admin_port, { method = method, target = target, headers = headers,
+            no_host = true, body = method == "POST" and "" or nil }, { timeout = 10 })
+        assert(res, err)
+        return res
+    end
+
+    local function generation()
+        local res, doc = proxy:admin("GET", "/configz")
+        assert.equal(200, res.status)
+        return doc.generation
+    end
+
+    lazy_setup(function()
+        a = h.start_origin("a")
+        proxy = h.start_proxy { workers = 1, config = CONFIG, vars = { a = a.addr } }
+        proxy:wait_ready()
+        -- a previous generation, so that a rollback would do something
+        assert.equal(200, assert(proxy:admin("POST", "/reload")).status)
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy, a)
+    end)
+
+    it("refuses POST /rollback with an Origin field (403), and does not roll back", function()
+        local before = generation()
+        local self_host = "127.0.0.1:" .. proxy.admin_port
+        local res = admin("POST", "/rollback", { { "Host", self_host }, { "Origin", EVIL } })
+        assert.equal(403, res.status)
+        res = admin("POST", "/reload", { { "Host", self_host }, { "Origin", "null" } })
+        assert.equal(403, res.status)
+        assert.equal(before, generation())
+    end)
+
+    it("refuses GET /configz with an Origin field (403)", function()
+        local res = admin("GET", "/configz", { { "Host", "127.0.0.1:" .. proxy.admin_port }, { "Origin", EVIL } })
+        assert.equal(403, res.status)
+        assert.is_nil(res.body:find("generation", 1, true))
+    end)
+
+    it("refuses a Host that does not name the admin port (403), on every endpoint but the probes", function()
+        local evil = "evil.example:" .. proxy.admin_port
+        for _, t in ipairs { { "GET", "/configz" }, { "GET", "/upstreams" }, { "GET", "/metrics" },
+            { "POST", "/rollback" }, { "GET", "/" } } do
+            local res = admin(t[1], t[2], { { "Host", evil } })
+            assert.equal(403, res.status, t[1] .. " " .. t[2])
+        end
+        assert.equal(403, admin("GET", "http://" .. evil .. "/configz", { { "Host", evil } }).status)
+        assert.equal(403, admin("GET", "/configz", { { "Host", "127.0.0.1:1" } }).status)
+    end)
+
+    it("serves the configured address and localhost with its port", function()
+        for _, host in ipairs { "127.0.0.1:" .. proxy.admin_port, "localhost:" .. proxy.admin_port,
+            "LOCALHOST:" .. proxy.admin_port, "localhost" } do
+            local res = admin("GET", "/configz", { { "Host", host } })
+            assert.equal(200, res.status, host)
+        end
+    end)
+
+    it("serves an HTTP/1.0 request without Host", function()
+        local res = assert(raw.request(proxy.admin_port, "GET /configz HTTP/1.0\r\n\r\n"))
+        assert.equal(200, res.status)
+    end)
+
+    it("answers /live and /ready whatever the Host, but refuses them with an Origin", function()
+        for _, path in ipairs { "/live", "/ready" } do
+            assert.equal(200, admin("GET", path, { { "Host", "10.1.2.3:8085" } }).status, path)
+            assert.equal(403, admin("GET", path, { { "Host", "localhost" }, { "Origin", EVIL } }).status, path)
+        end
+    end)
+end)
