@@ -429,6 +429,7 @@ int mp_req_decide(mp_req_t *r)
     int bad = normalize_target(r);
     if (bad)
         return bad;
+    r->client_path = r->path;
     if (cfg->settings.max_body_size && h->content_length > 0 &&
         (uint64_t)h->content_length > cfg->settings.max_body_size)
         return 413;

@@ -79,6 +79,7 @@ typedef struct mp_req {
     mp_hedit_t *resp_edits;   /* response header edits (and respond()'s headers) */
     const mp_http_response_t *rh; /* the upstream's response head, during response hooks */
     mp_slice match_path;      /* the path the router matched (regex captures index it) */
+    mp_slice client_path;     /* the received path once normalised: what the client asked for */
     mp_local_t local;         /* a response made here (an error's text stays here while it is sent) */
     const char *local_out;    /* body of a local response still to write after c->out */
     size_t local_out_len;

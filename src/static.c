@@ -344,7 +344,7 @@ static int resolve(const mp_req_t *r, const mp_static_def_t *def, mp_static_file
     /* a directory asked for without '/': redirect, unless the client did send
      * one (a hook took it away): no redirect loop. Root itself ("/", what
      * strip_prefix leaves of "/site") counts as asked for without one. */
-    const mp_slice hp = r->h.path;
+    const mp_slice hp = r->client_path;
     int redirect = (p.len <= 1 || p.p[p.len - 1] != '/') && (hp.len == 0 || hp.p[hp.len - 1] != '/');
     int status = open_file(rootfd, def, rel, sizeof(rel), redirect, out);
     if (status == 404 && def->fallback) {
@@ -435,11 +435,11 @@ static size_t http_date(int64_t t, char *out, size_t n)
                             MONTHS + 3 * tm.tm_mon, tm.tm_year + 1900, tm.tm_hour, tm.tm_min, tm.tm_sec);
 }
 
-/* The received path with '/' added (one leading '/': "//evil.example/"
- * would be another site), and the query. */
+/* The received path (normalised) with '/' added (one leading '/':
+ * "//evil.example/" would be another site), and the query. */
 static int add_location(mp_req_t *r)
 {
-    mp_slice p = r->h.path;
+    mp_slice p = r->client_path;
     while (p.len > 1 && p.p[0] == '/' && p.p[1] == '/')
         p.p++, p.len--;
     size_t len = p.len + 1 + (r->h.has_query ? 1 + r->h.query.len : 0);

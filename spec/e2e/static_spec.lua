@@ -108,6 +108,13 @@ describe("static routes #slow", function()
       assert.equal("<h1>guide</h1>\n", get("/site/").body)
     end)
 
+    it("redirects to the normalised path, never echoing dot segments or escapes back", function()
+      local res = get("/docs/x/../%67uide?x=1")
+      assert.equal(301, res.status)
+      assert.equal("/docs/guide/?x=1", res:header("location"))
+      assert.equal("/site/", get("/site/../site"):header("location"))
+    end)
+
     it("answers 404 for a directory without an index", function()
       assert.equal(404, get("/docs/empty/").status)
     end)
