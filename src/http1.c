@@ -158,6 +158,10 @@ static int parse_version(const char *v, size_t n, int partial, int *minor)
     static const char form[] = "HTTP/9.9"; /* '9': any digit */
     size_t k = n < 8 ? n : 8;
 
+    if (!partial && n == 8 && memcmp(v, "HTTP/1.", 7) == 0 && (v[7] == '1' || v[7] == '0')) {
+        *minor = v[7] - '0'; /* the common case, in one compare */
+        return 0;
+    }
     for (size_t i = 0; i < k; i++)
         if (form[i] == '9' ? (v[i] < '0' || v[i] > '9') : v[i] != form[i])
             return -1;
@@ -315,7 +319,8 @@ typedef struct {
 
 /* Parses one field line p[0..n) (no terminator) into h (RFC 9112 §5).
  * Returns 0 or 400 with *err. */
-static int parse_field(const char *p, size_t n, mp_header_t *h, const char **err)
+static inline __attribute__((always_inline)) int parse_field(const char *p, size_t n, mp_header_t *h,
+                                                              const char **err)
 {
     size_t i = 0, v, e;
 
