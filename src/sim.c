@@ -8,6 +8,7 @@
 #include "conn.h"
 #include "l_request.h"
 #include "log.h"
+#include "path.h"
 #include "reload.h"
 #include "static.h"
 #include "upstream.h"
@@ -589,6 +590,27 @@ static void fill_result(mp_sim_t *s, mp_sim_result_t *out)
     out->ntrace = s->ntrace;
 }
 
+/* Traces what mp_req_decide is about to do to the request before any hook
+ * sees it: the fields it drops (a name with '_') and the path it normalises
+ * (SPEC "Behaviour on the wire"); a refused path is traced with the answer. */
+static void note_normalised(mp_sim_t *s, const mp_http_request_t *h)
+{
+    const mp_settings_t *st = &s->gen.cfg->settings;
+    for (unsigned i = 0; !st->underscores_in_headers && i < h->nheaders; i++)
+        if (memchr(h->headers[i].name.p, '_', h->headers[i].name.len))
+            step(s, "request", "field %.*s dropped (a name with '_': underscores_in_headers = false)",
+                 (int)h->headers[i].name.len, h->headers[i].name.p);
+    mp_path_opts_t o = {(uint8_t)st->merge_slashes, (uint8_t)st->escaped_slashes};
+    char out[8192]; /* max_uri_size's default; a longer path goes untraced here */
+    const char *why = NULL;
+    if (h->path.len > sizeof(out) || (h->path.len == 1 && h->path.p[0] == '*') ||
+        mp_path_is_normal(h->path.p, h->path.len, &o))
+        return;
+    ssize_t n = mp_path_normalize(h->path.p, h->path.len, &o, out, &why);
+    if (n > 0)
+        step(s, "request", "path %.*s normalised to %.*s", (int)h->path.len, h->path.p, (int)n, out);
+}
+
 /* Who answered a request mp_req_decide says was responded to. */
 static const char *responded_why(const mp_sim_t *s)
 {
@@ -641,6 +663,7 @@ static int run_request(mp_sim_t *s, const mp_sim_request_t *rq)
     r->is_head = h->method.len == 4 && memcmp(h->method.p, "HEAD", 4) == 0;
     r->keepalive = !h->conn_close;
     r->body.done = !(h->chunked || h->content_length > 0);
+    note_normalised(s, h);
     int d = mp_req_decide(r);
     note_route(s);
     if (d == MP_DECIDE_RESPONDED)

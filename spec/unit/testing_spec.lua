@@ -168,7 +168,10 @@ proxy.route { name = "all", prefix = "/", upstream = api,
       assert.same({ "admin", 403 }, { cfg:request({ path = "/x/../%61dmin" }).route, cfg:request({ path = "//admin" }).status })
       local r = cfg:request { path = "/a/./b//c?x=/../y" }
       assert.same({ "all", "/a/b/c?x=/../y", "/a/b/c" }, { r.route, r.target, r.headers["x-path"] })
-      assert.matches("matched /a/b/c ", r.trace[2].text)
+      assert.matches("path /a/./b//c normalised to /a/b/c", r.trace[2].text)
+      assert.matches("matched /a/b/c ", r.trace[3].text)
+      local u = cfg:request { path = "/", headers = { X_Forwarded_For = "6.6.6.6" } }
+      assert.matches("field X_Forwarded_For dropped", u.trace[2].text)
       cfg:close()
     end)
 
