@@ -484,8 +484,9 @@ int mp_upstream_request_head(mp_req_t *r, mp_buf_t *b)
  * place: data moves down to r->body_ready, over the framing (as
  * frame_response_body does for HTTP/1.0 clients), and each trailer field
  * that may be forwarded follows it re-serialised; nothing of the client's
- * framing is kept. Extensions and trailers count against max_body_size,
- * the trailer section against max_header_size. Returns 0, 400, 413 or 431. */
+ * framing is kept. Data, extensions, leading zeros and trailer field lines
+ * count against max_body_size; the trailer section (its fields and final
+ * CRLF) against max_header_size. Returns 0, 400, 413 or 431. */
 static int decode_request_body(mp_req_t *r)
 {
     mp_conn_t *c = r->conn;
@@ -503,7 +504,7 @@ static int decode_request_body(mp_req_t *r)
             f->total += put;
         r->body_ready += (uint32_t)put;
         f->scan += (uint32_t)k;
-        if (f->chunk.trailer_bytes > s->max_header_size)
+        if (f->chunk.in_trailer && f->chunk.trailer_bytes + 2 > s->max_header_size)
             return 431;
         if (s->max_body_size && f->total + f->chunk.ext_bytes + f->chunk.trailer_bytes > s->max_body_size)
             return 413;
