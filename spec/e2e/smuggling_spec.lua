@@ -309,6 +309,19 @@ describe("moonproxy chunked trailer section bound", function()
         assert.same(fields, trailers)
     end)
 
+    it("compares the trailer section, its final CRLF included, with max_header_size", function()
+        local function section(n) -- a trailer section of n bytes: one field line and the final CRLF
+            return "X-T: " .. ("t"):rep(n - 9) .. "\r\n\r\n"
+        end
+        assert.equal(2048, #section(2048))
+        local res = exchange(proxy.port, POST .. "1\r\nx\r\n0\r\n" .. section(2048))
+        assert.equal(200, res.status)
+        local before = #origin_log(a)
+        res = exchange(proxy.port, POST .. "1\r\nx\r\n0\r\n" .. section(2049))
+        assert.equal(431, res.status)
+        assert.equal(before, #origin_log(a))
+    end)
+
     it("forwards a trailer section within max_header_size", function()
         local field = "X-T: " .. ("t"):rep(200) .. "\r\n"
         local res = exchange(proxy.port, POST .. "1\r\nx\r\n0\r\n" .. field:rep(4) .. "\r\n")
