@@ -23,7 +23,7 @@ trap 'rm -rf "$work"' EXIT INT TERM
 
 status=0
 for t in http1 chunked reframe router path; do
-    srcs="$root/src/http1.c $root/src/fuzz.c $root/src/util.c"
+    srcs="$root/src/http1.c $root/src/reframe.c $root/src/fuzz.c $root/src/util.c"
     libs=""
     if [ "$t" = router ]; then
         srcs="$root/src/router.c $root/src/regex.c $root/src/util.c"

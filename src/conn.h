@@ -8,6 +8,7 @@
 #include "common.h"
 #include "headers.h"
 #include "http1.h"
+#include "reframe.h"
 #include "router.h"
 #include "worker.h"
 
@@ -25,23 +26,7 @@ enum mp_phase { MP_PHASE_REQUEST, MP_PHASE_RESPONSE, MP_PHASE_LOG, MP_PHASE_DONE
 
 enum mp_body_kind { MP_BODY_NONE, MP_BODY_LENGTH, MP_BODY_CHUNKED, MP_BODY_CLOSE };
 
-/* Framing of one body being relayed. */
-typedef struct {
-    uint8_t kind;       /* mp_body_kind */
-    uint64_t left;      /* MP_BODY_LENGTH: bytes still to come */
-    uint64_t total;     /* payload bytes seen (decoded for chunked) */
-    mp_chunked_t chunk; /* MP_BODY_CHUNKED */
-    unsigned done : 1;  /* the whole body was read (for chunked: decoded) */
-    /* A chunked request body is decoded in place in conn->in and re-framed
-     * by the proxy (upstream.c): */
-    unsigned out_chunks : 1; /* a chunk was announced: the next framing starts with CRLF */
-    unsigned out_stage : 2;  /* 0 data chunks, 1 last chunk + trailers, 2 final CRLF, 3 all written */
-    uint8_t frame_len, frame_off;    /* frame[frame_off, frame_len): framing still to write */
-    char frame[MP_CHUNK_FRAME_MAX];
-    uint32_t out_left; /* bytes of the announced chunk (or of the trailers) still to write */
-    uint32_t scan;     /* conn->in: first byte of the client's framing not yet decoded */
-    uint32_t trailers; /* conn->in: where the re-serialised trailer fields begin; 0 before the last chunk */
-} mp_framing_t;
+/* mp_framing_t (a body being relayed) is in reframe.h. */
 
 /* A response made here. */
 typedef struct {

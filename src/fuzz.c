@@ -3,8 +3,20 @@
  * checked against each other and against the input's bounds. Linked only
  * into the fuzz targets. */
 #include "http1.h"
+#include "reframe.h"
 
+#include <stdlib.h>
 #include <string.h>
+
+#if defined(__has_include)
+#if __has_include(<sanitizer/asan_interface.h>)
+#include <sanitizer/asan_interface.h>
+#endif
+#endif
+#ifndef ASAN_POISON_MEMORY_REGION
+#define ASAN_POISON_MEMORY_REGION(p, n) ((void)(p), (void)(n))
+#define ASAN_UNPOISON_MEMORY_REGION(p, n) ((void)(p), (void)(n))
+#endif
 
 #define FUZZ_MAX 16384
 
@@ -233,15 +245,15 @@ void mp_fuzz_chunked(const uint8_t *data, size_t size)
 }
 
 
-/* ---- differential: decode, re-frame as the relay does, decode again ---- */
+/* ---- differential: decode, re-frame as the relay does, check strictly ---- */
 
 /* A strict decode of a whole chunked body: its data and its forwardable
  * trailer fields re-serialised, each written to its own buffer. */
 typedef struct {
     int ok;          /* the message was complete and valid */
+    int bad;         /* the decoder refused it */
     size_t consumed;
     size_t data_len, trailer_len;
-    uint64_t ext_bytes;
 } strict_t;
 
 static strict_t strict_decode(const char *in, size_t n, char *data, char *trailers)
@@ -253,6 +265,7 @@ static strict_t strict_decode(const char *in, size_t n, char *data, char *traile
         mp_chunk_part_t part;
         ssize_t k = mp_chunked_next(&c, in + s.consumed, n - s.consumed, &part);
 
+        s.bad = k < 0;
         if (k <= 0)
             return s;
         memcpy(data + s.data_len, part.data.p, part.data.len);
@@ -262,85 +275,197 @@ static strict_t strict_decode(const char *in, size_t n, char *data, char *traile
         s.consumed += (size_t)k;
     }
     s.ok = c.done;
-    s.ext_bytes = c.ext_bytes;
     return s;
 }
 
-/* The relay's work on in[0..n): the bytes arrive in pieces drawn from seed
- * and are decoded in place (mp_chunked_decode_into); at random points the
- * decoded data not yet sent goes out behind a size line (mp_chunked_frame),
- * and at the end the last chunk, the trailer fields and the final CRLF.
- * Returns the re-framed length in out, or 0 when the body is invalid or
- * incomplete; *trailers_at: where the trailer fields begin in buf. */
-static size_t relay_reframe(const char *in, size_t n, uint32_t seed, char *buf, char *out, size_t *trailers_at)
+/* An independent check of what the proxy writes (not mp_chunked_next):
+ * 1*(size CRLF data CRLF) with sizes in lower-case hex without leading
+ * zeros, "0" CRLF, lines token ":" [SP] value CRLF (the value neither
+ * starting nor ending with whitespace, no CTL but HTAB), CRLF, and nothing
+ * after. Returns 1 with the data and the trailer lines (CRLF included)
+ * copied out, else 0. */
+static int crlf_at(const char *s, size_t n, size_t *i)
 {
-    mp_chunked_t c = {0};
-    size_t ready = 0, scan = 0, end = 0, sent = 0, o = 0, tr = 0;
-    int chunks = 0, in_trailer = 0;
+    if (n - *i < 2 || s[*i] != '\r' || s[*i + 1] != '\n')
+        return 0;
+    *i += 2;
+    return 1;
+}
 
-    memcpy(buf, in, n);
-    while (!c.done) {
-        size_t put;
-        ssize_t k;
+static int is_token_byte(unsigned char ch)
+{
+    return ch > 0x20 && ch < 0x7f && !strchr("\"(),/:;<=>?@[\\]{}", ch);
+}
 
-        seed = seed * 1103515245u + 12345u;
-        if (end < n && (scan == end || (seed >> 20) % 4 == 0))
-            end += 1 + (seed >> 16) % 64 < n - end ? 1 + (seed >> 16) % 64 : n - end;
-        k = mp_chunked_decode_into(&c, buf + ready, buf + scan, end - scan, &put);
-        if (k < 0 || (k == 0 && end == n))
+static int strict_chunks(const char *s, size_t n, size_t *i, char *data, size_t *dlen)
+{
+    for (;;) {
+        uint64_t size = 0;
+        size_t d = 0;
+        while (*i < n && ((s[*i] >= '0' && s[*i] <= '9') || (s[*i] >= 'a' && s[*i] <= 'f'))) {
+            size = size << 4 | (uint64_t)(s[*i] <= '9' ? s[*i] - '0' : s[*i] - 'a' + 10);
+            if (++d > 16)
+                return 0;
+            *i += 1;
+        }
+        if (d == 0 || (d > 1 && s[*i - d] == '0') || !crlf_at(s, n, i))
             return 0;
-        MP_BUG_ON(put > (size_t)k || ready + put > scan + (size_t)k);
-        if (c.in_trailer && !in_trailer) {
-            tr = ready;
-            in_trailer = 1;
+        if (size == 0)
+            return 1;
+        if (n - *i < size + 2)
+            return 0;
+        memcpy(data + *dlen, s + *i, (size_t)size);
+        *dlen += (size_t)size;
+        *i += (size_t)size;
+        if (!crlf_at(s, n, i))
+            return 0;
+    }
+}
+
+static int strict_reframed(const char *s, size_t n, char *data, size_t *dlen, char *tr, size_t *tlen)
+{
+    size_t i = 0;
+    *dlen = *tlen = 0;
+    if (!strict_chunks(s, n, &i, data, dlen))
+        return 0;
+    while (!crlf_at(s, n, &i)) {
+        size_t start = i, v;
+        while (i < n && is_token_byte((unsigned char)s[i]))
+            i++;
+        if (i == start || i == n || s[i] != ':')
+            return 0;
+        i += 1 + (i + 1 < n && s[i + 1] == ' ');
+        for (v = i; i < n && (s[i] == '\t' || ((unsigned char)s[i] >= 0x20 && s[i] != 0x7f)); i++)
+            ;
+        if (i > v && (s[v] == ' ' || s[v] == '\t' || s[i - 1] == ' ' || s[i - 1] == '\t'))
+            return 0;
+        if (!crlf_at(s, n, &i))
+            return 0;
+        memcpy(tr + *tlen, s + start, i - start);
+        *tlen += i - start;
+    }
+    return i == n;
+}
+
+static uint32_t fuzz_rand(uint32_t *seed)
+{
+    *seed = *seed * 1103515245u + 12345u;
+    return *seed >> 16;
+}
+
+/* The relay's buffer: a head of base bytes, then the body as it arrives;
+ * the bytes that have not arrived, [end, cap), are poisoned. */
+typedef struct {
+    mp_framing_t f;
+    mp_reframe_buf_t b;
+    const char *in;
+    size_t n, arrived;
+    char *out;
+    size_t olen;
+    uint32_t seed;
+} relay_t;
+
+static void relay_poison(relay_t *r)
+{
+    ASAN_POISON_MEMORY_REGION(r->b.data + r->b.end, r->b.cap - r->b.end);
+}
+
+/* Up to 64 more input bytes arrive, as many as there is room for. */
+static int relay_arrive(relay_t *r)
+{
+    size_t k = 1 + fuzz_rand(&r->seed) % 64, room = r->b.cap - r->b.end;
+    if (k > r->n - r->arrived)
+        k = r->n - r->arrived;
+    if (k > room)
+        k = room;
+    ASAN_UNPOISON_MEMORY_REGION(r->b.data + r->b.end, k);
+    memcpy(r->b.data + r->b.end, r->in + r->arrived, k);
+    r->b.end += (uint32_t)k;
+    r->arrived += k;
+    return k != 0;
+}
+
+/* Writes as pump_request does, in random partial writes (a full socket
+ * after the first one at random). Returns whether a byte was written. */
+static int relay_write(relay_t *r)
+{
+    int wrote = 0;
+    for (;;) {
+        mp_slice frame, body;
+        mp_reframe_plan(&r->f, &r->b);
+        mp_reframe_next(&r->f, &r->b, &frame, &body);
+        size_t avail = frame.len + body.len;
+        if (!avail || (wrote && fuzz_rand(&r->seed) % 4 == 0))
+            return wrote;
+        size_t k = 1 + fuzz_rand(&r->seed) % avail, fk = k < frame.len ? k : frame.len;
+        memcpy(r->out + r->olen, frame.p, fk);
+        memcpy(r->out + r->olen + fk, body.p, k - fk);
+        r->olen += k;
+        mp_reframe_written(&r->f, &r->b, k);
+        wrote = 1;
+    }
+}
+
+/* Relays in[0..n) through a buffer of cap bytes as upstream.c does: arrive,
+ * decode, plan and write, compact when full. Returns 0 when the body went
+ * out whole, -1 when it is incomplete, else the status refusing it. */
+static int relay_run(relay_t *r)
+{
+    for (size_t steps = 0;; steps++) {
+        mp_reframe_buf_t was = r->b;
+        uint32_t scan = r->f.scan;
+        int moved = r->arrived < r->n && relay_arrive(r);
+        int st = mp_reframe_decode(&r->f, &r->b, 0, UINT64_MAX);
+        if (st)
+            return st;
+        moved |= relay_write(r);
+        if (r->f.out_stage == 3)
+            return 0;
+        if (!r->f.done && r->b.end == r->b.cap) {
+            int dropped;
+            if ((st = mp_reframe_compact(&r->f, &r->b, &dropped)) != 0)
+                return st;
+            relay_poison(r);
         }
-        ready += put;
-        scan += (size_t)k;
-        if (!c.in_trailer && ready > sent && (seed >> 24) % 3 == 0) {
-            o += mp_chunked_frame(out + o, ready - sent, chunks);
-            memcpy(out + o, buf + sent, ready - sent);
-            o += ready - sent;
-            sent = ready;
-            chunks = 1;
+        moved |= memcmp(&was, &r->b, sizeof(was)) != 0 || scan != r->f.scan;
+        MP_BUG_ON(steps > 3 * (r->n + r->olen) + 64); /* every step moves a byte on */
+        if (!moved) {
+            MP_BUG_ON(r->arrived < r->n); /* stuck with input still to come */
+            return -1;
         }
     }
-    if (tr > sent) {
-        o += mp_chunked_frame(out + o, tr - sent, chunks);
-        memcpy(out + o, buf + sent, tr - sent);
-        o += tr - sent;
-        chunks = 1;
-    }
-    o += mp_chunked_frame(out + o, 0, chunks);
-    memcpy(out + o, buf + tr, ready - tr);
-    o += ready - tr;
-    memcpy(out + o, "\r\n", 2);
-    *trailers_at = tr;
-    return o + 2;
 }
 
 void mp_fuzz_reframe(const uint8_t *data, size_t size)
 {
-    static char buf[FUZZ_MAX], out[FUZZ_MAX * 26 + 64], d1[FUZZ_MAX], t1[FUZZ_MAX], d2[FUZZ_MAX * 26 + 64],
-        t2[FUZZ_MAX * 26 + 64];
-    const char *in = (const char *)data + 1;
-    size_t n, tr = 0, olen;
-    strict_t first, again;
-
+    static const uint32_t caps[] = {64, 104, 256, 1024, FUZZ_MAX + 64};
+    static char out[FUZZ_MAX * 26 + 64], d1[FUZZ_MAX], t1[FUZZ_MAX], d2[FUZZ_MAX * 26 + 64], t2[FUZZ_MAX * 26 + 64];
     if (size < 1 || size > FUZZ_MAX)
         return;
-    n = size - 1;
-    first = strict_decode(in, n, d1, t1);
-    olen = relay_reframe(in, n, data[0] | 1u, buf, out, &tr);
-    MP_BUG_ON(first.ok != (olen > 0)); /* pieces or not, the same verdict */
-    if (!olen)
+    relay_t r = {.in = (const char *)data + 1, .n = size - 1, .out = out, .seed = data[0] | 1u};
+    uint32_t base = 1 + data[0] % 24, cap = caps[(data[0] >> 5) % MP_ARRAY_LEN(caps)];
+    r.b = (mp_reframe_buf_t){malloc(cap), cap, base, base, base, base};
+    r.f.scan = base;
+    MP_BUG_ON(!r.b.data);
+    memset(r.b.data, 'H', base); /* the request head: never touched */
+    relay_poison(&r);
+    strict_t first = strict_decode(r.in, r.n, d1, t1);
+    int st = relay_run(&r);
+    ASAN_UNPOISON_MEMORY_REGION(r.b.data, cap);
+    for (uint32_t i = 0; i < base; i++)
+        MP_BUG_ON(r.b.data[i] != 'H');
+    int in_trailer = r.f.chunk.in_trailer;
+    free(r.b.data);
+    /* a buffer too small for the trailer lines is the only other verdict */
+    if (st == 431) {
+        MP_BUG_ON(!in_trailer || cap > base + r.n);
         return;
-    /* the relay's in-place result is what a plain decode finds */
-    MP_BUG_ON(tr != first.data_len || memcmp(buf, d1, tr) != 0);
-    MP_BUG_ON(memcmp(buf + tr, t1, first.trailer_len) != 0);
-    /* the re-framed bytes parse under the strict decoder to the same data
-     * and trailer fields, with no extensions and nothing left over */
-    again = strict_decode(out, olen, d2, t2);
-    MP_BUG_ON(!again.ok || again.consumed != olen || again.ext_bytes != 0);
-    MP_BUG_ON(again.data_len != first.data_len || memcmp(d2, d1, first.data_len) != 0);
-    MP_BUG_ON(again.trailer_len != first.trailer_len || memcmp(t2, t1, first.trailer_len) != 0);
+    }
+    MP_BUG_ON(st != (first.ok ? 0 : first.bad ? 400 : -1));
+    if (st)
+        return;
+    size_t dlen, tlen;
+    MP_BUG_ON(!strict_reframed(out, r.olen, d2, &dlen, t2, &tlen));
+    MP_BUG_ON(dlen != first.data_len || memcmp(d2, d1, dlen) != 0);
+    MP_BUG_ON(tlen != first.trailer_len || memcmp(t2, t1, tlen) != 0);
 }

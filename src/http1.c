@@ -691,6 +691,10 @@ static int ext_byte(mp_chunked_t *c, int state)
 
 static int add_size_digit(mp_chunked_t *c, char ch)
 {
+    /* a leading zero is framing overhead, like an extension: up to a line
+     * of them per chunk would otherwise ride free past max_body_size */
+    if (c->digits && c->remaining == 0)
+        c->ext_bytes++;
     if (c->remaining > (uint64_t)MP_HTTP_MAX_LENGTH >> 4)
         return MP_EPROTO;
     c->remaining = c->remaining << 4 | (uint64_t)hex_value(ch);
@@ -804,7 +808,6 @@ static int chunked_step(mp_chunked_t *c, unsigned char ch)
     case CK_DATA_LF:
         return ch == '\n' ? to(c, CK_SIZE) : MP_EPROTO;
     case CK_END_LF:
-        c->trailer_bytes++;
         return ch == '\n' ? finish(c) : MP_EPROTO;
     case CK_DATA:
     case CK_TRAILER:
@@ -866,7 +869,6 @@ ssize_t mp_chunked_next(mp_chunked_t *c, const char *p, size_t len, mp_chunk_par
             return (ssize_t)i + k; /* a field, or the line start when it is incomplete */
         }
         if (c->state == CK_TRAILER) {
-            c->trailer_bytes++;
             c->state = CK_END_LF;
         } else if (chunked_step(c, (unsigned char)p[i]) < 0) {
             return chunked_failed(c);

@@ -90,8 +90,9 @@ typedef struct {
     uint64_t remaining;     /* bytes left in the current chunk's data */
     unsigned digits;
     unsigned line_len;      /* bytes of the current size line, bounded */
-    uint64_t ext_bytes;     /* chunk-ext bytes so far (a caller counts them against its body limit) */
-    uint64_t trailer_bytes; /* bytes of the trailer section so far, its CRLFs and the final one included */
+    uint64_t ext_bytes;     /* framing overhead so far: chunk-ext bytes and leading zeros of sizes */
+    uint64_t trailer_bytes; /* bytes of the trailer field lines so far, their CRLFs included: the
+                             * trailer section is these and its final CRLF (2 more bytes) */
     unsigned in_trailer : 1; /* the last chunk was read: the trailer section follows */
     unsigned done : 1;       /* the last chunk and the trailer section were consumed */
 } mp_chunked_t;
@@ -117,8 +118,12 @@ typedef struct {
  * CR after the size, the extensions, the data, the last chunk or a trailer
  * line), chunk extensions outside the grammar of §7.1.1 (a bare ';', a name
  * that is not a token, a bad quoted-string, whitespace before the CRLF), a
- * size line or a trailer line longer than MP_CHUNK_MAX_LINE. Extension and
- * trailer bytes are counted in c (ext_bytes, trailer_bytes), not bounded. */
+ * size line or a trailer line longer than MP_CHUNK_MAX_LINE. Framing
+ * overhead (extensions, leading zeros of a size) and trailer field lines are
+ * counted in c (ext_bytes, trailer_bytes), not bounded: a caller counts
+ * ext_bytes and trailer_bytes against its body limit (a body without
+ * extensions, leading zeros or trailer fields counts its data only), and
+ * the trailer section, trailer_bytes + 2, against its head limit. */
 ssize_t mp_chunked_next(mp_chunked_t *c, const char *p, size_t len, mp_chunk_part_t *out);
 
 /* mp_chunked_next reporting data runs only (trailer fields are checked and

@@ -94,13 +94,24 @@ static int read_unit(const char *p, size_t len, size_t *i, const mp_path_opts_t 
     return U_BYTES;
 }
 
+/* Whether s[0..n) is "." or ".." followed by ';' (path parameters): Java
+ * servlet containers (Tomcat, Jetty, Spring) drop each segment's ";params"
+ * before removing dot segments, so "/x/..;/admin" is "/admin" to them. */
+static int is_dot_params(const char *s, size_t n)
+{
+    size_t d = n && s[0] == '.' ? (n > 1 && s[1] == '.' ? 2 : 1) : 0;
+    return d && n > d && s[d] == ';';
+}
+
 /* Ends the segment out[seg..*w) (out[seg - 1] is '/'): a "." segment is
  * removed, a ".." one with the segment before it (RFC 3986 §5.2.4 B-D).
  * Returns 1 when it was a dot segment, 0 when not, -1 when ".." would
- * climb above the root. */
+ * climb above the root, -2 for a dot segment with path parameters. */
 static int end_segment(const char *out, size_t seg, size_t *w)
 {
     size_t n = *w - seg;
+    if (is_dot_params(out + seg, n))
+        return -2;
     if (n == 1 && out[seg] == '.') {
         *w = seg;
         return 1;
@@ -116,9 +127,11 @@ static int end_segment(const char *out, size_t seg, size_t *w)
     return 1;
 }
 
-static ssize_t climbs(const char **why)
+/* A refusal from end_segment (dots < 0). */
+static ssize_t bad_segment(int dots, const char **why)
 {
-    *why = "the path climbs above /";
+    *why = dots == -2 ? "a dot segment with path parameters (\"..;\" or \".;\") in the path"
+                      : "the path climbs above /";
     return MP_EPROTO;
 }
 
@@ -143,15 +156,16 @@ ssize_t mp_path_normalize(const char *p, size_t len, const mp_path_opts_t *o, ch
         }
         int dots = end_segment(out, seg, &w);
         if (dots < 0)
-            return climbs(why);
+            return bad_segment(dots, why);
         /* a dot segment takes its separator along; an empty one is merged */
         if (!dots && !(w == seg && o->merge_slashes))
             out[w++] = '/';
         seg = w;
     }
     /* the last segment: a dot segment there leaves the '/' before it */
-    if (end_segment(out, seg, &w) < 0)
-        return climbs(why);
+    int dots = end_segment(out, seg, &w);
+    if (dots < 0)
+        return bad_segment(dots, why);
     return (ssize_t)w;
 }
 
@@ -167,7 +181,7 @@ int mp_path_is_normal(const char *p, size_t len, const mp_path_opts_t *o)
         const char *s = p + i + 1;
         size_t rest = len - i - 1;
         if ((o->merge_slashes && rest && s[0] == '/') || (rest && s[0] == '.' && (rest == 1 || s[1] == '/')) ||
-            (rest >= 2 && s[0] == '.' && s[1] == '.' && (rest == 2 || s[2] == '/')))
+            (rest >= 2 && s[0] == '.' && s[1] == '.' && (rest == 2 || s[2] == '/')) || is_dot_params(s, rest))
             return 0;
     }
     return 1;
@@ -205,6 +219,7 @@ static void check_normal(const char *p, size_t n, const mp_path_opts_t *o, char 
         MP_BUG_ON(o->merge_slashes && rest && s[0] == '/');
         MP_BUG_ON(rest && s[0] == '.' && (rest == 1 || s[1] == '/'));
         MP_BUG_ON(rest >= 2 && s[0] == '.' && s[1] == '.' && (rest == 2 || s[2] == '/'));
+        MP_BUG_ON(is_dot_params(s, rest));
     }
     const char *why = NULL;
     ssize_t again = mp_path_normalize(p, n, o, tmp, &why);

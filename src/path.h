@@ -39,7 +39,10 @@ int mp_path_is_normal(const char *p, size_t len, const mp_path_opts_t *o);
  * "/", one not starting with '/', '\' (RFC 3986 has no place for it), '#'
  * (a fragment is never sent, RFC 9112 §3.2), %00, a '%' not followed by
  * two hex digits, a control byte, space or byte >= 0x80, an escaped slash
- * under "reject". Returns the normalised length (>= 1). */
+ * under "reject", a segment whose part before its first ';' is "." or ".."
+ * ("..;x", "%2e;": servlet containers drop ";params" before removing dot
+ * segments). Other path parameters ("/admin;x") are kept as they are.
+ * Returns the normalised length (>= 1). */
 ssize_t mp_path_normalize(const char *p, size_t len, const mp_path_opts_t *o, char *out, const char **why);
 
 /* Checks a query q[0..len) (after '?', passed on untouched): 0, or

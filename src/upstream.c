@@ -480,38 +480,30 @@ int mp_upstream_request_head(mp_req_t *r, mp_buf_t *b)
     return rc ? MP_ENOMEM : 0;
 }
 
-/* Decodes the client's chunked framing in c->in [body.scan, in.end) in
- * place: data moves down to r->body_ready, over the framing (as
- * frame_response_body does for HTTP/1.0 clients), and each trailer field
- * that may be forwarded follows it re-serialised; nothing of the client's
- * framing is kept. Extensions and trailers count against max_body_size,
- * the trailer section against max_header_size. Returns 0, 400, 413 or 431. */
+/* c->in as the re-framing helpers (reframe.h) see it, and back. */
+static mp_reframe_buf_t reframe_buf(mp_req_t *r)
+{
+    mp_buf_t *in = &r->conn->in;
+    return (mp_reframe_buf_t){in->data, in->cap, r->body_start, in->start, r->body_ready, in->end};
+}
+
+static void reframe_store(mp_req_t *r, const mp_reframe_buf_t *b)
+{
+    r->conn->in.start = b->start;
+    r->conn->in.end = b->end;
+    r->body_ready = b->ready;
+}
+
+/* Decodes the client's chunked framing in c->in in place
+ * (mp_reframe_decode): nothing of the client's framing is kept. Returns 0,
+ * 400, 413 or 431. */
 static int decode_request_body(mp_req_t *r)
 {
-    mp_conn_t *c = r->conn;
-    mp_framing_t *f = &r->body;
     const mp_settings_t *s = &r->gen->cfg->settings;
-    while (!f->done && f->scan < c->in.end) {
-        size_t put;
-        ssize_t k = mp_chunked_decode_into(&f->chunk, c->in.data + r->body_ready, c->in.data + f->scan,
-                                           c->in.end - f->scan, &put);
-        if (k < 0)
-            return 400;
-        if (f->chunk.in_trailer && !f->trailers)
-            f->trailers = r->body_ready; /* put is a trailer field then, never data */
-        if (!f->chunk.in_trailer)
-            f->total += put;
-        r->body_ready += (uint32_t)put;
-        f->scan += (uint32_t)k;
-        if (f->chunk.trailer_bytes > s->max_header_size)
-            return 431;
-        if (s->max_body_size && f->total + f->chunk.ext_bytes + f->chunk.trailer_bytes > s->max_body_size)
-            return 413;
-        f->done = f->chunk.done;
-        if (k == 0)
-            break;
-    }
-    return 0;
+    mp_reframe_buf_t b = reframe_buf(r);
+    int st = mp_reframe_decode(&r->body, &b, s->max_body_size, s->max_header_size);
+    reframe_store(r, &b);
+    return st;
 }
 
 /* Advances r->body_ready over the request body bytes in c->in, checking
@@ -534,36 +526,6 @@ static int frame_request_body(mp_req_t *r)
     return 0;
 }
 
-/* Queues what comes next in the re-framed chunked body once the previous
- * framing and its data are written (RFC 9112 §7.1): a size line for the
- * decoded data not yet announced; once the client's body has ended, the last
- * chunk followed by the trailer fields; then the final CRLF. */
-static void plan_reframing(mp_req_t *r)
-{
-    mp_conn_t *c = r->conn;
-    mp_framing_t *f = &r->body;
-    uint32_t data_end = f->trailers ? f->trailers : r->body_ready;
-    if (f->frame_off < f->frame_len || f->out_left || f->out_stage == 3)
-        return;
-    f->frame_off = f->frame_len = 0;
-    if (f->out_stage == 0 && c->in.start < data_end) {
-        f->out_left = data_end - c->in.start;
-        f->frame_len = (uint8_t)mp_chunked_frame(f->frame, f->out_left, f->out_chunks);
-        f->out_chunks = 1;
-    } else if (f->out_stage == 0 && f->done) {
-        f->frame_len = (uint8_t)mp_chunked_frame(f->frame, 0, f->out_chunks);
-        f->out_left = r->body_ready - c->in.start; /* the trailer fields */
-        f->out_stage = 1;
-    } else if (f->out_stage == 1) {
-        memcpy(f->frame, "\r\n", 2);
-        f->frame_len = 2;
-        f->out_stage = 2;
-    } else if (f->out_stage == 2) {
-        f->out_stage = 3;
-        c->in.start = f->scan; /* a pipelined request starts after the client's framing */
-    }
-}
-
 /* Whether request bytes wait to be written: the head, body bytes, or the
  * rest of a re-framed chunked body. */
 static int request_pending(mp_req_t *r)
@@ -571,7 +533,8 @@ static int request_pending(mp_req_t *r)
     const mp_framing_t *f = &r->body;
     if ((r->up && mp_buf_len(&r->up->out)) || r->body_ready > r->conn->in.start)
         return 1;
-    return f->kind == MP_BODY_CHUNKED && (f->frame_off < f->frame_len || (f->done && f->out_stage < 3));
+    mp_reframe_buf_t b = reframe_buf(r);
+    return f->kind == MP_BODY_CHUNKED && mp_reframe_pending(f, &b);
 }
 
 /* c->in is full: makes room after the head by dropping the body bytes
@@ -590,20 +553,12 @@ static int make_body_room(mp_req_t *r)
         c->in.start = c->in.end = r->body_ready = r->body_start;
         return 0;
     }
-    uint32_t sent = c->in.start - r->body_start, unsent = r->body_ready - c->in.start;
-    uint32_t raw = c->in.end - f->scan, data_end = f->trailers ? f->trailers : r->body_ready;
-    if (sent == 0 && f->scan == r->body_ready)
-        return data_end > c->in.start ? 0 : 431; /* full of data to write, or of trailers */
-    if (sent)
+    mp_reframe_buf_t b = reframe_buf(r);
+    int dropped, st = mp_reframe_compact(f, &b, &dropped);
+    if (dropped)
         r->body_replayable = 0;
-    memmove(c->in.data + r->body_start, c->in.data + c->in.start, unsent);
-    memmove(c->in.data + r->body_start + unsent, c->in.data + f->scan, raw);
-    if (f->trailers)
-        f->trailers -= sent;
-    c->in.start = r->body_start;
-    r->body_ready = f->scan = r->body_start + unsent;
-    c->in.end = f->scan + raw;
-    return 0;
+    reframe_store(r, &b);
+    return st;
 }
 
 /* The client's body broke its framing or grew too large: the upstream
@@ -640,13 +595,13 @@ static void request_written(mp_req_t *r, size_t k)
         mp_buf_release(&u->out, &c->w->bufs);
         r->head_sent = 1;
     }
-    if (f->kind == MP_BODY_CHUNKED) {
-        size_t fr = (size_t)(f->frame_len - f->frame_off) < k ? (size_t)(f->frame_len - f->frame_off) : k;
-        f->frame_off += (uint8_t)fr;
-        k -= fr;
-        f->out_left -= (uint32_t)k;
+    if (f->kind != MP_BODY_CHUNKED) {
+        c->in.start += (uint32_t)k;
+        return;
     }
-    c->in.start += (uint32_t)k;
+    mp_reframe_buf_t b = reframe_buf(r);
+    mp_reframe_written(f, &b, k);
+    reframe_store(r, &b);
 }
 
 /* Writes the pending request head and the body bytes; a chunked body goes
@@ -670,17 +625,21 @@ static void pump_request(mp_req_t *r)
     for (;;) {
         struct iovec iov[3];
         int n = 0;
-        if (chunked && !r->body_abandoned)
-            plan_reframing(r);
+        mp_slice frame = {NULL, 0}, body = {c->in.data + c->in.start, 0};
+        if (chunked && !r->body_abandoned) {
+            mp_reframe_buf_t b = reframe_buf(r);
+            mp_reframe_plan(f, &b);
+            mp_reframe_next(f, &b, &frame, &body);
+            reframe_store(r, &b);
+        } else if (!r->body_abandoned && r->body_ready > c->in.start) {
+            body.len = r->body_ready - c->in.start;
+        }
         if (mp_buf_len(&u->out))
             iov[n++] = (struct iovec){mp_buf_head(&u->out), mp_buf_len(&u->out)};
-        if (chunked && f->frame_off < f->frame_len && !r->body_abandoned)
-            iov[n++] = (struct iovec){f->frame + f->frame_off, (size_t)(f->frame_len - f->frame_off)};
-        size_t body = r->body_abandoned || r->body_ready <= c->in.start ? 0 : r->body_ready - c->in.start;
-        if (chunked && body > f->out_left)
-            body = f->out_left;
-        if (body)
-            iov[n++] = (struct iovec){c->in.data + c->in.start, body};
+        if (frame.len)
+            iov[n++] = (struct iovec){(void *)frame.p, frame.len};
+        if (body.len)
+            iov[n++] = (struct iovec){(void *)body.p, body.len};
         if (n == 0)
             break;
         ssize_t k = writev(u->fd, iov, n);

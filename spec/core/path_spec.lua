@@ -144,6 +144,21 @@ describe("core.path_normalize() refusals", function()
     end
   end)
 
+  it("refuses a dot segment with path parameters, as servlet containers would remove it", function()
+    for _, p in ipairs { "/x/..;/admin", "/x/..;x=1/admin", "/x/.;/admin", "/x/%2e%2e;/admin", "/x/.%2E;a",
+                         "/..;", "/.;x", "/x/%2e;y/admin", "/a;x/..;" } do
+      for _, opts in ipairs { {}, KEEP, DECODE, NO_MERGE } do
+        check(p, "path parameters", opts, true)
+        assert.is_false(core.path_is_normal(p, opts), p)
+      end
+    end
+    -- path parameters on other segments are kept as they are (nginx does)
+    for _, p in ipairs { "/admin;x", "/a/..x;y/b", "/a/;/b", "/a/...;/b", "/a;..;/b" } do
+      check(p, p)
+      assert.is_true(core.path_is_normal(p), p)
+    end
+  end)
+
   it("refuses a path that does not start with /", function()
     check("", "does not start", nil, true)
     check("admin", "does not start", nil, true)
@@ -166,7 +181,7 @@ describe("core.path_is_normal()", function()
   it("agrees with path_normalize on random paths", function()
     -- bounded: 4000 paths of up to 12 units from an alphabet of the
     -- characters that matter; a fixed seed keeps a failure reproducible
-    local units = { "/", ".", "..", "a", "%2e", "%2f", "%41", "%", "\\", "#", "%00", "%5c", " " }
+    local units = { "/", ".", "..", "a", "%2e", "%2f", "%41", "%", "\\", "#", "%00", "%5c", " ", ";" }
     math.randomseed(9)
     for _ = 1, 4000 do
       local parts = { "/" }

@@ -43,6 +43,8 @@ local SPELLINGS = {
   "/x/../P", "//P", "/%ENC", "/./P", "/x/%2e%2e/P", "/x/..%2fP", "/P/", "/%2e/P", "/P%2f", "/a/b/../../P",
   "/P/./x", "/x/.%2e/P", "/x/%2E%2E/P", "/X/../P", "//x/../P", "/x//../P", "///P//x", "/x/..%2FP",
   "/x/..%5cP", "/x/..\\P", "/%2e%2e/P", "/x/../%ENC", "/P;x/../P", "/P/..%2f..%2fP", "/x/%252e%252e/../../P",
+  -- servlet containers drop ";params" from each segment before removing dot segments
+  "/x/..;/P", "/x/..;x=1/P", "/x/.;/../P", "/x/%2e%2e;/P", "/x/.%2E;a/P", "/x/y/..;/..;/P",
 }
 
 local function spelled(s, prefix)

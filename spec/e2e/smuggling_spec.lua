@@ -216,6 +216,33 @@ describe("moonproxy chunked request bodies (smuggling)", function()
         assert_refused("1\r\nx\r\n0\r\n" .. field:rep(8) .. "\r\n", 413)
     end)
 
+    it("counts the leading zeros of chunk sizes against max_body_size (413)", function()
+        local chunk = ("0"):rep(300) .. "1\r\nx\r\n"
+        assert_refused(chunk:rep(8) .. "0\r\n\r\n", 413)
+    end)
+
+    it("takes a chunked body of max_body_size data bytes as a Content-Length one: 200, and 413 past it", function()
+        local function send(data, chunked)
+            local head = "POST /size HTTP/1.1\r\nHost: x\r\n"
+            if chunked then
+                return exchange(proxy.port, head .. "Transfer-Encoding: chunked\r\n\r\n"
+                    .. string.format("%x\r\n%s\r\n0\r\n\r\n", #data, data))
+            end
+            return exchange(proxy.port, head .. "Content-Length: " .. #data .. "\r\n\r\n" .. data)
+        end
+        for _, n in ipairs { 1023, 1024 } do
+            local data = ("d"):rep(n)
+            for _, chunked in ipairs { false, true } do
+                local res = send(data, chunked)
+                assert.equal(200, res.status, n .. " bytes, chunked: " .. tostring(chunked))
+                local log = origin_log(a)
+                assert.same({ "/size", n }, { log[#log].target, #log[#log].body })
+            end
+        end
+        assert.equal(413, send(("d"):rep(1025), false).status)
+        assert_refused(string.format("%x\r\n%s\r\n0\r\n\r\n", 1025, ("d"):rep(1025)), 413)
+    end)
+
     for _, te in ipairs { "gzip", "chunked, gzip" } do
         it("answers 400 and closes to Transfer-Encoding: " .. te, function()
             local before = #origin_log(a)
@@ -280,6 +307,19 @@ describe("moonproxy chunked trailer section bound", function()
         local got, trailers = strict_chunked(log[#log].framing)
         assert.equal(table.concat(data), got)
         assert.same(fields, trailers)
+    end)
+
+    it("compares the trailer section, its final CRLF included, with max_header_size", function()
+        local function section(n) -- a trailer section of n bytes: one field line and the final CRLF
+            return "X-T: " .. ("t"):rep(n - 9) .. "\r\n\r\n"
+        end
+        assert.equal(2048, #section(2048))
+        local res = exchange(proxy.port, POST .. "1\r\nx\r\n0\r\n" .. section(2048))
+        assert.equal(200, res.status)
+        local before = #origin_log(a)
+        res = exchange(proxy.port, POST .. "1\r\nx\r\n0\r\n" .. section(2049))
+        assert.equal(431, res.status)
+        assert.equal(before, #origin_log(a))
     end)
 
     it("forwards a trailer section within max_header_size", function()
