@@ -363,6 +363,8 @@ typedef struct {
     char *out;
     size_t olen;
     uint32_t seed;
+    int dropped;  /* written bytes were compacted away: no replay any more */
+    int restarts; /* replays done, as a retry to another server does */
 } relay_t;
 
 static void relay_poison(relay_t *r)
@@ -391,15 +393,17 @@ static int relay_write(relay_t *r)
 {
     int wrote = 0;
     for (;;) {
-        mp_slice frame, body;
+        mp_slice frame, body, tail;
         mp_reframe_plan(&r->f, &r->b);
-        mp_reframe_next(&r->f, &r->b, &frame, &body);
-        size_t avail = frame.len + body.len;
+        mp_reframe_next(&r->f, &r->b, &frame, &body, &tail);
+        size_t avail = frame.len + body.len + tail.len;
         if (!avail || (wrote && fuzz_rand(&r->seed) % 4 == 0))
             return wrote;
         size_t k = 1 + fuzz_rand(&r->seed) % avail, fk = k < frame.len ? k : frame.len;
+        size_t bk = k - fk < body.len ? k - fk : body.len;
         memcpy(r->out + r->olen, frame.p, fk);
-        memcpy(r->out + r->olen + fk, body.p, k - fk);
+        memcpy(r->out + r->olen + fk, body.p, bk);
+        memcpy(r->out + r->olen + fk + bk, tail.p, k - fk - bk);
         r->olen += k;
         mp_reframe_written(&r->f, &r->b, k);
         wrote = 1;
@@ -421,14 +425,23 @@ static int relay_run(relay_t *r)
         moved |= relay_write(r);
         if (r->f.out_stage == 3)
             return 0;
+        if (!r->dropped && r->restarts < 2 && fuzz_rand(&r->seed) % 16 == 0) {
+            /* the first server broke: the replay starts over (upstream.c reset_request_body) */
+            mp_reframe_restart(&r->f);
+            r->b.start = r->b.base;
+            r->olen = 0;
+            r->restarts++;
+        }
         if (!r->f.done && r->b.end == r->b.cap) {
             int dropped;
             if ((st = mp_reframe_compact(&r->f, &r->b, &dropped)) != 0)
                 return st;
+            r->dropped |= dropped;
             relay_poison(r);
         }
         moved |= memcmp(&was, &r->b, sizeof(was)) != 0 || scan != r->f.scan;
-        MP_BUG_ON(steps > 3 * (r->n + r->olen) + 64); /* every step moves a byte on */
+        /* every step moves a byte on: of the input, or of an output (at most 26 per input byte) */
+        MP_BUG_ON(steps > (size_t)(r->restarts + 1) * (3 * 27 * r->n + 64));
         if (!moved) {
             MP_BUG_ON(r->arrived < r->n); /* stuck with input still to come */
             return -1;

@@ -30,20 +30,24 @@ int mp_reframe_decode(mp_framing_t *f, mp_reframe_buf_t *b, uint64_t max_body, u
 void mp_reframe_plan(mp_framing_t *f, mp_reframe_buf_t *b)
 {
     uint32_t data_end = f->trailers ? f->trailers : b->ready;
-    if (f->frame_off < f->frame_len || f->out_left || f->out_stage == 3)
+    if (f->frame_off < f->frame_len || f->out_left || f->tail_off < f->tail_len || f->out_stage == 3)
         return;
     f->frame_off = f->frame_len = 0;
+    f->tail_off = f->tail_len = 0;
     if (f->out_stage == 0 && b->start < data_end) {
         f->out_left = data_end - b->start;
         f->frame_len = (uint8_t)mp_chunked_frame(f->frame, f->out_left, f->out_chunks);
         f->out_chunks = 1;
+        if (f->done && data_end == b->ready) { /* the whole rest, no trailer field: end it in the same write */
+            memcpy(f->tail, "\r\n0\r\n\r\n", 7);
+            f->tail_len = 7;
+            f->out_stage = 2;
+        }
     } else if (f->out_stage == 0 && f->done) {
         f->frame_len = (uint8_t)mp_chunked_frame(f->frame, 0, f->out_chunks);
-        f->out_left = b->ready - b->start; /* the trailer fields */
-        f->out_stage = 1;
-    } else if (f->out_stage == 1) {
-        memcpy(f->frame, "\r\n", 2);
-        f->frame_len = 2;
+        f->out_left = b->ready - b->start; /* the trailer fields, then the final CRLF */
+        memcpy(f->tail, "\r\n", 2);
+        f->tail_len = 2;
         f->out_stage = 2;
     } else if (f->out_stage == 2) {
         f->out_stage = 3;
@@ -51,11 +55,22 @@ void mp_reframe_plan(mp_framing_t *f, mp_reframe_buf_t *b)
     }
 }
 
-void mp_reframe_next(const mp_framing_t *f, const mp_reframe_buf_t *b, mp_slice *frame, mp_slice *body)
+void mp_reframe_next(const mp_framing_t *f, const mp_reframe_buf_t *b, mp_slice *frame, mp_slice *body,
+                     mp_slice *tail)
 {
     size_t n = b->ready > b->start ? b->ready - b->start : 0;
     *frame = (mp_slice){f->frame + f->frame_off, (size_t)(f->frame_len - f->frame_off)};
     *body = (mp_slice){b->data + b->start, n < f->out_left ? n : f->out_left};
+    *tail = (mp_slice){f->tail + f->tail_off, body->len == f->out_left ? (size_t)(f->tail_len - f->tail_off) : 0};
+}
+
+void mp_reframe_restart(mp_framing_t *f)
+{
+    f->out_chunks = 0;
+    f->out_stage = 0;
+    f->frame_len = f->frame_off = 0;
+    f->tail_len = f->tail_off = 0;
+    f->out_left = 0;
 }
 
 void mp_reframe_written(mp_framing_t *f, mp_reframe_buf_t *b, size_t k)
@@ -63,13 +78,16 @@ void mp_reframe_written(mp_framing_t *f, mp_reframe_buf_t *b, size_t k)
     size_t fr = (size_t)(f->frame_len - f->frame_off) < k ? (size_t)(f->frame_len - f->frame_off) : k;
     f->frame_off += (uint8_t)fr;
     k -= fr;
-    f->out_left -= (uint32_t)k;
-    b->start += (uint32_t)k;
+    size_t data = f->out_left < k ? f->out_left : k;
+    f->out_left -= (uint32_t)data;
+    b->start += (uint32_t)data;
+    f->tail_off += (uint8_t)(k - data);
 }
 
 int mp_reframe_pending(const mp_framing_t *f, const mp_reframe_buf_t *b)
 {
-    return b->ready > b->start || f->frame_off < f->frame_len || (f->done && f->out_stage < 3);
+    return b->ready > b->start || f->frame_off < f->frame_len || f->tail_off < f->tail_len ||
+           (f->done && f->out_stage < 3);
 }
 
 int mp_reframe_compact(mp_framing_t *f, mp_reframe_buf_t *b, int *dropped)

@@ -21,9 +21,12 @@ typedef struct {
     /* A chunked request body is decoded in place and re-framed by the
      * proxy (mp_reframe_*): */
     unsigned out_chunks : 1; /* a chunk was announced: the next framing starts with CRLF */
-    unsigned out_stage : 2;  /* 0 data chunks, 1 last chunk + trailers, 2 final CRLF, 3 all written */
+    unsigned out_stage : 2;  /* 0 data chunks, 2 the end queued (last chunk, trailers, CRLF), 3 all written */
     uint8_t frame_len, frame_off;    /* frame[frame_off, frame_len): framing still to write */
     char frame[MP_CHUNK_FRAME_MAX];
+    uint8_t tail_len, tail_off; /* tail[tail_off, tail_len): the body's end, after the last data */
+    char tail[8];               /* "\r\n0\r\n\r\n" after the data of a body decoded whole with no
+                                 * trailer field, or the final CRLF after the trailer fields */
     uint32_t out_left; /* bytes of the announced chunk (or of the trailers) still to write */
     uint32_t scan;     /* buffer: first byte of the client's framing not yet decoded */
     uint32_t trailers; /* buffer: where the re-serialised trailer fields begin; 0 before the last chunk */
@@ -54,16 +57,25 @@ int mp_reframe_decode(mp_framing_t *f, mp_reframe_buf_t *b, uint64_t max_body, u
 
 /* Queues what comes next once the previous framing and its data are
  * written: a size line for the decoded data not yet announced; once the
- * body has ended, the last chunk followed by the trailer fields; then the
- * final CRLF; then stage 3, where b->start moves to f->scan (a pipelined
- * request starts after the client's framing). */
+ * body has ended, the last chunk, the trailer fields and the final CRLF;
+ * then stage 3, where b->start moves to f->scan (a pipelined request
+ * starts after the client's framing). A body decoded whole and without
+ * trailer fields goes out in one piece: its size line, its data and a tail
+ * ending it (one writev, one segment to the upstream); with trailer fields
+ * the end is a second piece. */
 void mp_reframe_plan(mp_framing_t *f, mp_reframe_buf_t *b);
 
-/* What to write now, in order: *frame (framing) then *body (bytes of b);
- * either may be empty. Call after mp_reframe_plan. */
-void mp_reframe_next(const mp_framing_t *f, const mp_reframe_buf_t *b, mp_slice *frame, mp_slice *body);
+/* What to write now, in order: *frame (framing), *body (bytes of b), then
+ * *tail (the body's end, once body reaches it); any may be empty. Call
+ * after mp_reframe_plan. */
+void mp_reframe_next(const mp_framing_t *f, const mp_reframe_buf_t *b, mp_slice *frame, mp_slice *body,
+                     mp_slice *tail);
 
-/* Accounts k bytes written of what mp_reframe_next gave (framing first). */
+/* The re-framed output starts over, nothing written (a replay to another
+ * server): what was decoded is kept and sent again, never decoded twice. */
+void mp_reframe_restart(mp_framing_t *f);
+
+/* Accounts k bytes written of what mp_reframe_next gave (in its order). */
 void mp_reframe_written(mp_framing_t *f, mp_reframe_buf_t *b, size_t k);
 
 /* Whether bytes wait to be written (also the framing still to plan once

@@ -104,15 +104,6 @@ void mp_upstream_cancel(mp_req_t *r)
         r->conn->in.start = r->body_ready;
 }
 
-/* The re-framed output of a chunked body starts over (nothing written). */
-static void reset_reframing(mp_framing_t *f)
-{
-    f->out_chunks = 0;
-    f->out_stage = 0;
-    f->frame_len = f->frame_off = 0;
-    f->out_left = 0;
-}
-
 /* Request body framing: nothing forwarded, from the first body byte. A
  * chunked body already decoded in place is kept and sent again re-framed
  * (a replay never decodes twice); a Content-Length body is counted anew. */
@@ -122,7 +113,7 @@ static void reset_request_body(mp_req_t *r)
     r->head_sent = 0;
     c->in.start = r->body_start;
     if (r->h.chunked && r->body.kind == MP_BODY_CHUNKED && r->body.scan) {
-        reset_reframing(&r->body);
+        mp_reframe_restart(&r->body);
         return;
     }
     memset(&r->body, 0, sizeof(r->body));
@@ -623,13 +614,13 @@ static void pump_request(mp_req_t *r)
     if (st)
         return body_error(r, st);
     for (;;) {
-        struct iovec iov[3];
+        struct iovec iov[4];
         int n = 0;
-        mp_slice frame = {NULL, 0}, body = {c->in.data + c->in.start, 0};
+        mp_slice frame = {NULL, 0}, body = {c->in.data + c->in.start, 0}, tail = {NULL, 0};
         if (chunked && !r->body_abandoned) {
             mp_reframe_buf_t b = reframe_buf(r);
             mp_reframe_plan(f, &b);
-            mp_reframe_next(f, &b, &frame, &body);
+            mp_reframe_next(f, &b, &frame, &body, &tail);
             reframe_store(r, &b);
         } else if (!r->body_abandoned && r->body_ready > c->in.start) {
             body.len = r->body_ready - c->in.start;
@@ -640,6 +631,8 @@ static void pump_request(mp_req_t *r)
             iov[n++] = (struct iovec){(void *)frame.p, frame.len};
         if (body.len)
             iov[n++] = (struct iovec){(void *)body.p, body.len};
+        if (tail.len)
+            iov[n++] = (struct iovec){(void *)tail.p, tail.len};
         if (n == 0)
             break;
         ssize_t k = writev(u->fd, iov, n);
