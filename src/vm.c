@@ -3,6 +3,7 @@
 #include "vm.h"
 
 #include "l_core.h"
+#include "log.h"
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -77,6 +78,10 @@ static int vm_setup(lua_State *L)
 {
     const char *dir = lua_touserdata(L, 1);
     luaL_openlibs(L);
+    /* The watchdog cannot stop a finalizer (LuaJIT runs them with hooks
+     * off): hooks get no undocumented way to make one (ffi.gc remains). */
+    lua_pushnil(L);
+    lua_setglobal(L, "newproxy");
     lua_getglobal(L, "package");
     lua_getfield(L, -1, "path");
     lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", dir, dir, lua_tostring(L, -1));
@@ -193,6 +198,15 @@ static budget_t *budget_of(lua_State *L)
     return lua_getallocf(L, &ud) == vm_alloc ? ud : NULL;
 }
 
+void mp_vm_rehook(lua_State *L)
+{
+    budget_t *b = budget_of(L);
+    if (b && b->hooked)
+        lua_sethook(L, on_memory, LUA_MASKCOUNT, 1);
+    else
+        lua_sethook(L, NULL, 0, 0);
+}
+
 static int on_panic(lua_State *L)
 {
     const char *msg = lua_tostring(L, -1);
@@ -236,6 +250,26 @@ size_t mp_vm_memory(lua_State *L)
     return b ? b->used : (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024;
 }
 
+static int collect_full(lua_State *L)
+{
+    lua_gc(L, LUA_GCCOLLECT, 0);
+    return 0;
+}
+
+/* A full collection from C, outside mp_vm_call: it runs finalizers (a
+ * userdata's __gc, ffi.gc), and one that raises would reach the panic
+ * function and end the process. Protected, a failed finalizer is logged and
+ * the collection goes on (bounded: a retry runs the finalizers still due). */
+static void collect(lua_State *L)
+{
+    static mp_log_limit_t lim;
+    for (int i = 0; i < 8 && lua_cpcall(L, collect_full, NULL) != 0; i++) {
+        const char *msg = lua_tostring(L, -1);
+        mp_log_limited(&lim, MP_LOG_ERROR, "a finalizer (__gc) failed during a collection: %s", msg ? msg : "?");
+        lua_pop(L, 1);
+    }
+}
+
 int mp_vm_set_memory(lua_State *L, size_t limit)
 {
     budget_t *b = budget_of(L);
@@ -244,7 +278,7 @@ int mp_vm_set_memory(lua_State *L, size_t limit)
     if (b->used > limit) {
         int armed = b->armed;
         b->armed = 0; /* the collector may grow the string table */
-        lua_gc(L, LUA_GCCOLLECT, 0);
+        collect(L);
         b->armed = armed;
     }
     if (b->used > limit)
@@ -264,7 +298,7 @@ static void give_back(lua_State *L, budget_t *b)
         lua_gc(L, LUA_GCSETSTEPMUL, b->stepmul);
         b->pause = b->stepmul = -1;
     }
-    lua_gc(L, LUA_GCCOLLECT, 0);
+    collect(L);
     b->over = 0;
 #ifdef __GLIBC__
     malloc_trim(0);

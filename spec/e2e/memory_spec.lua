@@ -270,3 +270,63 @@ for i = 1, 40000 do keep[i] = string.rep("y", 1000) .. i end
         assert.truthy(out:find("^" .. conf:gsub("%p", "%%%0") .. ":%d+: lua_memory exceeded"), out)
     end)
 end)
+
+-- A hook cannot get out of its budget, and what the C side collects outside
+-- a call (the collection after a hook passed the budget) runs finalizers
+-- protected: one that raised there ended the whole process (Lua panic).
+describe("settings.lua_memory against escapes and finalizers", function()
+    local proxy
+
+    lazy_setup(function()
+        proxy = h.start_proxy { workers = 1, config = [[
+local proxy = require "moonproxy"
+local apply = proxy._apply_lua_memory
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = false, lua_memory = "32m", hook_timeout = 10 }
+local ffi = require "ffi"
+proxy.route { path = "/fin", handler = function(req)
+  local p = ffi.gc(ffi.new("int[1]"), function() error("boom from __gc") end)
+  local t = {} for i = 1, 200000 do t[i] = string.rep("x", 1000) .. i end
+  return req:respond(200, "never " .. tostring(p) .. "\n")
+end }
+proxy.route { path = "/esc", handler = function(req)
+  local ok, err = pcall(apply, 2^50)
+  local t = {} for i = 1, 60000 do t[i] = string.rep("x", 1000) .. i end
+  return req:respond(200, tostring(ok) .. " " .. tostring(err) .. "\n")
+end }
+proxy.route { path = "/newproxy", handler = function(req)
+  return req:respond(200, type(newproxy) .. "\n")
+end }
+proxy.route { prefix = "/", handler = function(req) return req:respond(200, "ok\n") end }
+]] }
+        proxy:wait_ready()
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy)
+    end)
+
+    it("survives a finalizer that raises in the collection after a hook passed the budget", function()
+        local res = assert(raw.get(proxy.port, "/fin", { ["X-Request-ID"] = "fin-1" }, { timeout = 20 }))
+        assert.equal(500, res.status)
+        h.eventually(function()
+            return proxy:stderr():find("finalizer[^\n]*boom from __gc") ~= nil
+        end, 5)
+        assert.is_true(proxy:alive(), proxy:stderr())
+        assert.equal(200, assert(raw.get(proxy.port, "/after")).status)
+    end)
+
+    it("refuses _apply_lua_memory from a hook: the budget stays", function()
+        local res = assert(raw.get(proxy.port, "/esc", { ["X-Request-ID"] = "esc-1" }, { timeout = 20 }))
+        assert.equal(500, res.status, res.body)
+        assert.truthy(proxy:stderr():find("esc%-1[^\n]*lua_memory exceeded"), proxy:stderr())
+        assert.equal(200, assert(raw.get(proxy.port, "/after")).status)
+    end)
+
+    it("gives hooks no newproxy (finalizers run with the watchdog off)", function()
+        local res = assert(raw.get(proxy.port, "/newproxy"))
+        assert.equal(200, res.status)
+        assert.equal("nil\n", res.body)
+    end)
+end)
