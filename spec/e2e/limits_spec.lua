@@ -155,19 +155,44 @@ proxy.route { path = "/release", handler = function(req)
   for i = #held, 1, -1 do ffi.C.close(held[i]); held[i] = nil end
   return req:respond(200, "released " .. collectgarbage("count"))
 end }
+-- two servers: the policy takes every free descriptor before it picks the
+-- first, and gives them back when it is asked again (for a retry)
+local phase = 0
+proxy.route { path = "/two", upstream = proxy.upstream "two" { servers = { "${a}", "${b}" },
+  passive = { failures = 1, cooldown = 30 }, balancer = function(servers)
+    if phase == 0 then
+      phase = 1
+      for _ = 1, 4096 do
+        local fd = ffi.C.dup(2)
+        if fd < 0 then break end
+        held[#held + 1] = fd
+      end
+      for _, s in ipairs(servers) do if s.addr == "${a}" then return s end end
+    end
+    phase = 0
+    for i = #held, 1, -1 do ffi.C.close(held[i]); held[i] = nil end
+    return servers[1]
+  end } }
+proxy.route { path = "/reset", handler = function(req)
+  phase = 0
+  for i = #held, 1, -1 do ffi.C.close(held[i]); held[i] = nil end
+  return req:respond(200, "reset")
+end }
 proxy.route { prefix = "/", upstream = a }
 ]=]
 
 describe("the proxy's own EMFILE opening an upstream socket (-w 1)", function()
-    local a, proxy
+    local a, b, proxy
 
     lazy_setup(function()
         a = h.start_origin("a")
-        proxy = h.start_proxy { workers = 1, nofile = NOFILE, config = UPSTREAM_EMFILE, vars = { a = a.addr } }
+        b = h.start_origin("b")
+        proxy = h.start_proxy { workers = 1, nofile = NOFILE, config = UPSTREAM_EMFILE,
+            vars = { a = a.addr, b = b.addr } }
     end)
 
     lazy_teardown(function()
-        h.shutdown(proxy, a)
+        h.shutdown(proxy, a, b)
     end)
 
     it("answers 503 and does not count it against the server", function()
@@ -202,5 +227,20 @@ describe("the proxy's own EMFILE opening an upstream socket (-w 1)", function()
         local s = proxy:server_state("a", a.addr)
         assert.is_true(s.probe_up, "a probe that could not open its socket marked the server down")
         assert.equal(down0, proxy:log_count("upstream a server", "is down"))
+    end)
+
+    it("tries another server, not blaming the first, when a second one is there", function()
+        local c = assert(raw.connect(proxy.port, { timeout = 5 }))
+        finally(function() c:close() end)
+        for i = 1, 3 do
+            local res = assert(c:request { target = "/two" }, "round " .. i)
+            local reset = assert(c:request { target = "/reset" }) -- the descriptors back whatever happened
+            assert.equal(200, reset.status)
+            assert.equal(200, res.status, "round " .. i)
+            assert.equal("b", h.echo(res).name)
+        end
+        local s = proxy:server_state("two", a.addr)
+        assert.is_true(s.healthy, "the first server was ejected")
+        assert.equal(0, s.failures) -- (the log line is rate-limited: the test above may have used this second's)
     end)
 end)
