@@ -60,6 +60,62 @@ describe("max_connections with idle keep-alive connections (-w 1)", function()
     end)
 end)
 
+-- The worker blocks in a hook while the oldest idle connection's next request
+-- and then a newcomer arrive: when it comes back, it accepts first (epoll
+-- reports them in that order, libev runs the later one first) and must not
+-- close a connection whose request is already in the kernel (close with
+-- unread bytes sends a RST).
+local BUSY = [=[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = false, max_connections = 3, keepalive_timeout = 30, hook_timeout = 10,
+  shutdown_timeout = 1 }
+local ffi = require "ffi"
+pcall(ffi.cdef, "int poll(void *fds, unsigned long nfds, int timeout);")
+proxy.route { path = "/block", handler = function(req)
+  ffi.C.poll(nil, 0, 600)
+  return req:respond(200, "late")
+end }
+proxy.route { prefix = "/", handler = function(req) return req:respond(200, "ok " .. req.path) end }
+]=]
+
+describe("max_connections and an idle connection whose request is unread (-w 1)", function()
+    local proxy
+
+    lazy_setup(function()
+        proxy = h.start_proxy { workers = 1, config = BUSY }
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy)
+    end)
+
+    it("skips it and closes the next oldest idle one", function()
+        local c1 = assert(raw.connect(proxy.port, { timeout = 5 }))
+        local c2 = assert(raw.connect(proxy.port, { timeout = 5 }))
+        local c3 = assert(raw.connect(proxy.port, { timeout = 5 }))
+        local new
+        finally(function() c1:close(); c2:close(); c3:close(); if new then new:close() end end)
+        assert.equal(200, assert(c1:request { target = "/one" }).status)
+        assert.equal(200, assert(c2:request { target = "/two" }).status)
+        -- c3 was accepted before: the worker blocks with no accept of its own pending
+        assert.equal(200, assert(c3:request { target = "/three" }).status)
+        assert(c3:send("GET /block HTTP/1.1\r\nHost: x\r\n\r\n"))
+        socket.sleep(0.2) -- ordering only: the worker is in the hook
+        assert(c1:send("GET /again HTTP/1.1\r\nHost: x\r\n\r\n"))
+        socket.sleep(0.05)
+        new = assert(raw.connect(proxy.port, { timeout = 5 }))
+        assert(new:send("GET /new HTTP/1.1\r\nHost: x\r\n\r\n"))
+        assert.equal(200, assert(c3:read_response { timeout = 5 }).status)
+        local res, err = c1:read_response { timeout = 5 }
+        assert.equal(200, res and res.status, "the oldest connection lost its request: " .. tostring(err))
+        assert.equal("ok /again", res.body)
+        assert.equal(200, assert(new:read_response { timeout = 5 }).status)
+        assert.is_true(c2:wait_closed(2), "the next oldest idle connection was not closed")
+    end)
+end)
+
 local FEW_FDS = [=[
 local proxy = require "moonproxy"
 proxy.listen { addr = "${listen}" }
