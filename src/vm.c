@@ -73,6 +73,45 @@ static _Atomic int handler_ref; /* 0: not known yet */
 
 static int on_error(lua_State *L);
 
+/* A finalizer ffi.gc was given, called protected: LuaJIT runs finalizers
+ * in whatever allocation steps the collector, also one C makes outside a
+ * protected call (pushing a hook's arguments), and a raise there is a Lua
+ * panic; inside a hook it would fail an unrelated request. Logged instead. */
+static int safe_finalizer(lua_State *L)
+{
+    static mp_log_limit_t lim;
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    if (lua_pcall(L, lua_gettop(L) - 1, 0, 0) != 0) {
+        const char *msg = lua_tostring(L, -1);
+        mp_log_limited(&lim, MP_LOG_ERROR, "a finalizer (ffi.gc) failed: %s", msg ? msg : "?");
+    }
+    return 0;
+}
+
+/* ffi.gc(cdata, finalizer) with the finalizer wrapped in safe_finalizer. */
+static int safe_gc(lua_State *L)
+{
+    lua_settop(L, 2);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    if (lua_isfunction(L, 3)) /* nil removes one; what else ffi.gc refuses */
+        lua_pushcclosure(L, safe_finalizer, 1);
+    lua_call(L, 2, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+static void wrap_ffi_gc(lua_State *L)
+{
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "ffi");
+    lua_call(L, 1, 1);
+    lua_getfield(L, -1, "gc");
+    lua_pushcclosure(L, safe_gc, 1);
+    lua_setfield(L, -2, "gc");
+    lua_pop(L, 1);
+}
+
 /* Runs under lua_cpcall so that an out-of-memory error cannot escape. */
 static int vm_setup(lua_State *L)
 {
@@ -82,6 +121,7 @@ static int vm_setup(lua_State *L)
      * off): hooks get no undocumented way to make one (ffi.gc remains). */
     lua_pushnil(L);
     lua_setglobal(L, "newproxy");
+    wrap_ffi_gc(L);
     lua_getglobal(L, "package");
     lua_getfield(L, -1, "path");
     lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", dir, dir, lua_tostring(L, -1));

@@ -285,10 +285,21 @@ proxy.listen { addr = "${listen}" }
 proxy.admin { addr = "${admin}" }
 proxy.settings { access_log = false, lua_memory = "32m", hook_timeout = 10 }
 local ffi = require "ffi"
+-- a userdata's __gc (debug.setmetatable gives a file handle one)
 proxy.route { path = "/fin", handler = function(req)
-  local p = ffi.gc(ffi.new("int[1]"), function() error("boom from __gc") end)
+  local p = io.open("/dev/null")
+  debug.setmetatable(p, { __gc = function() error("boom from __gc") end })
   local t = {} for i = 1, 200000 do t[i] = string.rep("x", 1000) .. i end
   return req:respond(200, "never " .. tostring(p) .. "\n")
+end }
+-- garbage whose finalizers raise, collected in later requests' allocations
+proxy.route { path = "/drop", handler = function(req)
+  for i = 1, 100 do ffi.gc(ffi.new("int[1]"), function() error("boom from ffi.gc") end) end
+  return req:respond(200, "dropped\n")
+end }
+proxy.route { path = "/work", handler = function(req)
+  local s = {} for i = 1, 50 do s[i] = req.headers["x-a"] .. i end
+  return req:respond(200, "ok\n")
 end }
 proxy.route { path = "/esc", handler = function(req)
   local ok, err = pcall(apply, 2^50)
@@ -315,6 +326,23 @@ proxy.route { prefix = "/", handler = function(req) return req:respond(200, "ok\
         end, 5)
         assert.is_true(proxy:alive(), proxy:stderr())
         assert.equal(200, assert(raw.get(proxy.port, "/after")).status)
+    end)
+
+    it("survives ffi.gc finalizers that raise, and fails no other request for them", function()
+        local c = assert(raw.connect(proxy.port, { timeout = 5 }))
+        finally(function() c:close() end)
+        local statuses = {}
+        for round = 1, 20 do
+            statuses[#statuses + 1] = assert(c:request { target = "/drop" }, "round " .. round).status
+            for _ = 1, 10 do
+                local res = assert(c:request { target = "/work", headers = { ["X-A"] = ("a"):rep(2000) } },
+                    "round " .. round)
+                statuses[#statuses + 1] = res.status
+            end
+        end
+        for i, status in ipairs(statuses) do assert.equal(200, status, "request " .. i) end
+        assert.is_true(proxy:alive(), proxy:stderr())
+        assert.truthy(proxy:stderr():find("finalizer[^\n]*boom from ffi.gc"), proxy:stderr())
     end)
 
     it("refuses _apply_lua_memory from a hook: the budget stays", function()
