@@ -73,7 +73,7 @@ static _Atomic int handler_ref; /* 0: not known yet */
 
 static int on_error(lua_State *L);
 
-/* A finalizer ffi.gc was given, called protected: LuaJIT runs finalizers
+/* A finalizer ffi.gc or ffi.metatype was given, called protected: LuaJIT runs finalizers
  * in whatever allocation steps the collector, also one C makes outside a
  * protected call (pushing a hook's arguments), and a raise there is a Lua
  * panic; inside a hook it would fail an unrelated request. Logged instead. */
@@ -84,7 +84,7 @@ static int safe_finalizer(lua_State *L)
     lua_insert(L, 1);
     if (lua_pcall(L, lua_gettop(L) - 1, 0, 0) != 0) {
         const char *msg = lua_tostring(L, -1);
-        mp_log_limited(&lim, MP_LOG_ERROR, "a finalizer (ffi.gc) failed: %s", msg ? msg : "?");
+        mp_log_limited(&lim, MP_LOG_ERROR, "an FFI finalizer failed: %s", msg ? msg : "?");
     }
     return 0;
 }
@@ -101,14 +101,55 @@ static int safe_gc(lua_State *L)
     return lua_gettop(L);
 }
 
-static void wrap_ffi_gc(lua_State *L)
+/* ffi.metatype(ct, mt) with a __gc function of mt wrapped the same way (the
+ * FFI reads mt once: it must not change afterwards). */
+static int safe_metatype(lua_State *L)
 {
+    lua_settop(L, 2);
+    if (lua_istable(L, 2)) {
+        lua_pushliteral(L, "__gc");
+        lua_rawget(L, 2);
+        if (lua_isfunction(L, -1)) {
+            lua_pushcclosure(L, safe_finalizer, 1);
+            lua_setfield(L, 2, "__gc");
+        } else {
+            lua_pop(L, 1);
+        }
+    }
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, 2, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+/* Every way a hook has to give an object a Lua finalizer runs it
+ * protected (ffi.gc, ffi.metatype), or is closed: no newproxy, no
+ * debug.setmetatable/getmetatable, and the file handles' metatable is
+ * hidden (getmetatable(io.stdout) is false). moonproxy's objects hide
+ * theirs too (l_request.c). */
+static void guard_finalizers(lua_State *L)
+{
+    lua_pushnil(L);
+    lua_setglobal(L, "newproxy");
+    lua_getglobal(L, "debug");
+    lua_pushnil(L);
+    lua_setfield(L, -2, "setmetatable");
+    lua_pushnil(L);
+    lua_setfield(L, -2, "getmetatable");
+    lua_pop(L, 1);
+    luaL_getmetatable(L, LUA_FILEHANDLE);
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "__metatable");
+    lua_pop(L, 1);
     lua_getglobal(L, "require");
     lua_pushliteral(L, "ffi");
     lua_call(L, 1, 1);
     lua_getfield(L, -1, "gc");
     lua_pushcclosure(L, safe_gc, 1);
     lua_setfield(L, -2, "gc");
+    lua_getfield(L, -1, "metatype");
+    lua_pushcclosure(L, safe_metatype, 1);
+    lua_setfield(L, -2, "metatype");
     lua_pop(L, 1);
 }
 
@@ -117,11 +158,9 @@ static int vm_setup(lua_State *L)
 {
     const char *dir = lua_touserdata(L, 1);
     luaL_openlibs(L);
-    /* The watchdog cannot stop a finalizer (LuaJIT runs them with hooks
-     * off): hooks get no undocumented way to make one (ffi.gc remains). */
-    lua_pushnil(L);
-    lua_setglobal(L, "newproxy");
-    wrap_ffi_gc(L);
+    /* A finalizer that raises where C allocates outside a protected call
+     * (pushing a hook's arguments) would be a Lua panic. */
+    guard_finalizers(L);
     lua_getglobal(L, "package");
     lua_getfield(L, -1, "path");
     lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", dir, dir, lua_tostring(L, -1));
