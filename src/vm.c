@@ -124,9 +124,10 @@ static int safe_metatype(lua_State *L)
 
 /* Every way a hook has to give an object a Lua finalizer runs it
  * protected (ffi.gc, ffi.metatype), or is closed: no newproxy, no
- * debug.setmetatable/getmetatable, and the file handles' metatable is
- * hidden (getmetatable(io.stdout) is false). moonproxy's objects hide
- * theirs too (l_request.c). */
+ * debug.setmetatable/getmetatable/getregistry, and the file handles'
+ * metatable is hidden (getmetatable(io.stdout) is false). The request
+ * objects hide theirs too (l_request.c); other moonproxy objects a hook can
+ * reach (shared dicts) do not yet. */
 static void guard_finalizers(lua_State *L)
 {
     lua_pushnil(L);
@@ -136,6 +137,8 @@ static void guard_finalizers(lua_State *L)
     lua_setfield(L, -2, "setmetatable");
     lua_pushnil(L);
     lua_setfield(L, -2, "getmetatable");
+    lua_pushnil(L);
+    lua_setfield(L, -2, "getregistry"); /* every metatable by name */
     lua_pop(L, 1);
     luaL_getmetatable(L, LUA_FILEHANDLE);
     lua_pushboolean(L, 0);
