@@ -125,9 +125,8 @@ static int safe_metatype(lua_State *L)
 /* Every way a hook has to give an object a Lua finalizer runs it
  * protected (ffi.gc, ffi.metatype), or is closed: no newproxy, no
  * debug.setmetatable/getmetatable/getregistry, and the file handles'
- * metatable is hidden (getmetatable(io.stdout) is false). The request
- * objects hide theirs too (l_request.c); other moonproxy objects a hook can
- * reach (shared dicts) do not yet. */
+ * metatable is hidden (getmetatable(io.stdout) is false). moonproxy.core's
+ * objects hide theirs too (l_request.c, l_shared.c, l_router.c, ...). */
 static void guard_finalizers(lua_State *L)
 {
     lua_pushnil(L);
