@@ -299,26 +299,35 @@ static void on_reloaded(void *arg, uint64_t generation, const char *err)
     respond_json(c, 200, &b);
 }
 
-/* The Host values that name this port: the address as configured,
- * localhost with its port (or without one: no page on another site can
- * make a browser send that), and the loopback addresses when the address
- * is IPv6 or a wildcard. */
+/* The Host values that name this port: the address it is bound to (the
+ * real port when it was configured as port 0), the address as configured
+ * when it names that port (a host name), localhost with its port, and the
+ * loopback addresses when the address is IPv6 or a wildcard. SPEC: no bare
+ * "localhost" (a browser sends the port of any other). */
 static void own_hosts(mp_admin_t *a, const mp_addr_t *addr)
 {
     unsigned port = 0;
+    char ip[INET6_ADDRSTRLEN] = "?";
     int v6 = addr->ss.ss_family == AF_INET6, any = 0;
     if (v6) {
         const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)&addr->ss;
         port = ntohs(sin6->sin6_port);
         any = IN6_IS_ADDR_UNSPECIFIED(&sin6->sin6_addr);
+        inet_ntop(AF_INET6, &sin6->sin6_addr, ip, sizeof(ip));
+        snprintf(a->hosts[0], ADMIN_HOST_MAX, "[%s]:%u", ip, port);
     } else {
         const struct sockaddr_in *sin = (const struct sockaddr_in *)&addr->ss;
         port = ntohs(sin->sin_port);
         any = sin->sin_addr.s_addr == htonl(INADDR_ANY);
+        inet_ntop(AF_INET, &sin->sin_addr, ip, sizeof(ip));
+        snprintf(a->hosts[0], ADMIN_HOST_MAX, "%s:%u", ip, port);
     }
-    snprintf(a->hosts[0], ADMIN_HOST_MAX, "%s", addr->text ? addr->text : "");
     snprintf(a->hosts[1], ADMIN_HOST_MAX, "localhost:%u", port);
-    snprintf(a->hosts[2], ADMIN_HOST_MAX, "localhost");
+    char suffix[16];
+    int n = snprintf(suffix, sizeof(suffix), ":%u", port);
+    size_t len = addr->text ? strlen(addr->text) : 0;
+    if (len > (size_t)n && strcmp(addr->text + len - (size_t)n, suffix) == 0)
+        snprintf(a->hosts[2], ADMIN_HOST_MAX, "%s", addr->text);
     if (v6 || any)
         snprintf(a->hosts[3], ADMIN_HOST_MAX, "[::1]:%u", port);
     if (any)

@@ -741,10 +741,17 @@ int mp_config_build(lua_State *L, int idx, mp_config_t **out, char *err, size_t 
     return 0;
 }
 
+/* Set while mp_config_load_text runs the script on this thread: a hook that
+ * kept a reference to _apply_lua_memory cannot lift its budget later. */
+static _Thread_local int loading;
+
 /* lua_CFunction: the DSL's _apply_lua_memory(bytes) -> fits, bytes held:
- * settings.lua_memory holds from the proxy.settings call on. */
+ * settings.lua_memory holds from the proxy.settings call on. Raises outside
+ * a configuration load. */
 static int apply_lua_memory(lua_State *L)
 {
+    if (!loading)
+        return luaL_error(L, "_apply_lua_memory: only while the configuration loads");
     size_t limit = (size_t)luaL_checknumber(L, 1);
     lua_pushboolean(L, mp_vm_set_memory(L, limit) == 0);
     lua_pushnumber(L, (double)mp_vm_memory(L));
@@ -812,6 +819,7 @@ int mp_config_load_text(lua_State *L, const char *path, const char *text, size_t
 {
     *out = NULL;
     int top = lua_gettop(L), rc;
+    loading = 1;
     lua_pushcfunction(L, prepare);
     lua_pushstring(L, path);
     rc = mp_vm_call(L, 1, 1, err, errlen);
@@ -844,6 +852,7 @@ int mp_config_load_text(lua_State *L, const char *path, const char *text, size_t
         snprintf(err, errlen, "out of memory");
         rc = MP_ENOMEM;
     }
+    loading = 0;
     if (lua_istable(L, top + 1)) { /* the module: its hook serves this load only */
         lua_pushnil(L);
         lua_setfield(L, top + 1, "_apply_lua_memory");

@@ -98,10 +98,18 @@ static void idle_leave(mp_conn_t *c)
     c->idle_prev = c->idle_next = NULL;
 }
 
+#define RECLAIM_SCAN 8 /* idle connections looked at, oldest first: O(1) */
+
 int mp_conn_reclaim_idle(mp_worker_t *w)
 {
+    /* A request that arrived but was not read yet is not idle: closing with
+     * unread bytes sends a RST, and the client loses that request. */
     mp_conn_t *c = w->idle_oldest;
-    if (!c)
+    char byte;
+    int i = 0;
+    while (c && i < RECLAIM_SCAN && recv(c->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0)
+        c = c->idle_prev, i++;
+    if (!c || i == RECLAIM_SCAN)
         return 0;
     static mp_log_limit_t lim;
     mp_log_limited(&lim, MP_LOG_INFO, "w%d: max_connections (%d) reached: closing the oldest idle connection",

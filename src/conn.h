@@ -171,8 +171,9 @@ void mp_conn_close(mp_conn_t *c);
 
 /* At max_connections: closes the worker's oldest idle keep-alive connection
  * (no request in progress; RFC 9112 §9.6 lets a server close those at any
- * time) to make room for a new one. Returns 1 when one was closed, 0 when
- * none is idle. O(1). */
+ * time) to make room for a new one; one with request bytes the kernel holds
+ * unread is skipped (at most 8 looked at). Returns 1 when one was closed, 0
+ * when none is idle. O(1). */
 int mp_conn_reclaim_idle(mp_worker_t *w);
 
 /* Frees closed connections; called by the worker before each poll. */

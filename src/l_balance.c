@@ -173,6 +173,8 @@ void mp_l_balance_register(lua_State *L)
     if (luaL_newmetatable(L, PICK_STATE_MT)) {
         lua_pushcfunction(L, l_pick_state_gc);
         lua_setfield(L, -2, "__gc");
+        lua_pushboolean(L, 0); /* getmetatable is false: no __gc a script adds (vm.c guard_finalizers) */
+        lua_setfield(L, -2, "__metatable");
     }
     lua_pop(L, 1);
     lua_pushcfunction(L, l_pick_state);

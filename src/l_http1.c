@@ -394,6 +394,8 @@ void mp_l_http1_register(lua_State *L)
     luaL_newmetatable(L, GUARDED_MT);
     lua_pushcfunction(L, guarded_gc);
     lua_setfield(L, -2, "__gc");
+    lua_pushboolean(L, 0); /* getmetatable is false: no __gc a script adds (vm.c guard_finalizers) */
+    lua_setfield(L, -2, "__metatable");
     lua_pop(L, 1);
     for (size_t i = 0; i < MP_ARRAY_LEN(fns); i++) {
         lua_pushcfunction(L, fns[i].func);

@@ -282,6 +282,8 @@ void mp_l_router_register(lua_State *L)
         lua_newtable(L);
         luaL_register(L, NULL, methods);
         lua_setfield(L, -2, "__index");
+        lua_pushboolean(L, 0); /* getmetatable is false: no __gc a script adds (vm.c guard_finalizers) */
+        lua_setfield(L, -2, "__metatable");
     }
     lua_pop(L, 1);
     lua_pushcfunction(L, l_router_new);

@@ -86,6 +86,8 @@ static void on_retry(struct ev_loop *loop, ev_timer *t, int revents)
 static void back_off(mp_worker_t *w, const char *why)
 {
     static mp_log_limit_t lim;
+    if (w->stopping)
+        return; /* mp_listener_close's last accepts: the sockets close, and the timer may be running */
     mp_log_limited(&lim, MP_LOG_WARN, "w%d: accept: %s: not accepting for %.0f ms", w->id, why,
                    BACKOFF_SECONDS * 1000);
     w->accept_backoff = 1;
@@ -187,8 +189,12 @@ void mp_listener_close(mp_worker_t *w)
         ev_io_stop(w->loop, &l->io);
         if (!atomic_load(&w->stuck))
             accept_some(l); /* what the kernel already queued for this socket would be reset on close */
+        /* the watchdog's mark_stuck shuts these fds down under vm_lock: it
+         * must never meet a number close() freed and another socket took */
+        pthread_mutex_lock(&w->vm_lock);
         close(l->fd);
         l->fd = -1;
+        pthread_mutex_unlock(&w->vm_lock);
     }
     ev_timer_stop(w->loop, &w->accept_retry);
 }

@@ -126,6 +126,32 @@ static void addr_text(const mp_addr_t *a, char *out, size_t n)
     snprintf(out, n, "%s:%d", ip, ntohs(s4->sin_port));
 }
 
+static int addr_port(const mp_addr_t *a)
+{
+    if (a->ss.ss_family == AF_INET6)
+        return ntohs(((const struct sockaddr_in6 *)&a->ss)->sin6_port);
+    if (a->ss.ss_family == AF_INET)
+        return ntohs(((const struct sockaddr_in *)&a->ss)->sin_port);
+    return -1;
+}
+
+/* mp_listener_open, and no socket keeps an auto-bound port: Linux gives
+ * such a port back on shutdown(2) (the watchdog's, worker.c mark_stuck), and
+ * listen(2) afterwards would pick another one. Once the first socket has
+ * fixed the port, one bound to it explicitly (same SO_REUSEPORT group)
+ * takes its place. */
+static int open_listener(mp_addr_t *a)
+{
+    int auto_port = addr_port(a) == 0;
+    int fd = mp_listener_open(a);
+    if (fd < 0 || !auto_port)
+        return fd;
+    int fixed = mp_listener_open(a), saved = errno;
+    close(fd);
+    errno = saved;
+    return fixed;
+}
+
 /* Opens nworkers sockets per listen address: fds[w * nlistens + i]. */
 static int open_listeners(mp_config_t *cfg, int nworkers, int *fds)
 {
@@ -133,7 +159,7 @@ static int open_listeners(mp_config_t *cfg, int nworkers, int *fds)
         mp_addr_t a = cfg->listens[i];
         char text[80];
         for (int w = 0; w < nworkers; w++) {
-            int fd = mp_listener_open(&a); /* the first one fixes port 0 for the rest */
+            int fd = open_listener(&a); /* the first one fixes port 0 for the rest */
             if (fd < 0) {
                 fprintf(stderr, "moonproxy: cannot listen on %s: %s\n", cfg->listens[i].text, strerror(errno));
                 return -1;

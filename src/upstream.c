@@ -260,16 +260,30 @@ static void up_error(mp_req_t *r, enum up_err e)
 }
 
 /* The proxy could not open a socket (errno err, mp_upconn_local_error):
- * the request gets 503, the server is not blamed, the log is rate-limited
- * (this repeats with every request while it lasts). */
+ * the server is not blamed. Nothing was sent, so as after a connect error
+ * any method goes to another server while retries remain (EADDRNOTAVAIL is
+ * per destination); with none left the request gets 503. The log is
+ * rate-limited (this repeats with every request while it lasts). */
 static void local_failure(mp_req_t *r, int err)
 {
     static mp_log_limit_t lim;
-    mp_log_limited(&lim, MP_LOG_ERROR, "w%d: cannot open a connection to upstream %s server %s: %s (not counted "
-                   "against the server; request %.*s gets 503)", worker_of(r)->id, udef(r)->name,
-                   udef(r)->servers[r->server].addr.text, strerror(err), r->id_len, r->id);
+    const mp_upstream_def_t *d = udef(r);
+    int server = r->server, trial, next = -1;
     worker_of(r)->stats.upstream_errors++;
     peer_done(r);
+    if (r->tries <= d->retries && d->nservers > 1 && r->body_replayable && !r->resp_started)
+        next = mp_balancer_pick(balancer_of(r), r, server, &trial);
+    if (next == MP_PICK_ERROR)
+        return mp_conn_fail(r->conn, 500);
+    int retry = next >= 0 && next != server;
+    mp_log_limited(&lim, MP_LOG_ERROR, "w%d: cannot open a connection to upstream %s server %s: %s (not counted "
+                   "against the server; request %.*s %s)", worker_of(r)->id, d->name, d->servers[server].addr.text,
+                   strerror(err), r->id_len, r->id, retry ? "tries another server" : "gets 503");
+    if (retry) {
+        reset_request_body(r);
+        r->peer_trial = (unsigned)trial;
+        return connect_to(r, next, 0);
+    }
     r->retry_after = 1;
     mp_conn_fail(r->conn, 503);
 }

@@ -3,6 +3,7 @@
 #include "vm.h"
 
 #include "l_core.h"
+#include "log.h"
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -72,11 +73,96 @@ static _Atomic int handler_ref; /* 0: not known yet */
 
 static int on_error(lua_State *L);
 
+/* A finalizer ffi.gc or ffi.metatype was given, called protected: LuaJIT runs finalizers
+ * in whatever allocation steps the collector, also one C makes outside a
+ * protected call (pushing a hook's arguments), and a raise there is a Lua
+ * panic; inside a hook it would fail an unrelated request. Logged instead. */
+static int safe_finalizer(lua_State *L)
+{
+    static mp_log_limit_t lim;
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    if (lua_pcall(L, lua_gettop(L) - 1, 0, 0) != 0) {
+        const char *msg = lua_tostring(L, -1);
+        mp_log_limited(&lim, MP_LOG_ERROR, "an FFI finalizer failed: %s", msg ? msg : "?");
+    }
+    return 0;
+}
+
+/* ffi.gc(cdata, finalizer) with the finalizer wrapped in safe_finalizer. */
+static int safe_gc(lua_State *L)
+{
+    lua_settop(L, 2);
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    if (lua_isfunction(L, 3)) /* nil removes one; what else ffi.gc refuses */
+        lua_pushcclosure(L, safe_finalizer, 1);
+    lua_call(L, 2, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+/* ffi.metatype(ct, mt) with a __gc function of mt wrapped the same way (the
+ * FFI reads mt once: it must not change afterwards). */
+static int safe_metatype(lua_State *L)
+{
+    lua_settop(L, 2);
+    if (lua_istable(L, 2)) {
+        lua_pushliteral(L, "__gc");
+        lua_rawget(L, 2);
+        if (lua_isfunction(L, -1)) {
+            lua_pushcclosure(L, safe_finalizer, 1);
+            lua_setfield(L, 2, "__gc");
+        } else {
+            lua_pop(L, 1);
+        }
+    }
+    lua_pushvalue(L, lua_upvalueindex(1));
+    lua_insert(L, 1);
+    lua_call(L, 2, LUA_MULTRET);
+    return lua_gettop(L);
+}
+
+/* Every way a hook has to give an object a Lua finalizer runs it
+ * protected (ffi.gc, ffi.metatype), or is closed: no newproxy, no
+ * debug.setmetatable/getmetatable/getregistry, and the file handles'
+ * metatable is hidden (getmetatable(io.stdout) is false). moonproxy.core's
+ * objects hide theirs too (l_request.c, l_shared.c, l_router.c, ...). */
+static void guard_finalizers(lua_State *L)
+{
+    lua_pushnil(L);
+    lua_setglobal(L, "newproxy");
+    lua_getglobal(L, "debug");
+    lua_pushnil(L);
+    lua_setfield(L, -2, "setmetatable");
+    lua_pushnil(L);
+    lua_setfield(L, -2, "getmetatable");
+    lua_pushnil(L);
+    lua_setfield(L, -2, "getregistry"); /* every metatable by name */
+    lua_pop(L, 1);
+    luaL_getmetatable(L, LUA_FILEHANDLE);
+    lua_pushboolean(L, 0);
+    lua_setfield(L, -2, "__metatable");
+    lua_pop(L, 1);
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "ffi");
+    lua_call(L, 1, 1);
+    lua_getfield(L, -1, "gc");
+    lua_pushcclosure(L, safe_gc, 1);
+    lua_setfield(L, -2, "gc");
+    lua_getfield(L, -1, "metatype");
+    lua_pushcclosure(L, safe_metatype, 1);
+    lua_setfield(L, -2, "metatype");
+    lua_pop(L, 1);
+}
+
 /* Runs under lua_cpcall so that an out-of-memory error cannot escape. */
 static int vm_setup(lua_State *L)
 {
     const char *dir = lua_touserdata(L, 1);
     luaL_openlibs(L);
+    /* A finalizer that raises where C allocates outside a protected call
+     * (pushing a hook's arguments) would be a Lua panic. */
+    guard_finalizers(L);
     lua_getglobal(L, "package");
     lua_getfield(L, -1, "path");
     lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;%s", dir, dir, lua_tostring(L, -1));
@@ -193,6 +279,15 @@ static budget_t *budget_of(lua_State *L)
     return lua_getallocf(L, &ud) == vm_alloc ? ud : NULL;
 }
 
+void mp_vm_rehook(lua_State *L)
+{
+    budget_t *b = budget_of(L);
+    if (b && b->hooked)
+        lua_sethook(L, on_memory, LUA_MASKCOUNT, 1);
+    else
+        lua_sethook(L, NULL, 0, 0);
+}
+
 static int on_panic(lua_State *L)
 {
     const char *msg = lua_tostring(L, -1);
@@ -236,6 +331,26 @@ size_t mp_vm_memory(lua_State *L)
     return b ? b->used : (size_t)lua_gc(L, LUA_GCCOUNT, 0) * 1024;
 }
 
+static int collect_full(lua_State *L)
+{
+    lua_gc(L, LUA_GCCOLLECT, 0);
+    return 0;
+}
+
+/* A full collection from C, outside mp_vm_call: it runs finalizers (a
+ * userdata's __gc, ffi.gc), and one that raises would reach the panic
+ * function and end the process. Protected, a failed finalizer is logged and
+ * the collection goes on (bounded: a retry runs the finalizers still due). */
+static void collect(lua_State *L)
+{
+    static mp_log_limit_t lim;
+    for (int i = 0; i < 8 && lua_cpcall(L, collect_full, NULL) != 0; i++) {
+        const char *msg = lua_tostring(L, -1);
+        mp_log_limited(&lim, MP_LOG_ERROR, "a finalizer (__gc) failed during a collection: %s", msg ? msg : "?");
+        lua_pop(L, 1);
+    }
+}
+
 int mp_vm_set_memory(lua_State *L, size_t limit)
 {
     budget_t *b = budget_of(L);
@@ -244,7 +359,7 @@ int mp_vm_set_memory(lua_State *L, size_t limit)
     if (b->used > limit) {
         int armed = b->armed;
         b->armed = 0; /* the collector may grow the string table */
-        lua_gc(L, LUA_GCCOLLECT, 0);
+        collect(L);
         b->armed = armed;
     }
     if (b->used > limit)
@@ -264,7 +379,7 @@ static void give_back(lua_State *L, budget_t *b)
         lua_gc(L, LUA_GCSETSTEPMUL, b->stepmul);
         b->pause = b->stepmul = -1;
     }
-    lua_gc(L, LUA_GCCOLLECT, 0);
+    collect(L);
     b->over = 0;
 #ifdef __GLIBC__
     malloc_trim(0);

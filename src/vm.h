@@ -29,6 +29,11 @@ void mp_vm_close(lua_State *L);
  * holds more than limit even after a full collection. */
 int mp_vm_set_memory(lua_State *L, size_t limit);
 
+/* For another count hook (the watchdog's) that replaced the VM's hooks and
+ * found nothing to do: puts the budget's hook back while the budget is
+ * passed (it must still raise), else clears the hooks. */
+void mp_vm_rehook(lua_State *L);
+
 /* Bytes L's allocator holds now. */
 size_t mp_vm_memory(lua_State *L);
 

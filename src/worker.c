@@ -101,7 +101,7 @@ static void on_budget(lua_State *L, lua_Debug *ar)
         lua_pushfstring(L, "stopped: the hook ran longer than hook_timeout (%fs)", w->cfg->settings.hook_timeout);
         lua_error(L);
     }
-    lua_sethook(L, NULL, 0, 0);
+    mp_vm_rehook(L); /* it may have replaced lua_memory's hook */
 }
 
 /* Main thread, vm_lock held: w's hook cannot be interrupted. Its listening

@@ -11,6 +11,13 @@ local function dict(size)
 end
 
 describe("core.shared()", function()
+  -- a script must not add a __gc (one that raises where C allocates outside
+  -- a protected call ends the process: src/vm.c guard_finalizers)
+  it("hides its objects' metatable", function()
+    assert.is_false(getmetatable(dict()))
+    assert.is_false(getmetatable(assert(core.router({}))))
+  end)
+
   it("returns the same data for the same name", function()
     local a = core.shared("same", "64k")
     local b = core.shared("same", 65536)

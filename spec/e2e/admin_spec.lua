@@ -74,10 +74,14 @@ describe("the admin port against browsers", function()
 
     it("serves the configured address and localhost with its port", function()
         for _, host in ipairs { "127.0.0.1:" .. proxy.admin_port, "localhost:" .. proxy.admin_port,
-            "LOCALHOST:" .. proxy.admin_port, "localhost" } do
+            "LOCALHOST:" .. proxy.admin_port } do
             local res = admin("GET", "/configz", { { "Host", host } })
             assert.equal(200, res.status, host)
         end
+    end)
+
+    it("refuses bare localhost (SPEC: localhost with its port)", function()
+        assert.equal(403, admin("GET", "/configz", { { "Host", "localhost" } }).status)
     end)
 
     it("serves an HTTP/1.0 request without Host", function()
@@ -90,5 +94,52 @@ describe("the admin port against browsers", function()
             assert.equal(200, admin("GET", path, { { "Host", "10.1.2.3:8085" } }).status, path)
             assert.equal(403, admin("GET", path, { { "Host", "localhost" }, { "Origin", EVIL } }).status, path)
         end
+    end)
+end)
+
+-- An admin address on port 0: the names it answers to come from the port it
+-- was bound to, not from the address as written.
+describe("the admin port on port 0", function()
+    local proxy, port
+
+    lazy_setup(function()
+        proxy = h.start_proxy { workers = 1, vars = { admin = "127.0.0.1:0" }, config = [[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = false }
+proxy.route { prefix = "/", handler = function(req) return req:respond(200, "ok\n") end }
+]] }
+        -- the log does not print the admin port: it is the proxy's other listening socket
+        h.eventually(function()
+            local ss = io.popen("ss -Htlnp 2>/dev/null")
+            local out = ss:read("*a")
+            ss:close()
+            for p in out:gmatch("127%.0%.0%.1:(%d+)[^\n]*pid=" .. proxy.pid .. ",") do
+                if tonumber(p) ~= proxy.port then port = tonumber(p) end
+            end
+            return port ~= nil
+        end, 5)
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy)
+    end)
+
+    local function configz(host)
+        local res, err = raw.request(port, { method = "GET", target = "/configz", headers = { { "Host", host } } },
+            { timeout = 10 })
+        assert(res, err)
+        return res.status
+    end
+
+    it("serves the bound address and localhost with the bound port", function()
+        assert.equal(200, configz("127.0.0.1:" .. port))
+        assert.equal(200, configz("localhost:" .. port))
+    end)
+
+    it("refuses the address as written (port 0)", function()
+        assert.equal(403, configz("127.0.0.1:0"))
+        assert.equal(403, configz("localhost:0"))
     end)
 end)

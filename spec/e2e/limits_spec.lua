@@ -60,6 +60,62 @@ describe("max_connections with idle keep-alive connections (-w 1)", function()
     end)
 end)
 
+-- The worker blocks in a hook while the oldest idle connection's next request
+-- and then a newcomer arrive: when it comes back, it accepts first (epoll
+-- reports them in that order, libev runs the later one first) and must not
+-- close a connection whose request is already in the kernel (close with
+-- unread bytes sends a RST).
+local BUSY = [=[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = false, max_connections = 3, keepalive_timeout = 30, hook_timeout = 10,
+  shutdown_timeout = 1 }
+local ffi = require "ffi"
+pcall(ffi.cdef, "int poll(void *fds, unsigned long nfds, int timeout);")
+proxy.route { path = "/block", handler = function(req)
+  ffi.C.poll(nil, 0, 600)
+  return req:respond(200, "late")
+end }
+proxy.route { prefix = "/", handler = function(req) return req:respond(200, "ok " .. req.path) end }
+]=]
+
+describe("max_connections and an idle connection whose request is unread (-w 1)", function()
+    local proxy
+
+    lazy_setup(function()
+        proxy = h.start_proxy { workers = 1, config = BUSY }
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy)
+    end)
+
+    it("skips it and closes the next oldest idle one", function()
+        local c1 = assert(raw.connect(proxy.port, { timeout = 5 }))
+        local c2 = assert(raw.connect(proxy.port, { timeout = 5 }))
+        local c3 = assert(raw.connect(proxy.port, { timeout = 5 }))
+        local new
+        finally(function() c1:close(); c2:close(); c3:close(); if new then new:close() end end)
+        assert.equal(200, assert(c1:request { target = "/one" }).status)
+        assert.equal(200, assert(c2:request { target = "/two" }).status)
+        -- c3 was accepted before: the worker blocks with no accept of its own pending
+        assert.equal(200, assert(c3:request { target = "/three" }).status)
+        assert(c3:send("GET /block HTTP/1.1\r\nHost: x\r\n\r\n"))
+        socket.sleep(0.2) -- ordering only: the worker is in the hook
+        assert(c1:send("GET /again HTTP/1.1\r\nHost: x\r\n\r\n"))
+        socket.sleep(0.05)
+        new = assert(raw.connect(proxy.port, { timeout = 5 }))
+        assert(new:send("GET /new HTTP/1.1\r\nHost: x\r\n\r\n"))
+        assert.equal(200, assert(c3:read_response { timeout = 5 }).status)
+        local res, err = c1:read_response { timeout = 5 }
+        assert.equal(200, res and res.status, "the oldest connection lost its request: " .. tostring(err))
+        assert.equal("ok /again", res.body)
+        assert.equal(200, assert(new:read_response { timeout = 5 }).status)
+        assert.is_true(c2:wait_closed(2), "the next oldest idle connection was not closed")
+    end)
+end)
+
 local FEW_FDS = [=[
 local proxy = require "moonproxy"
 proxy.listen { addr = "${listen}" }
@@ -155,19 +211,44 @@ proxy.route { path = "/release", handler = function(req)
   for i = #held, 1, -1 do ffi.C.close(held[i]); held[i] = nil end
   return req:respond(200, "released " .. collectgarbage("count"))
 end }
+-- two servers: the policy takes every free descriptor before it picks the
+-- first, and gives them back when it is asked again (for a retry)
+local phase = 0
+proxy.route { path = "/two", upstream = proxy.upstream "two" { servers = { "${a}", "${b}" },
+  passive = { failures = 1, cooldown = 30 }, balancer = function(servers)
+    if phase == 0 then
+      phase = 1
+      for _ = 1, 4096 do
+        local fd = ffi.C.dup(2)
+        if fd < 0 then break end
+        held[#held + 1] = fd
+      end
+      for _, s in ipairs(servers) do if s.addr == "${a}" then return s end end
+    end
+    phase = 0
+    for i = #held, 1, -1 do ffi.C.close(held[i]); held[i] = nil end
+    return servers[1]
+  end } }
+proxy.route { path = "/reset", handler = function(req)
+  phase = 0
+  for i = #held, 1, -1 do ffi.C.close(held[i]); held[i] = nil end
+  return req:respond(200, "reset")
+end }
 proxy.route { prefix = "/", upstream = a }
 ]=]
 
 describe("the proxy's own EMFILE opening an upstream socket (-w 1)", function()
-    local a, proxy
+    local a, b, proxy
 
     lazy_setup(function()
         a = h.start_origin("a")
-        proxy = h.start_proxy { workers = 1, nofile = NOFILE, config = UPSTREAM_EMFILE, vars = { a = a.addr } }
+        b = h.start_origin("b")
+        proxy = h.start_proxy { workers = 1, nofile = NOFILE, config = UPSTREAM_EMFILE,
+            vars = { a = a.addr, b = b.addr } }
     end)
 
     lazy_teardown(function()
-        h.shutdown(proxy, a)
+        h.shutdown(proxy, a, b)
     end)
 
     it("answers 503 and does not count it against the server", function()
@@ -202,5 +283,20 @@ describe("the proxy's own EMFILE opening an upstream socket (-w 1)", function()
         local s = proxy:server_state("a", a.addr)
         assert.is_true(s.probe_up, "a probe that could not open its socket marked the server down")
         assert.equal(down0, proxy:log_count("upstream a server", "is down"))
+    end)
+
+    it("tries another server, not blaming the first, when a second one is there", function()
+        local c = assert(raw.connect(proxy.port, { timeout = 5 }))
+        finally(function() c:close() end)
+        for i = 1, 3 do
+            local res = assert(c:request { target = "/two" }, "round " .. i)
+            local reset = assert(c:request { target = "/reset" }) -- the descriptors back whatever happened
+            assert.equal(200, reset.status)
+            assert.equal(200, res.status, "round " .. i)
+            assert.equal("b", h.echo(res).name)
+        end
+        local s = proxy:server_state("two", a.addr)
+        assert.is_true(s.healthy, "the first server was ejected")
+        assert.equal(0, s.failures) -- (the log line is rate-limited: the test above may have used this second's)
     end)
 end)

@@ -270,3 +270,94 @@ for i = 1, 40000 do keep[i] = string.rep("y", 1000) .. i end
         assert.truthy(out:find("^" .. conf:gsub("%p", "%%%0") .. ":%d+: lua_memory exceeded"), out)
     end)
 end)
+
+-- A hook cannot get out of its budget, and what the C side collects outside
+-- a call (the collection after a hook passed the budget) runs finalizers
+-- protected: one that raised there ended the whole process (Lua panic).
+describe("settings.lua_memory against escapes and finalizers", function()
+    local proxy
+
+    lazy_setup(function()
+        proxy = h.start_proxy { workers = 1, config = [[
+local proxy = require "moonproxy"
+local apply = proxy._apply_lua_memory
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = false, lua_memory = "32m", hook_timeout = 10 }
+local ffi = require "ffi"
+proxy.route { path = "/fin", handler = function(req)
+  local p = ffi.gc(ffi.new("int[1]"), function() error("boom from __gc") end)
+  local t = {} for i = 1, 200000 do t[i] = string.rep("x", 1000) .. i end
+  return req:respond(200, "never " .. tostring(p) .. "\n")
+end }
+-- garbage whose finalizers raise, collected in later requests' allocations
+pcall(ffi.cdef, "typedef struct { int x; } mp_spec_fin;")
+local T = ffi.metatype("mp_spec_fin", { __gc = function() error("boom from ffi.metatype") end })
+proxy.route { path = "/drop", handler = function(req)
+  for i = 1, 100 do ffi.gc(ffi.new("int[1]"), function() error("boom from ffi.gc") end) end
+  for i = 1, 100 do local o = T() end
+  return req:respond(200, "dropped\n")
+end }
+proxy.route { path = "/work", handler = function(req)
+  local s = {} for i = 1, 50 do s[i] = req.headers["x-a"] .. i end
+  return req:respond(200, "ok\n")
+end }
+proxy.route { path = "/esc", handler = function(req)
+  local ok, err = pcall(apply, 2^50)
+  local t = {} for i = 1, 60000 do t[i] = string.rep("x", 1000) .. i end
+  return req:respond(200, tostring(ok) .. " " .. tostring(err) .. "\n")
+end }
+proxy.route { path = "/newproxy", handler = function(req)
+  return req:respond(200, type(newproxy) .. " " .. type(debug.setmetatable) .. " " .. type(debug.getmetatable)
+    .. " " .. tostring(getmetatable(io.stdout)) .. "\n")
+end }
+proxy.route { prefix = "/", handler = function(req) return req:respond(200, "ok\n") end }
+]] }
+        proxy:wait_ready()
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy)
+    end)
+
+    it("survives a finalizer that raises in the collection after a hook passed the budget", function()
+        local res = assert(raw.get(proxy.port, "/fin", { ["X-Request-ID"] = "fin-1" }, { timeout = 20 }))
+        assert.equal(500, res.status)
+        h.eventually(function()
+            return proxy:stderr():find("finalizer[^\n]*boom from __gc") ~= nil
+        end, 5)
+        assert.is_true(proxy:alive(), proxy:stderr())
+        assert.equal(200, assert(raw.get(proxy.port, "/after")).status)
+    end)
+
+    it("survives ffi.gc finalizers that raise, and fails no other request for them", function()
+        local c = assert(raw.connect(proxy.port, { timeout = 5 }))
+        finally(function() c:close() end)
+        local statuses = {}
+        for round = 1, 20 do
+            statuses[#statuses + 1] = assert(c:request { target = "/drop" }, "round " .. round).status
+            for _ = 1, 10 do
+                local res = assert(c:request { target = "/work", headers = { ["X-A"] = ("a"):rep(2000) } },
+                    "round " .. round)
+                statuses[#statuses + 1] = res.status
+            end
+        end
+        for i, status in ipairs(statuses) do assert.equal(200, status, "request " .. i) end
+        assert.is_true(proxy:alive(), proxy:stderr())
+        -- logged, at most once a second (the test above may have used this second's line)
+        assert.truthy(proxy:stderr():find("finalizer failed[^\n]*boom from"), proxy:stderr())
+    end)
+
+    it("refuses _apply_lua_memory from a hook: the budget stays", function()
+        local res = assert(raw.get(proxy.port, "/esc", { ["X-Request-ID"] = "esc-1" }, { timeout = 20 }))
+        assert.equal(500, res.status, res.body)
+        assert.truthy(proxy:stderr():find("esc%-1[^\n]*lua_memory exceeded"), proxy:stderr())
+        assert.equal(200, assert(raw.get(proxy.port, "/after")).status)
+    end)
+
+    it("gives hooks no other way to a finalizer: no newproxy, no debug.setmetatable, file handles' metatable hidden", function()
+        local res = assert(raw.get(proxy.port, "/newproxy"))
+        assert.equal(200, res.status)
+        assert.equal("nil nil nil false\n", res.body)
+    end)
+end)

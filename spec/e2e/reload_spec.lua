@@ -618,8 +618,9 @@ describe("reload and runtime state", function()
         local c1 = assert(raw.connect(proxy.admin_port, { timeout = 10 }))
         local c2 = assert(raw.connect(proxy.admin_port, { timeout = 10 }))
         finally(function() c1:close(); c2:close() end)
-        assert(c1:send(raw.build { method = "POST", target = "/reload", body = "" }))
-        assert(c2:send(raw.build { method = "POST", target = "/reload", body = "" }))
+        local host = { { "Host", "localhost:" .. proxy.admin_port } }
+        assert(c1:send(raw.build { method = "POST", target = "/reload", headers = host, body = "" }))
+        assert(c2:send(raw.build { method = "POST", target = "/reload", headers = host, body = "" }))
         local r1, r2 = assert(c1:read_response()), assert(c2:read_response())
         local ok = 0
         for _, r in ipairs { r1, r2 } do

@@ -169,3 +169,40 @@ describe("the hook watchdog and a hook blocked in C (-w 1)", function()
         assert.equal(200, live_status())
     end)
 end)
+
+-- Linux gives an auto-bound port (listen on port 0) back on shutdown(2), the
+-- watchdog's way to take a stuck worker out: listening again picked a new
+-- port, and the one the log printed refused connections.
+describe("the hook watchdog and a listener on port 0 (-w 1)", function()
+    local a, proxy
+
+    lazy_setup(function()
+        a = h.start_origin("a")
+        proxy = h.start_proxy { workers = 1, wait = false, vars = { a = a.addr },
+            config = BLOCKING:gsub("%${listen}", "127.0.0.1:0") }
+        proxy:wait_ready()
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy, a)
+    end)
+
+    it("keeps the port the log printed once the stuck hook returns", function()
+        local port
+        h.eventually(function()
+            port = tonumber(proxy:stderr():match("listening on 127%.0%.0%.1:(%d+)"))
+            return port ~= nil
+        end, 5)
+        assert.equal(200, assert(raw.get(port, "/before")).status)
+        local c = assert(raw.connect(port, { timeout = 5 }))
+        finally(function() c:close() end)
+        assert(c:send("GET /block HTTP/1.1\r\nHost: x\r\n\r\n"))
+        h.eventually(function() local r = proxy:admin("GET", "/live") return r and r.status == 503 end, 3)
+        h.eventually(function() local r = proxy:admin("GET", "/live") return r and r.status == 200 end, 5)
+        assert(c:read_response { timeout = 5 })
+        for i = 1, 3 do
+            local res, err = raw.get(port, "/after-" .. i, nil, { timeout = 3 })
+            assert.equal(200, res and res.status, tostring(err))
+        end
+    end)
+end)

@@ -499,6 +499,7 @@ end
 function Proxy:admin(method, path, opts)
     assert(self.admin_port, "this proxy was started with its own ${admin} address")
     local res, err = raw.request(self.admin_port, { method = method, target = path,
+        headers = { { "Host", "localhost:" .. self.admin_port } }, -- the admin port refuses any other name
         body = (method == "POST" or method == "PUT") and "" or nil }, opts or { timeout = 10 })
     if not res then return nil, err end
     local ok, doc = pcall(cjson.decode, res.body or "")
