@@ -153,7 +153,14 @@ describe("examples/hooks.lua", function()
       before_reload = counters()
       set_maintenance(true)
       proxy:kill("HUP")
-      h.eventually(function() return get("/page").status == 503 end)
+      -- both workers switch: a dozen new connections (spread over them by
+      -- SO_REUSEPORT) in a row must all see the new configuration
+      h.eventually(function()
+        for _ = 1, 12 do
+          if get("/page").status ~= 503 then return false end
+        end
+        return true
+      end)
     end)
 
     lazy_teardown(function()
