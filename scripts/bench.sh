@@ -19,11 +19,12 @@
 #   PROXIES="nginx haproxy moonproxy"   which proxies, in this order (also
 #                        moonproxy-noop, moonproxy-hdr, nginx-lua: see Hooks)
 #   SKIP_MOONPROXY=1     leave moonproxy out (also automatic when BIN is missing)
-#   BODY=chunked         every request a POST with a 4 KiB chunked body (an
-#                        extension, a trailer): what the proxy decodes and
-#                        re-frames; nginx buffers it and sends Content-Length,
-#                        HAProxy re-frames as it streams. No idle or hooks part;
-#                        to build/bench-chunked.md
+#   BODY=chunked         every request a POST with a 4 KiB chunked body (four
+#                        chunks, one with an extension): what the proxy decodes
+#                        and re-frames; nginx buffers it and sends
+#                        Content-Length, HAProxy re-frames as it streams. No
+#                        idle or hooks part; to build/bench-chunked.md.
+#                        BODY=chunked-trailer adds a trailer field.
 #   OUT=build/bench-results.md  (profiling modes: build/bench-callgrind.md,
 #                                build/bench-malloc.md)
 # Profiling modes (they replace the comparison run, and take PROXIES too):
@@ -82,7 +83,7 @@ CALLGRIND=${CALLGRIND:-0}
 MALLOC_CHECK=${MALLOC_CHECK:-0}
 HOOKS=${HOOKS:-0}
 BODY=${BODY:-}
-if [[ $BODY == chunked ]]; then   # the body run: no idle-memory or hooks part
+if [[ $BODY == chunked* ]]; then   # the body run: no idle-memory or hooks part
     IDLE_CONNS=0 SHORT_HOOKS=0
 fi
 SHORT_HOOKS=${SHORT_HOOKS:-1}
@@ -105,7 +106,7 @@ if [[ $HOOKS == 1 && $CALLGRIND == 1 ]]; then OUT=${OUT:-$ROOT/build/bench-hooks
 elif [[ $CALLGRIND == 1 ]]; then OUT=${OUT:-$ROOT/build/bench-callgrind.md}
 elif [[ $MALLOC_CHECK == 1 ]]; then OUT=${OUT:-$ROOT/build/bench-malloc.md}
 elif [[ $HOOKS == 1 ]]; then OUT=${OUT:-$HOOKS_OUT}
-elif [[ $BODY == chunked ]]; then OUT=${OUT:-$ROOT/build/bench-chunked.md}
+elif [[ $BODY == chunked* ]]; then OUT=${OUT:-$ROOT/build/bench-$BODY.md}
 else OUT=${OUT:-$ROOT/build/bench-results.md}; fi
 
 NGINX=${NGINX:-/usr/sbin/nginx}
@@ -154,17 +155,19 @@ upstream_accepts() { stub_status "$BACKEND_PORT" 1; }
 # request headers (wrk alone sends only Host, and a hook reading User-Agent
 # would then find nothing).
 WRK_ARGS=()
-if [[ $BODY == chunked ]]; then
-    cat >"$TMP/chunked.lua" <<'EOF'
+if [[ $BODY == chunked* ]]; then
+    # a trailer field only with BODY=chunked-trailer
+    if [[ $BODY == chunked-trailer ]]; then echo 'local trailer = "X-Checksum: 1\r\n"'; else echo 'local trailer = ""'; fi >"$TMP/chunked.lua"
+    cat >>"$TMP/chunked.lua" <<'EOF'
 -- POST / with a 4 KiB chunked body: four 1 KiB chunks, one with an
--- extension, and a trailer field, as the client framed it.
+-- extension, as the client framed it.
 local chunk = string.rep("x", 1024)
 local parts = {}
 for i = 1, 4 do
     parts[#parts + 1] = string.format("%x", #chunk) .. (i == 2 and ";ext=1" or "") .. "\r\n" .. chunk .. "\r\n"
 end
 local req = "POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n" ..
-    table.concat(parts) .. "0\r\nX-Checksum: 1\r\n\r\n"
+    table.concat(parts) .. "0\r\n" .. trailer .. "\r\n"
 request = function() return req end
 EOF
     WRK_ARGS+=(-s "$TMP/chunked.lua")
