@@ -284,19 +284,6 @@ static int hook_outcome(int rc)
     return rc == MP_HOOK_RESPONDED ? MP_DECIDE_RESPONDED : 500;
 }
 
-/* Bump allocation from the request's arena (as l_request.c does), or NULL. */
-static char *arena_take(mp_req_t *r, size_t n)
-{
-    mp_buf_t *a = &r->arena;
-    if (!a->data && mp_buf_acquire(a, &r->conn->w->bufs) != 0)
-        return NULL;
-    size_t at = (a->end + 7u) & ~(size_t)7u;
-    if (at + n > a->cap)
-        return NULL;
-    a->end = (uint32_t)(at + n);
-    return a->data + at;
-}
-
 /* The asterisk-form target of OPTIONS * (the parser allows it only there). */
 static int is_asterisk(mp_slice path)
 {
@@ -308,7 +295,7 @@ static int is_asterisk(mp_slice path)
 static int answer_options(mp_req_t *r)
 {
     static const char allow[] = "GET, HEAD";
-    mp_hedit_t *e = (mp_hedit_t *)arena_take(r, sizeof(*e) + sizeof(mp_slice));
+    mp_hedit_t *e = (mp_hedit_t *)mp_req_arena(r, sizeof(*e) + sizeof(mp_slice));
     if (!e || !(r->local_body = malloc(1)))
         return 500;
     e->name = MP_SLICE_LIT("Allow");
@@ -404,7 +391,7 @@ static int normalize_target(mp_req_t *r)
         return refuse_target(r, why);
     if (is_asterisk(p) || mp_path_is_normal(p.p, p.len, &o))
         return 0;
-    char *out = arena_take(r, p.len);
+    char *out = mp_req_arena(r, p.len);
     if (!out)
         return 500;
     ssize_t n = mp_path_normalize(p.p, p.len, &o, out, &why);

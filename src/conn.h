@@ -182,4 +182,19 @@ void mp_conn_reap(mp_worker_t *w);
 /* Graceful stop: close idle connections, let busy ones finish. */
 void mp_conn_drain(mp_worker_t *w);
 
+/* n bytes (8-aligned) from the request's arena, freed with the request; NULL
+ * when no buffer block can be had (r->arena.data is then NULL) or the block
+ * is full. */
+static inline void *mp_req_arena(mp_req_t *r, size_t n)
+{
+    mp_buf_t *a = &r->arena;
+    if (MP_UNLIKELY(!a->data) && mp_buf_acquire(a, &r->conn->w->bufs) != 0)
+        return NULL;
+    size_t at = (a->end + 7u) & ~(size_t)7u;
+    if (at + n > a->cap)
+        return NULL;
+    a->end = (uint32_t)(at + n);
+    return a->data + at;
+}
+
 #endif

@@ -69,14 +69,12 @@ static void need_phase(lua_State *L, mp_req_t *r, int phase, const char *what)
 /* Bump allocation from the request's arena (one buffer block). */
 static char *arena_alloc(lua_State *L, mp_req_t *r, size_t n)
 {
-    mp_buf_t *a = &r->arena;
-    if (MP_UNLIKELY(!a->data) && mp_buf_acquire(a, &r->conn->w->bufs) != 0)
+    char *p = mp_req_arena(r, n);
+    if (MP_UNLIKELY(!p) && !r->arena.data)
         luaL_error(L, "out of memory");
-    size_t at = (a->end + 7u) & ~(size_t)7u;
-    if (at + n > a->cap)
-        luaL_error(L, "the request's changes exceed %d bytes", (int)a->cap);
-    a->end = (uint32_t)(at + n);
-    return a->data + at;
+    if (MP_UNLIKELY(!p))
+        luaL_error(L, "the request's changes exceed %d bytes", (int)r->arena.cap);
+    return p;
 }
 
 static mp_slice arena_copy(lua_State *L, mp_req_t *r, const char *p, size_t n)

@@ -395,24 +395,11 @@ void mp_static_dispose(mp_static_file_t *f)
 
 /* ---- the response head ----------------------------------------------------- */
 
-/* Bump allocation from the request's arena (as l_request.c does), or NULL. */
-static void *arena(mp_req_t *r, size_t n)
-{
-    mp_buf_t *a = &r->arena;
-    if (!a->data && mp_buf_acquire(a, &r->conn->w->bufs) != 0)
-        return NULL;
-    size_t at = (a->end + 7u) & ~(size_t)7u;
-    if (at + n > a->cap)
-        return NULL;
-    a->end = (uint32_t)(at + n);
-    return a->data + at;
-}
-
 /* A response header as if a hook had set it: hooks see it and may change
  * it. name is static storage. */
 static int add_header(mp_req_t *r, const char *name, const char *value, size_t len)
 {
-    mp_hedit_t *e = arena(r, sizeof(*e) + sizeof(mp_slice) + len);
+    mp_hedit_t *e = mp_req_arena(r, sizeof(*e) + sizeof(mp_slice) + len);
     if (!e)
         return MP_ENOMEM;
     char *p = (char *)(e->values + 1);
@@ -443,7 +430,7 @@ static int add_location(mp_req_t *r)
     while (p.len > 1 && p.p[0] == '/' && p.p[1] == '/')
         p.p++, p.len--;
     size_t len = p.len + 1 + (r->h.has_query ? 1 + r->h.query.len : 0);
-    char *v = arena(r, len);
+    char *v = mp_req_arena(r, len);
     if (!v)
         return MP_ENOMEM;
     memcpy(v, p.p, p.len);
