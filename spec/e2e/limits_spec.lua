@@ -74,6 +74,8 @@ proxy.settings { access_log = false, max_connections = 3, keepalive_timeout = 30
 local ffi = require "ffi"
 pcall(ffi.cdef, "int poll(void *fds, unsigned long nfds, int timeout);")
 proxy.route { path = "/block", handler = function(req)
+  local f = io.open("${marker}", "w") -- the spec waits for it: the worker is in the hook
+  if f then f:close() end
   ffi.C.poll(nil, 0, 600)
   return req:respond(200, "late")
 end }
@@ -81,14 +83,17 @@ proxy.route { prefix = "/", handler = function(req) return req:respond(200, "ok 
 ]=]
 
 describe("max_connections and an idle connection whose request is unread (-w 1)", function()
-    local proxy
+    local proxy, marker
 
     lazy_setup(function()
-        proxy = h.start_proxy { workers = 1, config = BUSY }
+        marker = h.tmpname(".blocked")
+        os.remove(marker)
+        proxy = h.start_proxy { workers = 1, config = BUSY, vars = { marker = marker } }
     end)
 
     lazy_teardown(function()
         h.shutdown(proxy)
+        os.remove(marker)
     end)
 
     it("skips it and closes the next oldest idle one", function()
@@ -102,9 +107,12 @@ describe("max_connections and an idle connection whose request is unread (-w 1)"
         -- c3 was accepted before: the worker blocks with no accept of its own pending
         assert.equal(200, assert(c3:request { target = "/three" }).status)
         assert(c3:send("GET /block HTTP/1.1\r\nHost: x\r\n\r\n"))
-        socket.sleep(0.2) -- ordering only: the worker is in the hook
+        h.eventually(function() -- the worker is in the hook
+            local f = io.open(marker)
+            return f and f:close()
+        end, 5)
         assert(c1:send("GET /again HTTP/1.1\r\nHost: x\r\n\r\n"))
-        socket.sleep(0.05)
+        socket.sleep(0.05) -- ordering only: c1's bytes are queued before the newcomer connects
         new = assert(raw.connect(proxy.port, { timeout = 5 }))
         assert(new:send("GET /new HTTP/1.1\r\nHost: x\r\n\r\n"))
         assert.equal(200, assert(c3:read_response { timeout = 5 }).status)
