@@ -145,6 +145,7 @@ describe("GET /metrics", function()
 
     it("answers Prometheus text 0.0.4 with HELP and TYPE for every metric", function()
         get("/api/x")
+        settled(function(v) return v[requests("api", 200)] end)
         local res, samples, help, types = scrape()
         assert.equal("text/plain; version=0.0.4; charset=utf-8", res:header("content-type"))
         local families = {}
