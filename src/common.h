@@ -71,6 +71,18 @@ static inline int mp_slice_ieq(mp_slice a, const char *lower, size_t n)
 
 #define MP_SLICE_IEQ(s, lit) mp_slice_ieq((s), (lit), sizeof(lit) - 1)
 
+/* Case-insensitive (ASCII) equality of two slices, either side in any case:
+ * field names as peers and hooks wrote them. */
+static inline int mp_slice_caseeq(mp_slice a, mp_slice b)
+{
+    if (a.len != b.len)
+        return 0;
+    for (size_t i = 0; i < a.len; i++)
+        if (a.p[i] != b.p[i] && mp_lower(a.p[i]) != mp_lower(b.p[i]))
+            return 0;
+    return 1;
+}
+
 /* Monotonic seconds (CLOCK_MONOTONIC): the clock of shared dicts, health and
  * proxy.now(). mp_now_pin(t) makes the calling thread read t instead (the
  * simulator pins time for deterministic specs); mp_now_pin(0) unpins. */

@@ -292,11 +292,6 @@ static int crlf_at(const char *s, size_t n, size_t *i)
     return 1;
 }
 
-static int is_token_byte(unsigned char ch)
-{
-    return ch > 0x20 && ch < 0x7f && !strchr("\"(),/:;<=>?@[\\]{}", ch);
-}
-
 static int strict_chunks(const char *s, size_t n, size_t *i, char *data, size_t *dlen)
 {
     for (;;) {
@@ -330,7 +325,7 @@ static int strict_reframed(const char *s, size_t n, char *data, size_t *dlen, ch
         return 0;
     while (!crlf_at(s, n, &i)) {
         size_t start = i, v;
-        while (i < n && is_token_byte((unsigned char)s[i]))
+        while (i < n && mp_http_is_tchar((unsigned char)s[i]))
             i++;
         if (i == start || i == n || s[i] != ':')
             return 0;

@@ -1,6 +1,6 @@
 /* http1.c: strict, incremental, zero-copy parsing of HTTP/1.1 request and
  * response heads and of chunked framing (RFC 9110, RFC 9112). Pure: no I/O,
- * no malloc, no mutable globals. */
+ * no malloc, no mutable globals (the one table, mp_http1_ctype, is const). */
 #include "http1.h"
 
 #include <limits.h>
@@ -10,14 +10,14 @@
 /* Character classes: RFC 9110 §5.6.2 (token), §5.5 (field values), RFC 9112
  * §3.2 (request-target), and what we accept in an authority. */
 enum {
-    C_TCHAR = 1,  /* token */
-    C_VALUE = 2,  /* field-vchar, SP, HTAB, obs-text */
-    C_TARGET = 4, /* VCHAR: no CTL, SP, DEL or byte >= 0x80 */
-    C_HOST = 8,   /* not CTL, SP, DEL, '/', '\\', '?', '#', '@' */
+    C_TCHAR = MP_HTTP_C_TCHAR, /* token (http1.h: mp_http_is_tchar) */
+    C_VALUE = 2,               /* field-vchar, SP, HTAB, obs-text */
+    C_TARGET = 4,              /* VCHAR: no CTL, SP, DEL or byte >= 0x80 */
+    C_HOST = 8,                /* not CTL, SP, DEL, '/', '\\', '?', '#', '@' */
     C_HEX = 16,
 };
 
-static const uint8_t ctype[256] = {
+const uint8_t mp_http1_ctype[256] = {
     0,  0,  0,  0,  0,  0,  0,  0,  0,  2,  0,  0,  0,  0,  0,  0,  /* 0x0_ */
     0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  /* 0x1_ */
     2,  15, 14, 7,  15, 15, 15, 15, 14, 14, 15, 15, 14, 15, 15, 6,  /* 0x2_ */
@@ -36,7 +36,7 @@ static const uint8_t ctype[256] = {
     10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, 10, /* 0xF_ */
 };
 
-#define IS(c, cls) (ctype[(unsigned char)(c)] & (cls))
+#define IS(c, cls) (mp_http1_ctype[(unsigned char)(c)] & (cls))
 
 static const char empty[] = "";
 static const char slash[] = "/";

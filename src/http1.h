@@ -172,4 +172,16 @@ void mp_fuzz_http1(const uint8_t *data, size_t size);
 void mp_fuzz_chunked(const uint8_t *data, size_t size);
 void mp_fuzz_reframe(const uint8_t *data, size_t size);
 
+/* The parser's character classes, one byte per character; MP_HTTP_C_TCHAR
+ * is RFC 9110 §5.6.2's tchar (ALPHA, DIGIT and !#$%&'*+-.^_`|~), the other
+ * bits are http1.c's own. */
+#define MP_HTTP_C_TCHAR 1
+extern const uint8_t mp_http1_ctype[256];
+
+/* Whether c may appear in a token (a method, a field name). */
+static inline int mp_http_is_tchar(unsigned char c)
+{
+    return mp_http1_ctype[c] & MP_HTTP_C_TCHAR;
+}
+
 #endif

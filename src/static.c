@@ -232,7 +232,7 @@ static unsigned header_values(const mp_req_t *r, const char *lower, mp_slice *ou
         return n;
     }
     for (unsigned i = 0; i < r->h.nheaders && n < max; i++)
-        if (mp_header_name_eq(r->h.headers[i].name, name))
+        if (mp_slice_caseeq(r->h.headers[i].name, name))
             out[n++] = r->h.headers[i].value;
     return n;
 }
