@@ -8,10 +8,10 @@
 #include "log.h"
 #include "metrics.h"
 #include "router.h"
+#include "strbuf.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/socket.h>
@@ -48,56 +48,15 @@ struct admin_conn {
     admin_conn_t *next;
 };
 
-/* A growable string for JSON answers. */
-typedef struct {
-    char *p;
-    size_t len, cap;
-    int oom;
-} sb_t;
-
-static void sb_room(sb_t *b, size_t n)
-{
-    if (b->oom || b->len + n + 1 <= b->cap)
-        return;
-    size_t cap = b->cap ? b->cap : 1024;
-    while (cap < b->len + n + 1)
-        cap *= 2;
-    char *p = realloc(b->p, cap);
-    if (!p) {
-        b->oom = 1;
-        return;
-    }
-    b->p = p;
-    b->cap = cap;
-}
-
-static void sb_printf(sb_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-
-static void sb_printf(sb_t *b, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(NULL, 0, fmt, ap);
-    va_end(ap);
-    sb_room(b, (size_t)n);
-    if (b->oom)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(b->p + b->len, b->cap - b->len, fmt, ap);
-    va_end(ap);
-    b->len += (size_t)n;
-}
-
 /* A JSON string (quoted), or null for NULL. */
-static void sb_str(sb_t *b, const char *s)
+static void sb_str(mp_strbuf_t *b, const char *s)
 {
     if (!s) {
-        sb_printf(b, "null");
+        mp_strbuf_printf(b, "null");
         return;
     }
     size_t n = strlen(s);
-    sb_room(b, n * 6 + 2);
-    if (b->oom)
+    if (mp_strbuf_reserve(b, n * 6 + 2) != 0)
         return;
     b->p[b->len++] = '"';
     b->len = mp_json_escape(b->p, b->len, b->cap, (mp_slice){s, n});
@@ -161,66 +120,66 @@ static void respond(admin_conn_t *c, int status, const char *type, const char *b
     flush(c);
 }
 
-static void respond_json(admin_conn_t *c, int status, sb_t *b)
+static void respond_json(admin_conn_t *c, int status, mp_strbuf_t *b)
 {
     if (b->oom) {
-        free(b->p);
+        mp_strbuf_free(b);
         return respond(c, 500, "text/plain", "out of memory\n", 14);
     }
     respond(c, status, "application/json", b->p, b->len);
-    free(b->p);
+    mp_strbuf_free(b);
 }
 
-static void configz_routes(sb_t *b, const mp_config_t *cfg)
+static void configz_routes(mp_strbuf_t *b, const mp_config_t *cfg)
 {
-    sb_printf(b, "[");
+    mp_strbuf_printf(b, "[");
     for (size_t i = 0; i < mp_router_count(cfg->router); i++) {
         const mp_route_t *r = mp_router_get(cfg->router, i);
-        sb_printf(b, "%s{\"index\":%d,\"name\":", i ? "," : "", r->index);
+        mp_strbuf_printf(b, "%s{\"index\":%d,\"name\":", i ? "," : "", r->index);
         sb_str(b, r->name);
-        sb_printf(b, ",\"host\":");
+        mp_strbuf_printf(b, ",\"host\":");
         sb_str(b, r->host);
-        sb_printf(b, ",\"path\":");
+        mp_strbuf_printf(b, ",\"path\":");
         sb_str(b, r->path);
-        sb_printf(b, ",\"prefix\":");
+        mp_strbuf_printf(b, ",\"prefix\":");
         sb_str(b, r->prefix);
-        sb_printf(b, ",\"regex\":");
+        mp_strbuf_printf(b, ",\"regex\":");
         sb_str(b, r->regex);
-        sb_printf(b, ",\"upstream\":");
+        mp_strbuf_printf(b, ",\"upstream\":");
         sb_str(b, r->target >= 0 ? cfg->upstreams[r->target].name : NULL);
-        sb_printf(b, ",\"handler\":%s,\"src\":", cfg->route_hooks[i].handler ? "true" : "false");
+        mp_strbuf_printf(b, ",\"handler\":%s,\"src\":", cfg->route_hooks[i].handler ? "true" : "false");
         sb_str(b, r->src);
-        sb_printf(b, "}");
+        mp_strbuf_printf(b, "}");
     }
-    sb_printf(b, "]");
+    mp_strbuf_printf(b, "]");
 }
 
 static void configz(admin_conn_t *c)
 {
     const mp_reloader_t *rl = c->a->rl;
     const mp_config_t *cfg = mp_reloader_config(rl);
-    sb_t b = {0};
-    sb_printf(&b, "{\"generation\":%llu,\"loaded_at\":%.3f,\"source\":", (unsigned long long)mp_reloader_generation(rl),
+    mp_strbuf_t b = {0};
+    mp_strbuf_printf(&b, "{\"generation\":%llu,\"loaded_at\":%.3f,\"source\":", (unsigned long long)mp_reloader_generation(rl),
               mp_reloader_loaded_at(rl));
     sb_str(&b, cfg->path);
-    sb_printf(&b, ",\"routes\":");
+    mp_strbuf_printf(&b, ",\"routes\":");
     configz_routes(&b, cfg);
-    sb_printf(&b, ",\"upstreams\":{");
+    mp_strbuf_printf(&b, ",\"upstreams\":{");
     for (size_t i = 0; i < cfg->nupstreams; i++) {
         const mp_upstream_def_t *u = &cfg->upstreams[i];
-        sb_printf(&b, "%s", i ? "," : "");
+        mp_strbuf_printf(&b, "%s", i ? "," : "");
         sb_str(&b, u->name);
-        sb_printf(&b, ":{\"balancer\":");
+        mp_strbuf_printf(&b, ":{\"balancer\":");
         sb_str(&b, u->balancer);
-        sb_printf(&b, ",\"keepalive\":%d,\"retries\":%d,\"servers\":[", u->keepalive, u->retries);
+        mp_strbuf_printf(&b, ",\"keepalive\":%d,\"retries\":%d,\"servers\":[", u->keepalive, u->retries);
         for (size_t s = 0; s < u->nservers; s++) {
-            sb_printf(&b, "%s{\"addr\":", s ? "," : "");
+            mp_strbuf_printf(&b, "%s{\"addr\":", s ? "," : "");
             sb_str(&b, u->servers[s].addr.text);
-            sb_printf(&b, ",\"weight\":%d}", u->servers[s].weight);
+            mp_strbuf_printf(&b, ",\"weight\":%d}", u->servers[s].weight);
         }
-        sb_printf(&b, "]}");
+        mp_strbuf_printf(&b, "]}");
     }
-    sb_printf(&b, "}}\n");
+    mp_strbuf_printf(&b, "}}\n");
     respond_json(c, 200, &b);
 }
 
@@ -229,32 +188,32 @@ static void upstreams(admin_conn_t *c)
 {
     const mp_config_t *cfg = mp_reloader_config(c->a->rl);
     double now = mp_health_now();
-    sb_t b = {0};
-    sb_printf(&b, "{");
+    mp_strbuf_t b = {0};
+    mp_strbuf_printf(&b, "{");
     for (size_t i = 0; i < cfg->nupstreams; i++) {
         const mp_upstream_def_t *u = &cfg->upstreams[i];
-        sb_printf(&b, "%s", i ? "," : "");
+        mp_strbuf_printf(&b, "%s", i ? "," : "");
         sb_str(&b, u->name);
-        sb_printf(&b, ":{\"balancer\":");
+        mp_strbuf_printf(&b, ":{\"balancer\":");
         sb_str(&b, u->balancer);
-        sb_printf(&b, ",\"servers\":[");
+        mp_strbuf_printf(&b, ",\"servers\":[");
         for (size_t s = 0; s < u->nservers; s++) {
             mp_peer_t *p = mp_peer_get(u->name, u->servers[s].addr.text);
             if (!p)
                 continue;
-            sb_printf(&b, "%s{\"addr\":", s ? "," : "");
+            mp_strbuf_printf(&b, "%s{\"addr\":", s ? "," : "");
             sb_str(&b, p->addr);
             double open = p->open_until;
-            sb_printf(&b,
+            mp_strbuf_printf(&b,
                       ",\"weight\":%d,\"healthy\":%s,\"probe_up\":%s,\"circuit\":\"%s\",\"active\":%d,"
                       "\"failures\":%d,\"latency_ms\":%.3f,\"requests\":%llu,\"failed\":%llu}",
                       u->servers[s].weight, mp_peer_healthy(p, now) ? "true" : "false", p->probe_up ? "true" : "false",
                       open <= 0 ? "closed" : (now < open ? "open" : "half-open"), (int)p->active, (int)p->fails,
                       mp_peer_latency(p), (unsigned long long)p->requests, (unsigned long long)p->failures);
         }
-        sb_printf(&b, "]}");
+        mp_strbuf_printf(&b, "]}");
     }
-    sb_printf(&b, "}\n");
+    mp_strbuf_printf(&b, "}\n");
     respond_json(c, 200, &b);
 }
 
@@ -288,14 +247,14 @@ static void on_reloaded(void *arg, uint64_t generation, const char *err)
     c->waiting = 0;
     if (c->fd < 0)
         return close_conn(c); /* the client left meanwhile */
-    sb_t b = {0};
+    mp_strbuf_t b = {0};
     if (err) {
-        sb_printf(&b, "{\"error\":");
+        mp_strbuf_printf(&b, "{\"error\":");
         sb_str(&b, err);
-        sb_printf(&b, ",\"generation\":%llu}\n", (unsigned long long)generation);
+        mp_strbuf_printf(&b, ",\"generation\":%llu}\n", (unsigned long long)generation);
         return respond_json(c, 422, &b);
     }
-    sb_printf(&b, "{\"generation\":%llu}\n", (unsigned long long)generation);
+    mp_strbuf_printf(&b, "{\"generation\":%llu}\n", (unsigned long long)generation);
     respond_json(c, 200, &b);
 }
 

@@ -4,8 +4,8 @@
 #include "metrics.h"
 
 #include "health.h"
+#include "strbuf.h"
 
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -90,50 +90,10 @@ void mp_metrics_dispose(mp_metrics_t *m)
 
 /* ---- main thread: the scrape ---- */
 
-typedef struct {
-    char *p;
-    size_t len, cap;
-    int oom;
-} sb_t;
-
-static void sb_room(sb_t *b, size_t n)
-{
-    if (b->oom || b->len + n + 1 <= b->cap)
-        return;
-    size_t cap = b->cap ? b->cap : 4096;
-    while (cap < b->len + n + 1)
-        cap *= 2;
-    char *p = realloc(b->p, cap);
-    if (!p) {
-        b->oom = 1;
-        return;
-    }
-    b->p = p;
-    b->cap = cap;
-}
-
-static void sb_printf(sb_t *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-
-static void sb_printf(sb_t *b, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(NULL, 0, fmt, ap);
-    va_end(ap);
-    sb_room(b, (size_t)n);
-    if (b->oom)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(b->p + b->len, b->cap - b->len, fmt, ap);
-    va_end(ap);
-    b->len += (size_t)n;
-}
-
 /* A label value, quoted and escaped (text format 0.0.4: \\, \" and \n). */
-static void sb_label(sb_t *b, const char *s)
+static void sb_label(mp_strbuf_t *b, const char *s)
 {
-    sb_room(b, strlen(s) * 2 + 2);
-    if (b->oom)
+    if (mp_strbuf_reserve(b, strlen(s) * 2 + 2) != 0)
         return;
     b->p[b->len++] = '"';
     for (; *s; s++) {
@@ -145,9 +105,9 @@ static void sb_label(sb_t *b, const char *s)
     b->p[b->len] = '\0';
 }
 
-static void header(sb_t *b, const char *name, const char *type, const char *help)
+static void header(mp_strbuf_t *b, const char *name, const char *type, const char *help)
 {
-    sb_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
+    mp_strbuf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, type);
 }
 
 /* One route name summed over the workers. */
@@ -251,26 +211,26 @@ static void routes_free(routes_t *rs)
     free(rs->v);
 }
 
-static void render_requests(sb_t *b, const routes_t *rs)
+static void render_requests(mp_strbuf_t *b, const routes_t *rs)
 {
     header(b, "moonproxy_requests_total", "counter",
            "Requests answered, by route name (" MP_METRICS_NONE ": no route matched) and status sent.");
     for (size_t i = 0; i < rs->n; i++) {
         const merged_t *m = &rs->v[i];
         for (size_t c = 0; c < m->ncodes; c++) {
-            sb_printf(b, "moonproxy_requests_total{route=");
+            mp_strbuf_printf(b, "moonproxy_requests_total{route=");
             sb_label(b, m->name);
-            sb_printf(b, ",status=\"%d\"} %llu\n", m->codes[c], (unsigned long long)m->counts[c]);
+            mp_strbuf_printf(b, ",status=\"%d\"} %llu\n", m->codes[c], (unsigned long long)m->counts[c]);
         }
         if (m->other) {
-            sb_printf(b, "moonproxy_requests_total{route=");
+            mp_strbuf_printf(b, "moonproxy_requests_total{route=");
             sb_label(b, m->name);
-            sb_printf(b, ",status=\"other\"} %llu\n", (unsigned long long)m->other);
+            mp_strbuf_printf(b, ",status=\"other\"} %llu\n", (unsigned long long)m->other);
         }
     }
 }
 
-static void render_durations(sb_t *b, const routes_t *rs)
+static void render_durations(mp_strbuf_t *b, const routes_t *rs)
 {
     const char *name = "moonproxy_request_duration_seconds";
     header(b, name, "histogram", "Time from the request's first byte to its end, by route name.");
@@ -279,18 +239,18 @@ static void render_durations(sb_t *b, const routes_t *rs)
         uint64_t total = 0;
         for (int k = 0; k < MP_METRICS_BUCKETS; k++) {
             total += m->buckets[k];
-            sb_printf(b, "%s_bucket{route=", name);
+            mp_strbuf_printf(b, "%s_bucket{route=", name);
             sb_label(b, m->name);
             if (k < MP_METRICS_BUCKETS - 1)
-                sb_printf(b, ",le=\"%g\"} %llu\n", bounds[k], (unsigned long long)total);
+                mp_strbuf_printf(b, ",le=\"%g\"} %llu\n", bounds[k], (unsigned long long)total);
             else
-                sb_printf(b, ",le=\"+Inf\"} %llu\n", (unsigned long long)total);
+                mp_strbuf_printf(b, ",le=\"+Inf\"} %llu\n", (unsigned long long)total);
         }
-        sb_printf(b, "%s_sum{route=", name);
+        mp_strbuf_printf(b, "%s_sum{route=", name);
         sb_label(b, m->name);
-        sb_printf(b, "} %.9g\n%s_count{route=", m->sum, name);
+        mp_strbuf_printf(b, "} %.9g\n%s_count{route=", m->sum, name);
         sb_label(b, m->name);
-        sb_printf(b, "} %llu\n", (unsigned long long)total);
+        mp_strbuf_printf(b, "} %llu\n", (unsigned long long)total);
     }
 }
 
@@ -305,7 +265,8 @@ static int seen_before(const mp_upstream_def_t *u, size_t s)
 
 /* The servers of the current configuration (those of upstreams since
  * removed are left out); fn renders one. */
-static void each_server(sb_t *b, const mp_config_t *cfg, void (*fn)(sb_t *b, mp_peer_t *p, double now))
+static void each_server(mp_strbuf_t *b, const mp_config_t *cfg,
+                        void (*fn)(mp_strbuf_t *b, mp_peer_t *p, double now))
 {
     double now = mp_health_now();
     for (size_t i = 0; cfg && i < cfg->nupstreams; i++) {
@@ -318,32 +279,32 @@ static void each_server(sb_t *b, const mp_config_t *cfg, void (*fn)(sb_t *b, mp_
     }
 }
 
-static void server_labels(sb_t *b, const mp_peer_t *p)
+static void server_labels(mp_strbuf_t *b, const mp_peer_t *p)
 {
-    sb_printf(b, "{upstream=");
+    mp_strbuf_printf(b, "{upstream=");
     sb_label(b, p->upstream);
-    sb_printf(b, ",server=");
+    mp_strbuf_printf(b, ",server=");
     sb_label(b, p->addr);
 }
 
-static void render_up(sb_t *b, mp_peer_t *p, double now)
+static void render_up(mp_strbuf_t *b, mp_peer_t *p, double now)
 {
-    sb_printf(b, "moonproxy_upstream_server_up");
+    mp_strbuf_printf(b, "moonproxy_upstream_server_up");
     server_labels(b, p);
-    sb_printf(b, "} %d\n", mp_peer_healthy(p, now) ? 1 : 0);
+    mp_strbuf_printf(b, "} %d\n", mp_peer_healthy(p, now) ? 1 : 0);
 }
 
-static void render_peer_requests(sb_t *b, mp_peer_t *p, double now)
+static void render_peer_requests(mp_strbuf_t *b, mp_peer_t *p, double now)
 {
     (void)now;
     for (int k = 0; k < MP_PEER_CLASSES; k++) {
-        sb_printf(b, "moonproxy_upstream_requests_total");
+        mp_strbuf_printf(b, "moonproxy_upstream_requests_total");
         server_labels(b, p);
-        sb_printf(b, ",status=\"%s\"} %llu\n", classes[k], (unsigned long long)LOAD(p->by_class[k]));
+        mp_strbuf_printf(b, ",status=\"%s\"} %llu\n", classes[k], (unsigned long long)LOAD(p->by_class[k]));
     }
 }
 
-static void render_process(sb_t *b, const mp_metrics_src_t *src)
+static void render_process(mp_strbuf_t *b, const mp_metrics_src_t *src)
 {
     uint64_t conns = 0, idle = 0;
     for (int w = 0; w < src->nworkers; w++) {
@@ -352,19 +313,19 @@ static void render_process(sb_t *b, const mp_metrics_src_t *src)
     }
     header(b, "moonproxy_connections", "gauge",
            "Open connections: client ones, and idle pooled upstream ones (upstream_idle).");
-    sb_printf(b, "moonproxy_connections{state=\"client\"} %llu\n", (unsigned long long)conns);
-    sb_printf(b, "moonproxy_connections{state=\"upstream_idle\"} %llu\n", (unsigned long long)idle);
+    mp_strbuf_printf(b, "moonproxy_connections{state=\"client\"} %llu\n", (unsigned long long)conns);
+    mp_strbuf_printf(b, "moonproxy_connections{state=\"upstream_idle\"} %llu\n", (unsigned long long)idle);
     header(b, "moonproxy_reloads_total", "counter", "Reloads and rollbacks, by result.");
-    sb_printf(b, "moonproxy_reloads_total{result=\"ok\"} %llu\n", (unsigned long long)src->reloads_ok);
-    sb_printf(b, "moonproxy_reloads_total{result=\"refused\"} %llu\n", (unsigned long long)src->reloads_refused);
+    mp_strbuf_printf(b, "moonproxy_reloads_total{result=\"ok\"} %llu\n", (unsigned long long)src->reloads_ok);
+    mp_strbuf_printf(b, "moonproxy_reloads_total{result=\"refused\"} %llu\n", (unsigned long long)src->reloads_refused);
     header(b, "moonproxy_config_generation", "gauge", "The configuration generation running.");
-    sb_printf(b, "moonproxy_config_generation %llu\n", (unsigned long long)src->generation);
+    mp_strbuf_printf(b, "moonproxy_config_generation %llu\n", (unsigned long long)src->generation);
 }
 
 char *mp_metrics_render(const mp_metrics_src_t *src, size_t *len)
 {
     routes_t rs = {0};
-    sb_t b = {0};
+    mp_strbuf_t b = {0};
     if (merge(&rs, src) != 0)
         b.oom = 1;
     render_requests(&b, &rs);
@@ -377,10 +338,5 @@ char *mp_metrics_render(const mp_metrics_src_t *src, size_t *len)
            "Attempts sent to the server, by response status class (error: no response).");
     each_server(&b, src->cfg, render_peer_requests);
     render_process(&b, src);
-    if (b.oom) {
-        free(b.p);
-        return NULL;
-    }
-    *len = b.len;
-    return b.p;
+    return mp_strbuf_steal(&b, len);
 }
