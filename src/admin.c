@@ -159,8 +159,8 @@ static void configz(admin_conn_t *c)
     const mp_reloader_t *rl = c->a->rl;
     const mp_config_t *cfg = mp_reloader_config(rl);
     mp_strbuf_t b = {0};
-    mp_strbuf_printf(&b, "{\"generation\":%llu,\"loaded_at\":%.3f,\"source\":", (unsigned long long)mp_reloader_generation(rl),
-              mp_reloader_loaded_at(rl));
+    mp_strbuf_printf(&b, "{\"generation\":%llu,\"loaded_at\":%.3f,\"source\":",
+                     (unsigned long long)mp_reloader_generation(rl), mp_reloader_loaded_at(rl));
     sb_str(&b, cfg->path);
     mp_strbuf_printf(&b, ",\"routes\":");
     configz_routes(&b, cfg);
@@ -205,11 +205,12 @@ static void upstreams(admin_conn_t *c)
             sb_str(&b, p->addr);
             double open = p->open_until;
             mp_strbuf_printf(&b,
-                      ",\"weight\":%d,\"healthy\":%s,\"probe_up\":%s,\"circuit\":\"%s\",\"active\":%d,"
-                      "\"failures\":%d,\"latency_ms\":%.3f,\"requests\":%llu,\"failed\":%llu}",
-                      u->servers[s].weight, mp_peer_healthy(p, now) ? "true" : "false", p->probe_up ? "true" : "false",
-                      open <= 0 ? "closed" : (now < open ? "open" : "half-open"), (int)p->active, (int)p->fails,
-                      mp_peer_latency(p), (unsigned long long)p->requests, (unsigned long long)p->failures);
+                             ",\"weight\":%d,\"healthy\":%s,\"probe_up\":%s,\"circuit\":\"%s\",\"active\":%d,"
+                             "\"failures\":%d,\"latency_ms\":%.3f,\"requests\":%llu,\"failed\":%llu}",
+                             u->servers[s].weight, mp_peer_healthy(p, now) ? "true" : "false",
+                             p->probe_up ? "true" : "false", open <= 0 ? "closed" : (now < open ? "open" : "half-open"),
+                             (int)p->active, (int)p->fails,
+                             mp_peer_latency(p), (unsigned long long)p->requests, (unsigned long long)p->failures);
         }
         mp_strbuf_printf(&b, "]}");
     }

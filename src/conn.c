@@ -2,6 +2,7 @@
  * them, answer errors made here, keep-alive and pipelining, timeouts, close. */
 #include "conn.h"
 
+#include "head.h"
 #include "l_request.h"
 #include "listener.h"
 #include "path.h"
@@ -815,19 +816,7 @@ int mp_local_response(mp_req_t *r, int status, mp_buf_t *b, mp_local_t *out)
         edits = r->resp_edits;
     }
     r->status = shown;
-    mp_slice date = mp_worker_date(r->conn->w);
-    char head[512];
-    char retry[40] = "";
-    if (r->retry_after && shown == 503)
-        snprintf(retry, sizeof(retry), "Retry-After: %u\r\n", r->retry_after);
-    int hlen = snprintf(head, sizeof(head),
-                        "HTTP/1.1 %d %s\r\n%.*sContent-Length: %zu\r\nX-Request-ID: %.*s\r\n%s%s", shown,
-                        mp_http1_reason(shown), (int)date.len, date.p, out->body.len, /* HEAD too: RFC 9110 §9.3.2 */
-                        r->id_len, r->id, retry, r->keepalive ? "" : "Connection: close\r\n");
-    if (hlen < 0 || (size_t)hlen >= sizeof(head) || mp_buf_append(b, head, (size_t)hlen) != 0 ||
-        (!mp_hedit_find(edits, MP_SLICE_LIT("content-type")) &&
-         MP_BUF_LIT(b, "Content-Type: text/plain\r\n") != 0) ||
-        mp_hedit_put(b, edits, NULL) != 0 || MP_BUF_LIT(b, "\r\n") != 0)
+    if (mp_head_local(r, shown, edits, out->body.len, b) != 0) /* Content-Length on a HEAD too: RFC 9110 §9.3.2 */
         return -1;
     return shown;
 }

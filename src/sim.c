@@ -6,6 +6,7 @@
 
 #include "balancer.h"
 #include "conn.h"
+#include "head.h"
 #include "l_request.h"
 #include "log.h"
 #include "path.h"
@@ -694,7 +695,7 @@ static int run_request(mp_sim_t *s, const mp_sim_request_t *rq)
         b->peers[server]->trial = 0;
     r->server = server;
     s->out.start = s->out.end = 0;
-    if (mp_upstream_request_head(r, &s->out) != 0)
+    if (mp_head_request(r, &s->out) != 0)
         return answer(s, 431, "the upstream request head is too large"), 0;
     s->forwarded = 1;
     const char *eol = memchr(mp_buf_head(&s->out), '\r', mp_buf_len(&s->out));
@@ -795,7 +796,7 @@ static int run_response(mp_sim_t *s, const mp_sim_response_t *rs)
             r->status = r->resp_status;
     }
     s->out.start = s->out.end = 0;
-    rc = mp_upstream_response_head(r, &rh, &s->out);
+    rc = mp_head_response(r, &rh, &s->out);
     if (rc != 0)
         return MP_ENOMEM;
     step(s, "response", "sent %d to the client", r->status);

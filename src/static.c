@@ -4,6 +4,7 @@
 #include "static.h"
 
 #include "config.h"
+#include "head.h"
 #include "l_request.h"
 #include "log.h"
 #include "reload.h"
@@ -493,18 +494,8 @@ int mp_static_response(mp_req_t *r, mp_static_file_t *f, mp_buf_t *b, mp_local_t
         mp_static_dispose(f);
         out->body.len = 0;
     }
-    char cl[48] = "";
-    if (!bodiless)
-        snprintf(cl, sizeof(cl), "Content-Length: %llu\r\n",
-                 (unsigned long long)(status == 200 ? f->size : (uint64_t)n)); /* HEAD too: RFC 9110 §9.3.2 */
-    mp_slice date = mp_worker_date(r->conn->w);
-    char head[512]; /* a 128-byte id, the longest reason and every optional line fit */
-    int hlen = snprintf(head, sizeof(head), "HTTP/1.1 %d %s\r\n%.*s%sX-Request-ID: %.*s\r\n%s", shown,
-                        mp_http1_reason(shown), (int)date.len, date.p, cl, r->id_len, r->id,
-                        r->keepalive ? "" : "Connection: close\r\n");
-    if (hlen < 0 || (size_t)hlen >= sizeof(head) || mp_buf_append(b, head, (size_t)hlen) != 0 ||
-        mp_hedit_put(b, r->resp_edits, NULL) != 0 ||
-        MP_BUF_LIT(b, "\r\n") != 0) {
+    int64_t length = bodiless ? -1 : (int64_t)(status == 200 ? f->size : (uint64_t)n); /* HEAD too: RFC 9110 §9.3.2 */
+    if (mp_head_static(r, shown, length, b) != 0) {
         mp_static_dispose(f);
         return -1;
     }

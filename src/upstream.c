@@ -5,6 +5,7 @@
 #include "upstream.h"
 
 #include "balancer.h"
+#include "head.h"
 #include "l_request.h"
 #include "pool.h"
 #include "reload.h"
@@ -323,168 +324,6 @@ static void connect_to(mp_req_t *r, int server, int fresh)
     pump_request(r);
 }
 
-/* Hop-by-hop fields (RFC 9110 §7.6.1) are never forwarded. */
-static int is_hop_by_hop(mp_slice n)
-{
-    switch (n.len) {
-    case 2: return MP_SLICE_IEQ(n, "te");
-    case 7: return MP_SLICE_IEQ(n, "trailer") || MP_SLICE_IEQ(n, "upgrade");
-    case 10: return MP_SLICE_IEQ(n, "connection") || MP_SLICE_IEQ(n, "keep-alive");
-    case 16: return MP_SLICE_IEQ(n, "proxy-connection");
-    case 17: return MP_SLICE_IEQ(n, "transfer-encoding");
-    default: return 0;
-    }
-}
-
-#define MAX_CONN_TOKENS 16
-
-/* Collects the field names listed in Connection fields. */
-static unsigned connection_tokens(const mp_header_t *h, unsigned n, mp_slice *toks)
-{
-    unsigned k = 0;
-    for (unsigned i = 0; i < n; i++) {
-        if (!MP_SLICE_IEQ(h[i].name, "connection"))
-            continue;
-        size_t pos = 0;
-        mp_slice t;
-        while (k < MAX_CONN_TOKENS && mp_http1_next_token(h[i].value, &pos, &t))
-            toks[k++] = t;
-    }
-    return k;
-}
-
-static int slice_ieq(mp_slice a, mp_slice b)
-{
-    if (a.len != b.len)
-        return 0;
-    for (size_t i = 0; i < a.len; i++)
-        if (mp_lower(a.p[i]) != mp_lower(b.p[i]))
-            return 0;
-    return 1;
-}
-
-/* Whether a field is dropped when forwarding: hop-by-hop, or named in
- * Connection. */
-static int is_dropped(mp_slice name, const mp_slice *toks, unsigned ntoks)
-{
-    if (is_hop_by_hop(name))
-        return 1;
-    for (unsigned i = 0; i < ntoks; i++)
-        if (slice_ieq(name, toks[i]))
-            return 1;
-    return 0;
-}
-
-static int put(mp_buf_t *b, const char *p, size_t n)
-{
-    return mp_buf_append(b, p, n);
-}
-
-static int put_s(mp_buf_t *b, mp_slice s)
-{
-    return mp_buf_append(b, s.p, s.len);
-}
-
-#define PUT_LIT(b, lit) put((b), (lit), sizeof(lit) - 1)
-
-/* The upstream's request line: the path after strip_prefix, and the query. */
-static int put_target(mp_buf_t *b, mp_req_t *r)
-{
-    int rc = put_s(b, r->path);
-    if (r->has_query)
-        rc |= PUT_LIT(b, "?") | put_s(b, r->query);
-    return rc;
-}
-
-/* Hooks' edits replace what the proxy itself would send under that name. */
-static int edited(mp_req_t *r, const char *name, size_t len)
-{
-    return r->edits && mp_hedit_find(r->edits, (mp_slice){name, len});
-}
-
-static int put_forwarded(mp_buf_t *b, mp_req_t *r, mp_slice host)
-{
-    const mp_http_request_t *h = &r->h;
-    int rc = 0;
-    if (!edited(r, "x-forwarded-for", 15)) {
-        rc |= PUT_LIT(b, "X-Forwarded-For: ");
-        for (unsigned i = 0; i < h->nheaders; i++)
-            if (MP_SLICE_IEQ(h->headers[i].name, "x-forwarded-for") && h->headers[i].value.len)
-                rc |= put_s(b, h->headers[i].value) | PUT_LIT(b, ", ");
-        rc |= put(b, r->client_ip, strlen(r->client_ip)) | PUT_LIT(b, "\r\n");
-    }
-    if (!edited(r, "x-forwarded-proto", 17) &&
-        (!r->trusted_peer || mp_http1_find(h->headers, h->nheaders, "x-forwarded-proto", 17) < 0))
-        rc |= PUT_LIT(b, "X-Forwarded-Proto: http\r\n");
-    if (!edited(r, "x-forwarded-host", 16) &&
-        (!r->trusted_peer || mp_http1_find(h->headers, h->nheaders, "x-forwarded-host", 16) < 0))
-        rc |= PUT_LIT(b, "X-Forwarded-Host: ") | put_s(b, host) | PUT_LIT(b, "\r\n");
-    if (!edited(r, "x-request-id", 12))
-        rc |= PUT_LIT(b, "X-Request-ID: ") | put(b, r->id, r->id_len) | PUT_LIT(b, "\r\n");
-    return rc;
-}
-
-/* Decimal digits of n (printf costs more than the rest of a head). */
-static int put_u64(mp_buf_t *b, uint64_t n)
-{
-    char digits[20];
-    size_t i = sizeof(digits);
-    do
-        digits[--i] = (char)('0' + n % 10);
-    while ((n /= 10) != 0);
-    return put(b, digits + i, sizeof(digits) - i);
-}
-
-static int put_length(mp_buf_t *b, int64_t n)
-{
-    if (n < 0)
-        return 0;
-    return PUT_LIT(b, "Content-Length: ") | put_u64(b, (uint64_t)n) | PUT_LIT(b, "\r\n");
-}
-
-/* Writes the request head the upstream receives (HTTP/1.1 always). */
-int mp_upstream_request_head(mp_req_t *r, mp_buf_t *b)
-{
-    const mp_http_request_t *h = &r->h;
-    const mp_upstream_def_t *d = udef(r);
-    mp_slice toks[MAX_CONN_TOKENS];
-    unsigned ntoks = connection_tokens(h->headers, h->nheaders, toks);
-    mp_slice host = h->host;
-    if (!host.len) {
-        const char *t = d->servers[r->server].addr.text;
-        host = (mp_slice){t, strlen(t)};
-    }
-
-    mp_slice send_host = host; /* X-Forwarded-Host keeps the client's */
-    const mp_hedit_t *host_edit = r->edits ? mp_hedit_find(r->edits, MP_SLICE_LIT("host")) : NULL;
-    if (host_edit && host_edit->nvalues)
-        send_host = host_edit->values[0];
-    else if (d->host)
-        send_host = (mp_slice){d->host, strlen(d->host)};
-    int rc = put_s(b, h->method) | PUT_LIT(b, " ") | put_target(b, r) | PUT_LIT(b, " HTTP/1.1\r\nHost: ");
-    rc |= put_s(b, send_host) | PUT_LIT(b, "\r\n");
-    for (unsigned i = 0; i < h->nheaders; i++) {
-        mp_slice n = h->headers[i].name;
-        if (is_dropped(n, toks, ntoks) || MP_SLICE_IEQ(n, "host") || MP_SLICE_IEQ(n, "x-forwarded-for") ||
-            MP_SLICE_IEQ(n, "x-request-id") || MP_SLICE_IEQ(n, "expect") || MP_SLICE_IEQ(n, "content-length"))
-            continue;
-        if (r->edits && mp_hedit_find(r->edits, n))
-            continue;
-        if (!r->trusted_peer && (MP_SLICE_IEQ(n, "x-forwarded-proto") || MP_SLICE_IEQ(n, "x-forwarded-host")))
-            continue;
-        rc |= put_s(b, n) | PUT_LIT(b, ": ") | put_s(b, h->headers[i].value) | PUT_LIT(b, "\r\n");
-    }
-    rc |= put_forwarded(b, r, host);
-    rc |= mp_hedit_put(b, r->edits, "host");
-    rc |= put_length(b, h->content_length); /* one value, however the client repeated it */
-    if (h->chunked)
-        rc |= PUT_LIT(b, "Transfer-Encoding: chunked\r\n");
-    if (d->keepalive == 0)
-        rc |= PUT_LIT(b, "Connection: close\r\n");
-    rc |= PUT_LIT(b, "\r\n");
-    return rc ? MP_ENOMEM : 0;
-}
-
 /* c->in as the re-framing helpers (reframe.h) see it, and back. */
 static mp_reframe_buf_t reframe_buf(mp_req_t *r)
 {
@@ -618,7 +457,7 @@ static void pump_request(mp_req_t *r)
     mp_framing_t *f = &r->body;
     int chunked = f->kind == MP_BODY_CHUNKED;
     if (!r->head_sent && !mp_buf_len(&u->out)) {
-        if (mp_buf_acquire(&u->out, &c->w->bufs) != 0 || mp_upstream_request_head(r, &u->out) != 0) {
+        if (mp_buf_acquire(&u->out, &c->w->bufs) != 0 || mp_head_request(r, &u->out) != 0) {
             mp_upstream_cancel(r);
             return mp_conn_fail(c, 431);
         }
@@ -665,44 +504,6 @@ static void pump_request(mp_req_t *r)
     sync_events(r);
 }
 
-int mp_upstream_response_head(mp_req_t *r, const mp_http_response_t *rh, mp_buf_t *b)
-{
-    mp_slice toks[MAX_CONN_TOKENS];
-    unsigned ntoks = connection_tokens(rh->headers, rh->nheaders, toks);
-    int rc = PUT_LIT(b, "HTTP/1.1 ");
-    if (r->resp_status && r->resp_status != rh->status)
-        rc |= put_u64(b, r->resp_status) | PUT_LIT(b, " ") | put(b, mp_http1_reason(r->resp_status),
-                                                                   strlen(mp_http1_reason(r->resp_status)));
-    else
-        rc |= put_u64(b, (uint64_t)rh->status) | PUT_LIT(b, " ") | put_s(b, rh->reason);
-    rc |= PUT_LIT(b, "\r\n");
-    int dated = 0;
-    for (unsigned i = 0; i < rh->nheaders; i++) {
-        mp_slice name = rh->headers[i].name;
-        if (is_dropped(name, toks, ntoks) || MP_SLICE_IEQ(name, "x-request-id") ||
-            MP_SLICE_IEQ(name, "content-length"))
-            continue;
-        dated |= MP_SLICE_IEQ(name, "date");
-        if (r->resp_edits && mp_hedit_find(r->resp_edits, name))
-            continue;
-        rc |= put_s(b, name) | PUT_LIT(b, ": ") | put_s(b, rh->headers[i].value) | PUT_LIT(b, "\r\n");
-    }
-    rc |= mp_hedit_put(b, r->resp_edits, NULL);
-    if (!dated) /* RFC 9110 §6.6.1: a recipient with a clock adds one */
-        rc |= put_s(b, mp_worker_date(worker_of(r)));
-    rc |= PUT_LIT(b, "X-Request-ID: ") | put(b, r->id, r->id_len) | PUT_LIT(b, "\r\n");
-    if (!rh->chunked)
-        rc |= put_length(b, rh->content_length);
-    if (r->resp.kind == MP_BODY_CHUNKED && !r->dechunk)
-        rc |= PUT_LIT(b, "Transfer-Encoding: chunked\r\n");
-    if (!r->keepalive)
-        rc |= PUT_LIT(b, "Connection: close\r\n");
-    else if (r->h.minor == 0)
-        rc |= PUT_LIT(b, "Connection: keep-alive\r\n");
-    rc |= PUT_LIT(b, "\r\n");
-    return rc ? MP_ENOMEM : 0;
-}
-
 /* The upstream's response head is complete: decide the body's framing and
  * both connections' fate, and queue the head for the client. */
 static int begin_response(mp_req_t *r, const mp_http_response_t *rh)
@@ -747,7 +548,7 @@ static int begin_response(mp_req_t *r, const mp_http_response_t *rh)
         if (r->resp_status)
             r->status = r->resp_status;
     }
-    if (mp_buf_acquire(&c->out, &c->w->bufs) != 0 || mp_upstream_response_head(r, rh, &c->out) != 0)
+    if (mp_buf_acquire(&c->out, &c->w->bufs) != 0 || mp_head_response(r, rh, &c->out) != 0)
         return MP_ENOMEM;
     u->in.start += (uint32_t)rh->head_len;
     r->resp_ready = r->resp_scan = u->in.start;

@@ -21,13 +21,4 @@ void mp_upstream_on_client_timeout(mp_req_t *r);
  * away or the request failed. */
 void mp_upstream_cancel(mp_req_t *r);
 
-/* The request head sent to r's server (r->server picked): the request line
- * with the rewritten target, the forwarded headers, X-Forwarded-*, the
- * hooks' edits. Appends to b; MP_ENOMEM when it does not fit. */
-int mp_upstream_request_head(mp_req_t *r, mp_buf_t *b);
-
-/* The response head sent to the client for the upstream's head rh, with the
- * response hooks' changes (r->resp framed first). Appends to b. */
-int mp_upstream_response_head(mp_req_t *r, const mp_http_response_t *rh, mp_buf_t *b);
-
 #endif

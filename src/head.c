@@ -1,0 +1,256 @@
+/* head.c: every head moonproxy writes (head.h): the upstream request, the
+ * client response, local answers and static files, on the helpers below.
+ * Field order, spelling and spacing are part of the contract: the specs
+ * compare heads byte for byte. */
+#include "head.h"
+
+#include "reload.h" /* r->gen's configuration (gen.h once a generation has its own header) */
+
+#include <string.h>
+
+#define MAX_CONN_TOKENS 16
+
+/* The Date line of the worker serving r (cached once a second). */
+static mp_slice date_of(mp_req_t *r)
+{
+    return mp_worker_date(r->conn->w);
+}
+
+static const mp_upstream_def_t *udef(mp_req_t *r)
+{
+    return &r->gen->cfg->upstreams[r->upstream];
+}
+
+/* ---- appending ---- */
+
+static int put(mp_buf_t *b, const char *p, size_t n)
+{
+    return mp_buf_append(b, p, n);
+}
+
+static int put_s(mp_buf_t *b, mp_slice s)
+{
+    return mp_buf_append(b, s.p, s.len);
+}
+
+#define PUT_LIT(b, lit) put((b), (lit), sizeof(lit) - 1)
+
+/* Decimal digits of n (printf costs more than the rest of a head). */
+static int put_u64(mp_buf_t *b, uint64_t n)
+{
+    char digits[20];
+    size_t i = sizeof(digits);
+    do
+        digits[--i] = (char)('0' + n % 10);
+    while ((n /= 10) != 0);
+    return put(b, digits + i, sizeof(digits) - i);
+}
+
+/* "HTTP/1.1 <status> <reason>\r\n": every head we send a client. */
+static int put_status(mp_buf_t *b, int status, mp_slice reason)
+{
+    return PUT_LIT(b, "HTTP/1.1 ") | put_u64(b, (uint64_t)status) | PUT_LIT(b, " ") | put_s(b, reason) |
+           PUT_LIT(b, "\r\n");
+}
+
+static mp_slice reason_of(int status)
+{
+    const char *t = mp_http1_reason(status);
+    return (mp_slice){t, strlen(t)};
+}
+
+static int put_request_id(mp_buf_t *b, mp_req_t *r)
+{
+    return PUT_LIT(b, "X-Request-ID: ") | put(b, r->id, r->id_len) | PUT_LIT(b, "\r\n");
+}
+
+/* Content-Length: n, or nothing when n < 0. */
+static int put_length(mp_buf_t *b, int64_t n)
+{
+    if (n < 0)
+        return 0;
+    return PUT_LIT(b, "Content-Length: ") | put_u64(b, (uint64_t)n) | PUT_LIT(b, "\r\n");
+}
+
+static int put_close(mp_buf_t *b, int close)
+{
+    return close ? PUT_LIT(b, "Connection: close\r\n") : 0;
+}
+
+/* ---- what is forwarded ---- */
+
+/* Collects the field names listed in Connection fields. */
+static unsigned connection_tokens(const mp_header_t *h, unsigned n, mp_slice *toks)
+{
+    unsigned k = 0;
+    for (unsigned i = 0; i < n; i++) {
+        if (!MP_SLICE_IEQ(h[i].name, "connection"))
+            continue;
+        size_t pos = 0;
+        mp_slice t;
+        while (k < MAX_CONN_TOKENS && mp_http1_next_token(h[i].value, &pos, &t))
+            toks[k++] = t;
+    }
+    return k;
+}
+
+/* Whether a field is dropped when forwarding: hop-by-hop, or named in
+ * Connection. */
+static int is_dropped(mp_slice name, const mp_slice *toks, unsigned ntoks)
+{
+    if (mp_header_is_hop_by_hop(name))
+        return 1;
+    for (unsigned i = 0; i < ntoks; i++)
+        if (mp_slice_caseeq(name, toks[i]))
+            return 1;
+    return 0;
+}
+
+/* ---- the upstream request ---- */
+
+/* The upstream's request line: the path after strip_prefix, and the query. */
+static int put_target(mp_buf_t *b, mp_req_t *r)
+{
+    int rc = put_s(b, r->path);
+    if (r->has_query)
+        rc |= PUT_LIT(b, "?") | put_s(b, r->query);
+    return rc;
+}
+
+/* Hooks' edits replace what the proxy itself would send under that name. */
+static int edited(mp_req_t *r, const char *name, size_t len)
+{
+    return r->edits && mp_hedit_find(r->edits, (mp_slice){name, len});
+}
+
+static int put_forwarded(mp_buf_t *b, mp_req_t *r, mp_slice host)
+{
+    const mp_http_request_t *h = &r->h;
+    int rc = 0;
+    if (!edited(r, "x-forwarded-for", 15)) {
+        rc |= PUT_LIT(b, "X-Forwarded-For: ");
+        for (unsigned i = 0; i < h->nheaders; i++)
+            if (MP_SLICE_IEQ(h->headers[i].name, "x-forwarded-for") && h->headers[i].value.len)
+                rc |= put_s(b, h->headers[i].value) | PUT_LIT(b, ", ");
+        rc |= put(b, r->client_ip, strlen(r->client_ip)) | PUT_LIT(b, "\r\n");
+    }
+    if (!edited(r, "x-forwarded-proto", 17) &&
+        (!r->trusted_peer || mp_http1_find(h->headers, h->nheaders, "x-forwarded-proto", 17) < 0))
+        rc |= PUT_LIT(b, "X-Forwarded-Proto: http\r\n");
+    if (!edited(r, "x-forwarded-host", 16) &&
+        (!r->trusted_peer || mp_http1_find(h->headers, h->nheaders, "x-forwarded-host", 16) < 0))
+        rc |= PUT_LIT(b, "X-Forwarded-Host: ") | put_s(b, host) | PUT_LIT(b, "\r\n");
+    if (!edited(r, "x-request-id", 12))
+        rc |= put_request_id(b, r);
+    return rc;
+}
+
+int mp_head_request(mp_req_t *r, mp_buf_t *b)
+{
+    const mp_http_request_t *h = &r->h;
+    const mp_upstream_def_t *d = udef(r);
+    mp_slice toks[MAX_CONN_TOKENS];
+    unsigned ntoks = connection_tokens(h->headers, h->nheaders, toks);
+    mp_slice host = h->host;
+    if (!host.len) {
+        const char *t = d->servers[r->server].addr.text;
+        host = (mp_slice){t, strlen(t)};
+    }
+
+    mp_slice send_host = host; /* X-Forwarded-Host keeps the client's */
+    const mp_hedit_t *host_edit = r->edits ? mp_hedit_find(r->edits, MP_SLICE_LIT("host")) : NULL;
+    if (host_edit && host_edit->nvalues)
+        send_host = host_edit->values[0];
+    else if (d->host)
+        send_host = (mp_slice){d->host, strlen(d->host)};
+    int rc = put_s(b, h->method) | PUT_LIT(b, " ") | put_target(b, r) | PUT_LIT(b, " HTTP/1.1\r\nHost: ");
+    rc |= put_s(b, send_host) | PUT_LIT(b, "\r\n");
+    for (unsigned i = 0; i < h->nheaders; i++) {
+        mp_slice n = h->headers[i].name;
+        if (is_dropped(n, toks, ntoks) || MP_SLICE_IEQ(n, "host") || MP_SLICE_IEQ(n, "x-forwarded-for") ||
+            MP_SLICE_IEQ(n, "x-request-id") || MP_SLICE_IEQ(n, "expect") || MP_SLICE_IEQ(n, "content-length"))
+            continue;
+        if (r->edits && mp_hedit_find(r->edits, n))
+            continue;
+        if (!r->trusted_peer && (MP_SLICE_IEQ(n, "x-forwarded-proto") || MP_SLICE_IEQ(n, "x-forwarded-host")))
+            continue;
+        rc |= put_s(b, n) | PUT_LIT(b, ": ") | put_s(b, h->headers[i].value) | PUT_LIT(b, "\r\n");
+    }
+    rc |= put_forwarded(b, r, host);
+    rc |= mp_hedit_put(b, r->edits, "host");
+    rc |= put_length(b, h->content_length); /* one value, however the client repeated it */
+    if (h->chunked)
+        rc |= PUT_LIT(b, "Transfer-Encoding: chunked\r\n");
+    rc |= put_close(b, d->keepalive == 0);
+    rc |= PUT_LIT(b, "\r\n");
+    return rc ? MP_ENOMEM : 0;
+}
+
+/* ---- the client response to an upstream's ---- */
+
+int mp_head_response(mp_req_t *r, const mp_http_response_t *rh, mp_buf_t *b)
+{
+    mp_slice toks[MAX_CONN_TOKENS];
+    unsigned ntoks = connection_tokens(rh->headers, rh->nheaders, toks);
+    int rc;
+    if (r->resp_status && r->resp_status != rh->status)
+        rc = put_status(b, r->resp_status, reason_of(r->resp_status));
+    else
+        rc = put_status(b, rh->status, rh->reason);
+    int dated = 0;
+    for (unsigned i = 0; i < rh->nheaders; i++) {
+        mp_slice name = rh->headers[i].name;
+        if (is_dropped(name, toks, ntoks) || MP_SLICE_IEQ(name, "x-request-id") ||
+            MP_SLICE_IEQ(name, "content-length"))
+            continue;
+        dated |= MP_SLICE_IEQ(name, "date");
+        if (r->resp_edits && mp_hedit_find(r->resp_edits, name))
+            continue;
+        rc |= put_s(b, name) | PUT_LIT(b, ": ") | put_s(b, rh->headers[i].value) | PUT_LIT(b, "\r\n");
+    }
+    rc |= mp_hedit_put(b, r->resp_edits, NULL);
+    if (!dated) /* RFC 9110 §6.6.1: a recipient with a clock adds one */
+        rc |= put_s(b, date_of(r));
+    rc |= put_request_id(b, r);
+    if (!rh->chunked)
+        rc |= put_length(b, rh->content_length);
+    if (r->resp.kind == MP_BODY_CHUNKED && !r->dechunk)
+        rc |= PUT_LIT(b, "Transfer-Encoding: chunked\r\n");
+    if (!r->keepalive)
+        rc |= put_close(b, 1);
+    else if (r->h.minor == 0)
+        rc |= PUT_LIT(b, "Connection: keep-alive\r\n");
+    rc |= PUT_LIT(b, "\r\n");
+    return rc ? MP_ENOMEM : 0;
+}
+
+/* ---- heads made here ---- */
+
+/* What local and static heads open with: status line, Date, Content-Length
+ * (none when length < 0), X-Request-ID. */
+static int put_own_start(mp_buf_t *b, mp_req_t *r, int status, int64_t length)
+{
+    return put_status(b, status, reason_of(status)) | put_s(b, date_of(r)) | put_length(b, length) |
+           put_request_id(b, r);
+}
+
+int mp_head_local(mp_req_t *r, int status, const mp_hedit_t *edits, size_t body_len, mp_buf_t *b)
+{
+    int rc = put_own_start(b, r, status, (int64_t)body_len);
+    if (r->retry_after && status == 503)
+        rc |= PUT_LIT(b, "Retry-After: ") | put_u64(b, r->retry_after) | PUT_LIT(b, "\r\n");
+    rc |= put_close(b, !r->keepalive);
+    if (!mp_hedit_find(edits, MP_SLICE_LIT("content-type")))
+        rc |= PUT_LIT(b, "Content-Type: text/plain\r\n");
+    rc |= mp_hedit_put(b, edits, NULL);
+    rc |= PUT_LIT(b, "\r\n");
+    return rc ? MP_ENOMEM : 0;
+}
+
+int mp_head_static(mp_req_t *r, int status, int64_t content_length, mp_buf_t *b)
+{
+    int rc = put_own_start(b, r, status, content_length) | put_close(b, !r->keepalive);
+    rc |= mp_hedit_put(b, r->resp_edits, NULL);
+    rc |= PUT_LIT(b, "\r\n");
+    return rc ? MP_ENOMEM : 0;
+}
