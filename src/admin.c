@@ -154,6 +154,16 @@ static void configz_routes(mp_strbuf_t *b, const mp_config_t *cfg)
     mp_strbuf_printf(b, "]");
 }
 
+/* One upstream's key and the opening of its object, with its balancer:
+ * ,"name":{"balancer":"..." (no comma before the first). */
+static void upstream_open(mp_strbuf_t *b, size_t i, const mp_upstream_def_t *u)
+{
+    mp_strbuf_printf(b, "%s", i ? "," : "");
+    sb_str(b, u->name);
+    mp_strbuf_printf(b, ":{\"balancer\":");
+    sb_str(b, u->balancer);
+}
+
 static void configz(admin_conn_t *c)
 {
     const mp_reloader_t *rl = c->a->rl;
@@ -167,10 +177,7 @@ static void configz(admin_conn_t *c)
     mp_strbuf_printf(&b, ",\"upstreams\":{");
     for (size_t i = 0; i < cfg->nupstreams; i++) {
         const mp_upstream_def_t *u = &cfg->upstreams[i];
-        mp_strbuf_printf(&b, "%s", i ? "," : "");
-        sb_str(&b, u->name);
-        mp_strbuf_printf(&b, ":{\"balancer\":");
-        sb_str(&b, u->balancer);
+        upstream_open(&b, i, u);
         mp_strbuf_printf(&b, ",\"keepalive\":%d,\"retries\":%d,\"servers\":[", u->keepalive, u->retries);
         for (size_t s = 0; s < u->nservers; s++) {
             mp_strbuf_printf(&b, "%s{\"addr\":", s ? "," : "");
@@ -192,10 +199,7 @@ static void upstreams(admin_conn_t *c)
     mp_strbuf_printf(&b, "{");
     for (size_t i = 0; i < cfg->nupstreams; i++) {
         const mp_upstream_def_t *u = &cfg->upstreams[i];
-        mp_strbuf_printf(&b, "%s", i ? "," : "");
-        sb_str(&b, u->name);
-        mp_strbuf_printf(&b, ":{\"balancer\":");
-        sb_str(&b, u->balancer);
+        upstream_open(&b, i, u);
         mp_strbuf_printf(&b, ",\"servers\":[");
         for (size_t s = 0; s < u->nservers; s++) {
             mp_peer_t *p = mp_peer_get(u->name, u->servers[s].addr.text);
