@@ -102,7 +102,7 @@ typedef struct {
     char *fallback; /* "/index.html": served (200) when a file is missing, or NULL */
 } mp_static_def_t;
 
-typedef struct {
+typedef struct mp_config {
     char *path;        /* the script */
     mp_settings_t settings;
     mp_addr_t *listens;

@@ -6,7 +6,7 @@
 #include "config.h"
 #include "l_request.h"
 #include "log.h"
-#include "reload.h"
+#include "gen.h"
 
 #include <errno.h>
 #include <fcntl.h>

@@ -7,7 +7,7 @@
 #include "balancer.h"
 #include "l_request.h"
 #include "pool.h"
-#include "reload.h"
+#include "gen.h"
 
 #include <errno.h>
 #include <lauxlib.h>
