@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <lauxlib.h>
 #include <lua.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -155,6 +156,7 @@ static int build(const mp_reloader_t *rl, const char *text, size_t len, int n, l
 
 static void hand_over(mp_worker_t *w, uint64_t id, lua_State *L, mp_config_t *cfg)
 {
+    MP_ASSERT(id > atomic_load(&w->installed));
     pthread_mutex_lock(&w->handover_lock);
     lua_State *old_L = w->next_L; /* a hand-over the worker has not taken yet is superseded */
     mp_config_t *old_cfg = w->next_cfg;
@@ -295,6 +297,7 @@ mp_reloader_t *mp_reloader_new(const char *path, mp_worker_t *workers, int nwork
     rl->L = Ls[nworkers];
     rl->cfg = cfgs[nworkers];
     for (int i = 0; i < nworkers; i++) {
+        MP_ASSERT(!workers[i].gen && workers[i].installed == 0);
         if (mp_worker_install(&workers[i], 1, Ls[i], cfgs[i]) != 0) {
             snprintf(err, errlen, "out of memory");
             for (int k = i + 1; k < nworkers; k++) {
