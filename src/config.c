@@ -248,14 +248,22 @@ static const char *need_str(lua_State *L, int t, const char *k, const char *src,
 #define DURATION_MIN 1e-9 /* seconds; the DSL refuses 0 */
 #define DURATION_MAX 1e9  /* seconds; anything larger is a typo */
 
-static double get_num(lua_State *L, int t, const char *k, double lo, double hi, int integer, const char *src,
+/* Pushes field k of the table at t, which must be there and of type type
+ * (a_type names it in the error). */
+static void push_need(lua_State *L, int t, const char *k, int type, const char *a_type, const char *src,
                       const char *what)
 {
     lua_getfield(L, t, k);
     if (lua_isnil(L, -1))
         missing(L, src, what, k);
-    if (lua_type(L, -1) != LUA_TNUMBER)
-        fail(L, src, "%s: %s must be a number, got %s", what, k, luaL_typename(L, -1));
+    if (lua_type(L, -1) != type)
+        fail(L, src, "%s: %s must be %s, got %s", what, k, a_type, luaL_typename(L, -1));
+}
+
+static double get_num(lua_State *L, int t, const char *k, double lo, double hi, int integer, const char *src,
+                      const char *what)
+{
+    push_need(L, t, k, LUA_TNUMBER, "a number", src, what);
     double v = lua_tonumber(L, -1);
     lua_pop(L, 1);
     if (!(v >= lo && v <= hi) || (integer && (double)(long long)v != v))
@@ -270,11 +278,7 @@ static double get_dur(lua_State *L, int t, const char *k, const char *src, const
 
 static int get_bool(lua_State *L, int t, const char *k, const char *src, const char *what)
 {
-    lua_getfield(L, t, k);
-    if (lua_isnil(L, -1))
-        missing(L, src, what, k);
-    if (lua_type(L, -1) != LUA_TBOOLEAN)
-        fail(L, src, "%s: %s must be a boolean, got %s", what, k, luaL_typename(L, -1));
+    push_need(L, t, k, LUA_TBOOLEAN, "a boolean", src, what);
     int v = lua_toboolean(L, -1);
     lua_pop(L, 1);
     return v;
