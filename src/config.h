@@ -1,5 +1,6 @@
 /* config.h: a configuration as the C core uses it, built from the table the
- * Lua DSL (lua/moonproxy.lua) returns. Immutable once built. */
+ * Lua DSL (lua/moonproxy.lua) returns, which holds every field: the defaults
+ * are the DSL's alone. Immutable once built. */
 #ifndef MP_CONFIG_H
 #define MP_CONFIG_H
 

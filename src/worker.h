@@ -1,5 +1,6 @@
-/* worker.h: a worker thread: its libev loop, its Lua VM and configuration,
- * its listening sockets, its connections, upstream pools and buffers. */
+/* worker.h: a worker thread: its libev loop, its Lua VM and configuration
+ * generations (installed, retired, expired and freed here), its listening
+ * sockets and accept pause, its connections, upstream pools and buffers. */
 #ifndef MP_WORKER_H
 #define MP_WORKER_H
 
