@@ -17,16 +17,14 @@ extern const luaL_Reg mp_l_config_funcs[];
 extern const luaL_Reg mp_l_shared_funcs[];
 extern const luaL_Reg mp_l_balance_funcs[];
 extern const luaL_Reg mp_l_path_funcs[];
-extern const luaL_Reg mp_l_sim_funcs[]; /* the module build's alone (l_sim.c) */
 void mp_l_http1_setup(lua_State *L);
 void mp_l_router_setup(lua_State *L);
 void mp_l_shared_setup(lua_State *L);
 void mp_l_balance_setup(lua_State *L);
-void mp_l_sim_setup(lua_State *L);
 
 /* Pushes the moonproxy.core table of the parts every build has (the
  * server's: vm.c preloads it). luaopen_moonproxy_core, the Lua module's
- * entry, is in l_sim.c: the module is this plus the simulator. */
+ * entry, is in l_sim.c, the module build's alone: this plus the simulator. */
 int mp_l_core_open(lua_State *L);
 
 /* Pushes a configuration as plain Lua data (core.load_config's summary). */

@@ -276,12 +276,12 @@ static int l_check_guards(lua_State *L)
     return 1;
 }
 
-const luaL_Reg mp_l_sim_funcs[] = {
+static const luaL_Reg sim_funcs[] = {
     {"simulator", l_simulator},
     {NULL, NULL},
 };
 
-void mp_l_sim_setup(lua_State *L)
+static void sim_setup(lua_State *L)
 {
     static const luaL_Reg methods[] = {
         {"request", l_request}, {"response", l_response}, {"set_server", l_set_server}, {"set_now", l_set_now},
@@ -300,7 +300,7 @@ void mp_l_sim_setup(lua_State *L)
 int luaopen_moonproxy_core(lua_State *L)
 {
     mp_l_core_open(L);
-    mp_l_sim_setup(L);
-    luaL_register(L, NULL, mp_l_sim_funcs);
+    sim_setup(L);
+    luaL_register(L, NULL, sim_funcs);
     return 1;
 }
