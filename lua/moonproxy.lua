@@ -14,6 +14,46 @@ local check, fail, bad, show = schema.check, schema.fail, schema.bad, schema.sho
 
 local _M = {}
 
+-- Every default, in this one place: the DSL writes each field into the table
+-- _finish returns, and src/config.c only copies and checks (it refuses a
+-- missing field). Fields left out here are optional: nil means "none".
+local DEFAULTS = {
+  settings = {
+    merge_slashes = true, escaped_slashes = "reject", underscores_in_headers = false,
+    workers = 0, client_header_timeout = 10, client_body_timeout = 60, keepalive_timeout = 75,
+    max_header_size = 16384, max_uri_size = 8192, max_body_size = 10485760, max_connections = 10000,
+    shutdown_timeout = 30, trusted_proxies = {}, access_log = "stdout",
+    reload_drain_timeout = 30, hook_timeout = 1, watch = false, body_buffer_size = 16384,
+    lua_memory = 256 * 1024 * 1024,
+  },
+  upstream = { balancer = "round_robin", keepalive = 32, keepalive_timeout = 60, retries = 1, retry_budget = 0.2,
+    fail_open = false },
+  server = { weight = 1 },
+  timeouts = { connect = 5, send = 60, read = 60 },
+  passive = { failures = 5, cooldown = 10, statuses = { 502, 503, 504 } },
+  health = { path = "/", interval = 2, timeout = 1, rise = 2, fall = 3 },
+  route = { strip_prefix = false },
+  static = { index = "index.html" },
+}
+
+-- Fills t's missing fields from DEFAULTS[kind] (a list is copied: each
+-- configuration gets its own) and returns t.
+local function with_defaults(t, kind)
+  for k, v in pairs(DEFAULTS[kind]) do
+    if t[k] == nil then
+      if type(v) == "table" then
+        local copy = {}
+        for i, x in ipairs(v) do
+          copy[i] = x
+        end
+        v = copy
+      end
+      t[k] = v
+    end
+  end
+  return t
+end
+
 local function new_state()
   return { listen = {}, upstreams = {}, upstream_by_name = {}, routes = {}, route_by_name = {},
     global = { on_request = {}, on_response = {}, on_log = {}, plugins = {} }, expects = {} }
@@ -160,17 +200,6 @@ local settings_spec = {
   watch = schema.boolean,
 }
 
-local function settings_defaults()
-  return {
-    merge_slashes = true, escaped_slashes = "reject", underscores_in_headers = false,
-    workers = 0, client_header_timeout = 10, client_body_timeout = 60, keepalive_timeout = 75,
-    max_header_size = 16384, max_uri_size = 8192, max_body_size = 10485760, max_connections = 10000,
-    shutdown_timeout = 30, trusted_proxies = {}, access_log = "stdout",
-    reload_drain_timeout = 30, hook_timeout = 1, watch = false, body_buffer_size = 16384,
-    lua_memory = 256 * 1024 * 1024,
-  }
-end
-
 function _M.settings(t)
   local src = where()
   if state.settings then
@@ -182,11 +211,7 @@ function _M.settings(t)
       fail(src, "settings: %s must be greater than 0", k)
     end
   end
-  for k, v in pairs(settings_defaults()) do
-    if s[k] == nil then
-      s[k] = v
-    end
-  end
+  with_defaults(s, "settings")
   s.src = src
   state.settings = s
   local fits, held = true, 0
@@ -224,7 +249,7 @@ local function servers(v, src, what)
       fail(src, "%s: %s is listed twice (use weight instead)", label, e.addr)
     end
     seen[e.addr] = true
-    list[i] = { addr = e.addr, weight = e.weight or 1 }
+    list[i] = with_defaults({ addr = e.addr, weight = e.weight }, "server")
   end
   return list
 end
@@ -268,16 +293,13 @@ local health_spec = {
 }
 
 local function health(v, src, what)
-  local h = check(v, health_spec, what, src)
-  return { path = h.path or "/", interval = h.interval or 2, timeout = h.timeout or 1, rise = h.rise or 2,
-    fall = h.fall or 3, statuses = h.statuses, host = h.host }
+  return with_defaults(check(v, health_spec, what, src), "health")
 end
 
 local passive_spec = { failures = schema.integer(0, 1000000), cooldown = schema.duration, statuses = statuses }
 
 local function passive(v, src, what)
-  local p = check(v, passive_spec, what, src)
-  return { failures = p.failures or 5, cooldown = p.cooldown or 10, statuses = p.statuses or { 502, 503, 504 } }
+  return with_defaults(check(v, passive_spec, what, src), "passive")
 end
 
 local function ratio(v)
@@ -290,8 +312,7 @@ end
 local timeouts_spec = { connect = schema.duration, send = schema.duration, read = schema.duration }
 
 local function timeouts(v, src, what)
-  local t = check(v, timeouts_spec, what, src)
-  return { connect = t.connect or 5, send = t.send or 60, read = t.read or 60 }
+  return with_defaults(check(v, timeouts_spec, what, src), "timeouts")
 end
 
 local upstream_spec = {
@@ -312,14 +333,9 @@ local function declare_upstream(name, t, src)
     fail(src, "%s is already declared at %s", what, prev.src)
   end
   u.name, u.src = name, src
-  u.balancer = u.balancer or "round_robin"
-  u.keepalive = u.keepalive or 32
-  u.keepalive_timeout = u.keepalive_timeout or 60
+  with_defaults(u, "upstream")
   u.timeouts = u.timeouts or timeouts({}, src, what)
-  u.retries = u.retries or 1
   u.passive = u.passive or passive({}, src, what)
-  u.retry_budget = u.retry_budget or 0.2
-  u.fail_open = u.fail_open or false
   if u.balancer == "chash" and not u.hash_key then
     fail(src, '%s: balancer "chash" needs hash_key ("header:NAME", "cookie:NAME", "ip", or a function)', what)
   end
@@ -390,8 +406,7 @@ local function static_files(v, src, what)
   if not s.root then
     fail(src, '%s: needs root = "./public" (a folder, relative to the configuration file)', what)
   end
-  s.index = s.index or "index.html"
-  return s
+  return with_defaults(s, "static")
 end
 
 local route_spec = {
@@ -421,7 +436,7 @@ function _M.route(t)
       r.name, prev.src)
   end
   r.methods, r.method = r.method, nil
-  r.strip_prefix = r.strip_prefix or false
+  with_defaults(r, "route")
   r.src = src
   state.routes[r.index] = r
   state.route_by_name[r.name] = r
@@ -533,7 +548,7 @@ function _M._finish(script)
     end
   end
   if not s.settings then
-    s.settings = settings_defaults()
+    s.settings = with_defaults({}, "settings")
   end
   for _, u in ipairs(s.upstreams) do
     if s.settings.lua_balancers and BALANCERS[u.balancer] then

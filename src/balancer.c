@@ -7,7 +7,7 @@
 #include "conn.h"
 #include "l_request.h"
 #include "log.h"
-#include "reload.h"
+#include "gen.h"
 
 #include <lauxlib.h>
 #include <lua.h>

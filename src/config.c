@@ -177,7 +177,12 @@ int mp_cidr_match(const mp_cidr_t *c, const struct sockaddr *sa)
 
 /* The walk runs protected (see mp_config_build): a problem raises
  * "src: message". Every allocation is attached to the config at once, so an
- * error leaks nothing: mp_config_free takes a half-built config. */
+ * error leaks nothing: mp_config_free takes a half-built config.
+ *
+ * Defaults live in the DSL alone (lua/moonproxy.lua), which writes every
+ * field into the table: here a field is copied and checked, and a missing
+ * one is refused (only optional ones, whose absence means "none", may be
+ * nil). */
 
 static int fail(lua_State *L, const char *src, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
@@ -208,6 +213,11 @@ static void *xcalloc(lua_State *L, size_t n, size_t size)
     return p;
 }
 
+static int missing(lua_State *L, const char *src, const char *what, const char *k)
+{
+    return fail(L, src, "%s: %s is missing", what, k);
+}
+
 /* A string field of the table at t: borrowed (valid while the table lives),
  * NULL when nil. */
 static const char *get_str(lua_State *L, int t, const char *k, const char *src, const char *what)
@@ -226,27 +236,52 @@ static const char *get_str(lua_State *L, int t, const char *k, const char *src, 
     return s;
 }
 
+/* The same for a field that must be there. */
+static const char *need_str(lua_State *L, int t, const char *k, const char *src, const char *what)
+{
+    const char *v = get_str(L, t, k, src, what);
+    if (!v)
+        missing(L, src, what, k);
+    return v;
+}
+
 #define DURATION_MIN 1e-9 /* seconds; the DSL refuses 0 */
 #define DURATION_MAX 1e9  /* seconds; anything larger is a typo */
 
-static double get_num(lua_State *L, int t, const char *k, double def, double lo, double hi, int integer,
-                      const char *src, const char *what)
+/* Pushes field k of the table at t, which must be there and of type type
+ * (a_type names it in the error). */
+static void push_need(lua_State *L, int t, const char *k, int type, const char *a_type, const char *src,
+                      const char *what)
 {
     lua_getfield(L, t, k);
-    double v = def;
-    if (lua_type(L, -1) == LUA_TNUMBER)
-        v = lua_tonumber(L, -1);
-    else if (!lua_isnil(L, -1))
-        fail(L, src, "%s: %s must be a number, got %s", what, k, luaL_typename(L, -1));
+    if (lua_isnil(L, -1))
+        missing(L, src, what, k);
+    if (lua_type(L, -1) != type)
+        fail(L, src, "%s: %s must be %s, got %s", what, k, a_type, luaL_typename(L, -1));
+}
+
+static double get_num(lua_State *L, int t, const char *k, double lo, double hi, int integer, const char *src,
+                      const char *what)
+{
+    push_need(L, t, k, LUA_TNUMBER, "a number", src, what);
+    double v = lua_tonumber(L, -1);
     lua_pop(L, 1);
     if (!(v >= lo && v <= hi) || (integer && (double)(long long)v != v))
         fail(L, src, "%s: %s is out of range (%g)", what, k, v);
     return v;
 }
 
-static double get_dur(lua_State *L, int t, const char *k, double def, const char *src, const char *what)
+static double get_dur(lua_State *L, int t, const char *k, const char *src, const char *what)
 {
-    return get_num(L, t, k, def, DURATION_MIN, DURATION_MAX, 0, src, what);
+    return get_num(L, t, k, DURATION_MIN, DURATION_MAX, 0, src, what);
+}
+
+static int get_bool(lua_State *L, int t, const char *k, const char *src, const char *what)
+{
+    push_need(L, t, k, LUA_TBOOLEAN, "a boolean", src, what);
+    int v = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    return v;
 }
 
 /* Pushes the table field k and returns 1, or pushes nothing and returns 0 when nil. */
@@ -261,19 +296,23 @@ static int get_table(lua_State *L, int t, const char *k, const char *src, const 
     return 0;
 }
 
+/* Pushes the table field k, which must be there. */
+static void need_table(lua_State *L, int t, const char *k, const char *src, const char *what)
+{
+    if (!get_table(L, t, k, src, what))
+        missing(L, src, what, k);
+}
+
 /* settings.merge_slashes, escaped_slashes, underscores_in_headers (the
  * DSL checked them; a table built another way gets the same refusals). */
 static void build_wire_settings(lua_State *L, int t, mp_settings_t *s, const char *src)
 {
     static const char *const modes[] = {"reject", "keep", "decode"}; /* by mp_escaped_slashes */
-    lua_getfield(L, t, "merge_slashes");
-    s->merge_slashes = lua_isnil(L, -1) || lua_toboolean(L, -1);
-    lua_getfield(L, t, "underscores_in_headers");
-    s->underscores_in_headers = lua_toboolean(L, -1);
-    lua_pop(L, 2);
-    const char *mode = get_str(L, t, "escaped_slashes", src, "settings");
-    s->escaped_slashes = mode ? -1 : MP_SLASHES_REJECT;
-    for (int i = 0; mode && i < (int)MP_ARRAY_LEN(modes); i++)
+    s->merge_slashes = get_bool(L, t, "merge_slashes", src, "settings");
+    s->underscores_in_headers = get_bool(L, t, "underscores_in_headers", src, "settings");
+    const char *mode = need_str(L, t, "escaped_slashes", src, "settings");
+    s->escaped_slashes = -1;
+    for (int i = 0; i < (int)MP_ARRAY_LEN(modes); i++)
         if (strcmp(mode, modes[i]) == 0)
             s->escaped_slashes = i;
     if (s->escaped_slashes < 0)
@@ -282,54 +321,48 @@ static void build_wire_settings(lua_State *L, int t, mp_settings_t *s, const cha
 
 static void build_settings(lua_State *L, mp_settings_t *s)
 {
-    if (!get_table(L, 1, "settings", NULL, "config"))
-        lua_newtable(L); /* every field takes its default */
+    need_table(L, 1, "settings", NULL, "config");
     int t = lua_gettop(L);
     const char *src = get_str(L, t, "src", NULL, "settings");
     const char *w = "settings";
-    s->workers = (int)get_num(L, t, "workers", 0, 0, 1024, 1, src, w);
-    s->client_header_timeout = get_dur(L, t, "client_header_timeout", 10, src, w);
-    s->client_body_timeout = get_dur(L, t, "client_body_timeout", 60, src, w);
-    s->keepalive_timeout = get_dur(L, t, "keepalive_timeout", 75, src, w);
-    s->shutdown_timeout = get_dur(L, t, "shutdown_timeout", 30, src, w);
-    s->max_header_size = (size_t)get_num(L, t, "max_header_size", 16384, 1, 1e9, 1, src, w);
-    s->max_uri_size = (size_t)get_num(L, t, "max_uri_size", 8192, 1, 1e9, 1, src, w);
-    s->body_buffer_size = (size_t)get_num(L, t, "body_buffer_size", 16384, 1024, 64 * 1024 * 1024, 1, src, w);
-    s->max_body_size = (uint64_t)get_num(L, t, "max_body_size", 10485760, 0, 9007199254740991.0, 1, src, w);
-    s->lua_memory = (size_t)get_num(L, t, "lua_memory", (double)MP_VM_MEMORY_DEFAULT, 1 << 20, 9007199254740991.0, 1,
-                                    src, w);
-    s->max_connections = (int)get_num(L, t, "max_connections", 10000, 1, INT_MAX, 1, src, w);
+    s->workers = (int)get_num(L, t, "workers", 0, 1024, 1, src, w);
+    s->client_header_timeout = get_dur(L, t, "client_header_timeout", src, w);
+    s->client_body_timeout = get_dur(L, t, "client_body_timeout", src, w);
+    s->keepalive_timeout = get_dur(L, t, "keepalive_timeout", src, w);
+    s->shutdown_timeout = get_dur(L, t, "shutdown_timeout", src, w);
+    s->max_header_size = (size_t)get_num(L, t, "max_header_size", 1, 1e9, 1, src, w);
+    s->max_uri_size = (size_t)get_num(L, t, "max_uri_size", 1, 1e9, 1, src, w);
+    s->body_buffer_size = (size_t)get_num(L, t, "body_buffer_size", 1024, 64 * 1024 * 1024, 1, src, w);
+    s->max_body_size = (uint64_t)get_num(L, t, "max_body_size", 0, 9007199254740991.0, 1, src, w);
+    s->lua_memory = (size_t)get_num(L, t, "lua_memory", 1 << 20, 9007199254740991.0, 1, src, w);
+    s->max_connections = (int)get_num(L, t, "max_connections", 1, INT_MAX, 1, src, w);
     build_wire_settings(L, t, s, src);
-    s->reload_drain_timeout = get_dur(L, t, "reload_drain_timeout", 30, src, w);
-    s->hook_timeout = get_dur(L, t, "hook_timeout", 1, src, w);
-    lua_getfield(L, t, "watch");
-    s->watch = lua_toboolean(L, -1);
-    lua_pop(L, 1);
+    s->reload_drain_timeout = get_dur(L, t, "reload_drain_timeout", src, w);
+    s->hook_timeout = get_dur(L, t, "hook_timeout", src, w);
+    s->watch = get_bool(L, t, "watch", src, w);
 
-    lua_getfield(L, t, "access_log");
+    lua_getfield(L, t, "access_log"); /* false: off */
     if (lua_isnil(L, -1))
-        s->access_log = xstrdup(L, "stdout");
+        missing(L, src, w, "access_log");
     else if (lua_type(L, -1) != LUA_TBOOLEAN || lua_toboolean(L, -1))
         s->access_log = xstrdup(L, get_str(L, t, "access_log", src, w));
     lua_pop(L, 1);
 
-    if (get_table(L, t, "trusted_proxies", src, w)) {
-        size_t n = lua_objlen(L, -1);
-        s->trusted = xcalloc(L, n, sizeof(*s->trusted));
-        s->ntrusted = n;
-        for (size_t i = 0; i < n; i++) {
-            lua_rawgeti(L, -1, (int)i + 1);
-            const char *text = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
-            if (!text || mp_cidr_parse(text, &s->trusted[i]) != 0)
-                fail(L, src,
-                     "settings: trusted_proxies[%zu] is not an address or CIDR (\"10.0.0.0/8\", "
-                     "\"::1/128\"): %s",
-                     i + 1, text ? text : luaL_typename(L, -1));
-            lua_pop(L, 1);
-        }
+    need_table(L, t, "trusted_proxies", src, w);
+    size_t n = lua_objlen(L, -1);
+    s->trusted = xcalloc(L, n, sizeof(*s->trusted));
+    s->ntrusted = n;
+    for (size_t i = 0; i < n; i++) {
+        lua_rawgeti(L, -1, (int)i + 1);
+        const char *text = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+        if (!text || mp_cidr_parse(text, &s->trusted[i]) != 0)
+            fail(L, src,
+                 "settings: trusted_proxies[%zu] is not an address or CIDR (\"10.0.0.0/8\", "
+                 "\"::1/128\"): %s",
+                 i + 1, text ? text : luaL_typename(L, -1));
         lua_pop(L, 1);
     }
-    lua_pop(L, 1);
+    lua_pop(L, 2); /* the list, the settings */
 }
 
 /* The address at field k of the table on top; listeners may use port 0. */
@@ -399,13 +432,10 @@ static void build_statuses(lua_State *L, int t, const char *k, mp_statuses_t *ou
 
 static void build_passive(lua_State *L, int t, mp_upstream_def_t *u, const char *src)
 {
-    u->passive_failures = 5;
-    u->passive_cooldown = 10;
-    if (!get_table(L, t, "passive", src, "upstream"))
-        return;
+    need_table(L, t, "passive", src, "upstream");
     int pt = lua_gettop(L);
-    u->passive_failures = (int)get_num(L, pt, "failures", 5, 0, 1000000, 1, src, "upstream passive");
-    u->passive_cooldown = get_dur(L, pt, "cooldown", 10, src, "upstream passive");
+    u->passive_failures = (int)get_num(L, pt, "failures", 0, 1000000, 1, src, "upstream passive");
+    u->passive_cooldown = get_dur(L, pt, "cooldown", src, "upstream passive");
     build_statuses(L, pt, "statuses", &u->passive_statuses, src);
     lua_pop(L, 1);
 }
@@ -417,14 +447,12 @@ static void build_health(lua_State *L, int t, mp_upstream_def_t *u, const char *
     int ht = lua_gettop(L);
     mp_health_def_t *h = u->health = xcalloc(L, 1, sizeof(*h));
     const char *w = "upstream health";
-    h->path = xstrdup(L, get_str(L, ht, "path", src, w));
-    if (!h->path)
-        h->path = xstrdup(L, "/");
+    h->path = xstrdup(L, need_str(L, ht, "path", src, w));
     h->host = xstrdup(L, get_str(L, ht, "host", src, w));
-    h->interval = get_dur(L, ht, "interval", 2, src, w);
-    h->timeout = get_dur(L, ht, "timeout", 1, src, w);
-    h->rise = (int)get_num(L, ht, "rise", 2, 1, 100, 1, src, w);
-    h->fall = (int)get_num(L, ht, "fall", 3, 1, 100, 1, src, w);
+    h->interval = get_dur(L, ht, "interval", src, w);
+    h->timeout = get_dur(L, ht, "timeout", src, w);
+    h->rise = (int)get_num(L, ht, "rise", 1, 100, 1, src, w);
+    h->fall = (int)get_num(L, ht, "fall", 1, 100, 1, src, w);
     build_statuses(L, ht, "statuses", &h->statuses, src);
     lua_pop(L, 1);
 }
@@ -441,30 +469,24 @@ static void build_upstream(lua_State *L, mp_config_t *cfg, mp_upstream_def_t *u)
         fail(L, src, "upstream '%s' is declared twice", name);
     u->name = xstrdup(L, name);
     const char *w = "upstream";
-    u->balancer = xstrdup(L, get_str(L, t, "balancer", src, w));
-    if (!u->balancer)
-        u->balancer = xstrdup(L, "round_robin");
+    u->balancer = xstrdup(L, need_str(L, t, "balancer", src, w));
     u->balancer_ref = ref_field_at(L, t, "balancer_fn");
     u->hash_key = xstrdup(L, get_str(L, t, "hash_key", src, w));
     u->hash_key_ref = ref_field_at(L, t, "hash_key_fn");
-    lua_getfield(L, t, "fail_open");
-    u->fail_open = lua_toboolean(L, -1);
-    lua_pop(L, 1);
-    u->retry_budget = get_num(L, t, "retry_budget", 0.2, 0, 1, 0, src, w);
+    u->fail_open = get_bool(L, t, "fail_open", src, w);
+    u->retry_budget = get_num(L, t, "retry_budget", 0, 1, 0, src, w);
     build_passive(L, t, u, src);
     build_health(L, t, u, src);
-    u->keepalive = (int)get_num(L, t, "keepalive", 32, 0, 100000, 1, src, w);
-    u->keepalive_timeout = get_dur(L, t, "keepalive_timeout", 60, src, w);
-    u->retries = (int)get_num(L, t, "retries", 1, 0, 100, 1, src, w);
+    u->keepalive = (int)get_num(L, t, "keepalive", 0, 100000, 1, src, w);
+    u->keepalive_timeout = get_dur(L, t, "keepalive_timeout", src, w);
+    u->retries = (int)get_num(L, t, "retries", 0, 100, 1, src, w);
     u->host = xstrdup(L, get_str(L, t, "host", src, w));
-    u->connect_timeout = 5, u->send_timeout = 60, u->read_timeout = 60;
-    if (get_table(L, t, "timeouts", src, w)) {
-        int tt = lua_gettop(L);
-        u->connect_timeout = get_dur(L, tt, "connect", 5, src, "upstream timeouts");
-        u->send_timeout = get_dur(L, tt, "send", 60, src, "upstream timeouts");
-        u->read_timeout = get_dur(L, tt, "read", 60, src, "upstream timeouts");
-        lua_pop(L, 1);
-    }
+    need_table(L, t, "timeouts", src, w);
+    int tt = lua_gettop(L);
+    u->connect_timeout = get_dur(L, tt, "connect", src, "upstream timeouts");
+    u->send_timeout = get_dur(L, tt, "send", src, "upstream timeouts");
+    u->read_timeout = get_dur(L, tt, "read", src, "upstream timeouts");
+    lua_pop(L, 1);
     if (!get_table(L, t, "servers", src, w) || lua_objlen(L, -1) == 0)
         fail(L, src, "upstream '%s': needs at least one server", name);
     size_t n = lua_objlen(L, -1);
@@ -475,8 +497,7 @@ static void build_upstream(lua_State *L, mp_config_t *cfg, mp_upstream_def_t *u)
         if (!lua_istable(L, -1))
             fail(L, src, "upstream '%s': servers[%zu] must be a table", name, i + 1);
         build_addr(L, &u->servers[i].addr, "addr", src, "upstream server", 0);
-        u->servers[i].weight =
-            (int)get_num(L, lua_gettop(L), "weight", 1, 1, 1000, 1, src, "upstream server");
+        u->servers[i].weight = (int)get_num(L, lua_gettop(L), "weight", 1, 1000, 1, src, "upstream server");
         lua_pop(L, 1);
     }
     lua_pop(L, 1);
@@ -550,12 +571,10 @@ static void build_static(lua_State *L, mp_config_t *cfg, const char *name, const
     mp_static_def_t *s = &cfg->statics[mp_router_count(cfg->router)];
     const char *w = "route static";
     s->root = xstrdup(L, get_str(L, t, "root", src, w));
-    s->index = xstrdup(L, get_str(L, t, "index", src, w));
-    s->fallback = xstrdup(L, get_str(L, t, "fallback", src, w));
     if (!s->root)
         fail(L, src, "route '%s': static needs root", name);
-    if (!s->index)
-        s->index = xstrdup(L, "index.html");
+    s->index = xstrdup(L, need_str(L, t, "index", src, w));
+    s->fallback = xstrdup(L, get_str(L, t, "fallback", src, w));
     struct stat st;
     if (stat(s->root, &st) != 0)
         fail(L, src, "route '%s': static root '%s' %s", name, s->root,
@@ -604,9 +623,7 @@ static void build_route(lua_State *L, mp_config_t *cfg)
     def.regex = get_str(L, t, "regex", src, "route");
     check_route_path(L, &cfg->settings, def.path, "path", def.name ? def.name : "?", src);
     check_route_path(L, &cfg->settings, def.prefix, "prefix", def.name ? def.name : "?", src);
-    lua_getfield(L, t, "strip_prefix");
-    def.strip_prefix = lua_toboolean(L, -1);
-    lua_pop(L, 1);
+    def.strip_prefix = get_bool(L, t, "strip_prefix", src, "route");
     const char *up = get_str(L, t, "upstream", src, "route");
     lua_getfield(L, t, "handler");
     int handler = lua_isfunction(L, -1);

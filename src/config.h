@@ -1,5 +1,6 @@
 /* config.h: a configuration as the C core uses it, built from the table the
- * Lua DSL (lua/moonproxy.lua) returns. Immutable once built. */
+ * Lua DSL (lua/moonproxy.lua) returns, which holds every field: the defaults
+ * are the DSL's alone. Immutable once built. */
 #ifndef MP_CONFIG_H
 #define MP_CONFIG_H
 
@@ -102,7 +103,7 @@ typedef struct {
     char *fallback; /* "/index.html": served (200) when a file is missing, or NULL */
 } mp_static_def_t;
 
-typedef struct {
+typedef struct mp_config {
     char *path;        /* the script */
     mp_settings_t settings;
     mp_addr_t *listens;

@@ -4,10 +4,9 @@
 
 #include "head.h"
 #include "l_request.h"
-#include "listener.h"
 #include "path.h"
 #include "pool.h"
-#include "reload.h"
+#include "gen.h"
 #include "static.h"
 #include "upstream.h"
 
@@ -660,7 +659,7 @@ static void end_request(mp_conn_t *c)
     if (r->status)
         log_request(c, r);
     mp_worker_t *w = c->w;
-    mp_gen_unref(w, r->gen);
+    mp_gen_unref(r->gen);
     if (w->nfree_reqs < 256) {
         *(mp_req_t **)r = w->free_reqs;
         w->free_reqs = r;
@@ -699,8 +698,6 @@ void mp_conn_request_done(mp_conn_t *c)
     idle_enter(c);
     mp_conn_want(c, EV_READ);
     mp_conn_timer(c, w->cfg->settings.keepalive_timeout);
-    if (w->accept_paused && !w->stopping)
-        mp_listener_pause(w, 0); /* a connection waiting at the cap may now take this one's place */
 }
 
 /* Waits until the client can take more, at most client_body_timeout. */
@@ -916,8 +913,6 @@ void mp_conn_close(mp_conn_t *c)
     link_conn(&w->graveyard, c);
     w->nconns--;
     mp_metrics_add(&w->metrics.conns, -1);
-    if (w->accept_paused && !w->stopping)
-        mp_listener_pause(w, 0);
 }
 
 void mp_conn_reap(mp_worker_t *w)

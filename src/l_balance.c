@@ -168,7 +168,14 @@ static int l_hash64(lua_State *L)
     return 1;
 }
 
-void mp_l_balance_register(lua_State *L)
+const luaL_Reg mp_l_balance_funcs[] = {
+    {"pick_state", l_pick_state},
+    {"pick", l_pick},
+    {"hash64", l_hash64},
+    {NULL, NULL},
+};
+
+void mp_l_balance_setup(lua_State *L)
 {
     if (luaL_newmetatable(L, PICK_STATE_MT)) {
         lua_pushcfunction(L, l_pick_state_gc);
@@ -177,10 +184,4 @@ void mp_l_balance_register(lua_State *L)
         lua_setfield(L, -2, "__metatable");
     }
     lua_pop(L, 1);
-    lua_pushcfunction(L, l_pick_state);
-    lua_setfield(L, -2, "pick_state");
-    lua_pushcfunction(L, l_pick);
-    lua_setfield(L, -2, "pick");
-    lua_pushcfunction(L, l_hash64);
-    lua_setfield(L, -2, "hash64");
 }

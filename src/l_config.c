@@ -169,8 +169,7 @@ static int l_load_config(lua_State *L)
     return 1;
 }
 
-void mp_l_config_register(lua_State *L)
-{
-    lua_pushcfunction(L, l_load_config);
-    lua_setfield(L, -2, "load_config");
-}
+const luaL_Reg mp_l_config_funcs[] = {
+    {"load_config", l_load_config},
+    {NULL, NULL},
+};

@@ -1,30 +1,23 @@
-/* l_core.c: luaopen for moonproxy.core; only the module build links it. */
+/* l_core.c: moonproxy.core as every build has it (l_core.h): the parts,
+ * listed here. */
 #include "l_core.h"
 
-#include <lauxlib.h>
 #include <lua.h>
 
 const char mp_responded_tag = 1;
 
-int luaopen_moonproxy_core(lua_State *L)
+int mp_l_core_open(lua_State *L)
 {
+    static void (*const setups[])(lua_State *L) = {mp_l_http1_setup, mp_l_router_setup, mp_l_shared_setup,
+                                                    mp_l_balance_setup};
+    static const luaL_Reg *const parts[] = {mp_l_http1_funcs,  mp_l_router_funcs,  mp_l_config_funcs,
+                                            mp_l_shared_funcs, mp_l_balance_funcs, mp_l_path_funcs};
     lua_newtable(L);
     lua_pushlightuserdata(L, MP_RESPONDED);
     lua_setfield(L, -2, "RESPONDED");
-    /* weak while the parts are being written; see l_core.h */
-    if (mp_l_http1_register)
-        mp_l_http1_register(L);
-    if (mp_l_router_register)
-        mp_l_router_register(L);
-    if (mp_l_config_register)
-        mp_l_config_register(L);
-    if (mp_l_shared_register)
-        mp_l_shared_register(L);
-    if (mp_l_balance_register)
-        mp_l_balance_register(L);
-    if (mp_l_sim_register)
-        mp_l_sim_register(L);
-    if (mp_l_path_register)
-        mp_l_path_register(L);
+    for (size_t i = 0; i < MP_ARRAY_LEN(setups); i++)
+        setups[i](L);
+    for (size_t i = 0; i < MP_ARRAY_LEN(parts); i++)
+        luaL_register(L, NULL, parts[i]);
     return 1;
 }

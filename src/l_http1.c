@@ -381,24 +381,21 @@ static int l_find(lua_State *L)
     return 1;
 }
 
-void mp_l_http1_register(lua_State *L)
-{
-    static const luaL_Reg fns[] = {
-        {"parse_request", l_parse_request},
-        {"parse_response", l_parse_response},
-        {"chunked_decode", l_chunked_decode},
-        {"http1_tokens", l_tokens},
-        {"http1_find", l_find},
-    };
+const luaL_Reg mp_l_http1_funcs[] = {
+    {"parse_request", l_parse_request},
+    {"parse_response", l_parse_response},
+    {"chunked_decode", l_chunked_decode},
+    {"http1_tokens", l_tokens},
+    {"http1_find", l_find},
+    {NULL, NULL},
+};
 
+void mp_l_http1_setup(lua_State *L)
+{
     luaL_newmetatable(L, GUARDED_MT);
     lua_pushcfunction(L, guarded_gc);
     lua_setfield(L, -2, "__gc");
     lua_pushboolean(L, 0); /* getmetatable is false: no __gc a script adds (vm.c guard_finalizers) */
     lua_setfield(L, -2, "__metatable");
     lua_pop(L, 1);
-    for (size_t i = 0; i < MP_ARRAY_LEN(fns); i++) {
-        lua_pushcfunction(L, fns[i].func);
-        lua_setfield(L, -2, fns[i].name);
-    }
 }

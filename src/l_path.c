@@ -96,15 +96,9 @@ static int l_check_query(lua_State *L)
     return 1;
 }
 
-void mp_l_path_register(lua_State *L)
-{
-    static const luaL_Reg fns[] = {
-        {"path_normalize", l_normalize},
-        {"path_is_normal", l_is_normal},
-        {"path_check_query", l_check_query},
-    };
-    for (size_t i = 0; i < MP_ARRAY_LEN(fns); i++) {
-        lua_pushcfunction(L, fns[i].func);
-        lua_setfield(L, -2, fns[i].name);
-    }
-}
+const luaL_Reg mp_l_path_funcs[] = {
+    {"path_normalize", l_normalize},
+    {"path_is_normal", l_is_normal},
+    {"path_check_query", l_check_query},
+    {NULL, NULL},
+};

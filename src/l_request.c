@@ -12,7 +12,7 @@
 
 #include "l_core.h"
 #include "log.h"
-#include "reload.h"
+#include "gen.h"
 #include "vm.h"
 
 #include <arpa/inet.h>

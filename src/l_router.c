@@ -269,7 +269,12 @@ static int l_router_gc(lua_State *L)
     return 0;
 }
 
-void mp_l_router_register(lua_State *L)
+const luaL_Reg mp_l_router_funcs[] = {
+    {"router", l_router_new},
+    {NULL, NULL},
+};
+
+void mp_l_router_setup(lua_State *L)
 {
     static const luaL_Reg methods[] = {
         {"match", l_router_match},
@@ -286,6 +291,4 @@ void mp_l_router_register(lua_State *L)
         lua_setfield(L, -2, "__metatable");
     }
     lua_pop(L, 1);
-    lua_pushcfunction(L, l_router_new);
-    lua_setfield(L, -2, "router");
 }

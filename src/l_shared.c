@@ -299,9 +299,14 @@ static const luaL_Reg methods[] = {
     {"delete", l_delete}, {"take", l_take}, {"stats", l_stats}, {NULL, NULL},
 };
 
-void mp_l_shared_register(lua_State *L)
+const luaL_Reg mp_l_shared_funcs[] = {
+    {"shared", l_shared},
+    {"now", l_now},
+    {NULL, NULL},
+};
+
+void mp_l_shared_setup(lua_State *L)
 {
-    int mod = lua_gettop(L);
     luaL_newmetatable(L, SHDICT_MT);
     lua_newtable(L);
     scratch_t *s = lua_newuserdata(L, sizeof(*s));
@@ -318,8 +323,4 @@ void mp_l_shared_register(lua_State *L)
     lua_pushboolean(L, 0); /* getmetatable is false: no __gc a script adds (vm.c guard_finalizers) */
     lua_setfield(L, -2, "__metatable");
     lua_pop(L, 1);
-    lua_pushcfunction(L, l_shared);
-    lua_setfield(L, mod, "shared");
-    lua_pushcfunction(L, l_now);
-    lua_setfield(L, mod, "now");
 }

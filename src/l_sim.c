@@ -276,7 +276,12 @@ static int l_check_guards(lua_State *L)
     return 1;
 }
 
-void mp_l_sim_register(lua_State *L)
+static const luaL_Reg sim_funcs[] = {
+    {"simulator", l_simulator},
+    {NULL, NULL},
+};
+
+static void sim_setup(lua_State *L)
 {
     static const luaL_Reg methods[] = {
         {"request", l_request}, {"response", l_response}, {"set_server", l_set_server}, {"set_now", l_set_now},
@@ -288,6 +293,14 @@ void mp_l_sim_register(lua_State *L)
     lua_pushcfunction(L, l_close);
     lua_setfield(L, -2, "__gc");
     lua_pop(L, 1);
-    lua_pushcfunction(L, l_simulator);
-    lua_setfield(L, -2, "simulator");
+}
+
+/* luaopen for the Lua module moonproxy.core (this file is the module
+ * build's alone): every build's parts, and the simulator. */
+int luaopen_moonproxy_core(lua_State *L)
+{
+    mp_l_core_open(L);
+    sim_setup(L);
+    luaL_register(L, NULL, sim_funcs);
+    return 1;
 }

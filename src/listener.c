@@ -114,7 +114,7 @@ static void accept_some(mp_listener_t *l)
             if (i > 0)
                 return;
             if (!mp_conn_reclaim_idle(w))
-                return mp_listener_pause(w, 1);
+                return mp_worker_accept_pause(w, 1);
         }
         struct sockaddr_storage ss;
         socklen_t len = sizeof(ss);
@@ -156,18 +156,6 @@ void mp_listener_start(mp_worker_t *w)
         l->w = w;
         ev_io_init(&l->io, on_accept, l->fd, EV_READ);
     }
-    mp_listener_sync(w);
-}
-
-void mp_listener_pause(mp_worker_t *w, int paused)
-{
-    if (w->accept_paused == paused)
-        return;
-    w->accept_paused = paused;
-    static mp_log_limit_t lim;
-    if (paused)
-        mp_log_limited(&lim, MP_LOG_WARN, "w%d: max_connections (%d) reached, none idle: not accepting for now",
-                       w->id, w->cfg->settings.max_connections);
     mp_listener_sync(w);
 }
 

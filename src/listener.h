@@ -22,12 +22,9 @@ void mp_listener_start(mp_worker_t *w);
 /* Stops accepting: accepts what is already queued, then closes. */
 void mp_listener_close(mp_worker_t *w);
 
-/* Stops (full, no idle connection to reclaim) or resumes accepting at
- * max_connections. */
-void mp_listener_pause(mp_worker_t *w, int paused);
-
 /* Watches the listeners, or not, as the worker's state says: stopping,
- * paused at max_connections, backing off after EMFILE, stuck in a hook. */
+ * paused at max_connections (mp_worker_accept_pause), backing off after
+ * EMFILE, stuck in a hook. */
 void mp_listener_sync(mp_worker_t *w);
 
 /* listen(2) again on sockets the watchdog shut down (which left them bound

@@ -224,6 +224,14 @@ static void sync_probes(void *arg, const mp_config_t *cfg)
     mp_probes_sync(arg, cfg);
 }
 
+/* The reloader's validate: a script's proxy.expect guards run in a
+ * simulator of their own (sim.h). */
+static int check_guards(void *arg, const char *path, const char *text, size_t len, char *err, size_t errlen)
+{
+    (void)arg;
+    return mp_sim_check_script(path, text, len, err, errlen);
+}
+
 static void on_watchdog(struct ev_loop *loop, ev_timer *t, int revents)
 {
     (void)loop;
@@ -426,7 +434,7 @@ int main(int argc, char **argv)
         g.workers[i].alog.fd = alog;
     }
     /* Every worker gets its own VM and configuration: generation 1. */
-    if (!(g.rl = mp_reloader_new(o.path, g.workers, g.nworkers, err, sizeof(err)))) {
+    if (!(g.rl = mp_reloader_new(o.path, g.workers, g.nworkers, check_guards, NULL, err, sizeof(err)))) {
         fprintf(stderr, "%s\n", err);
         return 1;
     }

@@ -81,6 +81,7 @@ void mp_pools_free(mp_worker_t *w, mp_pool_t *pools, size_t n)
 
 void mp_upconn_want(mp_upconn_t *u, int events)
 {
+    MP_ASSERT(u->state != MP_UP_CLOSED);
     if ((u->io.events & (EV_READ | EV_WRITE)) == events && (events == 0) == !ev_is_active(&u->io))
         return;
     ev_io_stop(u->w->loop, &u->io);
@@ -91,6 +92,7 @@ void mp_upconn_want(mp_upconn_t *u, int events)
 
 void mp_upconn_timer(mp_upconn_t *u, double seconds)
 {
+    MP_ASSERT(u->state != MP_UP_CLOSED);
     u->timer.repeat = seconds;
     ev_timer_again(u->w->loop, &u->timer);
 }
@@ -98,6 +100,7 @@ void mp_upconn_timer(mp_upconn_t *u, double seconds)
 static void unlink_idle(mp_upconn_t *u)
 {
     mp_server_pool_t *sp = u->sp;
+    MP_ASSERT(u->state == MP_UP_IDLE && sp->nidle > 0);
     if (u->prev)
         u->prev->next = u->next;
     else
@@ -128,6 +131,7 @@ mp_upconn_t *mp_pool_take(mp_server_pool_t *sp, mp_worker_t *w)
 {
     while (sp->idle) {
         mp_upconn_t *u = sp->idle;
+        MP_ASSERT(!u->req);
         unlink_idle(u);
         if (ev_now(w->loop) - u->idle_since >= PEEK_AFTER_IDLE && !still_open(u->fd)) {
             u->state = MP_UP_ACTIVE; /* not in the idle list any more */
@@ -182,6 +186,7 @@ void mp_pool_put(mp_upconn_t *u)
 {
     mp_worker_t *w = u->w;
     mp_server_pool_t *sp = u->sp;
+    MP_ASSERT(u->state == MP_UP_ACTIVE);
     if (w->stopping || sp->nidle >= (unsigned)sp->keepalive)
         return mp_upconn_close(u);
     mp_buf_release(&u->in, &w->bufs);
@@ -202,6 +207,7 @@ void mp_pool_put(mp_upconn_t *u)
 
 void mp_pool_idle_event(mp_upconn_t *u)
 {
+    MP_ASSERT(u->state == MP_UP_IDLE && !u->req);
     mp_upconn_close(u);
 }
 
@@ -227,6 +233,7 @@ void mp_upconn_reap(mp_worker_t *w)
 {
     while (w->up_graveyard) {
         mp_upconn_t *u = w->up_graveyard;
+        MP_ASSERT(u->state == MP_UP_CLOSED);
         w->up_graveyard = u->next;
         free(u);
     }

@@ -15,6 +15,8 @@
 typedef void (*mp_io_cb)(struct ev_loop *, ev_io *, int);
 typedef void (*mp_timer_cb)(struct ev_loop *, ev_timer *, int);
 
+/* CONNECTING -> ACTIVE <-> IDLE (in its server's idle list), any -> CLOSED
+ * (in the worker's graveyard until the next poll); pool.c asserts them. */
 enum mp_upconn_state { MP_UP_CONNECTING, MP_UP_ACTIVE, MP_UP_IDLE, MP_UP_CLOSED };
 
 struct mp_req;

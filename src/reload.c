@@ -1,19 +1,15 @@
-/* reload.c: configuration generations: built and validated by the main
- * thread for every worker, handed over, installed by each worker, drained
- * and freed. */
+/* reload.c: configuration generations, the main thread's side: built and
+ * validated for every worker, handed over (each worker installs and drains
+ * them: worker.c), the script's history and settings.watch. */
 #include "reload.h"
 
-#include "balancer.h"
-#include "conn.h"
-#include "l_request.h"
 #include "log.h"
-#include "pool.h"
-#include "sim.h"
 #include "vm.h"
 
 #include <errno.h>
 #include <lauxlib.h>
 #include <lua.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -21,106 +17,6 @@
 
 #define MAX_WATCHED 64
 #define WATCH_SECONDS 1.0
-
-/* ---- worker side ---- */
-
-static void gen_free(mp_worker_t *w, mp_gen_t *g)
-{
-    mp_balancers_free(g->balancers, g->cfg->nupstreams);
-    mp_pools_free(w, g->pools, g->cfg->nupstreams);
-    mp_config_free(g->cfg);
-    mp_worker_close_vm(w, g->L);
-    free(g->route_stats);
-    free(g);
-}
-
-void mp_gen_unref(mp_worker_t *w, mp_gen_t *g)
-{
-    if (--g->refs)
-        return;
-    for (mp_gen_t **p = &w->retired; *p; p = &(*p)->next)
-        if (*p == g) {
-            *p = g->next;
-            break;
-        }
-    mp_log_debug("w%d: generation %llu freed", w->id, (unsigned long long)g->id);
-    gen_free(w, g);
-}
-
-int mp_gen_install(mp_worker_t *w, uint64_t id, lua_State *L, mp_config_t *cfg)
-{
-    mp_gen_t *g = calloc(1, sizeof(*g));
-    if (g && (g->pools = mp_pools_new(w, cfg)))
-        g->balancers = mp_balancers_new(L, cfg, mp_worker_rand(w));
-    if (!g || !g->pools || !g->balancers) {
-        if (g)
-            mp_pools_free(w, g->pools, cfg->nupstreams);
-        free(g);
-        mp_config_free(cfg);
-        mp_vm_close(L);
-        return MP_ENOMEM;
-    }
-    g->id = id;
-    g->L = L;
-    g->cfg = cfg;
-    size_t nroutes = mp_router_count(cfg->router);
-    g->route_stats = nroutes ? calloc(nroutes, sizeof(*g->route_stats)) : NULL;
-    mp_l_request_setup(L, g->lua_mt);
-    g->refs = 1;
-    mp_gen_t *old = w->gen;
-    w->gen = g;
-    w->cfg = cfg;
-    w->limits.max_uri_size = cfg->settings.max_uri_size;
-    /* the read buffer's size was fixed at start: a head must leave room in it */
-    size_t room = w->bufs.block_size - 1024;
-    w->limits.max_header_size = cfg->settings.max_header_size < room ? cfg->settings.max_header_size : room;
-    if (old) {
-        old->retired_at = ev_now(w->loop);
-        old->next = w->retired;
-        w->retired = old;
-        mp_gen_unref(w, old);
-        if (w->retired && !ev_is_active(&w->expire))
-            ev_timer_again(w->loop, &w->expire);
-    }
-    return 0;
-}
-
-void mp_gen_expire(mp_worker_t *w)
-{
-    ev_tstamp now = ev_now(w->loop);
-    double limit = w->cfg->settings.reload_drain_timeout;
-    for (mp_gen_t *g = w->retired; g; g = g->next) {
-        if (now - g->retired_at < limit)
-            continue;
-        mp_log_warn("w%d: generation %llu still has requests after reload_drain_timeout (%gs): closing them",
-                    w->id, (unsigned long long)g->id, limit);
-        g->retired_at = now; /* once per period: closing frees g when the last goes */
-        mp_conn_t *next;
-        for (mp_conn_t *c = w->conns; c; c = next) {
-            next = c->next;
-            if (c->req && c->req->gen == g)
-                mp_conn_close(c); /* may free g: the outer loop stops here */
-        }
-        break;
-    }
-    if (!w->retired)
-        ev_timer_stop(w->loop, &w->expire);
-}
-
-void mp_gen_dispose_all(mp_worker_t *w)
-{
-    while (w->retired) {
-        mp_gen_t *g = w->retired;
-        w->retired = g->next;
-        gen_free(w, g);
-    }
-    if (w->gen)
-        gen_free(w, w->gen);
-    w->gen = NULL;
-    w->cfg = NULL;
-}
-
-/* ---- main thread side ---- */
 
 /* A file settings.watch follows, and how it looked. */
 typedef struct {
@@ -152,6 +48,8 @@ struct mp_reloader {
     watched_t files[MAX_WATCHED];
     int nfiles;
     waiter_t *waiters;
+    mp_reload_validate_cb validate;
+    void *validate_arg;
     void (*on_config)(void *arg, const mp_config_t *cfg);
     void *on_config_arg;
 };
@@ -237,9 +135,10 @@ static int build(const mp_reloader_t *rl, const char *text, size_t len, int n, l
             snprintf(err, errlen, "%s", jobs[i].err);
         }
     }
-    /* proxy.expect guards: a simulator of their own runs them (sim.h), so
-     * no worker's VM or balancer state is touched by them */
-    if (rc == 0 && jobs[0].cfg->nexpects && mp_sim_check_script(rl->path, text, len, err, errlen) != 0)
+    /* proxy.expect guards: main's validate runs them apart (a simulator of
+     * their own), so no worker's VM or balancer state is touched by them */
+    if (rc == 0 && jobs[0].cfg->nexpects && rl->validate &&
+        rl->validate(rl->validate_arg, rl->path, text, len, err, errlen) != 0)
         rc = MP_EINVAL;
     for (int i = 0; i < n; i++) {
         Ls[i] = jobs[i].L;
@@ -257,6 +156,7 @@ static int build(const mp_reloader_t *rl, const char *text, size_t len, int n, l
 
 static void hand_over(mp_worker_t *w, uint64_t id, lua_State *L, mp_config_t *cfg)
 {
+    MP_ASSERT(id > atomic_load(&w->installed));
     pthread_mutex_lock(&w->handover_lock);
     lua_State *old_L = w->next_L; /* a hand-over the worker has not taken yet is superseded */
     mp_config_t *old_cfg = w->next_cfg;
@@ -375,7 +275,8 @@ static void watch_files(mp_reloader_t *rl)
         ev_timer_again(rl->loop, &rl->watch);
 }
 
-mp_reloader_t *mp_reloader_new(const char *path, mp_worker_t *workers, int nworkers, char *err, size_t errlen)
+mp_reloader_t *mp_reloader_new(const char *path, mp_worker_t *workers, int nworkers, mp_reload_validate_cb validate,
+                               void *validate_arg, char *err, size_t errlen)
 {
     mp_reloader_t *rl = calloc(1, sizeof(*rl));
     lua_State **Ls = calloc((size_t)nworkers + 1, sizeof(*Ls));
@@ -386,6 +287,8 @@ mp_reloader_t *mp_reloader_new(const char *path, mp_worker_t *workers, int nwork
     }
     rl->workers = workers;
     rl->nworkers = nworkers;
+    rl->validate = validate;
+    rl->validate_arg = validate_arg;
     if (!(rl->text = read_file(path, &rl->len, err, errlen)) ||
         build(rl, rl->text, rl->len, nworkers + 1, Ls, cfgs, err, errlen) != 0)
         goto fail;
@@ -394,7 +297,8 @@ mp_reloader_t *mp_reloader_new(const char *path, mp_worker_t *workers, int nwork
     rl->L = Ls[nworkers];
     rl->cfg = cfgs[nworkers];
     for (int i = 0; i < nworkers; i++) {
-        if (mp_gen_install(&workers[i], 1, Ls[i], cfgs[i]) != 0) {
+        MP_ASSERT(!workers[i].gen && workers[i].installed == 0);
+        if (mp_worker_install(&workers[i], 1, Ls[i], cfgs[i]) != 0) {
             snprintf(err, errlen, "out of memory");
             for (int k = i + 1; k < nworkers; k++) {
                 mp_config_free(cfgs[k]);

@@ -1,55 +1,17 @@
-/* reload.h: configuration generations. A generation is one worker's Lua VM
- * with the configuration it built (route table, upstreams, hook chains) and
- * the pools it uses. Requests pin the generation they started with; a
- * reload installs a new one and the old one is freed when its last request
- * ends, or its requests are cut after reload_drain_timeout.
- *
- * The main thread builds every worker's new generation (VM and config),
- * and hands it over only when all of them loaded: a refused script changes
- * nothing anywhere. */
+/* reload.h: the main thread's side of configuration generations (gen.h):
+ * the script's history, building and validating every worker's new
+ * generation (VM and config), and handing them over only when all of them
+ * loaded: a refused script changes nothing anywhere. Each worker installs
+ * what it was handed and drains the old one (worker.h). */
 #ifndef MP_RELOAD_H
 #define MP_RELOAD_H
 
 #include "config.h"
+#include "gen.h"
 #include "worker.h"
 
 #include <ev.h>
 #include <stdint.h>
-
-typedef struct mp_gen {
-    uint64_t id;          /* generation number, the same in every worker */
-    lua_State *L;         /* owned; its hooks are what cfg's refs point to */
-    mp_config_t *cfg;     /* owned */
-    mp_pool_t *pools;     /* one per cfg->upstreams */
-    struct mp_balancer_s *balancers; /* one per cfg->upstreams */
-    struct mp_route_stats **route_stats; /* metrics.h entries by route index - 1, set on first
-                                            use; NULL when out of memory (looked up each time) */
-    int lua_mt[3];        /* the hook objects' metatables in L (l_request.h) */
-    unsigned refs;        /* requests, plus one while current */
-    ev_tstamp retired_at; /* when a newer one was installed */
-    struct mp_gen *next;  /* the worker's retired generations */
-} mp_gen_t;
-
-/* Installs a (L, cfg) pair built for w as its current generation; the
- * previous one retires. Runs on the worker's thread (or before it starts).
- * Returns 0 or MP_ENOMEM (then L and cfg are freed). */
-int mp_gen_install(mp_worker_t *w, uint64_t id, lua_State *L, mp_config_t *cfg);
-
-static inline mp_gen_t *mp_gen_ref(mp_gen_t *g)
-{
-    g->refs++;
-    return g;
-}
-
-/* Drops a reference; a retired generation without any is freed. */
-void mp_gen_unref(mp_worker_t *w, mp_gen_t *g);
-
-/* Closes the connections of requests still on generations retired for
- * longer than reload_drain_timeout (a periodic check). */
-void mp_gen_expire(mp_worker_t *w);
-
-/* Frees every generation (worker shutdown). */
-void mp_gen_dispose_all(mp_worker_t *w);
 
 /* Main thread: the configuration's history and the hand-over to workers. */
 typedef struct mp_reloader mp_reloader_t;
@@ -57,9 +19,17 @@ typedef struct mp_reloader mp_reloader_t;
 /* Called when a reload ended: err NULL on success (generation set). */
 typedef void (*mp_reload_cb)(void *arg, uint64_t generation, const char *err);
 
+/* Checks a script that loaded and declares proxy.expect guards (main.c
+ * runs them in a simulator): 0, or nonzero with the reason in err. */
+typedef int (*mp_reload_validate_cb)(void *arg, const char *path, const char *text, size_t len, char *err,
+                                     size_t errlen);
+
 /* Creates the reloader for path and builds generation 1 for nworkers
- * workers (installed before they start). Returns NULL with err set. */
-mp_reloader_t *mp_reloader_new(const char *path, mp_worker_t *workers, int nworkers, char *err, size_t errlen);
+ * workers (installed before they start); every build of the script that
+ * declares guards must also pass validate (NULL: none). Returns NULL with
+ * err set. */
+mp_reloader_t *mp_reloader_new(const char *path, mp_worker_t *workers, int nworkers, mp_reload_validate_cb validate,
+                               void *validate_arg, char *err, size_t errlen);
 
 /* Starts watching the script (settings.watch) and listening for worker
  * acknowledgements on loop. */

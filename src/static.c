@@ -7,7 +7,7 @@
 #include "head.h"
 #include "l_request.h"
 #include "log.h"
-#include "reload.h"
+#include "gen.h"
 
 #include <errno.h>
 #include <fcntl.h>

@@ -8,7 +8,7 @@
 #include "head.h"
 #include "l_request.h"
 #include "pool.h"
-#include "reload.h"
+#include "gen.h"
 
 #include <errno.h>
 #include <lauxlib.h>

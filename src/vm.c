@@ -170,7 +170,7 @@ static int vm_setup(lua_State *L)
     lua_pop(L, 1);
     /* The C core, for the DSL, hooks and plugins: the same module the specs load. */
     lua_getfield(L, -1, "preload");
-    lua_pushcfunction(L, luaopen_moonproxy_core);
+    lua_pushcfunction(L, mp_l_core_open);
     lua_setfield(L, -2, "moonproxy.core");
     lua_pop(L, 2);
     /* mp_vm_call's message handler, made once: every VM made here gets it

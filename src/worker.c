@@ -1,11 +1,13 @@
 /* worker.c: a worker thread: its own loop, Lua VM, configuration, listening
- * sockets, connections and pools; nothing on its request path is shared. */
+ * sockets, connections and pools; nothing on its request path is shared.
+ * Owns its generations' install, retirement, expiry and free (gen.h), and
+ * pausing/resuming accept at max_connections. */
 #include "worker.h"
 
 #include "conn.h"
+#include "gen.h"
 #include "listener.h"
 #include "pool.h"
-#include "reload.h"
 #include "vm.h"
 
 #include <lauxlib.h>
@@ -23,6 +25,112 @@
 #define MAX_FREE_BLOCKS 1024
 #define EXPIRE_SECONDS 1.0
 
+/* ---- generations (gen.h): install, retire, expire, free ---- */
+
+static void gen_free(mp_worker_t *w, mp_gen_t *g)
+{
+    mp_gen_release(g);
+    mp_pools_free(w, g->pools, g->cfg->nupstreams);
+    mp_config_free(g->cfg);
+    mp_worker_close_vm(w, g->L);
+    free(g);
+}
+
+/* free_fn of w's generations: a retired one lost its last request. */
+static void gen_unreferenced(mp_gen_t *g)
+{
+    mp_worker_t *w = g->owner;
+    MP_ASSERT(g->state == MP_GEN_RETIRED && g != w->gen);
+    for (mp_gen_t **p = &w->retired; *p; p = &(*p)->next)
+        if (*p == g) {
+            *p = g->next;
+            break;
+        }
+    mp_log_debug("w%d: generation %llu freed", w->id, (unsigned long long)g->id);
+    gen_free(w, g);
+}
+
+int mp_worker_install(mp_worker_t *w, uint64_t id, lua_State *L, mp_config_t *cfg)
+{
+    mp_gen_t *g = calloc(1, sizeof(*g));
+    if (g) {
+        g->L = L;
+        g->cfg = cfg;
+    }
+    if (!g || !(g->pools = mp_pools_new(w, cfg)) || mp_gen_prepare(g, mp_worker_rand(w)) != 0) {
+        if (g)
+            mp_pools_free(w, g->pools, cfg->nupstreams);
+        free(g);
+        mp_config_free(cfg);
+        mp_vm_close(L);
+        return MP_ENOMEM;
+    }
+    MP_ASSERT(g->state == MP_GEN_PREPARED && (!w->gen || id > w->gen->id));
+    g->id = id;
+    g->refs = 1;
+    g->state = MP_GEN_CURRENT;
+    g->free_fn = gen_unreferenced;
+    g->owner = w;
+    mp_gen_t *old = w->gen;
+    w->gen = g;
+    w->cfg = cfg;
+    w->limits.max_uri_size = cfg->settings.max_uri_size;
+    /* the read buffer's size was fixed at start: a head must leave room in it */
+    size_t room = w->bufs.block_size - 1024;
+    w->limits.max_header_size = cfg->settings.max_header_size < room ? cfg->settings.max_header_size : room;
+    if (old) {
+        MP_ASSERT(old->state == MP_GEN_CURRENT && old->refs > 0);
+        old->state = MP_GEN_RETIRED;
+        old->retired_at = ev_now(w->loop);
+        old->next = w->retired;
+        w->retired = old;
+        mp_gen_unref(old);
+        if (w->retired && !ev_is_active(&w->expire))
+            ev_timer_again(w->loop, &w->expire);
+    }
+    return 0;
+}
+
+/* Closes the connections of requests still on generations retired for
+ * longer than reload_drain_timeout (a periodic check). */
+static void expire_generations(mp_worker_t *w)
+{
+    ev_tstamp now = ev_now(w->loop);
+    double limit = w->cfg->settings.reload_drain_timeout;
+    for (mp_gen_t *g = w->retired; g; g = g->next) {
+        MP_ASSERT(g->state == MP_GEN_RETIRED && g->refs > 0);
+        if (now - g->retired_at < limit)
+            continue;
+        mp_log_warn("w%d: generation %llu still has requests after reload_drain_timeout (%gs): closing them",
+                    w->id, (unsigned long long)g->id, limit);
+        g->retired_at = now; /* once per period: closing frees g when the last goes */
+        mp_conn_t *next;
+        for (mp_conn_t *c = w->conns; c; c = next) {
+            next = c->next;
+            if (c->req && c->req->gen == g)
+                mp_conn_close(c); /* may free g: the outer loop stops here */
+        }
+        break;
+    }
+    if (!w->retired)
+        ev_timer_stop(w->loop, &w->expire);
+}
+
+/* Frees every generation (worker shutdown). */
+static void dispose_generations(mp_worker_t *w)
+{
+    while (w->retired) {
+        mp_gen_t *g = w->retired;
+        MP_ASSERT(g->state == MP_GEN_RETIRED);
+        w->retired = g->next;
+        gen_free(w, g);
+    }
+    if (w->gen)
+        gen_free(w, w->gen);
+    w->gen = NULL;
+    w->cfg = NULL;
+}
+
 /* Installs a generation the main thread handed over, if any. */
 static void take_handover(mp_worker_t *w)
 {
@@ -35,7 +143,8 @@ static void take_handover(mp_worker_t *w)
     pthread_mutex_unlock(&w->handover_lock);
     if (!L)
         return;
-    if (mp_gen_install(w, id, L, cfg) != 0) {
+    MP_ASSERT(id > w->installed);
+    if (mp_worker_install(w, id, L, cfg) != 0) {
         mp_log_error("w%d: out of memory installing generation %llu", w->id, (unsigned long long)id);
         return;
     }
@@ -51,7 +160,7 @@ static void on_expire(struct ev_loop *loop, ev_timer *t, int revents)
 {
     (void)loop;
     (void)revents;
-    mp_gen_expire(container_of(t, mp_worker_t, expire));
+    expire_generations(container_of(t, mp_worker_t, expire));
 }
 
 static void on_wake(struct ev_loop *loop, ev_async *a, int revents)
@@ -77,10 +186,26 @@ static void on_prepare(struct ev_loop *loop, ev_prepare *p, int revents)
         mp_alog_flush(&w->alog);
     mp_conn_reap(w);
     mp_upconn_reap(w);
+    /* a connection closed or went idle at the cap: one waiting may take its place */
+    if (w->accept_paused && !w->stopping &&
+        (w->nconns < (unsigned)w->cfg->settings.max_connections || w->idle_oldest))
+        mp_worker_accept_pause(w, 0);
     if (atomic_load(&w->stuck) == 1)
         unstick(w);
     if (w->stopping && w->nconns == 0)
         ev_break(loop, EVBREAK_ALL);
+}
+
+void mp_worker_accept_pause(mp_worker_t *w, int on)
+{
+    if (w->accept_paused == on)
+        return;
+    w->accept_paused = on;
+    static mp_log_limit_t lim;
+    if (on)
+        mp_log_limited(&lim, MP_LOG_WARN, "w%d: max_connections (%d) reached, none idle: not accepting for now",
+                       w->id, w->cfg->settings.max_connections);
+    mp_listener_sync(w);
 }
 
 /* The worker this thread runs: hooks run on their worker's thread. */
@@ -243,7 +368,7 @@ void mp_worker_dispose(mp_worker_t *w)
             mp_conn_close(c);
         }
         mp_conn_reap(w);
-        mp_gen_dispose_all(w);
+        dispose_generations(w);
         mp_upconn_reap(w);
         for (size_t i = 0; i < w->nlisteners; i++)
             if (w->listeners[i].fd >= 0)

@@ -1,5 +1,6 @@
-/* worker.h: a worker thread: its libev loop, its Lua VM and configuration,
- * its listening sockets, its connections, upstream pools and buffers. */
+/* worker.h: a worker thread: its libev loop, its Lua VM and configuration
+ * generations (installed, retired, expired and freed here), its listening
+ * sockets and accept pause, its connections, upstream pools and buffers. */
 #ifndef MP_WORKER_H
 #define MP_WORKER_H
 
@@ -35,7 +36,7 @@ typedef struct mp_worker {
     int id;
     pthread_t thread;
     struct ev_loop *loop;
-    mp_gen_t *gen;          /* the current configuration generation (reload.h) */
+    mp_gen_t *gen;          /* the current configuration generation (gen.h) */
     mp_gen_t *retired;      /* older ones, until their last request ends */
     const mp_config_t *cfg; /* gen->cfg: connection-level settings */
     mp_server_pool_t *server_pools; /* idle upstream connections, across generations */
@@ -102,6 +103,18 @@ void mp_worker_dispose(mp_worker_t *w);
  * its share, until the hook returns and the worker listens again.
  * Returns the number of stuck workers (for /live). */
 int mp_watchdog_check(mp_worker_t *workers, int n, double hook_timeout);
+
+/* Installs a (L, cfg) pair built for w (reload.c) as its current
+ * generation; the previous one retires, and is freed when its last request
+ * ends or its requests are cut after reload_drain_timeout. Runs on the
+ * worker's thread (or before it starts). Returns 0 or MP_ENOMEM (then L and
+ * cfg are freed). */
+int mp_worker_install(mp_worker_t *w, uint64_t id, lua_State *L, mp_config_t *cfg);
+
+/* Stops (on: at max_connections with no idle connection to reclaim) or
+ * resumes accepting. A paused worker resumes by itself before its next poll
+ * once a connection closed or went idle. */
+void mp_worker_accept_pause(mp_worker_t *w, int on);
 
 /* Closes a VM the watchdog may be looking at. */
 void mp_worker_close_vm(mp_worker_t *w, lua_State *L);
