@@ -1,6 +1,7 @@
 # shellcheck shell=bash
-# scripts/bench/lib.sh — helpers shared by scripts/bench.sh, bench_reload.sh
-# and bench_tail.sh. Sourced, never run: `. "$(dirname "$0")/bench/lib.sh"`.
+# scripts/bench/lib.sh — helpers shared by scripts/bench.sh (and its modes in
+# scripts/bench/), scripts/bench/reload.sh and scripts/bench/tail.sh. Sourced,
+# never run: `. "$(dirname "$0")/lib.sh"` (bench.sh: `. "$BENCH_DIR/lib.sh"`).
 #
 # The sourcing script sets BENCH_NAME (the prefix of its messages) before
 # sourcing, and defines die MESSAGE [LOGFILE] (print, exit 1: each script
@@ -315,4 +316,15 @@ frontend fe
     default_backend be
 backend be
 EOF
+}
+
+# ---------------------------------------------------------------------------
+# callgrind.
+
+# cg_incl DUMP FUNCTION: the inclusive Ir of FUNCTION (0 if never called), from
+# DUMP's annotation (made once, kept next to it).
+cg_incl() {
+    [[ -s $1.incl.txt ]] || callgrind_annotate --inclusive=yes --threshold=100 "$1" >"$1.incl.txt" 2>/dev/null || true
+    awk -v f=":$2 " 'index($0, f) { gsub(/,/, "", $1); print $1; found = 1; exit }
+                     END { if (!found) print 0 }' "$1.incl.txt"
 }
