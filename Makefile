@@ -98,10 +98,10 @@ BUILD_TSAN_BIN := build-tsan/moonproxy
 
 # Lua (luacheck with the repo's .luacheckrc) and the layering of src/
 # (scripts/layers.sh: DESIGN.md "Layers", no upward include or call, no
-# include cycle). A few seconds.
+# include cycle). A few seconds. Like `make test`, installs what is missing
+# (CI runs it first, on a clean clone).
 LUACHECK ?= luacheck
-lint:
-	@command -v $(LUACHECK) >/dev/null || { echo "luacheck missing (scripts/deps.sh test)" >&2; exit 1; }
+lint: deps
 	$(LUACHECK) -q --no-color lua spec examples scripts
 	scripts/layers.sh
 
@@ -109,10 +109,10 @@ lint:
 # place, `make fmt-check` lists the files it would change and fails if any.
 CLANG_FORMAT ?= clang-format
 FMT_SRCS := $(wildcard src/*.c src/*.h spec/c/*.c spec/fuzz/*.c)
-fmt:
+fmt: deps
 	$(CLANG_FORMAT) -i $(FMT_SRCS)
 
-fmt-check:
+fmt-check: deps
 	@bad=0; for f in $(FMT_SRCS); do \
 		$(CLANG_FORMAT) --dry-run -Werror "$$f" >/dev/null 2>&1 || { echo "$$f: not formatted (make fmt)"; bad=1; }; \
 	done; exit $$bad

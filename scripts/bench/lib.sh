@@ -287,6 +287,40 @@ start_nginx() {
     start_bg "$dir/stderr.log" "$@" "$NGINX" -p "$dir/" -c "$dir/nginx.conf" -e "$dir/error.log"
 }
 
+# nginx_proxy_http DIR WORKERS PORT UPSTREAM [ACCESS]: the rest of an nginx
+# reverse proxy's configuration after nginx_common: WORKERS workers on
+# 127.0.0.1:PORT proxying to "upstream b", whose policy and server lines are
+# UPSTREAM, with keep-alive both ways; ACCESS opens the location (the hooks
+# part's access_by_lua_block).
+nginx_proxy_http() {
+    cat <<EOF
+worker_processes $2;
+events { worker_connections 10240; }
+http {
+$(nginx_http_common "$1")
+    upstream b {
+$4
+        keepalive 64;
+        keepalive_requests 100000000;
+        keepalive_timeout 300s;
+    }
+    server {
+        # reuseport: one listening socket per worker, as moonproxy does.
+        # Without it the kernel hands most connections to one worker, whose
+        # in-flight upstream connections then overflow its 64-slot idle
+        # cache and get closed and reopened all the time at 100 clients.
+        listen 127.0.0.1:$3 backlog=4096 reuseport;
+        location / {
+            ${5:-}
+            proxy_pass http://b;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+}
+
 # ---------------------------------------------------------------------------
 # HAProxy.
 

@@ -90,32 +90,7 @@ start_proxy() {
         {
             echo "$lua_load"
             nginx_common "$dir" "$master"
-            cat <<EOF
-worker_processes $workers;
-events { worker_connections 10240; }
-http {
-$(nginx_http_common "$dir")
-    upstream b {
-        server 127.0.0.1:$BACKEND_PORT;
-        keepalive 64;
-        keepalive_requests 100000000;
-        keepalive_timeout 300s;
-    }
-    server {
-        # reuseport: one listening socket per worker, as moonproxy does.
-        # Without it the kernel hands most connections to one worker, whose
-        # in-flight upstream connections then overflow its 64-slot idle
-        # cache and get closed and reopened all the time at 100 clients.
-        listen 127.0.0.1:$PROXY_PORT backlog=4096 reuseport;
-        location / {
-            $lua_access
-            proxy_pass http://b;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-EOF
+            nginx_proxy_http "$dir" "$workers" "$PROXY_PORT" "        server 127.0.0.1:$BACKEND_PORT;" "$lua_access"
         } >"$dir/nginx.conf"
         PROXY_LOG=$dir/error.log
         start_nginx "$dir" "${PROXY_WRAP[@]}"

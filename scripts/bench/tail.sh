@@ -198,31 +198,11 @@ EOF
         [[ $name == nginx-rr ]] && lc=""
         {
             nginx_common "$dir"
-            cat <<EOF
-worker_processes $WORKERS;
-events { worker_connections 10240; }
-http {
-$(nginx_http_common "$dir")
-    upstream b {
-        zone b 64k;
+            nginx_proxy_http "$dir" "$WORKERS" "$PROXY_PORT" "        zone b 64k;
         $lc
         server 127.0.0.1:${BPORT[0]};
         server 127.0.0.1:${BPORT[1]};
-        server 127.0.0.1:${BPORT[2]};
-        keepalive 64;
-        keepalive_requests 100000000;
-        keepalive_timeout 300s;
-    }
-    server {
-        listen 127.0.0.1:$PROXY_PORT backlog=4096 reuseport;
-        location / {
-            proxy_pass http://b;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-EOF
+        server 127.0.0.1:${BPORT[2]};"
         } >"$dir/nginx.conf"
         start_nginx "$dir"
         PROXY_LOGF=$dir/error.log
