@@ -26,7 +26,10 @@
 #                        for both), measured in the same run right after moonproxy,
 #                        and the ratio moonproxy ÷ moonproxy-base of CPU µs/request at
 #                        each connection count; with CALLGRIND=1, of Ir/request. Also
-#                        with BODY=chunked and MALLOC_CHECK=1; not in the hooks part.
+#                        with BODY=chunked and MALLOC_CHECK=1; not in the hooks part,
+#                        but HOOKS=1 PROXIES="moonproxy moonproxy-base" drives the two
+#                        builds in interleaved rounds (column "vs moonproxy no hook":
+#                        old ÷ new), which a drifting load on the machine hits alike.
 #   BODY=chunked         every request a POST with a 4 KiB chunked body (four
 #                        chunks, one with an extension): what the proxy decodes
 #                        and re-frames; nginx buffers it and sends

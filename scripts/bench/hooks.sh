@@ -128,6 +128,7 @@ declare -A HOOK_LABEL=(
     [moonproxy-hdr]="moonproxy, header hook"
     [nginx-lua]="nginx + lua, header hook"
     [nginx]="nginx, plain"
+    [moonproxy-base]="moonproxy-base (BASELINE), no hook"
 )
 
 hooks_report() {
