@@ -36,7 +36,7 @@ CORE_OBJS := $(CORE_SRCS:%.c=$(BUILD)/pic/%.o)
 BIN  := $(BUILD)/moonproxy
 CORE := $(BUILD)/lib/moonproxy/core.so
 
-.PHONY: all deps run test test-run test-asan tsan bench fuzz clean fmt lint install
+.PHONY: all deps run test test-run test-asan tsan bench fuzz clean fmt fmt-check lint install
 
 all: $(BIN) $(CORE)
 
@@ -95,6 +95,27 @@ tsan: deps
 	MOONPROXY_LUA_PATH=$(CURDIR)/lua $(BUSTED:$(BUILD)=build) $(filter $(wildcard $(TSAN_SPECS)),$(TSAN_SPECS))
 
 BUILD_TSAN_BIN := build-tsan/moonproxy
+
+# Lua (luacheck with the repo's .luacheckrc) and the layering of src/
+# (scripts/layers.sh: DESIGN.md "Layers", no upward include or call, no
+# include cycle). A few seconds. Like `make test`, installs what is missing
+# (CI runs it first, on a clean clone).
+LUACHECK ?= luacheck
+lint: deps
+	$(LUACHECK) -q --no-color lua spec examples scripts
+	scripts/layers.sh
+
+# clang-format with the repo's .clang-format: `make fmt` rewrites the C in
+# place, `make fmt-check` lists the files it would change and fails if any.
+CLANG_FORMAT ?= clang-format
+FMT_SRCS := $(wildcard src/*.c src/*.h spec/c/*.c spec/fuzz/*.c)
+fmt: deps
+	$(CLANG_FORMAT) -i $(FMT_SRCS)
+
+fmt-check: deps
+	@bad=0; for f in $(FMT_SRCS); do \
+		$(CLANG_FORMAT) --dry-run -Werror "$$f" >/dev/null 2>&1 || { echo "$$f: not formatted (make fmt)"; bad=1; }; \
+	done; exit $$bad
 
 bench: all
 	scripts/deps.sh bench

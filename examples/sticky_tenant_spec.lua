@@ -215,7 +215,8 @@ describe("examples/sticky_tenant.lua offline, with moonproxy.testing", function(
   end)
 
   it("treats a repeated X-Tenant header as no tenant", function()
-    local cfg = testing.load(EXAMPLE, { servers = { app = { [ADDRS[1]] = { active = 1 }, [ADDRS[3]] = { active = 1 } } } })
+    local cfg = testing.load(EXAMPLE,
+      { servers = { app = { [ADDRS[1]] = { active = 1 }, [ADDRS[3]] = { active = 1 } } } })
     assert.equal(ADDRS[3], ADDRS[hash("globex") % 3 + 1])
     local r = cfg:request { path = "/", headers = { ["x-tenant"] = { "globex", "globex" } } }
     assert.equal(ADDRS[2], r.server, testing.format(r)) -- the least busy, not globex's home

@@ -1,6 +1,7 @@
 # shellcheck shell=bash
-# scripts/bench/lib.sh — helpers shared by scripts/bench.sh, bench_reload.sh
-# and bench_tail.sh. Sourced, never run: `. "$(dirname "$0")/bench/lib.sh"`.
+# scripts/bench/lib.sh — helpers shared by scripts/bench.sh (and its modes in
+# scripts/bench/), scripts/bench/reload.sh and scripts/bench/tail.sh. Sourced,
+# never run: `. "$(dirname "$0")/lib.sh"` (bench.sh: `. "$BENCH_DIR/lib.sh"`).
 #
 # The sourcing script sets BENCH_NAME (the prefix of its messages) before
 # sourcing, and defines die MESSAGE [LOGFILE] (print, exit 1: each script
@@ -286,6 +287,40 @@ start_nginx() {
     start_bg "$dir/stderr.log" "$@" "$NGINX" -p "$dir/" -c "$dir/nginx.conf" -e "$dir/error.log"
 }
 
+# nginx_proxy_http DIR WORKERS PORT UPSTREAM [ACCESS]: the rest of an nginx
+# reverse proxy's configuration after nginx_common: WORKERS workers on
+# 127.0.0.1:PORT proxying to "upstream b", whose policy and server lines are
+# UPSTREAM, with keep-alive both ways; ACCESS opens the location (the hooks
+# part's access_by_lua_block).
+nginx_proxy_http() {
+    cat <<EOF
+worker_processes $2;
+events { worker_connections 10240; }
+http {
+$(nginx_http_common "$1")
+    upstream b {
+$4
+        keepalive 64;
+        keepalive_requests 100000000;
+        keepalive_timeout 300s;
+    }
+    server {
+        # reuseport: one listening socket per worker, as moonproxy does.
+        # Without it the kernel hands most connections to one worker, whose
+        # in-flight upstream connections then overflow its 64-slot idle
+        # cache and get closed and reopened all the time at 100 clients.
+        listen 127.0.0.1:$3 backlog=4096 reuseport;
+        location / {
+            ${5:-}
+            proxy_pass http://b;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+}
+
 # ---------------------------------------------------------------------------
 # HAProxy.
 
@@ -315,4 +350,15 @@ frontend fe
     default_backend be
 backend be
 EOF
+}
+
+# ---------------------------------------------------------------------------
+# callgrind.
+
+# cg_incl DUMP FUNCTION: the inclusive Ir of FUNCTION (0 if never called), from
+# DUMP's annotation (made once, kept next to it).
+cg_incl() {
+    [[ -s $1.incl.txt ]] || callgrind_annotate --inclusive=yes --threshold=100 "$1" >"$1.incl.txt" 2>/dev/null || true
+    awk -v f=":$2 " 'index($0, f) { gsub(/,/, "", $1); print $1; found = 1; exit }
+                     END { if (!found) print 0 }' "$1.incl.txt"
 }

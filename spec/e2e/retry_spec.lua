@@ -155,7 +155,7 @@ describe("moonproxy retries", function()
             a:mode("reset")
             local body = origin.pattern(20000)
             local head = "PUT /pair/two HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n"
-            for i = 1, 3 do
+            for _ = 1, 3 do
                 local before = counts()
                 local conn = assert(raw.connect(proxy.port, { timeout = 10 }))
                 assert(conn:send_pieces({ head .. body:sub(1, 8000), body:sub(8001) }, 0.05))

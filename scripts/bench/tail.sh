@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/bench_tail.sh [BIN] — tail latency when one of three servers is slow.
+# scripts/bench/tail.sh [BIN] — tail latency when one of three servers is slow.
 #
 # Backends: one nginx (with lua-nginx-module) serving three ports: two answer
 # "hello\n" at once, the third waits SLOW_MS (default 50 ms, ngx.sleep) before
@@ -43,12 +43,12 @@
 # Every process started here is stopped by PID on exit, and the temp dir goes.
 set -Eeuo pipefail
 BENCH_NAME=bench_tail
-# shellcheck source-path=SCRIPTDIR source=bench/lib.sh
-. "$(dirname "$0")/bench/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$(dirname "$0")/lib.sh"
 ONELINE_MAX=400
 trap 'log "bench_tail: failed at line $LINENO: $BASH_COMMAND"' ERR
 
-ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BIN=${1:-$ROOT/build/moonproxy}
 [[ $BIN == /* ]] || BIN=$PWD/$BIN
 
@@ -198,31 +198,11 @@ EOF
         [[ $name == nginx-rr ]] && lc=""
         {
             nginx_common "$dir"
-            cat <<EOF
-worker_processes $WORKERS;
-events { worker_connections 10240; }
-http {
-$(nginx_http_common "$dir")
-    upstream b {
-        zone b 64k;
+            nginx_proxy_http "$dir" "$WORKERS" "$PROXY_PORT" "        zone b 64k;
         $lc
         server 127.0.0.1:${BPORT[0]};
         server 127.0.0.1:${BPORT[1]};
-        server 127.0.0.1:${BPORT[2]};
-        keepalive 64;
-        keepalive_requests 100000000;
-        keepalive_timeout 300s;
-    }
-    server {
-        listen 127.0.0.1:$PROXY_PORT backlog=4096 reuseport;
-        location / {
-            proxy_pass http://b;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }
-    }
-}
-EOF
+        server 127.0.0.1:${BPORT[2]};"
         } >"$dir/nginx.conf"
         start_nginx "$dir"
         PROXY_LOGF=$dir/error.log
@@ -376,14 +356,7 @@ within() { awk -v a="$1" -v b="$2" -v lim="$3" 'BEGIN { if (!(a + 0 > 0 && b + 0
 # with one worker under callgrind: counters zeroed after a warm-up, dumped
 # after a measured wrk run; instructions per request, and the inclusive cost
 # of mp_balancer_pick (the whole pick: server state, and for the Lua modules
-# the call into the VM) per request.
-
-# cg_incl DUMP FUNCTION: inclusive Ir of FUNCTION (0 if never called).
-cg_incl() {
-    [[ -s $1.incl.txt ]] || callgrind_annotate --inclusive=yes --threshold=100 "$1" >"$1.incl.txt" 2>/dev/null || true
-    awk -v f=":$2 " 'index($0, f) { gsub(/,/, "", $1); print $1; found = 1; exit }
-                     END { if (!found) print 0 }' "$1.incl.txt"
-}
+# the call into the VM) per request. (cg_incl: scripts/bench/lib.sh.)
 
 declare -A CG=()    # CG[name] = "requests Ir/req pick_Ir/req slow_share_%"
 callgrind_mode() {
@@ -525,7 +498,7 @@ report() {
         echo
         echo "The four configurations running at once, driven in turn, $PICK_ROUNDS round(s) of wrk -d $PICK_DURATION (-c $CONNS, order rotating) after a $WARMUP warm-up each;" \
             "CPU µs/req pooled over the rounds (per round: the spread is the noise). Target: Lua ≤ C + 5%." \
-            "CPU time on a shared machine is not precise to 5%: \`CALLGRIND=1 scripts/bench_tail.sh\` counts instructions instead."
+            "CPU time on a shared machine is not precise to 5%: \`CALLGRIND=1 scripts/bench/tail.sh\` counts instructions instead."
         echo
         echo "| balancer | C µs/req | per round | Lua µs/req | per round | Lua − C | target ≤ +5% | user µs/req C / Lua | user Lua − C |"
         echo "|---|---:|---|---:|---|---:|---|---:|---:|"
