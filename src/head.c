@@ -49,7 +49,7 @@ static int put_u64(mp_buf_t *b, uint64_t n)
 /* "HTTP/1.1 <status> <reason>\r\n": every head we send a client. */
 static int put_status(mp_buf_t *b, int status, mp_slice reason)
 {
-    return PUT_LIT(b, "HTTP/1.1 ") | put_u64(b, (uint64_t)status) | PUT_LIT(b, " ") | put_s(b, reason) |
+    return PUT_LIT(b, "HTTP/1.1 ") || put_u64(b, (uint64_t)status) || PUT_LIT(b, " ") || put_s(b, reason) ||
            PUT_LIT(b, "\r\n");
 }
 
@@ -61,7 +61,7 @@ static mp_slice reason_of(int status)
 
 static int put_request_id(mp_buf_t *b, mp_req_t *r)
 {
-    return PUT_LIT(b, "X-Request-ID: ") | put(b, r->id, r->id_len) | PUT_LIT(b, "\r\n");
+    return PUT_LIT(b, "X-Request-ID: ") || put(b, r->id, r->id_len) || PUT_LIT(b, "\r\n");
 }
 
 /* Content-Length: n, or nothing when n < 0. */
@@ -69,7 +69,7 @@ static int put_length(mp_buf_t *b, int64_t n)
 {
     if (n < 0)
         return 0;
-    return PUT_LIT(b, "Content-Length: ") | put_u64(b, (uint64_t)n) | PUT_LIT(b, "\r\n");
+    return PUT_LIT(b, "Content-Length: ") || put_u64(b, (uint64_t)n) || PUT_LIT(b, "\r\n");
 }
 
 static int put_close(mp_buf_t *b, int close)
@@ -113,7 +113,7 @@ static int put_target(mp_buf_t *b, mp_req_t *r)
 {
     int rc = put_s(b, r->path);
     if (r->has_query)
-        rc |= PUT_LIT(b, "?") | put_s(b, r->query);
+        rc |= PUT_LIT(b, "?") || put_s(b, r->query);
     return rc;
 }
 
@@ -131,15 +131,15 @@ static int put_forwarded(mp_buf_t *b, mp_req_t *r, mp_slice host)
         rc |= PUT_LIT(b, "X-Forwarded-For: ");
         for (unsigned i = 0; i < h->nheaders; i++)
             if (MP_SLICE_IEQ(h->headers[i].name, "x-forwarded-for") && h->headers[i].value.len)
-                rc |= put_s(b, h->headers[i].value) | PUT_LIT(b, ", ");
-        rc |= put(b, r->client_ip, strlen(r->client_ip)) | PUT_LIT(b, "\r\n");
+                rc |= put_s(b, h->headers[i].value) || PUT_LIT(b, ", ");
+        rc |= put(b, r->client_ip, strlen(r->client_ip)) || PUT_LIT(b, "\r\n");
     }
     if (!edited(r, "x-forwarded-proto", 17) &&
         (!r->trusted_peer || mp_http1_find(h->headers, h->nheaders, "x-forwarded-proto", 17) < 0))
         rc |= PUT_LIT(b, "X-Forwarded-Proto: http\r\n");
     if (!edited(r, "x-forwarded-host", 16) &&
         (!r->trusted_peer || mp_http1_find(h->headers, h->nheaders, "x-forwarded-host", 16) < 0))
-        rc |= PUT_LIT(b, "X-Forwarded-Host: ") | put_s(b, host) | PUT_LIT(b, "\r\n");
+        rc |= PUT_LIT(b, "X-Forwarded-Host: ") || put_s(b, host) || PUT_LIT(b, "\r\n");
     if (!edited(r, "x-request-id", 12))
         rc |= put_request_id(b, r);
     return rc;
@@ -163,8 +163,8 @@ int mp_head_request(mp_req_t *r, mp_buf_t *b)
         send_host = host_edit->values[0];
     else if (d->host)
         send_host = (mp_slice){d->host, strlen(d->host)};
-    int rc = put_s(b, h->method) | PUT_LIT(b, " ") | put_target(b, r) | PUT_LIT(b, " HTTP/1.1\r\nHost: ");
-    rc |= put_s(b, send_host) | PUT_LIT(b, "\r\n");
+    int rc = put_s(b, h->method) || PUT_LIT(b, " ") || put_target(b, r) || PUT_LIT(b, " HTTP/1.1\r\nHost: ");
+    rc |= put_s(b, send_host) || PUT_LIT(b, "\r\n");
     for (unsigned i = 0; i < h->nheaders; i++) {
         mp_slice n = h->headers[i].name;
         if (is_dropped(n, toks, ntoks) || MP_SLICE_IEQ(n, "host") || MP_SLICE_IEQ(n, "x-forwarded-for") ||
@@ -174,7 +174,7 @@ int mp_head_request(mp_req_t *r, mp_buf_t *b)
             continue;
         if (!r->trusted_peer && (MP_SLICE_IEQ(n, "x-forwarded-proto") || MP_SLICE_IEQ(n, "x-forwarded-host")))
             continue;
-        rc |= put_s(b, n) | PUT_LIT(b, ": ") | put_s(b, h->headers[i].value) | PUT_LIT(b, "\r\n");
+        rc |= put_s(b, n) || PUT_LIT(b, ": ") || put_s(b, h->headers[i].value) || PUT_LIT(b, "\r\n");
     }
     rc |= put_forwarded(b, r, host);
     rc |= mp_hedit_put(b, r->edits, "host");
@@ -206,7 +206,7 @@ int mp_head_response(mp_req_t *r, const mp_http_response_t *rh, mp_buf_t *b)
         dated |= MP_SLICE_IEQ(name, "date");
         if (r->resp_edits && mp_hedit_find(r->resp_edits, name))
             continue;
-        rc |= put_s(b, name) | PUT_LIT(b, ": ") | put_s(b, rh->headers[i].value) | PUT_LIT(b, "\r\n");
+        rc |= put_s(b, name) || PUT_LIT(b, ": ") || put_s(b, rh->headers[i].value) || PUT_LIT(b, "\r\n");
     }
     rc |= mp_hedit_put(b, r->resp_edits, NULL);
     if (!dated) /* RFC 9110 §6.6.1: a recipient with a clock adds one */
@@ -230,7 +230,7 @@ int mp_head_response(mp_req_t *r, const mp_http_response_t *rh, mp_buf_t *b)
  * (none when length < 0), X-Request-ID. */
 static int put_own_start(mp_buf_t *b, mp_req_t *r, int status, int64_t length)
 {
-    return put_status(b, status, reason_of(status)) | put_s(b, date_of(r)) | put_length(b, length) |
+    return put_status(b, status, reason_of(status)) || put_s(b, date_of(r)) || put_length(b, length) ||
            put_request_id(b, r);
 }
 
@@ -238,7 +238,7 @@ int mp_head_local(mp_req_t *r, int status, const mp_hedit_t *edits, size_t body_
 {
     int rc = put_own_start(b, r, status, (int64_t)body_len);
     if (r->retry_after && status == 503)
-        rc |= PUT_LIT(b, "Retry-After: ") | put_u64(b, r->retry_after) | PUT_LIT(b, "\r\n");
+        rc |= PUT_LIT(b, "Retry-After: ") || put_u64(b, r->retry_after) || PUT_LIT(b, "\r\n");
     rc |= put_close(b, !r->keepalive);
     if (!mp_hedit_find(edits, MP_SLICE_LIT("content-type")))
         rc |= PUT_LIT(b, "Content-Type: text/plain\r\n");
@@ -249,7 +249,7 @@ int mp_head_local(mp_req_t *r, int status, const mp_hedit_t *edits, size_t body_
 
 int mp_head_static(mp_req_t *r, int status, int64_t content_length, mp_buf_t *b)
 {
-    int rc = put_own_start(b, r, status, content_length) | put_close(b, !r->keepalive);
+    int rc = put_own_start(b, r, status, content_length) || put_close(b, !r->keepalive);
     rc |= mp_hedit_put(b, r->resp_edits, NULL);
     rc |= PUT_LIT(b, "\r\n");
     return rc ? MP_ENOMEM : 0;
