@@ -70,10 +70,7 @@ int mp_gen_install(mp_worker_t *w, uint64_t id, lua_State *L, mp_config_t *cfg)
     mp_gen_t *old = w->gen;
     w->gen = g;
     w->cfg = cfg;
-    w->limits.max_uri_size = cfg->settings.max_uri_size;
-    /* the read buffer's size was fixed at start: a head must leave room in it */
-    size_t room = w->bufs.block_size - 1024;
-    w->limits.max_header_size = cfg->settings.max_header_size < room ? cfg->settings.max_header_size : room;
+    mp_req_env_limits(&w->env, cfg->settings.max_uri_size, cfg->settings.max_header_size);
     if (old) {
         old->retired_at = ev_now(w->loop);
         old->next = w->retired;

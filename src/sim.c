@@ -1,17 +1,17 @@
-/* sim.c: the simulator (sim.h): a worker with no sockets. A request is
- * parsed from bytes by the server's parser, decided by mp_req_decide,
- * balanced by the generation's balancer and written out by upstream.c's
- * head builder, so what it reports is what the server would do. */
+/* sim.c: the simulator (sim.h): the request layer (req.h) with no socket,
+ * worker or loop. A request is parsed from bytes by the server's parser,
+ * started, decided, framed and answered by the same req.c functions the
+ * server runs, balanced by the generation's balancer and written out by the
+ * server's head builders, so what it reports is what the server would do. */
 #include "sim.h"
 
 #include "balancer.h"
-#include "conn.h"
 #include "l_request.h"
 #include "log.h"
 #include "path.h"
 #include "reload.h"
+#include "req.h"
 #include "static.h"
-#include "upstream.h"
 #include "vm.h"
 
 #include <arpa/inet.h>
@@ -27,9 +27,17 @@
 #define SIM_MAX_FILE (64u << 20) /* a static file's bytes a result carries at most */
 
 struct mp_sim {
-    mp_worker_t w;           /* a worker that never runs: buffers, rng, clock */
+    mp_req_env_t env;        /* what its requests need: buffers, rng, limits, clock (no worker: no log prefix) */
+    mp_bufpool_t bufs;
+    double created;          /* the requests' loop time: when the simulator was made (epoch seconds) */
+    lua_State *_Atomic hook_vm; /* env's watchdog view: no watchdog looks (see running) */
+    _Atomic double hook_since;
     mp_gen_t gen;            /* its one generation */
-    mp_conn_t conn;          /* the pretend client connection */
+    union {                  /* the pretend client's address */
+        struct sockaddr sa;
+        struct sockaddr_in v4;
+        struct sockaddr_in6 v6;
+    } peer;
     mp_req_t req;            /* the last request, alive until the next call */
     int live;                /* req holds hook objects to release */
     int forwarded;           /* req went upstream (mp_sim_response may run) */
@@ -111,14 +119,7 @@ static void on_log(void *arg, int level, const char *msg)
     mp_sim_t *s = arg;
     if (level == MP_LOG_DEBUG)
         return;
-    if (msg[0] == 'w') { /* "w0: " names the worker: there is none */
-        const char *p = msg + 1;
-        while (*p >= '0' && *p <= '9')
-            p++;
-        if (p[0] == ':' && p[1] == ' ')
-            msg = p + 2;
-    }
-    step(s, "log", "%s", msg);
+    step(s, "log", "%s", msg); /* request lines have no "w0: ": the env names no worker */
     if (level == MP_LOG_ERROR && !s->error)
         s->error = strdup(msg);
 }
@@ -142,7 +143,7 @@ static void note_route(mp_sim_t *s)
         snprintf(why, sizeof(why), "%s%s, prefix %s%s", rt->host ? "host " : "any host", host,
                  rt->prefix ? rt->prefix : "/", rt->strip_prefix ? " (stripped)" : "");
     const mp_config_t *cfg = r->gen->cfg;
-    const char *root = cfg->statics ? cfg->statics[rt->index - 1].root : NULL;
+    const char *root = cfg->statics ? cfg->statics[mp_route_slot(rt)].root : NULL;
     const char *kind = rt->target >= 0 ? ", upstream '" : root ? ", static root '" : ", handler";
     const char *target = rt->target >= 0 ? cfg->upstreams[rt->target].name : root;
     step(s, "route", "route '%s' at %s matched %.*s (%s)%s%s%s; path now %.*s", rt->name, rt->src,
@@ -251,6 +252,21 @@ static void running(mp_sim_t *s, int on);
 
 /* ---- set up ---- */
 
+#define SIM_FREE_BLOCKS 16
+
+static double wall_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* The loop time of its requests: a loop that never runs stays at its start. */
+static double sim_clock(void *arg)
+{
+    return ((const mp_sim_t *)arg)->created;
+}
+
 static void install_peers(mp_sim_t *s)
 {
     const mp_config_t *cfg = s->gen.cfg;
@@ -302,31 +318,26 @@ mp_sim_t *mp_sim_new(const char *path, const char *text, size_t len, uint64_t se
     if (rc != 0)
         goto fail;
     const mp_settings_t *st = &cfg->settings;
-    if (mp_worker_init(&s->w, 0, st->max_header_size, st->body_buffer_size, NULL, 0) != 0) {
-        snprintf(err, errlen, "out of memory");
-        goto fail;
-    }
-    s->w.rng[0] = seed ^ 0x9e3779b97f4a7c15ull;
-    s->w.rng[1] = seed * 0xbf58476d1ce4e5b9ull + 1;
-    s->w.limits.max_uri_size = st->max_uri_size;
-    size_t room = s->w.bufs.block_size - 1024;
-    s->w.limits.max_header_size = st->max_header_size < room ? st->max_header_size : room;
-    s->w.cfg = cfg;
+    mp_bufpool_init(&s->bufs, mp_req_block_size(st->max_header_size, st->body_buffer_size), SIM_FREE_BLOCKS);
+    s->created = wall_now();
+    s->env = (mp_req_env_t){.id = -1, .bufs = &s->bufs, .clock = sim_clock, .clock_arg = s,
+                            .hook_vm = &s->hook_vm, .hook_since = &s->hook_since};
+    s->env.rng[0] = seed ^ 0x9e3779b97f4a7c15ull;
+    s->env.rng[1] = seed * 0xbf58476d1ce4e5b9ull + 1;
+    mp_req_env_limits(&s->env, st->max_uri_size, st->max_header_size);
     size_t npeers = 0;
     for (size_t u = 0; u < cfg->nupstreams; u++)
         npeers += cfg->upstreams[u].nservers;
     s->gen = (mp_gen_t){.id = 1, .L = L, .cfg = cfg, .refs = 1};
     if (!(s->peers = calloc(npeers ? npeers : 1, sizeof(*s->peers))) ||
         !(s->open = calloc(npeers ? npeers : 1, 1)) ||
-        !(s->gen.balancers = mp_balancers_new(L, cfg, seed)) || mp_buf_acquire(&s->out, &s->w.bufs) != 0) {
+        !(s->gen.balancers = mp_balancers_new(L, cfg, seed)) || mp_buf_acquire(&s->out, &s->bufs) != 0) {
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
     mp_l_request_setup(L, s->gen.lua_mt);
     install_peers(s);
     luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
-    s->conn.w = &s->w;
-    s->conn.fd = -1;
     return s;
 fail:
     if (s && s->gen.L) {
@@ -336,8 +347,6 @@ fail:
     mp_config_free(cfg);
     if (L)
         mp_vm_close(L);
-    if (s && s->w.loop)
-        mp_worker_dispose(&s->w);
     free(s);
     return NULL;
 }
@@ -356,13 +365,12 @@ void mp_sim_free(mp_sim_t *s)
     release(s);
     reset_result(s);
     free(s->trace);
-    mp_buf_release(&s->out, &s->w.bufs);
+    mp_buf_release(&s->out, &s->bufs);
     if (s->gen.balancers)
         mp_balancers_free(s->gen.balancers, s->gen.cfg->nupstreams);
     mp_config_free(s->gen.cfg);
     mp_vm_close(s->gen.L);
-    if (s->w.loop)
-        mp_worker_dispose(&s->w);
+    mp_bufpool_dispose(&s->bufs);
     free(s->peers);
     free(s->open);
     free(s->raw);
@@ -451,29 +459,21 @@ static int put_fields(raw_t *b, const mp_sim_header_t *h, size_t n)
     return rc;
 }
 
-static int set_peer_addr(mp_conn_t *c, const char *text)
+/* The pretend client is at text, an IPv4 or IPv6 address. */
+static int set_peer_addr(mp_sim_t *s, const char *text)
 {
-    struct sockaddr_in6 *p = &c->peer;
-    memset(p, 0, sizeof(*p));
-    p->sin6_family = AF_INET6;
-    struct in_addr v4;
-    if (inet_pton(AF_INET, text, &v4) == 1) {
-        p->sin6_addr.s6_addr[10] = p->sin6_addr.s6_addr[11] = 0xff;
-        memcpy(&p->sin6_addr.s6_addr[12], &v4, 4);
+    memset(&s->peer, 0, sizeof(s->peer));
+    if (inet_pton(AF_INET, text, &s->peer.v4.sin_addr) == 1) {
+        s->peer.v4.sin_family = AF_INET;
         return 0;
     }
-    return inet_pton(AF_INET6, text, &p->sin6_addr) == 1 ? 0 : MP_EINVAL;
+    s->peer.v6.sin6_family = AF_INET6;
+    return inet_pton(AF_INET6, text, &s->peer.v6.sin6_addr) == 1 ? 0 : MP_EINVAL;
 }
 
 static void new_request(mp_sim_t *s)
 {
-    mp_req_t *r = &s->req;
-    memset(r, 0, sizeof(*r));
-    r->conn = &s->conn;
-    r->gen = &s->gen;
-    r->upstream = r->server = -1;
-    r->t_start = ev_now(s->w.loop);
-    s->conn.req = r;
+    mp_req_reset(&s->req, &s->env, &s->gen, &s->peer.sa, mp_req_now(&s->env));
     s->live = 1;
 }
 
@@ -517,10 +517,7 @@ static void answer(mp_sim_t *s, int status, const char *why)
 {
     mp_req_t *r = &s->req;
     mp_req_identify(r);
-    if (status != 0 && (!r->body.done || status == 408 || status == 400))
-        r->keepalive = 0;
-    else if (status == 0 && !r->body.done)
-        r->keepalive = 0;
+    mp_req_keepalive_after(r, status);
     s->out.start = s->out.end = 0;
     int shown = mp_local_response(r, status, &s->out, &s->req.local);
     step(s, "response", "answered here: %d %s (%s)", shown > 0 ? shown : 500,
@@ -533,8 +530,7 @@ static void serve_static(mp_sim_t *s)
 {
     mp_req_t *r = &s->req;
     mp_static_file_t f;
-    if (!r->body.done)
-        r->keepalive = 0; /* the server does not read the body */
+    mp_req_keepalive_after(r, 0); /* the server does not read the body */
     int st = mp_static_resolve(r, &f);
     if (f.file[0])
         step(s, "static", "%s%s: %d %s%s%s", f.file, f.fallback ? " (the fallback: the path asked for is missing)" : "",
@@ -616,7 +612,7 @@ static const char *responded_why(const mp_sim_t *s)
 {
     const mp_req_t *r = &s->req;
     const mp_route_t *rt = r->match.route;
-    if (rt && s->gen.cfg->statics[rt->index - 1].root && r->path.len == 1 && r->path.p[0] == '*')
+    if (rt && s->gen.cfg->statics[mp_route_slot(rt)].root && r->path.len == 1 && r->path.p[0] == '*')
         return "OPTIONS * on a static route: the proxy answers it";
     return "a hook called req:respond";
 }
@@ -643,27 +639,22 @@ static int run_request(mp_sim_t *s, const mp_sim_request_t *rq)
         return MP_ENOMEM;
     const char *addr = rq->remote_addr ? rq->remote_addr : "127.0.0.1";
     new_request(s);
-    if (set_peer_addr(&s->conn, addr) != 0) {
+    if (set_peer_addr(s, addr) != 0) {
         step(s, "request", "remote_addr '%s' is not an IP address", addr);
         return MP_EINVAL;
     }
     step(s, "request", "%s %s%s%s from %s", method, host ? "http://" : "", host ? host : "", target, addr);
     size_t scanned = 0;
-    rc = mp_http1_parse_request(s->raw, raw.len, &scanned, &s->w.limits, &r->h);
+    rc = mp_http1_parse_request(s->raw, raw.len, &scanned, &s->env.limits, &r->h);
     if (rc < 0) {
-        r->keepalive = 0;
-        r->body.done = 1;
-        int st = rc == MP_EAGAIN ? 431 : r->h.status ? r->h.status : 400;
+        int st = mp_req_parse_failed(r, rc);
         char why[160];
         snprintf(why, sizeof(why), "the parser refused the head: %s", r->h.error ? r->h.error : "too large");
         answer(s, st, why);
         return 0;
     }
-    const mp_http_request_t *h = &r->h;
-    r->is_head = h->method.len == 4 && memcmp(h->method.p, "HEAD", 4) == 0;
-    r->keepalive = !h->conn_close;
-    r->body.done = !(h->chunked || h->content_length > 0);
-    note_normalised(s, h);
+    mp_req_begin(r, 0);
+    note_normalised(s, &r->h);
     int d = mp_req_decide(r);
     note_route(s);
     if (d == MP_DECIDE_RESPONDED)
@@ -681,15 +672,15 @@ static int run_request(mp_sim_t *s, const mp_sim_request_t *rq)
         return answer(s, d, why), 0;
     }
     mp_balancer_t *b = &s->gen.balancers[r->upstream];
+    mp_pick_ctx_t ctx;
+    mp_req_pick_ctx(r, &ctx);
     int trial = 0;
-    int server = mp_balancer_pick(b, r, -1, &trial);
+    int server = mp_balancer_pick(b, &ctx, -1, &trial);
     if (server == MP_PICK_ERROR)
         return answer(s, 500, "the balancer failed"), 0;
     note_pick(s, b, server);
-    if (server < 0) {
-        r->retry_after = (uint16_t)mp_balancer_retry_after(b, mp_health_now());
-        return answer(s, 503, "no server available"), 0;
-    }
+    if (server < 0)
+        return answer(s, mp_req_unavailable(r, b), "no server available"), 0;
     if (trial) /* a half-open circuit's trial: nobody reports its outcome here */
         b->peers[server]->trial = 0;
     r->server = server;
@@ -767,33 +758,19 @@ static int run_response(mp_sim_t *s, const mp_sim_response_t *rs)
         s->forwarded = 0;
         return answer(s, 502, "the upstream's response head is invalid"), 0;
     }
-    mp_framing_t *f = &r->resp;
-    memset(f, 0, sizeof(*f));
-    if (r->is_head || rh.status == 204 || rh.status == 304)
-        f->kind = MP_BODY_NONE;
-    else if (rh.chunked)
-        f->kind = MP_BODY_CHUNKED;
-    else if (rh.content_length >= 0)
-        f->kind = MP_BODY_LENGTH;
-    else
-        f->kind = MP_BODY_CLOSE;
-    if (f->kind == MP_BODY_CLOSE)
-        r->keepalive = 0;
+    mp_req_response_framing(r, &rh);
     r->status = rh.status;
-    int ref = s->gen.cfg->route_hooks[r->match.route->index - 1].response;
-    if (ref != LUA_NOREF) {
-        if (mp_hook_response(s->gen.L, r, ref, &rh) != MP_HOOK_NEXT) {
-            s->forwarded = 0;
-            /* the server closes the connection without a response: 502 in the access log */
-            r->status = 502;
-            step(s, "response", "a response hook failed: the client connection is closed");
-            s->out.start = s->out.end = 0;
-            log_hooks(s);
-            return 0;
-        }
-        if (r->resp_status)
-            r->status = r->resp_status;
+    int shown = mp_req_response_hooks(r, rh.status, &rh);
+    if (!shown) {
+        s->forwarded = 0;
+        /* the server closes the connection without a response: 502 in the access log */
+        r->status = 502;
+        step(s, "response", "a response hook failed: the client connection is closed");
+        s->out.start = s->out.end = 0;
+        log_hooks(s);
+        return 0;
     }
+    r->status = shown;
     s->out.start = s->out.end = 0;
     rc = mp_upstream_response_head(r, &rh, &s->out);
     if (rc != 0)
