@@ -1,18 +1,15 @@
-/* conn.c: the client side of the proxy: read and parse request heads, route
- * them, answer errors made here, keep-alive and pipelining, timeouts, close. */
+/* conn.c: the client socket and its state machine (L3): read and parse
+ * request heads and hand them to the request layer (req.c), write answers
+ * made here and static files, keep-alive and pipelining, timeouts, close. */
 #include "conn.h"
 
 #include "l_request.h"
 #include "listener.h"
-#include "path.h"
-#include "pool.h"
 #include "reload.h"
 #include "static.h"
 #include "upstream.h"
 
-#include <arpa/inet.h>
 #include <errno.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <lauxlib.h>
 #include <lua.h>
@@ -189,6 +186,7 @@ static void start_request(mp_conn_t *c)
  * answered, 0 when more bytes are needed. */
 static int try_parse(mp_conn_t *c)
 {
+    MP_ASSERT(c->state == MP_CS_HEAD);
     if (!c->req && !(c->req = req_new(c))) {
         mp_conn_close(c);
         return 1;
@@ -208,6 +206,7 @@ static int try_parse(mp_conn_t *c)
 static void on_readable(mp_conn_t *c)
 {
     mp_worker_t *w = c->w;
+    MP_ASSERT(c->state == MP_CS_IDLE || c->state == MP_CS_HEAD);
     if (mp_buf_acquire(&c->in, &w->bufs) != 0)
         return mp_conn_close(c);
     for (;;) {
@@ -236,6 +235,7 @@ static void on_readable(mp_conn_t *c)
 
 static void linger_read(mp_conn_t *c)
 {
+    MP_ASSERT(c->state == MP_CS_LINGER);
     char sink[4096];
     for (;;) {
         ssize_t n = read(c->fd, sink, sizeof(sink));
@@ -296,6 +296,7 @@ static void on_timer(struct ev_loop *loop, ev_timer *t, int revents)
  * could destroy the response in flight (RFC 9112 §9.6). */
 static void linger_close(mp_conn_t *c)
 {
+    MP_ASSERT(c->state == MP_CS_LOCAL || c->state == MP_CS_PROXY);
     if (shutdown(c->fd, SHUT_WR) != 0)
         return mp_conn_close(c);
     c->state = MP_CS_LINGER;
@@ -384,6 +385,7 @@ void mp_conn_request_done(mp_conn_t *c)
 {
     mp_worker_t *w = c->w;
     mp_req_t *r = c->req;
+    MP_ASSERT(r && (c->state == MP_CS_LOCAL || c->state == MP_CS_PROXY));
     int keep = r->keepalive && r->body.done && !w->stopping && !c->read_eof;
     int unread = !r->body.done || c->in.start < c->in.end;
     end_request(c);
@@ -456,6 +458,7 @@ static int send_file(mp_conn_t *c)
 static void flush_local(mp_conn_t *c)
 {
     mp_req_t *r = c->req;
+    MP_ASSERT(c->state == MP_CS_LOCAL);
     while (mp_buf_len(&c->out) || r->local_out_len) {
         struct iovec iov[2] = {{mp_buf_head(&c->out), mp_buf_len(&c->out)},
                                {(char *)r->local_out, r->local_out_len}};
@@ -487,6 +490,7 @@ static void send_local(mp_conn_t *c, int status)
     mp_req_t *r = c->req;
     mp_local_t *local = &r->local;
     mp_buf_t *b = &c->out;
+    MP_ASSERT(c->state == MP_CS_HEAD || c->state == MP_CS_PROXY);
     if (mp_buf_acquire(b, &c->w->bufs) != 0 || mp_local_response(r, status, b, local) < 0)
         return mp_conn_close(c);
     size_t blen = r->is_head ? 0 : local->body.len;
@@ -510,6 +514,7 @@ static void send_static(mp_conn_t *c)
     mp_req_t *r = c->req;
     mp_static_file_t f;
     mp_local_t *local = &r->local;
+    MP_ASSERT(c->state == MP_CS_HEAD);
     mp_req_keepalive_after(r, 0); /* the body is not read */
     mp_static_resolve(r, &f);
     if (mp_buf_acquire(&c->out, &c->w->bufs) != 0 || mp_static_response(r, &f, &c->out, local) < 0 ||
@@ -531,6 +536,7 @@ static void send_static(mp_conn_t *c)
 /* A hook answered: the response hooks see that answer like any other. */
 void mp_conn_respond(mp_conn_t *c)
 {
+    MP_ASSERT(c->state == MP_CS_HEAD);
     mp_req_keepalive_after(c->req, 0);
     send_local(c, 0);
 }
