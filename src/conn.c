@@ -362,9 +362,7 @@ static void end_request(mp_conn_t *c)
         close(r->file_fd);
         r->has_file = 0;
     }
-    const mp_config_t *cfg = r->gen->cfg;
-    if (r->status && cfg->log_ref != LUA_NOREF)
-        mp_hook_log(r->gen->L, r, cfg->log_ref);
+    mp_req_on_log(r);
     mp_hook_release(r->gen->L, r);
     if (r->status)
         log_request(c, r);

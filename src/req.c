@@ -64,11 +64,11 @@ void mp_req_env_limits(mp_req_env_t *e, size_t max_uri_size, size_t max_header_s
 
 /* ---- log lines about a request ---- */
 
-static void vlog(mp_log_limit_t *lim, const mp_req_env_t *e, const mp_req_t *r, int level, const char *fmt,
-                 va_list ap)
+static int vlog(mp_log_limit_t *lim, const mp_req_env_t *e, const mp_req_t *r, int level, const char *fmt,
+                va_list ap)
 {
     if (level <= MP_LOG_INFO && mp_log_level > level) /* as mp_log_debug and mp_log_info: not even formatted */
-        return;
+        return 0;
     char msg[1024];
     size_t n = e->id >= 0 ? (size_t)snprintf(msg, sizeof(msg), "w%d: ", e->id) : 0;
     int k = vsnprintf(msg + n, sizeof(msg) - n, fmt, ap);
@@ -77,9 +77,9 @@ static void vlog(mp_log_limit_t *lim, const mp_req_env_t *e, const mp_req_t *r, 
     if (r && n < sizeof(msg) - 1)
         snprintf(msg + n, sizeof(msg) - n, " (request %.*s)", r->id_len, r->id);
     if (lim)
-        mp_log_limited(lim, level, "%s", msg);
-    else
-        mp_log(level, "%s", msg);
+        return mp_log_limited(lim, level, "%s", msg);
+    mp_log(level, "%s", msg);
+    return 1;
 }
 
 void mp_req_log(const mp_req_t *r, int level, const char *fmt, ...)
@@ -102,26 +102,21 @@ int mp_req_log_limited(mp_log_limit_t *lim, const mp_req_t *r, int level, const 
 {
     va_list ap;
     va_start(ap, fmt);
-    vlog(lim, r->env, r, level, fmt, ap);
+    int rc = vlog(lim, r->env, r, level, fmt, ap);
     va_end(ap);
-    return 1;
+    return rc;
+}
+
+int mp_env_log_limited(mp_log_limit_t *lim, const mp_req_env_t *e, int level, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int rc = vlog(lim, e, NULL, level, fmt, ap);
+    va_end(ap);
+    return rc;
 }
 
 /* ---- a request's start ---- */
-
-void mp_req_reset(mp_req_t *r, mp_req_env_t *env, mp_gen_t *gen, const struct sockaddr *client, double now)
-{
-    /* Only the bookkeeping is zeroed; the parser fills the field array. */
-    memset(r, 0, offsetof(mp_req_t, h));
-    memset(&r->h, 0, offsetof(mp_http_request_t, headers));
-    memset(&r->h.head_len, 0, sizeof(r->h) - offsetof(mp_http_request_t, head_len));
-    memset(&r->match, 0, sizeof(*r) - offsetof(mp_req_t, match));
-    r->env = env;
-    r->gen = gen;
-    r->client_addr = client;
-    r->upstream = r->server = -1;
-    r->t_start = now;
-}
 
 void mp_req_body_framing(mp_req_t *r)
 {
@@ -185,6 +180,13 @@ void mp_req_response_framing(mp_req_t *r, const mp_http_response_t *rh)
     }
     if (f->kind == MP_BODY_CLOSE || r->dechunk)
         r->keepalive = 0;
+}
+
+void mp_req_on_log(mp_req_t *r)
+{
+    const mp_config_t *cfg = r->gen->cfg;
+    if (r->status && cfg->log_ref != LUA_NOREF)
+        mp_hook_log(r->gen->L, r, cfg->log_ref);
 }
 
 int mp_req_unavailable(mp_req_t *r, const mp_balancer_t *b)

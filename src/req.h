@@ -15,7 +15,9 @@
 #include "reframe.h"
 #include "router.h"
 
+#include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 typedef struct lua_State lua_State;
 typedef struct mp_gen mp_gen_t;
@@ -165,9 +167,22 @@ static inline void *mp_req_arena(mp_req_t *r, size_t n)
 /* ---- what req.c decides (L2): the server and the simulator call these ---- */
 
 /* Readies r for a request run by env on gen (the caller holds its
- * reference) for the peer at client (kept: it must outlive r): clears the
- * bookkeeping, not the parser's field array. */
-void mp_req_reset(mp_req_t *r, mp_req_env_t *env, mp_gen_t *gen, const struct sockaddr *client, double now);
+ * reference) for the peer at client (kept: it must outlive r), started at
+ * loop time now. Only the bookkeeping is zeroed; the parser fills the field
+ * array. */
+static inline void mp_req_reset(mp_req_t *r, mp_req_env_t *env, mp_gen_t *gen, const struct sockaddr *client,
+                                double now)
+{
+    memset(r, 0, offsetof(mp_req_t, h));
+    memset(&r->h, 0, offsetof(mp_http_request_t, headers));
+    memset(&r->h.head_len, 0, sizeof(r->h) - offsetof(mp_http_request_t, head_len));
+    memset(&r->match, 0, sizeof(*r) - offsetof(mp_req_t, match));
+    r->env = env;
+    r->gen = gen;
+    r->client_addr = client;
+    r->upstream = r->server = -1;
+    r->t_start = now;
+}
 
 /* A complete, valid head is in r->h: whether it is HEAD, the request body's
  * framing (mp_req_body_framing) and keep-alive (HTTP/1.1 unless
@@ -198,6 +213,10 @@ void mp_req_response_framing(mp_req_t *r, const mp_http_response_t *rh);
  * (rh NULL). Returns the status to send, which a hook may have changed, or
  * 0 when a hook failed. */
 int mp_req_response_hooks(mp_req_t *r, int status, const mp_http_response_t *rh);
+
+/* The response was sent (r->status set; none when the request was
+ * abandoned): the on_log chain runs. */
+void mp_req_on_log(mp_req_t *r);
 
 /* No server of b is available: the answer is 503, with Retry-After for
  * when one may be again. Returns 503. */
@@ -236,10 +255,12 @@ int mp_local_response(mp_req_t *r, int status, mp_buf_t *b, mp_local_t *out);
 
 /* A log line about r: "w<id>: " (none in the simulator), the message, then
  * " (request <id>)". mp_env_log adds the prefix only (for lines that name
- * the request elsewhere); mp_req_log_limited is mp_log_limited's. */
+ * the request elsewhere); the _limited ones are mp_log_limited's. */
 void mp_req_log(const mp_req_t *r, int level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 void mp_env_log(const mp_req_env_t *e, int level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 int mp_req_log_limited(mp_log_limit_t *lim, const mp_req_t *r, int level, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+int mp_env_log_limited(mp_log_limit_t *lim, const mp_req_env_t *e, int level, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 
 /* The heads sent upstream and to the client for a proxied request, written

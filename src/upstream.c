@@ -273,9 +273,9 @@ static void local_failure(mp_req_t *r, int err)
     if (next == MP_PICK_ERROR)
         return mp_conn_fail(r->conn, 500);
     int retry = next >= 0 && next != server;
-    mp_log_limited(&lim, MP_LOG_ERROR, "w%d: cannot open a connection to upstream %s server %s: %s (not counted "
-                   "against the server; request %.*s %s)", r->env->id, d->name, d->servers[server].addr.text,
-                   strerror(err), r->id_len, r->id, retry ? "tries another server" : "gets 503");
+    mp_env_log_limited(&lim, r->env, MP_LOG_ERROR, "cannot open a connection to upstream %s server %s: %s (not "
+                       "counted against the server; request %.*s %s)", d->name, d->servers[server].addr.text,
+                       strerror(err), r->id_len, r->id, retry ? "tries another server" : "gets 503");
     if (retry) {
         reset_request_body(r);
         r->peer_trial = (unsigned)trial;
