@@ -9,7 +9,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <lauxlib.h>
 #include <linux/openat2.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -5,13 +5,10 @@
 #include "upstream.h"
 
 #include "balancer.h"
-#include "l_request.h"
 #include "pool.h"
 #include "reload.h"
 
 #include <errno.h>
-#include <lauxlib.h>
-#include <lua.h>
 #include <stdio.h>
 #include <sys/socket.h>
 #include <sys/uio.h>

@@ -179,13 +179,13 @@ int mp_worker_init(mp_worker_t *w, int id, size_t max_header_size, size_t body_b
     pthread_mutex_init(&w->handover_lock, NULL);
     pthread_mutex_init(&w->vm_lock, NULL);
     mp_bufpool_init(&w->bufs, mp_req_block_size(max_header_size, body_buffer_size), MAX_FREE_BLOCKS);
-    mp_req_env_t *e = &w->env;
-    if (getrandom(e->rng, sizeof(e->rng), 0) != sizeof(e->rng))
-        e->rng[0] = (uint64_t)time(NULL) ^ ((uint64_t)id << 32), e->rng[1] = (uint64_t)getpid() | 1;
 
     w->loop = ev_loop_new(EVFLAG_AUTO | EVFLAG_NOSIGMASK);
-    *e = (mp_req_env_t){.id = id, .bufs = &w->bufs, .rng = {e->rng[0], e->rng[1]}, .clock = loop_now,
-                        .clock_arg = w->loop, .hook_vm = &w->lua_vm, .hook_since = &w->lua_since};
+    mp_req_env_t *e = &w->env;
+    *e = (mp_req_env_t){.id = id, .bufs = &w->bufs, .clock = loop_now, .clock_arg = w->loop,
+                        .hook_vm = &w->lua_vm, .hook_since = &w->lua_since};
+    if (getrandom(e->rng, sizeof(e->rng), 0) != sizeof(e->rng))
+        e->rng[0] = (uint64_t)time(NULL) ^ ((uint64_t)id << 32), e->rng[1] = (uint64_t)getpid() | 1;
     w->listeners = calloc(nfds ? nfds : 1, sizeof(*w->listeners));
     if (!w->loop || !w->listeners)
         return MP_ENOMEM;
