@@ -83,6 +83,7 @@ static int lua_objects(lua_State *L, mp_balancer_t *b)
 static int init_one(lua_State *L, mp_balancer_t *b, const mp_upstream_def_t *d, uint64_t seed)
 {
     b->def = d;
+    b->L = L;
     b->passive = (mp_passive_t){d->passive_failures, d->passive_cooldown};
     b->rng = seed | 1;
     b->servers_ref = b->upstream_ref = LUA_NOREF;
@@ -138,12 +139,13 @@ void mp_balancers_free(mp_balancer_t *b, size_t n)
 
 /* Calls the Lua policy with the available servers (the context builds
  * their list inside its protected call). */
-static int pick_lua(mp_balancer_t *b, const mp_pick_ctx_t *ctx, const mp_pick_server_t *s, int n, int navailable)
+static int pick_lua(mp_balancer_t *b, const mp_pick_ctx_t *ctx, void *arg, const mp_pick_server_t *s, int n,
+                    int navailable)
 {
-    lua_State *L = ctx->L;
+    lua_State *L = b->L;
     lua_rawgeti(L, LUA_REGISTRYINDEX, b->servers_ref);
     lua_rawgeti(L, LUA_REGISTRYINDEX, b->upstream_ref);
-    if (ctx->lua_pick(L, ctx->arg, b->def->balancer_ref, s, n, navailable) != 0)
+    if (ctx->lua_pick(L, arg, b->def->balancer_ref, s, n, navailable) != 0)
         return MP_PICK_ERROR;
     int index = MP_PICK_NONE;
     if (lua_istable(L, -1)) {
@@ -164,7 +166,8 @@ static int pick_lua(mp_balancer_t *b, const mp_pick_ctx_t *ctx, const mp_pick_se
     return index;
 }
 
-static int pick_once(mp_balancer_t *b, const mp_pick_ctx_t *ctx, const mp_pick_server_t *s, int n, int navailable)
+static int pick_once(mp_balancer_t *b, const mp_pick_ctx_t *ctx, void *arg, const mp_pick_server_t *s, int n,
+                     int navailable)
 {
     switch (b->policy) {
     case P_ROUND_ROBIN: return mp_pick_round_robin(&b->cursor, s, n);
@@ -174,16 +177,16 @@ static int pick_once(mp_balancer_t *b, const mp_pick_ctx_t *ctx, const mp_pick_s
     case P_EWMA: return mp_pick_ewma(&b->rng, s, n);
     case P_CHASH: {
         uint64_t hash;
-        int rc = ctx->hash(ctx->arg, b->def, &hash);
+        int rc = ctx->hash(arg, b->def, &hash);
         if (rc < 0)
             return rc;
         return mp_chash_pick(b->ring, hash, s, n);
     }
-    default: return pick_lua(b, ctx, s, n, navailable);
+    default: return pick_lua(b, ctx, arg, s, n, navailable);
     }
 }
 
-int mp_balancer_pick(mp_balancer_t *b, const mp_pick_ctx_t *ctx, int avoid, int *trial)
+int mp_balancer_pick(mp_balancer_t *b, const mp_pick_ctx_t *ctx, void *arg, int avoid, int *trial)
 {
     int n = (int)b->def->nservers;
     mp_pick_server_t s[n];
@@ -204,7 +207,7 @@ int mp_balancer_pick(mp_balancer_t *b, const mp_pick_ctx_t *ctx, int avoid, int 
     /* A server whose circuit's cooldown ended is available to one trial:
      * lose the race for it and the pick is made again without it. */
     for (int attempt = 0; navailable > 0 && attempt < n; attempt++) {
-        int i = pick_once(b, ctx, s, n, navailable);
+        int i = pick_once(b, ctx, arg, s, n, navailable);
         if (i < 0)
             return i;
         if (b->peers[i]->open_until <= 0 || mp_peer_available(b->peers[i], now, trial))

@@ -118,31 +118,6 @@ int mp_env_log_limited(mp_log_limit_t *lim, const mp_req_env_t *e, int level, co
 
 /* ---- a request's start ---- */
 
-void mp_req_body_framing(mp_req_t *r)
-{
-    const mp_http_request_t *h = &r->h;
-    memset(&r->body, 0, sizeof(r->body));
-    if (h->chunked) {
-        r->body.kind = MP_BODY_CHUNKED;
-    } else if (h->content_length > 0) {
-        r->body.kind = MP_BODY_LENGTH;
-        r->body.left = (uint64_t)h->content_length;
-    } else {
-        r->body.done = 1;
-    }
-}
-
-void mp_req_begin(mp_req_t *r, int stopping)
-{
-    const mp_http_request_t *h = &r->h;
-    r->is_head = h->method.len == 4 && memcmp(h->method.p, "HEAD", 4) == 0;
-    r->keepalive = h->minor == 1 ? !h->conn_close : (h->conn_keepalive && !h->conn_close);
-    if (stopping)
-        r->keepalive = 0;
-    r->body_start = (uint32_t)h->head_len;
-    mp_req_body_framing(r);
-}
-
 int mp_req_parse_failed(mp_req_t *r, int rc)
 {
     if (rc == MP_EAGAIN) /* the buffer is full: the limits are below the block size; keep it an invariant */
@@ -160,27 +135,6 @@ void mp_req_keepalive_after(mp_req_t *r, int status)
 }
 
 /* ---- the response ---- */
-
-void mp_req_response_framing(mp_req_t *r, const mp_http_response_t *rh)
-{
-    mp_framing_t *f = &r->resp;
-    memset(f, 0, sizeof(*f));
-    if (r->is_head || rh->status == 204 || rh->status == 304) {
-        f->kind = MP_BODY_NONE;
-        f->done = 1;
-    } else if (rh->chunked) {
-        f->kind = MP_BODY_CHUNKED;
-        r->dechunk = r->h.minor == 0;
-    } else if (rh->content_length >= 0) {
-        f->kind = MP_BODY_LENGTH;
-        f->left = (uint64_t)rh->content_length;
-        f->done = f->left == 0;
-    } else {
-        f->kind = MP_BODY_CLOSE;
-    }
-    if (f->kind == MP_BODY_CLOSE || r->dechunk)
-        r->keepalive = 0;
-}
 
 void mp_req_on_log(mp_req_t *r)
 {
@@ -247,15 +201,14 @@ static void format_ipv4(const uint8_t *a, char *out)
 static void describe_peer(mp_req_t *r)
 {
     const struct sockaddr *p = r->client_addr;
-    if (p->sa_family == AF_INET) {
-        format_ipv4((const uint8_t *)&((const struct sockaddr_in *)p)->sin_addr, r->client_ip);
-    } else {
-        const struct in6_addr *a = &((const struct sockaddr_in6 *)p)->sin6_addr;
-        if (IN6_IS_ADDR_V4MAPPED(a))
-            format_ipv4(&a->s6_addr[12], r->client_ip);
-        else
-            inet_ntop(AF_INET6, a, r->client_ip, sizeof(r->client_ip));
-    }
+    const struct in6_addr *a6 = &((const struct sockaddr_in6 *)p)->sin6_addr;
+    const uint8_t *v4 = p->sa_family == AF_INET ? (const uint8_t *)&((const struct sockaddr_in *)p)->sin_addr
+                        : IN6_IS_ADDR_V4MAPPED(a6) ? &a6->s6_addr[12]
+                                                   : NULL;
+    if (v4)
+        format_ipv4(v4, r->client_ip);
+    else
+        inet_ntop(AF_INET6, a6, r->client_ip, sizeof(r->client_ip));
     const mp_settings_t *s = &r->gen->cfg->settings;
     for (size_t i = 0; i < s->ntrusted; i++)
         if (mp_cidr_match(&s->trusted[i], p)) {
@@ -556,10 +509,7 @@ static int pick_lua(lua_State *L, void *arg, int ref, const mp_pick_server_t *s,
     return mp_hook_pick(L, arg, ref, s, n, navailable);
 }
 
-void mp_req_pick_ctx(mp_req_t *r, mp_pick_ctx_t *ctx)
-{
-    *ctx = (mp_pick_ctx_t){r->gen->L, pick_hash, pick_lua, r};
-}
+const mp_pick_ctx_t mp_req_pick = {pick_hash, pick_lua};
 
 /* ---- answers made here ---- */
 

@@ -164,7 +164,8 @@ static inline void *mp_req_arena(mp_req_t *r, size_t n)
     return a->data + at;
 }
 
-/* ---- what req.c decides (L2): the server and the simulator call these ---- */
+/* ---- what the request layer decides (req.c; the small steps inline here):
+ * the server and the simulator call these ---- */
 
 /* Readies r for a request run by env on gen (the caller holds its
  * reference) for the peer at client (kept: it must outlive r), started at
@@ -184,14 +185,35 @@ static inline void mp_req_reset(mp_req_t *r, mp_req_env_t *env, mp_gen_t *gen, c
     r->t_start = now;
 }
 
+/* r->body (zeroed) from the head alone: chunked, Content-Length, or none
+ * (done). */
+static inline void mp_req_body_framing(mp_req_t *r)
+{
+    const mp_http_request_t *h = &r->h;
+    if (h->chunked) {
+        r->body.kind = MP_BODY_CHUNKED;
+    } else if (h->content_length > 0) {
+        r->body.kind = MP_BODY_LENGTH;
+        r->body.left = (uint64_t)h->content_length;
+    } else {
+        r->body.done = 1;
+    }
+}
+
 /* A complete, valid head is in r->h: whether it is HEAD, the request body's
  * framing (mp_req_body_framing) and keep-alive (HTTP/1.1 unless
  * "Connection: close"; HTTP/1.0 only with "Connection: keep-alive"; never
- * while the thread is stopping). */
-void mp_req_begin(mp_req_t *r, int stopping);
-
-/* r->body from the head alone: chunked, Content-Length, or none (done). */
-void mp_req_body_framing(mp_req_t *r);
+ * while the thread is stopping). Inline, as the request path had it. */
+static inline void mp_req_begin(mp_req_t *r, int stopping)
+{
+    const mp_http_request_t *h = &r->h;
+    r->is_head = h->method.len == 4 && memcmp(h->method.p, "HEAD", 4) == 0;
+    r->keepalive = h->minor == 1 ? !h->conn_close : (h->conn_keepalive && !h->conn_close);
+    if (stopping)
+        r->keepalive = 0;
+    r->body_start = (uint32_t)h->head_len;
+    mp_req_body_framing(r);
+}
 
 /* The parser refused the head (rc: MP_EAGAIN when the buffer is full, or
  * its error): the connection closes after the answer and no body is read.
@@ -206,7 +228,26 @@ void mp_req_keepalive_after(mp_req_t *r, int status);
 /* The response body's framing from the upstream's head rh (r->resp):
  * none for HEAD, 204 and 304; chunked (stripped for an HTTP/1.0 client);
  * Content-Length; or until close, which ends keep-alive. */
-void mp_req_response_framing(mp_req_t *r, const mp_http_response_t *rh);
+static inline void mp_req_response_framing(mp_req_t *r, const mp_http_response_t *rh)
+{
+    mp_framing_t *f = &r->resp;
+    memset(f, 0, sizeof(*f));
+    if (r->is_head || rh->status == 204 || rh->status == 304) {
+        f->kind = MP_BODY_NONE;
+        f->done = 1;
+    } else if (rh->chunked) {
+        f->kind = MP_BODY_CHUNKED;
+        r->dechunk = r->h.minor == 0;
+    } else if (rh->content_length >= 0) {
+        f->kind = MP_BODY_LENGTH;
+        f->left = (uint64_t)rh->content_length;
+        f->done = f->left == 0;
+    } else {
+        f->kind = MP_BODY_CLOSE;
+    }
+    if (f->kind == MP_BODY_CLOSE || r->dechunk)
+        r->keepalive = 0;
+}
 
 /* Runs the response hooks (the route's chain, or the global one before
  * routing) on a response of status: the upstream's (rh), or one made here
@@ -222,10 +263,9 @@ void mp_req_on_log(mp_req_t *r);
  * when one may be again. Returns 503. */
 int mp_req_unavailable(mp_req_t *r, const mp_balancer_t *b);
 
-/* The balancer's view of r (balancer.h): its VM, the hash key and the Lua
- * policy call. */
-struct mp_pick_ctx;
-void mp_req_pick_ctx(mp_req_t *r, struct mp_pick_ctx *ctx);
+/* The balancer's view of a request (balancer.h; its arg: the mp_req_t *):
+ * the hash key and the Lua policy call. */
+extern const struct mp_pick_ctx mp_req_pick;
 
 /* The hash of r's key for a chash upstream (the upstream's hash_key: a
  * header, a cookie, the client address, or a Lua function; the client's

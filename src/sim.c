@@ -658,10 +658,8 @@ static int run_request(mp_sim_t *s, const mp_sim_request_t *rq)
         return answer(s, d, why), 0;
     }
     mp_balancer_t *b = &s->gen.balancers[r->upstream];
-    mp_pick_ctx_t ctx;
-    mp_req_pick_ctx(r, &ctx);
     int trial = 0;
-    int server = mp_balancer_pick(b, &ctx, -1, &trial);
+    int server = mp_balancer_pick(b, &mp_req_pick, r, -1, &trial);
     if (server == MP_PICK_ERROR)
         return answer(s, 500, "the balancer failed"), 0;
     note_pick(s, b, server);

@@ -113,6 +113,7 @@ static void reset_request_body(mp_req_t *r)
         mp_reframe_restart(&r->body);
         return;
     }
+    memset(&r->body, 0, sizeof(r->body));
     mp_req_body_framing(r);
     if (r->body.kind == MP_BODY_CHUNKED)
         r->body.scan = r->body_start;
@@ -124,10 +125,8 @@ static void reset_request_body(mp_req_t *r)
 static void pick_and_connect(mp_req_t *r, int avoid)
 {
     mp_balancer_t *b = balancer_of(r);
-    mp_pick_ctx_t ctx;
-    mp_req_pick_ctx(r, &ctx);
     int trial;
-    int server = mp_balancer_pick(b, &ctx, avoid, &trial);
+    int server = mp_balancer_pick(b, &mp_req_pick, r, avoid, &trial);
     if (server == MP_PICK_ERROR)
         return mp_conn_fail(r->conn, 500);
     if (server < 0) {
@@ -230,10 +229,8 @@ static void up_error(mp_req_t *r, enum up_err e)
         /* A retry after connecting failed adds no load (nothing reached a
          * server); one after a broken exchange does, and is budgeted. */
         int trial, next = -1;
-        mp_pick_ctx_t ctx;
-        mp_req_pick_ctx(r, &ctx);
         if ((nothing_sent || mp_balancer_retry_allowed(b, now)) &&
-            (next = mp_balancer_pick(b, &ctx, server, &trial)) >= 0) {
+            (next = mp_balancer_pick(b, &mp_req_pick, r, server, &trial)) >= 0) {
             if (!nothing_sent)
                 mp_balancer_count(b, 1, now);
             reset_request_body(r);
@@ -262,11 +259,8 @@ static void local_failure(mp_req_t *r, int err)
     int server = r->server, trial, next = -1;
     worker_of(r)->stats.upstream_errors++;
     peer_done(r);
-    if (r->tries <= d->retries && d->nservers > 1 && r->body_replayable && !r->resp_started) {
-        mp_pick_ctx_t ctx;
-        mp_req_pick_ctx(r, &ctx);
-        next = mp_balancer_pick(balancer_of(r), &ctx, server, &trial);
-    }
+    if (r->tries <= d->retries && d->nservers > 1 && r->body_replayable && !r->resp_started)
+        next = mp_balancer_pick(balancer_of(r), &mp_req_pick, r, server, &trial);
     if (next == MP_PICK_ERROR)
         return mp_conn_fail(r->conn, 500);
     int retry = next >= 0 && next != server;
