@@ -4,10 +4,7 @@
  * budget. */
 #include "balancer.h"
 
-#include "conn.h"
-#include "l_request.h"
 #include "log.h"
-#include "gen.h"
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -86,6 +83,7 @@ static int lua_objects(lua_State *L, mp_balancer_t *b)
 static int init_one(lua_State *L, mp_balancer_t *b, const mp_upstream_def_t *d, uint64_t seed)
 {
     b->def = d;
+    b->L = L;
     b->passive = (mp_passive_t){d->passive_failures, d->passive_cooldown};
     b->rng = seed | 1;
     b->servers_ref = b->upstream_ref = LUA_NOREF;
@@ -139,88 +137,15 @@ void mp_balancers_free(mp_balancer_t *b, size_t n)
     free(b); /* Lua references die with the generation's VM */
 }
 
-/* The chash key of r per hash_key; returns 0 when the request has none. */
-static int hash_of(mp_balancer_t *b, mp_req_t *r, uint64_t *hash)
+/* Calls the Lua policy with the available servers (the context builds
+ * their list inside its protected call). */
+static int pick_lua(mp_balancer_t *b, const mp_pick_ctx_t *ctx, void *arg, const mp_pick_server_t *s, int n,
+                    int navailable)
 {
-    const mp_upstream_def_t *d = b->def;
-    const char *k = d->hash_key;
-    const mp_http_request_t *h = &r->h;
-    if (d->hash_key_ref != LUA_NOREF) {
-        lua_State *L = r->gen->L;
-        if (mp_hook_hash_key(L, r, d->hash_key_ref) != MP_HOOK_NEXT)
-            return MP_PICK_ERROR;
-        size_t n;
-        const char *s = lua_tolstring(L, -1, &n);
-        if (s)
-            *hash = mp_hash64(s, n);
-        lua_pop(L, 1);
-        return s != NULL;
-    }
-    if (!k)
-        return 0;
-    if (strcmp(k, "ip") == 0) {
-        mp_slice a = mp_req_remote_addr(r);
-        *hash = mp_hash64(a.p, a.len);
-        return 1;
-    }
-    if (strncmp(k, "header:", 7) == 0) {
-        /* repeated fields count as their values joined by ", " (RFC 9110 §5.3),
-         * as the Lua module does */
-        char joined[4096];
-        size_t len = 0, nlen = strlen(k + 7);
-        int found = 0;
-        for (unsigned i = 0; i < h->nheaders; i++) {
-            if (!mp_slice_ieq(h->headers[i].name, k + 7, nlen))
-                continue;
-            mp_slice v = h->headers[i].value;
-            if (found++ && len + 2 <= sizeof(joined))
-                memcpy(joined + len, ", ", 2), len += 2;
-            size_t take = v.len < sizeof(joined) - len ? v.len : sizeof(joined) - len;
-            memcpy(joined + len, v.p, take);
-            len += take;
-        }
-        if (found)
-            *hash = mp_hash64(joined, len);
-        return found > 0;
-    }
-    /* cookie:NAME: the first NAME=value pair of the Cookie fields */
-    size_t nlen = strlen(k + 7);
-    for (unsigned i = 0; i < h->nheaders; i++) {
-        if (!MP_SLICE_IEQ(h->headers[i].name, "cookie"))
-            continue;
-        mp_slice v = h->headers[i].value;
-        for (size_t at = 0; at < v.len;) {
-            while (at < v.len && (v.p[at] == ' ' || v.p[at] == ';'))
-                at++;
-            size_t end = at;
-            while (end < v.len && v.p[end] != ';')
-                end++;
-            if (end - at > nlen && memcmp(v.p + at, k + 7, nlen) == 0 && v.p[at + nlen] == '=') {
-                *hash = mp_hash64(v.p + at + nlen + 1, end - at - nlen - 1);
-                return 1;
-            }
-            at = end;
-        }
-    }
-    return 0;
-}
-
-/* Calls the Lua policy with the available servers. */
-static int pick_lua(mp_balancer_t *b, mp_req_t *r, const mp_pick_server_t *s, int n, int navailable)
-{
-    lua_State *L = r->gen->L;
+    lua_State *L = b->L;
     lua_rawgeti(L, LUA_REGISTRYINDEX, b->servers_ref);
-    if (navailable < n) { /* a list of just the available ones */
-        lua_createtable(L, navailable, 0);
-        for (int i = 0, k = 0; i < n; i++)
-            if (s[i].available) {
-                lua_rawgeti(L, -2, i + 1);
-                lua_rawseti(L, -2, ++k);
-            }
-        lua_remove(L, -2);
-    }
     lua_rawgeti(L, LUA_REGISTRYINDEX, b->upstream_ref);
-    if (mp_hook_pick(L, r, b->def->balancer_ref) != MP_HOOK_NEXT)
+    if (ctx->lua_pick(L, arg, b->def->balancer_ref, s, n, navailable) != 0)
         return MP_PICK_ERROR;
     int index = MP_PICK_NONE;
     if (lua_istable(L, -1)) {
@@ -241,7 +166,8 @@ static int pick_lua(mp_balancer_t *b, mp_req_t *r, const mp_pick_server_t *s, in
     return index;
 }
 
-static int pick_once(mp_balancer_t *b, mp_req_t *r, const mp_pick_server_t *s, int n, int navailable)
+static int pick_once(mp_balancer_t *b, const mp_pick_ctx_t *ctx, void *arg, const mp_pick_server_t *s, int n,
+                     int navailable)
 {
     switch (b->policy) {
     case P_ROUND_ROBIN: return mp_pick_round_robin(&b->cursor, s, n);
@@ -251,20 +177,16 @@ static int pick_once(mp_balancer_t *b, mp_req_t *r, const mp_pick_server_t *s, i
     case P_EWMA: return mp_pick_ewma(&b->rng, s, n);
     case P_CHASH: {
         uint64_t hash;
-        int has = hash_of(b, r, &hash);
-        if (has < 0)
-            return has;
-        if (!has) { /* no key: the client's address, as the Lua module does */
-            mp_slice a = mp_req_remote_addr(r);
-            hash = mp_hash64(a.p, a.len);
-        }
+        int rc = ctx->hash(arg, b->def, &hash);
+        if (rc < 0)
+            return rc;
         return mp_chash_pick(b->ring, hash, s, n);
     }
-    default: return pick_lua(b, r, s, n, navailable);
+    default: return pick_lua(b, ctx, arg, s, n, navailable);
     }
 }
 
-int mp_balancer_pick(mp_balancer_t *b, mp_req_t *r, int avoid, int *trial)
+int mp_balancer_pick(mp_balancer_t *b, const mp_pick_ctx_t *ctx, void *arg, int avoid, int *trial)
 {
     int n = (int)b->def->nservers;
     mp_pick_server_t s[n];
@@ -285,7 +207,7 @@ int mp_balancer_pick(mp_balancer_t *b, mp_req_t *r, int avoid, int *trial)
     /* A server whose circuit's cooldown ended is available to one trial:
      * lose the race for it and the pick is made again without it. */
     for (int attempt = 0; navailable > 0 && attempt < n; attempt++) {
-        int i = pick_once(b, r, s, n, navailable);
+        int i = pick_once(b, ctx, arg, s, n, navailable);
         if (i < 0)
             return i;
         if (b->peers[i]->open_until <= 0 || mp_peer_available(b->peers[i], now, trial))

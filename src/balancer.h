@@ -13,12 +13,12 @@
 #include "health.h"
 
 typedef struct lua_State lua_State;
-struct mp_req;
 
 #define MP_RETRY_WINDOW 10 /* seconds the retry budget looks back */
 
 typedef struct mp_balancer_s {
     const mp_upstream_def_t *def;
+    lua_State *L;          /* the VM it was built in (the generation's) */
     mp_peer_t **peers;     /* def->nservers */
     mp_passive_t passive;
     int policy;            /* enum in balancer.c */
@@ -39,11 +39,25 @@ void mp_balancers_free(mp_balancer_t *b, size_t n);
 
 enum { MP_PICK_NONE = -1, MP_PICK_ERROR = -2 };
 
-/* A server for r: its index, MP_PICK_NONE when no server is available
+/* What a pick needs from what is balanced (a request: req.h's mp_req_pick),
+ * given its arg, without knowing it:
+ *  - hash: the chash key's hash (0), or MP_PICK_ERROR when it failed;
+ *  - lua_pick: with all the servers' objects and the upstream's on top of
+ *    L's stack, calls the policy at ref with the available ones
+ *    (s[i].available, navailable of n) under a protected call, leaving its
+ *    result in their place; returns 0, or non-zero when the policy failed
+ *    (nothing left).
+ * They run only for the chash and Lua policies. */
+typedef struct mp_pick_ctx {
+    int (*hash)(void *arg, const mp_upstream_def_t *d, uint64_t *out);
+    int (*lua_pick)(lua_State *L, void *arg, int ref, const mp_pick_server_t *s, int n, int navailable);
+} mp_pick_ctx_t;
+
+/* A server for arg as ctx sees it: its index, MP_PICK_NONE when no server is available
  * (503; fail_open upstreams then try them all), or MP_PICK_ERROR when a Lua
  * policy failed (500). avoid (-1: none) is left out when another server is
  * available. *trial is set when the pick is a half-open circuit's trial. */
-int mp_balancer_pick(mp_balancer_t *b, struct mp_req *r, int avoid, int *trial);
+int mp_balancer_pick(mp_balancer_t *b, const mp_pick_ctx_t *ctx, void *arg, int avoid, int *trial);
 
 /* The retry budget: a retry is allowed while retries stay within
  * retry_budget of the requests of the last MP_RETRY_WINDOW seconds (and

@@ -1,18 +1,15 @@
-/* conn.c: the client side of the proxy: read and parse request heads, route
- * them, answer errors made here, keep-alive and pipelining, timeouts, close. */
+/* conn.c: the client socket and its state machine (L3): read and parse
+ * request heads and hand them to the request layer (req.c), write answers
+ * made here and static files, keep-alive and pipelining, timeouts, close. */
 #include "conn.h"
 
 #include "head.h"
 #include "l_request.h"
-#include "path.h"
-#include "pool.h"
 #include "gen.h"
 #include "static.h"
 #include "upstream.h"
 
-#include <arpa/inet.h>
 #include <errno.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <lauxlib.h>
 #include <lua.h>
@@ -150,7 +147,7 @@ void mp_conn_accept(mp_worker_t *w, int fd, const struct sockaddr *peer)
 }
 
 /* Requests come from a per-worker free list: steady traffic does not
- * malloc. Only the bookkeeping is zeroed; the parser fills the field array. */
+ * malloc. */
 static mp_req_t *req_new(mp_conn_t *c)
 {
     mp_worker_t *w = c->w;
@@ -161,279 +158,9 @@ static mp_req_t *req_new(mp_conn_t *c)
     } else if (!(r = malloc(sizeof(*r)))) {
         return NULL;
     }
-    memset(r, 0, offsetof(mp_req_t, h));
-    memset(&r->h, 0, offsetof(mp_http_request_t, headers));
-    memset(&r->h.head_len, 0, sizeof(r->h) - offsetof(mp_http_request_t, head_len));
-    memset(&r->match, 0, sizeof(*r) - offsetof(mp_req_t, match));
+    mp_req_reset(r, &w->env, mp_gen_ref(w->gen), (const struct sockaddr *)&c->peer, ev_now(w->loop));
     r->conn = c;
-    r->gen = mp_gen_ref(w->gen);
-    r->upstream = r->server = -1;
-    r->t_start = ev_now(c->w->loop);
     return r;
-}
-
-static int id_char_ok(char ch)
-{
-    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '.' ||
-           ch == '_' || ch == ':' || ch == '-';
-}
-
-/* X-Request-ID: the client's if it is 1–128 characters of A-Za-z0-9._:-,
- * otherwise 32 random hex digits. */
-static void assign_request_id(mp_req_t *r)
-{
-    int i = mp_http1_find(r->h.headers, r->h.nheaders, "x-request-id", 12);
-    if (i >= 0) {
-        mp_slice v = r->h.headers[i].value;
-        size_t k = 0;
-        while (k < v.len && id_char_ok(v.p[k]))
-            k++;
-        if (v.len >= 1 && v.len <= 128 && k == v.len) {
-            memcpy(r->id, v.p, v.len);
-            r->id_len = (uint8_t)v.len;
-            return;
-        }
-    }
-    static const char hex[] = "0123456789abcdef";
-    mp_worker_t *w = r->conn->w;
-    for (int half = 0; half < 2; half++) {
-        uint64_t x = mp_worker_rand(w);
-        for (int k = 0; k < 16; k++, x >>= 4)
-            r->id[half * 16 + k] = hex[x & 15];
-    }
-    r->id_len = 32;
-}
-
-/* Dotted quad without printf (inet_ntop formats with sprintf). */
-static void format_ipv4(const uint8_t *a, char *out)
-{
-    for (int i = 0; i < 4; i++) {
-        unsigned v = a[i];
-        if (v >= 100)
-            *out++ = (char)('0' + v / 100);
-        if (v >= 10)
-            *out++ = (char)('0' + v / 10 % 10);
-        *out++ = (char)('0' + v % 10);
-        *out++ = i < 3 ? '.' : '\0';
-    }
-}
-
-static void describe_peer(mp_req_t *r)
-{
-    const struct sockaddr_in6 *p = &r->conn->peer;
-    if (IN6_IS_ADDR_V4MAPPED(&p->sin6_addr))
-        format_ipv4(&p->sin6_addr.s6_addr[12], r->client_ip);
-    else
-        inet_ntop(AF_INET6, &p->sin6_addr, r->client_ip, sizeof(r->client_ip));
-    const mp_settings_t *s = &r->gen->cfg->settings;
-    for (size_t i = 0; i < s->ntrusted; i++)
-        if (mp_cidr_match(&s->trusted[i], (const struct sockaddr *)p)) {
-            r->trusted_peer = 1;
-            break;
-        }
-}
-
-/* Whether an address given as text is one of trusted_proxies. */
-static int ip_trusted(const mp_settings_t *s, const char *text, size_t len)
-{
-    char ip[INET6_ADDRSTRLEN];
-    if (len == 0 || len >= sizeof(ip))
-        return 0;
-    memcpy(ip, text, len);
-    ip[len] = '\0';
-    struct sockaddr_in6 sa = {.sin6_family = AF_INET6};
-    struct sockaddr_in sa4 = {.sin_family = AF_INET};
-    const struct sockaddr *p = (const struct sockaddr *)&sa;
-    if (inet_pton(AF_INET, ip, &sa4.sin_addr) == 1)
-        p = (const struct sockaddr *)&sa4;
-    else if (inet_pton(AF_INET6, ip, &sa.sin6_addr) != 1)
-        return 0;
-    for (size_t i = 0; i < s->ntrusted; i++)
-        if (mp_cidr_match(&s->trusted[i], p))
-            return 1;
-    return 0;
-}
-
-mp_slice mp_req_remote_addr(const mp_req_t *r)
-{
-    const mp_settings_t *s = &r->gen->cfg->settings;
-    mp_slice best = {r->client_ip, strlen(r->client_ip)};
-    if (r->trusted_peer) {
-        const mp_header_t *h = r->h.headers;
-        for (int i = (int)r->h.nheaders - 1; i >= 0; i--) {
-            if (!MP_SLICE_IEQ(h[i].name, "x-forwarded-for"))
-                continue;
-            mp_slice toks[32];
-            size_t pos = 0, k = 0;
-            while (k < MP_ARRAY_LEN(toks) && mp_http1_next_token(h[i].value, &pos, &toks[k]))
-                k++;
-            while (k-- > 0) {
-                best = toks[k];
-                if (!ip_trusted(s, best.p, best.len))
-                    goto done;
-            }
-        }
-    }
-done:
-    return best;
-}
-
-/* A hook chain's outcome as mp_req_decide reports it. */
-static int hook_outcome(int rc)
-{
-    return rc == MP_HOOK_RESPONDED ? MP_DECIDE_RESPONDED : 500;
-}
-
-/* The asterisk-form target of OPTIONS * (the parser allows it only there). */
-static int is_asterisk(mp_slice path)
-{
-    return path.len == 1 && path.p[0] == '*';
-}
-
-/* OPTIONS * on a static route: answered here (RFC 9110 §9.3.7) with the
- * methods a static route serves, as req:respond would answer. */
-static int answer_options(mp_req_t *r)
-{
-    static const char allow[] = "GET, HEAD";
-    mp_hedit_t *e = (mp_hedit_t *)mp_req_arena(r, sizeof(*e) + sizeof(mp_slice));
-    if (!e || !(r->local_body = malloc(1)))
-        return 500;
-    e->name = MP_SLICE_LIT("Allow");
-    e->nvalues = 1;
-    e->values[0] = MP_SLICE_LIT(allow);
-    e->next = r->resp_edits;
-    r->resp_edits = e;
-    r->local_body_len = 0;
-    r->local_status = 200;
-    return MP_DECIDE_RESPONDED;
-}
-
-/* What a route's target makes of a request its hooks let through. */
-static int route_outcome(mp_req_t *r, int go)
-{
-    return go == MP_DECIDE_STATIC && is_asterisk(r->path) ? answer_options(r) : go;
-}
-
-/* Routes r by its (possibly hook-changed) path and runs the route's request
- * chain. OPTIONS * is routed as "/" (host rules apply) and forwarded as
- * "*", as HAProxy does. Returns what mp_req_decide returns. */
-static int route_request(mp_req_t *r)
-{
-    const mp_config_t *cfg = r->gen->cfg;
-    mp_http_request_t *h = &r->h;
-    int asterisk = is_asterisk(r->path);
-    r->match_path = asterisk ? MP_SLICE_LIT("/") : r->path;
-    mp_route_query_t q = {h->method, h->host, r->match_path, h->headers, h->nheaders};
-    if (mp_router_match(cfg->router, &q, &r->match) != 0)
-        return 404;
-    const mp_route_t *route = r->match.route;
-    if (route->strip_prefix && route->prefix && !asterisk) {
-        /* the path keeps its leading '/': "/v1/users" less "/v1/" is "/users" */
-        size_t strip = route->prefix_len - (route->prefix[route->prefix_len - 1] == '/');
-        r->path.p += strip;
-        r->path.len -= strip;
-        if (!r->path.len)
-            r->path = MP_SLICE_LIT("/");
-    }
-    r->upstream = route->target;
-    int go = cfg->statics[route->index - 1].root ? MP_DECIDE_STATIC : MP_DECIDE_UPSTREAM;
-    const mp_route_hooks_t *hooks = &cfg->route_hooks[route->index - 1];
-    if (hooks->request == LUA_NOREF)
-        return route_outcome(r, go);
-    int up = -1;
-    int rc = mp_hook_route(r->gen->L, r, hooks, &up);
-    if (rc != MP_HOOK_NEXT)
-        return hook_outcome(rc);
-    if (hooks->handler) {
-        if (up < 0 || (size_t)up >= cfg->nupstreams) {
-            mp_log_error("w%d: route '%s' (%s): the handler neither responded nor returned an upstream "
-                         "(request %.*s)", r->conn->w->id, route->name, route->src, r->id_len, r->id);
-            return 500;
-        }
-        r->upstream = up;
-    }
-    return route_outcome(r, go);
-}
-
-/* Drops the fields whose name has '_' (settings.underscores_in_headers =
- * false, nginx's default): CGI-style backends map '-' and '_' to one
- * variable, so X_Forwarded_For would pose as X-Forwarded-For. Dropped from
- * the parsed list, they are absent for hooks, route `headers` filters and
- * the upstream alike, as in nginx. */
-static void drop_underscored(mp_http_request_t *h)
-{
-    unsigned k = 0;
-    for (unsigned i = 0; i < h->nheaders; i++)
-        if (!memchr(h->headers[i].name.p, '_', h->headers[i].name.len))
-            h->headers[k++] = h->headers[i];
-    h->nheaders = k;
-}
-
-static int refuse_target(mp_req_t *r, const char *why)
-{
-    mp_log_debug("w%d: bad request target from client: %s (request %.*s)", r->conn->w->id, why, r->id_len, r->id);
-    r->h.error = why;
-    r->path = (mp_slice){NULL, 0}; /* refused like a bad head: no response hook sees it */
-    return 400;
-}
-
-/* Normalises r->path (SPEC "Behaviour on the wire", path.h) before anything
- * looks at it: a path that changes is written to the request's arena, which
- * is still empty (no hook ran) and as large as a head. The query is passed
- * on untouched, once checked. Returns 0, or the status to answer. */
-static int normalize_target(mp_req_t *r)
-{
-    const mp_settings_t *s = &r->gen->cfg->settings;
-    mp_path_opts_t o = {(uint8_t)s->merge_slashes, (uint8_t)s->escaped_slashes};
-    mp_slice p = r->path;
-    const char *why = NULL;
-    if (r->has_query && mp_path_check_query(r->query.p, r->query.len, &why) != 0)
-        return refuse_target(r, why);
-    if (is_asterisk(p) || mp_path_is_normal(p.p, p.len, &o))
-        return 0;
-    char *out = mp_req_arena(r, p.len);
-    if (!out)
-        return 500;
-    ssize_t n = mp_path_normalize(p.p, p.len, &o, out, &why);
-    if (n < 0)
-        return refuse_target(r, why);
-    r->arena.end -= (uint32_t)(p.len - (size_t)n);
-    r->path = (mp_slice){out, (size_t)n};
-    return 0;
-}
-
-void mp_req_identify(mp_req_t *r)
-{
-    if (!r->id_len)
-        assign_request_id(r);
-    if (!r->client_ip[0])
-        describe_peer(r);
-}
-
-int mp_req_decide(mp_req_t *r)
-{
-    mp_http_request_t *h = &r->h;
-    const mp_config_t *cfg = r->gen->cfg;
-    if (!cfg->settings.underscores_in_headers)
-        drop_underscored(h);
-    r->path = h->path;
-    r->query = h->query;
-    r->has_query = h->has_query;
-    assign_request_id(r);
-    describe_peer(r);
-    int bad = normalize_target(r);
-    if (bad)
-        return bad;
-    r->client_path = r->path;
-    if (cfg->settings.max_body_size && h->content_length > 0 &&
-        (uint64_t)h->content_length > cfg->settings.max_body_size)
-        return 413;
-    if (cfg->pre_ref != LUA_NOREF) {
-        int rc = mp_hook_pre(r->gen->L, r, cfg->pre_ref);
-        if (rc != MP_HOOK_NEXT)
-            return hook_outcome(rc);
-    }
-    return route_request(r);
 }
 
 /* A complete, valid head is in c->in: decide framing, then what
@@ -441,22 +168,9 @@ int mp_req_decide(mp_req_t *r)
 static void start_request(mp_conn_t *c)
 {
     mp_req_t *r = c->req;
-    mp_http_request_t *h = &r->h;
-
-    r->is_head = h->method.len == 4 && memcmp(h->method.p, "HEAD", 4) == 0;
-    r->keepalive = h->minor == 1 ? !h->conn_close : (h->conn_keepalive && !h->conn_close);
-    if (c->w->stopping)
-        r->keepalive = 0;
-    r->body_start = (uint32_t)h->head_len;
+    MP_ASSERT(c->state == MP_CS_HEAD);
+    mp_req_begin(r, c->w->stopping);
     c->in.start = r->body_start;
-    if (h->chunked) {
-        r->body.kind = MP_BODY_CHUNKED;
-    } else if (h->content_length > 0) {
-        r->body.kind = MP_BODY_LENGTH;
-        r->body.left = (uint64_t)h->content_length;
-    } else {
-        r->body.done = 1;
-    }
     int d = mp_req_decide(r);
     if (d == MP_DECIDE_RESPONDED)
         return mp_conn_respond(c);
@@ -472,25 +186,17 @@ static void start_request(mp_conn_t *c)
  * answered, 0 when more bytes are needed. */
 static int try_parse(mp_conn_t *c)
 {
+    MP_ASSERT(c->state == MP_CS_HEAD);
     if (!c->req && !(c->req = req_new(c))) {
         mp_conn_close(c);
         return 1;
     }
-    int rc = mp_http1_parse_request(mp_buf_head(&c->in), mp_buf_len(&c->in), &c->scanned, &c->w->limits,
+    int rc = mp_http1_parse_request(mp_buf_head(&c->in), mp_buf_len(&c->in), &c->scanned, &c->w->env.limits,
                                     &c->req->h);
-    if (rc == MP_EAGAIN) {
-        if (mp_buf_room(&c->in) == 0) { /* the limits are below the block size; keep it an invariant */
-            c->req->h.status = 431;
-            rc = MP_EPROTO;
-        } else {
-            return 0;
-        }
-    }
-    if (rc < 0) {
-        mp_log_debug("w%d: bad request from client: %s", c->w->id, c->req->h.error ? c->req->h.error : "?");
-        c->req->keepalive = 0;
-        c->req->body.done = 1;
-        mp_conn_fail(c, c->req->h.status ? c->req->h.status : 400);
+    if (rc == MP_EAGAIN && mp_buf_room(&c->in) != 0)
+        return 0;
+    if (rc < 0) { /* MP_EAGAIN: the buffer is full */
+        mp_conn_fail(c, mp_req_parse_failed(c->req, rc));
         return 1;
     }
     start_request(c);
@@ -500,6 +206,7 @@ static int try_parse(mp_conn_t *c)
 static void on_readable(mp_conn_t *c)
 {
     mp_worker_t *w = c->w;
+    MP_ASSERT(c->state == MP_CS_IDLE || c->state == MP_CS_HEAD);
     if (mp_buf_acquire(&c->in, &w->bufs) != 0)
         return mp_conn_close(c);
     for (;;) {
@@ -528,6 +235,7 @@ static void on_readable(mp_conn_t *c)
 
 static void linger_read(mp_conn_t *c)
 {
+    MP_ASSERT(c->state == MP_CS_LINGER);
     char sink[4096];
     for (;;) {
         ssize_t n = read(c->fd, sink, sizeof(sink));
@@ -588,6 +296,7 @@ static void on_timer(struct ev_loop *loop, ev_timer *t, int revents)
  * could destroy the response in flight (RFC 9112 §9.6). */
 static void linger_close(mp_conn_t *c)
 {
+    MP_ASSERT(c->state == MP_CS_LOCAL || c->state == MP_CS_PROXY);
     if (shutdown(c->fd, SHUT_WR) != 0)
         return mp_conn_close(c);
     c->state = MP_CS_LINGER;
@@ -608,9 +317,10 @@ static mp_route_stats_t *route_stats(mp_worker_t *w, mp_req_t *r)
     mp_route_stats_t **cache = r->gen->route_stats;
     if (!cache)
         return mp_metrics_route(&w->metrics, rt->name);
-    if (!cache[rt->index - 1])
-        cache[rt->index - 1] = mp_metrics_route(&w->metrics, rt->name);
-    return cache[rt->index - 1];
+    int i = mp_route_slot(rt);
+    if (!cache[i])
+        cache[i] = mp_metrics_route(&w->metrics, rt->name);
+    return cache[i];
 }
 
 static void log_request(mp_conn_t *c, mp_req_t *r)
@@ -652,9 +362,7 @@ static void end_request(mp_conn_t *c)
         close(r->file_fd);
         r->has_file = 0;
     }
-    const mp_config_t *cfg = r->gen->cfg;
-    if (r->status && cfg->log_ref != LUA_NOREF)
-        mp_hook_log(r->gen->L, r, cfg->log_ref);
+    mp_req_on_log(r);
     mp_hook_release(r->gen->L, r);
     if (r->status)
         log_request(c, r);
@@ -675,6 +383,7 @@ void mp_conn_request_done(mp_conn_t *c)
 {
     mp_worker_t *w = c->w;
     mp_req_t *r = c->req;
+    MP_ASSERT(r && (c->state == MP_CS_LOCAL || c->state == MP_CS_PROXY));
     int keep = r->keepalive && r->body.done && !w->stopping && !c->read_eof;
     int unread = !r->body.done || c->in.start < c->in.end;
     end_request(c);
@@ -735,7 +444,7 @@ static int send_file(mp_conn_t *c)
             return -1;
         }
         if (n == 0) /* the file shrank: Content-Length cannot be kept */
-            mp_log_info("w%d: static file shrank while sent (request %.*s)", c->w->id, r->id_len, r->id);
+            mp_req_log(r, MP_LOG_INFO, "static file shrank while sent");
         mp_conn_close(c);
         return -1;
     }
@@ -745,6 +454,7 @@ static int send_file(mp_conn_t *c)
 static void flush_local(mp_conn_t *c)
 {
     mp_req_t *r = c->req;
+    MP_ASSERT(c->state == MP_CS_LOCAL);
     while (mp_buf_len(&c->out) || r->local_out_len) {
         struct iovec iov[2] = {{mp_buf_head(&c->out), mp_buf_len(&c->out)},
                                {(char *)r->local_out, r->local_out_len}};
@@ -768,56 +478,6 @@ static void flush_local(mp_conn_t *c)
     mp_conn_request_done(c);
 }
 
-/* Runs the response hooks on a response made here (the route's chain, or
- * the global one before routing). Returns the status to send, which a hook
- * may have changed, or 0 when a hook failed. */
-static int local_response_hooks(mp_req_t *r, int status)
-{
-    const mp_config_t *cfg = r->gen->cfg;
-    int ref = r->match.route ? cfg->route_hooks[r->match.route->index - 1].response : cfg->response_ref;
-    if (ref == LUA_NOREF)
-        return status;
-    r->status = status;
-    if (mp_hook_response(r->gen->L, r, ref, NULL) != MP_HOOK_NEXT)
-        return 0;
-    return r->resp_status ? r->resp_status : status;
-}
-
-static void error_body(int status, mp_local_t *out)
-{
-    int n = snprintf(out->text, sizeof(out->text), "%d %s\n", status, mp_http1_reason(status));
-    out->body = (mp_slice){out->text, (size_t)n};
-}
-
-int mp_local_response(mp_req_t *r, int status, mp_buf_t *b, mp_local_t *out)
-{
-    const mp_hedit_t *edits = NULL;
-    int shown = 0;
-    if (status == 0 && (shown = local_response_hooks(r, r->local_status))) {
-        /* what req:respond gave, as the response hooks left it */
-        out->body = (mp_slice){r->local_body, r->local_body_len};
-        edits = r->resp_edits;
-    } else {
-        if (status == 0) /* a response hook failed on it */
-            status = 500;
-        error_body(status, out);
-        /* Response hooks see the proxy's own errors too, once the head was
-         * valid (and not when a hook is what failed). */
-        r->resp_edits = NULL;
-        shown = status;
-        if (r->path.p && !r->hook_failed && !(shown = local_response_hooks(r, status))) {
-            shown = 500;
-            r->resp_edits = NULL;
-            error_body(500, out);
-        }
-        edits = r->resp_edits;
-    }
-    r->status = shown;
-    if (mp_head_local(r, shown, edits, out->body.len, b) != 0) /* Content-Length on a HEAD too: RFC 9110 §9.3.2 */
-        return -1;
-    return shown;
-}
-
 /* Writes the response made here (status, or 0 for req:respond's): head
  * into c->out, the body after it (or, when it does not fit, from the
  * request's local_body). */
@@ -826,6 +486,7 @@ static void send_local(mp_conn_t *c, int status)
     mp_req_t *r = c->req;
     mp_local_t *local = &r->local;
     mp_buf_t *b = &c->out;
+    MP_ASSERT(c->state == MP_CS_HEAD || c->state == MP_CS_PROXY);
     if (mp_buf_acquire(b, &c->w->bufs) != 0 || mp_local_response(r, status, b, local) < 0)
         return mp_conn_close(c);
     size_t blen = r->is_head ? 0 : local->body.len;
@@ -849,8 +510,8 @@ static void send_static(mp_conn_t *c)
     mp_req_t *r = c->req;
     mp_static_file_t f;
     mp_local_t *local = &r->local;
-    if (!r->body.done)
-        r->keepalive = 0; /* the body is not read */
+    MP_ASSERT(c->state == MP_CS_HEAD);
+    mp_req_keepalive_after(r, 0); /* the body is not read */
     mp_static_resolve(r, &f);
     if (mp_buf_acquire(&c->out, &c->w->bufs) != 0 || mp_static_response(r, &f, &c->out, local) < 0 ||
         mp_buf_append(&c->out, local->body.p, r->is_head ? 0 : local->body.len) != 0) {
@@ -871,9 +532,8 @@ static void send_static(mp_conn_t *c)
 /* A hook answered: the response hooks see that answer like any other. */
 void mp_conn_respond(mp_conn_t *c)
 {
-    mp_req_t *r = c->req;
-    if (!r->body.done)
-        r->keepalive = 0;
+    MP_ASSERT(c->state == MP_CS_HEAD);
+    mp_req_keepalive_after(c->req, 0);
     send_local(c, 0);
 }
 
@@ -886,10 +546,9 @@ void mp_conn_fail(mp_conn_t *c, int status)
         return mp_conn_close(c);
     mp_upstream_cancel(r);
     mp_req_identify(r);
-    if (!r->body.done || status == 408 || status == 400)
-        r->keepalive = 0;
+    mp_req_keepalive_after(r, status);
     if (status >= 500)
-        mp_log_info("w%d: %d for request %.*s", c->w->id, status, r->id_len, r->id);
+        mp_env_log(r->env, MP_LOG_INFO, "%d for request %.*s", status, r->id_len, r->id);
     send_local(c, status);
 }
 

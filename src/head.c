@@ -4,17 +4,11 @@
  * compare heads byte for byte. */
 #include "head.h"
 
-#include "reload.h" /* r->gen's configuration (gen.h once a generation has its own header) */
+#include "gen.h"
 
 #include <string.h>
 
 #define MAX_CONN_TOKENS 16
-
-/* The Date line of the worker serving r (cached once a second). */
-static mp_slice date_of(mp_req_t *r)
-{
-    return mp_worker_date(r->conn->w);
-}
 
 static const mp_upstream_def_t *udef(mp_req_t *r)
 {
@@ -210,7 +204,7 @@ int mp_head_response(mp_req_t *r, const mp_http_response_t *rh, mp_buf_t *b)
     }
     rc |= mp_hedit_put(b, r->resp_edits, NULL);
     if (!dated) /* RFC 9110 §6.6.1: a recipient with a clock adds one */
-        rc |= put_s(b, date_of(r));
+        rc |= put_s(b, mp_req_date(r->env));
     rc |= put_request_id(b, r);
     if (!rh->chunked)
         rc |= put_length(b, rh->content_length);
@@ -230,7 +224,7 @@ int mp_head_response(mp_req_t *r, const mp_http_response_t *rh, mp_buf_t *b)
  * (none when length < 0), X-Request-ID. */
 static int put_own_start(mp_buf_t *b, mp_req_t *r, int status, int64_t length)
 {
-    return put_status(b, status, reason_of(status)) || put_s(b, date_of(r)) || put_length(b, length) ||
+    return put_status(b, status, reason_of(status)) || put_s(b, mp_req_date(r->env)) || put_length(b, length) ||
            put_request_id(b, r);
 }
 

@@ -6,7 +6,7 @@
 #define MP_HEAD_H
 
 #include "buf.h"
-#include "conn.h" /* mp_req_t (req.h once the request has its own header) */
+#include "req.h"
 #include "headers.h"
 #include "http1.h"
 

@@ -44,7 +44,10 @@ typedef struct mp_lbox {
 struct lstate {
     mp_lbox_t *free;       /* slots of no request */
     int mt[OBJ_CTX];       /* registry references of the objects' metatables */
+    int pick_ref;          /* pick_call (made once: pushing a C function allocates) */
 };
+
+static int pick_call(lua_State *L);
 
 /* The payload of every object: valid while serial == s->serial. */
 typedef struct {
@@ -521,6 +524,8 @@ void mp_l_request_setup(lua_State *L, int refs[MP_MT_COUNT])
         st->mt[OBJ_RES] = new_metatable(L, RES_MT, res_index, res_newindex);
         st->mt[OBJ_REQ_HDR] = new_metatable(L, HDR_MT, req_hdr_index, req_hdr_newindex);
         st->mt[OBJ_RES_HDR] = new_metatable(L, RES_HDR_MT, res_hdr_index, res_hdr_newindex);
+        lua_pushcfunction(L, pick_call);
+        st->pick_ref = luaL_ref(L, LUA_REGISTRYINDEX);
         lua_rawgeti(L, LUA_REGISTRYINDEX, st->mt[OBJ_REQ]);
         lua_insert(L, -2);
         lua_rawseti(L, -2, 1); /* the metatable anchors the state; Lua cannot reach it */
@@ -536,21 +541,21 @@ void mp_l_request_setup(lua_State *L, int refs[MP_MT_COUNT])
 static int call(lua_State *L, mp_req_t *r, int nargs, const char *phase)
 {
     char err[1024];
-    mp_worker_t *w = r->conn->w;
+    mp_req_env_t *e = r->env;
     /* release stores, not fences: the watchdog re-checks under vm_lock and
      * its count hook ignores a VM that moved on */
-    atomic_store_explicit(&w->lua_since, ev_now(w->loop), memory_order_release);
-    atomic_store_explicit(&w->lua_vm, L, memory_order_release);
+    atomic_store_explicit(e->hook_since, mp_req_now(e), memory_order_release);
+    atomic_store_explicit(e->hook_vm, L, memory_order_release);
     int rc = mp_vm_call(L, nargs, 1, err, sizeof(err));
-    atomic_store_explicit(&w->lua_vm, NULL, memory_order_release);
-    atomic_store_explicit(&w->lua_since, 0, memory_order_release);
+    atomic_store_explicit(e->hook_vm, NULL, memory_order_release);
+    atomic_store_explicit(e->hook_since, 0, memory_order_release);
     if (rc != 0) {
         r->hook_failed = 1;
         char *nl = strchr(err, '\n');
         if (nl)
             *nl = '\0';
         const mp_route_t *route = r->match.route;
-        mp_log_error("w%d: %s%s%s%s%s failed for request %.*s: %s", w->id, phase, route ? " of route '" : "",
+        mp_env_log(e, MP_LOG_ERROR, "%s%s%s%s%s failed for request %.*s: %s", phase, route ? " of route '" : "",
                      route ? route->name : "", route ? "' at " : "", route ? route->src : "", r->id_len, r->id, err);
         return MP_HOOK_ERROR;
     }
@@ -564,12 +569,42 @@ static void push_chain(lua_State *L, mp_req_t *r, int ref)
     push_obj(L, slot_of(L, r), OBJ_REQ);
 }
 
-int mp_hook_pick(lua_State *L, mp_req_t *r, int ref)
+/* The servers a Lua policy may pick from (pick_call). */
+typedef struct {
+    const mp_pick_server_t *s;
+    int n, navailable;
+} pick_list_t;
+
+/* pick_call(fn, servers, req, upstream, list), in the protected call: the
+ * list of the available servers is a new table (making it may raise), then
+ * the policy runs on it. */
+static int pick_call(lua_State *L)
 {
-    push_chain(L, r, ref); /* servers, upstream, fn, req */
-    lua_insert(L, -3);     /* servers, req, upstream, fn */
-    lua_insert(L, -4);     /* fn, servers, req, upstream */
-    return call(L, r, 3, "balancer");
+    const pick_list_t *a = lua_touserdata(L, 5);
+    lua_settop(L, 4);
+    if (a->navailable < a->n) {
+        lua_createtable(L, a->navailable, 0);
+        for (int i = 0, k = 0; i < a->n; i++)
+            if (a->s[i].available) {
+                lua_rawgeti(L, 2, i + 1);
+                lua_rawseti(L, -2, ++k);
+            }
+        lua_replace(L, 2);
+    }
+    lua_call(L, 3, 1);
+    return 1;
+}
+
+int mp_hook_pick(lua_State *L, mp_req_t *r, int ref, const mp_pick_server_t *s, int n, int navailable)
+{
+    pick_list_t list = {s, n, navailable};
+    lua_rawgeti(L, LUA_REGISTRYINDEX, state_of(L, r)->pick_ref);
+    lua_insert(L, -3);     /* pick, servers, upstream */
+    push_chain(L, r, ref); /* pick, servers, upstream, fn, req */
+    lua_insert(L, -3);     /* pick, servers, req, upstream, fn */
+    lua_insert(L, -4);     /* pick, fn, servers, req, upstream */
+    lua_pushlightuserdata(L, &list);
+    return call(L, r, 5, "balancer");
 }
 
 int mp_hook_hash_key(lua_State *L, mp_req_t *r, int ref)
@@ -658,7 +693,7 @@ void mp_hook_release(lua_State *L, mp_req_t *r)
         r->lbox = NULL;
     }
     r->phase = MP_PHASE_DONE;
-    mp_buf_release(&r->arena, &r->conn->w->bufs);
+    mp_buf_release(&r->arena, r->env->bufs);
     free(r->local_body);
     r->local_body = NULL;
     r->edits = r->resp_edits = NULL;

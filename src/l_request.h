@@ -3,7 +3,8 @@
 #ifndef MP_L_REQUEST_H
 #define MP_L_REQUEST_H
 
-#include "conn.h"
+#include "balance.h"
+#include "req.h"
 
 typedef struct lua_State lua_State;
 
@@ -33,9 +34,11 @@ int mp_hook_response(lua_State *L, mp_req_t *r, int ref, const mp_http_response_
 /* Runs the on_log chain once the response was sent. Errors are logged. */
 void mp_hook_log(lua_State *L, mp_req_t *r, int ref);
 
-/* Calls a Lua balancer pick(servers, req, upstream), with servers and
- * upstream the two values on top of the stack (replaced by the result). */
-int mp_hook_pick(lua_State *L, mp_req_t *r, int ref);
+/* Calls a Lua balancer pick(servers, req, upstream), with all the servers'
+ * objects and the upstream the two values on top of the stack (replaced by
+ * the result); the policy gets the list of the available ones (s[i].available,
+ * navailable of n), made inside the protected call. */
+int mp_hook_pick(lua_State *L, mp_req_t *r, int ref, const mp_pick_server_t *s, int n, int navailable);
 
 /* Calls a hash_key function(req); leaves its result on the stack. */
 int mp_hook_hash_key(lua_State *L, mp_req_t *r, int ref);

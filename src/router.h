@@ -50,6 +50,13 @@ typedef struct mp_route {
     void *priv;        /* router's own data (filters, compiled regexes) */
 } mp_route_t;
 
+/* The route's 0-based slot in per-route arrays (cfg->route_hooks, cfg->statics,
+ * a generation's route_stats). */
+static inline int mp_route_slot(const mp_route_t *rt)
+{
+    return rt->index - 1;
+}
+
 /* The request as the router sees it. host may carry ":port" and any case. */
 typedef struct {
     mp_slice method;

@@ -1,18 +1,18 @@
-/* sim.c: the simulator (sim.h): a worker with no sockets. A request is
- * parsed from bytes by the server's parser, decided by mp_req_decide,
- * balanced by the generation's balancer and written out by upstream.c's
- * head builder, so what it reports is what the server would do. */
+/* sim.c: the simulator (sim.h): the request layer (req.h) with no socket,
+ * worker or loop. A request is parsed from bytes by the server's parser,
+ * started, decided, framed and answered by the same req.c functions the
+ * server runs, balanced by the generation's balancer and written out by the
+ * server's head builders, so what it reports is what the server would do. */
 #include "sim.h"
 
 #include "balancer.h"
-#include "conn.h"
 #include "head.h"
 #include "l_request.h"
 #include "log.h"
+#include "gen.h"
 #include "path.h"
-#include "reload.h"
+#include "req.h"
 #include "static.h"
-#include "upstream.h"
 #include "vm.h"
 
 #include <arpa/inet.h>
@@ -22,15 +22,23 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 
-#define MAX_GUARD_HEADERS 64
 #define SIM_MAX_FILE (64u << 20) /* a static file's bytes a result carries at most */
 
 struct mp_sim {
-    mp_worker_t w;           /* a worker that never runs: buffers, rng, clock */
+    mp_req_env_t env;        /* what its requests need: buffers, rng, limits, clock (no worker: no log prefix) */
+    mp_bufpool_t bufs;
+    double created;          /* the requests' loop time: when the simulator was made (epoch seconds) */
+    lua_State *_Atomic hook_vm; /* env's watchdog view: no watchdog looks (see running) */
+    _Atomic double hook_since;
     mp_gen_t gen;            /* its one generation */
-    mp_conn_t conn;          /* the pretend client connection */
+    union {                  /* the pretend client's address */
+        struct sockaddr sa;
+        struct sockaddr_in v4;
+        struct sockaddr_in6 v6;
+    } peer;
     mp_req_t req;            /* the last request, alive until the next call */
     int live;                /* req holds hook objects to release */
     int forwarded;           /* req went upstream (mp_sim_response may run) */
@@ -57,10 +65,7 @@ struct mp_sim {
 
 /* ---- trace ---- */
 
-/* snprintf at out + *n that keeps *n below cap (the text is cut). */
-static void appendf(char *out, size_t *n, size_t cap, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
-
-static void appendf(char *out, size_t *n, size_t cap, const char *fmt, ...)
+void mp_sim_appendf(char *out, size_t *n, size_t cap, const char *fmt, ...)
 {
     if (*n + 1 >= cap)
         return;
@@ -112,14 +117,7 @@ static void on_log(void *arg, int level, const char *msg)
     mp_sim_t *s = arg;
     if (level == MP_LOG_DEBUG)
         return;
-    if (msg[0] == 'w') { /* "w0: " names the worker: there is none */
-        const char *p = msg + 1;
-        while (*p >= '0' && *p <= '9')
-            p++;
-        if (p[0] == ':' && p[1] == ' ')
-            msg = p + 2;
-    }
-    step(s, "log", "%s", msg);
+    step(s, "log", "%s", msg); /* request lines have no "w0: ": the env names no worker */
     if (level == MP_LOG_ERROR && !s->error)
         s->error = strdup(msg);
 }
@@ -143,7 +141,7 @@ static void note_route(mp_sim_t *s)
         snprintf(why, sizeof(why), "%s%s, prefix %s%s", rt->host ? "host " : "any host", host,
                  rt->prefix ? rt->prefix : "/", rt->strip_prefix ? " (stripped)" : "");
     const mp_config_t *cfg = r->gen->cfg;
-    const char *root = cfg->statics ? cfg->statics[rt->index - 1].root : NULL;
+    const char *root = cfg->statics ? cfg->statics[mp_route_slot(rt)].root : NULL;
     const char *kind = rt->target >= 0 ? ", upstream '" : root ? ", static root '" : ", handler";
     const char *target = rt->target >= 0 ? cfg->upstreams[rt->target].name : root;
     step(s, "route", "route '%s' at %s matched %.*s (%s)%s%s%s; path now %.*s", rt->name, rt->src,
@@ -166,16 +164,16 @@ static size_t describe_edits(char *out, size_t n, size_t cap, const mp_hedit_t *
     for (; x && x != since && k < MP_ARRAY_LEN(e); x = x->next)
         e[k++] = x;
     if (x && x != since)
-        appendf(out, &n, cap, "; (older %s header edits not shown)", what);
+        mp_sim_appendf(out, &n, cap, "; (older %s header edits not shown)", what);
     while (k-- > 0) {
         x = e[k];
         if (x->nvalues == 0) {
-            appendf(out, &n, cap, "; removed %s header %.*s", what, (int)x->name.len, x->name.p);
+            mp_sim_appendf(out, &n, cap, "; removed %s header %.*s", what, (int)x->name.len, x->name.p);
             continue;
         }
-        appendf(out, &n, cap, "; set %s header %.*s: ", what, (int)x->name.len, x->name.p);
+        mp_sim_appendf(out, &n, cap, "; set %s header %.*s: ", what, (int)x->name.len, x->name.p);
         for (unsigned i = 0; i < x->nvalues; i++)
-            appendf(out, &n, cap, "%s%.*s", i ? ", " : "", (int)x->values[i].len, x->values[i].p);
+            mp_sim_appendf(out, &n, cap, "%s%.*s", i ? ", " : "", (int)x->values[i].len, x->values[i].p);
     }
     return n;
 }
@@ -202,22 +200,22 @@ static int l_tracer(lua_State *L)
     size_t n = 0;
     what[0] = '\0';
     if (!slice_same(r->path, s->before.path))
-        appendf(what, &n, sizeof(what), "; path %.*s -> %.*s", (int)s->before.path.len, s->before.path.p,
+        mp_sim_appendf(what, &n, sizeof(what), "; path %.*s -> %.*s", (int)s->before.path.len, s->before.path.p,
                 (int)r->path.len, r->path.p);
     if (r->has_query != s->before.has_query || !slice_same(r->query, s->before.query))
-        appendf(what, &n, sizeof(what), "; query %s%.*s", r->has_query ? "" : "removed",
+        mp_sim_appendf(what, &n, sizeof(what), "; query %s%.*s", r->has_query ? "" : "removed",
                 r->has_query ? (int)r->query.len : 0, r->query.p ? r->query.p : "");
     n = describe_edits(what, n, sizeof(what), r->edits, s->before.edits, "request");
     n = describe_edits(what, n, sizeof(what), r->resp_edits, s->before.resp_edits, "response");
     if (r->resp_status != s->before.resp_status)
-        appendf(what, &n, sizeof(what), "; status -> %d", r->resp_status);
+        mp_sim_appendf(what, &n, sizeof(what), "; status -> %d", r->resp_status);
     if (r->local_status != s->before.local_status)
-        appendf(what, &n, sizeof(what), "; responded %d", r->local_status);
+        mp_sim_appendf(what, &n, sizeof(what), "; responded %d", r->local_status);
     if (lua_type(L, 3) == LUA_TNUMBER) {
         lua_Integer u = lua_tointeger(L, 3);
         const mp_config_t *cfg = r->gen->cfg;
         if (u >= 0 && (size_t)u < cfg->nupstreams)
-            appendf(what, &n, sizeof(what), "; returned upstream '%s'", cfg->upstreams[u].name);
+            mp_sim_appendf(what, &n, sizeof(what), "; returned upstream '%s'", cfg->upstreams[u].name);
     }
     step(s, "hook", "%s: %s", label, what[0] ? what + 2 : "no change");
     return 0;
@@ -251,6 +249,21 @@ static void on_budget(lua_State *L, lua_Debug *ar)
 static void running(mp_sim_t *s, int on);
 
 /* ---- set up ---- */
+
+#define SIM_FREE_BLOCKS 16
+
+static double wall_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* The loop time of its requests: a loop that never runs stays at its start. */
+static double sim_clock(void *arg)
+{
+    return ((const mp_sim_t *)arg)->created;
+}
 
 static void install_peers(mp_sim_t *s)
 {
@@ -303,31 +316,25 @@ mp_sim_t *mp_sim_new(const char *path, const char *text, size_t len, uint64_t se
     if (rc != 0)
         goto fail;
     const mp_settings_t *st = &cfg->settings;
-    if (mp_worker_init(&s->w, 0, st->max_header_size, st->body_buffer_size, NULL, 0) != 0) {
-        snprintf(err, errlen, "out of memory");
-        goto fail;
-    }
-    s->w.rng[0] = seed ^ 0x9e3779b97f4a7c15ull;
-    s->w.rng[1] = seed * 0xbf58476d1ce4e5b9ull + 1;
-    s->w.limits.max_uri_size = st->max_uri_size;
-    size_t room = s->w.bufs.block_size - 1024;
-    s->w.limits.max_header_size = st->max_header_size < room ? st->max_header_size : room;
-    s->w.cfg = cfg;
+    mp_bufpool_init(&s->bufs, mp_req_block_size(st->max_header_size, st->body_buffer_size), SIM_FREE_BLOCKS);
+    s->created = wall_now();
+    s->env = (mp_req_env_t){.id = -1, .bufs = &s->bufs, .clock = sim_clock, .clock_arg = s,
+                            .hook_vm = &s->hook_vm, .hook_since = &s->hook_since};
+    s->env.rng[0] = seed ^ 0x9e3779b97f4a7c15ull;
+    s->env.rng[1] = seed * 0xbf58476d1ce4e5b9ull + 1;
+    mp_req_env_limits(&s->env, st->max_uri_size, st->max_header_size);
     size_t npeers = 0;
     for (size_t u = 0; u < cfg->nupstreams; u++)
         npeers += cfg->upstreams[u].nservers;
     s->gen = (mp_gen_t){.id = 1, .L = L, .cfg = cfg, .refs = 1};
     if (!(s->peers = calloc(npeers ? npeers : 1, sizeof(*s->peers))) ||
         !(s->open = calloc(npeers ? npeers : 1, 1)) ||
-        !(s->gen.balancers = mp_balancers_new(L, cfg, seed)) || mp_buf_acquire(&s->out, &s->w.bufs) != 0) {
+        mp_gen_prepare(&s->gen, seed) != 0 || mp_buf_acquire(&s->out, &s->bufs) != 0) {
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
-    mp_l_request_setup(L, s->gen.lua_mt);
     install_peers(s);
     luaJIT_setmode(L, 0, LUAJIT_MODE_ENGINE | LUAJIT_MODE_OFF);
-    s->conn.w = &s->w;
-    s->conn.fd = -1;
     return s;
 fail:
     if (s && s->gen.L) {
@@ -337,13 +344,11 @@ fail:
     mp_config_free(cfg);
     if (L)
         mp_vm_close(L);
-    if (s && s->w.loop)
-        mp_worker_dispose(&s->w);
     free(s);
     return NULL;
 }
 
-static void release(mp_sim_t *s)
+void mp_sim_release(mp_sim_t *s)
 {
     if (s->live)
         mp_hook_release(s->gen.L, &s->req);
@@ -354,16 +359,14 @@ void mp_sim_free(mp_sim_t *s)
 {
     if (!s)
         return;
-    release(s);
+    mp_sim_release(s);
     reset_result(s);
     free(s->trace);
-    mp_buf_release(&s->out, &s->w.bufs);
-    if (s->gen.balancers)
-        mp_balancers_free(s->gen.balancers, s->gen.cfg->nupstreams);
+    mp_buf_release(&s->out, &s->bufs);
+    mp_gen_release(&s->gen);
     mp_config_free(s->gen.cfg);
     mp_vm_close(s->gen.L);
-    if (s->w.loop)
-        mp_worker_dispose(&s->w);
+    mp_bufpool_dispose(&s->bufs);
     free(s->peers);
     free(s->open);
     free(s->raw);
@@ -452,29 +455,21 @@ static int put_fields(raw_t *b, const mp_sim_header_t *h, size_t n)
     return rc;
 }
 
-static int set_peer_addr(mp_conn_t *c, const char *text)
+/* The pretend client is at text, an IPv4 or IPv6 address. */
+static int set_peer_addr(mp_sim_t *s, const char *text)
 {
-    struct sockaddr_in6 *p = &c->peer;
-    memset(p, 0, sizeof(*p));
-    p->sin6_family = AF_INET6;
-    struct in_addr v4;
-    if (inet_pton(AF_INET, text, &v4) == 1) {
-        p->sin6_addr.s6_addr[10] = p->sin6_addr.s6_addr[11] = 0xff;
-        memcpy(&p->sin6_addr.s6_addr[12], &v4, 4);
+    memset(&s->peer, 0, sizeof(s->peer));
+    if (inet_pton(AF_INET, text, &s->peer.v4.sin_addr) == 1) {
+        s->peer.v4.sin_family = AF_INET;
         return 0;
     }
-    return inet_pton(AF_INET6, text, &p->sin6_addr) == 1 ? 0 : MP_EINVAL;
+    s->peer.v6.sin6_family = AF_INET6;
+    return inet_pton(AF_INET6, text, &s->peer.v6.sin6_addr) == 1 ? 0 : MP_EINVAL;
 }
 
 static void new_request(mp_sim_t *s)
 {
-    mp_req_t *r = &s->req;
-    memset(r, 0, sizeof(*r));
-    r->conn = &s->conn;
-    r->gen = &s->gen;
-    r->upstream = r->server = -1;
-    r->t_start = ev_now(s->w.loop);
-    s->conn.req = r;
+    mp_req_reset(&s->req, &s->env, &s->gen, &s->peer.sa, mp_req_now(&s->env));
     s->live = 1;
 }
 
@@ -493,7 +488,7 @@ static void note_pick(mp_sim_t *s, const mp_balancer_t *b, int server)
     for (size_t i = 0; i < d->nservers; i++) {
         mp_peer_t *p = b->peers[i];
         const char *state = !p->probe_up ? "down" : p->open_until > now ? "circuit open" : "up";
-        appendf(list, &n, sizeof(list), "%s%s (%s, weight %d, %d active, %.1f ms, %d failures)",
+        mp_sim_appendf(list, &n, sizeof(list), "%s%s (%s, weight %d, %d active, %.1f ms, %d failures)",
                               i ? ", " : "", d->servers[i].addr.text, state, d->servers[i].weight, (int)p->active,
                               mp_peer_latency(p), (int)p->fails);
     }
@@ -504,29 +499,16 @@ static void note_pick(mp_sim_t *s, const mp_balancer_t *b, int server)
         step(s, "balancer", "upstream '%s' (%s) found no server available among %s", d->name, balancer_name(d), list);
 }
 
-/* The request has its outcome (status set): on_log runs, as in the server
- * once the response was sent. */
-static void log_hooks(mp_sim_t *s)
-{
-    mp_req_t *r = &s->req;
-    int ref = s->gen.cfg->log_ref;
-    if (r->status && ref != LUA_NOREF)
-        mp_hook_log(s->gen.L, r, ref);
-}
-
 static void answer(mp_sim_t *s, int status, const char *why)
 {
     mp_req_t *r = &s->req;
     mp_req_identify(r);
-    if (status != 0 && (!r->body.done || status == 408 || status == 400))
-        r->keepalive = 0;
-    else if (status == 0 && !r->body.done)
-        r->keepalive = 0;
+    mp_req_keepalive_after(r, status);
     s->out.start = s->out.end = 0;
     int shown = mp_local_response(r, status, &s->out, &s->req.local);
     step(s, "response", "answered here: %d %s (%s)", shown > 0 ? shown : 500,
          mp_http1_reason(shown > 0 ? shown : 500), why);
-    log_hooks(s);
+    mp_req_on_log(&s->req); /* the outcome is known: on_log runs, as once the server sent it */
 }
 
 /* A static route: the file it names, read into file_body, and the head. */
@@ -534,8 +516,7 @@ static void serve_static(mp_sim_t *s)
 {
     mp_req_t *r = &s->req;
     mp_static_file_t f;
-    if (!r->body.done)
-        r->keepalive = 0; /* the server does not read the body */
+    mp_req_keepalive_after(r, 0); /* the server does not read the body */
     int st = mp_static_resolve(r, &f);
     if (f.file[0])
         step(s, "static", "%s%s: %d %s%s%s", f.file, f.fallback ? " (the fallback: the path asked for is missing)" : "",
@@ -561,7 +542,7 @@ static void serve_static(mp_sim_t *s)
     if (shown < 0)
         return answer(s, 500, "the response head is too large");
     step(s, "response", "answered here: %d %s (static route)", shown, mp_http1_reason(shown));
-    log_hooks(s);
+    mp_req_on_log(&s->req);
 }
 
 static void fill_result(mp_sim_t *s, mp_sim_result_t *out)
@@ -617,7 +598,7 @@ static const char *responded_why(const mp_sim_t *s)
 {
     const mp_req_t *r = &s->req;
     const mp_route_t *rt = r->match.route;
-    if (rt && s->gen.cfg->statics[rt->index - 1].root && r->path.len == 1 && r->path.p[0] == '*')
+    if (rt && s->gen.cfg->statics[mp_route_slot(rt)].root && r->path.len == 1 && r->path.p[0] == '*')
         return "OPTIONS * on a static route: the proxy answers it";
     return "a hook called req:respond";
 }
@@ -644,27 +625,22 @@ static int run_request(mp_sim_t *s, const mp_sim_request_t *rq)
         return MP_ENOMEM;
     const char *addr = rq->remote_addr ? rq->remote_addr : "127.0.0.1";
     new_request(s);
-    if (set_peer_addr(&s->conn, addr) != 0) {
+    if (set_peer_addr(s, addr) != 0) {
         step(s, "request", "remote_addr '%s' is not an IP address", addr);
         return MP_EINVAL;
     }
     step(s, "request", "%s %s%s%s from %s", method, host ? "http://" : "", host ? host : "", target, addr);
     size_t scanned = 0;
-    rc = mp_http1_parse_request(s->raw, raw.len, &scanned, &s->w.limits, &r->h);
+    rc = mp_http1_parse_request(s->raw, raw.len, &scanned, &s->env.limits, &r->h);
     if (rc < 0) {
-        r->keepalive = 0;
-        r->body.done = 1;
-        int st = rc == MP_EAGAIN ? 431 : r->h.status ? r->h.status : 400;
+        int st = mp_req_parse_failed(r, rc);
         char why[160];
         snprintf(why, sizeof(why), "the parser refused the head: %s", r->h.error ? r->h.error : "too large");
         answer(s, st, why);
         return 0;
     }
-    const mp_http_request_t *h = &r->h;
-    r->is_head = h->method.len == 4 && memcmp(h->method.p, "HEAD", 4) == 0;
-    r->keepalive = !h->conn_close;
-    r->body.done = !(h->chunked || h->content_length > 0);
-    note_normalised(s, h);
+    mp_req_begin(r, 0);
+    note_normalised(s, &r->h);
     int d = mp_req_decide(r);
     note_route(s);
     if (d == MP_DECIDE_RESPONDED)
@@ -683,14 +659,12 @@ static int run_request(mp_sim_t *s, const mp_sim_request_t *rq)
     }
     mp_balancer_t *b = &s->gen.balancers[r->upstream];
     int trial = 0;
-    int server = mp_balancer_pick(b, r, -1, &trial);
+    int server = mp_balancer_pick(b, &mp_req_pick, r, -1, &trial);
     if (server == MP_PICK_ERROR)
         return answer(s, 500, "the balancer failed"), 0;
     note_pick(s, b, server);
-    if (server < 0) {
-        r->retry_after = (uint16_t)mp_balancer_retry_after(b, mp_health_now());
-        return answer(s, 503, "no server available"), 0;
-    }
+    if (server < 0)
+        return answer(s, mp_req_unavailable(r, b), "no server available"), 0;
     if (trial) /* a half-open circuit's trial: nobody reports its outcome here */
         b->peers[server]->trial = 0;
     r->server = server;
@@ -735,7 +709,7 @@ static void running(mp_sim_t *s, int on)
 
 int mp_sim_request(mp_sim_t *s, const mp_sim_request_t *rq, mp_sim_result_t *out)
 {
-    release(s);
+    mp_sim_release(s);
     reset_result(s);
     running(s, 1);
     hold_open(s);
@@ -768,39 +742,25 @@ static int run_response(mp_sim_t *s, const mp_sim_response_t *rs)
         s->forwarded = 0;
         return answer(s, 502, "the upstream's response head is invalid"), 0;
     }
-    mp_framing_t *f = &r->resp;
-    memset(f, 0, sizeof(*f));
-    if (r->is_head || rh.status == 204 || rh.status == 304)
-        f->kind = MP_BODY_NONE;
-    else if (rh.chunked)
-        f->kind = MP_BODY_CHUNKED;
-    else if (rh.content_length >= 0)
-        f->kind = MP_BODY_LENGTH;
-    else
-        f->kind = MP_BODY_CLOSE;
-    if (f->kind == MP_BODY_CLOSE)
-        r->keepalive = 0;
+    mp_req_response_framing(r, &rh);
     r->status = rh.status;
-    int ref = s->gen.cfg->route_hooks[r->match.route->index - 1].response;
-    if (ref != LUA_NOREF) {
-        if (mp_hook_response(s->gen.L, r, ref, &rh) != MP_HOOK_NEXT) {
-            s->forwarded = 0;
-            /* the server closes the connection without a response: 502 in the access log */
-            r->status = 502;
-            step(s, "response", "a response hook failed: the client connection is closed");
-            s->out.start = s->out.end = 0;
-            log_hooks(s);
-            return 0;
-        }
-        if (r->resp_status)
-            r->status = r->resp_status;
+    int shown = mp_req_response_hooks(r, rh.status, &rh);
+    if (!shown) {
+        s->forwarded = 0;
+        /* the server closes the connection without a response: 502 in the access log */
+        r->status = 502;
+        step(s, "response", "a response hook failed: the client connection is closed");
+        s->out.start = s->out.end = 0;
+        mp_req_on_log(&s->req);
+        return 0;
     }
+    r->status = shown;
     s->out.start = s->out.end = 0;
     rc = mp_head_response(r, &rh, &s->out);
     if (rc != 0)
         return MP_ENOMEM;
     step(s, "response", "sent %d to the client", r->status);
-    log_hooks(s);
+    mp_req_on_log(&s->req);
     return 0;
 }
 
@@ -821,293 +781,5 @@ int mp_sim_response(mp_sim_t *s, const mp_sim_response_t *rs, mp_sim_result_t *o
         out->body_len = rs->body_len;
     }
     s->forwarded = 0;
-    return rc;
-}
-
-/* ---- guards ---- */
-
-/* The value of a field in a head made by the simulator, repeated fields
- * joined with ", " (RFC 9110 §5.3). Returns how many there were. */
-static int head_field(const char *head, size_t len, const char *name, char *out, size_t cap)
-{
-    size_t nlen = strlen(name), n = 0;
-    int count = 0;
-    out[0] = '\0';
-    const char *p = memchr(head, '\n', len), *end = head + len;
-    while (p && ++p < end) {
-        const char *eol = memchr(p, '\r', (size_t)(end - p));
-        if (!eol || eol == p)
-            break;
-        if ((size_t)(eol - p) > nlen + 1 && p[nlen] == ':' && strncasecmp(p, name, nlen) == 0) {
-            const char *v = p + nlen + 1;
-            while (v < eol && *v == ' ')
-                v++;
-            appendf(out, &n, cap, "%s%.*s", count ? ", " : "", (int)(eol - v), v);
-            count++;
-        }
-        p = memchr(eol, '\n', (size_t)(end - eol));
-    }
-    return count;
-}
-
-/* A string field of the table at t (NULL when absent or not a string: the
- * DSL checked the guards' shapes); the table keeps it alive. Never raises
- * (lua_getfield would only with a metatable: the guards' tables have none). */
-static const char *opt_string(lua_State *L, int t, const char *k)
-{
-    lua_getfield(L, t, k);
-    const char *v = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
-    lua_pop(L, 1);
-    return v;
-}
-
-/* The string at idx, or a number's text, which is kept alive in the anchor
- * table (a converted number exists only in its stack slot); NULL for other
- * types. */
-static const char *anchored(lua_State *L, int idx, int anchor)
-{
-    int type = lua_type(L, idx);
-    if (type == LUA_TSTRING)
-        return lua_tostring(L, idx);
-    if (type != LUA_TNUMBER)
-        return NULL;
-    lua_pushvalue(L, idx);
-    const char *v = lua_tostring(L, -1);
-    lua_rawseti(L, anchor, (int)lua_objlen(L, anchor) + 1);
-    return v;
-}
-
-size_t mp_sim_lua_headers(lua_State *L, int t, int anchor, mp_sim_header_t *h, size_t max, int *bad)
-{
-    size_t n = 0;
-    *bad = 0;
-    if (lua_isnoneornil(L, t))
-        return 0;
-    if (!lua_istable(L, t))
-        return *bad = 1, 0;
-    for (lua_pushnil(L); lua_next(L, t); lua_pop(L, 1)) {
-        int pair = lua_type(L, -2) == LUA_TNUMBER && lua_istable(L, -1);
-        const char *name = NULL;
-        if (pair) { /* { "name", "value" } */
-            lua_rawgeti(L, -1, 1);
-            name = anchored(L, lua_gettop(L), anchor);
-            lua_pop(L, 1);
-        } else if (lua_type(L, -2) == LUA_TSTRING) {
-            name = lua_tostring(L, -2);
-        }
-        if (!name) {
-            *bad = 1;
-            continue;
-        }
-        if (lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1))
-            continue; /* false: absent */
-        if (!lua_istable(L, -1)) {
-            const char *v = anchored(L, lua_gettop(L), anchor);
-            if (!v || n == max)
-                *bad = 1;
-            else
-                h[n++] = (mp_sim_header_t){name, v};
-            continue;
-        }
-        for (int i = pair ? 2 : 1; !pair || i == 2; i++) { /* a list of values, or the pair's one */
-            lua_rawgeti(L, -1, i);
-            const char *v = anchored(L, lua_gettop(L), anchor);
-            lua_pop(L, 1);
-            if (!v) {
-                *bad |= pair;
-                break;
-            }
-            if (n == max) {
-                *bad = 1;
-                break;
-            }
-            h[n++] = (mp_sim_header_t){name, v};
-        }
-    }
-    return n;
-}
-
-static size_t mismatch(char *out, size_t n, size_t cap, const char *what, const char *want, const char *got)
-{
-    if (n >= cap)
-        return n;
-    return n + (size_t)snprintf(out + n, cap - n, "; %s: expected %s, got %s", what, want, got);
-}
-
-/* Compares one guard (the table on top of L's stack) with the result;
- * appends the differences to out. */
-static size_t compare(lua_State *L, const mp_sim_result_t *res, char *out, size_t cap)
-{
-    int t = lua_gettop(L);
-    size_t n = 0;
-    char want[512], got[512];
-    lua_getfield(L, t, "route");
-    if (!lua_isnil(L, -1)) {
-        int by_index = lua_type(L, -1) == LUA_TNUMBER;
-        int ok = by_index ? res->route_index == (int)lua_tointeger(L, -1)
-                          : res->route && strcmp(res->route, lua_tostring(L, -1)) == 0;
-        if (!ok) {
-            snprintf(want, sizeof(want), by_index ? "%s" : "'%s'", lua_tostring(L, -1));
-            if (by_index)
-                snprintf(got, sizeof(got), "%d", res->route_index);
-            else if (res->route)
-                snprintf(got, sizeof(got), "'%s'", res->route);
-            else
-                snprintf(got, sizeof(got), "no route");
-            n = mismatch(out, n, cap, "route", want, got);
-        }
-    }
-    lua_pop(L, 1);
-    static const char *const names[] = {"upstream", "server"};
-    for (int i = 0; i < 2; i++) {
-        const char *w = opt_string(L, t, names[i]);
-        const char *g = i == 0 ? res->upstream : res->server;
-        if (w && (!g || strcmp(w, g) != 0 || (!res->forwarded && i == 1))) {
-            snprintf(want, sizeof(want), "'%s'", w);
-            if (!res->forwarded)
-                snprintf(got, sizeof(got), "an answer %d from the proxy", res->status);
-            else
-                snprintf(got, sizeof(got), "'%s'", g ? g : "none");
-            n = mismatch(out, n, cap, names[i], want, got);
-        }
-    }
-    const char *target = opt_string(L, t, "target");
-    if (target) {
-        const char *sp = res->forwarded ? memchr(res->head, ' ', res->head_len) : NULL;
-        const char *sp2 = sp ? memchr(sp + 1, ' ', res->head_len - (size_t)(sp + 1 - res->head)) : NULL;
-        if (!sp2 || strlen(target) != (size_t)(sp2 - sp - 1) || memcmp(target, sp + 1, strlen(target)) != 0) {
-            snprintf(want, sizeof(want), "'%s'", target);
-            if (sp2)
-                snprintf(got, sizeof(got), "'%.*s'", (int)(sp2 - sp - 1), sp + 1);
-            else
-                snprintf(got, sizeof(got), "an answer %d from the proxy", res->status);
-            n = mismatch(out, n, cap, "target", want, got);
-        }
-    }
-    lua_getfield(L, t, "status");
-    if (!lua_isnil(L, -1) && (res->forwarded || res->status != (int)lua_tointeger(L, -1))) {
-        snprintf(want, sizeof(want), "%d", (int)lua_tointeger(L, -1));
-        if (res->forwarded)
-            snprintf(got, sizeof(got), "forwarded to upstream '%s'", res->upstream);
-        else
-            snprintf(got, sizeof(got), "%d", res->status);
-        n = mismatch(out, n, cap, "status", want, got);
-    }
-    lua_pop(L, 1);
-    lua_getfield(L, t, "headers");
-    if (lua_istable(L, -1)) {
-        int ht = lua_gettop(L);
-        for (lua_pushnil(L); lua_next(L, ht); lua_pop(L, 1)) {
-            if (lua_type(L, -2) != LUA_TSTRING) /* the DSL allows none; never convert a key in place */
-                continue;
-            const char *name = lua_tostring(L, -2);
-            int count = head_field(res->head, res->head_len, name, got + 1, sizeof(got) - 2);
-            if (lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
-                if (count) {
-                    char what[160];
-                    snprintf(what, sizeof(what), "header %s", name);
-                    got[0] = '\'';
-                    strcat(got, "'");
-                    n = mismatch(out, n, cap, what, "none", got);
-                }
-                continue;
-            }
-            size_t w = 0;
-            want[1] = '\0';
-            if (lua_istable(L, -1)) {
-                for (int i = 1;; i++) {
-                    lua_rawgeti(L, -1, i);
-                    const char *v = lua_tostring(L, -1); /* used before the pop: a number's text lives there */
-                    if (v)
-                        appendf(want + 1, &w, sizeof(want) - 2, "%s%s", i > 1 ? ", " : "", v);
-                    lua_pop(L, 1);
-                    if (!v)
-                        break;
-                }
-            } else {
-                appendf(want + 1, &w, sizeof(want) - 2, "%s", lua_tostring(L, -1));
-            }
-            if (!count || strcmp(want + 1, got + 1) != 0) {
-                char what[160];
-                snprintf(what, sizeof(what), "header %s", name);
-                want[0] = got[0] = '\'';
-                strcat(want, "'");
-                strcat(got, "'");
-                n = mismatch(out, n, cap, what, want, count ? got : "none");
-            }
-        }
-    }
-    lua_pop(L, 1);
-    return n;
-}
-
-int mp_sim_check_guards(mp_sim_t *s, char *err, size_t errlen)
-{
-    const mp_config_t *cfg = s->gen.cfg;
-    lua_State *L = s->gen.L;
-    if (!cfg->nexpects)
-        return 0;
-    int top = lua_gettop(L);
-    int rc = 0;
-    lua_rawgeti(L, LUA_REGISTRYINDEX, cfg->expect_ref);
-    for (size_t i = 1; i <= cfg->nexpects && rc == 0; i++) {
-        lua_rawgeti(L, top + 1, (int)i);
-        int g = lua_gettop(L);
-        lua_getfield(L, g, "request");
-        int q = lua_gettop(L);
-        mp_sim_header_t headers[MAX_GUARD_HEADERS];
-        lua_newtable(L); /* numbers' texts, until the guard is checked */
-        int anchor = lua_gettop(L);
-        lua_getfield(L, q, "headers");
-        int bad;
-        size_t nh = mp_sim_lua_headers(L, lua_gettop(L), anchor, headers, MP_ARRAY_LEN(headers), &bad);
-        lua_pop(L, 1);
-        size_t blen = 0;
-        lua_getfield(L, q, "body");
-        const char *body = lua_tolstring(L, -1, &blen);
-        lua_pop(L, 1);
-        mp_sim_request_t rq = {.method = opt_string(L, q, "method"), .host = opt_string(L, q, "host"),
-                               .target = opt_string(L, q, "path"), .headers = headers, .nheaders = nh,
-                               .body = body, .body_len = blen, .remote_addr = opt_string(L, q, "remote_addr")};
-        mp_sim_result_t res;
-        int ran = mp_sim_request(s, &rq, &res);
-        if (ran == MP_ENOMEM) {
-            snprintf(err, errlen, "out of memory");
-            rc = MP_ENOMEM;
-            break;
-        }
-        char diff[2048];
-        size_t n = 0;
-        if (ran == MP_EINVAL) {
-            n = (size_t)snprintf(diff, sizeof(diff), "; request: remote_addr '%s' is not an IP address",
-                                 rq.remote_addr);
-        } else {
-            lua_pushvalue(L, g);
-            n = compare(L, &res, diff, sizeof(diff));
-        }
-        if (n) {
-            const char *src = opt_string(L, g, "src");
-            size_t k = (size_t)snprintf(err, errlen, "%s: proxy.expect failed for %s %s%s%s: %s", src ? src : "?",
-                                        rq.method ? rq.method : "GET", rq.host ? rq.host : "localhost",
-                                        rq.target ? rq.target : "/", "", diff + 2);
-            for (size_t j = 0; j < res.ntrace && k < errlen; j++)
-                k += (size_t)snprintf(err + k, errlen - k, "%s %zu. %s: %s", j ? "" : " | trace:", j + 1,
-                                      res.trace[j].kind, res.trace[j].text);
-            rc = MP_EINVAL;
-        }
-        lua_settop(L, top + 1);
-    }
-    lua_settop(L, top);
-    release(s);
-    return rc;
-}
-
-int mp_sim_check_script(const char *path, const char *text, size_t len, char *err, size_t errlen)
-{
-    mp_sim_t *s = mp_sim_new(path, text, len, 1, err, errlen);
-    if (!s)
-        return MP_EINVAL;
-    int rc = mp_sim_check_guards(s, err, errlen);
-    mp_sim_free(s);
     return rc;
 }

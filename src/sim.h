@@ -103,6 +103,16 @@ int mp_sim_request(mp_sim_t *s, const mp_sim_request_t *rq, mp_sim_result_t *out
  * forwarded) on rs. Returns 0, MP_EINVAL (no forwarded request) or MP_ENOMEM. */
 int mp_sim_response(mp_sim_t *s, const mp_sim_response_t *rs, mp_sim_result_t *out);
 
+/* Ends the last request: its hook objects go stale, and mp_sim_response
+ * has no request to answer. */
+void mp_sim_release(mp_sim_t *s);
+
+/* snprintf at out + *n that keeps *n below cap (the text is cut): the
+ * trace's texts and the guards' messages are built with it. */
+void mp_sim_appendf(char *out, size_t *n, size_t cap, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
+
+/* ---- guard.c ---- */
+
 /* Reads request or response headers from a Lua table at index t of L:
  * { name = "value" | { "v1", "v2" } | false (absent) } or a list of
  * { "name", "value" } pairs (to keep an order). The strings stay in the

@@ -5,13 +5,11 @@
 
 #include "config.h"
 #include "head.h"
-#include "l_request.h"
 #include "log.h"
 #include "gen.h"
 
 #include <errno.h>
 #include <fcntl.h>
-#include <lauxlib.h>
 #include <linux/openat2.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -369,7 +367,7 @@ int mp_static_resolve(const mp_req_t *r, mp_static_file_t *out)
     out->fallback = 0;
     out->fd = -1;
     const mp_config_t *cfg = r->gen->cfg;
-    const mp_static_def_t *def = r->match.route ? &cfg->statics[r->match.route->index - 1] : NULL;
+    const mp_static_def_t *def = r->match.route ? &cfg->statics[mp_route_slot(r->match.route)] : NULL;
     if (!def || !def->root)
         return out->status = 500;
     out->status = resolve(r, def, out);
@@ -459,19 +457,6 @@ static int add_headers(mp_req_t *r, const mp_static_file_t *f)
     return f->status == 200 ? add_header(r, "Content-Type", f->content_type, strlen(f->content_type)) : 0;
 }
 
-/* The route's response chain. Returns the status to send, or 0 when a
- * hook failed. */
-static int response_hooks(mp_req_t *r, int status)
-{
-    int ref = r->gen->cfg->route_hooks[r->match.route->index - 1].response;
-    if (ref == LUA_NOREF)
-        return status;
-    r->status = status;
-    if (mp_hook_response(r->gen->L, r, ref, NULL) != MP_HOOK_NEXT)
-        return 0;
-    return r->resp_status ? r->resp_status : status;
-}
-
 int mp_static_response(mp_req_t *r, mp_static_file_t *f, mp_buf_t *b, mp_local_t *out)
 {
     int status = f->status;
@@ -483,7 +468,7 @@ int mp_static_response(mp_req_t *r, mp_static_file_t *f, mp_buf_t *b, mp_local_t
                                                          mp_http1_reason(status));
     out->body = (mp_slice){out->text, (size_t)n};
     r->resp_edits = NULL;
-    int shown = add_headers(r, f) == 0 ? response_hooks(r, status) : (r->resp_edits = NULL, 0);
+    int shown = add_headers(r, f) == 0 ? mp_req_response_hooks(r, status, NULL) : (r->resp_edits = NULL, 0);
     if (!shown) {
         mp_static_dispose(f);
         return mp_local_response(r, 500, b, out);

@@ -5,7 +5,7 @@
 #ifndef MP_STATIC_H
 #define MP_STATIC_H
 
-#include "conn.h"
+#include "req.h"
 
 #include <limits.h>
 #include <stdint.h>

@@ -6,13 +6,10 @@
 
 #include "balancer.h"
 #include "head.h"
-#include "l_request.h"
 #include "pool.h"
 #include "gen.h"
 
 #include <errno.h>
-#include <lauxlib.h>
-#include <lua.h>
 #include <stdio.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -118,15 +115,9 @@ static void reset_request_body(mp_req_t *r)
         return;
     }
     memset(&r->body, 0, sizeof(r->body));
-    if (r->h.chunked) {
-        r->body.kind = MP_BODY_CHUNKED;
+    mp_req_body_framing(r);
+    if (r->body.kind == MP_BODY_CHUNKED)
         r->body.scan = r->body_start;
-    } else if (r->h.content_length > 0) {
-        r->body.kind = MP_BODY_LENGTH;
-        r->body.left = (uint64_t)r->h.content_length;
-    } else {
-        r->body.done = 1;
-    }
     r->body_ready = r->body_start;
 }
 
@@ -136,15 +127,13 @@ static void pick_and_connect(mp_req_t *r, int avoid)
 {
     mp_balancer_t *b = balancer_of(r);
     int trial;
-    int server = mp_balancer_pick(b, r, avoid, &trial);
+    int server = mp_balancer_pick(b, &mp_req_pick, r, avoid, &trial);
     if (server == MP_PICK_ERROR)
         return mp_conn_fail(r->conn, 500);
     if (server < 0) {
-        r->retry_after = (uint16_t)mp_balancer_retry_after(b, mp_health_now());
         static mp_log_limit_t lim;
-        mp_log_limited(&lim, MP_LOG_WARN, "w%d: upstream %s: no server available (request %.*s)", worker_of(r)->id,
-                       b->def->name, r->id_len, r->id);
-        return mp_conn_fail(r->conn, 503);
+        mp_req_log_limited(&lim, r, MP_LOG_WARN, "upstream %s: no server available", b->def->name);
+        return mp_conn_fail(r->conn, mp_req_unavailable(r, b));
     }
     r->peer_trial = (unsigned)trial;
     connect_to(r, server, 0);
@@ -226,15 +215,14 @@ static void up_error(mp_req_t *r, enum up_err e)
     int replayable = r->body_replayable && !r->resp_started && !got_bytes;
     if (replayable && reused && e == UE_RESET && (is_idempotent(r->h.method) || !r->head_sent)) {
         /* the server had closed an idle connection: not its failure */
-        mp_log_debug("w%d: pooled connection to %s was closed; request %.*s retried on a new one", w->id,
-                     d->servers[server].addr.text, r->id_len, r->id);
+        mp_env_log(r->env, MP_LOG_DEBUG, "pooled connection to %s was closed; request %.*s retried on a new one",
+                   d->servers[server].addr.text, r->id_len, r->id);
         reset_request_body(r);
         return connect_to(r, server, 1);
     }
     peer_result(r, MP_OUT_FAIL, 0, up_err_text[e]);
     peer_done(r);
-    mp_log_warn("w%d: upstream %s server %s: %s (request %.*s)", w->id, d->name, d->servers[server].addr.text,
-                up_err_text[e], r->id_len, r->id);
+    mp_req_log(r, MP_LOG_WARN, "upstream %s server %s: %s", d->name, d->servers[server].addr.text, up_err_text[e]);
     mp_balancer_t *b = balancer_of(r);
     double now = ev_now(w->loop);
     if (r->tries <= d->retries && d->nservers > 1 && replayable &&
@@ -243,7 +231,7 @@ static void up_error(mp_req_t *r, enum up_err e)
          * server); one after a broken exchange does, and is budgeted. */
         int trial, next = -1;
         if ((nothing_sent || mp_balancer_retry_allowed(b, now)) &&
-            (next = mp_balancer_pick(b, r, server, &trial)) >= 0) {
+            (next = mp_balancer_pick(b, &mp_req_pick, r, server, &trial)) >= 0) {
             if (!nothing_sent)
                 mp_balancer_count(b, 1, now);
             reset_request_body(r);
@@ -253,8 +241,8 @@ static void up_error(mp_req_t *r, enum up_err e)
         if (next == MP_PICK_ERROR)
             return mp_conn_fail(r->conn, 500);
         if (next == -1 && !nothing_sent && !mp_balancer_retry_allowed(b, now))
-            mp_log_warn("w%d: upstream %s: retry budget exhausted, request %.*s not retried", w->id, d->name,
-                        r->id_len, r->id);
+            mp_env_log(r->env, MP_LOG_WARN, "upstream %s: retry budget exhausted, request %.*s not retried", d->name,
+                       r->id_len, r->id);
     }
     int status = (e == UE_CONNECT_TIMEOUT || e == UE_SEND_TIMEOUT || e == UE_READ_TIMEOUT) ? 504 : 502;
     mp_conn_fail(r->conn, status);
@@ -273,13 +261,13 @@ static void local_failure(mp_req_t *r, int err)
     worker_of(r)->stats.upstream_errors++;
     peer_done(r);
     if (r->tries <= d->retries && d->nservers > 1 && r->body_replayable && !r->resp_started)
-        next = mp_balancer_pick(balancer_of(r), r, server, &trial);
+        next = mp_balancer_pick(balancer_of(r), &mp_req_pick, r, server, &trial);
     if (next == MP_PICK_ERROR)
         return mp_conn_fail(r->conn, 500);
     int retry = next >= 0 && next != server;
-    mp_log_limited(&lim, MP_LOG_ERROR, "w%d: cannot open a connection to upstream %s server %s: %s (not counted "
-                   "against the server; request %.*s %s)", worker_of(r)->id, d->name, d->servers[server].addr.text,
-                   strerror(err), r->id_len, r->id, retry ? "tries another server" : "gets 503");
+    mp_env_log_limited(&lim, r->env, MP_LOG_ERROR, "cannot open a connection to upstream %s server %s: %s (not "
+                       "counted against the server; request %.*s %s)", d->name, d->servers[server].addr.text,
+                       strerror(err), r->id_len, r->id, retry ? "tries another server" : "gets 503");
     if (retry) {
         reset_request_body(r);
         r->peer_trial = (unsigned)trial;
@@ -409,7 +397,7 @@ static int make_body_room(mp_req_t *r)
  * request is aborted so that no complete request reaches the server. */
 static void body_error(mp_req_t *r, int status)
 {
-    mp_log_info("w%d: request %.*s: bad request body (%d)", worker_of(r)->id, r->id_len, r->id, status);
+    mp_env_log(r->env, MP_LOG_INFO, "request %.*s: bad request body (%d)", r->id_len, r->id, status);
     mp_upstream_cancel(r);
     r->keepalive = 0;
     mp_conn_fail(r->conn, status);
@@ -510,25 +498,9 @@ static int begin_response(mp_req_t *r, const mp_http_response_t *rh)
 {
     mp_conn_t *c = r->conn;
     mp_upconn_t *u = r->up;
-    mp_framing_t *f = &r->resp;
-    memset(f, 0, sizeof(*f));
-    if (r->is_head || rh->status == 204 || rh->status == 304) {
-        f->kind = MP_BODY_NONE;
-        f->done = 1;
-    } else if (rh->chunked) {
-        f->kind = MP_BODY_CHUNKED;
-        r->dechunk = r->h.minor == 0;
-    } else if (rh->content_length >= 0) {
-        f->kind = MP_BODY_LENGTH;
-        f->left = (uint64_t)rh->content_length;
-        f->done = f->left == 0;
-    } else {
-        f->kind = MP_BODY_CLOSE;
-    }
-    r->up_reusable = !rh->conn_close && (rh->minor == 1 || rh->conn_keepalive) && f->kind != MP_BODY_CLOSE &&
+    mp_req_response_framing(r, rh);
+    r->up_reusable = !rh->conn_close && (rh->minor == 1 || rh->conn_keepalive) && r->resp.kind != MP_BODY_CLOSE &&
                      udef(r)->keepalive > 0;
-    if (f->kind == MP_BODY_CLOSE || r->dechunk)
-        r->keepalive = 0;
     if (!r->body.done || request_pending(r)) {
         /* RFC 9110 §15: the server answered before the whole body; stop sending it. */
         r->body_abandoned = 1;
@@ -541,13 +513,10 @@ static int begin_response(mp_req_t *r, const mp_http_response_t *rh)
     if (failed)
         snprintf(reason, sizeof(reason), "status %d", rh->status);
     peer_result(r, failed ? MP_OUT_FAIL : MP_OUT_OK, rh->status, failed ? reason : NULL);
-    int ref = r->gen->cfg->route_hooks[r->match.route->index - 1].response;
-    if (ref != LUA_NOREF) {
-        if (mp_hook_response(r->gen->L, r, ref, rh) != MP_HOOK_NEXT)
-            return MP_EINVAL;
-        if (r->resp_status)
-            r->status = r->resp_status;
-    }
+    int shown = mp_req_response_hooks(r, rh->status, rh);
+    if (!shown)
+        return MP_EINVAL;
+    r->status = shown;
     if (mp_buf_acquire(&c->out, &c->w->bufs) != 0 || mp_head_response(r, rh, &c->out) != 0)
         return MP_ENOMEM;
     u->in.start += (uint32_t)rh->head_len;
@@ -569,7 +538,7 @@ static int parse_response_head(mp_req_t *r)
         if (rc == MP_EAGAIN)
             return mp_buf_room(&u->in) ? 0 : -(int)UE_INVALID - 1;
         if (rc < 0) {
-            mp_log_debug("w%d: invalid upstream response: %s", worker_of(r)->id, rh.error ? rh.error : "?");
+            mp_env_log(r->env, MP_LOG_DEBUG, "invalid upstream response: %s", rh.error ? rh.error : "?");
             return -(int)UE_INVALID - 1;
         }
         if (rh.status >= 100 && rh.status < 200) {
@@ -650,7 +619,7 @@ static void pump_response(mp_req_t *r)
     mp_conn_t *c = r->conn;
     mp_upconn_t *u = r->up;
     if (u && r->resp_head_done && frame_response_body(r) != 0) {
-        mp_log_warn("w%d: request %.*s: bad chunked framing from upstream", c->w->id, r->id_len, r->id);
+        mp_env_log(r->env, MP_LOG_WARN, "request %.*s: bad chunked framing from upstream", r->id_len, r->id);
         return mp_conn_close(c);
     }
     for (;;) {
@@ -712,7 +681,7 @@ static void upstream_readable(mp_req_t *r)
             r->resp.done = 1;
             return pump_response(r);
         }
-        mp_log_warn("w%d: request %.*s: upstream closed mid-response", worker_of(r)->id, r->id_len, r->id);
+        mp_env_log(r->env, MP_LOG_WARN, "request %.*s: upstream closed mid-response", r->id_len, r->id);
         return mp_conn_close(r->conn); /* the client must not mistake a cut body for a whole one */
     }
     u->in.end += (uint32_t)n;
@@ -770,7 +739,7 @@ static void on_up_timer(struct ev_loop *loop, ev_timer *t, int revents)
     if (u->state == MP_UP_CONNECTING)
         return up_error(r, UE_CONNECT_TIMEOUT);
     if (r->resp_started) {
-        mp_log_warn("w%d: request %.*s: upstream read timed out mid-response", worker_of(r)->id, r->id_len, r->id);
+        mp_env_log(r->env, MP_LOG_WARN, "request %.*s: upstream read timed out mid-response", r->id_len, r->id);
         return mp_conn_close(r->conn);
     }
     up_error(r, (u->io.events & EV_WRITE) ? UE_SEND_TIMEOUT : UE_READ_TIMEOUT);
@@ -816,11 +785,11 @@ void mp_upstream_on_client_timeout(mp_req_t *r)
 {
     mp_conn_t *c = r->conn;
     if (!r->body.done && !r->body_abandoned && !r->resp_started) {
-        mp_log_info("w%d: request %.*s: client_body_timeout", c->w->id, r->id_len, r->id);
+        mp_env_log(r->env, MP_LOG_INFO, "request %.*s: client_body_timeout", r->id_len, r->id);
         mp_upstream_cancel(r);
         r->keepalive = 0;
         return mp_conn_fail(c, 408);
     }
-    mp_log_info("w%d: request %.*s: client stopped reading; closed", c->w->id, r->id_len, r->id);
+    mp_env_log(r->env, MP_LOG_INFO, "request %.*s: client stopped reading; closed", r->id_len, r->id);
     mp_conn_close(c);
 }

@@ -21,7 +21,6 @@
 #include <time.h>
 #include <unistd.h>
 
-#define MIN_BLOCK_SIZE (32 * 1024)
 #define MAX_FREE_BLOCKS 1024
 #define EXPIRE_SECONDS 1.0
 
@@ -74,10 +73,7 @@ int mp_worker_install(mp_worker_t *w, uint64_t id, lua_State *L, mp_config_t *cf
     mp_gen_t *old = w->gen;
     w->gen = g;
     w->cfg = cfg;
-    w->limits.max_uri_size = cfg->settings.max_uri_size;
-    /* the read buffer's size was fixed at start: a head must leave room in it */
-    size_t room = w->bufs.block_size - 1024;
-    w->limits.max_header_size = cfg->settings.max_header_size < room ? cfg->settings.max_header_size : room;
+    mp_req_env_limits(&w->env, cfg->settings.max_uri_size, cfg->settings.max_header_size);
     if (old) {
         MP_ASSERT(old->state == MP_GEN_CURRENT && old->refs > 0);
         old->state = MP_GEN_RETIRED;
@@ -288,26 +284,12 @@ void mp_worker_close_vm(mp_worker_t *w, lua_State *L)
 
 uint64_t mp_worker_rand(mp_worker_t *w)
 {
-    /* xorshift128+: request IDs need to be unique, not secret. */
-    uint64_t s1 = w->rng[0];
-    const uint64_t s0 = w->rng[1];
-    w->rng[0] = s0;
-    s1 ^= s1 << 23;
-    w->rng[1] = s1 ^ s0 ^ (s1 >> 17) ^ (s0 >> 26);
-    return w->rng[1] + s0;
+    return mp_req_rand(&w->env);
 }
 
-mp_slice mp_worker_date(mp_worker_t *w)
+static double loop_now(void *loop)
 {
-    ev_tstamp now = ev_now(w->loop);
-    if ((long)now != (long)w->date_at || !w->date_len) {
-        time_t t = (time_t)now;
-        struct tm tm;
-        gmtime_r(&t, &tm);
-        w->date_len = strftime(w->date, sizeof(w->date), "Date: %a, %d %b %Y %H:%M:%S GMT\r\n", &tm);
-        w->date_at = now;
-    }
-    return (mp_slice){w->date, w->date_len};
+    return ev_now(loop);
 }
 
 int mp_worker_init(mp_worker_t *w, int id, size_t max_header_size, size_t body_buffer_size, const int *fds,
@@ -318,12 +300,14 @@ int mp_worker_init(mp_worker_t *w, int id, size_t max_header_size, size_t body_b
     w->alog.fd = -1;
     pthread_mutex_init(&w->handover_lock, NULL);
     pthread_mutex_init(&w->vm_lock, NULL);
-    size_t block = max_header_size + body_buffer_size;
-    mp_bufpool_init(&w->bufs, block < MIN_BLOCK_SIZE ? MIN_BLOCK_SIZE : block, MAX_FREE_BLOCKS);
-    if (getrandom(w->rng, sizeof(w->rng), 0) != sizeof(w->rng))
-        w->rng[0] = (uint64_t)time(NULL) ^ ((uint64_t)id << 32), w->rng[1] = (uint64_t)getpid() | 1;
+    mp_bufpool_init(&w->bufs, mp_req_block_size(max_header_size, body_buffer_size), MAX_FREE_BLOCKS);
 
     w->loop = ev_loop_new(EVFLAG_AUTO | EVFLAG_NOSIGMASK);
+    mp_req_env_t *e = &w->env;
+    *e = (mp_req_env_t){.id = id, .bufs = &w->bufs, .clock = loop_now, .clock_arg = w->loop,
+                        .hook_vm = &w->lua_vm, .hook_since = &w->lua_since};
+    if (getrandom(e->rng, sizeof(e->rng), 0) != sizeof(e->rng))
+        e->rng[0] = (uint64_t)time(NULL) ^ ((uint64_t)id << 32), e->rng[1] = (uint64_t)getpid() | 1;
     w->listeners = calloc(nfds ? nfds : 1, sizeof(*w->listeners));
     if (!w->loop || !w->listeners)
         return MP_ENOMEM;

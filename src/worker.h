@@ -9,6 +9,7 @@
 #include "config.h"
 #include "log.h"
 #include "metrics.h"
+#include "req.h"
 
 #include <ev.h>
 #include <pthread.h>
@@ -73,11 +74,7 @@ typedef struct mp_worker {
     struct mp_req *free_reqs; /* recycled request objects */
     unsigned nfree_reqs;
     mp_alog_t alog;
-    mp_http_limits_t limits;
-    uint64_t rng[2];
-    ev_tstamp date_at;      /* second of the cached Date value */
-    char date[40];          /* "Date: ...\r\n" */
-    size_t date_len;
+    mp_req_env_t env;       /* what its requests need (req.h): rng, limits, Date, clock, log prefix */
     mp_stats_t stats;
     mp_metrics_t metrics;   /* written here, summed by GET /metrics (metrics.h) */
 } mp_worker_t;
@@ -121,8 +118,5 @@ void mp_worker_close_vm(mp_worker_t *w, lua_State *L);
 
 /* 64 random bits from the worker's generator. */
 uint64_t mp_worker_rand(mp_worker_t *w);
-
-/* The cached "Date: ...\r\n" line, refreshed at most once per second. */
-mp_slice mp_worker_date(mp_worker_t *w);
 
 #endif

@@ -1,0 +1,563 @@
+/* req.c: the decisions taken on a request, once each, with no socket: its
+ * id and client address, routing and the request hooks (mp_req_decide),
+ * request framing and the keep-alive policy, what a refused head or an
+ * error answers, response framing, the response-hook call, answers made
+ * here, the hash key balancers use, and request-scoped log lines. The
+ * server (conn.c, upstream.c, static.c) and the simulator (sim.c) call the
+ * same functions, so what the simulator reports is what the server does. */
+#include "req.h"
+
+#include "balancer.h"
+#include "l_request.h"
+#include "path.h"
+#include "gen.h"
+#include "head.h"
+
+#include <arpa/inet.h>
+#include <lauxlib.h>
+#include <lua.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+
+/* ---- the thread's env ---- */
+
+uint64_t mp_req_rand(mp_req_env_t *e)
+{
+    /* xorshift128+: request IDs need to be unique, not secret. */
+    uint64_t s1 = e->rng[0];
+    const uint64_t s0 = e->rng[1];
+    e->rng[0] = s0;
+    s1 ^= s1 << 23;
+    e->rng[1] = s1 ^ s0 ^ (s1 >> 17) ^ (s0 >> 26);
+    return e->rng[1] + s0;
+}
+
+mp_slice mp_req_date(mp_req_env_t *e)
+{
+    double now = mp_req_now(e);
+    if ((long)now != (long)e->date_at || !e->date_len) {
+        time_t t = (time_t)now;
+        struct tm tm;
+        gmtime_r(&t, &tm);
+        e->date_len = strftime(e->date, sizeof(e->date), "Date: %a, %d %b %Y %H:%M:%S GMT\r\n", &tm);
+        e->date_at = now;
+    }
+    return (mp_slice){e->date, e->date_len};
+}
+
+#define MIN_BLOCK_SIZE (32 * 1024)
+
+size_t mp_req_block_size(size_t max_header_size, size_t body_buffer_size)
+{
+    size_t block = max_header_size + body_buffer_size;
+    return block < MIN_BLOCK_SIZE ? MIN_BLOCK_SIZE : block;
+}
+
+void mp_req_env_limits(mp_req_env_t *e, size_t max_uri_size, size_t max_header_size)
+{
+    e->limits.max_uri_size = max_uri_size;
+    /* the read buffer's size was fixed at start: a head must leave room in it */
+    size_t room = e->bufs->block_size - 1024;
+    e->limits.max_header_size = max_header_size < room ? max_header_size : room;
+}
+
+/* ---- log lines about a request ---- */
+
+static int vlog(mp_log_limit_t *lim, const mp_req_env_t *e, const mp_req_t *r, int level, const char *fmt,
+                va_list ap)
+{
+    if (level <= MP_LOG_INFO && mp_log_level > level) /* as mp_log_debug and mp_log_info: not even formatted */
+        return 0;
+    char msg[1024];
+    size_t n = e->id >= 0 ? (size_t)snprintf(msg, sizeof(msg), "w%d: ", e->id) : 0;
+    int k = vsnprintf(msg + n, sizeof(msg) - n, fmt, ap);
+    if (k > 0)
+        n = n + (size_t)k < sizeof(msg) ? n + (size_t)k : sizeof(msg) - 1;
+    if (r && n < sizeof(msg) - 1)
+        snprintf(msg + n, sizeof(msg) - n, " (request %.*s)", r->id_len, r->id);
+    if (lim)
+        return mp_log_limited(lim, level, "%s", msg);
+    mp_log(level, "%s", msg);
+    return 1;
+}
+
+void mp_req_log(const mp_req_t *r, int level, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vlog(NULL, r->env, r, level, fmt, ap);
+    va_end(ap);
+}
+
+void mp_env_log(const mp_req_env_t *e, int level, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vlog(NULL, e, NULL, level, fmt, ap);
+    va_end(ap);
+}
+
+int mp_req_log_limited(mp_log_limit_t *lim, const mp_req_t *r, int level, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int rc = vlog(lim, r->env, r, level, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+int mp_env_log_limited(mp_log_limit_t *lim, const mp_req_env_t *e, int level, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int rc = vlog(lim, e, NULL, level, fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
+/* ---- a request's start ---- */
+
+int mp_req_parse_failed(mp_req_t *r, int rc)
+{
+    if (rc == MP_EAGAIN) /* the buffer is full: the limits are below the block size; keep it an invariant */
+        r->h.status = 431;
+    mp_env_log(r->env, MP_LOG_DEBUG, "bad request from client: %s", r->h.error ? r->h.error : "?");
+    r->keepalive = 0;
+    r->body.done = 1;
+    return r->h.status ? r->h.status : 400;
+}
+
+void mp_req_keepalive_after(mp_req_t *r, int status)
+{
+    if (!r->body.done || status == 408 || status == 400)
+        r->keepalive = 0;
+}
+
+/* ---- the response ---- */
+
+void mp_req_on_log(mp_req_t *r)
+{
+    const mp_config_t *cfg = r->gen->cfg;
+    if (r->status && cfg->log_ref != LUA_NOREF)
+        mp_hook_log(r->gen->L, r, cfg->log_ref);
+}
+
+int mp_req_unavailable(mp_req_t *r, const mp_balancer_t *b)
+{
+    r->retry_after = (uint16_t)mp_balancer_retry_after(b, mp_health_now());
+    return 503;
+}
+
+/* ---- id, client address, routing ---- */
+
+static int id_char_ok(char ch)
+{
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '.' ||
+           ch == '_' || ch == ':' || ch == '-';
+}
+
+/* X-Request-ID: the client's if it is 1–128 characters of A-Za-z0-9._:-,
+ * otherwise 32 random hex digits. */
+static void assign_request_id(mp_req_t *r)
+{
+    int i = mp_http1_find(r->h.headers, r->h.nheaders, "x-request-id", 12);
+    if (i >= 0) {
+        mp_slice v = r->h.headers[i].value;
+        size_t k = 0;
+        while (k < v.len && id_char_ok(v.p[k]))
+            k++;
+        if (v.len >= 1 && v.len <= 128 && k == v.len) {
+            memcpy(r->id, v.p, v.len);
+            r->id_len = (uint8_t)v.len;
+            return;
+        }
+    }
+    static const char hex[] = "0123456789abcdef";
+    for (int half = 0; half < 2; half++) {
+        uint64_t x = mp_req_rand(r->env);
+        for (int k = 0; k < 16; k++, x >>= 4)
+            r->id[half * 16 + k] = hex[x & 15];
+    }
+    r->id_len = 32;
+}
+
+/* Dotted quad without printf (inet_ntop formats with sprintf). */
+static void format_ipv4(const uint8_t *a, char *out)
+{
+    for (int i = 0; i < 4; i++) {
+        unsigned v = a[i];
+        if (v >= 100)
+            *out++ = (char)('0' + v / 100);
+        if (v >= 10)
+            *out++ = (char)('0' + v / 10 % 10);
+        *out++ = (char)('0' + v % 10);
+        *out++ = i < 3 ? '.' : '\0';
+    }
+}
+
+/* The peer's address as text (an IPv4-mapped one as a dotted quad), and
+ * whether it is one of trusted_proxies. */
+static void describe_peer(mp_req_t *r)
+{
+    const struct sockaddr *p = r->client_addr;
+    const struct in6_addr *a6 = &((const struct sockaddr_in6 *)p)->sin6_addr;
+    const uint8_t *v4 = p->sa_family == AF_INET ? (const uint8_t *)&((const struct sockaddr_in *)p)->sin_addr
+                        : IN6_IS_ADDR_V4MAPPED(a6) ? &a6->s6_addr[12]
+                                                   : NULL;
+    if (v4)
+        format_ipv4(v4, r->client_ip);
+    else
+        inet_ntop(AF_INET6, a6, r->client_ip, sizeof(r->client_ip));
+    const mp_settings_t *s = &r->gen->cfg->settings;
+    for (size_t i = 0; i < s->ntrusted; i++)
+        if (mp_cidr_match(&s->trusted[i], p)) {
+            r->trusted_peer = 1;
+            break;
+        }
+}
+
+/* Whether an address given as text is one of trusted_proxies. */
+static int ip_trusted(const mp_settings_t *s, const char *text, size_t len)
+{
+    char ip[INET6_ADDRSTRLEN];
+    if (len == 0 || len >= sizeof(ip))
+        return 0;
+    memcpy(ip, text, len);
+    ip[len] = '\0';
+    struct sockaddr_in6 sa = {.sin6_family = AF_INET6};
+    struct sockaddr_in sa4 = {.sin_family = AF_INET};
+    const struct sockaddr *p = (const struct sockaddr *)&sa;
+    if (inet_pton(AF_INET, ip, &sa4.sin_addr) == 1)
+        p = (const struct sockaddr *)&sa4;
+    else if (inet_pton(AF_INET6, ip, &sa.sin6_addr) != 1)
+        return 0;
+    for (size_t i = 0; i < s->ntrusted; i++)
+        if (mp_cidr_match(&s->trusted[i], p))
+            return 1;
+    return 0;
+}
+
+mp_slice mp_req_remote_addr(const mp_req_t *r)
+{
+    const mp_settings_t *s = &r->gen->cfg->settings;
+    mp_slice best = {r->client_ip, strlen(r->client_ip)};
+    if (r->trusted_peer) {
+        const mp_header_t *h = r->h.headers;
+        for (int i = (int)r->h.nheaders - 1; i >= 0; i--) {
+            if (!MP_SLICE_IEQ(h[i].name, "x-forwarded-for"))
+                continue;
+            mp_slice toks[32];
+            size_t pos = 0, k = 0;
+            while (k < MP_ARRAY_LEN(toks) && mp_http1_next_token(h[i].value, &pos, &toks[k]))
+                k++;
+            while (k-- > 0) {
+                best = toks[k];
+                if (!ip_trusted(s, best.p, best.len))
+                    goto done;
+            }
+        }
+    }
+done:
+    return best;
+}
+
+/* A hook chain's outcome as mp_req_decide reports it. */
+static int hook_outcome(int rc)
+{
+    return rc == MP_HOOK_RESPONDED ? MP_DECIDE_RESPONDED : 500;
+}
+
+/* The asterisk-form target of OPTIONS * (the parser allows it only there). */
+static int is_asterisk(mp_slice path)
+{
+    return path.len == 1 && path.p[0] == '*';
+}
+
+/* OPTIONS * on a static route: answered here (RFC 9110 §9.3.7) with the
+ * methods a static route serves, as req:respond would answer. */
+static int answer_options(mp_req_t *r)
+{
+    static const char allow[] = "GET, HEAD";
+    mp_hedit_t *e = (mp_hedit_t *)mp_req_arena(r, sizeof(*e) + sizeof(mp_slice));
+    if (!e || !(r->local_body = malloc(1)))
+        return 500;
+    e->name = MP_SLICE_LIT("Allow");
+    e->nvalues = 1;
+    e->values[0] = MP_SLICE_LIT(allow);
+    e->next = r->resp_edits;
+    r->resp_edits = e;
+    r->local_body_len = 0;
+    r->local_status = 200;
+    return MP_DECIDE_RESPONDED;
+}
+
+/* What a route's target makes of a request its hooks let through. */
+static int route_outcome(mp_req_t *r, int go)
+{
+    return go == MP_DECIDE_STATIC && is_asterisk(r->path) ? answer_options(r) : go;
+}
+
+/* Routes r by its (possibly hook-changed) path and runs the route's request
+ * chain. OPTIONS * is routed as "/" (host rules apply) and forwarded as
+ * "*", as HAProxy does. Returns what mp_req_decide returns. */
+static int route_request(mp_req_t *r)
+{
+    const mp_config_t *cfg = r->gen->cfg;
+    mp_http_request_t *h = &r->h;
+    int asterisk = is_asterisk(r->path);
+    r->match_path = asterisk ? MP_SLICE_LIT("/") : r->path;
+    mp_route_query_t q = {h->method, h->host, r->match_path, h->headers, h->nheaders};
+    if (mp_router_match(cfg->router, &q, &r->match) != 0)
+        return 404;
+    const mp_route_t *route = r->match.route;
+    if (route->strip_prefix && route->prefix && !asterisk) {
+        /* the path keeps its leading '/': "/v1/users" less "/v1/" is "/users" */
+        size_t strip = route->prefix_len - (route->prefix[route->prefix_len - 1] == '/');
+        r->path.p += strip;
+        r->path.len -= strip;
+        if (!r->path.len)
+            r->path = MP_SLICE_LIT("/");
+    }
+    r->upstream = route->target;
+    int go = cfg->statics[mp_route_slot(route)].root ? MP_DECIDE_STATIC : MP_DECIDE_UPSTREAM;
+    const mp_route_hooks_t *hooks = &cfg->route_hooks[mp_route_slot(route)];
+    if (hooks->request == LUA_NOREF)
+        return route_outcome(r, go);
+    int up = -1;
+    int rc = mp_hook_route(r->gen->L, r, hooks, &up);
+    if (rc != MP_HOOK_NEXT)
+        return hook_outcome(rc);
+    if (hooks->handler) {
+        if (up < 0 || (size_t)up >= cfg->nupstreams) {
+            mp_req_log(r, MP_LOG_ERROR, "route '%s' (%s): the handler neither responded nor returned an upstream",
+                       route->name, route->src);
+            return 500;
+        }
+        r->upstream = up;
+    }
+    return route_outcome(r, go);
+}
+
+/* Drops the fields whose name has '_' (settings.underscores_in_headers =
+ * false, nginx's default): CGI-style backends map '-' and '_' to one
+ * variable, so X_Forwarded_For would pose as X-Forwarded-For. Dropped from
+ * the parsed list, they are absent for hooks, route `headers` filters and
+ * the upstream alike, as in nginx. */
+static void drop_underscored(mp_http_request_t *h)
+{
+    unsigned k = 0;
+    for (unsigned i = 0; i < h->nheaders; i++)
+        if (!memchr(h->headers[i].name.p, '_', h->headers[i].name.len))
+            h->headers[k++] = h->headers[i];
+    h->nheaders = k;
+}
+
+static int refuse_target(mp_req_t *r, const char *why)
+{
+    mp_req_log(r, MP_LOG_DEBUG, "bad request target from client: %s", why);
+    r->h.error = why;
+    r->path = (mp_slice){NULL, 0}; /* refused like a bad head: no response hook sees it */
+    return 400;
+}
+
+/* Normalises r->path (SPEC "Behaviour on the wire", path.h) before anything
+ * looks at it: a path that changes is written to the request's arena, which
+ * is still empty (no hook ran) and as large as a head. The query is passed
+ * on untouched, once checked. Returns 0, or the status to answer. */
+static int normalize_target(mp_req_t *r)
+{
+    const mp_settings_t *s = &r->gen->cfg->settings;
+    mp_path_opts_t o = {(uint8_t)s->merge_slashes, (uint8_t)s->escaped_slashes};
+    mp_slice p = r->path;
+    const char *why = NULL;
+    if (r->has_query && mp_path_check_query(r->query.p, r->query.len, &why) != 0)
+        return refuse_target(r, why);
+    if (is_asterisk(p) || mp_path_is_normal(p.p, p.len, &o))
+        return 0;
+    char *out = mp_req_arena(r, p.len);
+    if (!out)
+        return 500;
+    ssize_t n = mp_path_normalize(p.p, p.len, &o, out, &why);
+    if (n < 0)
+        return refuse_target(r, why);
+    r->arena.end -= (uint32_t)(p.len - (size_t)n);
+    r->path = (mp_slice){out, (size_t)n};
+    return 0;
+}
+
+void mp_req_identify(mp_req_t *r)
+{
+    if (!r->id_len)
+        assign_request_id(r);
+    if (!r->client_ip[0])
+        describe_peer(r);
+}
+
+int mp_req_decide(mp_req_t *r)
+{
+    mp_http_request_t *h = &r->h;
+    const mp_config_t *cfg = r->gen->cfg;
+    if (!cfg->settings.underscores_in_headers)
+        drop_underscored(h);
+    r->path = h->path;
+    r->query = h->query;
+    r->has_query = h->has_query;
+    assign_request_id(r);
+    describe_peer(r);
+    int bad = normalize_target(r);
+    if (bad)
+        return bad;
+    r->client_path = r->path;
+    if (cfg->settings.max_body_size && h->content_length > 0 &&
+        (uint64_t)h->content_length > cfg->settings.max_body_size)
+        return 413;
+    if (cfg->pre_ref != LUA_NOREF) {
+        int rc = mp_hook_pre(r->gen->L, r, cfg->pre_ref);
+        if (rc != MP_HOOK_NEXT)
+            return hook_outcome(rc);
+    }
+    return route_request(r);
+}
+
+/* ---- the balancer's view ---- */
+
+/* The chash key of r per hash_key; returns 0 when the request has none. */
+static int hash_of(mp_req_t *r, const mp_upstream_def_t *d, uint64_t *hash)
+{
+    const char *k = d->hash_key;
+    const mp_http_request_t *h = &r->h;
+    if (d->hash_key_ref != LUA_NOREF) {
+        lua_State *L = r->gen->L;
+        if (mp_hook_hash_key(L, r, d->hash_key_ref) != MP_HOOK_NEXT)
+            return MP_PICK_ERROR;
+        size_t n;
+        const char *s = lua_tolstring(L, -1, &n);
+        if (s)
+            *hash = mp_hash64(s, n);
+        lua_pop(L, 1);
+        return s != NULL;
+    }
+    if (!k)
+        return 0;
+    if (strcmp(k, "ip") == 0) {
+        mp_slice a = mp_req_remote_addr(r);
+        *hash = mp_hash64(a.p, a.len);
+        return 1;
+    }
+    if (strncmp(k, "header:", 7) == 0) {
+        /* repeated fields count as their values joined by ", " (RFC 9110 §5.3),
+         * as the Lua module does */
+        char joined[4096];
+        size_t len = 0, nlen = strlen(k + 7);
+        int found = 0;
+        for (unsigned i = 0; i < h->nheaders; i++) {
+            if (!mp_slice_ieq(h->headers[i].name, k + 7, nlen))
+                continue;
+            mp_slice v = h->headers[i].value;
+            if (found++ && len + 2 <= sizeof(joined))
+                memcpy(joined + len, ", ", 2), len += 2;
+            size_t take = v.len < sizeof(joined) - len ? v.len : sizeof(joined) - len;
+            memcpy(joined + len, v.p, take);
+            len += take;
+        }
+        if (found)
+            *hash = mp_hash64(joined, len);
+        return found > 0;
+    }
+    /* cookie:NAME: the first NAME=value pair of the Cookie fields */
+    size_t nlen = strlen(k + 7);
+    for (unsigned i = 0; i < h->nheaders; i++) {
+        if (!MP_SLICE_IEQ(h->headers[i].name, "cookie"))
+            continue;
+        mp_slice v = h->headers[i].value;
+        for (size_t at = 0; at < v.len;) {
+            while (at < v.len && (v.p[at] == ' ' || v.p[at] == ';'))
+                at++;
+            size_t end = at;
+            while (end < v.len && v.p[end] != ';')
+                end++;
+            if (end - at > nlen && memcmp(v.p + at, k + 7, nlen) == 0 && v.p[at + nlen] == '=') {
+                *hash = mp_hash64(v.p + at + nlen + 1, end - at - nlen - 1);
+                return 1;
+            }
+            at = end;
+        }
+    }
+    return 0;
+}
+
+int mp_req_hash_key(mp_req_t *r, const mp_upstream_def_t *d, uint64_t *out)
+{
+    int has = hash_of(r, d, out);
+    if (has < 0)
+        return has;
+    if (!has) { /* no key: the client's address, as the Lua module does */
+        mp_slice a = mp_req_remote_addr(r);
+        *out = mp_hash64(a.p, a.len);
+    }
+    return 0;
+}
+
+static int pick_hash(void *arg, const mp_upstream_def_t *d, uint64_t *out)
+{
+    return mp_req_hash_key(arg, d, out);
+}
+
+static int pick_lua(lua_State *L, void *arg, int ref, const mp_pick_server_t *s, int n, int navailable)
+{
+    return mp_hook_pick(L, arg, ref, s, n, navailable);
+}
+
+const mp_pick_ctx_t mp_req_pick = {pick_hash, pick_lua};
+
+/* ---- answers made here ---- */
+
+int mp_req_response_hooks(mp_req_t *r, int status, const mp_http_response_t *rh)
+{
+    const mp_config_t *cfg = r->gen->cfg;
+    int ref = r->match.route ? cfg->route_hooks[mp_route_slot(r->match.route)].response : cfg->response_ref;
+    if (ref == LUA_NOREF)
+        return status;
+    r->status = status;
+    if (mp_hook_response(r->gen->L, r, ref, rh) != MP_HOOK_NEXT)
+        return 0;
+    return r->resp_status ? r->resp_status : status;
+}
+
+static void error_body(int status, mp_local_t *out)
+{
+    int n = snprintf(out->text, sizeof(out->text), "%d %s\n", status, mp_http1_reason(status));
+    out->body = (mp_slice){out->text, (size_t)n};
+}
+
+int mp_local_response(mp_req_t *r, int status, mp_buf_t *b, mp_local_t *out)
+{
+    const mp_hedit_t *edits = NULL;
+    int shown = 0;
+    if (status == 0 && (shown = mp_req_response_hooks(r, r->local_status, NULL))) {
+        /* what req:respond gave, as the response hooks left it */
+        out->body = (mp_slice){r->local_body, r->local_body_len};
+        edits = r->resp_edits;
+    } else {
+        if (status == 0) /* a response hook failed on it */
+            status = 500;
+        error_body(status, out);
+        /* Response hooks see the proxy's own errors too, once the head was
+         * valid (and not when a hook is what failed). */
+        r->resp_edits = NULL;
+        shown = status;
+        if (r->path.p && !r->hook_failed && !(shown = mp_req_response_hooks(r, status, NULL))) {
+            shown = 500;
+            r->resp_edits = NULL;
+            error_body(500, out);
+        }
+        edits = r->resp_edits;
+    }
+    r->status = shown;
+    if (mp_head_local(r, shown, edits, out->body.len, b) != 0) /* Content-Length on a HEAD too: RFC 9110 §9.3.2 */
+        return -1;
+    return shown;
+}
+

@@ -1,0 +1,306 @@
+/* req.h: a request, from its head to the end of its response, with no
+ * socket: its framing, phases and what hooks changed (mp_req_t), and what it
+ * needs from the thread that runs it (mp_req_env_t). The decisions taken on
+ * it are in req.c; the server (conn.c, upstream.c) and the simulator
+ * (sim.c) both run them. */
+#ifndef MP_REQ_H
+#define MP_REQ_H
+
+#include "buf.h"
+#include "common.h"
+#include "config.h"
+#include "headers.h"
+#include "http1.h"
+#include "log.h"
+#include "reframe.h"
+#include "router.h"
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct lua_State lua_State;
+typedef struct mp_gen mp_gen_t;
+typedef struct mp_balancer_s mp_balancer_t;
+struct mp_conn;
+struct mp_upconn;
+struct mp_peer;
+struct mp_lbox;
+struct sockaddr;
+
+/* What a request needs from the thread that runs it, with no socket: a
+ * worker embeds one (mp_worker_t.env), the simulator owns one. */
+typedef struct mp_req_env {
+    int id;                   /* worker id for log lines ("w0: "); -1: none (the simulator) */
+    mp_bufpool_t *bufs;       /* the thread's buffer blocks */
+    uint64_t rng[2];          /* request ids (mp_req_rand) */
+    mp_http_limits_t limits;  /* for the request parser (mp_req_env_limits) */
+    double (*clock)(void *arg); /* the loop time (ev_now); the simulator pins it */
+    void *clock_arg;
+    lua_State *_Atomic *hook_vm; /* the watchdog's view of a running hook (worker.h) */
+    _Atomic double *hook_since;
+    double date_at;           /* second of the cached Date line */
+    char date[40];            /* "Date: ...\r\n" */
+    size_t date_len;
+} mp_req_env_t;
+
+/* The loop time of the thread running a request. */
+static inline double mp_req_now(const mp_req_env_t *e)
+{
+    return e->clock(e->clock_arg);
+}
+
+/* 64 random bits from the env's generator. */
+uint64_t mp_req_rand(mp_req_env_t *e);
+
+/* The cached "Date: ...\r\n" line, refreshed at most once per second. */
+mp_slice mp_req_date(mp_req_env_t *e);
+
+/* The size of a thread's buffer blocks: a head of max_header_size and
+ * body_buffer_size body bytes. */
+size_t mp_req_block_size(size_t max_header_size, size_t body_buffer_size);
+
+/* The parser's limits for the settings given; a head must leave room in a buffer
+ * block (whose size was fixed when the thread started). */
+void mp_req_env_limits(mp_req_env_t *e, size_t max_uri_size, size_t max_header_size);
+
+enum mp_phase { MP_PHASE_REQUEST, MP_PHASE_RESPONSE, MP_PHASE_LOG, MP_PHASE_DONE };
+
+enum mp_body_kind { MP_BODY_NONE, MP_BODY_LENGTH, MP_BODY_CHUNKED, MP_BODY_CLOSE };
+
+/* mp_framing_t (a body being relayed) is in reframe.h. */
+
+/* A response made here. */
+typedef struct {
+    mp_slice body;  /* respond()'s body (in the request), or text */
+    char text[64];  /* an error's body: "404 Not Found\n" */
+} mp_local_t;
+
+/* One request, from its head to the end of its response. Lives in the
+ * worker while the connection serves it (or in the simulator); the head's
+ * slices point into conn->in (sim: its copy of the bytes), which stays pinned
+ * at [0, head_len) until the request ends. */
+typedef struct mp_req {
+    struct mp_conn *conn;     /* the client connection (opaque here: only L3 code dereferences it), or NULL */
+    mp_req_env_t *env;        /* the thread running it: buffers, rng, limits, clock, log prefix */
+    const struct sockaddr *client_addr; /* the peer (v4, or v6 which may be v4-mapped); lives as long as r */
+    mp_gen_t *gen;            /* the configuration generation it runs on (pinned) */
+    struct mp_upconn *up;     /* the upstream connection in use, or NULL */
+    mp_http_request_t h;      /* parsed head */
+    mp_route_match_t match;
+    int upstream;             /* index in cfg->upstreams, -1 */
+    int server;               /* index in the upstream's servers, -1 */
+    int tries;                /* connection attempts that counted against retries */
+    mp_framing_t body;        /* request body, client → upstream */
+    mp_framing_t resp;        /* response body, upstream → client */
+    uint32_t body_start;      /* offset in conn->in where the request body begins */
+    uint32_t body_ready;      /* conn->in [in.start, body_ready): body bytes to forward (chunked: decoded) */
+    uint32_t resp_scan;       /* up->in: response bytes whose framing was checked */
+    uint32_t resp_ready;      /* up->in [in.start, resp_ready): body bytes to send the client */
+    int status;               /* response status sent (or to send) to the client */
+    uint64_t bytes_sent;      /* to the client, head included */
+    double t_start, t_up_start, t_up_end; /* loop time */
+    mp_slice path;            /* what the upstream gets: the received path, stripped or rewritten */
+    mp_slice query;           /* likewise; valid when has_query */
+    /* Hooks (l_request.c): the Lua objects, and what hooks changed. */
+    struct mp_lbox *lbox;     /* the Lua slot of its hook objects (l_request.c), or NULL */
+    mp_buf_t arena;           /* strings and edits written by hooks */
+    mp_hedit_t *edits;        /* request header edits, newest first */
+    mp_hedit_t *resp_edits;   /* response header edits (and respond()'s headers) */
+    const mp_http_response_t *rh; /* the upstream's response head, during response hooks */
+    mp_slice match_path;      /* the path the router matched (regex captures index it) */
+    mp_slice client_path;     /* the received path once normalised: what the client asked for */
+    mp_local_t local;         /* a response made here (an error's text stays here while it is sent) */
+    const char *local_out;    /* body of a local response still to write after c->out */
+    size_t local_out_len;
+    char *local_body;         /* respond()'s body (malloc'd) */
+    size_t local_body_len;
+    uint16_t local_status;    /* respond()'s status; 0 when no hook responded */
+    uint16_t resp_status;     /* response status as hooks set it; 0: the upstream's */
+    uint8_t phase;            /* mp_phase: what hooks may do now */
+    uint16_t retry_after;     /* a 503 from the proxy: seconds for Retry-After (0: none) */
+    struct mp_peer *peer;     /* the server of the current attempt (health.h), or NULL */
+    double attempt_start;     /* when the current attempt began (ev_time) */
+    unsigned peer_trial : 1;  /* the attempt is a half-open circuit's trial */
+    unsigned peer_reported : 1; /* its outcome was reported */
+    char id[129];             /* X-Request-ID sent upstream and echoed */
+    uint8_t id_len;
+    char client_ip[46];
+    unsigned keepalive : 1;      /* keep the client connection after this response */
+    unsigned is_head : 1;        /* HEAD request */
+    unsigned trusted_peer : 1;   /* the peer is one of trusted_proxies */
+    unsigned body_replayable : 1; /* every body byte is still in conn->in */
+    unsigned head_sent : 1;      /* the upstream request head was written */
+    unsigned resp_started : 1;   /* a response byte reached the client */
+    unsigned resp_head_done : 1; /* the upstream response head was parsed */
+    unsigned dechunk : 1;        /* HTTP/1.0 client: strip chunked framing */
+    unsigned sent_continue : 1;  /* 100 Continue was sent to the client */
+    unsigned up_reusable : 1;    /* the upstream connection may go back to the pool */
+    unsigned body_abandoned : 1; /* the upstream answered before the whole body; stop sending it */
+    unsigned has_query : 1;      /* query is present ('?' was there) */
+    unsigned hook_failed : 1;    /* a hook raised: no more hooks for this request */
+    unsigned has_file : 1;       /* file_fd is open: a static response's body (closed at request end) */
+    int file_fd;
+    uint64_t file_off, file_left; /* bytes of the file sent, still to send */
+} mp_req_t;
+
+/* What a request's head decides (mp_req_decide): go upstream, answer what a
+ * hook answered with req:respond, serve a static route's file (static.h), or
+ * (any other value) answer that status. */
+enum { MP_DECIDE_UPSTREAM = 0, MP_DECIDE_RESPONDED = 1, MP_DECIDE_STATIC = 2 };
+
+/* n bytes (8-aligned) from the request's arena, freed with the request; NULL
+ * when no buffer block can be had (r->arena.data is then NULL) or the block
+ * is full. */
+static inline void *mp_req_arena(mp_req_t *r, size_t n)
+{
+    mp_buf_t *a = &r->arena;
+    if (MP_UNLIKELY(!a->data) && mp_buf_acquire(a, r->env->bufs) != 0)
+        return NULL;
+    size_t at = (a->end + 7u) & ~(size_t)7u;
+    if (at + n > a->cap)
+        return NULL;
+    a->end = (uint32_t)(at + n);
+    return a->data + at;
+}
+
+/* ---- what the request layer decides (req.c; the small steps inline here):
+ * the server and the simulator call these ---- */
+
+/* Readies r for a request run by env on gen (the caller holds its
+ * reference) for the peer at client (kept: it must outlive r), started at
+ * loop time now. Only the bookkeeping is zeroed; the parser fills the field
+ * array. */
+static inline void mp_req_reset(mp_req_t *r, mp_req_env_t *env, mp_gen_t *gen, const struct sockaddr *client,
+                                double now)
+{
+    memset(r, 0, offsetof(mp_req_t, h));
+    memset(&r->h, 0, offsetof(mp_http_request_t, headers));
+    memset(&r->h.head_len, 0, sizeof(r->h) - offsetof(mp_http_request_t, head_len));
+    memset(&r->match, 0, sizeof(*r) - offsetof(mp_req_t, match));
+    r->env = env;
+    r->gen = gen;
+    r->client_addr = client;
+    r->upstream = r->server = -1;
+    r->t_start = now;
+}
+
+/* r->body (zeroed) from the head alone: chunked, Content-Length, or none
+ * (done). */
+static inline void mp_req_body_framing(mp_req_t *r)
+{
+    const mp_http_request_t *h = &r->h;
+    if (h->chunked) {
+        r->body.kind = MP_BODY_CHUNKED;
+    } else if (h->content_length > 0) {
+        r->body.kind = MP_BODY_LENGTH;
+        r->body.left = (uint64_t)h->content_length;
+    } else {
+        r->body.done = 1;
+    }
+}
+
+/* A complete, valid head is in r->h: whether it is HEAD, the request body's
+ * framing (mp_req_body_framing) and keep-alive (HTTP/1.1 unless
+ * "Connection: close"; HTTP/1.0 only with "Connection: keep-alive"; never
+ * while the thread is stopping). Inline, as the request path had it. */
+static inline void mp_req_begin(mp_req_t *r, int stopping)
+{
+    const mp_http_request_t *h = &r->h;
+    r->is_head = h->method.len == 4 && memcmp(h->method.p, "HEAD", 4) == 0;
+    r->keepalive = h->minor == 1 ? !h->conn_close : (h->conn_keepalive && !h->conn_close);
+    if (stopping)
+        r->keepalive = 0;
+    r->body_start = (uint32_t)h->head_len;
+    mp_req_body_framing(r);
+}
+
+/* The parser refused the head (rc: MP_EAGAIN when the buffer is full, or
+ * its error): the connection closes after the answer and no body is read.
+ * Returns the status to answer: 431, the parser's, or 400. */
+int mp_req_parse_failed(mp_req_t *r, int rc);
+
+/* Whether the connection can follow an answer made here (status; 0 for a
+ * hook's req:respond or a static file): not with a body left unread, not
+ * after 408 or 400. Clears r->keepalive otherwise. */
+void mp_req_keepalive_after(mp_req_t *r, int status);
+
+/* The response body's framing from the upstream's head rh (r->resp):
+ * none for HEAD, 204 and 304; chunked (stripped for an HTTP/1.0 client);
+ * Content-Length; or until close, which ends keep-alive. */
+static inline void mp_req_response_framing(mp_req_t *r, const mp_http_response_t *rh)
+{
+    mp_framing_t *f = &r->resp;
+    memset(f, 0, sizeof(*f));
+    if (r->is_head || rh->status == 204 || rh->status == 304) {
+        f->kind = MP_BODY_NONE;
+        f->done = 1;
+    } else if (rh->chunked) {
+        f->kind = MP_BODY_CHUNKED;
+        r->dechunk = r->h.minor == 0;
+    } else if (rh->content_length >= 0) {
+        f->kind = MP_BODY_LENGTH;
+        f->left = (uint64_t)rh->content_length;
+        f->done = f->left == 0;
+    } else {
+        f->kind = MP_BODY_CLOSE;
+    }
+    if (f->kind == MP_BODY_CLOSE || r->dechunk)
+        r->keepalive = 0;
+}
+
+/* Runs the response hooks (the route's chain, or the global one before
+ * routing) on a response of status: the upstream's (rh), or one made here
+ * (rh NULL). Returns the status to send, which a hook may have changed, or
+ * 0 when a hook failed. */
+int mp_req_response_hooks(mp_req_t *r, int status, const mp_http_response_t *rh);
+
+/* The response was sent (r->status set; none when the request was
+ * abandoned): the on_log chain runs. */
+void mp_req_on_log(mp_req_t *r);
+
+/* No server of b is available: the answer is 503, with Retry-After for
+ * when one may be again. Returns 503. */
+int mp_req_unavailable(mp_req_t *r, const mp_balancer_t *b);
+
+/* The balancer's view of a request (balancer.h; its arg: the mp_req_t *):
+ * the hash key and the Lua policy call. */
+extern const struct mp_pick_ctx mp_req_pick;
+
+/* The hash of r's key for a chash upstream (the upstream's hash_key: a
+ * header, a cookie, the client address, or a Lua function; the client's
+ * address when the request has none). Returns 0, or -2 (MP_PICK_ERROR)
+ * when the Lua function failed. */
+int mp_req_hash_key(mp_req_t *r, const mp_upstream_def_t *d, uint64_t *out);
+
+/* Runs everything between a parsed head and the exchange: the request id,
+ * the client address, the body size limit, the global request hooks,
+ * routing and the route's request hooks. Touches no socket, so the
+ * simulator (sim.h) runs the very same decision. */
+int mp_req_decide(mp_req_t *r);
+
+/* Gives r its request id and client address if it has none yet (a head the
+ * parser refused never reached mp_req_decide). */
+void mp_req_identify(mp_req_t *r);
+
+/* The real client: the peer, or, from a trusted peer, the rightmost
+ * X-Forwarded-For address that is not itself a trusted proxy (the leftmost
+ * when all are). Borrowed from the request. */
+mp_slice mp_req_remote_addr(const mp_req_t *r);
+
+/* Runs the response hooks on the response made here for r (status: the
+ * proxy's own error, or 0 for what req:respond gave), and appends its head
+ * to b. Returns the status to send, or -1 when b has no room. */
+int mp_local_response(mp_req_t *r, int status, mp_buf_t *b, mp_local_t *out);
+
+/* A log line about r: "w<id>: " (none in the simulator), the message, then
+ * " (request <id>)". mp_env_log adds the prefix only (for lines that name
+ * the request elsewhere); the _limited ones are mp_log_limited's. */
+void mp_req_log(const mp_req_t *r, int level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+void mp_env_log(const mp_req_env_t *e, int level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+int mp_req_log_limited(mp_log_limit_t *lim, const mp_req_t *r, int level, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+int mp_env_log_limited(mp_log_limit_t *lim, const mp_req_env_t *e, int level, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+#endif
