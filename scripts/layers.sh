@@ -23,24 +23,25 @@ cd "$(dirname "$0")/.."
 # The layer of every file in src/: a name is a part (foo.c + foo.h), a name with
 # its extension is that file alone (req.h is a type, req.c decides).
 LAYERS='
-L0 http1 headers buf strbuf router regex balance health metrics log shdict path reframe util common
-L1 req.h gen.h err.h
+L0 http1 headers buf strbuf router regex balance health log shdict path reframe util common
+L1 req.h gen.h err.h config.h
 L2 req head l_request balancer gen.c
-L2 config vm
+L2 config.c vm metrics
 L2 l_core l_http1 l_router l_config l_shared l_balance l_path
 L3 conn upstream pool io static probe tunnel cache compress redis l_http
 L4 worker listener
-L5 main reload admin sim l_sim
+L5 main reload admin sim guard l_sim
 '
 # Why config, vm and the bindings sit where they do (the lowest layer that works):
-#   config   L2: builds a generation's tables from what the Lua DSL returned, through vm (config.c
-#                includes vm.h); its types are what decide-layer code reads a route or upstream by
-#                (so metrics.h, L0, including config.h is one of the KNOWN violations).
+#   config.h L1: the configuration's types (settings, routes, upstreams), read by every layer above.
+#   config.c L2: builds those tables from what the Lua DSL returned, through vm (config.c includes vm.h).
 #   vm       L2: the lua_State and mp_vm_call, the one way into Lua, which the decisions (hooks,
 #                balancer policies) call; it needs only log and the binding list (l_core).
 #   l_core, l_http1, l_router, l_config, l_shared, l_balance, l_path
 #            L2: Lua bindings over L0/L2 code with no sockets; vm opens them in every VM, and
 #                moonproxy.core (no server) is built from them.
+#   metrics  L2: per-worker counters are pure, but the scrape renders the servers of a configuration
+#                (config.h, L1).
 #   l_request L2 (DESIGN.md); l_http L3: a call-out over the worker's sockets (beside redis);
 #   l_sim    L5: the binding of sim.c.
 # Not checked: fuzz.c (the libFuzzer driver, test-only).
@@ -52,77 +53,19 @@ SKIP=" fuzz.c "
 # (the check fails until you do). Never add one for new code: use a callback.
 KNOWN=(
     # an include of a header of a higher layer
-    "balancer.c includes conn.h"
-    "balancer.c includes reload.h"
-    "conn.c includes listener.h"
-    "conn.c includes reload.h"
     "conn.h includes worker.h"
-    "l_request.c includes reload.h"
-    "l_request.h includes conn.h"
-    "metrics.h includes config.h"
     "pool.h includes worker.h"
-    "static.c includes reload.h"
-    "upstream.c includes reload.h"
-    "worker.c includes reload.h"
-    # a call by name into a higher layer
-    "balancer.c calls mp_req_remote_addr"
-    "conn.c calls mp_gen_ref"
-    "conn.c calls mp_gen_unref"
-    "conn.c calls mp_listener_pause"
-    "conn.c calls mp_worker_date"
-    "conn.c calls mp_worker_rand"
-    "l_core.c calls mp_l_sim_register"
-    "l_core.h calls mp_l_sim_register"
-    "l_request.c calls mp_req_arena"
-    "l_request.c calls mp_req_remote_addr"
-    "static.c calls mp_worker_date"
-    "upstream.c calls mp_worker_date"
-    "worker.c calls mp_gen_dispose_all"
-    "worker.c calls mp_gen_expire"
-    "worker.c calls mp_gen_install"
     # an include inside an include cycle (PART -> PART, .c and .h together)
-    "cycle balancer -> conn"
-    "cycle balancer -> l_request"
-    "cycle balancer -> reload"
-    "cycle config -> vm"
-    "cycle conn -> l_request"
-    "cycle conn -> listener"
-    "cycle conn -> pool"
-    "cycle conn -> reload"
-    "cycle conn -> static"
     "cycle conn -> upstream"
     "cycle conn -> worker"
-    "cycle l_core -> config"
-    "cycle l_request -> conn"
-    "cycle l_request -> reload"
     "cycle listener -> conn"
     "cycle listener -> worker"
     "cycle pool -> worker"
-    "cycle reload -> balancer"
-    "cycle reload -> conn"
-    "cycle reload -> l_request"
-    "cycle reload -> pool"
-    "cycle reload -> sim"
-    "cycle reload -> worker"
-    "cycle sim -> balancer"
-    "cycle sim -> conn"
-    "cycle sim -> l_request"
-    "cycle sim -> reload"
-    "cycle sim -> static"
-    "cycle sim -> upstream"
-    "cycle static -> conn"
-    "cycle static -> l_request"
-    "cycle static -> reload"
-    "cycle upstream -> balancer"
     "cycle upstream -> conn"
-    "cycle upstream -> l_request"
     "cycle upstream -> pool"
-    "cycle upstream -> reload"
-    "cycle vm -> l_core"
     "cycle worker -> conn"
     "cycle worker -> listener"
     "cycle worker -> pool"
-    "cycle worker -> reload"
 )
 
 mode=check
@@ -137,7 +80,10 @@ known=$(printf '%s\n' "${KNOWN[@]+"${KNOWN[@]}"}")
 rc=0
 out=$(awk -v layers="$LAYERS" -v skip="$SKIP" -v known="$known" -v mode="$mode" '
 function base(f) { sub(/^.*\//, "", f); return f }
-function part(f) { f = base(f); sub(/\.[ch]$/, "", f); return f }
+function part(f) { f = base(f); if (f in lay) return f; sub(/\.[ch]$/, "", f); return f }
+# stem(F): the name without .c/.h: a header declares the functions of its .c even
+# when the two sit in different layers (the types of req.h, the decisions of req.c).
+function stem(f) { f = base(f); sub(/\.[ch]$/, "", f); return f }
 function layer(f,   b) {
     b = base(f)
     if (b in lay) return lay[b]
@@ -262,7 +208,7 @@ END {
         if (lf < 0) { unknown[f] = 1; continue }
         if (!(name in def)) continue            # a macro, a type, or not ours (a definition in a header)
         d = def[name]; ld = layer(d)
-        if (part(d) == part(f) || ld <= lf) continue
+        if (stem(d) == stem(f) || ld <= lf) continue
         report(base(f) " calls " name, f ":" call_l[i] ": calls " name " (" base(d) ", L" ld ") from L" lf)
     }
     for (f in unknown) { print f ": not in the layer table: add it to the layer table in scripts/layers.sh"; nunknown++ }
