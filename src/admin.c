@@ -113,8 +113,8 @@ static void respond(admin_conn_t *c, int status, const char *type, const char *b
     if (!c->out)
         return close_conn(c);
     int n = snprintf(c->out, cap,
-                     "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n",
-                     status, mp_http1_reason(status), type, len);
+                     "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n", status,
+                     mp_http1_reason(status), type, len);
     memcpy(c->out + n, body, len);
     c->out_len = (size_t)n + len;
     flush(c);
@@ -213,8 +213,8 @@ static void upstreams(admin_conn_t *c)
                              "\"failures\":%d,\"latency_ms\":%.3f,\"requests\":%llu,\"failed\":%llu}",
                              u->servers[s].weight, mp_peer_healthy(p, now) ? "true" : "false",
                              p->probe_up ? "true" : "false", open <= 0 ? "closed" : (now < open ? "open" : "half-open"),
-                             (int)p->active, (int)p->fails,
-                             mp_peer_latency(p), (unsigned long long)p->requests, (unsigned long long)p->failures);
+                             (int)p->active, (int)p->fails, mp_peer_latency(p), (unsigned long long)p->requests,
+                             (unsigned long long)p->failures);
         }
         mp_strbuf_printf(&b, "]}");
     }
@@ -233,8 +233,8 @@ static void metrics(admin_conn_t *c)
         return respond(c, 500, "text/plain", "out of memory\n", 14);
     for (int i = 0; i < n; i++)
         ms[i] = &workers[i].metrics;
-    mp_metrics_src_t src = {.workers = ms, .nworkers = n, .cfg = mp_reloader_config(rl),
-                            .generation = mp_reloader_generation(rl)};
+    mp_metrics_src_t src = {
+        .workers = ms, .nworkers = n, .cfg = mp_reloader_config(rl), .generation = mp_reloader_generation(rl)};
     mp_reloader_counts(rl, &src.reloads_ok, &src.reloads_refused);
     size_t len = 0;
     char *text = mp_metrics_render(&src, &len);
@@ -428,8 +428,8 @@ static void on_accept(struct ev_loop *loop, ev_io *io, int revents)
     }
 }
 
-mp_admin_t *mp_admin_start(struct ev_loop *loop, mp_addr_t *addr, mp_reloader_t *rl, const int *ready,
-                           const int *stuck, char *err, size_t errlen)
+mp_admin_t *mp_admin_start(struct ev_loop *loop, mp_addr_t *addr, mp_reloader_t *rl, const int *ready, const int *stuck,
+                           char *err, size_t errlen)
 {
     mp_admin_t *a = calloc(1, sizeof(*a));
     if (!a) {

@@ -14,8 +14,8 @@ typedef struct mp_admin mp_admin_t;
 /* Listens on addr with loop. *ready tells /ready (non-zero: ready), *stuck
  * /live (non-zero: workers stuck in a hook, 503). Returns NULL with err set
  * when the port cannot be opened. */
-mp_admin_t *mp_admin_start(struct ev_loop *loop, mp_addr_t *addr, mp_reloader_t *rl, const int *ready,
-                           const int *stuck, char *err, size_t errlen);
+mp_admin_t *mp_admin_start(struct ev_loop *loop, mp_addr_t *addr, mp_reloader_t *rl, const int *ready, const int *stuck,
+                           char *err, size_t errlen);
 
 void mp_admin_free(mp_admin_t *a);
 

@@ -18,16 +18,16 @@ typedef struct lua_State lua_State;
 
 typedef struct mp_balancer_s {
     const mp_upstream_def_t *def;
-    lua_State *L;          /* the VM it was built in (the generation's) */
-    mp_peer_t **peers;     /* def->nservers */
+    lua_State *L;      /* the VM it was built in (the generation's) */
+    mp_peer_t **peers; /* def->nservers */
     mp_passive_t passive;
-    int policy;            /* enum in balancer.c */
-    unsigned cursor;       /* round robin, least_conn ties */
-    int *current;          /* smooth weighted round robin */
+    int policy;      /* enum in balancer.c */
+    unsigned cursor; /* round robin, least_conn ties */
+    int *current;    /* smooth weighted round robin */
     uint64_t rng;
     mp_chash_t *ring;
-    int servers_ref;       /* Lua policies: the list of all server objects */
-    int upstream_ref;      /* Lua policies: { name =, hash_key = } */
+    int servers_ref;                                              /* Lua policies: the list of all server objects */
+    int upstream_ref;                                             /* Lua policies: { name =, hash_key = } */
     uint32_t requests[MP_RETRY_WINDOW], retries[MP_RETRY_WINDOW]; /* per second of the window */
     int64_t window_second[MP_RETRY_WINDOW];
 } mp_balancer_t;

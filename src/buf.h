@@ -16,7 +16,7 @@ typedef struct {
 } mp_buf_t;
 
 typedef struct {
-    void *free;       /* singly linked list of free blocks */
+    void *free; /* singly linked list of free blocks */
     size_t block_size;
     unsigned nfree;
     unsigned max_free; /* blocks kept beyond this are given back to malloc */

@@ -17,18 +17,18 @@ typedef struct {
 
 enum {
     MP_OK = 0,
-    MP_EAGAIN = -1,    /* need more input / would block */
-    MP_EPROTO = -2,    /* peer bytes violate the protocol */
+    MP_EAGAIN = -1, /* need more input / would block */
+    MP_EPROTO = -2, /* peer bytes violate the protocol */
     MP_ENOMEM = -3,
     MP_ETIMEDOUT = -4,
-    MP_EINVAL = -5,    /* bad argument or configuration */
-    MP_ENOENT = -6,    /* nothing matched */
-    MP_EIO = -7,       /* a syscall failed; see errno */
+    MP_EINVAL = -5, /* bad argument or configuration */
+    MP_ENOENT = -6, /* nothing matched */
+    MP_EIO = -7,    /* a syscall failed; see errno */
 };
 
 #define MP_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 
-#define container_of(ptr, type, member) ((type *)((char *)(ptr) - offsetof(type, member)))
+#define container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 
 #define MP_LIKELY(x) __builtin_expect(!!(x), 1)
 #define MP_UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -36,10 +36,10 @@ enum {
 void mp_bug(const char *file, int line, const char *expr) __attribute__((noreturn));
 
 /* MP_BUG_ON stays in release builds: its breach means memory corruption. */
-#define MP_BUG_ON(cond)                                                                                 \
-    do {                                                                                                \
-        if (MP_UNLIKELY(cond))                                                                          \
-            mp_bug(__FILE__, __LINE__, #cond);                                                          \
+#define MP_BUG_ON(cond)                                                                                                \
+    do {                                                                                                               \
+        if (MP_UNLIKELY(cond))                                                                                         \
+            mp_bug(__FILE__, __LINE__, #cond);                                                                         \
     } while (0)
 
 #ifdef MP_DEBUG

@@ -2,16 +2,16 @@
  * DSL returns (lua/moonproxy.lua, _finish) into an mp_config_t; parses
  * addresses and CIDRs. */
 #include "config.h"
+
 #include "path.h"
 #include "vm.h"
 
-#include <lauxlib.h>
-#include <luajit.h>
-#include <lua.h>
-
 #include <arpa/inet.h>
 #include <errno.h>
+#include <lauxlib.h>
 #include <limits.h>
+#include <lua.h>
+#include <luajit.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -366,8 +366,7 @@ static void build_settings(lua_State *L, mp_settings_t *s)
 }
 
 /* The address at field k of the table on top; listeners may use port 0. */
-static void build_addr(lua_State *L, mp_addr_t *a, const char *k, const char *src, const char *what,
-                       int listener)
+static void build_addr(lua_State *L, mp_addr_t *a, const char *k, const char *src, const char *what, int listener)
 {
     const char *text = get_str(L, lua_gettop(L), k, src, what);
     if (!text)

@@ -33,32 +33,32 @@ typedef struct {
 /* Active health checks of an upstream's servers (SPEC `health`). */
 typedef struct {
     char *path;
-    char *host;              /* NULL: the server's address */
+    char *host;               /* NULL: the server's address */
     double interval, timeout; /* seconds */
     int rise, fall;
-    mp_statuses_t statuses;  /* n == 0: any 2xx or 3xx */
+    mp_statuses_t statuses; /* n == 0: any 2xx or 3xx */
 } mp_health_def_t;
 
 typedef struct {
     char *name;
     mp_server_def_t *servers;
     size_t nservers;
-    char *balancer;           /* a built-in name, or "lua" for an operator's policy */
-    int balancer_ref;         /* the Lua pick function (custom, or lua_balancers), or LUA_NOREF */
-    char *hash_key;           /* chash: "header:NAME", "cookie:NAME", "ip", "function" (hash_key_ref), or NULL */
+    char *balancer;   /* a built-in name, or "lua" for an operator's policy */
+    int balancer_ref; /* the Lua pick function (custom, or lua_balancers), or LUA_NOREF */
+    char *hash_key;   /* chash: "header:NAME", "cookie:NAME", "ip", "function" (hash_key_ref), or NULL */
     int hash_key_ref;
-    int fail_open;            /* when every server is down, try them anyway */
-    double retry_budget;      /* retries at most this share of the requests of the last 10 s */
-    int passive_failures;     /* consecutive failures that eject a server; 0: never */
-    double passive_cooldown;  /* seconds */
+    int fail_open;                  /* when every server is down, try them anyway */
+    double retry_budget;            /* retries at most this share of the requests of the last 10 s */
+    int passive_failures;           /* consecutive failures that eject a server; 0: never */
+    double passive_cooldown;        /* seconds */
     mp_statuses_t passive_statuses; /* responses that count as failures */
-    mp_health_def_t *health;  /* NULL: no active checks */
-    int keepalive;            /* idle pooled connections per server per worker */
-    double keepalive_timeout; /* seconds an idle pooled connection is kept */
+    mp_health_def_t *health;        /* NULL: no active checks */
+    int keepalive;                  /* idle pooled connections per server per worker */
+    double keepalive_timeout;       /* seconds an idle pooled connection is kept */
     double connect_timeout, send_timeout, read_timeout; /* seconds */
     int retries;
-    char *host;               /* NULL: pass the client's Host */
-    char *src;                /* "file:line" */
+    char *host; /* NULL: pass the client's Host */
+    char *src;  /* "file:line" */
 } mp_upstream_def_t;
 
 typedef struct {
@@ -71,20 +71,20 @@ typedef struct {
     int workers; /* 0 = auto (number of CPUs) */
     double client_header_timeout, client_body_timeout, keepalive_timeout, shutdown_timeout; /* seconds */
     size_t max_header_size, max_uri_size;
-    uint64_t max_body_size; /* 0 = unlimited */
+    uint64_t max_body_size;  /* 0 = unlimited */
     size_t body_buffer_size; /* room for body bytes beside the head; a body this small stays replayable */
-    size_t lua_memory;      /* bytes each VM may hold (vm.c: mp_vm_set_memory) */
-    int max_connections;    /* per worker */
+    size_t lua_memory;       /* bytes each VM may hold (vm.c: mp_vm_set_memory) */
+    int max_connections;     /* per worker */
     mp_cidr_t *trusted;
     size_t ntrusted;
     /* paths and names (SPEC "Behaviour on the wire", path.h) */
-    int merge_slashes;          /* "a//b" is "a/b" before routing */
-    int escaped_slashes;        /* mp_escaped_slashes: %2F and %5C refused, kept or decoded */
-    int underscores_in_headers; /* forward fields whose name has '_' (default: dropped) */
-    char *access_log;       /* NULL: off; "stdout"; else a path */
+    int merge_slashes;           /* "a//b" is "a/b" before routing */
+    int escaped_slashes;         /* mp_escaped_slashes: %2F and %5C refused, kept or decoded */
+    int underscores_in_headers;  /* forward fields whose name has '_' (default: dropped) */
+    char *access_log;            /* NULL: off; "stdout"; else a path */
     double reload_drain_timeout; /* seconds an old generation may keep requests */
-    double hook_timeout;    /* seconds one call into Lua may take before the watchdog reports it */
-    int watch;              /* reload when the script changes */
+    double hook_timeout;         /* seconds one call into Lua may take before the watchdog reports it */
+    int watch;                   /* reload when the script changes */
 } mp_settings_t;
 
 /* A route's Lua chains (lua/moonproxy/hooks.lua): registry references in
@@ -104,22 +104,22 @@ typedef struct {
 } mp_static_def_t;
 
 typedef struct mp_config {
-    char *path;        /* the script */
+    char *path; /* the script */
     mp_settings_t settings;
     mp_addr_t *listens;
     size_t nlistens;
-    mp_addr_t *admin;  /* NULL when no admin port */
+    mp_addr_t *admin; /* NULL when no admin port */
     mp_upstream_def_t *upstreams;
     size_t nupstreams;
-    mp_router_t *router; /* route targets are indexes into upstreams; -1 for handler routes */
-    int pre_ref;         /* global request chain, before routing (LUA_NOREF: none) */
-    int log_ref;         /* on_log chain, after the response (LUA_NOREF: none) */
-    int response_ref;    /* global response chain, for responses made before routing */
+    mp_router_t *router;           /* route targets are indexes into upstreams; -1 for handler routes */
+    int pre_ref;                   /* global request chain, before routing (LUA_NOREF: none) */
+    int log_ref;                   /* on_log chain, after the response (LUA_NOREF: none) */
+    int response_ref;              /* global response chain, for responses made before routing */
     mp_route_hooks_t *route_hooks; /* by route index - 1 */
     mp_static_def_t *statics;      /* by route index - 1; root NULL for routes that are not static */
     size_t nstatics;
-    int has_hooks;       /* any chain at all: requests need a Lua object */
-    int expect_ref;      /* the proxy.expect guards, a list in the VM (nexpects > 0) */
+    int has_hooks;  /* any chain at all: requests need a Lua object */
+    int expect_ref; /* the proxy.expect guards, a list in the VM (nexpects > 0) */
     size_t nexpects;
 } mp_config_t;
 

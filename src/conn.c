@@ -3,16 +3,16 @@
  * made here and static files, keep-alive and pipelining, timeouts, close. */
 #include "conn.h"
 
+#include "gen.h"
 #include "head.h"
 #include "l_request.h"
-#include "gen.h"
 #include "static.h"
 #include "upstream.h"
 
 #include <errno.h>
-#include <stdlib.h>
 #include <lauxlib.h>
 #include <lua.h>
+#include <stdlib.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -109,8 +109,8 @@ int mp_conn_reclaim_idle(mp_worker_t *w)
     if (!c || i == RECLAIM_SCAN)
         return 0;
     static mp_log_limit_t lim;
-    mp_log_limited(&lim, MP_LOG_INFO, "w%d: max_connections (%d) reached: closing the oldest idle connection",
-                   w->id, w->cfg->settings.max_connections);
+    mp_log_limited(&lim, MP_LOG_INFO, "w%d: max_connections (%d) reached: closing the oldest idle connection", w->id,
+                   w->cfg->settings.max_connections);
     mp_conn_close(c);
     return 1;
 }
@@ -254,16 +254,13 @@ static void on_io(struct ev_loop *loop, ev_io *io, int revents)
     (void)loop;
     mp_conn_t *c = container_of(io, mp_conn_t, io);
     switch (c->state) {
-    case MP_CS_PROXY:
-        return mp_upstream_on_client(c->req, revents);
+    case MP_CS_PROXY: return mp_upstream_on_client(c->req, revents);
     case MP_CS_LOCAL:
         if (revents & EV_WRITE)
             flush_local(c);
         return;
-    case MP_CS_LINGER:
-        return linger_read(c);
-    default:
-        return on_readable(c);
+    case MP_CS_LINGER: return linger_read(c);
+    default: return on_readable(c);
     }
 }
 
@@ -284,10 +281,8 @@ static void on_timer(struct ev_loop *loop, ev_timer *t, int revents)
             return mp_conn_fail(c, 408);
         }
         return mp_conn_close(c);
-    case MP_CS_PROXY:
-        return mp_upstream_on_client_timeout(c->req);
-    default: /* idle keep-alive, a stalled local response, lingering */
-        return mp_conn_close(c);
+    case MP_CS_PROXY: return mp_upstream_on_client_timeout(c->req);
+    default: /* idle keep-alive, a stalled local response, lingering */ return mp_conn_close(c);
     }
 }
 
@@ -456,8 +451,7 @@ static void flush_local(mp_conn_t *c)
     mp_req_t *r = c->req;
     MP_ASSERT(c->state == MP_CS_LOCAL);
     while (mp_buf_len(&c->out) || r->local_out_len) {
-        struct iovec iov[2] = {{mp_buf_head(&c->out), mp_buf_len(&c->out)},
-                               {(char *)r->local_out, r->local_out_len}};
+        struct iovec iov[2] = {{mp_buf_head(&c->out), mp_buf_len(&c->out)}, {(char *)r->local_out, r->local_out_len}};
         ssize_t n = writev(c->fd, iov, 2);
         if (n > 0) {
             size_t head = mp_buf_len(&c->out) < (size_t)n ? mp_buf_len(&c->out) : (size_t)n;

@@ -22,18 +22,18 @@ enum mp_conn_state {
 struct mp_conn {
     mp_worker_t *w;
     int fd;
-    uint8_t state;     /* mp_conn_state */
+    uint8_t state; /* mp_conn_state */
     uint8_t closed;
-    uint8_t read_eof;  /* the client half-closed or vanished */
+    uint8_t read_eof; /* the client half-closed or vanished */
     ev_io io;
     ev_timer timer;
-    mp_buf_t in;       /* client bytes; a request's head pinned at the front */
-    mp_buf_t out;      /* response head or local response to write */
-    size_t scanned;    /* parser resume point for the head in progress */
-    mp_req_t *req;     /* NULL between requests */
-    struct sockaddr_in6 peer; /* v4 peers stored v4-mapped */
-    unsigned requests; /* served on this connection */
-    mp_conn_t *prev, *next; /* worker->conns, or worker->graveyard */
+    mp_buf_t in;                      /* client bytes; a request's head pinned at the front */
+    mp_buf_t out;                     /* response head or local response to write */
+    size_t scanned;                   /* parser resume point for the head in progress */
+    mp_req_t *req;                    /* NULL between requests */
+    struct sockaddr_in6 peer;         /* v4 peers stored v4-mapped */
+    unsigned requests;                /* served on this connection */
+    mp_conn_t *prev, *next;           /* worker->conns, or worker->graveyard */
     mp_conn_t *idle_prev, *idle_next; /* worker's idle LRU while MP_CS_IDLE (prev: newer) */
 };
 

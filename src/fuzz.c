@@ -31,9 +31,8 @@ static void check_request_result(const char *base, size_t n, int rc, const mp_ht
 {
     MP_BUG_ON(rc == 0 || rc < MP_EPROTO || (rc > 0 && (size_t)rc > n));
     if (rc == MP_EPROTO)
-        MP_BUG_ON(!req->error ||
-                  (req->status != 400 && req->status != 414 && req->status != 431 && req->status != 501 &&
-                   req->status != 505));
+        MP_BUG_ON(!req->error || (req->status != 400 && req->status != 414 && req->status != 431 &&
+                                  req->status != 501 && req->status != 505));
     if (rc <= 0)
         return;
     MP_BUG_ON(req->head_len != (size_t)rc || req->nheaders > MP_HTTP_MAX_HEADERS);
@@ -44,8 +43,7 @@ static void check_request_result(const char *base, size_t n, int rc, const mp_ht
     MP_BUG_ON(req->content_length < -1 || req->content_length > MP_HTTP_MAX_LENGTH);
     MP_BUG_ON(req->chunked && req->content_length >= 0);
     for (unsigned i = 0; i < req->nheaders; i++)
-        MP_BUG_ON(!slice_inside(req->headers[i].name, base, n) ||
-                  !slice_inside(req->headers[i].value, base, n));
+        MP_BUG_ON(!slice_inside(req->headers[i].name, base, n) || !slice_inside(req->headers[i].value, base, n));
 }
 
 /* Two parses of the same bytes agree (slices may point into different copies). */
@@ -57,11 +55,9 @@ static void check_same_request(int ra, const mp_http_request_t *a, int rb, const
     if (ra <= 0)
         return;
     MP_BUG_ON(!mp_slice_eq(a->method, b->method) || !mp_slice_eq(a->target, b->target) ||
-              !mp_slice_eq(a->path, b->path) || !mp_slice_eq(a->query, b->query) ||
-              !mp_slice_eq(a->host, b->host));
+              !mp_slice_eq(a->path, b->path) || !mp_slice_eq(a->query, b->query) || !mp_slice_eq(a->host, b->host));
     MP_BUG_ON(a->minor != b->minor || a->content_length != b->content_length || a->chunked != b->chunked ||
-              a->conn_close != b->conn_close || a->expect_continue != b->expect_continue ||
-              a->nheaders != b->nheaders);
+              a->conn_close != b->conn_close || a->expect_continue != b->expect_continue || a->nheaders != b->nheaders);
     for (unsigned i = 0; i < a->nheaders; i++)
         MP_BUG_ON(!mp_slice_eq(a->headers[i].name, b->headers[i].name) ||
                   !mp_slice_eq(a->headers[i].value, b->headers[i].value));
@@ -113,8 +109,7 @@ static void check_response_result(const char *base, size_t n, int rc, const mp_h
     MP_BUG_ON(res->status < 100 || res->status > 999 || !slice_inside(res->reason, base, n));
     MP_BUG_ON(res->chunked && res->content_length >= 0);
     for (unsigned i = 0; i < res->nheaders; i++)
-        MP_BUG_ON(!slice_inside(res->headers[i].name, base, n) ||
-                  !slice_inside(res->headers[i].value, base, n));
+        MP_BUG_ON(!slice_inside(res->headers[i].name, base, n) || !slice_inside(res->headers[i].value, base, n));
 }
 
 static void fuzz_response(const char *in, size_t n, size_t split, size_t max)
@@ -211,8 +206,8 @@ static chunked_run_t chunked_run(const char *in, size_t n, uint32_t seed)
             }
             MP_BUG_ON((size_t)got > plen - k || part.data.len > (size_t)got);
             MP_BUG_ON(part.data.len && (part.data.p < piece + k || part.data.p + part.data.len > piece + k + got));
-            MP_BUG_ON(part.field.name.len && (part.field.name.p < piece + k ||
-                                              part.field.value.p + part.field.value.len > piece + k + got));
+            MP_BUG_ON(part.field.name.len &&
+                      (part.field.name.p < piece + k || part.field.value.p + part.field.value.len > piece + k + got));
             MP_BUG_ON(part.data.len && part.field.name.len);
             hash_data(&r, part.data);
             if (part.field.name.len)
@@ -250,8 +245,8 @@ void mp_fuzz_chunked(const uint8_t *data, size_t size)
 /* A strict decode of a whole chunked body: its data and its forwardable
  * trailer fields re-serialised, each written to its own buffer. */
 typedef struct {
-    int ok;          /* the message was complete and valid */
-    int bad;         /* the decoder refused it */
+    int ok;  /* the message was complete and valid */
+    int bad; /* the decoder refused it */
     size_t consumed;
     size_t data_len, trailer_len;
 } strict_t;

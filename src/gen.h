@@ -21,20 +21,20 @@ struct mp_route_stats;
 enum mp_gen_state { MP_GEN_PREPARED, MP_GEN_CURRENT, MP_GEN_RETIRED };
 
 typedef struct mp_gen {
-    uint64_t id;          /* generation number, the same in every worker */
-    lua_State *L;         /* owned; its hooks are what cfg's refs point to */
-    mp_config_t *cfg;     /* owned */
-    struct mp_pool *pools; /* one per cfg->upstreams (the worker's; NULL without one) */
-    struct mp_balancer_s *balancers; /* one per cfg->upstreams */
+    uint64_t id;                         /* generation number, the same in every worker */
+    lua_State *L;                        /* owned; its hooks are what cfg's refs point to */
+    mp_config_t *cfg;                    /* owned */
+    struct mp_pool *pools;               /* one per cfg->upstreams (the worker's; NULL without one) */
+    struct mp_balancer_s *balancers;     /* one per cfg->upstreams */
     struct mp_route_stats **route_stats; /* metrics.h entries by route index - 1, set on first
                                             use; NULL when out of memory (looked up each time) */
-    int lua_mt[3];        /* the hook objects' metatables in L (l_request.h) */
-    unsigned refs;        /* requests, plus one while current */
-    uint8_t state;        /* mp_gen_state */
-    double retired_at;    /* loop time a newer one was installed */
-    struct mp_gen *next;  /* the owner's retired generations */
-    void (*free_fn)(struct mp_gen *g); /* the owner's: called when the last reference goes */
-    void *owner;          /* for free_fn (the worker) */
+    int lua_mt[3];                       /* the hook objects' metatables in L (l_request.h) */
+    unsigned refs;                       /* requests, plus one while current */
+    uint8_t state;                       /* mp_gen_state */
+    double retired_at;                   /* loop time a newer one was installed */
+    struct mp_gen *next;                 /* the owner's retired generations */
+    void (*free_fn)(struct mp_gen *g);   /* the owner's: called when the last reference goes */
+    void *owner;                         /* for free_fn (the worker) */
 } mp_gen_t;
 
 /* Makes what the request layer needs of g, whose L and cfg are set:

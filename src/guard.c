@@ -251,9 +251,14 @@ int mp_sim_check_guards(mp_sim_t *s, char *err, size_t errlen)
         lua_getfield(L, q, "body");
         const char *body = lua_tolstring(L, -1, &blen);
         lua_pop(L, 1);
-        mp_sim_request_t rq = {.method = opt_string(L, q, "method"), .host = opt_string(L, q, "host"),
-                               .target = opt_string(L, q, "path"), .headers = headers, .nheaders = nh,
-                               .body = body, .body_len = blen, .remote_addr = opt_string(L, q, "remote_addr")};
+        mp_sim_request_t rq = {.method = opt_string(L, q, "method"),
+                               .host = opt_string(L, q, "host"),
+                               .target = opt_string(L, q, "path"),
+                               .headers = headers,
+                               .nheaders = nh,
+                               .body = body,
+                               .body_len = blen,
+                               .remote_addr = opt_string(L, q, "remote_addr")};
         mp_sim_result_t res;
         int ran = mp_sim_request(s, &rq, &res);
         if (ran == MP_ENOMEM) {

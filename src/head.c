@@ -194,8 +194,7 @@ int mp_head_response(mp_req_t *r, const mp_http_response_t *rh, mp_buf_t *b)
     int dated = 0;
     for (unsigned i = 0; i < rh->nheaders; i++) {
         mp_slice name = rh->headers[i].name;
-        if (is_dropped(name, toks, ntoks) || MP_SLICE_IEQ(name, "x-request-id") ||
-            MP_SLICE_IEQ(name, "content-length"))
+        if (is_dropped(name, toks, ntoks) || MP_SLICE_IEQ(name, "x-request-id") || MP_SLICE_IEQ(name, "content-length"))
             continue;
         dated |= MP_SLICE_IEQ(name, "date");
         if (r->resp_edits && mp_hedit_find(r->resp_edits, name))

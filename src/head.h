@@ -6,9 +6,9 @@
 #define MP_HEAD_H
 
 #include "buf.h"
-#include "req.h"
 #include "headers.h"
 #include "http1.h"
+#include "req.h"
 
 #include <stdint.h>
 

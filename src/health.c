@@ -83,7 +83,7 @@ static void update_latency(mp_peer_t *p, double ms)
     } old, new;
     old.u = p->latency_bits;
     do {
-        new.d = old.d > 0 ? old.d + EWMA_ALPHA * (ms - old.d) : ms;
+        new.d = old.d > 0 ? old.d + EWMA_ALPHA *(ms - old.d) : ms;
     } while (!atomic_compare_exchange_weak(&p->latency_bits, &old.u, new.u));
 }
 

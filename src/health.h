@@ -14,30 +14,30 @@
 #define MP_PEER_CLASSES 6 /* attempts by response status 1xx..5xx, then none (error) */
 
 typedef struct mp_peer {
-    char *upstream;          /* upstream name */
-    char *addr;              /* "host:port" */
-    _Atomic int active;      /* requests in flight, all workers */
-    _Atomic int probe_up;    /* the active checks' verdict (1 when none run) */
-    _Atomic int fails;       /* consecutive passive failures */
-    _Atomic double open_until; /* circuit open until (mp_health_now); 0: closed */
-    _Atomic int trial;       /* half-open: a trial request is in flight */
-    _Atomic uint64_t latency_bits; /* EWMA of response latency in ms, a double's bits */
-    _Atomic uint64_t requests, failures; /* totals, for /upstreams and metrics */
+    char *upstream;                             /* upstream name */
+    char *addr;                                 /* "host:port" */
+    _Atomic int active;                         /* requests in flight, all workers */
+    _Atomic int probe_up;                       /* the active checks' verdict (1 when none run) */
+    _Atomic int fails;                          /* consecutive passive failures */
+    _Atomic double open_until;                  /* circuit open until (mp_health_now); 0: closed */
+    _Atomic int trial;                          /* half-open: a trial request is in flight */
+    _Atomic uint64_t latency_bits;              /* EWMA of response latency in ms, a double's bits */
+    _Atomic uint64_t requests, failures;        /* totals, for /upstreams and metrics */
     _Atomic uint64_t by_class[MP_PEER_CLASSES]; /* attempts by outcome, for metrics */
-    struct mp_peer *next;    /* the registry */
+    struct mp_peer *next;                       /* the registry */
 } mp_peer_t;
 
 /* How a request to a peer ended, for passive accounting. */
 enum mp_outcome {
-    MP_OUT_OK,       /* a response that is not a failure status */
-    MP_OUT_FAIL,     /* connect error, timeout, reset, or a failure status (502/503/504 by default) */
-    MP_OUT_NEUTRAL,  /* the client went away, or a retry elsewhere: counts neither way */
+    MP_OUT_OK,      /* a response that is not a failure status */
+    MP_OUT_FAIL,    /* connect error, timeout, reset, or a failure status (502/503/504 by default) */
+    MP_OUT_NEUTRAL, /* the client went away, or a retry elsewhere: counts neither way */
 };
 
 /* Passive check parameters of one upstream (SPEC `passive`). */
 typedef struct {
-    int failures;     /* consecutive failures that open the circuit; 0: never */
-    double cooldown;  /* seconds it stays open */
+    int failures;    /* consecutive failures that open the circuit; 0: never */
+    double cooldown; /* seconds it stays open */
 } mp_passive_t;
 
 /* The process-wide peer for (upstream, addr), created on first use; never

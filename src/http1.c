@@ -243,8 +243,8 @@ static int parse_target(mp_http_request_t *req, const char **err)
  * MP_EAGAIN says it is a valid prefix so far, and the checks run in the same
  * order so that a prefix fails exactly as the whole line would. Returns 0
  * with the line's fields of req set, MP_EAGAIN, or 400/414/505 with *err. */
-static int parse_request_line(const char *p, size_t n, int partial, const mp_http_limits_t *lim,
-                              mp_http_request_t *req, const char **err)
+static int parse_request_line(const char *p, size_t n, int partial, const mp_http_limits_t *lim, mp_http_request_t *req,
+                              const char **err)
 {
     size_t i = 0, t;
     int minor = 0, v;
@@ -304,12 +304,12 @@ static const char *parse_status_line(const char *p, size_t n, mp_http_response_t
 
 /* What the fields say about framing and the connection. */
 typedef struct {
-    int64_t content_length; /* -1 when absent */
-    mp_slice host;          /* the Host value, when hosts == 1 */
-    unsigned hosts;         /* Host fields */
-    unsigned te_fields;     /* Transfer-Encoding fields */
-    unsigned te_codings;    /* codings listed over all of them */
-    unsigned te_chunked;    /* of which "chunked" */
+    int64_t content_length;       /* -1 when absent */
+    mp_slice host;                /* the Host value, when hosts == 1 */
+    unsigned hosts;               /* Host fields */
+    unsigned te_fields;           /* Transfer-Encoding fields */
+    unsigned te_codings;          /* codings listed over all of them */
+    unsigned te_chunked;          /* of which "chunked" */
     unsigned te_last_chunked : 1; /* the final coding is chunked */
     unsigned conn_close : 1;
     unsigned conn_keepalive : 1;
@@ -319,8 +319,7 @@ typedef struct {
 
 /* Parses one field line p[0..n) (no terminator) into h (RFC 9112 §5).
  * Returns 0 or 400 with *err. */
-static inline __attribute__((always_inline)) int parse_field(const char *p, size_t n, mp_header_t *h,
-                                                              const char **err)
+static inline __attribute__((always_inline)) int parse_field(const char *p, size_t n, mp_header_t *h, const char **err)
 {
     size_t i = 0, v, e;
 
@@ -439,8 +438,7 @@ static int interpret_field(const mp_header_t *h, fields_t *f, const char **err)
 
 /* Parses the field lines from p up to end, which closes with the empty line
  * that ends the head. Returns 0, or 400/431 with *err. */
-static int parse_fields(const char *p, const char *end, mp_header_t *h, unsigned *nh, fields_t *f,
-                        const char **err)
+static int parse_fields(const char *p, const char *end, mp_header_t *h, unsigned *nh, fields_t *f, const char **err)
 {
     for (;;) {
         const char *lf = memchr(p, '\n', (size_t)(end - p));
@@ -614,8 +612,7 @@ static int parse_response_head(const char *buf, size_t head_len, mp_http_respons
 
     if (err)
         return response_failed(res, err);
-    if (parse_fields(lf + 1, end, res->headers, &res->nheaders, &f, &err) ||
-        check_framing(&f, res->minor, &err))
+    if (parse_fields(lf + 1, end, res->headers, &res->nheaders, &f, &err) || check_framing(&f, res->minor, &err))
         return response_failed(res, err);
     res->content_length = f.content_length;
     res->chunked = f.te_fields != 0;
@@ -746,8 +743,7 @@ static int ext_step(mp_chunked_t *c, unsigned char ch)
     int ws = is_ows((char)ch), tchar = IS(ch, C_TCHAR) != 0;
 
     switch (c->state) {
-    case CK_BWS:
-        return ch == ';' ? ext_byte(c, CK_EXT_START) : ws ? ext_byte(c, CK_BWS) : MP_EPROTO;
+    case CK_BWS: return ch == ';' ? ext_byte(c, CK_EXT_START) : ws ? ext_byte(c, CK_BWS) : MP_EPROTO;
     case CK_EXT_START: /* a bare ';' or a name that is not a token is refused */
         return tchar ? ext_byte(c, CK_EXT_NAME) : ws ? ext_byte(c, CK_EXT_START) : MP_EPROTO;
     case CK_EXT_NAME:
@@ -779,8 +775,7 @@ static int ext_step(mp_chunked_t *c, unsigned char ch)
         if (ch == '"' || ch == '\\')
             return ext_byte(c, ch == '"' ? CK_EXT_QEND : CK_EXT_QPAIR);
         return is_qdtext(ch) ? ext_byte(c, CK_EXT_QUOTED) : MP_EPROTO;
-    default: /* CK_EXT_QPAIR */
-        return is_qpair(ch) ? ext_byte(c, CK_EXT_QUOTED) : MP_EPROTO;
+    default: /* CK_EXT_QPAIR */ return is_qpair(ch) ? ext_byte(c, CK_EXT_QUOTED) : MP_EPROTO;
     }
 }
 
@@ -801,21 +796,15 @@ static int chunked_step(mp_chunked_t *c, unsigned char ch)
         if (ch == ';')
             return ext_byte(c, CK_EXT_START);
         return is_ows((char)ch) ? ext_byte(c, CK_BWS) : MP_EPROTO;
-    case CK_SIZE_LF:
-        return ch == '\n' ? end_size_line(c) : MP_EPROTO;
-    case CK_DATA_CR:
-        return ch == '\r' ? to(c, CK_DATA_LF) : MP_EPROTO;
-    case CK_DATA_LF:
-        return ch == '\n' ? to(c, CK_SIZE) : MP_EPROTO;
-    case CK_END_LF:
-        return ch == '\n' ? finish(c) : MP_EPROTO;
+    case CK_SIZE_LF: return ch == '\n' ? end_size_line(c) : MP_EPROTO;
+    case CK_DATA_CR: return ch == '\r' ? to(c, CK_DATA_LF) : MP_EPROTO;
+    case CK_DATA_LF: return ch == '\n' ? to(c, CK_SIZE) : MP_EPROTO;
+    case CK_END_LF: return ch == '\n' ? finish(c) : MP_EPROTO;
     case CK_DATA:
     case CK_TRAILER:
     case CK_DONE:
-    case CK_ERROR:
-        return MP_EPROTO; /* handled by the caller, or an error that stays one */
-    default:
-        return ext_step(c, ch);
+    case CK_ERROR: return MP_EPROTO; /* handled by the caller, or an error that stays one */
+    default: return ext_step(c, ch);
     }
 }
 
@@ -942,11 +931,40 @@ size_t mp_chunked_frame(char *out, uint64_t n, int after_data)
  * proxy itself sets for its upstreams. content-* and x-forwarded-* are
  * dropped by prefix below. */
 static const char *const trailer_denied[] = {
-    "transfer-encoding", "host", "trailer", "te", "connection", "keep-alive", "proxy-connection", "upgrade",
-    "cache-control", "expect", "max-forwards", "pragma", "range", "if-match", "if-none-match",
-    "if-modified-since", "if-unmodified-since", "if-range", "authorization", "proxy-authorization",
-    "authentication-info", "proxy-authenticate", "www-authenticate", "cookie", "set-cookie", "age",
-    "expires", "date", "location", "retry-after", "vary", "warning", "forwarded", "x-request-id",
+    "transfer-encoding",
+    "host",
+    "trailer",
+    "te",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "upgrade",
+    "cache-control",
+    "expect",
+    "max-forwards",
+    "pragma",
+    "range",
+    "if-match",
+    "if-none-match",
+    "if-modified-since",
+    "if-unmodified-since",
+    "if-range",
+    "authorization",
+    "proxy-authorization",
+    "authentication-info",
+    "proxy-authenticate",
+    "www-authenticate",
+    "cookie",
+    "set-cookie",
+    "age",
+    "expires",
+    "date",
+    "location",
+    "retry-after",
+    "vary",
+    "warning",
+    "forwarded",
+    "x-request-id",
     "x-real-ip",
 };
 

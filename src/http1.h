@@ -9,9 +9,9 @@
 #include <stdint.h>
 #include <sys/types.h>
 
-#define MP_HTTP_MAX_HEADERS 100 /* more fields than this: 431 */
+#define MP_HTTP_MAX_HEADERS 100               /* more fields than this: 431 */
 #define MP_HTTP_MAX_LENGTH ((int64_t)1 << 62) /* largest Content-Length or chunk size */
-#define MP_HTTP_MAX_METHOD 32   /* a longer method: 400 */
+#define MP_HTTP_MAX_METHOD 32                 /* a longer method: 400 */
 
 typedef struct {
     mp_slice name;  /* as received (case preserved) */
@@ -31,17 +31,17 @@ typedef struct {
     mp_slice host;   /* authority of an absolute-form target, else the Host field value; may include ":port" */
     int minor;       /* HTTP/1.<minor>: 0 or 1 (a higher minor counts as 1) */
     int64_t content_length; /* -1 when absent */
-    unsigned chunked : 1;          /* Transfer-Encoding: chunked */
+    unsigned chunked : 1;   /* Transfer-Encoding: chunked */
     unsigned has_query : 1;
-    unsigned conn_close : 1;       /* Connection: close */
-    unsigned conn_keepalive : 1;   /* Connection: keep-alive */
-    unsigned expect_continue : 1;  /* Expect: 100-continue */
-    unsigned upgrade : 1;          /* an Upgrade field is present */
+    unsigned conn_close : 1;      /* Connection: close */
+    unsigned conn_keepalive : 1;  /* Connection: keep-alive */
+    unsigned expect_continue : 1; /* Expect: 100-continue */
+    unsigned upgrade : 1;         /* an Upgrade field is present */
     unsigned nheaders;
     mp_header_t headers[MP_HTTP_MAX_HEADERS];
-    size_t head_len;    /* bytes of the head including the final empty line */
-    int status;         /* on MP_EPROTO: 400, 414, 431, 501 or 505 */
-    const char *error;  /* on MP_EPROTO: static reason, e.g. "conflicting Content-Length" */
+    size_t head_len;   /* bytes of the head including the final empty line */
+    int status;        /* on MP_EPROTO: 400, 414, 431, 501 or 505 */
+    const char *error; /* on MP_EPROTO: static reason, e.g. "conflicting Content-Length" */
 } mp_http_request_t;
 
 typedef struct {
@@ -87,11 +87,11 @@ int mp_http1_parse_response(const char *buf, size_t len, size_t *scanned, size_t
 /* Chunked transfer-coding decoder (RFC 9112 §7.1). A zeroed struct is ready. */
 typedef struct {
     int state;
-    uint64_t remaining;     /* bytes left in the current chunk's data */
+    uint64_t remaining; /* bytes left in the current chunk's data */
     unsigned digits;
-    unsigned line_len;      /* bytes of the current size line, bounded */
-    uint64_t ext_bytes;     /* framing overhead so far: chunk-ext bytes and leading zeros of sizes */
-    uint64_t trailer_bytes; /* bytes of the trailer field lines so far, their CRLFs included: the
+    unsigned line_len;       /* bytes of the current size line, bounded */
+    uint64_t ext_bytes;      /* framing overhead so far: chunk-ext bytes and leading zeros of sizes */
+    uint64_t trailer_bytes;  /* bytes of the trailer field lines so far, their CRLFs included: the
                              * trailer section is these and its final CRLF (2 more bytes) */
     unsigned in_trailer : 1; /* the last chunk was read: the trailer section follows */
     unsigned done : 1;       /* the last chunk and the trailer section were consumed */

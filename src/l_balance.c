@@ -10,9 +10,8 @@
  * integer for the random policies. servers is a list of exactly #addrs
  * { weight = 1, active = 0, latency = 0, available = true } (defaults
  * shown); key a string, required by chash only. */
-#include "l_core.h"
-
 #include "balance.h"
+#include "l_core.h"
 
 #include <lauxlib.h>
 #include <lua.h>
@@ -121,21 +120,11 @@ static int l_pick(lua_State *L)
     }
     int i = -1;
     switch (st->policy) {
-    case P_ROUND_ROBIN:
-        i = mp_pick_round_robin(&st->cursor, st->servers, n);
-        break;
-    case P_WEIGHTED:
-        i = mp_pick_weighted(st->current, st->servers, n);
-        break;
-    case P_LEAST_CONN:
-        i = mp_pick_least_conn(&st->cursor, st->servers, n);
-        break;
-    case P_P2C:
-        i = mp_pick_p2c(&st->rng, st->servers, n);
-        break;
-    case P_EWMA:
-        i = mp_pick_ewma(&st->rng, st->servers, n);
-        break;
+    case P_ROUND_ROBIN: i = mp_pick_round_robin(&st->cursor, st->servers, n); break;
+    case P_WEIGHTED: i = mp_pick_weighted(st->current, st->servers, n); break;
+    case P_LEAST_CONN: i = mp_pick_least_conn(&st->cursor, st->servers, n); break;
+    case P_P2C: i = mp_pick_p2c(&st->rng, st->servers, n); break;
+    case P_EWMA: i = mp_pick_ewma(&st->rng, st->servers, n); break;
     case P_CHASH: {
         size_t len;
         const char *key = luaL_checklstring(L, 3, &len);

@@ -5,10 +5,9 @@
 #include "l_core.h"
 #include "vm.h"
 
+#include <arpa/inet.h>
 #include <lauxlib.h>
 #include <lua.h>
-
-#include <arpa/inet.h>
 #include <stdio.h>
 
 static void set_str(lua_State *L, const char *k, const char *v)

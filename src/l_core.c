@@ -8,7 +8,7 @@ const char mp_responded_tag = 1;
 
 int mp_l_core_open(lua_State *L)
 {
-    static void (*const setups[])(lua_State *L) = {mp_l_http1_setup, mp_l_router_setup, mp_l_shared_setup,
+    static void (*const setups[])(lua_State * L) = {mp_l_http1_setup, mp_l_router_setup, mp_l_shared_setup,
                                                     mp_l_balance_setup};
     static const luaL_Reg *const parts[] = {mp_l_http1_funcs,  mp_l_router_funcs,  mp_l_config_funcs,
                                             mp_l_shared_funcs, mp_l_balance_funcs, mp_l_path_funcs};

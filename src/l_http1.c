@@ -1,9 +1,8 @@
 /* l_http1.c: moonproxy.core bindings of the HTTP/1 parser for the specs.
  * Input is copied to end right at a PROT_NONE page, so a read past the end
  * faults; a list of pieces is fed the way a socket would deliver it. */
-#include "l_core.h"
-
 #include "http1.h"
+#include "l_core.h"
 
 #include <lauxlib.h>
 #include <lua.h>

@@ -3,7 +3,6 @@
  * in place, so a read past its end faults and the in-place use the server
  * could make is the one tested. */
 #include "l_core.h"
-
 #include "path.h"
 
 #include <lauxlib.h>

@@ -10,9 +10,9 @@
  * freed memory (STYLE "Buffers and lifetimes" 6). */
 #include "l_request.h"
 
+#include "gen.h"
 #include "l_core.h"
 #include "log.h"
-#include "gen.h"
 #include "vm.h"
 
 #include <arpa/inet.h>
@@ -42,9 +42,9 @@ typedef struct mp_lbox {
 
 /* One per VM, a userdata anchored in the req metatable (at [1]). */
 struct lstate {
-    mp_lbox_t *free;       /* slots of no request */
-    int mt[OBJ_CTX];       /* registry references of the objects' metatables */
-    int pick_ref;          /* pick_call (made once: pushing a C function allocates) */
+    mp_lbox_t *free; /* slots of no request */
+    int mt[OBJ_CTX]; /* registry references of the objects' metatables */
+    int pick_ref;    /* pick_call (made once: pushing a C function allocates) */
 };
 
 static int pick_call(lua_State *L);
@@ -396,8 +396,7 @@ static int req_index(lua_State *L)
     lobj_t *o = lua_touserdata(L, 1);
     size_t n;
     const char *k = key_at(L, 2, &n);
-    if ((n == 8 && KEY_IS(k, "set_path")) || (n == 9 && KEY_IS(k, "set_query")) ||
-        (n == 7 && KEY_IS(k, "respond"))) {
+    if ((n == 8 && KEY_IS(k, "set_path")) || (n == 9 && KEY_IS(k, "set_query")) || (n == 7 && KEY_IS(k, "respond"))) {
         lua_pushvalue(L, lua_upvalueindex(n == 8 ? 1 : n == 9 ? 2 : 3));
         return 1;
     }
@@ -448,8 +447,9 @@ static int req_index(lua_State *L)
 
 static int req_newindex(lua_State *L)
 {
-    return luaL_error(L, "req.%s cannot be assigned (use req:set_path, req:set_query, req.headers[name] = v, "
-                         "or req.ctx for your own data)",
+    return luaL_error(L,
+                      "req.%s cannot be assigned (use req:set_path, req:set_query, req.headers[name] = v, "
+                      "or req.ctx for your own data)",
                       luaL_checkstring(L, 2));
 }
 
@@ -556,7 +556,7 @@ static int call(lua_State *L, mp_req_t *r, int nargs, const char *phase)
             *nl = '\0';
         const mp_route_t *route = r->match.route;
         mp_env_log(e, MP_LOG_ERROR, "%s%s%s%s%s failed for request %.*s: %s", phase, route ? " of route '" : "",
-                     route ? route->name : "", route ? "' at " : "", route ? route->src : "", r->id_len, r->id, err);
+                   route ? route->name : "", route ? "' at " : "", route ? route->src : "", r->id_len, r->id, err);
         return MP_HOOK_ERROR;
     }
     return MP_HOOK_NEXT;

@@ -1,7 +1,6 @@
 /* l_router.c: core.router(routes), the C route table as a Lua object for the
  * specs and moonproxy.testing. A thin binding: router.c decides everything. */
 #include "l_core.h"
-
 #include "router.h"
 
 #include <lauxlib.h>

@@ -4,7 +4,6 @@
  * unlock). Every method takes an optional trailing `now` (monotonic seconds)
  * so that specs can pin time. */
 #include "l_core.h"
-
 #include "shdict.h"
 
 #include <lauxlib.h>
@@ -69,8 +68,7 @@ static void check_value(lua_State *L, int idx, mp_shdict_value_t *v)
         v->type = MP_SHDICT_BOOLEAN;
         v->num = lua_toboolean(L, idx);
         break;
-    default:
-        luaL_error(L, "value must be a string, number or boolean, got %s", luaL_typename(L, idx));
+    default: luaL_error(L, "value must be a string, number or boolean, got %s", luaL_typename(L, idx));
     }
 }
 

@@ -60,8 +60,10 @@ static size_t read_fields(lua_State *L, int t, mp_sim_header_t *h, size_t max)
     lua_newtable(L);
     size_t n = mp_sim_lua_headers(L, t, lua_gettop(L), h, max, &bad);
     if (bad)
-        luaL_error(L, "headers: { name = \"value\" | { values } | false } or { { \"name\", \"value\" }, ... }, "
-                      "at most %d fields", (int)max);
+        luaL_error(L,
+                   "headers: { name = \"value\" | { values } | false } or { { \"name\", \"value\" }, ... }, "
+                   "at most %d fields",
+                   (int)max);
     return n;
 }
 
@@ -184,9 +186,14 @@ static int l_request(lua_State *L)
     const char *body = lua_tolstring(L, -1, &blen);
     lua_getfield(L, 2, "host");
     int no_host = lua_isboolean(L, -1) && !lua_toboolean(L, -1);
-    mp_sim_request_t rq = {.method = field_string(L, 2, "method"), .host = field_string(L, 2, "host"),
-                           .no_host = no_host, .target = field_string(L, 2, "path"), .headers = h,
-                           .nheaders = nh, .body = body, .body_len = blen,
+    mp_sim_request_t rq = {.method = field_string(L, 2, "method"),
+                           .host = field_string(L, 2, "host"),
+                           .no_host = no_host,
+                           .target = field_string(L, 2, "path"),
+                           .headers = h,
+                           .nheaders = nh,
+                           .body = body,
+                           .body_len = blen,
                            .remote_addr = field_string(L, 2, "remote_addr")};
     mp_sim_result_t res;
     int rc = mp_sim_request(s, &rq, &res);
@@ -284,8 +291,8 @@ static const luaL_Reg sim_funcs[] = {
 static void sim_setup(lua_State *L)
 {
     static const luaL_Reg methods[] = {
-        {"request", l_request}, {"response", l_response}, {"set_server", l_set_server}, {"set_now", l_set_now},
-        {"summary", l_summary}, {"check_guards", l_check_guards}, {"close", l_close}, {NULL, NULL}};
+        {"request", l_request}, {"response", l_response},         {"set_server", l_set_server}, {"set_now", l_set_now},
+        {"summary", l_summary}, {"check_guards", l_check_guards}, {"close", l_close},           {NULL, NULL}};
     luaL_newmetatable(L, SIM_MT);
     lua_newtable(L);
     luaL_register(L, NULL, methods);

@@ -5,9 +5,9 @@
 
 #include <errno.h>
 #include <limits.h>
-#include <stdatomic.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <stdatomic.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -88,8 +88,7 @@ static void back_off(mp_worker_t *w, const char *why)
     static mp_log_limit_t lim;
     if (w->stopping)
         return; /* mp_listener_close's last accepts: the sockets close, and the timer may be running */
-    mp_log_limited(&lim, MP_LOG_WARN, "w%d: accept: %s: not accepting for %.0f ms", w->id, why,
-                   BACKOFF_SECONDS * 1000);
+    mp_log_limited(&lim, MP_LOG_WARN, "w%d: accept: %s: not accepting for %.0f ms", w->id, why, BACKOFF_SECONDS * 1000);
     w->accept_backoff = 1;
     mp_listener_sync(w);
     ev_timer_set(&w->accept_retry, BACKOFF_SECONDS, 0);

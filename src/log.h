@@ -48,7 +48,7 @@ size_t mp_json_escape(char *out, size_t len, size_t cap, mp_slice s);
 
 /* One access log sink per worker. A zeroed struct with fd = -1 is off. */
 typedef struct {
-    int fd;        /* -1: off; shared between workers (opened O_APPEND once) */
+    int fd; /* -1: off; shared between workers (opened O_APPEND once) */
     size_t len;
     char buf[16384];
     uint64_t dropped; /* lines lost to a failing write */
@@ -60,10 +60,10 @@ int mp_alog_open(const char *target);
 
 /* What one access log line records. */
 typedef struct {
-    double time;      /* request start, epoch seconds */
+    double time; /* request start, epoch seconds */
     mp_slice id, client, method, path, route, upstream_server;
     int status;
-    uint64_t bytes;   /* response bytes sent to the client, head included */
+    uint64_t bytes;                 /* response bytes sent to the client, head included */
     double upstream_time, duration; /* seconds; upstream_time < 0: no upstream */
 } mp_alog_entry_t;
 

@@ -2,11 +2,11 @@
  * worker threads, and signals. */
 #include "admin.h"
 #include "config.h"
-#include "listener.h"
 #include "health.h"
+#include "listener.h"
+#include "log.h"
 #include "probe.h"
 #include "reload.h"
-#include "log.h"
 #include "sim.h"
 #include "vm.h"
 #include "worker.h"
@@ -317,12 +317,17 @@ static int explain(const options_t *o)
         fprintf(stderr, "%s\n", err);
         return 1;
     }
-    mp_sim_request_t rq = {.method = method, .host = host[0] ? host : NULL, .target = target, .headers = headers,
-                           .nheaders = o->nheaders, .remote_addr = o->from};
+    mp_sim_request_t rq = {.method = method,
+                           .host = host[0] ? host : NULL,
+                           .target = target,
+                           .headers = headers,
+                           .nheaders = o->nheaders,
+                           .remote_addr = o->from};
     mp_sim_result_t res;
     int rc = mp_sim_request(s, &rq, &res);
     if (rc != 0) {
-        fprintf(stderr, "moonproxy: --explain: %s\n", rc == MP_EINVAL ? "--from is not an IP address" : "out of memory");
+        fprintf(stderr, "moonproxy: --explain: %s\n",
+                rc == MP_EINVAL ? "--from is not an IP address" : "out of memory");
         mp_sim_free(s);
         return 2;
     }
@@ -369,10 +374,11 @@ static void raise_nofile(const mp_config_t *cfg, int nworkers)
             rl = up;
     }
     if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur < want)
-        mp_log_warn("RLIMIT_NOFILE is %llu, below the %llu descriptors max_connections (%d) x %d workers may need "
-                    "(hard limit %llu): past it new connections wait; raise it (ulimit -n, LimitNOFILE=)",
-                    (unsigned long long)rl.rlim_cur, want, cfg->settings.max_connections, nworkers,
-                    (unsigned long long)rl.rlim_max);
+        mp_log_warn(
+            "RLIMIT_NOFILE is %llu, below the %llu descriptors max_connections (%d) x %d workers may need "
+            "(hard limit %llu): past it new connections wait; raise it (ulimit -n, LimitNOFILE=)",
+            (unsigned long long)rl.rlim_cur, want, cfg->settings.max_connections, nworkers,
+            (unsigned long long)rl.rlim_max);
     mp_listener_fd_limit(rl.rlim_cur == RLIM_INFINITY ? 0 : (long long)rl.rlim_cur);
 }
 
@@ -460,7 +466,8 @@ int main(int argc, char **argv)
     }
     g.ready = 1;
     double budget = mp_reloader_config(g.rl)->settings.hook_timeout;
-    ev_timer_init(&g.watchdog, on_watchdog, budget / 4 < 0.25 ? budget / 4 : 0.25, budget / 4 < 0.25 ? budget / 4 : 0.25);
+    ev_timer_init(&g.watchdog, on_watchdog, budget / 4 < 0.25 ? budget / 4 : 0.25,
+                  budget / 4 < 0.25 ? budget / 4 : 0.25);
     ev_timer_start(loop, &g.watchdog);
     mp_log_info("moonproxy %s started with %d worker%s (%s)", MP_VERSION, g.nworkers, g.nworkers == 1 ? "" : "s",
                 o.path);

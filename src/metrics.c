@@ -116,7 +116,7 @@ typedef struct {
     int *codes;       /* ncodes distinct statuses */
     uint64_t *counts; /* per codes[i] */
     size_t ncodes;
-    uint64_t other;   /* status="other" */
+    uint64_t other; /* status="other" */
     uint64_t buckets[MP_METRICS_BUCKETS];
     double sum;
 } merged_t;
@@ -265,8 +265,7 @@ static int seen_before(const mp_upstream_def_t *u, size_t s)
 
 /* The servers of the current configuration (those of upstreams since
  * removed are left out); fn renders one. */
-static void each_server(mp_strbuf_t *b, const mp_config_t *cfg,
-                        void (*fn)(mp_strbuf_t *b, mp_peer_t *p, double now))
+static void each_server(mp_strbuf_t *b, const mp_config_t *cfg, void (*fn)(mp_strbuf_t *b, mp_peer_t *p, double now))
 {
     double now = mp_health_now();
     for (size_t i = 0; cfg && i < cfg->nupstreams; i++) {

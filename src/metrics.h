@@ -11,20 +11,20 @@
 #include <stdatomic.h>
 #include <stdint.h>
 
-#define MP_METRICS_ROUTES 1024  /* route names per worker; the last slot is "_other" */
-#define MP_METRICS_CODES 16     /* distinct statuses per route; then status="other" */
-#define MP_METRICS_BUCKETS 12   /* histogram buckets, the last one +Inf */
-#define MP_METRICS_NONE "_none" /* route label of requests no route matched */
+#define MP_METRICS_ROUTES 1024    /* route names per worker; the last slot is "_other" */
+#define MP_METRICS_CODES 16       /* distinct statuses per route; then status="other" */
+#define MP_METRICS_BUCKETS 12     /* histogram buckets, the last one +Inf */
+#define MP_METRICS_NONE "_none"   /* route label of requests no route matched */
 #define MP_METRICS_OTHER "_other" /* route label past MP_METRICS_ROUTES names */
 
 /* The counters of one route name in one worker. Published once complete,
  * never moved nor freed while the worker runs. */
 typedef struct mp_route_stats {
-    char *name;                                   /* owned; immutable once published */
-    _Atomic uint16_t codes[MP_METRICS_CODES];     /* status of each slot; 0: free */
+    char *name;                                     /* owned; immutable once published */
+    _Atomic uint16_t codes[MP_METRICS_CODES];       /* status of each slot; 0: free */
     _Atomic uint64_t by_code[MP_METRICS_CODES + 1]; /* last: any other status */
-    _Atomic uint64_t buckets[MP_METRICS_BUCKETS]; /* per bucket, not cumulative */
-    _Atomic double sum;                           /* seconds */
+    _Atomic uint64_t buckets[MP_METRICS_BUCKETS];   /* per bucket, not cumulative */
+    _Atomic double sum;                             /* seconds */
 } mp_route_stats_t;
 
 /* A worker's counters; a zeroed struct is a valid empty one. */
@@ -52,7 +52,7 @@ void mp_metrics_dispose(mp_metrics_t *m);
 typedef struct {
     const mp_metrics_t *const *workers; /* one per worker */
     int nworkers;
-    const mp_config_t *cfg;              /* current: which servers are reported */
+    const mp_config_t *cfg; /* current: which servers are reported */
     uint64_t generation, reloads_ok, reloads_refused;
 } mp_metrics_src_t;
 

@@ -148,8 +148,7 @@ mp_upconn_t *mp_pool_take(mp_server_pool_t *sp, mp_worker_t *w)
 
 int mp_upconn_local_error(int err)
 {
-    return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM || err == EADDRNOTAVAIL ||
-           err == EAGAIN;
+    return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM || err == EADDRNOTAVAIL || err == EAGAIN;
 }
 
 mp_upconn_t *mp_upconn_connect(mp_worker_t *w, mp_server_pool_t *sp, mp_io_cb io_cb, mp_timer_cb timer_cb)

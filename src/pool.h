@@ -25,29 +25,29 @@ typedef struct mp_server_pool mp_server_pool_t;
 struct mp_upconn {
     mp_worker_t *w;
     int fd;
-    uint8_t state;    /* mp_upconn_state */
-    uint8_t reused;   /* taken from the idle pool for the current request */
+    uint8_t state;        /* mp_upconn_state */
+    uint8_t reused;       /* taken from the idle pool for the current request */
     mp_server_pool_t *sp; /* its server; kept alive by the request's generation */
     ev_io io;
     ev_timer timer;
-    mp_buf_t in;      /* response bytes; only while active */
-    mp_buf_t out;     /* request head; only while it is written */
-    size_t scanned;   /* response head parser resume point */
-    struct mp_req *req; /* the request using it, NULL when idle */
-    unsigned requests;  /* served on this connection */
-    ev_tstamp idle_since; /* when it went back to the pool */
+    mp_buf_t in;              /* response bytes; only while active */
+    mp_buf_t out;             /* request head; only while it is written */
+    size_t scanned;           /* response head parser resume point */
+    struct mp_req *req;       /* the request using it, NULL when idle */
+    unsigned requests;        /* served on this connection */
+    ev_tstamp idle_since;     /* when it went back to the pool */
     mp_upconn_t *prev, *next; /* idle list, or the worker's graveyard */
 };
 
 /* One server of one upstream, in one worker. */
 struct mp_server_pool {
-    char *upstream;      /* upstream name */
-    mp_addr_t addr;      /* a copy: the pool outlives the configuration */
-    int keepalive;       /* from the newest generation using it */
+    char *upstream; /* upstream name */
+    mp_addr_t addr; /* a copy: the pool outlives the configuration */
+    int keepalive;  /* from the newest generation using it */
     double keepalive_timeout;
-    mp_upconn_t *idle;   /* most recently used first */
+    mp_upconn_t *idle; /* most recently used first */
     unsigned nidle;
-    unsigned refs;       /* generations using it */
+    unsigned refs;          /* generations using it */
     mp_server_pool_t *next; /* worker->server_pools */
 };
 

@@ -30,8 +30,8 @@ typedef struct probe {
     int state;
     char buf[1024]; /* the request, then the start of the response */
     size_t len, sent;
-    int ok, bad;    /* streaks */
-    int seen;       /* in the configuration being synced */
+    int ok, bad; /* streaks */
+    int seen;    /* in the configuration being synced */
     struct probe *next;
 } probe_t;
 

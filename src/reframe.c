@@ -55,8 +55,7 @@ void mp_reframe_plan(mp_framing_t *f, mp_reframe_buf_t *b)
     }
 }
 
-void mp_reframe_next(const mp_framing_t *f, const mp_reframe_buf_t *b, mp_slice *frame, mp_slice *body,
-                     mp_slice *tail)
+void mp_reframe_next(const mp_framing_t *f, const mp_reframe_buf_t *b, mp_slice *frame, mp_slice *body, mp_slice *tail)
 {
     size_t n = b->ready > b->start ? b->ready - b->start : 0;
     *frame = (mp_slice){f->frame + f->frame_off, (size_t)(f->frame_len - f->frame_off)};

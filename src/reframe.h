@@ -20,16 +20,16 @@ typedef struct {
     unsigned done : 1;  /* the whole body was read (for chunked: decoded) */
     /* A chunked request body is decoded in place and re-framed by the
      * proxy (mp_reframe_*): */
-    unsigned out_chunks : 1; /* a chunk was announced: the next framing starts with CRLF */
-    unsigned out_stage : 2;  /* 0 data chunks, 2 the end queued (last chunk, trailers, CRLF), 3 all written */
-    uint8_t frame_len, frame_off;    /* frame[frame_off, frame_len): framing still to write */
+    unsigned out_chunks : 1;      /* a chunk was announced: the next framing starts with CRLF */
+    unsigned out_stage : 2;       /* 0 data chunks, 2 the end queued (last chunk, trailers, CRLF), 3 all written */
+    uint8_t frame_len, frame_off; /* frame[frame_off, frame_len): framing still to write */
     char frame[MP_CHUNK_FRAME_MAX];
     uint8_t tail_len, tail_off; /* tail[tail_off, tail_len): the body's end, after the last data */
     char tail[8];               /* "\r\n0\r\n\r\n" after the data of a body decoded whole with no
                                  * trailer field, or the final CRLF after the trailer fields */
-    uint32_t out_left; /* bytes of the announced chunk (or of the trailers) still to write */
-    uint32_t scan;     /* buffer: first byte of the client's framing not yet decoded */
-    uint32_t trailers; /* buffer: where the re-serialised trailer fields begin; 0 before the last chunk */
+    uint32_t out_left;          /* bytes of the announced chunk (or of the trailers) still to write */
+    uint32_t scan;              /* buffer: first byte of the client's framing not yet decoded */
+    uint32_t trailers;          /* buffer: where the re-serialised trailer fields begin; 0 before the last chunk */
 } mp_framing_t;
 
 /* The buffer a chunked body is re-framed in, as offsets into data:
@@ -68,8 +68,7 @@ void mp_reframe_plan(mp_framing_t *f, mp_reframe_buf_t *b);
 /* What to write now, in order: *frame (framing), *body (bytes of b), then
  * *tail (the body's end, once body reaches it); any may be empty. Call
  * after mp_reframe_plan. */
-void mp_reframe_next(const mp_framing_t *f, const mp_reframe_buf_t *b, mp_slice *frame, mp_slice *body,
-                     mp_slice *tail);
+void mp_reframe_next(const mp_framing_t *f, const mp_reframe_buf_t *b, mp_slice *frame, mp_slice *body, mp_slice *tail);
 
 /* The re-framed output starts over, nothing written (a replay to another
  * server): what was decoded is kept and sent again, never decoded twice. */

@@ -40,11 +40,11 @@ struct mp_reloader {
     uint64_t generation;
     uint64_t reloads_ok, reloads_refused; /* mp_reload() calls, rollbacks included */
     double loaded_at;
-    lua_State *L;      /* the main thread's view of the current generation */
+    lua_State *L; /* the main thread's view of the current generation */
     mp_config_t *cfg;
     struct ev_loop *loop;
-    ev_async ack;      /* a worker installed a generation */
-    ev_timer watch;    /* settings.watch: polls the script and the modules it required */
+    ev_async ack;   /* a worker installed a generation */
+    ev_timer watch; /* settings.watch: polls the script and the modules it required */
     watched_t files[MAX_WATCHED];
     int nfiles;
     waiter_t *waiters;
@@ -408,8 +408,7 @@ void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb
     watch_files(rl);
     if (rl->on_config)
         rl->on_config(rl->on_config_arg, rl->cfg);
-    mp_log_info("reload: generation %llu loaded (%s%s)", (unsigned long long)id, reason,
-                rollback ? ", rollback" : "");
+    mp_log_info("reload: generation %llu loaded (%s%s)", (unsigned long long)id, reason, rollback ? ", rollback" : "");
     free(Ls);
     free(cfgs);
 }

@@ -8,10 +8,10 @@
 #include "req.h"
 
 #include "balancer.h"
-#include "l_request.h"
-#include "path.h"
 #include "gen.h"
 #include "head.h"
+#include "l_request.h"
+#include "path.h"
 
 #include <arpa/inet.h>
 #include <lauxlib.h>
@@ -65,8 +65,7 @@ void mp_req_env_limits(mp_req_env_t *e, size_t max_uri_size, size_t max_header_s
 
 /* ---- log lines about a request ---- */
 
-static int vlog(mp_log_limit_t *lim, const mp_req_env_t *e, const mp_req_t *r, int level, const char *fmt,
-                va_list ap)
+static int vlog(mp_log_limit_t *lim, const mp_req_env_t *e, const mp_req_t *r, int level, const char *fmt, va_list ap)
 {
     if (level <= MP_LOG_INFO && mp_log_level > level) /* as mp_log_debug and mp_log_info: not even formatted */
         return 0;
@@ -154,8 +153,8 @@ int mp_req_unavailable(mp_req_t *r, const mp_balancer_t *b)
 
 static int id_char_ok(char ch)
 {
-    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '.' ||
-           ch == '_' || ch == ':' || ch == '-';
+    return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') || ch == '.' || ch == '_' ||
+           ch == ':' || ch == '-';
 }
 
 /* X-Request-ID: the client's if it is 1–128 characters of A-Za-z0-9._:-,
@@ -203,7 +202,7 @@ static void describe_peer(mp_req_t *r)
 {
     const struct sockaddr *p = r->client_addr;
     const struct in6_addr *a6 = &((const struct sockaddr_in6 *)p)->sin6_addr;
-    const uint8_t *v4 = p->sa_family == AF_INET ? (const uint8_t *)&((const struct sockaddr_in *)p)->sin_addr
+    const uint8_t *v4 = p->sa_family == AF_INET    ? (const uint8_t *)&((const struct sockaddr_in *)p)->sin_addr
                         : IN6_IS_ADDR_V4MAPPED(a6) ? &a6->s6_addr[12]
                                                    : NULL;
     if (v4)
@@ -560,4 +559,3 @@ int mp_local_response(mp_req_t *r, int status, mp_buf_t *b, mp_local_t *out)
         return -1;
     return shown;
 }
-

@@ -31,16 +31,16 @@ struct sockaddr;
 /* What a request needs from the thread that runs it, with no socket: a
  * worker embeds one (mp_worker_t.env), the simulator owns one. */
 typedef struct mp_req_env {
-    int id;                   /* worker id for log lines ("w0: "); -1: none (the simulator) */
-    mp_bufpool_t *bufs;       /* the thread's buffer blocks */
-    uint64_t rng[2];          /* request ids (mp_req_rand) */
-    mp_http_limits_t limits;  /* for the request parser (mp_req_env_limits) */
+    int id;                     /* worker id for log lines ("w0: "); -1: none (the simulator) */
+    mp_bufpool_t *bufs;         /* the thread's buffer blocks */
+    uint64_t rng[2];            /* request ids (mp_req_rand) */
+    mp_http_limits_t limits;    /* for the request parser (mp_req_env_limits) */
     double (*clock)(void *arg); /* the loop time (ev_now); the simulator pins it */
     void *clock_arg;
     lua_State *_Atomic *hook_vm; /* the watchdog's view of a running hook (worker.h) */
     _Atomic double *hook_since;
-    double date_at;           /* second of the cached Date line */
-    char date[40];            /* "Date: ...\r\n" */
+    double date_at; /* second of the cached Date line */
+    char date[40];  /* "Date: ...\r\n" */
     size_t date_len;
 } mp_req_env_t;
 
@@ -72,8 +72,8 @@ enum mp_body_kind { MP_BODY_NONE, MP_BODY_LENGTH, MP_BODY_CHUNKED, MP_BODY_CLOSE
 
 /* A response made here. */
 typedef struct {
-    mp_slice body;  /* respond()'s body (in the request), or text */
-    char text[64];  /* an error's body: "404 Not Found\n" */
+    mp_slice body; /* respond()'s body (in the request), or text */
+    char text[64]; /* an error's body: "404 Not Found\n" */
 } mp_local_t;
 
 /* One request, from its head to the end of its response. Lives in the
@@ -81,65 +81,65 @@ typedef struct {
  * slices point into conn->in (sim: its copy of the bytes), which stays pinned
  * at [0, head_len) until the request ends. */
 typedef struct mp_req {
-    struct mp_conn *conn;     /* the client connection (opaque here: only L3 code dereferences it), or NULL */
-    mp_req_env_t *env;        /* the thread running it: buffers, rng, limits, clock, log prefix */
+    struct mp_conn *conn;               /* the client connection (opaque here: only L3 code dereferences it), or NULL */
+    mp_req_env_t *env;                  /* the thread running it: buffers, rng, limits, clock, log prefix */
     const struct sockaddr *client_addr; /* the peer (v4, or v6 which may be v4-mapped); lives as long as r */
-    mp_gen_t *gen;            /* the configuration generation it runs on (pinned) */
-    struct mp_upconn *up;     /* the upstream connection in use, or NULL */
-    mp_http_request_t h;      /* parsed head */
+    mp_gen_t *gen;                      /* the configuration generation it runs on (pinned) */
+    struct mp_upconn *up;               /* the upstream connection in use, or NULL */
+    mp_http_request_t h;                /* parsed head */
     mp_route_match_t match;
-    int upstream;             /* index in cfg->upstreams, -1 */
-    int server;               /* index in the upstream's servers, -1 */
-    int tries;                /* connection attempts that counted against retries */
-    mp_framing_t body;        /* request body, client → upstream */
-    mp_framing_t resp;        /* response body, upstream → client */
-    uint32_t body_start;      /* offset in conn->in where the request body begins */
-    uint32_t body_ready;      /* conn->in [in.start, body_ready): body bytes to forward (chunked: decoded) */
-    uint32_t resp_scan;       /* up->in: response bytes whose framing was checked */
-    uint32_t resp_ready;      /* up->in [in.start, resp_ready): body bytes to send the client */
-    int status;               /* response status sent (or to send) to the client */
-    uint64_t bytes_sent;      /* to the client, head included */
+    int upstream;        /* index in cfg->upstreams, -1 */
+    int server;          /* index in the upstream's servers, -1 */
+    int tries;           /* connection attempts that counted against retries */
+    mp_framing_t body;   /* request body, client → upstream */
+    mp_framing_t resp;   /* response body, upstream → client */
+    uint32_t body_start; /* offset in conn->in where the request body begins */
+    uint32_t body_ready; /* conn->in [in.start, body_ready): body bytes to forward (chunked: decoded) */
+    uint32_t resp_scan;  /* up->in: response bytes whose framing was checked */
+    uint32_t resp_ready; /* up->in [in.start, resp_ready): body bytes to send the client */
+    int status;          /* response status sent (or to send) to the client */
+    uint64_t bytes_sent; /* to the client, head included */
     double t_start, t_up_start, t_up_end; /* loop time */
-    mp_slice path;            /* what the upstream gets: the received path, stripped or rewritten */
-    mp_slice query;           /* likewise; valid when has_query */
+    mp_slice path;                        /* what the upstream gets: the received path, stripped or rewritten */
+    mp_slice query;                       /* likewise; valid when has_query */
     /* Hooks (l_request.c): the Lua objects, and what hooks changed. */
-    struct mp_lbox *lbox;     /* the Lua slot of its hook objects (l_request.c), or NULL */
-    mp_buf_t arena;           /* strings and edits written by hooks */
-    mp_hedit_t *edits;        /* request header edits, newest first */
-    mp_hedit_t *resp_edits;   /* response header edits (and respond()'s headers) */
+    struct mp_lbox *lbox;         /* the Lua slot of its hook objects (l_request.c), or NULL */
+    mp_buf_t arena;               /* strings and edits written by hooks */
+    mp_hedit_t *edits;            /* request header edits, newest first */
+    mp_hedit_t *resp_edits;       /* response header edits (and respond()'s headers) */
     const mp_http_response_t *rh; /* the upstream's response head, during response hooks */
-    mp_slice match_path;      /* the path the router matched (regex captures index it) */
-    mp_slice client_path;     /* the received path once normalised: what the client asked for */
-    mp_local_t local;         /* a response made here (an error's text stays here while it is sent) */
-    const char *local_out;    /* body of a local response still to write after c->out */
+    mp_slice match_path;          /* the path the router matched (regex captures index it) */
+    mp_slice client_path;         /* the received path once normalised: what the client asked for */
+    mp_local_t local;             /* a response made here (an error's text stays here while it is sent) */
+    const char *local_out;        /* body of a local response still to write after c->out */
     size_t local_out_len;
-    char *local_body;         /* respond()'s body (malloc'd) */
+    char *local_body; /* respond()'s body (malloc'd) */
     size_t local_body_len;
-    uint16_t local_status;    /* respond()'s status; 0 when no hook responded */
-    uint16_t resp_status;     /* response status as hooks set it; 0: the upstream's */
-    uint8_t phase;            /* mp_phase: what hooks may do now */
-    uint16_t retry_after;     /* a 503 from the proxy: seconds for Retry-After (0: none) */
-    struct mp_peer *peer;     /* the server of the current attempt (health.h), or NULL */
-    double attempt_start;     /* when the current attempt began (ev_time) */
-    unsigned peer_trial : 1;  /* the attempt is a half-open circuit's trial */
+    uint16_t local_status;      /* respond()'s status; 0 when no hook responded */
+    uint16_t resp_status;       /* response status as hooks set it; 0: the upstream's */
+    uint8_t phase;              /* mp_phase: what hooks may do now */
+    uint16_t retry_after;       /* a 503 from the proxy: seconds for Retry-After (0: none) */
+    struct mp_peer *peer;       /* the server of the current attempt (health.h), or NULL */
+    double attempt_start;       /* when the current attempt began (ev_time) */
+    unsigned peer_trial : 1;    /* the attempt is a half-open circuit's trial */
     unsigned peer_reported : 1; /* its outcome was reported */
-    char id[129];             /* X-Request-ID sent upstream and echoed */
+    char id[129];               /* X-Request-ID sent upstream and echoed */
     uint8_t id_len;
     char client_ip[46];
-    unsigned keepalive : 1;      /* keep the client connection after this response */
-    unsigned is_head : 1;        /* HEAD request */
-    unsigned trusted_peer : 1;   /* the peer is one of trusted_proxies */
+    unsigned keepalive : 1;       /* keep the client connection after this response */
+    unsigned is_head : 1;         /* HEAD request */
+    unsigned trusted_peer : 1;    /* the peer is one of trusted_proxies */
     unsigned body_replayable : 1; /* every body byte is still in conn->in */
-    unsigned head_sent : 1;      /* the upstream request head was written */
-    unsigned resp_started : 1;   /* a response byte reached the client */
-    unsigned resp_head_done : 1; /* the upstream response head was parsed */
-    unsigned dechunk : 1;        /* HTTP/1.0 client: strip chunked framing */
-    unsigned sent_continue : 1;  /* 100 Continue was sent to the client */
-    unsigned up_reusable : 1;    /* the upstream connection may go back to the pool */
-    unsigned body_abandoned : 1; /* the upstream answered before the whole body; stop sending it */
-    unsigned has_query : 1;      /* query is present ('?' was there) */
-    unsigned hook_failed : 1;    /* a hook raised: no more hooks for this request */
-    unsigned has_file : 1;       /* file_fd is open: a static response's body (closed at request end) */
+    unsigned head_sent : 1;       /* the upstream request head was written */
+    unsigned resp_started : 1;    /* a response byte reached the client */
+    unsigned resp_head_done : 1;  /* the upstream response head was parsed */
+    unsigned dechunk : 1;         /* HTTP/1.0 client: strip chunked framing */
+    unsigned sent_continue : 1;   /* 100 Continue was sent to the client */
+    unsigned up_reusable : 1;     /* the upstream connection may go back to the pool */
+    unsigned body_abandoned : 1;  /* the upstream answered before the whole body; stop sending it */
+    unsigned has_query : 1;       /* query is present ('?' was there) */
+    unsigned hook_failed : 1;     /* a hook raised: no more hooks for this request */
+    unsigned has_file : 1;        /* file_fd is open: a static response's body (closed at request end) */
     int file_fd;
     uint64_t file_off, file_left; /* bytes of the file sent, still to send */
 } mp_req_t;

@@ -29,7 +29,7 @@ typedef struct {
     slot_t *slots;
     size_t cap; /* 0 or a power of two */
     size_t n;
-    int ci;     /* hosts: keys are stored lowercase and looked up in any case */
+    int ci; /* hosts: keys are stored lowercase and looked up in any case */
 } map_t;
 
 typedef struct {
@@ -45,8 +45,8 @@ typedef struct {
 } str_t;
 
 typedef struct {
-    str_t name;     /* lowercase */
-    str_t value;    /* exact value, or the pattern when re is set */
+    str_t name;  /* lowercase */
+    str_t value; /* exact value, or the pattern when re is set */
     mp_regex_t *re;
 } header_filter_t;
 
@@ -375,8 +375,7 @@ mp_router_t *mp_router_new(void)
 }
 
 /* Writes "src: message" into err; returns MP_EINVAL. */
-static int fail(char *err, size_t errlen, const char *src, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
+static int fail(char *err, size_t errlen, const char *src, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
 
 static int fail(char *err, size_t errlen, const char *src, const char *fmt, ...)
 {

@@ -14,40 +14,40 @@
 typedef struct mp_router mp_router_t;
 
 typedef struct {
-    const char *name;  /* value to match, or a regex when is_regex; name lowercase */
+    const char *name; /* value to match, or a regex when is_regex; name lowercase */
     const char *value;
-    int is_regex;      /* the DSL's "~regex" form, with the "~" removed */
+    int is_regex; /* the DSL's "~regex" form, with the "~" removed */
 } mp_route_header_def_t;
 
 /* What the configuration declares for one route; copied by mp_router_add. */
 typedef struct {
-    const char *name;         /* NULL: the route's index as a decimal string */
-    const char *host;         /* NULL: any host; "api.example.com" or "*.example.com" (any case) */
+    const char *name;           /* NULL: the route's index as a decimal string */
+    const char *host;           /* NULL: any host; "api.example.com" or "*.example.com" (any case) */
     const char *const *methods; /* NULL or nmethods uppercase method names */
     size_t nmethods;
-    const char *path;         /* exact path, or NULL */
-    const char *prefix;       /* must start with '/', or NULL */
-    const char *regex;        /* PCRE2 pattern matched against the path, or NULL */
+    const char *path;   /* exact path, or NULL */
+    const char *prefix; /* must start with '/', or NULL */
+    const char *regex;  /* PCRE2 pattern matched against the path, or NULL */
     const mp_route_header_def_t *headers;
     size_t nheaders;
-    int strip_prefix;         /* remove the prefix before forwarding (prefix routes only) */
-    int target;               /* the caller's index (e.g. upstream), passed back untouched */
-    const char *src;          /* "file:line" of the declaration, for error messages */
+    int strip_prefix; /* remove the prefix before forwarding (prefix routes only) */
+    int target;       /* the caller's index (e.g. upstream), passed back untouched */
+    const char *src;  /* "file:line" of the declaration, for error messages */
 } mp_route_def_t;
 
 /* A compiled route; fields are read-only for callers. */
 typedef struct mp_route {
     char *name;
-    int index;         /* 1-based declaration order */
+    int index; /* 1-based declaration order */
     int target;
     int strip_prefix;
-    char *host;        /* NULL, or lowercase */
+    char *host; /* NULL, or lowercase */
     char *path;
     char *prefix;
     size_t prefix_len;
     char *regex;
     char *src;
-    void *priv;        /* router's own data (filters, compiled regexes) */
+    void *priv; /* router's own data (filters, compiled regexes) */
 } mp_route_t;
 
 /* The route's 0-based slot in per-route arrays (cfg->route_hooks, cfg->statics,
@@ -68,8 +68,8 @@ typedef struct {
 
 typedef struct {
     const mp_route_t *route;
-    int ncaptures;                                /* regex routes: groups incl. group 0; else 0 */
-    size_t ovector[2 * MP_ROUTE_MAX_CAPTURES];    /* offsets into query.path; PCRE2_UNSET for unset groups */
+    int ncaptures;                             /* regex routes: groups incl. group 0; else 0 */
+    size_t ovector[2 * MP_ROUTE_MAX_CAPTURES]; /* offsets into query.path; PCRE2_UNSET for unset groups */
 } mp_route_match_t;
 
 mp_router_t *mp_router_new(void);

@@ -60,12 +60,12 @@ static mp_shdict_t *reg_head; /* guarded by reg_lock */
 /* ---- hashing ---- */
 
 #define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
-#define SIPROUND                                                                                             \
-    do {                                                                                                     \
-        v0 += v1, v1 = ROTL(v1, 13), v1 ^= v0, v0 = ROTL(v0, 32);                                            \
-        v2 += v3, v3 = ROTL(v3, 16), v3 ^= v2;                                                               \
-        v0 += v3, v3 = ROTL(v3, 21), v3 ^= v0;                                                               \
-        v2 += v1, v1 = ROTL(v1, 17), v1 ^= v2, v2 = ROTL(v2, 32);                                            \
+#define SIPROUND                                                                                                       \
+    do {                                                                                                               \
+        v0 += v1, v1 = ROTL(v1, 13), v1 ^= v0, v0 = ROTL(v0, 32);                                                      \
+        v2 += v3, v3 = ROTL(v3, 16), v3 ^= v2;                                                                         \
+        v0 += v3, v3 = ROTL(v3, 21), v3 ^= v0;                                                                         \
+        v2 += v1, v1 = ROTL(v1, 17), v1 ^= v2, v2 = ROTL(v2, 32);                                                      \
     } while (0)
 
 /* SipHash-1-3 (as in CPython and Rust's HashMap): keys come from clients, so
@@ -326,8 +326,8 @@ static void make_room(mp_shdict_t *d, uint32_t n, double now)
 
 /* A new most-recent entry of n chunks holding key; the caller writes the
  * value. Any entry index held before this call may have been evicted. */
-static uint32_t create(mp_shdict_t *d, uint32_t n, uint32_t hash, mp_slice key, int type, size_t vlen,
-                       double expires, double now)
+static uint32_t create(mp_shdict_t *d, uint32_t n, uint32_t hash, mp_slice key, int type, size_t vlen, double expires,
+                       double now)
 {
     make_room(d, n, now);
     uint32_t i = take_chunks(d, n);
@@ -492,8 +492,7 @@ out:
 /* set and add: replace any entry, or only fill an absent one. */
 static int store(mp_shdict_t *d, mp_slice key, const mp_shdict_value_t *v, double ttl_s, double now, int add)
 {
-    if (!key_ok(key) ||
-        (v->type != MP_SHDICT_STRING && v->type != MP_SHDICT_NUMBER && v->type != MP_SHDICT_BOOLEAN))
+    if (!key_ok(key) || (v->type != MP_SHDICT_STRING && v->type != MP_SHDICT_NUMBER && v->type != MP_SHDICT_BOOLEAN))
         return MP_EINVAL;
     size_t vlen = v->type == MP_SHDICT_STRING ? v->len : 0;
     uint32_t n = chunks_for(v->type, key.len, vlen);
@@ -531,8 +530,7 @@ int mp_shdict_add(mp_shdict_t *d, mp_slice key, const mp_shdict_value_t *v, doub
     return store(d, key, v, ttl_s, now, 1);
 }
 
-int mp_shdict_incr(mp_shdict_t *d, mp_slice key, double by, const double *init, double ttl_s, double now,
-                   double *out)
+int mp_shdict_incr(mp_shdict_t *d, mp_slice key, double by, const double *init, double ttl_s, double now, double *out)
 {
     if (!key_ok(key))
         return MP_EINVAL;
@@ -665,8 +663,8 @@ int mp_shdict_check(mp_shdict_t *d)
     for (uint32_t b = 0; b <= d->mask; b++)
         for (uint32_t i = d->buckets[b]; i != NIL && nindexed <= d->entries; i = entry(d, i)->hnext)
             nindexed += (entry(d, i)->hash & d->mask) == b;
-    if (rc == 0 && (nentries != d->entries || nindexed != d->entries || nchunks != d->used ||
-                    nfree != d->nfree || d->used + d->nfree != d->high || d->high > d->nchunks))
+    if (rc == 0 && (nentries != d->entries || nindexed != d->entries || nchunks != d->used || nfree != d->nfree ||
+                    d->used + d->nfree != d->high || d->high > d->nchunks))
         rc = MP_EPROTO;
     pthread_mutex_unlock(&d->lock);
     return rc;

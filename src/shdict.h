@@ -111,8 +111,7 @@ int mp_shdict_add(mp_shdict_t *d, mp_slice key, const mp_shdict_value_t *v, doub
  * key is created as *init + by (expiring ttl_s after now; 0: never) when
  * init is not NULL, else MP_ENOENT; the TTL of an existing entry is kept.
  * MP_EINVAL when the entry is not a number, MP_ENOMEM as for set. */
-int mp_shdict_incr(mp_shdict_t *d, mp_slice key, double by, const double *init, double ttl_s, double now,
-                   double *out);
+int mp_shdict_incr(mp_shdict_t *d, mp_slice key, double by, const double *init, double ttl_s, double now, double *out);
 
 /* Removes key: 0, or MP_ENOENT when there was no entry. */
 int mp_shdict_delete(mp_shdict_t *d, mp_slice key);

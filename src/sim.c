@@ -6,10 +6,10 @@
 #include "sim.h"
 
 #include "balancer.h"
+#include "gen.h"
 #include "head.h"
 #include "l_request.h"
 #include "log.h"
-#include "gen.h"
 #include "path.h"
 #include "req.h"
 #include "static.h"
@@ -28,34 +28,34 @@
 #define SIM_MAX_FILE (64u << 20) /* a static file's bytes a result carries at most */
 
 struct mp_sim {
-    mp_req_env_t env;        /* what its requests need: buffers, rng, limits, clock (no worker: no log prefix) */
+    mp_req_env_t env; /* what its requests need: buffers, rng, limits, clock (no worker: no log prefix) */
     mp_bufpool_t bufs;
-    double created;          /* the requests' loop time: when the simulator was made (epoch seconds) */
+    double created;             /* the requests' loop time: when the simulator was made (epoch seconds) */
     lua_State *_Atomic hook_vm; /* env's watchdog view: no watchdog looks (see running) */
     _Atomic double hook_since;
-    mp_gen_t gen;            /* its one generation */
-    union {                  /* the pretend client's address */
+    mp_gen_t gen; /* its one generation */
+    union {       /* the pretend client's address */
         struct sockaddr sa;
         struct sockaddr_in v4;
         struct sockaddr_in6 v6;
     } peer;
-    mp_req_t req;            /* the last request, alive until the next call */
-    int live;                /* req holds hook objects to release */
-    int forwarded;           /* req went upstream (mp_sim_response may run) */
-    mp_peer_t *peers;        /* private server state, every upstream's servers in a row */
-    uint8_t *open;           /* by peer: the circuit is held open (mp_sim_set_server) */
-    double now;              /* pinned clock, 0: real */
-    char *raw;               /* the request bytes the parser reads (the head's slices point here) */
+    mp_req_t req;     /* the last request, alive until the next call */
+    int live;         /* req holds hook objects to release */
+    int forwarded;    /* req went upstream (mp_sim_response may run) */
+    mp_peer_t *peers; /* private server state, every upstream's servers in a row */
+    uint8_t *open;    /* by peer: the circuit is held open (mp_sim_set_server) */
+    double now;       /* pinned clock, 0: real */
+    char *raw;        /* the request bytes the parser reads (the head's slices point here) */
     size_t raw_cap;
-    char *resp_raw;          /* the upstream response's */
+    char *resp_raw; /* the upstream response's */
     size_t resp_raw_cap;
-    mp_buf_t out;            /* the head made */
-    char *file_body;         /* a static route's file, as sent */
+    mp_buf_t out;    /* the head made */
+    char *file_body; /* a static route's file, as sent */
     mp_sim_step_t *trace;
     size_t ntrace, trace_cap;
     char *error;
     int route_noted;
-    struct {                 /* the request as it was before the hook being traced */
+    struct { /* the request as it was before the hook being traced */
         mp_slice path, query;
         unsigned has_query;
         const mp_hedit_t *edits, *resp_edits;
@@ -145,8 +145,8 @@ static void note_route(mp_sim_t *s)
     const char *kind = rt->target >= 0 ? ", upstream '" : root ? ", static root '" : ", handler";
     const char *target = rt->target >= 0 ? cfg->upstreams[rt->target].name : root;
     step(s, "route", "route '%s' at %s matched %.*s (%s)%s%s%s; path now %.*s", rt->name, rt->src,
-         (int)r->match_path.len, r->match_path.p, why, kind, target ? target : "", target ? "'" : "",
-         (int)r->path.len, r->path.p);
+         (int)r->match_path.len, r->match_path.p, why, kind, target ? target : "", target ? "'" : "", (int)r->path.len,
+         r->path.p);
 }
 
 static int slice_same(mp_slice a, mp_slice b)
@@ -201,10 +201,10 @@ static int l_tracer(lua_State *L)
     what[0] = '\0';
     if (!slice_same(r->path, s->before.path))
         mp_sim_appendf(what, &n, sizeof(what), "; path %.*s -> %.*s", (int)s->before.path.len, s->before.path.p,
-                (int)r->path.len, r->path.p);
+                       (int)r->path.len, r->path.p);
     if (r->has_query != s->before.has_query || !slice_same(r->query, s->before.query))
         mp_sim_appendf(what, &n, sizeof(what), "; query %s%.*s", r->has_query ? "" : "removed",
-                r->has_query ? (int)r->query.len : 0, r->query.p ? r->query.p : "");
+                       r->has_query ? (int)r->query.len : 0, r->query.p ? r->query.p : "");
     n = describe_edits(what, n, sizeof(what), r->edits, s->before.edits, "request");
     n = describe_edits(what, n, sizeof(what), r->resp_edits, s->before.resp_edits, "response");
     if (r->resp_status != s->before.resp_status)
@@ -318,8 +318,12 @@ mp_sim_t *mp_sim_new(const char *path, const char *text, size_t len, uint64_t se
     const mp_settings_t *st = &cfg->settings;
     mp_bufpool_init(&s->bufs, mp_req_block_size(st->max_header_size, st->body_buffer_size), SIM_FREE_BLOCKS);
     s->created = wall_now();
-    s->env = (mp_req_env_t){.id = -1, .bufs = &s->bufs, .clock = sim_clock, .clock_arg = s,
-                            .hook_vm = &s->hook_vm, .hook_since = &s->hook_since};
+    s->env = (mp_req_env_t){.id = -1,
+                            .bufs = &s->bufs,
+                            .clock = sim_clock,
+                            .clock_arg = s,
+                            .hook_vm = &s->hook_vm,
+                            .hook_since = &s->hook_since};
     s->env.rng[0] = seed ^ 0x9e3779b97f4a7c15ull;
     s->env.rng[1] = seed * 0xbf58476d1ce4e5b9ull + 1;
     mp_req_env_limits(&s->env, st->max_uri_size, st->max_header_size);
@@ -327,8 +331,7 @@ mp_sim_t *mp_sim_new(const char *path, const char *text, size_t len, uint64_t se
     for (size_t u = 0; u < cfg->nupstreams; u++)
         npeers += cfg->upstreams[u].nservers;
     s->gen = (mp_gen_t){.id = 1, .L = L, .cfg = cfg, .refs = 1};
-    if (!(s->peers = calloc(npeers ? npeers : 1, sizeof(*s->peers))) ||
-        !(s->open = calloc(npeers ? npeers : 1, 1)) ||
+    if (!(s->peers = calloc(npeers ? npeers : 1, sizeof(*s->peers))) || !(s->open = calloc(npeers ? npeers : 1, 1)) ||
         mp_gen_prepare(&s->gen, seed) != 0 || mp_buf_acquire(&s->out, &s->bufs) != 0) {
         snprintf(err, errlen, "out of memory");
         goto fail;
@@ -488,9 +491,9 @@ static void note_pick(mp_sim_t *s, const mp_balancer_t *b, int server)
     for (size_t i = 0; i < d->nservers; i++) {
         mp_peer_t *p = b->peers[i];
         const char *state = !p->probe_up ? "down" : p->open_until > now ? "circuit open" : "up";
-        mp_sim_appendf(list, &n, sizeof(list), "%s%s (%s, weight %d, %d active, %.1f ms, %d failures)",
-                              i ? ", " : "", d->servers[i].addr.text, state, d->servers[i].weight, (int)p->active,
-                              mp_peer_latency(p), (int)p->fails);
+        mp_sim_appendf(list, &n, sizeof(list), "%s%s (%s, weight %d, %d active, %.1f ms, %d failures)", i ? ", " : "",
+                       d->servers[i].addr.text, state, d->servers[i].weight, (int)p->active, mp_peer_latency(p),
+                       (int)p->fails);
     }
     if (server >= 0)
         step(s, "balancer", "upstream '%s' (%s) picked %s among %s", d->name, balancer_name(d),
@@ -506,8 +509,8 @@ static void answer(mp_sim_t *s, int status, const char *why)
     mp_req_keepalive_after(r, status);
     s->out.start = s->out.end = 0;
     int shown = mp_local_response(r, status, &s->out, &s->req.local);
-    step(s, "response", "answered here: %d %s (%s)", shown > 0 ? shown : 500,
-         mp_http1_reason(shown > 0 ? shown : 500), why);
+    step(s, "response", "answered here: %d %s (%s)", shown > 0 ? shown : 500, mp_http1_reason(shown > 0 ? shown : 500),
+         why);
     mp_req_on_log(&s->req); /* the outcome is known: on_log runs, as once the server sent it */
 }
 
@@ -688,7 +691,9 @@ static void hold_open(mp_sim_t *s)
     for (size_t u = 0; u < cfg->nupstreams; u++)
         for (size_t i = 0; i < cfg->upstreams[u].nservers; i++, k++)
             if (s->open[k])
-                s->peers[k].open_until = now + (cfg->upstreams[u].passive_cooldown > 0 ? cfg->upstreams[u].passive_cooldown : 10);
+                s->peers[k].open_until = now + (cfg->upstreams[u].passive_cooldown > 0
+                                                    ? cfg->upstreams[u].passive_cooldown
+                                                    : 10);
 }
 
 static void running(mp_sim_t *s, int on)

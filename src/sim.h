@@ -28,13 +28,13 @@ typedef struct {
 
 /* A client request. */
 typedef struct {
-    const char *method;      /* NULL: GET */
-    const char *host;        /* NULL: "localhost" */
-    int no_host;             /* send no Host field at all (HTTP/1.1 requires one: 400) */
-    const char *target;      /* path and query; NULL: "/" */
+    const char *method; /* NULL: GET */
+    const char *host;   /* NULL: "localhost" */
+    int no_host;        /* send no Host field at all (HTTP/1.1 requires one: 400) */
+    const char *target; /* path and query; NULL: "/" */
     const mp_sim_header_t *headers;
     size_t nheaders;
-    const char *body;        /* its length is sent as Content-Length */
+    const char *body; /* its length is sent as Content-Length */
     size_t body_len;
     const char *remote_addr; /* the client's address; NULL: 127.0.0.1 */
 } mp_sim_request_t;
@@ -55,28 +55,28 @@ typedef struct {
 } mp_sim_step_t;
 
 typedef struct {
-    int forwarded;          /* the request goes to upstream/server with head */
-    int status;             /* otherwise the response made here */
-    const char *route;      /* the matched route's name, or NULL */
-    int route_index;        /* 1-based; 0: none */
-    const char *upstream;   /* where it went; NULL when the proxy answered */
-    const char *server;     /* the balancer's pick; NULL when the proxy answered */
-    const char *head;       /* the upstream request head, or the response head */
+    int forwarded;        /* the request goes to upstream/server with head */
+    int status;           /* otherwise the response made here */
+    const char *route;    /* the matched route's name, or NULL */
+    int route_index;      /* 1-based; 0: none */
+    const char *upstream; /* where it went; NULL when the proxy answered */
+    const char *server;   /* the balancer's pick; NULL when the proxy answered */
+    const char *head;     /* the upstream request head, or the response head */
     size_t head_len;
-    const char *body;       /* the response body (responses only) */
+    const char *body; /* the response body (responses only) */
     size_t body_len;
-    const char *error;      /* the first error logged while it ran (a hook's), or NULL */
+    const char *error; /* the first error logged while it ran (a hook's), or NULL */
     const mp_sim_step_t *trace;
     size_t ntrace;
 } mp_sim_result_t;
 
 /* Server state a balancer sees (SPEC "Balancers"). */
 typedef struct {
-    int down;         /* the active checks say down */
-    int open;         /* the passive circuit is open */
-    int active;       /* requests in flight */
-    int failures;     /* consecutive failures */
-    double latency;   /* EWMA latency, ms (0: unknown) */
+    int down;       /* the active checks say down */
+    int open;       /* the passive circuit is open */
+    int active;     /* requests in flight */
+    int failures;   /* consecutive failures */
+    double latency; /* EWMA latency, ms (0: unknown) */
 } mp_sim_state_t;
 
 /* Loads the script at path (or its text, when text is not NULL; path then

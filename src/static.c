@@ -4,9 +4,9 @@
 #include "static.h"
 
 #include "config.h"
+#include "gen.h"
 #include "head.h"
 #include "log.h"
-#include "gen.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -166,23 +166,18 @@ static int errno_status(int err, const char *root, const char *rel)
     case ENAMETOOLONG:
     case ELOOP:
     case ENXIO:
-    case ENODEV:
-        return 404;
+    case ENODEV: return 404;
     case EACCES:
     case EPERM:
-    case EXDEV:
-        return 403;
-    default:
-        mp_log_error("static: cannot open '%s' under '%s': %s", rel, root, strerror(err));
-        return 500;
+    case EXDEV: return 403;
+    default: mp_log_error("static: cannot open '%s' under '%s': %s", rel, root, strerror(err)); return 500;
     }
 }
 
 /* Opens rel (cleaned, in a buffer of cap bytes) into out: a regular file, or
  * a directory's index. redirect: answer 301 for a directory instead.
  * Returns 200, 301, 403, 404 or 500. */
-static int open_file(int rootfd, const mp_static_def_t *def, char *rel, size_t cap, int redirect,
-                     mp_static_file_t *out)
+static int open_file(int rootfd, const mp_static_def_t *def, char *rel, size_t cap, int redirect, mp_static_file_t *out)
 {
     int fd = open_beneath(rootfd, def->root, rel[0] ? rel : ".");
     if (fd < 0)
@@ -279,11 +274,11 @@ static int64_t parse_http_date(mp_slice v)
         return -1;
     }
     const char *m = strlen(mon) == 3 ? strstr(MONTHS, mon) : NULL;
-    if (!m || (m - MONTHS) % 3 || d < 1 || d > 31 || hh > 23 || mm > 59 || ss > 60 || y < 1970 || hh < 0 ||
-        mm < 0 || ss < 0)
+    if (!m || (m - MONTHS) % 3 || d < 1 || d > 31 || hh > 23 || mm > 59 || ss > 60 || y < 1970 || hh < 0 || mm < 0 ||
+        ss < 0)
         return -1;
-    struct tm tm = {.tm_year = y - 1900, .tm_mon = (int)(m - MONTHS) / 3, .tm_mday = d,
-                    .tm_hour = hh, .tm_min = mm, .tm_sec = ss};
+    struct tm tm = {
+        .tm_year = y - 1900, .tm_mon = (int)(m - MONTHS) / 3, .tm_mday = d, .tm_hour = hh, .tm_min = mm, .tm_sec = ss};
     return (int64_t)timegm(&tm);
 }
 
@@ -351,8 +346,7 @@ static int resolve(const mp_req_t *r, const mp_static_def_t *def, mp_static_file
         status = open_file(rootfd, def, rel, sizeof(rel), 0, out);
         out->fallback = status == 200;
         if (status != 200) {
-            mp_log_error("static: fallback '%s' under '%s' cannot be served (%d)", def->fallback, def->root,
-                         status);
+            mp_log_error("static: fallback '%s' under '%s' cannot be served (%d)", def->fallback, def->root, status);
             status = 404;
         }
     }
@@ -464,8 +458,9 @@ int mp_static_response(mp_req_t *r, mp_static_file_t *f, mp_buf_t *b, mp_local_t
         mp_static_dispose(f);
         return mp_local_response(r, status, b, out);
     }
-    int n = status == 200 || status == 304 ? 0 : snprintf(out->text, sizeof(out->text), "%d %s\n", status,
-                                                         mp_http1_reason(status));
+    int n = status == 200 || status == 304
+                ? 0
+                : snprintf(out->text, sizeof(out->text), "%d %s\n", status, mp_http1_reason(status));
     out->body = (mp_slice){out->text, (size_t)n};
     r->resp_edits = NULL;
     int shown = add_headers(r, f) == 0 ? mp_req_response_hooks(r, status, NULL) : (r->resp_edits = NULL, 0);

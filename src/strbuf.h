@@ -12,7 +12,7 @@ typedef struct {
     char *p;    /* owned; p[len] == '\0' once anything was appended */
     size_t len; /* bytes, the NUL not counted */
     size_t cap;
-    int oom;    /* an allocation failed: the contents are incomplete */
+    int oom; /* an allocation failed: the contents are incomplete */
 } mp_strbuf_t;
 
 /* Makes room for n more bytes and the NUL, for a caller that writes at

@@ -5,9 +5,9 @@
 #include "upstream.h"
 
 #include "balancer.h"
+#include "gen.h"
 #include "head.h"
 #include "pool.h"
-#include "gen.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -18,8 +18,9 @@
 /* Why an exchange failed; the one place mapping failures to statuses. */
 enum up_err { UE_CONNECT, UE_CONNECT_TIMEOUT, UE_SEND_TIMEOUT, UE_READ_TIMEOUT, UE_RESET, UE_INVALID, UE_HOOK };
 
-static const char *const up_err_text[] = {"connect failed",    "connect timed out", "send timed out", "read timed out",
-                                          "connection broken", "invalid response",  "response hook failed"};
+static const char *const up_err_text[] = {"connect failed",      "connect timed out", "send timed out",
+                                          "read timed out",      "connection broken", "invalid response",
+                                          "response hook failed"};
 
 static void on_up_io(struct ev_loop *loop, ev_io *io, int revents);
 static void on_up_timer(struct ev_loop *loop, ev_timer *t, int revents);
@@ -265,9 +266,11 @@ static void local_failure(mp_req_t *r, int err)
     if (next == MP_PICK_ERROR)
         return mp_conn_fail(r->conn, 500);
     int retry = next >= 0 && next != server;
-    mp_env_log_limited(&lim, r->env, MP_LOG_ERROR, "cannot open a connection to upstream %s server %s: %s (not "
-                       "counted against the server; request %.*s %s)", d->name, d->servers[server].addr.text,
-                       strerror(err), r->id_len, r->id, retry ? "tries another server" : "gets 503");
+    mp_env_log_limited(&lim, r->env, MP_LOG_ERROR,
+                       "cannot open a connection to upstream %s server %s: %s (not "
+                       "counted against the server; request %.*s %s)",
+                       d->name, d->servers[server].addr.text, strerror(err), r->id_len, r->id,
+                       retry ? "tries another server" : "gets 503");
     if (retry) {
         reset_request_body(r);
         r->peer_trial = (unsigned)trial;
@@ -406,8 +409,7 @@ static void body_error(mp_req_t *r, int status)
 static void send_continue(mp_req_t *r)
 {
     mp_conn_t *c = r->conn;
-    if (!r->h.expect_continue || r->h.minor < 1 || r->body.done || r->sent_continue ||
-        c->in.end != r->body_start)
+    if (!r->h.expect_continue || r->h.minor < 1 || r->body.done || r->sent_continue || c->in.end != r->body_start)
         return;
     r->sent_continue = 1;
     if (mp_buf_acquire(&c->out, &c->w->bufs) == 0)
@@ -533,8 +535,7 @@ static int parse_response_head(mp_req_t *r)
     mp_upconn_t *u = r->up;
     static __thread mp_http_response_t rh;
     for (;;) {
-        int rc = mp_http1_parse_response(mp_buf_head(&u->in), mp_buf_len(&u->in), &u->scanned,
-                                         u->in.cap, &rh);
+        int rc = mp_http1_parse_response(mp_buf_head(&u->in), mp_buf_len(&u->in), &u->scanned, u->in.cap, &rh);
         if (rc == MP_EAGAIN)
             return mp_buf_room(&u->in) ? 0 : -(int)UE_INVALID - 1;
         if (rc < 0) {

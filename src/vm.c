@@ -6,10 +6,9 @@
 #include "log.h"
 
 #include <lauxlib.h>
+#include <limits.h>
 #include <lua.h>
 #include <lualib.h>
-
-#include <limits.h>
 #ifdef __GLIBC__
 #include <malloc.h>
 #endif
@@ -194,12 +193,12 @@ static int vm_setup(lua_State *L)
  * allocations. Only an allocation past twice the budget is refused outright
  * (a memory error where it happens). */
 typedef struct {
-    lua_State *L;      /* the VM's main thread: hooks and GC tuning are per VM */
-    size_t used;       /* bytes the VM holds */
-    size_t limit;      /* bytes; checked only while armed */
-    int armed;         /* protected calls running: only there can an error be caught */
-    int over;          /* the budget was passed since the outermost call began */
-    int hooked;        /* our count hook is set; saved_* is what it replaced */
+    lua_State *L;       /* the VM's main thread: hooks and GC tuning are per VM */
+    size_t used;        /* bytes the VM holds */
+    size_t limit;       /* bytes; checked only while armed */
+    int armed;          /* protected calls running: only there can an error be caught */
+    int over;           /* the budget was passed since the outermost call began */
+    int hooked;         /* our count hook is set; saved_* is what it replaced */
     int pause, stepmul; /* the collector's settings, while over (else -1) */
     lua_Hook saved_hook;
     int saved_mask, saved_count;

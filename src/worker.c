@@ -10,9 +10,9 @@
 #include "pool.h"
 #include "vm.h"
 
+#include <errno.h>
 #include <lauxlib.h>
 #include <lua.h>
-#include <errno.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -97,8 +97,8 @@ static void expire_generations(mp_worker_t *w)
         MP_ASSERT(g->state == MP_GEN_RETIRED && g->refs > 0);
         if (now - g->retired_at < limit)
             continue;
-        mp_log_warn("w%d: generation %llu still has requests after reload_drain_timeout (%gs): closing them",
-                    w->id, (unsigned long long)g->id, limit);
+        mp_log_warn("w%d: generation %llu still has requests after reload_drain_timeout (%gs): closing them", w->id,
+                    (unsigned long long)g->id, limit);
         g->retired_at = now; /* once per period: closing frees g when the last goes */
         mp_conn_t *next;
         for (mp_conn_t *c = w->conns; c; c = next) {
@@ -183,8 +183,7 @@ static void on_prepare(struct ev_loop *loop, ev_prepare *p, int revents)
     mp_conn_reap(w);
     mp_upconn_reap(w);
     /* a connection closed or went idle at the cap: one waiting may take its place */
-    if (w->accept_paused && !w->stopping &&
-        (w->nconns < (unsigned)w->cfg->settings.max_connections || w->idle_oldest))
+    if (w->accept_paused && !w->stopping && (w->nconns < (unsigned)w->cfg->settings.max_connections || w->idle_oldest))
         mp_worker_accept_pause(w, 0);
     if (atomic_load(&w->stuck) == 1)
         unstick(w);
@@ -199,8 +198,8 @@ void mp_worker_accept_pause(mp_worker_t *w, int on)
     w->accept_paused = on;
     static mp_log_limit_t lim;
     if (on)
-        mp_log_limited(&lim, MP_LOG_WARN, "w%d: max_connections (%d) reached, none idle: not accepting for now",
-                       w->id, w->cfg->settings.max_connections);
+        mp_log_limited(&lim, MP_LOG_WARN, "w%d: max_connections (%d) reached, none idle: not accepting for now", w->id,
+                       w->cfg->settings.max_connections);
     mp_listener_sync(w);
 }
 
@@ -231,9 +230,10 @@ static void on_budget(lua_State *L, lua_Debug *ar)
 static void mark_stuck(mp_worker_t *w, double seconds)
 {
     atomic_store(&w->stuck, 1);
-    mp_log_error("w%d: a hook has run for %.1fs and cannot be interrupted (LuaJIT-compiled code and C calls do "
-                 "not run count hooks); the worker stops accepting new connections until it returns",
-                 w->id, seconds);
+    mp_log_error(
+        "w%d: a hook has run for %.1fs and cannot be interrupted (LuaJIT-compiled code and C calls do "
+        "not run count hooks); the worker stops accepting new connections until it returns",
+        w->id, seconds);
     for (size_t k = 0; k < w->nlisteners; k++)
         if (w->listeners[k].fd >= 0)
             shutdown(w->listeners[k].fd, SHUT_RD);
@@ -292,8 +292,7 @@ static double loop_now(void *loop)
     return ev_now(loop);
 }
 
-int mp_worker_init(mp_worker_t *w, int id, size_t max_header_size, size_t body_buffer_size, const int *fds,
-                   size_t nfds)
+int mp_worker_init(mp_worker_t *w, int id, size_t max_header_size, size_t body_buffer_size, const int *fds, size_t nfds)
 {
     memset(w, 0, sizeof(*w));
     w->id = id;
@@ -304,8 +303,12 @@ int mp_worker_init(mp_worker_t *w, int id, size_t max_header_size, size_t body_b
 
     w->loop = ev_loop_new(EVFLAG_AUTO | EVFLAG_NOSIGMASK);
     mp_req_env_t *e = &w->env;
-    *e = (mp_req_env_t){.id = id, .bufs = &w->bufs, .clock = loop_now, .clock_arg = w->loop,
-                        .hook_vm = &w->lua_vm, .hook_since = &w->lua_since};
+    *e = (mp_req_env_t){.id = id,
+                        .bufs = &w->bufs,
+                        .clock = loop_now,
+                        .clock_arg = w->loop,
+                        .hook_vm = &w->lua_vm,
+                        .hook_since = &w->lua_since};
     if (getrandom(e->rng, sizeof(e->rng), 0) != sizeof(e->rng))
         e->rng[0] = (uint64_t)time(NULL) ^ ((uint64_t)id << 32), e->rng[1] = (uint64_t)getpid() | 1;
     w->listeners = calloc(nfds ? nfds : 1, sizeof(*w->listeners));

@@ -37,11 +37,11 @@ typedef struct mp_worker {
     int id;
     pthread_t thread;
     struct ev_loop *loop;
-    mp_gen_t *gen;          /* the current configuration generation (gen.h) */
-    mp_gen_t *retired;      /* older ones, until their last request ends */
-    const mp_config_t *cfg; /* gen->cfg: connection-level settings */
+    mp_gen_t *gen;                  /* the current configuration generation (gen.h) */
+    mp_gen_t *retired;              /* older ones, until their last request ends */
+    const mp_config_t *cfg;         /* gen->cfg: connection-level settings */
     mp_server_pool_t *server_pools; /* idle upstream connections, across generations */
-    ev_timer expire;        /* cuts requests of generations drained too long */
+    ev_timer expire;                /* cuts requests of generations drained too long */
     /* Hand-over of a new generation from the main thread (reload.c). */
     pthread_mutex_t handover_lock;
     lua_State *next_L;
@@ -51,32 +51,32 @@ typedef struct mp_worker {
     struct ev_loop *main_loop;  /* where to acknowledge an installed generation */
     ev_async *main_ack;
     /* The hook watchdog (mp_watchdog_check): which VM runs a hook since when. */
-    lua_State *_Atomic lua_vm;  /* non-NULL while a hook runs */
-    _Atomic double lua_since;   /* loop time the hook started */
-    pthread_mutex_t vm_lock;    /* held by the watchdog touching lua_vm, and to close a VM */
-    _Atomic int stuck;          /* a hook could not be interrupted: its listeners are shut down
+    lua_State *_Atomic lua_vm; /* non-NULL while a hook runs */
+    _Atomic double lua_since;  /* loop time the hook started */
+    pthread_mutex_t vm_lock;   /* held by the watchdog touching lua_vm, and to close a VM */
+    _Atomic int stuck;         /* a hook could not be interrupted: its listeners are shut down
                                  * (main thread) until the worker re-opens them (mp_worker_unstick) */
     mp_listener_t *listeners;
     size_t nlisteners;
-    ev_async wake;    /* main thread → worker: see `stop` */
-    ev_prepare flush; /* before each poll: access log, delayed frees */
+    ev_async wake;              /* main thread → worker: see `stop` */
+    ev_prepare flush;           /* before each poll: access log, delayed frees */
     _Atomic int stop_requested; /* set by the main thread before wake */
     int stopping;
-    int accept_paused;      /* at max_connections, no idle connection to reclaim */
-    int accept_backoff;     /* out of descriptors or memory: accept_retry restarts accepting */
+    int accept_paused;  /* at max_connections, no idle connection to reclaim */
+    int accept_backoff; /* out of descriptors or memory: accept_retry restarts accepting */
     ev_timer accept_retry;
     mp_bufpool_t bufs;
-    mp_conn_t *conns;       /* every open client connection (doubly linked) */
+    mp_conn_t *conns;                     /* every open client connection (doubly linked) */
     mp_conn_t *idle_newest, *idle_oldest; /* keep-alive connections between requests (LRU) */
     unsigned nconns;
-    mp_conn_t *graveyard;   /* closed, freed before the next poll */
+    mp_conn_t *graveyard; /* closed, freed before the next poll */
     mp_upconn_t *up_graveyard;
     struct mp_req *free_reqs; /* recycled request objects */
     unsigned nfree_reqs;
     mp_alog_t alog;
-    mp_req_env_t env;       /* what its requests need (req.h): rng, limits, Date, clock, log prefix */
+    mp_req_env_t env; /* what its requests need (req.h): rng, limits, Date, clock, log prefix */
     mp_stats_t stats;
-    mp_metrics_t metrics;   /* written here, summed by GET /metrics (metrics.h) */
+    mp_metrics_t metrics; /* written here, summed by GET /metrics (metrics.h) */
 } mp_worker_t;
 
 /* Prepares w (loop, buffers for a head of max_header_size and

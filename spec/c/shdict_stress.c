@@ -34,14 +34,14 @@ static atomic_int stop;
 static atomic_int failures;
 static mp_shdict_t *big, *churn;
 
-#define CHECK(cond, ...)                                                                                     \
-    do {                                                                                                     \
-        if (!(cond)) {                                                                                       \
-            fprintf(stderr, "shdict_stress: %s:%d: check failed: %s: ", __FILE__, __LINE__, #cond);          \
-            fprintf(stderr, __VA_ARGS__);                                                                    \
-            fputc('\n', stderr);                                                                             \
-            atomic_fetch_add(&failures, 1);                                                                  \
-        }                                                                                                    \
+#define CHECK(cond, ...)                                                                                               \
+    do {                                                                                                               \
+        if (!(cond)) {                                                                                                 \
+            fprintf(stderr, "shdict_stress: %s:%d: check failed: %s: ", __FILE__, __LINE__, #cond);                    \
+            fprintf(stderr, __VA_ARGS__);                                                                              \
+            fputc('\n', stderr);                                                                                       \
+            atomic_fetch_add(&failures, 1);                                                                            \
+        }                                                                                                              \
     } while (0)
 
 static uint32_t next_rand(worker_t *w)
@@ -99,8 +99,7 @@ static void op_get(mp_shdict_t *d, mp_slice key)
     int rc = mp_shdict_get(d, key, mp_shdict_now(), &val, v, sizeof(v));
     CHECK(rc == 0 || rc == MP_ENOENT, "get rc %d", rc);
     if (rc == 0)
-        CHECK(val.type == MP_SHDICT_STRING && intact(v, val.len), "torn value (type %d len %zu)", val.type,
-              val.len);
+        CHECK(val.type == MP_SHDICT_STRING && intact(v, val.len), "torn value (type %d len %zu)", val.type, val.len);
 }
 
 static void op_incr(worker_t *w)
@@ -145,30 +144,14 @@ static void one_op(worker_t *w)
     uint32_t r = next_rand(w);
     switch (r % 10) {
     case 0:
-    case 1:
-        op_incr(w);
-        break;
-    case 2:
-        op_set(w, big, key_of(kb, sizeof(kb), "s", r / 16 % NSTRINGS), 400);
-        break;
-    case 3:
-        op_get(big, key_of(kb, sizeof(kb), "s", r / 16 % NSTRINGS));
-        break;
-    case 4:
-        mp_shdict_delete(big, key_of(kb, sizeof(kb), "s", r / 16 % NSTRINGS));
-        break;
-    case 5:
-        op_lock(w);
-        break;
-    case 6:
-        op_take(w);
-        break;
-    case 7:
-        op_set(w, churn, key_of(kb, sizeof(kb), "x", r / 16 % 1000), 3000);
-        break;
-    case 8:
-        op_get(churn, key_of(kb, sizeof(kb), "x", r / 16 % 1000));
-        break;
+    case 1: op_incr(w); break;
+    case 2: op_set(w, big, key_of(kb, sizeof(kb), "s", r / 16 % NSTRINGS), 400); break;
+    case 3: op_get(big, key_of(kb, sizeof(kb), "s", r / 16 % NSTRINGS)); break;
+    case 4: mp_shdict_delete(big, key_of(kb, sizeof(kb), "s", r / 16 % NSTRINGS)); break;
+    case 5: op_lock(w); break;
+    case 6: op_take(w); break;
+    case 7: op_set(w, churn, key_of(kb, sizeof(kb), "x", r / 16 % 1000), 3000); break;
+    case 8: op_get(churn, key_of(kb, sizeof(kb), "x", r / 16 % 1000)); break;
     default: {
         mp_shdict_stats_t st;
         mp_shdict_stats(churn, &st);
@@ -210,10 +193,8 @@ static void final_checks(worker_t *w, int n, double elapsed)
     }
     for (int t = 0; t < n; t++)
         allowed += w[t].allowed;
-    CHECK(allowed <= BURST + RATE * elapsed + 1, "bucket granted %llu in %.3f s", (unsigned long long)allowed,
-          elapsed);
-    CHECK(allowed >= RATE * elapsed / 2, "bucket granted only %llu in %.3f s", (unsigned long long)allowed,
-          elapsed);
+    CHECK(allowed <= BURST + RATE * elapsed + 1, "bucket granted %llu in %.3f s", (unsigned long long)allowed, elapsed);
+    CHECK(allowed >= RATE * elapsed / 2, "bucket granted only %llu in %.3f s", (unsigned long long)allowed, elapsed);
     mp_shdict_stats_t st;
     mp_shdict_stats(big, &st);
     CHECK(st.evictions == 0, "the big dict evicted %llu entries", (unsigned long long)st.evictions);
