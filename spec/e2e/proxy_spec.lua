@@ -215,7 +215,7 @@ describe("moonproxy forwarding", function()
 
     describe("the access log", function()
         it("has one JSON line per request with the documented fields", function()
-            local before = #proxy:access_log_entries()
+            local before = #proxy:settled_access_log()
             local res = assert(get("/logged", { { "X-Request-ID", "log-1" } }))
             assert.equal(200, res.status)
             local missing = assert(get("/status/404"))

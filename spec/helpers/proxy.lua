@@ -478,6 +478,19 @@ function Proxy:access_log_entries()
     return t
 end
 
+-- The access log once it stops growing (no new line for 100 ms, at most 2 s):
+-- a worker writes a request's line just before its next poll, so a client
+-- that has read the response can look before the line is there.
+function Proxy:settled_access_log()
+    local t, deadline = self:access_log_entries(), socket.gettime() + 2
+    repeat
+        socket.sleep(0.1)
+        local n = #t
+        t = self:access_log_entries()
+    until #t == n or socket.gettime() > deadline
+    return t
+end
+
 -- Rewrites the proxy's configuration file in place (for a reload) from a
 -- template; vars are added to the ones the proxy was started with.
 function Proxy:rewrite_config(text, vars)
