@@ -232,7 +232,7 @@ static void metrics(admin_conn_t *c)
     if (!ms)
         return respond(c, 500, "text/plain", "out of memory\n", 14);
     for (int i = 0; i < n; i++)
-        ms[i] = &workers[i].metrics;
+        ms[i] = &workers[i].io.metrics;
     mp_metrics_src_t src = {
         .workers = ms, .nworkers = n, .cfg = mp_reloader_config(rl), .generation = mp_reloader_generation(rl)};
     mp_reloader_counts(rl, &src.reloads_ok, &src.reloads_refused);

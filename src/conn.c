@@ -7,7 +7,6 @@
 #include "head.h"
 #include "l_request.h"
 #include "static.h"
-#include "upstream.h"
 
 #include <errno.h>
 #include <lauxlib.h>
@@ -28,21 +27,26 @@ static void on_timer(struct ev_loop *loop, ev_timer *t, int revents);
 static void on_readable(mp_conn_t *c);
 static void flush_local(mp_conn_t *c);
 static void send_static(mp_conn_t *c);
+static void request_done(mp_conn_t *c);
+static void conn_fail(mp_conn_t *c, int status);
+static void respond(mp_conn_t *c);
 
-void mp_conn_want(mp_conn_t *c, int events)
+/* Sets the events the client watcher waits for (EV_READ | EV_WRITE). */
+static void conn_want(mp_conn_t *c, int events)
 {
     if ((c->io.events & (EV_READ | EV_WRITE)) == events && (events == 0) == !ev_is_active(&c->io))
         return;
-    ev_io_stop(c->w->loop, &c->io);
+    ev_io_stop(c->side.ctx->loop, &c->io);
     ev_io_modify(&c->io, events);
     if (events)
-        ev_io_start(c->w->loop, &c->io);
+        ev_io_start(c->side.ctx->loop, &c->io);
 }
 
-void mp_conn_timer(mp_conn_t *c, double seconds)
+/* Arms the connection timer for `seconds` (ev_timer_again); 0 stops it. */
+static void conn_timer(mp_conn_t *c, double seconds)
 {
     c->timer.repeat = seconds;
-    ev_timer_again(c->w->loop, &c->timer);
+    ev_timer_again(c->side.ctx->loop, &c->timer);
 }
 
 static void link_conn(mp_conn_t **head, mp_conn_t *c)
@@ -68,62 +72,62 @@ static void unlink_conn(mp_conn_t **head, mp_conn_t *c)
 /* An idle connection goes in at the newest end of the worker's LRU. */
 static void idle_enter(mp_conn_t *c)
 {
-    mp_worker_t *w = c->w;
+    mp_io_ctx_t *ctx = c->side.ctx;
     c->state = MP_CS_IDLE;
     c->idle_prev = NULL;
-    c->idle_next = w->idle_newest;
-    if (w->idle_newest)
-        w->idle_newest->idle_prev = c;
+    c->idle_next = ctx->idle_newest;
+    if (ctx->idle_newest)
+        ctx->idle_newest->idle_prev = c;
     else
-        w->idle_oldest = c;
-    w->idle_newest = c;
+        ctx->idle_oldest = c;
+    ctx->idle_newest = c;
 }
 
 static void idle_leave(mp_conn_t *c)
 {
-    mp_worker_t *w = c->w;
+    mp_io_ctx_t *ctx = c->side.ctx;
     if (c->state != MP_CS_IDLE)
         return;
     if (c->idle_prev)
         c->idle_prev->idle_next = c->idle_next;
     else
-        w->idle_newest = c->idle_next;
+        ctx->idle_newest = c->idle_next;
     if (c->idle_next)
         c->idle_next->idle_prev = c->idle_prev;
     else
-        w->idle_oldest = c->idle_prev;
+        ctx->idle_oldest = c->idle_prev;
     c->idle_prev = c->idle_next = NULL;
 }
 
 #define RECLAIM_SCAN 8 /* idle connections looked at, oldest first: O(1) */
 
-int mp_conn_reclaim_idle(mp_worker_t *w)
+int mp_conn_reclaim_idle(mp_io_ctx_t *ctx)
 {
     /* A request that arrived but was not read yet is not idle: closing with
      * unread bytes sends a RST, and the client loses that request. */
-    mp_conn_t *c = w->idle_oldest;
+    mp_conn_t *c = ctx->idle_oldest;
     char byte;
     int i = 0;
-    while (c && i < RECLAIM_SCAN && recv(c->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0)
+    while (c && i < RECLAIM_SCAN && recv(c->side.fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0)
         c = c->idle_prev, i++;
     if (!c || i == RECLAIM_SCAN)
         return 0;
     static mp_log_limit_t lim;
-    mp_log_limited(&lim, MP_LOG_INFO, "w%d: max_connections (%d) reached: closing the oldest idle connection", w->id,
-                   w->cfg->settings.max_connections);
+    mp_log_limited(&lim, MP_LOG_INFO, "w%d: max_connections (%d) reached: closing the oldest idle connection",
+                   ctx->env.id, ctx->cfg->settings.max_connections);
     mp_conn_close(c);
     return 1;
 }
 
-void mp_conn_accept(mp_worker_t *w, int fd, const struct sockaddr *peer)
+void mp_conn_accept(mp_io_ctx_t *ctx, int fd, const struct sockaddr *peer)
 {
     mp_conn_t *c = calloc(1, sizeof(*c));
     if (!c) {
         close(fd);
         return;
     }
-    c->w = w;
-    c->fd = fd;
+    c->side.ctx = ctx;
+    c->side.fd = fd;
     if (peer->sa_family == AF_INET6) {
         memcpy(&c->peer, peer, sizeof(c->peer));
     } else {
@@ -133,15 +137,15 @@ void mp_conn_accept(mp_worker_t *w, int fd, const struct sockaddr *peer)
         c->peer.sin6_addr.s6_addr[10] = c->peer.sin6_addr.s6_addr[11] = 0xff;
         memcpy(&c->peer.sin6_addr.s6_addr[12], &in->sin_addr, 4);
     }
-    link_conn(&w->conns, c);
-    w->nconns++;
-    mp_metrics_add(&w->metrics.conns, 1);
-    w->stats.accepted++;
+    link_conn(&ctx->conns, c);
+    ctx->nconns++;
+    mp_metrics_add(&ctx->metrics.conns, 1);
+    ctx->stats.accepted++;
     c->state = MP_CS_HEAD;
     ev_io_init(&c->io, on_io, fd, EV_READ);
     ev_init(&c->timer, on_timer);
-    mp_conn_timer(c, w->cfg->settings.client_header_timeout);
-    ev_io_start(w->loop, &c->io);
+    conn_timer(c, ctx->cfg->settings.client_header_timeout);
+    ev_io_start(ctx->loop, &c->io);
     /* The listener defers accept until data arrives: read it now. */
     on_readable(c);
 }
@@ -150,53 +154,85 @@ void mp_conn_accept(mp_worker_t *w, int fd, const struct sockaddr *peer)
  * malloc. */
 static mp_req_t *req_new(mp_conn_t *c)
 {
-    mp_worker_t *w = c->w;
-    mp_req_t *r = w->free_reqs;
+    mp_io_ctx_t *ctx = c->side.ctx;
+    mp_req_t *r = ctx->free_reqs;
     if (r) {
-        w->free_reqs = *(mp_req_t **)r;
-        w->nfree_reqs--;
+        ctx->free_reqs = *(mp_req_t **)r;
+        ctx->nfree_reqs--;
     } else if (!(r = malloc(sizeof(*r)))) {
         return NULL;
     }
-    mp_req_reset(r, &w->env, mp_gen_ref(w->gen), (const struct sockaddr *)&c->peer, ev_now(w->loop));
+    mp_req_reset(r, &ctx->env, mp_gen_ref(ctx->gen), (const struct sockaddr *)&c->peer, ev_now(ctx->loop));
     r->conn = c;
     return r;
 }
 
-/* A complete, valid head is in c->in: decide framing, then what
+/* How the exchange (upstream.c) reports to its connection (arg: the mp_conn_t). */
+static void exchange_done(void *c)
+{
+    request_done(c);
+}
+
+static void exchange_fail(void *c, int status)
+{
+    conn_fail(c, status);
+}
+
+static void exchange_abort(void *c)
+{
+    mp_conn_close(c);
+}
+
+static void exchange_want(void *c, int events)
+{
+    conn_want(c, events);
+}
+
+static void exchange_timer(void *c, double seconds)
+{
+    conn_timer(c, seconds);
+}
+
+static const mp_exchange_ops_t exchange_ops = {.done = exchange_done,
+                                               .fail = exchange_fail,
+                                               .abort = exchange_abort,
+                                               .want = exchange_want,
+                                               .timer = exchange_timer};
+
+/* A complete, valid head is in c->side.in: decide framing, then what
  * mp_req_decide decides: the exchange, or an answer made here. */
 static void start_request(mp_conn_t *c)
 {
-    mp_req_t *r = c->req;
+    mp_req_t *r = c->side.req;
     MP_ASSERT(c->state == MP_CS_HEAD);
-    mp_req_begin(r, c->w->stopping);
-    c->in.start = r->body_start;
+    mp_req_begin(r, c->side.ctx->stopping);
+    c->side.in.start = r->body_start;
     int d = mp_req_decide(r);
     if (d == MP_DECIDE_RESPONDED)
-        return mp_conn_respond(c);
+        return respond(c);
     if (d == MP_DECIDE_STATIC)
         return send_static(c);
     if (d != MP_DECIDE_UPSTREAM)
-        return mp_conn_fail(c, d);
+        return conn_fail(c, d);
     c->state = MP_CS_PROXY;
-    mp_upstream_start(r);
+    mp_upstream_start(r, &exchange_ops, c);
 }
 
-/* Parses what c->in holds. Returns 1 when a request was started or
+/* Parses what c->side.in holds. Returns 1 when a request was started or
  * answered, 0 when more bytes are needed. */
 static int try_parse(mp_conn_t *c)
 {
     MP_ASSERT(c->state == MP_CS_HEAD);
-    if (!c->req && !(c->req = req_new(c))) {
+    if (!c->side.req && !(c->side.req = req_new(c))) {
         mp_conn_close(c);
         return 1;
     }
-    int rc = mp_http1_parse_request(mp_buf_head(&c->in), mp_buf_len(&c->in), &c->scanned, &c->w->env.limits,
-                                    &c->req->h);
-    if (rc == MP_EAGAIN && mp_buf_room(&c->in) != 0)
+    int rc = mp_http1_parse_request(mp_buf_head(&c->side.in), mp_buf_len(&c->side.in), &c->scanned,
+                                    &c->side.ctx->env.limits, &c->side.req->h);
+    if (rc == MP_EAGAIN && mp_buf_room(&c->side.in) != 0)
         return 0;
     if (rc < 0) { /* MP_EAGAIN: the buffer is full */
-        mp_conn_fail(c, mp_req_parse_failed(c->req, rc));
+        conn_fail(c, mp_req_parse_failed(c->side.req, rc));
         return 1;
     }
     start_request(c);
@@ -205,28 +241,28 @@ static int try_parse(mp_conn_t *c)
 
 static void on_readable(mp_conn_t *c)
 {
-    mp_worker_t *w = c->w;
+    mp_io_ctx_t *ctx = c->side.ctx;
     MP_ASSERT(c->state == MP_CS_IDLE || c->state == MP_CS_HEAD);
-    if (mp_buf_acquire(&c->in, &w->bufs) != 0)
+    if (mp_buf_acquire(&c->side.in, &ctx->bufs) != 0)
         return mp_conn_close(c);
     for (;;) {
-        if (mp_buf_len(&c->in) && try_parse(c))
+        if (mp_buf_len(&c->side.in) && try_parse(c))
             return;
-        ssize_t n = read(c->fd, mp_buf_tail(&c->in), mp_buf_room(&c->in));
+        ssize_t n = read(c->side.fd, mp_buf_tail(&c->side.in), mp_buf_room(&c->side.in));
         if (n > 0) {
-            c->in.end += (uint32_t)n;
+            c->side.in.end += (uint32_t)n;
             if (c->state == MP_CS_IDLE) {
                 idle_leave(c);
                 c->state = MP_CS_HEAD;
-                mp_conn_timer(c, w->cfg->settings.client_header_timeout);
+                conn_timer(c, ctx->cfg->settings.client_header_timeout);
             }
             continue;
         }
         if (n < 0 && errno == EINTR)
             continue;
         if (n < 0 && errno == EAGAIN) {
-            if (c->state == MP_CS_IDLE || mp_buf_len(&c->in) == 0)
-                mp_buf_release(&c->in, &w->bufs); /* an idle connection holds no block */
+            if (c->state == MP_CS_IDLE || mp_buf_len(&c->side.in) == 0)
+                mp_buf_release(&c->side.in, &ctx->bufs); /* an idle connection holds no block */
             return;
         }
         return mp_conn_close(c); /* EOF or error: nothing to answer */
@@ -238,7 +274,7 @@ static void linger_read(mp_conn_t *c)
     MP_ASSERT(c->state == MP_CS_LINGER);
     char sink[4096];
     for (;;) {
-        ssize_t n = read(c->fd, sink, sizeof(sink));
+        ssize_t n = read(c->side.fd, sink, sizeof(sink));
         if (n > 0)
             continue;
         if (n < 0 && errno == EINTR)
@@ -254,7 +290,7 @@ static void on_io(struct ev_loop *loop, ev_io *io, int revents)
     (void)loop;
     mp_conn_t *c = container_of(io, mp_conn_t, io);
     switch (c->state) {
-    case MP_CS_PROXY: return mp_upstream_on_client(c->req, revents);
+    case MP_CS_PROXY: return mp_upstream_on_client(c->side.req, revents);
     case MP_CS_LOCAL:
         if (revents & EV_WRITE)
             flush_local(c);
@@ -271,17 +307,17 @@ static void on_timer(struct ev_loop *loop, ev_timer *t, int revents)
     mp_conn_t *c = container_of(t, mp_conn_t, timer);
     switch (c->state) {
     case MP_CS_HEAD:
-        if (c->in.end > 0) {
-            if (!c->req && !(c->req = req_new(c)))
+        if (c->side.in.end > 0) {
+            if (!c->side.req && !(c->side.req = req_new(c)))
                 return mp_conn_close(c);
-            c->req->keepalive = 0;
-            c->req->body.done = 1;
-            mp_log_info("w%d: client_header_timeout: 408 to a client that sent %u bytes", c->w->id,
-                        (unsigned)c->in.end);
-            return mp_conn_fail(c, 408);
+            c->side.req->keepalive = 0;
+            c->side.req->body.done = 1;
+            mp_log_info("w%d: client_header_timeout: 408 to a client that sent %u bytes", c->side.ctx->env.id,
+                        (unsigned)c->side.in.end);
+            return conn_fail(c, 408);
         }
         return mp_conn_close(c);
-    case MP_CS_PROXY: return mp_upstream_on_client_timeout(c->req);
+    case MP_CS_PROXY: return mp_upstream_on_client_timeout(c->side.req);
     default: /* idle keep-alive, a stalled local response, lingering */ return mp_conn_close(c);
     }
 }
@@ -292,39 +328,39 @@ static void on_timer(struct ev_loop *loop, ev_timer *t, int revents)
 static void linger_close(mp_conn_t *c)
 {
     MP_ASSERT(c->state == MP_CS_LOCAL || c->state == MP_CS_PROXY);
-    if (shutdown(c->fd, SHUT_WR) != 0)
+    if (shutdown(c->side.fd, SHUT_WR) != 0)
         return mp_conn_close(c);
     c->state = MP_CS_LINGER;
-    mp_buf_release(&c->in, &c->w->bufs);
-    mp_buf_release(&c->out, &c->w->bufs);
-    mp_conn_want(c, EV_READ);
-    mp_conn_timer(c, LINGER_SECONDS);
+    mp_buf_release(&c->side.in, &c->side.ctx->bufs);
+    mp_buf_release(&c->side.out, &c->side.ctx->bufs);
+    conn_want(c, EV_READ);
+    conn_timer(c, LINGER_SECONDS);
     linger_read(c);
 }
 
 /* The request's metrics entry: by route name, cached per route in the
  * worker's generation so that a request does no lookup. */
-static mp_route_stats_t *route_stats(mp_worker_t *w, mp_req_t *r)
+static mp_route_stats_t *route_stats(mp_io_ctx_t *ctx, mp_req_t *r)
 {
     const mp_route_t *rt = r->match.route;
     if (!rt)
-        return mp_metrics_route(&w->metrics, NULL);
+        return mp_metrics_route(&ctx->metrics, NULL);
     mp_route_stats_t **cache = r->gen->route_stats;
     if (!cache)
-        return mp_metrics_route(&w->metrics, rt->name);
+        return mp_metrics_route(&ctx->metrics, rt->name);
     int i = mp_route_slot(rt);
     if (!cache[i])
-        cache[i] = mp_metrics_route(&w->metrics, rt->name);
+        cache[i] = mp_metrics_route(&ctx->metrics, rt->name);
     return cache[i];
 }
 
 static void log_request(mp_conn_t *c, mp_req_t *r)
 {
-    mp_worker_t *w = c->w;
-    w->stats.requests++;
-    ev_tstamp now = ev_now(w->loop);
-    mp_metrics_request(route_stats(w, r), r->status, now - r->t_start);
-    if (w->alog.fd < 0)
+    mp_io_ctx_t *ctx = c->side.ctx;
+    ctx->stats.requests++;
+    ev_tstamp now = ev_now(ctx->loop);
+    mp_metrics_request(route_stats(ctx, r), r->status, now - r->t_start);
+    if (ctx->alog.fd < 0)
         return;
     mp_alog_entry_t e = {0};
     e.time = ev_time() - (now - r->t_start);
@@ -344,12 +380,12 @@ static void log_request(mp_conn_t *c, mp_req_t *r)
         e.upstream_time = (r->t_up_end ? r->t_up_end : now) - r->t_up_start;
     }
     e.duration = now - r->t_start;
-    mp_alog_write(&w->alog, &e);
+    mp_alog_write(&ctx->alog, &e);
 }
 
 static void end_request(mp_conn_t *c)
 {
-    mp_req_t *r = c->req;
+    mp_req_t *r = c->side.req;
     if (!r)
         return;
     mp_upstream_cancel(r);
@@ -361,61 +397,63 @@ static void end_request(mp_conn_t *c)
     mp_hook_release(r->gen->L, r);
     if (r->status)
         log_request(c, r);
-    mp_worker_t *w = c->w;
+    mp_io_ctx_t *ctx = c->side.ctx;
     mp_gen_unref(r->gen);
-    if (w->nfree_reqs < 256) {
-        *(mp_req_t **)r = w->free_reqs;
-        w->free_reqs = r;
-        w->nfree_reqs++;
+    if (ctx->nfree_reqs < 256) {
+        *(mp_req_t **)r = ctx->free_reqs;
+        ctx->free_reqs = r;
+        ctx->nfree_reqs++;
     } else {
         free(r);
     }
-    c->req = NULL;
+    c->side.req = NULL;
     c->requests++;
 }
 
-void mp_conn_request_done(mp_conn_t *c)
+/* The exchange or a local answer finished: the response was fully written.
+ * Logs the request, then serves the next pipelined one, idles, or closes. */
+static void request_done(mp_conn_t *c)
 {
-    mp_worker_t *w = c->w;
-    mp_req_t *r = c->req;
+    mp_io_ctx_t *ctx = c->side.ctx;
+    mp_req_t *r = c->side.req;
     MP_ASSERT(r && (c->state == MP_CS_LOCAL || c->state == MP_CS_PROXY));
-    int keep = r->keepalive && r->body.done && !w->stopping && !c->read_eof;
-    int unread = !r->body.done || c->in.start < c->in.end;
+    int keep = r->keepalive && r->body.done && !ctx->stopping && !c->side.read_eof;
+    int unread = !r->body.done || c->side.in.start < c->side.in.end;
     end_request(c);
-    mp_buf_release(&c->out, &w->bufs);
+    mp_buf_release(&c->side.out, &ctx->bufs);
     if (!keep && unread)
         return linger_close(c);
     if (!keep)
         return mp_conn_close(c);
 
     /* Pipelined bytes after this request move to the front. */
-    mp_buf_compact(&c->in);
+    mp_buf_compact(&c->side.in);
     c->scanned = 0;
-    if (mp_buf_len(&c->in)) {
+    if (mp_buf_len(&c->side.in)) {
         c->state = MP_CS_HEAD;
-        mp_conn_timer(c, w->cfg->settings.client_header_timeout);
-        mp_conn_want(c, EV_READ);
-        ev_feed_event(w->loop, &c->io, EV_READ); /* next loop turn: no recursion through pipelines */
+        conn_timer(c, ctx->cfg->settings.client_header_timeout);
+        conn_want(c, EV_READ);
+        ev_feed_event(ctx->loop, &c->io, EV_READ); /* next loop turn: no recursion through pipelines */
         return;
     }
-    mp_buf_release(&c->in, &w->bufs);
+    mp_buf_release(&c->side.in, &ctx->bufs);
     idle_enter(c);
-    mp_conn_want(c, EV_READ);
-    mp_conn_timer(c, w->cfg->settings.keepalive_timeout);
+    conn_want(c, EV_READ);
+    conn_timer(c, ctx->cfg->settings.keepalive_timeout);
 }
 
 /* Waits until the client can take more, at most client_body_timeout. */
 static void wait_writable(mp_conn_t *c)
 {
-    mp_conn_want(c, EV_WRITE);
-    mp_conn_timer(c, c->w->cfg->settings.client_body_timeout);
+    conn_want(c, EV_WRITE);
+    conn_timer(c, c->side.ctx->cfg->settings.client_body_timeout);
 }
 
 /* Sends the rest of a static response's file (after the head). Returns 0
  * once it is all sent, -1 when waiting for the socket or closed. */
 static int send_file(mp_conn_t *c)
 {
-    mp_req_t *r = c->req;
+    mp_req_t *r = c->side.req;
     size_t turn = 0;
     while (r->file_left) {
         if (turn >= SENDFILE_TURN) { /* the socket is likely writable: the next loop turn goes on */
@@ -424,7 +462,7 @@ static int send_file(mp_conn_t *c)
         }
         off_t off = (off_t)r->file_off;
         size_t want = r->file_left < SENDFILE_TURN ? (size_t)r->file_left : SENDFILE_TURN;
-        ssize_t n = sendfile(c->fd, r->file_fd, &off, want);
+        ssize_t n = sendfile(c->side.fd, r->file_fd, &off, want);
         if (n > 0) {
             r->file_off += (uint64_t)n;
             r->file_left -= (uint64_t)n;
@@ -448,14 +486,15 @@ static int send_file(mp_conn_t *c)
 
 static void flush_local(mp_conn_t *c)
 {
-    mp_req_t *r = c->req;
+    mp_req_t *r = c->side.req;
     MP_ASSERT(c->state == MP_CS_LOCAL);
-    while (mp_buf_len(&c->out) || r->local_out_len) {
-        struct iovec iov[2] = {{mp_buf_head(&c->out), mp_buf_len(&c->out)}, {(char *)r->local_out, r->local_out_len}};
-        ssize_t n = writev(c->fd, iov, 2);
+    while (mp_buf_len(&c->side.out) || r->local_out_len) {
+        struct iovec iov[2] = {{mp_buf_head(&c->side.out), mp_buf_len(&c->side.out)},
+                               {(char *)r->local_out, r->local_out_len}};
+        ssize_t n = writev(c->side.fd, iov, 2);
         if (n > 0) {
-            size_t head = mp_buf_len(&c->out) < (size_t)n ? mp_buf_len(&c->out) : (size_t)n;
-            c->out.start += (uint32_t)head;
+            size_t head = mp_buf_len(&c->side.out) < (size_t)n ? mp_buf_len(&c->side.out) : (size_t)n;
+            c->side.out.start += (uint32_t)head;
             r->local_out += (size_t)n - head;
             r->local_out_len -= (size_t)n - head;
             r->bytes_sent += (uint64_t)n;
@@ -469,19 +508,19 @@ static void flush_local(mp_conn_t *c)
     }
     if (r->has_file && send_file(c) != 0)
         return;
-    mp_conn_request_done(c);
+    request_done(c);
 }
 
 /* Writes the response made here (status, or 0 for req:respond's): head
- * into c->out, the body after it (or, when it does not fit, from the
+ * into c->side.out, the body after it (or, when it does not fit, from the
  * request's local_body). */
 static void send_local(mp_conn_t *c, int status)
 {
-    mp_req_t *r = c->req;
+    mp_req_t *r = c->side.req;
     mp_local_t *local = &r->local;
-    mp_buf_t *b = &c->out;
+    mp_buf_t *b = &c->side.out;
     MP_ASSERT(c->state == MP_CS_HEAD || c->state == MP_CS_PROXY);
-    if (mp_buf_acquire(b, &c->w->bufs) != 0 || mp_local_response(r, status, b, local) < 0)
+    if (mp_buf_acquire(b, &c->side.ctx->bufs) != 0 || mp_local_response(r, status, b, local) < 0)
         return mp_conn_close(c);
     size_t blen = r->is_head ? 0 : local->body.len;
     if (blen <= mp_buf_room(b)) {
@@ -493,22 +532,22 @@ static void send_local(mp_conn_t *c, int status)
     r->local_out_len = blen;
     r->resp_started = 1;
     c->state = MP_CS_LOCAL;
-    mp_conn_want(c, 0);
+    conn_want(c, 0);
     flush_local(c);
 }
 
-/* A static route (static.h): the head into c->out, then the file with
+/* A static route (static.h): the head into c->side.out, then the file with
  * sendfile (flush_local), or the short body of a 301, 405 or error. */
 static void send_static(mp_conn_t *c)
 {
-    mp_req_t *r = c->req;
+    mp_req_t *r = c->side.req;
     mp_static_file_t f;
     mp_local_t *local = &r->local;
     MP_ASSERT(c->state == MP_CS_HEAD);
     mp_req_keepalive_after(r, 0); /* the body is not read */
     mp_static_resolve(r, &f);
-    if (mp_buf_acquire(&c->out, &c->w->bufs) != 0 || mp_static_response(r, &f, &c->out, local) < 0 ||
-        mp_buf_append(&c->out, local->body.p, r->is_head ? 0 : local->body.len) != 0) {
+    if (mp_buf_acquire(&c->side.out, &c->side.ctx->bufs) != 0 || mp_static_response(r, &f, &c->side.out, local) < 0 ||
+        mp_buf_append(&c->side.out, local->body.p, r->is_head ? 0 : local->body.len) != 0) {
         mp_static_dispose(&f);
         return mp_conn_close(c);
     }
@@ -519,22 +558,25 @@ static void send_static(mp_conn_t *c)
     }
     r->resp_started = 1;
     c->state = MP_CS_LOCAL;
-    mp_conn_want(c, 0);
+    conn_want(c, 0);
     flush_local(c);
 }
 
 /* A hook answered: the response hooks see that answer like any other. */
-void mp_conn_respond(mp_conn_t *c)
+static void respond(mp_conn_t *c)
 {
     MP_ASSERT(c->state == MP_CS_HEAD);
-    mp_req_keepalive_after(c->req, 0);
+    mp_req_keepalive_after(c->side.req, 0);
     send_local(c, 0);
 }
 
-void mp_conn_fail(mp_conn_t *c, int status)
+/* Answers the current request with a response made here (status, a short
+ * text body) when nothing of a response was sent yet; otherwise closes. The
+ * connection closes after it unless the request can be cleanly followed. */
+static void conn_fail(mp_conn_t *c, int status)
 {
-    mp_req_t *r = c->req;
-    if (c->closed)
+    mp_req_t *r = c->side.req;
+    if (c->side.closed)
         return;
     if (!r || r->resp_started)
         return mp_conn_close(c);
@@ -548,43 +590,43 @@ void mp_conn_fail(mp_conn_t *c, int status)
 
 void mp_conn_close(mp_conn_t *c)
 {
-    if (c->closed)
+    if (c->side.closed)
         return;
-    mp_worker_t *w = c->w;
-    c->closed = 1;
+    mp_io_ctx_t *ctx = c->side.ctx;
+    c->side.closed = 1;
     idle_leave(c);
-    if (c->req && c->req->status == 0 && c->state == MP_CS_PROXY)
-        c->req->status = 499; /* the client went away first (nginx's convention) */
+    if (c->side.req && c->side.req->status == 0 && c->state == MP_CS_PROXY)
+        c->side.req->status = 499; /* the client went away first (nginx's convention) */
     end_request(c);
-    ev_io_stop(w->loop, &c->io);
-    ev_timer_stop(w->loop, &c->timer);
-    close(c->fd);
-    c->fd = -1;
-    mp_buf_release(&c->in, &w->bufs);
-    mp_buf_release(&c->out, &w->bufs);
-    unlink_conn(&w->conns, c);
-    link_conn(&w->graveyard, c);
-    w->nconns--;
-    mp_metrics_add(&w->metrics.conns, -1);
+    ev_io_stop(ctx->loop, &c->io);
+    ev_timer_stop(ctx->loop, &c->timer);
+    close(c->side.fd);
+    c->side.fd = -1;
+    mp_buf_release(&c->side.in, &ctx->bufs);
+    mp_buf_release(&c->side.out, &ctx->bufs);
+    unlink_conn(&ctx->conns, c);
+    link_conn(&ctx->graveyard, c);
+    ctx->nconns--;
+    mp_metrics_add(&ctx->metrics.conns, -1);
 }
 
-void mp_conn_reap(mp_worker_t *w)
+void mp_conn_reap(mp_io_ctx_t *ctx)
 {
-    while (w->graveyard) {
-        mp_conn_t *c = w->graveyard;
-        w->graveyard = c->next;
+    while (ctx->graveyard) {
+        mp_conn_t *c = ctx->graveyard;
+        ctx->graveyard = c->next;
         free(c);
     }
 }
 
-void mp_conn_drain(mp_worker_t *w)
+void mp_conn_drain(mp_io_ctx_t *ctx)
 {
     mp_conn_t *next;
-    for (mp_conn_t *c = w->conns; c; c = next) {
+    for (mp_conn_t *c = ctx->conns; c; c = next) {
         next = c->next;
-        if (c->state == MP_CS_IDLE || (c->state == MP_CS_HEAD && c->in.end == 0))
+        if (c->state == MP_CS_IDLE || (c->state == MP_CS_HEAD && c->side.in.end == 0))
             mp_conn_close(c);
-        else if (c->req)
-            c->req->keepalive = 0;
+        else if (c->side.req)
+            c->side.req->keepalive = 0;
     }
 }

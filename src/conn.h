@@ -6,11 +6,13 @@
 
 #include "buf.h"
 #include "common.h"
+#include "ctx.h"
 #include "req.h"
-#include "worker.h"
+#include "upstream.h"
 
 #include <ev.h>
 #include <netinet/in.h>
+#include <stddef.h>
 
 enum mp_conn_state {
     MP_CS_IDLE,  /* keep-alive, no request bytes yet */
@@ -20,60 +22,38 @@ enum mp_conn_state {
 };
 
 struct mp_conn {
-    mp_worker_t *w;
-    int fd;
-    uint8_t state; /* mp_conn_state */
-    uint8_t closed;
-    uint8_t read_eof; /* the client half-closed or vanished */
+    mp_client_side_t side; /* first (r->conn is read as one by upstream.c): ctx, fd, in, out, req, closed, read_eof */
+    uint8_t state;         /* mp_conn_state */
     ev_io io;
     ev_timer timer;
-    mp_buf_t in;                      /* client bytes; a request's head pinned at the front */
-    mp_buf_t out;                     /* response head or local response to write */
     size_t scanned;                   /* parser resume point for the head in progress */
-    mp_req_t *req;                    /* NULL between requests */
     struct sockaddr_in6 peer;         /* v4 peers stored v4-mapped */
     unsigned requests;                /* served on this connection */
-    mp_conn_t *prev, *next;           /* worker->conns, or worker->graveyard */
-    mp_conn_t *idle_prev, *idle_next; /* worker's idle LRU while MP_CS_IDLE (prev: newer) */
+    mp_conn_t *prev, *next;           /* ctx->conns, or ctx->graveyard */
+    mp_conn_t *idle_prev, *idle_next; /* ctx's idle LRU while MP_CS_IDLE (prev: newer) */
 };
 
+_Static_assert(offsetof(struct mp_conn, side) == 0, "upstream.c reads r->conn as its mp_client_side_t");
+
 /* Takes ownership of an accepted, non-blocking fd. */
-void mp_conn_accept(mp_worker_t *w, int fd, const struct sockaddr *peer);
-
-/* Sets the events the client watcher waits for (EV_READ | EV_WRITE). */
-void mp_conn_want(mp_conn_t *c, int events);
-
-/* Arms the connection timer for `seconds` (ev_timer_again); 0 stops it. */
-void mp_conn_timer(mp_conn_t *c, double seconds);
-
-/* The exchange finished: the response was fully written. Logs the request,
- * then serves the next pipelined one, idles, or closes. */
-void mp_conn_request_done(mp_conn_t *c);
-
-/* Answers the current request with a response made here (status, a short
- * text body) when nothing of a response was sent yet; otherwise closes. The
- * connection closes after it unless the request can be cleanly followed. */
-void mp_conn_fail(mp_conn_t *c, int status);
-
-/* Answers the current request with what a hook gave req:respond. */
-void mp_conn_respond(mp_conn_t *c);
+void mp_conn_accept(mp_io_ctx_t *ctx, int fd, const struct sockaddr *peer);
 
 /* Closes the client connection (and cancels its exchange). Memory is freed
  * before the worker's next poll, so a caller's pointers stay valid until it
  * returns to the loop. */
 void mp_conn_close(mp_conn_t *c);
 
-/* At max_connections: closes the worker's oldest idle keep-alive connection
+/* At max_connections: closes the oldest idle keep-alive connection
  * (no request in progress; RFC 9112 §9.6 lets a server close those at any
  * time) to make room for a new one; one with request bytes the kernel holds
  * unread is skipped (at most 8 looked at). Returns 1 when one was closed, 0
  * when none is idle. O(1). */
-int mp_conn_reclaim_idle(mp_worker_t *w);
+int mp_conn_reclaim_idle(mp_io_ctx_t *ctx);
 
 /* Frees closed connections; called by the worker before each poll. */
-void mp_conn_reap(mp_worker_t *w);
+void mp_conn_reap(mp_io_ctx_t *ctx);
 
 /* Graceful stop: close idle connections, let busy ones finish. */
-void mp_conn_drain(mp_worker_t *w);
+void mp_conn_drain(mp_io_ctx_t *ctx);
 
 #endif

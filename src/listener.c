@@ -54,7 +54,7 @@ int mp_listener_open(mp_addr_t *a)
 /* Whether w's listening sockets are to be watched now. */
 static int want_accept(mp_worker_t *w)
 {
-    return !w->stopping && !w->accept_paused && !w->accept_backoff && !atomic_load(&w->stuck);
+    return !w->io.stopping && !w->accept_paused && !w->accept_backoff && !atomic_load(&w->stuck);
 }
 
 void mp_listener_sync(mp_worker_t *w)
@@ -65,9 +65,9 @@ void mp_listener_sync(mp_worker_t *w)
         if (l->fd < 0)
             continue;
         if (on)
-            ev_io_start(w->loop, &l->io);
+            ev_io_start(w->io.loop, &l->io);
         else
-            ev_io_stop(w->loop, &l->io);
+            ev_io_stop(w->io.loop, &l->io);
     }
 }
 
@@ -86,13 +86,13 @@ static void on_retry(struct ev_loop *loop, ev_timer *t, int revents)
 static void back_off(mp_worker_t *w, const char *why)
 {
     static mp_log_limit_t lim;
-    if (w->stopping)
+    if (w->io.stopping)
         return; /* mp_listener_close's last accepts: the sockets close, and the timer may be running */
     mp_log_limited(&lim, MP_LOG_WARN, "w%d: accept: %s: not accepting for %.0f ms", w->id, why, BACKOFF_SECONDS * 1000);
     w->accept_backoff = 1;
     mp_listener_sync(w);
     ev_timer_set(&w->accept_retry, BACKOFF_SECONDS, 0);
-    ev_timer_start(w->loop, &w->accept_retry);
+    ev_timer_start(w->io.loop, &w->accept_retry);
 }
 
 /* accept(2) passes errors of a connection that died in the queue through. */
@@ -109,10 +109,10 @@ static void accept_some(mp_listener_t *l)
         /* At the cap, the oldest idle keep-alive connection makes room for
          * one the readiness said is queued; later in the batch that is not
          * known, and the level-triggered watcher calls again if one is. */
-        if (w->nconns >= (unsigned)w->cfg->settings.max_connections) {
+        if (w->io.nconns >= (unsigned)w->io.cfg->settings.max_connections) {
             if (i > 0)
                 return;
-            if (!mp_conn_reclaim_idle(w))
+            if (!mp_conn_reclaim_idle(&w->io))
                 return mp_worker_accept_pause(w, 1);
         }
         struct sockaddr_storage ss;
@@ -136,7 +136,7 @@ static void accept_some(mp_listener_t *l)
         }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        mp_conn_accept(w, fd, (struct sockaddr *)&ss);
+        mp_conn_accept(&w->io, fd, (struct sockaddr *)&ss);
     }
 }
 
@@ -173,7 +173,7 @@ void mp_listener_close(mp_worker_t *w)
         mp_listener_t *l = &w->listeners[i];
         if (l->fd < 0)
             continue;
-        ev_io_stop(w->loop, &l->io);
+        ev_io_stop(w->io.loop, &l->io);
         if (!atomic_load(&w->stuck))
             accept_some(l); /* what the kernel already queued for this socket would be reset on close */
         /* the watchdog's mark_stuck shuts these fds down under vm_lock: it
@@ -183,5 +183,5 @@ void mp_listener_close(mp_worker_t *w)
         l->fd = -1;
         pthread_mutex_unlock(&w->vm_lock);
     }
-    ev_timer_stop(w->loop, &w->accept_retry);
+    ev_timer_stop(w->io.loop, &w->accept_retry);
 }

@@ -437,7 +437,7 @@ int main(int argc, char **argv)
             fprintf(stderr, "moonproxy: out of memory\n");
             return 1;
         }
-        g.workers[i].alog.fd = alog;
+        g.workers[i].io.alog.fd = alog;
     }
     /* Every worker gets its own VM and configuration: generation 1. */
     if (!(g.rl = mp_reloader_new(o.path, g.workers, g.nworkers, check_guards, NULL, err, sizeof(err)))) {

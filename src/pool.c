@@ -8,9 +8,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-static mp_server_pool_t *server_pool(mp_worker_t *w, const mp_upstream_def_t *def, const mp_server_def_t *srv)
+static mp_server_pool_t *server_pool(mp_io_ctx_t *ctx, const mp_upstream_def_t *def, const mp_server_def_t *srv)
 {
-    for (mp_server_pool_t *sp = w->server_pools; sp; sp = sp->next)
+    for (mp_server_pool_t *sp = ctx->server_pools; sp; sp = sp->next)
         if (strcmp(sp->upstream, def->name) == 0 && strcmp(sp->addr.text, srv->addr.text) == 0)
             return sp;
     mp_server_pool_t *sp = calloc(1, sizeof(*sp));
@@ -22,18 +22,18 @@ static mp_server_pool_t *server_pool(mp_worker_t *w, const mp_upstream_def_t *de
     }
     sp->addr.ss = srv->addr.ss;
     sp->addr.sslen = srv->addr.sslen;
-    sp->next = w->server_pools;
-    w->server_pools = sp;
+    sp->next = ctx->server_pools;
+    ctx->server_pools = sp;
     return sp;
 }
 
-static void server_pool_unref(mp_worker_t *w, mp_server_pool_t *sp)
+static void server_pool_unref(mp_io_ctx_t *ctx, mp_server_pool_t *sp)
 {
     if (--sp->refs)
         return;
     while (sp->idle)
         mp_upconn_close(sp->idle);
-    for (mp_server_pool_t **p = &w->server_pools; *p; p = &(*p)->next)
+    for (mp_server_pool_t **p = &ctx->server_pools; *p; p = &(*p)->next)
         if (*p == sp) {
             *p = sp->next;
             break;
@@ -43,7 +43,7 @@ static void server_pool_unref(mp_worker_t *w, mp_server_pool_t *sp)
     free(sp);
 }
 
-mp_pool_t *mp_pools_new(mp_worker_t *w, const mp_config_t *cfg)
+mp_pool_t *mp_pools_new(mp_io_ctx_t *ctx, const mp_config_t *cfg)
 {
     size_t n = cfg->nupstreams;
     mp_pool_t *pools = calloc(n ? n : 1, sizeof(*pools));
@@ -52,7 +52,7 @@ mp_pool_t *mp_pools_new(mp_worker_t *w, const mp_config_t *cfg)
         p->def = &cfg->upstreams[i];
         p->servers = calloc(p->def->nservers, sizeof(*p->servers));
         for (size_t s = 0; p->servers && s < p->def->nservers; s++) {
-            mp_server_pool_t *sp = server_pool(w, p->def, &p->def->servers[s]);
+            mp_server_pool_t *sp = server_pool(ctx, p->def, &p->def->servers[s]);
             if (!sp)
                 break;
             sp->refs++;
@@ -61,19 +61,19 @@ mp_pool_t *mp_pools_new(mp_worker_t *w, const mp_config_t *cfg)
             p->servers[s] = sp;
         }
         if (!p->servers || !p->servers[p->def->nservers - 1]) {
-            mp_pools_free(w, pools, i + 1);
+            mp_pools_free(ctx, pools, i + 1);
             return NULL;
         }
     }
     return pools;
 }
 
-void mp_pools_free(mp_worker_t *w, mp_pool_t *pools, size_t n)
+void mp_pools_free(mp_io_ctx_t *ctx, mp_pool_t *pools, size_t n)
 {
     for (size_t i = 0; pools && i < n; i++) {
         mp_pool_t *p = &pools[i];
         for (size_t s = 0; p->servers && s < p->def->nservers && p->servers[s]; s++)
-            server_pool_unref(w, p->servers[s]);
+            server_pool_unref(ctx, p->servers[s]);
         free(p->servers);
     }
     free(pools);
@@ -84,17 +84,17 @@ void mp_upconn_want(mp_upconn_t *u, int events)
     MP_ASSERT(u->state != MP_UP_CLOSED);
     if ((u->io.events & (EV_READ | EV_WRITE)) == events && (events == 0) == !ev_is_active(&u->io))
         return;
-    ev_io_stop(u->w->loop, &u->io);
+    ev_io_stop(u->ctx->loop, &u->io);
     ev_io_modify(&u->io, events);
     if (events)
-        ev_io_start(u->w->loop, &u->io);
+        ev_io_start(u->ctx->loop, &u->io);
 }
 
 void mp_upconn_timer(mp_upconn_t *u, double seconds)
 {
     MP_ASSERT(u->state != MP_UP_CLOSED);
     u->timer.repeat = seconds;
-    ev_timer_again(u->w->loop, &u->timer);
+    ev_timer_again(u->ctx->loop, &u->timer);
 }
 
 static void unlink_idle(mp_upconn_t *u)
@@ -109,7 +109,7 @@ static void unlink_idle(mp_upconn_t *u)
         u->next->prev = u->prev;
     u->prev = u->next = NULL;
     sp->nidle--;
-    mp_metrics_add(&u->w->metrics.idle_up, -1);
+    mp_metrics_add(&u->ctx->metrics.idle_up, -1);
 }
 
 /* Idle for less than this, a pooled connection is taken without a peek:
@@ -127,13 +127,13 @@ static int still_open(int fd)
     return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
 }
 
-mp_upconn_t *mp_pool_take(mp_server_pool_t *sp, mp_worker_t *w)
+mp_upconn_t *mp_pool_take(mp_server_pool_t *sp, mp_io_ctx_t *ctx)
 {
     while (sp->idle) {
         mp_upconn_t *u = sp->idle;
         MP_ASSERT(!u->req);
         unlink_idle(u);
-        if (ev_now(w->loop) - u->idle_since >= PEEK_AFTER_IDLE && !still_open(u->fd)) {
+        if (ev_now(ctx->loop) - u->idle_since >= PEEK_AFTER_IDLE && !still_open(u->fd)) {
             u->state = MP_UP_ACTIVE; /* not in the idle list any more */
             mp_upconn_close(u);
             continue;
@@ -151,7 +151,7 @@ int mp_upconn_local_error(int err)
     return err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM || err == EADDRNOTAVAIL || err == EAGAIN;
 }
 
-mp_upconn_t *mp_upconn_connect(mp_worker_t *w, mp_server_pool_t *sp, mp_io_cb io_cb, mp_timer_cb timer_cb)
+mp_upconn_t *mp_upconn_connect(mp_io_ctx_t *ctx, mp_server_pool_t *sp, mp_io_cb io_cb, mp_timer_cb timer_cb)
 {
     const mp_addr_t *a = &sp->addr;
     int fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -172,7 +172,7 @@ mp_upconn_t *mp_upconn_connect(mp_worker_t *w, mp_server_pool_t *sp, mp_io_cb io
         errno = ENOMEM;
         return NULL;
     }
-    u->w = w;
+    u->ctx = ctx;
     u->fd = fd;
     u->sp = sp;
     u->state = rc == 0 ? MP_UP_ACTIVE : MP_UP_CONNECTING;
@@ -183,23 +183,23 @@ mp_upconn_t *mp_upconn_connect(mp_worker_t *w, mp_server_pool_t *sp, mp_io_cb io
 
 void mp_pool_put(mp_upconn_t *u)
 {
-    mp_worker_t *w = u->w;
+    mp_io_ctx_t *ctx = u->ctx;
     mp_server_pool_t *sp = u->sp;
     MP_ASSERT(u->state == MP_UP_ACTIVE);
-    if (w->stopping || sp->nidle >= (unsigned)sp->keepalive)
+    if (ctx->stopping || sp->nidle >= (unsigned)sp->keepalive)
         return mp_upconn_close(u);
-    mp_buf_release(&u->in, &w->bufs);
-    mp_buf_release(&u->out, &w->bufs);
+    mp_buf_release(&u->in, &ctx->bufs);
+    mp_buf_release(&u->out, &ctx->bufs);
     u->state = MP_UP_IDLE;
     u->req = NULL;
-    u->idle_since = ev_now(w->loop);
+    u->idle_since = ev_now(ctx->loop);
     u->prev = NULL;
     u->next = sp->idle;
     if (sp->idle)
         sp->idle->prev = u;
     sp->idle = u;
     sp->nidle++;
-    mp_metrics_add(&w->metrics.idle_up, 1);
+    mp_metrics_add(&ctx->metrics.idle_up, 1);
     mp_upconn_want(u, EV_READ);
     mp_upconn_timer(u, sp->keepalive_timeout);
 }
@@ -212,28 +212,28 @@ void mp_pool_idle_event(mp_upconn_t *u)
 
 void mp_upconn_close(mp_upconn_t *u)
 {
-    mp_worker_t *w = u->w;
+    mp_io_ctx_t *ctx = u->ctx;
     if (u->state == MP_UP_CLOSED)
         return;
     if (u->state == MP_UP_IDLE)
         unlink_idle(u);
     u->state = MP_UP_CLOSED;
-    ev_io_stop(w->loop, &u->io);
-    ev_timer_stop(w->loop, &u->timer);
+    ev_io_stop(ctx->loop, &u->io);
+    ev_timer_stop(ctx->loop, &u->timer);
     close(u->fd);
     u->fd = -1;
-    mp_buf_release(&u->in, &w->bufs);
-    mp_buf_release(&u->out, &w->bufs);
-    u->next = w->up_graveyard;
-    w->up_graveyard = u;
+    mp_buf_release(&u->in, &ctx->bufs);
+    mp_buf_release(&u->out, &ctx->bufs);
+    u->next = ctx->up_graveyard;
+    ctx->up_graveyard = u;
 }
 
-void mp_upconn_reap(mp_worker_t *w)
+void mp_upconn_reap(mp_io_ctx_t *ctx)
 {
-    while (w->up_graveyard) {
-        mp_upconn_t *u = w->up_graveyard;
+    while (ctx->up_graveyard) {
+        mp_upconn_t *u = ctx->up_graveyard;
         MP_ASSERT(u->state == MP_UP_CLOSED);
-        w->up_graveyard = u->next;
+        ctx->up_graveyard = u->next;
         free(u);
     }
 }

@@ -8,7 +8,7 @@
 
 #include "buf.h"
 #include "common.h"
-#include "worker.h"
+#include "ctx.h"
 
 #include <ev.h>
 
@@ -20,10 +20,10 @@ typedef void (*mp_timer_cb)(struct ev_loop *, ev_timer *, int);
 enum mp_upconn_state { MP_UP_CONNECTING, MP_UP_ACTIVE, MP_UP_IDLE, MP_UP_CLOSED };
 
 struct mp_req;
-typedef struct mp_server_pool mp_server_pool_t;
+typedef struct mp_pool mp_pool_t;
 
 struct mp_upconn {
-    mp_worker_t *w;
+    mp_io_ctx_t *ctx; /* the thread's I/O context (ctx.h) */
     int fd;
     uint8_t state;        /* mp_upconn_state */
     uint8_t reused;       /* taken from the idle pool for the current request */
@@ -59,15 +59,15 @@ struct mp_pool {
 
 /* The pools of every upstream of cfg, taking (or creating) the worker's
  * server pools. Returns NULL when out of memory. */
-mp_pool_t *mp_pools_new(mp_worker_t *w, const mp_config_t *cfg);
+mp_pool_t *mp_pools_new(mp_io_ctx_t *ctx, const mp_config_t *cfg);
 
 /* Drops a generation's hold on its server pools; a server no generation
  * uses any more has its idle connections closed. */
-void mp_pools_free(mp_worker_t *w, mp_pool_t *pools, size_t n);
+void mp_pools_free(mp_io_ctx_t *ctx, mp_pool_t *pools, size_t n);
 
 /* A live idle connection to the server, or NULL. Checks the socket before
  * handing out one that idled long. */
-mp_upconn_t *mp_pool_take(mp_server_pool_t *sp, mp_worker_t *w);
+mp_upconn_t *mp_pool_take(mp_server_pool_t *sp, mp_io_ctx_t *ctx);
 
 /* Whether a socket()/connect() errno is this process's or host's want of
  * resources (descriptors, buffers, memory, local ports) rather than the
@@ -76,7 +76,7 @@ int mp_upconn_local_error(int err);
 
 /* Starts a non-blocking connect to the server; u->state is CONNECTING or
  * ACTIVE (connected at once). Returns NULL with errno set on failure. */
-mp_upconn_t *mp_upconn_connect(mp_worker_t *w, mp_server_pool_t *sp, mp_io_cb io_cb, mp_timer_cb timer_cb);
+mp_upconn_t *mp_upconn_connect(mp_io_ctx_t *ctx, mp_server_pool_t *sp, mp_io_cb io_cb, mp_timer_cb timer_cb);
 
 /* Gives u back to its server's idle list, or closes it when the list is
  * full. u must have no request and no unread bytes. */
@@ -88,7 +88,7 @@ void mp_pool_idle_event(mp_upconn_t *u);
 
 /* Closes u; its memory is freed before the worker's next poll. */
 void mp_upconn_close(mp_upconn_t *u);
-void mp_upconn_reap(mp_worker_t *w);
+void mp_upconn_reap(mp_io_ctx_t *ctx);
 
 /* Sets the events u waits for, and its timer (0: stopped). */
 void mp_upconn_want(mp_upconn_t *u, int events);

@@ -168,7 +168,7 @@ static void hand_over(mp_worker_t *w, uint64_t id, lua_State *L, mp_config_t *cf
         mp_config_free(old_cfg);
         mp_vm_close(old_L);
     }
-    ev_async_send(w->loop, &w->wake);
+    ev_async_send(w->io.loop, &w->wake);
 }
 
 static int all_installed(const mp_reloader_t *rl, uint64_t generation)
@@ -297,7 +297,7 @@ mp_reloader_t *mp_reloader_new(const char *path, mp_worker_t *workers, int nwork
     rl->L = Ls[nworkers];
     rl->cfg = cfgs[nworkers];
     for (int i = 0; i < nworkers; i++) {
-        MP_ASSERT(!workers[i].gen && workers[i].installed == 0);
+        MP_ASSERT(!workers[i].io.gen && workers[i].installed == 0);
         if (mp_worker_install(&workers[i], 1, Ls[i], cfgs[i]) != 0) {
             snprintf(err, errlen, "out of memory");
             for (int k = i + 1; k < nworkers; k++) {

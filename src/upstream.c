@@ -29,9 +29,28 @@ static void pump_request(mp_req_t *r);
 static int request_pending(mp_req_t *r);
 static void pump_response(mp_req_t *r);
 
-static mp_worker_t *worker_of(mp_req_t *r)
+static mp_io_ctx_t *ctx_of(mp_req_t *r)
 {
-    return r->conn->w;
+    return mp_client_side(r)->ctx;
+}
+
+/* Reports to the client connection (mp_exchange_ops_t). */
+static void client_fail(mp_req_t *r, int status)
+{
+    mp_client_side_t *c = mp_client_side(r);
+    c->ops->fail(c->arg, status);
+}
+
+static void client_abort(mp_req_t *r)
+{
+    mp_client_side_t *c = mp_client_side(r);
+    c->ops->abort(c->arg);
+}
+
+static void client_done(mp_req_t *r)
+{
+    mp_client_side_t *c = mp_client_side(r);
+    c->ops->done(c->arg);
 }
 
 static const mp_upstream_def_t *udef(mp_req_t *r)
@@ -98,9 +117,9 @@ void mp_upstream_cancel(mp_req_t *r)
     /* Body bytes not yet written are never read as the next request: it
      * starts after the body (for chunked, after the client's framing). */
     if (r->body.done && r->body.kind == MP_BODY_CHUNKED && r->body.scan)
-        r->conn->in.start = r->body.scan;
+        mp_client_side(r)->in.start = r->body.scan;
     else if (r->body.done && r->body.kind == MP_BODY_LENGTH)
-        r->conn->in.start = r->body_ready;
+        mp_client_side(r)->in.start = r->body_ready;
 }
 
 /* Request body framing: nothing forwarded, from the first body byte. A
@@ -108,7 +127,7 @@ void mp_upstream_cancel(mp_req_t *r)
  * (a replay never decodes twice); a Content-Length body is counted anew. */
 static void reset_request_body(mp_req_t *r)
 {
-    mp_conn_t *c = r->conn;
+    mp_client_side_t *c = mp_client_side(r);
     r->head_sent = 0;
     c->in.start = r->body_start;
     if (r->h.chunked && r->body.kind == MP_BODY_CHUNKED && r->body.scan) {
@@ -130,22 +149,25 @@ static void pick_and_connect(mp_req_t *r, int avoid)
     int trial;
     int server = mp_balancer_pick(b, &mp_req_pick, r, avoid, &trial);
     if (server == MP_PICK_ERROR)
-        return mp_conn_fail(r->conn, 500);
+        return client_fail(r, 500);
     if (server < 0) {
         static mp_log_limit_t lim;
         mp_req_log_limited(&lim, r, MP_LOG_WARN, "upstream %s: no server available", b->def->name);
-        return mp_conn_fail(r->conn, mp_req_unavailable(r, b));
+        return client_fail(r, mp_req_unavailable(r, b));
     }
     r->peer_trial = (unsigned)trial;
     connect_to(r, server, 0);
 }
 
-void mp_upstream_start(mp_req_t *r)
+void mp_upstream_start(mp_req_t *r, const mp_exchange_ops_t *ops, void *arg)
 {
+    mp_client_side_t *c = mp_client_side(r);
+    c->ops = ops;
+    c->arg = arg;
     r->body_replayable = 1;
     r->body.scan = 0; /* nothing decoded yet */
     reset_request_body(r);
-    mp_balancer_count(balancer_of(r), 0, ev_now(worker_of(r)->loop));
+    mp_balancer_count(balancer_of(r), 0, ev_now(ctx_of(r)->loop));
     pick_and_connect(r, -1);
 }
 
@@ -153,7 +175,7 @@ void mp_upstream_start(mp_req_t *r)
  * exchange's state after every step. */
 static void sync_events(mp_req_t *r)
 {
-    mp_conn_t *c = r->conn;
+    mp_client_side_t *c = mp_client_side(r);
     mp_upconn_t *u = r->up;
     const mp_settings_t *s = &r->gen->cfg->settings;
     int pending_resp = mp_buf_len(&c->out) || (u && r->resp_ready > u->in.start);
@@ -161,11 +183,11 @@ static void sync_events(mp_req_t *r)
     int client_room = c->in.data ? mp_buf_room(&c->in) > 0 : 1;
 
     int cev = (pending_resp ? EV_WRITE : 0) | (!c->read_eof && client_room ? EV_READ : 0);
-    mp_conn_want(c, cev);
+    c->ops->want(c->arg, cev);
     if (pending_resp || (need_body && client_room && !(u && u->state == MP_UP_CONNECTING)))
-        mp_conn_timer(c, s->client_body_timeout);
+        c->ops->timer(c->arg, s->client_body_timeout);
     else
-        mp_conn_timer(c, 0);
+        c->ops->timer(c->arg, 0);
 
     if (!u)
         return;
@@ -202,7 +224,7 @@ static int is_idempotent(mp_slice m)
  * whole; a pooled connection the server had closed is replaced once. */
 static void up_error(mp_req_t *r, enum up_err e)
 {
-    mp_worker_t *w = worker_of(r);
+    mp_io_ctx_t *ctx = ctx_of(r);
     mp_upconn_t *u = detach(r);
     const mp_upstream_def_t *d = udef(r);
     int reused = u && u->reused;
@@ -210,7 +232,7 @@ static void up_error(mp_req_t *r, enum up_err e)
     int server = r->server;
     if (u)
         mp_upconn_close(u);
-    w->stats.upstream_errors++;
+    ctx->stats.upstream_errors++;
 
     int nothing_sent = e == UE_CONNECT || e == UE_CONNECT_TIMEOUT;
     int replayable = r->body_replayable && !r->resp_started && !got_bytes;
@@ -225,7 +247,7 @@ static void up_error(mp_req_t *r, enum up_err e)
     peer_done(r);
     mp_req_log(r, MP_LOG_WARN, "upstream %s server %s: %s", d->name, d->servers[server].addr.text, up_err_text[e]);
     mp_balancer_t *b = balancer_of(r);
-    double now = ev_now(w->loop);
+    double now = ev_now(ctx->loop);
     if (r->tries <= d->retries && d->nservers > 1 && replayable &&
         (nothing_sent || (e == UE_RESET && is_idempotent(r->h.method)))) {
         /* A retry after connecting failed adds no load (nothing reached a
@@ -240,13 +262,13 @@ static void up_error(mp_req_t *r, enum up_err e)
             return connect_to(r, next, 0);
         }
         if (next == MP_PICK_ERROR)
-            return mp_conn_fail(r->conn, 500);
+            return client_fail(r, 500);
         if (next == -1 && !nothing_sent && !mp_balancer_retry_allowed(b, now))
             mp_env_log(r->env, MP_LOG_WARN, "upstream %s: retry budget exhausted, request %.*s not retried", d->name,
                        r->id_len, r->id);
     }
     int status = (e == UE_CONNECT_TIMEOUT || e == UE_SEND_TIMEOUT || e == UE_READ_TIMEOUT) ? 504 : 502;
-    mp_conn_fail(r->conn, status);
+    client_fail(r, status);
 }
 
 /* The proxy could not open a socket (errno err, mp_upconn_local_error):
@@ -259,12 +281,12 @@ static void local_failure(mp_req_t *r, int err)
     static mp_log_limit_t lim;
     const mp_upstream_def_t *d = udef(r);
     int server = r->server, trial, next = -1;
-    worker_of(r)->stats.upstream_errors++;
+    ctx_of(r)->stats.upstream_errors++;
     peer_done(r);
     if (r->tries <= d->retries && d->nservers > 1 && r->body_replayable && !r->resp_started)
         next = mp_balancer_pick(balancer_of(r), &mp_req_pick, r, server, &trial);
     if (next == MP_PICK_ERROR)
-        return mp_conn_fail(r->conn, 500);
+        return client_fail(r, 500);
     int retry = next >= 0 && next != server;
     mp_env_log_limited(&lim, r->env, MP_LOG_ERROR,
                        "cannot open a connection to upstream %s server %s: %s (not "
@@ -277,15 +299,15 @@ static void local_failure(mp_req_t *r, int err)
         return connect_to(r, next, 0);
     }
     r->retry_after = 1;
-    mp_conn_fail(r->conn, 503);
+    client_fail(r, 503);
 }
 
 static void connect_to(mp_req_t *r, int server, int fresh)
 {
-    mp_worker_t *w = worker_of(r);
+    mp_io_ctx_t *ctx = ctx_of(r);
     r->server = server;
     if (!r->t_up_start)
-        r->t_up_start = ev_now(w->loop);
+        r->t_up_start = ev_now(ctx->loop);
     mp_server_pool_t *sp = pool_of(r)->servers[server];
     if (!r->peer) {
         r->peer = balancer_of(r)->peers[server];
@@ -293,20 +315,20 @@ static void connect_to(mp_req_t *r, int server, int fresh)
         mp_peer_begin(r->peer);
     }
     r->attempt_start = ev_time();
-    mp_upconn_t *u = fresh ? NULL : mp_pool_take(sp, w);
+    mp_upconn_t *u = fresh ? NULL : mp_pool_take(sp, ctx);
     if (u) {
-        w->stats.upstream_reused++;
+        ctx->stats.upstream_reused++;
         u->reused = 1;
     } else {
         r->tries++;
-        u = mp_upconn_connect(w, sp, on_up_io, on_up_timer);
+        u = mp_upconn_connect(ctx, sp, on_up_io, on_up_timer);
         if (!u) {
             r->up = NULL;
             if (mp_upconn_local_error(errno))
                 return local_failure(r, errno);
             return up_error(r, UE_CONNECT);
         }
-        w->stats.upstream_connects++;
+        ctx->stats.upstream_connects++;
         u->reused = 0;
     }
     attach(r, u);
@@ -318,14 +340,14 @@ static void connect_to(mp_req_t *r, int server, int fresh)
 /* c->in as the re-framing helpers (reframe.h) see it, and back. */
 static mp_reframe_buf_t reframe_buf(mp_req_t *r)
 {
-    mp_buf_t *in = &r->conn->in;
+    mp_buf_t *in = &mp_client_side(r)->in;
     return (mp_reframe_buf_t){in->data, in->cap, r->body_start, in->start, r->body_ready, in->end};
 }
 
 static void reframe_store(mp_req_t *r, const mp_reframe_buf_t *b)
 {
-    r->conn->in.start = b->start;
-    r->conn->in.end = b->end;
+    mp_client_side(r)->in.start = b->start;
+    mp_client_side(r)->in.end = b->end;
     r->body_ready = b->ready;
 }
 
@@ -345,7 +367,7 @@ static int decode_request_body(mp_req_t *r)
  * their framing. Returns 0, or the status for a framing error. */
 static int frame_request_body(mp_req_t *r)
 {
-    mp_conn_t *c = r->conn;
+    mp_client_side_t *c = mp_client_side(r);
     mp_framing_t *f = &r->body;
     if (f->kind == MP_BODY_CHUNKED)
         return decode_request_body(r);
@@ -366,7 +388,7 @@ static int frame_request_body(mp_req_t *r)
 static int request_pending(mp_req_t *r)
 {
     const mp_framing_t *f = &r->body;
-    if ((r->up && mp_buf_len(&r->up->out)) || r->body_ready > r->conn->in.start)
+    if ((r->up && mp_buf_len(&r->up->out)) || r->body_ready > mp_client_side(r)->in.start)
         return 1;
     mp_reframe_buf_t b = reframe_buf(r);
     return f->kind == MP_BODY_CHUNKED && mp_reframe_pending(f, &b);
@@ -378,7 +400,7 @@ static int request_pending(mp_req_t *r)
  * cannot fit in the buffer. */
 static int make_body_room(mp_req_t *r)
 {
-    mp_conn_t *c = r->conn;
+    mp_client_side_t *c = mp_client_side(r);
     mp_framing_t *f = &r->body;
     if (f->kind != MP_BODY_CHUNKED) {
         if (c->in.start != c->in.end)
@@ -403,30 +425,30 @@ static void body_error(mp_req_t *r, int status)
     mp_env_log(r->env, MP_LOG_INFO, "request %.*s: bad request body (%d)", r->id_len, r->id, status);
     mp_upstream_cancel(r);
     r->keepalive = 0;
-    mp_conn_fail(r->conn, status);
+    client_fail(r, status);
 }
 
 static void send_continue(mp_req_t *r)
 {
-    mp_conn_t *c = r->conn;
+    mp_client_side_t *c = mp_client_side(r);
     if (!r->h.expect_continue || r->h.minor < 1 || r->body.done || r->sent_continue || c->in.end != r->body_start)
         return;
     r->sent_continue = 1;
-    if (mp_buf_acquire(&c->out, &c->w->bufs) == 0)
+    if (mp_buf_acquire(&c->out, &c->ctx->bufs) == 0)
         MP_BUF_LIT(&c->out, "HTTP/1.1 100 Continue\r\n\r\n");
 }
 
 /* Accounts k bytes written from iov (head, framing, body) to their owners. */
 static void request_written(mp_req_t *r, size_t k)
 {
-    mp_conn_t *c = r->conn;
+    mp_client_side_t *c = mp_client_side(r);
     mp_upconn_t *u = r->up;
     mp_framing_t *f = &r->body;
     size_t head = mp_buf_len(&u->out) < k ? mp_buf_len(&u->out) : k;
     u->out.start += (uint32_t)head;
     k -= head;
     if (head && !mp_buf_len(&u->out)) {
-        mp_buf_release(&u->out, &c->w->bufs);
+        mp_buf_release(&u->out, &c->ctx->bufs);
         r->head_sent = 1;
     }
     if (f->kind != MP_BODY_CHUNKED) {
@@ -442,14 +464,14 @@ static void request_written(mp_req_t *r, size_t k)
  * out re-framed: the proxy's size lines around the decoded data. */
 static void pump_request(mp_req_t *r)
 {
-    mp_conn_t *c = r->conn;
+    mp_client_side_t *c = mp_client_side(r);
     mp_upconn_t *u = r->up;
     mp_framing_t *f = &r->body;
     int chunked = f->kind == MP_BODY_CHUNKED;
     if (!r->head_sent && !mp_buf_len(&u->out)) {
-        if (mp_buf_acquire(&u->out, &c->w->bufs) != 0 || mp_head_request(r, &u->out) != 0) {
+        if (mp_buf_acquire(&u->out, &c->ctx->bufs) != 0 || mp_head_request(r, &u->out) != 0) {
             mp_upstream_cancel(r);
-            return mp_conn_fail(c, 431);
+            return client_fail(r, 431);
         }
         send_continue(r);
     }
@@ -498,7 +520,7 @@ static void pump_request(mp_req_t *r)
  * both connections' fate, and queue the head for the client. */
 static int begin_response(mp_req_t *r, const mp_http_response_t *rh)
 {
-    mp_conn_t *c = r->conn;
+    mp_client_side_t *c = mp_client_side(r);
     mp_upconn_t *u = r->up;
     mp_req_response_framing(r, rh);
     r->up_reusable = !rh->conn_close && (rh->minor == 1 || rh->conn_keepalive) && r->resp.kind != MP_BODY_CLOSE &&
@@ -519,7 +541,7 @@ static int begin_response(mp_req_t *r, const mp_http_response_t *rh)
     if (!shown)
         return MP_EINVAL;
     r->status = shown;
-    if (mp_buf_acquire(&c->out, &c->w->bufs) != 0 || mp_head_response(r, rh, &c->out) != 0)
+    if (mp_buf_acquire(&c->out, &c->ctx->bufs) != 0 || mp_head_response(r, rh, &c->out) != 0)
         return MP_ENOMEM;
     u->in.start += (uint32_t)rh->head_len;
     r->resp_ready = r->resp_scan = u->in.start;
@@ -594,15 +616,15 @@ static int frame_response_body(mp_req_t *r)
 
 static void finish(mp_req_t *r)
 {
-    mp_worker_t *w = worker_of(r);
-    r->t_up_end = ev_now(w->loop);
+    mp_io_ctx_t *ctx = ctx_of(r);
+    r->t_up_end = ev_now(ctx->loop);
     peer_done(r);
     mp_upconn_t *u = detach(r);
     if (u) {
         int clean = r->up_reusable && r->body.done && !r->body_abandoned && !request_pending(r) &&
                     u->in.end == r->resp_scan;
-        mp_buf_release(&u->in, &w->bufs);
-        mp_buf_release(&u->out, &w->bufs);
+        mp_buf_release(&u->in, &ctx->bufs);
+        mp_buf_release(&u->out, &ctx->bufs);
         if (clean) {
             u->requests++;
             mp_pool_put(u);
@@ -610,18 +632,18 @@ static void finish(mp_req_t *r)
             mp_upconn_close(u);
         }
     }
-    mp_conn_request_done(r->conn);
+    client_done(r);
 }
 
 /* Writes the pending client output (100 Continue, the response head) and
  * the framed response body bytes, until done or the client blocks. */
 static void pump_response(mp_req_t *r)
 {
-    mp_conn_t *c = r->conn;
+    mp_client_side_t *c = mp_client_side(r);
     mp_upconn_t *u = r->up;
     if (u && r->resp_head_done && frame_response_body(r) != 0) {
         mp_env_log(r->env, MP_LOG_WARN, "request %.*s: bad chunked framing from upstream", r->id_len, r->id);
-        return mp_conn_close(c);
+        return client_abort(r);
     }
     for (;;) {
         struct iovec iov[2];
@@ -638,7 +660,7 @@ static void pump_response(mp_req_t *r)
         if (k < 0 && errno == EAGAIN)
             return sync_events(r);
         if (k < 0)
-            return mp_conn_close(c);
+            return client_abort(r);
         r->bytes_sent += (uint64_t)k;
         if (r->resp_head_done)
             r->resp_started = 1;
@@ -647,7 +669,7 @@ static void pump_response(mp_req_t *r)
         if (u)
             u->in.start += (uint32_t)((size_t)k - head);
     }
-    mp_buf_release(&c->out, &c->w->bufs);
+    mp_buf_release(&c->out, &c->ctx->bufs);
     if (r->resp_head_done && r->resp.done)
         return finish(r);
     if (u && u->in.data && u->in.start == r->resp_ready && r->resp_scan == u->in.end)
@@ -658,8 +680,8 @@ static void pump_response(mp_req_t *r)
 static void upstream_readable(mp_req_t *r)
 {
     mp_upconn_t *u = r->up;
-    if (mp_buf_acquire(&u->in, &worker_of(r)->bufs) != 0)
-        return mp_conn_close(r->conn);
+    if (mp_buf_acquire(&u->in, &ctx_of(r)->bufs) != 0)
+        return client_abort(r);
     if (!mp_buf_room(&u->in) && r->resp_head_done && u->in.start == r->resp_ready && u->in.start > 0) {
         /* all sent but a trailer line the decoder waits to see whole: move it to the front */
         uint32_t held = u->in.end - r->resp_scan;
@@ -683,7 +705,7 @@ static void upstream_readable(mp_req_t *r)
             return pump_response(r);
         }
         mp_env_log(r->env, MP_LOG_WARN, "request %.*s: upstream closed mid-response", r->id_len, r->id);
-        return mp_conn_close(r->conn); /* the client must not mistake a cut body for a whole one */
+        return client_abort(r); /* the client must not mistake a cut body for a whole one */
     }
     u->in.end += (uint32_t)n;
     if (!r->resp_head_done) {
@@ -692,7 +714,7 @@ static void upstream_readable(mp_req_t *r)
             return sync_events(r);
         if (rc == -(int)UE_HOOK - 1) {
             mp_upstream_cancel(r);
-            return mp_conn_fail(r->conn, 500);
+            return client_fail(r, 500);
         }
         if (rc < 0)
             return up_error(r, (enum up_err)(-rc - 1));
@@ -722,7 +744,7 @@ static void on_up_io(struct ev_loop *loop, ev_io *io, int revents)
         return on_connected(r);
     if (revents & EV_WRITE) {
         pump_request(r);
-        if (r->up != u || r->conn->closed)
+        if (r->up != u || mp_client_side(r)->closed)
             return;
     }
     if ((revents & EV_READ) && u->state == MP_UP_ACTIVE)
@@ -741,16 +763,16 @@ static void on_up_timer(struct ev_loop *loop, ev_timer *t, int revents)
         return up_error(r, UE_CONNECT_TIMEOUT);
     if (r->resp_started) {
         mp_env_log(r->env, MP_LOG_WARN, "request %.*s: upstream read timed out mid-response", r->id_len, r->id);
-        return mp_conn_close(r->conn);
+        return client_abort(r);
     }
     up_error(r, (u->io.events & EV_WRITE) ? UE_SEND_TIMEOUT : UE_READ_TIMEOUT);
 }
 
 static void client_readable(mp_req_t *r)
 {
-    mp_conn_t *c = r->conn;
-    if (mp_buf_acquire(&c->in, &c->w->bufs) != 0)
-        return mp_conn_close(c);
+    mp_client_side_t *c = mp_client_side(r);
+    if (mp_buf_acquire(&c->in, &c->ctx->bufs) != 0)
+        return client_abort(r);
     if (!mp_buf_room(&c->in))
         return sync_events(r);
     ssize_t n;
@@ -762,7 +784,7 @@ static void client_readable(mp_req_t *r)
     if (n <= 0) {
         /* The client went away (or half-closed): its request is cancelled. */
         c->read_eof = 1;
-        return mp_conn_close(c);
+        return client_abort(r);
     }
     c->in.end += (uint32_t)n;
     if (!r->body.done && !r->body_abandoned && r->up && r->up->state == MP_UP_ACTIVE)
@@ -772,7 +794,7 @@ static void client_readable(mp_req_t *r)
 
 void mp_upstream_on_client(mp_req_t *r, int revents)
 {
-    mp_conn_t *c = r->conn;
+    mp_client_side_t *c = mp_client_side(r);
     if (revents & EV_WRITE) {
         pump_response(r);
         if (c->closed || c->req != r)
@@ -784,13 +806,12 @@ void mp_upstream_on_client(mp_req_t *r, int revents)
 
 void mp_upstream_on_client_timeout(mp_req_t *r)
 {
-    mp_conn_t *c = r->conn;
     if (!r->body.done && !r->body_abandoned && !r->resp_started) {
         mp_env_log(r->env, MP_LOG_INFO, "request %.*s: client_body_timeout", r->id_len, r->id);
         mp_upstream_cancel(r);
         r->keepalive = 0;
-        return mp_conn_fail(c, 408);
+        return client_fail(r, 408);
     }
     mp_env_log(r->env, MP_LOG_INFO, "request %.*s: client stopped reading; closed", r->id_len, r->id);
-    mp_conn_close(c);
+    client_abort(r);
 }

@@ -1,15 +1,51 @@
 /* upstream.h: one proxied exchange: pick a server, take a pooled connection
  * or connect, send the request head and stream the body (client → upstream),
  * parse the response head and stream the body back (upstream → client),
- * with back-pressure both ways, timeouts and retries. */
+ * with back-pressure both ways, timeouts and retries. It reports to the
+ * client connection that runs it through the callbacks it was given
+ * (mp_exchange_ops_t), and sees of that connection only its client side. */
 #ifndef MP_UPSTREAM_H
 #define MP_UPSTREAM_H
 
-#include "conn.h"
+#include "buf.h"
+#include "ctx.h"
+#include "req.h"
 
-/* Starts forwarding r (routed to r->upstream). Ends in mp_conn_request_done
- * or mp_conn_fail/mp_conn_close on the client connection. */
-void mp_upstream_start(mp_req_t *r);
+/* What the exchange tells the client connection; arg is mp_upstream_start's.
+ * A close frees the connection later (before the worker's next poll), so
+ * the exchange's pointers stay valid until it returns to the loop. */
+typedef struct {
+    void (*done)(void *arg);                  /* the response was fully written: log, keep-alive or close */
+    void (*fail)(void *arg, int status);      /* answer with status if nothing was sent yet, else close */
+    void (*abort)(void *arg);                 /* close the client connection (and cancel the exchange) */
+    void (*want)(void *arg, int events);      /* the events the client watcher waits for (EV_READ | EV_WRITE) */
+    void (*timer)(void *arg, double seconds); /* arms the client's timer (ev_timer_again); 0 stops it */
+} mp_exchange_ops_t;
+
+/* What the exchange reads and writes of the client connection. It is the
+ * first member of the connection r->conn points to (conn.h asserts it), so
+ * that this layer reaches it without the connection's type. */
+typedef struct mp_client_side {
+    mp_io_ctx_t *ctx;             /* the thread's I/O context (ctx.h) */
+    int fd;                       /* the client socket: body bytes read, response written */
+    uint8_t closed;               /* closed: nothing more is done for it */
+    uint8_t read_eof;             /* the client half-closed or vanished */
+    mp_buf_t in;                  /* client bytes; a request's head pinned at the front, then its body */
+    mp_buf_t out;                 /* response head (or 100 Continue, a local response) to write */
+    mp_req_t *req;                /* the request being served; NULL between requests */
+    const mp_exchange_ops_t *ops; /* how the exchange reports (set by mp_upstream_start) */
+    void *arg;                    /* their argument */
+} mp_client_side_t;
+
+/* The client side of the connection serving r. */
+static inline mp_client_side_t *mp_client_side(mp_req_t *r)
+{
+    return (mp_client_side_t *)(void *)r->conn;
+}
+
+/* Starts forwarding r (routed to r->upstream). Ends in ops->done, or
+ * ops->fail / ops->abort, called with arg. */
+void mp_upstream_start(mp_req_t *r, const mp_exchange_ops_t *ops, void *arg);
 
 /* The client socket became readable/writable while r is being proxied. */
 void mp_upstream_on_client(mp_req_t *r, int revents);

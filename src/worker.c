@@ -29,7 +29,7 @@
 static void gen_free(mp_worker_t *w, mp_gen_t *g)
 {
     mp_gen_release(g);
-    mp_pools_free(w, g->pools, g->cfg->nupstreams);
+    mp_pools_free(&w->io, g->pools, g->cfg->nupstreams);
     mp_config_free(g->cfg);
     mp_worker_close_vm(w, g->L);
     free(g);
@@ -39,7 +39,7 @@ static void gen_free(mp_worker_t *w, mp_gen_t *g)
 static void gen_unreferenced(mp_gen_t *g)
 {
     mp_worker_t *w = g->owner;
-    MP_ASSERT(g->state == MP_GEN_RETIRED && g != w->gen);
+    MP_ASSERT(g->state == MP_GEN_RETIRED && g != w->io.gen);
     for (mp_gen_t **p = &w->retired; *p; p = &(*p)->next)
         if (*p == g) {
             *p = g->next;
@@ -56,33 +56,33 @@ int mp_worker_install(mp_worker_t *w, uint64_t id, lua_State *L, mp_config_t *cf
         g->L = L;
         g->cfg = cfg;
     }
-    if (!g || !(g->pools = mp_pools_new(w, cfg)) || mp_gen_prepare(g, mp_worker_rand(w)) != 0) {
+    if (!g || !(g->pools = mp_pools_new(&w->io, cfg)) || mp_gen_prepare(g, mp_worker_rand(w)) != 0) {
         if (g)
-            mp_pools_free(w, g->pools, cfg->nupstreams);
+            mp_pools_free(&w->io, g->pools, cfg->nupstreams);
         free(g);
         mp_config_free(cfg);
         mp_vm_close(L);
         return MP_ENOMEM;
     }
-    MP_ASSERT(g->state == MP_GEN_PREPARED && (!w->gen || id > w->gen->id));
+    MP_ASSERT(g->state == MP_GEN_PREPARED && (!w->io.gen || id > w->io.gen->id));
     g->id = id;
     g->refs = 1;
     g->state = MP_GEN_CURRENT;
     g->free_fn = gen_unreferenced;
     g->owner = w;
-    mp_gen_t *old = w->gen;
-    w->gen = g;
-    w->cfg = cfg;
-    mp_req_env_limits(&w->env, cfg->settings.max_uri_size, cfg->settings.max_header_size);
+    mp_gen_t *old = w->io.gen;
+    w->io.gen = g;
+    w->io.cfg = cfg;
+    mp_req_env_limits(&w->io.env, cfg->settings.max_uri_size, cfg->settings.max_header_size);
     if (old) {
         MP_ASSERT(old->state == MP_GEN_CURRENT && old->refs > 0);
         old->state = MP_GEN_RETIRED;
-        old->retired_at = ev_now(w->loop);
+        old->retired_at = ev_now(w->io.loop);
         old->next = w->retired;
         w->retired = old;
         mp_gen_unref(old);
         if (w->retired && !ev_is_active(&w->expire))
-            ev_timer_again(w->loop, &w->expire);
+            ev_timer_again(w->io.loop, &w->expire);
     }
     return 0;
 }
@@ -91,8 +91,8 @@ int mp_worker_install(mp_worker_t *w, uint64_t id, lua_State *L, mp_config_t *cf
  * longer than reload_drain_timeout (a periodic check). */
 static void expire_generations(mp_worker_t *w)
 {
-    ev_tstamp now = ev_now(w->loop);
-    double limit = w->cfg->settings.reload_drain_timeout;
+    ev_tstamp now = ev_now(w->io.loop);
+    double limit = w->io.cfg->settings.reload_drain_timeout;
     for (mp_gen_t *g = w->retired; g; g = g->next) {
         MP_ASSERT(g->state == MP_GEN_RETIRED && g->refs > 0);
         if (now - g->retired_at < limit)
@@ -101,15 +101,15 @@ static void expire_generations(mp_worker_t *w)
                     (unsigned long long)g->id, limit);
         g->retired_at = now; /* once per period: closing frees g when the last goes */
         mp_conn_t *next;
-        for (mp_conn_t *c = w->conns; c; c = next) {
+        for (mp_conn_t *c = w->io.conns; c; c = next) {
             next = c->next;
-            if (c->req && c->req->gen == g)
+            if (c->side.req && c->side.req->gen == g)
                 mp_conn_close(c); /* may free g: the outer loop stops here */
         }
         break;
     }
     if (!w->retired)
-        ev_timer_stop(w->loop, &w->expire);
+        ev_timer_stop(w->io.loop, &w->expire);
 }
 
 /* Frees every generation (worker shutdown). */
@@ -121,10 +121,10 @@ static void dispose_generations(mp_worker_t *w)
         w->retired = g->next;
         gen_free(w, g);
     }
-    if (w->gen)
-        gen_free(w, w->gen);
-    w->gen = NULL;
-    w->cfg = NULL;
+    if (w->io.gen)
+        gen_free(w, w->io.gen);
+    w->io.gen = NULL;
+    w->io.cfg = NULL;
 }
 
 /* Installs a generation the main thread handed over, if any. */
@@ -164,11 +164,11 @@ static void on_wake(struct ev_loop *loop, ev_async *a, int revents)
     (void)revents;
     mp_worker_t *w = container_of(a, mp_worker_t, wake);
     take_handover(w);
-    if (!w->stop_requested || w->stopping)
+    if (!w->stop_requested || w->io.stopping)
         return;
-    w->stopping = 1;
+    w->io.stopping = 1;
     mp_listener_close(w);
-    mp_conn_drain(w);
+    mp_conn_drain(&w->io);
     ev_feed_event(loop, &w->flush, EV_PREPARE);
 }
 
@@ -178,16 +178,17 @@ static void on_prepare(struct ev_loop *loop, ev_prepare *p, int revents)
 {
     (void)revents;
     mp_worker_t *w = container_of(p, mp_worker_t, flush);
-    if (w->alog.len)
-        mp_alog_flush(&w->alog);
-    mp_conn_reap(w);
-    mp_upconn_reap(w);
+    if (w->io.alog.len)
+        mp_alog_flush(&w->io.alog);
+    mp_conn_reap(&w->io);
+    mp_upconn_reap(&w->io);
     /* a connection closed or went idle at the cap: one waiting may take its place */
-    if (w->accept_paused && !w->stopping && (w->nconns < (unsigned)w->cfg->settings.max_connections || w->idle_oldest))
+    if (w->accept_paused && !w->io.stopping &&
+        (w->io.nconns < (unsigned)w->io.cfg->settings.max_connections || w->io.idle_oldest))
         mp_worker_accept_pause(w, 0);
     if (atomic_load(&w->stuck) == 1)
         unstick(w);
-    if (w->stopping && w->nconns == 0)
+    if (w->io.stopping && w->io.nconns == 0)
         ev_break(loop, EVBREAK_ALL);
 }
 
@@ -199,7 +200,7 @@ void mp_worker_accept_pause(mp_worker_t *w, int on)
     static mp_log_limit_t lim;
     if (on)
         mp_log_limited(&lim, MP_LOG_WARN, "w%d: max_connections (%d) reached, none idle: not accepting for now", w->id,
-                       w->cfg->settings.max_connections);
+                       w->io.cfg->settings.max_connections);
     mp_listener_sync(w);
 }
 
@@ -216,9 +217,9 @@ static void on_budget(lua_State *L, lua_Debug *ar)
     (void)ar;
     mp_worker_t *w = running;
     double since = w && w->lua_vm ? w->lua_since : 0;
-    if (since > 0 && ev_time() - since > w->cfg->settings.hook_timeout) {
+    if (since > 0 && ev_time() - since > w->io.cfg->settings.hook_timeout) {
         lua_sethook(L, on_budget, LUA_MASKCOUNT, 1);
-        lua_pushfstring(L, "stopped: the hook ran longer than hook_timeout (%fs)", w->cfg->settings.hook_timeout);
+        lua_pushfstring(L, "stopped: the hook ran longer than hook_timeout (%fs)", w->io.cfg->settings.hook_timeout);
         lua_error(L);
     }
     mp_vm_rehook(L); /* it may have replaced lua_memory's hook */
@@ -237,7 +238,7 @@ static void mark_stuck(mp_worker_t *w, double seconds)
     for (size_t k = 0; k < w->nlisteners; k++)
         if (w->listeners[k].fd >= 0)
             shutdown(w->listeners[k].fd, SHUT_RD);
-    ev_async_send(w->loop, &w->wake);
+    ev_async_send(w->io.loop, &w->wake);
 }
 
 int mp_watchdog_check(mp_worker_t *workers, int n, double hook_timeout)
@@ -284,7 +285,7 @@ void mp_worker_close_vm(mp_worker_t *w, lua_State *L)
 
 uint64_t mp_worker_rand(mp_worker_t *w)
 {
-    return mp_req_rand(&w->env);
+    return mp_req_rand(&w->io.env);
 }
 
 static double loop_now(void *loop)
@@ -296,31 +297,31 @@ int mp_worker_init(mp_worker_t *w, int id, size_t max_header_size, size_t body_b
 {
     memset(w, 0, sizeof(*w));
     w->id = id;
-    w->alog.fd = -1;
+    w->io.alog.fd = -1;
     pthread_mutex_init(&w->handover_lock, NULL);
     pthread_mutex_init(&w->vm_lock, NULL);
-    mp_bufpool_init(&w->bufs, mp_req_block_size(max_header_size, body_buffer_size), MAX_FREE_BLOCKS);
+    mp_bufpool_init(&w->io.bufs, mp_req_block_size(max_header_size, body_buffer_size), MAX_FREE_BLOCKS);
 
-    w->loop = ev_loop_new(EVFLAG_AUTO | EVFLAG_NOSIGMASK);
-    mp_req_env_t *e = &w->env;
+    w->io.loop = ev_loop_new(EVFLAG_AUTO | EVFLAG_NOSIGMASK);
+    mp_req_env_t *e = &w->io.env;
     *e = (mp_req_env_t){.id = id,
-                        .bufs = &w->bufs,
+                        .bufs = &w->io.bufs,
                         .clock = loop_now,
-                        .clock_arg = w->loop,
+                        .clock_arg = w->io.loop,
                         .hook_vm = &w->lua_vm,
                         .hook_since = &w->lua_since};
     if (getrandom(e->rng, sizeof(e->rng), 0) != sizeof(e->rng))
         e->rng[0] = (uint64_t)time(NULL) ^ ((uint64_t)id << 32), e->rng[1] = (uint64_t)getpid() | 1;
     w->listeners = calloc(nfds ? nfds : 1, sizeof(*w->listeners));
-    if (!w->loop || !w->listeners)
+    if (!w->io.loop || !w->listeners)
         return MP_ENOMEM;
     w->nlisteners = nfds;
     for (size_t i = 0; i < nfds; i++)
         w->listeners[i].fd = fds[i];
     ev_async_init(&w->wake, on_wake);
-    ev_async_start(w->loop, &w->wake);
+    ev_async_start(w->io.loop, &w->wake);
     ev_prepare_init(&w->flush, on_prepare);
-    ev_prepare_start(w->loop, &w->flush);
+    ev_prepare_start(w->io.loop, &w->flush);
     ev_init(&w->expire, on_expire);
     w->expire.repeat = EXPIRE_SECONDS;
     return 0;
@@ -330,15 +331,15 @@ void mp_worker_run(mp_worker_t *w)
 {
     running = w;
     mp_listener_start(w);
-    ev_run(w->loop, 0);
-    if (w->alog.len)
-        mp_alog_flush(&w->alog);
+    ev_run(w->io.loop, 0);
+    if (w->io.alog.len)
+        mp_alog_flush(&w->io.alog);
 }
 
 void mp_worker_stop(mp_worker_t *w)
 {
     w->stop_requested = 1;
-    ev_async_send(w->loop, &w->wake);
+    ev_async_send(w->io.loop, &w->wake);
 }
 
 void mp_worker_join(mp_worker_t *w)
@@ -348,32 +349,32 @@ void mp_worker_join(mp_worker_t *w)
 
 void mp_worker_dispose(mp_worker_t *w)
 {
-    if (w->loop) {
+    if (w->io.loop) {
         mp_conn_t *next;
-        for (mp_conn_t *c = w->conns; c; c = next) {
+        for (mp_conn_t *c = w->io.conns; c; c = next) {
             next = c->next;
             mp_conn_close(c);
         }
-        mp_conn_reap(w);
+        mp_conn_reap(&w->io);
         dispose_generations(w);
-        mp_upconn_reap(w);
+        mp_upconn_reap(&w->io);
         for (size_t i = 0; i < w->nlisteners; i++)
             if (w->listeners[i].fd >= 0)
                 close(w->listeners[i].fd);
-        ev_loop_destroy(w->loop);
+        ev_loop_destroy(w->io.loop);
     }
-    while (w->free_reqs) {
-        struct mp_req *r = w->free_reqs;
-        w->free_reqs = *(struct mp_req **)r;
+    while (w->io.free_reqs) {
+        struct mp_req *r = w->io.free_reqs;
+        w->io.free_reqs = *(struct mp_req **)r;
         free(r);
     }
     free(w->listeners);
-    mp_bufpool_dispose(&w->bufs);
+    mp_bufpool_dispose(&w->io.bufs);
     if (w->next_L) {
         mp_config_free(w->next_cfg);
         mp_vm_close(w->next_L);
     }
-    mp_metrics_dispose(&w->metrics);
+    mp_metrics_dispose(&w->io.metrics);
     pthread_mutex_destroy(&w->handover_lock);
     pthread_mutex_destroy(&w->vm_lock);
     memset(w, 0, sizeof(*w));

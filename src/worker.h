@@ -4,20 +4,15 @@
 #ifndef MP_WORKER_H
 #define MP_WORKER_H
 
-#include "buf.h"
 #include "common.h"
 #include "config.h"
+#include "ctx.h"
 #include "log.h"
-#include "metrics.h"
 #include "req.h"
 
 #include <ev.h>
 #include <pthread.h>
 #include <stdint.h>
-
-typedef struct mp_conn mp_conn_t;
-typedef struct mp_upconn mp_upconn_t;
-typedef struct mp_pool mp_pool_t;
 
 typedef struct {
     int fd;
@@ -25,23 +20,12 @@ typedef struct {
     struct mp_worker *w;
 } mp_listener_t;
 
-/* Counters of one worker; summed by whoever reports them. */
-typedef struct {
-    uint64_t accepted, requests, upstream_connects, upstream_reused, upstream_errors;
-} mp_stats_t;
-
-typedef struct mp_gen mp_gen_t;
-typedef struct mp_server_pool mp_server_pool_t;
-
 typedef struct mp_worker {
     int id;
     pthread_t thread;
-    struct ev_loop *loop;
-    mp_gen_t *gen;                  /* the current configuration generation (gen.h) */
-    mp_gen_t *retired;              /* older ones, until their last request ends */
-    const mp_config_t *cfg;         /* gen->cfg: connection-level settings */
-    mp_server_pool_t *server_pools; /* idle upstream connections, across generations */
-    ev_timer expire;                /* cuts requests of generations drained too long */
+    mp_io_ctx_t io;    /* what its connections and pools use (ctx.h): loop, buffers, generation, lists */
+    mp_gen_t *retired; /* generations older than io.gen, until their last request ends */
+    ev_timer expire;   /* cuts requests of generations drained too long */
     /* Hand-over of a new generation from the main thread (reload.c). */
     pthread_mutex_t handover_lock;
     lua_State *next_L;
@@ -61,22 +45,9 @@ typedef struct mp_worker {
     ev_async wake;              /* main thread → worker: see `stop` */
     ev_prepare flush;           /* before each poll: access log, delayed frees */
     _Atomic int stop_requested; /* set by the main thread before wake */
-    int stopping;
-    int accept_paused;  /* at max_connections, no idle connection to reclaim */
-    int accept_backoff; /* out of descriptors or memory: accept_retry restarts accepting */
+    int accept_paused;          /* at max_connections, no idle connection to reclaim */
+    int accept_backoff;         /* out of descriptors or memory: accept_retry restarts accepting */
     ev_timer accept_retry;
-    mp_bufpool_t bufs;
-    mp_conn_t *conns;                     /* every open client connection (doubly linked) */
-    mp_conn_t *idle_newest, *idle_oldest; /* keep-alive connections between requests (LRU) */
-    unsigned nconns;
-    mp_conn_t *graveyard; /* closed, freed before the next poll */
-    mp_upconn_t *up_graveyard;
-    struct mp_req *free_reqs; /* recycled request objects */
-    unsigned nfree_reqs;
-    mp_alog_t alog;
-    mp_req_env_t env; /* what its requests need (req.h): rng, limits, Date, clock, log prefix */
-    mp_stats_t stats;
-    mp_metrics_t metrics; /* written here, summed by GET /metrics (metrics.h) */
 } mp_worker_t;
 
 /* Prepares w (loop, buffers for a head of max_header_size and
