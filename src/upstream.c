@@ -65,6 +65,7 @@ static mp_pool_t *pool_of(mp_req_t *r)
 
 static void attach(mp_req_t *r, mp_upconn_t *u)
 {
+    MP_ASSERT(!r->up && !u->req && (u->state == MP_UP_CONNECTING || u->state == MP_UP_ACTIVE));
     r->up = u;
     u->req = r;
     u->scanned = 0;
@@ -162,6 +163,7 @@ static void pick_and_connect(mp_req_t *r, int avoid)
 void mp_upstream_start(mp_req_t *r, const mp_exchange_ops_t *ops, void *arg)
 {
     mp_client_side_t *c = mp_client_side(r);
+    MP_ASSERT(c->req == r && !c->closed && !r->up && !r->peer);
     c->ops = ops;
     c->arg = arg;
     r->body_replayable = 1;
@@ -468,6 +470,7 @@ static void pump_request(mp_req_t *r)
     mp_upconn_t *u = r->up;
     mp_framing_t *f = &r->body;
     int chunked = f->kind == MP_BODY_CHUNKED;
+    MP_ASSERT(u && u->state == MP_UP_ACTIVE && u->req == r);
     if (!r->head_sent && !mp_buf_len(&u->out)) {
         if (mp_buf_acquire(&u->out, &c->ctx->bufs) != 0 || mp_head_request(r, &u->out) != 0) {
             mp_upstream_cancel(r);
@@ -522,6 +525,7 @@ static int begin_response(mp_req_t *r, const mp_http_response_t *rh)
 {
     mp_client_side_t *c = mp_client_side(r);
     mp_upconn_t *u = r->up;
+    MP_ASSERT(!r->resp_head_done && u->state == MP_UP_ACTIVE);
     mp_req_response_framing(r, rh);
     r->up_reusable = !rh->conn_close && (rh->minor == 1 || rh->conn_keepalive) && r->resp.kind != MP_BODY_CLOSE &&
                      udef(r)->keepalive > 0;
@@ -617,6 +621,7 @@ static int frame_response_body(mp_req_t *r)
 static void finish(mp_req_t *r)
 {
     mp_io_ctx_t *ctx = ctx_of(r);
+    MP_ASSERT(r->resp_head_done && r->resp.done);
     r->t_up_end = ev_now(ctx->loop);
     peer_done(r);
     mp_upconn_t *u = detach(r);
@@ -680,6 +685,7 @@ static void pump_response(mp_req_t *r)
 static void upstream_readable(mp_req_t *r)
 {
     mp_upconn_t *u = r->up;
+    MP_ASSERT(u->state == MP_UP_ACTIVE && u->req == r);
     if (mp_buf_acquire(&u->in, &ctx_of(r)->bufs) != 0)
         return client_abort(r);
     if (!mp_buf_room(&u->in) && r->resp_head_done && u->in.start == r->resp_ready && u->in.start > 0) {
@@ -729,6 +735,7 @@ static void on_connected(mp_req_t *r)
     socklen_t len = sizeof(err);
     if (getsockopt(u->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0)
         return up_error(r, UE_CONNECT);
+    MP_ASSERT(u->state == MP_UP_CONNECTING);
     u->state = MP_UP_ACTIVE;
     pump_request(r);
 }
@@ -795,6 +802,7 @@ static void client_readable(mp_req_t *r)
 void mp_upstream_on_client(mp_req_t *r, int revents)
 {
     mp_client_side_t *c = mp_client_side(r);
+    MP_ASSERT(c->req == r && !c->closed);
     if (revents & EV_WRITE) {
         pump_response(r);
         if (c->closed || c->req != r)
@@ -806,6 +814,7 @@ void mp_upstream_on_client(mp_req_t *r, int revents)
 
 void mp_upstream_on_client_timeout(mp_req_t *r)
 {
+    MP_ASSERT(mp_client_side(r)->req == r && !mp_client_side(r)->closed);
     if (!r->body.done && !r->body_abandoned && !r->resp_started) {
         mp_env_log(r->env, MP_LOG_INFO, "request %.*s: client_body_timeout", r->id_len, r->id);
         mp_upstream_cancel(r);
