@@ -51,23 +51,23 @@ int mp_listener_open(mp_addr_t *a)
     return fd;
 }
 
-/* Whether w's listening sockets are to be watched now. */
-static int want_accept(mp_worker_t *w)
+/* Whether ls's sockets are to be watched now. */
+static int want_accept(mp_listeners_t *ls)
 {
-    return !w->io.stopping && !w->accept_paused && !w->accept_backoff && !atomic_load(&w->stuck);
+    return !ls->ctx->stopping && !ls->paused && !ls->backoff && !atomic_load(ls->stuck);
 }
 
-void mp_listener_sync(mp_worker_t *w)
+void mp_listener_sync(mp_listeners_t *ls)
 {
-    int on = want_accept(w);
-    for (size_t i = 0; i < w->nlisteners; i++) {
-        mp_listener_t *l = &w->listeners[i];
+    int on = want_accept(ls);
+    for (size_t i = 0; i < ls->n; i++) {
+        mp_listener_t *l = &ls->v[i];
         if (l->fd < 0)
             continue;
         if (on)
-            ev_io_start(w->io.loop, &l->io);
+            ev_io_start(ls->ctx->loop, &l->io);
         else
-            ev_io_stop(w->io.loop, &l->io);
+            ev_io_stop(ls->ctx->loop, &l->io);
     }
 }
 
@@ -75,24 +75,25 @@ static void on_retry(struct ev_loop *loop, ev_timer *t, int revents)
 {
     (void)loop;
     (void)revents;
-    mp_worker_t *w = container_of(t, mp_worker_t, accept_retry);
-    w->accept_backoff = 0;
-    mp_listener_sync(w);
+    mp_listeners_t *ls = container_of(t, mp_listeners_t, retry);
+    ls->backoff = 0;
+    mp_listener_sync(ls);
 }
 
 /* Out of descriptors or memory: the listener is level-triggered, so
  * retrying at once would spin on the same error. What is queued waits in the
  * kernel's backlog meanwhile (nginx and HAProxy pause the same way). */
-static void back_off(mp_worker_t *w, const char *why)
+static void back_off(mp_listeners_t *ls, const char *why)
 {
     static mp_log_limit_t lim;
-    if (w->io.stopping)
+    if (ls->ctx->stopping)
         return; /* mp_listener_close's last accepts: the sockets close, and the timer may be running */
-    mp_log_limited(&lim, MP_LOG_WARN, "w%d: accept: %s: not accepting for %.0f ms", w->id, why, BACKOFF_SECONDS * 1000);
-    w->accept_backoff = 1;
-    mp_listener_sync(w);
-    ev_timer_set(&w->accept_retry, BACKOFF_SECONDS, 0);
-    ev_timer_start(w->io.loop, &w->accept_retry);
+    mp_log_limited(&lim, MP_LOG_WARN, "w%d: accept: %s: not accepting for %.0f ms", ls->ctx->env.id, why,
+                   BACKOFF_SECONDS * 1000);
+    ls->backoff = 1;
+    mp_listener_sync(ls);
+    ev_timer_set(&ls->retry, BACKOFF_SECONDS, 0);
+    ev_timer_start(ls->ctx->loop, &ls->retry);
 }
 
 /* accept(2) passes errors of a connection that died in the queue through. */
@@ -104,16 +105,16 @@ static int dead_in_queue(int err)
 
 static void accept_some(mp_listener_t *l)
 {
-    mp_worker_t *w = l->w;
+    mp_listeners_t *ls = l->set;
     for (int i = 0; i < ACCEPT_BATCH; i++) {
         /* At the cap, the oldest idle keep-alive connection makes room for
          * one the readiness said is queued; later in the batch that is not
          * known, and the level-triggered watcher calls again if one is. */
-        if (w->io.nconns >= (unsigned)w->io.cfg->settings.max_connections) {
+        if (ls->ctx->nconns >= (unsigned)ls->ctx->cfg->settings.max_connections) {
             if (i > 0)
                 return;
-            if (!mp_conn_reclaim_idle(&w->io))
-                return mp_worker_accept_pause(w, 1);
+            if (!mp_conn_reclaim_idle(ls->ctx))
+                return ls->full(ls->arg);
         }
         struct sockaddr_storage ss;
         socklen_t len = sizeof(ss);
@@ -123,20 +124,20 @@ static void accept_some(mp_listener_t *l)
                 continue;
             if (errno == EAGAIN)
                 return;
-            if (errno == EINVAL && atomic_load(&w->stuck))
-                return mp_listener_sync(w); /* the watchdog shut it down: mp_worker_unstick re-opens it */
-            return back_off(w, strerror(errno));
+            if (errno == EINVAL && atomic_load(ls->stuck))
+                return mp_listener_sync(ls); /* the watchdog shut it down: mp_worker_unstick re-opens it */
+            return back_off(ls, strerror(errno));
         }
         if (fd >= fd_ceiling) {
             /* accept takes the lowest free number: the descriptors below are
              * all in use, and the headroom is kept for the upstream sockets
              * (a client the proxy cannot forward is no use) and the admin port */
             close(fd);
-            return back_off(w, "file descriptors nearly exhausted (RLIMIT_NOFILE), connection closed");
+            return back_off(ls, "file descriptors nearly exhausted (RLIMIT_NOFILE), connection closed");
         }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        mp_conn_accept(&w->io, fd, (struct sockaddr *)&ss);
+        mp_conn_accept(ls->ctx, fd, (struct sockaddr *)&ss);
     }
 }
 
@@ -147,41 +148,41 @@ static void on_accept(struct ev_loop *loop, ev_io *io, int revents)
     accept_some(container_of(io, mp_listener_t, io));
 }
 
-void mp_listener_start(mp_worker_t *w)
+void mp_listener_start(mp_listeners_t *ls)
 {
-    ev_init(&w->accept_retry, on_retry);
-    for (size_t i = 0; i < w->nlisteners; i++) {
-        mp_listener_t *l = &w->listeners[i];
-        l->w = w;
+    ev_init(&ls->retry, on_retry);
+    for (size_t i = 0; i < ls->n; i++) {
+        mp_listener_t *l = &ls->v[i];
+        l->set = ls;
         ev_io_init(&l->io, on_accept, l->fd, EV_READ);
     }
-    mp_listener_sync(w);
+    mp_listener_sync(ls);
 }
 
-int mp_listener_relisten(mp_worker_t *w)
+int mp_listener_relisten(mp_listeners_t *ls)
 {
     int rc = 0;
-    for (size_t i = 0; i < w->nlisteners; i++)
-        if (w->listeners[i].fd >= 0 && listen(w->listeners[i].fd, BACKLOG) != 0)
+    for (size_t i = 0; i < ls->n; i++)
+        if (ls->v[i].fd >= 0 && listen(ls->v[i].fd, BACKLOG) != 0)
             rc = MP_EIO;
     return rc;
 }
 
-void mp_listener_close(mp_worker_t *w)
+void mp_listener_close(mp_listeners_t *ls)
 {
-    for (size_t i = 0; i < w->nlisteners; i++) {
-        mp_listener_t *l = &w->listeners[i];
+    for (size_t i = 0; i < ls->n; i++) {
+        mp_listener_t *l = &ls->v[i];
         if (l->fd < 0)
             continue;
-        ev_io_stop(w->io.loop, &l->io);
-        if (!atomic_load(&w->stuck))
+        ev_io_stop(ls->ctx->loop, &l->io);
+        if (!atomic_load(ls->stuck))
             accept_some(l); /* what the kernel already queued for this socket would be reset on close */
         /* the watchdog's mark_stuck shuts these fds down under vm_lock: it
          * must never meet a number close() freed and another socket took */
-        pthread_mutex_lock(&w->vm_lock);
+        pthread_mutex_lock(ls->fd_lock);
         close(l->fd);
         l->fd = -1;
-        pthread_mutex_unlock(&w->vm_lock);
+        pthread_mutex_unlock(ls->fd_lock);
     }
-    ev_timer_stop(w->io.loop, &w->accept_retry);
+    ev_timer_stop(ls->ctx->loop, &ls->retry);
 }

@@ -6,7 +6,6 @@
 
 #include "conn.h"
 #include "gen.h"
-#include "listener.h"
 #include "pool.h"
 #include "vm.h"
 
@@ -167,7 +166,7 @@ static void on_wake(struct ev_loop *loop, ev_async *a, int revents)
     if (!w->stop_requested || w->io.stopping)
         return;
     w->io.stopping = 1;
-    mp_listener_close(w);
+    mp_listener_close(&w->listen);
     mp_conn_drain(&w->io);
     ev_feed_event(loop, &w->flush, EV_PREPARE);
 }
@@ -183,7 +182,7 @@ static void on_prepare(struct ev_loop *loop, ev_prepare *p, int revents)
     mp_conn_reap(&w->io);
     mp_upconn_reap(&w->io);
     /* a connection closed or went idle at the cap: one waiting may take its place */
-    if (w->accept_paused && !w->io.stopping &&
+    if (w->listen.paused && !w->io.stopping &&
         (w->io.nconns < (unsigned)w->io.cfg->settings.max_connections || w->io.idle_oldest))
         mp_worker_accept_pause(w, 0);
     if (atomic_load(&w->stuck) == 1)
@@ -194,14 +193,20 @@ static void on_prepare(struct ev_loop *loop, ev_prepare *p, int revents)
 
 void mp_worker_accept_pause(mp_worker_t *w, int on)
 {
-    if (w->accept_paused == on)
+    if (w->listen.paused == on)
         return;
-    w->accept_paused = on;
+    w->listen.paused = on;
     static mp_log_limit_t lim;
     if (on)
         mp_log_limited(&lim, MP_LOG_WARN, "w%d: max_connections (%d) reached, none idle: not accepting for now", w->id,
                        w->io.cfg->settings.max_connections);
-    mp_listener_sync(w);
+    mp_listener_sync(&w->listen);
+}
+
+/* The listeners' full callback: at max_connections with none idle to reclaim. */
+static void accept_full(void *w)
+{
+    mp_worker_accept_pause(w, 1);
 }
 
 /* The worker this thread runs: hooks run on their worker's thread. */
@@ -235,9 +240,9 @@ static void mark_stuck(mp_worker_t *w, double seconds)
         "w%d: a hook has run for %.1fs and cannot be interrupted (LuaJIT-compiled code and C calls do "
         "not run count hooks); the worker stops accepting new connections until it returns",
         w->id, seconds);
-    for (size_t k = 0; k < w->nlisteners; k++)
-        if (w->listeners[k].fd >= 0)
-            shutdown(w->listeners[k].fd, SHUT_RD);
+    for (size_t k = 0; k < w->listen.n; k++)
+        if (w->listen.v[k].fd >= 0)
+            shutdown(w->listen.v[k].fd, SHUT_RD);
     ev_async_send(w->io.loop, &w->wake);
 }
 
@@ -265,7 +270,7 @@ int mp_watchdog_check(mp_worker_t *workers, int n, double hook_timeout)
 static void unstick(mp_worker_t *w)
 {
     pthread_mutex_lock(&w->vm_lock);
-    if (mp_listener_relisten(w) == 0) {
+    if (mp_listener_relisten(&w->listen) == 0) {
         atomic_store(&w->stuck, 0);
         mp_log_warn("w%d: the stuck hook returned; accepting new connections again", w->id);
     } else {
@@ -273,7 +278,7 @@ static void unstick(mp_worker_t *w)
         mp_log_error("w%d: the stuck hook returned but its sockets cannot listen again: %s", w->id, strerror(errno));
     }
     pthread_mutex_unlock(&w->vm_lock);
-    mp_listener_sync(w);
+    mp_listener_sync(&w->listen);
 }
 
 void mp_worker_close_vm(mp_worker_t *w, lua_State *L)
@@ -312,12 +317,17 @@ int mp_worker_init(mp_worker_t *w, int id, size_t max_header_size, size_t body_b
                         .hook_since = &w->lua_since};
     if (getrandom(e->rng, sizeof(e->rng), 0) != sizeof(e->rng))
         e->rng[0] = (uint64_t)time(NULL) ^ ((uint64_t)id << 32), e->rng[1] = (uint64_t)getpid() | 1;
-    w->listeners = calloc(nfds ? nfds : 1, sizeof(*w->listeners));
-    if (!w->io.loop || !w->listeners)
+    w->listen.v = calloc(nfds ? nfds : 1, sizeof(*w->listen.v));
+    if (!w->io.loop || !w->listen.v)
         return MP_ENOMEM;
-    w->nlisteners = nfds;
+    w->listen.n = nfds;
+    w->listen.ctx = &w->io;
+    w->listen.stuck = &w->stuck;
+    w->listen.fd_lock = &w->vm_lock;
+    w->listen.full = accept_full;
+    w->listen.arg = w;
     for (size_t i = 0; i < nfds; i++)
-        w->listeners[i].fd = fds[i];
+        w->listen.v[i].fd = fds[i];
     ev_async_init(&w->wake, on_wake);
     ev_async_start(w->io.loop, &w->wake);
     ev_prepare_init(&w->flush, on_prepare);
@@ -330,7 +340,7 @@ int mp_worker_init(mp_worker_t *w, int id, size_t max_header_size, size_t body_b
 void mp_worker_run(mp_worker_t *w)
 {
     running = w;
-    mp_listener_start(w);
+    mp_listener_start(&w->listen);
     ev_run(w->io.loop, 0);
     if (w->io.alog.len)
         mp_alog_flush(&w->io.alog);
@@ -358,9 +368,9 @@ void mp_worker_dispose(mp_worker_t *w)
         mp_conn_reap(&w->io);
         dispose_generations(w);
         mp_upconn_reap(&w->io);
-        for (size_t i = 0; i < w->nlisteners; i++)
-            if (w->listeners[i].fd >= 0)
-                close(w->listeners[i].fd);
+        for (size_t i = 0; i < w->listen.n; i++)
+            if (w->listen.v[i].fd >= 0)
+                close(w->listen.v[i].fd);
         ev_loop_destroy(w->io.loop);
     }
     while (w->io.free_reqs) {
@@ -368,7 +378,7 @@ void mp_worker_dispose(mp_worker_t *w)
         w->io.free_reqs = *(struct mp_req **)r;
         free(r);
     }
-    free(w->listeners);
+    free(w->listen.v);
     mp_bufpool_dispose(&w->io.bufs);
     if (w->next_L) {
         mp_config_free(w->next_cfg);

@@ -7,18 +7,13 @@
 #include "common.h"
 #include "config.h"
 #include "ctx.h"
+#include "listener.h"
 #include "log.h"
 #include "req.h"
 
 #include <ev.h>
 #include <pthread.h>
 #include <stdint.h>
-
-typedef struct {
-    int fd;
-    ev_io io;
-    struct mp_worker *w;
-} mp_listener_t;
 
 typedef struct mp_worker {
     int id;
@@ -35,19 +30,15 @@ typedef struct mp_worker {
     struct ev_loop *main_loop;  /* where to acknowledge an installed generation */
     ev_async *main_ack;
     /* The hook watchdog (mp_watchdog_check): which VM runs a hook since when. */
-    lua_State *_Atomic lua_vm; /* non-NULL while a hook runs */
-    _Atomic double lua_since;  /* loop time the hook started */
-    pthread_mutex_t vm_lock;   /* held by the watchdog touching lua_vm, and to close a VM */
-    _Atomic int stuck;         /* a hook could not be interrupted: its listeners are shut down
+    lua_State *_Atomic lua_vm;  /* non-NULL while a hook runs */
+    _Atomic double lua_since;   /* loop time the hook started */
+    pthread_mutex_t vm_lock;    /* held by the watchdog touching lua_vm, and to close a VM */
+    _Atomic int stuck;          /* a hook could not be interrupted: its listeners are shut down
                                  * (main thread) until the worker re-opens them (mp_worker_unstick) */
-    mp_listener_t *listeners;
-    size_t nlisteners;
+    mp_listeners_t listen;      /* its listening sockets and accept state (listener.h) */
     ev_async wake;              /* main thread → worker: see `stop` */
     ev_prepare flush;           /* before each poll: access log, delayed frees */
     _Atomic int stop_requested; /* set by the main thread before wake */
-    int accept_paused;          /* at max_connections, no idle connection to reclaim */
-    int accept_backoff;         /* out of descriptors or memory: accept_retry restarts accepting */
-    ev_timer accept_retry;
 } mp_worker_t;
 
 /* Prepares w (loop, buffers for a head of max_header_size and
