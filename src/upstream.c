@@ -185,11 +185,11 @@ static void sync_events(mp_req_t *r)
     int client_room = c->in.data ? mp_buf_room(&c->in) > 0 : 1;
 
     int cev = (pending_resp ? EV_WRITE : 0) | (!c->read_eof && client_room ? EV_READ : 0);
-    c->ops->want(c->arg, cev);
-    if (pending_resp || (need_body && client_room && !(u && u->state == MP_UP_CONNECTING)))
-        c->ops->timer(c->arg, s->client_body_timeout);
-    else
-        c->ops->timer(c->arg, 0);
+    int ctimed = pending_resp || (need_body && client_room && !(u && u->state == MP_UP_CONNECTING));
+    const mp_exchange_ops_t *ops = c->ops;
+    void *arg = c->arg;
+    ops->want(arg, cev);
+    ops->timer(arg, ctimed ? s->client_body_timeout : 0);
 
     if (!u)
         return;
