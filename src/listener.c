@@ -177,7 +177,7 @@ void mp_listener_close(mp_listeners_t *ls)
         ev_io_stop(ls->ctx->loop, &l->io);
         if (!atomic_load(ls->stuck))
             accept_some(l); /* what the kernel already queued for this socket would be reset on close */
-        /* the watchdog's mark_stuck shuts these fds down under vm_lock: it
+        /* the watchdog's mark_stuck shuts these fds down under fd_lock (the worker's vm_lock): it
          * must never meet a number close() freed and another socket took */
         pthread_mutex_lock(ls->fd_lock);
         close(l->fd);
