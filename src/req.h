@@ -9,18 +9,18 @@
 #include "buf.h"
 #include "common.h"
 #include "config.h"
+#include "gen.h"
 #include "headers.h"
 #include "http1.h"
 #include "log.h"
 #include "reframe.h"
 #include "router.h"
 
+#include <lauxlib.h> /* LUA_NOREF: no hook */
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
-typedef struct lua_State lua_State;
-typedef struct mp_gen mp_gen_t;
 typedef struct mp_balancer_s mp_balancer_t;
 struct mp_conn;
 struct mp_upconn;
@@ -249,15 +249,31 @@ static inline void mp_req_response_framing(mp_req_t *r, const mp_http_response_t
         r->keepalive = 0;
 }
 
+/* Runs the response chain at ref (not LUA_NOREF) on a response of status;
+ * what mp_req_response_hooks calls when there is one. */
+int mp_req_run_response_hooks(mp_req_t *r, int ref, int status, const mp_http_response_t *rh);
+
 /* Runs the response hooks (the route's chain, or the global one before
  * routing) on a response of status: the upstream's (rh), or one made here
  * (rh NULL). Returns the status to send, which a hook may have changed, or
- * 0 when a hook failed. */
-int mp_req_response_hooks(mp_req_t *r, int status, const mp_http_response_t *rh);
+ * 0 when a hook failed. Inline: most requests have no hook. */
+static inline int mp_req_response_hooks(mp_req_t *r, int status, const mp_http_response_t *rh)
+{
+    const mp_config_t *cfg = r->gen->cfg;
+    int ref = r->match.route ? cfg->route_hooks[mp_route_slot(r->match.route)].response : cfg->response_ref;
+    return ref == LUA_NOREF ? status : mp_req_run_response_hooks(r, ref, status, rh);
+}
+
+/* Runs the on_log chain (cfg->log_ref, not LUA_NOREF) on r. */
+void mp_req_run_on_log(mp_req_t *r);
 
 /* The response was sent (r->status set; none when the request was
  * abandoned): the on_log chain runs. */
-void mp_req_on_log(mp_req_t *r);
+static inline void mp_req_on_log(mp_req_t *r)
+{
+    if (r->status && r->gen->cfg->log_ref != LUA_NOREF)
+        mp_req_run_on_log(r);
+}
 
 /* No server of b is available: the answer is 503, with Retry-After for
  * when one may be again. Returns 503. */
