@@ -69,7 +69,7 @@ struct mp_sim {
 #define STEP_PARTS_MAX 2047
 
 /* How much of b a step shows, from byte at. */
-static int shown(const mp_strbuf_t *b, size_t at)
+static int parts_shown(const mp_strbuf_t *b, size_t at)
 {
     size_t n = b->len < STEP_PARTS_MAX ? b->len : STEP_PARTS_MAX;
     return n > at ? (int)(n - at) : 0;
@@ -211,8 +211,8 @@ static int l_tracer(lua_State *L)
         if (u >= 0 && (size_t)u < cfg->nupstreams)
             mp_strbuf_printf(&what, "; returned upstream '%s'", cfg->upstreams[u].name);
     }
-    if (shown(&what, 2))
-        step(s, "hook", "%s: %.*s", label, shown(&what, 2), what.p + 2);
+    if (parts_shown(&what, 2))
+        step(s, "hook", "%s: %.*s", label, parts_shown(&what, 2), what.p + 2);
     else
         step(s, "hook", "%s: no change", label);
     mp_strbuf_free(&what);
@@ -481,10 +481,10 @@ static void note_pick(mp_sim_t *s, const mp_balancer_t *b, int server)
     const char *text = list.p ? list.p : "";
     if (server >= 0)
         step(s, "balancer", "upstream '%s' (%s) picked %s among %.*s", d->name, balancer_name(d),
-             d->servers[server].addr.text, shown(&list, 0), text);
+             d->servers[server].addr.text, parts_shown(&list, 0), text);
     else
         step(s, "balancer", "upstream '%s' (%s) found no server available among %.*s", d->name, balancer_name(d),
-             shown(&list, 0), text);
+             parts_shown(&list, 0), text);
     mp_strbuf_free(&list);
 }
 
