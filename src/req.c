@@ -67,7 +67,7 @@ void mp_req_env_limits(mp_req_env_t *e, size_t max_uri_size, size_t max_header_s
 
 static int vlog(mp_log_limit_t *lim, const mp_req_env_t *e, const mp_req_t *r, int level, const char *fmt, va_list ap)
 {
-    if (level <= MP_LOG_INFO && mp_log_level > level) /* as mp_log_debug and mp_log_info: not even formatted */
+    if (!MP_LOG_WANTED(level)) /* the _limited ones: as mp_log_debug and mp_log_info, not even formatted */
         return 0;
     char msg[1024];
     size_t n = e->id >= 0 ? (size_t)snprintf(msg, sizeof(msg), "w%d: ", e->id) : 0;
@@ -82,7 +82,7 @@ static int vlog(mp_log_limit_t *lim, const mp_req_env_t *e, const mp_req_t *r, i
     return 1;
 }
 
-void mp_req_log(const mp_req_t *r, int level, const char *fmt, ...)
+void mp_req_logf(const mp_req_t *r, int level, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -90,7 +90,7 @@ void mp_req_log(const mp_req_t *r, int level, const char *fmt, ...)
     va_end(ap);
 }
 
-void mp_env_log(const mp_req_env_t *e, int level, const char *fmt, ...)
+void mp_env_logf(const mp_req_env_t *e, int level, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);

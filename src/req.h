@@ -311,9 +311,15 @@ int mp_local_response(mp_req_t *r, int status, mp_buf_t *b, mp_local_t *out);
 
 /* A log line about r: "w<id>: " (none in the simulator), the message, then
  * " (request <id>)". mp_env_log adds the prefix only (for lines that name
- * the request elsewhere); the _limited ones are mp_log_limited's. */
-void mp_req_log(const mp_req_t *r, int level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-void mp_env_log(const mp_req_env_t *e, int level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+ * the request elsewhere); the _limited ones are mp_log_limited's. Debug and
+ * info lines below mp_log_level are not even formatted: mp_req_log and
+ * mp_env_log check that inline, as mp_log_debug does, and call
+ * mp_req_logf / mp_env_logf only for a line that is written. */
+void mp_req_logf(const mp_req_t *r, int level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+void mp_env_logf(const mp_req_env_t *e, int level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+#define MP_LOG_WANTED(level) ((level) > MP_LOG_INFO || mp_log_level <= (level))
+#define mp_req_log(r, level, ...) (MP_LOG_WANTED(level) ? mp_req_logf((r), (level), __VA_ARGS__) : (void)0)
+#define mp_env_log(e, level, ...) (MP_LOG_WANTED(level) ? mp_env_logf((e), (level), __VA_ARGS__) : (void)0)
 int mp_req_log_limited(mp_log_limit_t *lim, const mp_req_t *r, int level, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 int mp_env_log_limited(mp_log_limit_t *lim, const mp_req_env_t *e, int level, const char *fmt, ...)
