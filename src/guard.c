@@ -2,32 +2,33 @@
  * runs through a simulator and its result is compared with what the guard
  * expects; also reading headers from the Lua tables guards and specs give. */
 #include "sim.h"
+#include "strbuf.h"
 
 #include <lauxlib.h>
 #include <lua.h>
 #include <stdio.h>
 #include <string.h>
-#include <strings.h>
 
 #define MAX_GUARD_HEADERS 64
 
 /* The value of a field in a head made by the simulator, repeated fields
- * joined with ", " (RFC 9110 §5.3). Returns how many there were. */
-static int head_field(const char *head, size_t len, const char *name, char *out, size_t cap)
+ * joined with ", " (RFC 9110 §5.3), appended to out. Returns how many
+ * there were. */
+static int head_field(const char *head, size_t len, const char *name, mp_strbuf_t *out)
 {
-    size_t nlen = strlen(name), n = 0;
+    size_t nlen = strlen(name);
     int count = 0;
-    out[0] = '\0';
     const char *p = memchr(head, '\n', len), *end = head + len;
     while (p && ++p < end) {
         const char *eol = memchr(p, '\r', (size_t)(end - p));
         if (!eol || eol == p)
             break;
-        if ((size_t)(eol - p) > nlen + 1 && p[nlen] == ':' && strncasecmp(p, name, nlen) == 0) {
+        if ((size_t)(eol - p) > nlen + 1 && p[nlen] == ':' &&
+            mp_slice_caseeq((mp_slice){p, nlen}, (mp_slice){name, nlen})) {
             const char *v = p + nlen + 1;
             while (v < eol && *v == ' ')
                 v++;
-            mp_sim_appendf(out, &n, cap, "%s%.*s", count ? ", " : "", (int)(eol - v), v);
+            mp_strbuf_printf(out, "%s%.*s", count ? ", " : "", (int)(eol - v), v);
             count++;
         }
         p = memchr(eol, '\n', (size_t)(end - eol));
@@ -112,6 +113,13 @@ size_t mp_sim_lua_headers(lua_State *L, int t, int anchor, mp_sim_header_t *h, s
     return n;
 }
 
+/* 'text' into out[cap], the text cut to fit. */
+static void quote(char *out, size_t cap, const mp_strbuf_t *text)
+{
+    size_t n = text->len < cap - 3 ? text->len : cap - 3;
+    snprintf(out, cap, "'%.*s'", (int)n, text->p ? text->p : "");
+}
+
 static size_t mismatch(char *out, size_t n, size_t cap, const char *what, const char *want, const char *got)
 {
     if (n >= cap)
@@ -186,40 +194,34 @@ static size_t compare(lua_State *L, const mp_sim_result_t *res, char *out, size_
             if (lua_type(L, -2) != LUA_TSTRING) /* the DSL allows none; never convert a key in place */
                 continue;
             const char *name = lua_tostring(L, -2);
-            int count = head_field(res->head, res->head_len, name, got + 1, sizeof(got) - 2);
+            char what[160];
+            snprintf(what, sizeof(what), "header %s", name);
+            mp_strbuf_t gv = {0}, wv = {0};
+            int count = head_field(res->head, res->head_len, name, &gv);
+            quote(got, sizeof(got), &gv);
+            mp_strbuf_free(&gv);
             if (lua_type(L, -1) == LUA_TBOOLEAN && !lua_toboolean(L, -1)) {
-                if (count) {
-                    char what[160];
-                    snprintf(what, sizeof(what), "header %s", name);
-                    got[0] = '\'';
-                    strcat(got, "'");
+                if (count)
                     n = mismatch(out, n, cap, what, "none", got);
-                }
                 continue;
             }
-            size_t w = 0;
-            want[1] = '\0';
             if (lua_istable(L, -1)) {
                 for (int i = 1;; i++) {
                     lua_rawgeti(L, -1, i);
                     const char *v = lua_tostring(L, -1); /* used before the pop: a number's text lives there */
                     if (v)
-                        mp_sim_appendf(want + 1, &w, sizeof(want) - 2, "%s%s", i > 1 ? ", " : "", v);
+                        mp_strbuf_printf(&wv, "%s%s", i > 1 ? ", " : "", v);
                     lua_pop(L, 1);
                     if (!v)
                         break;
                 }
             } else {
-                mp_sim_appendf(want + 1, &w, sizeof(want) - 2, "%s", lua_tostring(L, -1));
+                mp_strbuf_printf(&wv, "%s", lua_tostring(L, -1));
             }
-            if (!count || strcmp(want + 1, got + 1) != 0) {
-                char what[160];
-                snprintf(what, sizeof(what), "header %s", name);
-                want[0] = got[0] = '\'';
-                strcat(want, "'");
-                strcat(got, "'");
+            quote(want, sizeof(want), &wv);
+            mp_strbuf_free(&wv);
+            if (!count || strcmp(want, got) != 0)
                 n = mismatch(out, n, cap, what, want, count ? got : "none");
-            }
         }
     }
     lua_pop(L, 1);

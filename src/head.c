@@ -29,22 +29,48 @@ static int put_s(mp_buf_t *b, mp_slice s)
 
 #define PUT_LIT(b, lit) put((b), (lit), sizeof(lit) - 1)
 
-/* Decimal digits of n (printf costs more than the rest of a head). */
-static int put_u64(mp_buf_t *b, uint64_t n)
+/* The decimal digits of n, written backwards from the end of d[20]
+ * (printf costs more than the rest of a head). */
+static mp_slice digits_of(uint64_t n, char d[20])
 {
-    char digits[20];
-    size_t i = sizeof(digits);
+    size_t i = 20;
     do
-        digits[--i] = (char)('0' + n % 10);
+        d[--i] = (char)('0' + n % 10);
     while ((n /= 10) != 0);
-    return put(b, digits + i, sizeof(digits) - i);
+    return (mp_slice){d + i, 20 - i};
+}
+
+/* "<a><sep><v>\r\n" with one room check, the form of most lines in a
+ * head. When it does not fit, the parts that do are appended one by one, as
+ * separate appends would leave them. Always inline: sep is a literal whose
+ * copy is then a move, not a call. */
+static inline __attribute__((always_inline)) int put_line(mp_buf_t *b, mp_slice a, mp_slice sep, mp_slice v)
+{
+    size_t n = a.len + sep.len + v.len + 2;
+    if (MP_UNLIKELY(n > mp_buf_room(b)))
+        return put_s(b, a) || put_s(b, sep) || put_s(b, v) || PUT_LIT(b, "\r\n");
+    char *p = mp_buf_tail(b);
+    memcpy(p, a.p, a.len);
+    p += a.len;
+    memcpy(p, sep.p, sep.len);
+    p += sep.len;
+    memcpy(p, v.p, v.len);
+    memcpy(p + v.len, "\r\n", 2);
+    b->end += (uint32_t)n;
+    return 0;
+}
+
+/* "Name: value\r\n" (inline too: a literal name is then a move). */
+static inline __attribute__((always_inline)) int put_field(mp_buf_t *b, mp_slice name, mp_slice value)
+{
+    return put_line(b, name, MP_SLICE_LIT(": "), value);
 }
 
 /* "HTTP/1.1 <status> <reason>\r\n": every head we send a client. */
 static int put_status(mp_buf_t *b, int status, mp_slice reason)
 {
-    return PUT_LIT(b, "HTTP/1.1 ") || put_u64(b, (uint64_t)status) || PUT_LIT(b, " ") || put_s(b, reason) ||
-           PUT_LIT(b, "\r\n");
+    char d[20];
+    return PUT_LIT(b, "HTTP/1.1 ") || put_line(b, digits_of((uint64_t)status, d), MP_SLICE_LIT(" "), reason);
 }
 
 static mp_slice reason_of(int status)
@@ -55,7 +81,7 @@ static mp_slice reason_of(int status)
 
 static int put_request_id(mp_buf_t *b, mp_req_t *r)
 {
-    return PUT_LIT(b, "X-Request-ID: ") || put(b, r->id, r->id_len) || PUT_LIT(b, "\r\n");
+    return put_field(b, MP_SLICE_LIT("X-Request-ID"), (mp_slice){r->id, r->id_len});
 }
 
 /* Content-Length: n, or nothing when n < 0. */
@@ -63,7 +89,8 @@ static int put_length(mp_buf_t *b, int64_t n)
 {
     if (n < 0)
         return 0;
-    return PUT_LIT(b, "Content-Length: ") || put_u64(b, (uint64_t)n) || PUT_LIT(b, "\r\n");
+    char d[20];
+    return put_field(b, MP_SLICE_LIT("Content-Length"), digits_of((uint64_t)n, d));
 }
 
 static int put_close(mp_buf_t *b, int close)
@@ -133,7 +160,7 @@ static int put_forwarded(mp_buf_t *b, mp_req_t *r, mp_slice host)
         rc |= PUT_LIT(b, "X-Forwarded-Proto: http\r\n");
     if (!edited(r, "x-forwarded-host", 16) &&
         (!r->trusted_peer || mp_http1_find(h->headers, h->nheaders, "x-forwarded-host", 16) < 0))
-        rc |= PUT_LIT(b, "X-Forwarded-Host: ") || put_s(b, host) || PUT_LIT(b, "\r\n");
+        rc |= put_field(b, MP_SLICE_LIT("X-Forwarded-Host"), host);
     if (!edited(r, "x-request-id", 12))
         rc |= put_request_id(b, r);
     return rc;
@@ -157,8 +184,8 @@ int mp_head_request(mp_req_t *r, mp_buf_t *b)
         send_host = host_edit->values[0];
     else if (d->host)
         send_host = (mp_slice){d->host, strlen(d->host)};
-    int rc = put_s(b, h->method) || PUT_LIT(b, " ") || put_target(b, r) || PUT_LIT(b, " HTTP/1.1\r\nHost: ");
-    rc |= put_s(b, send_host) || PUT_LIT(b, "\r\n");
+    int rc = put_s(b, h->method) || PUT_LIT(b, " ") || put_target(b, r) || PUT_LIT(b, " HTTP/1.1\r\n");
+    rc |= put_field(b, MP_SLICE_LIT("Host"), send_host);
     for (unsigned i = 0; i < h->nheaders; i++) {
         mp_slice n = h->headers[i].name;
         if (is_dropped(n, toks, ntoks) || MP_SLICE_IEQ(n, "host") || MP_SLICE_IEQ(n, "x-forwarded-for") ||
@@ -168,7 +195,7 @@ int mp_head_request(mp_req_t *r, mp_buf_t *b)
             continue;
         if (!r->trusted_peer && (MP_SLICE_IEQ(n, "x-forwarded-proto") || MP_SLICE_IEQ(n, "x-forwarded-host")))
             continue;
-        rc |= put_s(b, n) || PUT_LIT(b, ": ") || put_s(b, h->headers[i].value) || PUT_LIT(b, "\r\n");
+        rc |= put_field(b, n, h->headers[i].value);
     }
     rc |= put_forwarded(b, r, host);
     rc |= mp_hedit_put(b, r->edits, "host");
@@ -199,7 +226,7 @@ int mp_head_response(mp_req_t *r, const mp_http_response_t *rh, mp_buf_t *b)
         dated |= MP_SLICE_IEQ(name, "date");
         if (r->resp_edits && mp_hedit_find(r->resp_edits, name))
             continue;
-        rc |= put_s(b, name) || PUT_LIT(b, ": ") || put_s(b, rh->headers[i].value) || PUT_LIT(b, "\r\n");
+        rc |= put_field(b, name, rh->headers[i].value);
     }
     rc |= mp_hedit_put(b, r->resp_edits, NULL);
     if (!dated) /* RFC 9110 §6.6.1: a recipient with a clock adds one */
@@ -230,8 +257,9 @@ static int put_own_start(mp_buf_t *b, mp_req_t *r, int status, int64_t length)
 int mp_head_local(mp_req_t *r, int status, const mp_hedit_t *edits, size_t body_len, mp_buf_t *b)
 {
     int rc = put_own_start(b, r, status, (int64_t)body_len);
+    char d[20];
     if (r->retry_after && status == 503)
-        rc |= PUT_LIT(b, "Retry-After: ") || put_u64(b, r->retry_after) || PUT_LIT(b, "\r\n");
+        rc |= put_field(b, MP_SLICE_LIT("Retry-After"), digits_of(r->retry_after, d));
     rc |= put_close(b, !r->keepalive);
     if (!mp_hedit_find(edits, MP_SLICE_LIT("content-type")))
         rc |= PUT_LIT(b, "Content-Type: text/plain\r\n");

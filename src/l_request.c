@@ -156,21 +156,10 @@ static void push_obj(lua_State *L, mp_lbox_t *s, int kind)
 
 /* ---- headers objects ---- */
 
-/* mp_header_name_eq for the lookups of hooks: lengths first, then bytes. */
-static inline int name_eq(mp_slice a, const char *b, size_t n)
-{
-    if (a.len != n)
-        return 0;
-    for (size_t i = 0; i < n; i++)
-        if (a.p[i] != b[i] && mp_lower(a.p[i]) != mp_lower(b[i]))
-            return 0;
-    return 1;
-}
-
 static const mp_hedit_t *find_edit(const mp_hedit_t *e, const char *name, size_t n)
 {
     for (; e; e = e->next)
-        if (name_eq(e->name, name, n))
+        if (mp_slice_caseeq(e->name, (mp_slice){name, n}))
             return e;
     return NULL;
 }
@@ -194,7 +183,7 @@ static void push_values(lua_State *L, const mp_slice *v, unsigned n)
 static void push_received(lua_State *L, const mp_header_t *h, unsigned n, const char *name, size_t len)
 {
     unsigned i = 0;
-    while (i < n && !name_eq(h[i].name, name, len))
+    while (i < n && !mp_slice_caseeq(h[i].name, (mp_slice){name, len}))
         i++;
     if (i == n) {
         lua_pushnil(L);
@@ -202,14 +191,14 @@ static void push_received(lua_State *L, const mp_header_t *h, unsigned n, const 
     }
     unsigned k = 1;
     for (unsigned j = i + 1; j < n; j++)
-        k += name_eq(h[j].name, name, len);
+        k += mp_slice_caseeq(h[j].name, (mp_slice){name, len});
     if (k == 1) {
         lua_pushlstring(L, h[i].value.p, h[i].value.len);
         return;
     }
     lua_createtable(L, (int)k, 0);
     for (unsigned j = i, at = 1; j < n; j++)
-        if (name_eq(h[j].name, name, len)) {
+        if (mp_slice_caseeq(h[j].name, (mp_slice){name, len})) {
             lua_pushlstring(L, h[j].value.p, h[j].value.len);
             lua_rawseti(L, -2, (int)at++);
         }

@@ -13,7 +13,7 @@
 
 /* Framing of one body being relayed. */
 typedef struct {
-    uint8_t kind;       /* mp_body_kind (conn.h) */
+    uint8_t kind;       /* mp_body_kind (req.h) */
     uint64_t left;      /* MP_BODY_LENGTH: bytes still to come */
     uint64_t total;     /* payload bytes seen (decoded for chunked) */
     mp_chunked_t chunk; /* MP_BODY_CHUNKED */

@@ -67,7 +67,7 @@ void mp_req_env_limits(mp_req_env_t *e, size_t max_uri_size, size_t max_header_s
 
 static int vlog(mp_log_limit_t *lim, const mp_req_env_t *e, const mp_req_t *r, int level, const char *fmt, va_list ap)
 {
-    if (level <= MP_LOG_INFO && mp_log_level > level) /* as mp_log_debug and mp_log_info: not even formatted */
+    if (!MP_LOG_WANTED(level)) /* the _limited ones: as mp_log_debug and mp_log_info, not even formatted */
         return 0;
     char msg[1024];
     size_t n = e->id >= 0 ? (size_t)snprintf(msg, sizeof(msg), "w%d: ", e->id) : 0;
@@ -82,7 +82,7 @@ static int vlog(mp_log_limit_t *lim, const mp_req_env_t *e, const mp_req_t *r, i
     return 1;
 }
 
-void mp_req_log(const mp_req_t *r, int level, const char *fmt, ...)
+void mp_req_logf(const mp_req_t *r, int level, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -90,7 +90,7 @@ void mp_req_log(const mp_req_t *r, int level, const char *fmt, ...)
     va_end(ap);
 }
 
-void mp_env_log(const mp_req_env_t *e, int level, const char *fmt, ...)
+void mp_env_logf(const mp_req_env_t *e, int level, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -136,11 +136,9 @@ void mp_req_keepalive_after(mp_req_t *r, int status)
 
 /* ---- the response ---- */
 
-void mp_req_on_log(mp_req_t *r)
+void mp_req_run_on_log(mp_req_t *r)
 {
-    const mp_config_t *cfg = r->gen->cfg;
-    if (r->status && cfg->log_ref != LUA_NOREF)
-        mp_hook_log(r->gen->L, r, cfg->log_ref);
+    mp_hook_log(r->gen->L, r, r->gen->cfg->log_ref);
 }
 
 int mp_req_unavailable(mp_req_t *r, const mp_balancer_t *b)
@@ -173,11 +171,24 @@ static void assign_request_id(mp_req_t *r)
             return;
         }
     }
-    static const char hex[] = "0123456789abcdef";
+    /* a byte at a time, low nibble first: the digits of x from its least
+     * significant end, two per table lookup (the id is on every request) */
+    static const char hex2[256][2] = {
+#define HEX(d) (char)((d) < 10 ? '0' + (d) : 'a' + (d)-10)
+#define H1(lo, hi) {HEX(lo), HEX(hi)}
+#define H16(hi)                                                                                                        \
+    H1(0, hi), H1(1, hi), H1(2, hi), H1(3, hi), H1(4, hi), H1(5, hi), H1(6, hi), H1(7, hi), H1(8, hi), H1(9, hi),      \
+        H1(10, hi), H1(11, hi), H1(12, hi), H1(13, hi), H1(14, hi), H1(15, hi)
+        H16(0), H16(1), H16(2),  H16(3),  H16(4),  H16(5),  H16(6),  H16(7),
+        H16(8), H16(9), H16(10), H16(11), H16(12), H16(13), H16(14), H16(15),
+#undef H16
+#undef H1
+#undef HEX
+    };
     for (int half = 0; half < 2; half++) {
         uint64_t x = mp_req_rand(r->env);
-        for (int k = 0; k < 16; k++, x >>= 4)
-            r->id[half * 16 + k] = hex[x & 15];
+        for (int k = 0; k < 8; k++, x >>= 8)
+            memcpy(r->id + half * 16 + 2 * k, hex2[x & 255], 2);
     }
     r->id_len = 32;
 }
@@ -513,12 +524,8 @@ const mp_pick_ctx_t mp_req_pick = {pick_hash, pick_lua};
 
 /* ---- answers made here ---- */
 
-int mp_req_response_hooks(mp_req_t *r, int status, const mp_http_response_t *rh)
+int mp_req_run_response_hooks(mp_req_t *r, int ref, int status, const mp_http_response_t *rh)
 {
-    const mp_config_t *cfg = r->gen->cfg;
-    int ref = r->match.route ? cfg->route_hooks[mp_route_slot(r->match.route)].response : cfg->response_ref;
-    if (ref == LUA_NOREF)
-        return status;
     r->status = status;
     if (mp_hook_response(r->gen->L, r, ref, rh) != MP_HOOK_NEXT)
         return 0;

@@ -9,18 +9,18 @@
 #include "buf.h"
 #include "common.h"
 #include "config.h"
+#include "gen.h"
 #include "headers.h"
 #include "http1.h"
 #include "log.h"
 #include "reframe.h"
 #include "router.h"
 
+#include <lauxlib.h> /* LUA_NOREF: no hook */
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
-typedef struct lua_State lua_State;
-typedef struct mp_gen mp_gen_t;
 typedef struct mp_balancer_s mp_balancer_t;
 struct mp_conn;
 struct mp_upconn;
@@ -249,15 +249,31 @@ static inline void mp_req_response_framing(mp_req_t *r, const mp_http_response_t
         r->keepalive = 0;
 }
 
+/* Runs the response chain at ref (not LUA_NOREF) on a response of status;
+ * what mp_req_response_hooks calls when there is one. */
+int mp_req_run_response_hooks(mp_req_t *r, int ref, int status, const mp_http_response_t *rh);
+
 /* Runs the response hooks (the route's chain, or the global one before
  * routing) on a response of status: the upstream's (rh), or one made here
  * (rh NULL). Returns the status to send, which a hook may have changed, or
- * 0 when a hook failed. */
-int mp_req_response_hooks(mp_req_t *r, int status, const mp_http_response_t *rh);
+ * 0 when a hook failed. Inline: most requests have no hook. */
+static inline int mp_req_response_hooks(mp_req_t *r, int status, const mp_http_response_t *rh)
+{
+    const mp_config_t *cfg = r->gen->cfg;
+    int ref = r->match.route ? cfg->route_hooks[mp_route_slot(r->match.route)].response : cfg->response_ref;
+    return ref == LUA_NOREF ? status : mp_req_run_response_hooks(r, ref, status, rh);
+}
+
+/* Runs the on_log chain (cfg->log_ref, not LUA_NOREF) on r. */
+void mp_req_run_on_log(mp_req_t *r);
 
 /* The response was sent (r->status set; none when the request was
  * abandoned): the on_log chain runs. */
-void mp_req_on_log(mp_req_t *r);
+static inline void mp_req_on_log(mp_req_t *r)
+{
+    if (r->status && r->gen->cfg->log_ref != LUA_NOREF)
+        mp_req_run_on_log(r);
+}
 
 /* No server of b is available: the answer is 503, with Retry-After for
  * when one may be again. Returns 503. */
@@ -295,9 +311,15 @@ int mp_local_response(mp_req_t *r, int status, mp_buf_t *b, mp_local_t *out);
 
 /* A log line about r: "w<id>: " (none in the simulator), the message, then
  * " (request <id>)". mp_env_log adds the prefix only (for lines that name
- * the request elsewhere); the _limited ones are mp_log_limited's. */
-void mp_req_log(const mp_req_t *r, int level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
-void mp_env_log(const mp_req_env_t *e, int level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+ * the request elsewhere); the _limited ones are mp_log_limited's. Debug and
+ * info lines below mp_log_level are not even formatted: mp_req_log and
+ * mp_env_log check that inline, as mp_log_debug does, and call
+ * mp_req_logf / mp_env_logf only for a line that is written. */
+void mp_req_logf(const mp_req_t *r, int level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+void mp_env_logf(const mp_req_env_t *e, int level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+#define MP_LOG_WANTED(level) ((level) > MP_LOG_INFO || mp_log_level <= (level))
+#define mp_req_log(r, level, ...) (MP_LOG_WANTED(level) ? mp_req_logf((r), (level), __VA_ARGS__) : (void)0)
+#define mp_env_log(e, level, ...) (MP_LOG_WANTED(level) ? mp_env_logf((e), (level), __VA_ARGS__) : (void)0)
 int mp_req_log_limited(mp_log_limit_t *lim, const mp_req_t *r, int level, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 int mp_env_log_limited(mp_log_limit_t *lim, const mp_req_env_t *e, int level, const char *fmt, ...)

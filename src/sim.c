@@ -13,6 +13,7 @@
 #include "path.h"
 #include "req.h"
 #include "static.h"
+#include "strbuf.h"
 #include "vm.h"
 
 #include <arpa/inet.h>
@@ -39,18 +40,16 @@ struct mp_sim {
         struct sockaddr_in v4;
         struct sockaddr_in6 v6;
     } peer;
-    mp_req_t req;     /* the last request, alive until the next call */
-    int live;         /* req holds hook objects to release */
-    int forwarded;    /* req went upstream (mp_sim_response may run) */
-    mp_peer_t *peers; /* private server state, every upstream's servers in a row */
-    uint8_t *open;    /* by peer: the circuit is held open (mp_sim_set_server) */
-    double now;       /* pinned clock, 0: real */
-    char *raw;        /* the request bytes the parser reads (the head's slices point here) */
-    size_t raw_cap;
-    char *resp_raw; /* the upstream response's */
-    size_t resp_raw_cap;
-    mp_buf_t out;    /* the head made */
-    char *file_body; /* a static route's file, as sent */
+    mp_req_t req;         /* the last request, alive until the next call */
+    int live;             /* req holds hook objects to release */
+    int forwarded;        /* req went upstream (mp_sim_response may run) */
+    mp_peer_t *peers;     /* private server state, every upstream's servers in a row */
+    uint8_t *open;        /* by peer: the circuit is held open (mp_sim_set_server) */
+    double now;           /* pinned clock, 0: real */
+    mp_strbuf_t raw;      /* the request bytes the parser reads (the head's slices point here) */
+    mp_strbuf_t resp_raw; /* the upstream response's */
+    mp_buf_t out;         /* the head made */
+    char *file_body;      /* a static route's file, as sent */
     mp_sim_step_t *trace;
     size_t ntrace, trace_cap;
     char *error;
@@ -65,16 +64,15 @@ struct mp_sim {
 
 /* ---- trace ---- */
 
-void mp_sim_appendf(char *out, size_t *n, size_t cap, const char *fmt, ...)
+/* A step's text built in parts (a hook's changes, the servers a pick saw)
+ * shows at most this many bytes of them. */
+#define STEP_PARTS_MAX 2047
+
+/* How much of b a step shows, from byte at. */
+static int parts_shown(const mp_strbuf_t *b, size_t at)
 {
-    if (*n + 1 >= cap)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    int k = vsnprintf(out + *n, cap - *n, fmt, ap);
-    va_end(ap);
-    if (k > 0)
-        *n = *n + (size_t)k < cap ? *n + (size_t)k : cap - 1;
+    size_t n = b->len < STEP_PARTS_MAX ? b->len : STEP_PARTS_MAX;
+    return n > at ? (int)(n - at) : 0;
 }
 
 static void step(mp_sim_t *s, const char *kind, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
@@ -155,8 +153,7 @@ static int slice_same(mp_slice a, mp_slice b)
 }
 
 /* Appends "what name: v1, v2" for the edits made since `since`, oldest first. */
-static size_t describe_edits(char *out, size_t n, size_t cap, const mp_hedit_t *list, const mp_hedit_t *since,
-                             const char *what)
+static void describe_edits(mp_strbuf_t *out, const mp_hedit_t *list, const mp_hedit_t *since, const char *what)
 {
     const mp_hedit_t *e[64];
     size_t k = 0;
@@ -164,18 +161,17 @@ static size_t describe_edits(char *out, size_t n, size_t cap, const mp_hedit_t *
     for (; x && x != since && k < MP_ARRAY_LEN(e); x = x->next)
         e[k++] = x;
     if (x && x != since)
-        mp_sim_appendf(out, &n, cap, "; (older %s header edits not shown)", what);
+        mp_strbuf_printf(out, "; (older %s header edits not shown)", what);
     while (k-- > 0) {
         x = e[k];
         if (x->nvalues == 0) {
-            mp_sim_appendf(out, &n, cap, "; removed %s header %.*s", what, (int)x->name.len, x->name.p);
+            mp_strbuf_printf(out, "; removed %s header %.*s", what, (int)x->name.len, x->name.p);
             continue;
         }
-        mp_sim_appendf(out, &n, cap, "; set %s header %.*s: ", what, (int)x->name.len, x->name.p);
+        mp_strbuf_printf(out, "; set %s header %.*s: ", what, (int)x->name.len, x->name.p);
         for (unsigned i = 0; i < x->nvalues; i++)
-            mp_sim_appendf(out, &n, cap, "%s%.*s", i ? ", " : "", (int)x->values[i].len, x->values[i].p);
+            mp_strbuf_printf(out, "%s%.*s", i ? ", " : "", (int)x->values[i].len, x->values[i].p);
     }
-    return n;
 }
 
 /* tracer(label, done, result): package.loaded["moonproxy.trace"] in the
@@ -196,28 +192,30 @@ static int l_tracer(lua_State *L)
         s->before.resp_status = r->resp_status;
         return 0;
     }
-    char what[2048];
-    size_t n = 0;
-    what[0] = '\0';
+    mp_strbuf_t what = {0};
     if (!slice_same(r->path, s->before.path))
-        mp_sim_appendf(what, &n, sizeof(what), "; path %.*s -> %.*s", (int)s->before.path.len, s->before.path.p,
-                       (int)r->path.len, r->path.p);
+        mp_strbuf_printf(&what, "; path %.*s -> %.*s", (int)s->before.path.len, s->before.path.p, (int)r->path.len,
+                         r->path.p);
     if (r->has_query != s->before.has_query || !slice_same(r->query, s->before.query))
-        mp_sim_appendf(what, &n, sizeof(what), "; query %s%.*s", r->has_query ? "" : "removed",
-                       r->has_query ? (int)r->query.len : 0, r->query.p ? r->query.p : "");
-    n = describe_edits(what, n, sizeof(what), r->edits, s->before.edits, "request");
-    n = describe_edits(what, n, sizeof(what), r->resp_edits, s->before.resp_edits, "response");
+        mp_strbuf_printf(&what, "; query %s%.*s", r->has_query ? "" : "removed", r->has_query ? (int)r->query.len : 0,
+                         r->query.p ? r->query.p : "");
+    describe_edits(&what, r->edits, s->before.edits, "request");
+    describe_edits(&what, r->resp_edits, s->before.resp_edits, "response");
     if (r->resp_status != s->before.resp_status)
-        mp_sim_appendf(what, &n, sizeof(what), "; status -> %d", r->resp_status);
+        mp_strbuf_printf(&what, "; status -> %d", r->resp_status);
     if (r->local_status != s->before.local_status)
-        mp_sim_appendf(what, &n, sizeof(what), "; responded %d", r->local_status);
+        mp_strbuf_printf(&what, "; responded %d", r->local_status);
     if (lua_type(L, 3) == LUA_TNUMBER) {
         lua_Integer u = lua_tointeger(L, 3);
         const mp_config_t *cfg = r->gen->cfg;
         if (u >= 0 && (size_t)u < cfg->nupstreams)
-            mp_sim_appendf(what, &n, sizeof(what), "; returned upstream '%s'", cfg->upstreams[u].name);
+            mp_strbuf_printf(&what, "; returned upstream '%s'", cfg->upstreams[u].name);
     }
-    step(s, "hook", "%s: %s", label, what[0] ? what + 2 : "no change");
+    if (parts_shown(&what, 2))
+        step(s, "hook", "%s: %.*s", label, parts_shown(&what, 2), what.p + 2);
+    else
+        step(s, "hook", "%s: no change", label);
+    mp_strbuf_free(&what);
     return 0;
 }
 
@@ -372,8 +370,8 @@ void mp_sim_free(mp_sim_t *s)
     mp_bufpool_dispose(&s->bufs);
     free(s->peers);
     free(s->open);
-    free(s->raw);
-    free(s->resp_raw);
+    mp_strbuf_free(&s->raw);
+    mp_strbuf_free(&s->resp_raw);
     free(s->file_body);
     free(s);
 }
@@ -419,43 +417,29 @@ int mp_sim_set_server(mp_sim_t *s, const char *upstream, const char *addr, const
 
 /* ---- running ---- */
 
-typedef struct {
-    char **data;
-    size_t *cap;
-    size_t len;
-} raw_t;
-
-static int raw_append(raw_t *b, const char *p, size_t n)
+static mp_slice cstr(const char *s)
 {
-    if (b->len + n + 1 > *b->cap) {
-        size_t cap = (b->len + n + 1) * 2;
-        char *d = realloc(*b->data, cap);
-        if (!d)
-            return MP_ENOMEM;
-        *b->data = d;
-        *b->cap = cap;
-    }
-    memcpy(*b->data + b->len, p, n);
-    b->len += n;
-    return 0;
+    return (mp_slice){s, strlen(s)};
 }
-
-#define RAW_STR(b, str) raw_append((b), (str), strlen(str))
 
 static int has_field(const mp_sim_header_t *h, size_t n, const char *name)
 {
     for (size_t i = 0; i < n; i++)
-        if (strcasecmp(h[i].name, name) == 0)
+        if (mp_slice_caseeq(cstr(h[i].name), cstr(name)))
             return 1;
     return 0;
 }
 
-static int put_fields(raw_t *b, const mp_sim_header_t *h, size_t n)
+/* The fields, and a Content-Length of body_len unless they frame the
+ * body themselves, then the blank line: the end of a head the simulator
+ * parses. */
+static void put_fields(mp_strbuf_t *b, const mp_sim_header_t *h, size_t n, size_t body_len, int body_needs_length)
 {
-    int rc = 0;
     for (size_t i = 0; i < n; i++)
-        rc |= RAW_STR(b, h[i].name) | RAW_STR(b, ": ") | RAW_STR(b, h[i].value) | RAW_STR(b, "\r\n");
-    return rc;
+        mp_strbuf_printf(b, "%s: %s\r\n", h[i].name, h[i].value);
+    if (body_needs_length && !has_field(h, n, "content-length") && !has_field(h, n, "transfer-encoding"))
+        mp_strbuf_printf(b, "Content-Length: %zu\r\n", body_len);
+    mp_strbuf_append(b, "\r\n", 2);
 }
 
 /* The pretend client is at text, an IPv4 or IPv6 address. */
@@ -485,21 +469,23 @@ static const char *balancer_name(const mp_upstream_def_t *d)
 static void note_pick(mp_sim_t *s, const mp_balancer_t *b, int server)
 {
     const mp_upstream_def_t *d = b->def;
-    char list[2048];
-    size_t n = 0;
+    mp_strbuf_t list = {0};
     double now = mp_health_now();
     for (size_t i = 0; i < d->nservers; i++) {
         mp_peer_t *p = b->peers[i];
         const char *state = !p->probe_up ? "down" : p->open_until > now ? "circuit open" : "up";
-        mp_sim_appendf(list, &n, sizeof(list), "%s%s (%s, weight %d, %d active, %.1f ms, %d failures)", i ? ", " : "",
-                       d->servers[i].addr.text, state, d->servers[i].weight, (int)p->active, mp_peer_latency(p),
-                       (int)p->fails);
+        mp_strbuf_printf(&list, "%s%s (%s, weight %d, %d active, %.1f ms, %d failures)", i ? ", " : "",
+                         d->servers[i].addr.text, state, d->servers[i].weight, (int)p->active, mp_peer_latency(p),
+                         (int)p->fails);
     }
+    const char *text = list.p ? list.p : "";
     if (server >= 0)
-        step(s, "balancer", "upstream '%s' (%s) picked %s among %s", d->name, balancer_name(d),
-             d->servers[server].addr.text, list);
+        step(s, "balancer", "upstream '%s' (%s) picked %s among %.*s", d->name, balancer_name(d),
+             d->servers[server].addr.text, parts_shown(&list, 0), text);
     else
-        step(s, "balancer", "upstream '%s' (%s) found no server available among %s", d->name, balancer_name(d), list);
+        step(s, "balancer", "upstream '%s' (%s) found no server available among %.*s", d->name, balancer_name(d),
+             parts_shown(&list, 0), text);
+    mp_strbuf_free(&list);
 }
 
 static void answer(mp_sim_t *s, int status, const char *why)
@@ -611,20 +597,14 @@ static int run_request(mp_sim_t *s, const mp_sim_request_t *rq)
     mp_req_t *r = &s->req;
     const char *method = rq->method ? rq->method : "GET";
     const char *target = rq->target ? rq->target : "/";
-    raw_t raw = {&s->raw, &s->raw_cap, 0};
-    int rc = RAW_STR(&raw, method) | RAW_STR(&raw, " ") | RAW_STR(&raw, target) | RAW_STR(&raw, " HTTP/1.1\r\n");
+    mp_strbuf_t *raw = &s->raw;
+    mp_strbuf_reset(raw);
+    mp_strbuf_printf(raw, "%s %s HTTP/1.1\r\n", method, target);
     const char *host = rq->no_host ? NULL : rq->host ? rq->host : "localhost";
     if (host)
-        rc |= RAW_STR(&raw, "Host: ") | RAW_STR(&raw, host) | RAW_STR(&raw, "\r\n");
-    rc |= put_fields(&raw, rq->headers, rq->nheaders);
-    if (rq->body_len && !has_field(rq->headers, rq->nheaders, "content-length") &&
-        !has_field(rq->headers, rq->nheaders, "transfer-encoding")) {
-        char cl[48];
-        snprintf(cl, sizeof(cl), "Content-Length: %zu\r\n", rq->body_len);
-        rc |= RAW_STR(&raw, cl);
-    }
-    rc |= RAW_STR(&raw, "\r\n");
-    if (rc)
+        mp_strbuf_printf(raw, "Host: %s\r\n", host);
+    put_fields(raw, rq->headers, rq->nheaders, rq->body_len, rq->body_len > 0);
+    if (raw->oom)
         return MP_ENOMEM;
     const char *addr = rq->remote_addr ? rq->remote_addr : "127.0.0.1";
     new_request(s);
@@ -634,7 +614,7 @@ static int run_request(mp_sim_t *s, const mp_sim_request_t *rq)
     }
     step(s, "request", "%s %s%s%s from %s", method, host ? "http://" : "", host ? host : "", target, addr);
     size_t scanned = 0;
-    rc = mp_http1_parse_request(s->raw, raw.len, &scanned, &s->env.limits, &r->h);
+    int rc = mp_http1_parse_request(raw->p, raw->len, &scanned, &s->env.limits, &r->h);
     if (rc < 0) {
         int st = mp_req_parse_failed(r, rc);
         char why[160];
@@ -727,23 +707,17 @@ int mp_sim_request(mp_sim_t *s, const mp_sim_request_t *rq, mp_sim_result_t *out
 static int run_response(mp_sim_t *s, const mp_sim_response_t *rs)
 {
     mp_req_t *r = &s->req;
-    raw_t b = {&s->resp_raw, &s->resp_raw_cap, 0};
-    char line[64];
-    snprintf(line, sizeof(line), "HTTP/1.1 %d %s\r\n", rs->status, mp_http1_reason(rs->status));
-    int rc = RAW_STR(&b, line) | put_fields(&b, rs->headers, rs->nheaders);
-    if (!has_field(rs->headers, rs->nheaders, "content-length") &&
-        !has_field(rs->headers, rs->nheaders, "transfer-encoding")) {
-        snprintf(line, sizeof(line), "Content-Length: %zu\r\n", rs->body_len);
-        rc |= RAW_STR(&b, line);
-    }
-    rc |= RAW_STR(&b, "\r\n");
-    if (rc)
+    mp_strbuf_t *b = &s->resp_raw;
+    mp_strbuf_reset(b);
+    mp_strbuf_printf(b, "HTTP/1.1 %d %s\r\n", rs->status, mp_http1_reason(rs->status));
+    put_fields(b, rs->headers, rs->nheaders, rs->body_len, 1);
+    if (b->oom)
         return MP_ENOMEM;
     static _Thread_local mp_http_response_t rh;
     memset(&rh, 0, sizeof(rh));
     size_t scanned = 0;
     step(s, "response", "upstream answered %d", rs->status);
-    if (mp_http1_parse_response(s->resp_raw, b.len, &scanned, b.len, &rh) < 0) {
+    if (mp_http1_parse_response(b->p, b->len, &scanned, b->len, &rh) < 0) {
         s->forwarded = 0;
         return answer(s, 502, "the upstream's response head is invalid"), 0;
     }
@@ -761,8 +735,7 @@ static int run_response(mp_sim_t *s, const mp_sim_response_t *rs)
     }
     r->status = shown;
     s->out.start = s->out.end = 0;
-    rc = mp_head_response(r, &rh, &s->out);
-    if (rc != 0)
+    if (mp_head_response(r, &rh, &s->out) != 0)
         return MP_ENOMEM;
     step(s, "response", "sent %d to the client", r->status);
     mp_req_on_log(&s->req);

@@ -107,10 +107,6 @@ int mp_sim_response(mp_sim_t *s, const mp_sim_response_t *rs, mp_sim_result_t *o
  * has no request to answer. */
 void mp_sim_release(mp_sim_t *s);
 
-/* snprintf at out + *n that keeps *n below cap (the text is cut): the
- * trace's texts and the guards' messages are built with it. */
-void mp_sim_appendf(char *out, size_t *n, size_t cap, const char *fmt, ...) __attribute__((format(printf, 4, 5)));
-
 /* ---- guard.c ---- */
 
 /* Reads request or response headers from a Lua table at index t of L:
