@@ -13,7 +13,6 @@
 #include <lauxlib.h>
 #include <lua.h>
 #include <stdlib.h>
-#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -102,9 +101,8 @@ int mp_conn_reclaim_idle(mp_worker_t *w)
     /* A request that arrived but was not read yet is not idle: closing with
      * unread bytes sends a RST, and the client loses that request. */
     mp_conn_t *c = w->idle_oldest;
-    char byte;
     int i = 0;
-    while (c && i < RECLAIM_SCAN && recv(c->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0)
+    while (c && i < RECLAIM_SCAN && mp_io_peek(&c->sock) > 0)
         c = c->idle_prev, i++;
     if (!c || i == RECLAIM_SCAN)
         return 0;
@@ -119,11 +117,11 @@ void mp_conn_accept(mp_worker_t *w, int fd, const struct sockaddr *peer)
 {
     mp_conn_t *c = calloc(1, sizeof(*c));
     if (!c) {
-        close(fd);
+        mp_io_close(&(mp_io_t){.fd = fd});
         return;
     }
     c->w = w;
-    c->fd = fd;
+    mp_io_init(&c->sock, fd);
     if (peer->sa_family == AF_INET6) {
         memcpy(&c->peer, peer, sizeof(c->peer));
     } else {
@@ -212,7 +210,7 @@ static void on_readable(mp_conn_t *c)
     for (;;) {
         if (mp_buf_len(&c->in) && try_parse(c))
             return;
-        ssize_t n = read(c->fd, mp_buf_tail(&c->in), mp_buf_room(&c->in));
+        ssize_t n = mp_io_read(&c->sock, mp_buf_tail(&c->in), mp_buf_room(&c->in));
         if (n > 0) {
             c->in.end += (uint32_t)n;
             if (c->state == MP_CS_IDLE) {
@@ -238,7 +236,7 @@ static void linger_read(mp_conn_t *c)
     MP_ASSERT(c->state == MP_CS_LINGER);
     char sink[4096];
     for (;;) {
-        ssize_t n = read(c->fd, sink, sizeof(sink));
+        ssize_t n = mp_io_read(&c->sock, sink, sizeof(sink));
         if (n > 0)
             continue;
         if (n < 0 && errno == EINTR)
@@ -292,7 +290,7 @@ static void on_timer(struct ev_loop *loop, ev_timer *t, int revents)
 static void linger_close(mp_conn_t *c)
 {
     MP_ASSERT(c->state == MP_CS_LOCAL || c->state == MP_CS_PROXY);
-    if (shutdown(c->fd, SHUT_WR) != 0)
+    if (mp_io_shutdown_write(&c->sock) != 0)
         return mp_conn_close(c);
     c->state = MP_CS_LINGER;
     mp_buf_release(&c->in, &c->w->bufs);
@@ -424,7 +422,7 @@ static int send_file(mp_conn_t *c)
         }
         off_t off = (off_t)r->file_off;
         size_t want = r->file_left < SENDFILE_TURN ? (size_t)r->file_left : SENDFILE_TURN;
-        ssize_t n = sendfile(c->fd, r->file_fd, &off, want);
+        ssize_t n = mp_io_sendfile(&c->sock, r->file_fd, &off, want);
         if (n > 0) {
             r->file_off += (uint64_t)n;
             r->file_left -= (uint64_t)n;
@@ -452,7 +450,7 @@ static void flush_local(mp_conn_t *c)
     MP_ASSERT(c->state == MP_CS_LOCAL);
     while (mp_buf_len(&c->out) || r->local_out_len) {
         struct iovec iov[2] = {{mp_buf_head(&c->out), mp_buf_len(&c->out)}, {(char *)r->local_out, r->local_out_len}};
-        ssize_t n = writev(c->fd, iov, 2);
+        ssize_t n = mp_io_writev(&c->sock, iov, 2);
         if (n > 0) {
             size_t head = mp_buf_len(&c->out) < (size_t)n ? mp_buf_len(&c->out) : (size_t)n;
             c->out.start += (uint32_t)head;
@@ -558,8 +556,7 @@ void mp_conn_close(mp_conn_t *c)
     end_request(c);
     ev_io_stop(w->loop, &c->io);
     ev_timer_stop(w->loop, &c->timer);
-    close(c->fd);
-    c->fd = -1;
+    mp_io_close(&c->sock);
     mp_buf_release(&c->in, &w->bufs);
     mp_buf_release(&c->out, &w->bufs);
     unlink_conn(&w->conns, c);

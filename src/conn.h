@@ -6,6 +6,7 @@
 
 #include "buf.h"
 #include "common.h"
+#include "io.h"
 #include "req.h"
 #include "worker.h"
 
@@ -21,7 +22,7 @@ enum mp_conn_state {
 
 struct mp_conn {
     mp_worker_t *w;
-    int fd;
+    mp_io_t sock;  /* the client socket (ev_io watches sock.fd) */
     uint8_t state; /* mp_conn_state */
     uint8_t closed;
     uint8_t read_eof; /* the client half-closed or vanished */

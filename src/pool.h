@@ -8,6 +8,7 @@
 
 #include "buf.h"
 #include "common.h"
+#include "io.h"
 #include "worker.h"
 
 #include <ev.h>
@@ -24,7 +25,7 @@ typedef struct mp_server_pool mp_server_pool_t;
 
 struct mp_upconn {
     mp_worker_t *w;
-    int fd;
+    mp_io_t sock;         /* the socket to the server (ev_io watches sock.fd) */
     uint8_t state;        /* mp_upconn_state */
     uint8_t reused;       /* taken from the idle pool for the current request */
     mp_server_pool_t *sp; /* its server; kept alive by the request's generation */
