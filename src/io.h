@@ -35,23 +35,23 @@ typedef struct mp_io_ops {
 struct mp_io {
     int fd;                 /* the socket, -1 once closed; what the ev_io watcher watches */
     const mp_io_ops_t *ops; /* NULL: a plain socket, the calls are the syscalls themselves */
-    void *ctx;              /* the transport's state (an SSL *), NULL when plain */
+    void *session;          /* the transport's state (an SSL *), NULL when plain */
 };
+
+/* A non-blocking TCP_NODELAY socket to addr, connecting: returns 0 when
+ * connected at once, 1 while the connect is in progress (wait until the
+ * socket is writable, then ask mp_io_connect_result), or -1 with errno set,
+ * nothing left open and io untouched. A TLS transport is put on io once
+ * connected: its handshake is one more step before the first request byte. */
+int mp_io_connect(mp_io_t *io, const struct sockaddr *addr, socklen_t addrlen);
 
 /* Makes io a plain socket over fd (owned from now on). */
 static inline void mp_io_init(mp_io_t *io, int fd)
 {
     io->fd = fd;
     io->ops = NULL;
-    io->ctx = NULL;
+    io->session = NULL;
 }
-
-/* A non-blocking TCP_NODELAY socket to addr, connecting: returns 0 when
- * connected at once, 1 while the connect is in progress (wait until the
- * socket is writable, then ask mp_io_connect_result), or -1 with errno set
- * and nothing left open. A TLS transport is put on io once connected: its
- * handshake is one more step before the first request byte. */
-int mp_io_connect(mp_io_t *io, const struct sockaddr *addr, socklen_t addrlen);
 
 /* How the connect started by mp_io_connect ended (SO_ERROR): 0 connected,
  * the error's errno value when it failed, or -1 when the socket could not
@@ -122,7 +122,7 @@ static inline void mp_io_close(mp_io_t *io)
     if (MP_UNLIKELY(io->ops != NULL)) {
         io->ops->close(io);
         io->ops = NULL;
-        io->ctx = NULL;
+        io->session = NULL;
     }
     close(io->fd);
     io->fd = -1;
