@@ -1,6 +1,7 @@
-/* io.c: the transport's out-of-line part: opening a connection. The calls
- * of the request path are static inline in io.h, so that over a plain socket
- * they compile to the syscalls themselves. */
+/* io.c: the transport's out-of-line part: opening a connection, and the
+ * calls through a transport's ops table. The calls of the request path are
+ * static inline in io.h, so that over a plain socket they compile to the
+ * syscalls themselves. */
 #include "io.h"
 
 #include <errno.h>
@@ -26,4 +27,42 @@ int mp_io_connect(mp_io_t *io, const struct sockaddr *addr, socklen_t addrlen)
     close(fd);
     errno = saved;
     return -1;
+}
+
+ssize_t mp_io_ops_read(mp_io_t *io, void *buf, size_t n)
+{
+    return io->ops->read(io, buf, n);
+}
+
+ssize_t mp_io_ops_writev(mp_io_t *io, const struct iovec *iov, int n)
+{
+    return io->ops->writev(io, iov, n);
+}
+
+ssize_t mp_io_ops_write(mp_io_t *io, const void *buf, size_t n)
+{
+    struct iovec iov = {(void *)buf, n};
+    return io->ops->writev(io, &iov, 1);
+}
+
+ssize_t mp_io_ops_sendfile(mp_io_t *io, int file_fd, off_t *off, size_t n)
+{
+    return io->ops->sendfile(io, file_fd, off, n);
+}
+
+ssize_t mp_io_ops_peek(mp_io_t *io)
+{
+    return io->ops->peek(io);
+}
+
+int mp_io_ops_shutdown_write(mp_io_t *io)
+{
+    return io->ops->shutdown_write(io);
+}
+
+void mp_io_ops_close(mp_io_t *io)
+{
+    io->ops->close(io);
+    io->ops = NULL;
+    io->session = NULL;
 }

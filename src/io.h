@@ -45,6 +45,18 @@ struct mp_io {
  * connected: its handshake is one more step before the first request byte. */
 int mp_io_connect(mp_io_t *io, const struct sockaddr *addr, socklen_t addrlen);
 
+/* The calls over a transport with an ops table, out of line and cold: over
+ * a plain socket each mp_io_* call below inlines to one compare and the
+ * syscall. */
+#define MP_IO_COLD __attribute__((cold))
+MP_IO_COLD ssize_t mp_io_ops_read(mp_io_t *io, void *buf, size_t n);
+MP_IO_COLD ssize_t mp_io_ops_writev(mp_io_t *io, const struct iovec *iov, int n);
+MP_IO_COLD ssize_t mp_io_ops_write(mp_io_t *io, const void *buf, size_t n);
+MP_IO_COLD ssize_t mp_io_ops_sendfile(mp_io_t *io, int file_fd, off_t *off, size_t n);
+MP_IO_COLD ssize_t mp_io_ops_peek(mp_io_t *io);
+MP_IO_COLD int mp_io_ops_shutdown_write(mp_io_t *io);
+MP_IO_COLD void mp_io_ops_close(mp_io_t *io); /* the transport's close; io becomes plain */
+
 /* Makes io a plain socket over fd (owned from now on). */
 static inline void mp_io_init(mp_io_t *io, int fd)
 {
@@ -69,22 +81,21 @@ static inline ssize_t mp_io_read(mp_io_t *io, void *buf, size_t n)
 {
     if (MP_LIKELY(!io->ops))
         return read(io->fd, buf, n);
-    return io->ops->read(io, buf, n);
+    return mp_io_ops_read(io, buf, n);
 }
 
 static inline ssize_t mp_io_writev(mp_io_t *io, const struct iovec *iov, int n)
 {
     if (MP_LIKELY(!io->ops))
         return writev(io->fd, iov, n);
-    return io->ops->writev(io, iov, n);
+    return mp_io_ops_writev(io, iov, n);
 }
 
 static inline ssize_t mp_io_write(mp_io_t *io, const void *buf, size_t n)
 {
     if (MP_LIKELY(!io->ops))
         return write(io->fd, buf, n);
-    struct iovec iov = {(void *)buf, n};
-    return io->ops->writev(io, &iov, 1);
+    return mp_io_ops_write(io, buf, n);
 }
 
 /* Sends n bytes of file_fd from *off (advanced by what was sent). */
@@ -92,7 +103,7 @@ static inline ssize_t mp_io_sendfile(mp_io_t *io, int file_fd, off_t *off, size_
 {
     if (MP_LIKELY(!io->ops))
         return sendfile(io->fd, file_fd, off, n);
-    return io->ops->sendfile(io, file_fd, off, n);
+    return mp_io_ops_sendfile(io, file_fd, off, n);
 }
 
 /* Whether bytes wait to be read, without taking them and without blocking
@@ -104,7 +115,7 @@ static inline ssize_t mp_io_peek(mp_io_t *io)
         char byte;
         return recv(io->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
     }
-    return io->ops->peek(io);
+    return mp_io_ops_peek(io);
 }
 
 /* Ends our sending half (shutdown SHUT_WR; a TLS session sends close_notify
@@ -113,17 +124,14 @@ static inline int mp_io_shutdown_write(mp_io_t *io)
 {
     if (MP_LIKELY(!io->ops))
         return shutdown(io->fd, SHUT_WR);
-    return io->ops->shutdown_write(io);
+    return mp_io_ops_shutdown_write(io);
 }
 
 /* Closes the socket (and the transport over it); io->fd becomes -1. */
 static inline void mp_io_close(mp_io_t *io)
 {
-    if (MP_UNLIKELY(io->ops != NULL)) {
-        io->ops->close(io);
-        io->ops = NULL;
-        io->session = NULL;
-    }
+    if (MP_UNLIKELY(io->ops != NULL))
+        mp_io_ops_close(io);
     close(io->fd);
     io->fd = -1;
 }
