@@ -12,7 +12,6 @@
 #include <lauxlib.h>
 #include <lua.h>
 #include <stdlib.h>
-#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -106,9 +105,8 @@ int mp_conn_reclaim_idle(mp_io_ctx_t *ctx)
     /* A request that arrived but was not read yet is not idle: closing with
      * unread bytes sends a RST, and the client loses that request. */
     mp_conn_t *c = ctx->idle_oldest;
-    char byte;
     int i = 0;
-    while (c && i < RECLAIM_SCAN && recv(c->side.fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT) > 0)
+    while (c && i < RECLAIM_SCAN && mp_io_peek(&c->side.sock) > 0)
         c = c->idle_prev, i++;
     if (!c || i == RECLAIM_SCAN)
         return 0;
@@ -123,11 +121,11 @@ void mp_conn_accept(mp_io_ctx_t *ctx, int fd, const struct sockaddr *peer)
 {
     mp_conn_t *c = calloc(1, sizeof(*c));
     if (!c) {
-        close(fd);
+        mp_io_close(&(mp_io_t){.fd = fd});
         return;
     }
     c->side.ctx = ctx;
-    c->side.fd = fd;
+    mp_io_init(&c->side.sock, fd);
     if (peer->sa_family == AF_INET6) {
         memcpy(&c->peer, peer, sizeof(c->peer));
     } else {
@@ -248,7 +246,7 @@ static void on_readable(mp_conn_t *c)
     for (;;) {
         if (mp_buf_len(&c->side.in) && try_parse(c))
             return;
-        ssize_t n = read(c->side.fd, mp_buf_tail(&c->side.in), mp_buf_room(&c->side.in));
+        ssize_t n = mp_io_read(&c->side.sock, mp_buf_tail(&c->side.in), mp_buf_room(&c->side.in));
         if (n > 0) {
             c->side.in.end += (uint32_t)n;
             if (c->state == MP_CS_IDLE) {
@@ -274,7 +272,7 @@ static void linger_read(mp_conn_t *c)
     MP_ASSERT(c->state == MP_CS_LINGER);
     char sink[4096];
     for (;;) {
-        ssize_t n = read(c->side.fd, sink, sizeof(sink));
+        ssize_t n = mp_io_read(&c->side.sock, sink, sizeof(sink));
         if (n > 0)
             continue;
         if (n < 0 && errno == EINTR)
@@ -328,7 +326,7 @@ static void on_timer(struct ev_loop *loop, ev_timer *t, int revents)
 static void linger_close(mp_conn_t *c)
 {
     MP_ASSERT(c->state == MP_CS_LOCAL || c->state == MP_CS_PROXY);
-    if (shutdown(c->side.fd, SHUT_WR) != 0)
+    if (mp_io_shutdown_write(&c->side.sock) != 0)
         return mp_conn_close(c);
     c->state = MP_CS_LINGER;
     mp_buf_release(&c->side.in, &c->side.ctx->bufs);
@@ -462,7 +460,7 @@ static int send_file(mp_conn_t *c)
         }
         off_t off = (off_t)r->file_off;
         size_t want = r->file_left < SENDFILE_TURN ? (size_t)r->file_left : SENDFILE_TURN;
-        ssize_t n = sendfile(c->side.fd, r->file_fd, &off, want);
+        ssize_t n = mp_io_sendfile(&c->side.sock, r->file_fd, &off, want);
         if (n > 0) {
             r->file_off += (uint64_t)n;
             r->file_left -= (uint64_t)n;
@@ -491,7 +489,7 @@ static void flush_local(mp_conn_t *c)
     while (mp_buf_len(&c->side.out) || r->local_out_len) {
         struct iovec iov[2] = {{mp_buf_head(&c->side.out), mp_buf_len(&c->side.out)},
                                {(char *)r->local_out, r->local_out_len}};
-        ssize_t n = writev(c->side.fd, iov, 2);
+        ssize_t n = mp_io_writev(&c->side.sock, iov, 2);
         if (n > 0) {
             size_t head = mp_buf_len(&c->side.out) < (size_t)n ? mp_buf_len(&c->side.out) : (size_t)n;
             c->side.out.start += (uint32_t)head;
@@ -600,8 +598,7 @@ void mp_conn_close(mp_conn_t *c)
     end_request(c);
     ev_io_stop(ctx->loop, &c->io);
     ev_timer_stop(ctx->loop, &c->timer);
-    close(c->side.fd);
-    c->side.fd = -1;
+    mp_io_close(&c->side.sock);
     mp_buf_release(&c->side.in, &ctx->bufs);
     mp_buf_release(&c->side.out, &ctx->bufs);
     unlink_conn(&ctx->conns, c);

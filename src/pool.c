@@ -3,10 +3,7 @@
 #include "pool.h"
 
 #include <errno.h>
-#include <netinet/tcp.h>
 #include <stdlib.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 static mp_server_pool_t *server_pool(mp_io_ctx_t *ctx, const mp_upstream_def_t *def, const mp_server_def_t *srv)
 {
@@ -120,10 +117,9 @@ static void unlink_idle(mp_upconn_t *u)
 /* A pooled connection is usable when the server has neither closed it nor
  * sent anything: a peek must find nothing to read (RFC 9112 §9.3.1 lets a
  * server close an idle connection at any time). */
-static int still_open(int fd)
+static int still_open(mp_io_t *sock)
 {
-    char b;
-    ssize_t n = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    ssize_t n = mp_io_peek(sock);
     return n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK);
 }
 
@@ -133,7 +129,7 @@ mp_upconn_t *mp_pool_take(mp_server_pool_t *sp, mp_io_ctx_t *ctx)
         mp_upconn_t *u = sp->idle;
         MP_ASSERT(!u->req);
         unlink_idle(u);
-        if (ev_now(ctx->loop) - u->idle_since >= PEEK_AFTER_IDLE && !still_open(u->fd)) {
+        if (ev_now(ctx->loop) - u->idle_since >= PEEK_AFTER_IDLE && !still_open(&u->sock)) {
             u->state = MP_UP_ACTIVE; /* not in the idle list any more */
             mp_upconn_close(u);
             continue;
@@ -154,29 +150,21 @@ int mp_upconn_local_error(int err)
 mp_upconn_t *mp_upconn_connect(mp_io_ctx_t *ctx, mp_server_pool_t *sp, mp_io_cb io_cb, mp_timer_cb timer_cb)
 {
     const mp_addr_t *a = &sp->addr;
-    int fd = socket(a->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0)
+    mp_io_t sock;
+    int rc = mp_io_connect(&sock, (const struct sockaddr *)&a->ss, a->sslen);
+    if (rc < 0)
         return NULL;
-    int one = 1;
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    int rc = connect(fd, (const struct sockaddr *)&a->ss, a->sslen);
-    if (rc != 0 && errno != EINPROGRESS) {
-        int saved = errno;
-        close(fd);
-        errno = saved;
-        return NULL;
-    }
     mp_upconn_t *u = calloc(1, sizeof(*u));
     if (!u) {
-        close(fd);
+        mp_io_close(&sock);
         errno = ENOMEM;
         return NULL;
     }
     u->ctx = ctx;
-    u->fd = fd;
+    u->sock = sock;
     u->sp = sp;
     u->state = rc == 0 ? MP_UP_ACTIVE : MP_UP_CONNECTING;
-    ev_io_init(&u->io, io_cb, fd, 0);
+    ev_io_init(&u->io, io_cb, sock.fd, 0);
     ev_init(&u->timer, timer_cb);
     return u;
 }
@@ -220,8 +208,7 @@ void mp_upconn_close(mp_upconn_t *u)
     u->state = MP_UP_CLOSED;
     ev_io_stop(ctx->loop, &u->io);
     ev_timer_stop(ctx->loop, &u->timer);
-    close(u->fd);
-    u->fd = -1;
+    mp_io_close(&u->sock);
     mp_buf_release(&u->in, &ctx->bufs);
     mp_buf_release(&u->out, &ctx->bufs);
     u->next = ctx->up_graveyard;

@@ -9,6 +9,7 @@
 #include "buf.h"
 #include "common.h"
 #include "ctx.h"
+#include "io.h"
 
 #include <ev.h>
 
@@ -23,8 +24,8 @@ struct mp_req;
 typedef struct mp_pool mp_pool_t;
 
 struct mp_upconn {
-    mp_io_ctx_t *ctx; /* the thread's I/O context (ctx.h) */
-    int fd;
+    mp_io_ctx_t *ctx;     /* the thread's I/O context (ctx.h) */
+    mp_io_t sock;         /* the socket to the server (ev_io watches sock.fd) */
     uint8_t state;        /* mp_upconn_state */
     uint8_t reused;       /* taken from the idle pool for the current request */
     mp_server_pool_t *sp; /* its server; kept alive by the request's generation */

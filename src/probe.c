@@ -7,7 +7,6 @@
 #include "pool.h"
 
 #include <errno.h>
-#include <netinet/tcp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/socket.h>
@@ -26,7 +25,7 @@ typedef struct probe {
     mp_statuses_t statuses;
     ev_timer timer; /* the next probe, or the current one's timeout */
     ev_io io;
-    int fd;
+    mp_io_t sock;
     int state;
     char buf[1024]; /* the request, then the start of the response */
     size_t len, sent;
@@ -47,9 +46,8 @@ static void on_io(struct ev_loop *loop, ev_io *io, int revents);
 static void stop_exchange(probe_t *p)
 {
     ev_io_stop(p->pr->loop, &p->io);
-    if (p->fd >= 0)
-        close(p->fd);
-    p->fd = -1;
+    if (p->sock.fd >= 0)
+        mp_io_close(&p->sock);
     p->state = IDLE;
 }
 
@@ -103,12 +101,7 @@ static void skip(probe_t *p, int err)
 static void start(probe_t *p)
 {
     struct ev_loop *loop = p->pr->loop;
-    p->fd = socket(p->ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (p->fd < 0)
-        return mp_upconn_local_error(errno) ? skip(p, errno) : verdict(p, 0, strerror(errno));
-    int one = 1;
-    setsockopt(p->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    if (connect(p->fd, (struct sockaddr *)&p->ss, p->sslen) != 0 && errno != EINPROGRESS)
+    if (mp_io_connect(&p->sock, (struct sockaddr *)&p->ss, p->sslen) < 0)
         return mp_upconn_local_error(errno) ? skip(p, errno) : verdict(p, 0, strerror(errno));
     int n = snprintf(p->buf, sizeof(p->buf),
                      "GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: moonproxy-health\r\nConnection: close\r\n\r\n",
@@ -116,7 +109,7 @@ static void start(probe_t *p)
     p->len = n < (int)sizeof(p->buf) ? (size_t)n : sizeof(p->buf) - 1;
     p->sent = 0;
     p->state = CONNECTING;
-    ev_io_set(&p->io, p->fd, EV_WRITE);
+    ev_io_set(&p->io, p->sock.fd, EV_WRITE);
     ev_io_start(loop, &p->io);
     ev_timer_stop(loop, &p->timer);
     ev_timer_set(&p->timer, p->timeout, 0);
@@ -136,20 +129,19 @@ static void on_timer(struct ev_loop *loop, ev_timer *t, int revents)
 static void on_writable(probe_t *p)
 {
     if (p->state == CONNECTING) {
-        int err = 0;
-        socklen_t len = sizeof(err);
-        if (getsockopt(p->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0)
-            return verdict(p, 0, err ? strerror(err) : "connect failed");
+        int err = mp_io_connect_result(&p->sock);
+        if (err != 0)
+            return verdict(p, 0, err > 0 ? strerror(err) : "connect failed");
         p->state = SENDING;
     }
-    ssize_t n = write(p->fd, p->buf + p->sent, p->len - p->sent);
+    ssize_t n = mp_io_write(&p->sock, p->buf + p->sent, p->len - p->sent);
     if (n < 0 && errno != EAGAIN && errno != EINTR)
         return verdict(p, 0, strerror(errno));
     if (n > 0 && (p->sent += (size_t)n) == p->len) {
         p->state = READING;
         p->len = 0;
         ev_io_stop(p->pr->loop, &p->io);
-        ev_io_set(&p->io, p->fd, EV_READ);
+        ev_io_set(&p->io, p->sock.fd, EV_READ);
         ev_io_start(p->pr->loop, &p->io);
     }
 }
@@ -157,7 +149,7 @@ static void on_writable(probe_t *p)
 /* Only the status line matters: "HTTP/1.x NNN". */
 static void on_readable(probe_t *p)
 {
-    ssize_t n = read(p->fd, p->buf + p->len, sizeof(p->buf) - 1 - p->len);
+    ssize_t n = mp_io_read(&p->sock, p->buf + p->len, sizeof(p->buf) - 1 - p->len);
     if (n < 0 && (errno == EAGAIN || errno == EINTR))
         return;
     if (n <= 0)
@@ -217,7 +209,7 @@ static void add(mp_probes_t *pr, mp_peer_t *peer, const mp_server_def_t *srv, co
     p->peer = peer;
     p->ss = srv->addr.ss;
     p->sslen = srv->addr.sslen;
-    p->fd = -1;
+    mp_io_init(&p->sock, -1);
     p->seen = 1;
     set_params(p, h);
     ev_init(&p->io, on_io);

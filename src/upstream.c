@@ -11,9 +11,7 @@
 
 #include <errno.h>
 #include <stdio.h>
-#include <sys/socket.h>
 #include <sys/uio.h>
-#include <unistd.h>
 
 /* Why an exchange failed; the one place mapping failures to statuses. */
 enum up_err { UE_CONNECT, UE_CONNECT_TIMEOUT, UE_SEND_TIMEOUT, UE_READ_TIMEOUT, UE_RESET, UE_INVALID, UE_HOOK };
@@ -503,7 +501,7 @@ static void pump_request(mp_req_t *r)
             iov[n++] = (struct iovec){(void *)tail.p, tail.len};
         if (n == 0)
             break;
-        ssize_t k = writev(u->fd, iov, n);
+        ssize_t k = mp_io_writev(&u->sock, iov, n);
         if (k < 0 && errno == EINTR)
             continue;
         if (k < 0 && errno == EAGAIN)
@@ -659,7 +657,7 @@ static void pump_response(mp_req_t *r)
             iov[n++] = (struct iovec){u->in.data + u->in.start, r->resp_ready - u->in.start};
         if (n == 0)
             break;
-        ssize_t k = writev(c->fd, iov, n);
+        ssize_t k = mp_io_writev(&c->sock, iov, n);
         if (k < 0 && errno == EINTR)
             continue;
         if (k < 0 && errno == EAGAIN)
@@ -699,7 +697,7 @@ static void upstream_readable(mp_req_t *r)
         return sync_events(r); /* back-pressure: the client has not taken what we hold */
     ssize_t n;
     do
-        n = read(u->fd, mp_buf_tail(&u->in), mp_buf_room(&u->in));
+        n = mp_io_read(&u->sock, mp_buf_tail(&u->in), mp_buf_room(&u->in));
     while (n < 0 && errno == EINTR);
     if (n < 0 && errno == EAGAIN)
         return sync_events(r);
@@ -731,9 +729,7 @@ static void upstream_readable(mp_req_t *r)
 static void on_connected(mp_req_t *r)
 {
     mp_upconn_t *u = r->up;
-    int err = 0;
-    socklen_t len = sizeof(err);
-    if (getsockopt(u->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 || err != 0)
+    if (mp_io_connect_result(&u->sock) != 0)
         return up_error(r, UE_CONNECT);
     MP_ASSERT(u->state == MP_UP_CONNECTING);
     u->state = MP_UP_ACTIVE;
@@ -784,7 +780,7 @@ static void client_readable(mp_req_t *r)
         return sync_events(r);
     ssize_t n;
     do
-        n = read(c->fd, mp_buf_tail(&c->in), mp_buf_room(&c->in));
+        n = mp_io_read(&c->sock, mp_buf_tail(&c->in), mp_buf_room(&c->in));
     while (n < 0 && errno == EINTR);
     if (n < 0 && errno == EAGAIN)
         return sync_events(r);

@@ -9,6 +9,7 @@
 
 #include "buf.h"
 #include "ctx.h"
+#include "io.h"
 #include "req.h"
 
 /* What the exchange tells the client connection; arg is mp_upstream_start's.
@@ -27,7 +28,7 @@ typedef struct {
  * that this layer reaches it without the connection's type. */
 typedef struct mp_client_side {
     mp_io_ctx_t *ctx;             /* the thread's I/O context (ctx.h) */
-    int fd;                       /* the client socket: body bytes read, response written */
+    mp_io_t sock;                 /* the client socket: body bytes read, response written */
     uint8_t closed;               /* closed: nothing more is done for it */
     uint8_t read_eof;             /* the client half-closed or vanished */
     mp_buf_t in;                  /* client bytes; a request's head pinned at the front, then its body */

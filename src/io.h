@@ -1,0 +1,139 @@
+/* io.h: the transport under conn, upstream, pool and probe (L3): read,
+ * write, writev, sendfile, peek, shutdown, close and connect over a plain
+ * socket, or over a transport that plugs in an ops table (TLS, issue 11).
+ * The one place those files touch a socket. */
+#ifndef MP_IO_H
+#define MP_IO_H
+
+#include "common.h"
+
+#include <sys/sendfile.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+/* Every call returns what the syscall it stands for returns: a count (0 at
+ * EOF), or -1 with errno set; EAGAIN means "call again when the socket is
+ * ready", EINTR "call again now". A transport with its own framing (TLS) keeps
+ * that convention: it reports a record it cannot finish yet as EAGAIN. */
+
+typedef struct mp_io mp_io_t;
+
+/* A transport other than the plain socket. Each entry has the contract of
+ * the mp_io_* call of its name; sendfile may read the file and write it (a
+ * TLS session cannot hand a file to the kernel). */
+typedef struct mp_io_ops {
+    ssize_t (*read)(mp_io_t *io, void *buf, size_t n);
+    ssize_t (*writev)(mp_io_t *io, const struct iovec *iov, int n);
+    ssize_t (*sendfile)(mp_io_t *io, int file_fd, off_t *off, size_t n);
+    ssize_t (*peek)(mp_io_t *io);
+    int (*shutdown_write)(mp_io_t *io);
+    void (*close)(mp_io_t *io); /* frees the transport's state; the socket is closed after it */
+} mp_io_ops_t;
+
+struct mp_io {
+    int fd;                 /* the socket, -1 once closed; what the ev_io watcher watches */
+    const mp_io_ops_t *ops; /* NULL: a plain socket, the calls are the syscalls themselves */
+    void *session;          /* the transport's state (an SSL *), NULL when plain */
+};
+
+/* A non-blocking TCP_NODELAY socket to addr, connecting: returns 0 when
+ * connected at once, 1 while the connect is in progress (wait until the
+ * socket is writable, then ask mp_io_connect_result), or -1 with errno set,
+ * nothing left open and io untouched. A TLS transport is put on io once
+ * connected: its handshake is one more step before the first request byte. */
+int mp_io_connect(mp_io_t *io, const struct sockaddr *addr, socklen_t addrlen);
+
+/* The calls over a transport with an ops table, out of line and cold: over
+ * a plain socket each mp_io_* call below inlines to one compare and the
+ * syscall. */
+#define MP_IO_COLD __attribute__((cold))
+MP_IO_COLD ssize_t mp_io_ops_read(mp_io_t *io, void *buf, size_t n);
+MP_IO_COLD ssize_t mp_io_ops_writev(mp_io_t *io, const struct iovec *iov, int n);
+MP_IO_COLD ssize_t mp_io_ops_write(mp_io_t *io, const void *buf, size_t n);
+MP_IO_COLD ssize_t mp_io_ops_sendfile(mp_io_t *io, int file_fd, off_t *off, size_t n);
+MP_IO_COLD ssize_t mp_io_ops_peek(mp_io_t *io);
+MP_IO_COLD int mp_io_ops_shutdown_write(mp_io_t *io);
+MP_IO_COLD void mp_io_ops_close(mp_io_t *io); /* the transport's close; io becomes plain */
+
+/* Makes io a plain socket over fd (owned from now on). */
+static inline void mp_io_init(mp_io_t *io, int fd)
+{
+    io->fd = fd;
+    io->ops = NULL;
+    io->session = NULL;
+}
+
+/* How the connect started by mp_io_connect ended (SO_ERROR): 0 connected,
+ * the error's errno value when it failed, or -1 when the socket could not
+ * tell (errno set). */
+static inline int mp_io_connect_result(mp_io_t *io)
+{
+    int err = 0;
+    socklen_t len = sizeof(err);
+    if (getsockopt(io->fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0)
+        return -1;
+    return err;
+}
+
+static inline ssize_t mp_io_read(mp_io_t *io, void *buf, size_t n)
+{
+    if (MP_LIKELY(!io->ops))
+        return read(io->fd, buf, n);
+    return mp_io_ops_read(io, buf, n);
+}
+
+static inline ssize_t mp_io_writev(mp_io_t *io, const struct iovec *iov, int n)
+{
+    if (MP_LIKELY(!io->ops))
+        return writev(io->fd, iov, n);
+    return mp_io_ops_writev(io, iov, n);
+}
+
+static inline ssize_t mp_io_write(mp_io_t *io, const void *buf, size_t n)
+{
+    if (MP_LIKELY(!io->ops))
+        return write(io->fd, buf, n);
+    return mp_io_ops_write(io, buf, n);
+}
+
+/* Sends n bytes of file_fd from *off (advanced by what was sent). */
+static inline ssize_t mp_io_sendfile(mp_io_t *io, int file_fd, off_t *off, size_t n)
+{
+    if (MP_LIKELY(!io->ops))
+        return sendfile(io->fd, file_fd, off, n);
+    return mp_io_ops_sendfile(io, file_fd, off, n);
+}
+
+/* Whether bytes wait to be read, without taking them and without blocking
+ * (recv MSG_PEEK of one byte): 1 when some wait, 0 when the peer closed, -1
+ * with errno EAGAIN when nothing came yet (or another errno on error). */
+static inline ssize_t mp_io_peek(mp_io_t *io)
+{
+    if (MP_LIKELY(!io->ops)) {
+        char byte;
+        return recv(io->fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    }
+    return mp_io_ops_peek(io);
+}
+
+/* Ends our sending half (shutdown SHUT_WR; a TLS session sends close_notify
+ * first). 0, or -1 with errno. */
+static inline int mp_io_shutdown_write(mp_io_t *io)
+{
+    if (MP_LIKELY(!io->ops))
+        return shutdown(io->fd, SHUT_WR);
+    return mp_io_ops_shutdown_write(io);
+}
+
+/* Closes the socket (and the transport over it); io->fd becomes -1. */
+static inline void mp_io_close(mp_io_t *io)
+{
+    if (MP_UNLIKELY(io->ops != NULL))
+        mp_io_ops_close(io);
+    close(io->fd);
+    io->fd = -1;
+}
+
+#endif
