@@ -37,6 +37,7 @@ typedef struct mp_balancer_s {
 mp_balancer_t *mp_balancers_new(lua_State *L, const mp_config_t *cfg, uint64_t seed);
 void mp_balancers_free(mp_balancer_t *b, size_t n);
 
+/* A pick's outcomes besides a server index, not error codes (err.h says which set is for what). */
 enum { MP_PICK_NONE = -1, MP_PICK_ERROR = -2 };
 
 /* What a pick needs from what is balanced (a request: req.h's mp_req_pick),

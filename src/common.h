@@ -1,7 +1,9 @@
 /* common.h: the few types and macros every moonproxy module shares:
- * borrowed byte slices, error codes, assertions, container_of. */
+ * borrowed byte slices, error codes (err.h), assertions, container_of. */
 #ifndef MP_COMMON_H
 #define MP_COMMON_H
+
+#include "err.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -14,17 +16,6 @@ typedef struct {
 } mp_slice;
 
 #define MP_SLICE_LIT(s) ((mp_slice){(s), sizeof(s) - 1})
-
-enum {
-    MP_OK = 0,
-    MP_EAGAIN = -1, /* need more input / would block */
-    MP_EPROTO = -2, /* peer bytes violate the protocol */
-    MP_ENOMEM = -3,
-    MP_ETIMEDOUT = -4,
-    MP_EINVAL = -5, /* bad argument or configuration */
-    MP_ENOENT = -6, /* nothing matched */
-    MP_EIO = -7,    /* a syscall failed; see errno */
-};
 
 #define MP_ARRAY_LEN(a) (sizeof(a) / sizeof((a)[0]))
 

@@ -16,7 +16,9 @@
 /* Every call returns what the syscall it stands for returns: a count (0 at
  * EOF), or -1 with errno set; EAGAIN means "call again when the socket is
  * ready", EINTR "call again now". A transport with its own framing (TLS) keeps
- * that convention: it reports a record it cannot finish yet as EAGAIN. */
+ * that convention: it reports a record it cannot finish yet as EAGAIN. A
+ * failure stays an errno here; the caller names what it means for its
+ * exchange with an err.h mp_err_* (upstream.c). */
 
 typedef struct mp_io mp_io_t;
 

@@ -14,7 +14,7 @@ enum { MP_MT_REQ, MP_MT_RES, MP_MT_HEADERS, MP_MT_COUNT };
  * generation keeps the references). */
 void mp_l_request_setup(lua_State *L, int refs[MP_MT_COUNT]);
 
-/* Outcome of running a chain. */
+/* Outcome of running a chain: outcomes, not error codes (err.h says which set is for what). */
 enum {
     MP_HOOK_NEXT = 0,      /* go on */
     MP_HOOK_RESPONDED = 1, /* a hook called req:respond: r->local_status is set */

@@ -5,6 +5,7 @@
 #include "upstream.h"
 
 #include "balancer.h"
+#include "err.h"
 #include "gen.h"
 #include "head.h"
 #include "pool.h"
@@ -12,13 +13,6 @@
 #include <errno.h>
 #include <stdio.h>
 #include <sys/uio.h>
-
-/* Why an exchange failed; the one place mapping failures to statuses. */
-enum up_err { UE_CONNECT, UE_CONNECT_TIMEOUT, UE_SEND_TIMEOUT, UE_READ_TIMEOUT, UE_RESET, UE_INVALID, UE_HOOK };
-
-static const char *const up_err_text[] = {"connect failed",      "connect timed out", "send timed out",
-                                          "read timed out",      "connection broken", "invalid response",
-                                          "response hook failed"};
 
 static void on_up_io(struct ev_loop *loop, ev_io *io, int revents);
 static void on_up_timer(struct ev_loop *loop, ev_timer *t, int revents);
@@ -218,11 +212,12 @@ static int is_idempotent(mp_slice m)
     return 0;
 }
 
-/* The one place where a failed exchange is retried or mapped to a status:
- * connect errors retry any method on another server; a connection broken
- * before any response byte retries idempotent requests whose body is still
- * whole; a pooled connection the server had closed is replaced once. */
-static void up_error(mp_req_t *r, enum up_err e)
+/* The one place where a failed exchange (err: an mp_err_* of err.h) is
+ * retried or mapped to a status: connect errors retry any method on another
+ * server; a connection broken before any response byte retries idempotent
+ * requests whose body is still whole; a pooled connection the server had
+ * closed is replaced once. */
+static void up_error(mp_req_t *r, const char *err)
 {
     mp_io_ctx_t *ctx = ctx_of(r);
     mp_upconn_t *u = detach(r);
@@ -234,22 +229,22 @@ static void up_error(mp_req_t *r, enum up_err e)
         mp_upconn_close(u);
     ctx->stats.upstream_errors++;
 
-    int nothing_sent = e == UE_CONNECT || e == UE_CONNECT_TIMEOUT;
+    int nothing_sent = err == mp_err_connect || err == mp_err_connect_timeout;
     int replayable = r->body_replayable && !r->resp_started && !got_bytes;
-    if (replayable && reused && e == UE_RESET && (is_idempotent(r->h.method) || !r->head_sent)) {
+    if (replayable && reused && err == mp_err_reset && (is_idempotent(r->h.method) || !r->head_sent)) {
         /* the server had closed an idle connection: not its failure */
         mp_env_log(r->env, MP_LOG_DEBUG, "pooled connection to %s was closed; request %.*s retried on a new one",
                    d->servers[server].addr.text, r->id_len, r->id);
         reset_request_body(r);
         return connect_to(r, server, 1);
     }
-    peer_result(r, MP_OUT_FAIL, 0, up_err_text[e]);
+    peer_result(r, MP_OUT_FAIL, 0, err);
     peer_done(r);
-    mp_req_log(r, MP_LOG_WARN, "upstream %s server %s: %s", d->name, d->servers[server].addr.text, up_err_text[e]);
+    mp_req_log(r, MP_LOG_WARN, "upstream %s server %s: %s", d->name, d->servers[server].addr.text, err);
     mp_balancer_t *b = balancer_of(r);
     double now = ev_now(ctx->loop);
     if (r->tries <= d->retries && d->nservers > 1 && replayable &&
-        (nothing_sent || (e == UE_RESET && is_idempotent(r->h.method)))) {
+        (nothing_sent || (err == mp_err_reset && is_idempotent(r->h.method)))) {
         /* A retry after connecting failed adds no load (nothing reached a
          * server); one after a broken exchange does, and is budgeted. */
         int trial, next = -1;
@@ -267,8 +262,8 @@ static void up_error(mp_req_t *r, enum up_err e)
             mp_env_log(r->env, MP_LOG_WARN, "upstream %s: retry budget exhausted, request %.*s not retried", d->name,
                        r->id_len, r->id);
     }
-    int status = (e == UE_CONNECT_TIMEOUT || e == UE_SEND_TIMEOUT || e == UE_READ_TIMEOUT) ? 504 : 502;
-    client_fail(r, status);
+    int timed_out = err == mp_err_connect_timeout || err == mp_err_send_timeout || err == mp_err_read_timeout;
+    client_fail(r, timed_out ? 504 : 502);
 }
 
 /* The proxy could not open a socket (errno err, mp_upconn_local_error):
@@ -326,7 +321,7 @@ static void connect_to(mp_req_t *r, int server, int fresh)
             r->up = NULL;
             if (mp_upconn_local_error(errno))
                 return local_failure(r, errno);
-            return up_error(r, UE_CONNECT);
+            return up_error(r, mp_err_connect);
         }
         ctx->stats.upstream_connects++;
         u->reused = 0;
@@ -507,7 +502,7 @@ static void pump_request(mp_req_t *r)
         if (k < 0 && errno == EAGAIN)
             break;
         if (k < 0)
-            return up_error(r, UE_RESET);
+            return up_error(r, mp_err_reset);
         request_written(r, (size_t)k);
     }
     if (!r->body.done && !r->body_abandoned && !mp_buf_room(&c->in) && (st = make_body_room(r)) != 0)
@@ -518,8 +513,9 @@ static void pump_request(mp_req_t *r)
 }
 
 /* The upstream's response head is complete: decide the body's framing and
- * both connections' fate, and queue the head for the client. */
-static int begin_response(mp_req_t *r, const mp_http_response_t *rh)
+ * both connections' fate, and queue the head for the client. Returns NULL,
+ * mp_err_hook (a response hook failed) or mp_err_invalid (no buffer). */
+static const char *begin_response(mp_req_t *r, const mp_http_response_t *rh)
 {
     mp_client_side_t *c = mp_client_side(r);
     mp_upconn_t *u = r->up;
@@ -541,42 +537,40 @@ static int begin_response(mp_req_t *r, const mp_http_response_t *rh)
     peer_result(r, failed ? MP_OUT_FAIL : MP_OUT_OK, rh->status, failed ? reason : NULL);
     int shown = mp_req_response_hooks(r, rh->status, rh);
     if (!shown)
-        return MP_EINVAL;
+        return mp_err_hook;
     r->status = shown;
     if (mp_buf_acquire(&c->out, &c->ctx->bufs) != 0 || mp_head_response(r, rh, &c->out) != 0)
-        return MP_ENOMEM;
+        return mp_err_invalid;
     u->in.start += (uint32_t)rh->head_len;
     r->resp_ready = r->resp_scan = u->in.start;
     r->resp_head_done = 1;
-    return 0;
+    return NULL;
 }
 
 /* Parses the response head from u->in; 1xx interim responses are dropped
- * (Expect is answered here, and Upgrade is not forwarded). Returns 1 when
- * the head is complete, 0 for more bytes, or an up_err. */
-static int parse_response_head(mp_req_t *r)
+ * (Expect is answered here, and Upgrade is not forwarded). Returns NULL
+ * when there is no failure (the head is complete once r->resp_head_done is
+ * set, else more bytes are needed) or the failure's mp_err_*. */
+static const char *parse_response_head(mp_req_t *r)
 {
     mp_upconn_t *u = r->up;
     static __thread mp_http_response_t rh;
     for (;;) {
         int rc = mp_http1_parse_response(mp_buf_head(&u->in), mp_buf_len(&u->in), &u->scanned, u->in.cap, &rh);
         if (rc == MP_EAGAIN)
-            return mp_buf_room(&u->in) ? 0 : -(int)UE_INVALID - 1;
+            return mp_buf_room(&u->in) ? NULL : mp_err_invalid;
         if (rc < 0) {
             mp_env_log(r->env, MP_LOG_DEBUG, "invalid upstream response: %s", rh.error ? rh.error : "?");
-            return -(int)UE_INVALID - 1;
+            return mp_err_invalid;
         }
         if (rh.status >= 100 && rh.status < 200) {
             if (rh.status == 101)
-                return -(int)UE_INVALID - 1;
+                return mp_err_invalid;
             u->in.start += (uint32_t)rh.head_len;
             u->scanned = 0;
             continue;
         }
-        rc = begin_response(r, &rh);
-        if (rc == MP_EINVAL)
-            return -(int)UE_HOOK - 1;
-        return rc == 0 ? 1 : -(int)UE_INVALID - 1;
+        return begin_response(r, &rh);
     }
 }
 
@@ -703,7 +697,7 @@ static void upstream_readable(mp_req_t *r)
         return sync_events(r);
     if (n <= 0) {
         if (!r->resp_head_done)
-            return up_error(r, UE_RESET);
+            return up_error(r, mp_err_reset);
         if (r->resp.kind == MP_BODY_CLOSE) {
             r->resp.done = 1;
             return pump_response(r);
@@ -713,15 +707,15 @@ static void upstream_readable(mp_req_t *r)
     }
     u->in.end += (uint32_t)n;
     if (!r->resp_head_done) {
-        int rc = parse_response_head(r);
-        if (rc == 0)
-            return sync_events(r);
-        if (rc == -(int)UE_HOOK - 1) {
+        const char *err = parse_response_head(r);
+        if (err == mp_err_hook) {
             mp_upstream_cancel(r);
             return client_fail(r, 500);
         }
-        if (rc < 0)
-            return up_error(r, (enum up_err)(-rc - 1));
+        if (err)
+            return up_error(r, err);
+        if (!r->resp_head_done)
+            return sync_events(r);
     }
     pump_response(r);
 }
@@ -730,7 +724,7 @@ static void on_connected(mp_req_t *r)
 {
     mp_upconn_t *u = r->up;
     if (mp_io_connect_result(&u->sock) != 0)
-        return up_error(r, UE_CONNECT);
+        return up_error(r, mp_err_connect);
     MP_ASSERT(u->state == MP_UP_CONNECTING);
     u->state = MP_UP_ACTIVE;
     pump_request(r);
@@ -763,12 +757,12 @@ static void on_up_timer(struct ev_loop *loop, ev_timer *t, int revents)
     if (!r)
         return mp_pool_idle_event(u);
     if (u->state == MP_UP_CONNECTING)
-        return up_error(r, UE_CONNECT_TIMEOUT);
+        return up_error(r, mp_err_connect_timeout);
     if (r->resp_started) {
         mp_env_log(r->env, MP_LOG_WARN, "request %.*s: upstream read timed out mid-response", r->id_len, r->id);
         return client_abort(r);
     }
-    up_error(r, (u->io.events & EV_WRITE) ? UE_SEND_TIMEOUT : UE_READ_TIMEOUT);
+    up_error(r, (u->io.events & EV_WRITE) ? mp_err_send_timeout : mp_err_read_timeout);
 }
 
 static void client_readable(mp_req_t *r)
