@@ -436,6 +436,7 @@ static void request_done(mp_conn_t *c)
     }
     mp_buf_release(&c->side.in, &ctx->bufs);
     idle_enter(c);
+    ctx->room_freed = 1; /* it can be reclaimed for one waiting at max_connections */
     conn_want(c, EV_READ);
     conn_timer(c, ctx->cfg->settings.keepalive_timeout);
 }
@@ -604,6 +605,7 @@ void mp_conn_close(mp_conn_t *c)
     unlink_conn(&ctx->conns, c);
     link_conn(&ctx->graveyard, c);
     ctx->nconns--;
+    ctx->room_freed = 1;
     mp_metrics_add(&ctx->metrics.conns, -1);
 }
 

@@ -34,6 +34,8 @@ typedef struct mp_io_ctx {
     int stopping;                   /* draining: no keep-alive, no pooling, close idle connections */
     mp_conn_t *conns;               /* every open client connection (doubly linked) */
     unsigned nconns;                /* how many: max_connections is checked against it */
+    int room_freed;                 /* a connection closed or went idle since the worker last looked:
+                                     * accept, paused at max_connections, may resume */
     mp_conn_t *idle_newest;         /* keep-alive connections between requests (LRU), newest end */
     mp_conn_t *idle_oldest;         /* ... and oldest end (reclaimed first) */
     mp_conn_t *graveyard;           /* closed client connections, freed before the next poll (mp_conn_reap) */

@@ -98,8 +98,9 @@ static int64_t monotonic_ms(void)
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-int mp_log_limited(mp_log_limit_t *lim, int level, const char *fmt, ...)
+int mp_log_limit_claim(mp_log_limit_t *lim, int level, char *suffix, size_t n)
 {
+    suffix[0] = '\0';
     if (level < mp_log_level && !capture_fn)
         return 0;
     int64_t now = monotonic_ms(), next = atomic_load(&lim->next_ms);
@@ -109,9 +110,16 @@ int mp_log_limited(mp_log_limit_t *lim, int level, const char *fmt, ...)
         return 0;
     }
     uint64_t dropped = atomic_exchange(&lim->suppressed, 0);
-    char suffix[64] = "";
     if (dropped)
-        snprintf(suffix, sizeof(suffix), " (%llu more suppressed)", (unsigned long long)dropped);
+        snprintf(suffix, n, " (%llu more suppressed)", (unsigned long long)dropped);
+    return 1;
+}
+
+int mp_log_limited(mp_log_limit_t *lim, int level, const char *fmt, ...)
+{
+    char suffix[64];
+    if (!mp_log_limit_claim(lim, level, suffix, sizeof(suffix)))
+        return 0;
     va_list ap;
     va_start(ap, fmt);
     log_v(level, suffix, fmt, ap);

@@ -36,6 +36,13 @@ typedef struct {
  * were dropped) or counts it as suppressed. Returns 1 when written. */
 int mp_log_limited(mp_log_limit_t *lim, int level, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
+/* The check of mp_log_limited alone, for a caller that formats its line
+ * itself: 1 when this line is to be written (suffix then holds " (N more
+ * suppressed)" or ""), 0 when it is dropped (below the level and not
+ * captured, or counted as suppressed). Nothing is formatted for a dropped
+ * line. */
+int mp_log_limit_claim(mp_log_limit_t *lim, int level, char *suffix, size_t n);
+
 #define mp_log_debug(...) (mp_log_level <= MP_LOG_DEBUG ? mp_log(MP_LOG_DEBUG, __VA_ARGS__) : (void)0)
 #define mp_log_info(...) (mp_log_level <= MP_LOG_INFO ? mp_log(MP_LOG_INFO, __VA_ARGS__) : (void)0)
 #define mp_log_warn(...) mp_log(MP_LOG_WARN, __VA_ARGS__)

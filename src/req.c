@@ -67,7 +67,10 @@ void mp_req_env_limits(mp_req_env_t *e, size_t max_uri_size, size_t max_header_s
 
 static int vlog(mp_log_limit_t *lim, const mp_req_env_t *e, const mp_req_t *r, int level, const char *fmt, va_list ap)
 {
-    if (!MP_LOG_WANTED(level)) /* the _limited ones: as mp_log_debug and mp_log_info, not even formatted */
+    char suffix[64] = "";
+    /* a dropped line is not even formatted: below the level (as mp_log_debug
+     * and mp_log_info), or rate-limited (the check comes first) */
+    if (lim ? !mp_log_limit_claim(lim, level, suffix, sizeof(suffix)) : !MP_LOG_WANTED(level))
         return 0;
     char msg[1024];
     size_t n = e->id >= 0 ? (size_t)snprintf(msg, sizeof(msg), "w%d: ", e->id) : 0;
@@ -76,9 +79,7 @@ static int vlog(mp_log_limit_t *lim, const mp_req_env_t *e, const mp_req_t *r, i
         n = n + (size_t)k < sizeof(msg) ? n + (size_t)k : sizeof(msg) - 1;
     if (r && n < sizeof(msg) - 1)
         snprintf(msg + n, sizeof(msg) - n, " (request %.*s)", r->id_len, r->id);
-    if (lim)
-        return mp_log_limited(lim, level, "%s", msg);
-    mp_log(level, "%s", msg);
+    mp_log(level, "%s%s", msg, suffix);
     return 1;
 }
 

@@ -539,8 +539,13 @@ static const char *begin_response(mp_req_t *r, const mp_http_response_t *rh)
     if (!shown)
         return mp_err_hook;
     r->status = shown;
-    if (mp_buf_acquire(&c->out, &c->ctx->bufs) != 0 || mp_head_response(r, rh, &c->out) != 0)
+    if (mp_buf_acquire(&c->out, &c->ctx->bufs) != 0)
         return mp_err_invalid;
+    uint32_t mark = c->out.end; /* a head that does not fit leaves nothing behind (a 100 Continue stays) */
+    if (mp_head_response(r, rh, &c->out) != 0) {
+        c->out.end = mark;
+        return mp_err_invalid;
+    }
     u->in.start += (uint32_t)rh->head_len;
     r->resp_ready = r->resp_scan = u->in.start;
     r->resp_head_done = 1;
@@ -741,7 +746,8 @@ static void on_up_io(struct ev_loop *loop, ev_io *io, int revents)
         return on_connected(r);
     if (revents & EV_WRITE) {
         pump_request(r);
-        if (r->up != u || mp_client_side(r)->closed)
+        /* it may have ended the request (and freed r): u outlives this turn */
+        if (u->req != r || r->up != u || mp_client_side(r)->closed)
             return;
     }
     if ((revents & EV_READ) && u->state == MP_UP_ACTIVE)

@@ -182,9 +182,9 @@ static void on_prepare(struct ev_loop *loop, ev_prepare *p, int revents)
     mp_conn_reap(&w->io);
     mp_upconn_reap(&w->io);
     /* a connection closed or went idle at the cap: one waiting may take its place */
-    if (w->listen.paused && !w->io.stopping &&
-        (w->io.nconns < (unsigned)w->io.cfg->settings.max_connections || w->io.idle_oldest))
+    if (w->io.room_freed && w->listen.paused && !w->io.stopping)
         mp_worker_accept_pause(w, 0);
+    w->io.room_freed = 0;
     if (atomic_load(&w->stuck) == 1)
         unstick(w);
     if (w->io.stopping && w->io.nconns == 0)
