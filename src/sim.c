@@ -236,10 +236,8 @@ static double real_now(void)
 static void on_budget(lua_State *L, lua_Debug *ar)
 {
     (void)ar;
-    if (real_now() > budget_end) {
-        lua_pushfstring(L, "stopped: the hook ran longer than hook_timeout (%fs)", budget_len);
-        lua_error(L);
-    }
+    if (real_now() > budget_end)
+        mp_vm_overran(L, budget_len);
 }
 
 /* Enters (on) or leaves a call of the simulator: the clock pin, the log

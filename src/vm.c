@@ -278,6 +278,13 @@ static budget_t *budget_of(lua_State *L)
     return lua_getallocf(L, &ud) == vm_alloc ? ud : NULL;
 }
 
+void mp_vm_overran(lua_State *L, double hook_timeout)
+{
+    lua_pushfstring(L, "stopped: the hook ran longer than hook_timeout (%fs)", hook_timeout);
+    lua_error(L);
+    __builtin_unreachable(); /* lua_error does not return */
+}
+
 void mp_vm_rehook(lua_State *L)
 {
     budget_t *b = budget_of(L);

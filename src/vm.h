@@ -34,6 +34,11 @@ int mp_vm_set_memory(lua_State *L, size_t limit);
  * passed (it must still raise), else clears the hooks. */
 void mp_vm_rehook(lua_State *L);
 
+/* Raises, in the hook running in L, the error that stops a hook that ran
+ * longer than hook_timeout seconds: the worker's watchdog and the
+ * simulator's budget (each with its own clock) say the same. */
+void mp_vm_overran(lua_State *L, double hook_timeout) __attribute__((noreturn));
+
 /* Bytes L's allocator holds now. */
 size_t mp_vm_memory(lua_State *L);
 

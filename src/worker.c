@@ -224,8 +224,7 @@ static void on_budget(lua_State *L, lua_Debug *ar)
     double since = w && w->lua_vm ? w->lua_since : 0;
     if (since > 0 && ev_time() - since > w->io.cfg->settings.hook_timeout) {
         lua_sethook(L, on_budget, LUA_MASKCOUNT, 1);
-        lua_pushfstring(L, "stopped: the hook ran longer than hook_timeout (%fs)", w->io.cfg->settings.hook_timeout);
-        lua_error(L);
+        mp_vm_overran(L, w->io.cfg->settings.hook_timeout);
     }
     mp_vm_rehook(L); /* it may have replaced lua_memory's hook */
 }
