@@ -111,8 +111,8 @@ int mp_conn_reclaim_idle(mp_io_ctx_t *ctx)
     if (!c || i == RECLAIM_SCAN)
         return 0;
     static mp_log_limit_t lim;
-    mp_log_limited(&lim, MP_LOG_INFO, "w%d: max_connections (%d) reached: closing the oldest idle connection",
-                   ctx->env.id, ctx->cfg->settings.max_connections);
+    mp_env_log_limited(&lim, &ctx->env, MP_LOG_INFO, "max_connections (%d) reached: closing the oldest idle connection",
+                       ctx->cfg->settings.max_connections);
     mp_conn_close(c);
     return 1;
 }
@@ -310,8 +310,8 @@ static void on_timer(struct ev_loop *loop, ev_timer *t, int revents)
                 return mp_conn_close(c);
             c->side.req->keepalive = 0;
             c->side.req->body.done = 1;
-            mp_log_info("w%d: client_header_timeout: 408 to a client that sent %u bytes", c->side.ctx->env.id,
-                        (unsigned)c->side.in.end);
+            mp_env_log(&c->side.ctx->env, MP_LOG_INFO, "client_header_timeout: 408 to a client that sent %u bytes",
+                       (unsigned)c->side.in.end);
             return conn_fail(c, 408);
         }
         return mp_conn_close(c);

@@ -88,8 +88,8 @@ static void back_off(mp_listeners_t *ls, const char *why)
     static mp_log_limit_t lim;
     if (ls->ctx->stopping)
         return; /* mp_listener_close's last accepts: the sockets close, and the timer may be running */
-    mp_log_limited(&lim, MP_LOG_WARN, "w%d: accept: %s: not accepting for %.0f ms", ls->ctx->env.id, why,
-                   BACKOFF_SECONDS * 1000);
+    mp_env_log_limited(&lim, &ls->ctx->env, MP_LOG_WARN, "accept: %s: not accepting for %.0f ms", why,
+                       BACKOFF_SECONDS * 1000);
     ls->backoff = 1;
     mp_listener_sync(ls);
     ev_timer_set(&ls->retry, BACKOFF_SECONDS, 0);

@@ -44,7 +44,7 @@ static void gen_unreferenced(mp_gen_t *g)
             *p = g->next;
             break;
         }
-    mp_log_debug("w%d: generation %llu freed", w->id, (unsigned long long)g->id);
+    mp_env_log(&w->io.env, MP_LOG_DEBUG, "generation %llu freed", (unsigned long long)g->id);
     gen_free(w, g);
 }
 
@@ -96,8 +96,9 @@ static void expire_generations(mp_worker_t *w)
         MP_ASSERT(g->state == MP_GEN_RETIRED && g->refs > 0);
         if (now - g->retired_at < limit)
             continue;
-        mp_log_warn("w%d: generation %llu still has requests after reload_drain_timeout (%gs): closing them", w->id,
-                    (unsigned long long)g->id, limit);
+        mp_env_log(&w->io.env, MP_LOG_WARN,
+                   "generation %llu still has requests after reload_drain_timeout (%gs): closing them",
+                   (unsigned long long)g->id, limit);
         g->retired_at = now; /* once per period: closing frees g when the last goes */
         mp_conn_t *next;
         for (mp_conn_t *c = w->io.conns; c; c = next) {
@@ -140,11 +141,11 @@ static void take_handover(mp_worker_t *w)
         return;
     MP_ASSERT(id > w->installed);
     if (mp_worker_install(w, id, L, cfg) != 0) {
-        mp_log_error("w%d: out of memory installing generation %llu", w->id, (unsigned long long)id);
+        mp_env_log(&w->io.env, MP_LOG_ERROR, "out of memory installing generation %llu", (unsigned long long)id);
         return;
     }
     w->installed = id;
-    mp_log_debug("w%d: now on generation %llu", w->id, (unsigned long long)id);
+    mp_env_log(&w->io.env, MP_LOG_DEBUG, "now on generation %llu", (unsigned long long)id);
     if (w->main_ack)
         ev_async_send(w->main_loop, w->main_ack);
 }
@@ -198,8 +199,9 @@ void mp_worker_accept_pause(mp_worker_t *w, int on)
     w->listen.paused = on;
     static mp_log_limit_t lim;
     if (on)
-        mp_log_limited(&lim, MP_LOG_WARN, "w%d: max_connections (%d) reached, none idle: not accepting for now", w->id,
-                       w->io.cfg->settings.max_connections);
+        mp_env_log_limited(&lim, &w->io.env, MP_LOG_WARN,
+                           "max_connections (%d) reached, none idle: not accepting for now",
+                           w->io.cfg->settings.max_connections);
     mp_listener_sync(&w->listen);
 }
 
@@ -235,10 +237,10 @@ static void on_budget(lua_State *L, lua_Debug *ar)
 static void mark_stuck(mp_worker_t *w, double seconds)
 {
     atomic_store(&w->stuck, 1);
-    mp_log_error(
-        "w%d: a hook has run for %.1fs and cannot be interrupted (LuaJIT-compiled code and C calls do "
-        "not run count hooks); the worker stops accepting new connections until it returns",
-        w->id, seconds);
+    mp_env_log(&w->io.env, MP_LOG_ERROR,
+               "a hook has run for %.1fs and cannot be interrupted (LuaJIT-compiled code and C calls do "
+               "not run count hooks); the worker stops accepting new connections until it returns",
+               seconds);
     for (size_t k = 0; k < w->listen.n; k++)
         if (w->listen.v[k].fd >= 0)
             shutdown(w->listen.v[k].fd, SHUT_RD);
@@ -271,10 +273,11 @@ static void unstick(mp_worker_t *w)
     pthread_mutex_lock(&w->vm_lock);
     if (mp_listener_relisten(&w->listen) == 0) {
         atomic_store(&w->stuck, 0);
-        mp_log_warn("w%d: the stuck hook returned; accepting new connections again", w->id);
+        mp_env_log(&w->io.env, MP_LOG_WARN, "the stuck hook returned; accepting new connections again");
     } else {
         atomic_store(&w->stuck, 2);
-        mp_log_error("w%d: the stuck hook returned but its sockets cannot listen again: %s", w->id, strerror(errno));
+        mp_env_log(&w->io.env, MP_LOG_ERROR, "the stuck hook returned but its sockets cannot listen again: %s",
+                   strerror(errno));
     }
     pthread_mutex_unlock(&w->vm_lock);
     mp_listener_sync(&w->listen);
