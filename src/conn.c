@@ -161,7 +161,7 @@ static mp_req_t *req_new(mp_conn_t *c)
         return NULL;
     }
     mp_req_reset(r, &ctx->env, mp_gen_ref(ctx->gen), (const struct sockaddr *)&c->peer, ev_now(ctx->loop));
-    r->conn = c;
+    r->client = &c->side;
     return r;
 }
 

@@ -22,7 +22,7 @@ enum mp_conn_state {
 };
 
 struct mp_conn {
-    mp_client_side_t side; /* first (r->conn is read as one by upstream.c): ctx, fd, in, out, req, closed, read_eof */
+    mp_client_side_t side; /* what upstream.c sees of it (r->client): ctx, socket, in, out, req, closed, read_eof */
     uint8_t state;         /* mp_conn_state */
     ev_io io;
     ev_timer timer;
@@ -32,8 +32,6 @@ struct mp_conn {
     mp_conn_t *prev, *next;           /* ctx->conns, or ctx->graveyard */
     mp_conn_t *idle_prev, *idle_next; /* ctx's idle LRU while MP_CS_IDLE (prev: newer) */
 };
-
-_Static_assert(offsetof(struct mp_conn, side) == 0, "upstream.c reads r->conn as its mp_client_side_t");
 
 /* Takes ownership of an accepted, non-blocking fd. */
 void mp_conn_accept(mp_io_ctx_t *ctx, int fd, const struct sockaddr *peer);

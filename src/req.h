@@ -22,7 +22,7 @@
 #include <string.h>
 
 typedef struct mp_balancer_s mp_balancer_t;
-struct mp_conn;
+struct mp_client_side;
 struct mp_upconn;
 struct mp_peer;
 struct mp_lbox;
@@ -78,11 +78,11 @@ typedef struct {
 
 /* One request, from its head to the end of its response. Lives in the
  * worker while the connection serves it (or in the simulator); the head's
- * slices point into conn->in (sim: its copy of the bytes), which stays pinned
+ * slices point into client->in (sim: its copy of the bytes), which stays pinned
  * at [0, head_len) until the request ends. */
 typedef struct mp_req {
-    struct mp_conn *conn;               /* the client connection (opaque here: only L3 code dereferences it), or NULL */
-    mp_req_env_t *env;                  /* the thread running it: buffers, rng, limits, clock, log prefix */
+    struct mp_client_side *client; /* the client side of its connection (upstream.h: only L3 code looks in), or NULL */
+    mp_req_env_t *env;             /* the thread running it: buffers, rng, limits, clock, log prefix */
     const struct sockaddr *client_addr; /* the peer (v4, or v6 which may be v4-mapped); lives as long as r */
     mp_gen_t *gen;                      /* the configuration generation it runs on (pinned) */
     struct mp_upconn *up;               /* the upstream connection in use, or NULL */
@@ -93,8 +93,8 @@ typedef struct mp_req {
     int tries;           /* connection attempts that counted against retries */
     mp_framing_t body;   /* request body, client → upstream */
     mp_framing_t resp;   /* response body, upstream → client */
-    uint32_t body_start; /* offset in conn->in where the request body begins */
-    uint32_t body_ready; /* conn->in [in.start, body_ready): body bytes to forward (chunked: decoded) */
+    uint32_t body_start; /* offset in client->in where the request body begins */
+    uint32_t body_ready; /* client->in [in.start, body_ready): body bytes to forward (chunked: decoded) */
     uint32_t resp_scan;  /* up->in: response bytes whose framing was checked */
     uint32_t resp_ready; /* up->in [in.start, resp_ready): body bytes to send the client */
     int status;          /* response status sent (or to send) to the client */
@@ -129,7 +129,7 @@ typedef struct mp_req {
     unsigned keepalive : 1;       /* keep the client connection after this response */
     unsigned is_head : 1;         /* HEAD request */
     unsigned trusted_peer : 1;    /* the peer is one of trusted_proxies */
-    unsigned body_replayable : 1; /* every body byte is still in conn->in */
+    unsigned body_replayable : 1; /* every body byte is still in client->in */
     unsigned head_sent : 1;       /* the upstream request head was written */
     unsigned resp_started : 1;    /* a response byte reached the client */
     unsigned resp_head_done : 1;  /* the upstream response head was parsed */

@@ -23,9 +23,9 @@ typedef struct {
     void (*timer)(void *arg, double seconds); /* arms the client's timer (ev_timer_again); 0 stops it */
 } mp_exchange_ops_t;
 
-/* What the exchange reads and writes of the client connection. It is the
- * first member of the connection r->conn points to (conn.h asserts it), so
- * that this layer reaches it without the connection's type. */
+/* What the exchange reads and writes of the client connection: part of it
+ * (mp_conn_t.side), reached through r->client without the connection's
+ * type. */
 typedef struct mp_client_side {
     mp_io_ctx_t *ctx;             /* the thread's I/O context (ctx.h) */
     mp_io_t sock;                 /* the client socket: body bytes read, response written */
@@ -41,7 +41,7 @@ typedef struct mp_client_side {
 /* The client side of the connection serving r. */
 static inline mp_client_side_t *mp_client_side(mp_req_t *r)
 {
-    return (mp_client_side_t *)(void *)r->conn;
+    return r->client;
 }
 
 /* Starts forwarding r (routed to r->upstream). Ends in ops->done, or
