@@ -141,12 +141,32 @@ function _M.listen(t)
   state.listen[#state.listen + 1] = l
 end
 
+local admin_spec = { addr = schema.listen_addr, token = schema.string }
+
+-- Whether a listen address can be reached from this machine only.
+local function loopback(addr)
+  local host = addr:match("^%[(.*)%]:%d+$") or addr:match("^(.*):%d+$")
+  return host == "localhost" or host == "::1" or (host:match("^127%.%d+%.%d+%.%d+$") ~= nil)
+end
+
+-- The admin port (SPEC "Admin access"): with a token every endpoint but
+-- /live and /ready needs Authorization: Bearer; one reachable from other
+-- machines must have one.
 function _M.admin(t)
   local src = where()
   if state.admin then
     fail(src, "admin: already declared at %s (there is one admin port)", state.admin.src)
   end
-  state.admin = listener(t, "admin", src)
+  local a = check(type(t) == "string" and { addr = t } or t, admin_spec, "admin", src)
+  if not a.addr then
+    fail(src, 'admin: needs addr = "host:port"')
+  end
+  if not a.token and not loopback(a.addr) then
+    fail(src, "admin: %s is not a loopback address: it needs a token (token = os.getenv(\"MOONPROXY_ADMIN_TOKEN\"))",
+      a.addr)
+  end
+  a.src = src
+  state.admin = a
 end
 
 -- settings ---------------------------------------------------------------------

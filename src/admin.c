@@ -106,18 +106,24 @@ static void flush(admin_conn_t *c)
     close_conn(c);
 }
 
-static void respond(admin_conn_t *c, int status, const char *type, const char *body, size_t len)
+/* The response, with extra header lines (each ending in CRLF, or ""). */
+static void respond_with(admin_conn_t *c, int status, const char *extra, const char *type, const char *body, size_t len)
 {
-    size_t cap = len + 256;
+    size_t cap = len + strlen(extra) + 256;
     c->out = malloc(cap);
     if (!c->out)
         return close_conn(c);
     int n = snprintf(c->out, cap,
-                     "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n", status,
-                     mp_http1_reason(status), type, len);
+                     "HTTP/1.1 %d %s\r\n%sContent-Type: %s\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n", status,
+                     mp_http1_reason(status), extra, type, len);
     memcpy(c->out + n, body, len);
     c->out_len = (size_t)n + len;
     flush(c);
+}
+
+static void respond(admin_conn_t *c, int status, const char *type, const char *body, size_t len)
+{
+    respond_with(c, status, "", type, body, len);
 }
 
 static void respond_json(admin_conn_t *c, int status, mp_strbuf_t *b)
@@ -306,11 +312,11 @@ static void own_hosts(mp_admin_t *a, const mp_addr_t *addr)
  * scripted requests; DNS rebinding shows as a Host naming another site.
  * /live and /ready (probe) skip the Host check: orchestrators probe them
  * by the pod's address. A request without Host (HTTP/1.0) is no browser's. */
-static int from_browser(const mp_admin_t *a, const mp_http_request_t *h, int probe)
+static int from_browser(const mp_admin_t *a, const mp_http_request_t *h, int probe, int token)
 {
     if (mp_http1_find(h->headers, h->nheaders, "origin", 6) >= 0)
         return 1;
-    if (probe || h->host.len == 0)
+    if (probe || token || h->host.len == 0) /* a browser cannot send the token: no Host check needed then */
         return 0;
     for (int i = 0; i < ADMIN_HOSTS; i++)
         if (a->hosts[i][0] && mp_slice_ieq(h->host, a->hosts[i], strlen(a->hosts[i])))
@@ -318,13 +324,40 @@ static int from_browser(const mp_admin_t *a, const mp_http_request_t *h, int pro
     return 1;
 }
 
+/* Whether h carries "Authorization: Bearer <token>". The comparison takes
+ * the same time whatever the bytes (a wrong guess says nothing of how much
+ * of it was right). */
+static int bearer_ok(const mp_http_request_t *h, const char *token)
+{
+    int i = mp_http1_find(h->headers, h->nheaders, "authorization", 13);
+    if (i < 0)
+        return 0;
+    mp_slice v = h->headers[i].value;
+    if (v.len < 7 || !mp_slice_ieq((mp_slice){v.p, 7}, "bearer ", 7))
+        return 0;
+    v.p += 7;
+    v.len -= 7;
+    while (v.len && v.p[0] == ' ')
+        v.p++, v.len--;
+    size_t n = strlen(token);
+    unsigned char d = v.len != n;
+    for (size_t k = 0; k < v.len; k++)
+        d |= (unsigned char)(v.p[k] ^ token[k % n]);
+    return d == 0;
+}
+
 static void route(admin_conn_t *c, const mp_http_request_t *h)
 {
     int get = MP_SLICE_IEQ(h->method, "get") || MP_SLICE_IEQ(h->method, "head");
     int post = MP_SLICE_IEQ(h->method, "post");
     mp_slice p = h->path;
-    if (from_browser(c->a, h, MP_SLICE_IEQ(p, "/live") || MP_SLICE_IEQ(p, "/ready")))
+    int probe = MP_SLICE_IEQ(p, "/live") || MP_SLICE_IEQ(p, "/ready");
+    const char *token = mp_reloader_config(c->a->rl)->admin_token; /* the current configuration's */
+    if (from_browser(c->a, h, probe, token != NULL))
         return respond(c, 403, "text/plain", "forbidden: Origin, or a Host that is not the admin address\n", 59);
+    if (token && !probe && !bearer_ok(h, token))
+        return respond_with(c, 401, "WWW-Authenticate: Bearer realm=\"moonproxy admin\"\r\n", "text/plain",
+                            "unauthorized: Authorization: Bearer <token>\n", 44);
     if (MP_SLICE_IEQ(p, "/live")) {
         if (!get)
             return respond(c, 405, "text/plain", "GET\n", 4);

@@ -396,7 +396,9 @@ static void build_listeners(lua_State *L, mp_config_t *cfg)
 
     if (get_table(L, 1, "admin", NULL, "config")) {
         cfg->admin = xcalloc(L, 1, sizeof(*cfg->admin));
-        build_addr(L, cfg->admin, "addr", get_str(L, -1, "src", NULL, "admin"), "admin", 1);
+        const char *src = get_str(L, -1, "src", NULL, "admin");
+        build_addr(L, cfg->admin, "addr", src, "admin", 1);
+        cfg->admin_token = xstrdup(L, get_str(L, -1, "token", src, "admin"));
         lua_pop(L, 1);
     }
 }
@@ -921,6 +923,7 @@ void mp_config_free(mp_config_t *cfg)
     if (cfg->admin)
         addr_dispose(cfg->admin);
     free(cfg->admin);
+    free(cfg->admin_token);
     free(cfg->settings.trusted);
     free(cfg->settings.access_log);
     if (cfg->router)

@@ -108,7 +108,8 @@ typedef struct mp_config {
     mp_settings_t settings;
     mp_addr_t *listens;
     size_t nlistens;
-    mp_addr_t *admin; /* NULL when no admin port */
+    mp_addr_t *admin;  /* NULL when no admin port */
+    char *admin_token; /* Authorization: Bearer on the admin port (SPEC "Admin access"), or NULL */
     mp_upstream_def_t *upstreams;
     size_t nupstreams;
     mp_router_t *router;           /* route targets are indexes into upstreams; -1 for handler routes */

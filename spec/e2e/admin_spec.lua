@@ -143,3 +143,79 @@ proxy.route { prefix = "/", handler = function(req) return req:respond(200, "ok\
         assert.equal(403, configz("localhost:0"))
     end)
 end)
+
+local TOKEN_CONFIG = [=[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}", token = "${token}" }
+proxy.settings { access_log = false }
+proxy.route { prefix = "/", upstream = proxy.upstream "a" { servers = { "${a}" } } }
+]=]
+
+describe("the admin port with a token", function()
+    local a, proxy
+    local TOKEN = "t0k3n-" .. tostring(os.time())
+
+    lazy_setup(function()
+        a = h.start_origin("a")
+        proxy = h.start_proxy { config = TOKEN_CONFIG, vars = { a = a.addr, token = TOKEN }, admin_token = TOKEN }
+        proxy:wait_ready()
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy, a)
+    end)
+
+    local function admin(method, target, headers)
+        local res, err = raw.request(proxy.admin_port, { method = method, target = target, headers = headers,
+            no_host = true, body = method == "POST" and "" or nil }, { timeout = 10 })
+        assert(res, err)
+        return res
+    end
+
+    local function host()
+        return { "Host", "127.0.0.1:" .. proxy.admin_port }
+    end
+
+    it("answers 401 without Authorization: Bearer, on every endpoint but the probes", function()
+        for _, t in ipairs { { "GET", "/configz" }, { "GET", "/metrics" }, { "GET", "/upstreams" },
+            { "POST", "/reload" }, { "POST", "/rollback" }, { "GET", "/nowhere" } } do
+            local res = admin(t[1], t[2], { host() })
+            assert.equal(401, res.status, t[1] .. " " .. t[2])
+            assert.matches("^Bearer", res:header("www-authenticate"))
+        end
+        assert.equal(200, admin("GET", "/live", { host() }).status)
+        assert.equal(200, admin("GET", "/ready", { host() }).status)
+    end)
+
+    it("refuses a wrong token, another scheme, and the token with a byte more or less", function()
+        for _, v in ipairs { "Bearer wrong", "Basic " .. TOKEN, "Bearer " .. TOKEN .. "x",
+            "Bearer " .. TOKEN:sub(1, -2), "Bearer", TOKEN } do
+            assert.equal(401, admin("GET", "/configz", { host(), { "Authorization", v } }).status, v)
+        end
+    end)
+
+    it("serves every endpoint to the token, whatever the Host (a browser cannot send it)", function()
+        local auth = { "Authorization", "Bearer " .. TOKEN }
+        assert.equal(200, admin("GET", "/configz", { host(), auth }).status)
+        assert.equal(200, admin("GET", "/configz", { { "Host", "other.example:1" }, { "authorization", "bearer " .. TOKEN } }).status)
+        assert.equal(200, admin("GET", "/metrics", { { "Host", "10.0.0.1:8085" }, auth }).status)
+        assert.equal(200, admin("POST", "/reload", { host(), auth }).status)
+    end)
+
+    it("still refuses a request with Origin (403), even with the token", function()
+        local res = admin("POST", "/rollback", { host(), { "Authorization", "Bearer " .. TOKEN }, { "Origin", EVIL } })
+        assert.equal(403, res.status)
+    end)
+
+    it("takes a new token on reload, and refuses the old one from then on", function()
+        local NEW = TOKEN .. "-2"
+        proxy:rewrite_config(TOKEN_CONFIG, { token = NEW })
+        local res = assert(proxy:admin("POST", "/reload"))
+        assert.equal(200, res.status)
+        proxy.admin_token = NEW
+        assert.equal(401, admin("GET", "/configz", { host(), { "Authorization", "Bearer " .. TOKEN } }).status)
+        assert.equal(200, admin("GET", "/configz", { host(), { "Authorization", "Bearer " .. NEW } }).status)
+        assert.equal(200, assert(proxy:admin("GET", "/configz")).status)
+    end)
+end)

@@ -436,7 +436,7 @@ function M.start_proxy(opts)
     end
     local p = setmetatable(M.spawn(argv), Proxy)
     p.port, p.conf_path, p.access_log = port, conf, vars.access_log
-    p.admin_port, p.vars = admin_port, vars
+    p.admin_port, p.vars, p.admin_token = admin_port, vars, opts.admin_token
     p.url = "http://127.0.0.1:" .. port
     if opts.wait ~= false then wait_listening(p, port, 10, "moonproxy") end
     return p
@@ -511,8 +511,9 @@ end
 -- JSON), or nil, err.
 function Proxy:admin(method, path, opts)
     assert(self.admin_port, "this proxy was started with its own ${admin} address")
-    local res, err = raw.request(self.admin_port, { method = method, target = path,
-        headers = { { "Host", "localhost:" .. self.admin_port } }, -- the admin port refuses any other name
+    local headers = { { "Host", "localhost:" .. self.admin_port } } -- the admin port refuses any other name
+    if self.admin_token then headers[2] = { "Authorization", "Bearer " .. self.admin_token } end
+    local res, err = raw.request(self.admin_port, { method = method, target = path, headers = headers,
         body = (method == "POST" or method == "PUT") and "" or nil }, opts or { timeout = 10 })
     if not res then return nil, err end
     local ok, doc = pcall(cjson.decode, res.body or "")

@@ -367,6 +367,21 @@ describe("load_config() errors", function()
     fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "300.1.1.1:80" } }' }, 3, "numeric IP address")
   end)
 
+  it("refuses an admin port other machines can reach without a token", function()
+    fails_at({ LISTEN, 'proxy.admin "0.0.0.0:8085"' }, 3, "admin: 0.0.0.0:8085 is not a loopback address: it needs a token")
+    fails_at({ LISTEN, 'proxy.admin "*:8085"' }, 3, "admin: *:8085 is not a loopback address")
+    fails_at({ LISTEN, 'proxy.admin { addr = "[::]:8085" }' }, 3, "is not a loopback address")
+    fails_at({ LISTEN, 'proxy.admin { addr = "10.1.2.3:8085" }' }, 3, "is not a loopback address")
+    fails_at({ LISTEN, 'proxy.admin { addr = "0.0.0.0:8085", token = "" }' }, 3, "admin: token must be a non-empty string")
+    fails_at({ LISTEN, 'proxy.admin { addr = "127.0.0.1:8085", token = 42 }' }, 3, "admin: token must be")
+    for _, addr in ipairs { "0.0.0.0:8085", "*:8085", "[::]:8085" } do
+      assert.equal(addr, ok({ LISTEN, 'proxy.admin { addr = "' .. addr .. '", token = "s3cret" }' }).admin)
+    end
+    for _, addr in ipairs { "127.0.0.1:8085", "127.9.9.9:8085", "[::1]:8085", "localhost:8085" } do
+      assert.equal(addr, ok({ LISTEN, 'proxy.admin "' .. addr .. '"' }).admin)
+    end
+  end)
+
   it("refuses a listener declared twice and an admin port on a listener", function()
     fails_at({ LISTEN, LISTEN }, 3, "listen: 127.0.0.1:8080 is already declared at")
     fails_at({ LISTEN, 'proxy.admin "127.0.0.1:8080"' }, 3, "admin: 127.0.0.1:8080 is also a listener")
