@@ -16,15 +16,19 @@ proxy.route { prefix = "/", upstream = proxy.upstream "a" { servers = { "${a}" }
 
 local EVIL = "http://evil.example"
 
+-- One request to proxy's admin port with these header pairs (Host only when given).
+local function admin_request(proxy, method, target, headers)
+    local res, err = raw.request(proxy.admin_port, { method = method, target = target, headers = headers,
+        no_host = true, body = method == "POST" and "" or nil }, { timeout = 10 })
+    assert(res, err)
+    return res
+end
+
 describe("the admin port against browsers", function()
     local a, proxy
 
-    -- One admin request with these header pairs (Host only when given).
     local function admin(method, target, headers)
-        local res, err = raw.request(proxy.admin_port, { method = method, target = target, headers = headers,
-            no_host = true, body = method == "POST" and "" or nil }, { timeout = 10 })
-        assert(res, err)
-        return res
+        return admin_request(proxy, method, target, headers)
     end
 
     local function generation()
@@ -167,10 +171,7 @@ describe("the admin port with a token", function()
     end)
 
     local function admin(method, target, headers)
-        local res, err = raw.request(proxy.admin_port, { method = method, target = target, headers = headers,
-            no_host = true, body = method == "POST" and "" or nil }, { timeout = 10 })
-        assert(res, err)
-        return res
+        return admin_request(proxy, method, target, headers)
     end
 
     local function host()
