@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 # The layer of every file in src/: a name is a part (foo.c + foo.h), a name with
 # its extension is that file alone (req.h is a type, req.c decides).
 LAYERS='
-L0 http1 headers buf strbuf router regex balance health log shdict path reframe util common err
+L0 http1 headers buf strbuf router regex balance health log shdict path reframe util common err tls
 L1 req.h gen.h config.h
 L2 req head l_request balancer gen.c
 L2 config.c vm metrics

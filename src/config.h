@@ -6,6 +6,7 @@
 
 #include "common.h"
 #include "router.h"
+#include "tls.h"
 
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -57,8 +58,10 @@ typedef struct {
     double keepalive_timeout;       /* seconds an idle pooled connection is kept */
     double connect_timeout, send_timeout, read_timeout; /* seconds */
     int retries;
-    char *host; /* NULL: pass the client's Host */
-    char *src;  /* "file:line" */
+    char *host;           /* NULL: pass the client's Host */
+    mp_tls_client_t *tls; /* NULL: plain TCP to the servers (owned) */
+    char *tls_name;       /* SNI and the name verified; NULL: the host of each server's address */
+    char *src;            /* "file:line" */
 } mp_upstream_def_t;
 
 typedef struct {
@@ -108,8 +111,10 @@ typedef struct mp_config {
     mp_settings_t settings;
     mp_addr_t *listens;
     size_t nlistens;
-    mp_addr_t *admin;  /* NULL when no admin port */
-    char *admin_token; /* Authorization: Bearer on the admin port (SPEC "Admin access"), or NULL */
+    mp_tls_server_t **listen_tls; /* by listen index: the listener's TLS, NULL when plain (owned) */
+    mp_addr_t *admin;             /* NULL when no admin port */
+    mp_tls_server_t *admin_tls;   /* the admin port's TLS, or NULL (owned) */
+    char *admin_token;            /* Authorization: Bearer on the admin port (SPEC "Admin access"), or NULL */
     mp_upstream_def_t *upstreams;
     size_t nupstreams;
     mp_router_t *router;           /* route targets are indexes into upstreams; -1 for handler routes */

@@ -1,11 +1,12 @@
 /* io.h: the transport under conn, upstream, pool and probe (L3): read,
  * write, writev, sendfile, peek, shutdown, close and connect over a plain
- * socket, or over a transport that plugs in an ops table (TLS, issue 11).
- * The one place those files touch a socket. */
+ * socket, or over TLS (an OpenSSL session, through an ops table). The one
+ * place those files touch a socket. */
 #ifndef MP_IO_H
 #define MP_IO_H
 
 #include "common.h"
+#include "tls.h"
 
 #include <sys/sendfile.h>
 #include <sys/socket.h>
@@ -34,10 +35,16 @@ typedef struct mp_io_ops {
     void (*close)(mp_io_t *io); /* frees the transport's state; the socket is closed after it */
 } mp_io_ops_t;
 
+/* Directions, the values of libev's EV_READ and EV_WRITE. */
+enum { MP_IO_READ = 1, MP_IO_WRITE = 2 };
+
 struct mp_io {
     int fd;                 /* the socket, -1 once closed; what the ev_io watcher watches */
     const mp_io_ops_t *ops; /* NULL: a plain socket, the calls are the syscalls themselves */
     void *session;          /* the transport's state (an SSL *), NULL when plain */
+    uint8_t read_needs;     /* the socket readiness a blocked read waits for (TLS: MP_IO_WRITE */
+    uint8_t write_needs;    /*   when it must send first), and a blocked write's (MP_IO_READ) */
+    uint8_t handshaking;    /* a TLS handshake is not done yet (mp_io_handshake) */
 };
 
 /* A non-blocking TCP_NODELAY socket to addr, connecting: returns 0 when
@@ -65,6 +72,52 @@ static inline void mp_io_init(mp_io_t *io, int fd)
     io->fd = fd;
     io->ops = NULL;
     io->session = NULL;
+    io->read_needs = MP_IO_READ;
+    io->write_needs = MP_IO_WRITE;
+    io->handshaking = 0;
+}
+
+/* TLS over io (a plain socket so far; the session is owned from now on and
+ * freed by mp_io_close). A server session's handshake runs within the first
+ * reads, or explicitly by mp_io_handshake; a client session's by
+ * mp_io_handshake before the first write. */
+void mp_io_tls(mp_io_t *io, SSL *ssl);
+
+/* Drives the handshake: 0 when it is done, MP_EAGAIN while it waits (for
+ * the socket readiness in read_needs/write_needs, both set alike, so that a
+ * caller waiting for either direction is called back), or MP_EIO when it
+ * failed (the reason: mp_tls_error on io->session). Over a plain socket: 0. */
+int mp_io_handshake(mp_io_t *io);
+
+/* The socket readiness to watch for a caller that wants `events`
+ * (MP_IO_READ | MP_IO_WRITE): a TLS call may need the other direction
+ * first (a read that must write a record, a write that must read one). */
+static inline int mp_io_events(const mp_io_t *io, int events)
+{
+    if (MP_LIKELY(!io->ops))
+        return events;
+    return ((events & MP_IO_READ) ? io->read_needs : 0) | ((events & MP_IO_WRITE) ? io->write_needs : 0);
+}
+
+/* The readiness libev reported, as the caller's directions: readiness a
+ * blocked call waits for counts as its own direction. */
+static inline int mp_io_revents(const mp_io_t *io, int revents)
+{
+    if (MP_LIKELY(!io->ops))
+        return revents;
+    return ((revents & io->read_needs) ? MP_IO_READ : 0) | ((revents & io->write_needs) ? MP_IO_WRITE : 0) |
+           (revents & ~(MP_IO_READ | MP_IO_WRITE));
+}
+
+/* Whether the transport holds bytes that no socket readiness will announce
+ * (TLS records read and not yet returned): a caller that wants to read must
+ * read them without waiting (ev_feed_event). */
+MP_IO_COLD int mp_io_ops_pending(const mp_io_t *io);
+static inline int mp_io_pending(const mp_io_t *io)
+{
+    if (MP_LIKELY(!io->ops))
+        return 0;
+    return mp_io_ops_pending(io);
 }
 
 /* How the connect started by mp_io_connect ended (SO_ERROR): 0 connected,

@@ -84,6 +84,7 @@ typedef struct mp_req {
     struct mp_client_side *client; /* the client side of its connection (upstream.h: only L3 code looks in), or NULL */
     mp_req_env_t *env;             /* the thread running it: buffers, rng, limits, clock, log prefix */
     const struct sockaddr *client_addr; /* the peer (v4, or v6 which may be v4-mapped); lives as long as r */
+    const mp_tls_info_t *tls;           /* the client's TLS session (req.tls, scheme https), NULL when plain */
     mp_gen_t *gen;                      /* the configuration generation it runs on (pinned) */
     struct mp_upconn *up;               /* the upstream connection in use, or NULL */
     mp_http_request_t h;                /* parsed head */

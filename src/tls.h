@@ -1,0 +1,107 @@
+/* tls.h: TLS contexts over OpenSSL 3 (L0: no loop, no socket I/O): the
+ * certificates of a listener (chosen by SNI) with their protocols, ciphers,
+ * client CA and session tickets; an upstream's client context (verify, CA,
+ * client certificate, sessions to resume); and what a finished handshake
+ * tells (mp_tls_info_t). The transport that reads and writes through a
+ * session is io.c's (mp_io_tls). Contexts are built when a configuration
+ * loads (start, -t, reload, the simulator) and are immutable after that; any
+ * thread may make sessions from them. */
+#ifndef MP_TLS_H
+#define MP_TLS_H
+
+#include "common.h"
+
+#include <stddef.h>
+
+typedef struct ssl_st SSL;                 /* <openssl/ssl.h> */
+typedef struct ssl_session_st SSL_SESSION; /* <openssl/ssl.h> */
+
+/* Protocol versions (bits). */
+enum { MP_TLS_V12 = 1, MP_TLS_V13 = 2 };
+
+typedef struct {
+    const char *cert; /* PEM file: the leaf, then its chain */
+    const char *key;  /* PEM private key of the leaf */
+} mp_tls_pair_t;
+
+/* A listener's TLS (SPEC "TLS"). Paths are as the configuration resolved
+ * them (relative to the script's folder already). */
+typedef struct {
+    mp_tls_pair_t def;         /* the default certificate: no SNI, or a name no certificate covers */
+    const mp_tls_pair_t *more; /* more certificates, chosen by SNI against their names */
+    size_t nmore;
+    unsigned protocols;    /* MP_TLS_V12 | MP_TLS_V13 (never 0) */
+    const char *ciphers;   /* OpenSSL cipher list for TLS 1.2, or NULL: the default set */
+    const char *client_ca; /* PEM bundle: clients must present a certificate it signed; NULL: none asked */
+} mp_tls_server_def_t;
+
+typedef struct mp_tls_server mp_tls_server_t;
+
+/* Loads every certificate and key of def and builds the contexts. A file
+ * that is missing or unreadable, a key that does not match its
+ * certificate, a certificate that is expired or not yet valid, an unknown
+ * protocol set or cipher list: NULL with a message in err (no file:line;
+ * the caller adds it), e.g. "certs/site.pem: certificate expired on
+ * 2026-01-01 00:00:00 UTC". */
+mp_tls_server_t *mp_tls_server_new(const mp_tls_server_def_t *def, char *err, size_t errlen);
+
+/* Drops the configuration's hold; sessions made from it keep what they use
+ * (OpenSSL reference counts), so a reload never cuts a connection. NULL: a
+ * no-op. */
+void mp_tls_server_free(mp_tls_server_t *s);
+
+/* A server session for the accepted socket fd (accept state: the handshake
+ * runs within the first reads), or NULL when out of memory. */
+SSL *mp_tls_server_session(mp_tls_server_t *s, int fd);
+
+/* An upstream's TLS (SPEC "TLS": tls = { verify, ca, server_name, cert, key }). */
+typedef struct {
+    int verify;             /* check the server's certificate and name */
+    const char *ca;         /* PEM bundle to verify against; NULL: the system store */
+    const char *cert, *key; /* a client certificate (both or neither) */
+} mp_tls_client_def_t;
+
+typedef struct mp_tls_client mp_tls_client_t;
+
+/* Loads ca and cert/key (the same checks as the server's). NULL with a
+ * message in err. */
+mp_tls_client_t *mp_tls_client_new(const mp_tls_client_def_t *def, char *err, size_t errlen);
+
+void mp_tls_client_free(mp_tls_client_t *c);
+
+/* A client session for the connected socket fd, sending SNI name (unless it
+ * is an IP literal) and, when verifying, checking the certificate against
+ * name (host name or IP address). *slot is where sessions the server hands
+ * out are kept for resumption (one per server and thread: no lock): the
+ * session in it is offered, and a newer one replaces it (the old one is
+ * freed). slot must outlive the session's connection; free it with
+ * mp_tls_session_free. NULL when out of memory. */
+SSL *mp_tls_client_session(mp_tls_client_t *c, int fd, const char *name, SSL_SESSION **slot);
+
+void mp_tls_session_free(SSL_SESSION **slot);
+
+/* What a finished handshake tells, for req.tls and the access log. The
+ * strings live as long as the session (client_subject: until the next call
+ * on the same buffer). */
+typedef struct {
+    const char *version;        /* "TLSv1.3" */
+    const char *cipher;         /* "TLS_AES_128_GCM_SHA256" */
+    const char *sni;            /* the name the client asked for, or NULL */
+    const char *client_subject; /* the client certificate's subject (RFC 2253), or NULL */
+    int resumed;                /* the session was resumed */
+} mp_tls_info_t;
+
+/* Fills info from a session whose handshake is done; client_subject is
+ * written into buf (len bytes, truncated). */
+void mp_tls_info(SSL *ssl, mp_tls_info_t *info, char *buf, size_t len);
+
+/* Why the last failed call on ssl failed, for a log line: the verify
+ * result when the peer's certificate did not verify ("certificate verify
+ * failed: self-signed certificate"), else OpenSSL's error queue (which it
+ * clears), else "connection closed". */
+const char *mp_tls_error(SSL *ssl, char *buf, size_t len);
+
+/* Clears the calling thread's OpenSSL error queue. */
+void mp_tls_clear_errors(void);
+
+#endif
