@@ -45,8 +45,11 @@
 #include <string.h>
 #include <time.h>
 
-/* Session tickets (see the header comment). */
+/* Session tickets (see the header comment). A test build may shorten the
+ * period (-DTICKET_ROTATE_S=2) to see keys retire. */
+#ifndef TICKET_ROTATE_S
 #define TICKET_ROTATE_S 3600
+#endif
 #define TICKET_KEYS 3 /* the current key and the two before it */
 
 /* Mozilla's "intermediate" TLS 1.2 set: forward secrecy, AEAD only. */
@@ -137,12 +140,11 @@ static int check_readable(const char *path, char *err, size_t errlen)
 
 /* ---- certificates ---- */
 
-static int format_asn1_time(const ASN1_TIME *t, char *out, size_t len)
+static void format_asn1_time(const ASN1_TIME *t, char *out, size_t len)
 {
     struct tm tm;
     if (!ASN1_TIME_to_tm(t, &tm) || strftime(out, len, "%Y-%m-%d %H:%M:%S UTC", &tm) == 0)
         snprintf(out, len, "(unreadable date)");
-    return 0;
 }
 
 static int check_validity(X509 *x, const char *path, char *err, size_t errlen)
@@ -580,16 +582,21 @@ SSL *mp_tls_server_session(mp_tls_server_t *s, int fd)
 
 /* ---- client contexts ---- */
 
-/* A session the server handed out: into the connection's slot, replacing
- * (and freeing) the one there. 1: OpenSSL's reference is the slot's now. */
+/* A session the server handed out: a copy into the connection's slot,
+ * replacing (and freeing) the one there. A copy, because the session given
+ * is also the connection's, which SSL_free marks not resumable when the
+ * connection ends without a close_notify exchange (an upstream closing an
+ * idle connection, a reset): the ticket in it stays good. 0: OpenSSL keeps
+ * its reference. */
 static int on_new_session(SSL *ssl, SSL_SESSION *sess)
 {
     SSL_SESSION **slot = SSL_get_ex_data(ssl, slot_idx);
-    if (!slot)
-        return 0;
-    SSL_SESSION_free(*slot);
-    *slot = sess;
-    return 1;
+    SSL_SESSION *copy = slot ? SSL_SESSION_dup(sess) : NULL;
+    if (copy) {
+        SSL_SESSION_free(*slot);
+        *slot = copy;
+    }
+    return 0;
 }
 
 mp_tls_client_t *mp_tls_client_new(const mp_tls_client_def_t *def, char *err, size_t errlen)
@@ -660,8 +667,15 @@ SSL *mp_tls_client_session(mp_tls_client_t *c, int fd, const char *name, SSL_SES
     } else if (ok && name) {
         ok = SSL_set_tlsext_host_name(ssl, name) && (!c->verify || SSL_set1_host(ssl, name));
     }
-    if (ok && slot && *slot)
-        ok = SSL_set_session(ssl, *slot);
+    if (ok && slot && *slot) {
+        /* A copy again: OpenSSL marks the session a connection resumed
+         * not resumable, and a server that sends no new ticket after a
+         * resumption (OpenSSL's own, under a current key) leaves the slot
+         * with that one. The ticket in it stays good for the next one. */
+        SSL_SESSION *copy = SSL_SESSION_dup(*slot);
+        ok = copy && SSL_set_session(ssl, copy);
+        SSL_SESSION_free(copy);
+    }
     if (!ok) {
         SSL_free(ssl);
         return NULL;
