@@ -19,8 +19,10 @@
  * configuration (mp_tls_server_free drops it) and one per session
  * (dropped by the SSL's ex_data free callback), because a connection
  * accepted before a reload may handshake after it, and the SNI callback
- * reads the certificate list. A client context needs no such count: its
- * sessions use only the SSL_CTX, which OpenSSL counts.
+ * reads the certificate list. A client context's sessions use only its
+ * SSL_CTX, which OpenSSL counts; the context itself is counted for callers
+ * that keep it past the configuration's life (mp_tls_client_hold: the health
+ * probes).
  *
  * Errors: a handshake failure leaves OpenSSL's error queue filled;
  * mp_tls_plain_http must be asked before mp_tls_error, which empties it. */
@@ -43,7 +45,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <time.h>
 
 /* Session tickets (see the header comment). A test build may shorten the
@@ -76,9 +77,14 @@ struct mp_tls_server {
 };
 
 struct mp_tls_client {
+    atomic_int refs; /* the configuration's, and each mp_tls_client_hold */
     SSL_CTX *ctx;
     int verify;
-    char key[512]; /* what it verifies and presents (mp_tls_client_key) */
+    /* SHA-256 (hex) of the CA bundle's bytes and of the client certificate,
+     * "" for none: what mp_tls_client_key tells apart, also across a reload
+     * that changed a file under the same path */
+    char ca_digest[2 * SHA256_DIGEST_LENGTH + 1];
+    char cert_digest[2 * SHA256_DIGEST_LENGTH + 1];
 };
 
 /* ---- ex_data indexes (process-wide, made once) ---- */
@@ -584,6 +590,37 @@ SSL *mp_tls_server_session(mp_tls_server_t *s, int fd)
 
 /* ---- client contexts ---- */
 
+static void hex(const unsigned char *d, size_t n, char *out)
+{
+    static const char digits[] = "0123456789abcdef";
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = digits[d[i] >> 4];
+        out[2 * i + 1] = digits[d[i] & 15];
+    }
+    out[2 * n] = '\0';
+}
+
+/* The SHA-256 of a file's bytes, in hex. */
+static int digest_file(const char *path, char *out, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "rb");
+    EVP_MD_CTX *md = EVP_MD_CTX_new();
+    int ok = f && md && EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1;
+    unsigned char buf[4096], d[SHA256_DIGEST_LENGTH];
+    size_t n;
+    while (ok && (n = fread(buf, 1, sizeof(buf), f)) > 0)
+        ok = EVP_DigestUpdate(md, buf, n) == 1;
+    ok = ok && !ferror(f) && EVP_DigestFinal_ex(md, d, NULL) == 1;
+    int saved = errno;
+    if (f)
+        fclose(f);
+    EVP_MD_CTX_free(md);
+    if (!ok)
+        return fail(err, errlen, "%s: %s", path, f ? "cannot digest it" : strerror(saved));
+    hex(d, sizeof(d), out);
+    return 0;
+}
+
 /* A session the server handed out: a copy into the connection's slot,
  * replacing (and freeing) the one there. A copy, because the session given
  * is also the connection's, which SSL_free marks not resumable when the
@@ -601,14 +638,6 @@ static int on_new_session(SSL *ssl, SSL_SESSION *sess)
     return 0;
 }
 
-/* A file's modification time (0: none): a reload that replaced a CA or a
- * certificate under the same name makes another pool key. */
-static long long file_mtime(const char *path)
-{
-    struct stat st;
-    return path && stat(path, &st) == 0 ? (long long)st.st_mtime : 0;
-}
-
 mp_tls_client_t *mp_tls_client_new(const mp_tls_client_def_t *def, char *err, size_t errlen)
 {
     if (!indexes_ready()) {
@@ -623,6 +652,7 @@ mp_tls_client_t *mp_tls_client_new(const mp_tls_client_def_t *def, char *err, si
         fail(err, errlen, "out of memory");
         return NULL;
     }
+    atomic_init(&c->refs, 1);
     c->verify = def->verify;
     SSL_CTX *ctx = c->ctx;
     int rc = 0;
@@ -638,34 +668,60 @@ mp_tls_client_t *mp_tls_client_new(const mp_tls_client_def_t *def, char *err, si
         rc = check_readable(def->ca, err, errlen);
         if (rc == 0 && SSL_CTX_load_verify_locations(ctx, def->ca, NULL) != 1)
             rc = fail(err, errlen, "%s: not a PEM CA bundle (%s)", def->ca, ossl_reason());
+        if (rc == 0)
+            rc = digest_file(def->ca, c->ca_digest, err, errlen);
     } else if (rc == 0 && def->verify && SSL_CTX_set_default_verify_paths(ctx) != 1) {
         rc = fail(err, errlen, "cannot load the system CA store (%s)", ossl_reason());
     }
     if (rc == 0 && (def->cert || def->key)) {
         mp_tls_pair_t pair = {def->cert, def->key};
         rc = load_pair(ctx, &pair, err, errlen);
+        unsigned char d[SHA256_DIGEST_LENGTH];
+        unsigned int dlen = 0;
+        if (rc == 0 && X509_digest(SSL_CTX_get0_certificate(ctx), EVP_sha256(), d, &dlen) != 1)
+            rc = fail(err, errlen, "%s: cannot digest it (%s)", pair.cert, ossl_reason());
+        if (rc == 0)
+            hex(d, dlen, c->cert_digest);
     }
     if (rc < 0) {
         mp_tls_client_free(c);
         return NULL;
     }
-    snprintf(c->key, sizeof(c->key), "verify=%d ca=%s@%lld cert=%s@%lld", def->verify, def->ca ? def->ca : "-",
-             file_mtime(def->ca), def->cert ? def->cert : "-", file_mtime(def->cert));
     return c;
 }
 
-const char *mp_tls_client_key(const mp_tls_client_t *c, const char *name, char *buf, size_t len)
+mp_tls_client_t *mp_tls_client_hold(mp_tls_client_t *c)
 {
-    snprintf(buf, len, "%s name=%s", c->key, name ? name : "-");
-    return buf;
+    if (c)
+        atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
+    return c;
 }
 
 void mp_tls_client_free(mp_tls_client_t *c)
 {
-    if (!c)
+    if (!c || atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel) != 1)
         return;
     SSL_CTX_free(c->ctx); /* sessions still open hold their own reference */
     free(c);
+}
+
+const char *mp_tls_client_key(const mp_tls_client_t *c, const char *name, char *buf, size_t len)
+{
+    snprintf(buf, len, "verify=%d ca=%s cert=%s name=%s", c->verify, c->ca_digest[0] ? c->ca_digest : "system",
+             c->cert_digest[0] ? c->cert_digest : "none", name ? name : "(host)");
+    return buf;
+}
+
+const char *mp_tls_server_name(const char *name, const char *addr, char *buf, size_t len)
+{
+    if (name)
+        return name;
+    const char *port = strrchr(addr, ':');
+    size_t n = port ? (size_t)(port - addr) : strlen(addr);
+    if (n >= 2 && addr[0] == '[' && addr[n - 1] == ']')
+        addr++, n -= 2;
+    snprintf(buf, len, "%.*s", (int)n, addr);
+    return buf;
 }
 
 static int is_ip_literal(const char *name)

@@ -85,6 +85,16 @@ SSL *mp_tls_client_session(mp_tls_client_t *c, int fd, const char *name, SSL_SES
 
 void mp_tls_session_free(SSL_SESSION **slot);
 
+/* One more hold on c, for a caller that keeps it past its configuration (a
+ * health probe between reloads); mp_tls_client_free drops a hold, the last
+ * one frees c. Returns c (NULL: a no-op). */
+mp_tls_client_t *mp_tls_client_hold(mp_tls_client_t *c);
+
+/* The name a server is verified against and sent as SNI: name when set (an
+ * upstream's tls.server_name), else the host of addr ("host:port",
+ * "[v6]:port"), written into buf. */
+const char *mp_tls_server_name(const char *name, const char *addr, char *buf, size_t len);
+
 /* What a finished handshake tells, for req.tls and the access log. The
  * strings live as long as the session (client_subject: until the next call
  * on the same buffer). */
