@@ -460,6 +460,11 @@ static void log_request(mp_conn_t *c, mp_req_t *r)
         e.upstream_time = (r->t_up_end ? r->t_up_end : now) - r->t_up_start;
     }
     e.duration = now - r->t_start;
+    if (r->tls) {
+        e.tls = (mp_slice){r->tls->version, strlen(r->tls->version)};
+        if (r->tls->sni)
+            e.sni = (mp_slice){r->tls->sni, strlen(r->tls->sni)};
+    }
     mp_alog_write(&ctx->alog, &e);
 }
 
