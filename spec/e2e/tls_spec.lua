@@ -85,6 +85,27 @@ end
 
 local function basename(p) return (p:match("[^/]+$")) end
 
+-- Samples pid's RSS each time a byte count passes another 4 MiB: at(n) with
+-- the count so far; peak (KiB) is the highest sample.
+local function rss_sampler(pid)
+    local s = { peak = 0, bytes = 0, next = 0 }
+    function s.at(n)
+        s.bytes = n
+        if n >= s.next then
+            s.peak = math.max(s.peak, h.rss_kb(pid) or 0)
+            s.next = n + 4 * MiB
+        end
+    end
+    return s
+end
+
+-- The start of the configurations that need no listener option of their own.
+local HEAD = [=[
+local proxy = require "moonproxy"
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = false }
+]=]
+
 describe("TLS #tls", function()
     local pki
 
@@ -268,25 +289,22 @@ describe("TLS #tls", function()
         end)
 
         it("counts failed handshakes in /metrics and does not log one line per client", function()
-            local before = handshakes(proxy)
-            for _ = 1, 3 do
-                local c = assert(tls.connect(proxy.port, {}))
-                c:close()
+            -- the results that grow by n (once the workers counted them) from the scrape before
+            local function settle(from, n)
+                local m = h.eventually(function()
+                    local now = handshakes(proxy)
+                    return #grown(from, now, n) > 0 and now
+                end, 5)
+                return m, grown(from, m, n)
             end
-            local mid = h.eventually(function()
-                local m = handshakes(proxy)
-                return #grown(before, m, 3) > 0 and m
-            end, 5)
-            local ok_results = grown(before, mid, 3)
+            local before = handshakes(proxy)
+            for _ = 1, 3 do assert(tls.connect(proxy.port, {})):close() end
+            local mid, ok_results = settle(before, 3)
             local log_before = #h.lines_with(proxy:stderr(), "")
             for _ = 1, 20 do
                 assert.is_true((refused(proxy.port, { protocol = "tlsv1_1", ciphers = "DEFAULT@SECLEVEL=0" })))
             end
-            local after = h.eventually(function()
-                local m = handshakes(proxy)
-                return #grown(mid, m, 20) > 0 and m
-            end, 5)
-            local failed_results = grown(mid, after, 20)
+            local _, failed_results = settle(mid, 20)
             for _, r in ipairs(failed_results) do
                 for _, okr in ipairs(ok_results) do
                     assert.are_not.equal(okr, r, "failures counted as " .. r .. " like successes")
@@ -311,55 +329,38 @@ describe("TLS #tls", function()
         end)
 
         it("streams a 200 MiB download through TLS intact, the proxy's RSS under 64 MiB #slow", function()
-            local size = 200 * MiB
-            local st = origin.sum_new()
-            local got, next_sample, max_rss = 0, 0, 0
-            local res = assert(tls.get(proxy.port, "/big?size=" .. size, nil, {
-                timeout = 120,
-                sink = function(piece)
-                    origin.sum_update(st, piece)
-                    got = got + #piece
-                    if got >= next_sample then
-                        max_rss = math.max(max_rss, h.rss_kb(proxy.pid) or 0)
-                        next_sample = got + 4 * MiB
-                    end
-                end,
-            }))
-            assert.equal(200, res.status)
-            assert.equal(size, res.body_len)
-            assert.equal(origin.pattern_sum(size), origin.sum_hex(st))
-            assert.is_true(max_rss > 0, "no RSS sample")
-            assert.is_true(max_rss < 64 * 1024, "proxy RSS reached " .. max_rss .. " KiB")
+            local size, rss, st = 200 * MiB, rss_sampler(proxy.pid), origin.sum_new()
+            local res = assert(tls.get(proxy.port, "/big?size=" .. size, nil, { timeout = 120, sink = function(piece)
+                origin.sum_update(st, piece)
+                rss.at(rss.bytes + #piece)
+            end }))
+            assert.same({ 200, size, origin.pattern_sum(size) }, { res.status, res.body_len, origin.sum_hex(st) })
+            assert.is_true(rss.peak > 0, "no RSS sample")
+            assert.is_true(rss.peak < 64 * 1024, "proxy RSS reached " .. rss.peak .. " KiB")
         end)
 
         it("forwards a 20 MiB chunked upload through TLS intact, without holding it #slow", function()
             local size = 20 * MiB
             local c = assert(tls.connect(proxy.port, { timeout = 60 }))
             finally(function() c:close() end)
-            local base_rss = assert(h.rss_kb(proxy.pid))
-            local max_rss, sent = base_rss, 0
+            local base, rss = assert(h.rss_kb(proxy.pid)), rss_sampler(proxy.pid)
             assert(c:send("POST /upload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"))
             origin.pattern_each(size, function(piece)
-                if sent % MiB == 0 then max_rss = math.max(max_rss, h.rss_kb(proxy.pid) or 0) end
                 assert(c:send(string.format("%x\r\n", #piece) .. piece .. "\r\n"))
-                sent = sent + #piece
+                rss.at(rss.bytes + #piece)
             end)
             assert(c:send("0\r\n\r\n"))
             local e = h.echo(c:read_response { timeout = 60 })
-            assert.equal(size, e.body_len)
-            assert.equal(origin.pattern_sum(size), e.body_sum)
-            assert.is_true(max_rss - base_rss < 16 * 1024, "proxy RSS grew by " .. (max_rss - base_rss) .. " KiB")
+            assert.same({ size, origin.pattern_sum(size) }, { e.body_len, e.body_sum })
+            assert.is_true(rss.peak - base < 16 * 1024, "proxy RSS grew by " .. (rss.peak - base) .. " KiB")
         end)
     end)
 
     describe("with client_ca and protocols", function()
         -- ${listen}: mutual TLS; ${only13}: TLS 1.3 alone.
-        local MTLS = [=[
-local proxy = require "moonproxy"
+        local MTLS = HEAD .. [=[
 proxy.listen { addr = "${listen}", tls = { cert = "${cert}", key = "${key}", client_ca = "${client_ca}" } }
 proxy.listen { addr = "${only13}", tls = { cert = "${cert}", key = "${key}", protocols = { "TLSv1.3" } } }
-proxy.admin { addr = "${admin}" }
-proxy.settings { access_log = false }
 proxy.route { path = "/info", handler = function(req)
   local t = req.tls or {}
   return req:respond(200, "scheme=" .. tostring(req.scheme) .. "\nversion=" .. tostring(t.version)
@@ -410,10 +411,7 @@ end }
 
     describe("certificates at start, -t and reload", function()
         -- The whole listen statement on one line: file:line is that line whatever part of it a message names.
-        local ONE = [=[
-local proxy = require "moonproxy"
-proxy.admin { addr = "${admin}" }
-proxy.settings { access_log = false }
+        local ONE = HEAD .. [=[
 proxy.listen { addr = "${listen}", tls = { cert = "${cert}", key = "${key}" } }
 proxy.route { path = "/x", handler = function(req) return req:respond(200, "${marker}") end }
 ]=]
@@ -498,11 +496,8 @@ proxy.route { path = "/x", handler = function(req) return req:respond(200, "${ma
 
     describe("to upstreams", function()
         -- Every upstream's servers speak TLS only (helpers/origin.lua --tls).
-        local UP = [=[
-local proxy = require "moonproxy"
-proxy.admin { addr = "${admin}" }
+        local UP = HEAD .. [=[
 proxy.listen { addr = "${listen}" }
-proxy.settings { access_log = false }
 -- /NAME/... goes to upstream NAME over TLS with those settings (more: other upstream fields)
 local function up(name, server, tls, more)
   local def = { servers = { server }, timeouts = { connect = 2, send = 10, read = 10 }, tls = tls }
