@@ -69,6 +69,11 @@ mp_tls_client_t *mp_tls_client_new(const mp_tls_client_def_t *def, char *err, si
 
 void mp_tls_client_free(mp_tls_client_t *c);
 
+/* What c verifies and presents, with the name (NULL: each server's host),
+ * as a string in buf (len bytes): two upstream definitions whose keys
+ * differ must not share pooled connections. Returns buf. */
+const char *mp_tls_client_key(const mp_tls_client_t *c, const char *name, char *buf, size_t len);
+
 /* A client session for the connected socket fd, sending SNI name (unless it
  * is an IP literal) and, when verifying, checking the certificate against
  * name (host name or IP address). *slot is where sessions the server hands
@@ -79,6 +84,16 @@ void mp_tls_client_free(mp_tls_client_t *c);
 SSL *mp_tls_client_session(mp_tls_client_t *c, int fd, const char *name, SSL_SESSION **slot);
 
 void mp_tls_session_free(SSL_SESSION **slot);
+
+/* One more hold on c, for a caller that keeps it past its configuration (a
+ * health probe between reloads); mp_tls_client_free drops a hold, the last
+ * one frees c. Returns c (NULL: a no-op). */
+mp_tls_client_t *mp_tls_client_hold(mp_tls_client_t *c);
+
+/* The name a server is verified against and sent as SNI: name when set (an
+ * upstream's tls.server_name), else the host of addr ("host:port",
+ * "[v6]:port"), written into buf. */
+const char *mp_tls_server_name(const char *name, const char *addr, char *buf, size_t len);
 
 /* What a finished handshake tells, for req.tls and the access log. The
  * strings live as long as the session (client_subject: until the next call
@@ -100,6 +115,11 @@ void mp_tls_info(SSL *ssl, mp_tls_info_t *info, char *buf, size_t len);
  * failed: self-signed certificate"), else OpenSSL's error queue (which it
  * clears), else "connection closed". */
 const char *mp_tls_error(SSL *ssl, char *buf, size_t len);
+
+/* Whether the last failure on ssl was a plain HTTP request sent to a TLS
+ * port (OpenSSL's SSL_R_HTTP_REQUEST): such a client is answered in plain
+ * HTTP. Ask before mp_tls_error, which clears the error queue. */
+int mp_tls_plain_http(SSL *ssl);
 
 /* Clears the calling thread's OpenSSL error queue. */
 void mp_tls_clear_errors(void);

@@ -1,0 +1,824 @@
+/* tls.c: TLS contexts over OpenSSL 3 (tls.h). A listener's certificates,
+ * one SSL_CTX each with the same settings, chosen by SNI; an upstream's
+ * client context; the proxy's session-ticket keys; what a finished
+ * handshake tells, and why a failed one failed. L0: no loop, no socket I/O
+ * (io.c reads and writes through the sessions made here).
+ *
+ * Session tickets: the keys are the proxy's, process-wide (every worker's
+ * contexts share them, and a reload keeps them), made with RAND_bytes. The
+ * ticket callback makes a new key every TICKET_ROTATE_S (one hour) and keeps
+ * the previous TICKET_KEYS - 1 (two): a ticket under one of those is still
+ * accepted and renewed (a new ticket under the current key). So a ticket
+ * resumes for at least (TICKET_KEYS - 1) * TICKET_ROTATE_S, which is also
+ * the session lifetime the contexts announce (SSL_CTX_set_timeout). Those two
+ * constants are the one place to change either. The keys are under a mutex:
+ * any thread may issue, accept and rotate. The server session cache is off
+ * (tickets only).
+ *
+ * Lifetime: mp_tls_server_t is reference-counted, one reference for the
+ * configuration (mp_tls_server_free drops it) and one per session
+ * (dropped by the SSL's ex_data free callback), because a connection
+ * accepted before a reload may handshake after it, and the SNI callback
+ * reads the certificate list. A client context's sessions use only its
+ * SSL_CTX, which OpenSSL counts; the context itself is counted for callers
+ * that keep it past the configuration's life (mp_tls_client_hold: the health
+ * probes).
+ *
+ * Errors: a handshake failure leaves OpenSSL's error queue filled;
+ * mp_tls_plain_http must be asked before mp_tls_error, which empties it. */
+#include "tls.h"
+
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <openssl/core_names.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/rand.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+/* Session tickets (see the header comment). A test build may shorten the
+ * period (-DTICKET_ROTATE_S=2) to see keys retire. */
+#ifndef TICKET_ROTATE_S
+#define TICKET_ROTATE_S 3600
+#endif
+#define TICKET_KEYS 3 /* the current key and the two before it */
+
+/* Mozilla's "intermediate" TLS 1.2 set: forward secrecy, AEAD only. */
+static const char default_ciphers[] =
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
+    "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
+    "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384";
+
+static const unsigned char alpn_http11[] = "\x08http/1.1";
+
+/* One certificate of a listener: its context and the names it covers. */
+typedef struct {
+    SSL_CTX *ctx;
+    char **names; /* lowercased; "*.example.com" for a wildcard */
+    size_t nnames;
+} server_cert_t;
+
+struct mp_tls_server {
+    atomic_int refs;
+    server_cert_t *certs; /* certs[0] is the default */
+    size_t ncerts;
+};
+
+struct mp_tls_client {
+    atomic_int refs; /* the configuration's, and each mp_tls_client_hold */
+    SSL_CTX *ctx;
+    int verify;
+    /* SHA-256 (hex) of the CA bundle's bytes and of the client certificate,
+     * "" for none: what mp_tls_client_key tells apart, also across a reload
+     * that changed a file under the same path */
+    char ca_digest[2 * SHA256_DIGEST_LENGTH + 1];
+    char cert_digest[2 * SHA256_DIGEST_LENGTH + 1];
+};
+
+/* ---- ex_data indexes (process-wide, made once) ---- */
+
+static int server_idx = -1; /* SSL -> mp_tls_server_t * (one reference) */
+static int slot_idx = -1;   /* SSL -> SSL_SESSION ** (the caller's resumption slot) */
+static pthread_once_t idx_once = PTHREAD_ONCE_INIT;
+
+static void server_unref(mp_tls_server_t *s);
+
+static void on_session_free(void *parent, void *ptr, CRYPTO_EX_DATA *ad, int idx, long argl, void *argp)
+{
+    (void)parent, (void)ad, (void)idx, (void)argl, (void)argp;
+    if (ptr)
+        server_unref(ptr);
+}
+
+static void make_indexes(void)
+{
+    server_idx = SSL_get_ex_new_index(0, NULL, NULL, NULL, on_session_free);
+    slot_idx = SSL_get_ex_new_index(0, NULL, NULL, NULL, NULL);
+}
+
+static int indexes_ready(void)
+{
+    pthread_once(&idx_once, make_indexes);
+    return server_idx >= 0 && slot_idx >= 0;
+}
+
+/* ---- errors ---- */
+
+static int fail(char *err, size_t errlen, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+static int fail(char *err, size_t errlen, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+    ERR_clear_error();
+    return MP_EINVAL;
+}
+
+/* OpenSSL's reason for the last failure, for a message ("no start line"). */
+static const char *ossl_reason(void)
+{
+    const char *r = ERR_reason_error_string(ERR_peek_last_error());
+    return r ? r : "unknown error";
+}
+
+/* Opens and closes path, so that a missing or unreadable file says so
+ * rather than with OpenSSL's words. */
+static int check_readable(const char *path, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+    if (!f)
+        return fail(err, errlen, "%s: %s", path, strerror(errno));
+    fclose(f);
+    return 0;
+}
+
+/* ---- certificates ---- */
+
+static void format_asn1_time(const ASN1_TIME *t, char *out, size_t len)
+{
+    struct tm tm;
+    if (!ASN1_TIME_to_tm(t, &tm) || strftime(out, len, "%Y-%m-%d %H:%M:%S UTC", &tm) == 0)
+        snprintf(out, len, "(unreadable date)");
+}
+
+static int check_validity(X509 *x, const char *path, char *err, size_t errlen)
+{
+    char when[64];
+    const ASN1_TIME *after = X509_get0_notAfter(x), *before = X509_get0_notBefore(x);
+    if (X509_cmp_current_time(after) == 0 || X509_cmp_current_time(before) == 0)
+        return fail(err, errlen, "%s: certificate has an unreadable validity date", path);
+    if (X509_cmp_current_time(after) < 0) {
+        format_asn1_time(after, when, sizeof(when));
+        return fail(err, errlen, "%s: certificate expired on %s", path, when);
+    }
+    if (X509_cmp_current_time(before) > 0) {
+        format_asn1_time(before, when, sizeof(when));
+        return fail(err, errlen, "%s: certificate not valid before %s", path, when);
+    }
+    return 0;
+}
+
+static int no_password(char *buf, int size, int rwflag, void *u)
+{
+    (void)buf, (void)size, (void)rwflag, (void)u;
+    return -1; /* an encrypted key cannot be read: the proxy never prompts */
+}
+
+/* Loads a certificate chain and its key into ctx, with the checks every
+ * certificate gets: readable, PEM, valid now, key matching. */
+static int load_pair(SSL_CTX *ctx, const mp_tls_pair_t *pair, char *err, size_t errlen)
+{
+    if (!pair->cert || !pair->key)
+        return fail(err, errlen, "a certificate needs both cert and key");
+    int rc = check_readable(pair->cert, err, errlen);
+    if (rc == 0)
+        rc = check_readable(pair->key, err, errlen);
+    if (rc < 0)
+        return rc;
+    SSL_CTX_set_default_passwd_cb(ctx, no_password);
+    if (SSL_CTX_use_certificate_chain_file(ctx, pair->cert) != 1)
+        return fail(err, errlen, "%s: not a PEM certificate", pair->cert);
+    rc = check_validity(SSL_CTX_get0_certificate(ctx), pair->cert, err, errlen);
+    if (rc < 0)
+        return rc;
+    BIO *bio = BIO_new_file(pair->key, "r");
+    EVP_PKEY *pkey = bio ? PEM_read_bio_PrivateKey(bio, NULL, no_password, NULL) : NULL;
+    BIO_free(bio);
+    if (!pkey)
+        return fail(err, errlen, "%s: not a PEM private key (or an encrypted one)", pair->key);
+    int ok = SSL_CTX_use_PrivateKey(ctx, pkey) == 1 && SSL_CTX_check_private_key(ctx) == 1;
+    EVP_PKEY_free(pkey);
+    if (!ok)
+        return fail(err, errlen, "%s: key does not match the certificate %s", pair->key, pair->cert);
+    return 0;
+}
+
+static char *lower_dup(const unsigned char *p, size_t len)
+{
+    char *s = malloc(len + 1);
+    if (!s)
+        return NULL;
+    for (size_t i = 0; i < len; i++)
+        s[i] = (char)tolower(p[i]);
+    s[len] = '\0';
+    return s;
+}
+
+static int add_name(server_cert_t *c, const unsigned char *p, size_t len)
+{
+    if (len == 0 || memchr(p, '\0', len))
+        return 0; /* an empty or embedded-NUL name covers nothing */
+    char **names = realloc(c->names, (c->nnames + 1) * sizeof(*names));
+    if (!names)
+        return MP_ENOMEM;
+    c->names = names;
+    if (!(names[c->nnames] = lower_dup(p, len)))
+        return MP_ENOMEM;
+    c->nnames++;
+    return 0;
+}
+
+/* The leaf's names: its subjectAltName DNS entries, or its CN when it has
+ * none (RFC 6125 6.4.4). */
+static int collect_names(server_cert_t *c, X509 *x)
+{
+    int rc = 0;
+    GENERAL_NAMES *sans = X509_get_ext_d2i(x, NID_subject_alt_name, NULL, NULL);
+    for (int i = 0; rc == 0 && i < sk_GENERAL_NAME_num(sans); i++) {
+        const GENERAL_NAME *gn = sk_GENERAL_NAME_value(sans, i);
+        if (gn->type == GEN_DNS)
+            rc = add_name(c, ASN1_STRING_get0_data(gn->d.dNSName), (size_t)ASN1_STRING_length(gn->d.dNSName));
+    }
+    GENERAL_NAMES_free(sans);
+    if (rc < 0 || c->nnames > 0)
+        return rc;
+    X509_NAME *subject = X509_get_subject_name(x);
+    int at = X509_NAME_get_index_by_NID(subject, NID_commonName, -1);
+    if (at < 0)
+        return 0;
+    unsigned char *cn = NULL;
+    int len = ASN1_STRING_to_UTF8(&cn, X509_NAME_ENTRY_get_data(X509_NAME_get_entry(subject, at)));
+    if (len > 0)
+        rc = add_name(c, cn, (size_t)len);
+    OPENSSL_free(cn);
+    return rc;
+}
+
+/* ---- session tickets ---- */
+
+typedef struct {
+    unsigned char name[16];
+    unsigned char aes[32];
+    unsigned char hmac[32];
+} ticket_key_t;
+
+static struct {
+    pthread_mutex_t lock;
+    ticket_key_t keys[TICKET_KEYS]; /* keys[0] is the current one */
+    int nkeys;                      /* 0 until the first ticket */
+    time_t born;                    /* when keys[0] became current (CLOCK_MONOTONIC seconds) */
+} tickets = {.lock = PTHREAD_MUTEX_INITIALIZER};
+
+static time_t monotonic_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec;
+}
+
+/* Makes keys[0] current for now: one new key per period gone by (all new
+ * after TICKET_KEYS periods). Under tickets.lock. */
+static int rotate_locked(time_t now)
+{
+    int periods = tickets.nkeys == 0 ? TICKET_KEYS : (int)((now - tickets.born) / TICKET_ROTATE_S);
+    if (periods <= 0)
+        return 0;
+    if (periods > TICKET_KEYS)
+        periods = TICKET_KEYS;
+    for (int i = 0; i < periods; i++) {
+        ticket_key_t k;
+        if (RAND_bytes(k.name, sizeof(k.name)) != 1 || RAND_bytes(k.aes, sizeof(k.aes)) != 1 ||
+            RAND_bytes(k.hmac, sizeof(k.hmac)) != 1)
+            return -1;
+        memmove(&tickets.keys[1], &tickets.keys[0], (TICKET_KEYS - 1) * sizeof(k));
+        tickets.keys[0] = k;
+        if (tickets.nkeys < TICKET_KEYS)
+            tickets.nkeys++;
+    }
+    /* Keep the schedule: the current key is as old as the time since its period began. */
+    tickets.born = tickets.born == 0 || periods == TICKET_KEYS ? now : tickets.born + (time_t)periods * TICKET_ROTATE_S;
+    return 0;
+}
+
+/* Copies out the key to issue under (enc) or the key named name (-1: none),
+ * returning its age in keys (0: current). */
+static int ticket_key(const unsigned char *name, ticket_key_t *out)
+{
+    int at = -1;
+    pthread_mutex_lock(&tickets.lock);
+    if (rotate_locked(monotonic_s()) == 0) {
+        for (int i = 0; i < tickets.nkeys && at < 0; i++)
+            if (!name || memcmp(name, tickets.keys[i].name, sizeof(tickets.keys[i].name)) == 0)
+                at = i;
+        if (at >= 0)
+            *out = tickets.keys[at];
+    }
+    pthread_mutex_unlock(&tickets.lock);
+    return at;
+}
+
+static int ticket_hmac(EVP_MAC_CTX *hctx, unsigned char *key)
+{
+    OSSL_PARAM params[] = {
+        OSSL_PARAM_construct_octet_string(OSSL_MAC_PARAM_KEY, key, 32),
+        OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, (char *)"SHA256", 0),
+        OSSL_PARAM_construct_end(),
+    };
+    return EVP_MAC_CTX_set_params(hctx, params);
+}
+
+/* SSL_CTX_set_tlsext_ticket_key_evp_cb: 1 issued / accepted, 2 accepted
+ * under an older key (OpenSSL issues a new ticket), 0 unknown key (a full
+ * handshake), -1 failure. */
+static int on_ticket_key(SSL *ssl, unsigned char key_name[16], unsigned char iv[EVP_MAX_IV_LENGTH],
+                         EVP_CIPHER_CTX *cctx, EVP_MAC_CTX *hctx, int enc)
+{
+    (void)ssl;
+    ticket_key_t k;
+    int rc = -1;
+    if (enc) {
+        if (ticket_key(NULL, &k) == 0 && RAND_bytes(iv, 16) == 1 &&
+            EVP_EncryptInit_ex(cctx, EVP_aes_256_cbc(), NULL, k.aes, iv) == 1 && ticket_hmac(hctx, k.hmac) == 1) {
+            memcpy(key_name, k.name, sizeof(k.name));
+            rc = 1;
+        }
+    } else {
+        int age = ticket_key(key_name, &k);
+        if (age < 0)
+            rc = 0;
+        else if (ticket_hmac(hctx, k.hmac) == 1 && EVP_DecryptInit_ex(cctx, EVP_aes_256_cbc(), NULL, k.aes, iv) == 1)
+            rc = age == 0 ? 1 : 2;
+    }
+    OPENSSL_cleanse(&k, sizeof(k));
+    return rc;
+}
+
+/* ---- server contexts ---- */
+
+static int on_alpn(SSL *ssl, const unsigned char **out, unsigned char *outlen, const unsigned char *in,
+                   unsigned int inlen, void *arg)
+{
+    (void)ssl, (void)arg;
+    unsigned char *sel;
+    if (SSL_select_next_proto(&sel, outlen, alpn_http11, sizeof(alpn_http11) - 1, in, inlen) != OPENSSL_NPN_NEGOTIATED)
+        return SSL_TLSEXT_ERR_NOACK;
+    *out = sel;
+    return SSL_TLSEXT_ERR_OK;
+}
+
+static int covers(const char *pattern, const char *name)
+{
+    if (pattern[0] != '*' || pattern[1] != '.')
+        return 0;
+    const char *dot = strchr(name, '.');
+    return dot && dot != name && strcmp(dot, pattern + 1) == 0; /* exactly one label before the suffix */
+}
+
+static SSL_CTX *choose_ctx(const mp_tls_server_t *s, const char *name)
+{
+    for (size_t i = 0; i < s->ncerts; i++)
+        for (size_t j = 0; j < s->certs[i].nnames; j++)
+            if (strcmp(s->certs[i].names[j], name) == 0)
+                return s->certs[i].ctx;
+    for (size_t i = 0; i < s->ncerts; i++)
+        for (size_t j = 0; j < s->certs[i].nnames; j++)
+            if (covers(s->certs[i].names[j], name))
+                return s->certs[i].ctx;
+    return s->certs[0].ctx;
+}
+
+static int on_servername(SSL *ssl, int *alert, void *arg)
+{
+    (void)alert;
+    const mp_tls_server_t *s = arg;
+    const char *sni = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+    if (!sni)
+        return SSL_TLSEXT_ERR_OK; /* the default certificate, which the session starts with */
+    char name[256];
+    size_t len = strlen(sni);
+    if (len >= sizeof(name))
+        return SSL_TLSEXT_ERR_OK; /* longer than a DNS name: nothing covers it */
+    for (size_t i = 0; i <= len; i++)
+        name[i] = (char)tolower((unsigned char)sni[i]);
+    SSL_CTX *ctx = choose_ctx(s, name);
+    if (ctx != SSL_get_SSL_CTX(ssl) && !SSL_set_SSL_CTX(ssl, ctx))
+        return SSL_TLSEXT_ERR_ALERT_FATAL;
+    return SSL_TLSEXT_ERR_OK;
+}
+
+/* What client certificates must verify against: one store and CA name list
+ * for every context of a listener, and the session id context that ties a
+ * resumed session to that CA set. */
+typedef struct {
+    X509_STORE *store;
+    STACK_OF(X509_NAME) * names;
+    unsigned char sid[SHA256_DIGEST_LENGTH];
+} client_ca_t;
+
+static int load_client_ca(client_ca_t *ca, const char *path, char *err, size_t errlen)
+{
+    int rc = check_readable(path, err, errlen);
+    if (rc < 0)
+        return rc;
+    if (!(ca->store = X509_STORE_new()) || X509_STORE_load_file(ca->store, path) != 1)
+        return fail(err, errlen, "%s: not a PEM CA bundle (%s)", path, ossl_reason());
+    if (!(ca->names = SSL_load_client_CA_file(path)))
+        return fail(err, errlen, "%s: no CA certificate in it", path);
+    /* A resumed session skips verification: it must have been verified
+     * against the same CAs, so the context is a digest of them. */
+    EVP_MD_CTX *md = EVP_MD_CTX_new();
+    int ok = md && EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1;
+    STACK_OF(X509_OBJECT) *objs = X509_STORE_get0_objects(ca->store);
+    for (int i = 0; ok && i < sk_X509_OBJECT_num(objs); i++) {
+        X509 *x = X509_OBJECT_get0_X509(sk_X509_OBJECT_value(objs, i));
+        unsigned char d[EVP_MAX_MD_SIZE];
+        unsigned int dlen;
+        ok = !x || (X509_digest(x, EVP_sha256(), d, &dlen) == 1 && EVP_DigestUpdate(md, d, dlen) == 1);
+    }
+    ok = ok && EVP_DigestFinal_ex(md, ca->sid, NULL) == 1;
+    EVP_MD_CTX_free(md);
+    return ok ? 0 : fail(err, errlen, "%s: cannot digest the CA bundle (%s)", path, ossl_reason());
+}
+
+static void client_ca_dispose(client_ca_t *ca)
+{
+    X509_STORE_free(ca->store);
+    sk_X509_NAME_pop_free(ca->names, X509_NAME_free);
+}
+
+/* The modes every context has: an idle connection holds no buffers, and
+ * io.c may write part of a buffer and retry from another address. */
+static void set_modes(SSL_CTX *ctx)
+{
+    SSL_CTX_set_mode(ctx,
+                     SSL_MODE_RELEASE_BUFFERS | SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+}
+
+static const unsigned char sid_plain[] = "moonproxy";
+
+/* One listener context, for pair; every certificate's is built here, so
+ * they differ only in the certificate. */
+static SSL_CTX *server_ctx(const mp_tls_server_def_t *def, mp_tls_server_t *s, const client_ca_t *ca,
+                           const mp_tls_pair_t *pair, server_cert_t *c, char *err, size_t errlen)
+{
+    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+    if (!ctx) {
+        fail(err, errlen, "out of memory");
+        return NULL;
+    }
+    int min = def->protocols & MP_TLS_V12 ? TLS1_2_VERSION : TLS1_3_VERSION;
+    int max = def->protocols & MP_TLS_V13 ? TLS1_3_VERSION : TLS1_2_VERSION;
+    int rc = 0;
+    if (!SSL_CTX_set_min_proto_version(ctx, min) || !SSL_CTX_set_max_proto_version(ctx, max))
+        rc = fail(err, errlen, "protocols: OpenSSL refuses the set (%s)", ossl_reason());
+    SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_CIPHER_SERVER_PREFERENCE |
+                                 SSL_OP_NO_COMPRESSION);
+    set_modes(ctx);
+    const char *ciphers = def->ciphers ? def->ciphers : default_ciphers;
+    if (rc == 0 && SSL_CTX_set_cipher_list(ctx, ciphers) != 1)
+        rc = fail(err, errlen, "ciphers: OpenSSL knows none of \"%s\"", ciphers);
+    SSL_CTX_set_dh_auto(ctx, 1);
+    SSL_CTX_set_alpn_select_cb(ctx, on_alpn, NULL);
+    SSL_CTX_set_tlsext_servername_callback(ctx, on_servername);
+    SSL_CTX_set_tlsext_servername_arg(ctx, s);
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+    SSL_CTX_set_num_tickets(ctx, 1);
+    SSL_CTX_set_timeout(ctx, (TICKET_KEYS - 1) * TICKET_ROTATE_S);
+    SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, on_ticket_key);
+    if (rc == 0 && ca->store) {
+        STACK_OF(X509_NAME) *names = SSL_dup_CA_list(ca->names);
+        if (!names) {
+            rc = fail(err, errlen, "out of memory");
+        } else {
+            SSL_CTX_set1_cert_store(ctx, ca->store);
+            SSL_CTX_set_client_CA_list(ctx, names);
+            SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
+            SSL_CTX_set_session_id_context(ctx, ca->sid, sizeof(ca->sid));
+        }
+    } else if (rc == 0) {
+        SSL_CTX_set_session_id_context(ctx, sid_plain, sizeof(sid_plain) - 1);
+    }
+    if (rc == 0)
+        rc = load_pair(ctx, pair, err, errlen);
+    if (rc == 0 && collect_names(c, SSL_CTX_get0_certificate(ctx)) < 0)
+        rc = fail(err, errlen, "out of memory");
+    if (rc < 0) {
+        SSL_CTX_free(ctx);
+        return NULL;
+    }
+    return ctx;
+}
+
+static void server_unref(mp_tls_server_t *s)
+{
+    if (atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    for (size_t i = 0; i < s->ncerts; i++) {
+        SSL_CTX_free(s->certs[i].ctx);
+        for (size_t j = 0; j < s->certs[i].nnames; j++)
+            free(s->certs[i].names[j]);
+        free(s->certs[i].names);
+    }
+    free(s->certs);
+    free(s);
+}
+
+mp_tls_server_t *mp_tls_server_new(const mp_tls_server_def_t *def, char *err, size_t errlen)
+{
+    if (def->protocols == 0 || (def->protocols & ~(unsigned)(MP_TLS_V12 | MP_TLS_V13))) {
+        fail(err, errlen, "protocols: only TLSv1.2 and TLSv1.3, at least one");
+        return NULL;
+    }
+    if (!indexes_ready()) {
+        fail(err, errlen, "out of memory");
+        return NULL;
+    }
+    mp_tls_server_t *s = calloc(1, sizeof(*s));
+    if (s)
+        s->certs = calloc(def->nmore + 1, sizeof(*s->certs));
+    if (!s || !s->certs) {
+        free(s);
+        fail(err, errlen, "out of memory");
+        return NULL;
+    }
+    atomic_init(&s->refs, 1);
+    client_ca_t ca = {0};
+    int rc = def->client_ca ? load_client_ca(&ca, def->client_ca, err, errlen) : 0;
+    for (size_t i = 0; rc == 0 && i <= def->nmore; i++) {
+        server_cert_t *c = &s->certs[s->ncerts];
+        c->ctx = server_ctx(def, s, &ca, i == 0 ? &def->def : &def->more[i - 1], c, err, errlen);
+        s->ncerts++; /* counted also when it failed: its names are freed with the rest */
+        if (!c->ctx)
+            rc = MP_EINVAL;
+    }
+    client_ca_dispose(&ca);
+    if (rc < 0) {
+        server_unref(s);
+        return NULL;
+    }
+    return s;
+}
+
+void mp_tls_server_free(mp_tls_server_t *s)
+{
+    if (s)
+        server_unref(s);
+}
+
+SSL *mp_tls_server_session(mp_tls_server_t *s, int fd)
+{
+    SSL *ssl = SSL_new(s->certs[0].ctx);
+    if (!ssl)
+        return NULL;
+    atomic_fetch_add_explicit(&s->refs, 1, memory_order_relaxed);
+    if (!SSL_set_ex_data(ssl, server_idx, s)) {
+        server_unref(s);
+        SSL_free(ssl);
+        return NULL;
+    }
+    if (!SSL_set_fd(ssl, fd)) {
+        SSL_free(ssl); /* drops the reference */
+        return NULL;
+    }
+    SSL_set_accept_state(ssl);
+    return ssl;
+}
+
+/* ---- client contexts ---- */
+
+static void hex(const unsigned char *d, size_t n, char *out)
+{
+    static const char digits[] = "0123456789abcdef";
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = digits[d[i] >> 4];
+        out[2 * i + 1] = digits[d[i] & 15];
+    }
+    out[2 * n] = '\0';
+}
+
+/* The SHA-256 of a file's bytes, in hex. */
+static int digest_file(const char *path, char *out, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "rb");
+    EVP_MD_CTX *md = EVP_MD_CTX_new();
+    int ok = f && md && EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1;
+    unsigned char buf[4096], d[SHA256_DIGEST_LENGTH];
+    size_t n;
+    while (ok && (n = fread(buf, 1, sizeof(buf), f)) > 0)
+        ok = EVP_DigestUpdate(md, buf, n) == 1;
+    ok = ok && !ferror(f) && EVP_DigestFinal_ex(md, d, NULL) == 1;
+    int saved = errno;
+    if (f)
+        fclose(f);
+    EVP_MD_CTX_free(md);
+    if (!ok)
+        return fail(err, errlen, "%s: %s", path, f ? "cannot digest it" : strerror(saved));
+    hex(d, sizeof(d), out);
+    return 0;
+}
+
+/* A session the server handed out: a copy into the connection's slot,
+ * replacing (and freeing) the one there. A copy, because the session given
+ * is also the connection's, which SSL_free marks not resumable when the
+ * connection ends without a close_notify exchange (an upstream closing an
+ * idle connection, a reset): the ticket in it stays good. 0: OpenSSL keeps
+ * its reference. */
+static int on_new_session(SSL *ssl, SSL_SESSION *sess)
+{
+    SSL_SESSION **slot = SSL_get_ex_data(ssl, slot_idx);
+    SSL_SESSION *copy = slot ? SSL_SESSION_dup(sess) : NULL;
+    if (copy) {
+        SSL_SESSION_free(*slot);
+        *slot = copy;
+    }
+    return 0;
+}
+
+mp_tls_client_t *mp_tls_client_new(const mp_tls_client_def_t *def, char *err, size_t errlen)
+{
+    if (!indexes_ready()) {
+        fail(err, errlen, "out of memory");
+        return NULL;
+    }
+    mp_tls_client_t *c = calloc(1, sizeof(*c));
+    if (c)
+        c->ctx = SSL_CTX_new(TLS_client_method());
+    if (!c || !c->ctx) {
+        free(c);
+        fail(err, errlen, "out of memory");
+        return NULL;
+    }
+    atomic_init(&c->refs, 1);
+    c->verify = def->verify;
+    SSL_CTX *ctx = c->ctx;
+    int rc = 0;
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_COMPRESSION);
+    set_modes(ctx);
+    if (SSL_CTX_set_alpn_protos(ctx, alpn_http11, sizeof(alpn_http11) - 1) != 0)
+        rc = fail(err, errlen, "out of memory");
+    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
+    SSL_CTX_sess_set_new_cb(ctx, on_new_session);
+    SSL_CTX_set_verify(ctx, def->verify ? SSL_VERIFY_PEER : SSL_VERIFY_NONE, NULL);
+    if (rc == 0 && def->ca) {
+        rc = check_readable(def->ca, err, errlen);
+        if (rc == 0 && SSL_CTX_load_verify_locations(ctx, def->ca, NULL) != 1)
+            rc = fail(err, errlen, "%s: not a PEM CA bundle (%s)", def->ca, ossl_reason());
+        if (rc == 0)
+            rc = digest_file(def->ca, c->ca_digest, err, errlen);
+    } else if (rc == 0 && def->verify && SSL_CTX_set_default_verify_paths(ctx) != 1) {
+        rc = fail(err, errlen, "cannot load the system CA store (%s)", ossl_reason());
+    }
+    if (rc == 0 && (def->cert || def->key)) {
+        mp_tls_pair_t pair = {def->cert, def->key};
+        rc = load_pair(ctx, &pair, err, errlen);
+        unsigned char d[SHA256_DIGEST_LENGTH];
+        unsigned int dlen = 0;
+        if (rc == 0 && X509_digest(SSL_CTX_get0_certificate(ctx), EVP_sha256(), d, &dlen) != 1)
+            rc = fail(err, errlen, "%s: cannot digest it (%s)", pair.cert, ossl_reason());
+        if (rc == 0)
+            hex(d, dlen, c->cert_digest);
+    }
+    if (rc < 0) {
+        mp_tls_client_free(c);
+        return NULL;
+    }
+    return c;
+}
+
+mp_tls_client_t *mp_tls_client_hold(mp_tls_client_t *c)
+{
+    if (c)
+        atomic_fetch_add_explicit(&c->refs, 1, memory_order_relaxed);
+    return c;
+}
+
+void mp_tls_client_free(mp_tls_client_t *c)
+{
+    if (!c || atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    SSL_CTX_free(c->ctx); /* sessions still open hold their own reference */
+    free(c);
+}
+
+const char *mp_tls_client_key(const mp_tls_client_t *c, const char *name, char *buf, size_t len)
+{
+    snprintf(buf, len, "verify=%d ca=%s cert=%s name=%s", c->verify, c->ca_digest[0] ? c->ca_digest : "system",
+             c->cert_digest[0] ? c->cert_digest : "none", name ? name : "(host)");
+    return buf;
+}
+
+const char *mp_tls_server_name(const char *name, const char *addr, char *buf, size_t len)
+{
+    if (name)
+        return name;
+    const char *port = strrchr(addr, ':');
+    size_t n = port ? (size_t)(port - addr) : strlen(addr);
+    if (n >= 2 && addr[0] == '[' && addr[n - 1] == ']')
+        addr++, n -= 2;
+    snprintf(buf, len, "%.*s", (int)n, addr);
+    return buf;
+}
+
+static int is_ip_literal(const char *name)
+{
+    unsigned char addr[16];
+    return inet_pton(AF_INET, name, addr) == 1 || inet_pton(AF_INET6, name, addr) == 1;
+}
+
+SSL *mp_tls_client_session(mp_tls_client_t *c, int fd, const char *name, SSL_SESSION **slot)
+{
+    SSL *ssl = SSL_new(c->ctx);
+    if (!ssl)
+        return NULL;
+    int ok = SSL_set_fd(ssl, fd) && SSL_set_ex_data(ssl, slot_idx, slot);
+    if (ok && name && is_ip_literal(name)) {
+        ok = !c->verify || X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), name);
+    } else if (ok && name) {
+        ok = SSL_set_tlsext_host_name(ssl, name) && (!c->verify || SSL_set1_host(ssl, name));
+    }
+    if (ok && slot && *slot) {
+        /* A copy again: OpenSSL marks the session a connection resumed
+         * not resumable, and a server that sends no new ticket after a
+         * resumption (OpenSSL's own, under a current key) leaves the slot
+         * with that one. The ticket in it stays good for the next one. */
+        SSL_SESSION *copy = SSL_SESSION_dup(*slot);
+        ok = copy && SSL_set_session(ssl, copy);
+        SSL_SESSION_free(copy);
+    }
+    if (!ok) {
+        SSL_free(ssl);
+        return NULL;
+    }
+    SSL_set_connect_state(ssl);
+    return ssl;
+}
+
+void mp_tls_session_free(SSL_SESSION **slot)
+{
+    if (slot && *slot) {
+        SSL_SESSION_free(*slot);
+        *slot = NULL;
+    }
+}
+
+/* ---- after a handshake ---- */
+
+void mp_tls_info(SSL *ssl, mp_tls_info_t *info, char *buf, size_t len)
+{
+    info->version = SSL_get_version(ssl);
+    info->cipher = SSL_get_cipher_name(ssl);
+    info->sni = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+    info->client_subject = NULL;
+    info->resumed = SSL_session_reused(ssl);
+    X509 *peer = SSL_get0_peer_certificate(ssl);
+    if (!peer || len == 0)
+        return;
+    BIO *bio = BIO_new(BIO_s_mem());
+    if (bio && X509_NAME_print_ex(bio, X509_get_subject_name(peer), 0, XN_FLAG_RFC2253) >= 0) {
+        int n = BIO_read(bio, buf, (int)(len - 1 < INT32_MAX ? len - 1 : INT32_MAX));
+        buf[n > 0 ? n : 0] = '\0';
+        info->client_subject = buf;
+    }
+    BIO_free(bio);
+}
+
+int mp_tls_plain_http(SSL *ssl)
+{
+    (void)ssl; /* the queue is the thread's; the session is named for the caller's clarity */
+    unsigned long errs[] = {ERR_peek_error(), ERR_peek_last_error()};
+    for (size_t i = 0; i < MP_ARRAY_LEN(errs); i++) {
+        int reason = ERR_GET_REASON(errs[i]);
+        if (ERR_GET_LIB(errs[i]) == ERR_LIB_SSL &&
+            (reason == SSL_R_HTTP_REQUEST || reason == SSL_R_HTTPS_PROXY_REQUEST))
+            return 1;
+    }
+    return 0;
+}
+
+const char *mp_tls_error(SSL *ssl, char *buf, size_t len)
+{
+    long v = SSL_get_verify_result(ssl);
+    if (v != X509_V_OK && (SSL_get_verify_mode(ssl) & SSL_VERIFY_PEER)) {
+        snprintf(buf, len, "certificate verify failed: %s", X509_verify_cert_error_string(v));
+        ERR_clear_error();
+        return buf;
+    }
+    unsigned long e = ERR_get_error();
+    if (e) {
+        ERR_error_string_n(e, buf, len);
+        ERR_clear_error();
+        return buf;
+    }
+    snprintf(buf, len, "connection closed");
+    return buf;
+}
+
+void mp_tls_clear_errors(void)
+{
+    ERR_clear_error();
+}
