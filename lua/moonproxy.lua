@@ -34,6 +34,8 @@ local DEFAULTS = {
   health = { path = "/", interval = 2, timeout = 1, rise = 2, fall = 3 },
   route = { strip_prefix = false },
   static = { index = "index.html" },
+  tls = { protocols = { "TLSv1.2", "TLSv1.3" } },
+  upstream_tls = { verify = true },
 }
 
 -- Fills t's missing fields from DEFAULTS[kind] (a list is copied: each
@@ -119,10 +121,66 @@ end
 
 -- listen / admin ---------------------------------------------------------------
 
-local listen_spec = { addr = schema.listen_addr }
+-- TLS (SPEC "TLS"). Paths are as the operator wrote them here; _finish
+-- resolves them against the script's folder and src/config.c loads them.
+local PROTOCOLS = { ["TLSv1.2"] = true, ["TLSv1.3"] = true }
 
-local function listener(t, what, src)
-  local l = check(type(t) == "string" and { addr = t } or t, listen_spec, what, src)
+local function protocols(v)
+  local list, err = schema.list(schema.string, true)(v)
+  if err then
+    return bad(v, 'must be a non-empty list of "TLSv1.2", "TLSv1.3"')
+  end
+  local seen = {}
+  for _, p in ipairs(list) do
+    if p == "TLSv1" or p == "TLSv1.0" or p == "TLSv1.1" or p:match("^SSL") then
+      return nil, fmt('%s is refused: it is broken (use "TLSv1.2" and "TLSv1.3")', show(p))
+    elseif not PROTOCOLS[p] then
+      return bad(p, 'must list "TLSv1.2" or "TLSv1.3"')
+    elseif seen[p] then
+      return nil, fmt("lists %s twice", show(p))
+    end
+    seen[p] = true
+  end
+  return list
+end
+
+local pair_spec = { cert = schema.string, key = schema.string }
+
+-- { cert = PEM, key = PEM }: both are needed.
+local function cert_pair(t, what, src)
+  local p = check(t, pair_spec, what, src)
+  if not p.cert or not p.key then
+    fail(src, '%s: needs cert = "site.pem" and key = "site.key" (both)', what)
+  end
+  return p
+end
+
+local function more_certs(v, src, what)
+  local list, err = schema.list(function(e) return e end, true)(v, src, what)
+  if err then
+    return bad(v, "must be a non-empty list of { cert = ..., key = ... }")
+  end
+  for i, e in ipairs(list) do
+    list[i] = cert_pair(e, fmt("%s[%d]", what, i), src)
+  end
+  return list
+end
+
+local tls_server_spec = { cert = schema.string, key = schema.string, certs = more_certs, protocols = protocols,
+  ciphers = schema.string, client_ca = schema.string }
+
+local function tls_server(v, src, what)
+  local t = check(v, tls_server_spec, what, src)
+  if not t.cert or not t.key then
+    fail(src, '%s: needs cert = "site.pem" and key = "site.key" (the default certificate; both)', what)
+  end
+  return with_defaults(t, "tls")
+end
+
+local listen_spec = { addr = schema.listen_addr, tls = tls_server }
+
+local function listener(t, spec, what, src)
+  local l = check(type(t) == "string" and { addr = t } or t, spec, what, src)
   if not l.addr then
     fail(src, '%s: needs addr = "host:port"', what)
   end
@@ -132,7 +190,7 @@ end
 
 function _M.listen(t)
   local src = where()
-  local l = listener(t, "listen", src)
+  local l = listener(t, listen_spec, "listen", src)
   for _, other in ipairs(state.listen) do
     if other.addr == l.addr then
       fail(src, "listen: %s is already declared at %s", l.addr, other.src)
@@ -141,7 +199,7 @@ function _M.listen(t)
   state.listen[#state.listen + 1] = l
 end
 
-local admin_spec = { addr = schema.listen_addr, token = schema.string }
+local admin_spec = { addr = schema.listen_addr, token = schema.string, tls = tls_server }
 
 -- Whether a listen address can be reached from this machine only.
 local function loopback(addr)
@@ -157,15 +215,11 @@ function _M.admin(t)
   if state.admin then
     fail(src, "admin: already declared at %s (there is one admin port)", state.admin.src)
   end
-  local a = check(type(t) == "string" and { addr = t } or t, admin_spec, "admin", src)
-  if not a.addr then
-    fail(src, 'admin: needs addr = "host:port"')
-  end
+  local a = listener(t, admin_spec, "admin", src)
   if not a.token and not loopback(a.addr) then
     fail(src, "admin: %s is not a loopback address: it needs a token (token = os.getenv(\"MOONPROXY_ADMIN_TOKEN\"))",
       a.addr)
   end
-  a.src = src
   state.admin = a
 end
 
@@ -335,8 +389,27 @@ local function timeouts(v, src, what)
   return with_defaults(check(v, timeouts_spec, what, src), "timeouts")
 end
 
+-- tls = { verify = true, ca, server_name, cert, key }: TLS to the servers.
+local function server_name(v)
+  if type(v) == "string" and (v:match("^[%w_][%w.%-_]*$") or v:match("^[%x:]+$")) then
+    return v
+  end
+  return bad(v, 'must be a host name like "api.internal" or an IP address (no port)')
+end
+
+local upstream_tls_spec = { verify = schema.boolean, ca = schema.string, server_name = server_name,
+  cert = schema.string, key = schema.string }
+
+local function upstream_tls(v, src, what)
+  local t = check(v, upstream_tls_spec, what, src)
+  if (t.cert == nil) ~= (t.key == nil) then
+    fail(src, "%s: a client certificate needs both cert and key", what)
+  end
+  return with_defaults(t, "upstream_tls")
+end
+
 local upstream_spec = {
-  servers = servers, balancer = balancer, keepalive = schema.integer(0, 100000),
+  servers = servers, tls = upstream_tls, balancer = balancer, keepalive = schema.integer(0, 100000),
   keepalive_timeout = schema.duration, timeouts = timeouts, retries = schema.integer(0, 100), host = schema.host_header,
   hash_key = hash_key, health = health, passive = passive, fail_open = schema.boolean, retry_budget = ratio,
 }
@@ -534,6 +607,31 @@ local function build_hooks(s, script)
     on_log = global.on_log }, s.routes, index)
 end
 
+-- A path the script gave, relative to its folder dir (absolute ones as they are).
+local function relative_to(dir, path)
+  if path:sub(1, 1) == "/" or dir == "." then
+    return path
+  end
+  return dir .. "/" .. path:gsub("^%./+", "")
+end
+
+local TLS_PATHS = { "cert", "key", "client_ca", "ca" }
+
+-- Resolves the files of a tls = {...} table (nil: none) in place.
+local function resolve_tls(dir, t)
+  if not t then
+    return
+  end
+  for _, k in ipairs(TLS_PATHS) do
+    if t[k] then
+      t[k] = relative_to(dir, t[k])
+    end
+  end
+  for _, c in ipairs(t.certs or {}) do
+    resolve_tls(dir, c)
+  end
+end
+
 -- Returns the normalized configuration (see src/config.h); raises the first
 -- problem found with the src of the declaration at fault. script names the
 -- file for problems that have no declaration (no listener).
@@ -563,9 +661,16 @@ function _M._finish(script)
   end
   local dir = script and script:match("^(.*)/[^/]*$") or "."
   for _, r in ipairs(s.routes) do
-    if r.static and r.static.root:sub(1, 1) ~= "/" and dir ~= "." then
-      r.static.root = dir .. "/" .. r.static.root:gsub("^%./+", "")
+    if r.static then
+      r.static.root = relative_to(dir, r.static.root)
     end
+  end
+  for _, l in ipairs(s.listen) do
+    resolve_tls(dir, l.tls)
+  end
+  resolve_tls(dir, s.admin and s.admin.tls)
+  for _, u in ipairs(s.upstreams) do
+    resolve_tls(dir, u.tls)
   end
   if not s.settings then
     s.settings = with_defaults({}, "settings")

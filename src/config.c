@@ -1,6 +1,7 @@
 /* config.c: loads a configuration script and turns the normalized table the
- * DSL returns (lua/moonproxy.lua, _finish) into an mp_config_t; parses
- * addresses and CIDRs. */
+ * DSL returns (lua/moonproxy.lua, _finish) into an mp_config_t, loading
+ * the certificates of its TLS listeners, admin port and upstreams (tls.h);
+ * parses addresses and CIDRs. */
 #include "config.h"
 
 #include "path.h"
@@ -378,18 +379,120 @@ static void build_addr(lua_State *L, mp_addr_t *a, const char *k, const char *sr
         fail(L, src, "%s: bad address '%s' (numeric \"ip:port\" or \"[ipv6]:port\")", what, text);
 }
 
+/* ---- TLS (SPEC "TLS") ---------------------------------------------------- */
+
+/* protocols = { "TLSv1.2", "TLSv1.3" } of the tls table at t, as bits. */
+static unsigned build_protocols(lua_State *L, int t, const char *src, const char *what)
+{
+    need_table(L, t, "protocols", src, what);
+    unsigned bits = 0;
+    for (size_t i = 1; i <= lua_objlen(L, -1); i++) {
+        lua_rawgeti(L, -1, (int)i);
+        const char *p = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : "";
+        if (strcmp(p, "TLSv1.2") == 0)
+            bits |= MP_TLS_V12;
+        else if (strcmp(p, "TLSv1.3") == 0)
+            bits |= MP_TLS_V13;
+        else
+            fail(L, src, "%s: protocols[%zu] must be \"TLSv1.2\" or \"TLSv1.3\", got \"%s\"", what, i, p);
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    if (!bits)
+        fail(L, src, "%s: protocols must not be empty", what);
+    return bits;
+}
+
+/* cert and key of the table at t (borrowed from it). */
+static void build_pair(lua_State *L, int t, mp_tls_pair_t *p, const char *src, const char *what)
+{
+    p->cert = need_str(L, t, "cert", src, what);
+    p->key = need_str(L, t, "key", src, what);
+}
+
+/* The contexts of the tls = {...} table on top of the stack (left there),
+ * for the port the message names ("listen 127.0.0.1:8443"). Every string
+ * and the certs array are borrowed from the table or a userdata on the
+ * stack: a raise leaks nothing. */
+static mp_tls_server_t *build_tls_server(lua_State *L, const char *src, const char *port)
+{
+    int t = lua_gettop(L);
+    char what[300];
+    snprintf(what, sizeof(what), "%s: tls", port);
+    mp_tls_server_def_t def = {0};
+    build_pair(L, t, &def.def, src, what);
+    def.protocols = build_protocols(L, t, src, what);
+    def.ciphers = get_str(L, t, "ciphers", src, what);
+    def.client_ca = get_str(L, t, "client_ca", src, what);
+    if (get_table(L, t, "certs", src, what)) {
+        size_t n = lua_objlen(L, -1);
+        mp_tls_pair_t *more = lua_newuserdata(L, (n ? n : 1) * sizeof(*more));
+        for (size_t i = 0; i < n; i++) {
+            lua_rawgeti(L, -2, (int)i + 1);
+            if (!lua_istable(L, -1))
+                fail(L, src, "%s: certs[%zu] must be a table", what, i + 1);
+            build_pair(L, lua_gettop(L), &more[i], src, what);
+            lua_pop(L, 1);
+        }
+        def.more = more, def.nmore = n;
+    }
+    char err[512];
+    mp_tls_server_t *s = mp_tls_server_new(&def, err, sizeof(err));
+    if (!s)
+        fail(L, src, "%s: %s", what, err);
+    lua_settop(L, t);
+    return s;
+}
+
+/* tls = { verify, ca, server_name, cert, key } of the upstream table at t. */
+static void build_tls_client(lua_State *L, int t, mp_upstream_def_t *u, const char *src)
+{
+    if (!get_table(L, t, "tls", src, "upstream"))
+        return;
+    int tt = lua_gettop(L);
+    char what[300];
+    snprintf(what, sizeof(what), "upstream %s: tls", u->name);
+    mp_tls_client_def_t def = {0};
+    def.verify = get_bool(L, tt, "verify", src, what);
+    def.ca = get_str(L, tt, "ca", src, what);
+    def.cert = get_str(L, tt, "cert", src, what);
+    def.key = get_str(L, tt, "key", src, what);
+    if (!def.cert != !def.key)
+        fail(L, src, "%s: a client certificate needs both cert and key", what);
+    u->tls_name = xstrdup(L, get_str(L, tt, "server_name", src, what));
+    char err[512];
+    if (!(u->tls = mp_tls_client_new(&def, err, sizeof(err))))
+        fail(L, src, "%s: %s", what, err);
+    lua_pop(L, 1);
+}
+
+/* The listener's or admin port's tls table, if any, of the table on top. */
+static mp_tls_server_t *port_tls(lua_State *L, const mp_addr_t *a, const char *kind, const char *src)
+{
+    if (!get_table(L, lua_gettop(L), "tls", src, kind))
+        return NULL;
+    char port[280];
+    snprintf(port, sizeof(port), "%s %s", kind, a->text);
+    mp_tls_server_t *s = build_tls_server(L, src, port);
+    lua_pop(L, 1);
+    return s;
+}
+
 static void build_listeners(lua_State *L, mp_config_t *cfg)
 {
     if (!get_table(L, 1, "listen", NULL, "config") || lua_objlen(L, -1) == 0)
         fail(L, cfg->path, "no listener: declare one with proxy.listen { addr = \"127.0.0.1:8080\" }");
     size_t n = lua_objlen(L, -1);
+    cfg->listen_tls = xcalloc(L, n, sizeof(*cfg->listen_tls));
     cfg->listens = xcalloc(L, n, sizeof(*cfg->listens));
     cfg->nlistens = n;
     for (size_t i = 0; i < n; i++) {
         lua_rawgeti(L, -1, (int)i + 1);
         if (!lua_istable(L, -1))
             fail(L, NULL, "listen[%zu] must be a table", i + 1);
-        build_addr(L, &cfg->listens[i], "addr", get_str(L, -1, "src", NULL, "listen"), "listen", 1);
+        const char *src = get_str(L, -1, "src", NULL, "listen");
+        build_addr(L, &cfg->listens[i], "addr", src, "listen", 1);
+        cfg->listen_tls[i] = port_tls(L, &cfg->listens[i], "listen", src);
         lua_pop(L, 1);
     }
     lua_pop(L, 1);
@@ -399,6 +502,7 @@ static void build_listeners(lua_State *L, mp_config_t *cfg)
         const char *src = get_str(L, -1, "src", NULL, "admin");
         build_addr(L, cfg->admin, "addr", src, "admin", 1);
         cfg->admin_token = xstrdup(L, get_str(L, -1, "token", src, "admin"));
+        cfg->admin_tls = port_tls(L, cfg->admin, "admin", src);
         lua_pop(L, 1);
     }
 }
@@ -482,6 +586,7 @@ static void build_upstream(lua_State *L, mp_config_t *cfg, mp_upstream_def_t *u)
     u->keepalive_timeout = get_dur(L, t, "keepalive_timeout", src, w);
     u->retries = (int)get_num(L, t, "retries", 0, 100, 1, src, w);
     u->host = xstrdup(L, get_str(L, t, "host", src, w));
+    build_tls_client(L, t, u, src);
     need_table(L, t, "timeouts", src, w);
     int tt = lua_gettop(L);
     u->connect_timeout = get_dur(L, tt, "connect", src, "upstream timeouts");
@@ -910,6 +1015,8 @@ void mp_config_free(mp_config_t *cfg)
         free(u->host);
         free(u->src);
         free(u->hash_key);
+        mp_tls_client_free(u->tls);
+        free(u->tls_name);
         if (u->health) {
             free(u->health->path);
             free(u->health->host);
@@ -917,9 +1024,14 @@ void mp_config_free(mp_config_t *cfg)
         }
     }
     free(cfg->upstreams);
-    for (size_t i = 0; i < cfg->nlistens; i++)
+    for (size_t i = 0; i < cfg->nlistens; i++) {
         addr_dispose(&cfg->listens[i]);
+        if (cfg->listen_tls)
+            mp_tls_server_free(cfg->listen_tls[i]);
+    }
     free(cfg->listens);
+    free(cfg->listen_tls);
+    mp_tls_server_free(cfg->admin_tls);
     if (cfg->admin)
         addr_dispose(cfg->admin);
     free(cfg->admin);

@@ -157,7 +157,7 @@ static int put_forwarded(mp_buf_t *b, mp_req_t *r, mp_slice host)
     }
     if (!edited(r, "x-forwarded-proto", 17) &&
         (!r->trusted_peer || mp_http1_find(h->headers, h->nheaders, "x-forwarded-proto", 17) < 0))
-        rc |= PUT_LIT(b, "X-Forwarded-Proto: http\r\n");
+        rc |= r->tls ? PUT_LIT(b, "X-Forwarded-Proto: https\r\n") : PUT_LIT(b, "X-Forwarded-Proto: http\r\n");
     if (!edited(r, "x-forwarded-host", 16) &&
         (!r->trusted_peer || mp_http1_find(h->headers, h->nheaders, "x-forwarded-host", 16) < 0))
         rc |= put_field(b, MP_SLICE_LIT("X-Forwarded-Host"), host);

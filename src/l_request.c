@@ -377,6 +377,29 @@ static int req_respond(lua_State *L)
 
 #define KEY_IS(k, lit) (memcmp((k), (lit), sizeof(lit) - 1) == 0)
 
+static void set_field(lua_State *L, const char *k, const char *v)
+{
+    if (v) {
+        lua_pushstring(L, v);
+        lua_setfield(L, -2, k);
+    }
+}
+
+/* req.tls: { version, cipher, sni, client_subject } of the client's
+ * session (a fresh table: a hook may keep or change it), nil when plain. */
+static int push_tls(lua_State *L, const mp_req_t *r)
+{
+    const mp_tls_info_t *t = r->tls;
+    if (!t)
+        return lua_pushnil(L), 1;
+    lua_createtable(L, 0, 4);
+    set_field(L, "version", t->version);
+    set_field(L, "cipher", t->cipher);
+    set_field(L, "sni", t->sni);
+    set_field(L, "client_subject", t->client_subject);
+    return 1;
+}
+
 /* req.key: the methods (upvalues 1-3: set_path, set_query, respond) even on
  * a stale object, the fields only while its request lives. The switch on
  * the length keeps a lookup to one or two short compares. */
@@ -398,6 +421,8 @@ static int req_index(lua_State *L)
     case 3:
         if (KEY_IS(k, "ctx"))
             return push_obj(L, o->s, OBJ_CTX), 1;
+        if (KEY_IS(k, "tls"))
+            return push_tls(L, r);
         break;
     case 4:
         if (KEY_IS(k, "path"))
@@ -419,7 +444,7 @@ static int req_index(lua_State *L)
         if (KEY_IS(k, "method"))
             return lua_pushlstring(L, r->h.method.p, r->h.method.len), 1;
         if (KEY_IS(k, "scheme"))
-            return lua_pushliteral(L, "http"), 1;
+            return r->tls ? lua_pushliteral(L, "https") : lua_pushliteral(L, "http"), 1;
         break;
     case 7:
         if (KEY_IS(k, "headers"))

@@ -173,7 +173,25 @@ static void push_result(lua_State *L, const mp_sim_result_t *r)
     lua_setfield(L, -2, "trace");
 }
 
-/* sim:request{ method, host, path, headers, body, remote_addr } -> result */
+/* The request's tls field into rq: true (the defaults, sim.h), or
+ * { version, cipher, sni, client_subject } (strings kept by the table). */
+static void read_tls(lua_State *L, mp_sim_request_t *rq, mp_tls_info_t *info)
+{
+    lua_getfield(L, 2, "tls");
+    int t = lua_gettop(L);
+    if (lua_istable(L, t)) {
+        *info = (mp_tls_info_t){field_string(L, t, "version"), field_string(L, t, "cipher"), field_string(L, t, "sni"),
+                                field_string(L, t, "client_subject"), 0};
+        rq->tls = info;
+    } else if (lua_isboolean(L, t)) {
+        rq->https = lua_toboolean(L, t);
+    } else if (!lua_isnil(L, t)) {
+        luaL_error(L, "request: tls must be true or { version =, cipher =, sni =, client_subject = }, got %s",
+                   luaL_typename(L, t));
+    }
+}
+
+/* sim:request{ method, host, path, headers, body, remote_addr, tls } -> result */
 static int l_request(lua_State *L)
 {
     mp_sim_t *s = check_sim(L);
@@ -195,6 +213,8 @@ static int l_request(lua_State *L)
                            .body = body,
                            .body_len = blen,
                            .remote_addr = field_string(L, 2, "remote_addr")};
+    mp_tls_info_t tls;
+    read_tls(L, &rq, &tls);
     mp_sim_result_t res;
     int rc = mp_sim_request(s, &rq, &res);
     if (rc == MP_EINVAL)

@@ -182,6 +182,10 @@ void mp_alog_write(mp_alog_t *a, const mp_alog_entry_t *e)
     len = json_field(line, len, cap, "method", e->method);
     len = json_field(line, len, cap, "path", e->path);
     len = json_field(line, len, cap, "route", e->route);
+    if (len < cap && e->tls.len)
+        len = json_field(line, len, cap, "tls", e->tls);
+    if (len < cap && e->sni.len)
+        len = json_field(line, len, cap, "sni", e->sni);
     if (len < cap)
         len += (size_t)snprintf(line + len, cap - len, ",\"status\":%d,\"bytes\":%llu", e->status,
                                 (unsigned long long)e->bytes);

@@ -69,6 +69,7 @@ int mp_alog_open(const char *target);
 typedef struct {
     double time; /* request start, epoch seconds */
     mp_slice id, client, method, path, route, upstream_server;
+    mp_slice tls, sni; /* the client's TLS version and SNI; empty (len 0): not written (plain, or no SNI) */
     int status;
     uint64_t bytes;                 /* response bytes sent to the client, head included */
     double upstream_time, duration; /* seconds; upstream_time < 0: no upstream */

@@ -322,7 +322,8 @@ static int explain(const options_t *o)
                            .target = target,
                            .headers = headers,
                            .nheaders = o->nheaders,
-                           .remote_addr = o->from};
+                           .remote_addr = o->from,
+                           .https = strncmp(url, "https://", 8) == 0};
     mp_sim_result_t res;
     int rc = mp_sim_request(s, &rq, &res);
     if (rc != 0) {

@@ -41,6 +41,8 @@ struct mp_sim {
         struct sockaddr_in6 v6;
     } peer;
     mp_req_t req;         /* the last request, alive until the next call */
+    mp_tls_info_t tls;    /* its TLS, when it came over TLS (req.tls points here) */
+    char *tls_text[3];    /* the copies tls points at: sni, client_subject, the Host as SNI */
     int live;             /* req holds hook objects to release */
     int forwarded;        /* req went upstream (mp_sim_response may run) */
     mp_peer_t *peers;     /* private server state, every upstream's servers in a row */
@@ -354,6 +356,14 @@ void mp_sim_release(mp_sim_t *s)
     s->live = s->forwarded = 0;
 }
 
+static void free_tls(mp_sim_t *s)
+{
+    for (size_t i = 0; i < MP_ARRAY_LEN(s->tls_text); i++) {
+        free(s->tls_text[i]);
+        s->tls_text[i] = NULL;
+    }
+}
+
 void mp_sim_free(mp_sim_t *s)
 {
     if (!s)
@@ -371,6 +381,7 @@ void mp_sim_free(mp_sim_t *s)
     mp_strbuf_free(&s->raw);
     mp_strbuf_free(&s->resp_raw);
     free(s->file_body);
+    free_tls(s);
     free(s);
 }
 
@@ -456,6 +467,47 @@ static void new_request(mp_sim_t *s)
 {
     mp_req_reset(&s->req, &s->env, &s->gen, &s->peer.sa, mp_req_now(&s->env));
     s->live = 1;
+}
+
+/* host without its port, or NULL for an IP address (clients send no SNI
+ * for one) or no host. */
+static char *host_sni(const char *host)
+{
+    if (!host || host[0] == '[')
+        return NULL;
+    size_t n = strcspn(host, ":");
+    char *name = strndup(host, n);
+    struct in_addr a;
+    if (name && inet_pton(AF_INET, name, &a) == 1) {
+        free(name);
+        return NULL;
+    }
+    return name;
+}
+
+/* The request's TLS (sim.h: mp_sim_request_t.tls, https), copied so that
+ * its response hooks still see it; "tls TLSv1.3 sni api.example.com" in the
+ * trace. Returns 0, or MP_ENOMEM. */
+static int set_tls(mp_sim_t *s, const mp_sim_request_t *rq, const char *host)
+{
+    free_tls(s);
+    if (!rq->tls && !rq->https)
+        return 0;
+    const mp_tls_info_t *t = rq->tls;
+    s->tls = (mp_tls_info_t){t && t->version ? t->version : "TLSv1.3",
+                             t && t->cipher ? t->cipher : "TLS_AES_128_GCM_SHA256", NULL, NULL, 0};
+    const char *texts[3] = {t ? t->sni : NULL, t ? t->client_subject : NULL, NULL};
+    for (size_t i = 0; i < 2; i++)
+        if (texts[i] && !(s->tls_text[i] = strdup(texts[i])))
+            return MP_ENOMEM;
+    if (!t)
+        s->tls_text[2] = host_sni(host); /* NULL when out of memory too: no SNI */
+    s->tls.sni = t ? s->tls_text[0] : s->tls_text[2];
+    s->tls.client_subject = s->tls_text[1];
+    s->req.tls = &s->tls;
+    step(s, "request", "tls %s sni %s%s%s", s->tls.version, s->tls.sni ? s->tls.sni : "(none)",
+         s->tls.client_subject ? ", client " : "", s->tls.client_subject ? s->tls.client_subject : "");
+    return 0;
 }
 
 static const char *balancer_name(const mp_upstream_def_t *d)
@@ -610,7 +662,13 @@ static int run_request(mp_sim_t *s, const mp_sim_request_t *rq)
         step(s, "request", "remote_addr '%s' is not an IP address", addr);
         return MP_EINVAL;
     }
-    step(s, "request", "%s %s%s%s from %s", method, host ? "http://" : "", host ? host : "", target, addr);
+    step(s, "request", "%s %s%s%s from %s", method,
+         !host                  ? ""
+         : rq->tls || rq->https ? "https://"
+                                : "http://",
+         host ? host : "", target, addr);
+    if (set_tls(s, rq, host) != 0)
+        return MP_ENOMEM;
     size_t scanned = 0;
     int rc = mp_http1_parse_request(raw->p, raw->len, &scanned, &s->env.limits, &r->h);
     if (rc < 0) {

@@ -37,6 +37,12 @@ typedef struct {
     const char *body; /* its length is sent as Content-Length */
     size_t body_len;
     const char *remote_addr; /* the client's address; NULL: 127.0.0.1 */
+    /* Over TLS (scheme https, req.tls): what the handshake told (copied; a
+     * NULL version or cipher reads "TLSv1.3", "TLS_AES_128_GCM_SHA256"), or
+     * NULL: plain HTTP, unless https is set: TLS with those defaults and the
+     * Host (without its port; none for an IP address) as the SNI. */
+    const mp_tls_info_t *tls;
+    int https;
 } mp_sim_request_t;
 
 /* An upstream's response, for the response hooks. */

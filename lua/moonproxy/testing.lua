@@ -92,7 +92,10 @@ function Config:servers(servers)
 end
 
 -- cfg:request { method = "GET", host =, path = "/p?q", headers = {}, body =,
--- remote_addr = } -> result:
+-- remote_addr =, tls = } -> result. tls: the request came over TLS (scheme
+-- https, req.tls, X-Forwarded-Proto: https): true (TLSv1.3,
+-- TLS_AES_128_GCM_SHA256, the host as SNI) or { version =, cipher =, sni =,
+-- client_subject = } (version and cipher default as with true). Result:
 --   route, route_index   the route matched (nil: none)
 --   upstream, server     where it goes (server: the balancer's pick); nil
 --                        when the proxy answered (the trace tells why)
@@ -106,7 +109,7 @@ end
 --   trace                the decision steps: { { step =, text = }, ... }
 function Config:request(req)
   if type(req) ~= "table" then
-    error("request: expects a table { method =, host =, path =, headers =, body =, remote_addr = }", 2)
+    error("request: expects a table { method =, host =, path =, headers =, body =, remote_addr =, tls = }", 2)
   end
   local r = self.sim:request(req)
   self.serial = self.serial + 1

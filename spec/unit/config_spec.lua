@@ -606,3 +606,155 @@ describe("examples/quickstart.lua", function()
     assert.same({ "127.0.0.1:9001" }, cfg.upstreams.demo.servers)
   end)
 end)
+
+describe("load_config() TLS", function()
+  -- Certificates made here with the openssl command (never committed): a
+  -- self-signed pair, a second key, and an expired certificate (`openssl
+  -- ca -selfsign`: OpenSSL 3.0's req and x509 cannot backdate one).
+  local dir = os.tmpname() .. ".tls"
+
+  local function sh(cmd)
+    local p = assert(io.popen(cmd .. " 2>&1; echo \"rc=$?\""))
+    local out = p:read("*a")
+    p:close()
+    assert(out:match("rc=0\n$"), cmd .. ":\n" .. out)
+  end
+
+  local function selfsigned(name, extra)
+    sh(("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 -subj /CN=localhost"
+      .. " -keyout %s/%s.key -out %s/%s.pem %s"):format(dir, name, dir, name, extra or ""))
+  end
+
+  lazy_setup(function()
+    sh("mkdir -p " .. dir .. "/certs " .. dir .. "/ca/issued")
+    selfsigned("certs/site")
+    selfsigned("certs/other")
+    write(dir .. "/ca/index.txt", "")
+    write(dir .. "/ca/serial", "1000\n")
+    write(dir .. "/ca/ca.cnf", ("[ ca ]\ndefault_ca = c\n[ c ]\ndatabase = %s/ca/index.txt\nserial = %s/ca/serial\n"
+      .. "new_certs_dir = %s/ca/issued\ndefault_md = sha256\npolicy = p\n[ p ]\ncommonName = supplied\n")
+      :format(dir, dir, dir))
+    sh(("openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost"
+      .. " -keyout %s/certs/old.key -out %s/ca/old.csr"):format(dir, dir))
+    sh(("openssl ca -batch -notext -selfsign -config %s/ca/ca.cnf -keyfile %s/certs/old.key -in %s/ca/old.csr"
+      .. " -out %s/certs/old.pem -startdate 20200101000000Z -enddate 20210101000000Z"):format(dir, dir, dir, dir))
+  end)
+
+  lazy_teardown(function()
+    os.execute("rm -rf " .. dir)
+  end)
+
+  local PAIR = 'cert = "certs/site.pem", key = "certs/site.key"'
+
+  -- The lines in dir/moonproxy.lua, so that relative paths mean dir's files.
+  local function load_here(lines)
+    return load(lines, dir .. "/moonproxy.lua")
+  end
+
+  it("refuses bad listener tls tables at the declaration's line", function()
+    fails_at({ 'proxy.listen { addr = "127.0.0.1:1", tls = "on" }' }, 2, "listen: tls: expects a table")
+    fails_at({ 'proxy.listen { addr = "127.0.0.1:1", tls = { cert = "a.pem" } }' }, 2,
+      'listen: tls: needs cert = "site.pem" and key = "site.key"')
+    fails_at({ 'proxy.listen { addr = "127.0.0.1:1", tls = { key = "a.key" } }' }, 2, "listen: tls: needs cert")
+    fails_at({ 'proxy.listen { addr = "127.0.0.1:1", tls = { ' .. PAIR .. ', cipher = "x" } }' }, 2,
+      "listen: tls: unknown key 'cipher' (did you mean 'ciphers'?)")
+    fails_at({ 'proxy.listen { addr = "127.0.0.1:1", tls = { ' .. PAIR .. ', certs = { { cert = "b.pem" } } } }' }, 2,
+      "listen: tls: certs[1]: needs cert")
+    fails_at({ 'proxy.listen { addr = "127.0.0.1:1", tls = { ' .. PAIR .. ', certs = {} } }' }, 2,
+      "listen: tls: certs must be a non-empty list")
+    fails_at({ 'proxy.listen { addr = "127.0.0.1:1", tls = { ' .. PAIR .. ', client_ca = 1 } }' }, 2,
+      "listen: tls: client_ca must be a non-empty string")
+  end)
+
+  it("takes only TLSv1.2 and TLSv1.3 as protocols, refusing the old ones by name", function()
+    local function protocols(list)
+      return { 'proxy.listen { addr = "127.0.0.1:1", tls = { ' .. PAIR .. ", protocols = " .. list .. " } }" }
+    end
+    fails_at(protocols "{}", 2, 'listen: tls: protocols must be a non-empty list of "TLSv1.2", "TLSv1.3"')
+    fails_at(protocols '"TLSv1.3"', 2, "protocols must be a non-empty list")
+    fails_at(protocols '{ "TLSv1.1" }', 2, 'protocols "TLSv1.1" is refused: it is broken')
+    fails_at(protocols '{ "TLSv1.3", "TLSv1" }', 2, '"TLSv1" is refused')
+    fails_at(protocols '{ "SSLv3" }', 2, '"SSLv3" is refused')
+    fails_at(protocols '{ "TLSv1.4" }', 2, 'protocols must list "TLSv1.2" or "TLSv1.3", got "TLSv1.4"')
+    fails_at(protocols '{ "TLSv1.3", "TLSv1.3" }', 2, 'protocols lists "TLSv1.3" twice')
+  end)
+
+  it("refuses bad admin and upstream tls tables", function()
+    fails_at({ LISTEN, 'proxy.admin { addr = "127.0.0.1:1", tls = { cert = "a.pem" } }' }, 3,
+      "admin: tls: needs cert")
+    local function up(tls)
+      return { LISTEN, 'proxy.upstream "a" { servers = { "127.0.0.1:1" }, tls = ' .. tls .. " }" }
+    end
+    fails_at(up "true", 3, "upstream 'a': tls: expects a table")
+    fails_at(up '{ cert = "c.pem" }', 3, "upstream 'a': tls: a client certificate needs both cert and key")
+    fails_at(up '{ key = "c.key" }', 3, "needs both cert and key")
+    fails_at(up '{ verify = "yes" }', 3, "upstream 'a': tls: verify must be true or false")
+    fails_at(up '{ server_name = "a b" }', 3, "upstream 'a': tls: server_name must be a host name")
+    fails_at(up '{ server_name = "api.internal:443" }', 3, "server_name must be a host name")
+    fails_at(up '{ sni = "x" }', 3, "upstream 'a': tls: unknown key 'sni'")
+  end)
+
+  it("resolves every path against the script's folder, with the defaults filled", function()
+    local proxy = require "moonproxy"
+    proxy._reset()
+    proxy.listen { addr = "127.0.0.1:1", tls = { cert = "certs/a.pem", key = "./certs/a.key", client_ca = "/etc/ca.pem",
+      certs = { { cert = "b.pem", key = "/k/b.key" } } } }
+    proxy.admin { addr = "127.0.0.1:2", tls = { cert = "adm.pem", key = "adm.key", protocols = { "TLSv1.3" } } }
+    proxy.upstream "api" { servers = { "127.0.0.1:3" }, tls = { ca = "ca.pem", cert = "c.pem", key = "c.key" } }
+    proxy.upstream "plain" { servers = { "127.0.0.1:4" } }
+    local t = proxy._finish("/srv/conf/moonproxy.lua")
+    proxy._reset()
+    local l = t.listen[1].tls
+    assert.equal("/srv/conf/certs/a.pem", l.cert)
+    assert.equal("/srv/conf/certs/a.key", l.key)
+    assert.equal("/etc/ca.pem", l.client_ca)
+    assert.same({ { cert = "/srv/conf/b.pem", key = "/k/b.key" } }, l.certs)
+    assert.same({ "TLSv1.2", "TLSv1.3" }, l.protocols)
+    assert.is_nil(l.ciphers)
+    assert.same({ cert = "/srv/conf/adm.pem", key = "/srv/conf/adm.key", protocols = { "TLSv1.3" } }, t.admin.tls)
+    assert.same({ verify = true, ca = "/srv/conf/ca.pem", cert = "/srv/conf/c.pem", key = "/srv/conf/c.key" },
+      t.upstreams[1].tls)
+    assert.is_nil(t.upstreams[2].tls)
+  end)
+
+  it("loads a TLS listener, admin port and upstream from files next to the script", function()
+    local cfg, err = load_here { 'proxy.listen { addr = "127.0.0.1:1", tls = { ' .. PAIR
+      .. ', certs = { { cert = "certs/other.pem", key = "certs/other.key" } }, protocols = { "TLSv1.3" } } }',
+      'proxy.listen { addr = "127.0.0.1:2" }',
+      'proxy.admin { addr = "127.0.0.1:3", tls = { ' .. PAIR .. ', client_ca = "certs/other.pem" } }',
+      'proxy.upstream "api" { servers = { "127.0.0.1:4" }, tls = { ca = "certs/site.pem", server_name = "localhost",'
+        .. " " .. PAIR .. " } }",
+      'proxy.upstream "sys" { servers = { "127.0.0.1:5" }, tls = { verify = false } }' }
+    assert(cfg, err)
+    assert.same({ "127.0.0.1:1", "127.0.0.1:2" }, cfg.listen)
+  end)
+
+  it("refuses a certificate or key that does not load, at the declaration's line", function()
+    local function listen(tls)
+      return { LISTEN, 'proxy.listen { addr = "127.0.0.1:8443", tls = { ' .. tls .. " } }" }
+    end
+    local function refused(lines, line, text)
+      local cfg, err, path = load_here(lines)
+      assert.is_nil(cfg)
+      local where = path .. ":" .. line .. ": "
+      assert.equal(where, err:sub(1, #where))
+      assert(err:find(text, 1, true), "expected '" .. text .. "' in: " .. err)
+    end
+    refused(listen 'cert = "certs/missing.pem", key = "certs/site.key"', 3,
+      "listen 127.0.0.1:8443: tls: " .. dir .. "/certs/missing.pem: No such file or directory")
+    refused(listen 'cert = "certs/site.pem", key = "certs/other.key"', 3,
+      "listen 127.0.0.1:8443: tls: " .. dir .. "/certs/other.key: key does not match the certificate")
+    refused(listen 'cert = "certs/old.pem", key = "certs/old.key"', 3,
+      "listen 127.0.0.1:8443: tls: " .. dir .. "/certs/old.pem: certificate expired on 2021-01-01 00:00:00 UTC")
+    refused(listen 'cert = "certs/site.key", key = "certs/site.key"', 3, "certs/site.key: not a PEM certificate")
+    refused(listen(PAIR .. ', certs = { { cert = "certs/old.pem", key = "certs/old.key" } }'), 3, "certificate expired")
+    refused(listen(PAIR .. ', client_ca = "certs/nope.pem"'), 3, "listen 127.0.0.1:8443: tls: ")
+    refused(listen(PAIR .. ', ciphers = "NO-SUCH-CIPHER"'), 3, "listen 127.0.0.1:8443: tls: ")
+    refused({ LISTEN, "", 'proxy.admin { addr = "127.0.0.1:9000", tls = { cert = "x.pem", key = "x.key" } }' }, 4,
+      "admin 127.0.0.1:9000: tls: " .. dir .. "/x.pem: No such file or directory")
+    refused({ LISTEN, 'proxy.upstream "api" { servers = { "127.0.0.1:4" }, tls = { ca = "certs/none.pem" } }' }, 3,
+      "upstream api: tls: ")
+    refused({ LISTEN, 'proxy.upstream "api" { servers = { "127.0.0.1:4" }, tls = { cert = "certs/old.pem",'
+      .. ' key = "certs/old.key" } }' }, 3, "upstream api: tls: " .. dir .. "/certs/old.pem: certificate expired")
+  end)
+end)

@@ -387,6 +387,72 @@ proxy.route { path = "/spin", upstream = proxy.upstream "u" { servers = { "127.0
     end)
   end)
 
+  describe("requests over TLS", function()
+    local cfg
+    lazy_setup(function()
+      cfg = load([=[
+local api = proxy.upstream "api" { servers = { "127.0.0.1:9001" } }
+proxy.route { prefix = "/", upstream = api,
+  on_request = function(req)
+    req.headers["x-scheme"] = req.scheme
+    local t = req.tls
+    req.headers["x-tls"] = t and table.concat({ t.version, t.cipher, tostring(t.sni), tostring(t.client_subject) }, "|")
+      or "plain"
+  end,
+  on_response = function(req, res) res.headers["x-tls-sni"] = req.tls and req.tls.sni or "none" end }
+]=])
+    end)
+    lazy_teardown(function() cfg:close() end)
+
+    it("are plain unless tls is given: scheme http, req.tls nil, X-Forwarded-Proto http", function()
+      local r = cfg:request { host = "api.example.com", path = "/a" }
+      assert.same({ "http", "plain", "http" },
+        { r.headers["x-scheme"], r.headers["x-tls"], r.headers["x-forwarded-proto"] })
+      assert.equal("request", r.trace[1].step)
+      assert.equal("GET http://api.example.com/a from 127.0.0.1", r.trace[1].text)
+      assert.is_nil(r.trace[2].text:find("tls", 1, true))
+    end)
+
+    it("take tls = true: TLSv1.3, its default cipher, the host as SNI", function()
+      local r = cfg:request { host = "api.example.com:8443", path = "/a", tls = true }
+      assert.equal("https", r.headers["x-scheme"])
+      assert.equal("TLSv1.3|TLS_AES_128_GCM_SHA256|api.example.com|nil", r.headers["x-tls"])
+      assert.equal("https", r.headers["x-forwarded-proto"])
+      assert.equal("GET https://api.example.com:8443/a from 127.0.0.1", r.trace[1].text)
+      assert.same({ step = "request", text = "tls TLSv1.3 sni api.example.com" }, r.trace[2])
+      -- no SNI for an IP address, as clients send none
+      r = cfg:request { host = "127.0.0.1", path = "/a", tls = true }
+      assert.equal("TLSv1.3|TLS_AES_128_GCM_SHA256|nil|nil", r.headers["x-tls"])
+      assert.equal("tls TLSv1.3 sni (none)", r.trace[2].text)
+    end)
+
+    it("take the handshake's fields, and the response hooks see them too", function()
+      local r = cfg:request { host = "api.example.com", path = "/a", tls = { version = "TLSv1.2",
+        cipher = "ECDHE-RSA-AES128-GCM-SHA256", sni = "www.example.com", client_subject = "CN=client-one" } }
+      assert.equal("TLSv1.2|ECDHE-RSA-AES128-GCM-SHA256|www.example.com|CN=client-one", r.headers["x-tls"])
+      assert.equal("tls TLSv1.2 sni www.example.com, client CN=client-one", r.trace[2].text)
+      assert.equal("www.example.com", cfg:response(r, { status = 200 }).headers["x-tls-sni"])
+      r = cfg:request { path = "/a", tls = { sni = "only.example.com" } }
+      assert.equal("TLSv1.3|TLS_AES_128_GCM_SHA256|only.example.com|nil", r.headers["x-tls"])
+      assert.has_error(function() cfg:request { path = "/a", tls = "yes" } end,
+        "request: tls must be true or { version =, cipher =, sni =, client_subject = }, got string")
+      assert.has_error(function() cfg:request { path = "/a", tls = { sni = 5 } } end)
+    end)
+
+    it("keep an X-Forwarded-Proto from a trusted proxy, and drop a client's", function()
+      local trusted = load([=[
+proxy.settings { trusted_proxies = { "10.0.0.0/8" } }
+proxy.route { prefix = "/", upstream = proxy.upstream "api" { servers = { "127.0.0.1:9001" } } }
+]=])
+      local r = trusted:request { path = "/", tls = true, remote_addr = "10.1.1.1",
+        headers = { ["X-Forwarded-Proto"] = "http" } }
+      assert.equal("http", r.headers["x-forwarded-proto"])
+      r = trusted:request { path = "/", tls = true, remote_addr = "192.0.2.1", headers = { ["X-Forwarded-Proto"] = "http" } }
+      assert.equal("https", r.headers["x-forwarded-proto"])
+      trusted:close()
+    end)
+  end)
+
   describe("moonproxy --explain", function()
     it("prints where a request goes and why", function()
       local out, rc = h.run(h.quote(h.bin()) .. " -c examples/quickstart.lua --explain 'GET http://api.example.com/api/users?x=1' -H 'X-Thing: 1'")
@@ -394,6 +460,14 @@ proxy.route { path = "/spin", upstream = proxy.upstream "u" { servers = { "127.0
       assert.matches("route:    api\nupstream: demo\nserver:   127.0.0.1:9001\nthe upstream receives:\n  GET /users%?x=1 HTTP/1.1\n  Host: api.example.com\n", out)
       assert.matches("\n  X%-Thing: 1\n", out)
       assert.matches("trace:\n   1%. request  GET http://api.example.com/api/users%?x=1 from 127.0.0.1\n", out)
+    end)
+
+    it("takes an https:// URL as a request over TLS", function()
+      local out, rc = h.run(h.quote(h.bin()) .. " -c examples/quickstart.lua --explain 'GET https://api.example.com/api/users'")
+      assert.equal(0, rc, out)
+      assert.matches("\n  X%-Forwarded%-Proto: https\n", out)
+      assert.matches("trace:\n   1%. request  GET https://api.example.com/api/users from 127.0.0.1\n"
+        .. "   2%. request  tls TLSv1.3 sni api.example.com\n", out)
     end)
 
     it("prints the answer the proxy makes", function()
