@@ -273,19 +273,22 @@ describe("TLS #tls", function()
             assert.is_true(socket.gettime() - t0 < 4, "took " .. (socket.gettime() - t0) .. " s")
         end)
 
-        it("answers a TLS ClientHello on the plain port with 400 or a close, never a hang", function()
+        it("answers a TLS ClientHello on the plain port with 400 or a close at once, never a hang", function()
             local t0 = socket.gettime()
             local c, err = tls.connect(plain, { timeout = 5 })
             if c then c:close() end
             assert.is_nil(c, "a TLS handshake succeeded on the plain port")
             assert.is_nil(tostring(err):find("timeout", 1, true), err)
-            assert.is_true(socket.gettime() - t0 < 4, "took " .. (socket.gettime() - t0) .. " s")
-            -- and the raw bytes of a hello get a 400 or a close too
+            assert.is_true(socket.gettime() - t0 < 1.5, "took " .. (socket.gettime() - t0) .. " s")
+            -- a whole hello record with no LF byte in it (a real one may have none): its first byte
+            -- (22) cannot start a method, so there is nothing to wait for (client_header_timeout is 2 s)
             local rc = assert(raw.connect(plain, { timeout = 5 }))
             finally(function() rc:close() end)
-            assert(rc:send(tls.partial_hello() .. ("\0"):rep(487)))
+            t0 = socket.gettime()
+            assert(rc:send(tls.partial_hello() .. ("\0"):rep(512 - 20)))
             local res, rerr = rc:read_response { timeout = 5 }
             if res then assert.equal(400, res.status) else assert.are_not.equal("timeout", rerr) end
+            assert.is_true(socket.gettime() - t0 < 1.5, "answered after " .. (socket.gettime() - t0) .. " s")
         end)
 
         it("counts failed handshakes in /metrics and does not log one line per client", function()

@@ -207,6 +207,8 @@ function M.connect(port, opts)
     local ok, herr = s:dohandshake()
     if not ok then
         s:close()
+        -- with a timeout set, LuaSec gives up with the direction it was waiting for
+        if herr == "wantread" or herr == "wantwrite" then herr = "timeout (" .. herr .. ")" end
         return nil, "handshake: " .. tostring(herr)
     end
     c.sock = setmetatable({ s = s, tcp = c.sock }, Shim)
