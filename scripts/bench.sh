@@ -68,6 +68,11 @@
 #                    exact figure, plus the inclusive cost of the hook entry
 #                    (mp_hook_pre + mp_hook_release); build/bench-hooks-callgrind.md,
 #                    profiles in build/callgrind.out.hooks-<config>.
+# TLS (scripts/bench/tls.sh): TLS=1 puts nginx, HAProxy and moonproxy behind a
+#   TLS listener (same certificates, RSA 2048 and ECDSA P-256): keep-alive
+#   requests at TLS_CONNS="10 100", full and resumed handshakes per second
+#   (openssl s_time), idle memory per TLS connection (TLS_IDLE_CONNS=2000), at
+#   TLS_WORKERS="1 2"; to build/bench-tls.md. About 7 min.
 #   The default run ends with a short version of HOOKS=1 (HOOK_ROUNDS=2 of
 #   3 s, about 80 s; whole default run about 3.5 min, under 4), appended to OUT and
 #   written to build/bench-hooks.md; SHORT_HOOKS=0 leaves it out.
@@ -76,7 +81,7 @@
 # The modes live in scripts/bench/, one file each, sourced here: compare.sh (the
 # default run), chunked.sh (BODY=chunked*), hooks.sh (HOOKS=1, and the short hooks
 # part of the default run), callgrind.sh (CALLGRIND=1), malloc.sh (MALLOC_CHECK=1,
-# with its counter malloc_count.c); what they share is in proxies.sh (wrk, the
+# with its counter malloc_count.c), tls.sh (TLS=1); what they share is in proxies.sh (wrk, the
 # backend, the proxies) and lib.sh (processes, ports, /proc, nginx and HAProxy
 # configs; also used by scripts/bench/reload.sh and scripts/bench/tail.sh, which
 # run on their own).
@@ -99,6 +104,8 @@ BENCH_DIR=$(cd "$(dirname "$0")/bench" && pwd)
 . "$BENCH_DIR/callgrind.sh"
 # shellcheck source=bench/malloc.sh
 . "$BENCH_DIR/malloc.sh"
+# shellcheck source=bench/tls.sh
+. "$BENCH_DIR/tls.sh"
 # A failing command would otherwise end the run silently (set -e).
 trap 'log "bench: failed at line $LINENO: $BASH_COMMAND"' ERR
 
@@ -120,6 +127,7 @@ IDLE_CONNS=${IDLE_CONNS:-9000}
 CALLGRIND=${CALLGRIND:-0}
 MALLOC_CHECK=${MALLOC_CHECK:-0}
 HOOKS=${HOOKS:-0}
+TLS=${TLS:-0}
 BODY=${BODY:-}
 if [[ $BODY == chunked* ]]; then   # the body run: no idle-memory or hooks part
     IDLE_CONNS=0 SHORT_HOOKS=0
@@ -147,6 +155,7 @@ HOOKS_OUT=${HOOKS_OUT:-$ROOT/build/bench-hooks.md}
 if [[ $HOOKS == 1 && $CALLGRIND == 1 ]]; then OUT=${OUT:-$ROOT/build/bench-hooks-callgrind.md}
 elif [[ $CALLGRIND == 1 ]]; then OUT=${OUT:-$ROOT/build/bench-callgrind.md}
 elif [[ $MALLOC_CHECK == 1 ]]; then OUT=${OUT:-$ROOT/build/bench-malloc.md}
+elif [[ $TLS == 1 ]]; then OUT=${OUT:-$ROOT/build/bench-tls.md}
 elif [[ $HOOKS == 1 ]]; then OUT=${OUT:-$HOOKS_OUT}
 elif [[ $BODY == chunked* ]]; then OUT=${OUT:-$ROOT/build/bench-$BODY.md}
 else OUT=${OUT:-$ROOT/build/bench-results.md}; fi
@@ -186,6 +195,9 @@ main() {
         callgrind_mode
     elif [[ $MALLOC_CHECK == 1 ]]; then
         malloc_mode
+    elif [[ $TLS == 1 ]]; then
+        [[ -x $HAPROXY ]] || die "$HAPROXY missing (scripts/deps.sh bench)"
+        tls_mode
     elif [[ $HOOKS == 1 ]]; then
         hooks_bench
         hooks_report | tee "$OUT"

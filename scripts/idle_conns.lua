@@ -14,6 +14,8 @@
 --
 -- Needs luajit + luasocket. Blocking sockets only: socket.select() is limited
 -- to FD_SETSIZE (1024) descriptors, far fewer than we hold.
+-- IDLE_CONNS_TLS=1 in the environment: TLS connections (LuaSec, no
+-- certificate verification), for scripts/bench/tls.sh.
 
 local socket = require "socket"
 local ffi = require "ffi"
@@ -110,6 +112,14 @@ for i = 1, n do
   if s then
     s:settimeout(IO_TIMEOUT)
     ok, err = s:connect(host, port)
+    if ok and os.getenv("IDLE_CONNS_TLS") == "1" then
+      s, err = require("ssl").wrap(s, { mode = "client", protocol = "any", verify = "none", options = "all" })
+      ok = s ~= nil
+      if ok then
+        s:settimeout(IO_TIMEOUT)
+        ok, err = s:dohandshake()
+      end
+    end
     if ok then ok, err = s:send(request) end
     if ok then ok, err = read_response(s) end
   end

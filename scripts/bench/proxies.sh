@@ -13,10 +13,11 @@
 WRK_ARGS=()
 
 # run_wrk PORT CONNS DURATION OUTFILE: wrk needs threads <= connections.
+# WRK_SCHEME=https: over TLS (tls.sh).
 run_wrk() {
     local port=$1 c=$2 d=$3 outf=$4 t=2
     ((c < t)) && t=$c
-    "$WRK" -t "$t" -c "$c" -d "$d" --latency "${WRK_ARGS[@]}" "http://127.0.0.1:$port/" >"$outf" 2>&1 ||
+    "$WRK" -t "$t" -c "$c" -d "$d" --latency "${WRK_ARGS[@]}" "${WRK_SCHEME:-http}://127.0.0.1:$port/" >"$outf" 2>&1 ||
         die "wrk failed against 127.0.0.1:$port" "$outf"
 }
 

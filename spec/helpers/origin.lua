@@ -1,13 +1,17 @@
 -- helpers.origin: the real backend the end-to-end specs put behind moonproxy.
 --
 -- As a script:  luajit spec/helpers/origin.lua PORT [NAME] [--idle SECONDS]
---                  [--mode MODE]
+--                  [--mode MODE] [--tls CERT KEY [--client-ca CA]]
 --   One process, one thread: every connection is a coroutine scheduled with
 --   socket.select, so a slow or hanging request never blocks the others.
 --   HTTP/1.1 keep-alive and pipelining, Content-Length and chunked request
 --   bodies (extensions and trailers allowed), `Expect: 100-continue`.
 --   --idle closes a connection idle between requests for SECONDS (default 60).
 --   --mode starts the origin in that failure mode (see /_mode; default ok).
+--   --tls serves TLS (LuaSec, TLS 1.2 and 1.3) with that certificate and
+--   key: the handshake runs in the connection's coroutine over the
+--   non-blocking socket; --client-ca asks every client for a certificate that
+--   CA signed (a client without one fails the handshake).
 -- As a module:  require "helpers.origin" returns the body pattern and the
 --   checksum below (no server is started), so specs compute what to expect.
 --
@@ -21,7 +25,12 @@
 --                    answer. /_stats itself and the connections that carry it
 --                    are not counted. Also `paths`: {path = count} of the
 --                    counted requests (e.g. paths["/health"]: active probes),
---                    and `mode`, `health_mode` (see /_mode).
+--                    and `mode`, `health_mode` (see /_mode). With --tls:
+--                    `tls_handshakes` (completed handshakes, those of the
+--                    /_stats connections left out), `tls_failed` (handshakes
+--                    that failed), `tls_clients` (the CN of each client
+--                    certificate seen, in order) and `tls_sni` (the name each
+--                    handshake asked for, "" for none, in order).
 --   /_mode?set=MODE&health=MODE   failure injection for the whole origin
 --                    (not counted, like /_stats; answers 200 JSON {mode,
 --                    health_mode}). MODE applies to every request after its
@@ -145,6 +154,7 @@ end
 
 local socket = require "socket"
 local cjson = require "cjson"
+local ssl = require "ssl"
 if cjson.encode_empty_table_as_object then cjson.encode_empty_table_as_object(false) end
 
 local MAX_HEAD = 256 * 1024
@@ -153,6 +163,7 @@ local IO_TIMEOUT = 30 -- seconds without progress before giving up on a peer
 local NAME = "origin"
 local IDLE = 60
 local stats = { connections = 0, open = 0, requests = 0, completed = 0, aborted = 0, closed_by_peer = 0 }
+local TLS_CTX = nil -- --tls: LuaSec's server context
 local paths = {} -- path -> counted requests
 local CONTROL = { ["/_stats"] = true, ["/_mode"] = true } -- not counted, never affected by a mode
 local MODE = { kind = "ok", text = "ok" }
@@ -209,6 +220,7 @@ function Conn:fill(deadline)
     while true do
         local data, err, partial = self.sock:receive(65536)
         local got = data or partial
+        if err == "wantread" or err == "wantwrite" then err = "timeout" end -- TLS: not an end
         if err and err ~= "timeout" then self.eof = true end
         if got and #got > 0 then
             self.buf = self.buf .. got
@@ -226,9 +238,11 @@ function Conn:send(data)
         if last then
             i = last + 1
         else
-            if err ~= "timeout" then return nil, err end
-            i = lastpart + 1
-            if i <= n and wait(nil, self.sock, soon()) == "timeout" then return nil, "timeout" end
+            if err ~= "timeout" and err ~= "wantwrite" and err ~= "wantread" then return nil, err end
+            i = (lastpart or i - 1) + 1
+            local r, w = nil, self.sock
+            if err == "wantread" then r, w = self.sock, nil end -- TLS: a record to read first
+            if i <= n and wait(r, w, soon()) == "timeout" then return nil, "timeout" end
         end
     end
     return true
@@ -275,7 +289,7 @@ function Conn:peer_alive()
     local data, err, partial = self.sock:receive(65536)
     local got = data or partial
     if got and #got > 0 then self.buf = self.buf .. got end
-    if err and err ~= "timeout" then
+    if err and err ~= "timeout" and err ~= "wantread" and err ~= "wantwrite" then
         self.eof = true
         return false
     end
@@ -358,6 +372,7 @@ function Conn:read_request()
     if CONTROL[req.path] then
         if self.nreq == 1 then
             self.stats_conn = true
+            if self.handshaken then stats.tls_handshakes = stats.tls_handshakes - 1 end
             stats.connections = stats.connections - 1
             stats_open = stats_open + 1
         end
@@ -593,7 +608,7 @@ handlers["/hang"] = function(c)
 end
 
 handlers["/reset"] = function(c)
-    c.sock:setoption("linger", { on = true, timeout = 0 })
+    c.tcp:setoption("linger", { on = true, timeout = 0 })
     return false
 end
 
@@ -621,7 +636,7 @@ local function apply_mode(c, req, m)
     if m.kind == "status" then
         return true, c:respond(req, m.code, { { "Content-Type", "text/plain" } }, "mode " .. m.code .. "\n")
     elseif m.kind == "reset" then
-        c.sock:setoption("linger", { on = true, timeout = 0 })
+        c.tcp:setoption("linger", { on = true, timeout = 0 })
         return true, false
     elseif m.kind == "close" then
         return true, false
@@ -638,7 +653,7 @@ local function apply_mode(c, req, m)
         return false
     elseif m.kind == "partial" then
         c:send(build_head(req, 200, { { "Content-Length", "2000" } }, true) .. M.pattern(1000))
-        c.sock:setoption("linger", { on = true, timeout = 0 })
+        c.tcp:setoption("linger", { on = true, timeout = 0 })
         return true, false
     end
     return false
@@ -665,12 +680,48 @@ local function handle(c, req)
     return c:respond(req, 200, json_headers(), echo_body(c, req))
 end
 
+-- --tls: the server side of the handshake over the non-blocking socket, the
+-- coroutine waiting whichever way LuaSec asks. True, or nil and why.
+local function tls_accept(c)
+    local s, err = ssl.wrap(c.tcp, TLS_CTX)
+    if not s then return nil, err end
+    s:settimeout(0)
+    c.sock = s
+    local deadline = soon()
+    for _ = 1, 100000 do
+        local ok, herr = s:dohandshake()
+        if ok then
+            c.handshaken = true
+            stats.tls_handshakes = stats.tls_handshakes + 1
+            stats.tls_sni[#stats.tls_sni + 1] = s:getsniname() or ""
+            local cert = s:getpeercertificate()
+            for _, e in ipairs(cert and cert:subject() or {}) do
+                if e.name == "commonName" then stats.tls_clients[#stats.tls_clients + 1] = e.value end
+            end
+            return true
+        end
+        if herr ~= "wantread" and herr ~= "wantwrite" then return nil, herr end
+        local r, w = s, nil
+        if herr == "wantwrite" then r, w = nil, s end
+        if wait(r, w, deadline) == "timeout" then return nil, "handshake timeout" end
+    end
+    return nil, "handshake did not finish"
+end
+
 local function serve(sock)
     accepted = accepted + 1
     stats.connections = stats.connections + 1
     stats.open = stats.open + 1
-    local c = setmetatable({ sock = sock, buf = "", id = accepted, nreq = 0 }, Conn)
+    local c = setmetatable({ sock = sock, tcp = sock, buf = "", id = accepted, nreq = 0 }, Conn)
     local ok, err = pcall(function()
+        if TLS_CTX then
+            local hs, herr = tls_accept(c)
+            if not hs then
+                stats.tls_failed = stats.tls_failed + 1
+                log("connection", c.id, "TLS handshake failed:", tostring(herr))
+                return
+            end
+        end
         while true do
             local req, rerr, bad = c:read_request()
             if not req then
@@ -689,7 +740,7 @@ local function serve(sock)
         end
     end)
     if not ok then log("connection", c.id, "error:", tostring(err)) end
-    sock:close()
+    c.sock:close()
     stats.open = stats.open - 1
     if c.stats_conn then stats_open = stats_open - 1 end
 end
@@ -697,13 +748,21 @@ end
 local function main(argv)
     local port = tonumber(argv[1])
     if not port then
-        io.stderr:write("usage: luajit spec/helpers/origin.lua PORT [NAME] [--idle SECONDS] [--mode MODE]\n")
+        io.stderr:write("usage: luajit spec/helpers/origin.lua PORT [NAME] [--idle SECONDS] [--mode MODE]"
+            .. " [--tls CERT KEY [--client-ca CA]]\n")
         os.exit(2)
     end
     local i = 2
+    local tls_files = {}
     while argv[i] do
         if argv[i] == "--idle" then
             IDLE = assert(tonumber(argv[i + 1]), "--idle needs seconds")
+            i = i + 2
+        elseif argv[i] == "--tls" then
+            tls_files.cert, tls_files.key = assert(argv[i + 1], "--tls CERT KEY"), assert(argv[i + 2], "--tls CERT KEY")
+            i = i + 3
+        elseif argv[i] == "--client-ca" then
+            tls_files.ca = assert(argv[i + 1], "--client-ca CA")
             i = i + 2
         elseif argv[i] == "--mode" then
             local m, err = parse_mode(tostring(argv[i + 1]))
@@ -713,6 +772,16 @@ local function main(argv)
             NAME = argv[i]
             i = i + 1
         end
+    end
+    if tls_files.cert then
+        local err
+        TLS_CTX, err = ssl.newcontext {
+            mode = "server", protocol = "any", certificate = tls_files.cert, key = tls_files.key,
+            cafile = tls_files.ca, verify = tls_files.ca and { "peer", "fail_if_no_peer_cert" } or "none",
+            options = { "all", "no_sslv3", "no_tlsv1", "no_tlsv1_1" },
+        }
+        assert(TLS_CTX, err)
+        stats.tls_handshakes, stats.tls_failed, stats.tls_clients, stats.tls_sni = 0, 0, {}, {}
     end
     local server = assert(socket.bind("127.0.0.1", port, 1024))
     server:settimeout(0)

@@ -291,7 +291,9 @@ local Origin = setmetatable({}, { __index = Proc })
 Origin.__index = Origin
 
 -- Starts helpers/origin.lua on a free port. opts.idle: idle close (seconds);
--- opts.mode: the failure mode it starts in (see Origin:mode).
+-- opts.mode: the failure mode it starts in (see Origin:mode); opts.args: more
+-- arguments (--tls ...); opts.get: what Origin:stats and Origin:mode fetch
+-- with (raw.get's arguments; helpers/tls.lua's origins speak TLS).
 function M.start_origin(name, opts)
     opts = opts or {}
     local port = opts.port or M.free_port()
@@ -304,15 +306,16 @@ function M.start_origin(name, opts)
         argv[#argv + 1] = "--mode"
         argv[#argv + 1] = tostring(opts.mode)
     end
+    for _, a in ipairs(opts.args or {}) do argv[#argv + 1] = a end
     local o = setmetatable(M.spawn(argv), Origin)
-    o.port, o.name, o.addr = port, name, "127.0.0.1:" .. port
+    o.port, o.name, o.addr, o.get = port, name, "127.0.0.1:" .. port, opts.get or raw.get
     wait_listening(o, port, 10, "origin " .. tostring(name))
     return o
 end
 
 -- The origin's counters (see origin.lua: /_stats), fetched directly.
 function Origin:stats()
-    local res, err = raw.get(self.port, "/_stats", nil, { timeout = 5 })
+    local res, err = self.get(self.port, "/_stats", nil, { timeout = 5 })
     assert(res, "origin /_stats: " .. tostring(err))
     assert(res.status == 200, "origin /_stats status " .. tostring(res.status))
     return cjson.decode(res.body)
@@ -326,7 +329,7 @@ function Origin:mode(set, health)
     local q = {}
     if set then q[#q + 1] = "set=" .. set end
     if health then q[#q + 1] = "health=" .. health end
-    local res, err = raw.get(self.port, "/_mode?" .. table.concat(q, "&"), nil, { timeout = 5 })
+    local res, err = self.get(self.port, "/_mode?" .. table.concat(q, "&"), nil, { timeout = 5 })
     assert(res, "origin /_mode: " .. tostring(err))
     assert(res.status == 200, "origin /_mode: " .. tostring(res.status) .. " " .. tostring(res.body))
     return cjson.decode(res.body)
