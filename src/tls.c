@@ -341,14 +341,14 @@ static int ticket_hmac(EVP_MAC_CTX *hctx, unsigned char *key)
 }
 
 /* SSL_CTX_set_tlsext_ticket_key_evp_cb: 1 issued / accepted, 2 accepted
- * under an older key (OpenSSL issues a new ticket), 0 unknown key (a full
- * handshake), -1 failure. */
+ * under an older key (OpenSSL issues a new ticket), 0 no ticket issued or an
+ * unknown key (a full handshake), -1 a failure decrypting. */
 static int on_ticket_key(SSL *ssl, unsigned char key_name[16], unsigned char iv[EVP_MAX_IV_LENGTH],
                          EVP_CIPHER_CTX *cctx, EVP_MAC_CTX *hctx, int enc)
 {
     (void)ssl;
     ticket_key_t k;
-    int rc = -1;
+    int rc = enc ? 0 : -1; /* a ticket that cannot be made is not sent: the handshake goes on */
     if (enc) {
         if (ticket_key(NULL, &k) == 0 && RAND_bytes(iv, 16) == 1 &&
             EVP_EncryptInit_ex(cctx, EVP_aes_256_cbc(), NULL, k.aes, iv) == 1 && ticket_hmac(hctx, k.hmac) == 1) {
