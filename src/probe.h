@@ -1,6 +1,7 @@
 /* probe.h: active health checks (SPEC `health`), run by the main thread
  * off the request path: every `interval` each server of an upstream with a
- * `health` table gets `GET path`; `fall` failed probes in a row mark it down
+ * `health` table gets `GET path` (over TLS, with the upstream's verification,
+ * when it has `tls`); `fall` failed probes in a row mark it down
  * for every worker (mp_peer_t.probe_up), `rise` good ones bring it back.
  * Probes start spread over the first interval, so a restart does not burst. */
 #ifndef MP_PROBE_H
