@@ -1,9 +1,12 @@
 /* admin.c: the admin HTTP endpoints on the main thread's loop. Requests are
- * small and rare: one per connection, answered with Connection: close. */
+ * small and rare: one per connection, answered with Connection: close. With
+ * admin TLS (the current configuration's, so a reload applies to the next
+ * connections) each connection is a TLS session over io.h's transport. */
 #include "admin.h"
 
 #include "health.h"
 #include "http1.h"
+#include "io.h"
 #include "listener.h"
 #include "log.h"
 #include "metrics.h"
@@ -37,7 +40,7 @@ struct mp_admin {
 
 struct admin_conn {
     mp_admin_t *a;
-    int fd;
+    mp_io_t sock; /* fd -1 once closed */
     ev_io io;
     ev_timer timer;
     char in[ADMIN_HEAD_MAX];
@@ -69,9 +72,8 @@ static void close_conn(admin_conn_t *c)
     mp_admin_t *a = c->a;
     ev_io_stop(a->loop, &c->io);
     ev_timer_stop(a->loop, &c->timer);
-    if (c->fd >= 0)
-        close(c->fd);
-    c->fd = -1;
+    if (c->sock.fd >= 0)
+        mp_io_close(&c->sock); /* over TLS: close_notify first */
     if (c->waiting)
         return; /* freed when the reload calls back */
     for (admin_conn_t **p = &a->conns; *p; p = &(*p)->next)
@@ -83,24 +85,30 @@ static void close_conn(admin_conn_t *c)
     free(c);
 }
 
-static void on_conn_io(struct ev_loop *loop, ev_io *io, int revents);
+/* Waits until the connection can go on in direction want (EV_READ or
+ * EV_WRITE): over TLS that may be the other readiness (io.h). */
+static void wait_for(admin_conn_t *c, int want)
+{
+    int events = mp_io_events(&c->sock, want);
+    if (ev_is_active(&c->io) && (c->io.events & (EV_READ | EV_WRITE)) == events)
+        return;
+    ev_io_stop(c->a->loop, &c->io);
+    ev_io_set(&c->io, c->sock.fd, events);
+    ev_io_start(c->a->loop, &c->io);
+}
 
 static void flush(admin_conn_t *c)
 {
     while (c->out_off < c->out_len) {
-        ssize_t n = write(c->fd, c->out + c->out_off, c->out_len - c->out_off);
+        ssize_t n = mp_io_write(&c->sock, c->out + c->out_off, c->out_len - c->out_off);
         if (n > 0) {
             c->out_off += (size_t)n;
             continue;
         }
         if (n < 0 && errno == EINTR)
             continue;
-        if (n < 0 && errno == EAGAIN) {
-            ev_io_stop(c->a->loop, &c->io);
-            ev_io_set(&c->io, c->fd, EV_WRITE);
-            ev_io_start(c->a->loop, &c->io);
-            return;
-        }
+        if (n < 0 && errno == EAGAIN)
+            return wait_for(c, EV_WRITE);
         break;
     }
     close_conn(c);
@@ -256,7 +264,7 @@ static void on_reloaded(void *arg, uint64_t generation, const char *err)
 {
     admin_conn_t *c = arg;
     c->waiting = 0;
-    if (c->fd < 0)
+    if (c->sock.fd < 0)
         return close_conn(c); /* the client left meanwhile */
     mp_strbuf_t b = {0};
     if (err) {
@@ -388,27 +396,67 @@ static void route(admin_conn_t *c, const mp_http_request_t *h)
     respond(c, 404, "text/plain", "not found\n", 10);
 }
 
+/* The TLS handshake failed: a plain HTTP request is told so in plain HTTP
+ * (as on a TLS listener), anything else is closed; logged at most once a
+ * second. */
+static void tls_failed(admin_conn_t *c)
+{
+    static mp_log_limit_t lim;
+    int plain = mp_tls_plain_http(c->sock.session); /* before mp_tls_error empties the error queue */
+    char why[160];
+    mp_log_limited(&lim, MP_LOG_INFO, "admin: TLS handshake failed: %s",
+                   plain ? "a plain HTTP request on the TLS port (400)"
+                         : mp_tls_error(c->sock.session, why, sizeof(why)));
+    if (!plain)
+        return close_conn(c);
+    mp_io_ops_close(&c->sock); /* plain from here on, for the answer */
+    for (int i = 0; i < 4 && mp_io_read(&c->sock, c->in, sizeof(c->in)) > 0; i++)
+        ; /* what the request sent so far: read, so that the close does not reset the answer */
+    ev_io_stop(c->a->loop, &c->io);
+    respond(c, 400, "text/plain", "plain HTTP on the TLS admin port: use https\n", 44);
+}
+
+/* Reads (the handshake first, over TLS) until a request head is whole. */
+static void on_readable(admin_conn_t *c)
+{
+    if (c->sock.handshaking) {
+        int rc = mp_io_handshake(&c->sock);
+        if (rc == MP_EAGAIN)
+            return wait_for(c, EV_READ);
+        if (rc != 0)
+            return tls_failed(c);
+    }
+    for (;;) {
+        ssize_t n = mp_io_read(&c->sock, c->in + c->len, sizeof(c->in) - c->len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN)
+            return wait_for(c, EV_READ);
+        if (n <= 0)
+            return close_conn(c);
+        c->len += (size_t)n;
+        static mp_http_request_t h; /* the main thread's only */
+        mp_http_limits_t lim = {ADMIN_HEAD_MAX, ADMIN_HEAD_MAX};
+        int rc = mp_http1_parse_request(c->in, c->len, &c->scanned, &lim, &h);
+        if (rc == MP_EAGAIN && c->len < sizeof(c->in)) {
+            if (mp_io_pending(&c->sock))
+                continue; /* bytes the session holds: no readiness will announce them */
+            return wait_for(c, EV_READ);
+        }
+        ev_io_stop(c->a->loop, &c->io);
+        if (rc < 0)
+            return respond(c, rc == MP_EAGAIN ? 431 : h.status ? h.status : 400, "text/plain", "bad request\n", 12);
+        return route(c, &h);
+    }
+}
+
 static void on_conn_io(struct ev_loop *loop, ev_io *io, int revents)
 {
     (void)loop;
     admin_conn_t *c = container_of(io, admin_conn_t, io);
-    if (revents & EV_WRITE)
-        return flush(c);
-    ssize_t n = read(c->fd, c->in + c->len, sizeof(c->in) - c->len);
-    if (n < 0 && (errno == EAGAIN || errno == EINTR))
-        return;
-    if (n <= 0)
-        return close_conn(c);
-    c->len += (size_t)n;
-    static mp_http_request_t h; /* the main thread's only */
-    mp_http_limits_t lim = {ADMIN_HEAD_MAX, ADMIN_HEAD_MAX};
-    int rc = mp_http1_parse_request(c->in, c->len, &c->scanned, &lim, &h);
-    if (rc == MP_EAGAIN && c->len < sizeof(c->in))
-        return;
-    ev_io_stop(c->a->loop, &c->io);
-    if (rc < 0)
-        return respond(c, rc == MP_EAGAIN ? 431 : h.status ? h.status : 400, "text/plain", "bad request\n", 12);
-    route(c, &h);
+    if (c->out) /* answering: the watcher waits for what the write needs */
+        return (mp_io_revents(&c->sock, revents) & EV_WRITE) ? flush(c) : (void)0;
+    on_readable(c);
 }
 
 static void on_conn_timeout(struct ev_loop *loop, ev_timer *t, int revents)
@@ -450,8 +498,17 @@ static void on_accept(struct ev_loop *loop, ev_io *io, int revents)
             close(fd);
             return;
         }
+        mp_io_init(&c->sock, fd);
+        mp_tls_server_t *tls = mp_reloader_config(a->rl)->admin_tls; /* the current configuration's */
+        SSL *ssl = tls ? mp_tls_server_session(tls, fd) : NULL;
+        if (tls && !ssl) {
+            mp_io_close(&c->sock);
+            free(c);
+            return;
+        }
+        if (ssl)
+            mp_io_tls(&c->sock, ssl);
         c->a = a;
-        c->fd = fd;
         c->next = a->conns;
         a->conns = c;
         ev_io_init(&c->io, on_conn_io, fd, EV_READ);

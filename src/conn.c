@@ -30,15 +30,23 @@ static void request_done(mp_conn_t *c);
 static void conn_fail(mp_conn_t *c, int status);
 static void respond(mp_conn_t *c);
 
-/* Sets the events the client watcher waits for (EV_READ | EV_WRITE). */
+_Static_assert((int)EV_READ == (int)MP_IO_READ && (int)EV_WRITE == (int)MP_IO_WRITE, "io.h directions are libev's");
+
+/* Sets the events the client watcher waits for (EV_READ | EV_WRITE), as the
+ * transport needs them: a TLS read may wait for writability, and bytes TLS
+ * already holds are read without waiting. */
 static void conn_want(mp_conn_t *c, int events)
 {
-    if ((c->io.events & (EV_READ | EV_WRITE)) == events && (events == 0) == !ev_is_active(&c->io))
-        return;
-    ev_io_stop(c->side.ctx->loop, &c->io);
-    ev_io_modify(&c->io, events);
-    if (events)
-        ev_io_start(c->side.ctx->loop, &c->io);
+    c->want = (uint8_t)events;
+    int watch = mp_io_events(&c->side.sock, events);
+    if ((c->io.events & (EV_READ | EV_WRITE)) != watch || (watch == 0) != !ev_is_active(&c->io)) {
+        ev_io_stop(c->side.ctx->loop, &c->io);
+        ev_io_modify(&c->io, watch);
+        if (watch)
+            ev_io_start(c->side.ctx->loop, &c->io);
+    }
+    if ((events & EV_READ) && mp_io_pending(&c->side.sock))
+        ev_feed_event(c->side.ctx->loop, &c->io, EV_READ);
 }
 
 /* Arms the connection timer for `seconds` (ev_timer_again); 0 stops it. */
@@ -117,15 +125,19 @@ int mp_conn_reclaim_idle(mp_io_ctx_t *ctx)
     return 1;
 }
 
-void mp_conn_accept(mp_io_ctx_t *ctx, int fd, const struct sockaddr *peer)
+void mp_conn_accept(mp_io_ctx_t *ctx, int fd, const struct sockaddr *peer, mp_tls_server_t *tls)
 {
     mp_conn_t *c = calloc(1, sizeof(*c));
-    if (!c) {
+    SSL *ssl = c && tls ? mp_tls_server_session(tls, fd) : NULL;
+    if (!c || (tls && !ssl)) {
+        free(c);
         mp_io_close(&(mp_io_t){.fd = fd});
         return;
     }
     c->side.ctx = ctx;
     mp_io_init(&c->side.sock, fd);
+    if (ssl)
+        mp_io_tls(&c->side.sock, ssl);
     if (peer->sa_family == AF_INET6) {
         memcpy(&c->peer, peer, sizeof(c->peer));
     } else {
@@ -140,6 +152,7 @@ void mp_conn_accept(mp_io_ctx_t *ctx, int fd, const struct sockaddr *peer)
     mp_metrics_add(&ctx->metrics.conns, 1);
     ctx->stats.accepted++;
     c->state = MP_CS_HEAD;
+    c->want = EV_READ;
     ev_io_init(&c->io, on_io, fd, EV_READ);
     ev_init(&c->timer, on_timer);
     conn_timer(c, ctx->cfg->settings.client_header_timeout);
@@ -147,6 +160,12 @@ void mp_conn_accept(mp_io_ctx_t *ctx, int fd, const struct sockaddr *peer)
     /* The listener defers accept until data arrives: read it now. */
     on_readable(c);
 }
+
+/* What a TLS connection keeps of its handshake, for its requests. */
+struct mp_conn_tls {
+    mp_tls_info_t info;
+    char subject[256]; /* info.client_subject points here */
+};
 
 /* Requests come from a per-worker free list: steady traffic does not
  * malloc. */
@@ -162,7 +181,54 @@ static mp_req_t *req_new(mp_conn_t *c)
     }
     mp_req_reset(r, &ctx->env, mp_gen_ref(ctx->gen), (const struct sockaddr *)&c->peer, ev_now(ctx->loop));
     r->client = &c->side;
+    r->tls = c->tls ? &c->tls->info : NULL;
     return r;
+}
+
+/* The handshake failed: counted, and logged at most once a second (a
+ * scanner must not fill the log). A plain HTTP request sent to the TLS port
+ * is told so in plain HTTP; anything else is closed. */
+static void tls_failed(mp_conn_t *c)
+{
+    static mp_log_limit_t lim;
+    mp_io_ctx_t *ctx = c->side.ctx;
+    SSL *ssl = c->side.sock.session;
+    int plain = mp_tls_plain_http(ssl);
+    char why[160];
+    mp_metrics_add(&ctx->metrics.tls[0][MP_TLS_FAILED], 1);
+    mp_env_log_limited(&lim, &ctx->env, MP_LOG_INFO, "TLS handshake failed: %s",
+                       plain ? "a plain HTTP request on a TLS port (400)" : mp_tls_error(ssl, why, sizeof(why)));
+    if (!plain)
+        return mp_conn_close(c);
+    mp_io_ops_close(&c->side.sock); /* plain from here on, for the answer */
+    if (!c->side.req && !(c->side.req = req_new(c)))
+        return mp_conn_close(c);
+    c->side.req->keepalive = 0; /* and the request is left unread, so the answer lingers (no reset) */
+    conn_fail(c, 400);
+}
+
+/* Drives the TLS handshake of a new connection. Returns 0 once it is done
+ * (what it told is kept for the requests), -1 while it waits or when it
+ * failed (the connection is then answered or closed). */
+static int tls_handshake(mp_conn_t *c)
+{
+    mp_io_ctx_t *ctx = c->side.ctx;
+    int rc = mp_io_handshake(&c->side.sock);
+    if (rc == MP_EAGAIN) {
+        conn_want(c, EV_READ);
+        return -1;
+    }
+    if (rc != 0) {
+        tls_failed(c);
+        return -1;
+    }
+    if (!(c->tls = malloc(sizeof(*c->tls)))) {
+        mp_conn_close(c);
+        return -1;
+    }
+    mp_tls_info(c->side.sock.session, &c->tls->info, c->tls->subject, sizeof(c->tls->subject));
+    mp_metrics_add(&ctx->metrics.tls[0][c->tls->info.resumed ? MP_TLS_RESUMED : MP_TLS_FULL], 1);
+    return 0;
 }
 
 /* How the exchange (upstream.c) reports to its connection (arg: the mp_conn_t). */
@@ -241,6 +307,8 @@ static void on_readable(mp_conn_t *c)
 {
     mp_io_ctx_t *ctx = c->side.ctx;
     MP_ASSERT(c->state == MP_CS_IDLE || c->state == MP_CS_HEAD);
+    if (MP_UNLIKELY(c->side.sock.handshaking) && tls_handshake(c) != 0)
+        return;
     if (mp_buf_acquire(&c->side.in, &ctx->bufs) != 0)
         return mp_conn_close(c);
     for (;;) {
@@ -283,10 +351,8 @@ static void linger_read(mp_conn_t *c)
     }
 }
 
-static void on_io(struct ev_loop *loop, ev_io *io, int revents)
+static void dispatch(mp_conn_t *c, int revents)
 {
-    (void)loop;
-    mp_conn_t *c = container_of(io, mp_conn_t, io);
     switch (c->state) {
     case MP_CS_PROXY: return mp_upstream_on_client(c->side.req, revents);
     case MP_CS_LOCAL:
@@ -296,6 +362,22 @@ static void on_io(struct ev_loop *loop, ev_io *io, int revents)
     case MP_CS_LINGER: return linger_read(c);
     default: return on_readable(c);
     }
+}
+
+static void on_io(struct ev_loop *loop, ev_io *io, int revents)
+{
+    (void)loop;
+    mp_conn_t *c = container_of(io, mp_conn_t, io);
+    if (MP_LIKELY(!c->side.sock.ops))
+        return dispatch(c, revents);
+    /* TLS: readiness for what a blocked call waits for is that call's, and
+     * what the calls left blocked may have changed what to watch */
+    revents = mp_io_revents(&c->side.sock, revents);
+    if (mp_io_pending(&c->side.sock))
+        revents |= EV_READ;
+    dispatch(c, revents);
+    if (!c->side.closed && c->side.sock.ops)
+        conn_want(c, c->want);
 }
 
 static void on_timer(struct ev_loop *loop, ev_timer *t, int revents)
@@ -378,6 +460,11 @@ static void log_request(mp_conn_t *c, mp_req_t *r)
         e.upstream_time = (r->t_up_end ? r->t_up_end : now) - r->t_up_start;
     }
     e.duration = now - r->t_start;
+    if (r->tls) {
+        e.tls = (mp_slice){r->tls->version, strlen(r->tls->version)};
+        if (r->tls->sni)
+            e.sni = (mp_slice){r->tls->sni, strlen(r->tls->sni)};
+    }
     mp_alog_write(&ctx->alog, &e);
 }
 
@@ -600,6 +687,8 @@ void mp_conn_close(mp_conn_t *c)
     ev_io_stop(ctx->loop, &c->io);
     ev_timer_stop(ctx->loop, &c->timer);
     mp_io_close(&c->side.sock);
+    free(c->tls);
+    c->tls = NULL;
     mp_buf_release(&c->side.in, &ctx->bufs);
     mp_buf_release(&c->side.out, &ctx->bufs);
     unlink_conn(&ctx->conns, c);

@@ -24,6 +24,7 @@ enum mp_conn_state {
 struct mp_conn {
     mp_client_side_t side; /* what upstream.c sees of it (r->client): ctx, socket, in, out, req, closed, read_eof */
     uint8_t state;         /* mp_conn_state */
+    uint8_t want;          /* the events last asked for (conn_want), before the transport maps them */
     ev_io io;
     ev_timer timer;
     size_t scanned;                   /* parser resume point for the head in progress */
@@ -31,10 +32,12 @@ struct mp_conn {
     unsigned requests;                /* served on this connection */
     mp_conn_t *prev, *next;           /* ctx->conns, or ctx->graveyard */
     mp_conn_t *idle_prev, *idle_next; /* ctx's idle LRU while MP_CS_IDLE (prev: newer) */
+    struct mp_conn_tls *tls;          /* what the TLS handshake told (req.tls); NULL when plain or before it */
 };
 
-/* Takes ownership of an accepted, non-blocking fd. */
-void mp_conn_accept(mp_io_ctx_t *ctx, int fd, const struct sockaddr *peer);
+/* Takes ownership of an accepted, non-blocking fd; over TLS when tls is
+ * not NULL (the listener's, from the current configuration). */
+void mp_conn_accept(mp_io_ctx_t *ctx, int fd, const struct sockaddr *peer, mp_tls_server_t *tls);
 
 /* Closes the client connection (and cancels its exchange). Memory is freed
  * before the worker's next poll, so a caller's pointers stay valid until it

@@ -4,6 +4,7 @@
 
 const char mp_err_connect[] = "connect failed";
 const char mp_err_connect_timeout[] = "connect timed out";
+const char mp_err_tls[] = "TLS handshake failed";
 const char mp_err_send_timeout[] = "send timed out";
 const char mp_err_read_timeout[] = "read timed out";
 const char mp_err_reset[] = "connection broken";

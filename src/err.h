@@ -31,6 +31,7 @@ enum {
  * retries). A timeout is one of the three *_timeout: they answer 504. */
 extern const char mp_err_connect[];         /* connecting failed (refused, unreachable) */
 extern const char mp_err_connect_timeout[]; /* no connection within connect_timeout */
+extern const char mp_err_tls[];             /* the TLS handshake failed (the certificate did not verify, ...) */
 extern const char mp_err_send_timeout[];    /* the request could not be written in time */
 extern const char mp_err_read_timeout[];    /* no response (head) in time */
 extern const char mp_err_reset[];           /* the connection broke before a response head */

@@ -96,6 +96,16 @@ static void back_off(mp_listeners_t *ls, const char *why)
     ev_timer_start(ls->ctx->loop, &ls->retry);
 }
 
+/* The TLS of listener l in the current configuration (NULL: plain). A
+ * reload that changed the listen addresses keeps the sockets (they apply
+ * at the next restart): a socket past the new list is plain. */
+static mp_tls_server_t *listen_tls(mp_listeners_t *ls, mp_listener_t *l)
+{
+    const mp_config_t *cfg = ls->ctx->cfg;
+    size_t i = (size_t)(l - ls->v);
+    return cfg->listen_tls && i < cfg->nlistens ? cfg->listen_tls[i] : NULL;
+}
+
 /* accept(2) passes errors of a connection that died in the queue through. */
 static int dead_in_queue(int err)
 {
@@ -137,7 +147,7 @@ static void accept_some(mp_listener_t *l)
         }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-        mp_conn_accept(ls->ctx, fd, (struct sockaddr *)&ss);
+        mp_conn_accept(ls->ctx, fd, (struct sockaddr *)&ss, listen_tls(ls, l));
     }
 }
 

@@ -314,6 +314,20 @@ static void render_process(mp_strbuf_t *b, const mp_metrics_src_t *src)
            "Open connections: client ones, and idle pooled upstream ones (upstream_idle).");
     mp_strbuf_printf(b, "moonproxy_connections{state=\"client\"} %llu\n", (unsigned long long)conns);
     mp_strbuf_printf(b, "moonproxy_connections{state=\"upstream_idle\"} %llu\n", (unsigned long long)idle);
+    static const char *const tls_results[MP_TLS_RESULTS] = {"full", "resumed", "failed"};
+    static const char *const tls_names[2] = {"moonproxy_tls_handshakes_total",
+                                             "moonproxy_upstream_tls_handshakes_total"};
+    static const char *const tls_help[2] = {"TLS handshakes with clients, by result (full, resumed, failed).",
+                                            "TLS handshakes with upstream servers, by result (full, resumed, failed)."};
+    for (int side = 0; side < 2; side++) {
+        header(b, tls_names[side], "counter", tls_help[side]);
+        for (int k = 0; k < MP_TLS_RESULTS; k++) {
+            uint64_t n = 0;
+            for (int w = 0; w < src->nworkers; w++)
+                n += LOAD(src->workers[w]->tls[side][k]);
+            mp_strbuf_printf(b, "%s{result=\"%s\"} %llu\n", tls_names[side], tls_results[k], (unsigned long long)n);
+        }
+    }
     header(b, "moonproxy_reloads_total", "counter", "Reloads and rollbacks, by result.");
     mp_strbuf_printf(b, "moonproxy_reloads_total{result=\"ok\"} %llu\n", (unsigned long long)src->reloads_ok);
     mp_strbuf_printf(b, "moonproxy_reloads_total{result=\"refused\"} %llu\n", (unsigned long long)src->reloads_refused);

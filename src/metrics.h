@@ -27,6 +27,9 @@ typedef struct mp_route_stats {
     _Atomic double sum;                             /* seconds */
 } mp_route_stats_t;
 
+/* How a TLS handshake ended (moonproxy_tls_handshakes_total{result}). */
+enum mp_tls_result { MP_TLS_FULL, MP_TLS_RESUMED, MP_TLS_FAILED, MP_TLS_RESULTS };
+
 /* A worker's counters; a zeroed struct is a valid empty one. */
 typedef struct {
     mp_route_stats_t *routes[MP_METRICS_ROUTES]; /* [0, nroutes) published */
@@ -34,6 +37,7 @@ typedef struct {
     mp_route_stats_t *none;                      /* the worker's "_none" entry, cached */
     _Atomic uint64_t conns;                      /* open client connections */
     _Atomic uint64_t idle_up;                    /* idle pooled upstream connections */
+    _Atomic uint64_t tls[2][MP_TLS_RESULTS];     /* TLS handshakes: [0] of clients, [1] to upstreams */
 } mp_metrics_t;
 
 /* Worker side: the entry of a route name (NULL: no route matched), created

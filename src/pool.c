@@ -5,16 +5,36 @@
 #include <errno.h>
 #include <stdlib.h>
 
+/* A server's pool is its upstream's name, its address and, for TLS, what
+ * its connections were verified as: a reload that changes any of them
+ * starts a new pool, so no connection made for other settings is reused. */
+static int same_tls(const char *a, const char *b)
+{
+    return a == b || (a && b && strcmp(a, b) == 0);
+}
+
+static void server_pool_free(mp_server_pool_t *sp)
+{
+    free(sp->upstream);
+    free(sp->addr.text);
+    free(sp->tls);
+    mp_tls_session_free(&sp->tls_session);
+    free(sp);
+}
+
 static mp_server_pool_t *server_pool(mp_io_ctx_t *ctx, const mp_upstream_def_t *def, const mp_server_def_t *srv)
 {
+    char key[512];
+    const char *tls = def->tls ? mp_tls_client_key(def->tls, def->tls_name, key, sizeof(key)) : NULL;
     for (mp_server_pool_t *sp = ctx->server_pools; sp; sp = sp->next)
-        if (strcmp(sp->upstream, def->name) == 0 && strcmp(sp->addr.text, srv->addr.text) == 0)
+        if (strcmp(sp->upstream, def->name) == 0 && strcmp(sp->addr.text, srv->addr.text) == 0 &&
+            same_tls(sp->tls, tls))
             return sp;
     mp_server_pool_t *sp = calloc(1, sizeof(*sp));
-    if (!sp || !(sp->upstream = strdup(def->name)) || !(sp->addr.text = strdup(srv->addr.text))) {
+    if (!sp || !(sp->upstream = strdup(def->name)) || !(sp->addr.text = strdup(srv->addr.text)) ||
+        (tls && !(sp->tls = strdup(tls)))) {
         if (sp)
-            free(sp->upstream);
-        free(sp);
+            server_pool_free(sp);
         return NULL;
     }
     sp->addr.ss = srv->addr.ss;
@@ -35,9 +55,7 @@ static void server_pool_unref(mp_io_ctx_t *ctx, mp_server_pool_t *sp)
             *p = sp->next;
             break;
         }
-    free(sp->upstream);
-    free(sp->addr.text);
-    free(sp);
+    server_pool_free(sp);
 }
 
 mp_pool_t *mp_pools_new(mp_io_ctx_t *ctx, const mp_config_t *cfg)
@@ -79,12 +97,24 @@ void mp_pools_free(mp_io_ctx_t *ctx, mp_pool_t *pools, size_t n)
 void mp_upconn_want(mp_upconn_t *u, int events)
 {
     MP_ASSERT(u->state != MP_UP_CLOSED);
-    if ((u->io.events & (EV_READ | EV_WRITE)) == events && (events == 0) == !ev_is_active(&u->io))
-        return;
-    ev_io_stop(u->ctx->loop, &u->io);
-    ev_io_modify(&u->io, events);
-    if (events)
-        ev_io_start(u->ctx->loop, &u->io);
+    u->want = (uint8_t)events;
+    int watch = mp_io_events(&u->sock, events);
+    if ((u->io.events & (EV_READ | EV_WRITE)) != watch || (watch == 0) != !ev_is_active(&u->io)) {
+        ev_io_stop(u->ctx->loop, &u->io);
+        ev_io_modify(&u->io, watch);
+        if (watch)
+            ev_io_start(u->ctx->loop, &u->io);
+    }
+    if ((events & EV_READ) && mp_io_pending(&u->sock))
+        ev_feed_event(u->ctx->loop, &u->io, EV_READ);
+}
+
+int mp_upconn_revents(mp_upconn_t *u, int revents)
+{
+    revents = mp_io_revents(&u->sock, revents);
+    if (mp_io_pending(&u->sock))
+        revents |= EV_READ;
+    return revents;
 }
 
 void mp_upconn_timer(mp_upconn_t *u, double seconds)

@@ -28,6 +28,7 @@ struct mp_upconn {
     mp_io_t sock;         /* the socket to the server (ev_io watches sock.fd) */
     uint8_t state;        /* mp_upconn_state */
     uint8_t reused;       /* taken from the idle pool for the current request */
+    uint8_t want;         /* the events last asked for (mp_upconn_want), before the transport maps them */
     mp_server_pool_t *sp; /* its server; kept alive by the request's generation */
     ev_io io;
     ev_timer timer;
@@ -42,9 +43,11 @@ struct mp_upconn {
 
 /* One server of one upstream, in one worker. */
 struct mp_server_pool {
-    char *upstream; /* upstream name */
-    mp_addr_t addr; /* a copy: the pool outlives the configuration */
-    int keepalive;  /* from the newest generation using it */
+    char *upstream;           /* upstream name */
+    mp_addr_t addr;           /* a copy: the pool outlives the configuration */
+    char *tls;                /* NULL: plain; else what its TLS connections were made for (mp_pool_tls_key) */
+    SSL_SESSION *tls_session; /* the server's last session ticket, offered by the next handshake */
+    int keepalive;            /* from the newest generation using it */
     double keepalive_timeout;
     mp_upconn_t *idle; /* most recently used first */
     unsigned nidle;
@@ -93,6 +96,10 @@ void mp_upconn_reap(mp_io_ctx_t *ctx);
 
 /* Sets the events u waits for, and its timer (0: stopped). */
 void mp_upconn_want(mp_upconn_t *u, int events);
+
+/* The readiness libev reported for u, as its caller's directions (TLS: see
+ * mp_io_revents; bytes the session holds count as readable). */
+int mp_upconn_revents(mp_upconn_t *u, int revents);
 void mp_upconn_timer(mp_upconn_t *u, double seconds);
 
 

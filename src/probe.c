@@ -1,5 +1,9 @@
 /* probe.c: active health checks on the main thread's loop: one small HTTP
- * exchange per server per interval, non-blocking, with a timeout. */
+ * exchange per server per interval, non-blocking, with a timeout; over TLS
+ * when the upstream's servers speak it (the handshake is part of the check,
+ * and its failure a failed probe). A probe holds the TLS context of the
+ * configuration it was last synced with (mp_tls_client_hold), so a reload
+ * never frees it under a probe. */
 #include "probe.h"
 
 #include "health.h"
@@ -12,7 +16,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-enum { IDLE, CONNECTING, SENDING, READING };
+enum { IDLE, CONNECTING, HANDSHAKE, SENDING, READING };
 
 typedef struct probe {
     mp_probes_t *pr;
@@ -23,7 +27,11 @@ typedef struct probe {
     double interval, timeout;
     int rise, fall;
     mp_statuses_t statuses;
-    ev_timer timer; /* the next probe, or the current one's timeout */
+    mp_tls_client_t *tls; /* held; NULL: plain TCP */
+    char *tls_name;       /* SNI and the name verified */
+    SSL_SESSION *session; /* to resume the next probe's handshake with */
+    int stale_session;    /* synced since: the next probe starts without it */
+    ev_timer timer;       /* the next probe, or the current one's timeout */
     ev_io io;
     mp_io_t sock;
     int state;
@@ -98,9 +106,27 @@ static void skip(probe_t *p, int err)
     ev_timer_start(p->pr->loop, &p->timer);
 }
 
+/* Waits until the exchange can go on in direction want (MP_IO_READ or
+ * MP_IO_WRITE): over TLS that may be the other readiness (io.h). */
+static void wait_for(probe_t *p, int want)
+{
+    int events = mp_io_events(&p->sock, want);
+    if (ev_is_active(&p->io) && (p->io.events & (EV_READ | EV_WRITE)) == events)
+        return;
+    ev_io_stop(p->pr->loop, &p->io);
+    ev_io_set(&p->io, p->sock.fd, events);
+    ev_io_start(p->pr->loop, &p->io);
+}
+
 static void start(probe_t *p)
 {
     struct ev_loop *loop = p->pr->loop;
+    if (p->stale_session) {
+        /* made under the previous configuration's context: its checks may
+         * have changed, and a resumed session is not verified again */
+        mp_tls_session_free(&p->session);
+        p->stale_session = 0;
+    }
     if (mp_io_connect(&p->sock, (struct sockaddr *)&p->ss, p->sslen) < 0)
         return mp_upconn_local_error(errno) ? skip(p, errno) : verdict(p, 0, strerror(errno));
     int n = snprintf(p->buf, sizeof(p->buf),
@@ -109,8 +135,7 @@ static void start(probe_t *p)
     p->len = n < (int)sizeof(p->buf) ? (size_t)n : sizeof(p->buf) - 1;
     p->sent = 0;
     p->state = CONNECTING;
-    ev_io_set(&p->io, p->sock.fd, EV_WRITE);
-    ev_io_start(loop, &p->io);
+    wait_for(p, MP_IO_WRITE);
     ev_timer_stop(loop, &p->timer);
     ev_timer_set(&p->timer, p->timeout, 0);
     ev_timer_start(loop, &p->timer);
@@ -126,12 +151,36 @@ static void on_timer(struct ev_loop *loop, ev_timer *t, int revents)
     verdict(p, 0, "timed out");
 }
 
+/* Connected: over TLS, the session (the handshake comes next). */
+static void connected(probe_t *p)
+{
+    p->state = SENDING;
+    if (!p->tls)
+        return;
+    SSL *ssl = mp_tls_client_session(p->tls, p->sock.fd, p->tls_name, &p->session);
+    if (!ssl)
+        return skip(p, ENOMEM);
+    mp_io_tls(&p->sock, ssl);
+    p->state = HANDSHAKE;
+}
+
 static void on_writable(probe_t *p)
 {
     if (p->state == CONNECTING) {
         int err = mp_io_connect_result(&p->sock);
         if (err != 0)
             return verdict(p, 0, err > 0 ? strerror(err) : "connect failed");
+        connected(p);
+        if (p->state == IDLE)
+            return; /* skipped */
+    }
+    if (p->state == HANDSHAKE) {
+        int rc = mp_io_handshake(&p->sock);
+        if (rc == MP_EAGAIN)
+            return wait_for(p, MP_IO_WRITE);
+        char why[160];
+        if (rc != 0)
+            return verdict(p, 0, mp_tls_error(p->sock.session, why, sizeof(why)));
         p->state = SENDING;
     }
     ssize_t n = mp_io_write(&p->sock, p->buf + p->sent, p->len - p->sent);
@@ -140,23 +189,24 @@ static void on_writable(probe_t *p)
     if (n > 0 && (p->sent += (size_t)n) == p->len) {
         p->state = READING;
         p->len = 0;
-        ev_io_stop(p->pr->loop, &p->io);
-        ev_io_set(&p->io, p->sock.fd, EV_READ);
-        ev_io_start(p->pr->loop, &p->io);
+        return wait_for(p, MP_IO_READ);
     }
+    wait_for(p, MP_IO_WRITE);
 }
 
 /* Only the status line matters: "HTTP/1.x NNN". */
 static void on_readable(probe_t *p)
 {
     ssize_t n = mp_io_read(&p->sock, p->buf + p->len, sizeof(p->buf) - 1 - p->len);
-    if (n < 0 && (errno == EAGAIN || errno == EINTR))
-        return;
+    if (n < 0 && errno == EINTR)
+        return on_readable(p);
+    if (n < 0 && errno == EAGAIN)
+        return wait_for(p, MP_IO_READ);
     if (n <= 0)
         return verdict(p, 0, n == 0 ? "closed before answering" : strerror(errno));
     p->len += (size_t)n;
     if (p->len < 12)
-        return;
+        return mp_io_pending(&p->sock) ? on_readable(p) : wait_for(p, MP_IO_READ);
     const char *b = p->buf;
     if (memcmp(b, "HTTP/1.", 7) != 0 || b[8] != ' ' || b[9] < '1' || b[9] > '9' || b[10] < '0' || b[10] > '9' ||
         b[11] < '0' || b[11] > '9')
@@ -171,10 +221,11 @@ static void on_io(struct ev_loop *loop, ev_io *io, int revents)
 {
     (void)loop;
     probe_t *p = container_of(io, probe_t, io);
-    if (revents & EV_WRITE)
-        on_writable(p);
-    else if (revents & EV_READ)
+    revents = mp_io_revents(&p->sock, revents);
+    if (p->state == READING && (revents & MP_IO_READ))
         on_readable(p);
+    else if (p->state != READING && (revents & MP_IO_WRITE))
+        on_writable(p);
 }
 
 mp_probes_t *mp_probes_new(struct ev_loop *loop)
@@ -187,12 +238,19 @@ mp_probes_t *mp_probes_new(struct ev_loop *loop)
     return pr;
 }
 
-static void set_params(probe_t *p, const mp_health_def_t *h)
+static void set_params(probe_t *p, const mp_upstream_def_t *u, const mp_server_def_t *srv)
 {
+    const mp_health_def_t *h = u->health;
     free(p->path);
     free(p->host);
+    free(p->tls_name);
+    mp_tls_client_free(p->tls);
     p->path = strdup(h->path ? h->path : "/");
     p->host = h->host ? strdup(h->host) : NULL;
+    char name[256];
+    p->tls = mp_tls_client_hold(u->tls);
+    p->tls_name = u->tls ? strdup(mp_tls_server_name(u->tls_name, srv->addr.text, name, sizeof(name))) : NULL;
+    p->stale_session = 1;
     p->interval = h->interval;
     p->timeout = h->timeout;
     p->rise = h->rise;
@@ -200,8 +258,9 @@ static void set_params(probe_t *p, const mp_health_def_t *h)
     p->statuses = h->statuses;
 }
 
-static void add(mp_probes_t *pr, mp_peer_t *peer, const mp_server_def_t *srv, const mp_health_def_t *h)
+static void add(mp_probes_t *pr, mp_peer_t *peer, const mp_upstream_def_t *u, const mp_server_def_t *srv)
 {
+    const mp_health_def_t *h = u->health;
     probe_t *p = calloc(1, sizeof(*p));
     if (!p)
         return;
@@ -211,7 +270,7 @@ static void add(mp_probes_t *pr, mp_peer_t *peer, const mp_server_def_t *srv, co
     p->sslen = srv->addr.sslen;
     mp_io_init(&p->sock, -1);
     p->seen = 1;
-    set_params(p, h);
+    set_params(p, u, srv);
     ev_init(&p->io, on_io);
     /* spread the first probes over one interval */
     pr->rng ^= pr->rng << 13, pr->rng ^= pr->rng >> 7, pr->rng ^= pr->rng << 17;
@@ -229,6 +288,9 @@ static void drop(probe_t *p)
     p->peer->probe_up = 1; /* without checks a server is up */
     free(p->path);
     free(p->host);
+    free(p->tls_name);
+    mp_tls_client_free(p->tls);
+    mp_tls_session_free(&p->session);
     free(p);
 }
 
@@ -248,10 +310,10 @@ void mp_probes_sync(mp_probes_t *pr, const mp_config_t *cfg)
             while (p && p->peer != peer)
                 p = p->next;
             if (p) {
-                set_params(p, u->health);
+                set_params(p, u, &u->servers[s]);
                 p->seen = 1;
             } else {
-                add(pr, peer, &u->servers[s], u->health);
+                add(pr, peer, u, &u->servers[s]);
             }
         }
     }

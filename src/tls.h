@@ -116,9 +116,11 @@ void mp_tls_info(SSL *ssl, mp_tls_info_t *info, char *buf, size_t len);
  * clears), else "connection closed". */
 const char *mp_tls_error(SSL *ssl, char *buf, size_t len);
 
-/* Whether the last failure on ssl was a plain HTTP request sent to a TLS
- * port (OpenSSL's SSL_R_HTTP_REQUEST): such a client is answered in plain
- * HTTP. Ask before mp_tls_error, which clears the error queue. */
+/* Whether the last failed call on ssl (a server session's handshake) failed
+ * because the client spoke plain HTTP on the TLS port (OpenSSL's
+ * SSL_R_HTTP_REQUEST, or SSL_R_HTTPS_PROXY_REQUEST for CONNECT): the caller
+ * answers it with a plain-text 400. It reads the error queue, so ask it
+ * before mp_tls_error (which clears the queue). */
 int mp_tls_plain_http(SSL *ssl);
 
 /* Clears the calling thread's OpenSSL error queue. */

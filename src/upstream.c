@@ -20,6 +20,7 @@ static void connect_to(mp_req_t *r, int server, int fresh);
 static void pump_request(mp_req_t *r);
 static int request_pending(mp_req_t *r);
 static void pump_response(mp_req_t *r);
+static void connected(mp_req_t *r);
 
 static mp_io_ctx_t *ctx_of(mp_req_t *r)
 {
@@ -229,7 +230,7 @@ static void up_error(mp_req_t *r, const char *err)
         mp_upconn_close(u);
     ctx->stats.upstream_errors++;
 
-    int nothing_sent = err == mp_err_connect || err == mp_err_connect_timeout;
+    int nothing_sent = err == mp_err_connect || err == mp_err_connect_timeout || err == mp_err_tls;
     int replayable = r->body_replayable && !r->resp_started && !got_bytes;
     if (replayable && reused && err == mp_err_reset && (is_idempotent(r->h.method) || !r->head_sent)) {
         /* the server had closed an idle connection: not its failure */
@@ -329,6 +330,8 @@ static void connect_to(mp_req_t *r, int server, int fresh)
     attach(r, u);
     if (u->state == MP_UP_CONNECTING)
         return sync_events(r);
+    if (!u->reused)
+        return connected(r);
     pump_request(r);
 }
 
@@ -725,14 +728,73 @@ static void upstream_readable(mp_req_t *r)
     pump_response(r);
 }
 
+/* SNI and the name a server's certificate must carry: the upstream's
+ * server_name, else the host of the server's address ("host:port",
+ * "[v6]:port"), written into buf. */
+static const char *tls_name(const mp_upstream_def_t *d, const mp_server_pool_t *sp, char *buf, size_t len)
+{
+    if (d->tls_name)
+        return d->tls_name;
+    const char *t = sp->addr.text, *end = strrchr(t, ':');
+    size_t n = end ? (size_t)(end - t) : strlen(t);
+    if (n >= 2 && t[0] == '[' && t[n - 1] == ']')
+        t++, n -= 2;
+    snprintf(buf, len, "%.*s", (int)n, t);
+    return buf;
+}
+
+/* The handshake with a TLS upstream failed: a connect failure (nothing was
+ * sent; passive health counts it). Its reason is logged at most once a
+ * second, beside the per-request line up_error writes. */
+static void tls_failed(mp_req_t *r)
+{
+    static mp_log_limit_t lim;
+    const mp_upstream_def_t *d = udef(r);
+    char why[200];
+    mp_metrics_add(&ctx_of(r)->metrics.tls[1][MP_TLS_FAILED], 1);
+    mp_env_log_limited(&lim, r->env, MP_LOG_WARN, "upstream %s server %s: TLS handshake failed: %s", d->name,
+                       d->servers[r->server].addr.text, mp_tls_error(r->up->sock.session, why, sizeof(why)));
+    up_error(r, mp_err_tls);
+}
+
+/* The connection to the server is up. A TLS upstream's handshake comes
+ * next, still CONNECTING and under connect_timeout; then the request. */
+static void connected(mp_req_t *r)
+{
+    mp_upconn_t *u = r->up;
+    const mp_upstream_def_t *d = udef(r);
+    if (d->tls && !u->sock.ops) {
+        char name[256];
+        SSL *ssl = mp_tls_client_session(d->tls, u->sock.fd, tls_name(d, u->sp, name, sizeof(name)),
+                                         &u->sp->tls_session);
+        if (!ssl) {
+            mp_upstream_cancel(r);
+            return client_fail(r, 500);
+        }
+        mp_io_tls(&u->sock, ssl);
+        u->state = MP_UP_CONNECTING;
+    }
+    if (u->sock.handshaking) {
+        int rc = mp_io_handshake(&u->sock);
+        if (rc == MP_EAGAIN)
+            return sync_events(r);
+        if (rc != 0)
+            return tls_failed(r);
+        mp_tls_info_t info;
+        mp_tls_info(u->sock.session, &info, NULL, 0);
+        mp_metrics_add(&ctx_of(r)->metrics.tls[1][info.resumed ? MP_TLS_RESUMED : MP_TLS_FULL], 1);
+    }
+    u->state = MP_UP_ACTIVE;
+    pump_request(r);
+}
+
 static void on_connected(mp_req_t *r)
 {
     mp_upconn_t *u = r->up;
-    if (mp_io_connect_result(&u->sock) != 0)
-        return up_error(r, mp_err_connect);
     MP_ASSERT(u->state == MP_UP_CONNECTING);
-    u->state = MP_UP_ACTIVE;
-    pump_request(r);
+    if (!u->sock.ops && mp_io_connect_result(&u->sock) != 0)
+        return up_error(r, mp_err_connect);
+    connected(r);
 }
 
 static void on_up_io(struct ev_loop *loop, ev_io *io, int revents)
@@ -744,6 +806,8 @@ static void on_up_io(struct ev_loop *loop, ev_io *io, int revents)
         return mp_pool_idle_event(u);
     if (u->state == MP_UP_CONNECTING)
         return on_connected(r);
+    if (MP_UNLIKELY(u->sock.ops != NULL))
+        revents = mp_upconn_revents(u, revents);
     if (revents & EV_WRITE) {
         pump_request(r);
         /* it may have ended the request (and freed r): u outlives this turn */
@@ -752,6 +816,9 @@ static void on_up_io(struct ev_loop *loop, ev_io *io, int revents)
     }
     if ((revents & EV_READ) && u->state == MP_UP_ACTIVE)
         upstream_readable(r);
+    /* TLS: what the calls left blocked may have changed what to watch */
+    if (MP_UNLIKELY(u->sock.ops != NULL) && u->req == r && r->up == u && u->state == MP_UP_ACTIVE)
+        mp_upconn_want(u, u->want);
 }
 
 static void on_up_timer(struct ev_loop *loop, ev_timer *t, int revents)

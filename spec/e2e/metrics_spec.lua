@@ -164,6 +164,8 @@ describe("GET /metrics", function()
             moonproxy_connections = "gauge",
             moonproxy_reloads_total = "counter",
             moonproxy_config_generation = "gauge",
+            moonproxy_tls_handshakes_total = "counter",
+            moonproxy_upstream_tls_handshakes_total = "counter",
         }, families)
     end)
 

@@ -670,13 +670,17 @@ describe("load_config() TLS", function()
     local function protocols(list)
       return { 'proxy.listen { addr = "127.0.0.1:1", tls = { ' .. PAIR .. ", protocols = " .. list .. " } }" }
     end
-    fails_at(protocols "{}", 2, 'listen: tls: protocols must be a non-empty list of "TLSv1.2", "TLSv1.3"')
-    fails_at(protocols '"TLSv1.3"', 2, "protocols must be a non-empty list")
-    fails_at(protocols '{ "TLSv1.1" }', 2, 'protocols "TLSv1.1" is refused: it is broken')
-    fails_at(protocols '{ "TLSv1.3", "TLSv1" }', 2, '"TLSv1" is refused')
-    fails_at(protocols '{ "SSLv3" }', 2, '"SSLv3" is refused')
-    fails_at(protocols '{ "TLSv1.4" }', 2, 'protocols must list "TLSv1.2" or "TLSv1.3", got "TLSv1.4"')
-    fails_at(protocols '{ "TLSv1.3", "TLSv1.3" }', 2, 'protocols lists "TLSv1.3" twice')
+    for list, text in pairs {
+      ["{}"] = 'listen: tls: protocols must be a non-empty list of "TLSv1.2", "TLSv1.3"',
+      ['"TLSv1.3"'] = "protocols must be a non-empty list",
+      ['{ "TLSv1.1" }'] = 'protocols "TLSv1.1" is refused: it is broken',
+      ['{ "TLSv1.3", "TLSv1" }'] = '"TLSv1" is refused',
+      ['{ "SSLv3" }'] = '"SSLv3" is refused',
+      ['{ "TLSv1.4" }'] = 'protocols must list "TLSv1.2" or "TLSv1.3", got "TLSv1.4"',
+      ['{ "TLSv1.3", "TLSv1.3" }'] = 'protocols lists "TLSv1.3" twice',
+    } do
+      fails_at(protocols(list), 2, text)
+    end
   end)
 
   it("refuses bad admin and upstream tls tables", function()
@@ -685,13 +689,17 @@ describe("load_config() TLS", function()
     local function up(tls)
       return { LISTEN, 'proxy.upstream "a" { servers = { "127.0.0.1:1" }, tls = ' .. tls .. " }" }
     end
-    fails_at(up "true", 3, "upstream 'a': tls: expects a table")
-    fails_at(up '{ cert = "c.pem" }', 3, "upstream 'a': tls: a client certificate needs both cert and key")
-    fails_at(up '{ key = "c.key" }', 3, "needs both cert and key")
-    fails_at(up '{ verify = "yes" }', 3, "upstream 'a': tls: verify must be true or false")
-    fails_at(up '{ server_name = "a b" }', 3, "upstream 'a': tls: server_name must be a host name")
-    fails_at(up '{ server_name = "api.internal:443" }', 3, "server_name must be a host name")
-    fails_at(up '{ sni = "x" }', 3, "upstream 'a': tls: unknown key 'sni'")
+    for tls, text in pairs {
+      ["true"] = "upstream 'a': tls: expects a table",
+      ['{ cert = "c.pem" }'] = "upstream 'a': tls: a client certificate needs both cert and key",
+      ['{ key = "c.key" }'] = "needs both cert and key",
+      ['{ verify = "yes" }'] = "upstream 'a': tls: verify must be true or false",
+      ['{ server_name = "a b" }'] = "upstream 'a': tls: server_name must be a host name",
+      ['{ server_name = "api.internal:443" }'] = "server_name must be a host name",
+      ['{ sni = "x" }'] = "upstream 'a': tls: unknown key 'sni'",
+    } do
+      fails_at(up(tls), 3, text)
+    end
   end)
 
   it("resolves every path against the script's folder, with the defaults filled", function()
