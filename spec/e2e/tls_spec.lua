@@ -323,8 +323,14 @@ describe("TLS #tls", function()
             finally(function() c:close() end)
             local t0 = socket.gettime()
             assert(c:send(tls.partial_hello()))
-            -- meanwhile the proxy serves others
-            assert.equal(200, assert(tls.get(proxy.port, "/meanwhile")).status)
+            -- meanwhile the proxy waits for it without spinning, and serves others (on both workers)
+            local share = h.cpu_share(proxy.pid, 0.5)
+            assert.is_true(share < 0.3, "the proxy used " .. share .. " of a core waiting for a stalled handshake")
+            for i = 1, 4 do
+                local res, err = tls.get(proxy.port, "/meanwhile", nil, { timeout = 3 })
+                assert(res, "request " .. i .. " during the stalled handshake: " .. tostring(err))
+                assert.equal(200, res.status)
+            end
             local closed = c:wait_closed(8)
             local took = socket.gettime() - t0
             assert.is_true(closed, "the stalled handshake was not closed")
