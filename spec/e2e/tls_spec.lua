@@ -99,6 +99,13 @@ local function rss_sampler(pid)
     return s
 end
 
+-- Under AddressSanitizer freed blocks stay in its quarantine (256 MiB), and
+-- OpenSSL frees its record buffers whenever they empty (RELEASE_BUFFERS): no
+-- RSS bound means anything there.
+local function asan(pid)
+    return (h.read_file("/proc/" .. pid .. "/maps") or ""):find("libasan", 1, true) ~= nil
+end
+
 -- The start of the configurations that need no listener option of their own.
 local HEAD = [=[
 local proxy = require "moonproxy"
@@ -345,7 +352,7 @@ describe("TLS #tls", function()
             end }))
             assert.same({ 200, size, origin.pattern_sum(size) }, { res.status, res.body_len, origin.sum_hex(st) })
             assert.is_true(rss.peak > 0, "no RSS sample")
-            assert.is_true(rss.peak < 64 * 1024, "proxy RSS reached " .. rss.peak .. " KiB")
+            if not asan(proxy.pid) then assert.is_true(rss.peak < 64 * 1024, "proxy RSS reached " .. rss.peak .. " KiB") end
         end)
 
         it("forwards a 20 MiB chunked upload through TLS intact, without holding it #slow", function()
@@ -361,7 +368,9 @@ describe("TLS #tls", function()
             assert(c:send("0\r\n\r\n"))
             local e = h.echo(c:read_response { timeout = 60 })
             assert.same({ size, origin.pattern_sum(size) }, { e.body_len, e.body_sum })
-            assert.is_true(rss.peak - base < 16 * 1024, "proxy RSS grew by " .. (rss.peak - base) .. " KiB")
+            if not asan(proxy.pid) then
+                assert.is_true(rss.peak - base < 16 * 1024, "proxy RSS grew by " .. (rss.peak - base) .. " KiB")
+            end
         end)
     end)
 
