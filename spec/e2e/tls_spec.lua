@@ -531,21 +531,23 @@ up("noverify", "${s2}", { verify = false })
 up("mtls", "${s3}", { ca = "${ca}", cert = "${ccert}", key = "${ckey}" })
 up("nocert", "${s3}", { ca = "${ca}" })
 up("health", "${s4}", { ca = "${ca}" }, { health = { path = "/health", interval = 0.2, timeout = 1, rise = 1, fall = 1 } })
+up("resume", "${s5}", { ca = "${ca}" })
 ]=]
-        local proxy, s1, s2, s3, s4
+        local proxy, s1, s2, s3, s4, s5
 
         lazy_setup(function()
+            s5 = tls.s_server(pki.localhost)
             s1 = tls.start_origin("s1", pki.localhost)
             s2 = tls.start_origin("s2", pki.api)
             s3 = tls.start_origin("s3", pki.localhost, { client_ca = pki.client_ca, client_pair = pki.client })
             s4 = tls.start_origin("s4", pki.localhost)
             proxy = h.start_proxy { workers = 1, config = UP, vars = { s1 = s1.addr, s2 = s2.addr, s3 = s3.addr,
-                s4 = s4.addr, ca = pki.ca, client_ca = pki.client_ca, ccert = pki.client.cert, ckey = pki.client.key } }
+                s4 = s4.addr, s5 = s5.addr, ca = pki.ca, client_ca = pki.client_ca, ccert = pki.client.cert, ckey = pki.client.key } }
             proxy:wait_ready()
         end)
 
         lazy_teardown(function()
-            h.shutdown(proxy, s1, s2, s3, s4)
+            h.shutdown(proxy, s1, s2, s3, s4, s5)
         end)
 
         it("verifies the origin's certificate against ca (the address's IP as the name)", function()
@@ -589,6 +591,20 @@ up("health", "${s4}", { ca = "${ca}" }, { health = { path = "/health", interval 
             assert.is_true(seen, "SNI at the origin: " .. cjson.encode(sni))
             -- s1's certificate does not name api.example.test
             assert.equal(502, assert(raw.get(proxy.port, "/misnamed/x")).status)
+        end)
+
+        it("resumes the TLS session on the next connection to the same server", function()
+            -- s_server answers HTTP/1.0 and closes: every request is a new upstream connection
+            local pages = {}
+            for i = 1, 3 do
+                local res = assert(raw.get(proxy.port, "/resume/" .. i))
+                assert.equal(200, res.status, res.body)
+                pages[i] = res.body
+            end
+            assert.truthy(pages[1]:find("New, TLSv1", 1, true), pages[1])
+            for i = 2, 3 do
+                assert.truthy(pages[i]:find("Reused, TLSv1", 1, true), "connection " .. i .. " not resumed:\n" .. pages[i])
+            end
         end)
 
         it("does not verify with verify = false", function()
