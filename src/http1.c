@@ -556,6 +556,13 @@ static int request_incomplete(const char *buf, size_t n, int head_full, unsigned
     const char *line = buf + st->start, *err = NULL;
     int rc = 0;
 
+    if (st->phase == SC_START) {
+        /* what came of the method so far must be a token: bytes that cannot
+         * start a request (a TLS hello) are refused now, not after a timeout */
+        for (size_t i = 0; i < n - st->start && line[i] != ' '; i++)
+            if (!IS((unsigned char)line[i], C_TCHAR))
+                return request_failed(req, 400, "invalid method");
+    }
     if (st->phase == SC_START && (n - st->start > lim->max_uri_size || head_full)) {
         rc = parse_request_line(line, n - st->start, 1, lim, req, &err);
     } else if (was <= SC_START && st->phase > SC_START) {

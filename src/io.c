@@ -253,7 +253,12 @@ int mp_io_handshake(mp_io_t *io)
     return MP_EIO;
 }
 
+/* Decrypted bytes only (SSL_pending): SSL_has_pending also counts the
+ * start of a record still arriving, which no read can return yet, and
+ * feeding a read for it would spin. Without read-ahead (the contexts never
+ * set it) OpenSSL takes one record at a time from the socket, so nothing
+ * whole waits behind the current record. */
 int mp_io_ops_pending(const mp_io_t *io)
 {
-    return io->session && SSL_has_pending(io->session);
+    return io->session && !io->handshaking && SSL_pending(io->session) > 0;
 }

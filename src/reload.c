@@ -344,8 +344,9 @@ static void warn_fixed_at_start(const mp_config_t *old, const mp_config_t *new)
     for (size_t i = 0; same && i < old->nlistens; i++)
         same = same_text(old->listens[i].text, new->listens[i].text);
     if (!same)
-        mp_log_warn("reload: the listen addresses changed; they apply at the next restart (until then each open "
-                    "socket takes the TLS settings of the listener declared at its position)");
+        mp_log_warn(
+            "reload: the listen addresses changed; they apply at the next restart (until then each open "
+            "socket takes the TLS settings of the listener declared at its position)");
     if (!same_text(old->admin ? old->admin->text : NULL, new->admin ? new->admin->text : NULL))
         mp_log_warn("reload: the admin address changed; it applies at the next restart");
     if (!same_text(old->settings.access_log, new->settings.access_log))
