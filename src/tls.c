@@ -54,6 +54,15 @@
 #endif
 #define TICKET_KEYS 3 /* the current key and the two before it */
 
+/* Kernel TLS where OpenSSL and the kernel have it: static files then go out
+ * with sendfile (io.c). Without the kernel's tls module OpenSSL silently
+ * stays in user space. */
+#ifdef SSL_OP_ENABLE_KTLS
+#define SERVER_KTLS SSL_OP_ENABLE_KTLS
+#else
+#define SERVER_KTLS 0
+#endif
+
 /* Mozilla's "intermediate" TLS 1.2 set: forward secrecy, AEAD only. */
 static const char default_ciphers[] =
     "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:"
@@ -476,7 +485,7 @@ static SSL_CTX *server_ctx(const mp_tls_server_def_t *def, mp_tls_server_t *s, c
     if (!SSL_CTX_set_min_proto_version(ctx, min) || !SSL_CTX_set_max_proto_version(ctx, max))
         rc = fail(err, errlen, "protocols: OpenSSL refuses the set (%s)", ossl_reason());
     SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_CIPHER_SERVER_PREFERENCE |
-                                 SSL_OP_NO_COMPRESSION);
+                                 SSL_OP_NO_COMPRESSION | SERVER_KTLS);
     set_modes(ctx);
     const char *ciphers = def->ciphers ? def->ciphers : default_ciphers;
     if (rc == 0 && SSL_CTX_set_cipher_list(ctx, ciphers) != 1)

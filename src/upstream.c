@@ -728,21 +728,6 @@ static void upstream_readable(mp_req_t *r)
     pump_response(r);
 }
 
-/* SNI and the name a server's certificate must carry: the upstream's
- * server_name, else the host of the server's address ("host:port",
- * "[v6]:port"), written into buf. */
-static const char *tls_name(const mp_upstream_def_t *d, const mp_server_pool_t *sp, char *buf, size_t len)
-{
-    if (d->tls_name)
-        return d->tls_name;
-    const char *t = sp->addr.text, *end = strrchr(t, ':');
-    size_t n = end ? (size_t)(end - t) : strlen(t);
-    if (n >= 2 && t[0] == '[' && t[n - 1] == ']')
-        t++, n -= 2;
-    snprintf(buf, len, "%.*s", (int)n, t);
-    return buf;
-}
-
 /* The handshake with a TLS upstream failed: a connect failure (nothing was
  * sent; passive health counts it). Its reason is logged at most once a
  * second, beside the per-request line up_error writes. */
@@ -765,7 +750,8 @@ static void connected(mp_req_t *r)
     const mp_upstream_def_t *d = udef(r);
     if (d->tls && !u->sock.ops) {
         char name[256];
-        SSL *ssl = mp_tls_client_session(d->tls, u->sock.fd, tls_name(d, u->sp, name, sizeof(name)),
+        SSL *ssl = mp_tls_client_session(d->tls, u->sock.fd,
+                                         mp_tls_server_name(d->tls_name, u->sp->addr.text, name, sizeof(name)),
                                          &u->sp->tls_session);
         if (!ssl) {
             mp_upstream_cancel(r);
