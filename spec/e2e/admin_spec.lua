@@ -220,3 +220,68 @@ describe("the admin port with a token", function()
         assert.equal(200, assert(proxy:admin("GET", "/configz")).status)
     end)
 end)
+
+-- The admin port's TLS follows the current configuration (a reload turns it
+-- on or off for new connections), and health probes to a TLS upstream run a
+-- verified handshake first: one that does not verify is a failed check.
+describe("the admin port and health probes over TLS", function()
+    local tls = require "helpers.tls"
+    local HEAD = [=[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.settings { access_log = false }
+local hc = { path = "/hc", interval = 0.2, timeout = 1, rise = 1, fall = 1 }
+proxy.route { prefix = "/good/", upstream = proxy.upstream "good" { servers = { "${o}" }, tls = { ca = "${ca}" },
+  health = hc } }
+proxy.route { prefix = "/misnamed/", upstream = proxy.upstream "misnamed" { servers = { "${o}" },
+  tls = { ca = "${ca}", server_name = "api.example.test" }, health = hc } }
+]=]
+    local PLAIN = HEAD .. 'proxy.admin { addr = "${admin}" }\n'
+    local TLS = HEAD .. 'proxy.admin { addr = "${admin}", tls = { cert = "${cert}", key = "${key}" } }\n'
+    local pki, o, proxy
+
+    lazy_setup(function()
+        pki = tls.pki()
+        o = tls.start_origin("o", pki.localhost)
+        proxy = h.start_proxy { workers = 1, config = PLAIN,
+            vars = { o = o.addr, ca = pki.ca, cert = pki.localhost.cert, key = pki.localhost.key } }
+        proxy:wait_ready()
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy, o)
+        if pki then pki:remove() end
+    end)
+
+    local function tls_admin(method, target)
+        return tls.request(proxy.admin_port, { method = method, target = target,
+            headers = { { "Host", "localhost:" .. proxy.admin_port } }, body = method == "POST" and "" or nil },
+            { ca = pki.ca, sni = "localhost", timeout = 10 })
+    end
+
+    it("checks a TLS server with a verified handshake; one whose name does not verify is down, and says why", function()
+        h.eventually(function() return o:path_count("/hc") >= 2 end, 5)
+        assert.is_true(proxy:server_state("good", o.addr).probe_up)
+        h.eventually(function() return proxy:server_state("misnamed", o.addr).probe_up == false end, 5)
+        assert.is_true(proxy:log_count("health: upstream misnamed", "certificate verify failed: hostname mismatch") >= 1)
+    end)
+
+    it("serves TLS to new connections after a reload turns it on, and plain again after one turns it off", function()
+        proxy:rewrite_config(TLS)
+        assert.equal(200, assert(proxy:admin("POST", "/reload")).status)
+        local res = h.eventually(function() return tls_admin("GET", "/live") end, 5)
+        assert.equal(200, res.status)
+        assert.equal("TLSv1.3", res.tls.version)
+        assert.equal(200, assert(tls_admin("GET", "/upstreams")).status)
+        local plain, err = proxy:admin("GET", "/live", { timeout = 5 })
+        if plain then assert.equal(400, plain.status) else assert.are_not.equal("timeout", err) end
+        -- the probes kept their TLS context across the reload
+        local seen = o:path_count("/hc")
+        h.eventually(function() return o:path_count("/hc") >= seen + 2 end, 5)
+
+        proxy:rewrite_config(PLAIN)
+        assert.equal(200, assert(tls_admin("POST", "/reload")).status)
+        assert.equal(200, assert(proxy:admin("GET", "/live")).status)
+        assert.is_true(proxy:server_state("good", o.addr).probe_up)
+    end)
+end)
