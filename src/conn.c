@@ -207,6 +207,15 @@ static void tls_failed(mp_conn_t *c)
     conn_fail(c, 400);
 }
 
+/* The handshake did not finish within client_header_timeout. */
+static void tls_timed_out(mp_conn_t *c)
+{
+    static mp_log_limit_t lim;
+    mp_metrics_add(&c->side.ctx->metrics.tls[0][MP_TLS_FAILED], 1);
+    mp_env_log_limited(&lim, &c->side.ctx->env, MP_LOG_INFO, "TLS handshake failed: timed out (client_header_timeout)");
+    mp_conn_close(c);
+}
+
 /* Drives the TLS handshake of a new connection. Returns 0 once it is done
  * (what it told is kept for the requests), -1 while it waits or when it
  * failed (the connection is then answered or closed). */
@@ -244,6 +253,7 @@ static void exchange_fail(void *c, int status)
 
 static void exchange_abort(void *c)
 {
+    mp_io_abort(&((mp_conn_t *)c)->side.sock);
     mp_conn_close(c);
 }
 
@@ -385,6 +395,8 @@ static void on_timer(struct ev_loop *loop, ev_timer *t, int revents)
     (void)loop;
     (void)revents;
     mp_conn_t *c = container_of(t, mp_conn_t, timer);
+    if (MP_UNLIKELY(c->side.sock.handshaking))
+        return tls_timed_out(c);
     switch (c->state) {
     case MP_CS_HEAD:
         if (c->side.in.end > 0) {

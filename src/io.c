@@ -258,6 +258,12 @@ int mp_io_handshake(mp_io_t *io)
  * feeding a read for it would spin. Without read-ahead (the contexts never
  * set it) OpenSSL takes one record at a time from the socket, so nothing
  * whole waits behind the current record. */
+void mp_io_ops_abort(mp_io_t *io)
+{
+    if (io->ops == &tls_ops)
+        SSL_set_quiet_shutdown(io->session, 1);
+}
+
 int mp_io_ops_pending(const mp_io_t *io)
 {
     return io->session && !io->handshaking && SSL_pending(io->session) > 0;

@@ -78,9 +78,9 @@ static inline void mp_io_init(mp_io_t *io, int fd)
 }
 
 /* TLS over io (a plain socket so far; the session is owned from now on and
- * freed by mp_io_close). A server session's handshake runs within the first
- * reads, or explicitly by mp_io_handshake; a client session's by
- * mp_io_handshake before the first write. */
+ * freed by mp_io_close). The caller drives the handshake with
+ * mp_io_handshake before the first read or write, on either side: until it
+ * returns 0 nothing else may be called but close. */
 void mp_io_tls(mp_io_t *io, SSL *ssl);
 
 /* Drives the handshake: 0 when it is done, MP_EAGAIN while it waits (for
@@ -180,6 +180,16 @@ static inline int mp_io_shutdown_write(mp_io_t *io)
     if (MP_LIKELY(!io->ops))
         return shutdown(io->fd, SHUT_WR);
     return mp_io_ops_shutdown_write(io);
+}
+
+/* The connection ends in error (a cut response, a timeout): its close
+ * sends no TLS close_notify, so that the peer cannot take what it got for
+ * whole. Over a plain socket: nothing. */
+MP_IO_COLD void mp_io_ops_abort(mp_io_t *io);
+static inline void mp_io_abort(mp_io_t *io)
+{
+    if (MP_UNLIKELY(io->ops != NULL))
+        mp_io_ops_abort(io);
 }
 
 /* Closes the socket (and the transport over it); io->fd becomes -1. */

@@ -47,6 +47,7 @@ struct mp_server_pool {
     mp_addr_t addr;           /* a copy: the pool outlives the configuration */
     char *tls;                /* NULL: plain; else what its TLS connections were made for (mp_pool_tls_key) */
     SSL_SESSION *tls_session; /* the server's last session ticket, offered by the next handshake */
+    mp_log_limit_t tls_log;   /* why its handshakes fail: logged once a second per server */
     int keepalive;            /* from the newest generation using it */
     double keepalive_timeout;
     mp_upconn_t *idle; /* most recently used first */

@@ -107,6 +107,42 @@ static void *build_one(void *arg)
 
 /* Builds n (VM, configuration) pairs from text, in parallel threads (the
  * VMs are independent until handed over); all or nothing. */
+static int same_text(const char *a, const char *b)
+{
+    return (!a && !b) || (a && b && strcmp(a, b) == 0);
+}
+
+static int same_listens(const mp_config_t *old, const mp_config_t *new)
+{
+    int same = old->nlistens == new->nlistens;
+    for (size_t i = 0; same && i < old->nlistens; i++)
+        same = same_text(old->listens[i].text, new->listens[i].text);
+    return same;
+}
+
+static int any_tls(const mp_config_t *cfg)
+{
+    for (size_t i = 0; cfg->listen_tls && i < cfg->nlistens; i++)
+        if (cfg->listen_tls[i])
+            return 1;
+    return 0;
+}
+
+/* The open sockets stay until a restart and take the TLS of the listener
+ * declared at their position: with TLS on either side, a changed list would
+ * put one port's TLS (or none: plain HTTP on a mutual-TLS port) on another.
+ * Such a reload is refused. */
+static int listens_moved_under_tls(const mp_config_t *old, const mp_config_t *new, char *err, size_t errlen)
+{
+    if (!old || same_listens(old, new) || (!any_tls(old) && !any_tls(new)))
+        return 0;
+    snprintf(err, errlen,
+             "%s: the listen addresses changed and TLS listeners are involved: restart to apply (a reload keeps "
+             "the open sockets)",
+             new->path ? new->path : "config");
+    return 1;
+}
+
 static int build(const mp_reloader_t *rl, const char *text, size_t len, int n, lua_State **Ls, mp_config_t **cfgs,
                  char *err, size_t errlen)
 {
@@ -137,6 +173,8 @@ static int build(const mp_reloader_t *rl, const char *text, size_t len, int n, l
     }
     /* proxy.expect guards: main's validate runs them apart (a simulator of
      * their own), so no worker's VM or balancer state is touched by them */
+    if (rc == 0 && listens_moved_under_tls(rl->cfg, jobs[0].cfg, err, errlen))
+        rc = MP_EINVAL;
     if (rc == 0 && jobs[0].cfg->nexpects && rl->validate &&
         rl->validate(rl->validate_arg, rl->path, text, len, err, errlen) != 0)
         rc = MP_EINVAL;
@@ -332,21 +370,11 @@ void mp_reloader_start(mp_reloader_t *rl, struct ev_loop *loop)
     watch_files(rl);
 }
 
-static int same_text(const char *a, const char *b)
-{
-    return (!a && !b) || (a && b && strcmp(a, b) == 0);
-}
-
 /* What a reload cannot change is said once, rather than silently ignored. */
 static void warn_fixed_at_start(const mp_config_t *old, const mp_config_t *new)
 {
-    int same = old->nlistens == new->nlistens;
-    for (size_t i = 0; same && i < old->nlistens; i++)
-        same = same_text(old->listens[i].text, new->listens[i].text);
-    if (!same)
-        mp_log_warn(
-            "reload: the listen addresses changed; they apply at the next restart (until then each open "
-            "socket takes the TLS settings of the listener declared at its position)");
+    if (!same_listens(old, new))
+        mp_log_warn("reload: the listen addresses changed; they apply at the next restart");
     if (!same_text(old->admin ? old->admin->text : NULL, new->admin ? new->admin->text : NULL))
         mp_log_warn("reload: the admin address changed; it applies at the next restart");
     if (!same_text(old->settings.access_log, new->settings.access_log))

@@ -42,7 +42,7 @@ struct mp_sim {
     } peer;
     mp_req_t req;         /* the last request, alive until the next call */
     mp_tls_info_t tls;    /* its TLS, when it came over TLS (req.tls points here) */
-    char *tls_text[3];    /* the copies tls points at: sni, client_subject, the Host as SNI */
+    char *tls_text[5];    /* the copies tls points at: sni, client_subject, the Host as SNI, version, cipher */
     int live;             /* req holds hook objects to release */
     int forwarded;        /* req went upstream (mp_sim_response may run) */
     mp_peer_t *peers;     /* private server state, every upstream's servers in a row */
@@ -494,12 +494,13 @@ static int set_tls(mp_sim_t *s, const mp_sim_request_t *rq, const char *host)
     if (!rq->tls && !rq->https)
         return 0;
     const mp_tls_info_t *t = rq->tls;
-    s->tls = (mp_tls_info_t){t && t->version ? t->version : "TLSv1.3",
-                             t && t->cipher ? t->cipher : "TLS_AES_128_GCM_SHA256", NULL, NULL, 0};
-    const char *texts[3] = {t ? t->sni : NULL, t ? t->client_subject : NULL, NULL};
-    for (size_t i = 0; i < 2; i++)
+    const char *texts[5] = {t ? t->sni : NULL, t ? t->client_subject : NULL, NULL,
+                            t && t->version ? t->version : "TLSv1.3",
+                            t && t->cipher ? t->cipher : "TLS_AES_128_GCM_SHA256"};
+    for (size_t i = 0; i < MP_ARRAY_LEN(texts); i++)
         if (texts[i] && !(s->tls_text[i] = strdup(texts[i])))
             return MP_ENOMEM;
+    s->tls = (mp_tls_info_t){s->tls_text[3], s->tls_text[4], NULL, NULL, 0};
     if (!t)
         s->tls_text[2] = host_sni(host); /* NULL when out of memory too: no SNI */
     s->tls.sni = t ? s->tls_text[0] : s->tls_text[2];

@@ -666,7 +666,10 @@ mp_tls_client_t *mp_tls_client_new(const mp_tls_client_def_t *def, char *err, si
     SSL_CTX *ctx = c->ctx;
     int rc = 0;
     SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
-    SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_IGNORE_UNEXPECTED_EOF | SSL_OP_NO_COMPRESSION);
+    /* Not SSL_OP_IGNORE_UNEXPECTED_EOF: a server that closes without
+     * close_notify may have cut its response, and one read until close is
+     * whole only after the alert (RFC 9112 §9.8): such an EOF is an error. */
+    SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION);
     set_modes(ctx);
     if (SSL_CTX_set_alpn_protos(ctx, alpn_http11, sizeof(alpn_http11) - 1) != 0)
         rc = fail(err, errlen, "out of memory");
@@ -749,6 +752,7 @@ SSL *mp_tls_client_session(mp_tls_client_t *c, int fd, const char *name, SSL_SES
         ok = !c->verify || X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), name);
     } else if (ok && name) {
         ok = SSL_set_tlsext_host_name(ssl, name) && (!c->verify || SSL_set1_host(ssl, name));
+        SSL_set_hostflags(ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS); /* "f*.example.com" covers nothing */
     }
     if (ok && slot && *slot) {
         /* A copy again: OpenSSL marks the session a connection resumed

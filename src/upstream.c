@@ -706,7 +706,7 @@ static void upstream_readable(mp_req_t *r)
     if (n <= 0) {
         if (!r->resp_head_done)
             return up_error(r, mp_err_reset);
-        if (r->resp.kind == MP_BODY_CLOSE) {
+        if (r->resp.kind == MP_BODY_CLOSE && n == 0) { /* over TLS: after close_notify */
             r->resp.done = 1;
             return pump_response(r);
         }
@@ -733,12 +733,11 @@ static void upstream_readable(mp_req_t *r)
  * second, beside the per-request line up_error writes. */
 static void tls_failed(mp_req_t *r)
 {
-    static mp_log_limit_t lim;
     const mp_upstream_def_t *d = udef(r);
     char why[200];
     mp_metrics_add(&ctx_of(r)->metrics.tls[1][MP_TLS_FAILED], 1);
-    mp_env_log_limited(&lim, r->env, MP_LOG_WARN, "upstream %s server %s: TLS handshake failed: %s", d->name,
-                       d->servers[r->server].addr.text, mp_tls_error(r->up->sock.session, why, sizeof(why)));
+    mp_env_log_limited(&r->up->sp->tls_log, r->env, MP_LOG_WARN, "upstream %s server %s: TLS handshake failed: %s",
+                       d->name, d->servers[r->server].addr.text, mp_tls_error(r->up->sock.session, why, sizeof(why)));
     up_error(r, mp_err_tls);
 }
 
@@ -815,8 +814,11 @@ static void on_up_timer(struct ev_loop *loop, ev_timer *t, int revents)
     mp_req_t *r = u->req;
     if (!r)
         return mp_pool_idle_event(u);
-    if (u->state == MP_UP_CONNECTING)
+    if (u->state == MP_UP_CONNECTING) {
+        if (u->sock.handshaking)
+            mp_metrics_add(&ctx_of(r)->metrics.tls[1][MP_TLS_FAILED], 1);
         return up_error(r, mp_err_connect_timeout);
+    }
     if (r->resp_started) {
         mp_env_log(r->env, MP_LOG_WARN, "request %.*s: upstream read timed out mid-response", r->id_len, r->id);
         return client_abort(r);

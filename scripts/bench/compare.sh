@@ -64,6 +64,7 @@ idle_memory() {
     pids=$(proc_tree "$PROXY_PID")
     # shellcheck disable=SC2086
     r0=$(rss_kib $pids)
+    : >"$outf"                                   # start_bg's child may open it after our first look
     start_bg "$outf" "$LUAJIT" "$IDLE_SCRIPT" 127.0.0.1 "$PROXY_PORT" "$IDLE_CONNS" "$stopf" 120
     pid=$LAST_PID
     for ((i = 0; i < 1000; i++)); do            # <= 100 s; the client's own deadline is 90 s

@@ -99,6 +99,13 @@ local function rss_sampler(pid)
     return s
 end
 
+-- Under AddressSanitizer freed blocks stay in its quarantine (256 MiB), and
+-- OpenSSL frees its record buffers whenever they empty (RELEASE_BUFFERS): no
+-- RSS bound means anything there.
+local function asan(pid)
+    return (h.read_file("/proc/" .. pid .. "/maps") or ""):find("libasan", 1, true) ~= nil
+end
+
 -- The start of the configurations that need no listener option of their own.
 local HEAD = [=[
 local proxy = require "moonproxy"
@@ -323,8 +330,14 @@ describe("TLS #tls", function()
             finally(function() c:close() end)
             local t0 = socket.gettime()
             assert(c:send(tls.partial_hello()))
-            -- meanwhile the proxy serves others
-            assert.equal(200, assert(tls.get(proxy.port, "/meanwhile")).status)
+            -- meanwhile the proxy waits for it without spinning, and serves others (on both workers)
+            local share = h.cpu_share(proxy.pid, 0.5)
+            assert.is_true(share < 0.3, "the proxy used " .. share .. " of a core waiting for a stalled handshake")
+            for i = 1, 4 do
+                local res, err = tls.get(proxy.port, "/meanwhile", nil, { timeout = 3 })
+                assert(res, "request " .. i .. " during the stalled handshake: " .. tostring(err))
+                assert.equal(200, res.status)
+            end
             local closed = c:wait_closed(8)
             local took = socket.gettime() - t0
             assert.is_true(closed, "the stalled handshake was not closed")
@@ -339,7 +352,7 @@ describe("TLS #tls", function()
             end }))
             assert.same({ 200, size, origin.pattern_sum(size) }, { res.status, res.body_len, origin.sum_hex(st) })
             assert.is_true(rss.peak > 0, "no RSS sample")
-            assert.is_true(rss.peak < 64 * 1024, "proxy RSS reached " .. rss.peak .. " KiB")
+            if not asan(proxy.pid) then assert.is_true(rss.peak < 64 * 1024, "proxy RSS reached " .. rss.peak .. " KiB") end
         end)
 
         it("forwards a 20 MiB chunked upload through TLS intact, without holding it #slow", function()
@@ -355,7 +368,9 @@ describe("TLS #tls", function()
             assert(c:send("0\r\n\r\n"))
             local e = h.echo(c:read_response { timeout = 60 })
             assert.same({ size, origin.pattern_sum(size) }, { e.body_len, e.body_sum })
-            assert.is_true(rss.peak - base < 16 * 1024, "proxy RSS grew by " .. (rss.peak - base) .. " KiB")
+            if not asan(proxy.pid) then
+                assert.is_true(rss.peak - base < 16 * 1024, "proxy RSS grew by " .. (rss.peak - base) .. " KiB")
+            end
         end)
     end)
 
@@ -516,21 +531,23 @@ up("noverify", "${s2}", { verify = false })
 up("mtls", "${s3}", { ca = "${ca}", cert = "${ccert}", key = "${ckey}" })
 up("nocert", "${s3}", { ca = "${ca}" })
 up("health", "${s4}", { ca = "${ca}" }, { health = { path = "/health", interval = 0.2, timeout = 1, rise = 1, fall = 1 } })
+up("resume", "${s5}", { ca = "${ca}" })
 ]=]
-        local proxy, s1, s2, s3, s4
+        local proxy, s1, s2, s3, s4, s5
 
         lazy_setup(function()
+            s5 = tls.s_server(pki.localhost)
             s1 = tls.start_origin("s1", pki.localhost)
             s2 = tls.start_origin("s2", pki.api)
             s3 = tls.start_origin("s3", pki.localhost, { client_ca = pki.client_ca, client_pair = pki.client })
             s4 = tls.start_origin("s4", pki.localhost)
             proxy = h.start_proxy { workers = 1, config = UP, vars = { s1 = s1.addr, s2 = s2.addr, s3 = s3.addr,
-                s4 = s4.addr, ca = pki.ca, client_ca = pki.client_ca, ccert = pki.client.cert, ckey = pki.client.key } }
+                s4 = s4.addr, s5 = s5.addr, ca = pki.ca, client_ca = pki.client_ca, ccert = pki.client.cert, ckey = pki.client.key } }
             proxy:wait_ready()
         end)
 
         lazy_teardown(function()
-            h.shutdown(proxy, s1, s2, s3, s4)
+            h.shutdown(proxy, s1, s2, s3, s4, s5)
         end)
 
         it("verifies the origin's certificate against ca (the address's IP as the name)", function()
@@ -574,6 +591,20 @@ up("health", "${s4}", { ca = "${ca}" }, { health = { path = "/health", interval 
             assert.is_true(seen, "SNI at the origin: " .. cjson.encode(sni))
             -- s1's certificate does not name api.example.test
             assert.equal(502, assert(raw.get(proxy.port, "/misnamed/x")).status)
+        end)
+
+        it("resumes the TLS session on the next connection to the same server", function()
+            -- s_server answers HTTP/1.0 and closes: every request is a new upstream connection
+            local pages = {}
+            for i = 1, 3 do
+                local res = assert(raw.get(proxy.port, "/resume/" .. i))
+                assert.equal(200, res.status, res.body)
+                pages[i] = res.body
+            end
+            assert.truthy(pages[1]:find("New, TLSv1", 1, true), pages[1])
+            for i = 2, 3 do
+                assert.truthy(pages[i]:find("Reused, TLSv1", 1, true), "connection " .. i .. " not resumed:\n" .. pages[i])
+            end
         end)
 
         it("does not verify with verify = false", function()

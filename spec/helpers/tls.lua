@@ -22,6 +22,7 @@
 --   with c.tls = { version, cipher, alpn, subject (the peer's CN), names (its DNS SANs) }.
 --   tls.request(port, req, opts): one request on a new TLS connection (res, err).
 --   tls.s_client(port, args, input): `openssl s_client` as a bounded process (10 s).
+--   tls.s_server(pair): `openssl s_server -www`, an origin that says whether a session resumed.
 --   tls.curl(url, args): curl as a bounded process (timeout given in args or 60 s).
 local ssl = require "ssl"
 local socket = require "socket"
@@ -259,6 +260,22 @@ function M.s_client(port, args, input)
     local inp = h.tmpname(".in")
     h.write_file(inp, input or "")
     return h.run(string.format("openssl s_client -connect 127.0.0.1:%d %s < %s", port, args or "", h.quote(inp)), 10)
+end
+
+-- `openssl s_server -www` on a free port with pair ({ cert, key }): every
+-- connection gets an HTTP/1.0 page (then a close) that tells whether its
+-- session was resumed ("Reused, TLSv1.3, ..." or "New, ..."). A Proc with
+-- port and addr; stop it with h.shutdown or :stop().
+function M.s_server(pair)
+    local port = h.free_port()
+    local p = h.spawn { "openssl", "s_server", "-accept", "127.0.0.1:" .. port, "-cert", pair.cert, "-key", pair.key,
+        "-www", "-quiet" }
+    p.port, p.addr = port, "127.0.0.1:" .. port
+    h.eventually(function()
+        assert(p:alive(), "openssl s_server exited: " .. p:stderr())
+        return h.port_open(port)
+    end, 10)
+    return p
 end
 
 -- curl with arguments (quoted words); output and exit status. Bounded.
