@@ -35,18 +35,29 @@ _Static_assert((int)EV_READ == (int)MP_IO_READ && (int)EV_WRITE == (int)MP_IO_WR
 /* Sets the events the client watcher waits for (EV_READ | EV_WRITE), as the
  * transport needs them: a TLS read may wait for writability, and bytes TLS
  * already holds are read without waiting. */
-static void conn_want(mp_conn_t *c, int events)
+static void watch(mp_conn_t *c, int events)
+{
+    if ((c->io.events & (EV_READ | EV_WRITE)) == events && (events == 0) == !ev_is_active(&c->io))
+        return;
+    ev_io_stop(c->side.ctx->loop, &c->io);
+    ev_io_modify(&c->io, events);
+    if (events)
+        ev_io_start(c->side.ctx->loop, &c->io);
+}
+
+static MP_IO_COLD __attribute__((noinline)) void tls_want(mp_conn_t *c, int events)
 {
     c->want = (uint8_t)events;
-    int watch = mp_io_events(&c->side.sock, events);
-    if ((c->io.events & (EV_READ | EV_WRITE)) != watch || (watch == 0) != !ev_is_active(&c->io)) {
-        ev_io_stop(c->side.ctx->loop, &c->io);
-        ev_io_modify(&c->io, watch);
-        if (watch)
-            ev_io_start(c->side.ctx->loop, &c->io);
-    }
+    watch(c, mp_io_events(&c->side.sock, events));
     if ((events & EV_READ) && mp_io_pending(&c->side.sock))
         ev_feed_event(c->side.ctx->loop, &c->io, EV_READ);
+}
+
+static void conn_want(mp_conn_t *c, int events)
+{
+    if (MP_UNLIKELY(c->side.sock.ops != NULL))
+        return tls_want(c, events);
+    watch(c, events);
 }
 
 /* Arms the connection timer for `seconds` (ev_timer_again); 0 stops it. */

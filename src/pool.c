@@ -94,19 +94,32 @@ void mp_pools_free(mp_io_ctx_t *ctx, mp_pool_t *pools, size_t n)
     free(pools);
 }
 
+static void watch(mp_upconn_t *u, int events)
+{
+    if ((u->io.events & (EV_READ | EV_WRITE)) == events && (events == 0) == !ev_is_active(&u->io))
+        return;
+    ev_io_stop(u->ctx->loop, &u->io);
+    ev_io_modify(&u->io, events);
+    if (events)
+        ev_io_start(u->ctx->loop, &u->io);
+}
+
+/* TLS: what to watch follows the blocked calls (io.h), and bytes the
+ * session holds are read without waiting. Out of the plain path. */
+static MP_IO_COLD __attribute__((noinline)) void tls_want(mp_upconn_t *u, int events)
+{
+    u->want = (uint8_t)events;
+    watch(u, mp_io_events(&u->sock, events));
+    if ((events & EV_READ) && mp_io_pending(&u->sock))
+        ev_feed_event(u->ctx->loop, &u->io, EV_READ);
+}
+
 void mp_upconn_want(mp_upconn_t *u, int events)
 {
     MP_ASSERT(u->state != MP_UP_CLOSED);
-    u->want = (uint8_t)events;
-    int watch = mp_io_events(&u->sock, events);
-    if ((u->io.events & (EV_READ | EV_WRITE)) != watch || (watch == 0) != !ev_is_active(&u->io)) {
-        ev_io_stop(u->ctx->loop, &u->io);
-        ev_io_modify(&u->io, watch);
-        if (watch)
-            ev_io_start(u->ctx->loop, &u->io);
-    }
-    if ((events & EV_READ) && mp_io_pending(&u->sock))
-        ev_feed_event(u->ctx->loop, &u->io, EV_READ);
+    if (MP_UNLIKELY(u->sock.ops != NULL))
+        return tls_want(u, events);
+    watch(u, events);
 }
 
 int mp_upconn_revents(mp_upconn_t *u, int revents)
