@@ -48,18 +48,38 @@ local proxy = require "moonproxy"
 proxy.listen { addr = "${listen}", tls = { cert = "${cert}", key = "${key}" } }
 proxy.admin { addr = "${admin}" }
 proxy.settings { access_log = false, client_header_timeout = 1 }
+proxy.route { prefix = "/files/", strip_prefix = true, static = { root = "${root}" } }
 proxy.route { prefix = "/", handler = function(req) return req:respond(200, "at " .. req.path .. "\n") end }
 ]=]
-        local proxy
+        local proxy, root, big
 
         lazy_setup(function()
+            root = h.tmpname(".d")
+            assert(os.execute("mkdir -p " .. h.quote(root)))
+            -- past the 2 MiB a connection sends per loop turn, and not a whole number of 16 KiB records
+            local parts = {}
+            for i = 1, 5 * 1024 do parts[i] = string.format("%07d ", i):rep(128) end
+            big = table.concat(parts) .. "tail"
+            h.write_file(root .. "/big.txt", big)
             proxy = h.start_proxy { workers = 1, config = CONFIG, vars = { cert = pki.localhost.cert,
-                key = pki.localhost.key } }
+                key = pki.localhost.key, root = root } }
             proxy:wait_ready()
         end)
 
         lazy_teardown(function()
             h.shutdown(proxy)
+            if root then os.execute("rm -rf " .. h.quote(root)) end
+        end)
+
+        it("sends a static file over TLS whole, twice on one connection", function()
+            local c = assert(tls.connect(proxy.port, { sni = "localhost", ca = pki.ca, timeout = 20 }))
+            finally(function() c:close() end)
+            for _ = 1, 2 do
+                local res = assert(c:request({ target = "/files/big.txt" }, { timeout = 20 }))
+                assert.equal(200, res.status)
+                assert.equal(#big, tonumber(res:header("content-length")))
+                assert.is_true(res.body == big, "the body differs (" .. #res.body .. " bytes)")
+            end
         end)
 
         it("keeps serving a connection across TLS 1.3 key updates, asked for by the client and by the proxy", function()
