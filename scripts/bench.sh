@@ -68,6 +68,8 @@
 #                    exact figure, plus the inclusive cost of the hook entry
 #                    (mp_hook_pre + mp_hook_release); build/bench-hooks-callgrind.md,
 #                    profiles in build/callgrind.out.hooks-<config>.
+# TLS=1 CALLGRIND=1: instructions per TLS handshake (full and resumed, each key),
+#   each proxy with one worker under callgrind (scripts/bench/tls.sh).
 # TLS (scripts/bench/tls.sh): TLS=1 puts nginx, HAProxy and moonproxy behind a
 #   TLS listener (same certificates, RSA 2048 and ECDSA P-256): keep-alive
 #   requests at TLS_CONNS="10 100", full and resumed handshakes per second
@@ -153,6 +155,7 @@ fi
 HOOKS_OUT=${HOOKS_OUT:-$ROOT/build/bench-hooks.md}
 # The profiling modes write their own file: they must not clobber a comparison.
 if [[ $HOOKS == 1 && $CALLGRIND == 1 ]]; then OUT=${OUT:-$ROOT/build/bench-hooks-callgrind.md}
+elif [[ $TLS == 1 && $CALLGRIND == 1 ]]; then OUT=${OUT:-$ROOT/build/bench-tls-callgrind.md}
 elif [[ $CALLGRIND == 1 ]]; then OUT=${OUT:-$ROOT/build/bench-callgrind.md}
 elif [[ $MALLOC_CHECK == 1 ]]; then OUT=${OUT:-$ROOT/build/bench-malloc.md}
 elif [[ $TLS == 1 ]]; then OUT=${OUT:-$ROOT/build/bench-tls.md}
@@ -191,7 +194,9 @@ main() {
     # Every client and idle connection is a descriptor; take what the hard limit allows.
     ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
     mkdir -p "$(dirname "$OUT")"
-    if [[ $CALLGRIND == 1 ]]; then
+    if [[ $CALLGRIND == 1 && $TLS == 1 ]]; then
+        tls_callgrind_mode
+    elif [[ $CALLGRIND == 1 ]]; then
         callgrind_mode
     elif [[ $MALLOC_CHECK == 1 ]]; then
         malloc_mode

@@ -68,17 +68,17 @@ tls_start_proxy() {
             START_ERR="moonproxy -t rejected the config: $(head -c 500 "$dir/check.log")"
             return 1
         }
-        start_bg "$PROXY_LOG" "$BIN" -c "$dir/cfg.lua" -w "$workers"
+        start_bg "$PROXY_LOG" "${PROXY_WRAP[@]}" "$BIN" -c "$dir/cfg.lua" -w "$workers"
         ;;
     nginx)
         {
-            nginx_common "$dir"
+            nginx_common "$dir" "${NGINX_MASTER:-on}"
             nginx_proxy_http "$dir" "$workers" "$PROXY_PORT" "        server 127.0.0.1:$BACKEND_PORT;"
         } | sed "s|^\( *listen 127.0.0.1:$PROXY_PORT .*reuseport\);\$|\1 ssl;\n        ssl_certificate $crt;\n        ssl_certificate_key $ckey;\n        ssl_protocols TLSv1.2 TLSv1.3;\n        ssl_session_cache shared:SSL:10m;|" \
             >"$dir/nginx.conf"
         grep -q 'ssl_certificate ' "$dir/nginx.conf" || { START_ERR="no listen line to add TLS to"; return 1; }
         PROXY_LOG=$dir/error.log
-        start_nginx "$dir"
+        start_nginx "$dir" "${PROXY_WRAP[@]}"
         ;;
     haproxy)
         {
@@ -87,12 +87,12 @@ tls_start_proxy() {
         } | sed "s|^\( *bind 127.0.0.1:$PROXY_PORT\)\$|\1 ssl crt $TMP/tls/$key.both.pem alpn http/1.1 ssl-min-ver TLSv1.2|" \
             >"$dir/haproxy.cfg"
         grep -q ' ssl crt ' "$dir/haproxy.cfg" || { START_ERR="no bind line to add TLS to"; return 1; }
-        start_bg "$PROXY_LOG" "$HAPROXY" -f "$dir/haproxy.cfg" -db
+        start_bg "$PROXY_LOG" "${PROXY_WRAP[@]}" "$HAPROXY" -f "$dir/haproxy.cfg" -db
         ;;
     *) START_ERR="no TLS configuration for $name"; return 1 ;;
     esac
     PROXY_PID=$LAST_PID
-    wait_port "$PROXY_PORT" "$PROXY_PID" "$name" || return 1
+    wait_port "$PROXY_PORT" "$PROXY_PID" "$name" "${PROXY_WAIT:-100}" || return 1
     # one real handshake and request before measuring: a listener that accepts
     # TCP but fails TLS must not be measured
     timeout 20 "$OPENSSL" s_time -connect "127.0.0.1:$PROXY_PORT" -new -time 1 -www / >"$dir/probe.log" 2>&1 || true
@@ -252,4 +252,73 @@ tls_mode() {
     log "written to $OUT"
     local p
     for p in "${!FAILED[@]}"; do [[ $p == *:* ]] || STATUS=1; done
+}
+
+# TLS=1 CALLGRIND=1: instructions per handshake, the exact figure (the
+# handshake rates above depend on how much CPU the s_time clients get). Each
+# proxy with one worker (nginx without its master) under callgrind, for each
+# key: one `openssl s_time -www /` client, -new (full handshakes) then -reuse
+# (resumed), TLS_CG_TIME seconds each after a 2 s warm-up; counters zeroed
+# before and dumped after each (callgrind_control), so start-up is not
+# counted. A handshake here includes its one small request.
+TLS_CG_TIME=${TLS_CG_TIME:-8}
+
+tls_callgrind_mode() {
+    local name key mode dir dump ir n
+    command -v callgrind_control >/dev/null || die "callgrind_control missing (scripts/deps.sh bench)"
+    select_proxies
+    tls_certs
+    start_backend
+    {
+        echo "## instructions per TLS handshake under callgrind (1 worker, one s_time -www / client, ${TLS_CG_TIME} s per mode after a 2 s warm-up)"
+        echo
+        echo "| proxy | key | full: handshakes | Ir/handshake | vs nginx | resumed: handshakes | Ir/handshake | vs nginx |"
+        echo "|---|---|---:|---:|---:|---:|---:|---:|"
+    } >"$TMP/tls-cg.md"
+    declare -A cg=()
+    for key in $TLS_KEYS; do
+        for name in $PROXIES; do
+            dir=$TMP/tls-cg-$name-$key
+            mkdir -p "$dir"
+            PROXY_WRAP=(valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out.%p")
+            PROXY_WAIT=600 NGINX_MASTER=off
+            log "$name ($key): starting under callgrind"
+            if ! tls_start_proxy "$name" "$key" 1; then
+                log "$name: $START_ERR"
+                [[ -n ${PROXY_PID:-} ]] && stop_tree "$PROXY_PID"
+                continue
+            fi
+            for mode in new reuse; do
+                timeout 60 "$OPENSSL" s_time -connect "127.0.0.1:$PROXY_PORT" "-$mode" -www / -time 2 >"$dir/warm-$mode.txt" 2>&1 || true
+                rm -f "$dir"/callgrind.out.*.[0-9]*
+                callgrind_control -z "$PROXY_PID" >>"$dir/vgdb.log" 2>&1 || die "callgrind_control -z failed" "$dir/vgdb.log"
+                timeout $((TLS_CG_TIME + 60)) "$OPENSSL" s_time -connect "127.0.0.1:$PROXY_PORT" "-$mode" -www / \
+                    -time "$TLS_CG_TIME" >"$dir/st-$mode.txt" 2>&1 || true
+                callgrind_control -d "$PROXY_PID" >>"$dir/vgdb.log" 2>&1 || die "callgrind_control -d failed" "$dir/vgdb.log"
+                n=$(awk '/ connections in .* real seconds/ { print $1; exit }' "$dir/st-$mode.txt")
+                [[ -n $n && $n -gt 0 ]] || die "$name: s_time -$mode gave no count" "$dir/st-$mode.txt"
+                dump=
+                for ((i = 0; i < 50; i++)); do
+                    dump=$(ls -t "$dir"/callgrind.out.*.[0-9]* 2>/dev/null | head -n 1)
+                    [[ -s $dump ]] && break
+                    sleep 0.1
+                done
+                [[ -s $dump ]] || die "$name: no callgrind dump in $dir"
+                ir=$(awk '/^(summary|totals):/ { print $2; exit }' "$dump")
+                cg[$name:$key:$mode]="$n $(awk -v a="$ir" -v n="$n" 'BEGIN { printf "%.0f", a / n }')"
+                log "  $name $key $mode: ${cg[$name:$key:$mode]} (handshakes, Ir each)"
+            done
+            stop_tree "$PROXY_PID"
+        done
+        for name in $PROXIES; do
+            [[ -n ${cg[$name:$key:new]:-} && -n ${cg[$name:$key:reuse]:-} ]] || continue
+            read -r fn fi <<<"${cg[$name:$key:new]}"
+            read -r rn ri <<<"${cg[$name:$key:reuse]}"
+            echo "| $name | $key | $fn | $fi | $(ratio "$fi" "$(awk '{ print $2 }' <<<"${cg[nginx:$key:new]:-}")") | $rn | $ri |" \
+                "$(ratio "$ri" "$(awk '{ print $2 }' <<<"${cg[nginx:$key:reuse]:-}")") |" >>"$TMP/tls-cg.md"
+        done
+    done
+    PROXY_WRAP=() PROXY_WAIT="" NGINX_MASTER=""
+    tee "$OUT" <"$TMP/tls-cg.md"
+    log "written to $OUT"
 }
