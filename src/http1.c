@@ -557,14 +557,19 @@ static int request_incomplete(const char *buf, size_t n, int head_full, unsigned
     int rc = 0;
 
     if (st->phase == SC_START) {
-        /* what came of the method so far must be a token: bytes that cannot
-         * start a request (a TLS hello) are refused now, not after a timeout */
-        for (size_t i = 0; i < n - st->start && line[i] != ' '; i++)
-            if (!IS((unsigned char)line[i], C_TCHAR))
-                return request_failed(req, 400, "invalid method");
-    }
-    if (st->phase == SC_START && (n - st->start > lim->max_uri_size || head_full)) {
-        rc = parse_request_line(line, n - st->start, 1, lim, req, &err);
+        /* the start of a request line is checked as far as it came: bytes
+         * that cannot begin one (a TLS hello on a plain port) are refused
+         * now, not after client_header_timeout, with the status and reason
+         * the whole line would get */
+        size_t len = n - st->start;
+        if (len && line[len - 1] == '\r') /* its CRLF may be on the way */
+            len--;
+        /* its first bytes only (the method and a little more), so that a
+         * line arriving byte by byte costs linear time; past max_uri_size,
+         * or with the head full, all of it */
+        if (len <= lim->max_uri_size && !head_full && len > MP_HTTP_MAX_METHOD + 1)
+            len = MP_HTTP_MAX_METHOD + 1;
+        rc = parse_request_line(line, len, 1, lim, req, &err);
     } else if (was <= SC_START && st->phase > SC_START) {
         const char *lf = memchr(line, '\n', n - st->start);
         rc = parse_request_line(line, line_len(line, lf), 0, lim, req, &err);
