@@ -32,9 +32,7 @@ static void respond(mp_conn_t *c);
 
 _Static_assert((int)EV_READ == (int)MP_IO_READ && (int)EV_WRITE == (int)MP_IO_WRITE, "io.h directions are libev's");
 
-/* Sets the events the client watcher waits for (EV_READ | EV_WRITE), as the
- * transport needs them: a TLS read may wait for writability, and bytes TLS
- * already holds are read without waiting. */
+/* Points the client watcher at the socket readiness events. */
 static void watch(mp_conn_t *c, int events)
 {
     if ((c->io.events & (EV_READ | EV_WRITE)) == events && (events == 0) == !ev_is_active(&c->io))
@@ -45,6 +43,8 @@ static void watch(mp_conn_t *c, int events)
         ev_io_start(c->side.ctx->loop, &c->io);
 }
 
+/* TLS: what to watch follows the blocked calls (io.h), and bytes the
+ * session holds are read without waiting. Out of the plain path. */
 static MP_IO_COLD __attribute__((noinline)) void tls_want(mp_conn_t *c, int events)
 {
     c->want = (uint8_t)events;
@@ -53,6 +53,7 @@ static MP_IO_COLD __attribute__((noinline)) void tls_want(mp_conn_t *c, int even
         ev_feed_event(c->side.ctx->loop, &c->io, EV_READ);
 }
 
+/* Sets the events the connection waits for (EV_READ | EV_WRITE). */
 static void conn_want(mp_conn_t *c, int events)
 {
     if (MP_UNLIKELY(c->side.sock.ops != NULL))
