@@ -106,8 +106,9 @@ typedef struct {
     int resumed;                /* the session was resumed */
 } mp_tls_info_t;
 
-/* Fills info from a session whose handshake is done; client_subject is
- * written into buf (len bytes, truncated). */
+/* Fills info from a session whose handshake is done; client_subject (the
+ * peer certificate's subject) is written into buf (len bytes, truncated),
+ * or left NULL when len is 0. */
 void mp_tls_info(SSL *ssl, mp_tls_info_t *info, char *buf, size_t len);
 
 /* Why the last failed call on ssl failed, for a log line: the verify
