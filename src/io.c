@@ -142,17 +142,20 @@ static ssize_t tls_write(mp_io_t *io, const void *buf, size_t n)
  * (or more) bytes offers OpenSSL the same record, as it requires. */
 static ssize_t tls_writev(mp_io_t *io, const struct iovec *iov, int n)
 {
-    int i = 0;
+    int i = 0, more = 0;
     while (i < n && iov[i].iov_len == 0)
         i++;
     if (i == n)
         return 0;
-    if (iov[i].iov_len >= TLS_RECORD || i == n - 1)
+    for (int j = i + 1; j < n && !more; j++)
+        more = iov[j].iov_len > 0;
+    if (iov[i].iov_len >= TLS_RECORD || !more)
         return tls_write(io, iov[i].iov_base, iov[i].iov_len);
     size_t len = 0;
     for (; i < n && len < TLS_RECORD; i++) {
         size_t k = iov[i].iov_len < TLS_RECORD - len ? iov[i].iov_len : TLS_RECORD - len;
-        memcpy(tls_scratch + len, iov[i].iov_base, k);
+        if (k) /* an empty piece may have no base */
+            memcpy(tls_scratch + len, iov[i].iov_base, k);
         len += k;
     }
     return tls_write(io, tls_scratch, len);
