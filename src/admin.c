@@ -89,12 +89,7 @@ static void close_conn(admin_conn_t *c)
  * EV_WRITE): over TLS that may be the other readiness (io.h). */
 static void wait_for(admin_conn_t *c, int want)
 {
-    int events = mp_io_events(&c->sock, want);
-    if (ev_is_active(&c->io) && (c->io.events & (EV_READ | EV_WRITE)) == events)
-        return;
-    ev_io_stop(c->a->loop, &c->io);
-    ev_io_set(&c->io, c->sock.fd, events);
-    ev_io_start(c->a->loop, &c->io);
+    mp_io_wait_for(c->a->loop, &c->io, &c->sock, want);
 }
 
 static void flush(admin_conn_t *c)

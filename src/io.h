@@ -8,6 +8,7 @@
 #include "common.h"
 #include "tls.h"
 
+#include <ev.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/types.h>
@@ -107,6 +108,21 @@ static inline int mp_io_revents(const mp_io_t *io, int revents)
         return revents;
     return ((revents & io->read_needs) ? MP_IO_READ : 0) | ((revents & io->write_needs) ? MP_IO_WRITE : 0) |
            (revents & ~(MP_IO_READ | MP_IO_WRITE));
+}
+
+/* Points watcher w (on io's socket, in loop) at what a caller waiting for
+ * direction want (MP_IO_READ or MP_IO_WRITE) needs: over TLS that may be
+ * the other readiness. For the main thread's one-exchange connections
+ * (admin, probes); the workers' connections also read bytes the session
+ * holds (conn.c, pool.c). */
+static inline void mp_io_wait_for(struct ev_loop *loop, ev_io *w, const mp_io_t *io, int want)
+{
+    int events = mp_io_events(io, want);
+    if (ev_is_active(w) && (w->events & (EV_READ | EV_WRITE)) == events)
+        return;
+    ev_io_stop(loop, w);
+    ev_io_set(w, io->fd, events);
+    ev_io_start(loop, w);
 }
 
 /* Whether the transport holds bytes that no socket readiness will announce

@@ -110,12 +110,7 @@ static void skip(probe_t *p, int err)
  * MP_IO_WRITE): over TLS that may be the other readiness (io.h). */
 static void wait_for(probe_t *p, int want)
 {
-    int events = mp_io_events(&p->sock, want);
-    if (ev_is_active(&p->io) && (p->io.events & (EV_READ | EV_WRITE)) == events)
-        return;
-    ev_io_stop(p->pr->loop, &p->io);
-    ev_io_set(&p->io, p->sock.fd, events);
-    ev_io_start(p->pr->loop, &p->io);
+    mp_io_wait_for(p->pr->loop, &p->io, &p->sock, want);
 }
 
 static void start(probe_t *p)
