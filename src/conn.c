@@ -11,6 +11,7 @@
 #include <errno.h>
 #include <lauxlib.h>
 #include <lua.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -19,7 +20,6 @@
 #define LINGER_SECONDS 2.0
 #define SENDFILE_TURN (2u << 20) /* bytes of a file sent per loop turn: one fast client does not hold the worker */
 
-enum { MP_CS_LINGER = MP_CS_LOCAL + 1 }; /* response sent; reading what the client still sends, then close */
 
 static void on_io(struct ev_loop *loop, ev_io *io, int revents);
 static void on_timer(struct ev_loop *loop, ev_timer *t, int revents);
@@ -29,6 +29,10 @@ static void send_static(mp_conn_t *c);
 static void request_done(mp_conn_t *c);
 static void conn_fail(mp_conn_t *c, int status);
 static void respond(mp_conn_t *c);
+static void decided(mp_conn_t *c, int d);
+static void response_woke(mp_conn_t *c, int rc);
+static void req_free(mp_io_ctx_t *ctx, mp_req_t *r);
+static void orphan_done(mp_req_t *r);
 
 _Static_assert((int)EV_READ == (int)MP_IO_READ && (int)EV_WRITE == (int)MP_IO_WRITE, "io.h directions are libev's");
 
@@ -285,15 +289,21 @@ static const mp_exchange_ops_t exchange_ops = {.done = exchange_done,
                                                .want = exchange_want,
                                                .timer = exchange_timer};
 
-/* A complete, valid head is in c->side.in: decide framing, then what
- * mp_req_decide decides: the exchange, or an answer made here. */
-static void start_request(mp_conn_t *c)
+/* A hook waits for a call-out: the connection waits with it, watching only
+ * for the client going away (the call has its own timeout). */
+static void wait_hook(mp_conn_t *c)
+{
+    c->state = MP_CS_WAIT;
+    conn_timer(c, 0);
+    conn_want(c, EV_READ);
+}
+
+/* What mp_req_decide decided: the exchange, or an answer made here. */
+static void decided(mp_conn_t *c, int d)
 {
     mp_req_t *r = c->side.req;
-    MP_ASSERT(c->state == MP_CS_HEAD);
-    mp_req_begin(r, c->side.ctx->stopping);
-    c->side.in.start = r->body_start;
-    int d = mp_req_decide(r);
+    if (d == MP_DECIDE_WAIT)
+        return wait_hook(c);
     if (d == MP_DECIDE_RESPONDED)
         return respond(c);
     if (d == MP_DECIDE_STATIC)
@@ -302,6 +312,46 @@ static void start_request(mp_conn_t *c)
         return conn_fail(c, d);
     c->state = MP_CS_PROXY;
     mp_upstream_start(r, &exchange_ops, c);
+}
+
+/* While a hook waits: readable is either the client gone (a FIN or an
+ * error, seen without reading: RDHUP) or bytes that are not ours to read
+ * yet (its body, a pipelined request), and then the socket is not watched
+ * until the hook is done. A client gone cancels the call. */
+static void wait_readable(mp_conn_t *c)
+{
+    struct pollfd p = {.fd = c->side.sock.fd, .events = POLLIN | POLLRDHUP};
+    if (poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR))) {
+        mp_req_log(c->side.req, MP_LOG_DEBUG, "the client went away while a hook waited: its call-out is cancelled");
+        return mp_conn_close(c);
+    }
+    conn_want(c, 0);
+}
+
+void mp_conn_hook_woke(mp_req_t *r, int kind, int rc)
+{
+    if (kind == MP_HK_LOG)
+        return orphan_done(r);
+    mp_conn_t *c = container_of(r->client, mp_conn_t, side);
+    MP_ASSERT(c->side.req == r);
+    if (kind == MP_HK_RESPONSE && c->state == MP_CS_PROXY)
+        return mp_upstream_hooked(r, rc);
+    MP_ASSERT(c->state == MP_CS_WAIT);
+    if (kind == MP_HK_RESPONSE)
+        return response_woke(c, rc);
+    c->state = MP_CS_HEAD;
+    decided(c, mp_req_decide_resume(r, kind, rc));
+}
+
+/* A complete, valid head is in c->side.in: decide framing, then what
+ * mp_req_decide decides. */
+static void start_request(mp_conn_t *c)
+{
+    mp_req_t *r = c->side.req;
+    MP_ASSERT(c->state == MP_CS_HEAD);
+    mp_req_begin(r, c->side.ctx->stopping);
+    c->side.in.start = r->body_start;
+    decided(c, mp_req_decide(r));
 }
 
 /* Parses what c->side.in holds. Returns 1 when a request was started or
@@ -382,6 +432,7 @@ static void dispatch(mp_conn_t *c, int revents)
             flush_local(c);
         return;
     case MP_CS_LINGER: return linger_read(c);
+    case MP_CS_WAIT: return wait_readable(c);
     default: return on_readable(c);
     }
 }
@@ -502,11 +553,29 @@ static void end_request(mp_conn_t *c)
         close(r->file_fd);
         r->has_file = 0;
     }
-    mp_req_on_log(r);
-    mp_hook_release(r->gen->L, r);
+    mp_io_ctx_t *ctx = c->side.ctx;
+    c->side.req = NULL;
+    c->requests++;
+    if (mp_req_on_log(r)) { /* it waits: logged now, and the connection goes on without it */
+        if (r->status)
+            log_request(c, r);
+        r->client = NULL;
+        r->prev = NULL;
+        r->next = ctx->orphans;
+        if (ctx->orphans)
+            ctx->orphans->prev = r;
+        ctx->orphans = r;
+        return;
+    }
     if (r->status)
         log_request(c, r);
-    mp_io_ctx_t *ctx = c->side.ctx;
+    req_free(ctx, r);
+}
+
+/* Gives back what a request holds, and the request. */
+static void req_free(mp_io_ctx_t *ctx, mp_req_t *r)
+{
+    mp_hook_release(r->gen->L, r);
     mp_gen_unref(r->gen);
     if (ctx->nfree_reqs < 256) {
         *(mp_req_t **)r = ctx->free_reqs;
@@ -515,8 +584,29 @@ static void end_request(mp_conn_t *c)
     } else {
         free(r);
     }
-    c->side.req = NULL;
-    c->requests++;
+}
+
+/* A request whose on_log waited: done (its chain ended, or abandoned). */
+static void orphan_done(mp_req_t *r)
+{
+    mp_io_ctx_t *ctx = container_of(r->env, mp_io_ctx_t, env);
+    if (r->prev)
+        r->prev->next = r->next;
+    else
+        ctx->orphans = r->next;
+    if (r->next)
+        r->next->prev = r->prev;
+    req_free(ctx, r);
+}
+
+void mp_conn_abandon_orphans(mp_io_ctx_t *ctx, const mp_gen_t *gen)
+{
+    mp_req_t *next;
+    for (mp_req_t *r = ctx->orphans; r; r = next) {
+        next = r->next;
+        if (!gen || r->gen == gen)
+            orphan_done(r);
+    }
 }
 
 /* The exchange or a local answer finished: the response was fully written.
@@ -621,16 +711,24 @@ static void flush_local(mp_conn_t *c)
     request_done(c);
 }
 
-/* Writes the response made here (status, or 0 for req:respond's): head
- * into c->side.out, the body after it (or, when it does not fit, from the
- * request's local_body). */
-static void send_local(mp_conn_t *c, int status)
+/* What a connection waiting for response hooks does when they end (c->resume). */
+enum { RESUME_NONE, RESUME_LOCAL, RESUME_STATIC };
+
+static void wait_response(mp_conn_t *c, int what)
+{
+    c->resume = (uint8_t)what;
+    wait_hook(c);
+}
+
+/* The response made here has its head in c->side.out (shown: its status,
+ * -1 when it did not fit): the body after it (or, when it does not fit,
+ * from the request's local_body), then it is sent. */
+static void local_ready(mp_conn_t *c, int shown)
 {
     mp_req_t *r = c->side.req;
     mp_local_t *local = &r->local;
     mp_buf_t *b = &c->side.out;
-    MP_ASSERT(c->state == MP_CS_HEAD || c->state == MP_CS_PROXY);
-    if (mp_buf_acquire(b, &c->side.ctx->bufs) != 0 || mp_local_response(r, status, b, local) < 0)
+    if (shown < 0)
         return mp_conn_close(c);
     size_t blen = r->is_head ? 0 : local->body.len;
     if (blen <= mp_buf_room(b)) {
@@ -646,30 +744,83 @@ static void send_local(mp_conn_t *c, int status)
     flush_local(c);
 }
 
-/* A static route (static.h): the head into c->side.out, then the file with
- * sendfile (flush_local), or the short body of a 301, 405 or error. */
-static void send_static(mp_conn_t *c)
+/* Writes the response made here (status, or 0 for req:respond's). */
+static void send_local(mp_conn_t *c, int status)
 {
     mp_req_t *r = c->side.req;
-    mp_static_file_t f;
+    mp_buf_t *b = &c->side.out;
+    MP_ASSERT(c->state == MP_CS_HEAD || c->state == MP_CS_PROXY);
+    if (mp_buf_acquire(b, &c->side.ctx->bufs) != 0)
+        return mp_conn_close(c);
+    int shown = mp_local_response(r, status, b, &r->local);
+    if (shown == MP_LOCAL_WAIT)
+        return wait_response(c, RESUME_LOCAL);
+    local_ready(c, shown);
+}
+
+/* A static response's head is in c->side.out (shown: its status, -1 when
+ * it did not fit): then the file with sendfile (flush_local), or the short
+ * body of a 301, 405 or error. */
+static void static_ready(mp_conn_t *c, mp_static_file_t *f, int shown)
+{
+    mp_req_t *r = c->side.req;
     mp_local_t *local = &r->local;
-    MP_ASSERT(c->state == MP_CS_HEAD);
-    mp_req_keepalive_after(r, 0); /* the body is not read */
-    mp_static_resolve(r, &f);
-    if (mp_buf_acquire(&c->side.out, &c->side.ctx->bufs) != 0 || mp_static_response(r, &f, &c->side.out, local) < 0 ||
-        mp_buf_append(&c->side.out, local->body.p, r->is_head ? 0 : local->body.len) != 0) {
-        mp_static_dispose(&f);
+    if (shown < 0 || mp_buf_append(&c->side.out, local->body.p, r->is_head ? 0 : local->body.len) != 0) {
+        mp_static_dispose(f);
         return mp_conn_close(c);
     }
-    if (f.fd >= 0) {
-        r->file_fd = f.fd;
-        r->file_left = f.size;
+    if (f->fd >= 0) {
+        r->file_fd = f->fd;
+        r->file_left = f->size;
         r->has_file = 1;
     }
     r->resp_started = 1;
     c->state = MP_CS_LOCAL;
     conn_want(c, 0);
     flush_local(c);
+}
+
+/* A static route (static.h). */
+static void send_static(mp_conn_t *c)
+{
+    mp_req_t *r = c->side.req;
+    mp_static_file_t f;
+    MP_ASSERT(c->state == MP_CS_HEAD);
+    mp_req_keepalive_after(r, 0); /* the body is not read */
+    mp_static_resolve(r, &f);
+    if (mp_buf_acquire(&c->side.out, &c->side.ctx->bufs) != 0) {
+        mp_static_dispose(&f);
+        return mp_conn_close(c);
+    }
+    int shown = mp_static_response(r, &f, &c->side.out, &r->local);
+    if (shown == MP_LOCAL_WAIT)
+        return wait_response(c, RESUME_LOCAL);
+    if (shown == MP_STATIC_WAIT) {
+        if (!(c->file = malloc(sizeof(*c->file)))) {
+            mp_static_dispose(&f);
+            return mp_conn_close(c);
+        }
+        *c->file = f;
+        return wait_response(c, RESUME_STATIC);
+    }
+    static_ready(c, &f, shown);
+}
+
+/* The response hooks a local or static answer waited for ended with rc. */
+static void response_woke(mp_conn_t *c, int rc)
+{
+    mp_req_t *r = c->side.req;
+    int what = c->resume;
+    c->resume = RESUME_NONE;
+    if (what == RESUME_LOCAL)
+        return local_ready(c, mp_local_response_resume(r, rc, &c->side.out, &r->local));
+    mp_static_file_t f = *c->file;
+    free(c->file);
+    c->file = NULL;
+    int shown = mp_static_finish(r, &f, mp_req_response_resume(r, rc), &c->side.out, &r->local);
+    if (shown == MP_LOCAL_WAIT) /* not after a hook failed; an error answer's own hooks */
+        return wait_response(c, RESUME_LOCAL);
+    static_ready(c, &f, shown);
 }
 
 /* A hook answered: the response hooks see that answer like any other. */
@@ -705,9 +856,14 @@ void mp_conn_close(mp_conn_t *c)
     mp_io_ctx_t *ctx = c->side.ctx;
     c->side.closed = 1;
     idle_leave(c);
-    if (c->side.req && c->side.req->status == 0 && c->state == MP_CS_PROXY)
+    if (c->side.req && c->side.req->status == 0 && (c->state == MP_CS_PROXY || c->state == MP_CS_WAIT))
         c->side.req->status = 499; /* the client went away first (nginx's convention) */
     end_request(c);
+    if (c->file) { /* a static answer's hooks waited */
+        mp_static_dispose(c->file);
+        free(c->file);
+        c->file = NULL;
+    }
     ev_io_stop(ctx->loop, &c->io);
     ev_timer_stop(ctx->loop, &c->timer);
     mp_io_close(&c->side.sock);

@@ -41,6 +41,7 @@ typedef struct mp_io_ctx {
     mp_conn_t *graveyard;           /* closed client connections, freed before the next poll (mp_conn_reap) */
     mp_upconn_t *up_graveyard;      /* closed upstream connections, likewise (mp_upconn_reap) */
     struct mp_req *free_reqs;       /* recycled request objects */
+    struct mp_req *orphans;         /* requests whose on_log hook waits for a call-out (conn.c) */
     unsigned nfree_reqs;            /* how many */
     mp_server_pool_t *server_pools; /* idle upstream connections per server, across generations (pool.h) */
     mp_alog_t alog;                 /* the access log (fd < 0: none) */

@@ -40,11 +40,23 @@ typedef struct mp_lbox {
     struct mp_lbox *next; /* st->free */
 } mp_lbox_t;
 
+/* A coroutine that ran a chain to its end, kept for the next one. */
+typedef struct {
+    lua_State *co;
+    int ref;
+} co_t;
+
+#define CO_KEEP 64 /* idle coroutines kept per VM */
+
 /* One per VM, a userdata anchored in the req metatable (at [1]). */
 struct lstate {
-    mp_lbox_t *free; /* slots of no request */
-    int mt[OBJ_CTX]; /* registry references of the objects' metatables */
-    int pick_ref;    /* pick_call (made once: pushing a C function allocates) */
+    mp_lbox_t *free;     /* slots of no request */
+    int mt[OBJ_CTX];     /* registry references of the objects' metatables */
+    int pick_ref;        /* pick_call (made once: pushing a C function allocates) */
+    lua_State *running;  /* the chain's coroutine being resumed now, or NULL */
+    mp_req_t *running_r; /* its request */
+    int nidle;
+    co_t idle[CO_KEEP];
 };
 
 static int pick_call(lua_State *L);
@@ -533,7 +545,7 @@ void mp_l_request_setup(lua_State *L, int refs[MP_MT_COUNT])
     lua_pop(L, 1);
     if (!st) {
         st = lua_newuserdata(L, sizeof(*st));
-        st->free = NULL;
+        memset(st, 0, sizeof(*st));
         st->mt[OBJ_REQ] = new_metatable(L, REQ_MT, req_index, req_newindex);
         st->mt[OBJ_RES] = new_metatable(L, RES_MT, res_index, res_newindex);
         st->mt[OBJ_REQ_HDR] = new_metatable(L, HDR_MT, req_hdr_index, req_hdr_newindex);
@@ -550,8 +562,24 @@ void mp_l_request_setup(lua_State *L, int refs[MP_MT_COUNT])
     refs[MP_MT_HEADERS] = st->mt[OBJ_REQ_HDR];
 }
 
+/* A chain raised (err: "file:line: message" and a traceback): logged with
+ * the route, and no more hooks run for the request. */
+static int hook_failed(mp_req_t *r, const char *phase, char *err)
+{
+    r->hook_failed = 1;
+    char *nl = strchr(err, '\n');
+    if (nl)
+        *nl = '\0';
+    const mp_route_t *route = r->match.route;
+    mp_env_log(r->env, MP_LOG_ERROR, "%s%s%s%s%s failed for request %.*s: %s", phase, route ? " of route '" : "",
+               route ? route->name : "", route ? "' at " : "", route ? route->src : "", r->id_len, r->id, err);
+    return MP_HOOK_ERROR;
+}
+
 /* Calls the function below its nargs arguments (already on the stack) under
- * the watchdog; leaves one result on success. */
+ * the watchdog; leaves one result on success. For what cannot wait (a
+ * balancer policy, a hash_key function): it runs on the VM's own thread,
+ * where a call-out is refused (mp_hook_caller). */
 static int call(lua_State *L, mp_req_t *r, int nargs, const char *phase)
 {
     char err[1024];
@@ -563,17 +591,168 @@ static int call(lua_State *L, mp_req_t *r, int nargs, const char *phase)
     int rc = mp_vm_call(L, nargs, 1, err, sizeof(err));
     atomic_store_explicit(e->hook_vm, NULL, memory_order_release);
     atomic_store_explicit(e->hook_since, 0, memory_order_release);
-    if (rc != 0) {
-        r->hook_failed = 1;
-        char *nl = strchr(err, '\n');
-        if (nl)
-            *nl = '\0';
-        const mp_route_t *route = r->match.route;
-        mp_env_log(e, MP_LOG_ERROR, "%s%s%s%s%s failed for request %.*s: %s", phase, route ? " of route '" : "",
-                   route ? route->name : "", route ? "' at " : "", route ? route->src : "", r->id_len, r->id, err);
-        return MP_HOOK_ERROR;
-    }
+    if (rc != 0)
+        return hook_failed(r, phase, err);
     return MP_HOOK_NEXT;
+}
+
+/* ---- chains in coroutines ----
+ *
+ * A chain runs in a coroutine of the VM (DESIGN "Hooks that call out"): a
+ * call-out yields it (mp_hook_yield), and the call's completion resumes it
+ * (mp_hook_resume). A chain that ends without waiting gives its coroutine
+ * back for the next one, so the common case makes none. */
+
+static const char *const kind_names[] = {"hook", "on_request hook", "route hook", "on_response hook", "on_log hook"};
+
+static void co_take(lua_State *L, lstate_t *st, mp_req_t *r)
+{
+    if (st->nidle) {
+        co_t c = st->idle[--st->nidle];
+        r->co = c.co;
+        r->co_ref = c.ref;
+        return;
+    }
+    r->co = lua_newthread(L);
+    r->co_ref = luaL_ref(L, LUA_REGISTRYINDEX);
+}
+
+/* r's coroutine is done with: kept when it ended cleanly (reusable),
+ * else let go (a dead or abandoned one). */
+static void co_give(lua_State *L, lstate_t *st, mp_req_t *r, int reusable)
+{
+    if (reusable && st->nidle < CO_KEEP) {
+        st->idle[st->nidle++] = (co_t){r->co, r->co_ref};
+    } else {
+        lua_settop(r->co, 0);
+        luaL_unref(L, LUA_REGISTRYINDEX, r->co_ref);
+    }
+    r->co = NULL;
+}
+
+/* Resumes r's coroutine with nargs values on its stack until it ends or
+ * waits for a call-out under way. Returns MP_HOOK_WAIT, MP_HOOK_ERROR, or
+ * MP_HOOK_NEXT with the chain's one result on L's stack. The watchdog
+ * counts each run, never the waits between them. */
+static int resume(lua_State *L, mp_req_t *r, int nargs)
+{
+    lstate_t *st = r->lbox->st;
+    mp_req_env_t *e = r->env;
+    char err[1024];
+    for (;;) {
+        st->running = r->co;
+        st->running_r = r;
+        atomic_store_explicit(e->hook_since, mp_req_now(e), memory_order_release);
+        atomic_store_explicit(e->hook_vm, L, memory_order_release);
+        int rc = mp_vm_resume(L, r->co, r->co_ref, nargs, err, sizeof(err));
+        atomic_store_explicit(e->hook_vm, NULL, memory_order_release);
+        atomic_store_explicit(e->hook_since, 0, memory_order_release);
+        st->running = NULL;
+        st->running_r = NULL;
+        if (rc == MP_EAGAIN && r->callout) {
+            if (r->callout->start(r->callout) == 0)
+                return MP_HOOK_WAIT;
+            nargs = 0; /* over at once: its answer is there to take */
+            continue;
+        }
+        if (rc == MP_EAGAIN) { /* coroutine.yield() in the chain itself */
+            snprintf(err, sizeof(err), "a hook yielded outside a call-out (coroutine.yield in the hook itself)");
+            co_give(L, st, r, 0);
+        } else if (rc != 0) {
+            r->co = NULL; /* let go by mp_vm_resume */
+        }
+        if (rc != 0)
+            return hook_failed(r, kind_names[r->hook_kind], err);
+        int n = lua_gettop(r->co);
+        if (n == 0) {
+            lua_pushnil(L);
+        } else {
+            lua_settop(r->co, 1);
+            lua_xmove(r->co, L, 1);
+        }
+        co_give(L, st, r, 1);
+        return MP_HOOK_NEXT;
+    }
+}
+
+/* Runs the chain below its nargs arguments on L's stack in a coroutine. */
+static int run(lua_State *L, mp_req_t *r, int nargs, int kind)
+{
+    MP_ASSERT(!r->co && !r->callout);
+    co_take(L, r->lbox->st, r);
+    lua_xmove(L, r->co, nargs + 1);
+    r->hook_kind = (uint8_t)kind;
+    return resume(L, r, nargs);
+}
+
+/* The VM's bookkeeping, found from any of its threads. */
+static lstate_t *vm_state(lua_State *L)
+{
+    lstate_t *st = NULL;
+    luaL_getmetatable(L, REQ_MT);
+    if (lua_istable(L, -1)) {
+        lua_rawgeti(L, -1, 1);
+        st = lua_touserdata(L, -1);
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    return st;
+}
+
+mp_req_t *mp_hook_caller(lua_State *L, const char **why)
+{
+    lstate_t *st = vm_state(L);
+    mp_req_t *r = st ? st->running_r : NULL;
+    if (!r) {
+        *why =
+            "only hooks can call out (not the configuration script, a balancer policy, a hash_key function or "
+            "a guard)";
+        return NULL;
+    }
+    if (L != st->running) {
+        *why = "a hook calls out from its own code, not from a coroutine it made";
+        return NULL;
+    }
+    if (!r->env->wake) {
+        *why = "the simulator answers call-outs only through opts.http and opts.redis";
+        return NULL;
+    }
+    if (r->callout) {
+        *why = "the hook has a call-out whose answer it has not taken";
+        return NULL;
+    }
+    return r;
+}
+
+int mp_hook_yield(lua_State *L, mp_req_t *r, mp_callout_t *c)
+{
+    r->callout = c;
+    return lua_yield(L, 0);
+}
+
+/* The request whose chain runs in L's coroutine now, or NULL. */
+static mp_req_t *running_req(lua_State *L)
+{
+    lstate_t *st = vm_state(L);
+    return st && L == st->running ? st->running_r : NULL;
+}
+
+mp_callout_t *mp_hook_answer(lua_State *L)
+{
+    mp_req_t *r = running_req(L);
+    if (!r || !r->callout)
+        luaL_error(L, "no call-out answer to take");
+    return r->callout;
+}
+
+void mp_hook_answered(lua_State *L)
+{
+    mp_req_t *r = running_req(L);
+    if (!r || !r->callout)
+        return;
+    mp_callout_t *c = r->callout;
+    r->callout = NULL;
+    c->cancel(c);
 }
 
 /* Pushes the chain at ref, then req. */
@@ -627,15 +806,31 @@ int mp_hook_hash_key(lua_State *L, mp_req_t *r, int ref)
     return call(L, r, 1, "hash_key function");
 }
 
+/* What a finished chain's result means for its kind (rc from resume). */
+static int finish(lua_State *L, mp_req_t *r, int rc)
+{
+    int kind = r->hook_kind;
+    r->hook_kind = MP_HK_NONE;
+    if (kind == MP_HK_RESPONSE)
+        r->rh = NULL;
+    if (rc != MP_HOOK_NEXT)
+        return rc;
+    if (kind == MP_HK_ROUTE && r->handler_up == -2) { /* a handler route: what it returned */
+        r->handler_up = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : -1;
+    }
+    lua_pop(L, 1);
+    if ((kind == MP_HK_PRE || kind == MP_HK_ROUTE) && r->local_status)
+        return MP_HOOK_RESPONDED;
+    return MP_HOOK_NEXT;
+}
+
 int mp_hook_pre(lua_State *L, mp_req_t *r, int ref)
 {
     r->phase = MP_PHASE_REQUEST;
     push_chain(L, r, ref);
     lua_pushnil(L);
-    int rc = call(L, r, 2, "on_request hook");
-    if (rc == MP_HOOK_NEXT)
-        lua_pop(L, 1);
-    return rc == MP_HOOK_NEXT && r->local_status ? MP_HOOK_RESPONDED : rc;
+    int rc = run(L, r, 2, MP_HK_PRE);
+    return rc == MP_HOOK_WAIT ? rc : finish(L, r, rc);
 }
 
 static void push_captures(lua_State *L, mp_req_t *r)
@@ -652,21 +847,17 @@ static void push_captures(lua_State *L, mp_req_t *r)
     }
 }
 
-int mp_hook_route(lua_State *L, mp_req_t *r, const mp_route_hooks_t *h, int *upstream)
+int mp_hook_route(lua_State *L, mp_req_t *r, const mp_route_hooks_t *h)
 {
     r->phase = MP_PHASE_REQUEST;
+    r->handler_up = h->handler ? -2 : -1;
     push_chain(L, r, h->request);
     if (h->captures)
         push_captures(L, r);
     else
         lua_pushnil(L);
-    int rc = call(L, r, 2, "route hook");
-    if (rc != MP_HOOK_NEXT)
-        return rc;
-    if (h->handler && lua_isnumber(L, -1))
-        *upstream = (int)lua_tointeger(L, -1);
-    lua_pop(L, 1);
-    return r->local_status ? MP_HOOK_RESPONDED : MP_HOOK_NEXT;
+    int rc = run(L, r, 2, MP_HK_ROUTE);
+    return rc == MP_HOOK_WAIT ? rc : finish(L, r, rc);
 }
 
 int mp_hook_response(lua_State *L, mp_req_t *r, int ref, const mp_http_response_t *rh)
@@ -675,24 +866,46 @@ int mp_hook_response(lua_State *L, mp_req_t *r, int ref, const mp_http_response_
     r->rh = rh;
     push_chain(L, r, ref);
     push_obj(L, r->lbox, OBJ_RES);
-    int rc = call(L, r, 2, "on_response hook");
-    r->rh = NULL;
-    if (rc == MP_HOOK_NEXT)
-        lua_pop(L, 1);
-    return rc;
+    int rc = run(L, r, 2, MP_HK_RESPONSE);
+    return rc == MP_HOOK_WAIT ? rc : finish(L, r, rc);
 }
 
-void mp_hook_log(lua_State *L, mp_req_t *r, int ref)
+int mp_hook_log(lua_State *L, mp_req_t *r, int ref)
 {
     r->phase = MP_PHASE_LOG;
     push_chain(L, r, ref);
     push_obj(L, r->lbox, OBJ_RES);
-    if (call(L, r, 2, "on_log hook") == MP_HOOK_NEXT)
-        lua_pop(L, 1);
+    int rc = run(L, r, 2, MP_HK_LOG);
+    return rc == MP_HOOK_WAIT ? rc : finish(L, r, rc);
+}
+
+void mp_hook_resume(mp_req_t *r)
+{
+    lua_State *L = r->gen->L;
+    MP_ASSERT(r->co && r->hook_kind != MP_HK_NONE);
+    int kind = r->hook_kind;
+    int rc = resume(L, r, 0);
+    if (rc == MP_HOOK_WAIT)
+        return;
+    r->env->wake(r, kind, finish(L, r, rc));
+}
+
+void mp_hook_abandon(lua_State *L, mp_req_t *r)
+{
+    if (r->callout) {
+        mp_callout_t *c = r->callout;
+        r->callout = NULL;
+        c->cancel(c);
+    }
+    if (r->co)
+        co_give(L, r->lbox->st, r, 0);
+    r->hook_kind = MP_HK_NONE;
+    r->rh = NULL;
 }
 
 void mp_hook_release(lua_State *L, mp_req_t *r)
 {
+    mp_hook_abandon(L, r);
     mp_lbox_t *s = r->lbox;
     if (s) {
         if (s->made & (1u << OBJ_CTX)) { /* the table may be large: let it go now */

@@ -19,20 +19,52 @@ enum {
     MP_HOOK_NEXT = 0,      /* go on */
     MP_HOOK_RESPONDED = 1, /* a hook called req:respond: r->local_status is set */
     MP_HOOK_ERROR = -1,    /* a hook raised: logged with file:line; answer 500 */
+    MP_HOOK_WAIT = 2,      /* the chain waits for a call-out: env->wake reports its end */
 };
+
+/* The chains run in coroutines (DESIGN "Hooks that call out"). Each returns
+ * NEXT, RESPONDED or ERROR, or WAIT when the chain waits for a call-out:
+ * r->env->wake(r, kind, rc) then reports how it ended, with what the
+ * function would have returned, and nothing of r may change meanwhile
+ * but what the owner watches (the client going away: mp_hook_abandon).
+ * A chain that cannot wait (env->wake NULL) is refused its call-outs. */
 
 /* Runs the global request chain (before routing). */
 int mp_hook_pre(lua_State *L, mp_req_t *r, int ref);
 
-/* Runs a route's request chain. For handler routes *upstream receives the
- * index the handler returned (-1 when it returned none). */
-int mp_hook_route(lua_State *L, mp_req_t *r, const mp_route_hooks_t *h, int *upstream);
+/* Runs a route's request chain. For handler routes r->handler_up receives
+ * the index the handler returned (-1 when it returned none). */
+int mp_hook_route(lua_State *L, mp_req_t *r, const mp_route_hooks_t *h);
 
-/* Runs a route's response chain on rh (the upstream's response head). */
+/* Runs a route's response chain on rh (the upstream's response head, which
+ * must stay valid while the chain waits). */
 int mp_hook_response(lua_State *L, mp_req_t *r, int ref, const mp_http_response_t *rh);
 
 /* Runs the on_log chain once the response was sent. Errors are logged. */
-void mp_hook_log(lua_State *L, mp_req_t *r, int ref);
+int mp_hook_log(lua_State *L, mp_req_t *r, int ref);
+
+/* For call-out bindings. The request whose chain runs in L, when L is that
+ * chain's own coroutine and it may wait; else NULL with the reason (the
+ * binding raises it). */
+mp_req_t *mp_hook_caller(lua_State *L, const char **why);
+
+/* Suspends the chain until c is over: `return mp_hook_yield(L, r, c);`.
+ * c->start runs once no Lua runs; the binding's caller (Lua) then takes the
+ * answer with mp_hook_answer. */
+int mp_hook_yield(lua_State *L, mp_req_t *r, mp_callout_t *c);
+
+/* The call-out the running chain waited for, now over (the request still
+ * owns it: a raise while its answer is pushed frees it with the request).
+ * Raises when there is none. mp_hook_answered frees it once taken. */
+mp_callout_t *mp_hook_answer(lua_State *L);
+void mp_hook_answered(lua_State *L);
+
+/* r's call-out is over: its chain goes on (and may wait again). */
+void mp_hook_resume(mp_req_t *r);
+
+/* r no longer waits for its chain: the call-out is cancelled and the
+ * coroutine let go. Safe when nothing waits. */
+void mp_hook_abandon(lua_State *L, mp_req_t *r);
 
 /* Calls a Lua balancer pick(servers, req, upstream), with all the servers'
  * objects and the upstream the two values on top of the stack (replaced by

@@ -196,6 +196,7 @@ static int l_request(lua_State *L)
 {
     mp_sim_t *s = check_sim(L);
     luaL_checktype(L, 2, LUA_TTABLE);
+    int stubs = lua_istable(L, 3); /* who answers call-outs, before anything is pushed */
     mp_sim_header_t h[MAX_FIELDS];
     lua_getfield(L, 2, "headers");
     size_t nh = read_fields(L, lua_gettop(L), h, MAX_FIELDS);
@@ -216,7 +217,9 @@ static int l_request(lua_State *L)
     mp_tls_info_t tls;
     read_tls(L, &rq, &tls);
     mp_sim_result_t res;
+    mp_sim_answer_calls(s, L, stubs ? 3 : 0);
     int rc = mp_sim_request(s, &rq, &res);
+    mp_sim_answer_calls(s, NULL, 0);
     if (rc == MP_EINVAL)
         return luaL_error(L, "request: remote_addr '%s' is not an IP address", rq.remote_addr);
     if (rc != 0)
@@ -230,6 +233,7 @@ static int l_response(lua_State *L)
 {
     mp_sim_t *s = check_sim(L);
     luaL_checktype(L, 2, LUA_TTABLE);
+    int stubs = lua_istable(L, 3);
     mp_sim_header_t h[MAX_FIELDS];
     lua_getfield(L, 2, "headers");
     size_t nh = read_fields(L, lua_gettop(L), h, MAX_FIELDS);
@@ -242,7 +246,9 @@ static int l_response(lua_State *L)
     lua_tolstring(L, -1, &blen);
     mp_sim_response_t rs = {status, h, nh, blen};
     mp_sim_result_t res;
+    mp_sim_answer_calls(s, L, stubs ? 3 : 0);
     int rc = mp_sim_response(s, &rs, &res);
+    mp_sim_answer_calls(s, NULL, 0);
     if (rc == MP_EINVAL)
         return luaL_error(L, "response: the last request was not forwarded upstream");
     if (rc != 0)

@@ -22,26 +22,31 @@ static void server_pool_free(mp_server_pool_t *sp)
     free(sp);
 }
 
-static mp_server_pool_t *server_pool(mp_io_ctx_t *ctx, const mp_upstream_def_t *def, const mp_server_def_t *srv)
+/* The worker's pool of (name, addr, tls), found or made. */
+static mp_server_pool_t *pool_get(mp_io_ctx_t *ctx, const char *name, const mp_addr_t *addr, const char *tls)
 {
-    char key[512];
-    const char *tls = def->tls ? mp_tls_client_key(def->tls, def->tls_name, key, sizeof(key)) : NULL;
     for (mp_server_pool_t *sp = ctx->server_pools; sp; sp = sp->next)
-        if (strcmp(sp->upstream, def->name) == 0 && strcmp(sp->addr.text, srv->addr.text) == 0 &&
-            same_tls(sp->tls, tls))
+        if (strcmp(sp->upstream, name) == 0 && strcmp(sp->addr.text, addr->text) == 0 && same_tls(sp->tls, tls))
             return sp;
     mp_server_pool_t *sp = calloc(1, sizeof(*sp));
-    if (!sp || !(sp->upstream = strdup(def->name)) || !(sp->addr.text = strdup(srv->addr.text)) ||
+    if (!sp || !(sp->upstream = strdup(name)) || !(sp->addr.text = strdup(addr->text)) ||
         (tls && !(sp->tls = strdup(tls)))) {
         if (sp)
             server_pool_free(sp);
         return NULL;
     }
-    sp->addr.ss = srv->addr.ss;
-    sp->addr.sslen = srv->addr.sslen;
+    sp->addr.ss = addr->ss;
+    sp->addr.sslen = addr->sslen;
     sp->next = ctx->server_pools;
     ctx->server_pools = sp;
     return sp;
+}
+
+static mp_server_pool_t *server_pool(mp_io_ctx_t *ctx, const mp_upstream_def_t *def, const mp_server_def_t *srv)
+{
+    char key[512];
+    const char *tls = def->tls ? mp_tls_client_key(def->tls, def->tls_name, key, sizeof(key)) : NULL;
+    return pool_get(ctx, def->name, &srv->addr, tls);
 }
 
 static void server_pool_unref(mp_io_ctx_t *ctx, mp_server_pool_t *sp)
@@ -265,5 +270,25 @@ void mp_upconn_reap(mp_io_ctx_t *ctx)
         MP_ASSERT(u->state == MP_UP_CLOSED);
         ctx->up_graveyard = u->next;
         free(u);
+    }
+}
+
+mp_server_pool_t *mp_pool_standalone(mp_io_ctx_t *ctx, const mp_addr_t *addr, int keepalive, double keepalive_timeout)
+{
+    mp_server_pool_t *sp = pool_get(ctx, "", addr, NULL); /* no upstream is named "" */
+    if (sp && !sp->refs) {
+        sp->refs = 1; /* until mp_pools_dispose */
+        sp->keepalive = keepalive;
+        sp->keepalive_timeout = keepalive_timeout;
+    }
+    return sp;
+}
+
+void mp_pools_dispose(mp_io_ctx_t *ctx)
+{
+    while (ctx->server_pools) {
+        mp_server_pool_t *sp = ctx->server_pools;
+        sp->refs = 1;
+        server_pool_unref(ctx, sp);
     }
 }

@@ -70,6 +70,15 @@ mp_pool_t *mp_pools_new(mp_io_ctx_t *ctx, const mp_config_t *cfg);
  * uses any more has its idle connections closed. */
 void mp_pools_free(mp_io_ctx_t *ctx, mp_pool_t *pools, size_t n);
 
+/* The worker's pool for a call-out target outside any upstream (a URL's
+ * address), found or made; kept until mp_pools_dispose. NULL when out of
+ * memory. */
+mp_server_pool_t *mp_pool_standalone(mp_io_ctx_t *ctx, const mp_addr_t *addr, int keepalive, double keepalive_timeout);
+
+/* Closes and frees every server pool left (worker end, after its
+ * generations). */
+void mp_pools_dispose(mp_io_ctx_t *ctx);
+
 /* A live idle connection to the server, or NULL. Checks the socket before
  * handing out one that idled long. */
 mp_upconn_t *mp_pool_take(mp_server_pool_t *sp, mp_io_ctx_t *ctx);

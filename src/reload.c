@@ -3,6 +3,7 @@
  * them: worker.c), the script's history and settings.watch. */
 #include "reload.h"
 
+#include "l_http.h"
 #include "log.h"
 #include "vm.h"
 
@@ -99,6 +100,8 @@ static void *build_one(void *arg)
 {
     build_job_t *j = arg;
     j->L = mp_vm_new();
+    if (j->L)
+        mp_l_http_preload(j->L); /* a worker's VM: its hooks may call out */
     j->rc = j->L ? mp_config_load_text(j->L, j->path, j->text, j->len, &j->cfg, j->err, sizeof(j->err)) : MP_ENOMEM;
     if (!j->L)
         snprintf(j->err, sizeof(j->err), "out of memory");

@@ -137,9 +137,9 @@ void mp_req_keepalive_after(mp_req_t *r, int status)
 
 /* ---- the response ---- */
 
-void mp_req_run_on_log(mp_req_t *r)
+int mp_req_run_on_log(mp_req_t *r)
 {
-    mp_hook_log(r->gen->L, r, r->gen->cfg->log_ref);
+    return mp_hook_log(r->gen->L, r, r->gen->cfg->log_ref) == MP_HOOK_WAIT;
 }
 
 int mp_req_unavailable(mp_req_t *r, const mp_balancer_t *b)
@@ -310,6 +310,8 @@ static int route_outcome(mp_req_t *r, int go)
     return go == MP_DECIDE_STATIC && is_asterisk(r->path) ? answer_options(r) : go;
 }
 
+static int route_hooked(mp_req_t *r, int rc);
+
 /* Routes r by its (possibly hook-changed) path and runs the route's request
  * chain. OPTIONS * is routed as "/" (host rules apply) and forwarded as
  * "*", as HAProxy does. Returns what mp_req_decide returns. */
@@ -336,11 +338,20 @@ static int route_request(mp_req_t *r)
     const mp_route_hooks_t *hooks = &cfg->route_hooks[mp_route_slot(route)];
     if (hooks->request == LUA_NOREF)
         return route_outcome(r, go);
-    int up = -1;
-    int rc = mp_hook_route(r->gen->L, r, hooks, &up);
+    int rc = mp_hook_route(r->gen->L, r, hooks);
+    return rc == MP_HOOK_WAIT ? MP_DECIDE_WAIT : route_hooked(r, rc);
+}
+
+/* The route's request chain ended with rc. */
+static int route_hooked(mp_req_t *r, int rc)
+{
+    const mp_config_t *cfg = r->gen->cfg;
+    const mp_route_t *route = r->match.route;
+    int go = cfg->statics[mp_route_slot(route)].root ? MP_DECIDE_STATIC : MP_DECIDE_UPSTREAM;
     if (rc != MP_HOOK_NEXT)
         return hook_outcome(rc);
-    if (hooks->handler) {
+    if (cfg->route_hooks[mp_route_slot(route)].handler) {
+        int up = r->handler_up;
         if (up < 0 || (size_t)up >= cfg->nupstreams) {
             mp_req_log(r, MP_LOG_ERROR, "route '%s' (%s): the handler neither responded nor returned an upstream",
                        route->name, route->src);
@@ -426,9 +437,21 @@ int mp_req_decide(mp_req_t *r)
         return 413;
     if (cfg->pre_ref != LUA_NOREF) {
         int rc = mp_hook_pre(r->gen->L, r, cfg->pre_ref);
+        if (rc == MP_HOOK_WAIT)
+            return MP_DECIDE_WAIT;
         if (rc != MP_HOOK_NEXT)
             return hook_outcome(rc);
     }
+    return route_request(r);
+}
+
+int mp_req_decide_resume(mp_req_t *r, int kind, int rc)
+{
+    if (kind == MP_HK_ROUTE)
+        return route_hooked(r, rc);
+    MP_ASSERT(kind == MP_HK_PRE);
+    if (rc != MP_HOOK_NEXT)
+        return hook_outcome(rc);
     return route_request(r);
 }
 
@@ -528,9 +551,15 @@ const mp_pick_ctx_t mp_req_pick = {pick_hash, pick_lua};
 int mp_req_run_response_hooks(mp_req_t *r, int ref, int status, const mp_http_response_t *rh)
 {
     r->status = status;
-    if (mp_hook_response(r->gen->L, r, ref, rh) != MP_HOOK_NEXT)
+    int rc = mp_hook_response(r->gen->L, r, ref, rh);
+    return rc == MP_HOOK_WAIT ? MP_RESP_WAIT : mp_req_response_resume(r, rc);
+}
+
+int mp_req_response_resume(mp_req_t *r, int rc)
+{
+    if (rc != MP_HOOK_NEXT)
         return 0;
-    return r->resp_status ? r->resp_status : status;
+    return r->resp_status ? r->resp_status : r->status;
 }
 
 static void error_body(int status, mp_local_t *out)
@@ -539,23 +568,23 @@ static void error_body(int status, mp_local_t *out)
     out->body = (mp_slice){out->text, (size_t)n};
 }
 
-int mp_local_response(mp_req_t *r, int status, mp_buf_t *b, mp_local_t *out)
+/* The head and body of a response made here once its response hooks
+ * ended (shown: what they left, 0 when they failed). */
+static int local_finish(mp_req_t *r, int status, int shown, mp_buf_t *b, mp_local_t *out)
 {
-    const mp_hedit_t *edits = NULL;
-    int shown = 0;
-    if (status == 0 && (shown = mp_req_response_hooks(r, r->local_status, NULL))) {
+    const mp_hedit_t *edits;
+    if (status == 0 && shown) {
         /* what req:respond gave, as the response hooks left it */
         out->body = (mp_slice){r->local_body, r->local_body_len};
         edits = r->resp_edits;
-    } else {
-        if (status == 0) /* a response hook failed on it */
-            status = 500;
-        error_body(status, out);
-        /* Response hooks see the proxy's own errors too, once the head was
-         * valid (and not when a hook is what failed). */
+    } else if (status == 0) { /* a response hook failed on it */
+        shown = 500;
         r->resp_edits = NULL;
-        shown = status;
-        if (r->path.p && !r->hook_failed && !(shown = mp_req_response_hooks(r, status, NULL))) {
+        error_body(500, out);
+        edits = NULL;
+    } else {
+        error_body(status, out);
+        if (!shown) {
             shown = 500;
             r->resp_edits = NULL;
             error_body(500, out);
@@ -566,4 +595,26 @@ int mp_local_response(mp_req_t *r, int status, mp_buf_t *b, mp_local_t *out)
     if (mp_head_local(r, shown, edits, out->body.len, b) != 0) /* Content-Length on a HEAD too: RFC 9110 §9.3.2 */
         return -1;
     return shown;
+}
+
+int mp_local_response(mp_req_t *r, int status, mp_buf_t *b, mp_local_t *out)
+{
+    int shown;
+    r->local_asked = (uint16_t)status;
+    if (status == 0) {
+        shown = mp_req_response_hooks(r, r->local_status, NULL);
+    } else {
+        /* Response hooks see the proxy's own errors too, once the head was
+         * valid (and not when a hook is what failed). */
+        r->resp_edits = NULL;
+        shown = r->path.p && !r->hook_failed ? mp_req_response_hooks(r, status, NULL) : status;
+    }
+    if (shown == MP_RESP_WAIT)
+        return MP_LOCAL_WAIT;
+    return local_finish(r, status, shown, b, out);
+}
+
+int mp_local_response_resume(mp_req_t *r, int rc, mp_buf_t *b, mp_local_t *out)
+{
+    return local_finish(r, r->local_asked, mp_req_response_resume(r, rc), b, out);
 }

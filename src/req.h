@@ -28,6 +28,22 @@ struct mp_peer;
 struct mp_lbox;
 struct sockaddr;
 
+/* A call a hook made (moonproxy.http, Redis) while its coroutine waits
+ * (l_request.h: mp_hook_yield). start begins its I/O once the hook has
+ * yielded (no Lua runs then): it returns 0 while the call is under way, to
+ * be completed through mp_hook_resume, or 1 when it is already over (a
+ * failure found at once). cancel frees it, stopping whatever is under way:
+ * the request no longer wants the answer, or the hook took it. */
+typedef struct mp_callout {
+    int (*start)(struct mp_callout *c);
+    void (*cancel)(struct mp_callout *c);
+} mp_callout_t;
+
+/* Which chain a request's suspended coroutine runs (r->hook_kind). */
+enum mp_hook_kind { MP_HK_NONE, MP_HK_PRE, MP_HK_ROUTE, MP_HK_RESPONSE, MP_HK_LOG };
+
+struct mp_req;
+
 /* What a request needs from the thread that runs it, with no socket: a
  * worker embeds one (mp_worker_t.env), the simulator owns one. */
 typedef struct mp_req_env {
@@ -42,6 +58,10 @@ typedef struct mp_req_env {
     double date_at; /* second of the cached Date line */
     char date[40];  /* "Date: ...\r\n" */
     size_t date_len;
+    /* A suspended hook chain of r, of kind (mp_hook_kind), finished with rc
+     * (MP_HOOK_*; l_request.h): the request goes on from where it waited.
+     * NULL: no hook may call out (the simulator answers call-outs in Lua). */
+    void (*wake)(struct mp_req *r, int kind, int rc);
 } mp_req_env_t;
 
 /* The loop time of the thread running a request. */
@@ -117,6 +137,7 @@ typedef struct mp_req {
     char *local_body; /* respond()'s body (malloc'd) */
     size_t local_body_len;
     uint16_t local_status;      /* respond()'s status; 0 when no hook responded */
+    uint16_t local_asked;       /* the status mp_local_response was asked for (0: respond()'s) */
     uint16_t resp_status;       /* response status as hooks set it; 0: the upstream's */
     uint8_t phase;              /* mp_phase: what hooks may do now */
     uint16_t retry_after;       /* a 503 from the proxy: seconds for Retry-After (0: none) */
@@ -141,14 +162,22 @@ typedef struct mp_req {
     unsigned has_query : 1;       /* query is present ('?' was there) */
     unsigned hook_failed : 1;     /* a hook raised: no more hooks for this request */
     unsigned has_file : 1;        /* file_fd is open: a static response's body (closed at request end) */
+    uint8_t hook_kind;            /* mp_hook_kind: the chain r->co runs while it waits */
+    int handler_up;               /* a handler's returned upstream once its chain finished (-1: none) */
+    lua_State *co;                /* the coroutine of the hook chain running or suspended, or NULL */
+    int co_ref;                   /* its registry reference */
+    mp_callout_t *callout;        /* the call-out the hook waits for (or whose answer it has not taken) */
+    mp_http_response_t *rh_held;  /* the upstream's response head, kept while response hooks wait (upstream.c) */
+    struct mp_req *prev, *next;   /* the worker's requests whose on_log waits after their connection moved on */
     int file_fd;
     uint64_t file_off, file_left; /* bytes of the file sent, still to send */
 } mp_req_t;
 
 /* What a request's head decides (mp_req_decide): go upstream, answer what a
- * hook answered with req:respond, serve a static route's file (static.h), or
- * (any other value) answer that status. */
-enum { MP_DECIDE_UPSTREAM = 0, MP_DECIDE_RESPONDED = 1, MP_DECIDE_STATIC = 2 };
+ * hook answered with req:respond, serve a static route's file (static.h),
+ * wait for a hook's call-out (mp_req_decide_resume goes on), or (any other
+ * value) answer that status. */
+enum { MP_DECIDE_UPSTREAM = 0, MP_DECIDE_RESPONDED = 1, MP_DECIDE_STATIC = 2, MP_DECIDE_WAIT = 3 };
 
 /* n bytes (8-aligned) from the request's arena, freed with the request; NULL
  * when no buffer block can be had (r->arena.data is then NULL) or the block
@@ -250,14 +279,22 @@ static inline void mp_req_response_framing(mp_req_t *r, const mp_http_response_t
         r->keepalive = 0;
 }
 
+/* Response hooks wait for a call-out (env->wake reports their end with
+ * MP_HK_RESPONSE): mp_req_response_resume then says what they would have
+ * returned. */
+#define MP_RESP_WAIT (-1)
+
 /* Runs the response chain at ref (not LUA_NOREF) on a response of status;
  * what mp_req_response_hooks calls when there is one. */
 int mp_req_run_response_hooks(mp_req_t *r, int ref, int status, const mp_http_response_t *rh);
 
+/* What the response hooks that waited return, now that they ended with rc. */
+int mp_req_response_resume(mp_req_t *r, int rc);
+
 /* Runs the response hooks (the route's chain, or the global one before
  * routing) on a response of status: the upstream's (rh), or one made here
- * (rh NULL). Returns the status to send, which a hook may have changed, or
- * 0 when a hook failed. Inline: most requests have no hook. */
+ * (rh NULL). Returns the status to send, which a hook may have changed, 0
+ * when a hook failed, or MP_RESP_WAIT. Inline: most requests have no hook. */
 static inline int mp_req_response_hooks(mp_req_t *r, int status, const mp_http_response_t *rh)
 {
     const mp_config_t *cfg = r->gen->cfg;
@@ -266,14 +303,16 @@ static inline int mp_req_response_hooks(mp_req_t *r, int status, const mp_http_r
 }
 
 /* Runs the on_log chain (cfg->log_ref, not LUA_NOREF) on r. */
-void mp_req_run_on_log(mp_req_t *r);
+int mp_req_run_on_log(mp_req_t *r);
 
 /* The response was sent (r->status set; none when the request was
- * abandoned): the on_log chain runs. */
-static inline void mp_req_on_log(mp_req_t *r)
+ * abandoned): the on_log chain runs. Returns 1 when it waits for a
+ * call-out (env->wake reports its end, MP_HK_LOG), else 0. */
+static inline int mp_req_on_log(mp_req_t *r)
 {
     if (r->status && r->gen->cfg->log_ref != LUA_NOREF)
-        mp_req_run_on_log(r);
+        return mp_req_run_on_log(r);
+    return 0;
 }
 
 /* No server of b is available: the answer is 503, with Retry-After for
@@ -296,6 +335,11 @@ int mp_req_hash_key(mp_req_t *r, const mp_upstream_def_t *d, uint64_t *out);
  * simulator (sim.h) runs the very same decision. */
 int mp_req_decide(mp_req_t *r);
 
+/* mp_req_decide returned MP_DECIDE_WAIT and the chain of kind (MP_HK_PRE or
+ * MP_HK_ROUTE) has ended with rc (env->wake): the decision goes on, with
+ * what mp_req_decide returns (WAIT again when the route's chain waits). */
+int mp_req_decide_resume(mp_req_t *r, int kind, int rc);
+
 /* Gives r its request id and client address if it has none yet (a head the
  * parser refused never reached mp_req_decide). */
 void mp_req_identify(mp_req_t *r);
@@ -307,8 +351,12 @@ mp_slice mp_req_remote_addr(const mp_req_t *r);
 
 /* Runs the response hooks on the response made here for r (status: the
  * proxy's own error, or 0 for what req:respond gave), and appends its head
- * to b. Returns the status to send, or -1 when b has no room. */
+ * to b. Returns the status to send, -1 when b has no room, or
+ * MP_LOCAL_WAIT when the hooks wait: mp_local_response_resume finishes it
+ * (b and out kept meanwhile) once they ended with rc. */
+#define MP_LOCAL_WAIT (-2)
 int mp_local_response(mp_req_t *r, int status, mp_buf_t *b, mp_local_t *out);
+int mp_local_response_resume(mp_req_t *r, int rc, mp_buf_t *b, mp_local_t *out);
 
 /* A log line about r: "w<id>: " (none in the simulator), the message, then
  * " (request <id>)". mp_env_log adds the prefix only (for lines that name

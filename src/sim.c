@@ -56,6 +56,8 @@ struct mp_sim {
     size_t ntrace, trace_cap;
     char *error;
     int route_noted;
+    lua_State *caller; /* who answers call-outs (mp_sim_answer_calls): its table at index stubs */
+    int stubs;
     struct { /* the request as it was before the hook being traced */
         mp_slice path, query;
         unsigned has_query;
@@ -221,6 +223,175 @@ static int l_tracer(lua_State *L)
     return 0;
 }
 
+/* ---- call-outs, answered by the spec ----
+ *
+ * moonproxy.http and Redis clients in the simulator's VM find
+ * package.loaded["moonproxy.testing.callouts"]: a call there runs the spec's
+ * opts.http or opts.redis in the caller's VM (the one running
+ * cfg:request), with the arguments and the answer copied between the VMs
+ * as plain data. A raise in the caller's VM must not cross the simulator's
+ * frames: the spec's function runs under lua_pcall there, and reads the
+ * simulator's values without converting them (no allocation on its side). */
+
+#define COPY_DEPTH 16
+
+/* Pushes onto to a copy of from's value at idx: nil, booleans, numbers,
+ * strings and tables of them. Raises (in to) for anything else. */
+static void copy_value(lua_State *from, int idx, lua_State *to, int depth)
+{
+    size_t n;
+    const char *p;
+    luaL_checkstack(to, 4, "copying a value");
+    switch (lua_type(from, idx)) {
+    case LUA_TNIL: lua_pushnil(to); return;
+    case LUA_TBOOLEAN: lua_pushboolean(to, lua_toboolean(from, idx)); return;
+    case LUA_TNUMBER: lua_pushnumber(to, lua_tonumber(from, idx)); return;
+    case LUA_TSTRING:
+        p = lua_tolstring(from, idx, &n);
+        lua_pushlstring(to, p, n);
+        return;
+    case LUA_TTABLE:
+        if (depth >= COPY_DEPTH)
+            luaL_error(to, "a table nested deeper than %d levels", COPY_DEPTH);
+        idx = idx < 0 ? lua_gettop(from) + idx + 1 : idx;
+        if (!lua_checkstack(from, 3))
+            luaL_error(to, "stack overflow copying a table");
+        lua_newtable(to);
+        lua_pushnil(from);
+        while (lua_next(from, idx)) {
+            int t = lua_type(from, -2);
+            if (t != LUA_TSTRING && t != LUA_TNUMBER && t != LUA_TBOOLEAN) {
+                lua_pop(from, 2);
+                luaL_error(to, "a table key must be a string or a number, not a %s", lua_typename(from, t));
+            }
+            copy_value(from, -2, to, depth + 1);
+            copy_value(from, -1, to, depth + 1);
+            lua_rawset(to, -3);
+            lua_pop(from, 1);
+        }
+        return;
+    default: luaL_error(to, "cannot pass a %s between the simulator and the spec", luaL_typename(from, idx));
+    }
+}
+
+typedef struct {
+    lua_State *sim; /* the simulator's VM: the arguments at 1..nargs */
+    int nargs;
+    const char *kind; /* "http" or "redis" */
+} stub_call_t;
+
+/* In the caller's VM, protected: stubs table at 1. Leaves the answer. */
+static int stub_call(lua_State *L)
+{
+    stub_call_t *c = lua_touserdata(L, 2);
+    lua_getfield(L, 1, c->kind);
+    if (!lua_isfunction(L, -1))
+        return luaL_error(L, "this simulation has no opts.%s to answer call-outs", c->kind);
+    for (int i = 1; i <= c->nargs; i++)
+        copy_value(c->sim, i, L, 0);
+    lua_call(L, c->nargs, 2);
+    return 2;
+}
+
+/* What the trace says of a call's arguments. */
+static void describe_call(lua_State *L, const char *kind, mp_strbuf_t *b)
+{
+    if (strcmp(kind, "redis") == 0) {
+        for (int i = 1; i <= lua_gettop(L) && i <= 8; i++)
+            if (lua_type(L, i) == LUA_TSTRING || lua_type(L, i) == LUA_TNUMBER)
+                mp_strbuf_printf(b, "%s%s", i > 1 ? " " : "", lua_type(L, i) == LUA_TSTRING ? lua_tostring(L, i) : "#");
+            else if (lua_istable(L, i))
+                mp_strbuf_printf(b, "%s(pipeline)", i > 1 ? " " : "");
+        return;
+    }
+    if (!lua_istable(L, 1))
+        return;
+    static const char *const keys[] = {"method", "url", "upstream", "path"};
+    for (size_t k = 0; k < MP_ARRAY_LEN(keys); k++) {
+        lua_getfield(L, 1, keys[k]);
+        if (lua_istable(L, -1)) { /* an upstream object */
+            lua_getfield(L, -1, "name");
+            lua_remove(L, -2);
+        }
+        if (lua_type(L, -1) == LUA_TSTRING)
+            mp_strbuf_printf(b, "%s%s", b->len ? " " : "", lua_tostring(L, -1));
+        else if (k == 0)
+            mp_strbuf_printf(b, "GET");
+        lua_pop(L, 1);
+    }
+}
+
+/* The answer's summary for the trace. */
+static void describe_answer(lua_State *L, int idx, mp_strbuf_t *b)
+{
+    if (lua_isnil(L, idx)) {
+        mp_strbuf_printf(b, "nil, %s", lua_type(L, idx + 1) == LUA_TSTRING ? lua_tostring(L, idx + 1) : "nil");
+    } else if (lua_istable(L, idx)) {
+        lua_getfield(L, idx, "status");
+        if (lua_type(L, -1) == LUA_TNUMBER)
+            mp_strbuf_printf(b, "%d", (int)lua_tointeger(L, -1));
+        else
+            mp_strbuf_printf(b, "a table");
+        lua_pop(L, 1);
+    } else if (lua_type(L, idx) == LUA_TSTRING || lua_type(L, idx) == LUA_TNUMBER) {
+        mp_strbuf_printf(b, "%s", lua_tostring(L, idx));
+    } else {
+        mp_strbuf_printf(b, "%s", luaL_typename(L, idx));
+    }
+}
+
+/* callouts.http(opts) / callouts.redis(cmd, ...) in the simulator's VM. */
+static int l_stub(lua_State *L)
+{
+    mp_sim_t *s = lua_touserdata(L, lua_upvalueindex(1));
+    const char *kind = lua_tostring(L, lua_upvalueindex(2));
+    lua_State *C = s->caller;
+    const char *what_call = strcmp(kind, "http") == 0 ? "http.request" : "redis";
+    if (!C)
+        return luaL_error(L, "%s: a guard (proxy.expect) cannot call out", what_call);
+    if (!s->stubs)
+        return luaL_error(L,
+                          "%s: this simulation has no opts.%s to answer call-outs (moonproxy.testing.load(path, "
+                          "{ %s = function(...) ... end }))",
+                          what_call, kind, kind);
+    mp_strbuf_t what = {0};
+    describe_call(L, kind, &what);
+    stub_call_t call = {L, lua_gettop(L), kind};
+    int base = lua_gettop(C);
+    if (!lua_checkstack(C, 8)) {
+        mp_strbuf_free(&what);
+        return luaL_error(L, "stack overflow");
+    }
+    lua_pushcfunction(C, stub_call);
+    lua_pushvalue(C, s->stubs);
+    lua_pushlightuserdata(C, &call);
+    if (lua_pcall(C, 2, 2, 0) != 0) {
+        char msg[512];
+        snprintf(msg, sizeof(msg), "%s", lua_tostring(C, -1) ? lua_tostring(C, -1) : "?");
+        lua_settop(C, base);
+        step(s, "call", "%s %s: raised %s", kind, what.p ? what.p : "", msg);
+        mp_strbuf_free(&what);
+        return luaL_error(L, "opts.%s: %s", kind, msg);
+    }
+    mp_strbuf_t ans = {0};
+    describe_answer(C, base + 1, &ans);
+    step(s, "call", "%s %s -> %s", kind, what.p ? what.p : "", ans.p ? ans.p : "");
+    mp_strbuf_free(&what);
+    mp_strbuf_free(&ans);
+    lua_settop(L, 0);
+    /* the copies are made here, in the simulator's VM: a raise stays in it */
+    copy_value(C, base + 1, L, 0);
+    copy_value(C, base + 2, L, 0);
+    lua_settop(C, base);
+    return 2;
+}
+
+void mp_sim_answer_calls(mp_sim_t *s, lua_State *L, int idx)
+{
+    s->caller = L;
+    s->stubs = L && idx ? (idx < 0 ? lua_gettop(L) + idx + 1 : idx) : 0;
+}
+
 /* ---- the hooks' time budget ---- */
 
 /* The simulator runs on the caller's thread (the main thread, for guards),
@@ -303,6 +474,15 @@ mp_sim_t *mp_sim_new(const char *path, const char *text, size_t len, uint64_t se
     lua_pushlightuserdata(L, s);
     lua_pushcclosure(L, l_tracer, 1);
     lua_setfield(L, -2, "moonproxy.trace");
+    lua_createtable(L, 0, 2); /* call-outs answered by the spec (l_stub) */
+    static const char *const kinds[] = {"http", "redis"};
+    for (size_t i = 0; i < MP_ARRAY_LEN(kinds); i++) {
+        lua_pushlightuserdata(L, s);
+        lua_pushstring(L, kinds[i]);
+        lua_pushcclosure(L, l_stub, 2);
+        lua_setfield(L, -2, kinds[i]);
+    }
+    lua_setfield(L, -2, "moonproxy.testing.callouts");
     lua_pop(L, 2);
     lua_getglobal(L, "math");
     lua_getfield(L, -1, "randomseed");

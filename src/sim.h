@@ -101,6 +101,13 @@ void mp_sim_set_now(mp_sim_t *s, double now);
 /* Sets what the balancer sees of one server. Returns 0, or MP_ENOENT. */
 int mp_sim_set_server(mp_sim_t *s, const char *upstream, const char *addr, const mp_sim_state_t *st);
 
+/* Who answers the call-outs hooks make (moonproxy.http, Redis) during the
+ * next requests and responses: the functions `http` and `redis` of the
+ * table at idx on L's stack, called in L (the caller's VM, which must stay
+ * inside the call that runs them). idx 0: the caller gave none; L NULL: a
+ * guard's simulation. A call-out nobody answers raises. */
+void mp_sim_answer_calls(mp_sim_t *s, lua_State *L, int idx);
+
 /* Runs a request. The result (and its strings) stays valid until the
  * simulator's next call. Returns 0, or MP_ENOMEM. */
 int mp_sim_request(mp_sim_t *s, const mp_sim_request_t *rq, mp_sim_result_t *out);

@@ -464,6 +464,15 @@ int mp_static_response(mp_req_t *r, mp_static_file_t *f, mp_buf_t *b, mp_local_t
     out->body = (mp_slice){out->text, (size_t)n};
     r->resp_edits = NULL;
     int shown = add_headers(r, f) == 0 ? mp_req_response_hooks(r, status, NULL) : (r->resp_edits = NULL, 0);
+    if (shown == MP_RESP_WAIT)
+        return MP_STATIC_WAIT;
+    return mp_static_finish(r, f, shown, b, out);
+}
+
+int mp_static_finish(mp_req_t *r, mp_static_file_t *f, int shown, mp_buf_t *b, mp_local_t *out)
+{
+    int status = f->status;
+    size_t n = out->body.len;
     if (!shown) {
         mp_static_dispose(f);
         return mp_local_response(r, 500, b, out);
@@ -474,7 +483,7 @@ int mp_static_response(mp_req_t *r, mp_static_file_t *f, mp_buf_t *b, mp_local_t
         mp_static_dispose(f);
         out->body.len = 0;
     }
-    int64_t length = bodiless ? -1 : (int64_t)(status == 200 ? f->size : (uint64_t)n); /* HEAD too: RFC 9110 §9.3.2 */
+    int64_t length = bodiless ? -1 : (int64_t)(status == 200 ? f->size : n); /* HEAD too: RFC 9110 §9.3.2 */
     if (mp_head_static(r, shown, length, b) != 0) {
         mp_static_dispose(f);
         return -1;

@@ -11,7 +11,7 @@
 #include <stdint.h>
 
 /* What a request to a static route resolves to. */
-typedef struct {
+typedef struct mp_static_file {
     int status;               /* 200, 301, 304, 400, 403, 404, 405 or 500 */
     int fd;                   /* 200 to a GET: the open file (owned: mp_static_dispose); else -1 */
     uint64_t size;            /* 200, 304: the file's size in bytes */
@@ -56,5 +56,13 @@ void mp_static_dispose(mp_static_file_t *f);
  * caller owns it); otherwise the body, if any, is out->body (HEAD: none).
  * Returns the status sent, or -1 when b has no room (f is disposed). */
 int mp_static_response(mp_req_t *r, mp_static_file_t *f, mp_buf_t *b, mp_local_t *out);
+
+/* mp_static_response returned MP_STATIC_WAIT: its response hooks wait
+ * (f, b and out kept meanwhile; f's descriptor stays open). Once they
+ * ended, shown being what they return (mp_req_response_resume), this
+ * finishes it as mp_static_response would have. A response made here for
+ * the file (an error) may return MP_LOCAL_WAIT instead (req.h). */
+#define MP_STATIC_WAIT (-3)
+int mp_static_finish(mp_req_t *r, mp_static_file_t *f, int shown, mp_buf_t *b, mp_local_t *out);
 
 #endif

@@ -8,10 +8,12 @@
 #include "err.h"
 #include "gen.h"
 #include "head.h"
+#include "l_request.h"
 #include "pool.h"
 
 #include <errno.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <sys/uio.h>
 
 static void on_up_io(struct ev_loop *loop, ev_io *io, int revents);
@@ -21,6 +23,10 @@ static void pump_request(mp_req_t *r);
 static int request_pending(mp_req_t *r);
 static void pump_response(mp_req_t *r);
 static void connected(mp_req_t *r);
+static const char *head_out(mp_req_t *r, const mp_http_response_t *rh, int shown);
+
+/* begin_response's answer while the response hooks wait for a call-out. */
+static const char hook_waits[] = "a response hook waits";
 
 static mp_io_ctx_t *ctx_of(mp_req_t *r)
 {
@@ -104,6 +110,11 @@ static void peer_done(mp_req_t *r)
 
 void mp_upstream_cancel(mp_req_t *r)
 {
+    if (r->rh_held) { /* the response hooks waiting on it are abandoned with the request */
+        free(r->rh_held);
+        r->rh_held = NULL;
+        r->rh = NULL;
+    }
     mp_upconn_t *u = detach(r);
     if (u)
         mp_upconn_close(u);
@@ -186,6 +197,11 @@ static void sync_events(mp_req_t *r)
 
     if (!u)
         return;
+    if (r->rh_held) { /* response hooks wait: nothing is read (the head is in u->in), the call has its timeout */
+        mp_upconn_want(u, 0);
+        mp_upconn_timer(u, 0);
+        return;
+    }
     const mp_upstream_def_t *d = udef(r);
     if (u->state == MP_UP_CONNECTING) {
         mp_upconn_want(u, EV_WRITE);
@@ -315,6 +331,8 @@ static void connect_to(mp_req_t *r, int server, int fresh)
     if (u) {
         ctx->stats.upstream_reused++;
         u->reused = 1;
+        ev_set_cb(&u->io, on_up_io); /* a call-out (l_http.c) may have made it */
+        ev_set_cb(&u->timer, on_up_timer);
     } else {
         r->tries++;
         u = mp_upconn_connect(ctx, sp, on_up_io, on_up_timer);
@@ -520,9 +538,7 @@ static void pump_request(mp_req_t *r)
  * mp_err_hook (a response hook failed) or mp_err_invalid (no buffer). */
 static const char *begin_response(mp_req_t *r, const mp_http_response_t *rh)
 {
-    mp_client_side_t *c = mp_client_side(r);
-    mp_upconn_t *u = r->up;
-    MP_ASSERT(!r->resp_head_done && u->state == MP_UP_ACTIVE);
+    MP_ASSERT(!r->resp_head_done && r->up->state == MP_UP_ACTIVE);
     mp_req_response_framing(r, rh);
     r->up_reusable = !rh->conn_close && (rh->minor == 1 || rh->conn_keepalive) && r->resp.kind != MP_BODY_CLOSE &&
                      udef(r)->keepalive > 0;
@@ -539,6 +555,26 @@ static const char *begin_response(mp_req_t *r, const mp_http_response_t *rh)
         snprintf(reason, sizeof(reason), "status %d", rh->status);
     peer_result(r, failed ? MP_OUT_FAIL : MP_OUT_OK, rh->status, failed ? reason : NULL);
     int shown = mp_req_response_hooks(r, rh->status, rh);
+    if (shown == MP_RESP_WAIT) {
+        /* the head's slices point into u->in, which stays as it is (nothing
+         * is read meanwhile: sync_events); the parsed head is the thread's */
+        if (!(r->rh_held = malloc(sizeof(*r->rh_held)))) {
+            mp_hook_abandon(r->gen->L, r);
+            return mp_err_hook;
+        }
+        *r->rh_held = *rh;
+        r->rh = r->rh_held;
+        return hook_waits;
+    }
+    return head_out(r, rh, shown);
+}
+
+/* The response hooks have shown the head (0: they failed): it is queued
+ * for the client. */
+static const char *head_out(mp_req_t *r, const mp_http_response_t *rh, int shown)
+{
+    mp_client_side_t *c = mp_client_side(r);
+    mp_upconn_t *u = r->up;
     if (!shown)
         return mp_err_hook;
     r->status = shown;
@@ -553,6 +589,28 @@ static const char *begin_response(mp_req_t *r, const mp_http_response_t *rh)
     r->resp_ready = r->resp_scan = u->in.start;
     r->resp_head_done = 1;
     return NULL;
+}
+
+/* The head's failure as the client sees it. */
+static void head_failed(mp_req_t *r, const char *err)
+{
+    if (err == mp_err_hook) {
+        mp_upstream_cancel(r);
+        return client_fail(r, 500);
+    }
+    up_error(r, err);
+}
+
+void mp_upstream_hooked(mp_req_t *r, int rc)
+{
+    mp_http_response_t *rh = r->rh_held;
+    MP_ASSERT(rh && r->up && !r->resp_head_done);
+    const char *err = head_out(r, rh, mp_req_response_resume(r, rc));
+    r->rh_held = NULL;
+    free(rh);
+    if (err)
+        return head_failed(r, err);
+    pump_response(r);
 }
 
 /* Parses the response head from u->in; 1xx interim responses are dropped
@@ -716,12 +774,10 @@ static void upstream_readable(mp_req_t *r)
     u->in.end += (uint32_t)n;
     if (!r->resp_head_done) {
         const char *err = parse_response_head(r);
-        if (err == mp_err_hook) {
-            mp_upstream_cancel(r);
-            return client_fail(r, 500);
-        }
+        if (err == hook_waits)
+            return sync_events(r);
         if (err)
-            return up_error(r, err);
+            return head_failed(r, err);
         if (!r->resp_head_done)
             return sync_events(r);
     }

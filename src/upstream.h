@@ -58,4 +58,8 @@ void mp_upstream_on_client_timeout(mp_req_t *r);
  * away or the request failed. */
 void mp_upstream_cancel(mp_req_t *r);
 
+/* The response hooks that waited (for a call-out) on the upstream's head
+ * ended with rc (MP_HOOK_*): the response goes on. */
+void mp_upstream_hooked(mp_req_t *r, int rc);
+
 #endif

@@ -430,6 +430,49 @@ static void copy_error(const char *msg, size_t len, char *err, size_t errlen)
     err[keep] = '\0';
 }
 
+/* What a call that raised leaves for its caller: the message (or the
+ * budget's, when the call passed it) in err; the budget given back. */
+static void call_failed(lua_State *L, budget_t *b, int over, const char *msg, size_t len, char *err, size_t errlen)
+{
+    if (over && (!msg || !strstr(msg, "lua_memory exceeded")) && err && errlen)
+        snprintf(err, errlen, "lua_memory exceeded: the VM would hold more than %d MiB (settings.lua_memory)",
+                 (int)(b->limit >> 20));
+    else if (msg)
+        copy_error(msg, len, err, errlen);
+    else
+        copy_error("(error object is not a string)", 30, err, errlen);
+    if (over)
+        give_back(L, b);
+}
+
+int mp_vm_resume(lua_State *L, lua_State *co, int co_ref, int nargs, char *err, size_t errlen)
+{
+    budget_t *b = budget_of(L);
+    if (b)
+        b->armed++;
+    int rc = lua_resume(co, nargs);
+    int over = b && --b->armed == 0 && b->over;
+    if (rc == 0 || rc == LUA_YIELD) {
+        if (over)
+            give_back(L, b);
+        return rc == 0 ? 0 : MP_EAGAIN;
+    }
+    /* co is dead but its frames are still there: the traceback is co's */
+    const char *msg = lua_tostring(co, -1);
+    if (!msg)
+        msg = "(error object is not a string)";
+    luaL_traceback(L, co, msg, 0);
+    /* what the dead coroutine's frames hold is garbage before the budget's
+     * collection runs */
+    lua_settop(co, 0);
+    luaL_unref(L, LUA_REGISTRYINDEX, co_ref);
+    size_t len = 0;
+    msg = lua_tolstring(L, -1, &len);
+    call_failed(L, b, over, msg, len, err, errlen);
+    lua_pop(L, 1);
+    return MP_EINVAL;
+}
+
 int mp_vm_call(lua_State *L, int nargs, int nresults, char *err, size_t errlen)
 {
     int base = lua_gettop(L) - nargs; /* the function's slot */
@@ -455,15 +498,7 @@ int mp_vm_call(lua_State *L, int nargs, int nresults, char *err, size_t errlen)
     }
     size_t len = 0;
     const char *msg = lua_tolstring(L, -1, &len);
-    if (over && (!msg || !strstr(msg, "lua_memory exceeded")) && err && errlen)
-        snprintf(err, errlen, "lua_memory exceeded: the VM would hold more than %d MiB (settings.lua_memory)",
-                 (int)(b->limit >> 20));
-    else if (msg)
-        copy_error(msg, len, err, errlen);
-    else
-        copy_error("(error object is not a string)", 30, err, errlen);
+    call_failed(L, b, over, msg, len, err, errlen);
     lua_pop(L, 1);
-    if (over)
-        give_back(L, b);
     return MP_EINVAL;
 }

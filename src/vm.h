@@ -48,4 +48,14 @@ size_t mp_vm_memory(lua_State *L);
  * exceeded", and (error or not) a full collection gives the memory back. */
 int mp_vm_call(lua_State *L, int nargs, int nresults, char *err, size_t errlen);
 
+/* lua_resume of co, a coroutine of L's VM anchored at registry reference
+ * co_ref, with nargs arguments on its stack (the function below them on
+ * its first run), under the budget as mp_vm_call runs. Returns 0 when the
+ * function returned (its results on co's stack), MP_EAGAIN when it
+ * yielded, or MP_EINVAL when it raised: the message, with co's traceback,
+ * is copied into err as mp_vm_call copies it, and co is let go (co_ref is
+ * released), so that the collection after a passed budget frees what its
+ * frames held. */
+int mp_vm_resume(lua_State *L, lua_State *co, int co_ref, int nargs, char *err, size_t errlen);
+
 #endif

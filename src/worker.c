@@ -27,6 +27,7 @@
 
 static void gen_free(mp_worker_t *w, mp_gen_t *g)
 {
+    mp_env_log(&w->io.env, MP_LOG_DEBUG, "generation %llu freed", (unsigned long long)g->id);
     mp_gen_release(g);
     mp_pools_free(&w->io, g->pools, g->cfg->nupstreams);
     mp_config_free(g->cfg);
@@ -106,6 +107,7 @@ static void expire_generations(mp_worker_t *w)
             if (c->side.req && c->side.req->gen == g)
                 mp_conn_close(c); /* may free g: the outer loop stops here */
         }
+        mp_conn_abandon_orphans(&w->io, g);
         break;
     }
     if (!w->retired)
@@ -188,7 +190,7 @@ static void on_prepare(struct ev_loop *loop, ev_prepare *p, int revents)
     w->io.room_freed = 0;
     if (atomic_load(&w->stuck) == 1)
         unstick(w);
-    if (w->io.stopping && w->io.nconns == 0)
+    if (w->io.stopping && w->io.nconns == 0 && !w->io.orphans)
         ev_break(loop, EVBREAK_ALL);
 }
 
@@ -316,7 +318,8 @@ int mp_worker_init(mp_worker_t *w, int id, size_t max_header_size, size_t body_b
                         .clock = loop_now,
                         .clock_arg = w->io.loop,
                         .hook_vm = &w->lua_vm,
-                        .hook_since = &w->lua_since};
+                        .hook_since = &w->lua_since,
+                        .wake = mp_conn_hook_woke};
     if (getrandom(e->rng, sizeof(e->rng), 0) != sizeof(e->rng))
         e->rng[0] = (uint64_t)time(NULL) ^ ((uint64_t)id << 32), e->rng[1] = (uint64_t)getpid() | 1;
     w->listen.v = calloc(nfds ? nfds : 1, sizeof(*w->listen.v));
@@ -367,8 +370,10 @@ void mp_worker_dispose(mp_worker_t *w)
             next = c->next;
             mp_conn_close(c);
         }
+        mp_conn_abandon_orphans(&w->io, NULL);
         mp_conn_reap(&w->io);
         dispose_generations(w);
+        mp_pools_dispose(&w->io);
         mp_upconn_reap(&w->io);
         for (size_t i = 0; i < w->listen.n; i++)
             if (w->listen.v[i].fd >= 0)

@@ -42,7 +42,11 @@ end
 -- opts: seed (randomness: request ids, balancers, math.random; default 1),
 -- now (pins the clock of shared dicts, rate limits and health, in seconds),
 -- servers = { upstream = { ["addr"] = { down, open, active, failures,
--- latency } } } (what balancers see), name (names a script given as text).
+-- latency } } } (what balancers see), name (names a script given as text),
+-- http = function(request) -> response | nil, err (answers the hooks'
+-- moonproxy.http calls: request is the table the hook gave, the response
+-- { status =, headers =, body = }), redis = function(cmd, ...) -> value |
+-- nil, err (answers Redis calls). The trace shows each call and its answer.
 function _M.try_load(path_or_text, opts)
   opts = opts or {}
   local path, text = source(path_or_text, opts)
@@ -61,7 +65,17 @@ function _M.try_load(path_or_text, opts)
     end
     sim = assert(core.simulator(path, text, seed))
   end
-  local cfg = setmetatable({ sim = sim, path = path, serial = 0 }, Config)
+  local stubs
+  if opts.http ~= nil or opts.redis ~= nil then
+    for _, k in ipairs { "http", "redis" } do
+      if opts[k] ~= nil and type(opts[k]) ~= "function" then
+        sim:close()
+        error(fmt("testing.load: opts.%s must be a function, got %s", k, type(opts[k])), 3)
+      end
+    end
+    stubs = { http = opts.http, redis = opts.redis }
+  end
+  local cfg = setmetatable({ sim = sim, path = path, serial = 0, stubs = stubs }, Config)
   cfg:set_now(opts.now)
   apply_servers(sim, opts.servers)
   return cfg
@@ -111,7 +125,7 @@ function Config:request(req)
   if type(req) ~= "table" then
     error("request: expects a table { method =, host =, path =, headers =, body =, remote_addr =, tls = }", 2)
   end
-  local r = self.sim:request(req)
+  local r = self.sim:request(req, self.stubs)
   self.serial = self.serial + 1
   r.request = req
   r.serial = self.serial
@@ -131,7 +145,7 @@ function Config:response(result, resp)
     self:request(result.request)
   end
   self.serial = self.serial + 1 -- the next response for it runs the request again
-  return self.sim:response(resp or {})
+  return self.sim:response(resp or {}, self.stubs)
 end
 
 -- The compiled route table: { { name, index, upstream, host, path, prefix,

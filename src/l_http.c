@@ -1,0 +1,856 @@
+/* l_http.c: the HTTP call-out of moonproxy.http (l_http.h).
+ *
+ * core.start(opts) checks the request and formats it, then the hook
+ * yields (mp_hook_yield); start() picks a server and connects once no Lua
+ * runs; the answer, read whole, resumes the hook (mp_hook_resume), which
+ * takes it with core.answer(). One call is one exchange on one connection:
+ * a pooled connection the server had closed is retried once on a new one,
+ * and a connect failure to an upstream goes to another server, as the
+ * upstream's retries allow. The call's timeout covers all of it. */
+#include "l_http.h"
+
+#include "balancer.h"
+#include "ctx.h"
+#include "gen.h"
+#include "health.h"
+#include "http1.h"
+#include "l_request.h"
+#include "pool.h"
+#include "strbuf.h"
+
+#include <errno.h>
+#include <lauxlib.h>
+#include <lua.h>
+#include <stdlib.h>
+#include <strings.h>
+
+#define DEFAULT_TIMEOUT 10.0 /* seconds, the whole call */
+#define DEFAULT_MAX_BODY ((size_t)1 << 20)
+#define MAX_HEAD ((size_t)64 << 10) /* a response head longer than this is refused */
+#define READ_STEP ((size_t)16 << 10)
+#define URL_KEEPALIVE 16 /* idle connections kept per URL address per worker */
+#define URL_KEEPALIVE_TIMEOUT 60.0
+
+enum { RD_HEAD, RD_BODY, RD_DONE };
+
+typedef struct {
+    mp_callout_t base;
+    mp_req_t *r;
+    mp_io_ctx_t *ctx;
+    int upstream;         /* index in the generation's upstreams, or -1: a URL */
+    mp_addr_t addr;       /* a URL's address (text owned) */
+    mp_server_pool_t *sp; /* the pool of the current attempt */
+    int server;           /* the upstream's server of the current attempt, -1 */
+    mp_peer_t *peer;      /* its health state, while an attempt counts */
+    int trial, reported, tries;
+    double attempt_start;
+    mp_upconn_t *u;
+    char *out; /* head and body to send */
+    size_t out_len, out_off;
+    int is_head; /* a HEAD request: the answer has no body */
+    double timeout;
+    size_t max_body;
+    ev_timer timer; /* the call's deadline */
+    mp_strbuf_t in; /* bytes read, not yet consumed */
+    size_t scanned; /* response head parser resume point */
+    int rd;         /* RD_* */
+    int status;
+    char *head; /* the response head, copied once complete */
+    size_t head_len;
+    int kind;      /* body framing: MP_BODY_* */
+    uint64_t left; /* MP_BODY_LENGTH: bytes still to come */
+    mp_chunked_t chunk;
+    int reusable; /* the connection may go back to its pool at the end */
+    mp_strbuf_t body;
+    char err[200]; /* set: the call failed */
+    int starting;  /* inside start() */
+    int over;      /* complete() ran */
+} call_t;
+
+static void on_io(struct ev_loop *loop, ev_io *io, int revents);
+static void on_conn_timer(struct ev_loop *loop, ev_timer *t, int revents);
+static void attempt(call_t *c, int avoid, int fresh);
+static void pump(call_t *c);
+
+static call_t *call_of(mp_upconn_t *u)
+{
+    return container_of(u->req->callout, call_t, base);
+}
+
+static const mp_upstream_def_t *udef(call_t *c)
+{
+    return &c->r->gen->cfg->upstreams[c->upstream];
+}
+
+static const char *target_name(call_t *c)
+{
+    return c->upstream >= 0 ? udef(c)->name : c->addr.text;
+}
+
+/* ---- the end of a call ---- */
+
+static void close_conn(call_t *c)
+{
+    if (!c->u)
+        return;
+    c->u->req = NULL;
+    mp_upconn_close(c->u);
+    c->u = NULL;
+}
+
+/* The attempt's passive outcome (upstreams only), once. */
+static void peer_result(call_t *c, enum mp_outcome out, int status, const char *reason)
+{
+    if (!c->peer || c->reported)
+        return;
+    c->reported = 1;
+    const mp_balancer_t *b = &c->r->gen->balancers[c->upstream];
+    if (out != MP_OUT_NEUTRAL)
+        mp_peer_count(c->peer, status);
+    double ms = out == MP_OUT_NEUTRAL ? -1 : (ev_time() - c->attempt_start) * 1000;
+    mp_peer_result(c->peer, out, ms, c->trial, &b->passive, reason);
+}
+
+static void peer_done(call_t *c)
+{
+    if (!c->peer)
+        return;
+    peer_result(c, MP_OUT_NEUTRAL, 0, NULL);
+    mp_peer_done(c->peer);
+    c->peer = NULL;
+}
+
+/* Stops everything under way; the answer (or error) stays for the hook. */
+static void stop(call_t *c)
+{
+    ev_timer_stop(c->ctx->loop, &c->timer);
+    peer_done(c);
+    if (c->u && c->rd == RD_DONE && c->reusable && c->in.len == 0) {
+        mp_upconn_t *u = c->u;
+        c->u = NULL;
+        u->requests++;
+        mp_pool_put(u); /* sets u->req = NULL */
+    } else {
+        close_conn(c);
+    }
+}
+
+/* The call is over: the hook goes on (and takes the answer). Nothing of c
+ * may be touched after this. */
+static void complete(call_t *c)
+{
+    stop(c);
+    c->over = 1;
+    if (!c->starting)
+        mp_hook_resume(c->r);
+}
+
+static void fail(call_t *c, const char *fmt, const char *detail)
+{
+    snprintf(c->err, sizeof(c->err), fmt, detail);
+    complete(c);
+}
+
+static void cancel(mp_callout_t *base)
+{
+    call_t *c = container_of(base, call_t, base);
+    stop(c);
+    free(c->out);
+    free(c->head);
+    free(c->addr.text);
+    mp_strbuf_free(&c->in);
+    mp_strbuf_free(&c->body);
+    free(c);
+}
+
+/* ---- connecting ---- */
+
+/* Something went wrong before any response byte: another attempt when it
+ * is safe (nothing reached the server, or a pooled connection had been
+ * closed), else the call fails. */
+static void attempt_failed(call_t *c, const char *why, int nothing_sent)
+{
+    int reused = c->u && c->u->reused;
+    int got = c->in.len > 0 || c->rd != RD_HEAD;
+    close_conn(c);
+    if (reused && !got && !nothing_sent) /* the server had closed an idle connection */
+        return attempt(c, c->server, 1);
+    peer_result(c, MP_OUT_FAIL, 0, why);
+    peer_done(c);
+    if (c->upstream >= 0 && nothing_sent && c->tries <= udef(c)->retries && udef(c)->nservers > 1)
+        return attempt(c, c->server, 0);
+    fail(c, "%s", why);
+}
+
+static void want(call_t *c, int events)
+{
+    mp_upconn_want(c->u, events);
+}
+
+static void connected(call_t *c)
+{
+    mp_upconn_t *u = c->u;
+    if (c->upstream >= 0 && udef(c)->tls && !u->sock.ops) {
+        const mp_upstream_def_t *d = udef(c);
+        char name[256];
+        SSL *ssl = mp_tls_client_session(d->tls, u->sock.fd,
+                                         mp_tls_server_name(d->tls_name, u->sp->addr.text, name, sizeof(name)),
+                                         &u->sp->tls_session);
+        if (!ssl)
+            return fail(c, "%s", "out of memory");
+        mp_io_tls(&u->sock, ssl);
+        u->state = MP_UP_CONNECTING;
+    }
+    if (u->sock.handshaking) {
+        int rc = mp_io_handshake(&u->sock);
+        if (rc == MP_EAGAIN)
+            return want(c, EV_READ);
+        if (rc != 0) {
+            char why[160];
+            mp_tls_error(u->sock.session, why, sizeof(why));
+            char msg[200];
+            snprintf(msg, sizeof(msg), "TLS handshake failed: %s", why);
+            return attempt_failed(c, msg, 1);
+        }
+    }
+    u->state = MP_UP_ACTIVE;
+    pump(c);
+}
+
+/* One attempt: a server (an upstream's pick, avoiding avoid) or the URL's
+ * address; a pooled connection unless fresh. */
+static void attempt(call_t *c, int avoid, int fresh)
+{
+    mp_req_t *r = c->r;
+    c->in.len = 0;
+    c->scanned = 0;
+    c->out_off = 0;
+    c->rd = RD_HEAD;
+    if (c->upstream >= 0) {
+        if (!fresh || c->server < 0) {
+            int trial = 0;
+            int s = mp_balancer_pick(&r->gen->balancers[c->upstream], &mp_req_pick, r, avoid, &trial);
+            if (s == MP_PICK_ERROR)
+                return fail(c, "%s", "the upstream's balancer failed");
+            if (s < 0)
+                return fail(c, "upstream %s: no server available", udef(c)->name);
+            c->server = s;
+            c->trial = trial;
+        }
+        c->sp = r->gen->pools[c->upstream].servers[c->server];
+        if (!c->peer) {
+            c->peer = r->gen->balancers[c->upstream].peers[c->server];
+            c->reported = 0;
+            mp_peer_begin(c->peer);
+        }
+    } else if (!c->sp && !(c->sp = mp_pool_standalone(c->ctx, &c->addr, URL_KEEPALIVE, URL_KEEPALIVE_TIMEOUT))) {
+        return fail(c, "%s", "out of memory");
+    }
+    c->attempt_start = ev_time();
+    mp_upconn_t *u = fresh ? NULL : mp_pool_take(c->sp, c->ctx);
+    if (u) {
+        u->reused = 1;
+        ev_set_cb(&u->io, on_io);
+        ev_set_cb(&u->timer, on_conn_timer);
+    } else {
+        c->tries++;
+        if (!(u = mp_upconn_connect(c->ctx, c->sp, on_io, on_conn_timer))) {
+            int e = errno;
+            if (mp_upconn_local_error(e))
+                return fail(c, "cannot open a connection: %s", strerror(e));
+            return attempt_failed(c, "connect failed", 1);
+        }
+        u->reused = 0;
+        c->ctx->stats.upstream_connects++;
+    }
+    u->req = r;
+    c->u = u;
+    if (u->state == MP_UP_CONNECTING)
+        return want(c, EV_WRITE);
+    if (!u->reused)
+        return connected(c);
+    pump(c);
+}
+
+static void on_deadline(struct ev_loop *loop, ev_timer *t, int revents)
+{
+    (void)loop;
+    (void)revents;
+    call_t *c = container_of(t, call_t, timer);
+    if (c->rd == RD_HEAD)
+        peer_result(c, MP_OUT_FAIL, 0, "timeout");
+    snprintf(c->err, sizeof(c->err), "timeout");
+    complete(c);
+}
+
+static int start(mp_callout_t *base)
+{
+    call_t *c = container_of(base, call_t, base);
+    ev_timer_init(&c->timer, on_deadline, c->timeout, 0);
+    ev_timer_start(c->ctx->loop, &c->timer);
+    c->server = -1;
+    c->starting = 1; /* an end found now is reported by the return value, not by a resume */
+    attempt(c, -1, 0);
+    c->starting = 0;
+    return c->over;
+}
+
+/* ---- the exchange ---- */
+
+/* The response head is complete at c->in[0, n): its framing. */
+static int head_done(call_t *c, const mp_http_response_t *rh)
+{
+    c->status = rh->status;
+    if (!(c->head = malloc(rh->head_len)))
+        return -1;
+    memcpy(c->head, c->in.p, rh->head_len);
+    c->head_len = rh->head_len;
+    c->reusable = !rh->conn_close && (rh->minor == 1 || rh->conn_keepalive);
+    if (c->is_head || rh->status == 204 || rh->status == 304) {
+        c->kind = MP_BODY_NONE;
+    } else if (rh->chunked) {
+        c->kind = MP_BODY_CHUNKED;
+    } else if (rh->content_length >= 0) {
+        c->kind = MP_BODY_LENGTH;
+        c->left = (uint64_t)rh->content_length;
+        if (c->left > c->max_body)
+            return 1;
+    } else {
+        c->kind = MP_BODY_CLOSE;
+        c->reusable = 0;
+    }
+    if (c->upstream >= 0) {
+        const mp_balancer_t *b = &c->r->gen->balancers[c->upstream];
+        char reason[24];
+        int failed = mp_balancer_failure_status(b, rh->status);
+        snprintf(reason, sizeof(reason), "status %d", rh->status);
+        peer_result(c, failed ? MP_OUT_FAIL : MP_OUT_OK, rh->status, failed ? reason : NULL);
+    }
+    memmove(c->in.p, c->in.p + rh->head_len, c->in.len - rh->head_len);
+    c->in.len -= rh->head_len;
+    c->rd = c->kind == MP_BODY_NONE ? RD_DONE : RD_BODY;
+    return 0;
+}
+
+static int body_add(call_t *c, const char *p, size_t n)
+{
+    if (c->body.len + n > c->max_body)
+        return 1;
+    mp_strbuf_append(&c->body, p, n);
+    return c->body.oom ? -1 : 0;
+}
+
+/* Consumes what c->in holds. Returns 0 (more is needed, or RD_DONE), or
+ * fails the call and returns -1. */
+static int consume(call_t *c)
+{
+    static __thread mp_http_response_t rh;
+    while (c->rd == RD_HEAD) {
+        int rc = mp_http1_parse_response(c->in.p, c->in.len, &c->scanned, MAX_HEAD, &rh);
+        if (rc == MP_EAGAIN) {
+            if (c->in.len >= MAX_HEAD)
+                goto invalid;
+            return 0;
+        }
+        if (rc < 0)
+            goto invalid;
+        if (rh.status >= 100 && rh.status < 200) { /* interim: the final answer follows */
+            memmove(c->in.p, c->in.p + rh.head_len, c->in.len - rh.head_len);
+            c->in.len -= rh.head_len;
+            c->scanned = 0;
+            continue;
+        }
+        int hd = head_done(c, &rh);
+        if (hd < 0)
+            goto oom;
+        if (hd > 0)
+            goto too_big;
+    }
+    if (c->rd == RD_BODY && c->kind == MP_BODY_LENGTH) {
+        size_t n = c->in.len < c->left ? c->in.len : (size_t)c->left;
+        int rc = body_add(c, c->in.p, n);
+        if (rc)
+            goto body_failed;
+        memmove(c->in.p, c->in.p + n, c->in.len - n);
+        c->in.len -= n;
+        c->left -= n;
+        if (c->left == 0)
+            c->rd = RD_DONE;
+    } else if (c->rd == RD_BODY && c->kind == MP_BODY_CLOSE) {
+        int rc = body_add(c, c->in.p, c->in.len);
+        if (rc)
+            goto body_failed;
+        c->in.len = 0;
+    } else if (c->rd == RD_BODY) {
+        size_t off = 0;
+        while (off < c->in.len && !c->chunk.done) {
+            mp_slice data;
+            ssize_t k = mp_chunked_decode(&c->chunk, c->in.p + off, c->in.len - off, &data);
+            if (k < 0)
+                goto invalid;
+            int rc = data.len ? body_add(c, data.p, data.len) : 0;
+            if (rc)
+                goto body_failed;
+            off += (size_t)k;
+            if (k == 0)
+                break;
+        }
+        memmove(c->in.p, c->in.p + off, c->in.len - off);
+        c->in.len -= off;
+        if (c->chunk.done)
+            c->rd = RD_DONE;
+    }
+    return 0;
+body_failed:
+    if (c->body.oom)
+        goto oom;
+too_big:
+    c->reusable = 0;
+    snprintf(c->err, sizeof(c->err), "response body larger than max_body (%zu bytes)", c->max_body);
+    complete(c);
+    return -1;
+invalid:
+    peer_result(c, MP_OUT_FAIL, 0, "invalid response");
+    c->reusable = 0;
+    snprintf(c->err, sizeof(c->err), "invalid response from %s", target_name(c));
+    complete(c);
+    return -1;
+oom:
+    c->reusable = 0;
+    snprintf(c->err, sizeof(c->err), "out of memory");
+    complete(c);
+    return -1;
+}
+
+static void readable(call_t *c)
+{
+    for (;;) {
+        if (mp_strbuf_reserve(&c->in, READ_STEP) != 0) {
+            c->reusable = 0;
+            return fail(c, "%s", "out of memory");
+        }
+        ssize_t n = mp_io_read(&c->u->sock, c->in.p + c->in.len, READ_STEP);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN)
+            return want(c, EV_READ);
+        if (n <= 0) {
+            if (c->rd == RD_BODY && c->kind == MP_BODY_CLOSE && n == 0) {
+                c->rd = RD_DONE;
+                return complete(c);
+            }
+            if (c->rd == RD_HEAD)
+                return attempt_failed(c, n == 0 ? "connection closed before the response" : "connection reset", 0);
+            c->reusable = 0;
+            return fail(c, "%s", "connection closed mid-response");
+        }
+        c->in.len += (size_t)n;
+        if (consume(c) != 0)
+            return;
+        if (c->rd == RD_DONE)
+            return complete(c);
+    }
+}
+
+/* Writes what is left of the request, then reads. */
+static void pump(call_t *c)
+{
+    while (c->out_off < c->out_len) {
+        struct iovec iov = {c->out + c->out_off, c->out_len - c->out_off};
+        ssize_t n = mp_io_writev(&c->u->sock, &iov, 1);
+        if (n > 0) {
+            c->out_off += (size_t)n;
+            continue;
+        }
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && errno == EAGAIN)
+            return want(c, EV_WRITE);
+        return attempt_failed(c, "connection reset", 0);
+    }
+    readable(c);
+}
+
+static void on_io(struct ev_loop *loop, ev_io *io, int revents)
+{
+    (void)loop;
+    mp_upconn_t *u = container_of(io, mp_upconn_t, io);
+    if (!u->req)
+        return mp_pool_idle_event(u);
+    call_t *c = call_of(u);
+    if (u->state == MP_UP_CONNECTING) {
+        if (!u->sock.ops && mp_io_connect_result(&u->sock) != 0)
+            return attempt_failed(c, "connect failed", 1);
+        return connected(c);
+    }
+    if (MP_UNLIKELY(u->sock.ops != NULL))
+        revents = mp_upconn_revents(u, revents);
+    if (c->out_off < c->out_len)
+        return pump(c);
+    if (revents & EV_READ)
+        readable(c);
+}
+
+/* Only an idle connection's timer runs (the call has its own deadline). */
+static void on_conn_timer(struct ev_loop *loop, ev_timer *t, int revents)
+{
+    (void)loop;
+    (void)revents;
+    mp_upconn_t *u = container_of(t, mp_upconn_t, timer);
+    if (!u->req)
+        return mp_pool_idle_event(u);
+    mp_upconn_timer(u, 0);
+}
+
+/* ---- the binding ---- */
+
+static int is_tchar(unsigned char ch)
+{
+    return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') ||
+           (ch && strchr("!#$%&'*+-.^_`|~", ch));
+}
+
+static int is_token(const char *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (!is_tchar((unsigned char)p[i]))
+            return 0;
+    return n > 0;
+}
+
+/* A field value or a target: no CR, LF, NUL or other controls but HTAB
+ * (a target: not even spaces). */
+static int clean(const char *p, size_t n, int target)
+{
+    for (size_t i = 0; i < n; i++) {
+        unsigned char ch = (unsigned char)p[i];
+        if ((ch < 0x20 && ch != '\t') || ch == 0x7f || (target && (ch == ' ' || ch == '\t' || ch == '#')))
+            return 0;
+    }
+    return 1;
+}
+
+/* Fields the call frames or manages itself. */
+static int reserved(const char *k, size_t n)
+{
+    static const char *const names[] = {"content-length", "transfer-encoding", "connection",      "keep-alive", "te",
+                                        "upgrade",        "trailer",           "proxy-connection"};
+    for (size_t i = 0; i < MP_ARRAY_LEN(names); i++)
+        if (strlen(names[i]) == n && strncasecmp(names[i], k, n) == 0)
+            return 1;
+    return 0;
+}
+
+static const char *opt_string(lua_State *L, const char *name, size_t *n)
+{
+    lua_getfield(L, 1, name);
+    const char *v = NULL;
+    if (lua_type(L, -1) == LUA_TSTRING)
+        v = lua_tolstring(L, -1, n);
+    else if (!lua_isnil(L, -1))
+        luaL_error(L, "http.request: %s must be a string, got %s", name, luaL_typename(L, -1));
+    lua_pop(L, 1); /* the string stays referenced by opts */
+    return v;
+}
+
+static double opt_number(lua_State *L, const char *name, double dflt)
+{
+    lua_getfield(L, 1, name);
+    double v = dflt;
+    if (lua_type(L, -1) == LUA_TNUMBER)
+        v = lua_tonumber(L, -1);
+    else if (!lua_isnil(L, -1))
+        luaL_error(L, "http.request: %s must be a number, got %s", name, luaL_typename(L, -1));
+    lua_pop(L, 1);
+    if (!(v >= 0) || v > 1e9)
+        luaL_error(L, "http.request: %s must be a number from 0, got %f", name, v);
+    return v;
+}
+
+/* The URL's address (text "host:port" in hp) and its host as written. */
+static void parse_url(lua_State *L, const char *url, size_t n, mp_addr_t *addr, char hp[300], mp_slice *host,
+                      mp_slice *path)
+{
+    if (n >= 8 && strncasecmp(url, "https://", 8) == 0)
+        luaL_error(L, "http.request: https URLs are not supported yet (name an upstream with tls instead)");
+    if (n < 7 || strncasecmp(url, "http://", 7) != 0)
+        luaL_error(L, "http.request: url must start with http://, got '%s'", url);
+    const char *h = url + 7, *end = url + n;
+    const char *slash = h;
+    while (slash < end && *slash != '/' && *slash != '?')
+        slash++;
+    size_t hl = (size_t)(slash - h);
+    if (hl == 0 || hl > 255 || memchr(h, '@', hl))
+        luaL_error(L, "http.request: url '%s' has no host (or has userinfo)", url);
+    const char *close = memchr(h, ']', hl);
+    const char *colon = memrchr(h, ':', hl);
+    int has_port = colon && (!close || colon > close);
+    snprintf(hp, 300, "%.*s%s", (int)hl, h, has_port ? "" : ":80");
+    if (mp_addr_parse(hp, addr) != 0)
+        luaL_error(L, "http.request: url host must be an IP address and port, got '%.*s'", (int)hl, h);
+    *host = (mp_slice){h, hl};
+    *path = (mp_slice){slash, (size_t)(end - slash)};
+}
+
+/* Which upstream opts.upstream names (an upstream object or its name). */
+static int find_upstream(lua_State *L, mp_req_t *r)
+{
+    lua_getfield(L, 1, "upstream");
+    if (lua_istable(L, -1))
+        lua_getfield(L, -1, "name");
+    else
+        lua_pushvalue(L, -1);
+    const char *name = lua_tostring(L, -1);
+    if (!name)
+        luaL_error(L, "http.request: upstream must be an upstream or its name");
+    const mp_config_t *cfg = r->gen->cfg;
+    for (size_t i = 0; i < cfg->nupstreams; i++)
+        if (strcmp(cfg->upstreams[i].name, name) == 0) {
+            lua_pop(L, 2);
+            return (int)i;
+        }
+    return luaL_error(L, "http.request: no upstream named '%s'", name);
+}
+
+/* Pushes "name: value\r\n" for the value at vidx, checked. */
+static void push_field(lua_State *L, const char *k, int vidx)
+{
+    size_t vn;
+    const char *v = lua_type(L, vidx) == LUA_TSTRING || lua_type(L, vidx) == LUA_TNUMBER ? lua_tolstring(L, vidx, &vn)
+                                                                                         : NULL;
+    if (!v)
+        luaL_error(L, "http.request: header %s: a value must be a string", k);
+    if (!clean(v, vn, 0) || memchr(v, '\0', vn))
+        luaL_error(L, "http.request: header %s: the value has a control character", k);
+    lua_pushfstring(L, "%s: %s\r\n", k, v);
+}
+
+/* The field lines of opts.headers (at index t) into the list at index
+ * lines; returns whether a Host field was given. */
+static int header_lines(lua_State *L, int t, int lines)
+{
+    int host = 0, n = 0;
+    if (lua_isnil(L, t))
+        return 0;
+    luaL_argcheck(L, lua_istable(L, t), 1, "headers must be a table");
+    lua_pushnil(L);
+    while (lua_next(L, t)) {
+        size_t kn;
+        if (lua_type(L, -2) != LUA_TSTRING)
+            luaL_error(L, "http.request: header names must be strings");
+        const char *k = lua_tolstring(L, -2, &kn);
+        if (!is_token(k, kn))
+            luaL_error(L, "http.request: '%s' is not a header name", k);
+        if (reserved(k, kn))
+            luaL_error(L, "http.request: header %s is set by the call itself", k);
+        host |= kn == 4 && strncasecmp(k, "host", 4) == 0;
+        int v = lua_gettop(L);
+        if (lua_istable(L, v)) {
+            for (int i = 1;; i++) {
+                lua_rawgeti(L, v, i);
+                if (lua_isnil(L, -1)) {
+                    lua_pop(L, 1);
+                    break;
+                }
+                push_field(L, k, lua_gettop(L));
+                lua_rawseti(L, lines, ++n);
+                lua_pop(L, 1);
+            }
+        } else {
+            push_field(L, k, v);
+            lua_rawseti(L, lines, ++n);
+        }
+        lua_pop(L, 1);
+    }
+    return host;
+}
+
+/* core.start(opts): checks and formats the request, then yields until its
+ * answer is in. Misuse raises (and holds nothing: the request is built in
+ * a Lua buffer); failures are the answer's (core.answer). */
+static int l_start(lua_State *L)
+{
+    const char *why;
+    mp_req_t *r = mp_hook_caller(L, &why);
+    if (!r)
+        return luaL_error(L, "http.request: %s", why);
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    size_t url_len = 0, opt_len, query_len = 0, method_len = 0, body_len = 0;
+    const char *url = opt_string(L, "url", &url_len);
+    lua_getfield(L, 1, "upstream");
+    int has_upstream = !lua_isnil(L, -1);
+    lua_pop(L, 1);
+    if (!url == !has_upstream)
+        return luaL_error(L, "http.request: give either url or upstream");
+    mp_addr_t addr = {0};
+    char hp[300] = "";
+    mp_slice host = {NULL, 0}, path = {NULL, 0};
+    int upstream = -1;
+    if (url)
+        parse_url(L, url, url_len, &addr, hp, &host, &path);
+    else
+        upstream = find_upstream(L, r);
+    const char *opt_path = opt_string(L, "path", &opt_len);
+    if (opt_path)
+        path = (mp_slice){opt_path, opt_len};
+    int query_only = path.len && path.p[0] == '?';
+    if (!path.len)
+        path = MP_SLICE_LIT("/");
+    if (path.p[0] != '/' && !query_only)
+        return luaL_error(L, "http.request: path must start with '/', got '%s'", path.p);
+    const char *query = opt_string(L, "query", &query_len);
+    if (!clean(path.p, path.len, 1) || (query && !clean(query, query_len, 1)))
+        return luaL_error(L, "http.request: the path or query has a space or a control character");
+    const char *method = opt_string(L, "method", &method_len);
+    if (!method)
+        method = "GET", method_len = 3;
+    if (!is_token(method, method_len))
+        return luaL_error(L, "http.request: '%s' is not a method", method);
+    const char *body = opt_string(L, "body", &body_len);
+    double timeout = opt_number(L, "timeout", DEFAULT_TIMEOUT);
+    double max_body = opt_number(L, "max_body", (double)DEFAULT_MAX_BODY);
+    if (timeout <= 0)
+        return luaL_error(L, "http.request: timeout must be above 0");
+    lua_getfield(L, 1, "headers"); /* 2 */
+    lua_newtable(L);               /* 3: its lines, made before the buffer (which needs the stack) */
+    int own_host = header_lines(L, 2, 3);
+
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    luaL_addlstring(&b, method, method_len);
+    luaL_addlstring(&b, query_only ? " /" : " ", query_only ? 2 : 1);
+    luaL_addlstring(&b, path.p, path.len);
+    if (query) {
+        luaL_addlstring(&b, memchr(path.p, '?', path.len) ? "&" : "?", 1);
+        luaL_addlstring(&b, query, query_len);
+    }
+    luaL_addlstring(&b, " HTTP/1.1\r\n", 11);
+    for (int i = 1;; i++) {
+        lua_rawgeti(L, 3, i);
+        if (lua_isnil(L, -1)) {
+            lua_pop(L, 1);
+            break;
+        }
+        luaL_addvalue(&b);
+    }
+    if (!own_host) {
+        if (!host.p) {
+            const mp_upstream_def_t *d = &r->gen->cfg->upstreams[upstream];
+            const char *h = d->host ? d->host : d->servers[0].addr.text;
+            host = (mp_slice){h, strlen(h)};
+        }
+        luaL_addlstring(&b, "Host: ", 6);
+        luaL_addlstring(&b, host.p, host.len);
+        luaL_addlstring(&b, "\r\n", 2);
+    }
+    int is_post = (method_len == 4 && memcmp(method, "POST", 4) == 0) ||
+                  (method_len == 3 && memcmp(method, "PUT", 3) == 0);
+    if (body || is_post) {
+        char cl[40];
+        int n = snprintf(cl, sizeof(cl), "Content-Length: %zu\r\n", body_len);
+        luaL_addlstring(&b, cl, (size_t)n);
+    }
+    luaL_addlstring(&b, "\r\n", 2);
+    if (body)
+        luaL_addlstring(&b, body, body_len);
+    luaL_pushresult(&b);
+    size_t out_len;
+    const char *out = lua_tolstring(L, -1, &out_len);
+
+    call_t *c = calloc(1, sizeof(*c));
+    if (!c || !(c->out = malloc(out_len)) || (url && !(c->addr.text = strdup(hp)))) {
+        if (c)
+            free(c->out);
+        free(c);
+        return luaL_error(L, "out of memory");
+    }
+    memcpy(c->out, out, out_len);
+    c->out_len = out_len;
+    if (url) {
+        c->addr.ss = addr.ss;
+        c->addr.sslen = addr.sslen;
+    }
+    c->base.start = start;
+    c->base.cancel = cancel;
+    c->r = r;
+    c->ctx = container_of(r->env, mp_io_ctx_t, env);
+    c->upstream = upstream;
+    c->server = -1;
+    c->timeout = timeout;
+    c->max_body = (size_t)max_body;
+    c->is_head = method_len == 4 && memcmp(method, "HEAD", 4) == 0;
+    return mp_hook_yield(L, r, &c->base);
+}
+
+/* core.answer(): { status, headers, body } or nil, err. */
+static int l_answer(lua_State *L)
+{
+    call_t *c = container_of(mp_hook_answer(L), call_t, base);
+    if (c->err[0]) {
+        lua_pushnil(L);
+        lua_pushstring(L, c->err);
+        mp_hook_answered(L);
+        return 2;
+    }
+    static __thread mp_http_response_t rh;
+    size_t scanned = 0;
+    int prc = mp_http1_parse_response(c->head, c->head_len, &scanned, c->head_len, &rh);
+    if (prc < 0 || prc == MP_EAGAIN) {
+        mp_hook_answered(L);
+        return luaL_error(L, "http.request: the response head changed"); /* cannot happen */
+    }
+    lua_createtable(L, 0, 3);
+    lua_pushinteger(L, c->status);
+    lua_setfield(L, -2, "status");
+    lua_createtable(L, 0, (int)rh.nheaders);
+    char name[256];
+    for (unsigned i = 0; i < rh.nheaders; i++) {
+        const mp_header_t *h = &rh.headers[i];
+        size_t n = h->name.len < sizeof(name) ? h->name.len : sizeof(name) - 1;
+        for (size_t k = 0; k < n; k++)
+            name[k] = (char)(h->name.p[k] >= 'A' && h->name.p[k] <= 'Z' ? h->name.p[k] + 32 : h->name.p[k]);
+        lua_pushlstring(L, name, n);
+        lua_pushvalue(L, -1);
+        lua_rawget(L, -3);
+        if (lua_isnil(L, -1)) { /* the first: a string */
+            lua_pop(L, 1);
+            lua_pushlstring(L, h->value.p, h->value.len);
+            lua_rawset(L, -3);
+        } else if (lua_istable(L, -1)) { /* a third or later */
+            lua_pushlstring(L, h->value.p, h->value.len);
+            lua_rawseti(L, -2, (int)lua_objlen(L, -2) + 1);
+            lua_pop(L, 2);
+        } else { /* the second: a list of both */
+            lua_createtable(L, 2, 0);
+            lua_insert(L, -2);
+            lua_rawseti(L, -2, 1);
+            lua_pushlstring(L, h->value.p, h->value.len);
+            lua_rawseti(L, -2, 2);
+            lua_rawset(L, -3);
+        }
+    }
+    lua_setfield(L, -2, "headers");
+    lua_pushlstring(L, c->body.p ? c->body.p : "", c->body.len);
+    lua_setfield(L, -2, "body");
+    mp_hook_answered(L);
+    return 1;
+}
+
+static const luaL_Reg funcs[] = {{"start", l_start}, {"answer", l_answer}, {NULL, NULL}};
+
+static int open_callout(lua_State *L)
+{
+    lua_newtable(L);
+    luaL_register(L, NULL, funcs);
+    return 1;
+}
+
+void mp_l_http_preload(lua_State *L)
+{
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "preload");
+    lua_pushcfunction(L, open_callout);
+    lua_setfield(L, -2, "moonproxy.callout");
+    lua_pop(L, 2);
+}
