@@ -11,30 +11,34 @@ local CONFIG = [=[
 local proxy = require "moonproxy"
 proxy.listen { addr = "${listen}" }
 proxy.settings { access_log = "${access_log}" }
+proxy.admin { addr = "${admin}" }
 local a = proxy.upstream "a" { servers = { "${a}" }, keepalive = 8, keepalive_timeout = 60 }
 local idle = proxy.upstream "idle" { servers = { "${idle}" }, keepalive = 8, keepalive_timeout = 60 }
 local churn = proxy.upstream "churn" { servers = { "${churn}" }, keepalive = 32, keepalive_timeout = 60 }
 local capped = proxy.upstream "capped" { servers = { "${capped}" }, keepalive = 4, keepalive_timeout = 60 }
+local lowered = proxy.upstream "lowered" { servers = { "${lowered}" }, keepalive = ${lowered_keepalive}, keepalive_timeout = 60 }
 proxy.route { prefix = "/idle/", strip_prefix = true, upstream = idle }
+proxy.route { prefix = "/lowered/", strip_prefix = true, upstream = lowered }
 proxy.route { prefix = "/churn/", strip_prefix = true, upstream = churn }
 proxy.route { prefix = "/capped/", strip_prefix = true, upstream = capped }
 proxy.route { prefix = "/", upstream = a }
 ]=]
 
 describe("moonproxy upstream pool", function()
-    local a, idle, churn, capped, proxy
+    local a, idle, churn, capped, lowered, proxy
 
     lazy_setup(function()
         a = h.start_origin("a")
         idle = h.start_origin("idle", { idle = 0.5 }) -- closes connections idle for 0.5 s
         churn = h.start_origin("churn")
         capped = h.start_origin("capped")
-        proxy = h.start_proxy { workers = 1, config = CONFIG,
-            vars = { a = a.addr, idle = idle.addr, churn = churn.addr, capped = capped.addr } }
+        lowered = h.start_origin("lowered")
+        proxy = h.start_proxy { workers = 1, config = CONFIG, vars = { a = a.addr, idle = idle.addr,
+            churn = churn.addr, capped = capped.addr, lowered = lowered.addr, lowered_keepalive = 8 } }
     end)
 
     lazy_teardown(function()
-        h.shutdown(proxy, a, idle, churn, capped)
+        h.shutdown(proxy, a, idle, churn, capped, lowered)
     end)
 
     local function post(target, body)
@@ -129,5 +133,26 @@ describe("moonproxy upstream pool", function()
         h.eventually(function() return capped:stats().open == 4 end, 5)
         socket.sleep(1.2)
         assert.equal(4, capped:stats().open)
+    end)
+
+    -- The server's pool outlives the reload (same upstream name and address):
+    -- what idles past the new keepalive is surplus from then on, though no
+    -- connection comes back to the pool to notice.
+    it("closes what idles past a keepalive a reload lowered, after the delay", function()
+        local conns = {}
+        for i = 1, 8 do conns[i] = { { target = "/lowered/slow?ms=200&i=" .. i } } end
+        for _, rs in ipairs(h.fan_out(proxy.port, conns)) do assert.equal(200, rs[1].status) end
+        h.eventually(function() return lowered:stats().open == 8 end, 2)
+        local opened = lowered:stats().connections
+        proxy:rewrite_config(CONFIG, { lowered_keepalive = 2 })
+        local res = assert(proxy:admin("POST", "/reload"))
+        assert.equal(200, res.status, res.body)
+        h.eventually(function() return lowered:stats().open == 2 end, 5)
+        socket.sleep(1.2)
+        local st = lowered:stats()
+        assert.equal(2, st.open)
+        assert.equal(opened, st.connections)
+        assert.equal("/x", h.echo(raw.get(proxy.port, "/lowered/x")).target)
+        assert.equal(opened, lowered:stats().connections)
     end)
 end)
