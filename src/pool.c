@@ -22,6 +22,9 @@ static void server_pool_free(mp_server_pool_t *sp)
     free(sp);
 }
 
+static void on_purge(struct ev_loop *loop, ev_timer *t, int revents);
+static void purge_surplus(mp_server_pool_t *sp, struct ev_loop *loop);
+
 /* The worker's pool of (name, addr, tls), found or made. */
 static mp_server_pool_t *pool_get(mp_io_ctx_t *ctx, const char *name, const mp_addr_t *addr, const char *tls)
 {
@@ -37,6 +40,7 @@ static mp_server_pool_t *pool_get(mp_io_ctx_t *ctx, const char *name, const mp_a
     }
     sp->addr.ss = addr->ss;
     sp->addr.sslen = addr->sslen;
+    ev_init(&sp->purge, on_purge);
     sp->next = ctx->server_pools;
     ctx->server_pools = sp;
     return sp;
@@ -53,6 +57,7 @@ static void server_pool_unref(mp_io_ctx_t *ctx, mp_server_pool_t *sp)
 {
     if (--sp->refs)
         return;
+    ev_timer_stop(ctx->loop, &sp->purge);
     while (sp->idle)
         mp_upconn_close(sp->idle);
     for (mp_server_pool_t **p = &ctx->server_pools; *p; p = &(*p)->next)
@@ -78,6 +83,9 @@ mp_pool_t *mp_pools_new(mp_io_ctx_t *ctx, const mp_config_t *cfg)
             sp->refs++;
             sp->keepalive = p->def->keepalive;
             sp->keepalive_timeout = p->def->keepalive_timeout;
+            /* a reload that lowers keepalive makes surplus of what idles */
+            if (sp->nidle > (unsigned)sp->keepalive && !ev_is_active(&sp->purge))
+                purge_surplus(sp, ctx->loop);
             p->servers[s] = sp;
         }
         if (!p->servers || !p->servers[p->def->nservers - 1]) {
@@ -152,9 +160,36 @@ static void unlink_idle(mp_upconn_t *u)
         sp->idle = u->next;
     if (u->next)
         u->next->prev = u->prev;
+    else
+        sp->idle_tail = u->prev;
     u->prev = u->next = NULL;
     sp->nidle--;
     mp_metrics_add(&u->ctx->metrics.idle_up, -1);
+}
+
+/* Closes the surplus past keepalive that has idled MP_POOL_SURPLUS_IDLE,
+ * the coldest first (the list is in idle_since order, so the tail is the
+ * next to expire), and arms sp->purge for the next one; stops it once no
+ * surplus is left. A timer fired a little early re-arms for what is left. */
+static void purge_surplus(mp_server_pool_t *sp, struct ev_loop *loop)
+{
+    ev_tstamp now = ev_now(loop);
+    while (sp->nidle > (unsigned)sp->keepalive) {
+        ev_tstamp left = sp->idle_tail->idle_since + MP_POOL_SURPLUS_IDLE - now;
+        if (left > 0.001) {
+            sp->purge.repeat = left;
+            ev_timer_again(loop, &sp->purge);
+            return;
+        }
+        mp_upconn_close(sp->idle_tail);
+    }
+    ev_timer_stop(loop, &sp->purge);
+}
+
+static void on_purge(struct ev_loop *loop, ev_timer *t, int revents)
+{
+    (void)revents;
+    purge_surplus(container_of(t, mp_server_pool_t, purge), loop);
 }
 
 /* Idle for less than this, a pooled connection is taken without a peek:
@@ -222,8 +257,11 @@ void mp_pool_put(mp_upconn_t *u)
     mp_io_ctx_t *ctx = u->ctx;
     mp_server_pool_t *sp = u->sp;
     MP_ASSERT(u->state == MP_UP_ACTIVE);
-    if (ctx->stopping || sp->nidle >= (unsigned)sp->keepalive)
+    if (ctx->stopping || sp->keepalive <= 0)
         return mp_upconn_close(u);
+    /* at the cap the coldest goes: u is the one the next request takes */
+    while (sp->nidle >= (unsigned)sp->keepalive * MP_POOL_CAP_FACTOR)
+        mp_upconn_close(sp->idle_tail);
     mp_buf_release(&u->in, &ctx->bufs);
     mp_buf_release(&u->out, &ctx->bufs);
     u->state = MP_UP_IDLE;
@@ -233,11 +271,15 @@ void mp_pool_put(mp_upconn_t *u)
     u->next = sp->idle;
     if (sp->idle)
         sp->idle->prev = u;
+    else
+        sp->idle_tail = u;
     sp->idle = u;
     sp->nidle++;
     mp_metrics_add(&ctx->metrics.idle_up, 1);
     mp_upconn_want(u, EV_READ);
     mp_upconn_timer(u, sp->keepalive_timeout);
+    if (sp->nidle > (unsigned)sp->keepalive && !ev_is_active(&sp->purge))
+        purge_surplus(sp, ctx->loop);
 }
 
 void mp_pool_idle_event(mp_upconn_t *u)

@@ -1,8 +1,11 @@
 /* pool.h: upstream connections and, per worker, the idle keep-alive ones of
- * each server (at most `keepalive`, closed after keepalive_timeout or as soon
- * as the server closes or sends anything while idle). A server's pool is
- * keyed by upstream name and address, so it outlives a reload that keeps
- * them. Never chooses a server (balancer.h does). */
+ * each server (`keepalive` of them kept until keepalive_timeout; past that,
+ * a surplus a burst left is kept while it is needed, closed coldest first
+ * after MP_POOL_SURPLUS_IDLE idle, never more than MP_POOL_CAP_FACTOR x
+ * keepalive in all; any is closed as soon as the server closes it or sends
+ * anything while idle). A server's pool is keyed by upstream name and
+ * address, so it outlives a reload that keeps them. Never chooses a server
+ * (balancer.h does). */
 #ifndef MP_POOL_H
 #define MP_POOL_H
 
@@ -12,6 +15,18 @@
 #include "io.h"
 
 #include <ev.h>
+
+/* Seconds a surplus idle connection (one past `keepalive`) is kept, and the
+ * hard cap on a server's idle connections as a multiple of `keepalive`.
+ * Closing a connection the moment the idle list overflows churns: under a
+ * steady 100 requests in flight, the number in flight dips and rises by tens
+ * from one loop turn to the next, and every dip closed what the next rise
+ * reopened. A connection idle for a second was not needed by any of the
+ * thousands of turns in between (the list is taken warm end first), so only
+ * that one is surplus; HAProxy, likewise, keeps what recent use needed and
+ * purges the rest gradually. The cap bounds the descriptors a burst leaves. */
+#define MP_POOL_SURPLUS_IDLE 1.0
+#define MP_POOL_CAP_FACTOR 4
 
 typedef void (*mp_io_cb)(struct ev_loop *, ev_io *, int);
 typedef void (*mp_timer_cb)(struct ev_loop *, ev_timer *, int);
@@ -50,8 +65,10 @@ struct mp_server_pool {
     mp_log_limit_t tls_log;   /* why its handshakes fail: logged once a second per server */
     int keepalive;            /* from the newest generation using it */
     double keepalive_timeout;
-    mp_upconn_t *idle; /* most recently used first */
+    mp_upconn_t *idle;      /* most recently used first (idle_since descending) */
+    mp_upconn_t *idle_tail; /* the coldest, closed first */
     unsigned nidle;
+    ev_timer purge;         /* armed while nidle > keepalive: the coldest surplus one's deadline */
     unsigned refs;          /* generations using it */
     mp_server_pool_t *next; /* worker->server_pools */
 };
@@ -79,8 +96,8 @@ mp_server_pool_t *mp_pool_standalone(mp_io_ctx_t *ctx, const mp_addr_t *addr, in
  * generations). */
 void mp_pools_dispose(mp_io_ctx_t *ctx);
 
-/* A live idle connection to the server, or NULL. Checks the socket before
- * handing out one that idled long. */
+/* A live idle connection to the server, the most recently used first, or
+ * NULL. Checks the socket before handing out one that idled long. */
 mp_upconn_t *mp_pool_take(mp_server_pool_t *sp, mp_io_ctx_t *ctx);
 
 /* Whether a socket()/connect() errno is this process's or host's want of
@@ -92,8 +109,10 @@ int mp_upconn_local_error(int err);
  * ACTIVE (connected at once). Returns NULL with errno set on failure. */
 mp_upconn_t *mp_upconn_connect(mp_io_ctx_t *ctx, mp_server_pool_t *sp, mp_io_cb io_cb, mp_timer_cb timer_cb);
 
-/* Gives u back to its server's idle list, or closes it when the list is
- * full. u must have no request and no unread bytes. */
+/* Gives u back to its server's idle list (its warm end), or closes it when
+ * the worker stops or keepalive is 0. A list at the hard cap closes its
+ * coldest connection to make room; one past `keepalive` arms the purge of
+ * the surplus. u must have no request and no unread bytes. */
 void mp_pool_put(mp_upconn_t *u);
 
 /* An idle pooled connection became readable (the server closed it or sent
