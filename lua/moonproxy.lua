@@ -119,6 +119,12 @@ function _M.shared(name, size)
   return core.shared(name, bytes)
 end
 
+-- proxy.redis { addr, password, db, timeout, pool }: a Redis client for hooks
+-- and plugins (README "Redis"); declare it when the configuration loads.
+function _M.redis(t)
+  return require("moonproxy.redis").new(t, where())
+end
+
 -- listen / admin ---------------------------------------------------------------
 
 -- TLS (SPEC "TLS"). Paths are as the operator wrote them here; _finish

@@ -15,6 +15,8 @@ int mp_l_core_open(lua_State *L)
     lua_newtable(L);
     lua_pushlightuserdata(L, MP_RESPONDED);
     lua_setfield(L, -2, "RESPONDED");
+    lua_pushlightuserdata(L, NULL); /* a nil inside a list (Redis replies), as cjson.null */
+    lua_setfield(L, -2, "null");
     for (size_t i = 0; i < MP_ARRAY_LEN(setups); i++)
         setups[i](L);
     for (size_t i = 0; i < MP_ARRAY_LEN(parts); i++)

@@ -236,7 +236,8 @@ static int l_tracer(lua_State *L)
 #define COPY_DEPTH 16
 
 /* Pushes onto to a copy of from's value at idx: nil, booleans, numbers,
- * strings and tables of them. Raises (in to) for anything else. */
+ * strings, the null light userdata and tables of them. Raises (in to) for
+ * anything else. */
 static void copy_value(lua_State *from, int idx, lua_State *to, int depth)
 {
     size_t n;
@@ -246,6 +247,13 @@ static void copy_value(lua_State *from, int idx, lua_State *to, int depth)
     case LUA_TNIL: lua_pushnil(to); return;
     case LUA_TBOOLEAN: lua_pushboolean(to, lua_toboolean(from, idx)); return;
     case LUA_TNUMBER: lua_pushnumber(to, lua_tonumber(from, idx)); return;
+    case LUA_TLIGHTUSERDATA: /* only the null of lists (redis.null, cjson.null) means the same in both */
+        if (lua_touserdata(from, idx) == NULL) {
+            lua_pushlightuserdata(to, NULL);
+            return;
+        }
+        luaL_error(to, "cannot pass a light userdata other than null");
+        return;
     case LUA_TSTRING:
         p = lua_tolstring(from, idx, &n);
         lua_pushlstring(to, p, n);
