@@ -618,7 +618,7 @@ end }
 proxy.expect { request = { path = "/" }, upstream = "app" }
 ]], { text = true })
     assert.is_nil(cfg)
-    assert.matches("a guard %(proxy.expect%) cannot call out", err)
+    assert.matches("a guard %(proxy.expect%) or %-%-explain cannot call out", err)
     cfg = load([[
 local http = require "moonproxy.http"
 local app = proxy.upstream "app" { servers = { "127.0.0.1:1" }, balancer = function(servers)
