@@ -698,6 +698,30 @@ static void resolve_server(lua_State *L, mp_config_t *cfg, mp_upstream_def_t *u,
     }
 }
 
+/* TLS to servers given by name: SNI and the name verified are that name
+ * (not the address it resolved to) unless tls.server_name says otherwise;
+ * servers of more than one name, or of names and addresses, need it said. */
+static void tls_name_of_servers(lua_State *L, mp_upstream_def_t *u)
+{
+    int any = 0;
+    for (size_t i = 0; i < u->nservers; i++)
+        any |= u->servers[i].by_name;
+    if (!u->tls || u->tls_name || !any)
+        return;
+    const char *first = u->servers[0].name;
+    size_t hlen = (size_t)(strrchr(first, ':') - first);
+    for (size_t i = 0; i < u->nservers; i++) {
+        const char *n = u->servers[i].name;
+        if (!u->servers[i].by_name || strncmp(n, first, hlen) != 0 || n[hlen] != ':')
+            fail(L, u->src,
+                 "upstream %s: tls: servers given by more than one name (or by name and by address) "
+                 "need tls.server_name",
+                 u->name);
+    }
+    if (!(u->tls_name = strndup(first, hlen)))
+        fail(L, NULL, "out of memory");
+}
+
 static void build_upstream(lua_State *L, mp_config_t *cfg, mp_upstream_def_t *u)
 {
     int t = lua_gettop(L);
@@ -765,6 +789,7 @@ static void build_upstream(lua_State *L, mp_config_t *cfg, mp_upstream_def_t *u)
         lua_pop(L, 1);
     }
     lua_pop(L, 1);
+    tls_name_of_servers(L, u);
 }
 
 static void build_upstreams(lua_State *L, mp_config_t *cfg)

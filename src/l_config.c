@@ -72,6 +72,7 @@ static void push_upstream(lua_State *L, const mp_upstream_def_t *u, int index)
     set_num(L, "keepalive_timeout", u->keepalive_timeout);
     set_num(L, "retries", u->retries);
     set_str(L, "host", u->host);
+    set_str(L, "tls_name", u->tls_name);
     set_str(L, "src", u->src);
     lua_createtable(L, 0, 3);
     set_num(L, "connect", u->connect_timeout);

@@ -848,6 +848,21 @@ describe("load_config() servers by name", function()
     fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "a.test" } }' }, 3, 'must be "host:port"')
   end)
 
+  it("takes the name as the TLS server name of servers given by it", function()
+    local cfg, err = load_in_dir { RESOLVER, LISTEN, 'proxy.upstream "api" { servers = { "api.test:443" }, tls = {} }' }
+    assert(cfg, err)
+    assert.same({ "127.0.0.1:443", "127.0.0.2:443" }, cfg.upstreams.api.servers)
+    assert.equal("api.test", cfg.upstreams.api.tls_name)
+    cfg, err = load_in_dir { RESOLVER, LISTEN,
+      'proxy.upstream "api" { servers = { "api.test:443" }, tls = { server_name = "edge.test" } }' }
+    assert(cfg, err)
+    assert.equal("edge.test", cfg.upstreams.api.tls_name)
+    local _, err2, path = load_in_dir { RESOLVER, LISTEN,
+      'proxy.upstream "api" { servers = { "127.0.0.9:443", "api.test:443" }, tls = {} }' }
+    assert.equal(path .. ":4: upstream api: tls: servers given by more than one name (or by name and by address) "
+      .. "need tls.server_name", err2)
+  end)
+
   it("resolves names in the simulator (moonproxy.testing) too", function()
     local testing = require "moonproxy.testing"
     local text = HEAD .. "\n" .. table.concat({ RESOLVER, LISTEN,
