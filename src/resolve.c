@@ -247,11 +247,13 @@ static int lookup_now(const mp_resolver_def_t *r, const char *host, answer_t *a,
     double deadline = now_s() + r->timeout;
     while (!q.done) {
         ares_socket_t socks[ARES_GETSOCK_MAXNUM];
-        int bits = ares_getsock(ch, socks, ARES_GETSOCK_MAXNUM), n = 0;
+        /* the bits unsigned: c-ares' ARES_GETSOCK_WRITABLE shifts an int by 31 */
+        unsigned bits = (unsigned)ares_getsock(ch, socks, ARES_GETSOCK_MAXNUM);
+        int n = 0;
         struct pollfd p[ARES_GETSOCK_MAXNUM];
         for (int i = 0; i < ARES_GETSOCK_MAXNUM; i++) {
-            short ev = (short)((ARES_GETSOCK_READABLE(bits, i) ? POLLIN : 0) |
-                               (ARES_GETSOCK_WRITABLE(bits, i) ? POLLOUT : 0));
+            short ev = (short)(((bits >> i) & 1u ? POLLIN : 0) |
+                               ((bits >> (i + ARES_GETSOCK_MAXNUM)) & 1u ? POLLOUT : 0));
             if (ev)
                 p[n++] = (struct pollfd){.fd = socks[i], .events = ev};
         }
