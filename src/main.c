@@ -232,11 +232,10 @@ static void on_config(void *arg, const mp_config_t *cfg)
 
 /* A name's addresses changed: the running script is built again with them
  * (servers that stay keep their health and pools; the old ones drain). */
-static void on_names_changed(void *arg, const char *why)
+static int on_names_changed(void *arg, const char *why)
 {
     (void)arg;
-    if (!g.stopping)
-        mp_reload_refresh(g.rl, why);
+    return g.stopping ? 0 : mp_reload_refresh(g.rl, why);
 }
 
 /* The reloader's validate: a script's proxy.expect guards run in a

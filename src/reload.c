@@ -387,21 +387,21 @@ static void warn_fixed_at_start(const mp_config_t *old, const mp_config_t *new)
 
 enum { FROM_FILE, ROLLBACK, REFRESH };
 
-static void reload(mp_reloader_t *rl, int mode, const char *reason, mp_reload_cb cb, void *arg);
+static int reload(mp_reloader_t *rl, int mode, const char *reason, mp_reload_cb cb, void *arg);
 
 void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb cb, void *arg)
 {
-    reload(rl, rollback ? ROLLBACK : FROM_FILE, reason, cb, arg);
+    (void)reload(rl, rollback ? ROLLBACK : FROM_FILE, reason, cb, arg);
 }
 
-void mp_reload_refresh(mp_reloader_t *rl, const char *reason)
+int mp_reload_refresh(mp_reloader_t *rl, const char *reason)
 {
-    reload(rl, REFRESH, reason, NULL, NULL);
+    return reload(rl, REFRESH, reason, NULL, NULL);
 }
 
 /* FROM_FILE reads the script; ROLLBACK takes the previous generation's text;
  * REFRESH rebuilds the current one's (the history stays as it is). */
-static void reload(mp_reloader_t *rl, int mode, const char *reason, mp_reload_cb cb, void *arg)
+static int reload(mp_reloader_t *rl, int mode, const char *reason, mp_reload_cb cb, void *arg)
 {
     int rollback = mode == ROLLBACK;
     char err[2048];
@@ -441,7 +441,7 @@ static void reload(mp_reloader_t *rl, int mode, const char *reason, mp_reload_cb
             rl->reloads_refused++;
         if (cb)
             cb(arg, rl->generation, err);
-        return;
+        return MP_EINVAL;
     }
     uint64_t id = ++rl->generation;
     if (mode != REFRESH) {
@@ -472,6 +472,7 @@ static void reload(mp_reloader_t *rl, int mode, const char *reason, mp_reload_cb
     mp_log_info("reload: generation %llu loaded (%s%s)", (unsigned long long)id, reason, rollback ? ", rollback" : "");
     free(Ls);
     free(cfgs);
+    return 0;
 }
 
 void mp_reloader_on_config(mp_reloader_t *rl, void (*fn)(void *arg, const mp_config_t *cfg), void *arg)

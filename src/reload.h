@@ -43,8 +43,9 @@ void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb
 /* Rebuilds the running generation from the text it was built from (never
  * the file on disk: edits not reloaded yet stay out), for what changed
  * outside the script: upstream names' DNS answers (resolve.h). The history
- * (rollback) and the reload counts are left as they are. reason is logged. */
-void mp_reload_refresh(mp_reloader_t *rl, const char *reason);
+ * (rollback) and the reload counts are left as they are. reason is logged.
+ * Returns 0 when the new generation was handed over, nonzero when refused. */
+int mp_reload_refresh(mp_reloader_t *rl, const char *reason);
 
 /* Called on the main thread with the new configuration after each
  * accepted reload (active health checks follow it). */

@@ -18,8 +18,9 @@
 #include <stdlib.h>
 #include <sys/time.h>
 
-#define FRESH_SECONDS 5.0 /* an answer no watch keeps serves the builds of this long */
-#define MAX_SOCKS 8       /* sockets of one watched lookup */
+#define FRESH_SECONDS 5.0  /* an answer no watch keeps serves the builds of this long */
+#define MAX_SOCKS 8        /* sockets of one watched lookup */
+#define PENDING_RETRY 30.0 /* seconds between rebuilds for an answer the last one refused */
 
 static double now_s(void)
 {
@@ -386,8 +387,10 @@ typedef struct name {
     query_t q;
     ev_io io[MAX_SOCKS];
     ev_timer retry, deadline;
-    int failing; /* the last lookup failed (said once) */
-    int seen;    /* for mp_resolve_watch_sync */
+    int failing;       /* the last lookup failed (said once) */
+    int pending;       /* the answer changed and no rebuild took it yet */
+    double pending_at; /* when the last rebuild for it was tried */
+    int seen;          /* for mp_resolve_watch_sync */
     struct mp_resolve_watch *w;
     struct name *link;
 } name_t;
@@ -532,14 +535,30 @@ static void lookup_end(name_t *n)
         mp_log_info("resolve: %s answers again", n->host);
     n->failing = 0;
     schedule(n, clamp_ttl(n, a.ttl));
-    if (!changed)
+    if (!changed && (!n->pending || ev_now(n->w->loop) < n->pending_at + PENDING_RETRY))
         return;
-    char added[512], removed[512], why[1200];
-    answer_list(&a, &old, added, sizeof(added));
-    answer_list(&old, &a, removed, sizeof(removed));
-    mp_log_info("resolve: %s: added [%s], removed [%s]", n->host, added, removed);
-    snprintf(why, sizeof(why), "DNS: %s changed", n->host);
-    n->w->changed(n->w->arg, why);
+    char why[1200];
+    if (changed) {
+        char added[512], removed[512];
+        answer_list(&a, &old, added, sizeof(added));
+        answer_list(&old, &a, removed, sizeof(removed));
+        mp_log_info("resolve: %s: added [%s], removed [%s]", n->host, added, removed);
+        snprintf(why, sizeof(why), "DNS: %s changed", n->host);
+    } else {
+        snprintf(why, sizeof(why), "DNS: %s changed (the rebuild for it was refused: again)", n->host);
+    }
+    /* pending until a rebuild is accepted: a refused one is tried again with
+     * an answer PENDING_RETRY seconds later (one refusal logged each time, no
+     * more). The rebuild syncs the watch: n is found again by key. */
+    mp_resolve_watch_t *w = n->w;
+    char *key = strdup(n->key);
+    n->pending = 1;
+    n->pending_at = ev_now(w->loop);
+    int rc = w->changed(w->arg, why);
+    for (name_t *m = w->names; key && rc == 0 && m; m = m->link)
+        if (strcmp(m->key, key) == 0)
+            m->pending = 0;
+    free(key);
 }
 
 static void lookup_begin(name_t *n)

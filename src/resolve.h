@@ -23,8 +23,9 @@ int mp_resolve_lookup(const mp_resolver_def_t *r, const char *host, mp_sockaddr_
 typedef struct mp_resolve_watch mp_resolve_watch_t;
 
 /* Called on the loop when a name's addresses changed (the cache holds the
- * new answer); why says which name. */
-typedef void (*mp_resolve_changed_cb)(void *arg, const char *why);
+ * new answer); why says which name. Returns 0 when the running configuration
+ * took them; otherwise the call is made again after the name's next answer. */
+typedef int (*mp_resolve_changed_cb)(void *arg, const char *why);
 
 mp_resolve_watch_t *mp_resolve_watch_new(struct ev_loop *loop, mp_resolve_changed_cb changed, void *arg);
 

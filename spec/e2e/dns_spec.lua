@@ -202,3 +202,41 @@ proxy.route { prefix = "/", upstream = proxy.upstream "web" { servers = { "www.w
         assert.equal(0, d:queries("www.web.test"))
     end)
 end)
+
+describe("upstreams by name when the rebuild for a new answer is refused", function()
+    local d, one, two, proxy, port_o
+
+    lazy_setup(function()
+        port_o = h.free_port()
+        one = start_origin("one", "127.0.0.1", port_o)
+        two = start_origin("two", "127.0.0.2", port_o)
+        d = dns.start { ["api.test"] = { ttl = 1, "127.0.0.1" } }
+        -- a guard that holds for the answer at start only
+        proxy = h.start_proxy { workers = 1, vars = { dns = d.addr, port_o = port_o }, config = [=[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = "${access_log}", resolver = { nameservers = { "${dns}" }, timeout = 1 } }
+local api = proxy.upstream "api" { servers = { "api.test:${port_o}" }, resolve = { min = 0.2, max = 0.3 } }
+proxy.route { prefix = "/", upstream = api }
+proxy.expect { request = { path = "/x" }, server = "127.0.0.1:${port_o}" }
+]=] }
+        proxy:wait_ready()
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy, one, two, d)
+    end)
+
+    it("keeps the running servers, and says so once, not at every lookup", function()
+        d:set { ["api.test"] = { ttl = 1, "127.0.0.2" } }
+        h.eventually(function() return proxy:log_count("reload refused (DNS: api.test changed)") == 1 end, 10)
+        -- lookups go on (every 0.3 s) with the same answer: no second refusal
+        local q = d:queries("api.test")
+        h.eventually(function() return d:queries("api.test") >= q + 8 end, 10)
+        assert.equal(1, proxy:log_count("reload refused"))
+        assert.equal(1, proxy:log_count("resolve: api.test: added [127.0.0.2], removed [127.0.0.1]"))
+        assert.same({ "127.0.0.1:" .. port_o }, (servers(proxy, "api")))
+        for _ = 1, 3 do assert.equal("one", assert(who(proxy.port))) end
+    end)
+end)
