@@ -93,6 +93,13 @@ describe("upstreams by name", function()
         assert.equal("api.test:" .. port_o, cfgz.upstreams.api.servers[1].name)
     end)
 
+    it("sends the name as Host to a client that gave none (HTTP/1.0)", function()
+        local res = assert(raw.request(proxy.port, { target = "/echo", version = "HTTP/1.0", no_host = true },
+            { timeout = 10 }))
+        assert.equal(200, res.status)
+        assert.equal("api.test:" .. port_o, h.echo_header(h.echo(res), "host"))
+    end)
+
     it("labels a server given by name with its name in /metrics", function()
         local res = assert(proxy:admin("GET", "/metrics"))
         for _, ip in ipairs { "127.0.0.1", "127.0.0.2" } do
