@@ -247,3 +247,38 @@ proxy.expect { request = { path = "/x" }, server = "127.0.0.1:${port_o}" }
         for _ = 1, 3 do assert.equal("one", assert(who(proxy.port))) end
     end)
 end)
+
+describe("upstreams by name over TLS", function()
+    local tls = require "helpers.tls"
+    local pki, origin, proxy
+
+    lazy_setup(function()
+        pki = tls.pki()
+        origin = tls.start_origin("secure", pki.api) -- a certificate for api.example.test only
+        local hosts = h.write_file(h.tmpname(".hosts"), "127.0.0.1 api.example.test\n")
+        proxy = h.start_proxy { workers = 1, vars = { hosts = hosts, port_o = origin.port, ca = pki.ca }, config = [=[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = "${access_log}", resolver = { hosts = "${hosts}", nameservers = { "127.0.0.1:1" } } }
+proxy.route { prefix = "/", upstream = proxy.upstream "secure" { servers = { "api.example.test:${port_o}" },
+                                                                  tls = { ca = "${ca}" } } }
+]=] }
+        proxy:wait_ready()
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy, origin)
+        if pki then pki:remove() end
+    end)
+
+    it("verifies the server's certificate against the name, sent as SNI", function()
+        assert.equal("secure", assert(who(proxy.port)))
+        assert.same({ "127.0.0.1:" .. origin.port }, (servers(proxy, "secure")))
+        -- the proxy's handshakes asked for the name (the spec's own /_stats connections send no SNI: "")
+        local asked = {}
+        for _, name in ipairs(origin:stats().tls_sni) do asked[name] = true end
+        asked[""] = nil
+        assert.same({ ["api.example.test"] = true }, asked)
+    end)
+end)
