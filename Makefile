@@ -21,7 +21,7 @@ else ifneq ($(SAN),)
 CFLAGS   := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined -DMP_DEBUG
 LDFLAGS  += -fsanitize=address,undefined
 endif
-LDLIBS   := -lluajit-5.1 -lev -lpcre2-8 -lssl -lcrypto -lpthread -lm -ldl
+LDLIBS   := -lluajit-5.1 -lev -lcares -lpcre2-8 -lssl -lcrypto -lpthread -lm -ldl
 
 # Everything but main.c also builds as the Lua C module moonproxy.core, which
 # moonproxy.testing and the specs use: the same router, hooks and request
@@ -53,7 +53,7 @@ $(BIN): $(SRV_OBJS)
 	$(CC) $(LDFLAGS) -rdynamic -o $@ $^ $(LDLIBS)
 
 $(CORE): $(CORE_OBJS) | $(BUILD)/lib/moonproxy
-	$(CC) $(LDFLAGS) -shared -o $@ $^ -lev -lpcre2-8 -lssl -lcrypto -lpthread -lm
+	$(CC) $(LDFLAGS) -shared -o $@ $^ -lev -lcares -lpcre2-8 -lssl -lcrypto -lpthread -lm
 
 $(BUILD)/obj $(BUILD)/pic $(BUILD)/lib/moonproxy:
 	mkdir -p $@
@@ -88,7 +88,7 @@ test-asan: deps
 TSAN_SPECS := spec/e2e/reload_spec.lua spec/e2e/shared_spec.lua spec/e2e/watchdog_spec.lua spec/e2e/health_spec.lua \
               spec/e2e/metrics_spec.lua spec/e2e/limits_spec.lua spec/e2e/smuggling_spec.lua spec/e2e/path_spec.lua \
               spec/e2e/memory_spec.lua spec/e2e/admin_spec.lua spec/e2e/tls_spec.lua \
-              spec/e2e/tls_edges_spec.lua
+              spec/e2e/tls_edges_spec.lua spec/e2e/dns_spec.lua
 tsan: deps
 	scripts/tsan.sh
 	$(MAKE) BUILD=build-tsan SAN=thread $(BUILD_TSAN_BIN)

@@ -388,8 +388,25 @@ static void warn_fixed_at_start(const mp_config_t *old, const mp_config_t *new)
         mp_log_warn("reload: body_buffer_size changed; it applies at the next restart");
 }
 
+enum { FROM_FILE, ROLLBACK, REFRESH };
+
+static int reload(mp_reloader_t *rl, int mode, const char *reason, mp_reload_cb cb, void *arg);
+
 void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb cb, void *arg)
 {
+    (void)reload(rl, rollback ? ROLLBACK : FROM_FILE, reason, cb, arg);
+}
+
+int mp_reload_refresh(mp_reloader_t *rl, const char *reason)
+{
+    return reload(rl, REFRESH, reason, NULL, NULL);
+}
+
+/* FROM_FILE reads the script; ROLLBACK takes the previous generation's text;
+ * REFRESH rebuilds the current one's (the history stays as it is). */
+static int reload(mp_reloader_t *rl, int mode, const char *reason, mp_reload_cb cb, void *arg)
+{
+    int rollback = mode == ROLLBACK;
     char err[2048];
     size_t len = 0;
     char *text = NULL;
@@ -406,6 +423,13 @@ void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb
     } else if (rollback) {
         memcpy(text, rl->prev_text, rl->prev_len);
         len = rl->prev_len;
+    } else if (mode == REFRESH) {
+        if ((text = malloc(rl->len ? rl->len : 1))) {
+            memcpy(text, rl->text, rl->len);
+            len = rl->len;
+        } else {
+            snprintf(err, sizeof(err), "out of memory");
+        }
     } else {
         text = read_file(rl->path, &len, err, sizeof(err));
     }
@@ -416,23 +440,30 @@ void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb
         free(Ls);
         free(cfgs);
         free(wt);
-        rl->reloads_refused++;
+        if (mode != REFRESH)
+            rl->reloads_refused++;
         if (cb)
             cb(arg, rl->generation, err);
-        return;
+        return MP_EINVAL;
     }
     uint64_t id = ++rl->generation;
-    rl->reloads_ok++;
-    warn_fixed_at_start(rl->cfg, cfgs[rl->nworkers]);
+    if (mode != REFRESH) {
+        rl->reloads_ok++;
+        warn_fixed_at_start(rl->cfg, cfgs[rl->nworkers]);
+    }
     mp_config_free(rl->cfg);
     mp_vm_close(rl->L);
     rl->L = Ls[rl->nworkers];
     rl->cfg = cfgs[rl->nworkers];
-    free(rl->prev_text);
-    rl->prev_text = rl->text;
-    rl->prev_len = rl->len;
-    rl->text = text;
-    rl->len = len;
+    if (mode == REFRESH) {
+        free(text); /* the same as rl->text */
+    } else {
+        free(rl->prev_text);
+        rl->prev_text = rl->text;
+        rl->prev_len = rl->len;
+        rl->text = text;
+        rl->len = len;
+    }
     rl->loaded_at = epoch_now();
     *wt = (waiter_t){id, cb, arg, rl->waiters};
     rl->waiters = wt;
@@ -444,6 +475,7 @@ void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb
     mp_log_info("reload: generation %llu loaded (%s%s)", (unsigned long long)id, reason, rollback ? ", rollback" : "");
     free(Ls);
     free(cfgs);
+    return 0;
 }
 
 void mp_reloader_on_config(mp_reloader_t *rl, void (*fn)(void *arg, const mp_config_t *cfg), void *arg)
