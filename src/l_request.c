@@ -913,7 +913,8 @@ void mp_hook_abandon(lua_State *L, mp_req_t *r)
 
 void mp_hook_release(lua_State *L, mp_req_t *r)
 {
-    mp_hook_abandon(L, r);
+    if (MP_UNLIKELY(r->co || r->callout))
+        mp_hook_abandon(L, r);
     mp_lbox_t *s = r->lbox;
     if (s) {
         if (s->made & (1u << OBJ_CTX)) { /* the table may be large: let it go now */

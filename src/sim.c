@@ -359,8 +359,9 @@ static int l_stub(lua_State *L)
     if (!mp_hook_context(L, &why))
         return luaL_error(L, "%s: %s", what_call, why);
     if (!C)
-        return luaL_error(L, "%s: a guard (proxy.expect) or --explain cannot call out (moonproxy.testing answers "
-                             "call-outs through opts.%s)",
+        return luaL_error(L,
+                          "%s: a guard (proxy.expect) or --explain cannot call out (moonproxy.testing answers "
+                          "call-outs through opts.%s)",
                           what_call, kind);
     if (!s->stubs)
         return luaL_error(L,
