@@ -13,7 +13,8 @@
  *   sleep S                                 runs the loop S seconds
  *   elapsed                                 "elapsed S": how long the last call/pipeline took
  *   stats                                   "conns=N idle=N queued=N cancelled=N connects=N failures=N"
- *   signal PATH / waitfile PATH S           creates PATH / runs the loop until PATH exists (at most S)
+ *   signal PATH / waitfile PATH S [noloop]  creates PATH / runs the loop until PATH exists (at most S;
+ *                                           noloop: sleeps instead, as a busy worker sees no event)
  *   free                                    frees the client (pending calls end "client closed")
  *   echo WORDS                              prints WORDS
  * A result: +STATUS, -ERROR, :INTEGER, nil, "BULK" (escaped; over 1 KiB:
@@ -343,11 +344,15 @@ static int run_line(char *line)
         if (!f)
             return -1;
         fclose(f);
-    } else if (!strcmp(cmd, "waitfile") && w.n == 3) {
+    } else if (!strcmp(cmd, "waitfile") && (w.n == 3 || (w.n == 4 && !strcmp(w.w[3], "noloop")))) {
         struct stat st;
         double end = now_s() + atof(w.w[2]);
-        while (stat(w.w[1], &st) != 0 && now_s() < end)
-            run_for(0.01, NULL);
+        while (stat(w.w[1], &st) != 0 && now_s() < end) {
+            if (w.n == 4)
+                usleep(10000);
+            else
+                run_for(0.01, NULL);
+        }
         if (stat(w.w[1], &st) != 0)
             printf("waitfile %s: timeout\n", w.w[1]);
     } else if (!client) {

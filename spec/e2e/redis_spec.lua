@@ -196,13 +196,19 @@ async g t=0.1 BLPOP pool:g 1
 async h t=0.05 ECHO h
 wait
 stats
+client ${addr} pool=1
+async one BLPOP pool:one 0.1
+async two ECHO 2
+async three ECHO 3
+async four ECHO 4
+wait
 ]], { addr = server.addr })
         assert.equal("e: error: redis " .. server.addr .. ": too many calls waiting (2)", lines[1])
         local st = stats(lines[2])
         assert.same({ 2, 0, 2 }, { st.conns, st.idle, st.queued })
-        -- a and b end after 0.3 s, then c and d run on their connections, in order
+        -- a and b end after 0.3 s, then c and d run on their connections
         local order = table.concat({ lines[3], lines[4], lines[5], lines[6] }, "|")
-        assert.is_truthy(order:match("^[ab]: nil|[ab]: nil|c: \"c\"|d: \"d\"$"), order)
+        assert.is_truthy(order:match("^[ab]: nil|[ab]: nil|[cd]: \"[cd]\"|[cd]: \"[cd]\"$"), order)
         -- h waits in the queue behind f and g and times out there
         assert.equal("h: error: redis " .. server.addr .. ": timeout", lines[7])
         local ends = { lines[8], lines[9] }
@@ -210,6 +216,8 @@ stats
         assert.same({ "f: error: redis " .. server.addr .. ": timeout", "g: error: redis " .. server.addr .. ": timeout" }, ends)
         st = stats(lines[10])
         assert.same({ 0, 0, 2, 0 }, { st.conns, st.queued, st.connects, st.failures })
+        -- on one connection, the waiting calls run in the order they came
+        assert.same({ "one: nil", 'two: "2"', 'three: "3"', 'four: "4"' }, { lines[12], lines[13], lines[14], lines[15] })
     end)
 
     it("ends pending calls with 'client closed' when the client is freed", function()
@@ -347,7 +355,7 @@ call t=3 PING
 call GET before
 stats
 signal ${r3}
-waitfile ${up2} 15
+waitfile ${up2} 15 noloop
 call t=3 PING
 stats
 ]], { addr = server.addr, r1 = sig.r1, down = sig.down, r2 = sig.r2, up = sig.up, r3 = sig.r3, up2 = sig.up2 })
@@ -357,7 +365,8 @@ stats
         h.eventually(function() return exists(sig.r2) end, 10)
         server:start()
         touch(sig.up)
-        -- a restart while the client's connections are idle: the next call finds them closed
+        -- a restart while the client's connections are idle and its loop does not run: the next
+        -- call finds them closed before it uses one
         h.eventually(function() return exists(sig.r3) end, 10)
         server:restart()
         touch(sig.up2)
