@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 /* CONNECTING -> HELLO (AUTH/SELECT sent, their replies awaited; skipped
  * without password and db) -> BUSY (a call's commands out, its replies
@@ -49,6 +50,7 @@ struct mp_redis_call {
     ev_timer timer;
     rconn_t *conn;                /* NULL: waiting in r's queue */
     int cancelled;                /* the callback is not to be called */
+    int leaves_state;             /* its commands change the connection (SELECT, MULTI, ...): closed after */
     mp_redis_call_t *prev, *next; /* r's queue */
 };
 
@@ -70,6 +72,7 @@ struct mp_redis {
     double backoff;  /* the current reconnect delay, 0 while the server is fine */
     double retry_at; /* ev_now before which calls fail at once */
     int closing;
+    int in_cb; /* a callback runs (mp_redis_free may not) */
     unsigned long connects, failures;
     char last_failure[200]; /* why the server is unavailable */
     char send_err[512];     /* mp_redis_send's *err */
@@ -146,12 +149,16 @@ static void call_end(mp_redis_call_t *c, const char *err)
     mp_redis_t *r = c->r;
     MP_ASSERT(!c->conn);
     ev_timer_stop(r->loop, &c->timer);
-    if (c->cancelled)
+    if (c->cancelled) {
         r->ncancelled--;
-    else if (err)
-        c->cb(c->arg, NULL, 0, err);
-    else
-        c->cb(c->arg, c->replies, c->ncmds, NULL);
+    } else {
+        r->in_cb++;
+        if (err)
+            c->cb(c->arg, NULL, 0, err);
+        else
+            c->cb(c->arg, c->replies, c->ncmds, NULL);
+        r->in_cb--;
+    }
     call_free(c);
 }
 
@@ -209,14 +216,14 @@ static void backoff_start(mp_redis_t *r, const char *why)
     if (r->backoff > r->backoff_max)
         r->backoff = r->backoff_max;
     r->retry_at = now + r->backoff;
-    mp_log_limited(&r->log, MP_LOG_WARN, "redis %s: %s; reconnecting in %.1f s", r->addr, why, r->backoff);
+    mp_log_limited(&r->log, MP_LOG_WARN, "redis %s: %s (reconnecting in %.1f s)", r->addr, why, r->backoff);
 }
 
 /* c failed (why: what happened, for the log and the call's err): closed,
- * its call ended, the waiting calls served (or failed, now that the server
- * is unavailable). */
-static void conn_fail(rconn_t *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static void conn_fail(rconn_t *c, const char *fmt, ...)
+ * its call ended, the waiting calls served (or failed, when down says the
+ * server is not there and the reconnect delay starts). */
+static void conn_fail(rconn_t *c, int down, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void conn_fail(rconn_t *c, int down, const char *fmt, ...)
 {
     mp_redis_t *r = c->r;
     char why[200];
@@ -224,7 +231,10 @@ static void conn_fail(rconn_t *c, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(why, sizeof(why), fmt, ap);
     va_end(ap);
-    backoff_start(r, why);
+    if (down)
+        backoff_start(r, why);
+    else
+        mp_log_limited(&r->log, MP_LOG_WARN, "redis %s: %s; connection closed", r->addr, why);
     mp_redis_call_t *call = conn_detach(c);
     conn_close(c);
     if (call)
@@ -358,7 +368,7 @@ static int hello_reply(rconn_t *c, redisReply *rep)
             snprintf(what, sizeof(what), "AUTH");
         else
             snprintf(what, sizeof(what), "SELECT %d", r->db);
-        conn_fail(c, "%s failed: %.*s", what, (int)(rep->len > 150 ? 150 : rep->len), rep->str);
+        conn_fail(c, 1, "%s failed: %.*s", what, (int)(rep->len > 150 ? 150 : rep->len), rep->str);
         freeReplyObject(rep);
         return -1;
     }
@@ -371,13 +381,16 @@ static int hello_reply(rconn_t *c, redisReply *rep)
 }
 
 /* c's call has all its replies. Bytes past them (none were asked for) mean
- * the connection is out of step: it is closed rather than reused. */
+ * the connection is out of step, and a call that changed the connection's
+ * state would leak it into the next one: c is closed rather than reused. */
 static void conn_done(rconn_t *c)
 {
     mp_redis_t *r = c->r;
     mp_redis_call_t *call = conn_detach(c);
     if (c->reader->len > c->reader->pos) {
         mp_log_limited(&r->log, MP_LOG_WARN, "redis %s: bytes past the replies; connection closed", r->addr);
+        conn_close(c);
+    } else if (call->leaves_state) {
         conn_close(c);
     } else {
         conn_idle(c);
@@ -392,7 +405,7 @@ static int conn_parse(rconn_t *c)
     for (;;) {
         void *p = NULL;
         if (redisReaderGetReply(c->reader, &p) != REDIS_OK) {
-            conn_fail(c, "protocol error: %s", c->reader->errstr);
+            conn_fail(c, 0, "protocol error: %s", c->reader->errstr);
             return -1;
         }
         if (!p)
@@ -412,7 +425,7 @@ static int conn_parse(rconn_t *c)
             break;
         default:
             freeReplyObject(rep);
-            conn_fail(c, "a reply nobody asked for");
+            conn_fail(c, 0, "a reply nobody asked for");
             return -1;
         }
     }
@@ -430,7 +443,7 @@ static int conn_write(rconn_t *c)
             continue;
         if (n < 0 && errno == EAGAIN)
             return 0;
-        conn_fail(c, "write: %s", n < 0 ? strerror(errno) : "nothing written");
+        conn_fail(c, 1, "write: %s", n < 0 ? strerror(errno) : "nothing written");
         return -1;
     }
     set_want(c, EV_READ);
@@ -448,7 +461,7 @@ static void conn_read(rconn_t *c)
             return;
         }
         if (redisReaderFeed(c->reader, buf, (size_t)n) != REDIS_OK) {
-            conn_fail(c, "reader: %s", c->reader->errstr);
+            conn_fail(c, 0, "reader: %s", c->reader->errstr);
             return;
         }
         conn_parse(c);
@@ -460,7 +473,7 @@ static void conn_read(rconn_t *c)
         conn_close(c);
         return;
     }
-    conn_fail(c, "%s", n == 0 ? "connection closed by the server" : strerror(errno));
+    conn_fail(c, 1, "%s", n == 0 ? "connection closed by the server" : strerror(errno));
 }
 
 static void on_conn_io(struct ev_loop *loop, ev_io *w, int revents)
@@ -470,7 +483,7 @@ static void on_conn_io(struct ev_loop *loop, ev_io *w, int revents)
     if (c->state == C_CONNECTING) {
         int rc = mp_io_connect_result(&c->sock);
         if (rc != 0) {
-            conn_fail(c, "connect: %s", strerror(rc < 0 ? errno : rc));
+            conn_fail(c, 1, "connect: %s", strerror(rc < 0 ? errno : rc));
             return;
         }
         conn_connected(c);
@@ -627,6 +640,7 @@ void mp_redis_free(mp_redis_t *r)
 {
     if (!r)
         return;
+    MP_BUG_ON(r->in_cb);
     r->closing = 1;
     while (r->qhead) {
         mp_redis_call_t *call = r->qhead;
@@ -642,6 +656,41 @@ void mp_redis_free(mp_redis_t *r)
     }
     free(r->hello);
     free(r);
+}
+
+static int is_cmd(const char *name, size_t len, const char *upper)
+{
+    return len == strlen(upper) && strncasecmp(name, upper, len) == 0;
+}
+
+/* Whether the commands leave the connection in another state than a new
+ * one's, so that it must not serve another call: another db or user, a
+ * transaction or a WATCH still open, subscriber or monitor mode, the
+ * connection's settings (CLIENT REPLY OFF, SETNAME, ...). */
+static int leaves_state(int ncmds, const int *argc, const char *const *argv, const size_t *argvlen)
+{
+    static const char *const changers[] = {"SELECT",     "AUTH",    "HELLO",  "SUBSCRIBE", "PSUBSCRIBE",
+                                           "SSUBSCRIBE", "MONITOR", "CLIENT", "RESET",     "READONLY",
+                                           "READWRITE",  "SYNC",    "PSYNC",  "REPLCONF",  "QUIT"};
+    int multi = 0, watch = 0;
+    size_t off = 0;
+    for (int i = 0; i < ncmds; off += (size_t)argc[i++]) {
+        const char *name = argv[off];
+        size_t len = argvlen ? argvlen[off] : strlen(name);
+        if (is_cmd(name, len, "MULTI"))
+            multi = 1;
+        else if (is_cmd(name, len, "EXEC") || is_cmd(name, len, "DISCARD"))
+            multi = watch = 0;
+        else if (is_cmd(name, len, "WATCH"))
+            watch = 1;
+        else if (is_cmd(name, len, "UNWATCH") && !multi)
+            watch = 0;
+        else
+            for (size_t k = 0; k < MP_ARRAY_LEN(changers); k++)
+                if (is_cmd(name, len, changers[k]))
+                    return 1;
+    }
+    return multi || watch;
 }
 
 /* The commands in RESP, one after another, into call->cmd. */
@@ -712,6 +761,7 @@ mp_redis_call_t *mp_redis_send(mp_redis_t *r, int ncmds, const int *argc, const 
     call->cb = cb;
     call->arg = arg;
     call->ncmds = ncmds;
+    call->leaves_state = leaves_state(ncmds, argc, argv, argvlen);
     ev_timer_init(&call->timer, on_call_timeout, timeout > 0 ? timeout : r->timeout, 0);
     if (idle) {
         conn_assign(idle, call);

@@ -44,7 +44,8 @@ typedef struct {
     unsigned idle;                    /* of them, waiting for a call */
     unsigned queued;                  /* calls waiting for a connection */
     unsigned cancelled;               /* cancelled calls whose replies are still read and dropped */
-    unsigned long connects, failures; /* connections opened and failed (connect, AUTH/SELECT, I/O), ever */
+    unsigned long connects, failures; /* connections opened, and failures that started or met a reconnect
+                                       * delay (connect, AUTH/SELECT, a broken connection), ever */
 } mp_redis_stats_t;
 
 /* A client on loop (the calling thread's; every call of this API runs on
@@ -71,6 +72,12 @@ void mp_redis_free(mp_redis_t *r);
  * no memory. */
 mp_redis_call_t *mp_redis_send(mp_redis_t *r, int ncmds, const int *argc, const char *const *argv,
                                const size_t *argvlen, double timeout, mp_redis_cb cb, void *arg, const char **err);
+
+/* A call whose commands change the connection's state for later calls
+ * (SELECT, AUTH, HELLO, CLIENT, RESET, SUBSCRIBE and the like, MONITOR,
+ * MULTI or WATCH left open at its end) runs on its connection as any other,
+ * which is then closed rather than pooled: every call starts on a connection
+ * in the client's db with its password, outside a transaction. */
 
 /* One command: mp_redis_send with ncmds 1. */
 mp_redis_call_t *mp_redis_command(mp_redis_t *r, int argc, const char *const *argv, const size_t *argvlen,

@@ -133,6 +133,48 @@ call PING
         assert.equal("error: redis " .. server.addr .. ": SELECT 99 failed: ERR DB index is out of range", lines[8])
     end)
 
+    it("does not pool a connection that a call left in another state (SELECT, an open MULTI)", function()
+        local lines = run([[
+client ${addr} pool=1
+call SELECT 5
+call SET state:key 1
+stats
+pipeline MULTI | INCR state:m | EXEC
+stats
+call MULTI
+call INCR state:m
+stats
+client ${addr} db=5
+call GET state:key
+client ${addr}
+call GET state:key
+]], { addr = server.addr })
+        assert.same({ "+OK", "+OK" }, { lines[1], lines[2] })
+        assert.same({ 1, 2 }, { stats(lines[3]).conns, stats(lines[3]).connects }) -- SELECT's was closed
+        assert.equal("+OK ; +QUEUED ; [:1]", lines[4])
+        assert.equal(2, stats(lines[5]).connects) -- a whole transaction: pooled
+        assert.same({ "+OK", ":2" }, { lines[6], lines[7] }) -- not +QUEUED: a new connection
+        assert.equal(3, stats(lines[8]).connects)
+        assert.equal("nil", lines[10]) -- SET went to db 0, the client's
+        assert.equal('"1"', lines[12])
+    end)
+
+    it("closes the connection on a reply hiredis cannot read, with no reconnect delay", function()
+        local lines = run([[
+client ${addr}
+call EVAL "return {{{{{{{1}}}}}}}" 0
+call EVAL "return {{{{{{{{{1}}}}}}}}}" 0
+call PING
+stats
+]], { addr = server.addr })
+        assert.equal("[[[[[[[:1]]]]]]]", lines[1])
+        assert.equal("error: redis " .. server.addr .. ": protocol error: No support for nested multi bulk replies with depth > 7",
+            lines[2])
+        assert.equal("+PONG", lines[3])
+        local st = stats(lines[4])
+        assert.same({ 1, 2, 0 }, { st.conns, st.connects, st.failures })
+    end)
+
     it("fails a call after its timeout and does not reuse its connection", function()
         local lines = run([[
 client ${addr} timeout=5
