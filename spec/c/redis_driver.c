@@ -9,6 +9,7 @@
  *   pipeline [t=S] ARG... | ARG... | ...    one call of several commands; results joined by " ; "
  *   async NAME [t=S] ARG...                 sends; "NAME: RESULT" when it ends
  *   cancel NAME                             cancels NAME; prints "NAME: cancelled"
+ *   repeat N ARG...                         N calls one after another: "repeat N: F failed, T us per call"
  *   wait                                    until every async call ended
  *   sleep S                                 runs the loop S seconds
  *   elapsed                                 "elapsed S": how long the last call/pipeline took
@@ -184,6 +185,15 @@ static void on_sync(void *arg, redisReply **replies, int n, const char *err)
     sync_done = 1;
 }
 
+static int repeat_failed;
+
+static void on_repeat(void *arg, redisReply **replies, int n, const char *err)
+{
+    (void)arg;
+    repeat_failed = err || (n > 0 && replies[0]->type == REDIS_REPLY_ERROR);
+    sync_done = 1;
+}
+
 static void on_async(void *arg, redisReply **replies, int n, const char *err)
 {
     pending_t *p = arg;
@@ -277,7 +287,8 @@ static int cmd_client(words_t *w)
 }
 
 /* Sends words w[from..] (commands split on "|"; a leading t=S is the
- * timeout). Returns the call, or NULL with the error printed. */
+ * timeout). Returns the call, or NULL with the error printed after prefix
+ * (not printed: NULL). */
 static mp_redis_call_t *send_words(words_t *w, int from, mp_redis_cb cb, void *arg, const char *prefix)
 {
     double timeout = 0;
@@ -300,7 +311,7 @@ static mp_redis_call_t *send_words(words_t *w, int from, mp_redis_cb cb, void *a
     ncmds++;
     const char *err = NULL;
     mp_redis_call_t *c = mp_redis_send(client, ncmds, argc, argv, lens, timeout, cb, arg, &err);
-    if (!c)
+    if (!c && prefix)
         printf("%serror: %s\n", prefix, err);
     return c;
 }
@@ -363,6 +374,21 @@ static int run_line(char *line)
         if (send_words(&w, 1, on_sync, NULL, ""))
             run_for(30, &sync_done);
         last_elapsed = now_s() - t0;
+    } else if (!strcmp(cmd, "repeat") && w.n >= 3) {
+        /* N calls one after another: how many failed, and the time per call */
+        int n = atoi(w.w[1]), failed = 0;
+        double t0 = now_s();
+        for (int i = 0; i < n; i++) {
+            sync_done = 0;
+            repeat_failed = 0;
+            if (!send_words(&w, 2, on_repeat, NULL, NULL))
+                failed++;
+            else
+                run_for(30, &sync_done);
+            failed += repeat_failed;
+        }
+        last_elapsed = now_s() - t0;
+        printf("repeat %d: %d failed, %.1f us per call\n", n, failed, n > 0 ? last_elapsed * 1e6 / n : 0);
     } else if (!strcmp(cmd, "async") && w.n >= 3) {
         pending_t *p = calloc(1, sizeof(*p));
         if (!p)

@@ -5,6 +5,7 @@
 -- mid-run (the client reconnects).
 local h = require "helpers.proxy"
 local rh = require "helpers.redis"
+local socket = require "socket"
 
 -- The driver's lines from the first one after "client ..." on.
 local function run(script, vars, timeout)
@@ -308,6 +309,52 @@ stats
         assert.equal(refused, lines[8]) -- 0.45 s after: tried again
         local st = stats(lines[9])
         assert.same({ 0, 3 }, { st.conns, st.failures })
+    end)
+end)
+
+describe("redis client against a server that never answers", function()
+    local listener, addr
+
+    lazy_setup(function()
+        -- bound and listening, never accepting: the kernel completes the connects
+        listener = assert(socket.bind("127.0.0.1", 0))
+        local _, port = listener:getsockname()
+        addr = "127.0.0.1:" .. port
+    end)
+
+    lazy_teardown(function()
+        listener:close()
+        h.cleanup()
+    end)
+
+    it("times out AUTH, then fails at once while backing off", function()
+        local lines = run([[
+client ${addr} password=p backoff=1
+call t=0.2 PING
+elapsed
+call t=0.2 PING
+elapsed
+stats
+]], { addr = addr })
+        assert.equal("error: redis " .. addr .. ": timeout", lines[1])
+        local t = elapsed(lines[2])
+        assert.is_true(t >= 0.19 and t < 1, "timed out after " .. t .. " s")
+        assert.equal("error: redis " .. addr .. ": unavailable (reconnecting): AUTH/SELECT timeout", lines[3])
+        assert.is_true(elapsed(lines[4]) < 0.05)
+        local st = stats(lines[5])
+        assert.same({ 0, 1, 1 }, { st.conns, st.connects, st.failures })
+    end)
+
+    it("times out a call with no AUTH to wait for, without a reconnect delay", function()
+        local lines = run([[
+client ${addr}
+call t=0.1 PING
+call t=0.1 PING
+stats
+]], { addr = addr })
+        assert.same({ "error: redis " .. addr .. ": timeout", "error: redis " .. addr .. ": timeout" }, { lines[1], lines[2] })
+        local st = stats(lines[3])
+        assert.same({ 0, 2, 0 }, { st.conns, st.connects, st.failures })
     end)
 end)
 
