@@ -2,7 +2,20 @@
  * non-blocking sockets and timers, hiredis' reader parsing the replies. One
  * client is one server (an address, a password, a db) with a pool of
  * connections, in one thread; a call is one command or a pipeline, and its
- * completion is a callback (the Lua binding yields on it and resumes). */
+ * completion is a callback (the Lua binding yields on it and resumes).
+ *
+ * A connection carries one call at a time. A call takes an idle connection,
+ * else opens one while the pool has room, else waits in a bounded queue.
+ * When the server looks gone (a connect refused or timed out, AUTH/SELECT
+ * refused or timed out, a connection broken during a call) the client waits
+ * before it tries again, backoff_min doubling to backoff_max while it stays
+ * gone: meanwhile every call fails at once, even one an idle connection
+ * could carry, so that a caller with a fallback (a rate limit's circuit)
+ * pays no timeout. The first call after the delay tries again; a
+ * connection that gets through AUTH/SELECT ends the delays. A server
+ * closing an idle connection (its `timeout`, a restart) is not a failure:
+ * the connection is dropped, found closed at the latest when a call would
+ * take it. */
 #ifndef MP_REDIS_H
 #define MP_REDIS_H
 
@@ -33,7 +46,9 @@ typedef struct {
  * or mp_redis_cancel): err NULL and n replies, one per command, in order (a
  * command Redis refused is a REDIS_REPLY_ERROR entry); or err set, replies
  * NULL and n 0. err is "redis ADDR: what" ("redis 127.0.0.1:6379: timeout",
- * "...: unavailable (reconnecting)", "...: AUTH failed: WRONGPASS ..."); it
+ * "...: AUTH failed: WRONGPASS ...", "...: connection closed by the server",
+ * "...: unavailable (reconnecting): connect: Connection refused": the last
+ * failure, during the delay after it); it
  * and the replies are the client's, valid until the callback returns (copy
  * what you keep). The callback may send calls; it may not free the client. */
 typedef void (*mp_redis_cb)(void *arg, redisReply **replies, int n, const char *err);
