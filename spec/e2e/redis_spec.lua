@@ -283,17 +283,17 @@ echo freed
         local port = h.free_port()
         local addr = "127.0.0.1:" .. port
         local lines = run([[
-client ${addr} backoff=0.2,0.4
+client ${addr} backoff=0.3,1.2
 call t=3 PING
 elapsed
 call t=3 PING
 elapsed
-sleep 0.25
+sleep 0.35
 call t=3 PING
 call t=3 PING
-sleep 0.25
+sleep 0.3
 call t=3 PING
-sleep 0.2
+sleep 0.35
 call t=3 PING
 stats
 ]], { addr = addr })
@@ -303,10 +303,10 @@ stats
         assert.is_true(elapsed(lines[2]) < 0.1)
         assert.equal(waiting, lines[3])
         assert.is_true(elapsed(lines[4]) < 0.05)
-        assert.equal(refused, lines[5]) -- 0.2 s later: tried again
-        assert.equal(waiting, lines[6]) -- the delay is 0.4 s now
-        assert.equal(waiting, lines[7]) -- 0.25 s later: still waiting
-        assert.equal(refused, lines[8]) -- 0.45 s after: tried again
+        assert.equal(refused, lines[5]) -- 0.35 s later: tried again
+        assert.equal(waiting, lines[6]) -- the delay is 0.6 s now
+        assert.equal(waiting, lines[7]) -- 0.3 s later: still waiting
+        assert.equal(refused, lines[8]) -- 0.65 s after: tried again
         local st = stats(lines[9])
         assert.same({ 0, 3 }, { st.conns, st.failures })
     end)
