@@ -28,7 +28,7 @@ L1 req.h gen.h config.h
 L2 req head l_request balancer gen.c
 L2 config.c vm metrics
 L2 l_core l_http1 l_router l_config l_shared l_balance l_path
-L3 conn upstream pool ctx io static probe tunnel cache compress redis l_http resolve
+L3 conn upstream pool ctx io static probe tunnel cache compress redis l_http l_redis resolve
 L4 worker listener
 L5 main reload admin sim guard l_sim
 '

@@ -4,6 +4,7 @@
 #include "reload.h"
 
 #include "l_http.h"
+#include "l_redis.h"
 #include "log.h"
 #include "vm.h"
 
@@ -100,8 +101,10 @@ static void *build_one(void *arg)
 {
     build_job_t *j = arg;
     j->L = mp_vm_new();
-    if (j->L)
-        mp_l_http_preload(j->L); /* a worker's VM: its hooks may call out */
+    if (j->L) { /* a worker's VM: its hooks may call out */
+        mp_l_http_preload(j->L);
+        mp_l_redis_preload(j->L);
+    }
     j->rc = j->L ? mp_config_load_text(j->L, j->path, j->text, j->len, &j->cfg, j->err, sizeof(j->err)) : MP_ENOMEM;
     if (!j->L)
         snprintf(j->err, sizeof(j->err), "out of memory");
