@@ -57,6 +57,8 @@ typedef struct {
     int status;
     char *head; /* the response head, copied once complete */
     size_t head_len;
+    uint32_t (*fields)[4]; /* its fields: name offset and length, value offset and length, in head */
+    unsigned nfields;
     int kind;      /* body framing: MP_BODY_* */
     uint64_t left; /* MP_BODY_LENGTH: bytes still to come */
     mp_chunked_t chunk;
@@ -157,6 +159,7 @@ static void cancel(mp_callout_t *base)
     stop(c);
     free(c->out);
     free(c->head);
+    free(c->fields);
     free(c->addr.text);
     mp_strbuf_free(&c->in);
     mp_strbuf_free(&c->body);
@@ -301,10 +304,19 @@ static int start(mp_callout_t *base)
 static int head_done(call_t *c, const mp_http_response_t *rh)
 {
     c->status = rh->status;
-    if (!(c->head = malloc(rh->head_len)))
+    if (!(c->head = malloc(rh->head_len)) ||
+        !(c->fields = malloc((rh->nheaders ? rh->nheaders : 1) * sizeof(*c->fields))))
         return -1;
     memcpy(c->head, c->in.p, rh->head_len);
     c->head_len = rh->head_len;
+    for (unsigned i = 0; i < rh->nheaders; i++) {
+        const mp_header_t *f = &rh->headers[i];
+        c->fields[i][0] = (uint32_t)(f->name.p - c->in.p);
+        c->fields[i][1] = (uint32_t)f->name.len;
+        c->fields[i][2] = (uint32_t)(f->value.p - c->in.p);
+        c->fields[i][3] = (uint32_t)f->value.len;
+    }
+    c->nfields = rh->nheaders;
     c->reusable = !rh->conn_close && (rh->minor == 1 || rh->conn_keepalive);
     if (c->is_head || rh->status == 204 || rh->status == 304) {
         c->kind = MP_BODY_NONE;
@@ -468,7 +480,7 @@ static void pump(call_t *c)
             return want(c, EV_WRITE);
         return attempt_failed(c, "connection reset", 0);
     }
-    readable(c);
+    want(c, EV_READ); /* the answer cannot be there yet: no read that would find nothing */
 }
 
 static void on_io(struct ev_loop *loop, ev_io *io, int revents)
@@ -541,32 +553,6 @@ static int reserved(const char *k, size_t n)
     return 0;
 }
 
-static const char *opt_string(lua_State *L, const char *name, size_t *n)
-{
-    lua_getfield(L, 1, name);
-    const char *v = NULL;
-    if (lua_type(L, -1) == LUA_TSTRING)
-        v = lua_tolstring(L, -1, n);
-    else if (!lua_isnil(L, -1))
-        luaL_error(L, "http.request: %s must be a string, got %s", name, luaL_typename(L, -1));
-    lua_pop(L, 1); /* the string stays referenced by opts */
-    return v;
-}
-
-static double opt_number(lua_State *L, const char *name, double dflt)
-{
-    lua_getfield(L, 1, name);
-    double v = dflt;
-    if (lua_type(L, -1) == LUA_TNUMBER)
-        v = lua_tonumber(L, -1);
-    else if (!lua_isnil(L, -1))
-        luaL_error(L, "http.request: %s must be a number, got %s", name, luaL_typename(L, -1));
-    lua_pop(L, 1);
-    if (!(v >= 0) || v > 1e9)
-        luaL_error(L, "http.request: %s must be a number from 0, got %f", name, v);
-    return v;
-}
-
 /* The URL's address (text "host:port" in hp) and its host as written. */
 static void parse_url(lua_State *L, const char *url, size_t n, mp_addr_t *addr, char hp[300], mp_slice *host,
                       mp_slice *path)
@@ -612,62 +598,124 @@ static int find_upstream(lua_State *L, mp_req_t *r)
     return luaL_error(L, "http.request: no upstream named '%s'", name);
 }
 
-/* Pushes "name: value\r\n" for the value at vidx, checked. */
-static void push_field(lua_State *L, const char *k, int vidx)
+/* A header value at idx: a string, or a number written as Lua writes it
+ * (into num, so that no Lua string is made). */
+static const char *value_at(lua_State *L, int idx, const char *k, char num[32], size_t *vn)
 {
-    size_t vn;
-    const char *v = lua_type(L, vidx) == LUA_TSTRING || lua_type(L, vidx) == LUA_TNUMBER ? lua_tolstring(L, vidx, &vn)
-                                                                                         : NULL;
-    if (!v)
-        luaL_error(L, "http.request: header %s: a value must be a string", k);
-    if (!clean(v, vn, 0) || memchr(v, '\0', vn))
-        luaL_error(L, "http.request: header %s: the value has a control character", k);
-    lua_pushfstring(L, "%s: %s\r\n", k, v);
+    if (lua_type(L, idx) == LUA_TSTRING)
+        return lua_tolstring(L, idx, vn);
+    if (lua_type(L, idx) != LUA_TNUMBER)
+        luaL_error(L, "http.request: header %s: a value must be a string or a number", k);
+    *vn = (size_t)snprintf(num, 32, "%.14g", lua_tonumber(L, idx));
+    return num;
 }
 
-/* The field lines of opts.headers (at index t) into the list at index
- * lines; returns whether a Host field was given. */
-static int header_lines(lua_State *L, int t, int lines)
+/* Walks opts.headers (at t): checks every field (raising for a bad one)
+ * when out is NULL and returns the bytes its lines take; else writes them
+ * at out (nothing raises then). *host: a Host field was given. */
+static size_t header_lines(lua_State *L, int t, char *out, int *host)
 {
-    int host = 0, n = 0;
-    if (lua_isnil(L, t))
-        return 0;
-    luaL_argcheck(L, lua_istable(L, t), 1, "headers must be a table");
+    size_t total = 0;
+    char num[32];
     lua_pushnil(L);
     while (lua_next(L, t)) {
         size_t kn;
         if (lua_type(L, -2) != LUA_TSTRING)
             luaL_error(L, "http.request: header names must be strings");
         const char *k = lua_tolstring(L, -2, &kn);
-        if (!is_token(k, kn))
-            luaL_error(L, "http.request: '%s' is not a header name", k);
-        if (reserved(k, kn))
-            luaL_error(L, "http.request: header %s is set by the call itself", k);
-        host |= kn == 4 && strncasecmp(k, "host", 4) == 0;
-        int v = lua_gettop(L);
-        if (lua_istable(L, v)) {
-            for (int i = 1;; i++) {
+        if (!out) {
+            if (!is_token(k, kn))
+                luaL_error(L, "http.request: '%s' is not a header name", k);
+            if (reserved(k, kn))
+                luaL_error(L, "http.request: header %s is set by the call itself", k);
+            *host |= kn == 4 && strncasecmp(k, "host", 4) == 0;
+        }
+        int v = lua_gettop(L), list = lua_istable(L, v);
+        for (int i = 1;; i++) {
+            if (list)
                 lua_rawgeti(L, v, i);
-                if (lua_isnil(L, -1)) {
-                    lua_pop(L, 1);
-                    break;
-                }
-                push_field(L, k, lua_gettop(L));
-                lua_rawseti(L, lines, ++n);
+            else if (i > 1)
+                break;
+            else
+                lua_pushvalue(L, v);
+            if (lua_isnil(L, -1)) {
                 lua_pop(L, 1);
+                break;
             }
-        } else {
-            push_field(L, k, v);
-            lua_rawseti(L, lines, ++n);
+            size_t vn;
+            const char *val = value_at(L, -1, k, num, &vn);
+            if (!out && (!clean(val, vn, 0) || memchr(val, '\0', vn)))
+                luaL_error(L, "http.request: header %s: the value has a control character", k);
+            if (out) {
+                memcpy(out + total, k, kn);
+                memcpy(out + total + kn, ": ", 2);
+                memcpy(out + total + kn + 2, val, vn);
+                memcpy(out + total + kn + 2 + vn, "\r\n", 2);
+            }
+            total += kn + vn + 4;
+            lua_pop(L, 1);
         }
         lua_pop(L, 1);
     }
-    return host;
+    return total;
+}
+
+/* The options of one call, as the hook gave them (the strings stay in opts). */
+typedef struct {
+    mp_slice url, path, query, method, body;
+    int has_upstream, headers; /* headers: its stack index, 0: none */
+    double timeout, max_body;
+} opts_t;
+
+static double opt_number(lua_State *L, const char *name)
+{
+    if (lua_type(L, -1) != LUA_TNUMBER)
+        luaL_error(L, "http.request: %s must be a number, got %s", name, luaL_typename(L, -1));
+    double v = lua_tonumber(L, -1);
+    if (!(v > 0) || v > 1e12)
+        luaL_error(L, "http.request: %s must be a number above 0", name);
+    return v;
+}
+
+/* Reads opts (at 1) in one pass; raises for an unknown or mistyped one. */
+static void read_opts(lua_State *L, opts_t *o)
+{
+    static const char *const names[] = {"url", "path", "query", "method", "body"};
+    lua_pushnil(L);
+    while (lua_next(L, 1)) {
+        size_t kn;
+        const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &kn) : NULL;
+        if (!k)
+            luaL_error(L, "http.request: options are name = value");
+        mp_slice *strs = &o->url;
+        size_t i = 0;
+        while (i < MP_ARRAY_LEN(names) && strcmp(k, names[i]) != 0)
+            i++;
+        if (i < MP_ARRAY_LEN(names)) {
+            if (lua_type(L, -1) != LUA_TSTRING)
+                luaL_error(L, "http.request: %s must be a string, got %s", k, luaL_typename(L, -1));
+            strs[i].p = lua_tolstring(L, -1, &strs[i].len);
+        } else if (strcmp(k, "upstream") == 0) {
+            o->has_upstream = 1;
+        } else if (strcmp(k, "headers") == 0) {
+            if (!lua_istable(L, -1))
+                luaL_error(L, "http.request: headers must be a table, got %s", luaL_typename(L, -1));
+            o->headers = 1;
+        } else if (strcmp(k, "timeout") == 0) {
+            o->timeout = opt_number(L, k);
+        } else if (strcmp(k, "max_body") == 0) {
+            o->max_body = opt_number(L, k);
+        } else {
+            luaL_error(L, "http.request: unknown option '%s'", k);
+        }
+        lua_pop(L, 1);
+    }
 }
 
 /* core.start(opts): checks and formats the request, then yields until its
- * answer is in. Misuse raises (and holds nothing: the request is built in
- * a Lua buffer); failures are the answer's (core.answer). */
+ * answer is in. Misuse raises, and then holds nothing: everything is
+ * checked before the request is written into memory of its own. Failures
+ * are the answer's (core.answer). */
 static int l_start(lua_State *L)
 {
     const char *why;
@@ -676,98 +724,83 @@ static int l_start(lua_State *L)
         return luaL_error(L, "http.request: %s", why);
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
-    size_t url_len = 0, opt_len, query_len = 0, method_len = 0, body_len = 0;
-    const char *url = opt_string(L, "url", &url_len);
-    lua_getfield(L, 1, "upstream");
-    int has_upstream = !lua_isnil(L, -1);
-    lua_pop(L, 1);
-    if (!url == !has_upstream)
+    opts_t o = {.timeout = DEFAULT_TIMEOUT, .max_body = (double)DEFAULT_MAX_BODY};
+    read_opts(L, &o);
+    if (!o.url.p == !o.has_upstream)
         return luaL_error(L, "http.request: give either url or upstream");
     mp_addr_t addr = {0};
     char hp[300] = "";
     mp_slice host = {NULL, 0}, path = {NULL, 0};
     int upstream = -1;
-    if (url)
-        parse_url(L, url, url_len, &addr, hp, &host, &path);
+    if (o.url.p)
+        parse_url(L, o.url.p, o.url.len, &addr, hp, &host, &path);
     else
         upstream = find_upstream(L, r);
-    const char *opt_path = opt_string(L, "path", &opt_len);
-    if (opt_path)
-        path = (mp_slice){opt_path, opt_len};
+    if (o.path.p)
+        path = o.path;
     int query_only = path.len && path.p[0] == '?';
     if (!path.len)
         path = MP_SLICE_LIT("/");
     if (path.p[0] != '/' && !query_only)
         return luaL_error(L, "http.request: path must start with '/', got '%s'", path.p);
-    const char *query = opt_string(L, "query", &query_len);
-    if (!clean(path.p, path.len, 1) || (query && !clean(query, query_len, 1)))
+    if (!clean(path.p, path.len, 1) || (o.query.p && !clean(o.query.p, o.query.len, 1)))
         return luaL_error(L, "http.request: the path or query has a space or a control character");
-    const char *method = opt_string(L, "method", &method_len);
-    if (!method)
-        method = "GET", method_len = 3;
-    if (!is_token(method, method_len))
-        return luaL_error(L, "http.request: '%s' is not a method", method);
-    const char *body = opt_string(L, "body", &body_len);
-    double timeout = opt_number(L, "timeout", DEFAULT_TIMEOUT);
-    double max_body = opt_number(L, "max_body", (double)DEFAULT_MAX_BODY);
-    if (timeout <= 0)
-        return luaL_error(L, "http.request: timeout must be above 0");
-    lua_getfield(L, 1, "headers"); /* 2 */
-    lua_newtable(L);               /* 3: its lines, made before the buffer (which needs the stack) */
-    int own_host = header_lines(L, 2, 3);
+    mp_slice method = o.method.p ? o.method : MP_SLICE_LIT("GET");
+    if (!is_token(method.p, method.len))
+        return luaL_error(L, "http.request: '%s' is not a method", method.p);
+    int own_host = 0;
+    size_t fields = 0;
+    if (o.headers) {
+        lua_getfield(L, 1, "headers");
+        o.headers = lua_gettop(L);
+        fields = header_lines(L, o.headers, NULL, &own_host);
+    }
+    if (!own_host && !host.p) {
+        const mp_upstream_def_t *d = &r->gen->cfg->upstreams[upstream];
+        const char *h = d->host ? d->host : d->servers[0].addr.text;
+        host = (mp_slice){h, strlen(h)};
+    }
+    int is_post = MP_SLICE_IEQ(method, "POST") || MP_SLICE_IEQ(method, "PUT");
+    char cl[48] = "";
+    if (o.body.p || is_post)
+        snprintf(cl, sizeof(cl), "Content-Length: %zu\r\n", o.body.len);
 
-    luaL_Buffer b;
-    luaL_buffinit(L, &b);
-    luaL_addlstring(&b, method, method_len);
-    luaL_addlstring(&b, query_only ? " /" : " ", query_only ? 2 : 1);
-    luaL_addlstring(&b, path.p, path.len);
-    if (query) {
-        luaL_addlstring(&b, memchr(path.p, '?', path.len) ? "&" : "?", 1);
-        luaL_addlstring(&b, query, query_len);
-    }
-    luaL_addlstring(&b, " HTTP/1.1\r\n", 11);
-    for (int i = 1;; i++) {
-        lua_rawgeti(L, 3, i);
-        if (lua_isnil(L, -1)) {
-            lua_pop(L, 1);
-            break;
-        }
-        luaL_addvalue(&b);
-    }
-    if (!own_host) {
-        if (!host.p) {
-            const mp_upstream_def_t *d = &r->gen->cfg->upstreams[upstream];
-            const char *h = d->host ? d->host : d->servers[0].addr.text;
-            host = (mp_slice){h, strlen(h)};
-        }
-        luaL_addlstring(&b, "Host: ", 6);
-        luaL_addlstring(&b, host.p, host.len);
-        luaL_addlstring(&b, "\r\n", 2);
-    }
-    int is_post = (method_len == 4 && memcmp(method, "POST", 4) == 0) ||
-                  (method_len == 3 && memcmp(method, "PUT", 3) == 0);
-    if (body || is_post) {
-        char cl[40];
-        int n = snprintf(cl, sizeof(cl), "Content-Length: %zu\r\n", body_len);
-        luaL_addlstring(&b, cl, (size_t)n);
-    }
-    luaL_addlstring(&b, "\r\n", 2);
-    if (body)
-        luaL_addlstring(&b, body, body_len);
-    luaL_pushresult(&b);
-    size_t out_len;
-    const char *out = lua_tolstring(L, -1, &out_len);
-
+    /* everything is checked: from here on nothing raises but "out of memory" before any is held */
+    size_t clen = strlen(cl);
+    size_t total = method.len + 2 + path.len + (o.query.p ? 1 + o.query.len : 0) + 11 + fields +
+                   (own_host ? 0 : 8 + host.len) + clen + 2 + o.body.len;
     call_t *c = calloc(1, sizeof(*c));
-    if (!c || !(c->out = malloc(out_len)) || (url && !(c->addr.text = strdup(hp)))) {
+    if (!c || !(c->out = malloc(total)) || (o.url.p && !(c->addr.text = strdup(hp)))) {
         if (c)
             free(c->out);
         free(c);
         return luaL_error(L, "out of memory");
     }
-    memcpy(c->out, out, out_len);
-    c->out_len = out_len;
-    if (url) {
+    char *w = c->out;
+#define PUT(p, n) (memcpy(w, (p), (n)), w += (n))
+    PUT(method.p, method.len);
+    PUT(query_only ? " /" : " ", query_only ? 2 : 1);
+    PUT(path.p, path.len);
+    if (o.query.p) {
+        PUT(memchr(path.p, '?', path.len) ? "&" : "?", 1);
+        PUT(o.query.p, o.query.len);
+    }
+    PUT(" HTTP/1.1\r\n", 11);
+    if (fields)
+        w += header_lines(L, o.headers, w, &own_host);
+    if (!own_host) {
+        PUT("Host: ", 6);
+        PUT(host.p, host.len);
+        PUT("\r\n", 2);
+    }
+    PUT(cl, clen);
+    PUT("\r\n", 2);
+    if (o.body.p)
+        PUT(o.body.p, o.body.len);
+#undef PUT
+    MP_ASSERT((size_t)(w - c->out) <= total);
+    c->out_len = (size_t)(w - c->out);
+    if (o.url.p) {
         c->addr.ss = addr.ss;
         c->addr.sslen = addr.sslen;
     }
@@ -777,9 +810,10 @@ static int l_start(lua_State *L)
     c->ctx = container_of(r->env, mp_io_ctx_t, env);
     c->upstream = upstream;
     c->server = -1;
-    c->timeout = timeout;
-    c->max_body = (size_t)max_body;
-    c->is_head = method_len == 4 && memcmp(method, "HEAD", 4) == 0;
+    c->timeout = o.timeout;
+    c->max_body = (size_t)o.max_body;
+    c->is_head = MP_SLICE_IEQ(method, "HEAD");
+    lua_settop(L, 1);
     return mp_hook_yield(L, r, &c->base);
 }
 
@@ -793,39 +827,32 @@ static int l_answer(lua_State *L)
         mp_hook_answered(L);
         return 2;
     }
-    static __thread mp_http_response_t rh;
-    size_t scanned = 0;
-    int prc = mp_http1_parse_response(c->head, c->head_len, &scanned, c->head_len, &rh);
-    if (prc < 0 || prc == MP_EAGAIN) {
-        mp_hook_answered(L);
-        return luaL_error(L, "http.request: the response head changed"); /* cannot happen */
-    }
     lua_createtable(L, 0, 3);
     lua_pushinteger(L, c->status);
     lua_setfield(L, -2, "status");
-    lua_createtable(L, 0, (int)rh.nheaders);
+    lua_createtable(L, 0, (int)c->nfields);
     char name[256];
-    for (unsigned i = 0; i < rh.nheaders; i++) {
-        const mp_header_t *h = &rh.headers[i];
-        size_t n = h->name.len < sizeof(name) ? h->name.len : sizeof(name) - 1;
+    for (unsigned i = 0; i < c->nfields; i++) {
+        const char *np = c->head + c->fields[i][0], *vp = c->head + c->fields[i][2];
+        size_t n = c->fields[i][1] < sizeof(name) ? c->fields[i][1] : sizeof(name) - 1, vn = c->fields[i][3];
         for (size_t k = 0; k < n; k++)
-            name[k] = (char)(h->name.p[k] >= 'A' && h->name.p[k] <= 'Z' ? h->name.p[k] + 32 : h->name.p[k]);
+            name[k] = (char)(np[k] >= 'A' && np[k] <= 'Z' ? np[k] + 32 : np[k]);
         lua_pushlstring(L, name, n);
         lua_pushvalue(L, -1);
         lua_rawget(L, -3);
         if (lua_isnil(L, -1)) { /* the first: a string */
             lua_pop(L, 1);
-            lua_pushlstring(L, h->value.p, h->value.len);
+            lua_pushlstring(L, vp, vn);
             lua_rawset(L, -3);
         } else if (lua_istable(L, -1)) { /* a third or later */
-            lua_pushlstring(L, h->value.p, h->value.len);
+            lua_pushlstring(L, vp, vn);
             lua_rawseti(L, -2, (int)lua_objlen(L, -2) + 1);
             lua_pop(L, 2);
         } else { /* the second: a list of both */
             lua_createtable(L, 2, 0);
             lua_insert(L, -2);
             lua_rawseti(L, -2, 1);
-            lua_pushlstring(L, h->value.p, h->value.len);
+            lua_pushlstring(L, vp, vn);
             lua_rawseti(L, -2, 2);
             lua_rawset(L, -3);
         }
