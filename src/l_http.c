@@ -21,6 +21,7 @@
 #include <errno.h>
 #include <lauxlib.h>
 #include <lua.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <strings.h>
 
@@ -39,6 +40,7 @@ typedef struct {
     mp_io_ctx_t *ctx;
     int upstream;         /* index in the generation's upstreams, or -1: a URL */
     mp_addr_t addr;       /* a URL's address (text owned) */
+    char *tls_name;       /* an https URL's host: SNI and the name verified (owned); NULL: plain */
     mp_server_pool_t *sp; /* the pool of the current attempt */
     int server;           /* the upstream's server of the current attempt, -1 */
     mp_peer_t *peer;      /* its health state, while an attempt counts */
@@ -68,6 +70,19 @@ typedef struct {
     int starting;  /* inside start() */
     int over;      /* complete() ran */
 } call_t;
+
+/* What https URLs are verified with: the system's CA store (or
+ * SSL_CERT_FILE / SSL_CERT_DIR), the URL's host as SNI and the name
+ * checked. Made once, off the worker loops (mp_l_http_preload). */
+static mp_tls_client_t *url_tls;
+static char url_tls_err[160];
+static pthread_once_t url_tls_once = PTHREAD_ONCE_INIT;
+
+static void make_url_tls(void)
+{
+    mp_tls_client_def_t def = {.verify = 1};
+    url_tls = mp_tls_client_new(&def, url_tls_err, sizeof(url_tls_err));
+}
 
 static void on_io(struct ev_loop *loop, ev_io *io, int revents);
 static void on_conn_timer(struct ev_loop *loop, ev_timer *t, int revents);
@@ -161,6 +176,7 @@ static void cancel(mp_callout_t *base)
     free(c->head);
     free(c->fields);
     free(c->addr.text);
+    free(c->tls_name);
     mp_strbuf_free(&c->in);
     mp_strbuf_free(&c->body);
     free(c);
@@ -193,12 +209,12 @@ static void want(call_t *c, int events)
 static void connected(call_t *c)
 {
     mp_upconn_t *u = c->u;
-    if (c->upstream >= 0 && udef(c)->tls && !u->sock.ops) {
-        const mp_upstream_def_t *d = udef(c);
+    mp_tls_client_t *tls = c->upstream >= 0 ? udef(c)->tls : c->tls_name ? url_tls : NULL;
+    if (tls && !u->sock.ops) {
         char name[256];
-        SSL *ssl = mp_tls_client_session(d->tls, u->sock.fd,
-                                         mp_tls_server_name(d->tls_name, u->sp->addr.text, name, sizeof(name)),
-                                         &u->sp->tls_session);
+        const char *sni = c->upstream >= 0 ? mp_tls_server_name(udef(c)->tls_name, u->sp->addr.text, name, sizeof(name))
+                                           : c->tls_name;
+        SSL *ssl = mp_tls_client_session(tls, u->sock.fd, sni, &u->sp->tls_session);
         if (!ssl)
             return fail(c, "%s", "out of memory");
         mp_io_tls(&u->sock, ssl);
@@ -246,8 +262,13 @@ static void attempt(call_t *c, int avoid, int fresh)
             c->reported = 0;
             mp_peer_begin(c->peer);
         }
-    } else if (!c->sp && !(c->sp = mp_pool_standalone(c->ctx, &c->addr, URL_KEEPALIVE, URL_KEEPALIVE_TIMEOUT))) {
-        return fail(c, "%s", "out of memory");
+    } else if (!c->sp) {
+        char key[512];
+        if (c->tls_name && !url_tls)
+            return fail(c, "https: %s", url_tls_err);
+        const char *tls = c->tls_name ? mp_tls_client_key(url_tls, c->tls_name, key, sizeof(key)) : NULL;
+        if (!(c->sp = mp_pool_standalone(c->ctx, &c->addr, tls, URL_KEEPALIVE, URL_KEEPALIVE_TIMEOUT)))
+            return fail(c, "%s", "out of memory");
     }
     c->attempt_start = ev_time();
     mp_upconn_t *u = fresh ? NULL : mp_pool_take(c->sp, c->ctx);
@@ -553,15 +574,21 @@ static int reserved(const char *k, size_t n)
     return 0;
 }
 
+/* The host of "host:port" / "[v6]:port" (malloc'd). */
+static char *tls_name(const char *hp)
+{
+    char buf[300];
+    return strdup(mp_tls_server_name(NULL, hp, buf, sizeof(buf)));
+}
+
 /* The URL's address (text "host:port" in hp) and its host as written. */
 static void parse_url(lua_State *L, const char *url, size_t n, mp_addr_t *addr, char hp[300], mp_slice *host,
-                      mp_slice *path)
+                      mp_slice *path, int *tls)
 {
-    if (n >= 8 && strncasecmp(url, "https://", 8) == 0)
-        luaL_error(L, "http.request: https URLs are not supported yet (name an upstream with tls instead)");
-    if (n < 7 || strncasecmp(url, "http://", 7) != 0)
-        luaL_error(L, "http.request: url must start with http://, got '%s'", url);
-    const char *h = url + 7, *end = url + n;
+    *tls = n >= 8 && strncasecmp(url, "https://", 8) == 0;
+    if (!*tls && (n < 7 || strncasecmp(url, "http://", 7) != 0))
+        luaL_error(L, "http.request: url must start with http:// or https://, got '%s'", url);
+    const char *h = url + (*tls ? 8 : 7), *end = url + n;
     const char *slash = h;
     while (slash < end && *slash != '/' && *slash != '?')
         slash++;
@@ -571,7 +598,7 @@ static void parse_url(lua_State *L, const char *url, size_t n, mp_addr_t *addr, 
     const char *close = memchr(h, ']', hl);
     const char *colon = memrchr(h, ':', hl);
     int has_port = colon && (!close || colon > close);
-    snprintf(hp, 300, "%.*s%s", (int)hl, h, has_port ? "" : ":80");
+    snprintf(hp, 300, "%.*s%s", (int)hl, h, has_port ? "" : *tls ? ":443" : ":80");
     if (mp_addr_parse(hp, addr) != 0)
         luaL_error(L, "http.request: url host must be an IP address and port, got '%.*s'", (int)hl, h);
     *host = (mp_slice){h, hl};
@@ -731,9 +758,9 @@ static int l_start(lua_State *L)
     mp_addr_t addr = {0};
     char hp[300] = "";
     mp_slice host = {NULL, 0}, path = {NULL, 0};
-    int upstream = -1;
+    int upstream = -1, tls = 0;
     if (o.url.p)
-        parse_url(L, o.url.p, o.url.len, &addr, hp, &host, &path);
+        parse_url(L, o.url.p, o.url.len, &addr, hp, &host, &path, &tls);
     else
         upstream = find_upstream(L, r);
     if (o.path.p)
@@ -770,9 +797,12 @@ static int l_start(lua_State *L)
     size_t total = method.len + 2 + path.len + (o.query.p ? 1 + o.query.len : 0) + 11 + fields +
                    (own_host ? 0 : 8 + host.len) + clen + 2 + o.body.len;
     call_t *c = calloc(1, sizeof(*c));
-    if (!c || !(c->out = malloc(total)) || (o.url.p && !(c->addr.text = strdup(hp)))) {
-        if (c)
+    if (!c || !(c->out = malloc(total)) || (o.url.p && !(c->addr.text = strdup(hp))) ||
+        (tls && !(c->tls_name = tls_name(hp)))) {
+        if (c) {
             free(c->out);
+            free(c->addr.text);
+        }
         free(c);
         return luaL_error(L, "out of memory");
     }
@@ -875,6 +905,7 @@ static int open_callout(lua_State *L)
 
 void mp_l_http_preload(lua_State *L)
 {
+    pthread_once(&url_tls_once, make_url_tls);
     lua_getglobal(L, "package");
     lua_getfield(L, -1, "preload");
     lua_pushcfunction(L, open_callout);

@@ -6,6 +6,7 @@
 -- that leaves cancels its hook's call; a reload while hooks wait; where a
 -- call cannot be made (a balancer, coroutine.yield) the error is clear; and
 -- a call to a TLS upstream. One worker, so that waiting hooks share it.
+local ffi = require "ffi"
 local h = require "helpers.proxy"
 local raw = require "helpers.raw_http"
 local tls = require "helpers.tls"
@@ -70,6 +71,14 @@ proxy.route { path = "/tls", handler = function(req)
   local res, err = http.request { upstream = secure, path = "/x" }
   return req:respond(200, show(res, err) .. "\n")
 end }
+proxy.route { path = "/https", handler = function(req)
+  local res, err = http.request { url = "https://${secure}/x", timeout = 2 }
+  return req:respond(200, show(res, err) .. " " .. tostring(res and res.headers["x-origin"]) .. "\n")
+end }
+proxy.route { path = "/https-wrong-name", handler = function(req)
+  local res, err = http.request { url = "https://${other}/x", timeout = 2 }
+  return req:respond(200, show(res, err) .. "\n")
+end }
 proxy.route { path = "/two", handler = function(req)
   local a = http.request { upstream = auth, path = "/a" }
   local b = http.request { upstream = auth, path = "/b" }
@@ -115,25 +124,31 @@ proxy.on_log(function(req, res)
 end)
 ]=]
 
+pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);")
+
 describe("hooks that call out", function()
-    local pki, app, auth, secure, proxy, root, vars
+    local pki, app, auth, secure, other, proxy, root, vars
 
     lazy_setup(function()
         pki = tls.pki()
         app = h.start_origin("app")
         auth = h.start_origin("auth")
         secure = tls.start_origin("secure", pki.localhost)
+        other = tls.start_origin("other", pki.api) -- a certificate for api.example.test, not 127.0.0.1
         root = h.tmpname() .. ".root"
         assert(os.execute("mkdir -p " .. h.quote(root)))
         h.write_file(root .. "/f.txt", "a static file\n")
-        vars = { app = app.addr, auth = auth.addr, dead = h.free_port(), secure = secure.addr, ca = pki.ca,
-                 root = root, gen = "one" }
+        vars = { app = app.addr, auth = auth.addr, dead = h.free_port(), secure = secure.addr, other = other.addr,
+                 ca = pki.ca, root = root, gen = "one" }
+        -- https URLs verify against the system store: here, the test CA (OpenSSL reads SSL_CERT_FILE)
+        ffi.C.setenv("SSL_CERT_FILE", pki.ca, 1)
         proxy = h.start_proxy { workers = 1, config = CONFIG, vars = vars, log_level = "debug" }
+        ffi.C.unsetenv("SSL_CERT_FILE")
         proxy:wait_ready()
     end)
 
     lazy_teardown(function()
-        h.shutdown(proxy, app, auth, secure)
+        h.shutdown(proxy, app, auth, secure, other)
     end)
 
     it("calls an upstream from on_request, and the request goes on with what it answered", function()
@@ -188,6 +203,14 @@ describe("hooks that call out", function()
         local res = assert(raw.get(proxy.port, "/tls"))
         assert.equal(200, res.status)
         assert.matches("^200 %d+\n$", res.body)
+    end)
+
+    it("calls an https URL, verified against the CA store and the URL's host", function()
+        local res = assert(raw.get(proxy.port, "/https"))
+        assert.matches("^200 %d+ secure\n$", res.body)
+        res = assert(raw.get(proxy.port, "/https-wrong-name"))
+        assert.matches("^error: TLS handshake failed: .*certificate verify failed", res.body)
+        assert.equal(0, other:stats().requests)
     end)
 
     it("makes two calls in a row from one hook, on one pooled connection", function()
