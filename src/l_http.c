@@ -16,8 +16,10 @@
 #include "http1.h"
 #include "l_request.h"
 #include "pool.h"
+#include "resolve.h"
 #include "strbuf.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <lauxlib.h>
 #include <lua.h>
@@ -38,12 +40,15 @@ typedef struct {
     mp_callout_t base;
     mp_req_t *r;
     mp_io_ctx_t *ctx;
-    int upstream;         /* index in the generation's upstreams, or -1: a URL */
-    mp_addr_t addr;       /* a URL's address (text owned) */
-    char *tls_name;       /* an https URL's host: SNI and the name verified (owned); NULL: plain */
-    mp_server_pool_t *sp; /* the pool of the current attempt */
-    int server;           /* the upstream's server of the current attempt, -1 */
-    mp_peer_t *peer;      /* its health state, while an attempt counts */
+    int upstream;           /* index in the generation's upstreams, or -1: a URL */
+    mp_addr_t addr;         /* a URL's address (text owned) */
+    char *tls_name;         /* an https URL's host: SNI and the name verified (owned); NULL: plain */
+    char *dns_name;         /* a URL's host when it is a name (owned): resolved before the attempt */
+    int port;               /* ... and its port */
+    mp_resolve_query_t *dq; /* its lookup under way */
+    mp_server_pool_t *sp;   /* the pool of the current attempt */
+    int server;             /* the upstream's server of the current attempt, -1 */
+    mp_peer_t *peer;        /* its health state, while an attempt counts */
     int trial, reported, tries;
     double attempt_start;
     mp_upconn_t *u;
@@ -141,6 +146,8 @@ static void peer_done(call_t *c)
 static void stop(call_t *c)
 {
     ev_timer_stop(c->ctx->loop, &c->timer);
+    mp_resolve_cancel(c->dq);
+    c->dq = NULL;
     peer_done(c);
     if (c->u && c->rd == RD_DONE && c->reusable && c->in.len == 0) {
         mp_upconn_t *u = c->u;
@@ -177,6 +184,7 @@ static void cancel(mp_callout_t *base)
     free(c->fields);
     free(c->addr.text);
     free(c->tls_name);
+    free(c->dns_name);
     mp_strbuf_free(&c->in);
     mp_strbuf_free(&c->body);
     free(c);
@@ -307,6 +315,40 @@ static void on_deadline(struct ev_loop *loop, ev_timer *t, int revents)
     complete(c);
 }
 
+/* The URL's name resolved to addrs: one of them, in turn, is the call's. */
+static int use_address(call_t *c, const mp_sockaddr_t *addrs, int n)
+{
+    static _Thread_local unsigned turn;
+    const mp_sockaddr_t *a = &addrs[turn++ % (unsigned)n];
+    char ip[INET6_ADDRSTRLEN], text[INET6_ADDRSTRLEN + 10];
+    c->addr.ss = a->ss;
+    c->addr.sslen = a->sslen;
+    if (a->ss.ss_family == AF_INET6) {
+        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&c->addr.ss;
+        in6->sin6_port = htons((uint16_t)c->port);
+        inet_ntop(AF_INET6, &in6->sin6_addr, ip, sizeof(ip));
+        snprintf(text, sizeof(text), "[%s]:%d", ip, c->port);
+    } else {
+        struct sockaddr_in *in = (struct sockaddr_in *)&c->addr.ss;
+        in->sin_port = htons((uint16_t)c->port);
+        inet_ntop(AF_INET, &in->sin_addr, ip, sizeof(ip));
+        snprintf(text, sizeof(text), "%s:%d", ip, c->port);
+    }
+    free(c->addr.text);
+    return (c->addr.text = strdup(text)) ? 0 : -1;
+}
+
+static void resolved(void *arg, const mp_sockaddr_t *addrs, int n, const char *err)
+{
+    call_t *c = arg;
+    c->dq = NULL;
+    if (!n)
+        return fail(c, "cannot resolve the URL's host: %s", err ? err : "no address");
+    if (use_address(c, addrs, n) != 0)
+        return fail(c, "%s", "out of memory");
+    attempt(c, -1, 0);
+}
+
 static int start(mp_callout_t *base)
 {
     call_t *c = container_of(base, call_t, base);
@@ -314,7 +356,19 @@ static int start(mp_callout_t *base)
     ev_timer_start(c->ctx->loop, &c->timer);
     c->server = -1;
     c->starting = 1; /* an end found now is reported by the return value, not by a resume */
-    attempt(c, -1, 0);
+    if (c->dns_name) {
+        const mp_resolver_def_t *rd = &c->r->gen->cfg->settings.resolver;
+        mp_sockaddr_t addrs[MP_RESOLVE_MAX];
+        int n = mp_resolve_cached(rd, c->dns_name, addrs, MP_RESOLVE_MAX);
+        if (n > 0 && use_address(c, addrs, n) != 0)
+            fail(c, "%s", "out of memory");
+        else if (n > 0)
+            attempt(c, -1, 0);
+        else if (!(c->dq = mp_resolve_start(c->ctx->loop, rd, c->dns_name, resolved, c)))
+            fail(c, "%s", "out of memory");
+    } else {
+        attempt(c, -1, 0);
+    }
     c->starting = 0;
     return c->over;
 }
@@ -582,8 +636,10 @@ static char *tls_name(const char *hp)
 }
 
 /* The URL's address (text "host:port" in hp) and its host as written. */
-static void parse_url(lua_State *L, const char *url, size_t n, mp_addr_t *addr, char hp[300], mp_slice *host,
-                      mp_slice *path, int *tls)
+/* Returns 0 for an IP literal (addr set), or the length of the DNS name
+ * that starts hp (*dns_port set). */
+static int parse_url(lua_State *L, const char *url, size_t n, mp_addr_t *addr, char hp[300], mp_slice *host,
+                     mp_slice *path, int *tls, int *dns_port)
 {
     *tls = n >= 8 && strncasecmp(url, "https://", 8) == 0;
     if (!*tls && (n < 7 || strncasecmp(url, "http://", 7) != 0))
@@ -599,10 +655,22 @@ static void parse_url(lua_State *L, const char *url, size_t n, mp_addr_t *addr, 
     const char *colon = memrchr(h, ':', hl);
     int has_port = colon && (!close || colon > close);
     snprintf(hp, 300, "%.*s%s", (int)hl, h, has_port ? "" : *tls ? ":443" : ":80");
-    if (mp_addr_parse(hp, addr) != 0)
-        luaL_error(L, "http.request: url host must be an IP address and port, got '%.*s'", (int)hl, h);
     *host = (mp_slice){h, hl};
     *path = (mp_slice){slash, (size_t)(end - slash)};
+    if (mp_addr_parse(hp, addr) == 0)
+        return 0;
+    /* a DNS name: letters, digits, '-' and '.', and a port */
+    const char *pc = strrchr(hp, ':');
+    size_t nl = pc ? (size_t)(pc - hp) : 0;
+    int port = pc ? atoi(pc + 1) : 0;
+    int name_ok = nl > 0 && nl < 254 && port > 0 && port < 65536 && strspn(pc + 1, "0123456789") == strlen(pc + 1);
+    for (size_t i = 0; name_ok && i < nl; i++)
+        name_ok = (hp[i] >= 'a' && hp[i] <= 'z') || (hp[i] >= 'A' && hp[i] <= 'Z') || (hp[i] >= '0' && hp[i] <= '9') ||
+                  hp[i] == '-' || hp[i] == '.';
+    if (!name_ok)
+        luaL_error(L, "http.request: url host must be an IP address or a DNS name, and a port, got '%.*s'", (int)hl, h);
+    *dns_port = port;
+    return (int)nl;
 }
 
 /* Which upstream opts.upstream names (an upstream object or its name). */
@@ -758,9 +826,9 @@ static int l_start(lua_State *L)
     mp_addr_t addr = {0};
     char hp[300] = "";
     mp_slice host = {NULL, 0}, path = {NULL, 0};
-    int upstream = -1, tls = 0;
+    int upstream = -1, tls = 0, dns_port = 0, dns_len = 0;
     if (o.url.p)
-        parse_url(L, o.url.p, o.url.len, &addr, hp, &host, &path, &tls);
+        dns_len = parse_url(L, o.url.p, o.url.len, &addr, hp, &host, &path, &tls, &dns_port);
     else
         upstream = find_upstream(L, r);
     if (o.path.p)
@@ -797,11 +865,12 @@ static int l_start(lua_State *L)
     size_t total = method.len + 2 + path.len + (o.query.p ? 1 + o.query.len : 0) + 11 + fields +
                    (own_host ? 0 : 8 + host.len) + clen + 2 + o.body.len;
     call_t *c = calloc(1, sizeof(*c));
-    if (!c || !(c->out = malloc(total)) || (o.url.p && !(c->addr.text = strdup(hp))) ||
-        (tls && !(c->tls_name = tls_name(hp)))) {
+    if (!c || !(c->out = malloc(total)) || (o.url.p && !dns_len && !(c->addr.text = strdup(hp))) ||
+        (tls && !(c->tls_name = tls_name(hp))) || (dns_len && !(c->dns_name = strndup(hp, (size_t)dns_len)))) {
         if (c) {
             free(c->out);
             free(c->addr.text);
+            free(c->tls_name);
         }
         free(c);
         return luaL_error(L, "out of memory");
@@ -830,10 +899,11 @@ static int l_start(lua_State *L)
 #undef PUT
     MP_ASSERT((size_t)(w - c->out) <= total);
     c->out_len = (size_t)(w - c->out);
-    if (o.url.p) {
+    if (o.url.p && !dns_len) {
         c->addr.ss = addr.ss;
         c->addr.sslen = addr.sslen;
     }
+    c->port = dns_port;
     c->base.start = start;
     c->base.cancel = cancel;
     c->r = r;

@@ -302,3 +302,61 @@ describe("hooks that call out", function()
         assert.is_true(proxy:alive())
     end)
 end)
+
+describe("call-out URLs by DNS name", function()
+    local dns = require "helpers.dns"
+    local d, auth, proxy
+
+    lazy_setup(function()
+        auth = h.start_origin("auth")
+        d = dns.start { ["auth.test"] = { ttl = 1, "127.0.0.1" }, ["slow.test"] = "silent" }
+        proxy = h.start_proxy { workers = 1, vars = { dns = d.addr, port_auth = auth.port }, config = [=[
+local proxy = require "moonproxy"
+local http = require "moonproxy.http"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = false, resolver = { nameservers = { "${dns}" }, timeout = 0.5 } }
+local function show(res, err)
+  if not res then return "error: " .. tostring(err) end
+  return tostring(res.status) .. " " .. tostring(res.headers["x-origin"])
+end
+proxy.route { path = "/byname", handler = function(req)
+  local res, err = http.request { url = "http://auth.test:${port_auth}/x" }
+  return req:respond(200, show(res, err) .. "\n")
+end }
+proxy.route { path = "/unknown", handler = function(req)
+  local res, err = http.request { url = "http://nope.test:${port_auth}/x" }
+  return req:respond(200, show(res, err) .. "\n")
+end }
+proxy.route { path = "/silent", handler = function(req)
+  local res, err = http.request { url = "http://slow.test:${port_auth}/x", timeout = 3 }
+  return req:respond(200, show(res, err) .. "\n")
+end }
+]=] }
+        proxy:wait_ready()
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy, auth, d)
+    end)
+
+    it("resolves the URL's name without blocking, and keeps the answer for its TTL", function()
+        assert.equal("200 auth\n", assert(raw.get(proxy.port, "/byname")).body)
+        local q = d:queries("auth.test")
+        assert.is_true(q >= 1)
+        for _ = 1, 5 do assert.equal("200 auth\n", assert(raw.get(proxy.port, "/byname")).body) end
+        assert.equal(q, d:queries("auth.test")) -- within the TTL: from the cache
+        socket.sleep(1.2)
+        assert.equal("200 auth\n", assert(raw.get(proxy.port, "/byname")).body)
+        assert.is_true(d:queries("auth.test") > q) -- past it: asked again
+    end)
+
+    it("gives nil, err for a name that does not resolve, and for a lookup with no answer", function()
+        assert.matches("^error: cannot resolve the URL's host: nope%.test: ", assert(raw.get(proxy.port, "/unknown")).body)
+        local t0 = socket.gettime()
+        local res = assert(raw.get(proxy.port, "/silent", nil, { timeout = 10 }))
+        assert.matches("^error: cannot resolve the URL's host: slow%.test: no answer in time", res.body)
+        assert.is_true(socket.gettime() - t0 < 2.5, "the lookup's own timeout (0.5 s) ends it")
+        assert.equal("200 auth\n", assert(raw.get(proxy.port, "/byname")).body)
+    end)
+end)
