@@ -107,6 +107,10 @@ proxy.route { prefix = "/resp/", upstream = app, on_response = function(req, res
   local r2, err = http.request { upstream = auth, path = "/from-response" }
   res.headers["x-called"] = show(r2, err)
 end }
+proxy.route { prefix = "/resp-hang/", upstream = app, on_response = function(req, res)
+  local r2, err = http.request { url = "http://${auth}/hang", timeout = 30 }
+  res.headers["x-called"] = show(r2, err)
+end }
 proxy.route { path = "/local-resp", handler = function(req) return req:respond(201, "made here\n") end,
   on_response = function(req, res)
     local r2, err = http.request { upstream = auth, path = "/from-local-response" }
@@ -277,6 +281,20 @@ describe("hooks that call out", function()
         -- the call's connection is closed at once, long before its 30 s timeout
         h.eventually(function() return auth:stats().closed_by_peer > before end, 5)
         assert.equal(200, assert(raw.get(proxy.port, "/url")).status)
+    end)
+
+    it("cancels the call of a response hook whose client went away, and on_log still runs", function()
+        local before, hangs = auth:stats().closed_by_peer, auth:path_count("/hang")
+        local logged = auth:path_count("/from-log")
+        local c = assert(raw.connect(proxy.port, { timeout = 5 }))
+        c:send(raw.build { method = "GET", target = "/resp-hang/x", headers = { host = "a" } })
+        h.eventually(function() return auth:path_count("/hang") > hangs end, 5)
+        c:close()
+        h.eventually(function() return auth:stats().closed_by_peer > before end, 5)
+        -- the next request's on_log (a call-out of its own) runs as usual
+        assert.equal(200, assert(raw.get(proxy.port, "/logged")).status)
+        h.eventually(function() return auth:path_count("/from-log") > logged end, 5)
+        assert.is_true(proxy:alive())
     end)
 
     it("finishes hooks that wait across a reload on their generation", function()
