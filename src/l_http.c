@@ -657,8 +657,13 @@ static int parse_url(lua_State *L, const char *url, size_t n, mp_addr_t *addr, c
     snprintf(hp, 300, "%.*s%s", (int)hl, h, has_port ? "" : *tls ? ":443" : ":80");
     *host = (mp_slice){h, hl};
     *path = (mp_slice){slash, (size_t)(end - slash)};
-    if (mp_addr_parse(hp, addr) == 0)
+    if (hl == 1 && h[0] == '*')
+        luaL_error(L, "http.request: url '%s' has no host", url);
+    if (mp_addr_parse(hp, addr) == 0) {
+        free(addr->text); /* the call keeps its own copy of hp */
+        addr->text = NULL;
         return 0;
+    }
     /* a DNS name: letters, digits, '-' and '.', and a port */
     const char *pc = strrchr(hp, ':');
     size_t nl = pc ? (size_t)(pc - hp) : 0;

@@ -244,7 +244,9 @@ static mp_redis_t *client_for(lua_State *L, mp_io_ctx_t *ctx, int t)
                          .timeout = timeout,
                          .pool = pool};
     client_t *k = calloc(1, sizeof(*k));
-    if (!k || !(k->key = strdup(key)) || !(k->r = mp_redis_new(ctx->loop, &o))) {
+    int ok = k && (k->key = strdup(key)) && (k->r = mp_redis_new(ctx->loop, &o));
+    free(a.text);
+    if (!ok) {
         if (k)
             free(k->key);
         free(k);
