@@ -79,6 +79,12 @@ proxy.route { path = "/https-wrong-name", handler = function(req)
   local res, err = http.request { url = "https://${other}/x", timeout = 2 }
   return req:respond(200, show(res, err) .. "\n")
 end }
+proxy.route { path = "/wait-long", handler = function(req)
+  -- waits 1.5 s in all, past hook_timeout (1 s): waiting is not running
+  local a = http.request { upstream = auth, path = "/slow", query = "ms=800", timeout = 5 }
+  local b = http.request { upstream = auth, path = "/slow", query = "ms=800", timeout = 5 }
+  return req:respond(200, show(a) .. " " .. show(b) .. "\n")
+end }
 proxy.route { path = "/two", handler = function(req)
   local a = http.request { upstream = auth, path = "/a" }
   local b = http.request { upstream = auth, path = "/b" }
@@ -215,6 +221,12 @@ describe("hooks that call out", function()
         res = assert(raw.get(proxy.port, "/https-wrong-name"))
         assert.matches("^error: TLS handshake failed: .*certificate verify failed", res.body)
         assert.equal(0, other:stats().requests)
+    end)
+
+    it("does not count waiting against hook_timeout", function()
+        local res = assert(raw.get(proxy.port, "/wait-long", nil, { timeout = 10 }))
+        assert.equal(200, res.status, res.body)
+        assert.matches("^200 %d+ 200 %d+\n$", res.body)
     end)
 
     it("makes two calls in a row from one hook, on one pooled connection", function()
