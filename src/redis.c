@@ -29,10 +29,12 @@ struct rconn {
     mp_redis_t *r;
     mp_io_t sock;
     ev_io io;
+    ev_timer timer; /* while CONNECTING and HELLO: connect_timeout */
     uint8_t state;
     uint8_t want;          /* the events io watches */
     redisReader *reader;   /* owned */
-    mp_redis_call_t *call; /* the call it opened for (CONNECTING, HELLO) or carries (BUSY); NULL when idle */
+    mp_redis_call_t *call; /* the call it opened for (CONNECTING, HELLO; NULL once that call ended) or
+                            * carries (BUSY); NULL when idle */
     const char *out;       /* what is being written: r->hello or call->cmd (borrowed) */
     size_t outlen, outpos;
     int expect, got;      /* replies of this step (hello or call), and how many came */
@@ -63,7 +65,7 @@ struct mp_redis {
     size_t hellolen;
     int nhello;
     int has_auth, db;
-    double timeout, backoff_min, backoff_max;
+    double timeout, connect_timeout, backoff_min, backoff_max;
     unsigned pool, queue_max;
     rconn_t *conns;
     unsigned nconns;
@@ -181,6 +183,7 @@ static void conn_close(rconn_t *c)
     mp_redis_t *r = c->r;
     MP_ASSERT(!c->call);
     ev_io_stop(r->loop, &c->io);
+    ev_timer_stop(r->loop, &c->timer);
     mp_io_close(&c->sock);
     redisReaderFree(c->reader);
     if (c->prev)
@@ -261,16 +264,15 @@ static void conn_idle(rconn_t *c)
     set_want(c, EV_READ);
 }
 
-/* c carries its call now: the commands go out (or, cancelled before they
- * did, nothing does and c serves the next call: it may be gone after). */
+/* c is ready: its call's commands go out, or (the call it was opened for
+ * ended meanwhile) c serves the next waiting call; it may be gone after. */
 static void conn_begin(rconn_t *c)
 {
     mp_redis_t *r = c->r;
     mp_redis_call_t *call = c->call;
-    if (call->cancelled) {
-        conn_detach(c);
+    ev_timer_stop(r->loop, &c->timer);
+    if (!call) {
         conn_idle(c);
-        call_end(call, NULL);
         dispatch(r);
         return;
     }
@@ -292,6 +294,16 @@ static void conn_connected(rconn_t *c)
 }
 
 static void on_conn_io(struct ev_loop *loop, ev_io *w, int revents);
+
+/* Connecting, or AUTH/SELECT, took longer than connect_timeout: the server
+ * does not answer (a call that gave up sooner left c going). */
+static void on_conn_timeout(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    rconn_t *c = container_of(w, rconn_t, timer);
+    conn_fail(c, 1, "%s", c->state == C_CONNECTING ? "connect timeout" : "AUTH/SELECT timeout");
+}
 
 /* A new connection for call (attached to it), or NULL with errno. */
 static rconn_t *conn_open(mp_redis_t *r, mp_redis_call_t *call)
@@ -324,6 +336,8 @@ static rconn_t *conn_open(mp_redis_t *r, mp_redis_call_t *call)
     c->call = call;
     call->conn = c;
     c->state = C_CONNECTING;
+    ev_timer_init(&c->timer, on_conn_timeout, r->connect_timeout, 0);
+    ev_timer_start(r->loop, &c->timer);
     if (rc == 0)
         conn_connected(c);
     else
@@ -543,10 +557,13 @@ static void on_call_timeout(struct ev_loop *loop, ev_timer *w, int revents)
         call_end(call, cb_msg(r, "timeout"));
         return;
     }
-    /* Its replies would come later, into the next call: the connection goes. */
-    if (c->state == C_CONNECTING || c->state == C_HELLO)
-        backoff_start(r, c->state == C_CONNECTING ? "connect timeout" : "AUTH/SELECT timeout");
     conn_detach(c);
+    if (c->state == C_CONNECTING || c->state == C_HELLO) {
+        /* nothing of the call was sent: the connection goes on, for the next call */
+        call_end(call, cb_msg(r, "timeout"));
+        return;
+    }
+    /* Its replies would come later, into the next call: the connection goes. */
     conn_close(c);
     call_end(call, cb_msg(r, "timeout"));
     dispatch(r);
@@ -622,6 +639,7 @@ mp_redis_t *mp_redis_new(struct ev_loop *loop, const mp_redis_opts_t *o)
     r->has_auth = o->password && (o->password_len || o->password[0]);
     r->db = o->db;
     r->timeout = o->timeout > 0 ? o->timeout : 1;
+    r->connect_timeout = o->connect_timeout > 0 ? o->connect_timeout : r->timeout;
     r->pool = o->pool > 0 ? (unsigned)o->pool : 8;
     r->queue_max = o->queue > 0 ? (unsigned)o->queue : 64 * r->pool;
     r->backoff_min = o->backoff_min > 0 ? o->backoff_min : 0.1;
@@ -788,8 +806,11 @@ void mp_redis_cancel(mp_redis_call_t *c)
 {
     mp_redis_t *r = c->r;
     MP_ASSERT(!c->cancelled);
-    if (!c->conn) {
-        queue_unlink(r, c);
+    if (!c->conn || c->conn->state == C_CONNECTING || c->conn->state == C_HELLO) {
+        if (c->conn) /* nothing sent yet: the connection goes on, for the next call */
+            conn_detach(c->conn);
+        else
+            queue_unlink(r, c);
         ev_timer_stop(r->loop, &c->timer);
         call_free(c);
         return;

@@ -4,7 +4,8 @@
  *
  * Usage: redis_driver [SCRIPT] (stdin without one). Lines (words split on
  * blanks; "..." quotes, with \n \r \t \\ \" \xHH):
- *   client HOST:PORT [password=P] [db=N] [pool=N] [timeout=S] [queue=N] [backoff=MIN,MAX]
+ *   client HOST:PORT [password=P] [db=N] [pool=N] [timeout=S] [connect_timeout=S] [queue=N]
+ *          [backoff=MIN,MAX]
  *   call [t=S] ARG...                       one command; waits, prints the result
  *   pipeline [t=S] ARG... | ARG... | ...    one call of several commands; results joined by " ; "
  *   async NAME [t=S] ARG...                 sends; "NAME: RESULT" when it ends
@@ -271,6 +272,8 @@ static int cmd_client(words_t *w)
             o.queue = atoi(v);
         else if (!strcmp(w->w[i], "timeout"))
             o.timeout = atof(v);
+        else if (!strcmp(w->w[i], "connect_timeout"))
+            o.connect_timeout = atof(v);
         else if (!strcmp(w->w[i], "backoff")) {
             o.backoff_min = atof(v);
             char *comma = strchr(v, ',');

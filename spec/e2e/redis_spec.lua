@@ -263,6 +263,45 @@ wait
         assert.same({ "one: nil", 'two: "2"', 'three: "3"', 'four: "4"' }, { lines[12], lines[13], lines[14], lines[15] })
     end)
 
+    it("keeps 300 concurrent calls on a pool of 4 straight, a third of them cancelled", function()
+        local script, want = { "client ${addr} pool=4 queue=400" }, {}
+        for i = 1, 300 do
+            local kind = i % 3
+            if i % 30 == 0 then -- Redis ends a BLPOP on its clock (10 Hz): some calls wait for a while
+                script[#script + 1] = string.format("async c%d t=10 BLPOP stress:none 0.01", i)
+                want["c" .. i] = "nil"
+            elseif kind == 0 then
+                script[#script + 1] = string.format("async c%d t=10 ECHO v%d", i, i)
+                want["c" .. i] = string.format('"v%d"', i)
+            elseif kind == 1 then
+                script[#script + 1] = string.format("async c%d t=10 SET stress:%d %d | GET stress:%d", i, i, i, i)
+                want["c" .. i] = string.format('+OK ; "%d"', i)
+            else
+                script[#script + 1] = string.format("async c%d t=10 EVAL \"return ARGV[1]\" 0 e%d", i, i)
+                want["c" .. i] = string.format('"e%d"', i)
+            end
+            if i % 5 == 0 then -- in flight or waiting: the callback never runs, the connections stay in step
+                script[#script + 1] = "cancel c" .. i
+                want["c" .. i] = "cancelled"
+            end
+        end
+        script[#script + 1] = "wait"
+        script[#script + 1] = "sleep 0.1"
+        script[#script + 1] = "stats"
+        local lines, out = run(table.concat(script, "\n") .. "\n", { addr = server.addr })
+        local got = {}
+        for i = 1, #lines - 1 do
+            local name, result = lines[i]:match("^(c%d+): (.*)$")
+            assert(name, lines[i])
+            assert.is_nil(got[name], "twice: " .. name)
+            got[name] = result
+        end
+        assert.same(want, got)
+        local st = stats(lines[#lines])
+        assert.same({ 4, 0, 0, 0 }, { st.conns, st.queued, st.cancelled, st.failures })
+        assert.is_nil(out.text:match("BUG"))
+    end)
+
     it("ends pending calls with 'client closed' when the client is freed", function()
         local lines = run([[
 client ${addr} pool=1
@@ -327,21 +366,40 @@ describe("redis client against a server that never answers", function()
         h.cleanup()
     end)
 
-    it("times out AUTH, then fails at once while backing off", function()
+    it("takes a server that does not answer AUTH within connect_timeout for gone", function()
         local lines = run([[
-client ${addr} password=p backoff=1
-call t=0.2 PING
+client ${addr} password=p connect_timeout=0.2 backoff=1
+call t=2 PING
 elapsed
-call t=0.2 PING
+call t=2 PING
 elapsed
 stats
 ]], { addr = addr })
-        assert.equal("error: redis " .. addr .. ": timeout", lines[1])
+        assert.equal("error: redis " .. addr .. ": AUTH/SELECT timeout", lines[1])
         local t = elapsed(lines[2])
         assert.is_true(t >= 0.19 and t < 1, "timed out after " .. t .. " s")
         assert.equal("error: redis " .. addr .. ": unavailable (reconnecting): AUTH/SELECT timeout", lines[3])
         assert.is_true(elapsed(lines[4]) < 0.05)
         local st = stats(lines[5])
+        assert.same({ 0, 1, 1 }, { st.conns, st.connects, st.failures })
+    end)
+
+    it("a call that gives up before AUTH is answered leaves the connection going, with no delay", function()
+        local lines = run([[
+client ${addr} password=p pool=1 connect_timeout=0.5 backoff=1
+call t=0.1 PING
+stats
+call t=0.1 PING
+stats
+sleep 0.5
+stats
+]], { addr = addr })
+        assert.equal("error: redis " .. addr .. ": timeout", lines[1])
+        local st = stats(lines[2]) -- still waiting for AUTH's reply, for nobody
+        assert.same({ 1, 1, 0 }, { st.conns, st.connects, st.failures })
+        assert.equal("error: redis " .. addr .. ": timeout", lines[3]) -- waited for that connection
+        assert.equal(1, stats(lines[4]).connects)
+        st = stats(lines[5]) -- connect_timeout: gone, and the server taken for gone
         assert.same({ 0, 1, 1 }, { st.conns, st.connects, st.failures })
     end)
 
