@@ -263,7 +263,7 @@ wait
         assert.same({ "one: nil", 'two: "2"', 'three: "3"', 'four: "4"' }, { lines[12], lines[13], lines[14], lines[15] })
     end)
 
-    it("keeps 300 concurrent calls on a pool of 4 straight, a third of them cancelled", function()
+    it("keeps 300 concurrent calls on a pool of 4 straight, a fifth of them cancelled", function()
         local script, want = { "client ${addr} pool=4 queue=400" }, {}
         for i = 1, 300 do
             local kind = i % 3
@@ -536,5 +536,48 @@ stats
         local st2 = stats(l[10])
         assert.same({ 1, st.failures }, { st2.conns, st2.failures })
         assert.is_nil(out.text:match("waitfile"))
+    end)
+
+    it("ends each of 104 calls once when the server stops under them, and recovers", function()
+        local sig = { r1 = h.tmpname(".r1"), down = h.tmpname(".down"), up = h.tmpname(".up") }
+        for _, p in pairs(sig) do os.remove(p) end
+        local script = { "client ${addr} pool=4 queue=200 backoff=0.1,0.2" }
+        for i = 1, 4 do script[#script + 1] = string.format("async b%d t=10 BLPOP stop:none 5", i) end
+        for i = 1, 100 do script[#script + 1] = string.format("async q%d t=10 ECHO %d", i, i) end
+        for _, l in ipairs { "sleep 0.05", "stats", "signal ${r1}", "waitfile ${down} 15", "wait", "stats",
+                             "waitfile ${up} 15", "sleep 0.3", "call PING", "stats" } do
+            script[#script + 1] = l
+        end
+        local proc = rh.spawn_driver(table.concat(script, "\n") .. "\n",
+            { addr = server.addr, r1 = sig.r1, down = sig.down, up = sig.up })
+        h.eventually(function() return h.read_file(sig.r1) ~= nil end, 10)
+        server:stop()
+        h.write_file(sig.down, "")
+        server:start()
+        h.write_file(sig.up, "")
+        local out = rh.result(proc, 30)
+        assert.equal(0, out.code, out.text .. out.stderr)
+        local l = out.lines
+        local st = stats(l[2]) -- before the stop: 4 in flight, 100 waiting
+        assert.same({ 4, 100 }, { st.conns, st.queued })
+        local prefix = "error: redis " .. server.addr .. ": "
+        local seen, n = {}, 0
+        for i = 3, #l - 3 do
+            local name, result = l[i]:match("^([bq]%d+): (.*)$")
+            assert(name, l[i])
+            assert.is_nil(seen[name], "twice: " .. name)
+            seen[name] = true
+            n = n + 1
+            if name:match("^b") then
+                assert.equal(prefix .. "connection closed by the server", result)
+            else
+                assert.equal(prefix .. "unavailable (reconnecting): connection closed by the server", result)
+            end
+        end
+        assert.equal(104, n)
+        st = stats(l[#l - 2])
+        assert.same({ 0, 0 }, { st.conns, st.queued })
+        assert.equal("+PONG", l[#l - 1])
+        assert.equal(1, stats(l[#l]).conns)
     end)
 end)
