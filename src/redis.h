@@ -67,7 +67,8 @@ typedef struct {
 
 /* A client on loop (the calling thread's; every call of this API runs on
  * it), or NULL with errno (EINVAL: no address or a bad one; ENOMEM). Opens
- * no connection yet: the first call does. */
+ * no connection yet: the first call does. The process ignores SIGPIPE (as
+ * main.c does): a write to a connection the server closed is an error. */
 mp_redis_t *mp_redis_new(struct ev_loop *loop, const mp_redis_opts_t *o);
 
 /* Fails every pending call with "redis ADDR: client closed" (their callbacks

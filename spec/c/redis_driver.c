@@ -29,6 +29,7 @@
 #include <arpa/inet.h>
 #include <ev.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -440,6 +441,7 @@ int main(int argc, char **argv)
         perror(argv[1]);
         return 2;
     }
+    signal(SIGPIPE, SIG_IGN); /* as main.c: a write to a closed connection is an EPIPE, not an exit */
     loop = ev_loop_new(EVFLAG_AUTO);
     static char line[1 << 20];
     int lineno = 0, rc = 0;
