@@ -204,7 +204,7 @@ stats
 async queued GET anything
 cancel queued
 stats
-sleep 0.5
+sleep 0.8
 stats
 call RPUSH cancel:list v
 call LPOP cancel:list
@@ -234,8 +234,8 @@ async d ECHO d
 async e ECHO e
 stats
 wait
-async f t=0.1 BLPOP pool:f 1
-async g t=0.1 BLPOP pool:g 1
+async f t=0.5 BLPOP pool:f 2
+async g t=0.5 BLPOP pool:g 2
 async h t=0.05 ECHO h
 wait
 stats
@@ -368,8 +368,8 @@ describe("redis client against a server that never answers", function()
 
     it("takes a server that does not answer AUTH within connect_timeout for gone", function()
         local lines = run([[
-client ${addr} password=p connect_timeout=0.2 backoff=1
-call t=2 PING
+client ${addr} password=p connect_timeout=0.5 backoff=2
+call t=3 PING
 elapsed
 call t=2 PING
 elapsed
@@ -377,7 +377,7 @@ stats
 ]], { addr = addr })
         assert.equal("error: redis " .. addr .. ": AUTH/SELECT timeout", lines[1])
         local t = elapsed(lines[2])
-        assert.is_true(t >= 0.19 and t < 1, "timed out after " .. t .. " s")
+        assert.is_true(t >= 0.49 and t < 1.5, "timed out after " .. t .. " s")
         assert.equal("error: redis " .. addr .. ": unavailable (reconnecting): AUTH/SELECT timeout", lines[3])
         assert.is_true(elapsed(lines[4]) < 0.05)
         local st = stats(lines[5])
@@ -391,7 +391,7 @@ call t=0.1 PING
 stats
 call t=0.1 PING
 stats
-sleep 0.5
+sleep 0.8
 stats
 ]], { addr = addr })
         assert.equal("error: redis " .. addr .. ": timeout", lines[1])
