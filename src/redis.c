@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 /* CONNECTING -> HELLO (AUTH/SELECT sent, their replies awaited; skipped
  * without password and db) -> BUSY (a call's commands out, its replies
@@ -72,7 +73,7 @@ struct mp_redis {
     mp_redis_call_t *qhead, *qtail;
     unsigned nqueued, ncancelled;
     double backoff;  /* the current reconnect delay, 0 while the server is fine */
-    double retry_at; /* ev_now before which calls fail at once */
+    double retry_at; /* mono_now() before which calls fail at once */
     int closing;
     int in_cb; /* a callback runs (mp_redis_free may not) */
     unsigned long connects, failures;
@@ -83,6 +84,23 @@ struct mp_redis {
 };
 
 static void dispatch(mp_redis_t *r);
+
+static double mono_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* How long ago the loop read its clock: a timer started now counts from
+ * then, so a timeout starts this much later to count from now (a busy
+ * iteration would shorten it). Within [0, 1 s]: a wall clock step is not
+ * a delay. */
+static double loop_lag(struct ev_loop *loop)
+{
+    double d = ev_time() - ev_now(loop);
+    return d > 0 && d < 1 ? d : 0;
+}
 
 static const char *cb_msg(mp_redis_t *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static const char *cb_msg(mp_redis_t *r, const char *fmt, ...)
@@ -210,7 +228,7 @@ static mp_redis_call_t *conn_detach(rconn_t *c)
  * during a delay do not lengthen it. */
 static void backoff_start(mp_redis_t *r, const char *why)
 {
-    double now = ev_now(r->loop);
+    double now = mono_now();
     r->failures++;
     snprintf(r->last_failure, sizeof(r->last_failure), "%s", why);
     if (now < r->retry_at)
@@ -336,7 +354,7 @@ static rconn_t *conn_open(mp_redis_t *r, mp_redis_call_t *call)
     c->call = call;
     call->conn = c;
     c->state = C_CONNECTING;
-    ev_timer_init(&c->timer, on_conn_timeout, r->connect_timeout, 0);
+    ev_timer_init(&c->timer, on_conn_timeout, r->connect_timeout + loop_lag(r->loop), 0);
     ev_timer_start(r->loop, &c->timer);
     if (rc == 0)
         conn_connected(c);
@@ -513,7 +531,7 @@ static void on_conn_io(struct ev_loop *loop, ev_io *w, int revents)
 
 static int in_backoff(const mp_redis_t *r)
 {
-    return r->retry_at > ev_now(r->loop);
+    return r->retry_at > mono_now();
 }
 
 /* Serves the waiting calls in order: an idle connection, a new one while
@@ -780,7 +798,7 @@ mp_redis_call_t *mp_redis_send(mp_redis_t *r, int ncmds, const int *argc, const 
     call->arg = arg;
     call->ncmds = ncmds;
     call->leaves_state = leaves_state(ncmds, argc, argv, argvlen);
-    ev_timer_init(&call->timer, on_call_timeout, timeout > 0 ? timeout : r->timeout, 0);
+    ev_timer_init(&call->timer, on_call_timeout, (timeout > 0 ? timeout : r->timeout) + loop_lag(r->loop), 0);
     if (idle) {
         conn_assign(idle, call);
     } else if (queue) {

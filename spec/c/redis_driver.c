@@ -13,6 +13,7 @@
  *   repeat N ARG...                         N calls one after another: "repeat N: F failed, T us per call"
  *   wait                                    until every async call ended
  *   sleep S                                 runs the loop S seconds
+ *   busy S                                  sleeps S seconds without the loop (a long iteration)
  *   elapsed                                 "elapsed S": how long the last call/pipeline took
  *   stats                                   "conns=N idle=N queued=N cancelled=N connects=N failures=N"
  *   signal PATH / waitfile PATH S [noloop]  creates PATH / runs the loop until PATH exists (at most S;
@@ -354,6 +355,8 @@ static int run_line(char *line)
         putchar('\n');
     } else if (!strcmp(cmd, "sleep") && w.n == 2) {
         run_for(atof(w.w[1]), NULL);
+    } else if (!strcmp(cmd, "busy") && w.n == 2) {
+        usleep((useconds_t)(atof(w.w[1]) * 1e6));
     } else if (!strcmp(cmd, "signal") && w.n == 2) {
         FILE *f = fopen(w.w[1], "w");
         if (!f)
