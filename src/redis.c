@@ -263,6 +263,10 @@ static void conn_fail(rconn_t *c, int down, const char *fmt, ...)
     dispatch(r);
 }
 
+/* Starts a step: writes what it can of out now (no wait for the loop: the
+ * socket is writable nearly always), the rest when the socket is writable.
+ * An error is left to the watcher, which meets it again and fails c from
+ * the loop: this runs inside mp_redis_send, which calls no callback. */
 static void conn_write_step(rconn_t *c, const char *out, size_t len, int expect)
 {
     c->out = out;
@@ -270,7 +274,14 @@ static void conn_write_step(rconn_t *c, const char *out, size_t len, int expect)
     c->outpos = 0;
     c->expect = expect;
     c->got = 0;
-    set_want(c, EV_READ | EV_WRITE);
+    while (c->outpos < c->outlen) {
+        ssize_t n = mp_io_write(&c->sock, c->out + c->outpos, c->outlen - c->outpos);
+        if (n > 0)
+            c->outpos += (size_t)n;
+        else if (!(n < 0 && errno == EINTR))
+            break;
+    }
+    set_want(c, c->outpos < c->outlen ? EV_READ | EV_WRITE : EV_READ);
 }
 
 static void conn_idle(rconn_t *c)
