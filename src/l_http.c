@@ -78,14 +78,18 @@ typedef struct {
 
 /* What https URLs are verified with: the system's CA store (or
  * SSL_CERT_FILE / SSL_CERT_DIR), the URL's host as SNI and the name
- * checked. Made once, off the worker loops (mp_l_http_preload). */
+ * checked. Made by the process's first https call: OpenSSL 3's SSL_CTX_new
+ * costs a few milliseconds and some 200,000 allocations, which a
+ * configuration without https URLs should not pay in every VM. */
 static mp_tls_client_t *url_tls;
 static char url_tls_err[160];
 static pthread_once_t url_tls_once = PTHREAD_ONCE_INIT;
 
 static void make_url_tls(void)
 {
-    mp_tls_client_def_t def = {.verify = 1};
+    /* every VM makes one, and most configurations never call an https URL:
+     * the CA directory is read as handshakes need it, not the whole bundle */
+    mp_tls_client_def_t def = {.verify = 1, .lazy_store = 1};
     url_tls = mp_tls_client_new(&def, url_tls_err, sizeof(url_tls_err));
 }
 
@@ -272,6 +276,8 @@ static void attempt(call_t *c, int avoid, int fresh)
         }
     } else if (!c->sp) {
         char key[512];
+        if (c->tls_name) /* the first https call of the process makes the context (a few ms, once) */
+            pthread_once(&url_tls_once, make_url_tls);
         if (c->tls_name && !url_tls)
             return fail(c, "https: %s", url_tls_err);
         const char *tls = c->tls_name ? mp_tls_client_key(url_tls, c->tls_name, key, sizeof(key)) : NULL;
@@ -980,7 +986,6 @@ static int open_callout(lua_State *L)
 
 void mp_l_http_preload(lua_State *L)
 {
-    pthread_once(&url_tls_once, make_url_tls);
     lua_getglobal(L, "package");
     lua_getfield(L, -1, "preload");
     lua_pushcfunction(L, open_callout);

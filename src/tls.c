@@ -682,6 +682,13 @@ mp_tls_client_t *mp_tls_client_new(const mp_tls_client_def_t *def, char *err, si
             rc = fail(err, errlen, "%s: not a PEM CA bundle (%s)", def->ca, ossl_reason());
         if (rc == 0)
             rc = digest_file(def->ca, c->ca_digest, err, errlen);
+    } else if (rc == 0 && def->verify && def->lazy_store) {
+        const char *file = getenv(X509_get_default_cert_file_env());
+        const char *dir = getenv(X509_get_default_cert_dir_env());
+        if (file && *file && SSL_CTX_load_verify_file(ctx, file) != 1)
+            rc = fail(err, errlen, "%s (SSL_CERT_FILE): not a PEM CA bundle (%s)", file, ossl_reason());
+        if (rc == 0 && SSL_CTX_load_verify_dir(ctx, dir && *dir ? dir : X509_get_default_cert_dir()) != 1)
+            rc = fail(err, errlen, "cannot use the system CA directory (%s)", ossl_reason());
     } else if (rc == 0 && def->verify && SSL_CTX_set_default_verify_paths(ctx) != 1) {
         rc = fail(err, errlen, "cannot load the system CA store (%s)", ossl_reason());
     }

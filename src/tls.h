@@ -59,6 +59,8 @@ typedef struct {
     int verify;             /* check the server's certificate and name */
     const char *ca;         /* PEM bundle to verify against; NULL: the system store */
     const char *cert, *key; /* a client certificate (both or neither) */
+    int lazy_store;         /* the system store from its hashed directory, each CA read when first needed,
+                             * instead of the whole bundle now (SSL_CERT_FILE, when set, still loads now) */
 } mp_tls_client_def_t;
 
 typedef struct mp_tls_client mp_tls_client_t;
