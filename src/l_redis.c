@@ -13,7 +13,9 @@
 #include "gen.h"
 #include "l_request.h"
 #include "redis.h"
+#include "resolve.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <lauxlib.h>
 #include <lua.h>
@@ -34,8 +36,12 @@ typedef struct reply {
 
 /* One client of one worker. */
 typedef struct client {
-    char *key; /* what the Lua client is: name, addr, password, db, pool, timeout */
-    mp_redis_t *r;
+    char *key;     /* what the Lua client is: name, addr, password, db, pool, timeout */
+    mp_redis_t *r; /* NULL while its address is a name not resolved yet */
+    char *host;    /* addr's host when it is a DNS name (owned) */
+    int port;
+    mp_redis_opts_t o; /* what mp_redis_new takes once the name resolved (password owned) */
+    char *password;
     struct client *next;
 } client_t;
 
@@ -47,8 +53,9 @@ typedef struct {
 typedef struct {
     mp_callout_t base;
     mp_req_t *r;
-    mp_redis_t *client;
-    mp_redis_call_t *rc; /* in flight, or NULL */
+    client_t *client;
+    mp_redis_call_t *rc;    /* in flight, or NULL */
+    mp_resolve_query_t *dq; /* the client's name being looked up for this call */
     int ncmds, nargs;
     int pipeline; /* the answer is a list of replies */
     int *argc;
@@ -117,6 +124,7 @@ static void free_replies(call_t *c)
 static void cancel(mp_callout_t *base)
 {
     call_t *c = container_of(base, call_t, base);
+    mp_resolve_cancel(c->dq);
     if (c->rc)
         mp_redis_cancel(c->rc);
     free_replies(c);
@@ -152,17 +160,66 @@ static void on_reply(void *arg, redisReply **replies, int n, const char *err)
     complete(c);
 }
 
+static void send_call(call_t *c)
+{
+    const char *err = NULL;
+    c->rc = mp_redis_send(c->client->r, c->ncmds, c->argc, c->argv, c->argvlen, c->timeout, on_reply, c, &err);
+    if (!c->rc && !c->over) {
+        snprintf(c->err, sizeof(c->err), "%s", err ? err : "redis: the call could not be sent");
+        complete(c);
+    }
+}
+
+/* The client's server from its first address (a name's, once resolved). */
+static int client_open(client_t *k, mp_io_ctx_t *ctx, const mp_sockaddr_t *a)
+{
+    struct sockaddr_storage ss = a->ss;
+    if (ss.ss_family == AF_INET6)
+        ((struct sockaddr_in6 *)&ss)->sin6_port = htons((uint16_t)k->port);
+    else
+        ((struct sockaddr_in *)&ss)->sin_port = htons((uint16_t)k->port);
+    k->o.addr = (const struct sockaddr *)&ss;
+    k->o.addrlen = a->sslen;
+    k->r = mp_redis_new(ctx->loop, &k->o);
+    k->o.addr = NULL;
+    return k->r ? 0 : -1;
+}
+
+static void resolved(void *arg, const mp_sockaddr_t *addrs, int n, const char *err)
+{
+    call_t *c = arg;
+    client_t *k = c->client;
+    c->dq = NULL;
+    if (!k->r && n > 0 && client_open(k, container_of(c->r->env, mp_io_ctx_t, env), &addrs[0]) != 0)
+        err = "out of memory";
+    if (!k->r) {
+        snprintf(c->err, sizeof(c->err), "redis %s:%d: cannot resolve: %s", k->host, k->port, err ? err : "no address");
+        return complete(c);
+    }
+    send_call(c);
+}
+
 static int start(mp_callout_t *base)
 {
     call_t *c = container_of(base, call_t, base);
-    const char *err = NULL;
+    client_t *k = c->client;
     c->starting = 1;
-    c->rc = mp_redis_send(c->client, c->ncmds, c->argc, c->argv, c->argvlen, c->timeout, on_reply, c, &err);
-    c->starting = 0;
-    if (!c->rc && !c->over) {
-        snprintf(c->err, sizeof(c->err), "%s", err ? err : "redis: the call could not be sent");
-        c->over = 1;
+    if (!k->r) { /* a name: looked up on this worker's first use */
+        mp_io_ctx_t *ctx = container_of(c->r->env, mp_io_ctx_t, env);
+        const mp_resolver_def_t *rd = &c->r->gen->cfg->settings.resolver;
+        mp_sockaddr_t addrs[MP_RESOLVE_MAX];
+        int n = mp_resolve_cached(rd, k->host, addrs, MP_RESOLVE_MAX);
+        if (n > 0 && client_open(k, ctx, &addrs[0]) != 0) {
+            snprintf(c->err, sizeof(c->err), "out of memory");
+            c->over = 1;
+        } else if (n == 0 && !(c->dq = mp_resolve_start(ctx->loop, rd, k->host, resolved, c))) {
+            snprintf(c->err, sizeof(c->err), "out of memory");
+            c->over = 1;
+        }
     }
+    if (k->r && !c->over)
+        send_call(c);
+    c->starting = 0;
     return c->over;
 }
 
@@ -185,6 +242,8 @@ void mp_l_redis_dispose(mp_io_ctx_t *ctx)
         cs->list = k->next;
         mp_redis_free(k->r);
         free(k->key);
+        free(k->host);
+        free(k->password);
         free(k);
     }
     free(cs);
@@ -207,8 +266,9 @@ static double number(lua_State *L, int t, const char *k, double dflt)
     return v;
 }
 
-/* The worker's mp_redis_t for the Lua client at t, made on first use. */
-static mp_redis_t *client_for(lua_State *L, mp_io_ctx_t *ctx, int t)
+/* The worker's client for the Lua client at t, made on first use (a name
+ * is looked up by the first call: start). */
+static client_t *client_for(lua_State *L, mp_io_ctx_t *ctx, int t)
 {
     size_t alen = 0, plen = 0, nlen = 0;
     const char *addr = field(L, t, "addr", &alen), *password = field(L, t, "password", &plen);
@@ -226,7 +286,7 @@ static mp_redis_t *client_for(lua_State *L, mp_io_ctx_t *ctx, int t)
     for (client_t *k = cs->list; k; k = k->next)
         if (strcmp(k->key, key) == 0) {
             lua_pop(L, 1);
-            return k->r;
+            return k;
         }
     if (cs->n >= MAX_CLIENTS)
         luaL_error(L,
@@ -234,21 +294,32 @@ static mp_redis_t *client_for(lua_State *L, mp_io_ctx_t *ctx, int t)
                    "configuration loads, not in hooks",
                    MAX_CLIENTS);
     mp_addr_t a;
-    if (mp_addr_parse(addr, &a) != 0)
-        luaL_error(L, "redis: addr '%s' must be an IP address and port", addr);
-    mp_redis_opts_t o = {.addr = (const struct sockaddr *)&a.ss,
-                         .addrlen = a.sslen,
-                         .password = password,
-                         .password_len = plen,
-                         .db = db,
-                         .timeout = timeout,
-                         .pool = pool};
+    int literal = mp_addr_parse(addr, &a) == 0;
+    const char *colon = strrchr(addr, ':');
     client_t *k = calloc(1, sizeof(*k));
-    int ok = k && (k->key = strdup(key)) && (k->r = mp_redis_new(ctx->loop, &o));
-    free(a.text);
+    int ok = k && (k->key = strdup(key)) && (!password || (k->password = strdup(password)));
+    if (ok) {
+        k->o = (mp_redis_opts_t){
+            .password = k->password, .password_len = plen, .db = db, .timeout = timeout, .pool = pool};
+        if (literal) {
+            k->o.addr = (const struct sockaddr *)&a.ss;
+            k->o.addrlen = a.sslen;
+            ok = (k->r = mp_redis_new(ctx->loop, &k->o)) != NULL;
+            k->o.addr = NULL;
+        } else { /* a DNS name (the DSL checked its form) */
+            ok = colon && (k->host = strndup(addr, (size_t)(colon - addr))) != NULL;
+            k->port = colon ? atoi(colon + 1) : 0;
+        }
+    }
+    if (literal)
+        free(a.text);
     if (!ok) {
-        if (k)
+        if (k) {
+            mp_redis_free(k->r);
             free(k->key);
+            free(k->host);
+            free(k->password);
+        }
         free(k);
         luaL_error(L, "redis %s: %s", addr, strerror(errno ? errno : ENOMEM));
     }
@@ -256,7 +327,7 @@ static mp_redis_t *client_for(lua_State *L, mp_io_ctx_t *ctx, int t)
     cs->list = k;
     cs->n++;
     lua_pop(L, 1);
-    return k->r;
+    return k;
 }
 
 /* ---- the binding ---- */
@@ -284,7 +355,7 @@ static int l_start(lua_State *L)
     int n = (int)luaL_checkinteger(L, 3);
     lua_settop(L, 3);
     mp_io_ctx_t *ctx = container_of(r->env, mp_io_ctx_t, env);
-    mp_redis_t *client = client_for(L, ctx, 1);
+    client_t *client = client_for(L, ctx, 1);
     int ncmds = n > 0 ? 1 : -n, nargs = 0;
     size_t bytes = 0;
     /* first pass: count (the values stay on the stack for the copy) */

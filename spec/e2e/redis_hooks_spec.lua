@@ -159,3 +159,44 @@ describe("Redis from hooks", function()
         assert.is_true(proxy:alive())
     end)
 end)
+
+describe("Redis by name", function()
+    local server, proxy
+
+    lazy_setup(function()
+        server = rh.start {}
+        local hosts = h.write_file(h.tmpname(".hosts"), "127.0.0.1 redis.test\n")
+        proxy = h.start_proxy { workers = 1, vars = { port_redis = server.port, hosts = hosts }, config = [=[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = false, resolver = { hosts = "${hosts}", nameservers = { "127.0.0.1:1" }, timeout = 0.5 } }
+local r = proxy.redis { addr = "redis.test:${port_redis}", timeout = 0.5 }
+local none = proxy.redis { addr = "nope.test:${port_redis}", timeout = 0.5 }
+proxy.route { path = "/ping", handler = function(req)
+  local v, err = r:call("PING")
+  return req:respond(200, tostring(v) .. " " .. tostring(err) .. "\n")
+end }
+proxy.route { path = "/none", handler = function(req)
+  local v, err = none:call("PING")
+  return req:respond(200, tostring(v) .. " " .. tostring(err) .. "\n")
+end }
+]=] }
+        proxy:wait_ready()
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy)
+        if server then server:stop() end
+    end)
+
+    it("looks the name up on a worker's first call", function()
+        for _ = 1, 3 do
+            assert.equal("PONG nil\n", assert(raw.get(proxy.port, "/ping")).body)
+        end
+    end)
+
+    it("gives nil, err for a name that does not resolve", function()
+        assert.matches("^nil redis nope%.test:%d+: cannot resolve: ", assert(raw.get(proxy.port, "/none", nil, { timeout = 5 })).body)
+    end)
+end)
