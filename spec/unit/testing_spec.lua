@@ -633,6 +633,17 @@ proxy.route { prefix = "/", upstream = app }
     cfg:close()
   end)
 
+  it("refuses a call-out from the configuration script itself, at its line", function()
+    local ok, err = testing.try_load(HEAD .. 'require("moonproxy.http").request { url = "http://127.0.0.1:2/" }\n',
+      { text = true, http = function() return { status = 200, headers = {}, body = "" } end })
+    assert.is_nil(ok)
+    assert.matches("^config.lua:3: .*only hooks can call out", err)
+    ok, err = testing.try_load(HEAD .. 'proxy.redis { addr = "127.0.0.1:6379" }:call("PING")\n',
+      { text = true, redis = function() return "PONG" end })
+    assert.is_nil(ok)
+    assert.matches("only hooks can call out", err)
+  end)
+
   it("checks proxy.redis options at their line", function()
     local ok, err = testing.try_load(HEAD .. 'proxy.redis { addr = "127.0.0.1:6379", pool = 0 }\n', { text = true })
     assert.is_nil(ok)
