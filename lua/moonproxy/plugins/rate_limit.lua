@@ -1,33 +1,72 @@
--- moonproxy.plugins.rate_limit: a token bucket per client (or per any key),
--- shared by all workers through proxy.shared.
+-- moonproxy.plugins.rate_limit: requests per client (or per any key), as a
+-- token bucket or in fixed windows, counted by the process (all its workers,
+-- through proxy.shared) or in Redis (every proxy sharing it).
 --
 --   { "rate_limit", rate = 10, burst = 20, key = "header:x-api-key" }
+--   { "rate_limit", limit = 100, window = 60 }                 -- 100 a minute
+--   { "rate_limit", limit = 100, window = 60, policy = "redis", redis = R, batch = 10 }
 --
--- rate       required: requests per second refilled (fractional: 0.5 is one
---            every two seconds).
+-- rate       token bucket: requests per second refilled (fractional: 0.5 is
+--            one every two seconds).
 -- burst      bucket size: requests allowed at once (default max(1, rate)).
+-- limit      fixed windows: at most limit requests per key in each window of
+--            window seconds (an integer), aligned to the clock: window k is
+--            [k * window, (k + 1) * window). Exclusive with rate and burst.
+--            Locally the clock is proxy.now() (monotonic, one for the host's
+--            processes); in Redis it is Redis' TIME, one for every proxy.
 -- key        "remote_addr" (default), "header:NAME", or function(req) -> string.
 --            A request without a key (the header is absent, the function
 --            returns nil) is let through and not counted.
--- scope      a name for the buckets (default: derived from rate, burst and
---            key). Instances with the same scope share buckets: give routes
+-- scope      a name for the counts (default: derived from the numbers and
+--            key). Instances with the same scope share counts: give routes
 --            that must be limited apart a scope each.
 -- dict       the shared dictionary (default "rate_limit"), of dict_size bytes
 --            (default "10m").
+-- policy     "local" (default) or "redis": counted atomically in Redis, one
+--            script per algorithm (SCRIPT LOAD once per worker, EVALSHA, EVAL
+--            when Redis lost it). Token buckets refill by Redis' TIME.
+-- redis      with policy = "redis", required: a proxy.redis client.
+-- on_error   what a request gets while Redis cannot be reached (a failed or
+--            timed-out call, and while the circuit below is open): "local"
+--            (default) counts it in dict as policy = "local" would; "allow"
+--            lets it through uncounted; "deny" answers 503 with Retry-After
+--            (the seconds until Redis is tried again): the limiter's
+--            dependency is down, not the client over its limit (a 429 would
+--            tell a well-behaved client it was), and a 5xx is what alerting
+--            counts.
+--            The circuit: after a failure, each worker skips Redis for 1 s,
+--            doubling while it keeps failing up to 30 s; then one request
+--            tries it again (the others go on with on_error until it
+--            answers), and a success closes it. At most one log line per
+--            second per worker.
+-- batch      with policy = "redis", an integer N >= 1 (default 1), at most
+--            limit (burst): a worker takes N units in one script call and
+--            admits from its lease until it is used up (fixed windows: or the
+--            window ends). Redis sees one call per N requests per worker and
+--            key. Accuracy, with W workers in all the proxies sharing Redis:
+--            each holds at most N - 1 unused units per key. Fixed windows
+--            never admit more than limit per window; up to (W - 1) * (N - 1)
+--            requests may be refused early while other workers hold units,
+--            which lapse at the window's end. A token bucket may admit up to
+--            W * (N - 1) more than burst at once (units taken earlier and
+--            spent later; leases do not lapse), never more than rate over
+--            time; a lease a worker holds serves only the requests that
+--            worker gets.
 --
--- When the dictionary cannot hold a bucket (it is full, or the key names
+-- When the dictionary cannot hold a count (it is full, or the key names
 -- another kind of entry), the request is let through: a limiter that fails
 -- closed would turn a full dictionary into an outage.
 --
--- Over the limit: 429 with Retry-After (whole seconds, at least 1) and
--- RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset
--- (draft-ietf-httpapi-ratelimit-headers). Allowed requests get RateLimit-Limit,
--- RateLimit-Remaining and RateLimit-Reset on their response; with several
+-- Over the limit: 429 with Retry-After (whole seconds, at least 1: for a
+-- window, to its end) and RateLimit-Limit, RateLimit-Remaining,
+-- RateLimit-Reset (draft-ietf-httpapi-ratelimit-headers). Allowed requests
+-- get RateLimit-Limit, RateLimit-Remaining (with batch: Redis' count plus
+-- the worker's lease) and RateLimit-Reset on their response; with several
 -- instances on one request, the one with the fewest requests left shows.
 local util = require "moonproxy.plugins.util"
 
-local type, tostring, require = type, tostring, require
-local floor, ceil, max, huge, fmt = math.floor, math.ceil, math.max, math.huge, string.format
+local type, tostring, require, setmetatable, ipairs = type, tostring, require, setmetatable, ipairs
+local floor, ceil, max, min, huge, fmt = math.floor, math.ceil, math.max, math.min, math.huge, string.format
 
 local function rate(v)
   if type(v) ~= "number" or v ~= v or v <= 0 or v == huge then
@@ -36,11 +75,13 @@ local function rate(v)
   return v
 end
 
-local function burst(v)
-  if type(v) ~= "number" or v < 1 or v ~= floor(v) or v > 2 ^ 31 then
-    return util.bad(v, "must be an integer >= 1")
+local function integer(what)
+  return function(v)
+    if type(v) ~= "number" or v < 1 or v ~= floor(v) or v > 2 ^ 31 then
+      return util.bad(v, "must be an integer >= 1" .. what)
+    end
+    return v
   end
-  return v
 end
 
 local function key(v)
@@ -55,8 +96,84 @@ local function key(v)
   return { header = h }
 end
 
+local function one_of(list)
+  local set = {}
+  for _, v in ipairs(list) do
+    set[v] = true
+  end
+  local names = '"' .. table.concat(list, '" or "') .. '"'
+  return function(v)
+    if not set[v] then
+      return util.bad(v, "must be " .. names)
+    end
+    return v
+  end
+end
+
+local function client(v)
+  if type(v) ~= "table" or type(v.call) ~= "function" or type(v.addr) ~= "string" then
+    return util.bad(v, "must be a Redis client (proxy.redis { addr = ... })")
+  end
+  return v
+end
+
 local spec = {
-  rate = rate, burst = burst, key = key, scope = util.string, dict = util.string, dict_size = util.size,
+  rate = rate, burst = integer(""), limit = integer(""), window = integer(" (seconds)"), key = key,
+  scope = util.string, dict = util.string, dict_size = util.size, policy = one_of { "local", "redis" },
+  redis = client, on_error = one_of { "local", "allow", "deny" }, batch = integer(""),
+}
+
+-- The scripts run in Redis (and, in spec/unit/rate_limit_spec.lua, on a fake
+-- of it). Each returns { granted, remaining, retry_ms, reset_ms, window }:
+-- granted of the want asked (0: refused), what is left, the milliseconds
+-- until one more is possible and until the count is whole again, and the
+-- window's number (0 for a bucket). TIME before the writes: Redis 7
+-- replicates a script's effects.
+local scripts = {
+  window = [[
+-- moonproxy rate_limit: fixed window (KEYS[1]; ARGV: limit, window_ms, want)
+local t = redis.call("TIME")
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local limit, window, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local id = math.floor(now / window)
+local left = (id + 1) * window - now
+local c = redis.call("HMGET", KEYS[1], "id", "n")
+local n = 0
+if tonumber(c[1]) == id then
+  n = tonumber(c[2]) or 0
+end
+local grant = math.max(0, math.min(want, limit - n))
+if grant > 0 then
+  n = n + grant
+  redis.call("HSET", KEYS[1], "id", id, "n", n)
+  redis.call("PEXPIRE", KEYS[1], left)
+end
+return { grant, math.max(0, limit - n), left, left, id }
+]],
+  bucket = [[
+-- moonproxy rate_limit: token bucket (KEYS[1]; ARGV: rate, burst, want)
+local t = redis.call("TIME")
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local rate, burst, want = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local b = redis.call("HMGET", KEYS[1], "tokens", "at")
+local tokens, at = tonumber(b[1]), tonumber(b[2])
+if not tokens or not at then
+  tokens, at = burst, now
+elseif now > at then
+  tokens, at = math.min(burst, tokens + (now - at) * rate), now
+end
+local grant = math.max(0, math.min(want, math.floor(tokens)))
+if grant > 0 then
+  tokens = tokens - grant
+  redis.call("HSET", KEYS[1], "tokens", string.format("%.17g", tokens), "at", string.format("%.17g", at))
+  redis.call("PEXPIRE", KEYS[1], math.ceil((burst - tokens) / rate * 1000) + 1000)
+end
+local retry = 0
+if grant == 0 then
+  retry = math.ceil((1 - tokens) / rate * 1000)
+end
+return { grant, math.floor(tokens), retry, math.ceil((burst - tokens) / rate * 1000), 0 }
+]],
 }
 
 local function key_of(conf, req)
@@ -71,9 +188,139 @@ local function key_of(conf, req)
   return type(v) == "table" and v[1] or v
 end
 
--- Whole seconds until the bucket holding remaining tokens is full again.
-local function reset_after(conf, remaining)
-  return ceil((conf.burst - remaining) / conf.rate)
+-- Counts one request in the process: allowed, remaining, seconds (to wait
+-- when refused, until the count is whole when allowed); nil when the dict
+-- cannot hold the count.
+local function count_local(conf, k)
+  if conf.window then
+    local w = conf.window
+    local now = conf.proxy.now()
+    local id = floor(now / w)
+    local left = (id + 1) * w - now
+    local n = conf.dict:incr(conf.prefix .. id .. "|" .. k, 1, 0, left + 1)
+    if not n then
+      return nil
+    end
+    return n <= conf.limit, max(0, conf.limit - n), left
+  end
+  local allowed, remaining, retry_after = conf.dict:take(conf.prefix .. k, conf.rate, conf.burst, 1)
+  if allowed == nil then
+    return nil
+  end
+  remaining = max(0, floor(remaining))
+  if not allowed then
+    return false, 0, retry_after or 1
+  end
+  return true, remaining, (conf.burst - remaining) / conf.rate
+end
+
+-- Redis ------------------------------------------------------------------------
+-- Per worker (module state lives in one worker's VM): each client's script
+-- SHAs and circuit.
+
+local shas = setmetatable({}, { __mode = "k" })     -- client -> { window = sha, bucket = sha }
+local circuits = setmetatable({}, { __mode = "k" }) -- client -> { delay, open_until, probe_until }
+local last_log = -huge
+local MAX_DELAY, MAX_LEASES = 30, 10000
+
+local function log(conf, c, err)
+  local now = conf.proxy.now()
+  if now < last_log + 1 or package.loaded["moonproxy.testing.callouts"] then
+    return -- the simulator's trace shows the failed call already
+  end
+  last_log = now
+  io.stderr:write(fmt("%s [warn] rate_limit: redis %s: %s (on_error = %s; Redis skipped for %g s)\n",
+    os.date("!%Y-%m-%dT%H:%M:%SZ"), conf.redis.addr, tostring(err), conf.on_error, c.delay))
+end
+
+local function circuit(r)
+  local c = circuits[r]
+  if not c then
+    c = { delay = 0, open_until = -huge }
+    circuits[r] = c
+  end
+  return c
+end
+
+-- Runs the script for conf's algorithm on Redis key rk: the reply, or nil, err.
+local function run_script(conf, rk, want)
+  local r, which = conf.redis, conf.algo
+  local s = shas[r]
+  if not s then
+    s = {}
+    shas[r] = s
+  end
+  local a1, a2 = conf.args[1], conf.args[2]
+  if not s[which] then
+    local sha, err = r:call("SCRIPT", "LOAD", scripts[which])
+    if type(sha) ~= "string" then
+      return nil, err or "SCRIPT LOAD: unexpected reply"
+    end
+    s[which] = sha
+  end
+  local v, err = r:call("EVALSHA", s[which], 1, rk, a1, a2, want)
+  if v == nil and type(err) == "string" and err:find("^NOSCRIPT") then
+    -- Redis restarted or was flushed: EVAL runs it and caches it again, under the same SHA
+    v, err = r:call("EVAL", scripts[which], 1, rk, a1, a2, want)
+  end
+  return v, err
+end
+
+-- Counts one request in Redis (or from this worker's lease): allowed,
+-- remaining, seconds as count_local; or nil, circuit when Redis cannot be
+-- reached.
+local function count_redis(conf, k)
+  local now = conf.proxy.now()
+  local leases = conf.leases
+  local lease = leases and leases[k]
+  if lease then
+    if lease.n > 0 and now < lease.expires then
+      lease.n = lease.n - 1
+      if lease.n == 0 then
+        leases[k], conf.nleases = nil, conf.nleases - 1
+      end
+      return true, lease.remaining + lease.n, conf.window and lease.expires - now or lease.reset
+    end
+    leases[k], conf.nleases = nil, conf.nleases - 1
+  end
+  local c = circuit(conf.redis)
+  if now < c.open_until or (c.probe_until and now < c.probe_until) then
+    return nil, c
+  end
+  if c.delay > 0 then
+    c.probe_until = now + conf.redis.timeout + 1 -- this request tries Redis; the others wait for it
+  end
+  local v, err = run_script(conf, conf.rprefix .. k, conf.batch)
+  now = conf.proxy.now()
+  if type(v) ~= "table" or type(v[1]) ~= "number" or type(v[3]) ~= "number" then
+    c.delay = c.delay > 0 and min(MAX_DELAY, c.delay * 2) or 1
+    c.open_until, c.probe_until = now + c.delay, nil
+    log(conf, c, err or "unexpected reply to the script")
+    return nil, c
+  end
+  c.delay, c.open_until, c.probe_until = 0, -huge, nil
+  local granted, remaining, retry_ms, reset_ms, id = v[1], v[2] or 0, v[3], v[4] or 0, v[5]
+  if granted < 1 then
+    return false, 0, retry_ms / 1000
+  end
+  if granted > 1 then
+    leases = conf.leases
+    lease = leases[k]
+    if lease and lease.id == id then -- another request of this worker leased meanwhile
+      lease.n = lease.n + granted - 1
+    else
+      if not lease then
+        if conf.nleases >= MAX_LEASES then -- many keys: drop the leases (their units lapse)
+          leases, conf.nleases = {}, 0
+          conf.leases = leases
+        end
+        conf.nleases = conf.nleases + 1
+      end
+      leases[k] = { n = granted - 1, id = id, expires = conf.window and now + reset_ms / 1000 or huge,
+        remaining = remaining, reset = reset_ms / 1000 }
+    end
+  end
+  return true, remaining + granted - 1, reset_ms / 1000
 end
 
 return {
@@ -81,17 +328,41 @@ return {
 
   schema = function(conf)
     local c = util.check(conf, spec)
-    if not c.rate then
-      util.fail("needs rate = N (requests per second)")
+    local window = c.limit or c.window
+    if window and (c.rate or c.burst) then
+      util.fail("counts either as a token bucket (rate, burst) or in fixed windows (limit, window), not both")
+    elseif window and not (c.limit and c.window) then
+      util.fail("fixed windows need both limit = N and window = seconds")
+    elseif not window and not c.rate then
+      util.fail("needs rate = N (requests per second), or limit = N and window = seconds")
     end
-    local b = c.burst or max(1, c.rate)
+    local redis = c.policy == "redis"
+    if redis and not c.redis then
+      util.fail('policy = "redis" needs redis = a client (proxy.redis { addr = ... })')
+    end
+    for _, k in ipairs { "redis", "on_error", "batch" } do
+      if c[k] ~= nil and not redis then
+        util.fail("'%s' needs policy = \"redis\"", k)
+      end
+    end
+    local b = not window and (c.burst or max(1, c.rate)) or nil
+    if c.batch and c.batch > (b or c.limit) then
+      util.fail("'batch' must be at most %s (%d), got %d", b and "burst" or "limit", b or c.limit, c.batch)
+    end
     local kind = type(c.key) == "table" and "header:" .. c.key.header or type(c.key) == "function" and "fn"
       or "remote_addr"
+    local prefix = (c.scope or (window and fmt("w%d/%d/%s", c.limit, c.window, kind)
+      or fmt("%s/%s/%s", tostring(c.rate), tostring(b), kind))) .. "|"
+    local batch = c.batch or 1
+    local proxy = require("moonproxy") -- here rather than at the top: require has no dependency on the runtime
     return {
-      rate = c.rate, burst = b, key = c.key or "remote_addr", limit = tostring(floor(b)),
-      prefix = (c.scope or fmt("%s/%s/%s", tostring(c.rate), tostring(b), kind)) .. "|",
-      -- required here rather than at the top, so require has no dependency on the runtime
-      dict = require("moonproxy").shared(c.dict or "rate_limit", c.dict_size or "10m"),
+      rate = c.rate, burst = b, window = c.window, limit = c.limit or b, key = c.key or "remote_addr",
+      limit_header = tostring(floor(c.limit or b)), prefix = prefix, proxy = proxy,
+      dict = proxy.shared(c.dict or "rate_limit", c.dict_size or "10m"),
+      redis = redis and c.redis or nil, on_error = c.on_error or "local", batch = batch,
+      algo = window and "window" or "bucket", rprefix = "moonproxy:rate_limit:" .. prefix,
+      args = window and { tostring(c.limit), tostring(c.window * 1000) } or { fmt("%.17g", c.rate), tostring(b) },
+      leases = redis and batch > 1 and {} or nil, nleases = 0,
     }
   end,
 
@@ -100,21 +371,36 @@ return {
     if k == nil then
       return
     end
-    local allowed, remaining, retry_after = conf.dict:take(conf.prefix .. k, conf.rate, conf.burst, 1)
-    if allowed == nil then
-      return -- the dict cannot hold the bucket (a huge key, or full of other entries): fail open
+    local allowed, remaining, secs
+    if conf.redis then
+      local c
+      allowed, remaining, secs = count_redis(conf, k)
+      if allowed == nil then
+        c = remaining
+        if conf.on_error == "allow" then
+          return
+        elseif conf.on_error == "deny" then
+          local wait = tostring(max(1, ceil(c.open_until - conf.proxy.now() - 0.001)))
+          return req:respond(503, "rate limit unavailable\n", { ["Retry-After"] = wait })
+        end
+        allowed, remaining, secs = count_local(conf, k)
+      end
+    else
+      allowed, remaining, secs = count_local(conf, k)
     end
-    remaining = max(0, floor(remaining))
+    if allowed == nil then
+      return -- the dict cannot hold the count (a huge key, or full of other entries): fail open
+    end
     if not allowed then
-      local wait = tostring(max(1, ceil(retry_after or 1)))
+      local wait = tostring(max(1, ceil(secs)))
       return req:respond(429, "too many requests\n", {
-        ["Retry-After"] = wait, ["RateLimit-Limit"] = conf.limit,
+        ["Retry-After"] = wait, ["RateLimit-Limit"] = conf.limit_header,
         ["RateLimit-Remaining"] = "0", ["RateLimit-Reset"] = wait,
       })
     end
     local prev = req.ctx.rate_limit
     if not prev or remaining < prev.remaining then
-      req.ctx.rate_limit = { limit = conf.limit, remaining = remaining, reset = reset_after(conf, remaining) }
+      req.ctx.rate_limit = { limit = conf.limit_header, remaining = remaining, reset = ceil(secs) }
     end
   end,
 
