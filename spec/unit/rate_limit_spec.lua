@@ -411,6 +411,19 @@ describe("rate_limit batch", function()
     assert.equal("200 200 200 200", statuses(a, 4))
   end)
 
+  it("drops a lease at its window's end: its units lapse", function()
+    local redis = fake_redis()
+    redis.clock = 1700000000 - 1700000000 % 60 + 50 -- 10 s left
+    local cfg = load("limit = 10, window = 60, policy = 'redis', redis = R, batch = 5", redis)
+    assert.equal(200, hit(cfg)) -- holds 4
+    assert.equal(2, #redis.log)
+    redis.clock = redis.clock + 10
+    cfg:set_now(1010)
+    assert.equal(200, hit(cfg))
+    assert.same({ "SCRIPT LOAD", "EVALSHA", "EVALSHA" }, redis.log) -- a new lease, in the new window
+    assert.equal("200 200 200 200 200 200 200 200 200 429", statuses(cfg, 10))
+  end)
+
   it("leases from a token bucket (no more than the tokens there are)", function()
     local redis = fake_redis()
     local cfg = load("rate = 1, burst = 5, policy = 'redis', redis = R, batch = 3", redis)
