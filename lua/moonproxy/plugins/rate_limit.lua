@@ -27,7 +27,7 @@
 --            when Redis lost it). Token buckets refill by Redis' TIME.
 -- redis      with policy = "redis", required: a proxy.redis client.
 -- on_error   what a request gets while Redis cannot be reached (a failed or
---            timed-out call, and while the circuit below is open): "local"
+--            timed-out call, an error reply, the circuit below open): "local"
 --            (default) counts it in dict as policy = "local" would; "allow"
 --            lets it through uncounted; "deny" answers 503 with Retry-After
 --            (the seconds until Redis is tried again): the limiter's
@@ -50,8 +50,8 @@
 --            which lapse at the window's end. A token bucket may admit up to
 --            W * (N - 1) more than burst at once (units taken earlier and
 --            spent later; leases do not lapse), never more than rate over
---            time; a lease a worker holds serves only the requests that
---            worker gets.
+--            time. A worker keeps leases for at most 10,000 keys (past that
+--            it drops them, their units unused).
 --
 -- When the dictionary cannot hold a count (it is full, or the key names
 -- another kind of entry), the request is let through: a limiter that fails
