@@ -36,6 +36,8 @@ local DEFAULTS = {
   static = { index = "index.html" },
   tls = { protocols = { "TLSv1.2", "TLSv1.3" } },
   upstream_tls = { verify = true },
+  resolver = { timeout = 2 },
+  resolve = { min = 1, max = 300 },
 }
 
 -- Fills t's missing fields from DEFAULTS[kind] (a list is copied: each
@@ -255,7 +257,36 @@ local function lua_memory(v)
   return n, err
 end
 
+-- settings.resolver = { nameservers = { "127.0.0.1:5353" }, hosts = "path", timeout = 2 }:
+-- where upstream names are looked up (src/resolve.c); defaults: /etc/resolv.conf, /etc/hosts.
+local function nameserver(v)
+  if type(v) == "string" then
+    local host, port = v:match("^([%d.]+):(%d+)$")
+    host = host or v:match("^([%d.]+)$")
+    if not host then
+      host, port = v:match("^%[([%x:.]+)%]:(%d+)$")
+      host = host or v:match("^%[([%x:.]+)%]$")
+    end
+    if host and (not port or (#port <= 5 and tonumber(port) >= 1 and tonumber(port) <= 65535)) and
+      (host:find(":", 1, true) or schema.server_addr(host .. ":53")) then
+      return v
+    end
+  end
+  return bad(v, 'must be a numeric address "ip", "ip:port" or "[ipv6]:port"')
+end
+
+local resolver_spec = { nameservers = schema.list(nameserver, true), hosts = schema.string, timeout = schema.duration }
+
+local function resolver(v, src, what)
+  local r = with_defaults(check(v, resolver_spec, what, src), "resolver")
+  if r.timeout > 60 then
+    fail(src, "%s: timeout must be at most 60 seconds, got %s", what, show(r.timeout))
+  end
+  return r
+end
+
 local settings_spec = {
+  resolver = resolver,
   workers = workers,
   client_header_timeout = schema.duration,
   client_body_timeout = schema.duration,
@@ -292,6 +323,7 @@ function _M.settings(t)
     end
   end
   with_defaults(s, "settings")
+  s.resolver = s.resolver or with_defaults({}, "resolver")
   s.src = src
   state.settings = s
   local fits, held = true, 0
@@ -414,7 +446,19 @@ local function upstream_tls(v, src, what)
   return with_defaults(t, "upstream_tls")
 end
 
+-- resolve = { min = 1, max = 300 }: bounds, in seconds, on the TTL of a server name's answer.
+local resolve_spec = { min = schema.duration, max = schema.duration }
+
+local function resolve(v, src, what)
+  local r = with_defaults(check(v, resolve_spec, what, src), "resolve")
+  if r.min > r.max then
+    fail(src, "%s: min (%s) is greater than max (%s)", what, show(r.min), show(r.max))
+  end
+  return r
+end
+
 local upstream_spec = {
+  resolve = resolve,
   servers = servers, tls = upstream_tls, balancer = balancer, keepalive = schema.integer(0, 100000),
   keepalive_timeout = schema.duration, timeouts = timeouts, retries = schema.integer(0, 100), host = schema.host_header,
   hash_key = hash_key, health = health, passive = passive, fail_open = schema.boolean, retry_budget = ratio,
@@ -435,6 +479,7 @@ local function declare_upstream(name, t, src)
   with_defaults(u, "upstream")
   u.timeouts = u.timeouts or timeouts({}, src, what)
   u.passive = u.passive or passive({}, src, what)
+  u.resolve = u.resolve or with_defaults({}, "resolve")
   if u.balancer == "chash" and not u.hash_key then
     fail(src, '%s: balancer "chash" needs hash_key ("header:NAME", "cookie:NAME", "ip", or a function)', what)
   end
@@ -680,6 +725,10 @@ function _M._finish(script)
   end
   if not s.settings then
     s.settings = with_defaults({}, "settings")
+    s.settings.resolver = with_defaults({}, "resolver")
+  end
+  if s.settings.resolver.hosts then
+    s.settings.resolver.hosts = relative_to(dir, s.settings.resolver.hosts)
   end
   for _, u in ipairs(s.upstreams) do
     if s.settings.lua_balancers and BALANCERS[u.balancer] then

@@ -28,7 +28,7 @@ L1 req.h gen.h config.h
 L2 req head l_request balancer gen.c
 L2 config.c vm metrics
 L2 l_core l_http1 l_router l_config l_shared l_balance l_path
-L3 conn upstream pool ctx io static probe tunnel cache compress redis l_http
+L3 conn upstream pool ctx io static probe tunnel cache compress redis l_http l_redis resolve
 L4 worker listener
 L5 main reload admin sim guard l_sim
 '
@@ -46,6 +46,9 @@ L5 main reload admin sim guard l_sim
 #                (config.h, L1).
 #   l_request L2 (DESIGN.md); l_http L3: a call-out over the worker's sockets (beside redis);
 #   l_sim    L5: the binding of sim.c.
+#   resolve  L3: DNS over c-ares, its own sockets (the blocking lookups of configuration
+#                builds, off the worker loops, and a watch on the main loop); config.c (L2)
+#                reaches it through the resolver main.c and l_sim.c install (config.h).
 # Not checked: fuzz.c (the libFuzzer driver, test-only).
 SKIP=" fuzz.c "
 

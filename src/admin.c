@@ -191,6 +191,8 @@ static void configz(admin_conn_t *c)
         for (size_t s = 0; s < u->nservers; s++) {
             mp_strbuf_printf(&b, "%s{\"addr\":", s ? "," : "");
             sb_str(&b, u->servers[s].addr.text);
+            mp_strbuf_printf(&b, ",\"name\":");
+            sb_str(&b, u->servers[s].name);
             mp_strbuf_printf(&b, ",\"weight\":%d}", u->servers[s].weight);
         }
         mp_strbuf_printf(&b, "]}");
@@ -216,6 +218,8 @@ static void upstreams(admin_conn_t *c)
                 continue;
             mp_strbuf_printf(&b, "%s{\"addr\":", s ? "," : "");
             sb_str(&b, p->addr);
+            mp_strbuf_printf(&b, ",\"name\":");
+            sb_str(&b, u->servers[s].name);
             double open = p->open_until;
             mp_strbuf_printf(&b,
                              ",\"weight\":%d,\"healthy\":%s,\"probe_up\":%s,\"circuit\":\"%s\",\"active\":%d,"

@@ -8,17 +8,27 @@
 #include "vm.h"
 
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <lauxlib.h>
 #include <limits.h>
 #include <lua.h>
 #include <luajit.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
 
 /* ---- addresses ---------------------------------------------------------- */
+
+/* resolve.c's lookup, installed by the server and the Lua module (config.h). */
+static _Atomic(mp_config_resolve_fn) resolver;
+
+void mp_config_set_resolver(mp_config_resolve_fn fn)
+{
+    atomic_store(&resolver, fn);
+}
 
 static int parse_port(const char *s, unsigned *port)
 {
@@ -320,6 +330,37 @@ static void build_wire_settings(lua_State *L, int t, mp_settings_t *s, const cha
         fail(L, src, "settings: escaped_slashes must be \"reject\", \"keep\" or \"decode\", got \"%s\"", mode);
 }
 
+/* settings.resolver = { nameservers = { "127.0.0.1:5353" }, hosts, timeout }:
+ * the nameservers joined for c-ares ("a,b"). */
+static void build_resolver(lua_State *L, int t, mp_resolver_def_t *r, const char *src)
+{
+    const char *w = "settings.resolver";
+    need_table(L, t, "resolver", src, "settings");
+    int rt = lua_gettop(L);
+    r->timeout = get_num(L, rt, "timeout", 0.01, 60, 0, src, w);
+    r->hosts = xstrdup(L, get_str(L, rt, "hosts", src, w));
+    if (get_table(L, rt, "nameservers", src, w)) {
+        size_t n = lua_objlen(L, -1);
+        for (size_t i = 0; i < n; i++) {
+            lua_rawgeti(L, -1, (int)i + 1);
+            if (lua_type(L, -1) != LUA_TSTRING)
+                fail(L, src, "%s: nameservers[%zu] must be a string", w, i + 1);
+            lua_pop(L, 1);
+        }
+        if (n) {
+            lua_getglobal(L, "table");
+            lua_getfield(L, -1, "concat");
+            lua_pushvalue(L, -3);
+            lua_pushliteral(L, ",");
+            lua_call(L, 2, 1);
+            r->nameservers = xstrdup(L, lua_tostring(L, -1));
+            lua_pop(L, 2);
+        }
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+}
+
 static void build_settings(lua_State *L, mp_settings_t *s)
 {
     need_table(L, 1, "settings", NULL, "config");
@@ -341,6 +382,7 @@ static void build_settings(lua_State *L, mp_settings_t *s)
     s->reload_drain_timeout = get_dur(L, t, "reload_drain_timeout", src, w);
     s->hook_timeout = get_dur(L, t, "hook_timeout", src, w);
     s->watch = get_bool(L, t, "watch", src, w);
+    build_resolver(L, t, &s->resolver, src);
 
     lua_getfield(L, t, "access_log"); /* false: off */
     if (lua_isnil(L, -1))
@@ -562,6 +604,124 @@ static void build_health(lua_State *L, int t, mp_upstream_def_t *u, const char *
     lua_pop(L, 1);
 }
 
+static void addr_dispose(mp_addr_t *a);
+
+/* Appends a server to u (a's text is taken); an address already there (a
+ * name that resolved to a listed one) is left out. */
+static void add_server(lua_State *L, mp_upstream_def_t *u, size_t *cap, mp_addr_t *a, const char *name, int weight,
+                       int by_name)
+{
+    for (size_t i = 0; i < u->nservers; i++)
+        if (strcmp(u->servers[i].addr.text, a->text) == 0) {
+            addr_dispose(a);
+            return;
+        }
+    if (u->nservers == *cap) {
+        mp_server_def_t *more = realloc(u->servers, *cap * 2 * sizeof(*more));
+        if (!more) {
+            addr_dispose(a);
+            fail(L, NULL, "out of memory");
+        }
+        u->servers = more;
+        *cap *= 2;
+    }
+    mp_server_def_t *s = &u->servers[u->nservers];
+    *s = (mp_server_def_t){.addr = *a, .weight = weight, .by_name = by_name};
+    u->nservers++; /* owned by the config from here: freed with it */
+    s->name = xstrdup(L, name);
+}
+
+/* "name:port" with a DNS name (letters, digits, "-", "_", dots), not an
+ * IP address: a server resolve_server looks up. */
+static int dns_name(const char *text)
+{
+    const char *colon = strrchr(text, ':');
+    unsigned port;
+    if (!colon || colon == text || (size_t)(colon - text) > 253 || parse_port(colon + 1, &port) != 0 || port == 0)
+        return 0;
+    int letter = 0;
+    size_t label = 0;
+    for (const char *p = text; p < colon; p++) {
+        unsigned char c = (unsigned char)*p;
+        if (c == '.') {
+            if (label == 0)
+                return 0;
+            label = 0;
+        } else if (isalnum(c) || c == '-' || c == '_') {
+            letter |= !isdigit(c);
+            if (++label > 63)
+                return 0;
+        } else {
+            return 0;
+        }
+    }
+    return letter;
+}
+
+/* A server written "name:port": one server per address the name resolves
+ * to (resolve.h), each with the name's weight. */
+static void resolve_server(lua_State *L, mp_config_t *cfg, mp_upstream_def_t *u, size_t *cap, const char *text,
+                           int weight)
+{
+    const char *colon = strrchr(text, ':');
+    char host[256], err[512];
+    memcpy(host, text, (size_t)(colon - text));
+    host[colon - text] = '\0';
+    unsigned port = 0;
+    parse_port(colon + 1, &port);
+    mp_sockaddr_t addrs[MP_RESOLVE_MAX];
+    mp_config_resolve_fn fn = atomic_load(&resolver);
+    int n = -1;
+    if (!fn)
+        snprintf(err, sizeof(err), "%s: names are not resolved here (no resolver)", host);
+    else
+        n = fn(&cfg->settings.resolver, host, addrs, MP_RESOLVE_MAX, err, sizeof(err));
+    if (n <= 0)
+        fail(L, u->src, "upstream %s: server %s: cannot resolve: %s", u->name, text, n == 0 ? "no address" : err);
+    for (int i = 0; i < n; i++) {
+        mp_addr_t a = {.ss = addrs[i].ss, .sslen = addrs[i].sslen};
+        char ip[INET6_ADDRSTRLEN], t[INET6_ADDRSTRLEN + 8];
+        if (a.ss.ss_family == AF_INET6) {
+            struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&a.ss;
+            in6->sin6_port = htons((uint16_t)port);
+            inet_ntop(AF_INET6, &in6->sin6_addr, ip, sizeof(ip));
+            snprintf(t, sizeof(t), "[%s]:%u", ip, port);
+        } else {
+            struct sockaddr_in *in = (struct sockaddr_in *)&a.ss;
+            in->sin_port = htons((uint16_t)port);
+            inet_ntop(AF_INET, &in->sin_addr, ip, sizeof(ip));
+            snprintf(t, sizeof(t), "%s:%u", ip, port);
+        }
+        if (!(a.text = strdup(t)))
+            fail(L, NULL, "out of memory");
+        add_server(L, u, cap, &a, text, weight, 1);
+    }
+}
+
+/* TLS to servers given by name: SNI and the name verified are that name
+ * (not the address it resolved to) unless tls.server_name says otherwise;
+ * servers of more than one name, or of names and addresses, need it said. */
+static void tls_name_of_servers(lua_State *L, mp_upstream_def_t *u)
+{
+    int any = 0;
+    for (size_t i = 0; i < u->nservers; i++)
+        any |= u->servers[i].by_name;
+    if (!u->tls || u->tls_name || !any)
+        return;
+    const char *first = u->servers[0].name;
+    size_t hlen = (size_t)(strrchr(first, ':') - first);
+    for (size_t i = 0; i < u->nservers; i++) {
+        const char *n = u->servers[i].name;
+        if (!u->servers[i].by_name || strncmp(n, first, hlen) != 0 || n[hlen] != ':')
+            fail(L, u->src,
+                 "upstream %s: tls: servers given by more than one name (or by name and by address) "
+                 "need tls.server_name",
+                 u->name);
+    }
+    if (!(u->tls_name = strndup(first, hlen)))
+        fail(L, NULL, "out of memory");
+}
+
 static void build_upstream(lua_State *L, mp_config_t *cfg, mp_upstream_def_t *u)
 {
     int t = lua_gettop(L);
@@ -593,20 +753,43 @@ static void build_upstream(lua_State *L, mp_config_t *cfg, mp_upstream_def_t *u)
     u->send_timeout = get_dur(L, tt, "send", src, "upstream timeouts");
     u->read_timeout = get_dur(L, tt, "read", src, "upstream timeouts");
     lua_pop(L, 1);
+    need_table(L, t, "resolve", src, w);
+    u->resolve_min = get_dur(L, lua_gettop(L), "min", src, "upstream resolve");
+    u->resolve_max = get_dur(L, lua_gettop(L), "max", src, "upstream resolve");
+    lua_pop(L, 1);
+    if (u->resolve_min > u->resolve_max)
+        fail(L, src, "upstream '%s': resolve: min (%g) is greater than max (%g)", name, u->resolve_min, u->resolve_max);
     if (!get_table(L, t, "servers", src, w) || lua_objlen(L, -1) == 0)
         fail(L, src, "upstream '%s': needs at least one server", name);
-    size_t n = lua_objlen(L, -1);
-    u->servers = xcalloc(L, n, sizeof(*u->servers));
-    u->nservers = n;
+    size_t n = lua_objlen(L, -1), cap = n;
+    u->servers = xcalloc(L, cap, sizeof(*u->servers));
     for (size_t i = 0; i < n; i++) {
         lua_rawgeti(L, -1, (int)i + 1);
         if (!lua_istable(L, -1))
             fail(L, src, "upstream '%s': servers[%zu] must be a table", name, i + 1);
-        build_addr(L, &u->servers[i].addr, "addr", src, "upstream server", 0);
-        u->servers[i].weight = (int)get_num(L, lua_gettop(L), "weight", 1, 1000, 1, src, "upstream server");
+        int weight = (int)get_num(L, lua_gettop(L), "weight", 1, 1000, 1, src, "upstream server");
+        const char *text = get_str(L, lua_gettop(L), "addr", src, "upstream server");
+        if (!text)
+            fail(L, src, "upstream server: needs addr");
+        mp_addr_t a;
+        int rc = mp_addr_parse(text, &a);
+        if (rc == MP_ENOMEM)
+            fail(L, src, "out of memory");
+        if (rc == 0 && addr_port(&a) == 0) {
+            addr_dispose(&a);
+            rc = MP_EINVAL;
+        }
+        if (rc == 0) {
+            add_server(L, u, &cap, &a, text, weight, 0);
+        } else if (dns_name(text)) {
+            resolve_server(L, cfg, u, &cap, text, weight);
+        } else {
+            fail(L, src, "upstream server: bad address '%s' (\"ip:port\", \"[ipv6]:port\" or \"name:port\")", text);
+        }
         lua_pop(L, 1);
     }
     lua_pop(L, 1);
+    tls_name_of_servers(L, u);
 }
 
 static void build_upstreams(lua_State *L, mp_config_t *cfg)
@@ -1007,8 +1190,10 @@ void mp_config_free(mp_config_t *cfg)
         return;
     for (size_t i = 0; i < cfg->nupstreams; i++) {
         mp_upstream_def_t *u = &cfg->upstreams[i];
-        for (size_t j = 0; j < u->nservers; j++)
+        for (size_t j = 0; j < u->nservers; j++) {
             addr_dispose(&u->servers[j].addr);
+            free(u->servers[j].name);
+        }
         free(u->servers);
         free(u->name);
         free(u->balancer);
@@ -1038,6 +1223,8 @@ void mp_config_free(mp_config_t *cfg)
     free(cfg->admin_token);
     free(cfg->settings.trusted);
     free(cfg->settings.access_log);
+    free(cfg->settings.resolver.nameservers);
+    free(cfg->settings.resolver.hosts);
     if (cfg->router)
         mp_router_free(cfg->router);
     free(cfg->route_hooks);

@@ -19,10 +19,40 @@ typedef struct {
     char *text; /* "host:port" as written */
 } mp_addr_t;
 
+/* A server of an upstream. A server given by DNS name is one per address
+ * it resolved to (resolve.h): addr is that address ("10.0.0.7:8080", the key
+ * of its health and pool), name the name as written ("api.internal:8080");
+ * for an IP literal both are the text as written. */
 typedef struct {
     mp_addr_t addr;
+    char *name;
     int weight;
+    int by_name; /* resolved from name (DNS or a hosts file) */
 } mp_server_def_t;
+
+/* settings.resolver: where names are looked up (NULL: /etc/resolv.conf,
+ * /etc/hosts). */
+typedef struct {
+    char *nameservers; /* "127.0.0.1:5353,[::1]:53" or NULL */
+    char *hosts;       /* a hosts file read instead of /etc/hosts, or NULL */
+    double timeout;    /* seconds a lookup may take */
+} mp_resolver_def_t;
+
+/* An address a name resolved to (port 0). */
+typedef struct {
+    struct sockaddr_storage ss;
+    socklen_t sslen;
+} mp_sockaddr_t;
+
+/* Resolves host (a DNS name, no port) for a configuration build: writes at
+ * most max addresses to out and returns how many (> 0), or < 0 with the
+ * reason in err. Process-wide: the server and the Lua module install
+ * resolve.c's; without one, names are refused. */
+typedef int (*mp_config_resolve_fn)(const mp_resolver_def_t *r, const char *host, mp_sockaddr_t *out, int max,
+                                    char *err, size_t errlen);
+void mp_config_set_resolver(mp_config_resolve_fn fn);
+
+#define MP_RESOLVE_MAX 32 /* addresses used per name */
 
 #define MP_MAX_STATUSES 16
 
@@ -58,10 +88,11 @@ typedef struct {
     double keepalive_timeout;       /* seconds an idle pooled connection is kept */
     double connect_timeout, send_timeout, read_timeout; /* seconds */
     int retries;
-    char *host;           /* NULL: pass the client's Host */
-    mp_tls_client_t *tls; /* NULL: plain TCP to the servers (owned) */
-    char *tls_name;       /* SNI and the name verified; NULL: the host of each server's address */
-    char *src;            /* "file:line" */
+    char *host;                      /* NULL: pass the client's Host */
+    mp_tls_client_t *tls;            /* NULL: plain TCP to the servers (owned) */
+    char *tls_name;                  /* SNI and the name verified; NULL: the host of each server's address */
+    double resolve_min, resolve_max; /* seconds: bounds on a server name's TTL (resolve.h) */
+    char *src;                       /* "file:line" */
 } mp_upstream_def_t;
 
 typedef struct {
@@ -88,6 +119,7 @@ typedef struct {
     double reload_drain_timeout; /* seconds an old generation may keep requests */
     double hook_timeout;         /* seconds one call into Lua may take before the watchdog reports it */
     int watch;                   /* reload when the script changes */
+    mp_resolver_def_t resolver;  /* upstream servers by name */
 } mp_settings_t;
 
 /* A route's Lua chains (lua/moonproxy/hooks.lua): registry references in

@@ -174,7 +174,7 @@ int mp_head_request(mp_req_t *r, mp_buf_t *b)
     unsigned ntoks = connection_tokens(h->headers, h->nheaders, toks);
     mp_slice host = h->host;
     if (!host.len) {
-        const char *t = d->servers[r->server].addr.text;
+        const char *t = d->servers[r->server].name; /* as written: a server's name, or its address */
         host = (mp_slice){t, strlen(t)};
     }
 

@@ -55,6 +55,11 @@ static void push_settings(lua_State *L, const mp_settings_t *s)
         lua_rawseti(L, -2, (int)i + 1);
     }
     lua_setfield(L, -2, "trusted_proxies");
+    lua_createtable(L, 0, 3);
+    set_str(L, "nameservers", s->resolver.nameservers);
+    set_str(L, "hosts", s->resolver.hosts);
+    set_num(L, "timeout", s->resolver.timeout);
+    lua_setfield(L, -2, "resolver");
 }
 
 static void push_upstream(lua_State *L, const mp_upstream_def_t *u, int index)
@@ -67,6 +72,7 @@ static void push_upstream(lua_State *L, const mp_upstream_def_t *u, int index)
     set_num(L, "keepalive_timeout", u->keepalive_timeout);
     set_num(L, "retries", u->retries);
     set_str(L, "host", u->host);
+    set_str(L, "tls_name", u->tls_name);
     set_str(L, "src", u->src);
     lua_createtable(L, 0, 3);
     set_num(L, "connect", u->connect_timeout);
@@ -75,14 +81,22 @@ static void push_upstream(lua_State *L, const mp_upstream_def_t *u, int index)
     lua_setfield(L, -2, "timeouts");
     lua_createtable(L, (int)u->nservers, 0);
     lua_createtable(L, (int)u->nservers, 0);
+    lua_createtable(L, (int)u->nservers, 0); /* each server's name as written (a name: one per address) */
     for (size_t i = 0; i < u->nservers; i++) {
         lua_pushstring(L, u->servers[i].addr.text);
-        lua_rawseti(L, -3, (int)i + 1);
+        lua_rawseti(L, -4, (int)i + 1);
         lua_pushinteger(L, u->servers[i].weight);
+        lua_rawseti(L, -3, (int)i + 1);
+        lua_pushstring(L, u->servers[i].name);
         lua_rawseti(L, -2, (int)i + 1);
     }
+    lua_setfield(L, -4, "server_names");
     lua_setfield(L, -3, "weights");
     lua_setfield(L, -2, "servers");
+    lua_createtable(L, 0, 2);
+    set_num(L, "min", u->resolve_min);
+    set_num(L, "max", u->resolve_max);
+    lua_setfield(L, -2, "resolve");
 }
 
 static void push_route(lua_State *L, const mp_config_t *cfg, const mp_route_t *r)

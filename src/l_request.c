@@ -699,7 +699,7 @@ static lstate_t *vm_state(lua_State *L)
     return st;
 }
 
-mp_req_t *mp_hook_caller(lua_State *L, const char **why)
+mp_req_t *mp_hook_context(lua_State *L, const char **why)
 {
     lstate_t *st = vm_state(L);
     mp_req_t *r = st ? st->running_r : NULL;
@@ -713,6 +713,14 @@ mp_req_t *mp_hook_caller(lua_State *L, const char **why)
         *why = "a hook calls out from its own code, not from a coroutine it made";
         return NULL;
     }
+    return r;
+}
+
+mp_req_t *mp_hook_caller(lua_State *L, const char **why)
+{
+    mp_req_t *r = mp_hook_context(L, why);
+    if (!r)
+        return NULL;
     if (!r->env->wake) {
         *why = "the simulator answers call-outs only through opts.http and opts.redis";
         return NULL;
@@ -905,7 +913,8 @@ void mp_hook_abandon(lua_State *L, mp_req_t *r)
 
 void mp_hook_release(lua_State *L, mp_req_t *r)
 {
-    mp_hook_abandon(L, r);
+    if (MP_UNLIKELY(r->co || r->callout))
+        mp_hook_abandon(L, r);
     mp_lbox_t *s = r->lbox;
     if (s) {
         if (s->made & (1u << OBJ_CTX)) { /* the table may be large: let it go now */

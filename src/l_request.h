@@ -48,6 +48,10 @@ int mp_hook_log(lua_State *L, mp_req_t *r, int ref);
  * binding raises it). */
 mp_req_t *mp_hook_caller(lua_State *L, const char **why);
 
+/* mp_hook_caller's test of where L runs, alone: the simulator answers
+ * call-outs itself, only where the server could make them. */
+mp_req_t *mp_hook_context(lua_State *L, const char **why);
+
 /* Suspends the chain until c is over: `return mp_hook_yield(L, r, c);`.
  * c->start runs once no Lua runs; the binding's caller (Lua) then takes the
  * answer with mp_hook_answer. */

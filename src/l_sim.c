@@ -2,6 +2,7 @@
  * for moonproxy.testing. Results come back as plain tables: the simulator's
  * VM is its own, the caller's only sees copies. */
 #include "l_core.h"
+#include "resolve.h"
 #include "sim.h"
 
 #include <lauxlib.h>
@@ -332,6 +333,7 @@ static void sim_setup(lua_State *L)
  * build's alone): every build's parts, and the simulator. */
 int luaopen_moonproxy_core(lua_State *L)
 {
+    mp_config_set_resolver(mp_resolve_lookup); /* load_config and the simulator resolve names like the server */
     mp_l_core_open(L);
     sim_setup(L);
     luaL_register(L, NULL, sim_funcs);

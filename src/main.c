@@ -7,6 +7,7 @@
 #include "log.h"
 #include "probe.h"
 #include "reload.h"
+#include "resolve.h"
 #include "sim.h"
 #include "vm.h"
 #include "worker.h"
@@ -59,6 +60,7 @@ static struct {
     mp_reloader_t *rl;
     mp_admin_t *admin;
     mp_probes_t *probes;
+    mp_resolve_watch_t *names; /* upstream servers by name: re-resolved at their TTL */
     ev_timer deadline, poll;
     ev_signal sigterm, sigint, sighup;
 } g;
@@ -219,9 +221,21 @@ static void on_hup(struct ev_loop *loop, ev_signal *s, int revents)
 
 static void *worker_main(void *arg);
 
-static void sync_probes(void *arg, const mp_config_t *cfg)
+/* After each accepted reload: the probes and the names follow the new
+ * configuration. */
+static void on_config(void *arg, const mp_config_t *cfg)
 {
-    mp_probes_sync(arg, cfg);
+    (void)arg;
+    mp_probes_sync(g.probes, cfg);
+    mp_resolve_watch_sync(g.names, cfg);
+}
+
+/* A name's addresses changed: the running script is built again with them
+ * (servers that stay keep their health and pools; the old ones drain). */
+static int on_names_changed(void *arg, const char *why)
+{
+    (void)arg;
+    return g.stopping ? 0 : mp_reload_refresh(g.rl, why);
 }
 
 /* The reloader's validate: a script's proxy.expect guards run in a
@@ -399,6 +413,7 @@ int main(int argc, char **argv)
     if (parse_args(argc, argv, &o) != 0)
         return 2;
     signal(SIGPIPE, SIG_IGN);
+    mp_config_set_resolver(mp_resolve_lookup); /* upstream servers by name, -t and --explain too */
     if (o.explain)
         return explain(&o);
     if (o.test_only)
@@ -451,8 +466,12 @@ int main(int argc, char **argv)
         fprintf(stderr, "moonproxy: out of memory\n");
         return 1;
     }
-    mp_probes_sync(g.probes, mp_reloader_config(g.rl));
-    mp_reloader_on_config(g.rl, sync_probes, g.probes);
+    if (!(g.names = mp_resolve_watch_new(loop, on_names_changed, NULL))) {
+        fprintf(stderr, "moonproxy: out of memory\n");
+        return 1;
+    }
+    on_config(NULL, mp_reloader_config(g.rl));
+    mp_reloader_on_config(g.rl, on_config, NULL);
     if (cfg->admin && !(g.admin = mp_admin_start(loop, cfg->admin, g.rl, &g.ready, &g.stuck, err, sizeof(err)))) {
         fprintf(stderr, "moonproxy: %s\n", err);
         return 1;
@@ -489,6 +508,7 @@ int main(int argc, char **argv)
     }
     mp_log_info("stopped");
     mp_probes_free(g.probes);
+    mp_resolve_watch_free(g.names);
     mp_reloader_free(g.rl);
     mp_admin_free(g.admin);
     mp_health_close_all();

@@ -265,7 +265,8 @@ static int seen_before(const mp_upstream_def_t *u, size_t s)
 
 /* The servers of the current configuration (those of upstreams since
  * removed are left out); fn renders one. */
-static void each_server(mp_strbuf_t *b, const mp_config_t *cfg, void (*fn)(mp_strbuf_t *b, mp_peer_t *p, double now))
+static void each_server(mp_strbuf_t *b, const mp_config_t *cfg,
+                        void (*fn)(mp_strbuf_t *b, const mp_server_def_t *sd, mp_peer_t *p, double now))
 {
     double now = mp_health_now();
     for (size_t i = 0; cfg && i < cfg->nupstreams; i++) {
@@ -273,32 +274,38 @@ static void each_server(mp_strbuf_t *b, const mp_config_t *cfg, void (*fn)(mp_st
         for (size_t s = 0; s < u->nservers; s++) {
             mp_peer_t *p = seen_before(u, s) ? NULL : mp_peer_get(u->name, u->servers[s].addr.text);
             if (p)
-                fn(b, p, now);
+                fn(b, &u->servers[s], p, now);
         }
     }
 }
 
-static void server_labels(mp_strbuf_t *b, const mp_peer_t *p)
+/* upstream, server (the address) and, for a server given by DNS name, name
+ * (as written): an IP literal's series keep the labels they always had. */
+static void server_labels(mp_strbuf_t *b, const mp_server_def_t *sd, const mp_peer_t *p)
 {
     mp_strbuf_printf(b, "{upstream=");
     sb_label(b, p->upstream);
     mp_strbuf_printf(b, ",server=");
     sb_label(b, p->addr);
+    if (sd->by_name) {
+        mp_strbuf_printf(b, ",name=");
+        sb_label(b, sd->name);
+    }
 }
 
-static void render_up(mp_strbuf_t *b, mp_peer_t *p, double now)
+static void render_up(mp_strbuf_t *b, const mp_server_def_t *sd, mp_peer_t *p, double now)
 {
     mp_strbuf_printf(b, "moonproxy_upstream_server_up");
-    server_labels(b, p);
+    server_labels(b, sd, p);
     mp_strbuf_printf(b, "} %d\n", mp_peer_healthy(p, now) ? 1 : 0);
 }
 
-static void render_peer_requests(mp_strbuf_t *b, mp_peer_t *p, double now)
+static void render_peer_requests(mp_strbuf_t *b, const mp_server_def_t *sd, mp_peer_t *p, double now)
 {
     (void)now;
     for (int k = 0; k < MP_PEER_CLASSES; k++) {
         mp_strbuf_printf(b, "moonproxy_upstream_requests_total");
-        server_labels(b, p);
+        server_labels(b, sd, p);
         mp_strbuf_printf(b, ",status=\"%s\"} %llu\n", classes[k], (unsigned long long)LOAD(p->by_class[k]));
     }
 }

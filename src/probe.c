@@ -241,7 +241,7 @@ static void set_params(probe_t *p, const mp_upstream_def_t *u, const mp_server_d
     free(p->tls_name);
     mp_tls_client_free(p->tls);
     p->path = strdup(h->path ? h->path : "/");
-    p->host = h->host ? strdup(h->host) : NULL;
+    p->host = h->host ? strdup(h->host) : srv->by_name ? strdup(srv->name) : NULL; /* a name: Host is the name */
     char name[256];
     p->tls = mp_tls_client_hold(u->tls);
     p->tls_name = u->tls ? strdup(mp_tls_server_name(u->tls_name, srv->addr.text, name, sizeof(name))) : NULL;

@@ -4,6 +4,7 @@
 #include "reload.h"
 
 #include "l_http.h"
+#include "l_redis.h"
 #include "log.h"
 #include "vm.h"
 
@@ -100,8 +101,10 @@ static void *build_one(void *arg)
 {
     build_job_t *j = arg;
     j->L = mp_vm_new();
-    if (j->L)
-        mp_l_http_preload(j->L); /* a worker's VM: its hooks may call out */
+    if (j->L) { /* a worker's VM: its hooks may call out */
+        mp_l_http_preload(j->L);
+        mp_l_redis_preload(j->L);
+    }
     j->rc = j->L ? mp_config_load_text(j->L, j->path, j->text, j->len, &j->cfg, j->err, sizeof(j->err)) : MP_ENOMEM;
     if (!j->L)
         snprintf(j->err, sizeof(j->err), "out of memory");
@@ -388,8 +391,25 @@ static void warn_fixed_at_start(const mp_config_t *old, const mp_config_t *new)
         mp_log_warn("reload: body_buffer_size changed; it applies at the next restart");
 }
 
+enum { FROM_FILE, ROLLBACK, REFRESH };
+
+static int reload(mp_reloader_t *rl, int mode, const char *reason, mp_reload_cb cb, void *arg);
+
 void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb cb, void *arg)
 {
+    (void)reload(rl, rollback ? ROLLBACK : FROM_FILE, reason, cb, arg);
+}
+
+int mp_reload_refresh(mp_reloader_t *rl, const char *reason)
+{
+    return reload(rl, REFRESH, reason, NULL, NULL);
+}
+
+/* FROM_FILE reads the script; ROLLBACK takes the previous generation's text;
+ * REFRESH rebuilds the current one's (the history stays as it is). */
+static int reload(mp_reloader_t *rl, int mode, const char *reason, mp_reload_cb cb, void *arg)
+{
+    int rollback = mode == ROLLBACK;
     char err[2048];
     size_t len = 0;
     char *text = NULL;
@@ -406,6 +426,13 @@ void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb
     } else if (rollback) {
         memcpy(text, rl->prev_text, rl->prev_len);
         len = rl->prev_len;
+    } else if (mode == REFRESH) {
+        if ((text = malloc(rl->len ? rl->len : 1))) {
+            memcpy(text, rl->text, rl->len);
+            len = rl->len;
+        } else {
+            snprintf(err, sizeof(err), "out of memory");
+        }
     } else {
         text = read_file(rl->path, &len, err, sizeof(err));
     }
@@ -416,23 +443,30 @@ void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb
         free(Ls);
         free(cfgs);
         free(wt);
-        rl->reloads_refused++;
+        if (mode != REFRESH)
+            rl->reloads_refused++;
         if (cb)
             cb(arg, rl->generation, err);
-        return;
+        return MP_EINVAL;
     }
     uint64_t id = ++rl->generation;
-    rl->reloads_ok++;
-    warn_fixed_at_start(rl->cfg, cfgs[rl->nworkers]);
+    if (mode != REFRESH) {
+        rl->reloads_ok++;
+        warn_fixed_at_start(rl->cfg, cfgs[rl->nworkers]);
+    }
     mp_config_free(rl->cfg);
     mp_vm_close(rl->L);
     rl->L = Ls[rl->nworkers];
     rl->cfg = cfgs[rl->nworkers];
-    free(rl->prev_text);
-    rl->prev_text = rl->text;
-    rl->prev_len = rl->len;
-    rl->text = text;
-    rl->len = len;
+    if (mode == REFRESH) {
+        free(text); /* the same as rl->text */
+    } else {
+        free(rl->prev_text);
+        rl->prev_text = rl->text;
+        rl->prev_len = rl->len;
+        rl->text = text;
+        rl->len = len;
+    }
     rl->loaded_at = epoch_now();
     *wt = (waiter_t){id, cb, arg, rl->waiters};
     rl->waiters = wt;
@@ -444,6 +478,7 @@ void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb
     mp_log_info("reload: generation %llu loaded (%s%s)", (unsigned long long)id, reason, rollback ? ", rollback" : "");
     free(Ls);
     free(cfgs);
+    return 0;
 }
 
 void mp_reloader_on_config(mp_reloader_t *rl, void (*fn)(void *arg, const mp_config_t *cfg), void *arg)

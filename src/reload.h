@@ -40,6 +40,13 @@ void mp_reloader_start(mp_reloader_t *rl, struct ev_loop *loop);
  * worker runs it, or at once with the error. reason is logged. */
 void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb cb, void *arg);
 
+/* Rebuilds the running generation from the text it was built from (never
+ * the file on disk: edits not reloaded yet stay out), for what changed
+ * outside the script: upstream names' DNS answers (resolve.h). The history
+ * (rollback) and the reload counts are left as they are. reason is logged.
+ * Returns 0 when the new generation was handed over, nonzero when refused. */
+int mp_reload_refresh(mp_reloader_t *rl, const char *reason);
+
 /* Called on the main thread with the new configuration after each
  * accepted reload (active health checks follow it). */
 void mp_reloader_on_config(mp_reloader_t *rl, void (*fn)(void *arg, const mp_config_t *cfg), void *arg);

@@ -355,8 +355,14 @@ static int l_stub(lua_State *L)
     const char *kind = lua_tostring(L, lua_upvalueindex(2));
     lua_State *C = s->caller;
     const char *what_call = strcmp(kind, "http") == 0 ? "http.request" : "redis";
+    const char *why;
+    if (!mp_hook_context(L, &why))
+        return luaL_error(L, "%s: %s", what_call, why);
     if (!C)
-        return luaL_error(L, "%s: a guard (proxy.expect) cannot call out", what_call);
+        return luaL_error(L,
+                          "%s: a guard (proxy.expect) or --explain cannot call out (moonproxy.testing answers "
+                          "call-outs through opts.%s)",
+                          what_call, kind);
     if (!s->stubs)
         return luaL_error(L,
                           "%s: this simulation has no opts.%s to answer call-outs (moonproxy.testing.load(path, "

@@ -6,6 +6,7 @@
 
 #include "conn.h"
 #include "gen.h"
+#include "l_redis.h"
 #include "pool.h"
 #include "vm.h"
 
@@ -373,6 +374,7 @@ void mp_worker_dispose(mp_worker_t *w)
         mp_conn_abandon_orphans(&w->io, NULL);
         mp_conn_reap(&w->io);
         dispose_generations(w);
+        mp_l_redis_dispose(&w->io);
         mp_pools_dispose(&w->io);
         mp_upconn_reap(&w->io);
         for (size_t i = 0; i < w->listen.n; i++)

@@ -180,6 +180,19 @@ local function ipv4(h)
   return true
 end
 
+-- A DNS name: labels of letters, digits, "-" and "_" (at most 63 each, 253 in all).
+local function dns_name(h)
+  if #h > 253 then
+    return false
+  end
+  for label in (h .. "."):gmatch("([^.]*)%.") do
+    if label == "" or #label > 63 or not label:match("^[%w_%-]+$") then
+      return false
+    end
+  end
+  return true
+end
+
 local function addr(v, listener)
   if type(v) ~= "string" then
     return bad(v, 'must be a string "host:port"')
@@ -194,7 +207,11 @@ local function addr(v, listener)
         return bad(v, "needs a host")
       end
     elseif host ~= "localhost" and not ipv4(host) then
-      return bad(v, "must use a numeric IP address or localhost (host names are not supported yet)")
+      if listener then
+        return bad(v, "must use a numeric IP address or localhost (host names are not supported yet)")
+      elseif host:match("^[%d.]+$") or not dns_name(host) then
+        return bad(v, "must use a numeric IP address or a DNS name (letters, digits, \"-\", \"_\", dots)")
+      end
     end
   end
   local n = tonumber(port)
@@ -210,7 +227,7 @@ function _M.listen_addr(v)
   return addr(v, true)
 end
 
--- Where to connect: "ip:port" or "[ipv6]:port".
+-- Where to connect: "ip:port", "[ipv6]:port" or "name:port" (resolved: src/resolve.c).
 function _M.server_addr(v)
   return addr(v, false)
 end

@@ -1,7 +1,7 @@
 -- helpers.origin: the real backend the end-to-end specs put behind moonproxy.
 --
 -- As a script:  luajit spec/helpers/origin.lua PORT [NAME] [--idle SECONDS]
---                  [--mode MODE] [--tls CERT KEY [--client-ca CA]]
+--                  [--mode MODE] [--tls CERT KEY [--client-ca CA]] [--host IP]
 --   One process, one thread: every connection is a coroutine scheduled with
 --   socket.select, so a slow or hanging request never blocks the others.
 --   HTTP/1.1 keep-alive and pipelining, Content-Length and chunked request
@@ -11,7 +11,8 @@
 --   --tls serves TLS (LuaSec, TLS 1.2 and 1.3) with that certificate and
 --   key: the handshake runs in the connection's coroutine over the
 --   non-blocking socket; --client-ca asks every client for a certificate that
---   CA signed (a client without one fails the handshake).
+--   CA signed (a client without one fails the handshake). --host binds that
+--   loopback address instead of 127.0.0.1 (127.0.0.2: spec/e2e/dns_spec.lua).
 -- As a module:  require "helpers.origin" returns the body pattern and the
 --   checksum below (no server is started), so specs compute what to expect.
 --
@@ -162,6 +163,7 @@ local IO_TIMEOUT = 30 -- seconds without progress before giving up on a peer
 
 local NAME = "origin"
 local IDLE = 60
+local HOST = "127.0.0.1" -- the address to bind (--host)
 local stats = { connections = 0, open = 0, requests = 0, completed = 0, aborted = 0, closed_by_peer = 0 }
 local TLS_CTX = nil -- --tls: LuaSec's server context
 local paths = {} -- path -> counted requests
@@ -764,6 +766,9 @@ local function main(argv)
         elseif argv[i] == "--client-ca" then
             tls_files.ca = assert(argv[i + 1], "--client-ca CA")
             i = i + 2
+        elseif argv[i] == "--host" then
+            HOST = assert(argv[i + 1], "--host IP")
+            i = i + 2
         elseif argv[i] == "--mode" then
             local m, err = parse_mode(tostring(argv[i + 1]))
             MODE = assert(m, err)
@@ -783,9 +788,9 @@ local function main(argv)
         assert(TLS_CTX, err)
         stats.tls_handshakes, stats.tls_failed, stats.tls_clients, stats.tls_sni = 0, 0, {}, {}
     end
-    local server = assert(socket.bind("127.0.0.1", port, 1024))
+    local server = assert(socket.bind(HOST, port, 1024))
     server:settimeout(0)
-    log("listening on 127.0.0.1:" .. port)
+    log("listening on " .. HOST .. ":" .. port)
 
     while true do
         local recvt, sendt = { server }, {}

@@ -80,7 +80,7 @@ describe("load_config() defaults", function()
     assert.same({
       workers = 0, client_header_timeout = 10, client_body_timeout = 60, keepalive_timeout = 75,
       max_header_size = 16384, max_uri_size = 8192, max_body_size = 10485760, max_connections = 10000,
-      shutdown_timeout = 30, trusted_proxies = {}, access_log = "stdout",
+      shutdown_timeout = 30, trusted_proxies = {}, access_log = "stdout", resolver = { timeout = 2 },
     }, cfg.settings)
   end)
 
@@ -764,5 +764,113 @@ describe("load_config() TLS", function()
       "upstream api: tls: ")
     refused({ LISTEN, 'proxy.upstream "api" { servers = { "127.0.0.1:4" }, tls = { cert = "certs/old.pem",'
       .. ' key = "certs/old.key" } }' }, 3, "upstream api: tls: " .. dir .. "/certs/old.pem: certificate expired")
+  end)
+end)
+
+-- Upstream servers by DNS name (src/resolve.c): resolved while the configuration
+-- loads, here from a hosts file (settings.resolver.hosts, relative to the
+-- script's folder) with DNS pointed at a closed loopback port.
+describe("load_config() servers by name", function()
+  local dir = os.tmpname()
+  os.remove(dir)
+  assert(os.execute("mkdir -p " .. dir) == 0)
+  write(dir .. "/hosts", table.concat({
+    "# names for the specs",
+    "127.0.0.2   api.test   other.test",
+    "127.0.0.1   api.test",
+    "::1         six.test",
+    "127.0.0.1   dup.test",
+  }, "\n") .. "\n")
+  local RESOLVER = 'proxy.settings { resolver = { hosts = "hosts", nameservers = { "127.0.0.1:1" }, timeout = 1 } }'
+
+  local function load_in_dir(lines)
+    return load(lines, dir .. "/byname.lua")
+  end
+
+  teardown(function()
+    os.remove(dir .. "/byname.lua")
+    os.remove(dir)
+  end)
+
+  it("expands a name into one server per address, sorted, with the name's weight", function()
+    local cfg, err = load_in_dir { RESOLVER, LISTEN,
+      'proxy.upstream "api" { servers = { { addr = "api.test:8080", weight = 3 }, "six.test:81", "127.0.0.1:9" },',
+      '  resolve = { min = 2, max = 30 } }' }
+    assert(cfg, err)
+    local u = cfg.upstreams.api
+    assert.same({ "127.0.0.1:8080", "127.0.0.2:8080", "[::1]:81", "127.0.0.1:9" }, u.servers)
+    assert.same({ "api.test:8080", "api.test:8080", "six.test:81", "127.0.0.1:9" }, u.server_names)
+    assert.same({ 3, 3, 1, 1 }, u.weights)
+    assert.same({ min = 2, max = 30 }, u.resolve)
+    assert.same({ hosts = dir .. "/hosts", nameservers = "127.0.0.1:1", timeout = 1 }, cfg.settings.resolver)
+  end)
+
+  it("leaves out an address a name shares with a server listed before it", function()
+    local cfg, err = load_in_dir { RESOLVER, LISTEN, 'proxy.upstream "api" { servers = { "127.0.0.1:80", "dup.test:80" } }' }
+    assert(cfg, err)
+    assert.same({ "127.0.0.1:80" }, cfg.upstreams.api.servers)
+  end)
+
+  it("defaults resolve to min = 1, max = 300", function()
+    local cfg, err = load_in_dir { RESOLVER, LISTEN, 'proxy.upstream "api" { servers = { "api.test:80" } }' }
+    assert(cfg, err)
+    assert.same({ min = 1, max = 300 }, cfg.upstreams.api.resolve)
+  end)
+
+  it("refuses a name that does not resolve, at the upstream's line", function()
+    local cfg, err, path = load_in_dir { RESOLVER, LISTEN, 'proxy.upstream "api" { servers = { "nope.test:8080" } }' }
+    assert.is_nil(cfg)
+    local want = path .. ":4: upstream api: server nope.test:8080: cannot resolve: nope.test: "
+    assert.equal(want, err:sub(1, #want))
+  end)
+
+  it("refuses a hosts file that cannot be read", function()
+    local cfg, err, path = load_in_dir { 'proxy.settings { resolver = { hosts = "missing" } }', LISTEN,
+      'proxy.upstream "api" { servers = { "api.test:8080" } }' }
+    assert.is_nil(cfg)
+    assert.equal(path .. ":4: upstream api: server api.test:8080: cannot resolve: cannot read the hosts file "
+      .. dir .. "/missing: No such file or directory", err)
+  end)
+
+  it("refuses bad resolver and resolve options", function()
+    fails_at({ 'proxy.settings { resolver = { nameservers = { "dns.example:53" } } }' }, 2,
+      'settings: resolver: nameservers [1] must be a numeric address "ip", "ip:port" or "[ipv6]:port"')
+    fails_at({ 'proxy.settings { resolver = { nameservers = {} } }' }, 2, "nameservers must not be empty")
+    fails_at({ 'proxy.settings { resolver = { timeout = 0 } }' }, 2, "timeout must be a number of seconds")
+    fails_at({ 'proxy.settings { resolver = { timeout = 600 } }' }, 2, "timeout must be at most 60 seconds")
+    fails_at({ 'proxy.settings { resolver = { servers = {} } }' }, 2, "settings: resolver: unknown key 'servers'")
+    fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "a.test:80" }, resolve = { min = 10, max = 5 } }' }, 3,
+      "upstream 'a': resolve: min (10) is greater than max (5)")
+    fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "a.test:80" }, resolve = { min = 0 } }' }, 3,
+      "min must be a number of seconds greater than 0")
+    fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "bad$name:80" } }' }, 3, "or a DNS name")
+    fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "a..test:80" } }' }, 3, "or a DNS name")
+    fails_at({ LISTEN, 'proxy.upstream "a" { servers = { "a.test" } }' }, 3, 'must be "host:port"')
+  end)
+
+  it("takes the name as the TLS server name of servers given by it", function()
+    local cfg, err = load_in_dir { RESOLVER, LISTEN, 'proxy.upstream "api" { servers = { "api.test:443" }, tls = {} }' }
+    assert(cfg, err)
+    assert.same({ "127.0.0.1:443", "127.0.0.2:443" }, cfg.upstreams.api.servers)
+    assert.equal("api.test", cfg.upstreams.api.tls_name)
+    cfg, err = load_in_dir { RESOLVER, LISTEN,
+      'proxy.upstream "api" { servers = { "api.test:443" }, tls = { server_name = "edge.test" } }' }
+    assert(cfg, err)
+    assert.equal("edge.test", cfg.upstreams.api.tls_name)
+    local _, err2, path = load_in_dir { RESOLVER, LISTEN,
+      'proxy.upstream "api" { servers = { "127.0.0.9:443", "api.test:443" }, tls = {} }' }
+    assert.equal(path .. ":4: upstream api: tls: servers given by more than one name (or by name and by address) "
+      .. "need tls.server_name", err2)
+  end)
+
+  it("resolves names in the simulator (moonproxy.testing) too", function()
+    local testing = require "moonproxy.testing"
+    local text = HEAD .. "\n" .. table.concat({ RESOLVER, LISTEN,
+      'proxy.route { prefix = "/", upstream = proxy.upstream "api" { servers = { "api.test:8080" } } }' }, "\n")
+    local cfg = testing.load(text, { text = true, name = dir .. "/sim.lua" })
+    local seen = {}
+    for _ = 1, 4 do seen[cfg:request({ path = "/" }).server] = true end
+    cfg:close()
+    assert.same({ ["127.0.0.1:8080"] = true, ["127.0.0.2:8080"] = true }, seen)
   end)
 end)

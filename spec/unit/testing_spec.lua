@@ -520,3 +520,125 @@ proxy.upstream "green" { servers = { "127.0.0.1:2" } }
     flags:delete("color")
   end)
 end)
+
+describe("moonproxy.testing answers call-outs", function()
+  local CALLS = [[
+local http = require "moonproxy.http"
+local redis = require "moonproxy.redis"
+local r = proxy.redis { addr = "127.0.0.1:6379", timeout = 0.2 }
+local auth = proxy.upstream "auth" { servers = { "127.0.0.1:2" } }
+local app = proxy.upstream "app" { servers = { "127.0.0.1:1" } }
+proxy.route { prefix = "/api/", upstream = app, on_request = function(req)
+  local res, err = http.request { upstream = auth, method = "POST", path = "/check",
+                                  headers = { authorization = req.headers.authorization } }
+  if not res then return req:respond(503, "auth: " .. err .. "\n") end
+  if res.status ~= 200 then return req:respond(401, "no\n") end
+  req.headers["x-user"] = res.headers["x-user"]
+  req.headers["x-seen"] = tostring(r:call("INCR", "seen:" .. res.headers["x-user"]))
+  local p = r:pipeline { { "GET", "a" }, { "GET", "none" }, { "NOPE" } }
+  req.headers["x-pipe"] = tostring(p[1]) .. "," .. tostring(p[2] == redis.null) .. "," .. tostring(p[3].err)
+end, on_response = function(req, res)
+  local got = http.request { url = "http://127.0.0.1:3/audit" }
+  res.headers["x-audit"] = got and tostring(got.status) or "none"
+end }
+]]
+
+  local function auth_stub(seen)
+    return function(request)
+      seen[#seen + 1] = request
+      if request.headers and request.headers.authorization == "Bearer good" then
+        return { status = 200, headers = { ["x-user"] = "ann" }, body = "" }
+      elseif request.headers and request.headers.authorization == "down" then
+        return nil, "timeout"
+      elseif request.url then
+        return { status = 204, headers = {}, body = "" }
+      end
+      return { status = 403, headers = {}, body = "" }
+    end
+  end
+
+  local function redis_stub(cmd, key)
+    if cmd == "INCR" then return 3 end
+    if cmd == "GET" then return key == "a" and "va" or nil end
+    return nil, "ERR unknown command '" .. cmd .. "'"
+  end
+
+  it("passes the hook's request to opts.http and its answer back, and traces each call", function()
+    local seen = {}
+    local cfg = load(CALLS, { http = auth_stub(seen), redis = redis_stub })
+    local r = cfg:request { path = "/api/x", headers = { authorization = "Bearer good" } }
+    assert.equal("app", r.upstream)
+    assert.equal("ann", r.headers["x-user"])
+    assert.equal("3", r.headers["x-seen"])
+    assert.equal("va,true,ERR unknown command 'NOPE'", r.headers["x-pipe"])
+    assert.equal("POST", seen[1].method)
+    assert.equal("auth", seen[1].upstream.name)
+    assert.equal("/check", seen[1].path)
+    local text = testing.format(r)
+    assert.matches("call%s+http POST auth /check %-> 200", text)
+    assert.matches("call%s+redis INCR seen:ann %-> 3", text)
+    local res = cfg:response(r, { status = 200 })
+    assert.equal("204", res.headers["x-audit"])
+    assert.matches("call%s+http GET http://127.0.0.1:3/audit %-> 204", testing.format(res))
+    cfg:close()
+  end)
+
+  it("gives the hook nil, err when the stub says so, and what a denial answers", function()
+    local cfg = load(CALLS, { http = auth_stub({}), redis = redis_stub })
+    local r = cfg:request { path = "/api/x", headers = { authorization = "down" } }
+    assert.equal(503, r.status)
+    assert.equal("auth: timeout\n", r.body)
+    assert.matches("call%s+http POST auth /check %-> nil, timeout", testing.format(r))
+    r = cfg:request { path = "/api/x", headers = { authorization = "Bearer bad" } }
+    assert.equal(401, r.status)
+    cfg:close()
+  end)
+
+  it("fails a hook clearly when nothing answers, or the stub raises", function()
+    local cfg = load(CALLS)
+    local r = cfg:request { path = "/api/x" }
+    assert.equal(500, r.status)
+    assert.matches("this simulation has no opts.http", r.error)
+    cfg:close()
+    cfg = load(CALLS, { http = function() error("stub broke") end })
+    r = cfg:request { path = "/api/x" }
+    assert.equal(500, r.status)
+    assert.matches("opts.http: .*stub broke", r.error)
+    cfg:close()
+    assert.has_error(function() load(CALLS, { http = "nope" }) end, "testing.load: opts.http must be a function, got string")
+  end)
+
+  it("refuses a call-out from a guard, and from a balancer, at once", function()
+    local cfg, err = testing.try_load(HEAD .. [[
+local http = require "moonproxy.http"
+local app = proxy.upstream "app" { servers = { "127.0.0.1:1" } }
+proxy.route { prefix = "/", upstream = app, on_request = function(req)
+  http.request { url = "http://127.0.0.1:2/x" }
+end }
+proxy.expect { request = { path = "/" }, upstream = "app" }
+]], { text = true })
+    assert.is_nil(cfg)
+    assert.matches("a guard %(proxy.expect%) or %-%-explain cannot call out", err)
+    cfg = load([[
+local http = require "moonproxy.http"
+local app = proxy.upstream "app" { servers = { "127.0.0.1:1" }, balancer = function(servers)
+  http.request { url = "http://127.0.0.1:2/x" }
+  return servers[1]
+end }
+proxy.route { prefix = "/", upstream = app }
+]], { http = function() return { status = 200, headers = {}, body = "" } end })
+    -- a stub answers in the simulator, but not where the server could not wait
+    local r = cfg:request { path = "/" }
+    assert.equal(500, r.status)
+    cfg:close()
+  end)
+
+  it("checks proxy.redis options at their line", function()
+    local ok, err = testing.try_load(HEAD .. 'proxy.redis { addr = "127.0.0.1:6379", pool = 0 }\n', { text = true })
+    assert.is_nil(ok)
+    assert.matches("^config.lua:3: proxy.redis: pool must be an integer from 1 to 1024", err)
+    ok, err = testing.try_load(HEAD .. 'proxy.redis { db = 1 }\n', { text = true })
+    assert.is_nil(ok)
+    assert.matches('^config.lua:3: proxy.redis: needs addr = "host:port"', err)
+  end)
+end)

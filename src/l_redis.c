@@ -1,0 +1,421 @@
+/* l_redis.c: the Redis calls of moonproxy.redis (l_redis.h) on the worker's
+ * clients (redis.h).
+ *
+ * core.start(client, args, n) copies the command (n > 0: n arguments) or
+ * the pipeline (n < 0: -n commands) and yields; start() sends it on the
+ * worker's mp_redis_t for that client (made on first use, kept for the
+ * worker's life: a reload that keeps the client keeps its connections);
+ * the callback copies the replies and resumes the hook, which takes them
+ * with core.answer() as Lua values. */
+#include "l_redis.h"
+
+#include "ctx.h"
+#include "gen.h"
+#include "l_request.h"
+#include "redis.h"
+
+#include <errno.h>
+#include <lauxlib.h>
+#include <lua.h>
+#include <stdlib.h>
+
+#define MAX_CLIENTS 64 /* per worker: clients are declared when the configuration loads */
+#define MAX_ARGS 4096  /* arguments of one call, all its commands together */
+
+/* A reply, copied out of hiredis' (valid only in the callback). */
+typedef struct reply {
+    int type; /* REDIS_REPLY_* */
+    long long integer;
+    char *str; /* status, string, error */
+    size_t len;
+    size_t n; /* array */
+    struct reply **elem;
+} reply_t;
+
+/* One client of one worker. */
+typedef struct client {
+    char *key; /* what the Lua client is: name, addr, password, db, pool, timeout */
+    mp_redis_t *r;
+    struct client *next;
+} client_t;
+
+typedef struct {
+    client_t *list;
+    unsigned n;
+} clients_t;
+
+typedef struct {
+    mp_callout_t base;
+    mp_req_t *r;
+    mp_redis_t *client;
+    mp_redis_call_t *rc; /* in flight, or NULL */
+    int ncmds, nargs;
+    int pipeline; /* the answer is a list of replies */
+    int *argc;
+    const char **argv;
+    size_t *argvlen;
+    char *bytes; /* the arguments' bytes */
+    double timeout;
+    reply_t **replies;
+    int nreplies;
+    char err[256]; /* set: the call failed */
+    int starting, over;
+} call_t;
+
+static void reply_free(reply_t *p)
+{
+    if (!p)
+        return;
+    for (size_t i = 0; i < p->n; i++)
+        reply_free(p->elem[i]);
+    free(p->elem);
+    free(p->str);
+    free(p);
+}
+
+static reply_t *reply_copy(const redisReply *x)
+{
+    reply_t *p = calloc(1, sizeof(*p));
+    if (!p)
+        return NULL;
+    p->type = x->type;
+    p->integer = x->integer;
+    if (x->str && (x->type == REDIS_REPLY_STRING || x->type == REDIS_REPLY_STATUS || x->type == REDIS_REPLY_ERROR)) {
+        if (!(p->str = malloc(x->len + 1))) {
+            free(p);
+            return NULL;
+        }
+        memcpy(p->str, x->str, x->len);
+        p->str[x->len] = '\0';
+        p->len = x->len;
+    }
+    if (x->type == REDIS_REPLY_ARRAY && x->elements) {
+        if (!(p->elem = calloc(x->elements, sizeof(*p->elem)))) {
+            reply_free(p);
+            return NULL;
+        }
+        for (size_t i = 0; i < x->elements; i++) {
+            p->n = i + 1;
+            if (!(p->elem[i] = reply_copy(x->element[i]))) {
+                reply_free(p);
+                return NULL;
+            }
+        }
+    }
+    return p;
+}
+
+static void free_replies(call_t *c)
+{
+    for (int i = 0; i < c->nreplies; i++)
+        reply_free(c->replies[i]);
+    free(c->replies);
+    c->replies = NULL;
+    c->nreplies = 0;
+}
+
+static void cancel(mp_callout_t *base)
+{
+    call_t *c = container_of(base, call_t, base);
+    if (c->rc)
+        mp_redis_cancel(c->rc);
+    free_replies(c);
+    free(c->argc);
+    free(c);
+}
+
+static void complete(call_t *c)
+{
+    c->rc = NULL;
+    c->over = 1;
+    if (!c->starting)
+        mp_hook_resume(c->r);
+}
+
+static void on_reply(void *arg, redisReply **replies, int n, const char *err)
+{
+    call_t *c = arg;
+    if (err) {
+        snprintf(c->err, sizeof(c->err), "%s", err);
+    } else if (!(c->replies = calloc((size_t)(n ? n : 1), sizeof(*c->replies)))) {
+        snprintf(c->err, sizeof(c->err), "out of memory");
+    } else {
+        for (int i = 0; i < n; i++) {
+            c->nreplies = i + 1;
+            if (!(c->replies[i] = reply_copy(replies[i]))) {
+                free_replies(c);
+                snprintf(c->err, sizeof(c->err), "out of memory");
+                break;
+            }
+        }
+    }
+    complete(c);
+}
+
+static int start(mp_callout_t *base)
+{
+    call_t *c = container_of(base, call_t, base);
+    const char *err = NULL;
+    c->starting = 1;
+    c->rc = mp_redis_send(c->client, c->ncmds, c->argc, c->argv, c->argvlen, c->timeout, on_reply, c, &err);
+    c->starting = 0;
+    if (!c->rc && !c->over) {
+        snprintf(c->err, sizeof(c->err), "%s", err ? err : "redis: the call could not be sent");
+        c->over = 1;
+    }
+    return c->over;
+}
+
+/* ---- the worker's clients ---- */
+
+static clients_t *clients_of(mp_io_ctx_t *ctx)
+{
+    if (!ctx->redis)
+        ctx->redis = calloc(1, sizeof(clients_t));
+    return ctx->redis;
+}
+
+void mp_l_redis_dispose(mp_io_ctx_t *ctx)
+{
+    clients_t *cs = ctx->redis;
+    if (!cs)
+        return;
+    while (cs->list) {
+        client_t *k = cs->list;
+        cs->list = k->next;
+        mp_redis_free(k->r);
+        free(k->key);
+        free(k);
+    }
+    free(cs);
+    ctx->redis = NULL;
+}
+
+static const char *field(lua_State *L, int t, const char *k, size_t *len)
+{
+    lua_getfield(L, t, k);
+    const char *v = lua_type(L, -1) == LUA_TSTRING ? lua_tolstring(L, -1, len) : NULL;
+    lua_pop(L, 1); /* the client table keeps the string */
+    return v;
+}
+
+static double number(lua_State *L, int t, const char *k, double dflt)
+{
+    lua_getfield(L, t, k);
+    double v = lua_type(L, -1) == LUA_TNUMBER ? lua_tonumber(L, -1) : dflt;
+    lua_pop(L, 1);
+    return v;
+}
+
+/* The worker's mp_redis_t for the Lua client at t, made on first use. */
+static mp_redis_t *client_for(lua_State *L, mp_io_ctx_t *ctx, int t)
+{
+    size_t alen = 0, plen = 0, nlen = 0;
+    const char *addr = field(L, t, "addr", &alen), *password = field(L, t, "password", &plen);
+    const char *name = field(L, t, "name", &nlen);
+    int db = (int)number(L, t, "db", 0), pool = (int)number(L, t, "pool", 16);
+    double timeout = number(L, t, "timeout", 1);
+    if (!addr || !name)
+        luaL_error(L, "redis: not a client made by proxy.redis");
+    lua_pushfstring(L, "%s\n%s\n%s\n%d\n%d\n%f", name, addr, password ? password : "", db, pool, timeout);
+    size_t klen;
+    const char *key = lua_tolstring(L, -1, &klen);
+    clients_t *cs = clients_of(ctx);
+    if (!cs)
+        luaL_error(L, "out of memory");
+    for (client_t *k = cs->list; k; k = k->next)
+        if (strcmp(k->key, key) == 0) {
+            lua_pop(L, 1);
+            return k->r;
+        }
+    if (cs->n >= MAX_CLIENTS)
+        luaL_error(L,
+                   "redis: more than %d clients in this worker: declare them with proxy.redis when the "
+                   "configuration loads, not in hooks",
+                   MAX_CLIENTS);
+    mp_addr_t a;
+    if (mp_addr_parse(addr, &a) != 0)
+        luaL_error(L, "redis: addr '%s' must be an IP address and port", addr);
+    mp_redis_opts_t o = {.addr = (const struct sockaddr *)&a.ss,
+                         .addrlen = a.sslen,
+                         .password = password,
+                         .password_len = plen,
+                         .db = db,
+                         .timeout = timeout,
+                         .pool = pool};
+    client_t *k = calloc(1, sizeof(*k));
+    if (!k || !(k->key = strdup(key)) || !(k->r = mp_redis_new(ctx->loop, &o))) {
+        if (k)
+            free(k->key);
+        free(k);
+        luaL_error(L, "redis %s: %s", addr, strerror(errno ? errno : ENOMEM));
+    }
+    k->next = cs->list;
+    cs->list = k;
+    cs->n++;
+    lua_pop(L, 1);
+    return k->r;
+}
+
+/* ---- the binding ---- */
+
+/* One argument's bytes at idx of the table at t (a string or a number). */
+static const char *arg_at(lua_State *L, int t, int i, size_t *len)
+{
+    lua_rawgeti(L, t, i);
+    int ty = lua_type(L, -1);
+    if (ty != LUA_TSTRING && ty != LUA_TNUMBER)
+        luaL_error(L, "redis: argument %d must be a string or a number, got %s", i, lua_typename(L, ty));
+    return lua_tolstring(L, -1, len); /* left on the stack: it stays alive */
+}
+
+/* core.start(client, args, n): n > 0 one command of n arguments, n < 0 a
+ * pipeline of -n commands (each a list). */
+static int l_start(lua_State *L)
+{
+    const char *why;
+    mp_req_t *r = mp_hook_caller(L, &why);
+    if (!r)
+        return luaL_error(L, "redis: %s", why);
+    luaL_checktype(L, 1, LUA_TTABLE);
+    luaL_checktype(L, 2, LUA_TTABLE);
+    int n = (int)luaL_checkinteger(L, 3);
+    lua_settop(L, 3);
+    mp_io_ctx_t *ctx = container_of(r->env, mp_io_ctx_t, env);
+    mp_redis_t *client = client_for(L, ctx, 1);
+    int ncmds = n > 0 ? 1 : -n, nargs = 0;
+    size_t bytes = 0;
+    /* first pass: count (the values stay on the stack for the copy) */
+    int base = lua_gettop(L);
+    for (int k = 1; k <= ncmds; k++) {
+        int t = 2, m = n;
+        if (n < 0) {
+            lua_rawgeti(L, 2, k);
+            t = lua_gettop(L);
+            m = (int)lua_objlen(L, t);
+            if (m == 0)
+                return luaL_error(L, "redis: pipeline command %d is empty", k);
+        }
+        if (nargs + m > MAX_ARGS)
+            return luaL_error(L, "redis: more than %d arguments in one call", MAX_ARGS);
+        luaL_checkstack(L, m + 2, "redis arguments");
+        for (int i = 1; i <= m; i++) {
+            size_t len;
+            arg_at(L, t, i, &len);
+            bytes += len;
+        }
+        nargs += m;
+    }
+    call_t *c = calloc(1, sizeof(*c));
+    size_t sz = (size_t)ncmds * sizeof(int) + (size_t)nargs * (sizeof(char *) + sizeof(size_t)) + bytes + 1;
+    char *block = c ? malloc(sz) : NULL;
+    if (!block) {
+        free(c);
+        return luaL_error(L, "out of memory");
+    }
+    c->argc = (int *)block;
+    c->argv = (const char **)(block + (size_t)ncmds * sizeof(int));
+    c->argvlen = (size_t *)(block + (size_t)ncmds * sizeof(int) + (size_t)nargs * sizeof(char *));
+    c->bytes = block + (size_t)ncmds * sizeof(int) + (size_t)nargs * (sizeof(char *) + sizeof(size_t));
+    /* second pass: the values are on the stack in order, each command's list before its arguments */
+    int at = base + 1, a = 0;
+    char *w = c->bytes;
+    for (int k = 1; k <= ncmds; k++) {
+        int m = n > 0 ? n : (int)lua_objlen(L, at++);
+        c->argc[k - 1] = m;
+        for (int i = 0; i < m; i++, a++, at++) {
+            size_t len;
+            const char *p = lua_tolstring(L, at, &len);
+            memcpy(w, p, len);
+            c->argv[a] = w;
+            c->argvlen[a] = len;
+            w += len;
+        }
+    }
+    c->base.start = start;
+    c->base.cancel = cancel;
+    c->r = r;
+    c->client = client;
+    c->ncmds = ncmds;
+    c->nargs = nargs;
+    c->pipeline = n < 0;
+    c->timeout = number(L, 1, "timeout", 1);
+    lua_settop(L, 3);
+    return mp_hook_yield(L, r, &c->base);
+}
+
+/* Pushes a reply; nested: nil is core.null and an error { err = ... }. */
+static void push_reply(lua_State *L, const reply_t *p, int nested)
+{
+    luaL_checkstack(L, 4, "redis reply");
+    switch (p->type) {
+    case REDIS_REPLY_STRING:
+    case REDIS_REPLY_STATUS: lua_pushlstring(L, p->str ? p->str : "", p->len); return;
+    case REDIS_REPLY_INTEGER: lua_pushnumber(L, (lua_Number)p->integer); return;
+    case REDIS_REPLY_ARRAY:
+        lua_createtable(L, (int)p->n, 0);
+        for (size_t i = 0; i < p->n; i++) {
+            push_reply(L, p->elem[i], 1);
+            lua_rawseti(L, -2, (int)i + 1);
+        }
+        return;
+    case REDIS_REPLY_ERROR:
+        lua_createtable(L, 0, 1);
+        lua_pushlstring(L, p->str ? p->str : "", p->len);
+        lua_setfield(L, -2, "err");
+        return;
+    default: /* REDIS_REPLY_NIL */
+        if (nested)
+            lua_pushlightuserdata(L, NULL);
+        else
+            lua_pushnil(L);
+    }
+}
+
+/* core.answer(): the reply (a pipeline: the list of them), or nil, err. */
+static int l_answer(lua_State *L)
+{
+    call_t *c = container_of(mp_hook_answer(L), call_t, base);
+    int nret = 1;
+    if (c->err[0]) {
+        lua_pushnil(L);
+        lua_pushstring(L, c->err);
+        nret = 2;
+    } else if (c->pipeline) {
+        lua_createtable(L, c->nreplies, 0);
+        for (int i = 0; i < c->nreplies; i++) {
+            push_reply(L, c->replies[i], 1);
+            lua_rawseti(L, -2, i + 1);
+        }
+    } else if (c->nreplies == 1 && c->replies[0]->type == REDIS_REPLY_ERROR) {
+        lua_pushnil(L);
+        lua_pushlstring(L, c->replies[0]->str ? c->replies[0]->str : "", c->replies[0]->len);
+        nret = 2;
+    } else if (c->nreplies == 1) {
+        push_reply(L, c->replies[0], 0);
+    } else {
+        lua_pushnil(L);
+        lua_pushstring(L, "redis: no reply");
+        nret = 2;
+    }
+    mp_hook_answered(L);
+    return nret;
+}
+
+static const luaL_Reg funcs[] = {{"start", l_start}, {"answer", l_answer}, {NULL, NULL}};
+
+static int open_rediscore(lua_State *L)
+{
+    lua_newtable(L);
+    luaL_register(L, NULL, funcs);
+    return 1;
+}
+
+void mp_l_redis_preload(lua_State *L)
+{
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "preload");
+    lua_pushcfunction(L, open_rediscore);
+    lua_setfield(L, -2, "moonproxy.rediscore");
+    lua_pop(L, 2);
+}

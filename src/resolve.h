@@ -1,0 +1,38 @@
+/* resolve.h: upstream servers by DNS name (SPEC "Upstreams by name"): one
+ * process-wide cache name -> addresses on c-ares, filled by the blocking
+ * lookups of configuration builds (never on a worker loop: builds run on the
+ * main thread and its build threads) and kept current by a watch on the main
+ * thread's loop that re-resolves each name at its record's TTL and says when
+ * an answer changed (the reloader then rebuilds the running script). */
+#ifndef MP_RESOLVE_H
+#define MP_RESOLVE_H
+
+#include "config.h"
+
+#include <ev.h>
+
+/* An mp_config_resolve_fn (config.h), installed with mp_config_set_resolver
+ * by the server and the Lua module: host's addresses (no port), sorted, from
+ * the cache when the watch keeps the name or the answer is a few seconds
+ * old, else looked up at once (settings.resolver's hosts file first, then
+ * DNS; at most r->timeout seconds). Every build of one generation sees the
+ * same answer. */
+int mp_resolve_lookup(const mp_resolver_def_t *r, const char *host, mp_sockaddr_t *out, int max, char *err,
+                      size_t errlen);
+
+typedef struct mp_resolve_watch mp_resolve_watch_t;
+
+/* Called on the loop when a name's addresses changed (the cache holds the
+ * new answer); why says which name. Returns 0 when the running configuration
+ * took them; otherwise the call is made again after the name's next answer. */
+typedef int (*mp_resolve_changed_cb)(void *arg, const char *why);
+
+mp_resolve_watch_t *mp_resolve_watch_new(struct ev_loop *loop, mp_resolve_changed_cb changed, void *arg);
+
+/* Follows the names cfg's upstreams use (resolve = { min, max } bounds each
+ * one's TTL); names it no longer uses are forgotten. */
+void mp_resolve_watch_sync(mp_resolve_watch_t *w, const mp_config_t *cfg);
+
+void mp_resolve_watch_free(mp_resolve_watch_t *w);
+
+#endif
