@@ -1,5 +1,5 @@
 -- End-to-end: rate_limit with policy = "redis" against a real redis-server
--- (Debian's, on a free 127.0.0.1 port, persistence off, stopped by PID): two
+-- (helpers.redis: a free 127.0.0.1 port, persistence off, stopped by PID): two
 -- moonproxy processes of two workers each, sharing one Redis, enforce one
 -- limit (fixed window, token bucket, and batch leases); while Redis cannot be
 -- reached each on_error does what it says, and the circuit keeps a Redis that
@@ -7,10 +7,11 @@
 -- scripts gone) is counted in again.
 local h = require "helpers.proxy"
 local raw = require "helpers.raw_http"
+local rh = require "helpers.redis"
 local socket = require "socket"
 
--- redis-server ---------------------------------------------------------------------
--- (the approach of helpers/redis.lua on the redis branch: spawn, wait for PING)
+-- redis-server: helpers.redis. redis_cmd sends one command on a connection
+-- of its own and reads a status, integer, bulk or flat array reply.
 
 local function redis_cmd(port, ...)
   local s = socket.tcp()
@@ -39,23 +40,6 @@ local function redis_cmd(port, ...)
   end
   s:close()
   return reply
-end
-
-local function start_redis(port)
-  local dir = h.tmpname() .. ".d"
-  assert(os.execute("mkdir -p " .. h.quote(dir)))
-  local proc = h.spawn { "redis-server", "--port", tostring(port), "--bind", "127.0.0.1", "--save", "",
-    "--appendonly", "no", "--daemonize", "no", "--dir", dir, "--logfile", "" }
-  local deadline = socket.gettime() + 10
-  while redis_cmd(port, "PING") ~= "+PONG" do
-    assert(proc:alive(), "redis-server exited: " .. proc:stdout() .. proc:stderr())
-    if socket.gettime() > deadline then
-      proc:stop(2)
-      error("redis-server not answering on " .. port .. " after 10 s")
-    end
-    socket.sleep(0.02)
-  end
-  return proc
 end
 
 -- Seconds left in Redis' current window of w seconds.
@@ -88,16 +72,17 @@ limited("/mute", { limit = 1000, window = 3600, policy = "redis", redis = mute, 
 ]=]
 
 describe("rate_limit policy = redis #slow", function()
-  local redis_port, redis, app, a, b, mute, serial
+  local redis_port, redis, app, a, b, mute, serial, a_started
 
   lazy_setup(function()
-    redis_port = h.free_port()
-    redis = start_redis(redis_port)
+    redis = rh.start()
+    redis_port = redis.port
     mute = assert(socket.bind("127.0.0.1", 0))
     local _, mute_port = mute:getsockname()
     app = h.start_origin("app")
     local vars = { app = app.addr, redis = redis_port, dead = h.free_port(), mute = "127.0.0.1:" .. mute_port }
     a = h.start_proxy { workers = 2, config = CONFIG, vars = vars }
+    a_started = socket.gettime()
     b = h.start_proxy { workers = 2, config = CONFIG, vars = vars }
     serial = 0
   end)
@@ -105,7 +90,8 @@ describe("rate_limit policy = redis #slow", function()
   lazy_teardown(function()
     if mute then mute:close() end
     local ok, err = pcall(h.shutdown, b) -- checks b's exit and log as it does a's
-    h.shutdown(a, app, redis)
+    h.shutdown(a, app)
+    if redis then redis:cleanup() end
     assert(ok, err)
   end)
 
@@ -202,12 +188,22 @@ describe("rate_limit policy = redis #slow", function()
     assert(took < 2, "30 requests took " .. took .. " s")
   end)
 
+  it("logs Redis failures at most once per second per worker", function()
+    local key = new_key()
+    for _ = 1, 20 do
+      assert.equal(200, get(a, "/down-allow", key).status)
+    end
+    local n = select(2, a:stderr():gsub("%[warn%] rate_limit: redis 127%.0%.0%.1:%d+: ", ""))
+    local bound = 2 * (math.ceil(socket.gettime() - a_started) + 1) -- 2 workers
+    assert(n >= 1 and n <= bound, n .. " lines, at most " .. bound .. ":\n" .. a:stderr())
+  end)
+
   it("a Redis that went away and came back (its scripts gone) counts again", function()
     local key = new_key()
     assert.equal(200, get(a, "/real-deny", key).status)
-    redis:stop(5)
+    redis:stop()
     assert.equal(503, get(a, "/real-deny", key).status)
-    redis = start_redis(redis_port)
+    redis:start() -- the same port, nothing in it
     -- the circuit is open for 1 s, then 2 s...: bounded by the 30 s cap
     h.eventually(function() return get(a, "/real-deny", key).status == 200 end, 10, 0.2)
     h.eventually(function() return get(b, "/real-deny", key).status == 200 end, 10, 0.2)

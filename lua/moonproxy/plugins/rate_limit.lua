@@ -229,8 +229,12 @@ local function log(conf, c, err)
     return -- the simulator's trace shows the failed call already
   end
   last_log = now
-  io.stderr:write(fmt("%s [warn] rate_limit: redis %s: %s (on_error = %s; Redis skipped for %g s)\n",
-    os.date("!%Y-%m-%dT%H:%M:%SZ"), conf.redis.addr, tostring(err), conf.on_error, c.delay))
+  err = tostring(err)
+  if err:sub(1, 6) ~= "redis " then -- the client's own failures name the server, error replies do not
+    err = "redis " .. conf.redis.addr .. ": " .. err
+  end
+  io.stderr:write(fmt("%s [warn] rate_limit: %s (on_error = %s; Redis skipped for %g s)\n",
+    os.date("!%Y-%m-%dT%H:%M:%SZ"), err, conf.on_error, c.delay))
 end
 
 local function circuit(r)
