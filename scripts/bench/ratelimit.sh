@@ -10,7 +10,7 @@
 # after the other in rounds whose order rotates (load from other work on the
 # shared machine then spreads over all of them):
 #   none         no plugin
-#   local        { "rate_limit", limit = 2^31, window = 60 }: the shared dict
+#   local        { "rate_limit", limit = 2^31, window = 3600 }: the shared dict
 #   redis        the same with policy = "redis": one EVALSHA per request
 #   redis-batch  the same with batch = BATCH: one EVALSHA per BATCH requests
 #                per worker
@@ -19,8 +19,8 @@
 # measured is the counting. ALGO=bucket counts with rate = 1e9, burst = 2^31.
 # Per configuration: req/s, p50 and p99 latency (wrk --latency), the proxy's
 # CPU µs per request and redis-server's (utime + stime over the requests).
-# After the runs the Redis keys are checked: the redis configurations must
-# have counted there.
+# And the EVALSHA calls Redis served per request (INFO commandstats): 1 for
+# redis, 1 / BATCH for redis-batch (proof that each counted in Redis).
 #
 # Environment:
 #   WORKERS=1  CONNS=50  DURATION=5s  WARMUP=1s  ROUNDS=3  BATCH=100  ALGO=window
@@ -79,6 +79,21 @@ redis_cmd() {
     printf '%s' "${line%$'\r'}"
 }
 
+# evalsha_calls: the EVALSHA calls Redis has served (INFO commandstats).
+evalsha_calls() {
+    local fd line n=0 i
+    exec {fd}<>"/dev/tcp/127.0.0.1/$REDIS_PORT" || die "redis-server unreachable"
+    printf 'INFO commandstats\r\n' >&"$fd"
+    for ((i = 0; i < 200; i++)); do
+        IFS= read -r -t 2 line <&"$fd" || break
+        line=${line%$'\r'}
+        if [[ $line =~ ^cmdstat_evalsha:calls=([0-9]+) ]]; then n=${BASH_REMATCH[1]}; fi
+        [[ -z $line && $i -gt 1 ]] && break
+    done
+    exec {fd}>&-
+    echo "$n"
+}
+
 start_redis() {
     local dir=$TMP/redis i
     mkdir -p "$dir"
@@ -96,7 +111,7 @@ start_redis() {
 
 # plugin_opts NAME: the rate_limit options of a configuration ("" for none).
 plugin_opts() {
-    local count='limit = 2147483648, window = 60'
+    local count='limit = 2147483648, window = 3600'
     [[ $ALGO == bucket ]] && count='rate = 1e9, burst = 2147483648'
     case $1 in
     none) ;;
@@ -108,7 +123,7 @@ plugin_opts() {
 }
 
 declare -A CPID=() CPORT=() FAILED=()
-declare -A ACC=()     # ACC[name] = "requests proxy_ticks redis_ticks", summed over rounds
+declare -A ACC=()     # ACC[name] = "requests proxy_ticks redis_ticks evalsha_calls", summed over rounds
 declare -A ROUNDL=()  # ROUNDL[name] = lines "rps p50 p99 errors"
 
 start_config() {
@@ -149,18 +164,18 @@ EOF
 }
 
 run_config() {
-    local name=$1 wout=$TMP/wrk-$1.txt pids t0 t1 r0 r1 req rps p50 p99 err a_req a_t a_r
+    local name=$1 wout=$TMP/wrk-$1.txt pids t0 t1 r0 r1 e0 e1 req rps p50 p99 err a_req a_t a_r a_e
     run_wrk "${CPORT[$name]}" "$CONNS" "$WARMUP" "$wout"
     pids=$(proc_tree "${CPID[$name]}")
     # shellcheck disable=SC2086
-    t0=$(cpu_ticks $pids) r0=$(cpu_ticks "$REDIS_PID")
+    t0=$(cpu_ticks $pids) r0=$(cpu_ticks "$REDIS_PID") e0=$(evalsha_calls)
     run_wrk "${CPORT[$name]}" "$CONNS" "$DURATION" "$wout"
     # shellcheck disable=SC2086
-    t1=$(cpu_ticks $pids) r1=$(cpu_ticks "$REDIS_PID")
+    t1=$(cpu_ticks $pids) r1=$(cpu_ticks "$REDIS_PID") e1=$(evalsha_calls)
     read -r req rps p50 _ p99 err < <(parse_wrk "$wout")
     ((req > 0)) || die "$name: wrk completed no request" "$wout"
-    read -r a_req a_t a_r <<<"${ACC[$name]:-0 0 0}"
-    ACC[$name]="$((a_req + req)) $((a_t + t1 - t0)) $((a_r + r1 - r0))"
+    read -r a_req a_t a_r a_e <<<"${ACC[$name]:-0 0 0 0}"
+    ACC[$name]="$((a_req + req)) $((a_t + t1 - t0)) $((a_r + r1 - r0)) $((a_e + e1 - e0))"
     ROUNDL[$name]+="$rps $p50 $p99 $err"$'\n'
     log "  $name: $rps req/s, p50 ${p50}us, p99 ${p99}us, errors $err"
 }
@@ -173,17 +188,17 @@ median_col() {
 # per_req TICKS REQUESTS: µs of CPU per request.
 per_req() { awk -v t="$1" -v hz="$CLK_TCK" -v n="$2" 'BEGIN { printf "%.2f", n ? t * 1e6 / hz / n : 0 }'; }
 
-# config_figures NAME: "rps p50 p99 errors cpu redis_cpu" over all rounds.
+# config_figures NAME: "rps p50 p99 errors cpu redis_cpu evalsha_per_req" over all rounds.
 config_figures() {
-    local lines=${ROUNDL[$1]} req t r
-    read -r req t r <<<"${ACC[$1]}"
-    printf '%s %s %s %s %s %s\n' "$(awk 'NF { s += $1; n++ } END { printf "%.0f", s / n }' <<<"$lines")" \
+    local lines=${ROUNDL[$1]} req t r e
+    read -r req t r e <<<"${ACC[$1]}"
+    printf '%s %s %s %s %s %s %s\n' "$(awk 'NF { s += $1; n++ } END { printf "%.0f", s / n }' <<<"$lines")" \
         "$(median_col 2 "$lines")" "$(median_col 3 "$lines")" "$(awk 'NF { s += $4 } END { print s + 0 }' <<<"$lines")" \
-        "$(per_req "$t" "$req")" "$(per_req "$r" "$req")"
+        "$(per_req "$t" "$req")" "$(per_req "$r" "$req")" "$(awk -v e="$e" -v n="$req" 'BEGIN { printf "%.3f", e / n }')"
 }
 
 report() {
-    local name rps p50 p99 err cpu rcpu b_p50="" b_cpu="" add_p50 add_cpu
+    local name rps p50 p99 err cpu rcpu calls b_p50="" b_cpu="" add_p50 add_cpu
     echo "## rate_limit: local vs policy = \"redis\" ($(date -u '+%Y-%m-%d %H:%M UTC'))"
     echo
     echo "Loopback, $(nproc) CPUs (shared), $WORKERS worker(s), wrk -c $CONNS -d $DURATION after a $WARMUP warm-up," \
@@ -192,25 +207,25 @@ report() {
         "CPU µs/req: utime + stime over all rounds' requests (the proxy's; redis-server's). req/s: mean over rounds; p50/p99: median."
     echo "Versions: $(versions)."
     echo
-    echo "| configuration | req/s | p50 | p99 | p50 over local | proxy CPU µs/req | over local | redis-server CPU µs/req | errors |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-    [[ -n ${ACC[local]:-} ]] && read -r _ b_p50 _ _ b_cpu _ < <(config_figures local)
+    echo "| configuration | req/s | p50 | p99 | p50 over local | proxy CPU µs/req | over local | redis-server CPU µs/req | EVALSHA per request | errors |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    [[ -n ${ACC[local]:-} ]] && read -r _ b_p50 _ _ b_cpu _ _ < <(config_figures local)
     for name in $CONFIGS; do
         if [[ -n ${FAILED[$name]:-} ]]; then
-            echo "| $name | did not run: $(oneline "${FAILED[$name]}") | | | | | | | |"
+            echo "| $name | did not run: $(oneline "${FAILED[$name]}") | | | | | | | | |"
             continue
         fi
         [[ -n ${ACC[$name]:-} ]] || continue
-        read -r rps p50 p99 err cpu rcpu < <(config_figures "$name")
+        read -r rps p50 p99 err cpu rcpu calls < <(config_figures "$name")
         add_p50="" add_cpu=""
         if [[ -n $b_p50 && $name != local ]]; then
             add_p50=$(awk -v a="$p50" -v b="$b_p50" 'BEGIN { d = a - b; printf "%s%d µs", d < 0 ? "" : "+", d }')
             add_cpu=$(awk -v a="$cpu" -v b="$b_cpu" 'BEGIN { printf "%+.2f", a - b }')
         fi
-        echo "| $name | $rps | $(fmt_us "$p50") | $(fmt_us "$p99") | $add_p50 | $cpu | $add_cpu | $rcpu | $err |"
+        echo "| $name | $rps | $(fmt_us "$p50") | $(fmt_us "$p99") | $add_p50 | $cpu | $add_cpu | $rcpu | $calls | $err |"
     done
     echo
-    echo "Redis keys after the runs: $REDIS_KEYS (the Redis configurations that ran counted there)."
+    echo "EVALSHA per request: the calls Redis served during the measured runs (INFO commandstats) over their requests."
     echo
     echo "Run time: $(($(date +%s) - T_START)) s."
 }
@@ -241,8 +256,6 @@ main() {
         log "round $((r + 1)) of $ROUNDS"
         for ((i = 0; i < n; i++)); do run_config "${list[(i + r) % n]}"; done
     done
-    REDIS_KEYS=$(redis_cmd DBSIZE)
-    REDIS_KEYS=${REDIS_KEYS#:}
     for name in "${!CPID[@]}"; do stop_tree "${CPID[$name]}"; done
     report >"$TMP/report.md"
     cp "$TMP/report.md" "$OUT"
