@@ -388,6 +388,19 @@ describe("rate_limit while Redis is down", function()
   end)
 end)
 
+describe("rate_limit in a guard", function()
+  it("counts by on_error where it cannot call out (proxy.expect), so the guard sees the route", function()
+    local guarded = text("limit = 5, window = 60, policy = 'redis', redis = R")
+      .. 'proxy.expect { request = { path = "/" }, upstream = "api" }\n'
+    assert.is_table(testing.load(guarded, { redis = fake_redis().call }))
+    local denied = text("limit = 5, window = 60, policy = 'redis', redis = R, on_error = 'deny'")
+      .. 'proxy.expect { request = { path = "/" }, upstream = "api" }\n'
+    local cfg, err = testing.try_load(denied, { redis = fake_redis().call })
+    assert.is_nil(cfg)
+    assert.matches("expected 'api', got an answer 503", err)
+  end)
+end)
+
 describe("rate_limit batch", function()
   it("leases batch units in one call and serves from the lease (fixed window)", function()
     local redis = fake_redis()

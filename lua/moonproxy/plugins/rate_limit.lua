@@ -34,7 +34,8 @@
 --            (the seconds until Redis is tried again): the limiter's
 --            dependency is down, not the client over its limit (a 429 would
 --            tell a well-behaved client it was), and a 5xx is what alerting
---            counts.
+--            counts. Guards (proxy.expect) and --explain cannot call out:
+--            they see on_error's answer.
 --            The circuit: after a failure, each worker skips Redis for 1 s,
 --            doubling while it keeps failing up to 30 s; then one request
 --            tries it again (the others go on with on_error until it

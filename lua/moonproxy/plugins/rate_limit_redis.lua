@@ -1,7 +1,7 @@
 -- moonproxy.plugins.rate_limit_redis: rate_limit's counting in Redis: the two
 -- scripts, and each worker's SHAs, circuits and batch leases (the options,
 -- the circuit and batch's accuracy: rate_limit.lua's header).
-local type, tostring, setmetatable = type, tostring, setmetatable
+local type, tostring, setmetatable, pcall = type, tostring, setmetatable, pcall
 local min, huge, fmt = math.min, math.huge, string.format
 
 local _M = {}
@@ -90,6 +90,16 @@ local function circuit(r)
   return c
 end
 
+-- r:call, where a raise is a failure too: a guard (proxy.expect) or
+-- --explain cannot call out, and counts by on_error instead of failing.
+local function call(r, ...)
+  local ok, v, err = pcall(r.call, r, ...)
+  if not ok then
+    return nil, tostring(v)
+  end
+  return v, err
+end
+
 -- Runs the script for conf's algorithm on Redis key rk: the reply, or nil, err.
 local function run_script(conf, rk, want)
   local r, which = conf.redis, conf.algo
@@ -100,16 +110,16 @@ local function run_script(conf, rk, want)
   end
   local a1, a2 = conf.args[1], conf.args[2]
   if not s[which] then
-    local sha, err = r:call("SCRIPT", "LOAD", scripts[which])
+    local sha, err = call(r, "SCRIPT", "LOAD", scripts[which])
     if type(sha) ~= "string" then
       return nil, err or "SCRIPT LOAD: unexpected reply"
     end
     s[which] = sha
   end
-  local v, err = r:call("EVALSHA", s[which], 1, rk, a1, a2, want)
+  local v, err = call(r, "EVALSHA", s[which], 1, rk, a1, a2, want)
   if v == nil and type(err) == "string" and err:find("^NOSCRIPT") then
     -- Redis restarted or was flushed: EVAL runs it and caches it again, under the same SHA
-    v, err = r:call("EVAL", scripts[which], 1, rk, a1, a2, want)
+    v, err = call(r, "EVAL", scripts[which], 1, rk, a1, a2, want)
   end
   return v, err
 end
