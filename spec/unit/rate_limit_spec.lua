@@ -437,6 +437,21 @@ describe("rate_limit batch", function()
     assert.equal("200 200 200 200 200 200 200 200 200 429", statuses(cfg, 10))
   end)
 
+  it("keeps leases for at most 10,000 keys per worker, then drops them", function()
+    local redis = fake_redis()
+    local cfg = load("limit = 10, window = 60, policy = 'redis', redis = R, batch = 3", redis)
+    for i = 1, 10000 do
+      hit(cfg, fmt("10.%d.%d.%d", floor(i / 65536), floor(i / 256) % 256, i % 256)) -- each holds 2
+    end
+    local calls = redis.calls
+    assert.equal(200, hit(cfg, "10.0.0.1")) -- from its lease
+    assert.equal(calls, redis.calls)
+    assert.equal(200, hit(cfg, "192.0.2.99")) -- a new key: the 10,001st lease drops the others
+    assert.equal(calls + 1, redis.calls)
+    assert.equal(200, hit(cfg, "10.0.0.2"))   -- its lease is gone: Redis again
+    assert.equal(calls + 2, redis.calls)
+  end)
+
   it("leases from a token bucket (no more than the tokens there are)", function()
     local redis = fake_redis()
     local cfg = load("rate = 1, burst = 5, policy = 'redis', redis = R, batch = 3", redis)
