@@ -152,6 +152,34 @@ describe("rate_limit policy = redis #slow", function()
     assert(tonumber(counted) <= 10, tostring(counted))
   end)
 
+  -- n requests sent at once, half to each proxy: how many were let through.
+  local function admitted_at_once(path, key, n)
+    local conns = {}
+    for i = 1, n do
+      conns[i] = assert(raw.connect((i % 2 == 1 and a or b).port, { timeout = 10 }))
+      conns[i]:send(raw.build { target = path, headers = { host = "a", ["x-key"] = key } })
+    end
+    local ok = 0
+    for i = 1, n do
+      local res = assert(conns[i]:read_response())
+      conns[i]:close()
+      if res.status == 200 then
+        ok = ok + 1
+      else
+        assert.equal(429, res.status, res.body)
+      end
+    end
+    return ok
+  end
+
+  it("holds the limit under requests sent at once (fixed window, bucket, batch)", function()
+    not_near_the_window_end()
+    assert.equal(5, admitted_at_once("/win", new_key(), 40))
+    assert.equal(5, admitted_at_once("/bucket", new_key(), 40))
+    local n = admitted_at_once("/batch", new_key(), 40)
+    assert(n <= 10 and n >= 4, n .. " admitted")
+  end)
+
   it("on_error = local counts in the process while Redis cannot be reached", function()
     local key = new_key()
     local st = {}
