@@ -101,7 +101,8 @@ test-asan: deps
 TSAN_SPECS := spec/e2e/reload_spec.lua spec/e2e/shared_spec.lua spec/e2e/watchdog_spec.lua spec/e2e/health_spec.lua \
               spec/e2e/metrics_spec.lua spec/e2e/limits_spec.lua spec/e2e/smuggling_spec.lua spec/e2e/path_spec.lua \
               spec/e2e/memory_spec.lua spec/e2e/admin_spec.lua spec/e2e/tls_spec.lua \
-              spec/e2e/tls_edges_spec.lua spec/e2e/dns_spec.lua spec/e2e/callout_spec.lua spec/e2e/pool_spec.lua
+              spec/e2e/tls_edges_spec.lua spec/e2e/dns_spec.lua spec/e2e/callout_spec.lua spec/e2e/pool_spec.lua \
+              spec/e2e/redis_hooks_spec.lua
 tsan: deps
 	scripts/tsan.sh
 	$(MAKE) BUILD=build-tsan SAN=thread $(BUILD_TSAN_BIN)

@@ -553,6 +553,9 @@ static void end_request(mp_conn_t *c)
         close(r->file_fd);
         r->has_file = 0;
     }
+    /* a hook still waiting (the client went away) is abandoned before on_log runs */
+    if (MP_UNLIKELY(r->co || r->callout))
+        mp_hook_abandon(r->gen->L, r);
     mp_io_ctx_t *ctx = c->side.ctx;
     c->side.req = NULL;
     c->requests++;

@@ -16,11 +16,14 @@
 #include "http1.h"
 #include "l_request.h"
 #include "pool.h"
+#include "resolve.h"
 #include "strbuf.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <lauxlib.h>
 #include <lua.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <strings.h>
 
@@ -37,11 +40,15 @@ typedef struct {
     mp_callout_t base;
     mp_req_t *r;
     mp_io_ctx_t *ctx;
-    int upstream;         /* index in the generation's upstreams, or -1: a URL */
-    mp_addr_t addr;       /* a URL's address (text owned) */
-    mp_server_pool_t *sp; /* the pool of the current attempt */
-    int server;           /* the upstream's server of the current attempt, -1 */
-    mp_peer_t *peer;      /* its health state, while an attempt counts */
+    int upstream;           /* index in the generation's upstreams, or -1: a URL */
+    mp_addr_t addr;         /* a URL's address (text owned) */
+    char *tls_name;         /* an https URL's host: SNI and the name verified (owned); NULL: plain */
+    char *dns_name;         /* a URL's host when it is a name (owned): resolved before the attempt */
+    int port;               /* ... and its port */
+    mp_resolve_query_t *dq; /* its lookup under way */
+    mp_server_pool_t *sp;   /* the pool of the current attempt */
+    int server;             /* the upstream's server of the current attempt, -1 */
+    mp_peer_t *peer;        /* its health state, while an attempt counts */
     int trial, reported, tries;
     double attempt_start;
     mp_upconn_t *u;
@@ -57,6 +64,8 @@ typedef struct {
     int status;
     char *head; /* the response head, copied once complete */
     size_t head_len;
+    uint32_t (*fields)[4]; /* its fields: name offset and length, value offset and length, in head */
+    unsigned nfields;
     int kind;      /* body framing: MP_BODY_* */
     uint64_t left; /* MP_BODY_LENGTH: bytes still to come */
     mp_chunked_t chunk;
@@ -66,6 +75,19 @@ typedef struct {
     int starting;  /* inside start() */
     int over;      /* complete() ran */
 } call_t;
+
+/* What https URLs are verified with: the system's CA store (or
+ * SSL_CERT_FILE / SSL_CERT_DIR), the URL's host as SNI and the name
+ * checked. Made once, off the worker loops (mp_l_http_preload). */
+static mp_tls_client_t *url_tls;
+static char url_tls_err[160];
+static pthread_once_t url_tls_once = PTHREAD_ONCE_INIT;
+
+static void make_url_tls(void)
+{
+    mp_tls_client_def_t def = {.verify = 1};
+    url_tls = mp_tls_client_new(&def, url_tls_err, sizeof(url_tls_err));
+}
 
 static void on_io(struct ev_loop *loop, ev_io *io, int revents);
 static void on_conn_timer(struct ev_loop *loop, ev_timer *t, int revents);
@@ -124,6 +146,8 @@ static void peer_done(call_t *c)
 static void stop(call_t *c)
 {
     ev_timer_stop(c->ctx->loop, &c->timer);
+    mp_resolve_cancel(c->dq);
+    c->dq = NULL;
     peer_done(c);
     if (c->u && c->rd == RD_DONE && c->reusable && c->in.len == 0) {
         mp_upconn_t *u = c->u;
@@ -157,7 +181,10 @@ static void cancel(mp_callout_t *base)
     stop(c);
     free(c->out);
     free(c->head);
+    free(c->fields);
     free(c->addr.text);
+    free(c->tls_name);
+    free(c->dns_name);
     mp_strbuf_free(&c->in);
     mp_strbuf_free(&c->body);
     free(c);
@@ -190,12 +217,12 @@ static void want(call_t *c, int events)
 static void connected(call_t *c)
 {
     mp_upconn_t *u = c->u;
-    if (c->upstream >= 0 && udef(c)->tls && !u->sock.ops) {
-        const mp_upstream_def_t *d = udef(c);
+    mp_tls_client_t *tls = c->upstream >= 0 ? udef(c)->tls : c->tls_name ? url_tls : NULL;
+    if (tls && !u->sock.ops) {
         char name[256];
-        SSL *ssl = mp_tls_client_session(d->tls, u->sock.fd,
-                                         mp_tls_server_name(d->tls_name, u->sp->addr.text, name, sizeof(name)),
-                                         &u->sp->tls_session);
+        const char *sni = c->upstream >= 0 ? mp_tls_server_name(udef(c)->tls_name, u->sp->addr.text, name, sizeof(name))
+                                           : c->tls_name;
+        SSL *ssl = mp_tls_client_session(tls, u->sock.fd, sni, &u->sp->tls_session);
         if (!ssl)
             return fail(c, "%s", "out of memory");
         mp_io_tls(&u->sock, ssl);
@@ -243,8 +270,13 @@ static void attempt(call_t *c, int avoid, int fresh)
             c->reported = 0;
             mp_peer_begin(c->peer);
         }
-    } else if (!c->sp && !(c->sp = mp_pool_standalone(c->ctx, &c->addr, URL_KEEPALIVE, URL_KEEPALIVE_TIMEOUT))) {
-        return fail(c, "%s", "out of memory");
+    } else if (!c->sp) {
+        char key[512];
+        if (c->tls_name && !url_tls)
+            return fail(c, "https: %s", url_tls_err);
+        const char *tls = c->tls_name ? mp_tls_client_key(url_tls, c->tls_name, key, sizeof(key)) : NULL;
+        if (!(c->sp = mp_pool_standalone(c->ctx, &c->addr, tls, URL_KEEPALIVE, URL_KEEPALIVE_TIMEOUT)))
+            return fail(c, "%s", "out of memory");
     }
     c->attempt_start = ev_time();
     mp_upconn_t *u = fresh ? NULL : mp_pool_take(c->sp, c->ctx);
@@ -283,6 +315,40 @@ static void on_deadline(struct ev_loop *loop, ev_timer *t, int revents)
     complete(c);
 }
 
+/* The URL's name resolved to addrs: one of them, in turn, is the call's. */
+static int use_address(call_t *c, const mp_sockaddr_t *addrs, int n)
+{
+    static _Thread_local unsigned turn;
+    const mp_sockaddr_t *a = &addrs[turn++ % (unsigned)n];
+    char ip[INET6_ADDRSTRLEN], text[INET6_ADDRSTRLEN + 10];
+    c->addr.ss = a->ss;
+    c->addr.sslen = a->sslen;
+    if (a->ss.ss_family == AF_INET6) {
+        struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&c->addr.ss;
+        in6->sin6_port = htons((uint16_t)c->port);
+        inet_ntop(AF_INET6, &in6->sin6_addr, ip, sizeof(ip));
+        snprintf(text, sizeof(text), "[%s]:%d", ip, c->port);
+    } else {
+        struct sockaddr_in *in = (struct sockaddr_in *)&c->addr.ss;
+        in->sin_port = htons((uint16_t)c->port);
+        inet_ntop(AF_INET, &in->sin_addr, ip, sizeof(ip));
+        snprintf(text, sizeof(text), "%s:%d", ip, c->port);
+    }
+    free(c->addr.text);
+    return (c->addr.text = strdup(text)) ? 0 : -1;
+}
+
+static void resolved(void *arg, const mp_sockaddr_t *addrs, int n, const char *err)
+{
+    call_t *c = arg;
+    c->dq = NULL;
+    if (!n)
+        return fail(c, "cannot resolve the URL's host: %s", err ? err : "no address");
+    if (use_address(c, addrs, n) != 0)
+        return fail(c, "%s", "out of memory");
+    attempt(c, -1, 0);
+}
+
 static int start(mp_callout_t *base)
 {
     call_t *c = container_of(base, call_t, base);
@@ -290,7 +356,19 @@ static int start(mp_callout_t *base)
     ev_timer_start(c->ctx->loop, &c->timer);
     c->server = -1;
     c->starting = 1; /* an end found now is reported by the return value, not by a resume */
-    attempt(c, -1, 0);
+    if (c->dns_name) {
+        const mp_resolver_def_t *rd = &c->r->gen->cfg->settings.resolver;
+        mp_sockaddr_t addrs[MP_RESOLVE_MAX];
+        int n = mp_resolve_cached(rd, c->dns_name, addrs, MP_RESOLVE_MAX);
+        if (n > 0 && use_address(c, addrs, n) != 0)
+            fail(c, "%s", "out of memory");
+        else if (n > 0)
+            attempt(c, -1, 0);
+        else if (!(c->dq = mp_resolve_start(c->ctx->loop, rd, c->dns_name, resolved, c)))
+            fail(c, "%s", "out of memory");
+    } else {
+        attempt(c, -1, 0);
+    }
     c->starting = 0;
     return c->over;
 }
@@ -301,10 +379,19 @@ static int start(mp_callout_t *base)
 static int head_done(call_t *c, const mp_http_response_t *rh)
 {
     c->status = rh->status;
-    if (!(c->head = malloc(rh->head_len)))
+    if (!(c->head = malloc(rh->head_len)) ||
+        !(c->fields = malloc((rh->nheaders ? rh->nheaders : 1) * sizeof(*c->fields))))
         return -1;
     memcpy(c->head, c->in.p, rh->head_len);
     c->head_len = rh->head_len;
+    for (unsigned i = 0; i < rh->nheaders; i++) {
+        const mp_header_t *f = &rh->headers[i];
+        c->fields[i][0] = (uint32_t)(f->name.p - c->in.p);
+        c->fields[i][1] = (uint32_t)f->name.len;
+        c->fields[i][2] = (uint32_t)(f->value.p - c->in.p);
+        c->fields[i][3] = (uint32_t)f->value.len;
+    }
+    c->nfields = rh->nheaders;
     c->reusable = !rh->conn_close && (rh->minor == 1 || rh->conn_keepalive);
     if (c->is_head || rh->status == 204 || rh->status == 304) {
         c->kind = MP_BODY_NONE;
@@ -468,7 +555,7 @@ static void pump(call_t *c)
             return want(c, EV_WRITE);
         return attempt_failed(c, "connection reset", 0);
     }
-    readable(c);
+    want(c, EV_READ); /* the answer cannot be there yet: no read that would find nothing */
 }
 
 static void on_io(struct ev_loop *loop, ev_io *io, int revents)
@@ -541,41 +628,23 @@ static int reserved(const char *k, size_t n)
     return 0;
 }
 
-static const char *opt_string(lua_State *L, const char *name, size_t *n)
+/* The host of "host:port" / "[v6]:port" (malloc'd). */
+static char *tls_name(const char *hp)
 {
-    lua_getfield(L, 1, name);
-    const char *v = NULL;
-    if (lua_type(L, -1) == LUA_TSTRING)
-        v = lua_tolstring(L, -1, n);
-    else if (!lua_isnil(L, -1))
-        luaL_error(L, "http.request: %s must be a string, got %s", name, luaL_typename(L, -1));
-    lua_pop(L, 1); /* the string stays referenced by opts */
-    return v;
-}
-
-static double opt_number(lua_State *L, const char *name, double dflt)
-{
-    lua_getfield(L, 1, name);
-    double v = dflt;
-    if (lua_type(L, -1) == LUA_TNUMBER)
-        v = lua_tonumber(L, -1);
-    else if (!lua_isnil(L, -1))
-        luaL_error(L, "http.request: %s must be a number, got %s", name, luaL_typename(L, -1));
-    lua_pop(L, 1);
-    if (!(v >= 0) || v > 1e9)
-        luaL_error(L, "http.request: %s must be a number from 0, got %f", name, v);
-    return v;
+    char buf[300];
+    return strdup(mp_tls_server_name(NULL, hp, buf, sizeof(buf)));
 }
 
 /* The URL's address (text "host:port" in hp) and its host as written. */
-static void parse_url(lua_State *L, const char *url, size_t n, mp_addr_t *addr, char hp[300], mp_slice *host,
-                      mp_slice *path)
+/* Returns 0 for an IP literal (addr set), or the length of the DNS name
+ * that starts hp (*dns_port set). */
+static int parse_url(lua_State *L, const char *url, size_t n, mp_addr_t *addr, char hp[300], mp_slice *host,
+                     mp_slice *path, int *tls, int *dns_port)
 {
-    if (n >= 8 && strncasecmp(url, "https://", 8) == 0)
-        luaL_error(L, "http.request: https URLs are not supported yet (name an upstream with tls instead)");
-    if (n < 7 || strncasecmp(url, "http://", 7) != 0)
-        luaL_error(L, "http.request: url must start with http://, got '%s'", url);
-    const char *h = url + 7, *end = url + n;
+    *tls = n >= 8 && strncasecmp(url, "https://", 8) == 0;
+    if (!*tls && (n < 7 || strncasecmp(url, "http://", 7) != 0))
+        luaL_error(L, "http.request: url must start with http:// or https://, got '%s'", url);
+    const char *h = url + (*tls ? 8 : 7), *end = url + n;
     const char *slash = h;
     while (slash < end && *slash != '/' && *slash != '?')
         slash++;
@@ -585,11 +654,28 @@ static void parse_url(lua_State *L, const char *url, size_t n, mp_addr_t *addr, 
     const char *close = memchr(h, ']', hl);
     const char *colon = memrchr(h, ':', hl);
     int has_port = colon && (!close || colon > close);
-    snprintf(hp, 300, "%.*s%s", (int)hl, h, has_port ? "" : ":80");
-    if (mp_addr_parse(hp, addr) != 0)
-        luaL_error(L, "http.request: url host must be an IP address and port, got '%.*s'", (int)hl, h);
+    snprintf(hp, 300, "%.*s%s", (int)hl, h, has_port ? "" : *tls ? ":443" : ":80");
     *host = (mp_slice){h, hl};
     *path = (mp_slice){slash, (size_t)(end - slash)};
+    if (hl == 1 && h[0] == '*')
+        luaL_error(L, "http.request: url '%s' has no host", url);
+    if (mp_addr_parse(hp, addr) == 0) {
+        free(addr->text); /* the call keeps its own copy of hp */
+        addr->text = NULL;
+        return 0;
+    }
+    /* a DNS name: letters, digits, '-' and '.', and a port */
+    const char *pc = strrchr(hp, ':');
+    size_t nl = pc ? (size_t)(pc - hp) : 0;
+    int port = pc ? atoi(pc + 1) : 0;
+    int name_ok = nl > 0 && nl < 254 && port > 0 && port < 65536 && strspn(pc + 1, "0123456789") == strlen(pc + 1);
+    for (size_t i = 0; name_ok && i < nl; i++)
+        name_ok = (hp[i] >= 'a' && hp[i] <= 'z') || (hp[i] >= 'A' && hp[i] <= 'Z') || (hp[i] >= '0' && hp[i] <= '9') ||
+                  hp[i] == '-' || hp[i] == '.';
+    if (!name_ok)
+        luaL_error(L, "http.request: url host must be an IP address or a DNS name, and a port, got '%.*s'", (int)hl, h);
+    *dns_port = port;
+    return (int)nl;
 }
 
 /* Which upstream opts.upstream names (an upstream object or its name). */
@@ -612,62 +698,124 @@ static int find_upstream(lua_State *L, mp_req_t *r)
     return luaL_error(L, "http.request: no upstream named '%s'", name);
 }
 
-/* Pushes "name: value\r\n" for the value at vidx, checked. */
-static void push_field(lua_State *L, const char *k, int vidx)
+/* A header value at idx: a string, or a number written as Lua writes it
+ * (into num, so that no Lua string is made). */
+static const char *value_at(lua_State *L, int idx, const char *k, char num[32], size_t *vn)
 {
-    size_t vn;
-    const char *v = lua_type(L, vidx) == LUA_TSTRING || lua_type(L, vidx) == LUA_TNUMBER ? lua_tolstring(L, vidx, &vn)
-                                                                                         : NULL;
-    if (!v)
-        luaL_error(L, "http.request: header %s: a value must be a string", k);
-    if (!clean(v, vn, 0) || memchr(v, '\0', vn))
-        luaL_error(L, "http.request: header %s: the value has a control character", k);
-    lua_pushfstring(L, "%s: %s\r\n", k, v);
+    if (lua_type(L, idx) == LUA_TSTRING)
+        return lua_tolstring(L, idx, vn);
+    if (lua_type(L, idx) != LUA_TNUMBER)
+        luaL_error(L, "http.request: header %s: a value must be a string or a number", k);
+    *vn = (size_t)snprintf(num, 32, "%.14g", lua_tonumber(L, idx));
+    return num;
 }
 
-/* The field lines of opts.headers (at index t) into the list at index
- * lines; returns whether a Host field was given. */
-static int header_lines(lua_State *L, int t, int lines)
+/* Walks opts.headers (at t): checks every field (raising for a bad one)
+ * when out is NULL and returns the bytes its lines take; else writes them
+ * at out (nothing raises then). *host: a Host field was given. */
+static size_t header_lines(lua_State *L, int t, char *out, int *host)
 {
-    int host = 0, n = 0;
-    if (lua_isnil(L, t))
-        return 0;
-    luaL_argcheck(L, lua_istable(L, t), 1, "headers must be a table");
+    size_t total = 0;
+    char num[32];
     lua_pushnil(L);
     while (lua_next(L, t)) {
         size_t kn;
         if (lua_type(L, -2) != LUA_TSTRING)
             luaL_error(L, "http.request: header names must be strings");
         const char *k = lua_tolstring(L, -2, &kn);
-        if (!is_token(k, kn))
-            luaL_error(L, "http.request: '%s' is not a header name", k);
-        if (reserved(k, kn))
-            luaL_error(L, "http.request: header %s is set by the call itself", k);
-        host |= kn == 4 && strncasecmp(k, "host", 4) == 0;
-        int v = lua_gettop(L);
-        if (lua_istable(L, v)) {
-            for (int i = 1;; i++) {
+        if (!out) {
+            if (!is_token(k, kn))
+                luaL_error(L, "http.request: '%s' is not a header name", k);
+            if (reserved(k, kn))
+                luaL_error(L, "http.request: header %s is set by the call itself", k);
+            *host |= kn == 4 && strncasecmp(k, "host", 4) == 0;
+        }
+        int v = lua_gettop(L), list = lua_istable(L, v);
+        for (int i = 1;; i++) {
+            if (list)
                 lua_rawgeti(L, v, i);
-                if (lua_isnil(L, -1)) {
-                    lua_pop(L, 1);
-                    break;
-                }
-                push_field(L, k, lua_gettop(L));
-                lua_rawseti(L, lines, ++n);
+            else if (i > 1)
+                break;
+            else
+                lua_pushvalue(L, v);
+            if (lua_isnil(L, -1)) {
                 lua_pop(L, 1);
+                break;
             }
-        } else {
-            push_field(L, k, v);
-            lua_rawseti(L, lines, ++n);
+            size_t vn;
+            const char *val = value_at(L, -1, k, num, &vn);
+            if (!out && (!clean(val, vn, 0) || memchr(val, '\0', vn)))
+                luaL_error(L, "http.request: header %s: the value has a control character", k);
+            if (out) {
+                memcpy(out + total, k, kn);
+                memcpy(out + total + kn, ": ", 2);
+                memcpy(out + total + kn + 2, val, vn);
+                memcpy(out + total + kn + 2 + vn, "\r\n", 2);
+            }
+            total += kn + vn + 4;
+            lua_pop(L, 1);
         }
         lua_pop(L, 1);
     }
-    return host;
+    return total;
+}
+
+/* The options of one call, as the hook gave them (the strings stay in opts). */
+typedef struct {
+    mp_slice url, path, query, method, body;
+    int has_upstream, headers; /* headers: its stack index, 0: none */
+    double timeout, max_body;
+} opts_t;
+
+static double opt_number(lua_State *L, const char *name)
+{
+    if (lua_type(L, -1) != LUA_TNUMBER)
+        luaL_error(L, "http.request: %s must be a number, got %s", name, luaL_typename(L, -1));
+    double v = lua_tonumber(L, -1);
+    if (!(v > 0) || v > 1e12)
+        luaL_error(L, "http.request: %s must be a number above 0", name);
+    return v;
+}
+
+/* Reads opts (at 1) in one pass; raises for an unknown or mistyped one. */
+static void read_opts(lua_State *L, opts_t *o)
+{
+    static const char *const names[] = {"url", "path", "query", "method", "body"};
+    lua_pushnil(L);
+    while (lua_next(L, 1)) {
+        size_t kn;
+        const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &kn) : NULL;
+        if (!k)
+            luaL_error(L, "http.request: options are name = value");
+        mp_slice *strs = &o->url;
+        size_t i = 0;
+        while (i < MP_ARRAY_LEN(names) && strcmp(k, names[i]) != 0)
+            i++;
+        if (i < MP_ARRAY_LEN(names)) {
+            if (lua_type(L, -1) != LUA_TSTRING)
+                luaL_error(L, "http.request: %s must be a string, got %s", k, luaL_typename(L, -1));
+            strs[i].p = lua_tolstring(L, -1, &strs[i].len);
+        } else if (strcmp(k, "upstream") == 0) {
+            o->has_upstream = 1;
+        } else if (strcmp(k, "headers") == 0) {
+            if (!lua_istable(L, -1))
+                luaL_error(L, "http.request: headers must be a table, got %s", luaL_typename(L, -1));
+            o->headers = 1;
+        } else if (strcmp(k, "timeout") == 0) {
+            o->timeout = opt_number(L, k);
+        } else if (strcmp(k, "max_body") == 0) {
+            o->max_body = opt_number(L, k);
+        } else {
+            luaL_error(L, "http.request: unknown option '%s'", k);
+        }
+        lua_pop(L, 1);
+    }
 }
 
 /* core.start(opts): checks and formats the request, then yields until its
- * answer is in. Misuse raises (and holds nothing: the request is built in
- * a Lua buffer); failures are the answer's (core.answer). */
+ * answer is in. Misuse raises, and then holds nothing: everything is
+ * checked before the request is written into memory of its own. Failures
+ * are the answer's (core.answer). */
 static int l_start(lua_State *L)
 {
     const char *why;
@@ -676,110 +824,101 @@ static int l_start(lua_State *L)
         return luaL_error(L, "http.request: %s", why);
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
-    size_t url_len = 0, opt_len, query_len = 0, method_len = 0, body_len = 0;
-    const char *url = opt_string(L, "url", &url_len);
-    lua_getfield(L, 1, "upstream");
-    int has_upstream = !lua_isnil(L, -1);
-    lua_pop(L, 1);
-    if (!url == !has_upstream)
+    opts_t o = {.timeout = DEFAULT_TIMEOUT, .max_body = (double)DEFAULT_MAX_BODY};
+    read_opts(L, &o);
+    if (!o.url.p == !o.has_upstream)
         return luaL_error(L, "http.request: give either url or upstream");
     mp_addr_t addr = {0};
     char hp[300] = "";
     mp_slice host = {NULL, 0}, path = {NULL, 0};
-    int upstream = -1;
-    if (url)
-        parse_url(L, url, url_len, &addr, hp, &host, &path);
+    int upstream = -1, tls = 0, dns_port = 0, dns_len = 0;
+    if (o.url.p)
+        dns_len = parse_url(L, o.url.p, o.url.len, &addr, hp, &host, &path, &tls, &dns_port);
     else
         upstream = find_upstream(L, r);
-    const char *opt_path = opt_string(L, "path", &opt_len);
-    if (opt_path)
-        path = (mp_slice){opt_path, opt_len};
+    if (o.path.p)
+        path = o.path;
     int query_only = path.len && path.p[0] == '?';
     if (!path.len)
         path = MP_SLICE_LIT("/");
     if (path.p[0] != '/' && !query_only)
         return luaL_error(L, "http.request: path must start with '/', got '%s'", path.p);
-    const char *query = opt_string(L, "query", &query_len);
-    if (!clean(path.p, path.len, 1) || (query && !clean(query, query_len, 1)))
+    if (!clean(path.p, path.len, 1) || (o.query.p && !clean(o.query.p, o.query.len, 1)))
         return luaL_error(L, "http.request: the path or query has a space or a control character");
-    const char *method = opt_string(L, "method", &method_len);
-    if (!method)
-        method = "GET", method_len = 3;
-    if (!is_token(method, method_len))
-        return luaL_error(L, "http.request: '%s' is not a method", method);
-    const char *body = opt_string(L, "body", &body_len);
-    double timeout = opt_number(L, "timeout", DEFAULT_TIMEOUT);
-    double max_body = opt_number(L, "max_body", (double)DEFAULT_MAX_BODY);
-    if (timeout <= 0)
-        return luaL_error(L, "http.request: timeout must be above 0");
-    lua_getfield(L, 1, "headers"); /* 2 */
-    lua_newtable(L);               /* 3: its lines, made before the buffer (which needs the stack) */
-    int own_host = header_lines(L, 2, 3);
+    mp_slice method = o.method.p ? o.method : MP_SLICE_LIT("GET");
+    if (!is_token(method.p, method.len))
+        return luaL_error(L, "http.request: '%s' is not a method", method.p);
+    int own_host = 0;
+    size_t fields = 0;
+    if (o.headers) {
+        lua_getfield(L, 1, "headers");
+        o.headers = lua_gettop(L);
+        fields = header_lines(L, o.headers, NULL, &own_host);
+    }
+    if (!own_host && !host.p) {
+        const mp_upstream_def_t *d = &r->gen->cfg->upstreams[upstream];
+        const char *h = d->host ? d->host : d->servers[0].addr.text;
+        host = (mp_slice){h, strlen(h)};
+    }
+    int is_post = MP_SLICE_IEQ(method, "POST") || MP_SLICE_IEQ(method, "PUT");
+    char cl[48] = "";
+    if (o.body.p || is_post)
+        snprintf(cl, sizeof(cl), "Content-Length: %zu\r\n", o.body.len);
 
-    luaL_Buffer b;
-    luaL_buffinit(L, &b);
-    luaL_addlstring(&b, method, method_len);
-    luaL_addlstring(&b, query_only ? " /" : " ", query_only ? 2 : 1);
-    luaL_addlstring(&b, path.p, path.len);
-    if (query) {
-        luaL_addlstring(&b, memchr(path.p, '?', path.len) ? "&" : "?", 1);
-        luaL_addlstring(&b, query, query_len);
-    }
-    luaL_addlstring(&b, " HTTP/1.1\r\n", 11);
-    for (int i = 1;; i++) {
-        lua_rawgeti(L, 3, i);
-        if (lua_isnil(L, -1)) {
-            lua_pop(L, 1);
-            break;
-        }
-        luaL_addvalue(&b);
-    }
-    if (!own_host) {
-        if (!host.p) {
-            const mp_upstream_def_t *d = &r->gen->cfg->upstreams[upstream];
-            const char *h = d->host ? d->host : d->servers[0].addr.text;
-            host = (mp_slice){h, strlen(h)};
-        }
-        luaL_addlstring(&b, "Host: ", 6);
-        luaL_addlstring(&b, host.p, host.len);
-        luaL_addlstring(&b, "\r\n", 2);
-    }
-    int is_post = (method_len == 4 && memcmp(method, "POST", 4) == 0) ||
-                  (method_len == 3 && memcmp(method, "PUT", 3) == 0);
-    if (body || is_post) {
-        char cl[40];
-        int n = snprintf(cl, sizeof(cl), "Content-Length: %zu\r\n", body_len);
-        luaL_addlstring(&b, cl, (size_t)n);
-    }
-    luaL_addlstring(&b, "\r\n", 2);
-    if (body)
-        luaL_addlstring(&b, body, body_len);
-    luaL_pushresult(&b);
-    size_t out_len;
-    const char *out = lua_tolstring(L, -1, &out_len);
-
+    /* everything is checked: from here on nothing raises but "out of memory" before any is held */
+    size_t clen = strlen(cl);
+    size_t total = method.len + 2 + path.len + (o.query.p ? 1 + o.query.len : 0) + 11 + fields +
+                   (own_host ? 0 : 8 + host.len) + clen + 2 + o.body.len;
     call_t *c = calloc(1, sizeof(*c));
-    if (!c || !(c->out = malloc(out_len)) || (url && !(c->addr.text = strdup(hp)))) {
-        if (c)
+    if (!c || !(c->out = malloc(total)) || (o.url.p && !dns_len && !(c->addr.text = strdup(hp))) ||
+        (tls && !(c->tls_name = tls_name(hp))) || (dns_len && !(c->dns_name = strndup(hp, (size_t)dns_len)))) {
+        if (c) {
             free(c->out);
+            free(c->addr.text);
+            free(c->tls_name);
+        }
         free(c);
         return luaL_error(L, "out of memory");
     }
-    memcpy(c->out, out, out_len);
-    c->out_len = out_len;
-    if (url) {
+    char *w = c->out;
+#define PUT(p, n) (memcpy(w, (p), (n)), w += (n))
+    PUT(method.p, method.len);
+    PUT(query_only ? " /" : " ", query_only ? 2 : 1);
+    PUT(path.p, path.len);
+    if (o.query.p) {
+        PUT(memchr(path.p, '?', path.len) ? "&" : "?", 1);
+        PUT(o.query.p, o.query.len);
+    }
+    PUT(" HTTP/1.1\r\n", 11);
+    if (fields)
+        w += header_lines(L, o.headers, w, &own_host);
+    if (!own_host) {
+        PUT("Host: ", 6);
+        PUT(host.p, host.len);
+        PUT("\r\n", 2);
+    }
+    PUT(cl, clen);
+    PUT("\r\n", 2);
+    if (o.body.p)
+        PUT(o.body.p, o.body.len);
+#undef PUT
+    MP_ASSERT((size_t)(w - c->out) <= total);
+    c->out_len = (size_t)(w - c->out);
+    if (o.url.p && !dns_len) {
         c->addr.ss = addr.ss;
         c->addr.sslen = addr.sslen;
     }
+    c->port = dns_port;
     c->base.start = start;
     c->base.cancel = cancel;
     c->r = r;
     c->ctx = container_of(r->env, mp_io_ctx_t, env);
     c->upstream = upstream;
     c->server = -1;
-    c->timeout = timeout;
-    c->max_body = (size_t)max_body;
-    c->is_head = method_len == 4 && memcmp(method, "HEAD", 4) == 0;
+    c->timeout = o.timeout;
+    c->max_body = (size_t)o.max_body;
+    c->is_head = MP_SLICE_IEQ(method, "HEAD");
+    lua_settop(L, 1);
     return mp_hook_yield(L, r, &c->base);
 }
 
@@ -793,39 +932,32 @@ static int l_answer(lua_State *L)
         mp_hook_answered(L);
         return 2;
     }
-    static __thread mp_http_response_t rh;
-    size_t scanned = 0;
-    int prc = mp_http1_parse_response(c->head, c->head_len, &scanned, c->head_len, &rh);
-    if (prc < 0 || prc == MP_EAGAIN) {
-        mp_hook_answered(L);
-        return luaL_error(L, "http.request: the response head changed"); /* cannot happen */
-    }
     lua_createtable(L, 0, 3);
     lua_pushinteger(L, c->status);
     lua_setfield(L, -2, "status");
-    lua_createtable(L, 0, (int)rh.nheaders);
+    lua_createtable(L, 0, (int)c->nfields);
     char name[256];
-    for (unsigned i = 0; i < rh.nheaders; i++) {
-        const mp_header_t *h = &rh.headers[i];
-        size_t n = h->name.len < sizeof(name) ? h->name.len : sizeof(name) - 1;
+    for (unsigned i = 0; i < c->nfields; i++) {
+        const char *np = c->head + c->fields[i][0], *vp = c->head + c->fields[i][2];
+        size_t n = c->fields[i][1] < sizeof(name) ? c->fields[i][1] : sizeof(name) - 1, vn = c->fields[i][3];
         for (size_t k = 0; k < n; k++)
-            name[k] = (char)(h->name.p[k] >= 'A' && h->name.p[k] <= 'Z' ? h->name.p[k] + 32 : h->name.p[k]);
+            name[k] = (char)(np[k] >= 'A' && np[k] <= 'Z' ? np[k] + 32 : np[k]);
         lua_pushlstring(L, name, n);
         lua_pushvalue(L, -1);
         lua_rawget(L, -3);
         if (lua_isnil(L, -1)) { /* the first: a string */
             lua_pop(L, 1);
-            lua_pushlstring(L, h->value.p, h->value.len);
+            lua_pushlstring(L, vp, vn);
             lua_rawset(L, -3);
         } else if (lua_istable(L, -1)) { /* a third or later */
-            lua_pushlstring(L, h->value.p, h->value.len);
+            lua_pushlstring(L, vp, vn);
             lua_rawseti(L, -2, (int)lua_objlen(L, -2) + 1);
             lua_pop(L, 2);
         } else { /* the second: a list of both */
             lua_createtable(L, 2, 0);
             lua_insert(L, -2);
             lua_rawseti(L, -2, 1);
-            lua_pushlstring(L, h->value.p, h->value.len);
+            lua_pushlstring(L, vp, vn);
             lua_rawseti(L, -2, 2);
             lua_rawset(L, -3);
         }
@@ -848,6 +980,7 @@ static int open_callout(lua_State *L)
 
 void mp_l_http_preload(lua_State *L)
 {
+    pthread_once(&url_tls_once, make_url_tls);
     lua_getglobal(L, "package");
     lua_getfield(L, -1, "preload");
     lua_pushcfunction(L, open_callout);

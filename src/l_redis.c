@@ -120,7 +120,7 @@ static void cancel(mp_callout_t *base)
     if (c->rc)
         mp_redis_cancel(c->rc);
     free_replies(c);
-    free(c->argc);
+    free(c->argv);
     free(c);
 }
 
@@ -244,7 +244,9 @@ static mp_redis_t *client_for(lua_State *L, mp_io_ctx_t *ctx, int t)
                          .timeout = timeout,
                          .pool = pool};
     client_t *k = calloc(1, sizeof(*k));
-    if (!k || !(k->key = strdup(key)) || !(k->r = mp_redis_new(ctx->loop, &o))) {
+    int ok = k && (k->key = strdup(key)) && (k->r = mp_redis_new(ctx->loop, &o));
+    free(a.text);
+    if (!ok) {
         if (k)
             free(k->key);
         free(k);
@@ -313,10 +315,11 @@ static int l_start(lua_State *L)
         free(c);
         return luaL_error(L, "out of memory");
     }
-    c->argc = (int *)block;
-    c->argv = (const char **)(block + (size_t)ncmds * sizeof(int));
-    c->argvlen = (size_t *)(block + (size_t)ncmds * sizeof(int) + (size_t)nargs * sizeof(char *));
-    c->bytes = block + (size_t)ncmds * sizeof(int) + (size_t)nargs * (sizeof(char *) + sizeof(size_t));
+    /* pointers and sizes first, then the ints, then the bytes: each at its alignment */
+    c->argv = (const char **)block;
+    c->argvlen = (size_t *)(block + (size_t)nargs * sizeof(char *));
+    c->argc = (int *)(block + (size_t)nargs * (sizeof(char *) + sizeof(size_t)));
+    c->bytes = block + (size_t)nargs * (sizeof(char *) + sizeof(size_t)) + (size_t)ncmds * sizeof(int);
     /* second pass: the values are on the stack in order, each command's list before its arguments */
     int at = base + 1, a = 0;
     char *w = c->bytes;

@@ -50,11 +50,9 @@ typedef struct {
 
 /* One per VM, a userdata anchored in the req metatable (at [1]). */
 struct lstate {
-    mp_lbox_t *free;     /* slots of no request */
-    int mt[OBJ_CTX];     /* registry references of the objects' metatables */
-    int pick_ref;        /* pick_call (made once: pushing a C function allocates) */
-    lua_State *running;  /* the chain's coroutine being resumed now, or NULL */
-    mp_req_t *running_r; /* its request */
+    mp_lbox_t *free; /* slots of no request */
+    int mt[OBJ_CTX]; /* registry references of the objects' metatables */
+    int pick_ref;    /* pick_call (made once: pushing a C function allocates) */
     int nidle;
     co_t idle[CO_KEEP];
 };
@@ -634,21 +632,28 @@ static void co_give(lua_State *L, lstate_t *st, mp_req_t *r, int reusable)
  * waits for a call-out under way. Returns MP_HOOK_WAIT, MP_HOOK_ERROR, or
  * MP_HOOK_NEXT with the chain's one result on L's stack. The watchdog
  * counts each run, never the waits between them. */
+/* The chain being resumed on this thread now (one at a time; a resume
+ * inside another, the simulator's inside a spec's, puts the outer one back). */
+static _Thread_local struct {
+    lua_State *co;
+    mp_req_t *r;
+} running;
+
 static int resume(lua_State *L, mp_req_t *r, int nargs)
 {
     lstate_t *st = r->lbox->st;
     mp_req_env_t *e = r->env;
     char err[1024];
     for (;;) {
-        st->running = r->co;
-        st->running_r = r;
+        __typeof__(running) outer = running;
+        running.co = r->co;
+        running.r = r;
         atomic_store_explicit(e->hook_since, mp_req_now(e), memory_order_release);
         atomic_store_explicit(e->hook_vm, L, memory_order_release);
         int rc = mp_vm_resume(L, r->co, r->co_ref, nargs, err, sizeof(err));
         atomic_store_explicit(e->hook_vm, NULL, memory_order_release);
         atomic_store_explicit(e->hook_since, 0, memory_order_release);
-        st->running = NULL;
-        st->running_r = NULL;
+        running = outer;
         if (rc == MP_EAGAIN && r->callout) {
             if (r->callout->start(r->callout) == 0)
                 return MP_HOOK_WAIT;
@@ -685,31 +690,16 @@ static int run(lua_State *L, mp_req_t *r, int nargs, int kind)
     return resume(L, r, nargs);
 }
 
-/* The VM's bookkeeping, found from any of its threads. */
-static lstate_t *vm_state(lua_State *L)
-{
-    lstate_t *st = NULL;
-    luaL_getmetatable(L, REQ_MT);
-    if (lua_istable(L, -1)) {
-        lua_rawgeti(L, -1, 1);
-        st = lua_touserdata(L, -1);
-        lua_pop(L, 1);
-    }
-    lua_pop(L, 1);
-    return st;
-}
-
 mp_req_t *mp_hook_context(lua_State *L, const char **why)
 {
-    lstate_t *st = vm_state(L);
-    mp_req_t *r = st ? st->running_r : NULL;
+    mp_req_t *r = running.r;
     if (!r) {
         *why =
             "only hooks can call out (not the configuration script, a balancer policy, a hash_key function or "
             "a guard)";
         return NULL;
     }
-    if (L != st->running) {
+    if (L != running.co) {
         *why = "a hook calls out from its own code, not from a coroutine it made";
         return NULL;
     }
@@ -741,8 +731,7 @@ int mp_hook_yield(lua_State *L, mp_req_t *r, mp_callout_t *c)
 /* The request whose chain runs in L's coroutine now, or NULL. */
 static mp_req_t *running_req(lua_State *L)
 {
-    lstate_t *st = vm_state(L);
-    return st && L == st->running ? st->running_r : NULL;
+    return L == running.co ? running.r : NULL;
 }
 
 mp_callout_t *mp_hook_answer(lua_State *L)

@@ -315,9 +315,10 @@ void mp_upconn_reap(mp_io_ctx_t *ctx)
     }
 }
 
-mp_server_pool_t *mp_pool_standalone(mp_io_ctx_t *ctx, const mp_addr_t *addr, int keepalive, double keepalive_timeout)
+mp_server_pool_t *mp_pool_standalone(mp_io_ctx_t *ctx, const mp_addr_t *addr, const char *tls, int keepalive,
+                                     double keepalive_timeout)
 {
-    mp_server_pool_t *sp = pool_get(ctx, "", addr, NULL); /* no upstream is named "" */
+    mp_server_pool_t *sp = pool_get(ctx, "", addr, tls); /* no upstream is named "" */
     if (sp && !sp->refs) {
         sp->refs = 1; /* until mp_pools_dispose */
         sp->keepalive = keepalive;

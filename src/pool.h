@@ -88,9 +88,11 @@ mp_pool_t *mp_pools_new(mp_io_ctx_t *ctx, const mp_config_t *cfg);
 void mp_pools_free(mp_io_ctx_t *ctx, mp_pool_t *pools, size_t n);
 
 /* The worker's pool for a call-out target outside any upstream (a URL's
- * address), found or made; kept until mp_pools_dispose. NULL when out of
+ * address; tls: what its TLS connections are made for, mp_tls_client_key,
+ * or NULL), found or made; kept until mp_pools_dispose. NULL when out of
  * memory. */
-mp_server_pool_t *mp_pool_standalone(mp_io_ctx_t *ctx, const mp_addr_t *addr, int keepalive, double keepalive_timeout);
+mp_server_pool_t *mp_pool_standalone(mp_io_ctx_t *ctx, const mp_addr_t *addr, const char *tls, int keepalive,
+                                     double keepalive_timeout);
 
 /* Closes and frees every server pool left (worker end, after its
  * generations). */

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <time.h>
 
 /* CONNECTING -> HELLO (AUTH/SELECT sent, their replies awaited; skipped
  * without password and db) -> BUSY (a call's commands out, its replies
@@ -29,10 +30,12 @@ struct rconn {
     mp_redis_t *r;
     mp_io_t sock;
     ev_io io;
+    ev_timer timer; /* while CONNECTING and HELLO: connect_timeout */
     uint8_t state;
     uint8_t want;          /* the events io watches */
     redisReader *reader;   /* owned */
-    mp_redis_call_t *call; /* the call it opened for (CONNECTING, HELLO) or carries (BUSY); NULL when idle */
+    mp_redis_call_t *call; /* the call it opened for (CONNECTING, HELLO; NULL once that call ended) or
+                            * carries (BUSY); NULL when idle */
     const char *out;       /* what is being written: r->hello or call->cmd (borrowed) */
     size_t outlen, outpos;
     int expect, got;      /* replies of this step (hello or call), and how many came */
@@ -63,14 +66,14 @@ struct mp_redis {
     size_t hellolen;
     int nhello;
     int has_auth, db;
-    double timeout, backoff_min, backoff_max;
+    double timeout, connect_timeout, backoff_min, backoff_max;
     unsigned pool, queue_max;
     rconn_t *conns;
     unsigned nconns;
     mp_redis_call_t *qhead, *qtail;
     unsigned nqueued, ncancelled;
     double backoff;  /* the current reconnect delay, 0 while the server is fine */
-    double retry_at; /* ev_now before which calls fail at once */
+    double retry_at; /* mono_now() before which calls fail at once */
     int closing;
     int in_cb; /* a callback runs (mp_redis_free may not) */
     unsigned long connects, failures;
@@ -81,6 +84,23 @@ struct mp_redis {
 };
 
 static void dispatch(mp_redis_t *r);
+
+static double mono_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* How long ago the loop read its clock: a timer started now counts from
+ * then, so a timeout starts this much later to count from now (a busy
+ * iteration would shorten it). Within [0, 1 s]: a wall clock step is not
+ * a delay. */
+static double loop_lag(struct ev_loop *loop)
+{
+    double d = ev_time() - ev_now(loop);
+    return d > 0 && d < 1 ? d : 0;
+}
 
 static const char *cb_msg(mp_redis_t *r, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static const char *cb_msg(mp_redis_t *r, const char *fmt, ...)
@@ -181,6 +201,7 @@ static void conn_close(rconn_t *c)
     mp_redis_t *r = c->r;
     MP_ASSERT(!c->call);
     ev_io_stop(r->loop, &c->io);
+    ev_timer_stop(r->loop, &c->timer);
     mp_io_close(&c->sock);
     redisReaderFree(c->reader);
     if (c->prev)
@@ -207,7 +228,7 @@ static mp_redis_call_t *conn_detach(rconn_t *c)
  * during a delay do not lengthen it. */
 static void backoff_start(mp_redis_t *r, const char *why)
 {
-    double now = ev_now(r->loop);
+    double now = mono_now();
     r->failures++;
     snprintf(r->last_failure, sizeof(r->last_failure), "%s", why);
     if (now < r->retry_at)
@@ -242,6 +263,10 @@ static void conn_fail(rconn_t *c, int down, const char *fmt, ...)
     dispatch(r);
 }
 
+/* Starts a step: writes what it can of out now (no wait for the loop: the
+ * socket is writable nearly always), the rest when the socket is writable.
+ * An error is left to the watcher, which meets it again and fails c from
+ * the loop: this runs inside mp_redis_send, which calls no callback. */
 static void conn_write_step(rconn_t *c, const char *out, size_t len, int expect)
 {
     c->out = out;
@@ -249,7 +274,14 @@ static void conn_write_step(rconn_t *c, const char *out, size_t len, int expect)
     c->outpos = 0;
     c->expect = expect;
     c->got = 0;
-    set_want(c, EV_READ | EV_WRITE);
+    while (c->outpos < c->outlen) {
+        ssize_t n = mp_io_write(&c->sock, c->out + c->outpos, c->outlen - c->outpos);
+        if (n > 0)
+            c->outpos += (size_t)n;
+        else if (!(n < 0 && errno == EINTR))
+            break;
+    }
+    set_want(c, c->outpos < c->outlen ? EV_READ | EV_WRITE : EV_READ);
 }
 
 static void conn_idle(rconn_t *c)
@@ -261,16 +293,15 @@ static void conn_idle(rconn_t *c)
     set_want(c, EV_READ);
 }
 
-/* c carries its call now: the commands go out (or, cancelled before they
- * did, nothing does and c serves the next call: it may be gone after). */
+/* c is ready: its call's commands go out, or (the call it was opened for
+ * ended meanwhile) c serves the next waiting call; it may be gone after. */
 static void conn_begin(rconn_t *c)
 {
     mp_redis_t *r = c->r;
     mp_redis_call_t *call = c->call;
-    if (call->cancelled) {
-        conn_detach(c);
+    ev_timer_stop(r->loop, &c->timer);
+    if (!call) {
         conn_idle(c);
-        call_end(call, NULL);
         dispatch(r);
         return;
     }
@@ -292,6 +323,16 @@ static void conn_connected(rconn_t *c)
 }
 
 static void on_conn_io(struct ev_loop *loop, ev_io *w, int revents);
+
+/* Connecting, or AUTH/SELECT, took longer than connect_timeout: the server
+ * does not answer (a call that gave up sooner left c going). */
+static void on_conn_timeout(struct ev_loop *loop, ev_timer *w, int revents)
+{
+    (void)loop;
+    (void)revents;
+    rconn_t *c = container_of(w, rconn_t, timer);
+    conn_fail(c, 1, "%s", c->state == C_CONNECTING ? "connect timeout" : "AUTH/SELECT timeout");
+}
 
 /* A new connection for call (attached to it), or NULL with errno. */
 static rconn_t *conn_open(mp_redis_t *r, mp_redis_call_t *call)
@@ -324,6 +365,8 @@ static rconn_t *conn_open(mp_redis_t *r, mp_redis_call_t *call)
     c->call = call;
     call->conn = c;
     c->state = C_CONNECTING;
+    ev_timer_init(&c->timer, on_conn_timeout, r->connect_timeout + loop_lag(r->loop), 0);
+    ev_timer_start(r->loop, &c->timer);
     if (rc == 0)
         conn_connected(c);
     else
@@ -499,7 +542,7 @@ static void on_conn_io(struct ev_loop *loop, ev_io *w, int revents)
 
 static int in_backoff(const mp_redis_t *r)
 {
-    return r->retry_at > ev_now(r->loop);
+    return r->retry_at > mono_now();
 }
 
 /* Serves the waiting calls in order: an idle connection, a new one while
@@ -543,10 +586,13 @@ static void on_call_timeout(struct ev_loop *loop, ev_timer *w, int revents)
         call_end(call, cb_msg(r, "timeout"));
         return;
     }
-    /* Its replies would come later, into the next call: the connection goes. */
-    if (c->state == C_CONNECTING || c->state == C_HELLO)
-        backoff_start(r, c->state == C_CONNECTING ? "connect timeout" : "AUTH/SELECT timeout");
     conn_detach(c);
+    if (c->state == C_CONNECTING || c->state == C_HELLO) {
+        /* nothing of the call was sent: the connection goes on, for the next call */
+        call_end(call, cb_msg(r, "timeout"));
+        return;
+    }
+    /* Its replies would come later, into the next call: the connection goes. */
     conn_close(c);
     call_end(call, cb_msg(r, "timeout"));
     dispatch(r);
@@ -622,6 +668,7 @@ mp_redis_t *mp_redis_new(struct ev_loop *loop, const mp_redis_opts_t *o)
     r->has_auth = o->password && (o->password_len || o->password[0]);
     r->db = o->db;
     r->timeout = o->timeout > 0 ? o->timeout : 1;
+    r->connect_timeout = o->connect_timeout > 0 ? o->connect_timeout : r->timeout;
     r->pool = o->pool > 0 ? (unsigned)o->pool : 8;
     r->queue_max = o->queue > 0 ? (unsigned)o->queue : 64 * r->pool;
     r->backoff_min = o->backoff_min > 0 ? o->backoff_min : 0.1;
@@ -762,7 +809,7 @@ mp_redis_call_t *mp_redis_send(mp_redis_t *r, int ncmds, const int *argc, const 
     call->arg = arg;
     call->ncmds = ncmds;
     call->leaves_state = leaves_state(ncmds, argc, argv, argvlen);
-    ev_timer_init(&call->timer, on_call_timeout, timeout > 0 ? timeout : r->timeout, 0);
+    ev_timer_init(&call->timer, on_call_timeout, (timeout > 0 ? timeout : r->timeout) + loop_lag(r->loop), 0);
     if (idle) {
         conn_assign(idle, call);
     } else if (queue) {
@@ -788,8 +835,11 @@ void mp_redis_cancel(mp_redis_call_t *c)
 {
     mp_redis_t *r = c->r;
     MP_ASSERT(!c->cancelled);
-    if (!c->conn) {
-        queue_unlink(r, c);
+    if (!c->conn || c->conn->state == C_CONNECTING || c->conn->state == C_HELLO) {
+        if (c->conn) /* nothing sent yet: the connection goes on, for the next call */
+            conn_detach(c->conn);
+        else
+            queue_unlink(r, c);
         ev_timer_stop(r->loop, &c->timer);
         call_free(c);
         return;

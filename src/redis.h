@@ -6,8 +6,8 @@
  *
  * A connection carries one call at a time. A call takes an idle connection,
  * else opens one while the pool has room, else waits in a bounded queue.
- * When the server looks gone (a connect refused or timed out, AUTH/SELECT
- * refused or timed out, a connection broken during a call) the client waits
+ * When the server looks gone (a connect refused or past connect_timeout,
+ * AUTH/SELECT refused or past it, a connection broken during a call) the client waits
  * before it tries again, backoff_min doubling to backoff_max while it stays
  * gone: meanwhile every call fails at once, even one an idle connection
  * could carry, so that a caller with a fallback (a rate limit's circuit)
@@ -32,14 +32,16 @@ typedef struct mp_redis_call mp_redis_call_t;
 typedef struct {
     const struct sockaddr *addr; /* the server (IPv4 or IPv6; a name is resolved before) */
     socklen_t addrlen;
-    const char *password; /* NULL or "": no AUTH; else AUTH password on every new connection */
-    size_t password_len;  /* 0 with a password: strlen(password) */
-    int db;               /* SELECT db on every new connection when not 0 */
-    double timeout;       /* a call's default timeout, seconds (<= 0: 1 s) */
-    int pool;             /* connections at most (<= 0: 8) */
-    int queue;            /* calls waiting for a connection at most (<= 0: 64 per connection) */
-    double backoff_min;   /* the first reconnect delay after a failure, seconds (<= 0: 0.1) */
-    double backoff_max;   /* ... doubling up to this (<= 0: 5) */
+    const char *password;   /* NULL or "": no AUTH; else AUTH password on every new connection */
+    size_t password_len;    /* 0 with a password: strlen(password) */
+    int db;                 /* SELECT db on every new connection when not 0 */
+    double timeout;         /* a call's default timeout, seconds (<= 0: 1 s) */
+    double connect_timeout; /* connecting and AUTH/SELECT, seconds (<= 0: timeout): past it the server
+                             * is taken for gone; a call that gives up sooner leaves it going */
+    int pool;               /* connections at most (<= 0: 8) */
+    int queue;              /* calls waiting for a connection at most (<= 0: 64 per connection) */
+    double backoff_min;     /* the first reconnect delay after a failure, seconds (<= 0: 0.1) */
+    double backoff_max;     /* ... doubling up to this (<= 0: 5) */
 } mp_redis_opts_t;
 
 /* A call's end, called once from the loop (never from inside mp_redis_send
@@ -65,7 +67,8 @@ typedef struct {
 
 /* A client on loop (the calling thread's; every call of this API runs on
  * it), or NULL with errno (EINVAL: no address or a bad one; ENOMEM). Opens
- * no connection yet: the first call does. */
+ * no connection yet: the first call does. The process ignores SIGPIPE (as
+ * main.c does): a write to a connection the server closed is an error. */
 mp_redis_t *mp_redis_new(struct ev_loop *loop, const mp_redis_opts_t *o);
 
 /* Fails every pending call with "redis ADDR: client closed" (their callbacks
@@ -101,7 +104,8 @@ mp_redis_call_t *mp_redis_command(mp_redis_t *r, int argc, const char *const *ar
 /* The caller went away: c's callback is never called and c must not be
  * used again. A call in flight keeps its connection until its replies came
  * (read and dropped, then the connection serves the next call) or its
- * timeout closes it; a waiting one is dropped at once. */
+ * timeout closes it; a waiting one is dropped at once, and so is one whose
+ * connection is still opening (which goes on, for the next call). */
 void mp_redis_cancel(mp_redis_call_t *c);
 
 void mp_redis_stats(const mp_redis_t *r, mp_redis_stats_t *st);

@@ -727,3 +727,206 @@ void mp_resolve_watch_free(mp_resolve_watch_t *w)
     }
     free(w);
 }
+
+/* ---- one lookup on a worker's loop (call-out URLs) ----------------------- */
+
+#define ASYNC_TTL_MIN 1.0   /* an answer serves the call-outs of at least this long */
+#define ASYNC_TTL_MAX 300.0 /* ... and at most this long, whatever its record says */
+
+struct mp_resolve_query {
+    struct ev_loop *loop;
+    mp_resolver_def_t r; /* borrowed: the configuration outlives the query's caller */
+    char *key, *host;
+    ares_channel ch;
+    int busy;
+    query_t q;
+    ev_io io[MAX_SOCKS];
+    ev_timer retry, deadline, soon;
+    mp_resolve_cb cb;
+    void *arg;
+};
+
+int mp_resolve_cached(const mp_resolver_def_t *r, const char *host, mp_sockaddr_t *out, int max)
+{
+    char *key = make_key(r, host);
+    if (!key)
+        return 0;
+    int n = 0;
+    pthread_mutex_lock(&cache_lock);
+    entry_t *e = find(key);
+    double ttl = e ? e->ans.ttl : 0;
+    ttl = ttl < ASYNC_TTL_MIN ? ASYNC_TTL_MIN : ttl > ASYNC_TTL_MAX ? ASYNC_TTL_MAX : ttl;
+    if (e && e->ans.n && (e->tracked || now_s() - e->fetched < ttl)) {
+        n = e->ans.n < max ? e->ans.n : max;
+        memcpy(out, e->ans.addrs, (size_t)n * sizeof(*out));
+    }
+    pthread_mutex_unlock(&cache_lock);
+    free(key);
+    return n;
+}
+
+static void async_sock_state(void *data, ares_socket_t fd, int readable, int writable)
+{
+    mp_resolve_query_t *a = data;
+    ev_io *free_slot = NULL, *io = NULL;
+    for (int i = 0; i < MAX_SOCKS; i++) {
+        if (ev_is_active(&a->io[i]) && a->io[i].fd == fd)
+            io = &a->io[i];
+        else if (!free_slot && !ev_is_active(&a->io[i]))
+            free_slot = &a->io[i];
+    }
+    if (io)
+        ev_io_stop(a->loop, io);
+    else if (!(io = free_slot))
+        return;
+    if (!readable && !writable)
+        return;
+    ev_io_set(io, fd, (readable ? EV_READ : 0) | (writable ? EV_WRITE : 0));
+    ev_io_start(a->loop, io);
+}
+
+static void async_stop(mp_resolve_query_t *a)
+{
+    ev_timer_stop(a->loop, &a->retry);
+    ev_timer_stop(a->loop, &a->deadline);
+    ev_timer_stop(a->loop, &a->soon);
+    if (a->busy) {
+        a->busy = 0;
+        ares_destroy(a->ch);
+    }
+    for (int i = 0; i < MAX_SOCKS; i++)
+        ev_io_stop(a->loop, &a->io[i]);
+}
+
+void mp_resolve_cancel(mp_resolve_query_t *a)
+{
+    if (!a)
+        return;
+    async_stop(a);
+    free(a->key);
+    free(a->host);
+    free(a);
+}
+
+/* The lookup is over: into the cache, then the callback (a is freed). */
+static void async_end(mp_resolve_query_t *a)
+{
+    query_t q = a->q;
+    async_stop(a);
+    char err[256] = "";
+    answer_t ans = q.ans;
+    int ok = q.done && q.status == ARES_SUCCESS;
+    if (ok) {
+        answer_sort(&ans);
+        pthread_mutex_lock(&cache_lock);
+        store(a->key, &ans);
+        pthread_mutex_unlock(&cache_lock);
+    } else {
+        query_error(&q, a->host, err, sizeof(err));
+    }
+    mp_resolve_cb cb = a->cb;
+    void *arg = a->arg;
+    mp_resolve_cancel(a);
+    cb(arg, ok ? ans.addrs : NULL, ok ? ans.n : 0, ok ? NULL : err);
+}
+
+static void async_after(mp_resolve_query_t *a)
+{
+    if (a->q.done)
+        return async_end(a);
+    struct timeval tv, *tvp = ares_timeout(a->ch, NULL, &tv);
+    ev_timer_stop(a->loop, &a->retry);
+    if (tvp) {
+        ev_timer_set(&a->retry, (double)tvp->tv_sec + (double)tvp->tv_usec / 1e6 + 0.001, 0);
+        ev_timer_start(a->loop, &a->retry);
+    }
+}
+
+static void async_io(struct ev_loop *loop, ev_io *io, int revents)
+{
+    (void)loop;
+    mp_resolve_query_t *a = io->data;
+    int fd = io->fd;
+    ares_process_fd(a->ch, (revents & EV_READ) ? fd : ARES_SOCKET_BAD, (revents & EV_WRITE) ? fd : ARES_SOCKET_BAD);
+    async_after(a);
+}
+
+static void async_retry(struct ev_loop *loop, ev_timer *t, int revents)
+{
+    (void)loop;
+    (void)revents;
+    mp_resolve_query_t *a = t->data;
+    ares_process_fd(a->ch, ARES_SOCKET_BAD, ARES_SOCKET_BAD);
+    async_after(a);
+}
+
+static void async_deadline(struct ev_loop *loop, ev_timer *t, int revents)
+{
+    (void)loop;
+    (void)revents;
+    mp_resolve_query_t *a = t->data;
+    if (!a->q.done && a->busy)
+        ares_cancel(a->ch);
+    if (!a->q.done)
+        a->q = (query_t){.done = 1, .status = ARES_ETIMEOUT};
+    async_end(a);
+}
+
+/* An answer found at once (the hosts file, a failure to start) is told
+ * from the loop's next turn, as any other. */
+static void async_soon(struct ev_loop *loop, ev_timer *t, int revents)
+{
+    (void)loop;
+    (void)revents;
+    async_end(t->data);
+}
+
+mp_resolve_query_t *mp_resolve_start(struct ev_loop *loop, const mp_resolver_def_t *r, const char *host,
+                                     mp_resolve_cb cb, void *arg)
+{
+    mp_resolve_query_t *a = calloc(1, sizeof(*a));
+    if (!a || !(a->key = make_key(r, host)) || !(a->host = strdup(host))) {
+        if (a)
+            free(a->key);
+        free(a);
+        return NULL;
+    }
+    a->loop = loop;
+    a->r = *r;
+    a->cb = cb;
+    a->arg = arg;
+    for (int i = 0; i < MAX_SOCKS; i++) {
+        ev_init(&a->io[i], async_io);
+        a->io[i].data = a;
+    }
+    ev_init(&a->retry, async_retry);
+    a->retry.data = a;
+    ev_init(&a->deadline, async_deadline);
+    a->deadline.data = a;
+    ev_timer_init(&a->soon, async_soon, 0, 0);
+    a->soon.data = a;
+    query_t *q = &a->q;
+    int found = r->hosts ? hosts_lookup(r->hosts, host, &q->ans, q->err, sizeof(q->err)) : 0;
+    struct ares_options o = {.sock_state_cb = async_sock_state, .sock_state_cb_data = a};
+    if (found != 0) {
+        q->done = 1;
+        q->status = found > 0 ? ARES_SUCCESS : ARES_EFILE;
+    } else if (channel_new(r, &a->ch, &o, ARES_OPT_SOCK_STATE_CB, q->err, sizeof(q->err)) != 0) {
+        q->done = 1;
+        q->status = ARES_ENOMEM;
+    }
+    if (q->done) {
+        ev_timer_start(loop, &a->soon);
+        return a;
+    }
+    a->busy = 1;
+    ev_timer_set(&a->deadline, r->timeout > 0 ? r->timeout : 2, 0);
+    ev_timer_start(loop, &a->deadline);
+    query_start(a->ch, host, q);
+    if (q->done) { /* c-ares answered from its own files at once */
+        ev_timer_start(loop, &a->soon);
+        return a;
+    }
+    async_after(a);
+    return a;
+}

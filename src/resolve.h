@@ -35,4 +35,21 @@ void mp_resolve_watch_sync(mp_resolve_watch_t *w, const mp_config_t *cfg);
 
 void mp_resolve_watch_free(mp_resolve_watch_t *w);
 
+/* For call-out URLs, on a worker's loop. A fresh answer for host from the
+ * process-wide cache (within its record's TTL, bounded to 1..300 s, or one
+ * the watch keeps): up to max addresses into out, their count; 0 when there
+ * is none. */
+int mp_resolve_cached(const mp_resolver_def_t *r, const char *host, mp_sockaddr_t *out, int max);
+
+/* Looks host up without blocking (r's hosts file first, then DNS through
+ * c-ares on loop, at most r->timeout seconds); the answer goes into the
+ * cache. cb runs once, from the loop (never inside mp_resolve_start), with
+ * the addresses (sorted; port 0) or err, unless the query is cancelled
+ * first. r must outlive the query. NULL when out of memory. */
+typedef struct mp_resolve_query mp_resolve_query_t;
+typedef void (*mp_resolve_cb)(void *arg, const mp_sockaddr_t *addrs, int n, const char *err);
+mp_resolve_query_t *mp_resolve_start(struct ev_loop *loop, const mp_resolver_def_t *r, const char *host,
+                                     mp_resolve_cb cb, void *arg);
+void mp_resolve_cancel(mp_resolve_query_t *q);
+
 #endif

@@ -4,7 +4,8 @@
  *
  * Usage: redis_driver [SCRIPT] (stdin without one). Lines (words split on
  * blanks; "..." quotes, with \n \r \t \\ \" \xHH):
- *   client HOST:PORT [password=P] [db=N] [pool=N] [timeout=S] [queue=N] [backoff=MIN,MAX]
+ *   client HOST:PORT [password=P] [db=N] [pool=N] [timeout=S] [connect_timeout=S] [queue=N]
+ *          [backoff=MIN,MAX]
  *   call [t=S] ARG...                       one command; waits, prints the result
  *   pipeline [t=S] ARG... | ARG... | ...    one call of several commands; results joined by " ; "
  *   async NAME [t=S] ARG...                 sends; "NAME: RESULT" when it ends
@@ -12,6 +13,7 @@
  *   repeat N ARG...                         N calls one after another: "repeat N: F failed, T us per call"
  *   wait                                    until every async call ended
  *   sleep S                                 runs the loop S seconds
+ *   busy S                                  sleeps S seconds without the loop (a long iteration)
  *   elapsed                                 "elapsed S": how long the last call/pipeline took
  *   stats                                   "conns=N idle=N queued=N cancelled=N connects=N failures=N"
  *   signal PATH / waitfile PATH S [noloop]  creates PATH / runs the loop until PATH exists (at most S;
@@ -28,6 +30,7 @@
 #include <arpa/inet.h>
 #include <ev.h>
 #include <netinet/in.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -271,6 +274,8 @@ static int cmd_client(words_t *w)
             o.queue = atoi(v);
         else if (!strcmp(w->w[i], "timeout"))
             o.timeout = atof(v);
+        else if (!strcmp(w->w[i], "connect_timeout"))
+            o.connect_timeout = atof(v);
         else if (!strcmp(w->w[i], "backoff")) {
             o.backoff_min = atof(v);
             char *comma = strchr(v, ',');
@@ -350,6 +355,8 @@ static int run_line(char *line)
         putchar('\n');
     } else if (!strcmp(cmd, "sleep") && w.n == 2) {
         run_for(atof(w.w[1]), NULL);
+    } else if (!strcmp(cmd, "busy") && w.n == 2) {
+        usleep((useconds_t)(atof(w.w[1]) * 1e6));
     } else if (!strcmp(cmd, "signal") && w.n == 2) {
         FILE *f = fopen(w.w[1], "w");
         if (!f)
@@ -437,6 +444,7 @@ int main(int argc, char **argv)
         perror(argv[1]);
         return 2;
     }
+    signal(SIGPIPE, SIG_IGN); /* as main.c: a write to a closed connection is an EPIPE, not an exit */
     loop = ev_loop_new(EVFLAG_AUTO);
     static char line[1 << 20];
     int lineno = 0, rc = 0;

@@ -6,6 +6,7 @@
 -- that leaves cancels its hook's call; a reload while hooks wait; where a
 -- call cannot be made (a balancer, coroutine.yield) the error is clear; and
 -- a call to a TLS upstream. One worker, so that waiting hooks share it.
+local ffi = require "ffi"
 local h = require "helpers.proxy"
 local raw = require "helpers.raw_http"
 local tls = require "helpers.tls"
@@ -70,6 +71,20 @@ proxy.route { path = "/tls", handler = function(req)
   local res, err = http.request { upstream = secure, path = "/x" }
   return req:respond(200, show(res, err) .. "\n")
 end }
+proxy.route { path = "/https", handler = function(req)
+  local res, err = http.request { url = "https://${secure}/x", timeout = 2 }
+  return req:respond(200, show(res, err) .. " " .. tostring(res and res.headers["x-origin"]) .. "\n")
+end }
+proxy.route { path = "/https-wrong-name", handler = function(req)
+  local res, err = http.request { url = "https://${other}/x", timeout = 2 }
+  return req:respond(200, show(res, err) .. "\n")
+end }
+proxy.route { path = "/wait-long", handler = function(req)
+  -- waits 1.5 s in all, past hook_timeout (1 s): waiting is not running
+  local a = http.request { upstream = auth, path = "/slow", query = "ms=800", timeout = 5 }
+  local b = http.request { upstream = auth, path = "/slow", query = "ms=800", timeout = 5 }
+  return req:respond(200, show(a) .. " " .. show(b) .. "\n")
+end }
 proxy.route { path = "/two", handler = function(req)
   local a = http.request { upstream = auth, path = "/a" }
   local b = http.request { upstream = auth, path = "/b" }
@@ -98,6 +113,10 @@ proxy.route { prefix = "/resp/", upstream = app, on_response = function(req, res
   local r2, err = http.request { upstream = auth, path = "/from-response" }
   res.headers["x-called"] = show(r2, err)
 end }
+proxy.route { prefix = "/resp-hang/", upstream = app, on_response = function(req, res)
+  local r2, err = http.request { url = "http://${auth}/hang", timeout = 30 }
+  res.headers["x-called"] = show(r2, err)
+end }
 proxy.route { path = "/local-resp", handler = function(req) return req:respond(201, "made here\n") end,
   on_response = function(req, res)
     local r2, err = http.request { upstream = auth, path = "/from-local-response" }
@@ -115,25 +134,31 @@ proxy.on_log(function(req, res)
 end)
 ]=]
 
+pcall(ffi.cdef, "int setenv(const char *name, const char *value, int overwrite); int unsetenv(const char *name);")
+
 describe("hooks that call out", function()
-    local pki, app, auth, secure, proxy, root, vars
+    local pki, app, auth, secure, other, proxy, root, vars
 
     lazy_setup(function()
         pki = tls.pki()
         app = h.start_origin("app")
         auth = h.start_origin("auth")
         secure = tls.start_origin("secure", pki.localhost)
+        other = tls.start_origin("other", pki.api) -- a certificate for api.example.test, not 127.0.0.1
         root = h.tmpname() .. ".root"
         assert(os.execute("mkdir -p " .. h.quote(root)))
         h.write_file(root .. "/f.txt", "a static file\n")
-        vars = { app = app.addr, auth = auth.addr, dead = h.free_port(), secure = secure.addr, ca = pki.ca,
-                 root = root, gen = "one" }
+        vars = { app = app.addr, auth = auth.addr, dead = h.free_port(), secure = secure.addr, other = other.addr,
+                 ca = pki.ca, root = root, gen = "one" }
+        -- https URLs verify against the system store: here, the test CA (OpenSSL reads SSL_CERT_FILE)
+        ffi.C.setenv("SSL_CERT_FILE", pki.ca, 1)
         proxy = h.start_proxy { workers = 1, config = CONFIG, vars = vars, log_level = "debug" }
+        ffi.C.unsetenv("SSL_CERT_FILE")
         proxy:wait_ready()
     end)
 
     lazy_teardown(function()
-        h.shutdown(proxy, app, auth, secure)
+        h.shutdown(proxy, app, auth, secure, other)
     end)
 
     it("calls an upstream from on_request, and the request goes on with what it answered", function()
@@ -188,6 +213,20 @@ describe("hooks that call out", function()
         local res = assert(raw.get(proxy.port, "/tls"))
         assert.equal(200, res.status)
         assert.matches("^200 %d+\n$", res.body)
+    end)
+
+    it("calls an https URL, verified against the CA store and the URL's host", function()
+        local res = assert(raw.get(proxy.port, "/https"))
+        assert.matches("^200 %d+ secure\n$", res.body)
+        res = assert(raw.get(proxy.port, "/https-wrong-name"))
+        assert.matches("^error: TLS handshake failed: .*certificate verify failed", res.body)
+        assert.equal(0, other:stats().requests)
+    end)
+
+    it("does not count waiting against hook_timeout", function()
+        local res = assert(raw.get(proxy.port, "/wait-long", nil, { timeout = 10 }))
+        assert.equal(200, res.status, res.body)
+        assert.matches("^200 %d+ 200 %d+\n$", res.body)
     end)
 
     it("makes two calls in a row from one hook, on one pooled connection", function()
@@ -256,6 +295,20 @@ describe("hooks that call out", function()
         assert.equal(200, assert(raw.get(proxy.port, "/url")).status)
     end)
 
+    it("cancels the call of a response hook whose client went away, and on_log still runs", function()
+        local before, hangs = auth:stats().closed_by_peer, auth:path_count("/hang")
+        local logged = auth:path_count("/from-log")
+        local c = assert(raw.connect(proxy.port, { timeout = 5 }))
+        c:send(raw.build { method = "GET", target = "/resp-hang/x", headers = { host = "a" } })
+        h.eventually(function() return auth:path_count("/hang") > hangs end, 5)
+        c:close()
+        h.eventually(function() return auth:stats().closed_by_peer > before end, 5)
+        -- the next request's on_log (a call-out of its own) runs as usual
+        assert.equal(200, assert(raw.get(proxy.port, "/logged")).status)
+        h.eventually(function() return auth:path_count("/from-log") > logged end, 5)
+        assert.is_true(proxy:alive())
+    end)
+
     it("finishes hooks that wait across a reload on their generation", function()
         local c = assert(raw.connect(proxy.port, { timeout = 10 }))
         finally(function() c:close() end)
@@ -277,5 +330,63 @@ describe("hooks that call out", function()
         assert.equal("POST 5 one", h.echo_header(h.echo(res), "x-auth"))
         h.eventually(function() return proxy:stderr():find(freed, 1, true) ~= nil end, 10)
         assert.is_true(proxy:alive())
+    end)
+end)
+
+describe("call-out URLs by DNS name", function()
+    local dns = require "helpers.dns"
+    local d, auth, proxy
+
+    lazy_setup(function()
+        auth = h.start_origin("auth")
+        d = dns.start { ["auth.test"] = { ttl = 1, "127.0.0.1" }, ["slow.test"] = "silent" }
+        proxy = h.start_proxy { workers = 1, vars = { dns = d.addr, port_auth = auth.port }, config = [=[
+local proxy = require "moonproxy"
+local http = require "moonproxy.http"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = false, resolver = { nameservers = { "${dns}" }, timeout = 0.5 } }
+local function show(res, err)
+  if not res then return "error: " .. tostring(err) end
+  return tostring(res.status) .. " " .. tostring(res.headers["x-origin"])
+end
+proxy.route { path = "/byname", handler = function(req)
+  local res, err = http.request { url = "http://auth.test:${port_auth}/x" }
+  return req:respond(200, show(res, err) .. "\n")
+end }
+proxy.route { path = "/unknown", handler = function(req)
+  local res, err = http.request { url = "http://nope.test:${port_auth}/x" }
+  return req:respond(200, show(res, err) .. "\n")
+end }
+proxy.route { path = "/silent", handler = function(req)
+  local res, err = http.request { url = "http://slow.test:${port_auth}/x", timeout = 3 }
+  return req:respond(200, show(res, err) .. "\n")
+end }
+]=] }
+        proxy:wait_ready()
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy, auth, d)
+    end)
+
+    it("resolves the URL's name without blocking, and keeps the answer for its TTL", function()
+        assert.equal("200 auth\n", assert(raw.get(proxy.port, "/byname")).body)
+        local q = d:queries("auth.test")
+        assert.is_true(q >= 1)
+        for _ = 1, 5 do assert.equal("200 auth\n", assert(raw.get(proxy.port, "/byname")).body) end
+        assert.equal(q, d:queries("auth.test")) -- within the TTL: from the cache
+        socket.sleep(1.2)
+        assert.equal("200 auth\n", assert(raw.get(proxy.port, "/byname")).body)
+        assert.is_true(d:queries("auth.test") > q) -- past it: asked again
+    end)
+
+    it("gives nil, err for a name that does not resolve, and for a lookup with no answer", function()
+        assert.matches("^error: cannot resolve the URL's host: nope%.test: ", assert(raw.get(proxy.port, "/unknown")).body)
+        local t0 = socket.gettime()
+        local res = assert(raw.get(proxy.port, "/silent", nil, { timeout = 10 }))
+        assert.matches("^error: cannot resolve the URL's host: slow%.test: no answer in time", res.body)
+        assert.is_true(socket.gettime() - t0 < 2.5, "the lookup's own timeout (0.5 s) ends it")
+        assert.equal("200 auth\n", assert(raw.get(proxy.port, "/byname")).body)
     end)
 end)

@@ -204,7 +204,7 @@ stats
 async queued GET anything
 cancel queued
 stats
-sleep 0.5
+sleep 0.8
 stats
 call RPUSH cancel:list v
 call LPOP cancel:list
@@ -234,8 +234,8 @@ async d ECHO d
 async e ECHO e
 stats
 wait
-async f t=0.1 BLPOP pool:f 1
-async g t=0.1 BLPOP pool:g 1
+async f t=0.5 BLPOP pool:f 2
+async g t=0.5 BLPOP pool:g 2
 async h t=0.05 ECHO h
 wait
 stats
@@ -249,18 +249,59 @@ wait
         assert.equal("e: error: redis " .. server.addr .. ": too many calls waiting (2)", lines[1])
         local st = stats(lines[2])
         assert.same({ 2, 0, 2 }, { st.conns, st.idle, st.queued })
-        -- a and b end after 0.3 s, then c and d run on their connections
-        local order = table.concat({ lines[3], lines[4], lines[5], lines[6] }, "|")
-        assert.is_truthy(order:match("^[ab]: nil|[ab]: nil|[cd]: \"[cd]\"|[cd]: \"[cd]\"$"), order)
+        -- c and d wait until a or b (0.3 s, on Redis' 10 Hz clock) leaves them a connection
+        assert.is_truthy(lines[3]:match("^[ab]: nil$"), lines[3])
+        local ends = { lines[3], lines[4], lines[5], lines[6] }
+        table.sort(ends)
+        assert.same({ "a: nil", "b: nil", 'c: "c"', 'd: "d"' }, ends)
         -- h waits in the queue behind f and g and times out there
         assert.equal("h: error: redis " .. server.addr .. ": timeout", lines[7])
-        local ends = { lines[8], lines[9] }
+        ends = { lines[8], lines[9] }
         table.sort(ends)
         assert.same({ "f: error: redis " .. server.addr .. ": timeout", "g: error: redis " .. server.addr .. ": timeout" }, ends)
         st = stats(lines[10])
         assert.same({ 0, 0, 2, 0 }, { st.conns, st.queued, st.connects, st.failures })
         -- on one connection, the waiting calls run in the order they came
         assert.same({ "one: nil", 'two: "2"', 'three: "3"', 'four: "4"' }, { lines[12], lines[13], lines[14], lines[15] })
+    end)
+
+    it("keeps 300 concurrent calls on a pool of 4 straight, a fifth of them cancelled", function()
+        local script, want = { "client ${addr} pool=4 queue=400" }, {}
+        for i = 1, 300 do
+            local kind = i % 3
+            if i % 30 == 0 then -- Redis ends a BLPOP on its clock (10 Hz): some calls wait for a while
+                script[#script + 1] = string.format("async c%d t=10 BLPOP stress:none 0.01", i)
+                want["c" .. i] = "nil"
+            elseif kind == 0 then
+                script[#script + 1] = string.format("async c%d t=10 ECHO v%d", i, i)
+                want["c" .. i] = string.format('"v%d"', i)
+            elseif kind == 1 then
+                script[#script + 1] = string.format("async c%d t=10 SET stress:%d %d | GET stress:%d", i, i, i, i)
+                want["c" .. i] = string.format('+OK ; "%d"', i)
+            else
+                script[#script + 1] = string.format("async c%d t=10 EVAL \"return ARGV[1]\" 0 e%d", i, i)
+                want["c" .. i] = string.format('"e%d"', i)
+            end
+            if i % 5 == 0 then -- in flight or waiting: the callback never runs, the connections stay in step
+                script[#script + 1] = "cancel c" .. i
+                want["c" .. i] = "cancelled"
+            end
+        end
+        script[#script + 1] = "wait"
+        script[#script + 1] = "sleep 0.1"
+        script[#script + 1] = "stats"
+        local lines, out = run(table.concat(script, "\n") .. "\n", { addr = server.addr })
+        local got = {}
+        for i = 1, #lines - 1 do
+            local name, result = lines[i]:match("^(c%d+): (.*)$")
+            assert(name, lines[i])
+            assert.is_nil(got[name], "twice: " .. name)
+            got[name] = result
+        end
+        assert.same(want, got)
+        local st = stats(lines[#lines])
+        assert.same({ 4, 0, 0, 0 }, { st.conns, st.queued, st.cancelled, st.failures })
+        assert.is_nil(out.text:match("BUG"))
     end)
 
     it("ends pending calls with 'client closed' when the client is freed", function()
@@ -327,22 +368,54 @@ describe("redis client against a server that never answers", function()
         h.cleanup()
     end)
 
-    it("times out AUTH, then fails at once while backing off", function()
+    it("takes a server that does not answer AUTH within connect_timeout for gone", function()
         local lines = run([[
-client ${addr} password=p backoff=1
-call t=0.2 PING
+client ${addr} password=p connect_timeout=0.5 backoff=2
+call t=3 PING
 elapsed
-call t=0.2 PING
+call t=2 PING
 elapsed
 stats
 ]], { addr = addr })
-        assert.equal("error: redis " .. addr .. ": timeout", lines[1])
+        assert.equal("error: redis " .. addr .. ": AUTH/SELECT timeout", lines[1])
         local t = elapsed(lines[2])
-        assert.is_true(t >= 0.19 and t < 1, "timed out after " .. t .. " s")
+        assert.is_true(t >= 0.49 and t < 1.5, "timed out after " .. t .. " s")
         assert.equal("error: redis " .. addr .. ": unavailable (reconnecting): AUTH/SELECT timeout", lines[3])
         assert.is_true(elapsed(lines[4]) < 0.05)
         local st = stats(lines[5])
         assert.same({ 0, 1, 1 }, { st.conns, st.connects, st.failures })
+    end)
+
+    it("a call that gives up before AUTH is answered leaves the connection going, with no delay", function()
+        local lines = run([[
+client ${addr} password=p pool=1 connect_timeout=0.5 backoff=1
+call t=0.1 PING
+stats
+call t=0.1 PING
+stats
+sleep 0.8
+stats
+]], { addr = addr })
+        assert.equal("error: redis " .. addr .. ": timeout", lines[1])
+        local st = stats(lines[2]) -- still waiting for AUTH's reply, for nobody
+        assert.same({ 1, 1, 0 }, { st.conns, st.connects, st.failures })
+        assert.equal("error: redis " .. addr .. ": timeout", lines[3]) -- waited for that connection
+        assert.equal(1, stats(lines[4]).connects)
+        st = stats(lines[5]) -- connect_timeout: gone, and the server taken for gone
+        assert.same({ 0, 1, 1 }, { st.conns, st.connects, st.failures })
+    end)
+
+    it("counts a call's timeout from the call, not from the loop's last wake-up", function()
+        local lines = run([[
+client ${addr}
+sleep 0.01
+busy 0.3
+call t=0.2 PING
+elapsed
+]], { addr = addr })
+        assert.equal("error: redis " .. addr .. ": timeout", lines[1])
+        local t = elapsed(lines[2])
+        assert.is_true(t >= 0.19 and t < 1, "timed out after " .. t .. " s")
     end)
 
     it("times out a call with no AUTH to wait for, without a reconnect delay", function()
@@ -478,5 +551,48 @@ stats
         local st2 = stats(l[10])
         assert.same({ 1, st.failures }, { st2.conns, st2.failures })
         assert.is_nil(out.text:match("waitfile"))
+    end)
+
+    it("ends each of 104 calls once when the server stops under them, and recovers", function()
+        local sig = { r1 = h.tmpname(".r1"), down = h.tmpname(".down"), up = h.tmpname(".up") }
+        for _, p in pairs(sig) do os.remove(p) end
+        local script = { "client ${addr} pool=4 queue=200 backoff=0.1,0.2" }
+        for i = 1, 4 do script[#script + 1] = string.format("async b%d t=10 BLPOP stop:none 5", i) end
+        for i = 1, 100 do script[#script + 1] = string.format("async q%d t=10 ECHO %d", i, i) end
+        for _, l in ipairs { "sleep 0.05", "stats", "signal ${r1}", "waitfile ${down} 15", "wait", "stats",
+                             "waitfile ${up} 15", "sleep 0.3", "call PING", "stats" } do
+            script[#script + 1] = l
+        end
+        local proc = rh.spawn_driver(table.concat(script, "\n") .. "\n",
+            { addr = server.addr, r1 = sig.r1, down = sig.down, up = sig.up })
+        h.eventually(function() return h.read_file(sig.r1) ~= nil end, 10)
+        server:stop()
+        h.write_file(sig.down, "")
+        server:start()
+        h.write_file(sig.up, "")
+        local out = rh.result(proc, 30)
+        assert.equal(0, out.code, out.text .. out.stderr)
+        local l = out.lines
+        local st = stats(l[2]) -- before the stop: 4 in flight, 100 waiting
+        assert.same({ 4, 100 }, { st.conns, st.queued })
+        local prefix = "error: redis " .. server.addr .. ": "
+        local seen, n = {}, 0
+        for i = 3, #l - 3 do
+            local name, result = l[i]:match("^([bq]%d+): (.*)$")
+            assert(name, l[i])
+            assert.is_nil(seen[name], "twice: " .. name)
+            seen[name] = true
+            n = n + 1
+            if name:match("^b") then
+                assert.equal(prefix .. "connection closed by the server", result)
+            else
+                assert.equal(prefix .. "unavailable (reconnecting): connection closed by the server", result)
+            end
+        end
+        assert.equal(104, n)
+        st = stats(l[#l - 2])
+        assert.same({ 0, 0 }, { st.conns, st.queued })
+        assert.equal("+PONG", l[#l - 1])
+        assert.equal(1, stats(l[#l]).conns)
     end)
 end)

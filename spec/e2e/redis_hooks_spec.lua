@@ -1,0 +1,161 @@
+-- End-to-end: Redis from hooks (README "Redis") against the real binary and a
+-- real redis-server (helpers/redis.lua: a free loopback port, persistence
+-- off, stopped by PID): every reply type as a Lua value, pipelines, AUTH and
+-- SELECT, an error reply, a wrong password, hooks waiting on a blocking
+-- command while the worker serves others, a client leaving while its hook
+-- waits, Redis down (nil, err at once, not a timeout per request) and a
+-- restart mid-test (the client reconnects). One worker.
+local h = require "helpers.proxy"
+local raw = require "helpers.raw_http"
+local rh = require "helpers.redis"
+local socket = require "socket"
+local cjson = require "cjson"
+
+local CONFIG = [=[
+local proxy = require "moonproxy"
+local cjson = require "cjson"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = false, hook_timeout = 2 }
+local r = proxy.redis { addr = "${redis}", password = "${password}", db = 2, timeout = 0.5, pool = 8 }
+local wrong = proxy.redis { addr = "${redis}", password = "not-it", timeout = 0.5 }
+local slow = proxy.redis { addr = "${redis}", password = "${password}", db = 2, timeout = 3, pool = 32 }
+
+-- a reply as JSON text: null for nil, the error as { err = }
+local function show(v, err)
+  if v == nil then return cjson.encode({ error = err or cjson.null }) end
+  return cjson.encode({ value = v })
+end
+
+proxy.route { path = "/types", handler = function(req)
+  r:call("DEL", "s", "l", "h", "n")
+  local out = {
+    set = show(r:call("SET", "s", "text\0with zero")),
+    get = show(r:call("GET", "s")),
+    missing = show(r:call("GET", "nope")),
+    incr = show(r:call("INCRBY", "n", 41)),
+    push = show(r:call("RPUSH", "l", "a", "", "c")),
+    list = show(r:call("LRANGE", "l", 0, -1)),
+    empty = show(r:call("LRANGE", "nope", 0, -1)),
+    mget = show(r:call("MGET", "s", "nope")),
+    err = show(r:call("INCR", "s")),
+    db = show(r:call("CLIENT", "INFO")),
+  }
+  return req:respond(200, cjson.encode(out))
+end }
+proxy.route { path = "/pipeline", handler = function(req)
+  local p, err = r:pipeline { { "SET", "p", "1" }, { "INCR", "p" }, { "GET", "p" }, { "NOPE" }, { "GET", "nope" } }
+  return req:respond(200, show(p, err))
+end }
+proxy.route { path = "/wrong", handler = function(req)
+  return req:respond(200, show(wrong:call("PING")))
+end }
+proxy.route { path = "/incr", handler = function(req)
+  local n, err = r:call("INCR", "count")
+  if not n then return req:respond(503, "redis: " .. err .. "\n") end
+  return req:respond(200, tostring(n) .. "\n")
+end }
+proxy.route { path = "/pop", handler = function(req)
+  return req:respond(200, show(slow:call("BLPOP", "queue:" .. req.query, 2)))
+end }
+proxy.route { path = "/push", handler = function(req)
+  return req:respond(200, show(r:call("RPUSH", "queue:" .. req.query, "job")))
+end }
+proxy.route { path = "/raw-db", handler = function(req)
+  return req:respond(200, show(r:call("EXISTS", "only-in-db-2")))
+end }
+]=]
+
+describe("Redis from hooks", function()
+    local server, proxy
+
+    lazy_setup(function()
+        server = rh.start { password = "s3cret" }
+        proxy = h.start_proxy { workers = 1, config = CONFIG, vars = { redis = server.addr, password = "s3cret" } }
+        proxy:wait_ready()
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy)
+        if server then server:stop() end
+    end)
+
+    local function json(path)
+        local res = assert(raw.get(proxy.port, path, nil, { timeout = 10 }))
+        assert.equal(200, res.status, res.body)
+        return cjson.decode(res.body), res
+    end
+
+    it("gives every reply type as a Lua value, in the client's db, after AUTH", function()
+        local t = json("/types")
+        assert.same({ value = "OK" }, cjson.decode(t.set))
+        assert.same({ value = "text\0with zero" }, cjson.decode(t.get))
+        assert.same({ error = cjson.null }, cjson.decode(t.missing)) -- nil, and no error
+        assert.same({ value = 41 }, cjson.decode(t.incr))
+        assert.same({ value = 3 }, cjson.decode(t.push))
+        assert.same({ value = { "a", "", "c" } }, cjson.decode(t.list))
+        assert.same({ value = {} }, cjson.decode(t.empty))
+        assert.same({ value = { "text\0with zero", cjson.null } }, cjson.decode(t.mget))
+        assert.matches("^ERR value is not an integer", cjson.decode(t.err).error)
+        assert.matches("db=2", cjson.decode(t.db).value)
+    end)
+
+    it("runs a pipeline: one reply each, an error reply as { err = }", function()
+        local t = json("/pipeline")
+        local v = t.value
+        assert.equal("OK", v[1])
+        assert.equal(2, v[2])
+        assert.equal("2", v[3])
+        assert.matches("^ERR unknown command", v[4].err)
+        assert.equal(cjson.null, v[5])
+    end)
+
+    it("reports a wrong password as nil, err", function()
+        local t = json("/wrong")
+        assert.matches("AUTH failed", t.error)
+    end)
+
+    it("waits on a blocking command without blocking the worker", function()
+        local c = assert(raw.connect(proxy.port, { timeout = 10 }))
+        finally(function() c:close() end)
+        c:send(raw.build { method = "GET", target = "/pop?q1", headers = { host = "a" } })
+        socket.sleep(0.2)
+        -- the worker answers others meanwhile, and one of them feeds the waiting hook
+        assert.same({ value = 1 }, json("/push?q1"))
+        local res = assert(c:read_response())
+        assert.same({ value = { "queue:q1", "job" } }, cjson.decode(res.body))
+    end)
+
+    it("cancels the call of a hook whose client went away; its late reply reaches no one else", function()
+        local c = assert(raw.connect(proxy.port, { timeout = 5 }))
+        c:send(raw.build { method = "GET", target = "/pop?q2", headers = { host = "a" } })
+        socket.sleep(0.3)
+        c:close()
+        socket.sleep(0.2)
+        -- Redis still holds the abandoned BLPOP: it gets the job, and its reply is read and dropped
+        assert.same({ value = 1 }, json("/push?q2"))
+        -- the next BLPOP, on whichever connection, finds the queue empty: no stale reply is handed to it
+        local t = json("/pop?q2")
+        assert.same({ error = cjson.null }, t)
+        assert.equal(200, assert(raw.get(proxy.port, "/incr")).status)
+    end)
+
+    it("fails at once while Redis is down, and reconnects once it is back", function()
+        assert.equal(200, assert(raw.get(proxy.port, "/incr")).status)
+        server:stop()
+        local t0 = socket.gettime()
+        local statuses = {}
+        for i = 1, 20 do
+            statuses[i] = assert(raw.get(proxy.port, "/incr", nil, { timeout = 5 })).status
+        end
+        local took = socket.gettime() - t0
+        for i = 1, 20 do assert.equal(503, statuses[i]) end
+        -- 20 requests without a 0.5 s timeout each: the reconnect delay fails them at once
+        assert.is_true(took < 5, "20 requests took " .. took .. " s")
+        server:restart()
+        h.eventually(function()
+            return assert(raw.get(proxy.port, "/incr")).status == 200
+        end, 10)
+        assert.is_true(proxy:alive())
+    end)
+end)
