@@ -45,15 +45,16 @@
 --            limit (burst): a worker takes N units in one script call and
 --            admits from its lease until it is used up (fixed windows: or the
 --            window ends). Redis sees one call per N requests per worker and
---            key. Accuracy, with W workers in all the proxies sharing Redis:
---            each holds at most N - 1 unused units per key. Fixed windows
---            never admit more than limit per window; up to (W - 1) * (N - 1)
---            requests may be refused early while other workers hold units,
---            which lapse at the window's end. A token bucket may admit up to
---            W * (N - 1) more than burst at once (units taken earlier and
---            spent later; leases do not lapse), never more than rate over
---            time. A worker keeps leases for at most 10,000 keys (past that
---            it drops them, their units unused).
+--            key (while a lease is asked for, the worker's other requests for
+--            the key ask for 1). Accuracy, with W workers in all the proxies
+--            sharing Redis: each holds at most N - 1 unused units per key.
+--            Fixed windows never admit more than limit per window; up to
+--            (W - 1) * (N - 1) requests may be refused early while other
+--            workers hold units, which lapse at the window's end. A token bucket may
+--            admit up to W * (N - 1) more than burst at once (units taken
+--            earlier and spent later; leases do not lapse), never more than
+--            rate over time. A worker keeps leases for at most 10,000 keys
+--            (past that it drops them, their units unused).
 --
 -- When the dictionary cannot hold a count (it is full, or the key names
 -- another kind of entry), the request is let through: a limiter that fails
@@ -195,6 +196,7 @@ return {
     local prefix = (c.scope or (window and fmt("w%d/%d/%s", c.limit, c.window, kind)
       or fmt("%s/%s/%s", tostring(c.rate), tostring(b), kind))) .. "|"
     local batch = c.batch or 1
+    local leasing = redis and batch > 1
     local proxy = require("moonproxy") -- here rather than at the top: require has no dependency on the runtime
     return {
       rate = c.rate, burst = b, window = c.window, limit = c.limit or b, key = c.key or "remote_addr",
@@ -203,7 +205,7 @@ return {
       redis = redis and c.redis or nil, on_error = c.on_error or "local", batch = batch,
       algo = window and "window" or "bucket", rprefix = "moonproxy:rate_limit:" .. prefix,
       args = window and { tostring(c.limit), tostring(c.window * 1000) } or { fmt("%.17g", c.rate), tostring(b) },
-      leases = redis and batch > 1 and {} or nil, nleases = 0,
+      leases = leasing and {} or nil, nleases = 0, pending = leasing and {} or nil, npending = 0,
     }
   end,
 

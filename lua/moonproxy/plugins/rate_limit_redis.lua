@@ -60,7 +60,7 @@ return { grant, math.floor(tokens), retry, math.ceil((burst - tokens) / rate * 1
 }
 
 -- Per worker (module state lives in one worker's VM): each client's script
--- SHAs and circuit; the leases are in conf (conf.leases, conf.nleases).
+-- SHAs and circuit; the leases and the lease calls in flight are in conf.
 
 local shas = setmetatable({}, { __mode = "k" })     -- client -> { window = sha, bucket = sha }
 local circuits = setmetatable({}, { __mode = "k" }) -- client -> { delay, open_until, probe_until }
@@ -128,7 +128,8 @@ end
 -- allowed, remaining, seconds (to wait when refused, until the count is
 -- whole when allowed); or nil and the circuit { open_until, ... } when Redis
 -- cannot be reached. conf: what rate_limit's schema made (redis, algo, args,
--- batch, rprefix, window, leases, nleases, proxy, on_error).
+-- batch, rprefix, window, leases, nleases, pending, npending, proxy,
+-- on_error).
 function _M.count(conf, k)
   local now = conf.proxy.now()
   local leases = conf.leases
@@ -150,7 +151,28 @@ function _M.count(conf, k)
   if c.delay > 0 then
     c.probe_until = now + conf.redis.timeout + 1 -- this request tries Redis; the others wait for it
   end
-  local v, err = run_script(conf, conf.rprefix .. k, conf.batch)
+  -- One lease per key in flight: while one is asked for, this worker's other
+  -- requests for the key ask for 1 unit, so it holds at most batch - 1.
+  local want, pending = conf.batch, conf.pending
+  if want > 1 then
+    local p = pending[k]
+    if p and now < p then
+      want = 1
+    else
+      if not p then
+        if conf.npending >= MAX_LEASES then -- calls cancelled mid-way left theirs
+          pending, conf.npending = {}, 0
+          conf.pending = pending
+        end
+        conf.npending = conf.npending + 1
+      end
+      pending[k] = now + conf.redis.timeout + 1
+    end
+  end
+  local v, err = run_script(conf, conf.rprefix .. k, want)
+  if want > 1 and conf.pending[k] then
+    conf.pending[k], conf.npending = nil, conf.npending - 1
+  end
   now = conf.proxy.now()
   if type(v) ~= "table" or type(v[1]) ~= "number" or type(v[3]) ~= "number" then
     c.delay = c.delay > 0 and min(MAX_DELAY, c.delay * 2) or 1
