@@ -266,10 +266,27 @@ static double number(lua_State *L, int t, const char *k, double dflt)
     return v;
 }
 
+/* Keeps k in the Lua client at t for its next calls (a light userdata:
+ * the client lives as long as the worker, which owns the VM). */
+static client_t *remember(lua_State *L, int t, client_t *k)
+{
+    lua_pushliteral(L, "_worker_client");
+    lua_pushlightuserdata(L, k);
+    lua_rawset(L, t);
+    return k;
+}
+
 /* The worker's client for the Lua client at t, made on first use (a name
  * is looked up by the first call: start). */
 static client_t *client_for(lua_State *L, mp_io_ctx_t *ctx, int t)
 {
+    /* found before: the Lua client (one per VM, so per worker) keeps it */
+    lua_pushliteral(L, "_worker_client");
+    lua_rawget(L, t);
+    client_t *known = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    if (known)
+        return known;
     size_t alen = 0, plen = 0, nlen = 0;
     const char *addr = field(L, t, "addr", &alen), *password = field(L, t, "password", &plen);
     const char *name = field(L, t, "name", &nlen);
@@ -286,7 +303,7 @@ static client_t *client_for(lua_State *L, mp_io_ctx_t *ctx, int t)
     for (client_t *k = cs->list; k; k = k->next)
         if (strcmp(k->key, key) == 0) {
             lua_pop(L, 1);
-            return k;
+            return remember(L, t, k);
         }
     if (cs->n >= MAX_CLIENTS)
         luaL_error(L,
@@ -327,7 +344,7 @@ static client_t *client_for(lua_State *L, mp_io_ctx_t *ctx, int t)
     cs->list = k;
     cs->n++;
     lua_pop(L, 1);
-    return k;
+    return remember(L, t, k);
 }
 
 /* ---- the binding ---- */

@@ -740,39 +740,53 @@ static int leaves_state(int ncmds, const int *argc, const char *const *argv, con
     return multi || watch;
 }
 
-/* The commands in RESP, one after another, into call->cmd. */
+/* Writes n in decimal at p; returns the digits written. */
+static size_t put_len(char *p, size_t n)
+{
+    char tmp[24];
+    size_t k = 0;
+    do
+        tmp[k++] = (char)('0' + n % 10);
+    while ((n /= 10) != 0);
+    for (size_t i = 0; i < k; i++)
+        p[i] = tmp[k - 1 - i];
+    return k;
+}
+
+/* The commands in RESP (arrays of bulk strings), one after another, into
+ * call->cmd: sized first, then written in one allocation. */
 static int format_cmds(mp_redis_call_t *call, int ncmds, const int *argc, const char *const *argv,
                        const size_t *argvlen)
 {
-    size_t cap = 0, len = 0, off = 0;
-    char *out = NULL;
+    size_t len = 0, off = 0;
     for (int i = 0; i < ncmds; i++) {
-        char *one;
-        int n = redisFormatCommandArgv(&one, argc[i], (const char **)(argv + off), argvlen ? argvlen + off : NULL);
-        if (n < 0) {
-            free(out);
-            return -1;
+        len += 1 + 20 + 2; /* "*N\r\n" */
+        for (int j = 0; j < argc[i]; j++, off++)
+            len += 1 + 20 + 2 + (argvlen ? argvlen[off] : strlen(argv[off])) + 2; /* "$L\r\n" arg "\r\n" */
+    }
+    char *out = malloc(len), *w = out;
+    if (!out)
+        return -1;
+    off = 0;
+    for (int i = 0; i < ncmds; i++) {
+        *w++ = '*';
+        w += put_len(w, (size_t)argc[i]);
+        *w++ = '\r';
+        *w++ = '\n';
+        for (int j = 0; j < argc[i]; j++, off++) {
+            size_t n = argvlen ? argvlen[off] : strlen(argv[off]);
+            *w++ = '$';
+            w += put_len(w, n);
+            *w++ = '\r';
+            *w++ = '\n';
+            memcpy(w, argv[off], n);
+            w += n;
+            *w++ = '\r';
+            *w++ = '\n';
         }
-        off += (size_t)argc[i];
-        if (len + (size_t)n > cap) {
-            size_t ncap = cap ? cap * 2 : 256;
-            while (ncap < len + (size_t)n)
-                ncap *= 2;
-            char *grown = realloc(out, ncap);
-            if (!grown) {
-                redisFreeCommand(one);
-                free(out);
-                return -1;
-            }
-            out = grown;
-            cap = ncap;
-        }
-        memcpy(out + len, one, (size_t)n);
-        len += (size_t)n;
-        redisFreeCommand(one);
     }
     call->cmd = out;
-    call->cmdlen = len;
+    call->cmdlen = (size_t)(w - out);
     return 0;
 }
 
