@@ -20,7 +20,8 @@
 # each driven by wrk at CONNS connections for DURATION after a 1 s warm-up.
 # CPU µs per request is the proxy process's (all its threads or workers) CPU
 # time over the run divided by the requests: the steadiest figure on a shared
-# machine. Targets: moonproxy ≤ 0.8 × the nginx peer doing the same call.
+# machine; "of it user" is the part outside the kernel (on loopback the
+# kernel's TCP work, the same for every proxy here, is most of it). Targets: moonproxy ≤ 0.8 × the nginx peer doing the same call.
 #
 # Environment: WORKERS=1 CONNS="10 100" DURATION=5s REDIS=1
 #   OUT=build/bench-callout.md NGINX=/usr/sbin/nginx WRK=wrk REDIS_SERVER=redis-server
@@ -239,10 +240,10 @@ check_one() {
     [[ $out == *" 200 "* ]] || { START_ERR="a request through $1 did not get 200: $(oneline "$out")"; return 1; }
 }
 
-declare -A RES=() FAILED=()   # RES[name:conns] = "cpu_us rps p50 p99 errors"
+declare -A RES=() FAILED=()   # RES[name:conns] = "cpu_us rps p50 p99 errors user_us"
 
 run_one() {
-    local name=$1 c t0 t1 wout req rps p50 p99 err tick
+    local name=$1 c t0 t1 u0 u1 wout req rps p50 p99 err tick
     log "$name: starting"
     if ! start_one "$name" || ! check_one "$name" "$PROXY_PORT"; then
         FAILED[$name]=$START_ERR
@@ -255,13 +256,13 @@ run_one() {
         wout=$TMP/wrk-$name-$c.txt
         run_wrk "$PROXY_PORT" "$c" 1s "$wout"   # warm-up: pools filled, traces compiled
         # shellcheck disable=SC2046
-        t0=$(cpu_ticks $(proc_tree "$PROXY_PID"))
+        t0=$(cpu_ticks $(proc_tree "$PROXY_PID")) u0=$(user_ticks $(proc_tree "$PROXY_PID"))
         run_wrk "$PROXY_PORT" "$c" "$DURATION" "$wout"
         # shellcheck disable=SC2046
-        t1=$(cpu_ticks $(proc_tree "$PROXY_PID"))
+        t1=$(cpu_ticks $(proc_tree "$PROXY_PID")) u1=$(user_ticks $(proc_tree "$PROXY_PID"))
         read -r req rps p50 _ p99 err < <(parse_wrk "$wout")
         ((req > 0)) || { FAILED[$name]="wrk completed no request"; break; }
-        RES[$name:$c]="$(awk -v t=$((t1 - t0)) -v k="$tick" -v r="$req" 'BEGIN { printf "%.1f", 1e6 * t / k / r }') $rps $p50 $p99 $err"
+        RES[$name:$c]="$(awk -v t=$((t1 - t0)) -v k="$tick" -v r="$req" 'BEGIN { printf "%.1f", 1e6 * t / k / r }') $rps $p50 $p99 $err $(awk -v t=$((u1 - u0)) -v k="$tick" -v r="$req" 'BEGIN { printf "%.1f", 1e6 * t / k / r }')"
         log "  $name c=$c: ${RES[$name:$c]}"
     done
     stop_tree "$PROXY_PID"
@@ -274,24 +275,24 @@ row_ratio() { # MINE PEER CONNS
 }
 
 report() {
-    local name c cpu rps p50 p99 err
+    local name c cpu rps p50 p99 err user
     echo "## Hooks that call out ($(date -u '+%Y-%m-%d %H:%M UTC'))"
     echo
     echo "Loopback, $(nproc) CPUs (shared), $WORKERS worker(s) per proxy, wrk for $DURATION after a 1 s warm-up;" \
         "every request makes one call before it is proxied (keep-alive both ways). CPU: the proxy process's, µs per request."
     echo "Versions: $("$NGINX" -v 2>&1 | sed 's/.*: //'), $("$BIN" --version 2>/dev/null | head -n 1)$( ((REDIS)) && echo ", $("$REDIS_SERVER" --version | awk '{ print $1, $2, $3 }')")."
     echo
-    echo "| proxy | conns | CPU µs/req | req/s | p50 µs | p99 µs | errors |"
-    echo "|---|---:|---:|---:|---:|---:|---:|"
+    echo "| proxy | conns | CPU µs/req | of it user | req/s | p50 µs | p99 µs | errors |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
     for name in $NAMES; do
         if [[ -n ${FAILED[$name]:-} ]]; then
-            echo "| $name | | did not run: $(oneline "${FAILED[$name]}") | | | | |"
+            echo "| $name | | did not run: $(oneline "${FAILED[$name]}") | | | | | |"
             continue
         fi
         for c in $CONNS; do
             [[ -n ${RES[$name:$c]:-} ]] || continue
-            read -r cpu rps p50 p99 err <<<"${RES[$name:$c]}"
-            echo "| $name | $c | $cpu | $rps | $p50 | $p99 | $err |"
+            read -r cpu rps p50 p99 err user <<<"${RES[$name:$c]}"
+            echo "| $name | $c | $cpu | $user | $rps | $p50 | $p99 | $err |"
         done
     done
     echo
