@@ -18,6 +18,7 @@
 #include "pool.h"
 #include "resolve.h"
 #include "strbuf.h"
+#include "vm.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -986,9 +987,5 @@ static int open_callout(lua_State *L)
 
 void mp_l_http_preload(lua_State *L)
 {
-    lua_getglobal(L, "package");
-    lua_getfield(L, -1, "preload");
-    lua_pushcfunction(L, open_callout);
-    lua_setfield(L, -2, "moonproxy.callout");
-    lua_pop(L, 2);
+    mp_vm_preload(L, "moonproxy.callout", open_callout);
 }

@@ -14,6 +14,7 @@
 #include "l_request.h"
 #include "redis.h"
 #include "resolve.h"
+#include "vm.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -504,9 +505,5 @@ static int open_rediscore(lua_State *L)
 
 void mp_l_redis_preload(lua_State *L)
 {
-    lua_getglobal(L, "package");
-    lua_getfield(L, -1, "preload");
-    lua_pushcfunction(L, open_rediscore);
-    lua_setfield(L, -2, "moonproxy.rediscore");
-    lua_pop(L, 2);
+    mp_vm_preload(L, "moonproxy.rediscore", open_rediscore);
 }

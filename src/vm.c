@@ -331,6 +331,15 @@ void mp_vm_close(lua_State *L)
     free(b);
 }
 
+void mp_vm_preload(lua_State *L, const char *name, int (*open)(lua_State *L))
+{
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "preload");
+    lua_pushcfunction(L, open);
+    lua_setfield(L, -2, name);
+    lua_pop(L, 2);
+}
+
 size_t mp_vm_memory(lua_State *L)
 {
     budget_t *b = budget_of(L);

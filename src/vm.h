@@ -39,6 +39,9 @@ void mp_vm_rehook(lua_State *L);
  * simulator's budget (each with its own clock) say the same. */
 void mp_vm_overran(lua_State *L, double hook_timeout) __attribute__((noreturn));
 
+/* Makes require(name) in L open the module with open (package.preload). */
+void mp_vm_preload(lua_State *L, const char *name, int (*open)(lua_State *L));
+
 /* Bytes L's allocator holds now. */
 size_t mp_vm_memory(lua_State *L);
 
