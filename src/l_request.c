@@ -628,10 +628,6 @@ static void co_give(lua_State *L, lstate_t *st, mp_req_t *r, int reusable)
     r->co = NULL;
 }
 
-/* Resumes r's coroutine with nargs values on its stack until it ends or
- * waits for a call-out under way. Returns MP_HOOK_WAIT, MP_HOOK_ERROR, or
- * MP_HOOK_NEXT with the chain's one result on L's stack. The watchdog
- * counts each run, never the waits between them. */
 /* The chain being resumed on this thread now (one at a time; a resume
  * inside another, the simulator's inside a spec's, puts the outer one back). */
 static _Thread_local struct {
@@ -639,6 +635,10 @@ static _Thread_local struct {
     mp_req_t *r;
 } running;
 
+/* Resumes r's coroutine with nargs values on its stack until it ends or
+ * waits for a call-out under way. Returns MP_HOOK_WAIT, MP_HOOK_ERROR, or
+ * MP_HOOK_NEXT with the chain's one result on L's stack. The watchdog
+ * counts each run, never the waits between them. */
 static int resume(lua_State *L, mp_req_t *r, int nargs)
 {
     lstate_t *st = r->lbox->st;
