@@ -74,12 +74,23 @@ function M.eventually(fn, timeout, interval)
     error(string.format("eventually: not true within %.1fs (last: %s)", timeout, tostring(last)), 2)
 end
 
--- A port nothing listens on right now (bind 127.0.0.1:0, read it, close).
+-- A port nothing listens on right now (bind 127.0.0.1:0, read it, close),
+-- and not one this process was given before: the kernel may hand the same
+-- free port to two binds in a row, and a spec asking for two ports (a
+-- listener and the admin port) would get one twice.
+local given = {}
 function M.free_port()
-    local s = assert(socket.bind("127.0.0.1", 0))
-    local _, port = s:getsockname()
-    s:close()
-    return tonumber(port)
+    for _ = 1, 50 do
+        local s = assert(socket.bind("127.0.0.1", 0))
+        local _, port = s:getsockname()
+        s:close()
+        port = tonumber(port)
+        if not given[port] then
+            given[port] = true
+            return port
+        end
+    end
+    error("free_port: no port not handed out before in 50 tries")
 end
 
 function M.port_open(port)
