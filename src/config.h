@@ -87,6 +87,7 @@ typedef struct {
     int keepalive;                  /* idle pooled connections per server per worker */
     double keepalive_timeout;       /* seconds an idle pooled connection is kept */
     double connect_timeout, send_timeout, read_timeout; /* seconds */
+    double tunnel_timeout; /* seconds a tunnel may go without a byte either way (timeouts.tunnel) */
     int retries;
     char *host;                      /* NULL: pass the client's Host */
     mp_tls_client_t *tls;            /* NULL: plain TCP to the servers (owned) */

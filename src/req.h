@@ -162,6 +162,8 @@ typedef struct mp_req {
     unsigned has_query : 1;       /* query is present ('?' was there) */
     unsigned hook_failed : 1;     /* a hook raised: no more hooks for this request */
     unsigned has_file : 1;        /* file_fd is open: a static response's body (closed at request end) */
+    unsigned upgrade : 1;         /* a WebSocket handshake (req.c's gate): forwarded with Upgrade and
+                                     Connection; a 101 naming websocket opens a tunnel (tunnel.c) */
     uint8_t hook_kind;            /* mp_hook_kind: the chain r->co runs while it waits */
     int handler_up;               /* a handler's returned upstream once its chain finished (-1: none) */
     lua_State *co;                /* the coroutine of the hook chain running or suspended, or NULL */
