@@ -7,6 +7,7 @@
 #include "head.h"
 #include "l_request.h"
 #include "static.h"
+#include "tunnel.h"
 
 #include <errno.h>
 #include <lauxlib.h>
@@ -32,6 +33,8 @@ static void respond(mp_conn_t *c);
 static void decided(mp_conn_t *c, int d);
 static void response_woke(mp_conn_t *c, int rc);
 static void req_free(mp_io_ctx_t *ctx, mp_req_t *r);
+static void log_and_free(mp_io_ctx_t *ctx, mp_req_t *r);
+static void end_request(mp_conn_t *c);
 static void orphan_done(mp_req_t *r);
 
 _Static_assert((int)EV_READ == (int)MP_IO_READ && (int)EV_WRITE == (int)MP_IO_WRITE, "io.h directions are libev's");
@@ -185,9 +188,8 @@ struct mp_conn_tls {
 
 /* Requests come from a per-worker free list: steady traffic does not
  * malloc. */
-static mp_req_t *req_new(mp_conn_t *c)
+static mp_req_t *req_alloc(mp_io_ctx_t *ctx)
 {
-    mp_io_ctx_t *ctx = c->side.ctx;
     mp_req_t *r = ctx->free_reqs;
     if (r) {
         ctx->free_reqs = *(mp_req_t **)r;
@@ -195,6 +197,15 @@ static mp_req_t *req_new(mp_conn_t *c)
     } else if (!(r = malloc(sizeof(*r)))) {
         return NULL;
     }
+    return r;
+}
+
+static mp_req_t *req_new(mp_conn_t *c)
+{
+    mp_io_ctx_t *ctx = c->side.ctx;
+    mp_req_t *r = req_alloc(ctx);
+    if (!r)
+        return NULL;
     mp_req_reset(r, &ctx->env, mp_gen_ref(ctx->gen), (const struct sockaddr *)&c->peer, ev_now(ctx->loop));
     r->client = &c->side;
     r->tls = c->tls ? &c->tls->info : NULL;
@@ -283,11 +294,144 @@ static void exchange_timer(void *c, double seconds)
     conn_timer(c, seconds);
 }
 
+/* ---- tunnels: what their close logs ---- */
+
+/* What a tunnel's on_log and access log line need of the request that
+ * opened it, kept without that request, its connection or its generation:
+ * a copy of its head (parsed again when the tunnel closes), the path and
+ * query it was forwarded with, and the names of its route, server and TLS
+ * session. r->tunnel of the request made at the close points here (info
+ * first), and req_free frees it. */
+typedef struct {
+    mp_tunnel_info_t info;
+    mp_io_ctx_t *ctx;
+    struct sockaddr_in6 peer;
+    mp_tls_info_t tls;
+    int has_tls;
+    double t_start, t_up_start, t_up_end;
+    uint64_t head_bytes; /* the 101's head, as sent to the client */
+    char id[129];
+    uint8_t id_len;
+    char client_ip[46];
+    size_t head_len;
+    mp_slice path, query;
+    unsigned has_query : 1;
+    char data[]; /* the head, then the strings */
+} tunnel_log_t;
+
+/* Appends n bytes of p at *w (and a NUL when z); returns where they went. */
+static char *put_copy(char **w, const char *p, size_t n, int z)
+{
+    char *at = *w;
+    memcpy(at, p, n);
+    if (z)
+        at[n++] = '\0';
+    *w += n;
+    return at;
+}
+
+static tunnel_log_t *tunnel_log_new(mp_conn_t *c, mp_req_t *r)
+{
+    const char *route = r->match.route ? r->match.route->name : NULL;
+    const char *server = r->gen->cfg->upstreams[r->upstream].servers[r->server].addr.text;
+    const mp_tls_info_t *ti = r->tls;
+    const char *sni = ti ? ti->sni : NULL, *subject = ti ? ti->client_subject : NULL;
+    size_t n = r->h.head_len + r->path.len + r->query.len + strlen(server) + 1 + (route ? strlen(route) + 1 : 0) +
+               (sni ? strlen(sni) + 1 : 0) + (subject ? strlen(subject) + 1 : 0);
+    tunnel_log_t *l = malloc(sizeof(*l) + n);
+    if (!l)
+        return NULL;
+    memset(l, 0, sizeof(*l));
+    char *w = l->data;
+    l->ctx = c->side.ctx;
+    l->peer = c->peer;
+    l->t_start = r->t_start;
+    l->t_up_start = r->t_up_start;
+    l->t_up_end = r->t_up_end;
+    l->head_bytes = r->bytes_sent;
+    memcpy(l->id, r->id, r->id_len);
+    l->id_len = r->id_len;
+    memcpy(l->client_ip, r->client_ip, sizeof(l->client_ip));
+    l->head_len = r->h.head_len;
+    put_copy(&w, c->side.in.data, r->h.head_len, 0);
+    l->path = (mp_slice){put_copy(&w, r->path.p, r->path.len, 0), r->path.len};
+    l->query = (mp_slice){put_copy(&w, r->query.p, r->query.len, 0), r->query.len};
+    l->has_query = r->has_query;
+    l->info.server = put_copy(&w, server, strlen(server), 1);
+    l->info.route = route ? put_copy(&w, route, strlen(route), 1) : NULL;
+    if (ti) { /* version and cipher are OpenSSL's constants; the rest lives with the session */
+        l->has_tls = 1;
+        l->tls = *ti;
+        l->tls.sni = sni ? put_copy(&w, sni, strlen(sni), 1) : NULL;
+        l->tls.client_subject = subject ? put_copy(&w, subject, strlen(subject), 1) : NULL;
+    }
+    return l;
+}
+
+/* The tunnel closed: its request is made again from the record, on the
+ * worker's current generation, for on_log and the access log line. */
+static void tunnel_closed(void *arg, const mp_tunnel_info_t *info)
+{
+    tunnel_log_t *l = arg;
+    mp_io_ctx_t *ctx = l->ctx;
+    l->info.to_upstream = info->to_upstream;
+    l->info.to_client = info->to_client;
+    l->info.close = info->close;
+    mp_req_t *r = ctx->gen ? req_alloc(ctx) : NULL;
+    if (!r) {
+        free(l);
+        return;
+    }
+    mp_req_reset(r, &ctx->env, mp_gen_ref(ctx->gen), (const struct sockaddr *)&l->peer, l->t_start);
+    /* the bytes parsed once before: no limit of a newer configuration refuses them */
+    static const mp_http_limits_t any = {(size_t)1 << 30, (size_t)1 << 30};
+    size_t scanned = 0;
+    if (mp_http1_parse_request(l->data, l->head_len, &scanned, &any, &r->h) <= 0)
+        r->h.nheaders = 0;
+    r->path = l->path;
+    r->query = l->query;
+    r->has_query = l->has_query;
+    memcpy(r->id, l->id, l->id_len);
+    r->id_len = l->id_len;
+    memcpy(r->client_ip, l->client_ip, sizeof(r->client_ip));
+    r->tls = l->has_tls ? &l->tls : NULL;
+    r->t_up_start = l->t_up_start;
+    r->t_up_end = l->t_up_end;
+    r->status = 101;
+    r->bytes_sent = l->head_bytes + info->to_client;
+    r->tunnel = &l->info;
+    log_and_free(ctx, r);
+}
+
+/* The 101 went out: the connection becomes a tunnel with the upstream
+ * socket. The request ends here without a log (the tunnel's close logs
+ * it), and the connection without closing its socket. */
+static void exchange_upgrade(void *arg, mp_io_t *up, mp_buf_t *up_in)
+{
+    mp_conn_t *c = arg;
+    mp_io_ctx_t *ctx = c->side.ctx;
+    mp_req_t *r = c->side.req;
+    tunnel_log_t *l = tunnel_log_new(c, r);
+    double idle = r->gen->cfg->upstreams[r->upstream].tunnel_timeout;
+    mp_buf_t held = c->side.in; /* after the head: what the client sent for the tunnel */
+    c->side.in.start = r->body_start;
+    if (!l || !mp_tunnel_open(ctx, &c->side.sock, &c->side.in, up, up_in, idle, tunnel_closed, l)) {
+        c->side.in = held;
+        free(l);
+        mp_env_log(&ctx->env, MP_LOG_WARN, "request %.*s: out of memory for its tunnel", r->id_len, r->id);
+        return mp_conn_close(c);
+    }
+    r->status = 0;
+    end_request(c);
+    mp_conn_close(c);
+}
+
 static const mp_exchange_ops_t exchange_ops = {.done = exchange_done,
                                                .fail = exchange_fail,
                                                .abort = exchange_abort,
                                                .want = exchange_want,
-                                               .timer = exchange_timer};
+                                               .timer = exchange_timer,
+                                               .upgrade = exchange_upgrade};
 
 /* A hook waits for a call-out: the connection waits with it, watching only
  * for the client going away (the call has its own timeout). */
@@ -509,12 +653,15 @@ static mp_route_stats_t *route_stats(mp_io_ctx_t *ctx, mp_req_t *r)
     return cache[i];
 }
 
-static void log_request(mp_conn_t *c, mp_req_t *r)
+static void log_request(mp_io_ctx_t *ctx, mp_req_t *r)
 {
-    mp_io_ctx_t *ctx = c->side.ctx;
     ctx->stats.requests++;
     ev_tstamp now = ev_now(ctx->loop);
-    mp_metrics_request(route_stats(ctx, r), r->status, now - r->t_start);
+    const mp_tunnel_info_t *tun = r->tunnel;
+    if (MP_UNLIKELY(tun)) /* its route may be another generation's: found by name */
+        mp_metrics_request(mp_metrics_route(&ctx->metrics, tun->route), r->status, now - r->t_start);
+    else
+        mp_metrics_request(route_stats(ctx, r), r->status, now - r->t_start);
     if (ctx->alog.fd < 0)
         return;
     mp_alog_entry_t e = {0};
@@ -525,6 +672,8 @@ static void log_request(mp_conn_t *c, mp_req_t *r)
     e.path = r->h.path;
     if (r->match.route)
         e.route = (mp_slice){r->match.route->name, strlen(r->match.route->name)};
+    else if (tun && tun->route)
+        e.route = (mp_slice){tun->route, strlen(tun->route)};
     e.status = r->status;
     e.bytes = r->bytes_sent;
     e.upstream_time = -1;
@@ -533,6 +682,12 @@ static void log_request(mp_conn_t *c, mp_req_t *r)
         const char *addr = u->servers[r->server].addr.text;
         e.upstream_server = (mp_slice){addr, strlen(addr)};
         e.upstream_time = (r->t_up_end ? r->t_up_end : now) - r->t_up_start;
+    } else if (tun) {
+        e.upstream_server = (mp_slice){tun->server, strlen(tun->server)};
+        e.upstream_time = r->t_up_end - r->t_up_start;
+        e.tunnel_close = mp_tunnel_close_name(tun->close);
+        e.tunnel_to_upstream = tun->to_upstream;
+        e.tunnel_to_client = tun->to_client;
     }
     e.duration = now - r->t_start;
     if (r->tls) {
@@ -559,9 +714,16 @@ static void end_request(mp_conn_t *c)
     mp_io_ctx_t *ctx = c->side.ctx;
     c->side.req = NULL;
     c->requests++;
+    log_and_free(ctx, r);
+}
+
+/* The request is over: on_log runs, the access log line is written, and r
+ * is freed, or kept (without its connection) while its on_log waits. */
+static void log_and_free(mp_io_ctx_t *ctx, mp_req_t *r)
+{
     if (mp_req_on_log(r)) { /* it waits: logged now, and the connection goes on without it */
         if (r->status)
-            log_request(c, r);
+            log_request(ctx, r);
         r->client = NULL;
         r->prev = NULL;
         r->next = ctx->orphans;
@@ -571,7 +733,7 @@ static void end_request(mp_conn_t *c)
         return;
     }
     if (r->status)
-        log_request(c, r);
+        log_request(ctx, r);
     req_free(ctx, r);
 }
 
@@ -580,6 +742,7 @@ static void req_free(mp_io_ctx_t *ctx, mp_req_t *r)
 {
     mp_hook_release(r->gen->L, r);
     mp_gen_unref(r->gen);
+    free((void *)r->tunnel); /* the tunnel's record (tunnel_log_t), which r's fields point into */
     if (ctx->nfree_reqs < 256) {
         *(mp_req_t **)r = ctx->free_reqs;
         ctx->free_reqs = r;

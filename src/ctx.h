@@ -42,6 +42,7 @@ typedef struct mp_io_ctx {
     mp_upconn_t *up_graveyard;      /* closed upstream connections, likewise (mp_upconn_reap) */
     struct mp_req *free_reqs;       /* recycled request objects */
     struct mp_req *orphans;         /* requests whose on_log hook waits for a call-out (conn.c) */
+    struct mp_tunnel *tunnels;      /* open tunnels (tunnel.c); each counts in nconns */
     void *redis;                    /* the worker's Redis clients (l_redis.c), kept across generations */
     unsigned nfree_reqs;            /* how many */
     mp_server_pool_t *server_pools; /* idle upstream connections per server, across generations (pool.h) */

@@ -232,6 +232,8 @@ int mp_head_response(mp_req_t *r, const mp_http_response_t *rh, mp_buf_t *b)
     if (!dated) /* RFC 9110 §6.6.1: a recipient with a clock adds one */
         rc |= put_s(b, mp_req_date(r->env));
     rc |= put_request_id(b, r);
+    if (MP_UNLIKELY(r->tunnel_open)) /* the WebSocket handshake's answer (req.c let no other through) */
+        return rc || PUT_LIT(b, "Connection: upgrade\r\nUpgrade: websocket\r\n\r\n") ? MP_ENOMEM : 0;
     if (!rh->chunked)
         rc |= put_length(b, rh->content_length);
     if (r->resp.kind == MP_BODY_CHUNKED && !r->dechunk)

@@ -213,7 +213,8 @@ static inline void mp_io_close(mp_io_t *io)
 {
     if (MP_UNLIKELY(io->ops != NULL))
         mp_io_ops_close(io);
-    close(io->fd);
+    if (io->fd >= 0) /* a socket another owner took over (tunnel.h) is not ours to close */
+        close(io->fd);
     io->fd = -1;
 }
 

@@ -410,6 +410,22 @@ static int push_tls(lua_State *L, const mp_req_t *r)
     return 1;
 }
 
+/* req.tunnel, in the on_log of a tunnel's close: what it relayed and why
+ * it closed; nil for any other request. */
+static int push_tunnel(lua_State *L, const mp_tunnel_info_t *t)
+{
+    if (!t)
+        return lua_pushnil(L), 1;
+    lua_createtable(L, 0, 3);
+    lua_pushnumber(L, (lua_Number)t->to_upstream);
+    lua_setfield(L, -2, "to_upstream");
+    lua_pushnumber(L, (lua_Number)t->to_client);
+    lua_setfield(L, -2, "to_client");
+    lua_pushstring(L, mp_tunnel_close_name(t->close));
+    lua_setfield(L, -2, "close");
+    return 1;
+}
+
 /* req.key: the methods (upvalues 1-3: set_path, set_query, respond) even on
  * a stale object, the fields only while its request lives. The switch on
  * the length keeps a lookup to one or two short compares. */
@@ -446,11 +462,14 @@ static int req_index(lua_State *L)
             return 1;
         }
         if (KEY_IS(k, "route")) {
-            r->match.route ? (void)lua_pushstring(L, r->match.route->name) : lua_pushnil(L);
+            const char *name = r->match.route ? r->match.route->name : r->tunnel ? r->tunnel->route : NULL;
+            name ? (void)lua_pushstring(L, name) : lua_pushnil(L);
             return 1;
         }
         break;
     case 6:
+        if (KEY_IS(k, "tunnel"))
+            return push_tunnel(L, r->tunnel);
         if (KEY_IS(k, "method"))
             return lua_pushlstring(L, r->h.method.p, r->h.method.len), 1;
         if (KEY_IS(k, "scheme"))

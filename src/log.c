@@ -194,6 +194,10 @@ void mp_alog_write(mp_alog_t *a, const mp_alog_entry_t *e)
         if (len < cap)
             len += (size_t)snprintf(line + len, cap - len, ",\"upstream_time\":%.3f", e->upstream_time);
     }
+    if (len < cap && e->tunnel_close)
+        len += (size_t)snprintf(
+            line + len, cap - len, ",\"tunnel\":{\"to_upstream\":%llu,\"to_client\":%llu,\"close\":\"%s\"}",
+            (unsigned long long)e->tunnel_to_upstream, (unsigned long long)e->tunnel_to_client, e->tunnel_close);
     if (len < cap)
         len += (size_t)snprintf(line + len, cap - len, ",\"duration\":%.3f}", e->duration);
     if (len > cap)

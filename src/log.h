@@ -73,6 +73,8 @@ typedef struct {
     int status;
     uint64_t bytes;                 /* response bytes sent to the client, head included */
     double upstream_time, duration; /* seconds; upstream_time < 0: no upstream */
+    const char *tunnel_close;       /* a tunnel's line: why it closed ("client", ...); NULL: not a tunnel */
+    uint64_t tunnel_to_upstream, tunnel_to_client; /* bytes it relayed each way */
 } mp_alog_entry_t;
 
 void mp_alog_write(mp_alog_t *a, const mp_alog_entry_t *e);

@@ -310,6 +310,31 @@ static void render_peer_requests(mp_strbuf_t *b, const mp_server_def_t *sd, mp_p
     }
 }
 
+static void render_tunnels(mp_strbuf_t *b, const mp_metrics_src_t *src)
+{
+    uint64_t open = 0, bytes[2] = {0, 0}, closed[MP_METRICS_TUNNEL_REASONS] = {0};
+    for (int w = 0; w < src->nworkers; w++) {
+        open += LOAD(src->workers[w]->tunnels);
+        for (int d = 0; d < 2; d++)
+            bytes[d] += LOAD(src->workers[w]->tunnel_bytes[d]);
+        for (int k = 0; k < MP_METRICS_TUNNEL_REASONS; k++)
+            closed[k] += LOAD(src->workers[w]->tunnels_closed[k]);
+    }
+    header(b, "moonproxy_tunnels", "gauge", "Open tunnels (upgraded connections, e.g. WebSocket).");
+    mp_strbuf_printf(b, "moonproxy_tunnels{state=\"open\"} %llu\n", (unsigned long long)open);
+    header(b, "moonproxy_tunnel_bytes_total", "counter", "Bytes relayed by tunnels, by direction.");
+    static const char *const dirs[2] = {"to_upstream", "to_client"};
+    for (int d = 0; d < 2; d++)
+        mp_strbuf_printf(b, "moonproxy_tunnel_bytes_total{direction=\"%s\"} %llu\n", dirs[d],
+                         (unsigned long long)bytes[d]);
+    header(b, "moonproxy_tunnels_closed_total", "counter",
+           "Tunnels closed, by reason (client, upstream, idle, shutdown, error).");
+    static const char *const reasons[MP_METRICS_TUNNEL_REASONS] = {"client", "upstream", "idle", "shutdown", "error"};
+    for (int k = 0; k < MP_METRICS_TUNNEL_REASONS; k++)
+        mp_strbuf_printf(b, "moonproxy_tunnels_closed_total{reason=\"%s\"} %llu\n", reasons[k],
+                         (unsigned long long)closed[k]);
+}
+
 static void render_process(mp_strbuf_t *b, const mp_metrics_src_t *src)
 {
     uint64_t conns = 0, idle = 0;
@@ -335,6 +360,7 @@ static void render_process(mp_strbuf_t *b, const mp_metrics_src_t *src)
             mp_strbuf_printf(b, "%s{result=\"%s\"} %llu\n", tls_names[side], tls_results[k], (unsigned long long)n);
         }
     }
+    render_tunnels(b, src);
     header(b, "moonproxy_reloads_total", "counter", "Reloads and rollbacks, by result.");
     mp_strbuf_printf(b, "moonproxy_reloads_total{result=\"ok\"} %llu\n", (unsigned long long)src->reloads_ok);
     mp_strbuf_printf(b, "moonproxy_reloads_total{result=\"refused\"} %llu\n", (unsigned long long)src->reloads_refused);

@@ -30,6 +30,9 @@ typedef struct mp_route_stats {
 /* How a TLS handshake ended (moonproxy_tls_handshakes_total{result}). */
 enum mp_tls_result { MP_TLS_FULL, MP_TLS_RESUMED, MP_TLS_FAILED, MP_TLS_RESULTS };
 
+/* Why tunnels closed (req.h mp_tunnel_close), counted apart. */
+#define MP_METRICS_TUNNEL_REASONS 5
+
 /* A worker's counters; a zeroed struct is a valid empty one. */
 typedef struct {
     mp_route_stats_t *routes[MP_METRICS_ROUTES]; /* [0, nroutes) published */
@@ -38,6 +41,9 @@ typedef struct {
     _Atomic uint64_t conns;                      /* open client connections */
     _Atomic uint64_t idle_up;                    /* idle pooled upstream connections */
     _Atomic uint64_t tls[2][MP_TLS_RESULTS];     /* TLS handshakes: [0] of clients, [1] to upstreams */
+    _Atomic uint64_t tunnels;                    /* open tunnels (also counted in conns) */
+    _Atomic uint64_t tunnel_bytes[2];            /* relayed by tunnels: [0] to upstreams, [1] to clients */
+    _Atomic uint64_t tunnels_closed[MP_METRICS_TUNNEL_REASONS]; /* by reason */
 } mp_metrics_t;
 
 /* Worker side: the entry of a route name (NULL: no route matched), created

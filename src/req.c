@@ -142,6 +142,33 @@ int mp_req_run_on_log(mp_req_t *r)
     return mp_hook_log(r->gen->L, r, r->gen->cfg->log_ref) == MP_HOOK_WAIT;
 }
 
+int mp_req_upgrade_answer(mp_req_t *r, const mp_http_response_t *rh)
+{
+    if (!r->upgrade)
+        return rh->status == 101 ? -1 : 0;
+    r->keepalive = 0;
+    if (rh->status != 101)
+        return 0;
+    int i = mp_http1_find(rh->headers, rh->nheaders, "upgrade", 7);
+    mp_slice tok;
+    size_t pos = 0;
+    while (i >= 0 && mp_http1_next_token(rh->headers[i].value, &pos, &tok))
+        if (MP_SLICE_IEQ(tok, "websocket")) {
+            memset(&r->resp, 0, sizeof(r->resp));
+            r->resp.kind = MP_BODY_NONE;
+            r->resp.done = 1;
+            r->tunnel_open = 1;
+            return 1;
+        }
+    return -1;
+}
+
+const char *mp_tunnel_close_name(int close)
+{
+    static const char *const names[MP_TC_REASONS] = {"client", "upstream", "idle", "shutdown", "error"};
+    return close >= 0 && close < MP_TC_REASONS ? names[close] : "?";
+}
+
 int mp_req_unavailable(mp_req_t *r, const mp_balancer_t *b)
 {
     r->retry_after = (uint16_t)mp_balancer_retry_after(b, mp_health_now());

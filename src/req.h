@@ -90,6 +90,24 @@ enum mp_body_kind { MP_BODY_NONE, MP_BODY_LENGTH, MP_BODY_CHUNKED, MP_BODY_CLOSE
 
 /* mp_framing_t (a body being relayed) is in reframe.h. */
 
+/* Why a tunnel closed (mp_tunnel_info_t.close): the side that ended it
+ * first (its EOF or error), no byte for timeouts.tunnel, the worker's
+ * shutdown, or our own failure (no buffer). */
+enum mp_tunnel_close { MP_TC_CLIENT, MP_TC_UPSTREAM, MP_TC_IDLE, MP_TC_SHUTDOWN, MP_TC_ERROR, MP_TC_REASONS };
+
+/* What on_log and the access log see of a tunnel (req.tunnel): the bytes
+ * relayed each way after the 101's head, why it closed, and what the
+ * request that opened it was routed to (its generation may be gone). */
+typedef struct {
+    uint64_t to_upstream, to_client;
+    uint8_t close;      /* mp_tunnel_close */
+    const char *route;  /* the route's name, or NULL */
+    const char *server; /* the upstream server's address */
+} mp_tunnel_info_t;
+
+/* The name of a close reason: "client", "upstream", "idle", "shutdown", "error". */
+const char *mp_tunnel_close_name(int close);
+
 /* A response made here. */
 typedef struct {
     mp_slice body; /* respond()'s body (in the request), or text */
@@ -164,6 +182,7 @@ typedef struct mp_req {
     unsigned has_file : 1;        /* file_fd is open: a static response's body (closed at request end) */
     unsigned upgrade : 1;         /* a WebSocket handshake (req.c's gate): forwarded with Upgrade and
                                      Connection; a 101 naming websocket opens a tunnel (tunnel.c) */
+    unsigned tunnel_open : 1;     /* its 101 opens a tunnel once the head is written (upstream.c) */
     uint8_t hook_kind;            /* mp_hook_kind: the chain r->co runs while it waits */
     int handler_up;               /* a handler's returned upstream once its chain finished (-1: none) */
     lua_State *co;                /* the coroutine of the hook chain running or suspended, or NULL */
@@ -171,6 +190,8 @@ typedef struct mp_req {
     mp_callout_t *callout;        /* the call-out the hook waits for (or whose answer it has not taken) */
     mp_http_response_t *rh_held;  /* the upstream's response head, kept while response hooks wait (upstream.c) */
     struct mp_req *prev, *next;   /* the worker's requests whose on_log waits after their connection moved on */
+    /* a tunnel's request, made when it closed (conn.c): what it relayed; NULL for any other */
+    const mp_tunnel_info_t *tunnel;
     int file_fd;
     uint64_t file_off, file_left; /* bytes of the file sent, still to send */
 } mp_req_t;
@@ -316,6 +337,15 @@ static inline int mp_req_on_log(mp_req_t *r)
         return mp_req_run_on_log(r);
     return 0;
 }
+
+/* The upstream answered r (its framing decided) with rh: whether that
+ * opens a tunnel. Only a 101 to a WebSocket handshake (r->upgrade) whose
+ * Upgrade names websocket does (r->tunnel_open; no body, the connection is
+ * the tunnel's); a 101 to anything else is invalid (-1: a 502). Any other
+ * answer to a handshake is relayed and closes the client connection after
+ * it: bytes the client sent in hope of the upgrade are never read as a
+ * request. Returns 1 (tunnel), 0 (an ordinary response) or -1. */
+int mp_req_upgrade_answer(mp_req_t *r, const mp_http_response_t *rh);
 
 /* No server of b is available: the answer is 503, with Retry-After for
  * when one may be again. Returns 503. */

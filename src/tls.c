@@ -647,6 +647,11 @@ static int on_new_session(SSL *ssl, SSL_SESSION *sess)
     return 0;
 }
 
+void mp_tls_client_unslot(SSL *ssl)
+{
+    SSL_set_ex_data(ssl, slot_idx, NULL);
+}
+
 mp_tls_client_t *mp_tls_client_new(const mp_tls_client_def_t *def, char *err, size_t errlen)
 {
     if (!indexes_ready()) {

@@ -85,6 +85,11 @@ const char *mp_tls_client_key(const mp_tls_client_t *c, const char *name, char *
  * mp_tls_session_free. NULL when out of memory. */
 SSL *mp_tls_client_session(mp_tls_client_t *c, int fd, const char *name, SSL_SESSION **slot);
 
+/* The session's connection outlives its slot (a tunnel keeps it after the
+ * pool it came from may be gone): session tickets it still receives are
+ * dropped from now on. */
+void mp_tls_client_unslot(SSL *ssl);
+
 void mp_tls_session_free(SSL_SESSION **slot);
 
 /* One more hold on c, for a caller that keeps it past its configuration (a

@@ -540,8 +540,13 @@ static const char *begin_response(mp_req_t *r, const mp_http_response_t *rh)
 {
     MP_ASSERT(!r->resp_head_done && r->up->state == MP_UP_ACTIVE);
     mp_req_response_framing(r, rh);
+    if (MP_UNLIKELY(r->upgrade || rh->status == 101) && mp_req_upgrade_answer(r, rh) < 0) {
+        mp_env_log(r->env, MP_LOG_DEBUG, "request %.*s: a 101 from upstream that no WebSocket handshake asked for",
+                   r->id_len, r->id);
+        return mp_err_invalid;
+    }
     r->up_reusable = !rh->conn_close && (rh->minor == 1 || rh->conn_keepalive) && r->resp.kind != MP_BODY_CLOSE &&
-                     udef(r)->keepalive > 0;
+                     udef(r)->keepalive > 0 && !r->tunnel_open;
     if (!r->body.done || request_pending(r)) {
         /* RFC 9110 §15: the server answered before the whole body; stop sending it. */
         r->body_abandoned = 1;
@@ -577,6 +582,8 @@ static const char *head_out(mp_req_t *r, const mp_http_response_t *rh, int shown
     mp_upconn_t *u = r->up;
     if (!shown)
         return mp_err_hook;
+    if (MP_UNLIKELY(r->tunnel_open) && shown != 101)
+        r->tunnel_open = 0; /* a hook answered otherwise: relayed without a body, then both close */
     r->status = shown;
     if (mp_buf_acquire(&c->out, &c->ctx->bufs) != 0)
         return mp_err_invalid;
@@ -631,7 +638,7 @@ static const char *parse_response_head(mp_req_t *r)
         }
         if (rh.status >= 100 && rh.status < 200) {
             if (rh.status == 101)
-                return mp_err_invalid;
+                return begin_response(r, &rh);
             u->in.start += (uint32_t)rh.head_len;
             u->scanned = 0;
             continue;
@@ -676,10 +683,27 @@ static int frame_response_body(mp_req_t *r)
     return 0;
 }
 
+/* The 101 reached the client: the upstream socket and what it sent after
+ * the head go to the tunnel the client connection opens. */
+static void upgraded(mp_req_t *r)
+{
+    mp_io_ctx_t *ctx = ctx_of(r);
+    r->t_up_end = ev_now(ctx->loop);
+    peer_done(r);
+    mp_upconn_t *u = detach(r);
+    if (u->sock.ops)
+        mp_tls_client_unslot(u->sock.session); /* its pool's ticket slot may go before the tunnel */
+    mp_client_side_t *c = mp_client_side(r);
+    c->ops->upgrade(c->arg, &u->sock, &u->in);
+    mp_upconn_close(u);
+}
+
 static void finish(mp_req_t *r)
 {
     mp_io_ctx_t *ctx = ctx_of(r);
     MP_ASSERT(r->resp_head_done && r->resp.done);
+    if (MP_UNLIKELY(r->tunnel_open))
+        return upgraded(r);
     r->t_up_end = ev_now(ctx->loop);
     peer_done(r);
     mp_upconn_t *u = detach(r);

@@ -21,6 +21,9 @@ typedef struct {
     void (*abort)(void *arg);                 /* close the client connection (and cancel the exchange) */
     void (*want)(void *arg, int events);      /* the events the client watcher waits for (EV_READ | EV_WRITE) */
     void (*timer)(void *arg, double seconds); /* arms the client's timer (ev_timer_again); 0 stops it */
+    /* The 101 that opens a tunnel was written: take the upstream socket and
+     * the bytes read after its head (tunnel.h); the exchange is over. */
+    void (*upgrade)(void *arg, mp_io_t *sock, mp_buf_t *in);
 } mp_exchange_ops_t;
 
 /* What the exchange reads and writes of the client connection: part of it

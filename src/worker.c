@@ -8,6 +8,7 @@
 #include "gen.h"
 #include "l_redis.h"
 #include "pool.h"
+#include "tunnel.h"
 #include "vm.h"
 
 #include <errno.h>
@@ -172,6 +173,9 @@ static void on_wake(struct ev_loop *loop, ev_async *a, int revents)
     w->io.stopping = 1;
     mp_listener_close(&w->listen);
     mp_conn_drain(&w->io);
+    /* tunnels close in shutdown_timeout's last second, before the process ends at it */
+    double t = w->io.cfg->settings.shutdown_timeout;
+    mp_tunnel_drain(&w->io, t > 1 ? t - 1 : 0, t > 0.1 ? t - 0.05 : 0);
     ev_feed_event(loop, &w->flush, EV_PREPARE);
 }
 
@@ -371,6 +375,7 @@ void mp_worker_dispose(mp_worker_t *w)
             next = c->next;
             mp_conn_close(c);
         }
+        mp_tunnel_close_all(&w->io);
         mp_conn_abandon_orphans(&w->io, NULL);
         mp_conn_reap(&w->io);
         dispose_generations(w);
