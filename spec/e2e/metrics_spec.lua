@@ -166,6 +166,9 @@ describe("GET /metrics", function()
             moonproxy_config_generation = "gauge",
             moonproxy_tls_handshakes_total = "counter",
             moonproxy_upstream_tls_handshakes_total = "counter",
+            moonproxy_tunnels = "gauge",
+            moonproxy_tunnel_bytes_total = "counter",
+            moonproxy_tunnels_closed_total = "counter",
         }, families)
     end)
 
