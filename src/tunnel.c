@@ -7,11 +7,18 @@
 #include "tunnel.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
 
 /* Reads from one side per readiness event before the loop serves others:
  * level-triggered readiness brings it back for the rest. */
 #define TUNNEL_ROUNDS 8
+
+/* The most one splice(2) moves from a socket into a pipe: the pipe's
+ * default capacity. */
+#define SPLICE_CHUNK 65536
 
 enum { CLIENT = 0, UPSTREAM = 1 };
 
@@ -22,6 +29,8 @@ typedef struct {
     uint8_t eof;  /* its read ended: nothing more comes from it */
     uint8_t shut; /* our writing to it ended (shutdown sent) */
     mp_buf_t buf; /* bytes read from it, for the other side; no block while empty */
+    int pipe[2];  /* splice: the pipe holding bytes read from it, -1 while none */
+    size_t piped; /* bytes in that pipe */
 } tside_t;
 
 struct mp_tunnel {
@@ -32,6 +41,7 @@ struct mp_tunnel {
     double last;      /* loop time of the last byte moved */
     double close_at;  /* loop time the worker's shutdown closes it; 0: not stopping */
     int8_t first_eof; /* the side whose read ended first, -1 */
+    uint8_t splice;   /* both sides plain: bytes move through pipes, never through user space */
     mp_tunnel_info_t info;
     mp_tunnel_closed_fn closed;
     void *arg;
@@ -43,6 +53,50 @@ _Static_assert(MP_TC_REASONS == MP_METRICS_TUNNEL_REASONS, "metrics.h counts eve
 static void on_io(struct ev_loop *loop, ev_io *w, int revents);
 static void on_timer(struct ev_loop *loop, ev_timer *w, int revents);
 
+/* Pipes for splice(2), kept per worker thread while no direction holds
+ * bytes in them: a tunnel takes one only while it moves bytes. */
+#define PIPES_KEPT 32
+static _Thread_local int pipes[PIPES_KEPT][2];
+static _Thread_local unsigned npipes;
+
+/* A pipe for side s; 0, or -1 when none can be had (then s copies). */
+static int pipe_take(tside_t *s)
+{
+    if (s->pipe[0] >= 0)
+        return 0;
+    if (npipes) {
+        npipes--;
+        s->pipe[0] = pipes[npipes][0];
+        s->pipe[1] = pipes[npipes][1];
+        return 0;
+    }
+    return pipe2(s->pipe, O_NONBLOCK | O_CLOEXEC);
+}
+
+/* Gives s's pipe back (it must be empty), or closes it (close_it: it may
+ * hold bytes). */
+static void pipe_give(tside_t *s, int close_it)
+{
+    if (s->pipe[0] < 0)
+        return;
+    if (!close_it && npipes < PIPES_KEPT) {
+        pipes[npipes][0] = s->pipe[0];
+        pipes[npipes][1] = s->pipe[1];
+        npipes++;
+    } else {
+        close(s->pipe[0]);
+        close(s->pipe[1]);
+    }
+    s->pipe[0] = s->pipe[1] = -1;
+    s->piped = 0;
+}
+
+/* Bytes read from s that the other side has not taken yet. */
+static size_t pending(const tside_t *s)
+{
+    return mp_buf_len(&s->buf) + s->piped;
+}
+
 /* Closes both sockets, tells the opener, frees t. Returns -1, for the
  * callers' "t is gone". */
 static int close_tunnel(mp_tunnel_t *t, int reason)
@@ -52,6 +106,7 @@ static int close_tunnel(mp_tunnel_t *t, int reason)
         ev_io_stop(ctx->loop, &t->s[i].w);
         mp_io_close(&t->s[i].sock);
         mp_buf_release(&t->s[i].buf, &ctx->bufs);
+        pipe_give(&t->s[i], t->s[i].piped > 0);
     }
     ev_timer_stop(ctx->loop, &t->timer);
     if (t->prev)
@@ -77,6 +132,22 @@ static int reason_of(int i)
     return i == CLIENT ? MP_TC_CLIENT : MP_TC_UPSTREAM;
 }
 
+/* k bytes read from side `from` reached the other side. */
+static void moved_bytes(mp_tunnel_t *t, int from, size_t k)
+{
+    *(from == CLIENT ? &t->info.to_upstream : &t->info.to_client) += k;
+    mp_metrics_add(&t->ctx->metrics.tunnel_bytes[from], (int64_t)k);
+    t->last = ev_now(t->ctx->loop);
+}
+
+/* Side i's read ended. */
+static void ended(mp_tunnel_t *t, int i)
+{
+    t->s[i].eof = 1;
+    if (t->first_eof < 0)
+        t->first_eof = (int8_t)i;
+}
+
 /* Moves bytes read from side `from` to the other side: what its buffer
  * holds first, then reads more, until the other side blocks, this one has
  * nothing, or TUNNEL_ROUNDS reads were made. An ended read is passed on as
@@ -85,7 +156,6 @@ static int reason_of(int i)
 static int pump(mp_tunnel_t *t, int from)
 {
     tside_t *a = &t->s[from], *b = &t->s[!from];
-    uint64_t *moved = from == CLIENT ? &t->info.to_upstream : &t->info.to_client;
     for (int rounds = 0;;) {
         size_t len = mp_buf_len(&a->buf);
         if (len) {
@@ -97,13 +167,23 @@ static int pump(mp_tunnel_t *t, int from)
             if (k < 0)
                 return close_tunnel(t, reason_of(!from));
             a->buf.start += (uint32_t)k;
-            *moved += (uint64_t)k;
-            mp_metrics_add(&t->ctx->metrics.tunnel_bytes[from], k);
-            t->last = ev_now(t->ctx->loop);
+            moved_bytes(t, from, (size_t)k);
             continue;
         }
         if (a->buf.data)
             mp_buf_release(&a->buf, &t->ctx->bufs);
+        if (a->piped) {
+            ssize_t k = splice(a->pipe[0], NULL, b->sock.fd, NULL, a->piped, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+            if (k < 0 && errno == EINTR)
+                continue;
+            if (k < 0 && errno == EAGAIN)
+                return 0;
+            if (k <= 0)
+                return close_tunnel(t, reason_of(!from));
+            a->piped -= (size_t)k;
+            moved_bytes(t, from, (size_t)k);
+            continue;
+        }
         if (a->eof) {
             if (!b->shut) {
                 b->shut = 1;
@@ -116,6 +196,22 @@ static int pump(mp_tunnel_t *t, int from)
         }
         if (rounds++ == TUNNEL_ROUNDS)
             return 0;
+        if (t->splice && pipe_take(a) == 0) {
+            ssize_t n = splice(a->sock.fd, NULL, a->pipe[1], NULL, SPLICE_CHUNK, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0 && errno == EAGAIN)
+                return 0; /* nothing to read (the pipe is empty): it goes back in sync_side */
+            if (n < 0)
+                return close_tunnel(t, reason_of(from));
+            if (n == 0) {
+                ended(t, from);
+                continue;
+            }
+            a->piped = (size_t)n;
+            t->last = ev_now(t->ctx->loop);
+            continue;
+        }
         if (mp_buf_acquire(&a->buf, &t->ctx->bufs) != 0)
             return close_tunnel(t, MP_TC_ERROR);
         ssize_t n = mp_io_read(&a->sock, mp_buf_tail(&a->buf), mp_buf_room(&a->buf));
@@ -126,9 +222,7 @@ static int pump(mp_tunnel_t *t, int from)
         if (n < 0)
             return close_tunnel(t, reason_of(from)); /* a reset, or a TLS session cut without close_notify */
         if (n == 0) {
-            a->eof = 1;
-            if (t->first_eof < 0)
-                t->first_eof = (int8_t)from;
+            ended(t, from);
             continue;
         }
         a->buf.end += (uint32_t)n;
@@ -145,7 +239,9 @@ static void sync_side(mp_tunnel_t *t, int i)
     tside_t *s = &t->s[i];
     if (s->buf.data && !mp_buf_len(&s->buf))
         mp_buf_release(&s->buf, &t->ctx->bufs);
-    int want = (!s->eof && !mp_buf_len(&s->buf) ? EV_READ : 0) | (mp_buf_len(&t->s[!i].buf) ? EV_WRITE : 0);
+    if (s->pipe[0] >= 0 && !s->piped)
+        pipe_give(s, 0);
+    int want = (!s->eof && !pending(s) ? EV_READ : 0) | (pending(&t->s[!i]) ? EV_WRITE : 0);
     s->want = (uint8_t)want;
     int events = mp_io_events(&s->sock, want);
     if ((s->w.events & (EV_READ | EV_WRITE)) != events || (events == 0) != !ev_is_active(&s->w)) {
@@ -213,6 +309,15 @@ static void take_side(mp_tunnel_t *t, int i, mp_io_t *sock, mp_buf_t *in)
     memset(in, 0, sizeof(*in));
     ev_io_init(&s->w, on_io, s->sock.fd, 0);
     s->w.data = t;
+    s->pipe[0] = s->pipe[1] = -1;
+}
+
+/* splice(2) between plain sockets, unless MOONPROXY_SPLICE=0 (to compare,
+ * or on a kernel where it misbehaves). */
+static int splice_on(void)
+{
+    const char *v = getenv("MOONPROXY_SPLICE");
+    return !(v && strcmp(v, "0") == 0);
 }
 
 mp_tunnel_t *mp_tunnel_open(mp_io_ctx_t *ctx, mp_io_t *client, mp_buf_t *client_in, mp_io_t *up, mp_buf_t *up_in,
@@ -227,6 +332,7 @@ mp_tunnel_t *mp_tunnel_open(mp_io_ctx_t *ctx, mp_io_t *client, mp_buf_t *client_
     t->idle = idle > 0 ? idle : 3600;
     t->last = ev_now(ctx->loop);
     t->first_eof = -1;
+    t->splice = !t->s[CLIENT].sock.ops && !t->s[UPSTREAM].sock.ops && splice_on();
     t->closed = closed;
     t->arg = arg;
     t->next = ctx->tunnels;
@@ -262,4 +368,9 @@ void mp_tunnel_close_all(mp_io_ctx_t *ctx)
 {
     while (ctx->tunnels)
         close_tunnel(ctx->tunnels, MP_TC_SHUTDOWN);
+    while (npipes) {
+        npipes--;
+        close(pipes[npipes][0]);
+        close(pipes[npipes][1]);
+    }
 }
