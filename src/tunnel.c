@@ -126,6 +126,13 @@ static int close_tunnel(mp_tunnel_t *t, int reason)
     return -1;
 }
 
+/* Which side ended the tunnel when side i failed: the one whose read
+ * ended first, if one did (the other side's failure follows from it). */
+static int blame(const mp_tunnel_t *t, int i)
+{
+    return t->first_eof >= 0 ? t->first_eof : i;
+}
+
 /* Why the tunnel ends when side i fails or ends it. */
 static int reason_of(int i)
 {
@@ -165,7 +172,7 @@ static int pump(mp_tunnel_t *t, int from)
             if (k < 0 && errno == EAGAIN)
                 return 0;
             if (k < 0)
-                return close_tunnel(t, reason_of(!from));
+                return close_tunnel(t, reason_of(blame(t, !from)));
             a->buf.start += (uint32_t)k;
             moved_bytes(t, from, (size_t)k);
             continue;
@@ -179,7 +186,7 @@ static int pump(mp_tunnel_t *t, int from)
             if (k < 0 && errno == EAGAIN)
                 return 0;
             if (k <= 0)
-                return close_tunnel(t, reason_of(!from));
+                return close_tunnel(t, reason_of(blame(t, !from)));
             a->piped -= (size_t)k;
             moved_bytes(t, from, (size_t)k);
             continue;
@@ -188,7 +195,7 @@ static int pump(mp_tunnel_t *t, int from)
             if (!b->shut) {
                 b->shut = 1;
                 if (mp_io_shutdown_write(&b->sock) != 0 && errno != ENOTCONN)
-                    return close_tunnel(t, reason_of(!from));
+                    return close_tunnel(t, reason_of(blame(t, !from)));
             }
             if (b->eof && a->shut)
                 return close_tunnel(t, reason_of(t->first_eof));
@@ -203,7 +210,7 @@ static int pump(mp_tunnel_t *t, int from)
             if (n < 0 && errno == EAGAIN)
                 return 0; /* nothing to read (the pipe is empty): it goes back in sync_side */
             if (n < 0)
-                return close_tunnel(t, reason_of(from));
+                return close_tunnel(t, reason_of(blame(t, from)));
             if (n == 0) {
                 ended(t, from);
                 continue;
@@ -220,7 +227,7 @@ static int pump(mp_tunnel_t *t, int from)
         if (n < 0 && errno == EAGAIN)
             return 0; /* the empty buffer goes back at the next turn's top */
         if (n < 0)
-            return close_tunnel(t, reason_of(from)); /* a reset, or a TLS session cut without close_notify */
+            return close_tunnel(t, reason_of(blame(t, from))); /* a reset, or a TLS session cut without close_notify */
         if (n == 0) {
             ended(t, from);
             continue;

@@ -47,7 +47,6 @@ static void gen_unreferenced(mp_gen_t *g)
             *p = g->next;
             break;
         }
-    mp_env_log(&w->io.env, MP_LOG_DEBUG, "generation %llu freed", (unsigned long long)g->id);
     gen_free(w, g);
 }
 
