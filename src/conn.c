@@ -742,7 +742,8 @@ static void req_free(mp_io_ctx_t *ctx, mp_req_t *r)
 {
     mp_hook_release(r->gen->L, r);
     mp_gen_unref(r->gen);
-    free((void *)r->tunnel); /* the tunnel's record (tunnel_log_t), which r's fields point into */
+    if (MP_UNLIKELY(r->tunnel))
+        free((void *)r->tunnel); /* the tunnel's record (tunnel_log_t), which r's fields point into */
     if (ctx->nfree_reqs < 256) {
         *(mp_req_t **)r = ctx->free_reqs;
         ctx->free_reqs = r;
