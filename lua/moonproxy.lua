@@ -33,7 +33,7 @@ local DEFAULTS = {
   passive = { failures = 5, cooldown = 10, statuses = { 502, 503, 504 } },
   health = { path = "/", interval = 2, timeout = 1, rise = 2, fall = 3 },
   route = { strip_prefix = false },
-  static = { index = "index.html" },
+  static = { index = "index.html", precompressed = false },
   tls = { protocols = { "TLSv1.2", "TLSv1.3" } },
   upstream_tls = { verify = true },
   resolver = { timeout = 2 },
@@ -525,7 +525,7 @@ local function upstream_ref(v)
   return bad(v, 'must be an upstream (local api = proxy.upstream "api" {...}) or its name')
 end
 
--- static = { root = DIR, index = "index.html", fallback = "/index.html" }:
+-- static = { root = DIR, index = "index.html", fallback = "/index.html", precompressed = false }:
 -- files under root (relative to the script's folder: resolved in _finish;
 -- src/config.c checks that it is a directory).
 local function static_index(v)
@@ -543,7 +543,8 @@ local function static_fallback(v)
   return p, err
 end
 
-local static_spec = { root = schema.string, index = static_index, fallback = static_fallback }
+local static_spec = { root = schema.string, index = static_index, fallback = static_fallback,
+                      precompressed = schema.boolean }
 
 local function static_files(v, src, what)
   local s = check(v, static_spec, what, src)

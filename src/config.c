@@ -864,6 +864,7 @@ static void build_static(lua_State *L, mp_config_t *cfg, const char *name, const
         fail(L, src, "route '%s': static needs root", name);
     s->index = xstrdup(L, need_str(L, t, "index", src, w));
     s->fallback = xstrdup(L, get_str(L, t, "fallback", src, w));
+    s->precompressed = get_bool(L, t, "precompressed", src, w);
     struct stat st;
     if (stat(s->root, &st) != 0)
         fail(L, src, "route '%s': static root '%s' %s", name, s->root,

@@ -134,9 +134,10 @@ typedef struct {
 
 /* A static route's files (SPEC "Routes": static = {...}; served by static.c). */
 typedef struct {
-    char *root;     /* the folder (relative paths resolved from the script's folder); NULL: not static */
-    char *index;    /* file served for a directory: "index.html" */
-    char *fallback; /* "/index.html": served (200) when a file is missing, or NULL */
+    char *root;        /* the folder (relative paths resolved from the script's folder); NULL: not static */
+    char *index;       /* file served for a directory: "index.html" */
+    char *fallback;    /* "/index.html": served (200) when a file is missing, or NULL */
+    int precompressed; /* serve file.br / file.zst / file.gz beside a file when the client accepts it */
 } mp_static_def_t;
 
 typedef struct mp_config {

@@ -938,7 +938,8 @@ static void static_ready(mp_conn_t *c, mp_static_file_t *f, int shown)
     }
     if (f->fd >= 0) {
         r->file_fd = f->fd;
-        r->file_left = f->size;
+        r->file_off = f->off;
+        r->file_left = f->len;
         r->has_file = 1;
     }
     r->resp_started = 1;

@@ -762,10 +762,10 @@ static void serve_static(mp_sim_t *s)
     if (shown > 0 && f.fd >= 0) {
         free(s->file_body);
         size_t got = 0;
-        size_t want = f.size < SIM_MAX_FILE ? (size_t)f.size : SIM_MAX_FILE; /* the body reported is cut there */
+        size_t want = f.len < SIM_MAX_FILE ? (size_t)f.len : SIM_MAX_FILE; /* the body reported is cut there */
         if ((s->file_body = malloc(want ? want : 1)))
             while (got < want) {
-                ssize_t n = pread(f.fd, s->file_body + got, want - got, (off_t)got);
+                ssize_t n = pread(f.fd, s->file_body + got, want - got, (off_t)(f.off + got));
                 if (n <= 0)
                     break;
                 got += (size_t)n;

@@ -22,6 +22,8 @@
 
 static const char *const MONTHS = "JanFebMarAprMayJunJulAugSepOctNovDec";
 
+static unsigned header_values(const mp_req_t *r, const char *lower, mp_slice *out, unsigned max);
+
 /* ---- names ---------------------------------------------------------------- */
 
 static const struct {
@@ -282,6 +284,84 @@ static int64_t parse_http_date(mp_slice v)
     return (int64_t)timegm(&tm);
 }
 
+/* ---- ranges ---------------------------------------------------------------- */
+
+/* Digits at v[*i..) as a number; -1 when none or past 2^62. */
+static int64_t range_number(mp_slice v, size_t *i)
+{
+    int64_t n = 0;
+    size_t start = *i;
+    while (*i < v.len && v.p[*i] >= '0' && v.p[*i] <= '9') {
+        if (n > ((int64_t)1 << 62) / 10)
+            return -1;
+        n = n * 10 + (v.p[(*i)++] - '0');
+    }
+    return *i > start ? n : -1;
+}
+
+/* Whether If-Range (absent: yes) lets the range apply: its entity tag is
+ * the file's (strong comparison), or its date is the file's mtime. */
+static int if_range_holds(const mp_req_t *r, const mp_static_file_t *f)
+{
+    mp_slice v[1];
+    if (header_values(r, "if-range", v, 1) == 0)
+        return 1;
+    if (v[0].len && (v[0].p[0] == '"' || (v[0].len > 1 && v[0].p[0] == 'W' && v[0].p[1] == '/')))
+        return v[0].len == strlen(f->etag) && memcmp(v[0].p, f->etag, v[0].len) == 0;
+    int64_t t = parse_http_date(v[0]);
+    return t >= 0 && t == f->mtime;
+}
+
+/* The status of a 200 once Range is read (RFC 9110 §14): 206 with f->off
+ * and f->len set to one satisfiable range, 416 when it starts past the
+ * end, or 200 when there is none to honour. */
+static int byte_range(const mp_req_t *r, mp_static_file_t *f)
+{
+    mp_slice v[2];
+    if (header_values(r, "range", v, 2) != 1 || !if_range_holds(r, f))
+        return 200;
+    mp_slice s = v[0];
+    size_t i = 0;
+    while (i < s.len && (s.p[i] == ' ' || s.p[i] == '\t'))
+        i++;
+    if (s.len - i < 6 || strncasecmp(s.p + i, "bytes=", 6) != 0)
+        return 200;
+    i += 6;
+    while (i < s.len && (s.p[i] == ' ' || s.p[i] == '\t'))
+        i++;
+    int64_t first = -1, last = -1;
+    if (i < s.len && s.p[i] == '-') { /* the last n bytes */
+        i++;
+        int64_t n = range_number(s, &i);
+        if (n < 0)
+            return 200;
+        if (n == 0)
+            return 416;
+        first = (uint64_t)n >= f->size ? 0 : (int64_t)f->size - n;
+        last = (int64_t)f->size - 1;
+    } else {
+        if ((first = range_number(s, &i)) < 0 || i >= s.len || s.p[i++] != '-')
+            return 200;
+        if (i < s.len && s.p[i] >= '0' && s.p[i] <= '9') {
+            if ((last = range_number(s, &i)) < first) /* or past 2^62 */
+                return 200;
+        } else {
+            last = INT64_MAX; /* open-ended: to the end */
+        }
+    }
+    while (i < s.len && (s.p[i] == ' ' || s.p[i] == '\t'))
+        i++;
+    if (i != s.len) /* a list of ranges, or junk after one */
+        return 200;
+    if ((uint64_t)first >= f->size)
+        return 416;
+    if ((uint64_t)last >= f->size)
+        last = (int64_t)f->size - 1;
+    f->off = (uint64_t)first;
+    f->len = (uint64_t)(last - first + 1);
+    return 206;
+}
+
 /* RFC 9110 §13.2.2: If-None-Match decides when present, else
  * If-Modified-Since. */
 static int not_modified(const mp_req_t *r, const mp_static_file_t *f)
@@ -319,6 +399,105 @@ static mp_slice lookup_path(const mp_req_t *r)
     return p;
 }
 
+/* ---- precompressed siblings ------------------------------------------------ */
+
+static const struct {
+    const char *coding, *ext;
+} ENCODINGS[MP_STATIC_ENCODINGS] = {{"br", ".br"}, {"zstd", ".zst"}, {"gzip", ".gz"}};
+
+/* The q-value of a coding's element ("gzip;q=0.5"): 1000 for 1, 0 for 0. */
+static int qvalue(mp_slice params)
+{
+    size_t i = 0;
+    while (i < params.len) {
+        while (i < params.len && (params.p[i] == ';' || params.p[i] == ' ' || params.p[i] == '\t'))
+            i++;
+        if (params.len - i >= 2 && (params.p[i] | 0x20) == 'q' && params.p[i + 1] == '=') {
+            i += 2;
+            int q = 0, scale = 1000, digits = 0;
+            if (i < params.len && params.p[i] == '1')
+                return 1000;
+            if (i < params.len && params.p[i] == '0')
+                i++;
+            if (i < params.len && params.p[i] == '.')
+                for (i++; i < params.len && params.p[i] >= '0' && params.p[i] <= '9' && digits < 3; i++, digits++)
+                    q += (params.p[i] - '0') * (scale /= 10);
+            return q;
+        }
+        while (i < params.len && params.p[i] != ';')
+            i++;
+    }
+    return 1000;
+}
+
+/* The q-value (0..1000) the client's Accept-Encoding gives each of
+ * ENCODINGS ("*" for those it does not name; none: 0). */
+static void accepted(const mp_req_t *r, int q[MP_STATIC_ENCODINGS])
+{
+    mp_slice v[8];
+    unsigned n = header_values(r, "accept-encoding", v, 8);
+    int star = 0, named[MP_STATIC_ENCODINGS] = {0};
+    for (int k = 0; k < MP_STATIC_ENCODINGS; k++)
+        q[k] = 0;
+    for (unsigned i = 0; i < n; i++) {
+        mp_slice el;
+        size_t pos = 0;
+        while (mp_http1_next_token(v[i], &pos, &el)) {
+            size_t c = 0;
+            while (c < el.len && el.p[c] != ';' && el.p[c] != ' ' && el.p[c] != '\t')
+                c++;
+            mp_slice name = {el.p, c}, params = {el.p + c, el.len - c};
+            int qv = qvalue(params);
+            if (MP_SLICE_IEQ(name, "*"))
+                star = qv;
+            for (int k = 0; k < MP_STATIC_ENCODINGS; k++)
+                if (mp_slice_caseeq(name, (mp_slice){ENCODINGS[k].coding, strlen(ENCODINGS[k].coding)}) ||
+                    (k == 2 && MP_SLICE_IEQ(name, "x-gzip"))) {
+                    q[k] = qv;
+                    named[k] = 1;
+                }
+        }
+    }
+    for (int k = 0; k < MP_STATIC_ENCODINGS; k++)
+        if (!named[k])
+            q[k] = star;
+}
+
+/* The file found (rel, under rootfd) has siblings with its codings added:
+ * the one the client accepts most (ties: ENCODINGS' order) answers instead. */
+static void precompressed(const mp_req_t *r, int rootfd, const mp_static_def_t *def, const char *rel,
+                          mp_static_file_t *out)
+{
+    int q[MP_STATIC_ENCODINGS];
+    accepted(r, q);
+    for (;;) {
+        int best = -1;
+        for (int k = 0; k < MP_STATIC_ENCODINGS; k++)
+            if (q[k] > 0 && (best < 0 || q[k] > q[best]))
+                best = k;
+        if (best < 0)
+            return;
+        q[best] = 0;
+        char sib[PATH_MAX];
+        if ((size_t)snprintf(sib, sizeof(sib), "%s%s", rel, ENCODINGS[best].ext) >= sizeof(sib))
+            continue;
+        int fd = open_beneath(rootfd, def->root, sib);
+        struct stat st;
+        if (fd < 0)
+            continue;
+        if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+            close(fd);
+            continue;
+        }
+        close(out->fd);
+        out->fd = fd;
+        out->size = (uint64_t)st.st_size;
+        out->mtime = (int64_t)st.st_mtime;
+        out->encoding = ENCODINGS[best].coding;
+        return;
+    }
+}
+
 static int resolve(const mp_req_t *r, const mp_static_def_t *def, mp_static_file_t *out)
 {
     mp_slice m = r->h.method;
@@ -350,6 +529,10 @@ static int resolve(const mp_req_t *r, const mp_static_def_t *def, mp_static_file
             status = 404;
         }
     }
+    if (status == 200 && def->precompressed) {
+        out->vary = 1;
+        precompressed(r, rootfd, def, rel, out);
+    }
     close(rootfd);
     return status;
 }
@@ -359,6 +542,9 @@ int mp_static_resolve(const mp_req_t *r, mp_static_file_t *out)
     memset(out, 0, offsetof(mp_static_file_t, file));
     out->file[0] = '\0';
     out->fallback = 0;
+    out->vary = 0;
+    out->encoding = NULL;
+    out->off = out->len = 0;
     out->fd = -1;
     const mp_config_t *cfg = r->gen->cfg;
     const mp_static_def_t *def = r->match.route ? &cfg->statics[mp_route_slot(r->match.route)] : NULL;
@@ -368,10 +554,13 @@ int mp_static_resolve(const mp_req_t *r, mp_static_file_t *out)
     if (out->status != 200)
         return out->status;
     out->content_type = content_type(out->file);
-    snprintf(out->etag, sizeof(out->etag), "\"%llx-%llx\"", (unsigned long long)out->mtime,
-             (unsigned long long)out->size);
+    snprintf(out->etag, sizeof(out->etag), "\"%llx-%llx%s%s\"", (unsigned long long)out->mtime,
+             (unsigned long long)out->size, out->encoding ? "-" : "", out->encoding ? out->encoding : "");
+    out->len = out->size;
     if (not_modified(r, out))
         out->status = 304;
+    else if (!r->is_head)
+        out->status = byte_range(r, out);
     if (out->status == 304 || r->is_head) {
         close(out->fd);
         out->fd = -1;
@@ -439,26 +628,48 @@ static int add_location(mp_req_t *r)
  * newest edit first). */
 static int add_headers(mp_req_t *r, const mp_static_file_t *f)
 {
-    char date[40];
+    char date[40], range[80];
     int rc;
     if (f->status == 301 || f->status == 405) {
         rc = f->status == 301 ? add_location(r) : add_header(r, "Allow", "GET, HEAD", 9);
         return rc ? rc : add_header(r, "Content-Type", "text/plain", 10);
     }
+    if (f->status == 416) { /* RFC 9110 §15.5.17: the length there is */
+        size_t n = (size_t)snprintf(range, sizeof(range), "bytes */%llu", (unsigned long long)f->size);
+        if ((rc = add_header(r, "Content-Range", range, n)))
+            return rc;
+        return add_header(r, "Content-Type", "text/plain", 10);
+    }
     size_t n = http_date(f->mtime, date, sizeof(date));
     if ((rc = add_header(r, "ETag", f->etag, strlen(f->etag))) || (rc = add_header(r, "Last-Modified", date, n)))
         return rc;
-    return f->status == 200 ? add_header(r, "Content-Type", f->content_type, strlen(f->content_type)) : 0;
+    if (f->vary && (rc = add_header(r, "Vary", "Accept-Encoding", 15)))
+        return rc;
+    if (f->status == 304)
+        return 0;
+    if (f->encoding && (rc = add_header(r, "Content-Encoding", f->encoding, strlen(f->encoding))))
+        return rc;
+    if (f->status == 206) {
+        n = (size_t)snprintf(range, sizeof(range), "bytes %llu-%llu/%llu", (unsigned long long)f->off,
+                             (unsigned long long)(f->off + f->len - 1), (unsigned long long)f->size);
+        if ((rc = add_header(r, "Content-Range", range, n)))
+            return rc;
+    }
+    if ((rc = add_header(r, "Accept-Ranges", "bytes", 5)))
+        return rc;
+    return add_header(r, "Content-Type", f->content_type, strlen(f->content_type));
 }
 
 int mp_static_response(mp_req_t *r, mp_static_file_t *f, mp_buf_t *b, mp_local_t *out)
 {
     int status = f->status;
-    if (status != 200 && status != 304 && status != 301 && status != 405) {
+    if (status != 200 && status != 206 && status != 304 && status != 301 && status != 405 && status != 416) {
         mp_static_dispose(f);
         return mp_local_response(r, status, b, out);
     }
-    int n = status == 200 || status == 304
+    if (status == 416)
+        mp_static_dispose(f);
+    int n = status == 200 || status == 206 || status == 304
                 ? 0
                 : snprintf(out->text, sizeof(out->text), "%d %s\n", status, mp_http1_reason(status));
     out->body = (mp_slice){out->text, (size_t)n};
@@ -483,7 +694,7 @@ int mp_static_finish(mp_req_t *r, mp_static_file_t *f, int shown, mp_buf_t *b, m
         mp_static_dispose(f);
         out->body.len = 0;
     }
-    int64_t length = bodiless ? -1 : (int64_t)(status == 200 ? f->size : n); /* HEAD too: RFC 9110 §9.3.2 */
+    int64_t length = bodiless ? -1 : (int64_t)(status == 200 || status == 206 ? f->len : n); /* HEAD too: §9.3.2 */
     if (mp_head_static(r, shown, length, b) != 0) {
         mp_static_dispose(f);
         return -1;

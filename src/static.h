@@ -10,9 +10,13 @@
 #include <limits.h>
 #include <stdint.h>
 
+/* The precompressed siblings a static route may serve, in the order the
+ * proxy prefers them when the client accepts several equally. */
+#define MP_STATIC_ENCODINGS 3
+
 /* What a request to a static route resolves to. */
 typedef struct mp_static_file {
-    int status;               /* 200, 301, 304, 400, 403, 404, 405 or 500 */
+    int status;               /* 200, 206, 301, 304, 400, 403, 404, 405, 416 or 500 */
     int fd;                   /* 200 to a GET: the open file (owned: mp_static_dispose); else -1 */
     uint64_t size;            /* 200, 304: the file's size in bytes */
     int64_t mtime;            /* 200, 304: its modification time, seconds since the epoch */
@@ -20,9 +24,21 @@ typedef struct mp_static_file {
     char etag[48];            /* 200, 304: "\"<mtime hex>-<size hex>\"" (quotes included) */
     char file[PATH_MAX];      /* 200, 304: the path under root that answers ("/app/index.html"); else "" */
     unsigned fallback : 1;    /* file is the route's fallback: the path asked for is missing */
+    unsigned vary : 1;        /* the answer depends on Accept-Encoding (a precompressed route) */
+    const char *encoding;     /* 200, 206, 304: the sibling's Content-Encoding ("br", "zstd", "gzip"), or NULL */
+    uint64_t off, len;        /* 200, 206: the bytes of the file to send (206: the range asked for) */
 } mp_static_file_t;
 
 /* Resolves r (routed to a static route, its request hooks run) to a file.
+ *  - precompressed = true: the file's sibling with ".br", ".zst" or ".gz"
+ *    added answers instead (Content-Encoding, its own ETag, the file's
+ *    Content-Type) when the client accepts that coding (Accept-Encoding,
+ *    q-values; the highest q wins, then br, zstd, gzip); every answer of
+ *    such a route varies by Accept-Encoding.
+ *  - A GET with one byte range (Range: bytes=a-b, a-, -n), unless If-Range
+ *    names another ETag or date: 206 with that slice, or 416 when it
+ *    starts past the end. Several ranges, another unit or a bad one: the
+ *    whole file (RFC 9110 §14.2 lets a server ignore Range).
  * Touches no socket and changes nothing in r.
  *  - Method other than GET or HEAD: 405.
  *  - The path looked up is r->path (what hooks left) without the route's
