@@ -5,6 +5,7 @@ PREFIX   ?= /usr/local
 BINDIR   ?= $(PREFIX)/bin
 LUADIR   ?= $(PREFIX)/share/lua/5.1
 LIBDIR   ?= $(PREFIX)/lib/lua/5.1
+UNITDIR  ?= $(PREFIX)/lib/systemd/system
 LUAJIT_INC ?= /usr/include/luajit-2.1
 
 CC       ?= cc
@@ -21,7 +22,7 @@ else ifneq ($(SAN),)
 CFLAGS   := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined -DMP_DEBUG
 LDFLAGS  += -fsanitize=address,undefined
 endif
-LDLIBS   := -lluajit-5.1 -lev -lcares -lpcre2-8 -lhiredis -lssl -lcrypto -lpthread -lm -ldl
+LDLIBS   := -lluajit-5.1 -lev -lcares -lpcre2-8 -lhiredis -lssl -lcrypto -lsystemd -lpthread -lm -ldl
 
 # Everything but main.c also builds as the Lua C module moonproxy.core, which
 # moonproxy.testing and the specs use: the same router, hooks and request
@@ -152,6 +153,9 @@ install: all
 	install -m 644 lua/moonproxy/balancer/*.lua $(DESTDIR)$(LUADIR)/moonproxy/balancer/
 	install -m 644 lua/moonproxy/plugins/*.lua $(DESTDIR)$(LUADIR)/moonproxy/plugins/
 	install -m 755 $(CORE) $(DESTDIR)$(LIBDIR)/moonproxy/core.so
+	install -d $(DESTDIR)$(UNITDIR)
+	sed 's|@BINDIR@|$(BINDIR)|g' moonproxy.service >$(DESTDIR)$(UNITDIR)/moonproxy.service
+	chmod 644 $(DESTDIR)$(UNITDIR)/moonproxy.service
 
 clean:
 	rm -rf build build-asan build-fuzz build-tsan

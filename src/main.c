@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/resource.h>
+#include <systemd/sd-daemon.h>
 #include <unistd.h>
 
 #define MP_VERSION "0.1.0"
@@ -27,7 +28,7 @@
 static const char usage[] =
     "usage: moonproxy [-c FILE] [-t] [-w N] [-l LEVEL] [--version] [--help]\n"
     "       moonproxy [-c FILE] --explain 'METHOD URL' [-H 'Name: value']... [--from ADDR]\n"
-    "  -c FILE   configuration script (default: ./moonproxy.lua)\n"
+    "  -c FILE   configuration script (default: $MOONPROXY_CONFIG, else ./moonproxy.lua)\n"
     "  -t        load and validate the configuration (and its proxy.expect guards),\n"
     "            print ok or the error, exit\n"
     "  --explain 'GET http://host/path?q'  where this request would go and why: the\n"
@@ -36,7 +37,8 @@ static const char usage[] =
     "            --from sets the client address (default 127.0.0.1)\n"
     "  -w N      worker threads (default: settings.workers, else the number of CPUs)\n"
     "  -l LEVEL  log level: debug|info|warn|error (default: info)\n"
-    "signals: SIGHUP reloads; SIGTERM/SIGINT stop gracefully (a second one exits at once)\n";
+    "signals: SIGHUP reloads; SIGTERM/SIGINT stop gracefully (a second one exits at once)\n"
+    "systemd: with NOTIFY_SOCKET set (Type=notify), readiness, reloads and the stop are reported\n";
 
 #define MAX_EXPLAIN_HEADERS 64
 
@@ -67,7 +69,8 @@ static struct {
 
 static int parse_args(int argc, char **argv, options_t *o)
 {
-    o->path = "moonproxy.lua";
+    const char *env = getenv("MOONPROXY_CONFIG");
+    o->path = env && *env ? env : "moonproxy.lua";
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *next = i + 1 < argc ? argv[i + 1] : NULL;
@@ -201,6 +204,7 @@ static void on_stop_signal(struct ev_loop *loop, ev_signal *s, int revents)
     }
     g.stopping = 1;
     g.ready = 0;
+    sd_notify(0, "STOPPING=1");
     mp_log_info("signal %d: stopping (draining in-flight requests)", s->signum);
     for (int i = 0; i < g.nworkers; i++)
         mp_worker_stop(&g.workers[i]);
@@ -210,13 +214,27 @@ static void on_stop_signal(struct ev_loop *loop, ev_signal *s, int revents)
     ev_timer_start(loop, &g.deadline);
 }
 
+/* A SIGHUP's reload ended: systemd (ExecReload) learns it and how. The
+ * previous configuration goes on serving when it was refused. */
+static void hup_done(void *arg, uint64_t generation, const char *err)
+{
+    (void)arg;
+    if (err)
+        sd_notifyf(0, "READY=1\nSTATUS=reload refused (generation %llu serves): %.200s", (unsigned long long)generation,
+                   err);
+    else
+        sd_notifyf(0, "READY=1\nSTATUS=serving generation %llu", (unsigned long long)generation);
+}
+
 static void on_hup(struct ev_loop *loop, ev_signal *s, int revents)
 {
     (void)loop;
     (void)s;
     (void)revents;
-    if (!g.stopping)
-        mp_reload(g.rl, 0, "SIGHUP", NULL, NULL);
+    if (g.stopping)
+        return;
+    sd_notify(0, "RELOADING=1");
+    mp_reload(g.rl, 0, "SIGHUP", hup_done, NULL);
 }
 
 static void *worker_main(void *arg);
@@ -491,6 +509,9 @@ int main(int argc, char **argv)
     ev_timer_start(loop, &g.watchdog);
     mp_log_info("moonproxy %s started with %d worker%s (%s)", MP_VERSION, g.nworkers, g.nworkers == 1 ? "" : "s",
                 o.path);
+    /* the listeners were bound and listening before the workers started: connections are accepted now */
+    sd_notifyf(0, "READY=1\nMAINPID=%lu\nSTATUS=serving generation 1 with %d worker%s", (unsigned long)getpid(),
+               g.nworkers, g.nworkers == 1 ? "" : "s");
 
     ev_signal_init(&g.sigterm, on_stop_signal, SIGTERM);
     ev_signal_init(&g.sigint, on_stop_signal, SIGINT);
