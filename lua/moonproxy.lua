@@ -29,7 +29,7 @@ local DEFAULTS = {
   upstream = { balancer = "round_robin", keepalive = 32, keepalive_timeout = 60, retries = 1, retry_budget = 0.2,
     fail_open = false },
   server = { weight = 1 },
-  timeouts = { connect = 5, send = 60, read = 60 },
+  timeouts = { connect = 5, send = 60, read = 60, tunnel = 3600 },
   passive = { failures = 5, cooldown = 10, statuses = { 502, 503, 504 } },
   health = { path = "/", interval = 2, timeout = 1, rise = 2, fall = 3 },
   route = { strip_prefix = false },
@@ -421,7 +421,8 @@ local function ratio(v)
   return bad(v, "must be a number from 0 to 1")
 end
 
-local timeouts_spec = { connect = schema.duration, send = schema.duration, read = schema.duration }
+local timeouts_spec = { connect = schema.duration, send = schema.duration, read = schema.duration,
+                        tunnel = schema.duration }
 
 local function timeouts(v, src, what)
   return with_defaults(check(v, timeouts_spec, what, src), "timeouts")
@@ -557,7 +558,7 @@ end
 local route_spec = {
   name = schema.string, host = schema.route_host, method = schema.methods,
   path = schema.uri_path, prefix = schema.uri_path, regex = schema.string,
-  headers = schema.header_filters, strip_prefix = schema.boolean, upstream = upstream_ref,
+  headers = schema.header_filters, strip_prefix = schema.boolean, upstream = upstream_ref, upgrade = schema.boolean,
   rewrite = schema.func, on_request = schema.func, on_response = schema.func, handler = schema.func,
   plugins = schema.list(function(e) return e end), static = static_files,
 }

@@ -752,6 +752,7 @@ static void build_upstream(lua_State *L, mp_config_t *cfg, mp_upstream_def_t *u)
     u->connect_timeout = get_dur(L, tt, "connect", src, "upstream timeouts");
     u->send_timeout = get_dur(L, tt, "send", src, "upstream timeouts");
     u->read_timeout = get_dur(L, tt, "read", src, "upstream timeouts");
+    u->tunnel_timeout = get_dur(L, tt, "tunnel", src, "upstream timeouts");
     lua_pop(L, 1);
     need_table(L, t, "resolve", src, w);
     u->resolve_min = get_dur(L, lua_gettop(L), "min", src, "upstream resolve");
@@ -914,6 +915,9 @@ static void build_route(lua_State *L, mp_config_t *cfg)
     check_route_path(L, &cfg->settings, def.path, "path", def.name ? def.name : "?", src);
     check_route_path(L, &cfg->settings, def.prefix, "prefix", def.name ? def.name : "?", src);
     def.strip_prefix = get_bool(L, t, "strip_prefix", src, "route");
+    lua_getfield(L, t, "upgrade"); /* default true: WebSocket handshakes are forwarded */
+    cfg->no_upgrade[mp_router_count(cfg->router)] = lua_isboolean(L, -1) && !lua_toboolean(L, -1);
+    lua_pop(L, 1);
     const char *up = get_str(L, t, "upstream", src, "route");
     lua_getfield(L, t, "handler");
     int handler = lua_isfunction(L, -1);
@@ -947,6 +951,7 @@ static void build_routes(lua_State *L, mp_config_t *cfg)
     size_t n = lua_objlen(L, -1);
     cfg->statics = xcalloc(L, n, sizeof(*cfg->statics));
     cfg->nstatics = n;
+    cfg->no_upgrade = xcalloc(L, n ? n : 1, sizeof(*cfg->no_upgrade));
     for (size_t i = 0; i < n; i++) {
         lua_rawgeti(L, -1, (int)i + 1);
         if (!lua_istable(L, -1))
@@ -1235,6 +1240,7 @@ void mp_config_free(mp_config_t *cfg)
         free(cfg->statics[i].fallback);
     }
     free(cfg->statics);
+    free(cfg->no_upgrade);
     free(cfg->path);
     free(cfg);
 }

@@ -157,6 +157,7 @@ typedef struct mp_config {
     int response_ref;              /* global response chain, for responses made before routing */
     mp_route_hooks_t *route_hooks; /* by route index - 1 */
     mp_static_def_t *statics;      /* by route index - 1; root NULL for routes that are not static */
+    uint8_t *no_upgrade;           /* by route index - 1: upgrade = false (no WebSocket handshake forwarded) */
     size_t nstatics;
     int has_hooks;  /* any chain at all: requests need a Lua object */
     int expect_ref; /* the proxy.expect guards, a list in the VM (nexpects > 0) */

@@ -202,7 +202,10 @@ int mp_head_request(mp_req_t *r, mp_buf_t *b)
     rc |= put_length(b, h->content_length); /* one value, however the client repeated it */
     if (h->chunked)
         rc |= PUT_LIT(b, "Transfer-Encoding: chunked\r\n");
-    rc |= put_close(b, d->keepalive == 0);
+    if (MP_UNLIKELY(r->upgrade)) /* the client's Connection and Upgrade were dropped as hop-by-hop */
+        rc |= PUT_LIT(b, "Connection: upgrade\r\nUpgrade: websocket\r\n");
+    else
+        rc |= put_close(b, d->keepalive == 0);
     rc |= PUT_LIT(b, "\r\n");
     return rc ? MP_ENOMEM : 0;
 }

@@ -142,6 +142,11 @@ static void push_result(lua_State *L, const mp_sim_result_t *r)
     set_string(L, "upstream", r->upstream);
     set_string(L, "server", r->server);
     set_string(L, "error", r->error);
+    if (r->has_upgrade) { /* upgrade = "websocket", or false and why */
+        r->upgrade ? lua_pushliteral(L, "websocket") : lua_pushboolean(L, 0);
+        lua_setfield(L, -2, "upgrade");
+        set_string(L, "upgrade_refused", r->upgrade_refused);
+    }
     lua_pushlstring(L, r->head, r->head_len);
     lua_setfield(L, -2, "head");
     if (r->head_len)

@@ -331,9 +331,55 @@ static int answer_options(mp_req_t *r)
     return MP_DECIDE_RESPONDED;
 }
 
+/* ---- upgrades (SPEC "WebSocket and other upgrades") ---- */
+
+/* Whether a field `name` (lowercase, n bytes) of h lists token (any case). */
+static int lists_token(const mp_http_request_t *h, const char *name, size_t n, const char *token)
+{
+    size_t tlen = strlen(token);
+    for (unsigned i = 0; i < h->nheaders; i++) {
+        if (!mp_slice_caseeq(h->headers[i].name, (mp_slice){name, n}))
+            continue;
+        mp_slice t;
+        size_t pos = 0;
+        while (mp_http1_next_token(h->headers[i].value, &pos, &t))
+            if (t.len == tlen && strncasecmp(t.p, token, tlen) == 0)
+                return 1;
+    }
+    return 0;
+}
+
+/* The client asks for a WebSocket: Connection lists upgrade, Upgrade lists websocket. */
+static int asks_websocket(const mp_http_request_t *h)
+{
+    return h->upgrade && lists_token(h, "connection", 10, "upgrade") && lists_token(h, "upgrade", 7, "websocket");
+}
+
+/* A request going upstream: a WebSocket handshake is forwarded as one
+ * (r->upgrade) when it is a GET over HTTP/1.1 and the route allows it;
+ * any other Upgrade (h2c, ...) is dropped with the hop-by-hop fields. */
+static void upgrade_gate(mp_req_t *r)
+{
+    const mp_http_request_t *h = &r->h;
+    if (MP_LIKELY(!h->upgrade))
+        return;
+    if (!asks_websocket(h))
+        r->upgrade_why = "Upgrade names no websocket (with Connection: upgrade): dropped";
+    else if (!(h->method.len == 3 && memcmp(h->method.p, "GET", 3) == 0))
+        r->upgrade_why = "a WebSocket handshake must be a GET: Upgrade dropped";
+    else if (h->minor == 0)
+        r->upgrade_why = "HTTP/1.0 has no upgrade: Upgrade dropped";
+    else if (r->match.route && r->gen->cfg->no_upgrade[mp_route_slot(r->match.route)])
+        r->upgrade_why = "the route has upgrade = false: Upgrade dropped";
+    else
+        r->upgrade = 1;
+}
+
 /* What a route's target makes of a request its hooks let through. */
 static int route_outcome(mp_req_t *r, int go)
 {
+    if (go == MP_DECIDE_UPSTREAM)
+        upgrade_gate(r);
     return go == MP_DECIDE_STATIC && is_asterisk(r->path) ? answer_options(r) : go;
 }
 
@@ -462,6 +508,13 @@ int mp_req_decide(mp_req_t *r)
     if (cfg->settings.max_body_size && h->content_length > 0 &&
         (uint64_t)h->content_length > cfg->settings.max_body_size)
         return 413;
+    if (MP_UNLIKELY(h->upgrade) && (h->content_length > 0 || h->chunked) && asks_websocket(h)) {
+        /* which bytes would be the body and which the tunnel's? (RFC 9110 §7.8) */
+        mp_req_log(r, MP_LOG_DEBUG, "bad request from client: a body on a WebSocket upgrade");
+        h->error = "a body on a WebSocket upgrade";
+        r->upgrade_why = "a body on a WebSocket upgrade: 400";
+        return 400;
+    }
     if (cfg->pre_ref != LUA_NOREF) {
         int rc = mp_hook_pre(r->gen->L, r, cfg->pre_ref);
         if (rc == MP_HOOK_WAIT)

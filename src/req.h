@@ -192,6 +192,7 @@ typedef struct mp_req {
     struct mp_req *prev, *next;   /* the worker's requests whose on_log waits after their connection moved on */
     /* a tunnel's request, made when it closed (conn.c): what it relayed; NULL for any other */
     const mp_tunnel_info_t *tunnel;
+    const char *upgrade_why; /* an Upgrade the gate did not forward: why (static text; the simulator's trace) */
     int file_fd;
     uint64_t file_off, file_left; /* bytes of the file sent, still to send */
 } mp_req_t;

@@ -785,6 +785,9 @@ static void fill_result(mp_sim_t *s, mp_sim_result_t *out)
     const mp_config_t *cfg = s->gen.cfg;
     memset(out, 0, sizeof(*out));
     out->forwarded = s->forwarded;
+    out->has_upgrade = r->h.upgrade;
+    out->upgrade = r->upgrade;
+    out->upgrade_refused = r->upgrade ? NULL : r->upgrade_why;
     out->status = s->forwarded ? 0 : r->status;
     if (r->match.route) {
         out->route = r->match.route->name;
@@ -884,13 +887,19 @@ static int run_request(mp_sim_t *s, const mp_sim_request_t *rq)
     if (d != MP_DECIDE_UPSTREAM) {
         char refused[160];
         snprintf(refused, sizeof(refused), "the request target is refused: %s", r->h.error ? r->h.error : "?");
-        const char *why = d == 404   ? "no route matched"
-                          : d == 413 ? "the body is larger than max_body_size"
-                          : d == 400 ? refused
-                          : s->error ? "a hook failed"
-                                     : "error";
+        const char *why = d == 404                     ? "no route matched"
+                          : d == 413                   ? "the body is larger than max_body_size"
+                          : d == 400 && r->upgrade_why ? r->upgrade_why
+                          : d == 400                   ? refused
+                          : s->error                   ? "a hook failed"
+                                                       : "error";
         return answer(s, d, why), 0;
     }
+    if (r->h.upgrade)
+        step(s, "upgrade", "%s",
+             r->upgrade
+                 ? "a WebSocket handshake: forwarded with Upgrade: websocket; a 101 naming websocket opens a tunnel"
+                 : r->upgrade_why);
     mp_balancer_t *b = &s->gen.balancers[r->upstream];
     int trial = 0;
     int server = mp_balancer_pick(b, &mp_req_pick, r, -1, &trial);

@@ -71,7 +71,10 @@ typedef struct {
     size_t head_len;
     const char *body; /* the response body (responses only) */
     size_t body_len;
-    const char *error; /* the first error logged while it ran (a hook's), or NULL */
+    const char *error;           /* the first error logged while it ran (a hook's), or NULL */
+    int has_upgrade;             /* the request had an Upgrade field: */
+    int upgrade;                 /*   forwarded as a WebSocket handshake (a 101 would open a tunnel), */
+    const char *upgrade_refused; /*   or why not (static text) */
     const mp_sim_step_t *trace;
     size_t ntrace;
 } mp_sim_result_t;

@@ -546,7 +546,7 @@ static const char *begin_response(mp_req_t *r, const mp_http_response_t *rh)
         return mp_err_invalid;
     }
     r->up_reusable = !rh->conn_close && (rh->minor == 1 || rh->conn_keepalive) && r->resp.kind != MP_BODY_CLOSE &&
-                     udef(r)->keepalive > 0 && !r->tunnel_open;
+                     udef(r)->keepalive > 0 && !r->upgrade; /* it carried a handshake: never pooled */
     if (!r->body.done || request_pending(r)) {
         /* RFC 9110 §15: the server answered before the whole body; stop sending it. */
         r->body_abandoned = 1;
