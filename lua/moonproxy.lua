@@ -304,6 +304,7 @@ local settings_spec = {
   escaped_slashes = schema.one_of { "reject", "keep", "decode" },
   underscores_in_headers = schema.boolean,
   access_log = access_log,
+  error_log = schema.string,
   plugin_path = schema.string,
   lua_balancers = schema.boolean,
   reload_drain_timeout = schema.duration,

@@ -384,6 +384,7 @@ static void build_settings(lua_State *L, mp_settings_t *s)
     s->watch = get_bool(L, t, "watch", src, w);
     build_resolver(L, t, &s->resolver, src);
 
+    s->error_log = xstrdup(L, get_str(L, t, "error_log", src, w));
     lua_getfield(L, t, "access_log"); /* false: off */
     if (lua_isnil(L, -1))
         missing(L, src, w, "access_log");
@@ -1229,6 +1230,7 @@ void mp_config_free(mp_config_t *cfg)
     free(cfg->admin_token);
     free(cfg->settings.trusted);
     free(cfg->settings.access_log);
+    free(cfg->settings.error_log);
     free(cfg->settings.resolver.nameservers);
     free(cfg->settings.resolver.hosts);
     if (cfg->router)

@@ -117,6 +117,7 @@ typedef struct {
     int escaped_slashes;         /* mp_escaped_slashes: %2F and %5C refused, kept or decoded */
     int underscores_in_headers;  /* forward fields whose name has '_' (default: dropped) */
     char *access_log;            /* NULL: off; "stdout"; else a path */
+    char *error_log;             /* a path for the error log; NULL: stderr */
     double reload_drain_timeout; /* seconds an old generation may keep requests */
     double hook_timeout;         /* seconds one call into Lua may take before the watchdog reports it */
     int watch;                   /* reload when the script changes */

@@ -218,9 +218,15 @@ void mp_alog_flush(mp_alog_t *a)
             continue;
         if (n <= 0) {
             a->dropped++;
+            if (!a->failing)
+                mp_log_error("access_log: cannot write (%s): lines are dropped until it can",
+                             n < 0 ? strerror(errno) : "no room");
+            a->failing = 1;
             break;
         }
         off += (size_t)n;
     }
+    if (off == a->len && a->len)
+        a->failing = 0;
     a->len = 0;
 }

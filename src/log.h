@@ -59,6 +59,7 @@ typedef struct {
     size_t len;
     char buf[16384];
     uint64_t dropped; /* lines lost to a failing write */
+    int failing;      /* the last write failed: reported once, until one succeeds */
 } mp_alog_t;
 
 /* Opens the access log target: NULL = off (-1), "stdout" (1), or a path

@@ -14,10 +14,12 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/resource.h>
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
@@ -37,7 +39,8 @@ static const char usage[] =
     "            --from sets the client address (default 127.0.0.1)\n"
     "  -w N      worker threads (default: settings.workers, else the number of CPUs)\n"
     "  -l LEVEL  log level: debug|info|warn|error (default: info)\n"
-    "signals: SIGHUP reloads; SIGTERM/SIGINT stop gracefully (a second one exits at once)\n"
+    "signals: SIGHUP reloads; SIGTERM/SIGINT stop gracefully (a second one exits at once);\n"
+    "         SIGUSR1 reopens the access_log and error_log files (after logrotate moved them)\n"
     "systemd: with NOTIFY_SOCKET set (Type=notify), readiness, reloads and the stop are reported\n";
 
 #define MAX_EXPLAIN_HEADERS 64
@@ -64,7 +67,9 @@ static struct {
     mp_probes_t *probes;
     mp_resolve_watch_t *names; /* upstream servers by name: re-resolved at their TTL */
     ev_timer deadline, poll;
-    ev_signal sigterm, sigint, sighup;
+    ev_signal sigterm, sigint, sighup, sigusr1;
+    int alog_fd;                 /* the access log's descriptor, shared by the workers */
+    char *alog_path, *elog_path; /* the log files SIGUSR1 reopens (NULL: stdout, stderr, off) */
 } g;
 
 static int parse_args(int argc, char **argv, options_t *o)
@@ -235,6 +240,45 @@ static void on_hup(struct ev_loop *loop, ev_signal *s, int revents)
         return;
     sd_notify(0, "RELOADING=1");
     mp_reload(g.rl, 0, "SIGHUP", hup_done, NULL);
+}
+
+/* Opens path for appending and puts it at descriptor fd (dup3: atomic, so
+ * a line another thread is writing goes whole to the old file or the new
+ * one). Returns 0, or -1 with errno set and fd untouched. */
+static int open_log(const char *path, int fd, int cloexec)
+{
+    int nfd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (nfd < 0)
+        return -1;
+    int rc = dup3(nfd, fd, cloexec ? O_CLOEXEC : 0);
+    int err = errno;
+    close(nfd);
+    errno = err;
+    return rc < 0 ? -1 : 0;
+}
+
+/* SIGUSR1 (logrotate's postrotate): the log files are opened again by
+ * name, the renamed ones closed. Workers keep writing to the same
+ * descriptor, which now is the new file: no line is lost or split. A file
+ * that cannot be opened is reported, and writing goes on to the old one. */
+static void on_usr1(struct ev_loop *loop, ev_signal *s, int revents)
+{
+    (void)loop;
+    (void)s;
+    (void)revents;
+    int ok = 1;
+    if (g.elog_path && open_log(g.elog_path, STDERR_FILENO, 0) != 0) {
+        mp_log_error("SIGUSR1: cannot reopen error_log %s: %s (writing on to the old file)", g.elog_path,
+                     strerror(errno));
+        ok = 0;
+    }
+    if (g.alog_path && open_log(g.alog_path, g.alog_fd, 1) != 0) {
+        mp_log_error("SIGUSR1: cannot reopen access_log %s: %s (writing on to the old file)", g.alog_path,
+                     strerror(errno));
+        ok = 0;
+    }
+    if (ok)
+        mp_log_info("SIGUSR1: log files reopened");
 }
 
 static void *worker_main(void *arg);
@@ -446,11 +490,19 @@ int main(int argc, char **argv)
     }
     g.nworkers = worker_count(&o, cfg);
     raise_nofile(cfg, g.nworkers);
+    if (cfg->settings.error_log && open_log(cfg->settings.error_log, STDERR_FILENO, 0) != 0) {
+        fprintf(stderr, "moonproxy: cannot open error_log %s: %s\n", cfg->settings.error_log, strerror(errno));
+        return 1;
+    }
     int alog = mp_alog_open(cfg->settings.access_log);
     if (alog == MP_EIO) {
         fprintf(stderr, "moonproxy: cannot open access_log %s: %s\n", cfg->settings.access_log, strerror(errno));
         return 1;
     }
+    /* the files SIGUSR1 opens again: fixed at start, like the descriptors */
+    g.alog_fd = alog;
+    g.alog_path = alog > STDERR_FILENO ? strdup(cfg->settings.access_log) : NULL;
+    g.elog_path = cfg->settings.error_log ? strdup(cfg->settings.error_log) : NULL;
     int *fds = calloc((size_t)g.nworkers * (cfg->nlistens ? cfg->nlistens : 1), sizeof(int));
     g.workers = calloc((size_t)g.nworkers, sizeof(*g.workers));
     if (!fds || !g.workers || open_listeners(cfg, g.nworkers, fds) != 0)
@@ -463,6 +515,7 @@ int main(int argc, char **argv)
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGINT);
     sigaddset(&set, SIGHUP);
+    sigaddset(&set, SIGUSR1);
     pthread_sigmask(SIG_BLOCK, &set, NULL);
 
     for (int i = 0; i < g.nworkers; i++) {
@@ -519,6 +572,8 @@ int main(int argc, char **argv)
     ev_signal_start(loop, &g.sigterm);
     ev_signal_start(loop, &g.sigint);
     ev_signal_start(loop, &g.sighup);
+    ev_signal_init(&g.sigusr1, on_usr1, SIGUSR1);
+    ev_signal_start(loop, &g.sigusr1);
     ev_run(loop, 0);
 
     if (atomic_load(&workers_done) != g.nworkers)

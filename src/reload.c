@@ -385,6 +385,8 @@ static void warn_fixed_at_start(const mp_config_t *old, const mp_config_t *new)
         mp_log_warn("reload: the admin address changed; it applies at the next restart");
     if (!same_text(old->settings.access_log, new->settings.access_log))
         mp_log_warn("reload: access_log changed; it applies at the next restart");
+    if (!same_text(old->settings.error_log, new->settings.error_log))
+        mp_log_warn("reload: error_log changed; it applies at the next restart");
     if (old->settings.workers != new->settings.workers)
         mp_log_warn("reload: workers changed; it applies at the next restart");
     if (old->settings.body_buffer_size != new->settings.body_buffer_size)
