@@ -153,9 +153,12 @@ install: all
 	install -m 644 lua/moonproxy/balancer/*.lua $(DESTDIR)$(LUADIR)/moonproxy/balancer/
 	install -m 644 lua/moonproxy/plugins/*.lua $(DESTDIR)$(LUADIR)/moonproxy/plugins/
 	install -m 755 $(CORE) $(DESTDIR)$(LIBDIR)/moonproxy/core.so
-	install -d $(DESTDIR)$(UNITDIR)
-	sed 's|@BINDIR@|$(BINDIR)|g' moonproxy.service >$(DESTDIR)$(UNITDIR)/moonproxy.service
-	chmod 644 $(DESTDIR)$(UNITDIR)/moonproxy.service
+	@# the systemd unit (README "Under systemd"); UNITDIR= (empty, as the rock sets it) leaves it out
+	if [ -n "$(UNITDIR)" ]; then \
+		install -d $(DESTDIR)$(UNITDIR) && \
+		sed 's|@BINDIR@|$(BINDIR)|g' moonproxy.service >$(DESTDIR)$(UNITDIR)/moonproxy.service && \
+		chmod 644 $(DESTDIR)$(UNITDIR)/moonproxy.service; \
+	fi
 
 clean:
 	rm -rf build build-asan build-fuzz build-tsan

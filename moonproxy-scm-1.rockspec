@@ -46,6 +46,7 @@ build = {
   install_target = "install",
   install_variables = {
     BUILD = "build/rock",
+    UNITDIR = "", -- a rock installs no systemd unit (make install does)
     CC = "$(CC)",
     CFLAGS = "$(CFLAGS)",
     LUAJIT_INC = "$(LUA_INCDIR)",

@@ -41,6 +41,14 @@ describe("make install", function()
     end
   end)
 
+  it("installs the systemd unit, pointing at the installed binary", function()
+    local unit = assert(io.open(root .. "/usr/lib/systemd/system/moonproxy.service")):read("*a")
+    assert.matches("\nType=notify\n", unit)
+    assert.matches("\nExecStart=/usr/bin/moonproxy\n", unit)
+    assert.matches("\nExecReload=/bin/kill %-HUP %$MAINPID\n", unit)
+    assert.is_nil(unit:find("@BINDIR@", 1, true))
+  end)
+
   it("runs from its install location without MOONPROXY_LUA_PATH", function()
     local rc, out = sh("env -u MOONPROXY_LUA_PATH " .. root .. "/usr/bin/moonproxy -t -c examples/api_gateway.lua")
     assert.equal(0, rc, out)
