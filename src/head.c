@@ -239,12 +239,24 @@ int mp_head_response(mp_req_t *r, const mp_http_response_t *rh, mp_buf_t *b)
         return rc || PUT_LIT(b, "Connection: upgrade\r\nUpgrade: websocket\r\n\r\n") ? MP_ENOMEM : 0;
     if (!rh->chunked)
         rc |= put_length(b, rh->content_length);
-    if (r->resp.kind == MP_BODY_CHUNKED && !r->dechunk)
+    if ((r->resp.kind == MP_BODY_CHUNKED && !r->dechunk) || r->rechunk)
         rc |= PUT_LIT(b, "Transfer-Encoding: chunked\r\n");
     if (!r->keepalive)
         rc |= put_close(b, 1);
     else if (r->h.minor == 0)
         rc |= PUT_LIT(b, "Connection: keep-alive\r\n");
+    rc |= PUT_LIT(b, "\r\n");
+    return rc ? MP_ENOMEM : 0;
+}
+
+int mp_head_interim(const mp_http_response_t *rh, mp_buf_t *b)
+{
+    mp_slice toks[MAX_CONN_TOKENS];
+    unsigned ntoks = connection_tokens(rh->headers, rh->nheaders, toks);
+    int rc = put_status(b, rh->status, rh->reason);
+    for (unsigned i = 0; i < rh->nheaders; i++)
+        if (!is_dropped(rh->headers[i].name, toks, ntoks))
+            rc |= put_field(b, rh->headers[i].name, rh->headers[i].value);
     rc |= PUT_LIT(b, "\r\n");
     return rc ? MP_ENOMEM : 0;
 }

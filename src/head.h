@@ -26,6 +26,11 @@ int mp_head_request(mp_req_t *r, mp_buf_t *b);
  * it does not fit. */
 int mp_head_response(mp_req_t *r, const mp_http_response_t *rh, mp_buf_t *b);
 
+/* An interim (1xx) response of the upstream as relayed to the client:
+ * status line and its fields but hop-by-hop ones. Appends to b; MP_ENOMEM
+ * when it does not fit. */
+int mp_head_interim(const mp_http_response_t *rh, mp_buf_t *b);
+
 /* The head of an answer made here (an error, or req:respond's): status
  * line, Date, Content-Length: body_len (HEAD too: RFC 9110 §9.3.2),
  * X-Request-ID, Retry-After on a 503 when r->retry_after is set,

@@ -193,6 +193,16 @@ typedef struct mp_req {
     /* a tunnel's request, made when it closed (conn.c): what it relayed; NULL for any other */
     const mp_tunnel_info_t *tunnel;
     const char *upgrade_why; /* an Upgrade the gate did not forward: why (static text; the simulator's trace) */
+    /* A close-delimited response to an HTTP/1.1 client is sent chunked
+     * (upstream.c): each run of bytes read becomes one chunk. */
+    unsigned rechunk : 1;   /* this response is */
+    unsigned chunk_end : 1; /* the last chunk ("0" CRLF CRLF) was queued */
+    uint8_t chunk_hdr_len;  /* the current chunk's size line in chunk_hdr */
+    uint8_t chunk_hdr_off;  /*   and how much of it went out */
+    uint8_t chunk_tail;     /* bytes of the CRLF after its data (or of the last chunk) still to go */
+    uint8_t interims;       /* 1xx heads the upstream sent before its final one */
+    char chunk_hdr[20];
+    uint64_t chunk_left; /* data bytes of the current chunk still to go */
     int file_fd;
     uint64_t file_off, file_left; /* bytes of the file sent, still to send */
 } mp_req_t;
@@ -281,7 +291,8 @@ void mp_req_keepalive_after(mp_req_t *r, int status);
 
 /* The response body's framing from the upstream's head rh (r->resp):
  * none for HEAD, 204 and 304; chunked (stripped for an HTTP/1.0 client);
- * Content-Length; or until close, which ends keep-alive. */
+ * Content-Length; or until close: sent chunked to an HTTP/1.1 client,
+ * close-delimited (ending keep-alive) to an HTTP/1.0 one. */
 static inline void mp_req_response_framing(mp_req_t *r, const mp_http_response_t *rh)
 {
     mp_framing_t *f = &r->resp;
@@ -298,8 +309,9 @@ static inline void mp_req_response_framing(mp_req_t *r, const mp_http_response_t
         f->done = f->left == 0;
     } else {
         f->kind = MP_BODY_CLOSE;
+        r->rechunk = r->h.minor == 1; /* chunked to an HTTP/1.1 client: its connection stays reusable */
     }
-    if (f->kind == MP_BODY_CLOSE || r->dechunk)
+    if ((f->kind == MP_BODY_CLOSE && !r->rechunk) || r->dechunk)
         r->keepalive = 0;
 }
 

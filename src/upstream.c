@@ -184,7 +184,8 @@ static void sync_events(mp_req_t *r)
     mp_client_side_t *c = mp_client_side(r);
     mp_upconn_t *u = r->up;
     const mp_settings_t *s = &r->gen->cfg->settings;
-    int pending_resp = mp_buf_len(&c->out) || (u && r->resp_ready > u->in.start);
+    int pending_resp = mp_buf_len(&c->out) || (u && r->resp_ready > u->in.start) ||
+                       (MP_UNLIKELY(r->rechunk) && (r->chunk_tail || r->chunk_hdr_off < r->chunk_hdr_len));
     int need_body = !r->body.done && !r->body_abandoned;
     int client_room = c->in.data ? mp_buf_room(&c->in) > 0 : 1;
 
@@ -620,8 +621,37 @@ void mp_upstream_hooked(mp_req_t *r, int rc)
     pump_response(r);
 }
 
-/* Parses the response head from u->in; 1xx interim responses are dropped
- * (Expect is answered here, and Upgrade is not forwarded). Returns NULL
+/* Most interim responses an upstream may send before its final one: past
+ * them it is not answering (502). */
+#define MAX_INTERIMS 16
+
+/* A 1xx (not 101) from the upstream: relayed to an HTTP/1.1 client (103
+ * Early Hints, or a 100 Continue when the proxy sent none itself), before
+ * the final head in the client's out buffer; dropped for an HTTP/1.0 one. */
+static const char *interim(mp_req_t *r, const mp_http_response_t *rh)
+{
+    if (++r->interims > MAX_INTERIMS) {
+        mp_env_log(r->env, MP_LOG_WARN, "request %.*s: more than %d interim responses from upstream", r->id_len, r->id,
+                   MAX_INTERIMS);
+        return mp_err_invalid;
+    }
+    if (r->h.minor == 0 || (rh->status == 100 && r->sent_continue))
+        return NULL;
+    mp_client_side_t *c = mp_client_side(r);
+    if (mp_buf_acquire(&c->out, &c->ctx->bufs) != 0)
+        return mp_err_invalid;
+    uint32_t mark = c->out.end;
+    if (mp_head_interim(rh, &c->out) != 0) { /* the client reads none of them: no room for more */
+        c->out.end = mark;
+        return mp_err_invalid;
+    }
+    if (rh->status == 100)
+        r->sent_continue = 1;
+    return NULL;
+}
+
+/* Parses the response head from u->in; 1xx interim responses are relayed
+ * (interim) or dropped, a 101 may open a tunnel. Returns NULL
  * when there is no failure (the head is complete once r->resp_head_done is
  * set, else more bytes are needed) or the failure's mp_err_*. */
 static const char *parse_response_head(mp_req_t *r)
@@ -639,6 +669,9 @@ static const char *parse_response_head(mp_req_t *r)
         if (rh.status >= 100 && rh.status < 200) {
             if (rh.status == 101)
                 return begin_response(r, &rh);
+            const char *err = interim(r, &rh);
+            if (err)
+                return err;
             u->in.start += (uint32_t)rh.head_len;
             u->scanned = 0;
             continue;
@@ -722,6 +755,66 @@ static void finish(mp_req_t *r)
     client_done(r);
 }
 
+/* The rest of a close-delimited response to an HTTP/1.1 client, chunked:
+ * the head (c->out), then for each run of bytes read a chunk (its size
+ * line, the bytes, CRLF), and once the upstream ended cleanly the last
+ * chunk. Returns 0 when all that can go went, 1 when the client blocks,
+ * -1 when it failed. */
+static int write_rechunked(mp_req_t *r)
+{
+    static const char tail[] = "\r\n0\r\n\r\n"; /* a chunk's CRLF, then the last chunk */
+    mp_client_side_t *c = mp_client_side(r);
+    mp_upconn_t *u = r->up;
+    for (;;) {
+        if (!r->chunk_left && !r->chunk_tail && r->chunk_hdr_off == r->chunk_hdr_len) {
+            if (u && r->resp_ready > u->in.start) { /* a new chunk of what is ready */
+                r->chunk_left = r->resp_ready - u->in.start;
+                r->chunk_hdr_len = (uint8_t)snprintf(r->chunk_hdr, sizeof(r->chunk_hdr), "%llx\r\n",
+                                                     (unsigned long long)r->chunk_left);
+                r->chunk_hdr_off = 0;
+                r->chunk_tail = 2;
+            } else if (r->resp.done && !r->chunk_end) {
+                r->chunk_end = 1;
+                r->chunk_tail = 5;
+            }
+        }
+        struct iovec iov[4];
+        int n = 0;
+        if (mp_buf_len(&c->out))
+            iov[n++] = (struct iovec){mp_buf_head(&c->out), mp_buf_len(&c->out)};
+        if (r->chunk_hdr_off < r->chunk_hdr_len)
+            iov[n++] = (struct iovec){r->chunk_hdr + r->chunk_hdr_off, (size_t)(r->chunk_hdr_len - r->chunk_hdr_off)};
+        if (r->chunk_left)
+            iov[n++] = (struct iovec){u->in.data + u->in.start, r->chunk_left};
+        if (r->chunk_tail) /* CRLF ("\r\n" of tail), or the last chunk after a CRLF already sent */
+            iov[n++] = (struct iovec){(char *)(r->chunk_end ? tail + 7 - r->chunk_tail : tail + 2 - r->chunk_tail),
+                                      r->chunk_tail};
+        if (n == 0)
+            return 0;
+        ssize_t k = mp_io_writev(&c->sock, iov, n);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k < 0 && errno == EAGAIN)
+            return 1;
+        if (k < 0)
+            return -1;
+        r->bytes_sent += (uint64_t)k;
+        r->resp_started = 1;
+        size_t left = (size_t)k, x;
+        x = mp_buf_len(&c->out) < left ? mp_buf_len(&c->out) : left;
+        c->out.start += (uint32_t)x;
+        left -= x;
+        x = (size_t)(r->chunk_hdr_len - r->chunk_hdr_off) < left ? (size_t)(r->chunk_hdr_len - r->chunk_hdr_off) : left;
+        r->chunk_hdr_off += (uint8_t)x;
+        left -= x;
+        x = r->chunk_left < left ? (size_t)r->chunk_left : left;
+        r->chunk_left -= x;
+        u->in.start += (uint32_t)x;
+        left -= x;
+        r->chunk_tail -= (uint8_t)left;
+    }
+}
+
 /* Writes the pending client output (100 Continue, the response head) and
  * the framed response body bytes, until done or the client blocks. */
 static void pump_response(mp_req_t *r)
@@ -731,6 +824,13 @@ static void pump_response(mp_req_t *r)
     if (u && r->resp_head_done && frame_response_body(r) != 0) {
         mp_env_log(r->env, MP_LOG_WARN, "request %.*s: bad chunked framing from upstream", r->id_len, r->id);
         return client_abort(r);
+    }
+    if (MP_UNLIKELY(r->rechunk) && r->resp_head_done) {
+        int rc = write_rechunked(r);
+        if (rc < 0)
+            return client_abort(r);
+        if (rc > 0)
+            return sync_events(r);
     }
     for (;;) {
         struct iovec iov[2];

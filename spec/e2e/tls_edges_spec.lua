@@ -183,7 +183,9 @@ proxy.route { prefix = "/", upstream = o }
             local proxy = h.start_proxy { workers = 1, config = CONFIG, vars = { origin = "127.0.0.1:" .. port,
                 ca = pki.ca } }
             local c = assert(raw.connect(proxy.port, { timeout = 5 }))
-            assert(c:send("GET /x HTTP/1.1\r\nHost: x\r\n\r\n"))
+            -- HTTP/1.0: the client gets it close-delimited too (an HTTP/1.1 one gets it chunked:
+            -- spec/e2e/interim_spec.lua), so what it reads until the close is the body as relayed
+            assert(c:send("GET /x HTTP/1.0\r\nHost: x\r\n\r\n"))
             local deadline = require("socket").gettime() + 5
             while c:fill(deadline) do end -- until the proxy closes (or 5 s)
             c:close()
