@@ -200,3 +200,83 @@ end }
         assert.matches("^nil redis nope%.test:%d+: cannot resolve: ", assert(raw.get(proxy.port, "/none", nil, { timeout = 5 })).body)
     end)
 end)
+
+describe("Redis by a DNS name that moves", function()
+    local dns = require "helpers.dns"
+    local d, a, b, proxy
+
+    -- connected_clients of a server's INFO clients (our own connection included)
+    local function clients(server)
+        local info = assert(server:cmd("INFO", "clients"))
+        return tonumber(info:match("connected_clients:(%d+)"))
+    end
+
+    lazy_setup(function()
+        local port = h.free_port()
+        a = rh.start { host = "127.0.0.1", port = port }
+        b = rh.start { host = "127.0.0.2", port = port }
+        d = dns.start { ["redis.test"] = { ttl = 1, "127.0.0.1" } }
+        proxy = h.start_proxy { workers = 1, log_level = "info", vars = { dns = d.addr, port_redis = port }, config = [=[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = false, resolver = { nameservers = { "${dns}" }, timeout = 0.5 } }
+local r = proxy.redis { addr = "redis.test:${port_redis}", timeout = 0.5, pool = 4 }
+proxy.route { path = "/incr", handler = function(req)
+  local n, err = r:call("INCR", "hits")
+  if not n then return req:respond(503, "redis: " .. err .. "\n") end
+  return req:respond(200, tostring(n) .. "\n")
+end }
+]=] }
+        proxy:wait_ready()
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy, d)
+        if a then a:cleanup() end
+        if b then b:cleanup() end
+    end)
+
+    local function incr()
+        local res = assert(raw.get(proxy.port, "/incr", nil, { timeout = 5 }))
+        assert.equal(200, res.status, res.body)
+    end
+
+    it("follows the name's answer at its TTL: new calls go to the new address, idle connections to the old close", function()
+        for _ = 1, 5 do incr() end
+        assert.equal("5", a:cmd("GET", "hits"))
+        assert.is_nil(b:cmd("GET", "hits"))
+        assert.equal(2, clients(a)) -- the proxy's pooled connection, and ours
+        d:set { ["redis.test"] = { ttl = 1, "127.0.0.2" } }
+        -- every call succeeds while the name moves (bounded: the TTL is 1 s)
+        h.eventually(function()
+            incr()
+            return b:cmd("GET", "hits") ~= nil
+        end, 10, 0.05)
+        local on_a = tonumber(a:cmd("GET", "hits"))
+        local on_b = tonumber(b:cmd("GET", "hits"))
+        for _ = 1, 5 do incr() end
+        assert.equal(on_a, tonumber(a:cmd("GET", "hits")))
+        assert.equal(on_b + 5, tonumber(b:cmd("GET", "hits")))
+        -- the idle connection to the old address was closed: only ours is left
+        h.eventually(function() return clients(a) == 1 end, 5)
+        assert.equal(1, proxy:log_count("redis redis.test:", "the name moved from 127.0.0.1:", "to 127.0.0.2:"))
+    end)
+
+    it("keeps the last good address while DNS fails, and says so once", function()
+        d:set { ["redis.test"] = "silent" }
+        local before = tonumber(b:cmd("GET", "hits"))
+        -- past the answer's TTL and more than one lookup timeout: the calls stay on 127.0.0.2
+        local t_end = socket.gettime() + 3
+        local n = 0
+        while socket.gettime() < t_end do
+            incr()
+            n = n + 1
+            socket.sleep(0.05)
+        end
+        assert.equal(before + n, tonumber(b:cmd("GET", "hits")))
+        h.eventually(function() return proxy:log_count("redis redis.test:", "cannot resolve") >= 1 end, 5)
+        assert.equal(1, proxy:log_count("redis redis.test:", "cannot resolve", "calls stay on 127.0.0.2:"))
+        assert.is_true(proxy:alive())
+    end)
+end)
