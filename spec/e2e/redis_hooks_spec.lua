@@ -280,3 +280,43 @@ end }
         assert.is_true(proxy:alive())
     end)
 end)
+
+describe("Redis over IPv6", function()
+    local server, proxy
+
+    lazy_setup(function()
+        server = rh.start { host = "::1" } -- fails the spec if redis-server cannot bind ::1 here
+        proxy = h.start_proxy { workers = 1, vars = { redis = server.addr }, config = [=[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = false }
+local r = proxy.redis { addr = "${redis}", timeout = 0.5 }
+proxy.route { path = "/incr", handler = function(req)
+  local n, err = r:call("INCR", "v6")
+  return req:respond(200, tostring(n) .. " " .. tostring(err) .. "\n")
+end }
+]=] }
+        proxy:wait_ready()
+    end)
+
+    lazy_teardown(function()
+        h.shutdown(proxy)
+        if server then server:cleanup() end
+    end)
+
+    it("calls a server at [::1]:PORT", function()
+        assert.matches("^%[::1%]:%d+$", server.addr)
+        assert.equal("1 nil\n", assert(raw.get(proxy.port, "/incr")).body)
+        assert.equal("2 nil\n", assert(raw.get(proxy.port, "/incr")).body)
+        assert.equal("2", server:cmd("GET", "v6"))
+        -- the proxy's connection is an IPv6 one
+        local list = assert(server:cmd("CLIENT", "LIST"))
+        assert.matches("addr=%[?::1%]?:%d+", list)
+    end)
+
+    it("names the IPv6 address in its errors", function()
+        server:stop()
+        assert.matches("^nil redis %[::1%]:%d+: ", assert(raw.get(proxy.port, "/incr", nil, { timeout = 5 })).body)
+    end)
+end)
