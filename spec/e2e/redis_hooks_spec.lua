@@ -86,6 +86,18 @@ describe("Redis from hooks", function()
         return cjson.decode(res.body), res
     end
 
+    -- Redis' count of clients waiting in a blocking command (BLPOP)
+    local function blocked()
+        local info = assert(server:cmd("INFO", "clients"))
+        return tonumber(info:match("blocked_clients:(%d+)"))
+    end
+
+    -- the proxy's open client connections (GET /metrics)
+    local function client_conns()
+        local res = assert(proxy:admin("GET", "/metrics"))
+        return tonumber(res.body:match('moonproxy_connections{state="client"} (%d+)'))
+    end
+
     it("gives every reply type as a Lua value, in the client's db, after AUTH", function()
         local t = json("/types")
         assert.same({ value = "OK" }, cjson.decode(t.set))
@@ -119,7 +131,7 @@ describe("Redis from hooks", function()
         local c = assert(raw.connect(proxy.port, { timeout = 10 }))
         finally(function() c:close() end)
         c:send(raw.build { method = "GET", target = "/pop?q1", headers = { host = "a" } })
-        socket.sleep(0.2)
+        h.eventually(function() return blocked() == 1 end, 5)
         -- the worker answers others meanwhile, and one of them feeds the waiting hook
         assert.same({ value = 1 }, json("/push?q1"))
         local res = assert(c:read_response())
@@ -129,9 +141,11 @@ describe("Redis from hooks", function()
     it("cancels the call of a hook whose client went away; its late reply reaches no one else", function()
         local c = assert(raw.connect(proxy.port, { timeout = 5 }))
         c:send(raw.build { method = "GET", target = "/pop?q2", headers = { host = "a" } })
-        socket.sleep(0.3)
+        h.eventually(function() return blocked() == 1 end, 5)
         c:close()
-        socket.sleep(0.2)
+        -- the proxy saw the client go (its hook's call cancelled): no client connection is left
+        h.eventually(function() return client_conns() == 0 end, 5)
+        assert.equal(1, blocked())
         -- Redis still holds the abandoned BLPOP: it gets the job, and its reply is read and dropped
         assert.same({ value = 1 }, json("/push?q2"))
         -- the next BLPOP, on whichever connection, finds the queue empty: no stale reply is handed to it
@@ -266,16 +280,25 @@ end }
     it("keeps the last good address while DNS fails, and says so once", function()
         d:set { ["redis.test"] = "silent" }
         local before = tonumber(b:cmd("GET", "hits"))
-        -- past the answer's TTL and more than one lookup timeout: the calls stay on 127.0.0.2
-        local t_end = socket.gettime() + 3
         local n = 0
-        while socket.gettime() < t_end do
+        local function call()
             incr()
             n = n + 1
-            socket.sleep(0.05)
         end
+        -- past the answer's TTL a lookup goes out, and fails (its 0.5 s timeout): calls go on meanwhile
+        h.eventually(function()
+            call()
+            return proxy:log_count("redis redis.test:", "cannot resolve") >= 1
+        end, 10, 0.05)
+        -- a second failed lookup (queried, then past its timeout) is not logged again
+        local q = d:queries("redis.test")
+        h.eventually(function()
+            call()
+            return d:queries("redis.test") > q
+        end, 10, 0.05)
+        local t_end = socket.gettime() + 1 -- the lookup's timeout, and some
+        while socket.gettime() < t_end do call() end
         assert.equal(before + n, tonumber(b:cmd("GET", "hits")))
-        h.eventually(function() return proxy:log_count("redis redis.test:", "cannot resolve") >= 1 end, 5)
         assert.equal(1, proxy:log_count("redis redis.test:", "cannot resolve", "calls stay on 127.0.0.2:"))
         assert.is_true(proxy:alive())
     end)
