@@ -4,7 +4,9 @@
 -- SELECT, an error reply, a wrong password, hooks waiting on a blocking
 -- command while the worker serves others, a client leaving while its hook
 -- waits, Redis down (nil, err at once, not a timeout per request) and a
--- restart mid-test (the client reconnects). One worker.
+-- restart mid-test (the client reconnects); a client by DNS name whose
+-- answer moves to another server (helpers/dns.lua) or stops resolving; a
+-- server at [::1]. One worker.
 local h = require "helpers.proxy"
 local raw = require "helpers.raw_http"
 local rh = require "helpers.redis"
