@@ -232,17 +232,21 @@ static void client_follow(client_t *k, const mp_sockaddr_t *addrs, int n)
     k->at = addrs[0];
 }
 
+/* An answer, from a lookup or the cache (another worker's lookup). */
+static void client_answer(client_t *k, const mp_sockaddr_t *addrs, int n)
+{
+    if (k->dns_failing)
+        mp_log_warn("redis %s:%d: resolves again", k->host, k->port);
+    k->dns_failing = 0;
+    client_follow(k, addrs, n);
+}
+
 static void on_refresh(void *arg, const mp_sockaddr_t *addrs, int n, const char *err)
 {
     client_t *k = arg;
     k->refresh = NULL;
-    if (n > 0) {
-        if (k->dns_failing)
-            mp_log_warn("redis %s:%d: resolves again", k->host, k->port);
-        k->dns_failing = 0;
-        client_follow(k, addrs, n);
-        return;
-    }
+    if (n > 0)
+        return client_answer(k, addrs, n);
     if (!k->dns_failing)
         mp_log_warn("redis %s:%d: cannot resolve: %s; calls stay on %s", k->host, k->port, err ? err : "no address",
                     mp_redis_addr(k->r));
@@ -267,10 +271,8 @@ static void client_check(client_t *k, const mp_resolver_def_t *rd)
     k->check_at = ev_now(k->loop) + RECHECK_SECONDS;
     mp_sockaddr_t addrs[MP_RESOLVE_MAX];
     int n = mp_resolve_cached(rd, k->host, addrs, MP_RESOLVE_MAX);
-    if (n > 0) {
-        client_follow(k, addrs, n);
-        return;
-    }
+    if (n > 0)
+        return client_answer(k, addrs, n);
     resolver_free(&k->rd);
     k->rd.timeout = rd->timeout;
     if ((rd->nameservers && !(k->rd.nameservers = strdup(rd->nameservers))) ||
