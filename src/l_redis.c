@@ -35,6 +35,8 @@ typedef struct reply {
     struct reply **elem;
 } reply_t;
 
+#define RECHECK_SECONDS 1.0 /* a name's answer is looked at again at most this often (its TTL's floor) */
+
 /* One client of one worker. */
 typedef struct client {
     char *key;     /* what the Lua client is: name, addr, password, db, pool, timeout */
@@ -43,6 +45,13 @@ typedef struct client {
     int port;
     mp_redis_opts_t o; /* what mp_redis_new takes once the name resolved (password owned) */
     char *password;
+    /* a name, once resolved: followed at its answer's TTL (resolve.c bounds it to 1..300 s) */
+    mp_sockaddr_t at;            /* the answer's address r uses (port 0) */
+    double check_at;             /* ev_now() from which a call looks at the answer again */
+    mp_resolve_query_t *refresh; /* the name looked up again, in the background */
+    mp_resolver_def_t rd;        /* what refresh looks up with (strings owned: a reload may free the gen's) */
+    int dns_failing;             /* the last refresh failed (logged once) */
+    struct ev_loop *loop;
     struct client *next;
 } client_t;
 
@@ -171,19 +180,105 @@ static void send_call(call_t *c)
     }
 }
 
+static void with_port(const client_t *k, const mp_sockaddr_t *a, struct sockaddr_storage *ss)
+{
+    *ss = a->ss;
+    if (ss->ss_family == AF_INET6)
+        ((struct sockaddr_in6 *)ss)->sin6_port = htons((uint16_t)k->port);
+    else
+        ((struct sockaddr_in *)ss)->sin_port = htons((uint16_t)k->port);
+}
+
 /* The client's server from its first address (a name's, once resolved). */
 static int client_open(client_t *k, mp_io_ctx_t *ctx, const mp_sockaddr_t *a)
 {
-    struct sockaddr_storage ss = a->ss;
-    if (ss.ss_family == AF_INET6)
-        ((struct sockaddr_in6 *)&ss)->sin6_port = htons((uint16_t)k->port);
-    else
-        ((struct sockaddr_in *)&ss)->sin_port = htons((uint16_t)k->port);
+    struct sockaddr_storage ss;
+    with_port(k, a, &ss);
     k->o.addr = (const struct sockaddr *)&ss;
     k->o.addrlen = a->sslen;
     k->r = mp_redis_new(ctx->loop, &k->o);
     k->o.addr = NULL;
+    k->at = *a;
+    k->loop = ctx->loop;
+    k->check_at = ev_now(ctx->loop) + RECHECK_SECONDS;
     return k->r ? 0 : -1;
+}
+
+static int same_host(const mp_sockaddr_t *a, const mp_sockaddr_t *b)
+{
+    if (a->ss.ss_family != b->ss.ss_family)
+        return 0;
+    if (a->ss.ss_family == AF_INET)
+        return ((const struct sockaddr_in *)&a->ss)->sin_addr.s_addr ==
+               ((const struct sockaddr_in *)&b->ss)->sin_addr.s_addr;
+    return memcmp(&((const struct sockaddr_in6 *)&a->ss)->sin6_addr, &((const struct sockaddr_in6 *)&b->ss)->sin6_addr,
+                  sizeof(struct in6_addr)) == 0;
+}
+
+/* A new answer for k's name: k stays on its address while the answer has
+ * it, else moves to the answer's first (redis.c closes the idle connections
+ * to the old one). */
+static void client_follow(client_t *k, const mp_sockaddr_t *addrs, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (same_host(&addrs[i], &k->at))
+            return;
+    struct sockaddr_storage ss;
+    with_port(k, &addrs[0], &ss);
+    char was[64];
+    snprintf(was, sizeof(was), "%s", mp_redis_addr(k->r));
+    if (mp_redis_set_addr(k->r, (const struct sockaddr *)&ss, addrs[0].sslen) > 0)
+        mp_log_info("redis %s:%d: the name moved from %s to %s", k->host, k->port, was, mp_redis_addr(k->r));
+    k->at = addrs[0];
+}
+
+/* An answer, from a lookup or the cache (another worker's lookup). */
+static void client_answer(client_t *k, const mp_sockaddr_t *addrs, int n)
+{
+    if (k->dns_failing)
+        mp_log_warn("redis %s:%d: resolves again", k->host, k->port);
+    k->dns_failing = 0;
+    client_follow(k, addrs, n);
+}
+
+static void on_refresh(void *arg, const mp_sockaddr_t *addrs, int n, const char *err)
+{
+    client_t *k = arg;
+    k->refresh = NULL;
+    if (n > 0)
+        return client_answer(k, addrs, n);
+    if (!k->dns_failing)
+        mp_log_warn("redis %s:%d: cannot resolve: %s; calls stay on %s", k->host, k->port, err ? err : "no address",
+                    mp_redis_addr(k->r));
+    k->dns_failing = 1;
+}
+
+static void resolver_free(mp_resolver_def_t *rd)
+{
+    free(rd->nameservers);
+    free(rd->hosts);
+    rd->nameservers = rd->hosts = NULL;
+}
+
+/* Before a call on a name's client: the answer, at most once a
+ * RECHECK_SECONDS; once it is past its TTL, looked up again in the
+ * background (the call goes on to the current address meanwhile, and stays
+ * there when DNS fails). */
+static void client_check(client_t *k, const mp_resolver_def_t *rd)
+{
+    if (!k->host || k->refresh || ev_now(k->loop) < k->check_at)
+        return;
+    k->check_at = ev_now(k->loop) + RECHECK_SECONDS;
+    mp_sockaddr_t addrs[MP_RESOLVE_MAX];
+    int n = mp_resolve_cached(rd, k->host, addrs, MP_RESOLVE_MAX);
+    if (n > 0)
+        return client_answer(k, addrs, n);
+    resolver_free(&k->rd);
+    k->rd.timeout = rd->timeout;
+    if ((rd->nameservers && !(k->rd.nameservers = strdup(rd->nameservers))) ||
+        (rd->hosts && !(k->rd.hosts = strdup(rd->hosts))))
+        return; /* out of memory: tried again at the next check */
+    k->refresh = mp_resolve_start(k->loop, &k->rd, k->host, on_refresh, k);
 }
 
 static void resolved(void *arg, const mp_sockaddr_t *addrs, int n, const char *err)
@@ -217,6 +312,8 @@ static int start(mp_callout_t *base)
             snprintf(c->err, sizeof(c->err), "out of memory");
             c->over = 1;
         }
+    } else {
+        client_check(k, &c->r->gen->cfg->settings.resolver);
     }
     if (k->r && !c->over)
         send_call(c);
@@ -241,6 +338,8 @@ void mp_l_redis_dispose(mp_io_ctx_t *ctx)
     while (cs->list) {
         client_t *k = cs->list;
         cs->list = k->next;
+        mp_resolve_cancel(k->refresh);
+        resolver_free(&k->rd);
         mp_redis_free(k->r);
         free(k->key);
         free(k->host);

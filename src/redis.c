@@ -39,6 +39,7 @@ struct rconn {
     const char *out;       /* what is being written: r->hello or call->cmd (borrowed) */
     size_t outlen, outpos;
     int expect, got;      /* replies of this step (hello or call), and how many came */
+    unsigned addr_gen;    /* r->addr_gen when opened: another means an address the server left */
     rconn_t *prev, *next; /* r->conns */
 };
 
@@ -61,6 +62,7 @@ struct mp_redis {
     struct ev_loop *loop;
     struct sockaddr_storage ss;
     socklen_t sslen;
+    unsigned addr_gen;                /* counts mp_redis_set_addr's changes */
     char addr[INET6_ADDRSTRLEN + 10]; /* "127.0.0.1:6379", "[::1]:6379" */
     char *hello;                      /* AUTH and SELECT in RESP, NULL when neither; owned */
     size_t hellolen;
@@ -293,6 +295,16 @@ static void conn_idle(rconn_t *c)
     set_want(c, EV_READ);
 }
 
+/* c has no call: idle in the pool, or closed when it is to an address the
+ * client left (mp_redis_set_addr). */
+static void conn_park(rconn_t *c)
+{
+    if (c->addr_gen != c->r->addr_gen)
+        conn_close(c);
+    else
+        conn_idle(c);
+}
+
 /* c is ready: its call's commands go out, or (the call it was opened for
  * ended meanwhile) c serves the next waiting call; it may be gone after. */
 static void conn_begin(rconn_t *c)
@@ -301,7 +313,7 @@ static void conn_begin(rconn_t *c)
     mp_redis_call_t *call = c->call;
     ev_timer_stop(r->loop, &c->timer);
     if (!call) {
-        conn_idle(c);
+        conn_park(c);
         dispatch(r);
         return;
     }
@@ -355,6 +367,7 @@ static rconn_t *conn_open(mp_redis_t *r, mp_redis_call_t *call)
         return NULL;
     }
     c->r = r;
+    c->addr_gen = r->addr_gen;
     ev_io_init(&c->io, on_conn_io, c->sock.fd, 0);
     c->next = r->conns;
     if (r->conns)
@@ -436,7 +449,7 @@ static void conn_done(rconn_t *c)
     } else if (call->leaves_state) {
         conn_close(c);
     } else {
-        conn_idle(c);
+        conn_park(c);
     }
     call_end(call, NULL);
     dispatch(r);
@@ -640,12 +653,46 @@ static int format_hello(mp_redis_t *r, const mp_redis_opts_t *o)
     return r->hello ? 0 : -1;
 }
 
+static int addr_ok(const struct sockaddr *a, socklen_t len)
+{
+    return a && len <= sizeof(struct sockaddr_storage) &&
+           ((a->sa_family == AF_INET && len >= sizeof(struct sockaddr_in)) ||
+            (a->sa_family == AF_INET6 && len >= sizeof(struct sockaddr_in6)));
+}
+
+/* Whether a is r's address (family, address and port). */
+static int addr_same(const mp_redis_t *r, const struct sockaddr *a)
+{
+    if (a->sa_family != r->ss.ss_family)
+        return 0;
+    if (a->sa_family == AF_INET) {
+        const struct sockaddr_in *x = (const struct sockaddr_in *)a, *y = (const struct sockaddr_in *)&r->ss;
+        return x->sin_port == y->sin_port && x->sin_addr.s_addr == y->sin_addr.s_addr;
+    }
+    const struct sockaddr_in6 *x = (const struct sockaddr_in6 *)a, *y = (const struct sockaddr_in6 *)&r->ss;
+    return x->sin6_port == y->sin6_port && memcmp(&x->sin6_addr, &y->sin6_addr, sizeof(x->sin6_addr)) == 0;
+}
+
+static void addr_set(mp_redis_t *r, const struct sockaddr *a, socklen_t len)
+{
+    memset(&r->ss, 0, sizeof(r->ss));
+    memcpy(&r->ss, a, len);
+    r->sslen = len;
+    char host[INET6_ADDRSTRLEN];
+    if (a->sa_family == AF_INET) {
+        const struct sockaddr_in *in = (const struct sockaddr_in *)a;
+        inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host));
+        snprintf(r->addr, sizeof(r->addr), "%s:%u", host, ntohs(in->sin_port));
+    } else {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)a;
+        inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host));
+        snprintf(r->addr, sizeof(r->addr), "[%s]:%u", host, ntohs(in6->sin6_port));
+    }
+}
+
 mp_redis_t *mp_redis_new(struct ev_loop *loop, const mp_redis_opts_t *o)
 {
-    if (!o->addr || o->addrlen > sizeof(struct sockaddr_storage) ||
-        !((o->addr->sa_family == AF_INET && o->addrlen >= sizeof(struct sockaddr_in)) ||
-          (o->addr->sa_family == AF_INET6 && o->addrlen >= sizeof(struct sockaddr_in6))) ||
-        o->db < 0) {
+    if (!addr_ok(o->addr, o->addrlen) || o->db < 0) {
         errno = EINVAL;
         return NULL;
     }
@@ -653,18 +700,7 @@ mp_redis_t *mp_redis_new(struct ev_loop *loop, const mp_redis_opts_t *o)
     if (!r)
         return NULL;
     r->loop = loop;
-    memcpy(&r->ss, o->addr, o->addrlen);
-    r->sslen = o->addrlen;
-    char host[INET6_ADDRSTRLEN];
-    if (o->addr->sa_family == AF_INET) {
-        const struct sockaddr_in *in = (const struct sockaddr_in *)o->addr;
-        inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host));
-        snprintf(r->addr, sizeof(r->addr), "%s:%u", host, ntohs(in->sin_port));
-    } else {
-        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)o->addr;
-        inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host));
-        snprintf(r->addr, sizeof(r->addr), "[%s]:%u", host, ntohs(in6->sin6_port));
-    }
+    addr_set(r, o->addr, o->addrlen);
     r->has_auth = o->password && (o->password_len || o->password[0]);
     r->db = o->db;
     r->timeout = o->timeout > 0 ? o->timeout : 1;
@@ -877,4 +913,23 @@ void mp_redis_stats(const mp_redis_t *r, mp_redis_stats_t *st)
 const char *mp_redis_addr(const mp_redis_t *r)
 {
     return r->addr;
+}
+
+int mp_redis_set_addr(mp_redis_t *r, const struct sockaddr *addr, socklen_t addrlen)
+{
+    if (!addr_ok(addr, addrlen))
+        return -1;
+    if (addr_same(r, addr))
+        return 0;
+    addr_set(r, addr, addrlen);
+    r->addr_gen++;
+    /* the delay was the old address's: the new one is tried at the next call */
+    r->backoff = r->retry_at = 0;
+    rconn_t *c = r->conns, *next;
+    for (; c; c = next) {
+        next = c->next;
+        if (c->state == C_IDLE)
+            conn_close(c);
+    }
+    return 1;
 }

@@ -113,4 +113,11 @@ void mp_redis_stats(const mp_redis_t *r, mp_redis_stats_t *st);
 /* "ADDR" of the messages: "127.0.0.1:6379", "[::1]:6379". */
 const char *mp_redis_addr(const mp_redis_t *r);
 
+/* The server moved (its name now resolves elsewhere): new connections go to
+ * addr (copied); idle ones to the old address are closed at once, and those
+ * carrying or opening for a call when that call ends; a reconnect delay the
+ * old address started is over. Returns 1 when the address changed, 0 when
+ * it was r's already, -1 (nothing changed) for a bad address. */
+int mp_redis_set_addr(mp_redis_t *r, const struct sockaddr *addr, socklen_t addrlen);
+
 #endif

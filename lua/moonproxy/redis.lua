@@ -15,9 +15,9 @@
 -- per worker, on its loop); in moonproxy.testing the spec answers the calls
 -- (opts.redis = function(cmd, ...) ... end).
 local schema = require "moonproxy.schema"
+local binding = require "moonproxy.binding"
 
-local type, setmetatable, select, tostring, error, pcall, require = type, setmetatable, select, tostring, error,
-    pcall, require
+local type, setmetatable, select, tostring, error, require = type, setmetatable, select, tostring, error, require
 local fmt = string.format
 
 local _M = {}
@@ -53,17 +53,8 @@ function _M.new(t, src)
   }, Client)
 end
 
-local binding -- the server's, found on first use
-
 local function server()
-  if not binding then
-    local ok, mod = pcall(require, "moonproxy.rediscore")
-    if not ok then
-      error("redis: call-outs run in the server; in moonproxy.testing give opts.redis to answer them", 3)
-    end
-    binding = mod
-  end
-  return binding
+  return binding.find("moonproxy.rediscore", "redis", "redis", 3)
 end
 
 local function check_args(n, ...)

@@ -43,6 +43,12 @@ proxy.route { path = "/url", handler = function(req)
   local res, err = http.request { url = "http://${auth}/big?size=5000", timeout = 2 }
   return req:respond(200, show(res, err) .. " " .. tostring(res and res.headers["x-origin"]) .. "\n")
 end }
+proxy.route { path = "/any-case", handler = function(req)
+  local res, err = http.request { url = "http://${app}/x", timeout = 2 }
+  if not res then return req:respond(503, err .. "\n") end
+  return req:respond(200, table.concat({ res.headers["Content-Type"], res.headers["content-type"],
+    res.headers["X-Origin"], tostring(rawget(res.headers, "X-Origin")) }, " ") .. "\n")
+end }
 proxy.route { path = "/chunked", handler = function(req)
   local res, err = http.request { url = "http://${auth}/big?size=70000&chunked=1" }
   return req:respond(200, show(res, err) .. "\n")
@@ -185,6 +191,12 @@ describe("hooks that call out", function()
         -- one after the other they would take 6 s; together about 0.3 s
         local took = socket.gettime() - t0
         assert.is_true(took < 3, "20 waiting hooks took " .. took .. " s")
+    end)
+
+    it("reads res.headers in any case, the names stored lowercase", function()
+        local res = assert(raw.get(proxy.port, "/any-case"))
+        assert.equal(200, res.status, res.body)
+        assert.equal("application/json application/json app nil\n", res.body)
     end)
 
     it("calls a URL, with its own keep-alive pool, and reads chunked answers", function()

@@ -4,7 +4,8 @@
 -- limit (fixed window, token bucket, and batch leases); while Redis cannot be
 -- reached each on_error does what it says, and the circuit keeps a Redis that
 -- never answers from costing a timeout per request; a Redis restarted (its
--- scripts gone) is counted in again.
+-- scripts gone) is counted in again, and while the circuit is half-open
+-- only one of 20 requests sent at once probes Redis.
 local h = require "helpers.proxy"
 local raw = require "helpers.raw_http"
 local rh = require "helpers.redis"
@@ -237,5 +238,84 @@ describe("rate_limit policy = redis #slow", function()
     h.eventually(function() return get(b, "/real-deny", key).status == 200 end, 10, 0.2)
     local rkey = "moonproxy:rate_limit:w100/3600/header:x-key|" .. key
     assert(tonumber(redis_cmd(redis_port, "HGET", rkey, "n")) >= 2)
+  end)
+end)
+
+describe("rate_limit policy = redis: the circuit's half-open probe #slow", function()
+  local redis, app, p
+
+  lazy_setup(function()
+    redis = rh.start()
+    app = h.start_origin("app")
+    p = h.start_proxy { workers = 1, vars = { app = app.addr, redis = redis.port }, config = [=[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.admin { addr = "${admin}" }
+proxy.settings { access_log = false }
+local app = proxy.upstream "app" { servers = { "${app}" } }
+local R = proxy.redis { addr = "127.0.0.1:${redis}", timeout = 3 }
+proxy.route { path = "/half", upstream = app, plugins = {
+  { "rate_limit", key = "header:x-key", limit = 1000, window = 3600, policy = "redis", redis = R, on_error = "deny" } } }
+]=] }
+  end)
+
+  lazy_teardown(function()
+    h.shutdown(p, app)
+    if redis then redis:cleanup() end
+  end)
+
+  local function get()
+    return assert(raw.get(p.port, "/half", { ["x-key"] = "probe" }, { timeout = 10 }))
+  end
+
+  -- calls= of a command in Redis' INFO commandstats (0 when never called)
+  local function calls(cmd)
+    local info = assert(redis:cmd("INFO", "commandstats"))
+    return tonumber(info:match("cmdstat_" .. cmd .. ":calls=(%d+)")) or 0
+  end
+
+  -- 20 requests sent at once: their statuses, sorted
+  local function burst()
+    local conns = {}
+    for i = 1, 20 do
+      conns[i] = assert(raw.connect(p.port, { timeout = 10 }))
+      conns[i]:send(raw.build { target = "/half", headers = { host = "a", ["x-key"] = "probe" } })
+    end
+    local st = {}
+    for i = 1, 20 do
+      local res = assert(conns[i]:read_response())
+      conns[i]:close()
+      st[i] = res.status
+      if res.status == 503 then assert.equal("rate limit unavailable\n", res.body) end
+    end
+    table.sort(st)
+    return st
+  end
+
+  it("sends one probe while half-open, the others follow on_error; then counts in Redis again", function()
+    assert.equal(200, get().status) -- the script's SHA is known from here on
+    redis:stop()
+    assert.equal(503, get().status) -- the circuit opens
+    redis:start() -- the same port, empty: the probe meets NOSCRIPT and runs EVAL
+    -- Redis holds every command for 1 s, so that the probe is still waiting
+    -- when all 20 requests arrive. While the circuit is still open all 20
+    -- are denied at once and none reaches Redis: sent again until the
+    -- circuit lets one through (bounded).
+    local st
+    h.eventually(function()
+      assert.equal("OK", redis:cmd("CLIENT", "PAUSE", "1000", "ALL"))
+      st = burst()
+      return st[1] == 200
+    end, 20, 0.1)
+    local expected = { 200 }
+    for i = 2, 20 do expected[i] = 503 end
+    assert.same(expected, st)
+    -- what reached Redis: the probe's one EVALSHA (NOSCRIPT) and its EVAL
+    assert.equal(1, calls("evalsha"))
+    assert.equal(1, calls("eval"))
+    -- closed again: each request counts in Redis
+    for _ = 1, 5 do assert.equal(200, get().status) end
+    assert.equal(6, calls("evalsha"))
+    assert.equal("6", redis:cmd("HGET", "moonproxy:rate_limit:w1000/3600/header:x-key|probe", "n"))
   end)
 end)

@@ -7,7 +7,9 @@
 --   local out = rh.drive("client ${addr}\ncall PING\n", { addr = server.addr })
 --   -- out.lines = { "client 127.0.0.1:PORT", "+PONG" }, out.code = 0, out.stderr
 --   server:restart()                                     -- same port, empty data
+--   server:cmd("INCR", "k")                             -- one command on a connection of its own
 --   server:stop()
+--   rh.start { host = "127.0.0.2", port = P }            -- another loopback address; "::1": IPv6
 local h = require "helpers.proxy"
 local socket = require "socket"
 
@@ -16,12 +18,22 @@ local M = {}
 local Server = {}
 Server.__index = Server
 
--- Whether a redis-server answers on port: PING gets +PONG, or -NOAUTH when it
--- wants a password.
-local function answers(port)
-    local s = socket.tcp()
+local function tcp_to(host, port)
+    local s = host:find(":", 1, true) and socket.tcp6() or socket.tcp()
+    s:settimeout(1)
+    if s:connect(host, port) ~= 1 then
+        s:close()
+        return nil
+    end
+    return s
+end
+
+-- Whether a redis-server answers on host:port: PING gets +PONG, or -NOAUTH
+-- when it wants a password.
+local function answers(host, port)
+    local s = host:find(":", 1, true) and socket.tcp6() or socket.tcp()
     s:settimeout(0.5)
-    local ok = s:connect("127.0.0.1", port)
+    local ok = s:connect(host, port)
     if ok ~= 1 then
         s:close()
         return false
@@ -33,7 +45,7 @@ local function answers(port)
 end
 
 function Server:_spawn()
-    local argv = { "redis-server", "--port", tostring(self.port), "--bind", "127.0.0.1", "--save", "",
+    local argv = { "redis-server", "--port", tostring(self.port), "--bind", self.host, "--save", "",
         "--appendonly", "no", "--daemonize", "no", "--dir", self.dir, "--logfile", "" }
     if self.password then
         argv[#argv + 1] = "--requirepass"
@@ -41,7 +53,7 @@ function Server:_spawn()
     end
     self.proc = h.spawn(argv)
     local deadline = socket.gettime() + 10
-    while not answers(self.port) do
+    while not answers(self.host, self.port) do
         if not self.proc:alive() then
             error(string.format("redis-server exited (code %s) before answering on %d:\n%s%s",
                 tostring(self.proc.code), self.port, self.proc:stdout(), self.proc:stderr()), 3)
@@ -55,11 +67,13 @@ function Server:_spawn()
     self.pid = self.proc.pid
 end
 
--- Starts redis-server; opts.password: requirepass; opts.port: that port.
+-- Starts redis-server; opts.password: requirepass; opts.port: that port;
+-- opts.host: the address it binds (default 127.0.0.1).
 function M.start(opts)
     opts = opts or {}
-    local s = setmetatable({ port = opts.port or h.free_port(), password = opts.password }, Server)
-    s.addr = "127.0.0.1:" .. s.port
+    local s = setmetatable({ port = opts.port or h.free_port(), password = opts.password,
+                             host = opts.host or "127.0.0.1" }, Server)
+    s.addr = (s.host:find(":", 1, true) and "[" .. s.host .. "]" or s.host) .. ":" .. s.port
     s.dir = h.tmpname() .. ".d"
     assert(os.execute("mkdir -p " .. h.quote(s.dir)) == 0)
     s:_spawn()
@@ -82,6 +96,49 @@ end
 
 function Server:restart()
     self:start()
+end
+
+-- One command (after AUTH when the server has a password) on a connection of
+-- its own: a status or bulk string, an integer as a number, a flat array as
+-- a list, nil for a nil reply; nil, "ERR ..." for an error or no connection.
+function Server:cmd(...)
+    local s = tcp_to(self.host, self.port)
+    if not s then return nil, "cannot connect to " .. self.addr end
+    local function send(args)
+        local out = { "*" .. #args .. "\r\n" }
+        for _, a in ipairs(args) do
+            a = tostring(a)
+            out[#out + 1] = "$" .. #a .. "\r\n" .. a .. "\r\n"
+        end
+        s:send(table.concat(out))
+    end
+    local function read()
+        local line = s:receive("*l")
+        if not line then return nil, "no reply" end
+        local t, rest = line:sub(1, 1), line:sub(2)
+        if t == "+" then return rest end
+        if t == "-" then return nil, rest end
+        if t == ":" then return tonumber(rest) end
+        if t == "$" then
+            if tonumber(rest) < 0 then return nil end
+            local body = s:receive(tonumber(rest) + 2)
+            return body and body:sub(1, -3)
+        end
+        if t == "*" then
+            local list = {}
+            for i = 1, math.max(tonumber(rest), 0) do list[i] = read() end
+            return list
+        end
+        return nil, "bad reply " .. line
+    end
+    if self.password then
+        send { "AUTH", self.password }
+        read()
+    end
+    send { ... }
+    local v, err = read()
+    s:close()
+    return v, err
 end
 
 -- Removes the working directory (call after stop, from lazy_teardown).

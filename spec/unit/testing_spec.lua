@@ -644,6 +644,22 @@ proxy.route { prefix = "/", upstream = app }
     assert.matches("only hooks can call out", err)
   end)
 
+  it("lowercases a stub's header names and reads res.headers in any case", function()
+    local cfg = load([[
+local http = require "moonproxy.http"
+local app = proxy.upstream "app" { servers = { "127.0.0.1:1" } }
+proxy.route { prefix = "/", upstream = app, on_request = function(req)
+  local res = http.request { url = "http://127.0.0.1:2/x" }
+  req.headers["x-got"] = table.concat({ res.headers["Content-Type"], res.headers["content-type"],
+    res.headers["X-USER"], tostring(rawget(res.headers, "X-User")), tostring(res.headers["x-none"]) }, ",")
+end }
+]], { http = function() return { status = 200, headers = { ["Content-Type"] = "text/plain", ["X-User"] = "ann" },
+                                  body = "" } end })
+    local r = cfg:request { path = "/" }
+    assert.equal("text/plain,text/plain,ann,nil,nil", r.headers["x-got"])
+    cfg:close()
+  end)
+
   it("checks proxy.redis options at their line", function()
     local ok, err = testing.try_load(HEAD .. 'proxy.redis { addr = "127.0.0.1:6379", pool = 0 }\n', { text = true })
     assert.is_nil(ok)
