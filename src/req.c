@@ -157,6 +157,7 @@ int mp_req_upgrade_answer(mp_req_t *r, const mp_http_response_t *rh)
             memset(&r->resp, 0, sizeof(r->resp));
             r->resp.kind = MP_BODY_NONE;
             r->resp.done = 1;
+            r->rechunk = 0; /* no body: what follows the head is the tunnel's */
             r->tunnel_open = 1;
             return 1;
         }
