@@ -42,6 +42,10 @@ while true do
     elseif path == "/flood" then
       c:send(string.rep("HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n", 100) ..
              "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+    elseif path == "/ws" then -- a 101 with bytes after it, then an echo of what comes back
+      c:send("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nhello")
+      local got = c:receive(4)
+      if got then c:send(got) end
     elseif path:match("^/noframe") then
       local n = tonumber(path:match("n=(%d+)")) or 1000
       c:send("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
@@ -152,6 +156,23 @@ describe("1xx and close-delimited responses", function()
     assert.same({ 200, pattern(10) }, { again.status, again.body })
     local empty = assert(c:request({ method = "GET", target = "/noframe?n=0" }))
     assert.same({ 200, "" }, { empty.status, empty.body })
+    c:close()
+  end)
+
+  it("relays a 101 and the tunnel's bytes unframed (a 101 has no body to chunk)", function()
+    local c = conn()
+    assert(c:send("GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" ..
+      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"))
+    local res = assert(c:read_response({ interim = true }))
+    assert.equal(101, res.status)
+    assert.is_nil(res:header("transfer-encoding"))
+    local deadline = require("socket").gettime() + 10
+    while #c.buf < 5 and c:fill(deadline) do end
+    assert.equal("hello", c.buf)
+    c.buf = ""
+    assert(c:send("ping"))
+    while #c.buf < 4 and c:fill(deadline) do end
+    assert.equal("ping", c.buf)
     c:close()
   end)
 
