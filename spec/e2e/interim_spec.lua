@@ -39,6 +39,11 @@ while true do
       c:send("HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nConnection: x-hop\r\nX-Hop: 1\r\n\r\n" ..
              "HTTP/1.1 103 Early Hints\r\nLink: </b.js>; rel=preload\r\n\r\n" ..
              "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nfinal")
+    elseif path == "/big" then -- 16 large 103s fill most of a read buffer; the final head crosses its end
+      local link = "Link: </" .. string.rep("l", 1880) .. ">; rel=preload\r\n"
+      c:send(string.rep("HTTP/1.1 103 Early Hints\r\n" .. link .. "\r\n", 16) ..
+             "HTTP/1.1 200 OK\r\nConnection: close\r\nX-Pad: " .. string.rep("p", 4000) ..
+             "\r\nContent-Length: 2\r\n\r\nok")
     elseif path == "/flood" then
       c:send(string.rep("HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n", 100) ..
              "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
@@ -133,6 +138,15 @@ describe("1xx and close-delimited responses", function()
     -- with Expect, the proxy answers 100 itself once the upstream connection is ready
     res = assert(c:request({ method = "POST", target = "/hundred", headers = { { "Expect", "100-continue" } }, body = "abc" }))
     assert.same({ 200, "ok", 1 }, { res.status, res.body, #res.interim })
+    c:close()
+  end)
+
+  it("relays 16 large interim responses and a final head that follows them past a buffer's end", function()
+    local c = conn()
+    local res = assert(c:request({ method = "GET", target = "/big" }))
+    assert.same({ 200, "ok", 16 }, { res.status, res.body, #res.interim })
+    assert.equal(1896, #res.interim[16]:header("link")) -- </...>; rel=preload
+    assert.equal(4000, #res:header("x-pad"))
     c:close()
   end)
 
