@@ -76,6 +76,7 @@ proxy.route { prefix = "/", upstream = o }
 local TLS_CONFIG = [=[
 local proxy = require "moonproxy"
 proxy.listen { addr = "${listen}" }
+proxy.listen { addr = "${tls_listen}", tls = { cert = "${cert}", key = "${key}" } }
 proxy.settings { access_log = false }
 local o = proxy.upstream "o" { servers = { "127.0.0.1:${oport}" }, tls = { ca = "${ca}", server_name = "localhost" } }
 proxy.route { prefix = "/", upstream = o }
@@ -201,12 +202,14 @@ describe("1xx and close-delimited responses", function()
 end)
 
 describe("close-delimited responses from a TLS upstream", function()
-  local pki, origin, proxy
+  local pki, origin, proxy, tls_port
 
   lazy_setup(function()
     pki = tls.pki()
     origin = start_origin { pki.localhost.cert, pki.localhost.key }
-    proxy = h.start_proxy { workers = 1, config = TLS_CONFIG, vars = { oport = origin.port, ca = pki.ca } }
+    tls_port = h.free_port()
+    proxy = h.start_proxy { workers = 1, config = TLS_CONFIG, vars = { oport = origin.port, ca = pki.ca,
+      tls_listen = "127.0.0.1:" .. tls_port, cert = pki.localhost.cert, key = pki.localhost.key } }
   end)
 
   lazy_teardown(function()
@@ -218,6 +221,17 @@ describe("close-delimited responses from a TLS upstream", function()
     local c = assert(raw.connect(proxy.port, { timeout = 10 }))
     local res = assert(c:request({ method = "GET", target = "/noframe?n=200000" }))
     assert.same({ 200, true, pattern(200000) }, { res.status, res.chunked, res.body })
+    c:close()
+  end)
+
+  it("sends it chunked to an HTTP/1.1 client over TLS too, on a connection it can reuse", function()
+    local c = assert(tls.connect(tls_port, { timeout = 10 }))
+    local n = 1024 * 1024 + 3
+    local res = assert(c:request({ method = "GET", target = "/noframe?n=" .. n }))
+    assert.same({ 200, true, true }, { res.status, res.chunked, res.body == pattern(n) })
+    assert.is_falsy(res:has_token("connection", "close"))
+    local again = assert(c:request({ method = "GET", target = "/noframe?n=100" }))
+    assert.same({ 200, true, pattern(100) }, { again.status, again.chunked, again.body })
     c:close()
   end)
 
