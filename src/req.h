@@ -309,7 +309,9 @@ static inline void mp_req_response_framing(mp_req_t *r, const mp_http_response_t
         f->done = f->left == 0;
     } else {
         f->kind = MP_BODY_CLOSE;
-        r->rechunk = r->h.minor == 1; /* chunked to an HTTP/1.1 client: its connection stays reusable */
+        /* chunked to an HTTP/1.1 client: its connection stays reusable (not a
+         * 101: what follows one is a tunnel's, or nothing) */
+        r->rechunk = r->h.minor == 1 && rh->status != 101;
     }
     if ((f->kind == MP_BODY_CLOSE && !r->rechunk) || r->dechunk)
         r->keepalive = 0;

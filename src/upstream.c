@@ -660,6 +660,10 @@ static const char *parse_response_head(mp_req_t *r)
     static __thread mp_http_response_t rh;
     for (;;) {
         int rc = mp_http1_parse_response(mp_buf_head(&u->in), mp_buf_len(&u->in), &u->scanned, u->in.cap, &rh);
+        if (rc == MP_EAGAIN && !mp_buf_room(&u->in) && u->in.start > 0) {
+            mp_buf_compact(&u->in); /* interim heads went: the final one has the whole buffer */
+            return NULL;
+        }
         if (rc == MP_EAGAIN)
             return mp_buf_room(&u->in) ? NULL : mp_err_invalid;
         if (rc < 0) {

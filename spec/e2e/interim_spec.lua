@@ -39,9 +39,18 @@ while true do
       c:send("HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\nConnection: x-hop\r\nX-Hop: 1\r\n\r\n" ..
              "HTTP/1.1 103 Early Hints\r\nLink: </b.js>; rel=preload\r\n\r\n" ..
              "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\nfinal")
+    elseif path == "/big" then -- 16 large 103s fill most of a read buffer; the final head crosses its end
+      local link = "Link: </" .. string.rep("l", 1880) .. ">; rel=preload\r\n"
+      c:send(string.rep("HTTP/1.1 103 Early Hints\r\n" .. link .. "\r\n", 16) ..
+             "HTTP/1.1 200 OK\r\nConnection: close\r\nX-Pad: " .. string.rep("p", 4000) ..
+             "\r\nContent-Length: 2\r\n\r\nok")
     elseif path == "/flood" then
       c:send(string.rep("HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\n", 100) ..
              "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+    elseif path == "/ws" then -- a 101 with bytes after it, then an echo of what comes back
+      c:send("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nhello")
+      local got = c:receive(4)
+      if got then c:send(got) end
     elseif path:match("^/noframe") then
       local n = tonumber(path:match("n=(%d+)")) or 1000
       c:send("HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n")
@@ -67,6 +76,7 @@ proxy.route { prefix = "/", upstream = o }
 local TLS_CONFIG = [=[
 local proxy = require "moonproxy"
 proxy.listen { addr = "${listen}" }
+proxy.listen { addr = "${tls_listen}", tls = { cert = "${cert}", key = "${key}" } }
 proxy.settings { access_log = false }
 local o = proxy.upstream "o" { servers = { "127.0.0.1:${oport}" }, tls = { ca = "${ca}", server_name = "localhost" } }
 proxy.route { prefix = "/", upstream = o }
@@ -132,6 +142,15 @@ describe("1xx and close-delimited responses", function()
     c:close()
   end)
 
+  it("relays 16 large interim responses and a final head that follows them past a buffer's end", function()
+    local c = conn()
+    local res = assert(c:request({ method = "GET", target = "/big" }))
+    assert.same({ 200, "ok", 16 }, { res.status, res.body, #res.interim })
+    assert.equal(1896, #res.interim[16]:header("link")) -- </...>; rel=preload
+    assert.equal(4000, #res:header("x-pad"))
+    c:close()
+  end)
+
   it("answers 502 to an upstream that sends interim responses without end", function()
     local res = assert(raw.get(proxy.port, "/flood", nil, { timeout = 10 }))
     assert.equal(502, res.status)
@@ -155,6 +174,23 @@ describe("1xx and close-delimited responses", function()
     c:close()
   end)
 
+  it("relays a 101 and the tunnel's bytes unframed (a 101 has no body to chunk)", function()
+    local c = conn()
+    assert(c:send("GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" ..
+      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"))
+    local res = assert(c:read_response({ interim = true }))
+    assert.equal(101, res.status)
+    assert.is_nil(res:header("transfer-encoding"))
+    local deadline = require("socket").gettime() + 10
+    while #c.buf < 5 and c:fill(deadline) do end
+    assert.equal("hello", c.buf)
+    c.buf = ""
+    assert(c:send("ping"))
+    while #c.buf < 4 and c:fill(deadline) do end
+    assert.equal("ping", c.buf)
+    c:close()
+  end)
+
   it("sends it close-delimited to an HTTP/1.0 client", function()
     local c = conn()
     local res = assert(c:request({ method = "GET", target = "/noframe?n=5000", version = "HTTP/1.0" }))
@@ -166,12 +202,14 @@ describe("1xx and close-delimited responses", function()
 end)
 
 describe("close-delimited responses from a TLS upstream", function()
-  local pki, origin, proxy
+  local pki, origin, proxy, tls_port
 
   lazy_setup(function()
     pki = tls.pki()
     origin = start_origin { pki.localhost.cert, pki.localhost.key }
-    proxy = h.start_proxy { workers = 1, config = TLS_CONFIG, vars = { oport = origin.port, ca = pki.ca } }
+    tls_port = h.free_port()
+    proxy = h.start_proxy { workers = 1, config = TLS_CONFIG, vars = { oport = origin.port, ca = pki.ca,
+      tls_listen = "127.0.0.1:" .. tls_port, cert = pki.localhost.cert, key = pki.localhost.key } }
   end)
 
   lazy_teardown(function()
@@ -183,6 +221,17 @@ describe("close-delimited responses from a TLS upstream", function()
     local c = assert(raw.connect(proxy.port, { timeout = 10 }))
     local res = assert(c:request({ method = "GET", target = "/noframe?n=200000" }))
     assert.same({ 200, true, pattern(200000) }, { res.status, res.chunked, res.body })
+    c:close()
+  end)
+
+  it("sends it chunked to an HTTP/1.1 client over TLS too, on a connection it can reuse", function()
+    local c = assert(tls.connect(tls_port, { timeout = 10 }))
+    local n = 1024 * 1024 + 3
+    local res = assert(c:request({ method = "GET", target = "/noframe?n=" .. n }))
+    assert.same({ 200, true, true }, { res.status, res.chunked, res.body == pattern(n) })
+    assert.is_falsy(res:has_token("connection", "close"))
+    local again = assert(c:request({ method = "GET", target = "/noframe?n=100" }))
+    assert.same({ 200, true, pattern(100) }, { again.status, again.chunked, again.body })
     c:close()
   end)
 
