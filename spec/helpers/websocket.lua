@@ -21,9 +21,10 @@
 --       with Content-Length; keep-alive per HTTP/1.1.
 --   Modes (--mode MODE for every upgrade, or `?mode=MODE` on one upgrade):
 --     ok          the default: 101 and echo
---     NNN         answer the upgrade with that status (200, 403...), body
+--     NNN         (also the path /status/NNN) answer the upgrade with that status (200, 403...), body
 --                 "upgrade refused NNN\n", Content-Length, keep-alive: the
 --                 connection keeps reading requests
+--     /hello      (a path) the 101, then at once a text message "hello"
 --     close:N     after N echoed messages send a close frame (1000) and close
 --     bye         on EOF from the peer (it half-closed) send a text message
 --                 "bye after N" (N: messages echoed) and then close; without
@@ -36,10 +37,11 @@
 --     still open unless the response closed it: reuse it or close it)
 --   c:send(payload, opcode)        one masked frame (opcode: ws.TEXT default,
 --                                  ws.BINARY, ws.PING, ws.CLOSE...); true or nil, err
---   c:recv(timeout)                one whole message: payload, opcode; pings are
+--   c:recv(timeout)                one whole message: opcode, payload; pings are
 --                                  answered and skipped; a close frame returns
---                                  payload, ws.CLOSE (not answered); nil,
+--                                  ws.CLOSE, payload (not answered); nil,
 --                                  "closed" | "timeout" | err
+--   c.status, c.headers (lowercase names), c.res: the 101
 --   c:echo(payload, opcode)        send then recv; true when the same payload
 --                                  and opcode came back, else nil, why
 --   c:close(code)                  close frame, wait (bounded) for the peer's,
@@ -259,11 +261,11 @@ function Client:recv(timeout)
             local ok, serr = self.conn:send(M.frame(f.payload, M.PONG, random_bytes(4)))
             if not ok then return nil, serr end
         elseif f.opcode == M.CLOSE or f.opcode == M.PONG then
-            return f.payload, f.opcode
+            return f.opcode, f.payload
         else
             if f.opcode ~= M.CONT then opcode = f.opcode end
             parts[#parts + 1] = f.payload
-            if f.fin then return table.concat(parts), opcode end
+            if f.fin then return opcode, table.concat(parts) end
         end
     end
 end
@@ -272,8 +274,8 @@ function Client:echo(payload, opcode)
     opcode = opcode or M.TEXT
     local ok, err = self:send(payload, opcode)
     if not ok then return nil, "send: " .. tostring(err) end
-    local back, op = self:recv()
-    if not back then return nil, "recv: " .. tostring(op) end
+    local op, back = self:recv()
+    if not op then return nil, "recv: " .. tostring(back) end
     if op ~= opcode then return nil, "opcode " .. tostring(op) .. " instead of " .. opcode end
     if back ~= payload then return nil, string.format("%d bytes came back instead of %d (or others)", #back, #payload) end
     return true
@@ -284,7 +286,7 @@ function Client:close(code)
     local ok = self:send(string.char(rshift(code, 8), band(code, 255)), M.CLOSE)
     local deadline = socket.gettime() + self.timeout
     while ok and socket.gettime() < deadline do
-        local _, op = self:recv(math.max(0.01, deadline - socket.gettime()))
+        local op = self:recv(math.max(0.01, deadline - socket.gettime()))
         if op == M.CLOSE or op == nil then break end
     end
     self:drop()
@@ -367,7 +369,9 @@ function M.connect(port, opts)
         conn:close()
         return nil, "bad Sec-WebSocket-Accept " .. tostring(res:header("sec-websocket-accept")), res
     end
-    return setmetatable({ conn = conn, res = res, timeout = timeout }, Client), res
+    local headers = {}
+    for _, hv in ipairs(res.headers) do headers[hv[1]:lower()] = hv[2] end
+    return setmetatable({ conn = conn, res = res, status = 101, headers = headers, timeout = timeout }, Client), res
 end
 
 -- Starts this file as an origin (see the top). opts: mode, tls = { cert, key }, args.
@@ -606,7 +610,7 @@ function Conn:tunnel(mode)
 end
 
 function Conn:upgrade(req)
-    local mode = req.q.mode or MODE
+    local mode = req.q.mode or req.path:match("^/status/(%d%d%d)$") or MODE
     local code = tonumber(mode:match("^(%d%d%d)$"))
     if code then
         stats.refused = stats.refused + 1
@@ -621,6 +625,7 @@ function Conn:upgrade(req)
         M.accept_key(key), NAME, self.id))
     if not ok then return false end
     stats.upgrades = stats.upgrades + 1
+    if req.path == "/hello" and not self:send_frame("hello", M.TEXT) then return false end
     stats.open = stats.open + 1
     local tok, err = pcall(self.tunnel, self, mode)
     stats.open = stats.open - 1
