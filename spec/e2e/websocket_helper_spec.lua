@@ -87,6 +87,21 @@ describe("websocket helper", function()
             end)
         end
 
+        it("answers the path /status/NNN with that status instead of the 101", function()
+            local c, err, res, conn = ws.connect(origin.port, { path = "/status/404" })
+            assert.is_nil(c)
+            assert.equal("status 404", err)
+            assert.equal(404, res.status)
+            conn:close()
+        end)
+
+        it("sends \"hello\" first on the path /hello", function()
+            local c = assert(ws.connect(origin.port, { path = "/hello" }))
+            assert.same({ ws.TEXT, "hello" }, { c:recv() })
+            assert(c:echo("then the echo"))
+            c:close()
+        end)
+
         it("closes after N messages with ?mode=close:N", function()
             local c = assert(ws.connect(origin.port, { path = "/ws?mode=close:2" }))
             assert(c:echo("one"))

@@ -366,8 +366,10 @@ describe("1,000 idle WebSocket tunnels", function()
         assert.equal(1000, open_tunnels(proxy))
         local rss1 = assert(h.rss_kb(proxy.pid))
         local per = (rss1 - rss0) / 980
+        -- an idle tunnel holds no buffer (about 1 KiB each measured); 16 KiB
+        -- catches one that keeps a buffer per direction while idle
         if not sanitized(proxy.pid) then
-            assert.truthy(per < 64, string.format("%.1f KiB RSS per idle tunnel (%d -> %d KiB)", per, rss0, rss1))
+            assert.truthy(per < 16, string.format("%.1f KiB RSS per idle tunnel (%d -> %d KiB)", per, rss0, rss1))
         end
         for _, i in ipairs { 1, 500, 1000 } do assert(conns[i]:echo("still " .. i)) end
         for _, c in ipairs(conns) do c:drop() end
