@@ -12,7 +12,7 @@
 --       echoed back whole with their opcode; ping gets a pong with its payload;
 --       a close gets a close (same code) and the connection ends; payload
 --       lengths 0..125, 126 (16-bit) and 127 (64-bit), up to 64 MiB.
---     GET /_stats  200 JSON {name, connections, upgrades, open (tunnels open
+--     GET /_stats  200 JSON {name, accepted (every connection), connections, upgrades, open (tunnels open
 --       now), messages (echoed), bytes (payload bytes echoed), eofs (tunnels
 --       whose peer ended without a close frame), pings, closes (close frames
 --       received), refused (upgrades answered with another status)}; /_stats
@@ -32,6 +32,7 @@
 -- As a module:  local ws = require "helpers.websocket"
 --   local c, res = ws.connect(port, { path = "/ws", tls = { sni = "localhost", ca = pki.ca },
 --                                     headers = { { "X-Test", "1" } }, timeout = 5 })
+--     (headers: a list of {name, value}, or a map name -> value)
 --     c: a client connection (res: the 101 response, raw_http's); or nil, err,
 --     res, conn when the answer was not a 101 (conn: the raw_http connection,
 --     still open unless the response closed it: reuse it or close it)
@@ -327,7 +328,13 @@ function M.handshake_request(path, host, key, headers)
     local t = { "GET " .. (path or "/") .. " HTTP/1.1", "Host: " .. (host or "localhost"),
         "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: " .. key,
         "Sec-WebSocket-Version: 13" }
-    for _, hv in ipairs(headers or {}) do t[#t + 1] = hv[1] .. ": " .. hv[2] end
+    for k, hv in pairs(headers or {}) do -- a list of {name, value} or a map name -> value
+        if type(k) == "string" then
+            t[#t + 1] = k .. ": " .. hv
+        else
+            t[#t + 1] = hv[1] .. ": " .. hv[2]
+        end
+    end
     return table.concat(t, "\r\n") .. "\r\n\r\n"
 end
 
@@ -635,7 +642,7 @@ end
 
 local function handle(c, req)
     if req.path == "/_stats" then
-        local s = { name = NAME }
+        local s = { name = NAME, accepted = accepted }
         for k, v in pairs(stats) do s[k] = v end
         return c:respond(req, 200, cjson.encode(s), "application/json")
     end
