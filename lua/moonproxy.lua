@@ -574,6 +574,8 @@ function _M.route(t)
   elseif (r.upstream and 1 or 0) + (r.handler and 1 or 0) + (r.static and 1 or 0) ~= 1 then
     fail(src, "route: needs one target: upstream = api (an upstream or its name), handler = function(req), "
       .. 'or static = { root = "./public" }')
+  elseif r.static and r.upgrade ~= nil then
+    fail(src, "route: upgrade applies to routes to an upstream (a static route never upgrades)")
   end
   r.index = #state.routes + 1
   r.name = r.name or tostring(r.index)

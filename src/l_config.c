@@ -78,6 +78,7 @@ static void push_upstream(lua_State *L, const mp_upstream_def_t *u, int index)
     set_num(L, "connect", u->connect_timeout);
     set_num(L, "send", u->send_timeout);
     set_num(L, "read", u->read_timeout);
+    set_num(L, "tunnel", u->tunnel_timeout);
     lua_setfield(L, -2, "timeouts");
     lua_createtable(L, (int)u->nservers, 0);
     lua_createtable(L, (int)u->nservers, 0);
@@ -112,6 +113,8 @@ static void push_route(lua_State *L, const mp_config_t *cfg, const mp_route_t *r
     set_str(L, "regex", r->regex);
     lua_pushboolean(L, r->strip_prefix);
     lua_setfield(L, -2, "strip_prefix");
+    lua_pushboolean(L, !cfg->no_upgrade[mp_route_slot(r)] && !cfg->statics[mp_route_slot(r)].root);
+    lua_setfield(L, -2, "upgrade");
     set_str(L, "src", r->src);
 }
 

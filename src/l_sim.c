@@ -147,6 +147,10 @@ static void push_result(lua_State *L, const mp_sim_result_t *r)
         lua_setfield(L, -2, "upgrade");
         set_string(L, "upgrade_refused", r->upgrade_refused);
     }
+    if (r->tunnel) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "tunnel");
+    }
     lua_pushlstring(L, r->head, r->head_len);
     lua_setfield(L, -2, "head");
     if (r->head_len)

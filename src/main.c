@@ -420,6 +420,8 @@ static int explain(const options_t *o)
         else if (res.body_len) /* a file, say: its size is enough here */
             printf("  \n  (a body of %zu bytes)\n", res.body_len);
     }
+    if (res.has_upgrade)
+        printf("upgrade:  %s\n", res.upgrade ? "websocket" : res.upgrade_refused ? res.upgrade_refused : "no");
     if (res.error)
         printf("error:    %s\n", res.error);
     printf("trace:\n");

@@ -779,6 +779,20 @@ static void serve_static(mp_sim_t *s)
     mp_req_on_log(&s->req);
 }
 
+/* Why a request with Upgrade that the gate never saw (req.c decides on a
+ * request going to an upstream) was not forwarded as a handshake. */
+static const char *unforwarded_why(const mp_sim_t *s)
+{
+    const mp_req_t *r = &s->req;
+    if (!r->h.upgrade)
+        return NULL;
+    if (!r->match.route)
+        return "not routed: Upgrade not forwarded";
+    if (s->gen.cfg->statics[mp_route_slot(r->match.route)].root)
+        return "a static route: Upgrade not forwarded";
+    return "answered here: Upgrade not forwarded";
+}
+
 static void fill_result(mp_sim_t *s, mp_sim_result_t *out)
 {
     const mp_req_t *r = &s->req;
@@ -787,7 +801,8 @@ static void fill_result(mp_sim_t *s, mp_sim_result_t *out)
     out->forwarded = s->forwarded;
     out->has_upgrade = r->h.upgrade;
     out->upgrade = r->upgrade;
-    out->upgrade_refused = r->upgrade ? NULL : r->upgrade_why;
+    out->upgrade_refused = r->upgrade ? NULL : r->upgrade_why ? r->upgrade_why : unforwarded_why(s);
+    out->tunnel = r->tunnel_open;
     out->status = s->forwarded ? 0 : r->status;
     if (r->match.route) {
         out->route = r->match.route->name;
@@ -982,6 +997,17 @@ static int run_response(mp_sim_t *s, const mp_sim_response_t *rs)
         return answer(s, 502, "the upstream's response head is invalid"), 0;
     }
     mp_req_response_framing(r, &rh);
+    if (MP_UNLIKELY(r->upgrade || rh.status == 101) && mp_req_upgrade_answer(r, &rh) < 0) { /* as upstream.c */
+        s->forwarded = 0;
+        return answer(s, 502,
+                      r->upgrade ? "a 101 whose Upgrade does not name websocket"
+                                 : "a 101 that no WebSocket handshake asked for"),
+               0;
+    }
+    if (r->tunnel_open)
+        step(s, "upgrade", "101 naming websocket: the connection becomes a tunnel");
+    else if (r->upgrade)
+        step(s, "upgrade", "answered %d, not 101: relayed, then the client connection closes", rh.status);
     r->status = rh.status;
     int shown = mp_req_response_hooks(r, rh.status, &rh);
     if (!shown) {

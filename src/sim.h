@@ -75,6 +75,7 @@ typedef struct {
     int has_upgrade;             /* the request had an Upgrade field: */
     int upgrade;                 /*   forwarded as a WebSocket handshake (a 101 would open a tunnel), */
     const char *upgrade_refused; /*   or why not (static text) */
+    int tunnel;                  /* a response: the 101 that opens the handshake's tunnel */
     const mp_sim_step_t *trace;
     size_t ntrace;
 } mp_sim_result_t;

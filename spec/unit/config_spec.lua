@@ -91,7 +91,7 @@ describe("load_config() defaults", function()
     assert.equal("round_robin", u.balancer)
     assert.equal(32, u.keepalive)
     assert.equal(60, u.keepalive_timeout)
-    assert.same({ connect = 5, send = 60, read = 60 }, u.timeouts)
+    assert.same({ connect = 5, send = 60, read = 60, tunnel = 3600 }, u.timeouts)
     assert.equal(1, u.retries)
     assert.is_nil(u.host)
     assert.equal(1, u.index)
@@ -177,11 +177,11 @@ describe("load_config() declarations", function()
     local cfg = ok { LISTEN, 'proxy.upstream "api" {',
       '  servers = { "127.0.0.1:9001", { addr = "[::1]:9002", weight = 3 }, "localhost:9003" },',
       '  keepalive = 0, keepalive_timeout = 5, retries = 0, host = "api.internal",',
-      '  timeouts = { connect = 0.5, read = 10 },', '}' }
+      '  timeouts = { connect = 0.5, read = 10, tunnel = 90 },', '}' }
     local u = cfg.upstreams.api
     assert.same({ "127.0.0.1:9001", "[::1]:9002", "localhost:9003" }, u.servers)
     assert.same({ 1, 3, 1 }, u.weights)
-    assert.same({ connect = 0.5, send = 60, read = 10 }, u.timeouts)
+    assert.same({ connect = 0.5, send = 60, read = 10, tunnel = 90 }, u.timeouts)
     assert.equal(0, u.keepalive)
     assert.equal(5, u.keepalive_timeout)
     assert.equal(0, u.retries)
