@@ -26,23 +26,25 @@ typedef struct {
 } mp_stats_t;
 
 typedef struct mp_io_ctx {
-    struct ev_loop *loop;           /* the thread's loop: every watcher and timer of conn, upstream, pool */
-    mp_bufpool_t bufs;              /* buffer blocks of connections (in/out) and requests */
-    mp_req_env_t env;               /* what its requests need (req.h): rng, limits, Date, clock, log prefix (env.id) */
-    mp_gen_t *gen;                  /* the current configuration generation (gen.h): a new request pins it */
-    const mp_config_t *cfg;         /* gen->cfg: connection-level settings */
-    int stopping;                   /* draining: no keep-alive, no pooling, close idle connections */
-    mp_conn_t *conns;               /* every open client connection (doubly linked) */
-    unsigned nconns;                /* how many: max_connections is checked against it */
-    int room_freed;                 /* a connection closed or went idle since the worker last looked:
+    struct ev_loop *loop;      /* the thread's loop: every watcher and timer of conn, upstream, pool */
+    mp_bufpool_t bufs;         /* buffer blocks of connections (in/out) and requests */
+    mp_req_env_t env;          /* what its requests need (req.h): rng, limits, Date, clock, log prefix (env.id) */
+    mp_gen_t *gen;             /* the current configuration generation (gen.h): a new request pins it */
+    const mp_config_t *cfg;    /* gen->cfg: connection-level settings */
+    int stopping;              /* draining: no keep-alive, no pooling, close idle connections */
+    mp_conn_t *conns;          /* every open client connection (doubly linked) */
+    unsigned nconns;           /* how many: max_connections is checked against it */
+    int room_freed;            /* a connection closed or went idle since the worker last looked:
                                      * accept, paused at max_connections, may resume */
-    mp_conn_t *idle_newest;         /* keep-alive connections between requests (LRU), newest end */
-    mp_conn_t *idle_oldest;         /* ... and oldest end (reclaimed first) */
-    mp_conn_t *graveyard;           /* closed client connections, freed before the next poll (mp_conn_reap) */
-    mp_upconn_t *up_graveyard;      /* closed upstream connections, likewise (mp_upconn_reap) */
-    struct mp_req *free_reqs;       /* recycled request objects */
-    struct mp_req *orphans;         /* requests whose on_log hook waits for a call-out (conn.c) */
-    struct mp_tunnel *tunnels;      /* open tunnels (tunnel.c); each counts in nconns */
+    mp_conn_t *idle_newest;    /* keep-alive connections between requests (LRU), newest end */
+    mp_conn_t *idle_oldest;    /* ... and oldest end (reclaimed first) */
+    mp_conn_t *graveyard;      /* closed client connections, freed before the next poll (mp_conn_reap) */
+    mp_upconn_t *up_graveyard; /* closed upstream connections, likewise (mp_upconn_reap) */
+    struct mp_req *free_reqs;  /* recycled request objects */
+    struct mp_req *orphans;    /* requests whose on_log hook waits for a call-out (conn.c) */
+    struct mp_tunnel *tunnels; /* open tunnels (tunnel.c); each counts in nconns */
+    int tunnel_pipes[32][2];   /* empty pipes for the tunnels' splice(2), kept for reuse (tunnel.c) */
+    unsigned ntunnel_pipes;
     void *redis;                    /* the worker's Redis clients (l_redis.c), kept across generations */
     unsigned nfree_reqs;            /* how many */
     mp_server_pool_t *server_pools; /* idle upstream connections per server, across generations (pool.h) */

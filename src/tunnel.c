@@ -3,7 +3,9 @@
  * side. A direction reads only while its buffer is empty and writes what it
  * read at once; what the other side cannot take yet stays in the buffer and
  * stops the reading (back-pressure), and an empty buffer goes back to the
- * worker's free list, so an idle tunnel holds none. */
+ * worker's free list, so an idle tunnel holds none. Between two plain
+ * sockets the buffer is a pipe and the bytes move by splice(2), never
+ * through user space; the worker keeps a few empty pipes for reuse. */
 #include "tunnel.h"
 
 #include <errno.h>
@@ -25,7 +27,6 @@ enum { CLIENT = 0, UPSTREAM = 1 };
 typedef struct {
     mp_io_t sock;
     ev_io w;
-    uint8_t want; /* the directions asked for, before a TLS transport maps them */
     uint8_t eof;  /* its read ended: nothing more comes from it */
     uint8_t shut; /* our writing to it ended (shutdown sent) */
     mp_buf_t buf; /* bytes read from it, for the other side; no block while empty */
@@ -53,36 +54,32 @@ _Static_assert(MP_TC_REASONS == MP_METRICS_TUNNEL_REASONS, "metrics.h counts eve
 static void on_io(struct ev_loop *loop, ev_io *w, int revents);
 static void on_timer(struct ev_loop *loop, ev_timer *w, int revents);
 
-/* Pipes for splice(2), kept per worker thread while no direction holds
- * bytes in them: a tunnel takes one only while it moves bytes. */
-#define PIPES_KEPT 32
-static _Thread_local int pipes[PIPES_KEPT][2];
-static _Thread_local unsigned npipes;
-
-/* A pipe for side s; 0, or -1 when none can be had (then s copies). */
-static int pipe_take(tside_t *s)
+/* A pipe for side s (a direction takes one only while it moves bytes,
+ * from ctx's empty ones first); 0, or -1 when none can be had (then s
+ * copies through a buffer). */
+static int pipe_take(mp_io_ctx_t *ctx, tside_t *s)
 {
     if (s->pipe[0] >= 0)
         return 0;
-    if (npipes) {
-        npipes--;
-        s->pipe[0] = pipes[npipes][0];
-        s->pipe[1] = pipes[npipes][1];
+    if (ctx->ntunnel_pipes) {
+        ctx->ntunnel_pipes--;
+        s->pipe[0] = ctx->tunnel_pipes[ctx->ntunnel_pipes][0];
+        s->pipe[1] = ctx->tunnel_pipes[ctx->ntunnel_pipes][1];
         return 0;
     }
     return pipe2(s->pipe, O_NONBLOCK | O_CLOEXEC);
 }
 
-/* Gives s's pipe back (it must be empty), or closes it (close_it: it may
- * hold bytes). */
-static void pipe_give(tside_t *s, int close_it)
+/* Gives s's pipe back to ctx (it must be empty), or closes it (close_it:
+ * it may hold bytes). */
+static void pipe_give(mp_io_ctx_t *ctx, tside_t *s, int close_it)
 {
     if (s->pipe[0] < 0)
         return;
-    if (!close_it && npipes < PIPES_KEPT) {
-        pipes[npipes][0] = s->pipe[0];
-        pipes[npipes][1] = s->pipe[1];
-        npipes++;
+    if (!close_it && ctx->ntunnel_pipes < MP_ARRAY_LEN(ctx->tunnel_pipes)) {
+        ctx->tunnel_pipes[ctx->ntunnel_pipes][0] = s->pipe[0];
+        ctx->tunnel_pipes[ctx->ntunnel_pipes][1] = s->pipe[1];
+        ctx->ntunnel_pipes++;
     } else {
         close(s->pipe[0]);
         close(s->pipe[1]);
@@ -106,7 +103,7 @@ static int close_tunnel(mp_tunnel_t *t, int reason)
         ev_io_stop(ctx->loop, &t->s[i].w);
         mp_io_close(&t->s[i].sock);
         mp_buf_release(&t->s[i].buf, &ctx->bufs);
-        pipe_give(&t->s[i], t->s[i].piped > 0);
+        pipe_give(ctx, &t->s[i], t->s[i].piped > 0);
     }
     ev_timer_stop(ctx->loop, &t->timer);
     if (t->prev)
@@ -203,7 +200,7 @@ static int pump(mp_tunnel_t *t, int from)
         }
         if (rounds++ == TUNNEL_ROUNDS)
             return 0;
-        if (t->splice && pipe_take(a) == 0) {
+        if (t->splice && pipe_take(t->ctx, a) == 0) {
             ssize_t n = splice(a->sock.fd, NULL, a->pipe[1], NULL, SPLICE_CHUNK, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
             if (n < 0 && errno == EINTR)
                 continue;
@@ -247,9 +244,8 @@ static void sync_side(mp_tunnel_t *t, int i)
     if (s->buf.data && !mp_buf_len(&s->buf))
         mp_buf_release(&s->buf, &t->ctx->bufs);
     if (s->pipe[0] >= 0 && !s->piped)
-        pipe_give(s, 0);
+        pipe_give(t->ctx, s, 0);
     int want = (!s->eof && !pending(s) ? EV_READ : 0) | (pending(&t->s[!i]) ? EV_WRITE : 0);
-    s->want = (uint8_t)want;
     int events = mp_io_events(&s->sock, want);
     if ((s->w.events & (EV_READ | EV_WRITE)) != events || (events == 0) != !ev_is_active(&s->w)) {
         ev_io_stop(t->ctx->loop, &s->w);
@@ -375,9 +371,9 @@ void mp_tunnel_close_all(mp_io_ctx_t *ctx)
 {
     while (ctx->tunnels)
         close_tunnel(ctx->tunnels, MP_TC_SHUTDOWN);
-    while (npipes) {
-        npipes--;
-        close(pipes[npipes][0]);
-        close(pipes[npipes][1]);
+    while (ctx->ntunnel_pipes) {
+        ctx->ntunnel_pipes--;
+        close(ctx->tunnel_pipes[ctx->ntunnel_pipes][0]);
+        close(ctx->tunnel_pipes[ctx->ntunnel_pipes][1]);
     }
 }
