@@ -1,0 +1,355 @@
+#!/usr/bin/env bash
+# scripts/bench/websocket.sh [BIN] — WebSocket tunnels through nginx, HAProxy
+# and moonproxy (issue 13, "Speed"), on loopback, plain TCP.
+#
+# One WebSocket echo origin (scripts/bench/wsecho.c: epoll, RFC 6455
+# handshake, frames unmasked and echoed) and one load client
+# (scripts/bench/wsload.c: K connections, handshake through the proxy, masked
+# binary frames, every echo checked byte for byte), both C, compiled here into
+# build/ with cc -O2 (-lcrypto for the SHA-1 of Sec-WebSocket-Accept). Each
+# proxy in turn, with WORKERS workers, proxies to the origin:
+#   1. throughput: one tunnel, TP_WINDOW messages of TP_SIZE (64 KiB) in flight,
+#      for DURATION s: MiB/s echoed, and the proxy's CPU ms per MiB echoed
+#      (each echoed MiB crossed the proxy twice: once each way);
+#   2. messages: MSG_CONNS (100) tunnels, each with MSG_WINDOW (1) message of
+#      MSG_SIZE (32 B) in flight, for DURATION s: messages echoed per second
+#      and the proxy's CPU µs per message (round trip);
+#   3. idle: IDLE_TUNNELS (1000) tunnels, each after one echo, held idle:
+#      the proxy's RSS delta / N (KiB per idle tunnel).
+# CPU: utime+stime of the proxy's processes (nginx master + workers) or
+# threads over the run, read from /proc (lib.sh's cpu_ticks): the steadiest
+# figure on a shared machine. The load client's and origin's CPU are shown so
+# that a bottleneck there is visible. A proxy that does not tunnel (moonproxy
+# before the tunnel: a 400 to the handshake, or a 101 relayed but no frame
+# echoed) gets a "did not run" row with wsload's reason: wsload fails after
+# TIMEOUT s without progress, never hangs.
+#
+# Configurations (written into the temp dir): nginx with proxy_http_version
+# 1.1, Upgrade $http_upgrade and Connection "upgrade" set, read/send timeouts
+# 300 s, otherwise defaults (proxy_buffer_size, the tunnel's buffer: one page);
+# HAProxy mode http, timeout tunnel 300s (default tune.bufsize); moonproxy a
+# plain route to the origin (the upgrade is on by default).
+#
+# Environment: WORKERS=2 DURATION=5 PROXIES="nginx haproxy moonproxy"
+#   TP_SIZE=65536 TP_WINDOW=8 MSG_CONNS=100 MSG_SIZE=32 MSG_WINDOW=1
+#   IDLE_TUNNELS=1000 (0 = skip) ECHO_THREADS=1 TIMEOUT=5
+#   OUT=build/bench-websocket.md NGINX=/usr/sbin/nginx HAPROXY=/usr/sbin/haproxy CC=cc
+# About 1 min for the three proxies.
+#
+# Every process started here is stopped by PID on exit, and the temp dir goes.
+set -Eeuo pipefail
+BENCH_NAME=bench_websocket
+BENCH_DIR=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+. "$BENCH_DIR/lib.sh"
+# shellcheck source-path=SCRIPTDIR source=proxies.sh
+. "$BENCH_DIR/proxies.sh"
+trap 'log "bench_websocket: failed at line $LINENO: $BASH_COMMAND"' ERR
+
+ROOT=$(cd "$BENCH_DIR/../.." && pwd)
+BIN=${1:-$ROOT/build/moonproxy}
+[[ $BIN == /* ]] || BIN=$PWD/$BIN
+WORKERS=${WORKERS:-2}
+DURATION=${DURATION:-5}
+PROXIES=${PROXIES:-nginx haproxy moonproxy}
+TP_SIZE=${TP_SIZE:-65536}
+TP_WINDOW=${TP_WINDOW:-8}
+MSG_CONNS=${MSG_CONNS:-100}
+MSG_SIZE=${MSG_SIZE:-32}
+MSG_WINDOW=${MSG_WINDOW:-1}
+IDLE_TUNNELS=${IDLE_TUNNELS:-1000}
+ECHO_THREADS=${ECHO_THREADS:-1}
+TIMEOUT=${TIMEOUT:-5}
+OUT=${OUT:-$ROOT/build/bench-websocket.md}
+NGINX=${NGINX:-/usr/sbin/nginx}
+HAPROXY=${HAPROXY:-/usr/sbin/haproxy}
+CC=${CC:-cc}
+CLK_TCK=$(getconf CLK_TCK)
+T_START=$(date +%s)
+WSECHO=$ROOT/build/wsecho
+WSLOAD=$ROOT/build/wsload
+
+bench_tmpdir moonproxy-bench-ws
+
+die() {
+    log "bench_websocket: $1"
+    if [[ -n ${2:-} && -s $2 ]]; then
+        log "--- last lines of $2:"
+        tail -n 20 "$2" >&2
+    fi
+    exit 1
+}
+
+build_tools() {
+    mkdir -p "$ROOT/build"
+    "$CC" -O2 -Wall -o "$WSECHO" "$BENCH_DIR/wsecho.c" -lcrypto -lpthread 2>"$TMP/cc-wsecho.log" ||
+        die "could not compile wsecho.c" "$TMP/cc-wsecho.log"
+    "$CC" -O2 -Wall -o "$WSLOAD" "$BENCH_DIR/wsload.c" 2>"$TMP/cc-wsload.log" ||
+        die "could not compile wsload.c" "$TMP/cc-wsload.log"
+}
+
+start_origin() {
+    ORIGIN_PORT=$(free_port)
+    start_bg "$TMP/wsecho.log" "$WSECHO" "$ORIGIN_PORT" "$ECHO_THREADS"
+    ORIGIN_PID=$LAST_PID
+    wait_port "$ORIGIN_PORT" "$ORIGIN_PID" wsecho || die "$START_ERR" "$TMP/wsecho.log"
+    # proxies.sh's write_moonproxy_cfg routes to BACKEND_PORT
+    BACKEND_PORT=$ORIGIN_PORT
+}
+
+nginx_ws_cfg() { # DIR PORT
+    nginx_common "$1"
+    cat <<EOF
+worker_processes $WORKERS;
+events { worker_connections 10240; }
+http {
+$(nginx_http_common "$1")
+    upstream ws { server 127.0.0.1:$ORIGIN_PORT; }
+    server {
+        listen 127.0.0.1:$2 backlog=4096 reuseport;
+        location / {
+            proxy_pass http://ws;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade \$http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_read_timeout 300s;
+            proxy_send_timeout 300s;
+        }
+    }
+}
+EOF
+}
+
+# start_one NAME: PROXY_PID, PROXY_PORT, PROXY_LOG; 1 with START_ERR.
+start_one() {
+    local name=$1 dir=$TMP/$1
+    mkdir -p "$dir"
+    PROXY_PORT=$(free_port)
+    PROXY_LOG=$dir/stderr.log
+    PROXY_PID=
+    case $name in
+    moonproxy)
+        write_moonproxy_cfg "$dir/cfg.lua" "$PROXY_PORT" "$WORKERS"
+        "$BIN" -t -c "$dir/cfg.lua" >"$dir/check.log" 2>&1 || {
+            START_ERR="moonproxy -t rejected the config: $(head -c 500 "$dir/check.log")"
+            return 1
+        }
+        start_bg "$PROXY_LOG" "$BIN" -c "$dir/cfg.lua" -w "$WORKERS"
+        ;;
+    nginx)
+        nginx_ws_cfg "$dir" "$PROXY_PORT" >"$dir/nginx.conf"
+        PROXY_LOG=$dir/error.log
+        start_nginx "$dir"
+        ;;
+    haproxy)
+        {
+            haproxy_common "$dir" "$WORKERS" "$PROXY_PORT"
+            echo "    timeout tunnel 300s"
+            echo "    server s1 127.0.0.1:$ORIGIN_PORT"
+        } >"$dir/haproxy.cfg"
+        start_bg "$PROXY_LOG" "$HAPROXY" -f "$dir/haproxy.cfg" -db
+        ;;
+    *) START_ERR="unknown proxy $name"; return 1 ;;
+    esac
+    PROXY_PID=$LAST_PID
+    wait_port "$PROXY_PORT" "$PROXY_PID" "$name" 100
+}
+
+# wsload_run OUTFILE ARGS...: wsload against the proxy, in the background (so
+# the EXIT trap stops it), waited for; bounded by wsload's own timeouts and,
+# for safety, by timeout(1). 0 if it printed "ok".
+wsload_run() {
+    local outf=$1 pid
+    shift
+    start_bg "$outf" timeout $((DURATION * 2 + 60)) "$WSLOAD" -p "$PROXY_PORT" -t "$TIMEOUT" "$@"
+    pid=$LAST_PID
+    wait "$pid" || true
+    unset "STARTED[$pid]"
+    grep -q '^ok ' "$outf"
+}
+
+# field FILE NAME: the value of NAME=... in wsload's "ok" line.
+field() { awk -v k="$2" '/^ok / { for (i = 2; i <= NF; i++) { split($i, a, "="); if (a[1] == k) print a[2] } }' "$1"; }
+
+# why FILE: wsload's error line (or the end of its output).
+why() { oneline "$(grep -m1 '^error:' "$1" || tail -n 2 "$1")"; }
+
+declare -A RES=() FAILED=()
+# RES[name:tp] = "mib_per_s cpu_ms_per_mib load_cpu_pct origin_cpu_pct"
+# RES[name:msg] = "msgs_per_s cpu_us_per_msg load_cpu_pct origin_cpu_pct"
+# RES[name:idle] = "tunnels rss0 rss1 kib_per_tunnel"
+
+# measure NAME KIND ARGS...: one wsload run, the proxy's and origin's CPU around it.
+measure() {
+    local name=$1 kind=$2 outf=$TMP/$1-$2.out pids t0 t1 o0 o1 w0 w1 bytes msgs rate mib lcpu
+    shift 2
+    pids=$(proc_tree "$PROXY_PID")
+    # shellcheck disable=SC2086
+    t0=$(cpu_ticks $pids) o0=$(cpu_ticks "$ORIGIN_PID") w0=$(date +%s%N)
+    if ! wsload_run "$outf" "$@"; then
+        FAILED[$name:$kind]=$(why "$outf")
+        log "  $name $kind: ${FAILED[$name:$kind]}"
+        return 1
+    fi
+    # shellcheck disable=SC2086
+    t1=$(cpu_ticks $pids) o1=$(cpu_ticks "$ORIGIN_PID") w1=$(date +%s%N)
+    bytes=$(field "$outf" bytes) msgs=$(field "$outf" msgs) lcpu=$(field "$outf" cpu_s)
+    rate=$(field "$outf" msgs_per_s) mib=$(field "$outf" mib_per_s)
+    local common="-v t=$((t1 - t0)) -v o=$((o1 - o0)) -v hz=$CLK_TCK -v w=$((w1 - w0)) -v l=$lcpu"
+    if [[ $kind == tp ]]; then
+        # shellcheck disable=SC2086
+        RES[$name:tp]=$(awk $common -v b="$bytes" -v m="$mib" 'BEGIN {
+            printf "%s %.2f %.0f %.0f", m, 1000 * t / hz / (b / 1048576), 100 * l / (w / 1e9), 100 * o / hz / (w / 1e9) }')
+    else
+        # shellcheck disable=SC2086
+        RES[$name:msg]=$(awk $common -v n="$msgs" -v r="$rate" 'BEGIN {
+            printf "%s %.2f %.0f %.0f", r, 1e6 * t / hz / n, 100 * l / (w / 1e9), 100 * o / hz / (w / 1e9) }')
+    fi
+    log "  $name $kind: ${RES[$name:$kind]} ($(head -n 1 "$outf"))"
+}
+
+# idle_tunnels NAME: RSS of the proxy before and while it holds IDLE_TUNNELS idle tunnels.
+idle_tunnels() {
+    local name=$1 pids r0 r1 outf=$TMP/$1-idle.out stopf=$TMP/$1-idle.stop pid i opened=""
+    ((IDLE_TUNNELS > 0)) || return 0
+    pids=$(proc_tree "$PROXY_PID")
+    # shellcheck disable=SC2086
+    r0=$(rss_kib $pids)
+    : >"$outf"
+    start_bg "$outf" timeout 200 "$WSLOAD" -p "$PROXY_PORT" -t "$TIMEOUT" -i -c "$IDLE_TUNNELS" -s "$MSG_SIZE" -f "$stopf" -H 120
+    pid=$LAST_PID
+    for ((i = 0; i < 1000; i++)); do   # <= 100 s; wsload's handshake deadline is shorter
+        opened=$(awk '/^opened/ { print $2 }' "$outf")
+        [[ -n $opened ]] && break
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if [[ -z $opened ]]; then
+        stop_tree "$pid"
+        FAILED[$name:idle]=$(why "$outf")
+        log "  $name idle: ${FAILED[$name:idle]}"
+        return 0
+    fi
+    sleep 1   # let lazily-freed buffers settle
+    # shellcheck disable=SC2086
+    r1=$(rss_kib $pids)
+    : >"$stopf"
+    for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    stop_tree "$pid"
+    if grep -q '^closed_by_peer [1-9]' "$outf"; then
+        FAILED[$name:idle]="the proxy closed idle tunnels: $(grep '^closed_by_peer' "$outf")"
+        log "  $name idle: ${FAILED[$name:idle]}"
+        return 0
+    fi
+    RES[$name:idle]=$(awk -v a="$r0" -v b="$r1" -v n="$opened" 'BEGIN { printf "%d %d %d %.2f", n, a, b, (b - a) / n }')
+    log "  $name idle: ${RES[$name:idle]} (tunnels, RSS KiB before, while held, KiB per tunnel)"
+}
+
+run_one() {
+    local name=$1
+    log "$name: starting"
+    if ! start_one "$name"; then
+        FAILED[$name]=$START_ERR
+        log "  $name: $START_ERR"
+        [[ -n ${PROXY_PID:-} ]] && stop_tree "$PROXY_PID"
+        return 0
+    fi
+    # a short probe first: a proxy that does not tunnel fails here, in TIMEOUT s at most
+    if ! wsload_run "$TMP/$name-probe.out" -c 1 -s 125 -d 0.2; then
+        FAILED[$name]="no tunnel: $(why "$TMP/$name-probe.out")"
+        log "  $name: ${FAILED[$name]}"
+        stop_tree "$PROXY_PID"
+        return 0
+    fi
+    measure "$name" tp -c 1 -s "$TP_SIZE" -w "$TP_WINDOW" -d "$DURATION" || true
+    measure "$name" msg -c "$MSG_CONNS" -s "$MSG_SIZE" -w "$MSG_WINDOW" -d "$DURATION" || true
+    idle_tunnels "$name"
+    stop_tree "$PROXY_PID"
+}
+
+# ws_versions: nginx, HAProxy, moonproxy on one line.
+ws_versions() {
+    local n h
+    n=$("$NGINX" -v 2>&1 || true)
+    h=$("$HAPROXY" -v 2>/dev/null || true)
+    h=${h%%$'\n'*}
+    printf '%s, %s%s' "${n##*: }" "$(awk '{ print $1, $3 }' <<<"$h")" "${MP_VERSION:+, $MP_VERSION}"
+}
+
+# cell NAME KIND FIELD: one figure, or "" if that part did not run.
+cell() {
+    local v=${RES[$1:$2]:-}
+    [[ -n $v ]] || return 0
+    awk -v i="$3" '{ print $i }' <<<"$v"
+}
+
+# ratios LABEL KIND FIELD: moonproxy ÷ nginx and ÷ haproxy of one figure.
+ratios() {
+    local m n h
+    m=$(cell moonproxy "$2" "$3") n=$(cell nginx "$2" "$3") h=$(cell haproxy "$2" "$3")
+    echo "- $1: moonproxy ÷ nginx **$(ratio "$m" "$n")**, moonproxy ÷ HAProxy **$(ratio "$m" "$h")**"
+}
+
+report() {
+    local name kind
+    echo "## WebSocket tunnels ($(date -u '+%Y-%m-%d %H:%M UTC'))"
+    echo
+    echo "Loopback, plain TCP, $(nproc) CPUs (shared, noisy: compare rows of one run), $WORKERS workers per proxy;" \
+        "origin: build/wsecho ($ECHO_THREADS thread(s)), client: build/wsload; each load run $DURATION s."
+    echo "Versions: $(ws_versions)."
+    echo "Load average (1 min) at start: $LOAD0, at end: $(cut -d' ' -f1 /proc/loadavg)."
+    echo "CPU: the proxy's utime+stime (all its processes/threads) over the run; client/origin CPU: their share of one CPU during the run."
+    echo
+    echo "| proxy | 1 tunnel × $TP_SIZE B (window $TP_WINDOW): MiB/s | CPU ms/MiB | client / origin CPU |" \
+        "$MSG_CONNS tunnels × $MSG_SIZE B: msg/s | CPU µs/msg | client / origin CPU | idle: KiB/tunnel ($IDLE_TUNNELS) |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    for name in $PROXIES; do
+        if [[ -n ${FAILED[$name]:-} ]]; then
+            echo "| $name | did not run: $(oneline "${FAILED[$name]}") | | | | | | |"
+            continue
+        fi
+        local row="| $name"
+        for kind in tp msg; do
+            if [[ -n ${RES[$name:$kind]:-} ]]; then
+                row+=" | $(cell "$name" $kind 1) | $(cell "$name" $kind 2) | $(cell "$name" $kind 3)% / $(cell "$name" $kind 4)%"
+            else
+                row+=" | failed: $(oneline "${FAILED[$name:$kind]:-not measured}") | | "
+            fi
+        done
+        if [[ -n ${RES[$name:idle]:-} ]]; then
+            row+=" | $(cell "$name" idle 4)"
+        elif ((IDLE_TUNNELS > 0)); then
+            row+=" | failed: $(oneline "${FAILED[$name:idle]:-not measured}")"
+        else
+            row+=" | –"
+        fi
+        echo "$row |"
+    done
+    echo
+    ratios "throughput (MiB/s, higher is better)" tp 1
+    ratios "CPU per MiB (lower is better; target ≤ nginx)" tp 2
+    ratios "messages per second (higher is better)" msg 1
+    ratios "CPU per message (lower is better)" msg 2
+    ratios "RSS per idle tunnel (lower is better; target ≤ nginx)" idle 4
+    echo
+    echo "Run time: $(($(date +%s) - T_START)) s."
+}
+
+main() {
+    [[ -x $NGINX ]] || die "$NGINX missing (scripts/deps.sh bench)"
+    [[ -x $HAPROXY ]] || die "$HAPROXY missing (scripts/deps.sh bench)"
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    mkdir -p "$(dirname "$OUT")"
+    LOAD0=$(cut -d' ' -f1 /proc/loadavg)
+    build_tools
+    select_proxies
+    start_origin
+    local name
+    for name in $PROXIES; do run_one "$name"; done
+    report >"$TMP/report.md"
+    cp "$TMP/report.md" "$OUT"
+    cat "$TMP/report.md"
+    log "written to $OUT"
+}
+
+main "$@"
