@@ -15,7 +15,10 @@
 #      MSG_SIZE (32 B) in flight, for DURATION s: messages echoed per second
 #      and the proxy's CPU µs per message (round trip);
 #   3. idle: IDLE_TUNNELS (1000) tunnels, each after one echo, held idle:
-#      the proxy's RSS delta / N (KiB per idle tunnel).
+#      the proxy's RSS delta / N (KiB per idle tunnel);
+#   4. (TLS=1, the default) 1. again with TLS between client and proxy (the
+#      proxy started again with a TLS listener: tls.sh's ECDSA P-256
+#      certificate; wsload -T, one full handshake), plain TCP to the origin.
 # CPU: utime+stime of the proxy's processes (nginx master + workers) or
 # threads over the run, read from /proc (lib.sh's cpu_ticks): the steadiest
 # figure on a shared machine. The load client's and origin's CPU are shown so
@@ -32,7 +35,7 @@
 #
 # Environment: WORKERS=2 DURATION=5 PROXIES="nginx haproxy moonproxy"
 #   TP_SIZE=65536 TP_WINDOW=8 MSG_CONNS=100 MSG_SIZE=32 MSG_WINDOW=1
-#   IDLE_TUNNELS=1000 (0 = skip) ECHO_THREADS=1 TIMEOUT=5
+#   IDLE_TUNNELS=1000 (0 = skip) TLS=1 (0 = skip) ECHO_THREADS=1 TIMEOUT=5
 #   OUT=build/bench-websocket.md NGINX=/usr/sbin/nginx HAPROXY=/usr/sbin/haproxy CC=cc
 # About 1 min for the three proxies.
 #
@@ -44,6 +47,9 @@ BENCH_DIR=$(cd "$(dirname "$0")" && pwd)
 . "$BENCH_DIR/lib.sh"
 # shellcheck source-path=SCRIPTDIR source=proxies.sh
 . "$BENCH_DIR/proxies.sh"
+# tls_certs (its other functions need compare.sh and are not used here)
+# shellcheck source-path=SCRIPTDIR source=tls.sh
+. "$BENCH_DIR/tls.sh"
 trap 'log "bench_websocket: failed at line $LINENO: $BASH_COMMAND"' ERR
 
 ROOT=$(cd "$BENCH_DIR/../.." && pwd)
@@ -58,6 +64,7 @@ MSG_CONNS=${MSG_CONNS:-100}
 MSG_SIZE=${MSG_SIZE:-32}
 MSG_WINDOW=${MSG_WINDOW:-1}
 IDLE_TUNNELS=${IDLE_TUNNELS:-1000}
+TLS=${TLS:-1}
 ECHO_THREADS=${ECHO_THREADS:-1}
 TIMEOUT=${TIMEOUT:-5}
 OUT=${OUT:-$ROOT/build/bench-websocket.md}
@@ -84,7 +91,7 @@ build_tools() {
     mkdir -p "$ROOT/build"
     "$CC" -O2 -Wall -o "$WSECHO" "$BENCH_DIR/wsecho.c" -lcrypto -lpthread 2>"$TMP/cc-wsecho.log" ||
         die "could not compile wsecho.c" "$TMP/cc-wsecho.log"
-    "$CC" -O2 -Wall -o "$WSLOAD" "$BENCH_DIR/wsload.c" 2>"$TMP/cc-wsload.log" ||
+    "$CC" -O2 -Wall -o "$WSLOAD" "$BENCH_DIR/wsload.c" -lssl -lcrypto 2>"$TMP/cc-wsload.log" ||
         die "could not compile wsload.c" "$TMP/cc-wsload.log"
 }
 
@@ -120,9 +127,12 @@ $(nginx_http_common "$1")
 EOF
 }
 
-# start_one NAME: PROXY_PID, PROXY_PORT, PROXY_LOG; 1 with START_ERR.
+# start_one NAME [tls]: PROXY_PID, PROXY_PORT, PROXY_LOG; 1 with START_ERR.
+# tls: the listener with TLS (the ECDSA certificate of tls.sh's tls_certs),
+# added to the plain configuration as tls.sh does.
 start_one() {
-    local name=$1 dir=$TMP/$1
+    local name=$1 tls=${2:-} dir=$TMP/$1${2:+-tls}
+    local crt=$TMP/tls/ecdsa.pem key=$TMP/tls/ecdsa.key
     mkdir -p "$dir"
     PROXY_PORT=$(free_port)
     PROXY_LOG=$dir/stderr.log
@@ -130,6 +140,10 @@ start_one() {
     case $name in
     moonproxy)
         write_moonproxy_cfg "$dir/cfg.lua" "$PROXY_PORT" "$WORKERS"
+        if [[ -n $tls ]]; then
+            sed -i "s|^proxy.listen { addr = \"127.0.0.1:$PROXY_PORT\" }\$|proxy.listen { addr = \"127.0.0.1:$PROXY_PORT\", tls = { cert = \"$crt\", key = \"$key\" } }|" "$dir/cfg.lua"
+            grep -q 'tls = {' "$dir/cfg.lua" || { START_ERR="no listen line to add TLS to"; return 1; }
+        fi
         "$BIN" -t -c "$dir/cfg.lua" >"$dir/check.log" 2>&1 || {
             START_ERR="moonproxy -t rejected the config: $(head -c 500 "$dir/check.log")"
             return 1
@@ -138,6 +152,10 @@ start_one() {
         ;;
     nginx)
         nginx_ws_cfg "$dir" "$PROXY_PORT" >"$dir/nginx.conf"
+        if [[ -n $tls ]]; then
+            sed -i "s|^\( *listen 127.0.0.1:$PROXY_PORT .*reuseport\);\$|\1 ssl;\n        ssl_certificate $crt;\n        ssl_certificate_key $key;\n        ssl_protocols TLSv1.2 TLSv1.3;|" "$dir/nginx.conf"
+            grep -q 'ssl_certificate ' "$dir/nginx.conf" || { START_ERR="no listen line to add TLS to"; return 1; }
+        fi
         PROXY_LOG=$dir/error.log
         start_nginx "$dir"
         ;;
@@ -147,6 +165,10 @@ start_one() {
             echo "    timeout tunnel 300s"
             echo "    server s1 127.0.0.1:$ORIGIN_PORT"
         } >"$dir/haproxy.cfg"
+        if [[ -n $tls ]]; then
+            sed -i "s|^\( *bind 127.0.0.1:$PROXY_PORT\)\$|\1 ssl crt $TMP/tls/ecdsa.both.pem alpn http/1.1 ssl-min-ver TLSv1.2|" "$dir/haproxy.cfg"
+            grep -q ' ssl crt ' "$dir/haproxy.cfg" || { START_ERR="no bind line to add TLS to"; return 1; }
+        fi
         start_bg "$PROXY_LOG" "$HAPROXY" -f "$dir/haproxy.cfg" -db
         ;;
     *) START_ERR="unknown proxy $name"; return 1 ;;
@@ -161,7 +183,7 @@ start_one() {
 wsload_run() {
     local outf=$1 pid
     shift
-    start_bg "$outf" timeout $((DURATION * 2 + 60)) "$WSLOAD" -p "$PROXY_PORT" -t "$TIMEOUT" "$@"
+    start_bg "$outf" timeout "$(awk -v d="$DURATION" 'BEGIN { printf "%d", 2 * d + 60 }')" "$WSLOAD" -p "$PROXY_PORT" -t "$TIMEOUT" "$@"
     pid=$LAST_PID
     wait "$pid" || true
     unset "STARTED[$pid]"
@@ -178,6 +200,7 @@ declare -A RES=() FAILED=()
 # RES[name:tp] = "mib_per_s cpu_ms_per_mib load_cpu_pct origin_cpu_pct"
 # RES[name:msg] = "msgs_per_s cpu_us_per_msg load_cpu_pct origin_cpu_pct"
 # RES[name:idle] = "tunnels rss0 rss1 kib_per_tunnel"
+# RES[name:tls] = as tp, with TLS from the client
 
 # measure NAME KIND ARGS...: one wsload run, the proxy's and origin's CPU around it.
 measure() {
@@ -196,13 +219,13 @@ measure() {
     bytes=$(field "$outf" bytes) msgs=$(field "$outf" msgs) lcpu=$(field "$outf" cpu_s)
     rate=$(field "$outf" msgs_per_s) mib=$(field "$outf" mib_per_s)
     local common="-v t=$((t1 - t0)) -v o=$((o1 - o0)) -v hz=$CLK_TCK -v w=$((w1 - w0)) -v l=$lcpu"
-    if [[ $kind == tp ]]; then
+    if [[ $kind == tp || $kind == tls ]]; then
         # shellcheck disable=SC2086
-        RES[$name:tp]=$(awk $common -v b="$bytes" -v m="$mib" 'BEGIN {
+        RES[$name:$kind]=$(awk $common -v b="$bytes" -v m="$mib" 'BEGIN {
             printf "%s %.2f %.0f %.0f", m, 1000 * t / hz / (b / 1048576), 100 * l / (w / 1e9), 100 * o / hz / (w / 1e9) }')
     else
         # shellcheck disable=SC2086
-        RES[$name:msg]=$(awk $common -v n="$msgs" -v r="$rate" 'BEGIN {
+        RES[$name:$kind]=$(awk $common -v n="$msgs" -v r="$rate" 'BEGIN {
             printf "%s %.2f %.0f %.0f", r, 1e6 * t / hz / n, 100 * l / (w / 1e9), 100 * o / hz / (w / 1e9) }')
     fi
     log "  $name $kind: ${RES[$name:$kind]} ($(head -n 1 "$outf"))"
@@ -247,6 +270,7 @@ idle_tunnels() {
 
 run_one() {
     local name=$1
+    [[ -z ${FAILED[$name]:-} ]] || return 0   # not built / skipped
     log "$name: starting"
     if ! start_one "$name"; then
         FAILED[$name]=$START_ERR
@@ -276,6 +300,27 @@ ws_versions() {
     printf '%s, %s%s' "${n##*: }" "$(awk '{ print $1, $3 }' <<<"$h")" "${MP_VERSION:+, $MP_VERSION}"
 }
 
+# run_tls NAME: the throughput run again with a TLS listener.
+run_tls() {
+    local name=$1
+    ((TLS)) || return 0
+    [[ -z ${FAILED[$name]:-} ]] || return 0
+    log "$name (TLS): starting"
+    if ! start_one "$name" tls; then
+        FAILED[$name:tls]=$START_ERR
+        log "  $name tls: $START_ERR"
+        [[ -n ${PROXY_PID:-} ]] && stop_tree "$PROXY_PID"
+        return 0
+    fi
+    if wsload_run "$TMP/$name-tls-probe.out" -T -c 1 -s 125 -d 0.2; then
+        measure "$name" tls -T -c 1 -s "$TP_SIZE" -w "$TP_WINDOW" -d "$DURATION" || true
+    else
+        FAILED[$name:tls]="no tunnel: $(why "$TMP/$name-tls-probe.out")"
+        log "  $name tls: ${FAILED[$name:tls]}"
+    fi
+    stop_tree "$PROXY_PID"
+}
+
 # cell NAME KIND FIELD: one figure, or "" if that part did not run.
 cell() {
     local v=${RES[$1:$2]:-}
@@ -301,11 +346,12 @@ report() {
     echo "CPU: the proxy's utime+stime (all its processes/threads) over the run; client/origin CPU: their share of one CPU during the run."
     echo
     echo "| proxy | 1 tunnel × $TP_SIZE B (window $TP_WINDOW): MiB/s | CPU ms/MiB | client / origin CPU |" \
-        "$MSG_CONNS tunnels × $MSG_SIZE B: msg/s | CPU µs/msg | client / origin CPU | idle: KiB/tunnel ($IDLE_TUNNELS) |"
-    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+        "$MSG_CONNS tunnels × $MSG_SIZE B: msg/s | CPU µs/msg | client / origin CPU | idle: KiB/tunnel ($IDLE_TUNNELS) |" \
+        "TLS client, 1 tunnel: MiB/s | CPU ms/MiB |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for name in $PROXIES; do
         if [[ -n ${FAILED[$name]:-} ]]; then
-            echo "| $name | did not run: $(oneline "${FAILED[$name]}") | | | | | | |"
+            echo "| $name | did not run: $(oneline "${FAILED[$name]}") | | | | | | | | |"
             continue
         fi
         local row="| $name"
@@ -323,6 +369,13 @@ report() {
         else
             row+=" | –"
         fi
+        if [[ -n ${RES[$name:tls]:-} ]]; then
+            row+=" | $(cell "$name" tls 1) | $(cell "$name" tls 2)"
+        elif ((TLS)); then
+            row+=" | failed: $(oneline "${FAILED[$name:tls]:-not measured}") | "
+        else
+            row+=" | – | –"
+        fi
         echo "$row |"
     done
     echo
@@ -331,6 +384,10 @@ report() {
     ratios "messages per second (higher is better)" msg 1
     ratios "CPU per message (lower is better)" msg 2
     ratios "RSS per idle tunnel (lower is better; target ≤ nginx)" idle 4
+    if ((TLS)); then
+        ratios "TLS client: throughput (MiB/s)" tls 1
+        ratios "TLS client: CPU per MiB" tls 2
+    fi
     echo
     echo "Run time: $(($(date +%s) - T_START)) s."
 }
@@ -342,10 +399,21 @@ main() {
     mkdir -p "$(dirname "$OUT")"
     LOAD0=$(cut -d' ' -f1 /proc/loadavg)
     build_tools
+    # select_proxies drops a moonproxy that is not built (and sets MP_VERSION):
+    # keep its row, saying why it did not run
+    local all=$PROXIES p
     select_proxies
+    for p in $all; do
+        [[ " $PROXIES " == *" $p "* ]] || FAILED[$p]="skipped: $BIN not built, or SKIP_MOONPROXY=1"
+    done
+    PROXIES=$all
+    ((TLS)) && tls_certs
     start_origin
     local name
-    for name in $PROXIES; do run_one "$name"; done
+    for name in $PROXIES; do
+        run_one "$name"
+        run_tls "$name"
+    done
     report >"$TMP/report.md"
     cp "$TMP/report.md" "$OUT"
     cat "$TMP/report.md"

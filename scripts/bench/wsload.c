@@ -1,7 +1,7 @@
 /* scripts/bench/wsload.c - WebSocket load client for scripts/bench/websocket.sh.
  *
- *   wsload -p PORT [-c CONNS] [-s SIZE] [-d SECONDS] [-w WINDOW] [-t TIMEOUT]
- *   wsload -p PORT -i -c CONNS [-s SIZE] [-f STOPFILE] [-H HOLD]
+ *   wsload -p PORT [-T] [-c CONNS] [-s SIZE] [-d SECONDS] [-w WINDOW] [-t TIMEOUT]
+ *   wsload -p PORT [-T] -i -c CONNS [-s SIZE] [-f STOPFILE] [-H HOLD]
  *
  * Opens CONNS connections to 127.0.0.1:PORT, does the WebSocket handshake on
  * each (a 101 with the right Sec-WebSocket-Accept, or it fails), then keeps
@@ -20,9 +20,12 @@
  * or HOLD seconds (default 120) have passed; then prints
  * "closed_by_peer N" (tunnels the far side closed while idle) and exits.
  *
+ * -T: TLS to the proxy (OpenSSL, no certificate verification), one full
+ * handshake per connection.
+ *
  * The mask key is the same for every frame (fine for a benchmark: no proxy
  * here looks at it), so the frames sent are one prebuilt buffer. Built by
- * websocket.sh with `cc -O2`.
+ * websocket.sh with `cc -O2 ... -lssl -lcrypto`.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -30,6 +33,8 @@
 #include <getopt.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -48,6 +53,8 @@ enum { ST_CONNECT, ST_HS, ST_RUN, ST_IDLE, ST_DONE };
 
 struct conn {
     int fd, st;
+    SSL *ssl; /* -T: TLS to the proxy */
+    int tls_done;
     char hs[4096];
     size_t hslen, hsoff; /* handshake: response bytes read / request bytes sent */
     uint64_t qsend;      /* bytes of frames queued and not yet written */
@@ -59,7 +66,8 @@ struct conn {
     uint64_t left, poff; /* payload bytes left / offset in the current echo */
 };
 
-static int port = 0, nconns = 1, window = 1, idle = 0;
+static int port = 0, nconns = 1, window = 1, idle = 0, use_tls = 0;
+static SSL_CTX *tls_ctx;
 static size_t size = 32;
 static double duration = 5, io_timeout = 5, hold = 120;
 static const char *stopfile = NULL;
@@ -139,6 +147,37 @@ static void build_frames(void)
     }
 }
 
+/* read(2)/write(2), or their TLS versions: -1 with errno EAGAIN when TLS
+ * wants either direction, 0 at the end. */
+static ssize_t tls_result(struct conn *c, int r)
+{
+    if (r > 0)
+        return r;
+    int e = SSL_get_error(c->ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+        errno = EAGAIN;
+        return -1;
+    }
+    if (e == SSL_ERROR_ZERO_RETURN)
+        return 0;
+    errno = EPROTO;
+    return -1;
+}
+
+static ssize_t io_read(struct conn *c, void *b, size_t n)
+{
+    if (!c->ssl)
+        return read(c->fd, b, n);
+    return tls_result(c, SSL_read(c->ssl, b, (int)(n > 1 << 30 ? 1 << 30 : n)));
+}
+
+static ssize_t io_write(struct conn *c, const void *b, size_t n)
+{
+    if (!c->ssl)
+        return write(c->fd, b, n);
+    return tls_result(c, SSL_write(c->ssl, b, (int)(n > 1 << 30 ? 1 << 30 : n)));
+}
+
 static void want(struct conn *c, unsigned ev)
 {
     struct epoll_event e = {.events = ev, .data.ptr = c};
@@ -175,7 +214,7 @@ static void send_some(struct conn *c)
         size_t n = fbuflen - c->spos;
         if (n > c->qsend)
             n = (size_t)c->qsend;
-        ssize_t w = write(c->fd, frames + c->spos, n);
+        ssize_t w = io_write(c, frames + c->spos, n);
         if (w < 0) {
             if (errno == EINTR)
                 continue;
@@ -231,8 +270,21 @@ static void feed(struct conn *c, const unsigned char *p, size_t n)
                 for (int i = 0; i < 8; i++)
                     len = len << 8 | c->hdr[2 + i];
             }
-            if (c->hdr[0] != 0x82 || (c->hdr[1] & 0x80))
-                fail("not a binary FIN frame from the server (no tunnel?): %02x %02x", c->hdr[0], c->hdr[1]);
+            if (c->hdr[0] != 0x82 || (c->hdr[1] & 0x80)) {
+                char shown[16];
+                size_t k = 0;
+                for (int i = 0; i < 2; i++) {
+                    unsigned char b = c->hdr[i];
+                    k += (size_t)snprintf(shown + k, sizeof shown - k,
+                                          b == '\r'            ? "\\r"
+                                          : b == '\n'          ? "\\n"
+                                          : b >= 32 && b < 127 ? "%c"
+                                                               : "\\x%02x",
+                                          b);
+                }
+                fail("after the 101, bytes that are not the echo's frame header (\"%s\"): the proxy did not tunnel?",
+                     shown);
+            }
             if (len != size)
                 fail("echo of %llu bytes, sent %zu", (unsigned long long)len, size);
             c->left = len;
@@ -268,12 +320,29 @@ static void on_handshake(struct conn *c)
         if (err)
             fail("connect to 127.0.0.1:%d: %s", port, strerror(err));
         c->st = ST_HS;
+        if (use_tls) {
+            c->ssl = SSL_new(tls_ctx);
+            SSL_set_fd(c->ssl, c->fd);
+        }
+    }
+    if (c->ssl && !c->tls_done) {
+        int r = SSL_connect(c->ssl);
+        if (r != 1) {
+            int e = SSL_get_error(c->ssl, r);
+            if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+                want(c, e == SSL_ERROR_WANT_READ ? EPOLLIN : EPOLLOUT);
+                return;
+            }
+            unsigned long ee = ERR_get_error();
+            fail("TLS handshake with 127.0.0.1:%d failed: %s", port, ee ? ERR_reason_error_string(ee) : "closed");
+        }
+        c->tls_done = 1;
     }
     while (c->hsoff < reqlen) {
-        ssize_t w = write(c->fd, req + c->hsoff, reqlen - c->hsoff);
+        ssize_t w = io_write(c, req + c->hsoff, reqlen - c->hsoff);
         if (w < 0) {
             if (errno == EAGAIN) {
-                want(c, EPOLLOUT);
+                want(c, EPOLLIN | EPOLLOUT);
                 return;
             }
             fail("write (handshake): %s", strerror(errno));
@@ -282,7 +351,7 @@ static void on_handshake(struct conn *c)
     }
     want(c, EPOLLIN);
     for (;;) {
-        ssize_t r = read(c->fd, c->hs + c->hslen, sizeof c->hs - 1 - c->hslen);
+        ssize_t r = io_read(c, c->hs + c->hslen, sizeof c->hs - 1 - c->hslen);
         if (r < 0) {
             if (errno == EAGAIN)
                 return;
@@ -316,7 +385,7 @@ static void on_data(struct conn *c)
 {
     static unsigned char buf[256 * 1024];
     for (;;) {
-        ssize_t r = read(c->fd, buf, sizeof buf);
+        ssize_t r = io_read(c, buf, sizeof buf);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -366,15 +435,15 @@ static int poll_once(int ms)
 static void usage(void)
 {
     fprintf(stderr,
-            "usage: wsload -p PORT [-c CONNS] [-s SIZE] [-d SECONDS] [-w WINDOW] [-t TIMEOUT]\n"
-            "       wsload -p PORT -i -c CONNS [-s SIZE] [-f STOPFILE] [-H HOLD]\n");
+            "usage: wsload -p PORT [-T] [-c CONNS] [-s SIZE] [-d SECONDS] [-w WINDOW] [-t TIMEOUT]\n"
+            "       wsload -p PORT [-T] -i -c CONNS [-s SIZE] [-f STOPFILE] [-H HOLD]\n");
     exit(2);
 }
 
 int main(int argc, char **argv)
 {
     int o;
-    while ((o = getopt(argc, argv, "p:c:s:d:w:t:if:H:")) != -1) {
+    while ((o = getopt(argc, argv, "p:c:s:d:w:t:if:H:T")) != -1) {
         switch (o) {
         case 'p': port = atoi(optarg); break;
         case 'c': nconns = atoi(optarg); break;
@@ -382,6 +451,7 @@ int main(int argc, char **argv)
         case 'd': duration = atof(optarg); break;
         case 'w': window = atoi(optarg); break;
         case 't': io_timeout = atof(optarg); break;
+        case 'T': use_tls = 1; break;
         case 'i': idle = 1; break;
         case 'f': stopfile = optarg; break;
         case 'H': hold = atof(optarg); break;
@@ -397,6 +467,14 @@ int main(int argc, char **argv)
         setrlimit(RLIMIT_NOFILE, &rl);
         if (rl.rlim_cur < (rlim_t)nconns + 16)
             fail("RLIMIT_NOFILE %llu is too low for %d connections", (unsigned long long)rl.rlim_cur, nconns);
+    }
+    if (use_tls) {
+        tls_ctx = SSL_CTX_new(TLS_client_method());
+        if (!tls_ctx)
+            fail("SSL_CTX_new failed");
+        SSL_CTX_set_verify(tls_ctx, SSL_VERIFY_NONE, NULL);
+        SSL_CTX_set_mode(tls_ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+        SSL_CTX_set_options(tls_ctx, SSL_OP_IGNORE_UNEXPECTED_EOF);
     }
     reqlen = (size_t)snprintf(req, sizeof req, req_fmt, port);
     if (idle)
