@@ -343,7 +343,7 @@ report() {
         "origin: build/wsecho ($ECHO_THREADS thread(s)), client: build/wsload; each load run $DURATION s."
     echo "Versions: $(ws_versions)."
     echo "Load average (1 min) at start: $LOAD0, at end: $(cut -d' ' -f1 /proc/loadavg)."
-    echo "CPU: the proxy's utime+stime (all its processes/threads) over the run; client/origin CPU: their share of one CPU during the run."
+    echo "CPU: the proxy's utime+stime (all its processes/threads) over the run, per MiB of payload echoed (each MiB crossed the proxy both ways) or per message echoed; client / origin CPU: their share of one CPU during the run."
     echo
     echo "| proxy | 1 tunnel × $TP_SIZE B (window $TP_WINDOW): MiB/s | CPU ms/MiB | client / origin CPU |" \
         "$MSG_CONNS tunnels × $MSG_SIZE B: msg/s | CPU µs/msg | client / origin CPU | idle: KiB/tunnel ($IDLE_TUNNELS) |" \
