@@ -35,9 +35,12 @@
 #
 # Environment: WORKERS=2 DURATION=5 PROXIES="nginx haproxy moonproxy"
 #   TP_SIZE=65536 TP_WINDOW=8 MSG_CONNS=100 MSG_SIZE=32 MSG_WINDOW=1
-#   IDLE_TUNNELS=1000 (0 = skip) TLS=1 (0 = skip) ECHO_THREADS=1 TIMEOUT=5
+#   IDLE_TUNNELS=1000 (0 = skip) TLS=1 (0 = skip) ECHO_THREADS=1 TIMEOUT=5 ROUNDS=3
 #   OUT=build/bench-websocket.md NGINX=/usr/sbin/nginx HAPROXY=/usr/sbin/haproxy CC=cc
-# About 1 min for the three proxies.
+# The proxies run side by side (each idle while another is measured); 1. and 2.
+# are measured in ROUNDS interleaved rounds (drifting load on the machine hits
+# every proxy alike) and the round with the median CPU figure is reported, with
+# the CPU range over the rounds; 3. and 4. once per proxy. About 2.5 min.
 #
 # Every process started here is stopped by PID on exit, and the temp dir goes.
 set -Eeuo pipefail
@@ -57,6 +60,7 @@ BIN=${1:-$ROOT/build/moonproxy}
 [[ $BIN == /* ]] || BIN=$PWD/$BIN
 WORKERS=${WORKERS:-2}
 DURATION=${DURATION:-5}
+ROUNDS=${ROUNDS:-3}
 PROXIES=${PROXIES:-nginx haproxy moonproxy}
 TP_SIZE=${TP_SIZE:-65536}
 TP_WINDOW=${TP_WINDOW:-8}
@@ -210,8 +214,8 @@ measure() {
     # shellcheck disable=SC2086
     t0=$(cpu_ticks $pids) o0=$(cpu_ticks "$ORIGIN_PID") w0=$(date +%s%N)
     if ! wsload_run "$outf" "$@"; then
-        FAILED[$name:$kind]=$(why "$outf")
-        log "  $name $kind: ${FAILED[$name:$kind]}"
+        FAILED[$name:${kind%%:*}]=$(why "$outf")
+        log "  $name $kind: ${FAILED[$name:${kind%%:*}]}"
         return 1
     fi
     # shellcheck disable=SC2086
@@ -219,7 +223,7 @@ measure() {
     bytes=$(field "$outf" bytes) msgs=$(field "$outf" msgs) lcpu=$(field "$outf" cpu_s)
     rate=$(field "$outf" msgs_per_s) mib=$(field "$outf" mib_per_s)
     local common="-v t=$((t1 - t0)) -v o=$((o1 - o0)) -v hz=$CLK_TCK -v w=$((w1 - w0)) -v l=$lcpu"
-    if [[ $kind == tp || $kind == tls ]]; then
+    if [[ ${kind%%:*} == tp || $kind == tls ]]; then
         # shellcheck disable=SC2086
         RES[$name:$kind]=$(awk $common -v b="$bytes" -v m="$mib" 'BEGIN {
             printf "%s %.2f %.0f %.0f", m, 1000 * t / hz / (b / 1048576), 100 * l / (w / 1e9), 100 * o / hz / (w / 1e9) }')
@@ -268,27 +272,63 @@ idle_tunnels() {
     log "  $name idle: ${RES[$name:idle]} (tunnels, RSS KiB before, while held, KiB per tunnel)"
 }
 
-run_one() {
-    local name=$1
-    [[ -z ${FAILED[$name]:-} ]] || return 0   # not built / skipped
-    log "$name: starting"
-    if ! start_one "$name"; then
-        FAILED[$name]=$START_ERR
-        log "  $name: $START_ERR"
-        [[ -n ${PROXY_PID:-} ]] && stop_tree "$PROXY_PID"
-        return 0
-    fi
-    # a short probe first: a proxy that does not tunnel fails here, in TIMEOUT s at most
-    if ! wsload_run "$TMP/$name-probe.out" -c 1 -s 125 -d 0.2; then
-        FAILED[$name]="no tunnel: $(why "$TMP/$name-probe.out")"
-        log "  $name: ${FAILED[$name]}"
-        stop_tree "$PROXY_PID"
-        return 0
-    fi
-    measure "$name" tp -c 1 -s "$TP_SIZE" -w "$TP_WINDOW" -d "$DURATION" || true
-    measure "$name" msg -c "$MSG_CONNS" -s "$MSG_SIZE" -w "$MSG_WINDOW" -d "$DURATION" || true
-    idle_tunnels "$name"
-    stop_tree "$PROXY_PID"
+declare -A PID_OF=() PORT_OF=()
+
+# start_all: every proxy at once (idle while another is measured), each
+# probed with one short tunnel; a proxy that does not tunnel gets FAILED[name]
+# (in TIMEOUT s at most) and is stopped.
+start_all() {
+    local name
+    for name in $PROXIES; do
+        [[ -z ${FAILED[$name]:-} ]] || continue   # not built / skipped
+        log "$name: starting"
+        if ! start_one "$name"; then
+            FAILED[$name]=$START_ERR
+            log "  $name: $START_ERR"
+            [[ -n ${PROXY_PID:-} ]] && stop_tree "$PROXY_PID"
+            continue
+        fi
+        if ! wsload_run "$TMP/$name-probe.out" -c 1 -s 125 -d 0.2; then
+            FAILED[$name]="no tunnel: $(why "$TMP/$name-probe.out")"
+            log "  $name: ${FAILED[$name]}"
+            stop_tree "$PROXY_PID"
+            continue
+        fi
+        PID_OF[$name]=$PROXY_PID PORT_OF[$name]=$PROXY_PORT
+    done
+}
+
+use() { PROXY_PID=${PID_OF[$1]} PROXY_PORT=${PORT_OF[$1]}; }
+
+# median NAME KIND: of the rounds that ran, the one with the median CPU figure
+# becomes RES[NAME:KIND], with the CPU range over the rounds appended.
+median() {
+    local r rows=""
+    for ((r = 1; r <= ROUNDS; r++)); do
+        [[ -n ${RES[$1:$2:$r]:-} ]] && rows+="${RES[$1:$2:$r]}"$'\n'
+    done
+    [[ -n $rows ]] || return 0
+    RES[$1:$2]=$(sort -g -k2,2 <<<"${rows%$'\n'}" | awk '{ row[NR] = $0; cpu[NR] = $2 }
+        END { print row[int((NR + 1) / 2)], cpu[1], cpu[NR] }')
+}
+
+# rounds: ROUNDS rounds, each running the throughput and the message run on
+# every proxy in turn, so that load drifting on the machine hits them alike.
+rounds() {
+    local r name
+    for ((r = 1; r <= ROUNDS; r++)); do
+        log "round $r of $ROUNDS"
+        for name in $PROXIES; do
+            [[ -n ${PID_OF[$name]:-} ]] || continue
+            use "$name"
+            measure "$name" "tp:$r" -c 1 -s "$TP_SIZE" -w "$TP_WINDOW" -d "$DURATION" || true
+            measure "$name" "msg:$r" -c "$MSG_CONNS" -s "$MSG_SIZE" -w "$MSG_WINDOW" -d "$DURATION" || true
+        done
+    done
+    for name in $PROXIES; do
+        median "$name" tp
+        median "$name" msg
+    done
 }
 
 # ws_versions: nginx, HAProxy, moonproxy on one line.
@@ -328,6 +368,14 @@ cell() {
     awk -v i="$3" '{ print $i }' <<<"$v"
 }
 
+# cpu_cell NAME KIND: the median round's CPU figure, and the range over the rounds.
+cpu_cell() {
+    local v
+    v=$(cell "$1" "$2" 2)
+    ((ROUNDS > 1)) && v+=" ($(cell "$1" "$2" 5)–$(cell "$1" "$2" 6))"
+    printf '%s' "$v"
+}
+
 # ratios LABEL KIND FIELD: moonproxy ÷ nginx and ÷ haproxy of one figure.
 ratios() {
     local m n h
@@ -340,7 +388,8 @@ report() {
     echo "## WebSocket tunnels ($(date -u '+%Y-%m-%d %H:%M UTC'))"
     echo
     echo "Loopback, plain TCP, $(nproc) CPUs (shared, noisy: compare rows of one run), $WORKERS workers per proxy;" \
-        "origin: build/wsecho ($ECHO_THREADS thread(s)), client: build/wsload; each load run $DURATION s."
+        "origin: build/wsecho ($ECHO_THREADS thread(s)), client: build/wsload; each load run $DURATION s;" \
+        "throughput and messages: the median of $ROUNDS interleaved rounds by CPU (the CPU range over the rounds in brackets)."
     echo "Versions: $(ws_versions)."
     echo "Load average (1 min) at start: $LOAD0, at end: $(cut -d' ' -f1 /proc/loadavg)."
     echo "CPU: the proxy's utime+stime (all its processes/threads) over the run, per MiB of payload echoed (each MiB crossed the proxy both ways) or per message echoed; client / origin CPU: their share of one CPU during the run."
@@ -357,7 +406,8 @@ report() {
         local row="| $name"
         for kind in tp msg; do
             if [[ -n ${RES[$name:$kind]:-} ]]; then
-                row+=" | $(cell "$name" $kind 1) | $(cell "$name" $kind 2) | $(cell "$name" $kind 3)% / $(cell "$name" $kind 4)%"
+                row+=" | $(cell "$name" $kind 1) | $(cpu_cell "$name" $kind) | $(cell "$name" $kind 3)% / $(cell "$name" $kind 4)%"
+                [[ -n ${FAILED[$name:$kind]:-} ]] && row+=" (a round failed: $(oneline "${FAILED[$name:$kind]}"))"
             else
                 row+=" | failed: $(oneline "${FAILED[$name:$kind]:-not measured}") | | "
             fi
@@ -409,11 +459,16 @@ main() {
     PROXIES=$all
     ((TLS)) && tls_certs
     start_origin
+    start_all
+    rounds
     local name
     for name in $PROXIES; do
-        run_one "$name"
-        run_tls "$name"
+        [[ -n ${PID_OF[$name]:-} ]] || continue
+        use "$name"
+        idle_tunnels "$name"
+        stop_tree "$PROXY_PID"
     done
+    for name in $PROXIES; do run_tls "$name"; done
     report >"$TMP/report.md"
     cp "$TMP/report.md" "$OUT"
     cat "$TMP/report.md"
