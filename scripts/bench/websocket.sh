@@ -284,7 +284,8 @@ start_all() {
         log "$name: starting"
         if ! start_one "$name"; then
             FAILED[$name]=$START_ERR
-            log "  $name: $START_ERR"
+            [[ -s ${PROXY_LOG:-} ]] && FAILED[$name]+=": $(tail -n 2 "$PROXY_LOG")"
+            log "  $name: ${FAILED[$name]}"
             [[ -n ${PROXY_PID:-} ]] && stop_tree "$PROXY_PID"
             continue
         fi
@@ -348,6 +349,7 @@ run_tls() {
     log "$name (TLS): starting"
     if ! start_one "$name" tls; then
         FAILED[$name:tls]=$START_ERR
+        [[ -s ${PROXY_LOG:-} ]] && FAILED[$name:tls]+=": $(tail -n 2 "$PROXY_LOG")"
         log "  $name tls: $START_ERR"
         [[ -n ${PROXY_PID:-} ]] && stop_tree "$PROXY_PID"
         return 0
