@@ -674,7 +674,7 @@ void mp_tls_client_unslot(SSL *ssl)
  * configuration builds, wait on stores_loaded. */
 struct ca_store {
     ca_store_t *next;
-    char *key;         /* store_key's text */
+    char *key;         /* what it is loaded from: "ca\nPATH\nDIGEST", "system\nDIR\nFILE\nDIGEST" */
     X509_STORE *store; /* the cache's reference; NULL while its first user loads it */
     int users;         /* client contexts using it, and callers waiting for it */
     int linked;        /* in the list: a failed load unlinks it, the last user frees it */
