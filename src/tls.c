@@ -22,7 +22,10 @@
  * reads the certificate list. A client context's sessions use only its
  * SSL_CTX, which OpenSSL counts; the context itself is counted for callers
  * that keep it past the configuration's life (mp_tls_client_hold: the health
- * probes).
+ * probes). The X509_STORE a client context verifies against is shared
+ * (see "shared verification stores"): parsing ~150 system CAs per upstream
+ * per worker per reload was most of a big configuration's load time and
+ * memory.
  *
  * Errors: a handshake failure leaves OpenSSL's error queue filled;
  * mp_tls_plain_http must be asked before mp_tls_error, which empties it. */
@@ -31,6 +34,7 @@
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <errno.h>
+#include <limits.h>
 #include <openssl/core_names.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
@@ -85,14 +89,18 @@ struct mp_tls_server {
     size_t ncerts;
 };
 
+typedef struct ca_store ca_store_t;
+
 struct mp_tls_client {
     atomic_int refs; /* the configuration's, and each mp_tls_client_hold */
     SSL_CTX *ctx;
+    ca_store_t *store; /* the shared verification store it uses (one use), or NULL: its own or none */
     int verify;
-    /* SHA-256 (hex) of the CA bundle's bytes and of the client certificate,
-     * "" for none: what mp_tls_client_key tells apart, also across a reload
-     * that changed a file under the same path */
-    char ca_digest[2 * SHA256_DIGEST_LENGTH + 1];
+    /* SHA-256 (hex) of the CA bundle's bytes ("system-" and that of the
+     * system bundle file, "" for a store of its own) and of the client
+     * certificate ("" for none): what mp_tls_client_key tells apart, also
+     * across a reload that changed a file under the same path */
+    char ca_digest[2 * SHA256_DIGEST_LENGTH + 8];
     char cert_digest[2 * SHA256_DIGEST_LENGTH + 1];
 };
 
@@ -652,6 +660,287 @@ void mp_tls_client_unslot(SSL *ssl)
     SSL_set_ex_data(ssl, slot_idx, NULL);
 }
 
+/* ---- shared verification stores ---- */
+
+/* One X509_STORE per distinct CA set, shared by every client context that
+ * verifies against it (all upstreams, all workers' generations): a CA file
+ * is keyed by its path and the SHA-256 of its bytes, the system store by
+ * the file and directory OpenSSL takes it from and that file's digest. So a
+ * reload reuses an unchanged set and builds a new one for a changed file;
+ * the store goes with the last context using it (each SSL_CTX holds its own
+ * reference, so sessions still open keep theirs). Stores are loaded outside
+ * the lock (a worker freeing a generation must not wait for a parse): the
+ * first caller of a key inserts it still empty, and the others, which are
+ * configuration builds, wait on stores_loaded. */
+struct ca_store {
+    ca_store_t *next;
+    char *key;         /* what it is loaded from: "ca\nPATH\nDIGEST", "system\nDIR\nFILE\nDIGEST" */
+    X509_STORE *store; /* the cache's reference; NULL while its first user loads it */
+    int users;         /* client contexts using it, and callers waiting for it */
+    int linked;        /* in the list: a failed load unlinks it, the last user frees it */
+};
+
+static pthread_mutex_t stores_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t stores_loaded = PTHREAD_COND_INITIALIZER;
+static ca_store_t *stores; /* newest first; under stores_lock */
+
+/* Fills a new store; 0 or a negative MP_E* with a message in err. */
+typedef int store_load_fn(X509_STORE *st, const void *arg, char *err, size_t errlen);
+
+static void store_put(ca_store_t *e)
+{
+    if (!e)
+        return;
+    pthread_mutex_lock(&stores_lock);
+    int last = --e->users == 0;
+    if (last && e->linked) {
+        ca_store_t **p = &stores;
+        while (*p != e)
+            p = &(*p)->next;
+        *p = e->next;
+    }
+    pthread_mutex_unlock(&stores_lock);
+    if (!last)
+        return;
+    X509_STORE_free(e->store);
+    free(e->key);
+    free(e);
+}
+
+/* The store for key, loaded by load(arg) when no one has it yet: *out is
+ * the entry (one use; store_put drops it). */
+static int store_get(const char *key, store_load_fn *load, const void *arg, ca_store_t **out, char *err, size_t errlen)
+{
+    pthread_mutex_lock(&stores_lock);
+    for (;;) {
+        ca_store_t *e = stores;
+        while (e && strcmp(e->key, key) != 0)
+            e = e->next;
+        if (!e)
+            break;
+        e->users++;
+        while (!e->store && e->linked)
+            pthread_cond_wait(&stores_loaded, &stores_lock);
+        if (e->store) {
+            pthread_mutex_unlock(&stores_lock);
+            *out = e;
+            return 0;
+        }
+        pthread_mutex_unlock(&stores_lock); /* its load failed: try ours, for our own message */
+        store_put(e);
+        pthread_mutex_lock(&stores_lock);
+    }
+    ca_store_t *e = calloc(1, sizeof(*e));
+    if (e && !(e->key = strdup(key))) {
+        free(e);
+        e = NULL;
+    }
+    if (!e) {
+        pthread_mutex_unlock(&stores_lock);
+        return fail(err, errlen, "out of memory");
+    }
+    e->users = 1, e->linked = 1, e->next = stores, stores = e;
+    pthread_mutex_unlock(&stores_lock);
+    X509_STORE *st = X509_STORE_new();
+    int rc = st ? load(st, arg, err, errlen) : fail(err, errlen, "out of memory");
+    pthread_mutex_lock(&stores_lock);
+    if (rc == 0) {
+        e->store = st;
+    } else {
+        X509_STORE_free(st);
+        ca_store_t **p = &stores;
+        while (*p != e)
+            p = &(*p)->next;
+        *p = e->next;
+        e->linked = 0;
+    }
+    pthread_cond_broadcast(&stores_loaded);
+    pthread_mutex_unlock(&stores_lock);
+    if (rc < 0) {
+        store_put(e);
+        return rc;
+    }
+    *out = e;
+    return 0;
+}
+
+/* The newest loaded store whose key starts with prefix, or NULL: never
+ * waits. */
+static ca_store_t *store_peek(const char *prefix)
+{
+    size_t n = strlen(prefix);
+    pthread_mutex_lock(&stores_lock);
+    ca_store_t *e = stores;
+    while (e && !(e->store && strncmp(e->key, prefix, n) == 0))
+        e = e->next;
+    if (e)
+        e->users++;
+    pthread_mutex_unlock(&stores_lock);
+    return e;
+}
+
+/* A file's bytes (NUL-terminated, malloc'd: the caller frees them). */
+static char *read_all(const char *path, size_t *len, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fail(err, errlen, "%s: %s", path, strerror(errno));
+        return NULL;
+    }
+    size_t n = 0, cap = 0;
+    char *buf = NULL;
+    int bad = 0;
+    for (;;) {
+        if (n + 1 >= cap) {
+            char *bigger = cap < (size_t)1 << 30 ? realloc(buf, cap = cap ? 2 * cap : 65536) : NULL;
+            if (!bigger) {
+                bad = ENOMEM;
+                break;
+            }
+            buf = bigger;
+        }
+        size_t got = fread(buf + n, 1, cap - n - 1, f);
+        n += got;
+        if (got == 0) {
+            bad = ferror(f) ? (errno ? errno : EIO) : 0;
+            break;
+        }
+    }
+    fclose(f);
+    if (bad) {
+        free(buf);
+        fail(err, errlen, "%s: %s", path, strerror(bad));
+        return NULL;
+    }
+    buf[n] = '\0';
+    *len = n;
+    return buf;
+}
+
+typedef struct {
+    const char *path;
+    const char *bytes;
+    size_t len;
+} pem_src_t;
+
+/* What X509_load_cert_crl_file does with a PEM file, from bytes read once:
+ * the store is the very bundle that was digested. */
+static int load_pem(X509_STORE *st, const void *arg, char *err, size_t errlen)
+{
+    const pem_src_t *src = arg;
+    BIO *bio = BIO_new_mem_buf(src->bytes, (int)(src->len < INT32_MAX ? src->len : INT32_MAX));
+    STACK_OF(X509_INFO) *infos = bio ? PEM_X509_INFO_read_bio(bio, NULL, NULL, NULL) : NULL;
+    BIO_free(bio);
+    int ok = infos != NULL, n = 0;
+    for (int i = 0; ok && i < sk_X509_INFO_num(infos); i++) {
+        X509_INFO *it = sk_X509_INFO_value(infos, i);
+        if (it->x509)
+            ok = X509_STORE_add_cert(st, it->x509) == 1, n++;
+        if (ok && it->crl)
+            ok = X509_STORE_add_crl(st, it->crl) == 1, n++;
+    }
+    sk_X509_INFO_pop_free(infos, X509_INFO_free);
+    if (ok && n == 0) {
+        ERR_raise(ERR_LIB_X509, X509_R_NO_CERTIFICATE_OR_CRL_FOUND);
+        ok = 0;
+    }
+    return ok ? 0 : fail(err, errlen, "%s: not a PEM CA bundle (%s)", src->path, ossl_reason());
+}
+
+static int load_system(X509_STORE *st, const void *arg, char *err, size_t errlen)
+{
+    (void)arg;
+    return X509_STORE_set_default_paths(st) == 1
+               ? 0
+               : fail(err, errlen, "cannot load the system CA store (%s)", ossl_reason());
+}
+
+/* Where OpenSSL takes the system store from (X509_STORE_set_default_paths:
+ * SSL_CERT_DIR, SSL_CERT_FILE, else the built-in places), as the start of
+ * its key: "system\nDIR\nFILE\n". */
+static const char *system_prefix(char *buf, size_t len, const char **file)
+{
+    const char *dir = getenv(X509_get_default_cert_dir_env());
+    *file = getenv(X509_get_default_cert_file_env());
+    if (!*file)
+        *file = X509_get_default_cert_file();
+    snprintf(buf, len, "system\n%s\n%s\n", dir ? dir : X509_get_default_cert_dir(), *file);
+    return buf;
+}
+
+static int attach(mp_tls_client_t *c, ca_store_t *e)
+{
+    c->store = e;
+    SSL_CTX_set1_cert_store(c->ctx, e->store);
+    return 0;
+}
+
+/* tls.ca: the file's store, and its digest for mp_tls_client_key. */
+static int use_ca_file(mp_tls_client_t *c, const char *path, char *err, size_t errlen)
+{
+    pem_src_t src = {.path = path};
+    char *bytes = read_all(path, &src.len, err, errlen);
+    if (!bytes)
+        return MP_EINVAL;
+    src.bytes = bytes;
+    unsigned char d[SHA256_DIGEST_LENGTH];
+    int rc = EVP_Digest(bytes, src.len, d, NULL, EVP_sha256(), NULL) == 1
+                 ? 0
+                 : fail(err, errlen, "%s: cannot digest it (%s)", path, ossl_reason());
+    ca_store_t *e = NULL;
+    if (rc == 0) {
+        hex(d, sizeof(d), c->ca_digest);
+        size_t klen = strlen(path) + sizeof(c->ca_digest) + 8;
+        char *key = malloc(klen);
+        if (!key)
+            rc = fail(err, errlen, "out of memory");
+        else
+            snprintf(key, klen, "ca\n%s\n%s", path, c->ca_digest);
+        if (rc == 0)
+            rc = store_get(key, load_pem, &src, &e, err, errlen);
+        free(key);
+    }
+    free(bytes);
+    return rc == 0 ? attach(c, e) : rc;
+}
+
+/* The system store, shared; a bundle file that changed (or appeared, or
+ * went) since a store was loaded gets a new one. */
+static int use_system_store(mp_tls_client_t *c, char *err, size_t errlen)
+{
+    char key[PATH_MAX * 2 + 2 * SHA256_DIGEST_LENGTH + 32], digest[2 * SHA256_DIGEST_LENGTH + 1], ignored[16];
+    const char *file;
+    system_prefix(key, sizeof(key), &file);
+    if (digest_file(file, digest, ignored, sizeof(ignored)) < 0)
+        snprintf(digest, sizeof(digest), "-"); /* OpenSSL too does without it */
+    size_t n = strlen(key);
+    snprintf(key + n, sizeof(key) - n, "%s", digest);
+    snprintf(c->ca_digest, sizeof(c->ca_digest), "system-%s", digest);
+    ca_store_t *e = NULL;
+    int rc = store_get(key, load_system, NULL, &e, err, errlen);
+    return rc == 0 ? attach(c, e) : rc;
+}
+
+/* lazy_store (https URLs): a system store some upstream already shares,
+ * when there is one (every CA in memory: no file read at handshake time,
+ * no second copy); else its own, from the hashed directory, each CA read
+ * when a handshake first needs it (SSL_CERT_FILE, when set, loads now). */
+static int use_lazy_store(mp_tls_client_t *c, char *err, size_t errlen)
+{
+    char prefix[PATH_MAX * 2 + 16];
+    const char *file;
+    ca_store_t *e = store_peek(system_prefix(prefix, sizeof(prefix), &file));
+    if (e)
+        return attach(c, e);
+    const char *env_file = getenv(X509_get_default_cert_file_env());
+    const char *dir = getenv(X509_get_default_cert_dir_env());
+    if (env_file && *env_file && SSL_CTX_load_verify_file(c->ctx, env_file) != 1)
+        return fail(err, errlen, "%s (SSL_CERT_FILE): not a PEM CA bundle (%s)", env_file, ossl_reason());
+    if (SSL_CTX_load_verify_dir(c->ctx, dir && *dir ? dir : X509_get_default_cert_dir()) != 1)
+        return fail(err, errlen, "cannot use the system CA directory (%s)", ossl_reason());
+    return 0;
+}
+
 mp_tls_client_t *mp_tls_client_new(const mp_tls_client_def_t *def, char *err, size_t errlen)
 {
     if (!indexes_ready()) {
@@ -681,22 +970,12 @@ mp_tls_client_t *mp_tls_client_new(const mp_tls_client_def_t *def, char *err, si
     SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_CLIENT | SSL_SESS_CACHE_NO_INTERNAL_STORE);
     SSL_CTX_sess_set_new_cb(ctx, on_new_session);
     SSL_CTX_set_verify(ctx, def->verify ? SSL_VERIFY_PEER : SSL_VERIFY_NONE, NULL);
-    if (rc == 0 && def->ca) {
-        rc = check_readable(def->ca, err, errlen);
-        if (rc == 0 && SSL_CTX_load_verify_locations(ctx, def->ca, NULL) != 1)
-            rc = fail(err, errlen, "%s: not a PEM CA bundle (%s)", def->ca, ossl_reason());
-        if (rc == 0)
-            rc = digest_file(def->ca, c->ca_digest, err, errlen);
-    } else if (rc == 0 && def->verify && def->lazy_store) {
-        const char *file = getenv(X509_get_default_cert_file_env());
-        const char *dir = getenv(X509_get_default_cert_dir_env());
-        if (file && *file && SSL_CTX_load_verify_file(ctx, file) != 1)
-            rc = fail(err, errlen, "%s (SSL_CERT_FILE): not a PEM CA bundle (%s)", file, ossl_reason());
-        if (rc == 0 && SSL_CTX_load_verify_dir(ctx, dir && *dir ? dir : X509_get_default_cert_dir()) != 1)
-            rc = fail(err, errlen, "cannot use the system CA directory (%s)", ossl_reason());
-    } else if (rc == 0 && def->verify && SSL_CTX_set_default_verify_paths(ctx) != 1) {
-        rc = fail(err, errlen, "cannot load the system CA store (%s)", ossl_reason());
-    }
+    if (rc == 0 && def->ca)
+        rc = use_ca_file(c, def->ca, err, errlen);
+    else if (rc == 0 && def->verify && def->lazy_store)
+        rc = use_lazy_store(c, err, errlen);
+    else if (rc == 0 && def->verify)
+        rc = use_system_store(c, err, errlen);
     if (rc == 0 && (def->cert || def->key)) {
         mp_tls_pair_t pair = {def->cert, def->key};
         rc = load_pair(ctx, &pair, err, errlen);
@@ -725,7 +1004,8 @@ void mp_tls_client_free(mp_tls_client_t *c)
 {
     if (!c || atomic_fetch_sub_explicit(&c->refs, 1, memory_order_acq_rel) != 1)
         return;
-    SSL_CTX_free(c->ctx); /* sessions still open hold their own reference */
+    SSL_CTX_free(c->ctx); /* sessions still open hold their own reference, and so to the store */
+    store_put(c->store);
     free(c);
 }
 

@@ -59,14 +59,19 @@ typedef struct {
     int verify;             /* check the server's certificate and name */
     const char *ca;         /* PEM bundle to verify against; NULL: the system store */
     const char *cert, *key; /* a client certificate (both or neither) */
-    int lazy_store;         /* the system store from its hashed directory, each CA read when first needed,
-                             * instead of the whole bundle now (SSL_CERT_FILE, when set, still loads now) */
+    int lazy_store;         /* the system store as some upstream already shares it, else one from its
+                             * hashed directory, each CA read when first needed, instead of the whole
+                             * bundle now (SSL_CERT_FILE, when set, still loads now) */
 } mp_tls_client_def_t;
 
 typedef struct mp_tls_client mp_tls_client_t;
 
 /* Loads ca and cert/key (the same checks as the server's). NULL with a
- * message in err. */
+ * message in err. The store verified against is shared: one per CA file
+ * (path and content) and one for the system store, across upstreams,
+ * workers and generations, loaded by the first context that needs it
+ * (another caller needing it meanwhile waits) and freed with the last. Any
+ * thread may call it. */
 mp_tls_client_t *mp_tls_client_new(const mp_tls_client_def_t *def, char *err, size_t errlen);
 
 void mp_tls_client_free(mp_tls_client_t *c);

@@ -14,6 +14,8 @@
 -- pki:issue(name, opts) makes one more leaf signed by the CA (opts.sans:
 -- list of "DNS:x" / "IP:x"; opts.ec; opts.cn; opts.start, opts.stop:
 -- YYYYMMDDHHMMSSZ), returning { cert, key }.
+-- pki:new_ca(name, cn) makes another CA ({ cert, key, dir }) in the same
+-- folder, and pki:issue(name, opts, ca) signs a leaf with it instead.
 --
 -- Clients (LuaSec 1.2):
 --   local c, err = tls.connect(port, { sni = "api.example.test", protocol = "tlsv1_3",
@@ -130,9 +132,13 @@ function M.pki()
     return p
 end
 
-function Pki:issue(name, opts)
+function Pki:issue(name, opts, ca)
     opts.cn = opts.cn or (opts.sans[1]:match("^DNS:(.*)$") or name)
-    return sign(self.ca_pair, self.dir, name, opts)
+    return sign(ca or self.ca_pair, self.dir, name, opts)
+end
+
+function Pki:new_ca(name, cn)
+    return make_ca(self.dir .. "/" .. name, cn)
 end
 
 function Pki:remove()
