@@ -104,7 +104,7 @@ TSAN_SPECS := spec/e2e/reload_spec.lua spec/e2e/shared_spec.lua spec/e2e/watchdo
               spec/e2e/memory_spec.lua spec/e2e/admin_spec.lua spec/e2e/tls_spec.lua \
               spec/e2e/tls_edges_spec.lua spec/e2e/dns_spec.lua spec/e2e/callout_spec.lua spec/e2e/pool_spec.lua \
               spec/e2e/redis_hooks_spec.lua spec/e2e/ratelimit_redis_spec.lua spec/e2e/websocket_spec.lua \
-              spec/e2e/interim_spec.lua spec/e2e/upgrade_gate_spec.lua spec/e2e/logs_spec.lua
+              spec/e2e/interim_spec.lua spec/e2e/upgrade_gate_spec.lua spec/e2e/logs_spec.lua spec/e2e/tls_store_spec.lua
 tsan: deps
 	scripts/tsan.sh
 	$(MAKE) BUILD=build-tsan SAN=thread $(BUILD_TSAN_BIN)
