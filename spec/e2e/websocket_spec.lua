@@ -147,6 +147,24 @@ describe("WebSocket tunnels", function()
         c:close()
     end)
 
+    it("forwards what the client sent with its handshake, after the 101 and in order", function()
+        local sock = assert(socket.connect("127.0.0.1", proxy.port))
+        sock:settimeout(10)
+        finally(function() sock:close() end)
+        -- the handshake and a first frame in one write: the frame must wait for the 101
+        assert(sock:send("GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n" ..
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" ..
+            ws.frame("early bird", ws.TEXT, "\1\2\3\4")))
+        local head = {}
+        repeat
+            local line = assert(sock:receive("*l"))
+            head[#head + 1] = line
+        until line == ""
+        assert.matches("^HTTP/1.1 101", head[1])
+        local want = ws.frame("early bird", ws.TEXT)
+        assert.equal(want, assert(sock:receive(#want)))
+    end)
+
     for _, code in ipairs { 200, 403 } do
         it("relays an origin's " .. code .. " to the upgrade and keeps the client connection", function()
             local before = stats(origin)
