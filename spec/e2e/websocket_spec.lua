@@ -28,6 +28,9 @@ proxy.route { path = "/_seen", name = "seen", handler = function(req)
   return req:respond(200, seen:get(req.query) or "none")
 end }
 proxy.route { prefix = "/idle/", name = "idle", upstream = idle }
+proxy.route { prefix = "/guarded/", name = "guarded", upstream = echo,
+  on_request = function(req) if req.headers["x-key"] ~= "k1" then return req:respond(401, "no key\n") end end,
+  on_response = function(req, res) res.headers["x-seen-status"] = tostring(res.status) end }
 proxy.route { prefix = "/", name = "echo", upstream = echo }
 proxy.on_log(function(req, res)
   local id, t = req.headers["x-test-id"], req.tunnel
@@ -145,6 +148,15 @@ describe("WebSocket tunnels", function()
         end
         assert(c:echo("and a text message", ws.TEXT))
         c:close()
+    end)
+
+    it("lets request hooks decide the handshake, and shows response hooks the 101", function()
+        local refused, err, res = ws.connect(proxy.port, { path = "/guarded/ws", timeout = 10 })
+        assert.is_nil(refused, "a handshake without the key was tunnelled")
+        assert.same({ 401, "no key\n" }, { res and res.status, res and res.body }, tostring(err))
+        local c = connect(proxy.port, "/guarded/ws", "guarded", { headers = { { "X-Key", "k1" } } })
+        assert.equal("101", c.headers["x-seen-status"])
+        assert(c:echo("let in"))
     end)
 
     it("forwards what the client sent with its handshake, after the 101 and in order", function()
