@@ -240,11 +240,31 @@ local function workers(v)
   return schema.integer(1, 1024)(v, nil, nil)
 end
 
+-- access_log = "stdout" | PATH | false | { path = "stdout" | PATH, fields = { "time", "status", ... } }:
+-- the table is split in _M.settings (access_log, access_log_fields); src/config.c checks the names.
 local function access_log(v)
   if v == false or (type(v) == "string" and v ~= "") then
     return v
   end
-  return bad(v, 'must be "stdout", a file path, or false')
+  if type(v) == "table" then
+    for k in pairs(v) do
+      if k ~= "path" and k ~= "fields" then
+        return bad(v, 'takes path and fields (unknown key "' .. tostring(k) .. '")')
+      end
+    end
+    if type(v.path) ~= "string" or v.path == "" then
+      return bad(v, '{ path = "stdout" or a file path, fields = {...} }: path is missing')
+    end
+    local fields = v.fields
+    if fields ~= nil then
+      if type(fields) ~= "table" or #fields == 0 then return bad(v, "fields must be a list of field names") end
+      for i, f in ipairs(fields) do
+        if type(f) ~= "string" then return bad(v, "fields[" .. i .. "] must be a field name") end
+      end
+    end
+    return { path = v.path, fields = fields }
+  end
+  return bad(v, 'must be "stdout", a file path, false, or { path = ..., fields = {...} }')
 end
 
 -- settings.lua_memory: each VM's budget (src/vm.c), at least 1m; the loader
@@ -322,6 +342,9 @@ function _M.settings(t)
     if s[k] == 0 then
       fail(src, "settings: %s must be greater than 0", k)
     end
+  end
+  if type(s.access_log) == "table" then
+    s.access_log, s.access_log_fields = s.access_log.path, s.access_log.fields
   end
   with_defaults(s, "settings")
   s.resolver = s.resolver or with_defaults({}, "resolver")

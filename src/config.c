@@ -4,6 +4,7 @@
  * parses addresses and CIDRs. */
 #include "config.h"
 
+#include "log.h"
 #include "path.h"
 #include "vm.h"
 
@@ -385,6 +386,26 @@ static void build_settings(lua_State *L, mp_settings_t *s)
     build_resolver(L, t, &s->resolver, src);
 
     s->error_log = xstrdup(L, get_str(L, t, "error_log", src, w));
+    s->access_log_fields = MP_ALOG_ALL;
+    lua_getfield(L, t, "access_log_fields");
+    if (lua_istable(L, -1)) {
+        s->access_log_fields = 0;
+        for (int i = 1;; i++) {
+            lua_rawgeti(L, -1, i);
+            const char *f = lua_tostring(L, -1);
+            lua_pop(L, 1);
+            if (!f)
+                break;
+            int bit = mp_alog_field(f);
+            if (bit < 0)
+                fail(L, src,
+                     "settings: access_log fields: unknown field '%s' (time, id, client, method, path, route, "
+                     "tls, sni, status, bytes, upstream, upstream_time, tunnel, duration)",
+                     f);
+            s->access_log_fields |= 1u << bit;
+        }
+    }
+    lua_pop(L, 1);
     lua_getfield(L, t, "access_log"); /* false: off */
     if (lua_isnil(L, -1))
         missing(L, src, w, "access_log");

@@ -118,6 +118,7 @@ typedef struct {
     int underscores_in_headers;  /* forward fields whose name has '_' (default: dropped) */
     char *access_log;            /* NULL: off; "stdout"; else a path */
     char *error_log;             /* a path for the error log; NULL: stderr */
+    uint32_t access_log_fields;  /* log.h MP_ALOG_* bits: the fields written (MP_ALOG_ALL by default) */
     double reload_drain_timeout; /* seconds an old generation may keep requests */
     double hook_timeout;         /* seconds one call into Lua may take before the watchdog reports it */
     int watch;                   /* reload when the script changes */

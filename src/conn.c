@@ -695,7 +695,9 @@ static void log_request(mp_io_ctx_t *ctx, mp_req_t *r)
         if (r->tls->sni)
             e.sni = (mp_slice){r->tls->sni, strlen(r->tls->sni)};
     }
-    mp_alog_write(&ctx->alog, &e);
+    char extra[1024];
+    e.extra = (mp_slice){extra, r->lbox ? mp_hook_log_fields(r->gen->L, r, extra, sizeof(extra)) : 0};
+    mp_alog_write(&ctx->alog, &e, r->gen->cfg->settings.access_log_fields);
 }
 
 static void end_request(mp_conn_t *c)

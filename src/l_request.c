@@ -18,6 +18,7 @@
 #include <arpa/inet.h>
 #include <lauxlib.h>
 #include <lua.h>
+#include <math.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 
@@ -27,7 +28,7 @@
 #define RES_HDR_MT "moonproxy.res_headers"
 
 /* What a slot anchors for its request; the first four are userdata objects. */
-enum { OBJ_REQ, OBJ_RES, OBJ_REQ_HDR, OBJ_RES_HDR, OBJ_CTX, OBJ_COUNT };
+enum { OBJ_REQ, OBJ_RES, OBJ_REQ_HDR, OBJ_RES_HDR, OBJ_CTX, OBJ_LOG, OBJ_COUNT };
 
 typedef struct lstate lstate_t;
 
@@ -150,7 +151,7 @@ static void push_obj(lua_State *L, mp_lbox_t *s, int kind)
         lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref[kind]);
         return;
     }
-    if (kind == OBJ_CTX) {
+    if (kind == OBJ_CTX || kind == OBJ_LOG) {
         lua_newtable(L);
     } else {
         lobj_t *o = lua_newuserdata(L, sizeof(*o));
@@ -447,6 +448,8 @@ static int req_index(lua_State *L)
     case 3:
         if (KEY_IS(k, "ctx"))
             return push_obj(L, o->s, OBJ_CTX), 1;
+        if (KEY_IS(k, "log"))
+            return push_obj(L, o->s, OBJ_LOG), 1;
         if (KEY_IS(k, "tls"))
             return push_tls(L, r);
         break;
@@ -919,16 +922,65 @@ void mp_hook_abandon(lua_State *L, mp_req_t *r)
     r->rh = NULL;
 }
 
+/* A req.log key an access log line may take: a short name of its own. */
+static int log_key_ok(const char *k, size_t n)
+{
+    if (n == 0 || n > 64 || mp_alog_field(k) >= 0)
+        return 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = k[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_'))
+            return 0;
+    }
+    return 1;
+}
+
+size_t mp_hook_log_fields(lua_State *L, mp_req_t *r, char *out, size_t cap)
+{
+    mp_lbox_t *s = r->lbox;
+    if (!s || !(s->made & (1u << OBJ_LOG)))
+        return 0;
+    size_t len = 0;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, s->ref[OBJ_LOG]);
+    lua_pushnil(L);
+    while (lua_next(L, -2)) { /* no Lua runs: raw reads of a plain table */
+        size_t kn, vn, at = len;
+        const char *k = lua_type(L, -2) == LUA_TSTRING ? lua_tolstring(L, -2, &kn) : NULL;
+        int t = lua_type(L, -1);
+        if (k && log_key_ok(k, kn) && len + kn + 8 < cap) {
+            len += (size_t)snprintf(out + len, cap - len, ",\"%s\":", k);
+            if (t == LUA_TSTRING) {
+                const char *v = lua_tolstring(L, -1, &vn);
+                out[len++] = '"';
+                len = mp_json_escape(out, len, cap - 1, (mp_slice){v, vn});
+                out[len++] = '"';
+            } else if (t == LUA_TNUMBER && isfinite(lua_tonumber(L, -1))) {
+                len += (size_t)snprintf(out + len, cap - len, "%.17g", lua_tonumber(L, -1));
+            } else if (t == LUA_TBOOLEAN) {
+                len += (size_t)snprintf(out + len, cap - len, "%s", lua_toboolean(L, -1) ? "true" : "false");
+            } else {
+                len = at; /* a table, a function...: not a log value */
+            }
+            if (len >= cap - 1) /* it did not fit whole: left out */
+                len = at;
+        }
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    return len;
+}
+
 void mp_hook_release(lua_State *L, mp_req_t *r)
 {
     if (MP_UNLIKELY(r->co || r->callout))
         mp_hook_abandon(L, r);
     mp_lbox_t *s = r->lbox;
     if (s) {
-        if (s->made & (1u << OBJ_CTX)) { /* the table may be large: let it go now */
-            lua_pushboolean(L, 0);
-            lua_rawseti(L, LUA_REGISTRYINDEX, s->ref[OBJ_CTX]);
-        }
+        for (int k = OBJ_CTX; k <= OBJ_LOG; k++)
+            if (s->made & (1u << k)) { /* the table may be large: let it go now */
+                lua_pushboolean(L, 0);
+                lua_rawseti(L, LUA_REGISTRYINDEX, s->ref[k]);
+            }
         s->serial++;
         s->r = NULL;
         s->made = 0;

@@ -83,4 +83,11 @@ int mp_hook_hash_key(lua_State *L, mp_req_t *r, int ref);
  * the arena and respond()'s body are released. Safe when no hook ran. */
 void mp_hook_release(lua_State *L, mp_req_t *r);
 
+/* The fields on_log (or any hook) put in req.log, rendered for the access
+ * log line: ,"name":value for each string key of 1-64 characters from
+ * [A-Za-z0-9_] that no built-in field has, whose value is a string, a
+ * finite number or a boolean (others are skipped), at most cap bytes (a
+ * field that does not fit is left out). Returns the length, 0 without any. */
+size_t mp_hook_log_fields(lua_State *L, mp_req_t *r, char *out, size_t cap);
+
 #endif

@@ -168,40 +168,70 @@ static size_t json_field(char *out, size_t len, size_t cap, const char *key, mp_
     return len;
 }
 
-void mp_alog_write(mp_alog_t *a, const mp_alog_entry_t *e)
+static const char *const FIELD_NAMES[MP_ALOG_NFIELDS] = {
+    "time", "id",     "client", "method",   "path",          "route",  "tls",
+    "sni",  "status", "bytes",  "upstream", "upstream_time", "tunnel", "duration"};
+
+int mp_alog_field(const char *name)
+{
+    for (int i = 0; i < MP_ALOG_NFIELDS; i++)
+        if (strcmp(name, FIELD_NAMES[i]) == 0)
+            return i;
+    return -1;
+}
+
+const char *mp_alog_field_name(int i)
+{
+    return i >= 0 && i < MP_ALOG_NFIELDS ? FIELD_NAMES[i] : NULL;
+}
+
+#define HAS(f) (fields & (1u << (f)))
+
+void mp_alog_write(mp_alog_t *a, const mp_alog_entry_t *e, uint32_t fields)
 {
     if (a->fd < 0)
         return;
     char line[4096];
-    size_t cap = sizeof(line) - 2, len = 0;
+    size_t cap = sizeof(line) - 3, len = 0;
     char ts[40];
-    format_time(ts, sizeof(ts), e->time);
-    len += (size_t)snprintf(line, cap, "{\"time\":\"%s\"", ts);
-    len = json_field(line, len, cap, "id", e->id);
-    len = json_field(line, len, cap, "client", e->client);
-    len = json_field(line, len, cap, "method", e->method);
-    len = json_field(line, len, cap, "path", e->path);
-    len = json_field(line, len, cap, "route", e->route);
-    if (len < cap && e->tls.len)
-        len = json_field(line, len, cap, "tls", e->tls);
-    if (len < cap && e->sni.len)
-        len = json_field(line, len, cap, "sni", e->sni);
-    if (len < cap)
-        len += (size_t)snprintf(line + len, cap - len, ",\"status\":%d,\"bytes\":%llu", e->status,
-                                (unsigned long long)e->bytes);
-    if (len < cap && e->upstream_time >= 0) {
-        len = json_field(line, len, cap, "upstream", e->upstream_server);
-        if (len < cap)
-            len += (size_t)snprintf(line + len, cap - len, ",\"upstream_time\":%.3f", e->upstream_time);
+    if (HAS(MP_ALOG_TIME)) {
+        format_time(ts, sizeof(ts), e->time);
+        len += (size_t)snprintf(line, cap, ",\"time\":\"%s\"", ts);
     }
-    if (len < cap && e->tunnel_close)
+    static const uint8_t strs[] = {MP_ALOG_ID, MP_ALOG_CLIENT, MP_ALOG_METHOD, MP_ALOG_PATH, MP_ALOG_ROUTE};
+    const mp_slice vals[] = {e->id, e->client, e->method, e->path, e->route};
+    for (size_t i = 0; i < sizeof(strs); i++)
+        if (len < cap && HAS(strs[i]))
+            len = json_field(line, len, cap, FIELD_NAMES[strs[i]], vals[i]);
+    if (len < cap && e->tls.len && HAS(MP_ALOG_TLS))
+        len = json_field(line, len, cap, "tls", e->tls);
+    if (len < cap && e->sni.len && HAS(MP_ALOG_SNI))
+        len = json_field(line, len, cap, "sni", e->sni);
+    if (len < cap && HAS(MP_ALOG_STATUS))
+        len += (size_t)snprintf(line + len, cap - len, ",\"status\":%d", e->status);
+    if (len < cap && HAS(MP_ALOG_BYTES))
+        len += (size_t)snprintf(line + len, cap - len, ",\"bytes\":%llu", (unsigned long long)e->bytes);
+    if (len < cap && e->upstream_time >= 0 && HAS(MP_ALOG_UPSTREAM))
+        len = json_field(line, len, cap, "upstream", e->upstream_server);
+    if (len < cap && e->upstream_time >= 0 && HAS(MP_ALOG_UPSTREAM_TIME))
+        len += (size_t)snprintf(line + len, cap - len, ",\"upstream_time\":%.3f", e->upstream_time);
+    if (len < cap && e->tunnel_close && HAS(MP_ALOG_TUNNEL))
         len += (size_t)snprintf(
             line + len, cap - len, ",\"tunnel\":{\"to_upstream\":%llu,\"to_client\":%llu,\"close\":\"%s\"}",
             (unsigned long long)e->tunnel_to_upstream, (unsigned long long)e->tunnel_to_client, e->tunnel_close);
-    if (len < cap)
-        len += (size_t)snprintf(line + len, cap - len, ",\"duration\":%.3f}", e->duration);
+    if (len < cap && HAS(MP_ALOG_DURATION))
+        len += (size_t)snprintf(line + len, cap - len, ",\"duration\":%.3f", e->duration);
+    if (len < cap && e->extra.len && e->extra.len < cap - len) { /* on_log's req.log fields, rendered */
+        memcpy(line + len, e->extra.p, e->extra.len);
+        len += e->extra.len;
+    }
     if (len > cap)
         len = cap;
+    if (len == 0)
+        line[len++] = '{';
+    else
+        line[0] = '{'; /* the first field's comma */
+    line[len++] = '}';
     line[len++] = '\n';
     if (len > sizeof(a->buf) - a->len)
         mp_alog_flush(a);

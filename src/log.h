@@ -75,10 +75,38 @@ typedef struct {
     uint64_t bytes;                 /* response bytes sent to the client, head included */
     double upstream_time, duration; /* seconds; upstream_time < 0: no upstream */
     const char *tunnel_close;       /* a tunnel's line: why it closed ("client", ...); NULL: not a tunnel */
+    mp_slice extra;                 /* more fields, rendered: ,"name":value... (on_log's req.log), or empty */
     uint64_t tunnel_to_upstream, tunnel_to_client; /* bytes it relayed each way */
 } mp_alog_entry_t;
 
-void mp_alog_write(mp_alog_t *a, const mp_alog_entry_t *e);
+/* The fields of an access log line, in the order they are written
+ * (settings.access_log = { fields = {...} } chooses some: a bit each). */
+enum {
+    MP_ALOG_TIME,
+    MP_ALOG_ID,
+    MP_ALOG_CLIENT,
+    MP_ALOG_METHOD,
+    MP_ALOG_PATH,
+    MP_ALOG_ROUTE,
+    MP_ALOG_TLS,
+    MP_ALOG_SNI,
+    MP_ALOG_STATUS,
+    MP_ALOG_BYTES,
+    MP_ALOG_UPSTREAM,
+    MP_ALOG_UPSTREAM_TIME,
+    MP_ALOG_TUNNEL,
+    MP_ALOG_DURATION,
+    MP_ALOG_NFIELDS
+};
+#define MP_ALOG_ALL ((1u << MP_ALOG_NFIELDS) - 1)
+
+/* A field's bit number by name ("status"), or -1; its name by number, or NULL. */
+int mp_alog_field(const char *name);
+const char *mp_alog_field_name(int i);
+
+/* Appends e's line with the fields whose bit is set (MP_ALOG_ALL: all);
+ * e->extra goes last. */
+void mp_alog_write(mp_alog_t *a, const mp_alog_entry_t *e, uint32_t fields);
 
 /* Writes what is buffered. Called before the loop blocks. */
 void mp_alog_flush(mp_alog_t *a);

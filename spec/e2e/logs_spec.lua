@@ -115,3 +115,56 @@ describe("log files and SIGUSR1 #slow", function()
     h.run("rm -rf " .. h.quote(proxy.access_log) .. " " .. h.quote(dir))
   end)
 end)
+
+describe("access log fields", function()
+  local proxy
+
+  local FIELDS = [=[
+local proxy = require "moonproxy"
+proxy.listen { addr = "${listen}" }
+proxy.settings { access_log = { path = "${access_log}", fields = { "status", "path", "duration" } } }
+proxy.route { prefix = "/", handler = function(req) return req:respond(200, "ok\n") end }
+proxy.on_log(function(req, res)
+  req.log.user = "alice \"a\""
+  req.log.n = 3
+  req.log.cached = false
+  req.log.status = "not ours" -- a built-in field's name: left out
+  req.log["bad key"] = 1      -- not a plain name: left out
+  req.log.nested = {}         -- not a value: left out
+end)
+]=]
+
+  lazy_setup(function()
+    proxy = h.start_proxy { workers = 1, config = FIELDS }
+  end)
+
+  lazy_teardown(function()
+    h.shutdown(proxy)
+  end)
+
+  it("writes the chosen fields only, and what on_log put in req.log", function()
+    local c = assert(socket.connect("127.0.0.1", proxy.port))
+    c:settimeout(5)
+    assert(c:send("GET /who HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+    assert.matches("^HTTP/1.1 200", assert(c:receive("*l")))
+    c:close()
+    local e = h.eventually(function() return proxy:access_log_entries()[1] end, 5)
+    assert.equal(200, e.status)
+    assert.equal("/who", e.path)
+    assert.is_number(e.duration)
+    assert.same({ "alice \"a\"", 3, false }, { e.user, e.n, e.cached })
+    local keys = {}
+    for k in pairs(e) do keys[#keys + 1] = k end
+    table.sort(keys)
+    assert.same({ "cached", "duration", "n", "path", "status", "user" }, keys)
+  end)
+
+  it("refuses an unknown field name with file:line", function()
+    local path = h.write_file(h.tmpname(".lua"), 'local proxy = require "moonproxy"\n' ..
+      'proxy.listen { addr = "127.0.0.1:1" }\n' ..
+      'proxy.settings { access_log = { path = "stdout", fields = { "status", "colour" } } }\n')
+    local out, rc = h.run(h.quote(h.bin()) .. " -t -c " .. h.quote(path))
+    assert.are_not.equal(0, rc)
+    assert.matches(":3: settings: access_log fields: unknown field 'colour'", out, 1, true)
+  end)
+end)
