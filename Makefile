@@ -44,7 +44,7 @@ REDIS_DRIVER := $(BUILD)/redis_driver
 REDIS_DRIVER_OBJS := $(addprefix $(BUILD)/obj/,redis.o io.o tls.o log.o util.o err.o)
 TEST_BINS := $(if $(wildcard spec/c/redis_driver.c),$(REDIS_DRIVER))
 
-.PHONY: all deps run test test-run test-asan tsan bench fuzz clean fmt fmt-check lint install
+.PHONY: all deps run test test-browser test-run test-asan tsan bench fuzz clean fmt fmt-check lint install
 
 all: $(BIN) $(CORE) $(TEST_BINS)
 
@@ -81,6 +81,12 @@ run: deps all
 # on loopback (e2e/), and each example's spec.
 BUSTED := luajit /usr/bin/busted --lpath='lua/?.lua;lua/?/init.lua;spec/?.lua' --cpath='$(BUILD)/lib/?.so'
 test: deps all test-run
+
+# The status page rendered by headless Chromium (Debian's chromium, installed
+# here only): spec/browser/*_browser.lua, which `make test` leaves out.
+test-browser: all
+	@scripts/deps.sh browser
+	MOONPROXY_BIN=$(BIN) MOONPROXY_LUA_PATH=$(CURDIR)/lua $(BUSTED) --pattern=_browser spec/browser
 
 test-run:
 	MOONPROXY_BIN=$(BIN) MOONPROXY_LUA_PATH=$(CURDIR)/lua $(BUSTED) $(BUSTED_ARGS) spec examples

@@ -1,18 +1,21 @@
 #!/bin/sh
 # Install the Debian packages moonproxy needs to build, test and benchmark.
-# Idempotent: installs only what is missing. Usage: scripts/deps.sh [build|test|bench|all]
+# Idempotent: installs only what is missing. Usage: scripts/deps.sh [build|test|bench|browser|all]
 set -eu
 
 want=${1:-test}
 build_pkgs="build-essential luajit2 libluajit2-5.1-dev libev-dev libpcre2-dev libssl-dev libc-ares-dev libhiredis-dev libsystemd-dev"
 test_pkgs="redis-server lua-busted lua-socket lua-sec lua-cjson openssl curl clang libclang-rt-14-dev luarocks lua-check clang-format"
 bench_pkgs="wrk nginx libnginx-mod-http-lua haproxy valgrind"
+browser_pkgs="chromium" # make test-browser: the status page rendered headless
 
 case "$want" in
 build) pkgs="$build_pkgs" ;;
 test) pkgs="$build_pkgs $test_pkgs" ;;
-bench|all) pkgs="$build_pkgs $test_pkgs $bench_pkgs" ;;
-*) echo "usage: $0 [build|test|bench|all]" >&2; exit 2 ;;
+bench) pkgs="$build_pkgs $test_pkgs $bench_pkgs" ;;
+browser) pkgs="$build_pkgs $test_pkgs $browser_pkgs" ;;
+all) pkgs="$build_pkgs $test_pkgs $bench_pkgs $browser_pkgs" ;;
+*) echo "usage: $0 [build|test|bench|browser|all]" >&2; exit 2 ;;
 esac
 
 missing=""

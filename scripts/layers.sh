@@ -30,7 +30,7 @@ L2 config.c vm metrics
 L2 l_core l_http1 l_router l_config l_shared l_balance l_path
 L3 conn upstream pool ctx io static probe tunnel cache compress redis l_http l_redis resolve
 L4 worker listener
-L5 main reload admin sim guard l_sim
+L5 main reload admin sim guard l_sim status
 '
 # Why config, vm and the bindings sit where they do (the lowest layer that works):
 #   err      L0: a type of DESIGN.md's L1, but its MP_E* are what the pure L0 code (parser,

@@ -11,6 +11,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "router.h"
+#include "status.h"
 #include "strbuf.h"
 
 #include <arpa/inet.h>
@@ -35,6 +36,7 @@ struct mp_admin {
     const int *ready;
     const int *stuck;
     admin_conn_t *conns;
+    mp_status_t *status;                     /* GET / and /status: the status page and its history */
     char hosts[ADMIN_HOSTS][ADMIN_HOST_MAX]; /* lowercase; "" unused */
 };
 
@@ -235,6 +237,22 @@ static void upstreams(admin_conn_t *c)
     respond_json(c, 200, &b);
 }
 
+/* GET / (page: the status page) and GET /status (its JSON, status.h). */
+static void status(admin_conn_t *c, int page)
+{
+    if (page) {
+        size_t len;
+        const char *html = mp_status_page(&len);
+        return respond_with(c, 200,
+                            "Cache-Control: no-store\r\nContent-Security-Policy: default-src 'self'; "
+                            "script-src 'unsafe-inline'; style-src 'unsafe-inline'\r\n",
+                            "text/html; charset=utf-8", html, len);
+    }
+    mp_strbuf_t b = {0};
+    mp_status_json(c->a->status, &b);
+    respond_json(c, 200, &b);
+}
+
 /* GET /metrics: the workers' counters summed, Prometheus text (metrics.h). */
 static void metrics(admin_conn_t *c)
 {
@@ -377,6 +395,8 @@ static void route(admin_conn_t *c, const mp_http_request_t *h)
         return *c->a->ready ? respond(c, 200, "text/plain", "ready\n", 6)
                             : respond(c, 503, "text/plain", "not ready\n", 10);
     }
+    if (MP_SLICE_IEQ(p, "/") || MP_SLICE_IEQ(p, "/status"))
+        return get ? status(c, p.len == 1) : respond(c, 405, "text/plain", "GET\n", 4);
     if (MP_SLICE_IEQ(p, "/configz"))
         return get ? configz(c) : respond(c, 405, "text/plain", "GET\n", 4);
     if (MP_SLICE_IEQ(p, "/metrics"))
@@ -535,6 +555,12 @@ mp_admin_t *mp_admin_start(struct ev_loop *loop, mp_addr_t *addr, mp_reloader_t 
     a->rl = rl;
     a->ready = ready;
     a->stuck = stuck;
+    if (!(a->status = mp_status_start(loop, rl))) {
+        snprintf(err, errlen, "out of memory");
+        close(a->fd);
+        free(a);
+        return NULL;
+    }
     own_hosts(a, addr);
     ev_io_init(&a->io, on_accept, a->fd, EV_READ);
     ev_io_start(loop, &a->io);
@@ -545,6 +571,7 @@ void mp_admin_free(mp_admin_t *a)
 {
     if (!a)
         return;
+    mp_status_free(a->status);
     ev_io_stop(a->loop, &a->io);
     close(a->fd);
     while (a->conns) {

@@ -21,6 +21,9 @@ typedef struct {
 
 #define container_of(ptr, type, member) ((type *)((char *)(ptr)-offsetof(type, member)))
 
+/* The release: --version, the start line, the status page. */
+#define MP_VERSION "0.1.0"
+
 #define MP_LIKELY(x) __builtin_expect(!!(x), 1)
 #define MP_UNLIKELY(x) __builtin_expect(!!(x), 0)
 

@@ -24,7 +24,6 @@
 #include <systemd/sd-daemon.h>
 #include <unistd.h>
 
-#define MP_VERSION "0.1.0"
 #define MAX_WORKERS 256
 
 static const char usage[] =

@@ -6,6 +6,7 @@
 #include "health.h"
 #include "strbuf.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -209,6 +210,36 @@ static void routes_free(routes_t *rs)
         free(rs->v[i].counts);
     }
     free(rs->v);
+}
+
+int mp_metrics_route_totals(const mp_metrics_src_t *src, mp_route_total_t *out, size_t max)
+{
+    routes_t rs = {0};
+    if (merge(&rs, src) != 0) {
+        routes_free(&rs);
+        return -1;
+    }
+    size_t n = 0;
+    for (size_t i = 0; i < rs.n && n < max; i++, n++) {
+        const merged_t *m = &rs.v[i];
+        mp_route_total_t *t = &out[n];
+        memset(t, 0, sizeof(*t));
+        snprintf(t->name, sizeof(t->name), "%s", m->name);
+        t->requests = m->other;
+        for (size_t c = 0; c < m->ncodes; c++) {
+            t->requests += m->counts[c];
+            if (m->codes[c] >= 500)
+                t->errors += m->counts[c];
+        }
+        memcpy(t->buckets, m->buckets, sizeof(t->buckets));
+    }
+    routes_free(&rs);
+    return (int)n;
+}
+
+double mp_metrics_bucket_bound(int i)
+{
+    return i >= 0 && i < MP_METRICS_BUCKETS - 1 ? bounds[i] : INFINITY;
 }
 
 static void render_requests(mp_strbuf_t *b, const routes_t *rs)

@@ -66,6 +66,21 @@ typedef struct {
     uint64_t generation, reloads_ok, reloads_refused;
 } mp_metrics_src_t;
 
+/* One route name's counters summed over the workers (the status page). */
+typedef struct {
+    char name[64];                        /* cut to fit */
+    uint64_t requests;                    /* answered, every status */
+    uint64_t errors;                      /* of them 5xx */
+    uint64_t buckets[MP_METRICS_BUCKETS]; /* durations, per bucket (not cumulative) */
+} mp_route_total_t;
+
+/* Main thread: every route name's totals (at most max, by name). Returns
+ * the count, or -1 when out of memory. */
+int mp_metrics_route_totals(const mp_metrics_src_t *src, mp_route_total_t *out, size_t max);
+
+/* The upper bound in seconds of histogram bucket i (INFINITY for the last). */
+double mp_metrics_bucket_bound(int i);
+
 /* Main thread: the Prometheus text of everything, malloc'd (*len set), or
  * NULL when out of memory. The caller frees it. */
 char *mp_metrics_render(const mp_metrics_src_t *src, size_t *len);
