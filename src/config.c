@@ -399,8 +399,8 @@ static void build_settings(lua_State *L, mp_settings_t *s)
             int bit = mp_alog_field(f);
             if (bit < 0)
                 fail(L, src,
-                     "settings: access_log fields: unknown field '%s' (time, id, client, method, path, route, "
-                     "tls, sni, status, bytes, upstream, upstream_time, tunnel, duration)",
+                     "settings: access_log fields: unknown field '%s' (time, id, trace_id, span_id, client, method, "
+                     "path, route, tls, sni, status, bytes, upstream, upstream_time, tunnel, duration)",
                      f);
             s->access_log_fields |= 1u << bit;
         }
@@ -413,6 +413,27 @@ static void build_settings(lua_State *L, mp_settings_t *s)
         s->access_log = xstrdup(L, get_str(L, t, "access_log", src, w));
     lua_pop(L, 1);
 
+    if (get_table(L, t, "tracing", src, w)) {
+        int tt = lua_gettop(L);
+        lua_getfield(L, tt, "sample");
+        s->trace_sample = lua_isnumber(L, -1) ? lua_tonumber(L, -1) : 0;
+        lua_pop(L, 1);
+        if (get_table(L, tt, "trust", src, "tracing")) {
+            size_t k = lua_objlen(L, -1);
+            s->trace_trusted = xcalloc(L, k ? k : 1, sizeof(*s->trace_trusted));
+            s->ntrace_trusted = k;
+            for (size_t i = 0; i < k; i++) {
+                lua_rawgeti(L, -1, (int)i + 1);
+                const char *text = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+                if (!text || mp_cidr_parse(text, &s->trace_trusted[i]) != 0)
+                    fail(L, src, "settings: tracing.trust[%zu] is not an address or CIDR: %s", i + 1,
+                         text ? text : luaL_typename(L, -1));
+                lua_pop(L, 1);
+            }
+            lua_pop(L, 1);
+        }
+        lua_settop(L, tt - 1);
+    }
     need_table(L, t, "trusted_proxies", src, w);
     size_t n = lua_objlen(L, -1);
     s->trusted = xcalloc(L, n, sizeof(*s->trusted));
@@ -1250,6 +1271,7 @@ void mp_config_free(mp_config_t *cfg)
     free(cfg->admin);
     free(cfg->admin_token);
     free(cfg->settings.trusted);
+    free(cfg->settings.trace_trusted);
     free(cfg->settings.access_log);
     free(cfg->settings.error_log);
     free(cfg->settings.resolver.nameservers);

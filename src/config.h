@@ -112,6 +112,9 @@ typedef struct {
     int max_connections;     /* per worker */
     mp_cidr_t *trusted;
     size_t ntrusted;
+    double trace_sample;      /* tracing.sample: the share of new traces flagged sampled */
+    mp_cidr_t *trace_trusted; /* tracing.trust: whose traceparent is continued; NULL: trusted_proxies */
+    size_t ntrace_trusted;
     /* paths and names (SPEC "Behaviour on the wire", path.h) */
     int merge_slashes;           /* "a//b" is "a/b" before routing */
     int escaped_slashes;         /* mp_escaped_slashes: %2F and %5C refused, kept or decoded */

@@ -313,6 +313,7 @@ typedef struct {
     char id[129];
     uint8_t id_len;
     char client_ip[46];
+    char trace_id[33], span_id[17];
     size_t head_len;
     mp_slice path, query;
     unsigned has_query : 1;
@@ -352,6 +353,8 @@ static tunnel_log_t *tunnel_log_new(mp_conn_t *c, mp_req_t *r)
     memcpy(l->id, r->id, r->id_len);
     l->id_len = r->id_len;
     memcpy(l->client_ip, r->client_ip, sizeof(l->client_ip));
+    memcpy(l->trace_id, r->trace_id, sizeof(l->trace_id));
+    memcpy(l->span_id, r->span_id, sizeof(l->span_id));
     l->head_len = r->h.head_len;
     put_copy(&w, c->side.in.data, r->h.head_len, 0);
     l->path = (mp_slice){put_copy(&w, r->path.p, r->path.len, 0), r->path.len};
@@ -394,6 +397,8 @@ static void tunnel_closed(void *arg, const mp_tunnel_info_t *info)
     memcpy(r->id, l->id, l->id_len);
     r->id_len = l->id_len;
     memcpy(r->client_ip, l->client_ip, sizeof(r->client_ip));
+    memcpy(r->trace_id, l->trace_id, sizeof(r->trace_id));
+    memcpy(r->span_id, l->span_id, sizeof(r->span_id));
     r->tls = l->has_tls ? &l->tls : NULL;
     r->t_up_start = l->t_up_start;
     r->t_up_end = l->t_up_end;
@@ -667,6 +672,8 @@ static void log_request(mp_io_ctx_t *ctx, mp_req_t *r)
     mp_alog_entry_t e = {0};
     e.time = ev_time() - (now - r->t_start);
     e.id = (mp_slice){r->id, r->id_len};
+    e.trace_id = (mp_slice){r->trace_id, strlen(r->trace_id)};
+    e.span_id = (mp_slice){r->span_id, strlen(r->span_id)};
     e.client = (mp_slice){r->client_ip, strlen(r->client_ip)};
     e.method = r->h.method;
     e.path = r->h.path;

@@ -189,7 +189,8 @@ int mp_head_request(mp_req_t *r, mp_buf_t *b)
     for (unsigned i = 0; i < h->nheaders; i++) {
         mp_slice n = h->headers[i].name;
         if (is_dropped(n, toks, ntoks) || MP_SLICE_IEQ(n, "host") || MP_SLICE_IEQ(n, "x-forwarded-for") ||
-            MP_SLICE_IEQ(n, "x-request-id") || MP_SLICE_IEQ(n, "expect") || MP_SLICE_IEQ(n, "content-length"))
+            MP_SLICE_IEQ(n, "x-request-id") || MP_SLICE_IEQ(n, "expect") || MP_SLICE_IEQ(n, "content-length") ||
+            MP_SLICE_IEQ(n, "traceparent") || (!r->trace_continued && MP_SLICE_IEQ(n, "tracestate")))
             continue;
         if (r->edits && mp_hedit_find(r->edits, n))
             continue;
@@ -198,6 +199,11 @@ int mp_head_request(mp_req_t *r, mp_buf_t *b)
         rc |= put_field(b, n, h->headers[i].value);
     }
     rc |= put_forwarded(b, r, host);
+    if (r->trace_id[0] && !(r->edits && mp_hedit_find(r->edits, MP_SLICE_LIT("traceparent")))) {
+        char tp[64];
+        int n = snprintf(tp, sizeof(tp), "00-%s-%s-%s", r->trace_id, r->span_id, r->trace_flags);
+        rc |= put_field(b, MP_SLICE_LIT("traceparent"), (mp_slice){tp, (size_t)n});
+    }
     rc |= mp_hedit_put(b, r->edits, "host");
     rc |= put_length(b, h->content_length); /* one value, however the client repeated it */
     if (h->chunked)

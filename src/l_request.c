@@ -470,6 +470,10 @@ static int req_index(lua_State *L)
             return 1;
         }
         break;
+    case 8:
+        if (KEY_IS(k, "trace_id"))
+            return r->trace_id[0] ? (void)lua_pushstring(L, r->trace_id) : lua_pushnil(L), 1;
+        break;
     case 6:
         if (KEY_IS(k, "tunnel"))
             return push_tunnel(L, r->tunnel);
@@ -481,6 +485,8 @@ static int req_index(lua_State *L)
     case 7:
         if (KEY_IS(k, "headers"))
             return push_obj(L, o->s, OBJ_REQ_HDR), 1;
+        if (KEY_IS(k, "span_id"))
+            return r->span_id[0] ? (void)lua_pushstring(L, r->span_id) : lua_pushnil(L), 1;
         break;
     case 11:
         if (KEY_IS(k, "remote_addr"))

@@ -169,8 +169,8 @@ static size_t json_field(char *out, size_t len, size_t cap, const char *key, mp_
 }
 
 static const char *const FIELD_NAMES[MP_ALOG_NFIELDS] = {
-    "time", "id",     "client", "method",   "path",          "route",  "tls",
-    "sni",  "status", "bytes",  "upstream", "upstream_time", "tunnel", "duration"};
+    "time", "id",  "trace_id", "span_id", "client",   "method",        "path",   "route",
+    "tls",  "sni", "status",   "bytes",   "upstream", "upstream_time", "tunnel", "duration"};
 
 int mp_alog_field(const char *name)
 {
@@ -198,10 +198,11 @@ void mp_alog_write(mp_alog_t *a, const mp_alog_entry_t *e, uint32_t fields)
         format_time(ts, sizeof(ts), e->time);
         len += (size_t)snprintf(line, cap, ",\"time\":\"%s\"", ts);
     }
-    static const uint8_t strs[] = {MP_ALOG_ID, MP_ALOG_CLIENT, MP_ALOG_METHOD, MP_ALOG_PATH, MP_ALOG_ROUTE};
-    const mp_slice vals[] = {e->id, e->client, e->method, e->path, e->route};
-    for (size_t i = 0; i < sizeof(strs); i++)
-        if (len < cap && HAS(strs[i]))
+    static const uint8_t strs[] = {MP_ALOG_ID,     MP_ALOG_TRACE_ID, MP_ALOG_SPAN_ID, MP_ALOG_CLIENT,
+                                   MP_ALOG_METHOD, MP_ALOG_PATH,     MP_ALOG_ROUTE};
+    const mp_slice vals[] = {e->id, e->trace_id, e->span_id, e->client, e->method, e->path, e->route};
+    for (size_t i = 0; i < sizeof(strs); i++) /* a request refused before it had a trace has none */
+        if (len < cap && HAS(strs[i]) && (vals[i].len || (strs[i] != MP_ALOG_TRACE_ID && strs[i] != MP_ALOG_SPAN_ID)))
             len = json_field(line, len, cap, FIELD_NAMES[strs[i]], vals[i]);
     if (len < cap && e->tls.len && HAS(MP_ALOG_TLS))
         len = json_field(line, len, cap, "tls", e->tls);

@@ -69,7 +69,7 @@ int mp_alog_open(const char *target);
 /* What one access log line records. */
 typedef struct {
     double time; /* request start, epoch seconds */
-    mp_slice id, client, method, path, route, upstream_server;
+    mp_slice id, trace_id, span_id, client, method, path, route, upstream_server;
     mp_slice tls, sni; /* the client's TLS version and SNI; empty (len 0): not written (plain, or no SNI) */
     int status;
     uint64_t bytes;                 /* response bytes sent to the client, head included */
@@ -84,6 +84,8 @@ typedef struct {
 enum {
     MP_ALOG_TIME,
     MP_ALOG_ID,
+    MP_ALOG_TRACE_ID,
+    MP_ALOG_SPAN_ID,
     MP_ALOG_CLIENT,
     MP_ALOG_METHOD,
     MP_ALOG_PATH,

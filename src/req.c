@@ -483,6 +483,84 @@ static int normalize_target(mp_req_t *r)
     return 0;
 }
 
+/* ---- traces (W3C Trace Context) ---- */
+
+/* n random bytes of r's generator as lowercase hex into out (2n + 1). */
+static void rand_hex(mp_req_t *r, char *out, size_t n)
+{
+    static const char hex[] = "0123456789abcdef";
+    uint64_t x = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (i % 8 == 0)
+            x = mp_req_rand(r->env);
+        out[2 * i] = hex[(x >> 4) & 15];
+        out[2 * i + 1] = hex[x & 15];
+        x >>= 8;
+    }
+    out[2 * n] = '\0';
+}
+
+static int lower_hex(const char *p, size_t n, int nonzero)
+{
+    int any = 0;
+    for (size_t i = 0; i < n; i++) {
+        char c = p[i];
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f')))
+            return 0;
+        any |= c != '0';
+    }
+    return !nonzero || any;
+}
+
+/* Whether v is a traceparent to continue: version-traceid-parentid-flags,
+ * lowercase hex, ids not all zero, version not ff; a later version may add
+ * fields after a '-' (W3C Trace Context §3.2). */
+static int traceparent_ok(mp_slice v)
+{
+    const char *p = v.p;
+    if (v.len < 55 || p[2] != '-' || p[35] != '-' || p[52] != '-' || !lower_hex(p, 2, 0) ||
+        (p[0] == 'f' && p[1] == 'f') || !lower_hex(p + 3, 32, 1) || !lower_hex(p + 36, 16, 1) ||
+        !lower_hex(p + 53, 2, 0))
+        return 0;
+    if (p[0] == '0' && p[1] == '0')
+        return v.len == 55;
+    return v.len == 55 || p[55] == '-';
+}
+
+/* Whether the peer may continue a trace: tracing.trust, else trusted_proxies. */
+static int trace_trusted(const mp_req_t *r)
+{
+    const mp_settings_t *s = &r->gen->cfg->settings;
+    if (!s->trace_trusted)
+        return r->trusted_peer;
+    for (size_t i = 0; i < s->ntrace_trusted; i++)
+        if (mp_cidr_match(&s->trace_trusted[i], r->client_addr))
+            return 1;
+    return 0;
+}
+
+/* The request's trace: a trusted client's valid traceparent is continued
+ * (its trace id and sampled flag), any other starts a trace, sampled at
+ * tracing.sample; the proxy's span is new either way. */
+static void assign_trace(mp_req_t *r)
+{
+    int i = mp_http1_find(r->h.headers, r->h.nheaders, "traceparent", 11);
+    mp_slice v = i >= 0 ? r->h.headers[i].value : (mp_slice){NULL, 0};
+    if (i >= 0 && mp_http1_find(r->h.headers + i + 1, r->h.nheaders - (unsigned)i - 1, "traceparent", 11) < 0 &&
+        traceparent_ok(v) && trace_trusted(r)) {
+        memcpy(r->trace_id, v.p + 3, 32);
+        r->trace_id[32] = '\0';
+        int sampled = (v.p[54] >= 'a' ? v.p[54] - 'a' + 10 : v.p[54] - '0') & 1;
+        memcpy(r->trace_flags, sampled ? "01" : "00", 3);
+        r->trace_continued = 1;
+    } else {
+        rand_hex(r, r->trace_id, 16);
+        double u = (double)(mp_req_rand(r->env) >> 11) / 9007199254740992.0; /* [0, 1) */
+        memcpy(r->trace_flags, u < r->gen->cfg->settings.trace_sample ? "01" : "00", 3);
+    }
+    rand_hex(r, r->span_id, 8);
+}
+
 void mp_req_identify(mp_req_t *r)
 {
     if (!r->id_len)
@@ -502,6 +580,7 @@ int mp_req_decide(mp_req_t *r)
     r->has_query = h->has_query;
     assign_request_id(r);
     describe_peer(r);
+    assign_trace(r);
     int bad = normalize_target(r);
     if (bad)
         return bad;

@@ -193,6 +193,12 @@ typedef struct mp_req {
     /* a tunnel's request, made when it closed (conn.c): what it relayed; NULL for any other */
     const mp_tunnel_info_t *tunnel;
     const char *upgrade_why; /* an Upgrade the gate did not forward: why (static text; the simulator's trace) */
+    /* W3C Trace Context (req.c): the trace the request is part of, and the
+     * proxy's span in it, as lowercase hex; the upstream gets traceparent. */
+    char trace_id[33];
+    char span_id[17];
+    char trace_flags[3];          /* "01": sampled, "00": not */
+    unsigned trace_continued : 1; /* a trusted client's traceparent was valid: its tracestate goes on too */
     /* A close-delimited response to an HTTP/1.1 client is sent chunked
      * (upstream.c): each run of bytes read becomes one chunk. */
     unsigned rechunk : 1;   /* this response is */

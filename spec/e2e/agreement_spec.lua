@@ -277,6 +277,11 @@ local function show(fields, mask)
 end
 
 local function id_mask(v) return is_id(v) and "<generated id>" or v end
+-- A traceparent's ids are drawn at random in both: their shape and flags must agree.
+local function trace_mask(v)
+  local flags = v:match("^00%-%x+%-%x+%-(%x%x)$")
+  return v:match("^00%-" .. ("%x"):rep(32) .. "%-" .. ("%x"):rep(16) .. "%-%x%x$") and "00-<trace>-<span>-" .. flags or v
+end
 local function time_mask(v) return v:match("^%d+%.%dms$") and "<duration>" or v end
 
 -- { lowercase name = value | { values } } from a list of fields.
@@ -470,10 +475,13 @@ local function check(run, req)
       assert.equal(cid, pred_id, ctx .. ": the client's id, predicted")
       assert.equal(cid, real_id, ctx .. ": the client's id, for real")
     end
-    local mask = { date = false, ["x-request-id"] = id_mask }
+    local mask = { date = false, ["x-request-id"] = id_mask, traceparent = trace_mask }
     -- the set of fields and values, then the exact order and spelling
     local pm, em = field_map(pred_fields), field_map(e.headers)
+    assert.equal(pm.traceparent and trace_mask(pm.traceparent), em.traceparent and trace_mask(em.traceparent),
+      ctx .. ": traceparent")
     pm["x-request-id"], em["x-request-id"], pm.date, em.date = nil, nil, nil, nil
+    pm.traceparent, em.traceparent = nil, nil
     assert.same(pm, em, ctx .. ": header set the upstream receives")
     assert.same(show(pred_fields, mask), show(e.headers, mask), ctx .. ": header fields in order")
   end
