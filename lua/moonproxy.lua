@@ -307,13 +307,13 @@ end
 
 -- settings.tracing = { sample = 0.05, trust = { CIDRs } }: W3C Trace Context
 -- (README "Traces"); trust defaults to trusted_proxies.
-local function ratio(v)
+local function sample_ratio(v)
   if type(v) ~= "number" or v ~= v or v < 0 or v > 1 then
     return bad(v, "must be a number from 0 to 1")
   end
   return v
 end
-local tracing_spec = { sample = ratio, trust = schema.list(schema.string) }
+local tracing_spec = { sample = sample_ratio, trust = schema.list(schema.string) }
 local function tracing(v, src, what)
   return check(v, tracing_spec, what, src)
 end
