@@ -200,9 +200,13 @@ int mp_head_request(mp_req_t *r, mp_buf_t *b)
     }
     rc |= put_forwarded(b, r, host);
     if (r->trace_id[0] && !(r->edits && mp_hedit_find(r->edits, MP_SLICE_LIT("traceparent")))) {
-        char tp[64];
-        int n = snprintf(tp, sizeof(tp), "00-%s-%s-%s", r->trace_id, r->span_id, r->trace_flags);
-        rc |= put_field(b, MP_SLICE_LIT("traceparent"), (mp_slice){tp, (size_t)n});
+        char tp[55] = "00-";
+        memcpy(tp + 3, r->trace_id, 32);
+        tp[35] = '-';
+        memcpy(tp + 36, r->span_id, 16);
+        tp[52] = '-';
+        memcpy(tp + 53, r->trace_flags, 2);
+        rc |= put_field(b, MP_SLICE_LIT("traceparent"), (mp_slice){tp, sizeof(tp)});
     }
     rc |= mp_hedit_put(b, r->edits, "host");
     rc |= put_length(b, h->content_length); /* one value, however the client repeated it */

@@ -485,17 +485,26 @@ static int normalize_target(mp_req_t *r)
 
 /* ---- traces (W3C Trace Context) ---- */
 
-/* n random bytes of r's generator as lowercase hex into out (2n + 1). */
+/* The 8 nibbles of x as 8 lowercase hex digits, one per byte (in an order
+ * of their own: the ids made of them are random bits anyway). */
+static inline uint64_t hex8(uint32_t x)
+{
+    uint64_t v = x;
+    v = (v | (v << 16)) & 0x0000FFFF0000FFFFull;
+    v = (v | (v << 8)) & 0x00FF00FF00FF00FFull;
+    v = (v | (v << 4)) & 0x0F0F0F0F0F0F0F0Full;
+    uint64_t letters = ((v + 0x0606060606060606ull) >> 4) & 0x0101010101010101ull; /* the nibbles >= 10 */
+    return v + 0x3030303030303030ull + letters * ('a' - '0' - 10);
+}
+
+/* n (a multiple of 8) random bytes of r's generator as lowercase hex into
+ * out (2n + 1). */
 static void rand_hex(mp_req_t *r, char *out, size_t n)
 {
-    static const char hex[] = "0123456789abcdef";
-    uint64_t x = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (i % 8 == 0)
-            x = mp_req_rand(r->env);
-        out[2 * i] = hex[(x >> 4) & 15];
-        out[2 * i + 1] = hex[x & 15];
-        x >>= 8;
+    for (size_t i = 0; i < n; i += 8) {
+        uint64_t x = mp_req_rand(r->env), lo = hex8((uint32_t)x), hi = hex8((uint32_t)(x >> 32));
+        memcpy(out + 2 * i, &lo, 8);
+        memcpy(out + 2 * i + 8, &hi, 8);
     }
     out[2 * n] = '\0';
 }

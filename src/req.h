@@ -126,6 +126,12 @@ typedef struct mp_req {
     mp_gen_t *gen;                      /* the configuration generation it runs on (pinned) */
     struct mp_upconn *up;               /* the upstream connection in use, or NULL */
     mp_http_request_t h;                /* parsed head */
+    /* W3C Trace Context (req.c): the trace the request is part of, and the
+     * proxy's span in it, as lowercase hex ("" until decided; not zeroed
+     * whole by mp_req_reset); the upstream gets traceparent. */
+    char trace_id[33];
+    char span_id[17];
+    char trace_flags[3]; /* "01": sampled, "00": not */
     mp_route_match_t match;
     int upstream;        /* index in cfg->upstreams, -1 */
     int server;          /* index in the upstream's servers, -1 */
@@ -192,12 +198,7 @@ typedef struct mp_req {
     struct mp_req *prev, *next;   /* the worker's requests whose on_log waits after their connection moved on */
     /* a tunnel's request, made when it closed (conn.c): what it relayed; NULL for any other */
     const mp_tunnel_info_t *tunnel;
-    const char *upgrade_why; /* an Upgrade the gate did not forward: why (static text; the simulator's trace) */
-    /* W3C Trace Context (req.c): the trace the request is part of, and the
-     * proxy's span in it, as lowercase hex; the upstream gets traceparent. */
-    char trace_id[33];
-    char span_id[17];
-    char trace_flags[3];          /* "01": sampled, "00": not */
+    const char *upgrade_why;      /* an Upgrade the gate did not forward: why (static text; the simulator's trace) */
     unsigned trace_continued : 1; /* a trusted client's traceparent was valid: its tracestate goes on too */
     /* A close-delimited response to an HTTP/1.1 client is sent chunked
      * (upstream.c): each run of bytes read becomes one chunk. */
@@ -248,6 +249,7 @@ static inline void mp_req_reset(mp_req_t *r, mp_req_env_t *env, mp_gen_t *gen, c
     memset(&r->h, 0, offsetof(mp_http_request_t, headers));
     memset(&r->h.head_len, 0, sizeof(r->h) - offsetof(mp_http_request_t, head_len));
     memset(&r->match, 0, sizeof(*r) - offsetof(mp_req_t, match));
+    r->trace_id[0] = r->span_id[0] = '\0';
     r->env = env;
     r->gen = gen;
     r->client_addr = client;
