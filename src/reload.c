@@ -3,6 +3,7 @@
  * them: worker.c), the script's history and settings.watch. */
 #include "reload.h"
 
+#include "health.h"
 #include "l_http.h"
 #include "l_redis.h"
 #include "log.h"
@@ -393,6 +394,18 @@ static void warn_fixed_at_start(const mp_config_t *old, const mp_config_t *new)
         mp_log_warn("reload: body_buffer_size changed; it applies at the next restart");
 }
 
+/* Whether the configuration cfg has the server (mp_health_forget_control's keep). */
+static int has_server(void *arg, const char *upstream, const char *addr)
+{
+    const mp_config_t *cfg = arg;
+    for (size_t u = 0; u < cfg->nupstreams; u++)
+        if (strcmp(cfg->upstreams[u].name, upstream) == 0)
+            for (size_t i = 0; i < cfg->upstreams[u].nservers; i++)
+                if (strcmp(cfg->upstreams[u].servers[i].addr.text, addr) == 0)
+                    return 1;
+    return 0;
+}
+
 enum { FROM_FILE, ROLLBACK, REFRESH };
 
 static int reload(mp_reloader_t *rl, int mode, const char *reason, mp_reload_cb cb, void *arg);
@@ -469,6 +482,7 @@ static int reload(mp_reloader_t *rl, int mode, const char *reason, mp_reload_cb 
         rl->text = text;
         rl->len = len;
     }
+    mp_health_forget_control(has_server, rl->cfg);
     rl->loaded_at = epoch_now();
     *wt = (waiter_t){id, cb, arg, rl->waiters};
     rl->waiters = wt;
