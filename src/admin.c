@@ -444,6 +444,38 @@ static void on_reloaded(void *arg, uint64_t generation, const char *err)
     respond_json(c, 200, &b);
 }
 
+/* Whether the query asks for a dry run: dry_run=1 (or true, or bare). */
+static int dry_run(mp_slice q)
+{
+    for (size_t i = 0; i < q.len;) {
+        size_t e = i;
+        while (e < q.len && q.p[e] != '&')
+            e++;
+        mp_slice kv = {q.p + i, e - i};
+        if (MP_SLICE_IEQ(kv, "dry_run") || MP_SLICE_IEQ(kv, "dry_run=1") || MP_SLICE_IEQ(kv, "dry_run=true"))
+            return 1;
+        i = e + 1;
+    }
+    return 0;
+}
+
+/* POST /reload?dry_run=1: what the script on disk would change, applied nowhere. */
+static void preview(admin_conn_t *c)
+{
+    char err[2048];
+    size_t len = 0;
+    char *json = mp_reload_preview(c->a->rl, &len, err, sizeof(err));
+    if (!json) {
+        mp_strbuf_t b = {0};
+        mp_strbuf_printf(&b, "{\"dry_run\":true,\"error\":");
+        sb_str(&b, err);
+        mp_strbuf_printf(&b, ",\"generation\":%llu}\n", (unsigned long long)mp_reloader_generation(c->a->rl));
+        return respond_json(c, 422, &b);
+    }
+    respond(c, 200, "application/json", json, len);
+    free(json);
+}
+
 /* The Host values that name this port: the address it is bound to (the
  * real port when it was configured as port 0), the address as configured
  * when it names that port (a host name), localhost with its port, and the
@@ -558,6 +590,8 @@ static void route(admin_conn_t *c, const mp_http_request_t *h, mp_slice body)
     if (MP_SLICE_IEQ(p, "/reload") || rollback) {
         if (!post)
             return respond(c, 405, "text/plain", "POST\n", 5);
+        if (!rollback && dry_run(h->query))
+            return preview(c);
         c->waiting = 1;
         ev_io_stop(c->a->loop, &c->io);
         ev_timer_stop(c->a->loop, &c->timer);
