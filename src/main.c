@@ -329,8 +329,8 @@ static void on_watchdog(struct ev_loop *loop, ev_timer *t, int revents)
 }
 
 /* -t --diff --against FILE: what a reload from FILE's configuration to
- * cfg's would change, one line per kind (reload.h's mp_config_diff). */
-static int print_diff(const mp_config_t *cfg, const char *against)
+ * s's would change, one line per kind (reload.h's mp_config_diff). */
+static int print_diff(mp_sim_t *s, const char *against)
 {
     char err[8192];
     mp_sim_t *old = mp_sim_new(against, NULL, 0, 1, err, sizeof(err));
@@ -339,7 +339,7 @@ static int print_diff(const mp_config_t *cfg, const char *against)
         return 1;
     }
     mp_strbuf_t json = {0}, summary = {0};
-    mp_config_diff(mp_sim_config(old), cfg, &json, &summary);
+    mp_config_diff(mp_sim_config(old), mp_sim_vm(old), mp_sim_config(s), mp_sim_vm(s), &json, &summary);
     mp_sim_free(old);
     for (const char *p = summary.p ? summary.p : ""; *p;) {
         const char *e = strstr(p, "; ");
@@ -363,7 +363,7 @@ static int test_config(const options_t *o)
     else
         fprintf(stderr, "%s\n", err);
     if (rc == 0 && o->diff)
-        rc = print_diff(mp_sim_config(s), o->against);
+        rc = print_diff(s, o->against);
     mp_sim_free(s);
     return rc == 0 ? 0 : 1;
 }

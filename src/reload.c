@@ -696,36 +696,126 @@ static void diff_settings(diff_section_t *d, diff_section_t *restart, const mp_c
     mp_strbuf_free(&r);
 }
 
+typedef struct {
+    char *key; /* "name" (every request's) or "name on ROUTE" */
+    char *conf;
+} plugin_t;
+
+/* The plugins of the configuration L built (lua/moonproxy.lua's _plugins):
+ * malloc'd, *n set; NULL (n 0) when L is NULL or they cannot be read. */
+static plugin_t *plugin_list(lua_State *L, const mp_config_t *cfg, size_t *n)
+{
+    *n = 0;
+    if (!L)
+        return NULL;
+    int top = lua_gettop(L);
+    plugin_t *out = NULL;
+    lua_getglobal(L, "package");
+    if (lua_istable(L, -1)) {
+        lua_getfield(L, -1, "loaded");
+        if (lua_istable(L, -1)) {
+            lua_getfield(L, -1, "moonproxy");
+            if (lua_istable(L, -1))
+                lua_getfield(L, -1, "_plugins");
+        }
+    }
+    if (!lua_isfunction(L, -1) || lua_pcall(L, 0, 1, 0) != 0 || !lua_istable(L, -1)) {
+        lua_settop(L, top);
+        return NULL;
+    }
+    size_t len = lua_objlen(L, -1);
+    out = calloc(len ? len : 1, sizeof(*out));
+    for (size_t i = 0; out && i < len; i++) {
+        lua_rawgeti(L, -1, (int)i + 1);
+        lua_getfield(L, -1, "route");
+        lua_getfield(L, -2, "name");
+        lua_getfield(L, -3, "conf");
+        int route = (int)lua_tointeger(L, -3);
+        const char *name = lua_tostring(L, -2), *conf = lua_tostring(L, -1);
+        char key[700], rk[512] = "";
+        if (route > 0 && (size_t)route <= mp_router_count(cfg->router))
+            route_key(mp_router_get(cfg->router, (size_t)route - 1), rk, sizeof(rk));
+        snprintf(key, sizeof(key), "%s%s%s", name ? name : "?", rk[0] ? " on " : "", rk);
+        out[*n].key = strdup(key);
+        out[*n].conf = strdup(conf ? conf : "");
+        if (out[*n].key && out[*n].conf)
+            (*n)++;
+        else
+            free(out[*n].key), free(out[*n].conf);
+        lua_pop(L, 4);
+    }
+    lua_settop(L, top);
+    return out;
+}
+
+static void plugins_free(plugin_t *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        free(p[i].key);
+        free(p[i].conf);
+    }
+    free(p);
+}
+
+static const plugin_t *find_plugin(const plugin_t *p, size_t n, const char *key)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(p[i].key, key) == 0)
+            return &p[i];
+    return NULL;
+}
+
+static void diff_plugins(diff_section_t *d, lua_State *old_L, const mp_config_t *old, lua_State *new_L,
+                         const mp_config_t *new)
+{
+    size_t na, nb;
+    plugin_t *a = plugin_list(old_L, old, &na), *b = plugin_list(new_L, new, &nb);
+    for (size_t i = 0; i < nb; i++) {
+        const plugin_t *o = find_plugin(a, na, b[i].key);
+        if (!o)
+            diff_item(d, '+', b[i].key, NULL);
+        else if (strcmp(o->conf, b[i].conf) != 0)
+            diff_item(d, '~', b[i].key, "options");
+    }
+    for (size_t i = 0; i < na; i++)
+        if (!find_plugin(b, nb, a[i].key))
+            diff_item(d, '-', a[i].key, NULL);
+    plugins_free(a, na);
+    plugins_free(b, nb);
+}
+
 static void section_json(mp_strbuf_t *out, const diff_section_t *d)
 {
     mp_strbuf_printf(out, "\"%s\":{\"added\":[%s],\"removed\":[%s],\"changed\":[%s]}", d->name,
                      d->added.p ? d->added.p : "", d->removed.p ? d->removed.p : "", d->changed.p ? d->changed.p : "");
 }
 
-int mp_config_diff(const mp_config_t *old, const mp_config_t *new, mp_strbuf_t *json, mp_strbuf_t *summary)
+int mp_config_diff(const mp_config_t *old, lua_State *old_L, const mp_config_t *new, lua_State *new_L,
+                   mp_strbuf_t *json, mp_strbuf_t *summary)
 {
-    diff_section_t s[6] = {{.name = "routes"},       {.name = "upstreams"}, {.name = "servers"},
+    diff_section_t s[7] = {{.name = "routes"},       {.name = "upstreams"}, {.name = "servers"}, {.name = "plugins"},
                            {.name = "certificates"}, {.name = "settings"},  {.name = "restart"}};
     diff_routes(&s[0], old, new);
     diff_upstreams(&s[1], &s[2], old, new);
-    diff_certs(&s[3], old, new);
-    diff_settings(&s[4], &s[5], old, new);
+    diff_plugins(&s[3], old_L, old, new_L, new);
+    diff_certs(&s[4], old, new);
+    diff_settings(&s[5], &s[6], old, new);
     int changes = 0;
     mp_strbuf_printf(json, "{");
-    for (int i = 0; i < 5; i++) {
+    for (int i = 0; i < 6; i++) {
         section_json(json, &s[i]);
         mp_strbuf_printf(json, ",");
         changes += s[i].na + s[i].nr + s[i].nc;
         if (s[i].text.len)
             mp_strbuf_printf(summary, "%s%s: %s", summary->len ? "; " : "", s[i].name, s[i].text.p);
     }
-    mp_strbuf_printf(json, "\"restart_required\":[%s],\"changes\":%d}", s[5].added.p ? s[5].added.p : "", changes);
-    if (s[5].na)
+    mp_strbuf_printf(json, "\"restart_required\":[%s],\"changes\":%d}", s[6].added.p ? s[6].added.p : "", changes);
+    if (s[6].na)
         mp_strbuf_printf(summary, "%sonly a restart applies: %s", summary->len ? "; " : "",
-                         s[5].text.p ? s[5].text.p : "");
+                         s[6].text.p ? s[6].text.p : "");
     if (!summary->len)
         mp_strbuf_printf(summary, "no changes");
-    for (int i = 0; i < 6; i++) {
+    for (int i = 0; i < 7; i++) {
         mp_strbuf_free(&s[i].added);
         mp_strbuf_free(&s[i].removed);
         mp_strbuf_free(&s[i].changed);
@@ -823,7 +913,7 @@ static int reload(mp_reloader_t *rl, int mode, const char *reason, mp_reload_cb 
     }
     uint64_t id = ++rl->generation;
     mp_strbuf_t changes = {0}, summary = {0};
-    mp_config_diff(rl->cfg, cfgs[rl->nworkers], &changes, &summary);
+    mp_config_diff(rl->cfg, rl->L, cfgs[rl->nworkers], Ls[rl->nworkers], &changes, &summary);
     mp_strbuf_free(&changes);
     if (mode != REFRESH) {
         rl->reloads_ok++;
@@ -872,7 +962,7 @@ char *mp_reload_preview(mp_reloader_t *rl, size_t *len, char *err, size_t errlen
     }
     free(text);
     mp_strbuf_t changes = {0}, summary = {0}, b = {0};
-    int n = mp_config_diff(rl->cfg, cfg, &changes, &summary);
+    int n = mp_config_diff(rl->cfg, rl->L, cfg, L, &changes, &summary);
     mp_config_free(cfg);
     mp_vm_close(L);
     mp_strbuf_printf(&b, "{\"dry_run\":true,\"generation\":%llu,\"changes\":%d,\"diff\":%s,\"summary\":",

@@ -56,15 +56,18 @@ int mp_reload_refresh(mp_reloader_t *rl, const char *reason);
  * script is refused. */
 char *mp_reload_preview(mp_reloader_t *rl, size_t *len, char *err, size_t errlen);
 
-/* What changes from old to new: json gets an object with "routes",
- * "upstreams", "servers" ("upstream addr"), "certificates" ("sha256 name")
+/* What changes from old to new (built in the VMs old_L and new_L, which
+ * tell their plugins; NULL: plugins not compared): json gets an object with
+ * "routes", "upstreams", "servers" ("upstream addr"), "plugins" ("name", or
+ * "name on ROUTE"; changed: its options), "certificates" ("sha256 name")
  * and "settings", each {"added": [...], "removed": [...], "changed": [...]}
  * (a changed route or upstream is {"name", "fields"}), "restart_required"
  * (changed settings a reload does not apply: listen, admin, access_log,
  * error_log, workers, body_buffer_size) and "changes" (the count);
  * summary gets the same on one line ("no changes" when nothing changed).
- * Hooks and plugins are Lua functions: not compared. Returns the count. */
-int mp_config_diff(const mp_config_t *old, const mp_config_t *new, mp_strbuf_t *json, mp_strbuf_t *summary);
+ * Hooks and handlers are Lua functions: not compared. Returns the count. */
+int mp_config_diff(const mp_config_t *old, lua_State *old_L, const mp_config_t *new, lua_State *new_L,
+                   mp_strbuf_t *json, mp_strbuf_t *summary);
 
 /* Called on the main thread with the new configuration after each
  * accepted reload (active health checks follow it). */

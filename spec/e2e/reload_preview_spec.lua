@@ -2,7 +2,7 @@
 -- /reload?dry_run=1 loads and checks the script on disk (guards included)
 -- and answers what would change, applying nothing: the generation stays and
 -- traffic goes on as before. Each kind of change is reported (routes,
--- upstreams, servers, settings, the settings only a restart applies); a
+-- upstreams, servers, plugins, settings, the settings only a restart applies); a
 -- refused script's error has its file:line; a real reload logs the same
 -- summary in its one line; `moonproxy -t --diff --against FILE` prints it
 -- offline, certificates by digest included.
@@ -127,6 +127,28 @@ describe("reload preview", function()
         assert.same({ "handler", "path", "prefix", "upstream" }, fields(doc.diff.routes.changed, "old"))
     end)
 
+    it("reports plugins added, removed and with changed options, global and by route", function()
+        proxy:rewrite_config(CONFIG, vars { api = "", routes = OLD_ROUTE ..
+            '\nproxy.plugin { "request_size", max = 100 }' ..
+            '\nproxy.route { prefix = "/k/", upstream = "api", plugins = { { "key_auth", keys = { "k1" } } } }' })
+        assert.equal(200, assert(proxy:admin("POST", "/reload")).status)
+        base = vars { routes = OLD_ROUTE .. '\nproxy.plugin { "request_size", max = 100 }' ..
+            '\nproxy.route { prefix = "/k/", upstream = "api", plugins = { { "key_auth", keys = { "k1" } } } }' }
+        proxy:rewrite_config(CONFIG, vars { routes = OLD_ROUTE ..
+            '\nproxy.plugin { "request_size", max = 200 }\nproxy.plugin { "cors", origins = "*" }' ..
+            '\nproxy.route { prefix = "/k/", upstream = "api" }' })
+        local res, doc = preview()
+        assert.equal(200, res.status, res.body)
+        local p = doc.diff.plugins
+        assert.same({ "cors" }, names(p.added))
+        assert.same({ "key_auth on /k/" }, names(p.removed))
+        assert.same({ "options" }, fields(p.changed, "request_size"))
+        assert.equal("plugins: ~request_size(options) +cors -key_auth on /k/", doc.summary)
+        base = vars() -- back to the script the other specs start from
+        proxy:rewrite_config(CONFIG, base)
+        assert.equal(200, assert(proxy:admin("POST", "/reload")).status)
+    end)
+
     it("answers a refused script's error with its file:line, and a failing guard", function()
         local gen = generation()
         proxy:rewrite_config(CONFIG, vars { routes = 'proxy.route { prefix = "/x/", upstream = "nope" }' })
@@ -217,6 +239,11 @@ proxy.route { prefix = "/", upstream = proxy.upstream "api" { servers = { %s } }
         assert.equal("settings: ~access_log", lines[4])
         assert.equal("only a restart applies: access_log", lines[5])
         assert.equal(5, #lines)
+        local plugin = h.write_file(dir .. "/plugin.lua", SCRIPT:format(pki.localhost.cert, pki.localhost.key, "false",
+            '"127.0.0.1:9001", "127.0.0.1:9002"') .. 'proxy.plugin { "request_size", max = 10 }\n')
+        out, code = moonproxy("-t --diff --against " .. h.quote(old) .. " -c " .. h.quote(plugin))
+        assert.equal(0, code, out)
+        assert.equal("ok\nplugins: +request_size\n", out)
         out, code = moonproxy("-t --diff --against " .. h.quote(old) .. " -c " .. h.quote(old))
         assert.equal(0, code, out)
         assert.equal("ok\nno changes\n", out)
