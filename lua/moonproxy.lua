@@ -786,4 +786,47 @@ function _M._finish(script)
     hooks = build_hooks(s, script), expects = #s.expects > 0 and s.expects or nil }
 end
 
+-- A value as canonical text (keys sorted), to tell a plugin's options apart.
+local function canonical(v, depth)
+  local t = type(v)
+  if t == "string" then
+    return fmt("%q", v)
+  elseif t ~= "table" then
+    return tostring(t == "function" and "function" or v)
+  elseif depth > 8 then
+    return "{...}"
+  end
+  local keys = {}
+  for k in pairs(v) do
+    keys[#keys + 1] = k
+  end
+  sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+  local parts = {}
+  for i, k in ipairs(keys) do
+    parts[i] = "[" .. canonical(k, depth + 1) .. "]=" .. canonical(v[k], depth + 1)
+  end
+  return "{" .. table.concat(parts, ",") .. "}"
+end
+
+-- The plugins of the script loaded last, for a reload's preview
+-- (src/reload.c): { { route = index (0: global), name =, conf = text }, ... }.
+function _M._plugins()
+  local out = {}
+  for _, p in ipairs(state.global.plugins) do
+    local conf = {}
+    for k, v in pairs(type(p.entry) == "table" and p.entry or {}) do
+      if k ~= 1 then
+        conf[k] = v
+      end
+    end
+    out[#out + 1] = { route = 0, name = tostring(type(p.entry) == "table" and p.entry[1]), conf = canonical(conf, 0) }
+  end
+  for i, r in ipairs(state.routes) do
+    for _, p in ipairs(r.plugins or {}) do
+      out[#out + 1] = { route = i, name = tostring(p.name), conf = canonical(p.conf, 0) }
+    end
+  end
+  return out
+end
+
 return _M

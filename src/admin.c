@@ -203,6 +203,184 @@ static void configz(admin_conn_t *c)
     respond_json(c, 200, &b);
 }
 
+static void json_error(admin_conn_t *c, int status, const char *msg)
+{
+    mp_strbuf_t b = {0};
+    mp_strbuf_printf(&b, "{\"error\":");
+    sb_str(&b, msg);
+    mp_strbuf_printf(&b, "}\n");
+    respond_json(c, status, &b);
+}
+
+static int hexval(char ch)
+{
+    return ch >= '0' && ch <= '9' ? ch - '0' : (ch | 32) >= 'a' && (ch | 32) <= 'f' ? (ch | 32) - 'a' + 10 : -1;
+}
+
+/* Percent-decodes s into out (NUL-terminated); -1 when malformed or too long. */
+static int url_decode(mp_slice s, char *out, size_t cap)
+{
+    size_t o = 0;
+    for (size_t i = 0; i < s.len; i++) {
+        char ch = s.p[i];
+        if (ch == '%') {
+            int hi = i + 2 < s.len ? hexval(s.p[i + 1]) : -1, lo = hi >= 0 ? hexval(s.p[i + 2]) : -1;
+            if (lo < 0)
+                return -1;
+            ch = (char)(hi * 16 + lo);
+            i += 2;
+        }
+        if (ch == '\0' || o + 1 >= cap)
+            return -1;
+        out[o++] = ch;
+    }
+    out[o] = '\0';
+    return 0;
+}
+
+static void skip_ws(const char **q, const char *end)
+{
+    while (*q < end && (**q == ' ' || **q == '\t' || **q == '\r' || **q == '\n'))
+        (*q)++;
+}
+
+static int literal(const char **q, const char *end, const char *word)
+{
+    size_t n = strlen(word);
+    if ((size_t)(end - *q) < n || memcmp(*q, word, n) != 0)
+        return 0;
+    *q += n;
+    return 1;
+}
+
+/* The body of POST /upstreams/NAME/servers/ADDR: a JSON object of drain,
+ * down (booleans), weight (an integer 1..MP_CTL_WEIGHT_MAX) and reset
+ * (true). 0, or -1 with why set. */
+static int parse_control(mp_slice body, mp_peer_ctl_t *c, const char **why)
+{
+    const char *q = body.p, *end = body.p + body.len;
+    *c = MP_PEER_CTL_NONE;
+    int fields = 0;
+    *why = "expected a JSON object: {\"drain\": true}, {\"down\": true}, {\"weight\": N} or {\"reset\": true}";
+    skip_ws(&q, end);
+    if (!literal(&q, end, "{"))
+        return -1;
+    skip_ws(&q, end);
+    if (literal(&q, end, "}"))
+        return -1;
+    for (;;) {
+        skip_ws(&q, end);
+        const char *k = q;
+        if (!literal(&q, end, "\""))
+            return -1;
+        while (q < end && *q != '"' && *q != '\\')
+            q++;
+        if (q >= end || *q != '"')
+            return -1;
+        mp_slice key = {k + 1, (size_t)(q - k - 1)};
+        q++;
+        skip_ws(&q, end);
+        if (!literal(&q, end, ":"))
+            return -1;
+        skip_ws(&q, end);
+        int *flag = MP_SLICE_IEQ(key, "drain") ? &c->drain : MP_SLICE_IEQ(key, "down") ? &c->down : NULL;
+        if (flag) {
+            if (literal(&q, end, "true"))
+                *flag = 1;
+            else if (literal(&q, end, "false"))
+                *flag = 0;
+            else
+                return *why = "drain and down are true or false", -1;
+        } else if (MP_SLICE_IEQ(key, "reset")) {
+            if (!literal(&q, end, "true"))
+                return *why = "reset is true", -1;
+            c->reset = 1;
+        } else if (MP_SLICE_IEQ(key, "weight")) {
+            long w = 0;
+            int digits = 0;
+            while (q < end && *q >= '0' && *q <= '9' && digits < 8)
+                w = w * 10 + (*q++ - '0'), digits++;
+            if (digits == 0 || (q < end && (*q == '.' || *q == 'e' || *q == 'E' || (*q >= '0' && *q <= '9'))) ||
+                w < 1 || w > MP_CTL_WEIGHT_MAX)
+                return *why = "weight is an integer from 1 to 1000", -1;
+            c->weight = (int)w;
+        } else {
+            return *why = "unknown field: drain, down, weight and reset are known", -1;
+        }
+        fields++;
+        skip_ws(&q, end);
+        if (literal(&q, end, ","))
+            continue;
+        if (!literal(&q, end, "}"))
+            return -1;
+        skip_ws(&q, end);
+        return q == end && fields > 0 ? 0 : -1;
+    }
+}
+
+/* One server as /upstreams shows it, from the configured weight w. */
+static void server_json(mp_strbuf_t *b, mp_peer_t *p, const char *name, int w, double now)
+{
+    mp_strbuf_printf(b, "{\"addr\":");
+    sb_str(b, p->addr);
+    mp_strbuf_printf(b, ",\"name\":");
+    sb_str(b, name);
+    double open = p->open_until;
+    mp_strbuf_printf(b,
+                     ",\"weight\":%d,\"configured_weight\":%d,\"state\":\"%s\",\"drain\":%s,\"down\":%s,"
+                     "\"set_by\":",
+                     mp_peer_weight(p, w), w, mp_peer_state(p, now), p->ctl_drain ? "true" : "false",
+                     p->ctl_down ? "true" : "false");
+    sb_str(b, mp_ctl_by_name(p->ctl_by));
+    mp_strbuf_printf(b,
+                     ",\"healthy\":%s,\"probe_up\":%s,\"circuit\":\"%s\",\"active\":%d,"
+                     "\"failures\":%d,\"latency_ms\":%.3f,\"requests\":%llu,\"failed\":%llu}",
+                     mp_peer_healthy(p, now) ? "true" : "false", p->probe_up ? "true" : "false",
+                     open <= 0 ? "closed" : (now < open ? "open" : "half-open"), (int)p->active, (int)p->fails,
+                     mp_peer_latency(p), (unsigned long long)p->requests, (unsigned long long)p->failures);
+}
+
+/* POST /upstreams/NAME/servers/ADDR (rest: after "/upstreams/"): an
+ * operator's control of one server, for every worker at once (health.h). */
+static void server_control(admin_conn_t *c, mp_slice rest, mp_slice body)
+{
+    const char *slash = memchr(rest.p, '/', rest.len);
+    if (!slash || (size_t)(rest.p + rest.len - slash) < 10 || memcmp(slash, "/servers/", 9) != 0)
+        return json_error(c, 404, "not found: POST /upstreams/NAME/servers/ADDR");
+    char name[256], addr[512];
+    mp_slice addr_part = {slash + 9, (size_t)(rest.p + rest.len - slash - 9)};
+    if (url_decode((mp_slice){rest.p, (size_t)(slash - rest.p)}, name, sizeof(name)) != 0 ||
+        url_decode(addr_part, addr, sizeof(addr)) != 0)
+        return json_error(c, 400, "bad percent-encoding in the upstream name or server address");
+    const mp_config_t *cfg = mp_reloader_config(c->a->rl);
+    const mp_upstream_def_t *u = NULL;
+    for (size_t i = 0; i < cfg->nupstreams && !u; i++)
+        if (strcmp(cfg->upstreams[i].name, name) == 0)
+            u = &cfg->upstreams[i];
+    if (!u)
+        return json_error(c, 404, "no such upstream");
+    size_t s = 0;
+    while (s < u->nservers && strcmp(u->servers[s].addr.text, addr) != 0)
+        s++;
+    if (s == u->nservers)
+        return json_error(c, 404, "the upstream has no such server (the address as GET /upstreams shows it)");
+    mp_peer_ctl_t ctl;
+    const char *why;
+    if (parse_control(body, &ctl, &why) != 0)
+        return json_error(c, 400, why);
+    mp_peer_t *p = mp_peer_get(u->name, addr);
+    if (!p)
+        return json_error(c, 500, "out of memory");
+    mp_peer_control(p, &ctl, MP_CTL_ADMIN);
+    mp_strbuf_t b = {0};
+    mp_strbuf_printf(&b, "{\"upstream\":");
+    sb_str(&b, u->name);
+    mp_strbuf_printf(&b, ",\"server\":");
+    server_json(&b, p, u->servers[s].name, u->servers[s].weight, mp_health_now());
+    mp_strbuf_printf(&b, "}\n");
+    respond_json(c, 200, &b);
+}
+
 /* GET /upstreams: every server's live state (SPEC "Admin port"). */
 static void upstreams(admin_conn_t *c)
 {
@@ -218,18 +396,8 @@ static void upstreams(admin_conn_t *c)
             mp_peer_t *p = mp_peer_get(u->name, u->servers[s].addr.text);
             if (!p)
                 continue;
-            mp_strbuf_printf(&b, "%s{\"addr\":", s ? "," : "");
-            sb_str(&b, p->addr);
-            mp_strbuf_printf(&b, ",\"name\":");
-            sb_str(&b, u->servers[s].name);
-            double open = p->open_until;
-            mp_strbuf_printf(&b,
-                             ",\"weight\":%d,\"healthy\":%s,\"probe_up\":%s,\"circuit\":\"%s\",\"active\":%d,"
-                             "\"failures\":%d,\"latency_ms\":%.3f,\"requests\":%llu,\"failed\":%llu}",
-                             u->servers[s].weight, mp_peer_healthy(p, now) ? "true" : "false",
-                             p->probe_up ? "true" : "false", open <= 0 ? "closed" : (now < open ? "open" : "half-open"),
-                             (int)p->active, (int)p->fails, mp_peer_latency(p), (unsigned long long)p->requests,
-                             (unsigned long long)p->failures);
+            mp_strbuf_printf(&b, "%s", s ? "," : "");
+            server_json(&b, p, u->servers[s].name, u->servers[s].weight, now);
         }
         mp_strbuf_printf(&b, "]}");
     }
@@ -292,6 +460,38 @@ static void on_reloaded(void *arg, uint64_t generation, const char *err)
     }
     mp_strbuf_printf(&b, "{\"generation\":%llu}\n", (unsigned long long)generation);
     respond_json(c, 200, &b);
+}
+
+/* Whether the query asks for a dry run: dry_run=1 (or true, or bare). */
+static int dry_run(mp_slice q)
+{
+    for (size_t i = 0; i < q.len;) {
+        size_t e = i;
+        while (e < q.len && q.p[e] != '&')
+            e++;
+        mp_slice kv = {q.p + i, e - i};
+        if (MP_SLICE_IEQ(kv, "dry_run") || MP_SLICE_IEQ(kv, "dry_run=1") || MP_SLICE_IEQ(kv, "dry_run=true"))
+            return 1;
+        i = e + 1;
+    }
+    return 0;
+}
+
+/* POST /reload?dry_run=1: what the script on disk would change, applied nowhere. */
+static void preview(admin_conn_t *c)
+{
+    char err[2048];
+    size_t len = 0;
+    char *json = mp_reload_preview(c->a->rl, &len, err, sizeof(err));
+    if (!json) {
+        mp_strbuf_t b = {0};
+        mp_strbuf_printf(&b, "{\"dry_run\":true,\"error\":");
+        sb_str(&b, err);
+        mp_strbuf_printf(&b, ",\"generation\":%llu}\n", (unsigned long long)mp_reloader_generation(c->a->rl));
+        return respond_json(c, 422, &b);
+    }
+    respond(c, 200, "application/json", json, len);
+    free(json);
 }
 
 /* The Host values that name this port: the address it is bound to (the
@@ -371,7 +571,7 @@ static int bearer_ok(const mp_http_request_t *h, const char *token)
     return d == 0;
 }
 
-static void route(admin_conn_t *c, const mp_http_request_t *h)
+static void route(admin_conn_t *c, const mp_http_request_t *h, mp_slice body)
 {
     int get = MP_SLICE_IEQ(h->method, "get") || MP_SLICE_IEQ(h->method, "head");
     int post = MP_SLICE_IEQ(h->method, "post");
@@ -403,10 +603,15 @@ static void route(admin_conn_t *c, const mp_http_request_t *h)
         return get ? metrics(c) : respond(c, 405, "text/plain", "GET\n", 4);
     if (MP_SLICE_IEQ(p, "/upstreams"))
         return get ? upstreams(c) : respond(c, 405, "text/plain", "GET\n", 4);
+    if (p.len > 11 && memcmp(p.p, "/upstreams/", 11) == 0)
+        return post ? server_control(c, (mp_slice){p.p + 11, p.len - 11}, body)
+                    : respond(c, 405, "text/plain", "POST\n", 5);
     int rollback = MP_SLICE_IEQ(p, "/rollback");
     if (MP_SLICE_IEQ(p, "/reload") || rollback) {
         if (!post)
             return respond(c, 405, "text/plain", "POST\n", 5);
+        if (!rollback && dry_run(h->query))
+            return preview(c);
         c->waiting = 1;
         ev_io_stop(c->a->loop, &c->io);
         ev_timer_stop(c->a->loop, &c->timer);
@@ -462,10 +667,21 @@ static void on_readable(admin_conn_t *c)
                 continue; /* bytes the session holds: no readiness will announce them */
             return wait_for(c, EV_READ);
         }
+        if (rc > 0 && (h.chunked || h.content_length > (int64_t)(sizeof(c->in) - (size_t)rc))) {
+            ev_io_stop(c->a->loop, &c->io);
+            return respond(c, 413, "text/plain", "body too large (or chunked)\n", 28);
+        }
+        if (rc > 0 && h.content_length > 0 && c->len < (size_t)rc + (size_t)h.content_length) {
+            c->scanned = 0; /* parsed again, whole, once the body is in */
+            if (mp_io_pending(&c->sock))
+                continue;
+            return wait_for(c, EV_READ);
+        }
         ev_io_stop(c->a->loop, &c->io);
         if (rc < 0)
             return respond(c, rc == MP_EAGAIN ? 431 : h.status ? h.status : 400, "text/plain", "bad request\n", 12);
-        return route(c, &h);
+        mp_slice body = {c->in + rc, h.content_length > 0 ? (size_t)h.content_length : 0};
+        return route(c, &h, body);
     }
 }
 

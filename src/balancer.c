@@ -194,13 +194,14 @@ int mp_balancer_pick(mp_balancer_t *b, const mp_pick_ctx_t *ctx, void *arg, int 
     int navailable = 0;
     for (int i = 0; i < n; i++) {
         mp_peer_t *p = b->peers[i];
-        s[i] = (mp_pick_server_t){b->def->servers[i].weight, p->active, mp_peer_latency(p), 0};
-        s[i].available = (uint8_t)mp_peer_healthy(p, now);
+        s[i] = (mp_pick_server_t){mp_peer_weight(p, b->def->servers[i].weight), p->active, mp_peer_latency(p), 0};
+        s[i].available = (uint8_t)(mp_peer_healthy(p, now) && !p->ctl_drain);
         navailable += s[i].available;
     }
-    if (navailable == 0 && b->def->fail_open)
+    if (navailable == 0 && b->def->fail_open) /* a drained server stays out, even then */
         for (int i = 0; i < n; i++)
-            s[i].available = 1, navailable++;
+            if (!b->peers[i]->ctl_drain)
+                s[i].available = 1, navailable++;
     if (avoid >= 0 && s[avoid].available) /* a retry goes to another server, or nowhere */
         s[avoid].available = 0, navailable--;
     *trial = 0;

@@ -8,6 +8,7 @@
 
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -48,7 +49,57 @@ mp_peer_t *mp_peer_get(const char *upstream, const char *addr)
 
 int mp_peer_healthy(mp_peer_t *p, double now)
 {
-    return p->probe_up && !(p->open_until > 0 && now < p->open_until);
+    return p->probe_up && !p->ctl_down && !(p->open_until > 0 && now < p->open_until);
+}
+
+const char *mp_peer_state(mp_peer_t *p, double now)
+{
+    if (!p->probe_up || p->ctl_down)
+        return "down";
+    if (p->ctl_drain)
+        return "draining";
+    return p->open_until > 0 && now < p->open_until ? "circuit open" : "up";
+}
+
+const char *mp_ctl_by_name(int by)
+{
+    return by == MP_CTL_ADMIN ? "admin" : by == MP_CTL_TESTING ? "testing" : NULL;
+}
+
+void mp_peer_control(mp_peer_t *p, const mp_peer_ctl_t *c, int by)
+{
+    int drain = p->ctl_drain, down = p->ctl_down, weight = p->ctl_weight;
+    int ndrain = c->reset ? 0 : drain, ndown = c->reset ? 0 : down, nweight = c->reset ? 0 : weight;
+    if (c->drain >= 0)
+        ndrain = c->drain != 0;
+    if (c->down >= 0)
+        ndown = c->down != 0;
+    if (c->weight >= 0)
+        nweight = c->weight;
+    p->ctl_drain = ndrain;
+    p->ctl_down = ndown;
+    p->ctl_weight = nweight;
+    p->ctl_by = ndrain || ndown || nweight ? by : MP_CTL_NONE;
+    if ((ndrain == drain && ndown == down && nweight == weight) || by == MP_CTL_TESTING)
+        return; /* the simulator's changes are the test's own: not logged */
+    char w[32] = "configured";
+    if (nweight > 0)
+        snprintf(w, sizeof(w), "%d", nweight);
+    mp_log_info("upstream %s server %s: set by %s: drain %s, down %s, weight %s", p->upstream, p->addr,
+                mp_ctl_by_name(by) ? mp_ctl_by_name(by) : "?", ndrain ? "on" : "off", ndown ? "on" : "off", w);
+}
+
+void mp_health_forget_control(int (*keep)(void *arg, const char *upstream, const char *addr), void *arg)
+{
+    pthread_mutex_lock(&registry_lock);
+    for (mp_peer_t *p = registry; p; p = p->next)
+        if ((p->ctl_drain || p->ctl_down || p->ctl_weight) && !keep(arg, p->upstream, p->addr)) {
+            p->ctl_drain = p->ctl_down = p->ctl_weight = 0;
+            p->ctl_by = MP_CTL_NONE;
+            mp_log_info("upstream %s server %s: removed by the reload, its operator control is forgotten", p->upstream,
+                        p->addr);
+        }
+    pthread_mutex_unlock(&registry_lock);
 }
 
 int mp_peer_available(mp_peer_t *p, double now, int *trial)

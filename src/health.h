@@ -24,6 +24,10 @@ typedef struct mp_peer {
     _Atomic uint64_t latency_bits;              /* EWMA of response latency in ms, a double's bits */
     _Atomic uint64_t requests, failures;        /* totals, for /upstreams and metrics */
     _Atomic uint64_t by_class[MP_PEER_CLASSES]; /* attempts by outcome, for metrics */
+    _Atomic int ctl_drain;                      /* operator: no new requests (in-flight ones finish) */
+    _Atomic int ctl_down;                       /* operator: as if the checks said down */
+    _Atomic int ctl_weight;                     /* operator: the weight balancers use; 0: the configuration's */
+    _Atomic int ctl_by;                         /* who set the above: enum mp_ctl_by */
     struct mp_peer *next;                       /* the registry */
 } mp_peer_t;
 
@@ -39,6 +43,19 @@ typedef struct {
     int failures;    /* consecutive failures that open the circuit; 0: never */
     double cooldown; /* seconds it stays open */
 } mp_passive_t;
+
+/* Who set a server's operator control (mp_peer_t.ctl_*). */
+enum mp_ctl_by { MP_CTL_NONE, MP_CTL_ADMIN, MP_CTL_TESTING };
+
+#define MP_CTL_WEIGHT_MAX 1000 /* as a configured weight */
+
+/* A change of operator control: each field -1 leaves it as it is; reset
+ * first clears them all (back to the configuration and the checks). */
+typedef struct {
+    int drain, down, weight, reset;
+} mp_peer_ctl_t;
+
+#define MP_PEER_CTL_NONE ((mp_peer_ctl_t){-1, -1, -1, 0})
 
 /* The process-wide peer for (upstream, addr), created on first use; never
  * freed before mp_health_close_all(). NULL when out of memory. Thread-safe. */
@@ -76,7 +93,27 @@ static inline double mp_peer_latency(const mp_peer_t *p)
     return v.d;
 }
 
-int mp_peer_healthy(mp_peer_t *p, double now); /* up by the checks and the circuit not open */
+int mp_peer_healthy(mp_peer_t *p, double now); /* up by the checks (and the operator), the circuit not open */
+
+/* Applies an operator's change (by: enum mp_ctl_by), logging one info line
+ * when anything changed. All workers see it at their next pick. */
+void mp_peer_control(mp_peer_t *p, const mp_peer_ctl_t *c, int by);
+
+/* The weight balancers use: the operator's, else the configuration's. */
+static inline int mp_peer_weight(const mp_peer_t *p, int configured)
+{
+    int w = p->ctl_weight;
+    return w > 0 ? w : configured;
+}
+
+/* "up", "down" (checks or operator), "draining" or "circuit open": for /upstreams. */
+const char *mp_peer_state(mp_peer_t *p, double now);
+const char *mp_ctl_by_name(int by); /* "admin", "testing", or NULL */
+
+/* After a reload: clears the operator control of every server that the
+ * new configuration no longer has (keep(arg, upstream, addr) says which
+ * stay), so that a server added back later starts from its configuration. */
+void mp_health_forget_control(int (*keep)(void *arg, const char *upstream, const char *addr), void *arg);
 
 /* Walks every peer (for /upstreams and metrics). */
 void mp_health_each(void (*fn)(mp_peer_t *p, void *arg), void *arg);

@@ -288,8 +288,48 @@ static int l_set_server(lua_State *L)
     st.failures = (int)luaL_optinteger(L, -1, 0);
     lua_getfield(L, 4, "latency");
     st.latency = luaL_optnumber(L, -1, 0);
+    lua_getfield(L, 4, "drain");
+    st.drain = lua_toboolean(L, -1);
+    lua_getfield(L, 4, "weight");
+    st.weight = (int)luaL_optinteger(L, -1, 0);
+    if (st.weight < 0 || st.weight > MP_CTL_WEIGHT_MAX)
+        return luaL_error(L, "servers: weight must be 1..%d", MP_CTL_WEIGHT_MAX);
     if (mp_sim_set_server(s, up, addr, &st) != 0)
         return luaL_error(L, "servers: upstream '%s' has no server %s", up, addr);
+    return 0;
+}
+
+/* A boolean field of the control table at index t: -1 when absent. */
+static int ctl_bool(lua_State *L, int t, const char *name)
+{
+    lua_getfield(L, t, name);
+    int v = lua_isnil(L, -1) ? -1 : lua_toboolean(L, -1);
+    if (!lua_isnil(L, -1) && !lua_isboolean(L, -1))
+        luaL_error(L, "server_state: %s must be a boolean", name);
+    lua_pop(L, 1);
+    return v;
+}
+
+/* sim:control(upstream, addr, { drain =, down =, weight =, reset = }) */
+static int l_control(lua_State *L)
+{
+    mp_sim_t *s = check_sim(L);
+    const char *up = luaL_checkstring(L, 2), *addr = luaL_checkstring(L, 3);
+    luaL_checktype(L, 4, LUA_TTABLE);
+    mp_peer_ctl_t c = MP_PEER_CTL_NONE;
+    c.drain = ctl_bool(L, 4, "drain");
+    c.down = ctl_bool(L, 4, "down");
+    c.reset = ctl_bool(L, 4, "reset") == 1;
+    lua_getfield(L, 4, "weight");
+    if (!lua_isnil(L, -1)) {
+        lua_Number w = lua_tonumber(L, -1);
+        if (!lua_isnumber(L, -1) || w != (int)w || w < 1 || w > MP_CTL_WEIGHT_MAX)
+            return luaL_error(L, "server_state: weight must be an integer 1..%d", MP_CTL_WEIGHT_MAX);
+        c.weight = (int)w;
+    }
+    lua_pop(L, 1);
+    if (mp_sim_control(s, up, addr, &c) != 0)
+        return luaL_error(L, "server_state: upstream '%s' has no server %s", up, addr);
     return 0;
 }
 
@@ -327,8 +367,9 @@ static const luaL_Reg sim_funcs[] = {
 static void sim_setup(lua_State *L)
 {
     static const luaL_Reg methods[] = {
-        {"request", l_request}, {"response", l_response},         {"set_server", l_set_server}, {"set_now", l_set_now},
-        {"summary", l_summary}, {"check_guards", l_check_guards}, {"close", l_close},           {NULL, NULL}};
+        {"request", l_request},           {"response", l_response}, {"set_server", l_set_server},
+        {"control", l_control},           {"set_now", l_set_now},   {"summary", l_summary},
+        {"check_guards", l_check_guards}, {"close", l_close},       {NULL, NULL}};
     luaL_newmetatable(L, SIM_MT);
     lua_newtable(L);
     luaL_register(L, NULL, methods);

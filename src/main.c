@@ -32,6 +32,8 @@ static const char usage[] =
     "  -c FILE   configuration script (default: $MOONPROXY_CONFIG, else ./moonproxy.lua)\n"
     "  -t        load and validate the configuration (and its proxy.expect guards),\n"
     "            print ok or the error, exit\n"
+    "  -t --diff --against FILE  also print what a reload from the script FILE (the\n"
+    "            running one) to this one would change, one line per kind\n"
     "  --explain 'GET http://host/path?q'  where this request would go and why: the\n"
     "            route, the hooks' changes, the balancer's pick and what the upstream\n"
     "            would receive (or the answer made here); -H adds a request header,\n"
@@ -47,6 +49,8 @@ static const char usage[] =
 typedef struct {
     const char *path;
     int test_only;
+    int diff;            /* -t --diff */
+    const char *against; /* --against FILE */
     int workers;
     const char *explain; /* "METHOD URL" */
     const char *from;
@@ -86,6 +90,10 @@ static int parse_args(int argc, char **argv, options_t *o)
             exit(0);
         } else if (strcmp(a, "-t") == 0) {
             o->test_only = 1;
+        } else if (strcmp(a, "--diff") == 0) {
+            o->diff = 1;
+        } else if (strcmp(a, "--against") == 0 && next) {
+            o->against = argv[++i];
         } else if (strcmp(a, "--explain") == 0 && next) {
             o->explain = argv[++i];
         } else if (strcmp(a, "--from") == 0 && next) {
@@ -115,6 +123,10 @@ static int parse_args(int argc, char **argv, options_t *o)
             fprintf(stderr, "moonproxy: unknown or incomplete option '%s'\n%s", a, usage);
             return -1;
         }
+    }
+    if ((o->diff || o->against) && (!o->test_only || !o->diff || !o->against)) {
+        fprintf(stderr, "moonproxy: --diff and --against FILE go together, with -t\n");
+        return -1;
     }
     return 0;
 }
@@ -315,17 +327,43 @@ static void on_watchdog(struct ev_loop *loop, ev_timer *t, int revents)
     g.stuck = mp_watchdog_check(g.workers, g.nworkers, mp_reloader_config(g.rl)->settings.hook_timeout);
 }
 
-/* -t: loads the script as a worker would and checks its guards. */
-static int test_config(const char *path)
+/* -t --diff --against FILE: what a reload from FILE's configuration to
+ * s's would change, one line per kind (reload.h's mp_config_diff). */
+static int print_diff(mp_sim_t *s, const char *against)
 {
     char err[8192];
-    mp_sim_t *s = mp_sim_new(path, NULL, 0, 1, err, sizeof(err));
+    mp_sim_t *old = mp_sim_new(against, NULL, 0, 1, err, sizeof(err));
+    if (!old) {
+        fprintf(stderr, "--against %s: %s\n", against, err);
+        return 1;
+    }
+    mp_strbuf_t json = {0}, summary = {0};
+    mp_config_diff(mp_sim_config(old), mp_sim_vm(old), mp_sim_config(s), mp_sim_vm(s), &json, &summary);
+    mp_sim_free(old);
+    for (const char *p = summary.p ? summary.p : ""; *p;) {
+        const char *e = strstr(p, "; ");
+        printf("%.*s\n", e ? (int)(e - p) : (int)strlen(p), p);
+        p = e ? e + 2 : p + strlen(p);
+    }
+    int oom = json.oom || summary.oom;
+    mp_strbuf_free(&json);
+    mp_strbuf_free(&summary);
+    return oom ? 1 : 0;
+}
+
+/* -t: loads the script as a worker would and checks its guards. */
+static int test_config(const options_t *o)
+{
+    char err[8192];
+    mp_sim_t *s = mp_sim_new(o->path, NULL, 0, 1, err, sizeof(err));
     int rc = s ? mp_sim_check_guards(s, err, sizeof(err)) : MP_EINVAL;
-    mp_sim_free(s);
     if (rc == 0)
         puts("ok");
     else
         fprintf(stderr, "%s\n", err);
+    if (rc == 0 && o->diff)
+        rc = print_diff(s, o->against);
+    mp_sim_free(s);
     return rc == 0 ? 0 : 1;
 }
 
@@ -480,7 +518,7 @@ int main(int argc, char **argv)
     if (o.explain)
         return explain(&o);
     if (o.test_only)
-        return test_config(o.path);
+        return test_config(&o);
 
     char err[2048];
     lua_State *L = mp_vm_new();

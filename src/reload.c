@@ -3,9 +3,11 @@
  * them: worker.c), the script's history and settings.watch. */
 #include "reload.h"
 
+#include "health.h"
 #include "l_http.h"
 #include "l_redis.h"
 #include "log.h"
+#include "strbuf.h"
 #include "vm.h"
 
 #include <errno.h>
@@ -376,6 +378,452 @@ void mp_reloader_start(mp_reloader_t *rl, struct ev_loop *loop)
     watch_files(rl);
 }
 
+/* ---- what a reload changes (mp_config_diff) ---- */
+
+typedef struct {
+    const char *name;
+    mp_strbuf_t added, removed, changed; /* JSON array items, comma-separated */
+    int na, nr, nc;
+    mp_strbuf_t text; /* the names, for the one-line summary */
+} diff_section_t;
+
+static void json_str(mp_strbuf_t *b, const char *s)
+{
+    size_t n = strlen(s);
+    if (mp_strbuf_reserve(b, n * 6 + 2) != 0)
+        return;
+    b->p[b->len++] = '"';
+    b->len = mp_json_escape(b->p, b->len, b->cap, (mp_slice){s, n});
+    b->p[b->len++] = '"';
+    b->p[b->len] = '\0';
+}
+
+/* Adds item (kind '+', '-' or '~') to the section; fields (for '~': the
+ * ones that differ, comma-separated) may be NULL. */
+static void diff_item(diff_section_t *d, char kind, const char *item, const char *fields)
+{
+    mp_strbuf_t *b = kind == '+' ? &d->added : kind == '-' ? &d->removed : &d->changed;
+    int *n = kind == '+' ? &d->na : kind == '-' ? &d->nr : &d->nc;
+    mp_strbuf_printf(b, "%s", *n ? "," : "");
+    if (kind == '~' && fields) {
+        mp_strbuf_printf(b, "{\"name\":");
+        json_str(b, item);
+        mp_strbuf_printf(b, ",\"fields\":[");
+        const char *f = fields;
+        for (int first = 1; *f; first = 0) {
+            const char *e = strchr(f, ',');
+            size_t len = e ? (size_t)(e - f) : strlen(f);
+            char one[64];
+            snprintf(one, sizeof(one), "%.*s", (int)len, f);
+            mp_strbuf_printf(b, "%s", first ? "" : ",");
+            json_str(b, one);
+            f += len + (e ? 1 : 0);
+        }
+        mp_strbuf_printf(b, "]}");
+    } else {
+        json_str(b, item);
+    }
+    (*n)++;
+    mp_strbuf_printf(&d->text, "%s%c%s", d->text.len ? " " : "", kind, item);
+    if (kind == '~' && fields)
+        mp_strbuf_printf(&d->text, "(%s)", fields);
+}
+
+static int eq_str(const char *a, const char *b)
+{
+    return (!a && !b) || (a && b && strcmp(a, b) == 0);
+}
+
+/* Appends name to the comma-separated list in fields when the values differ. */
+#define FIELD_NUM(list, a, b, name)                                                                                    \
+    do {                                                                                                               \
+        if ((a) != (b))                                                                                                \
+            mp_strbuf_printf(list, "%s%s", (list)->len ? "," : "", name);                                              \
+    } while (0)
+#define FIELD_STR(list, a, b, name)                                                                                    \
+    do {                                                                                                               \
+        if (!eq_str(a, b))                                                                                             \
+            mp_strbuf_printf(list, "%s%s", (list)->len ? "," : "", name);                                              \
+    } while (0)
+
+/* A route's identity across generations: its name, else what it matches. */
+static void route_key(const mp_route_t *r, char *out, size_t len)
+{
+    char index[16];
+    snprintf(index, sizeof(index), "%d", r->index);
+    if (r->name && strcmp(r->name, index) != 0) /* a name given, not the default (its index) */
+        snprintf(out, len, "%s", r->name);
+    else
+        snprintf(out, len, "%s%s%s%s%s%s", r->host ? r->host : "", r->host ? " " : "", r->path ? r->path : "",
+                 r->prefix ? r->prefix : "", r->regex ? "~" : "", r->regex ? r->regex : "");
+}
+
+static const mp_route_t *find_route(const mp_config_t *cfg, const char *key)
+{
+    char k[512];
+    for (size_t i = 0; i < mp_router_count(cfg->router); i++) {
+        const mp_route_t *r = mp_router_get(cfg->router, i);
+        route_key(r, k, sizeof(k));
+        if (strcmp(k, key) == 0)
+            return r;
+    }
+    return NULL;
+}
+
+static const char *route_upstream(const mp_config_t *cfg, const mp_route_t *r)
+{
+    return r->target >= 0 && (size_t)r->target < cfg->nupstreams ? cfg->upstreams[r->target].name : NULL;
+}
+
+static const char *route_root(const mp_config_t *cfg, const mp_route_t *r)
+{
+    size_t i = (size_t)r->index - 1;
+    return cfg->statics && i < cfg->nstatics ? cfg->statics[i].root : NULL;
+}
+
+static void diff_routes(diff_section_t *d, const mp_config_t *old, const mp_config_t *new)
+{
+    char k[512];
+    for (size_t i = 0; i < mp_router_count(new->router); i++) {
+        const mp_route_t *r = mp_router_get(new->router, i);
+        route_key(r, k, sizeof(k));
+        const mp_route_t *o = find_route(old, k);
+        if (!o) {
+            diff_item(d, '+', k, NULL);
+            continue;
+        }
+        mp_strbuf_t f = {0};
+        FIELD_STR(&f, o->host, r->host, "host");
+        FIELD_STR(&f, o->path, r->path, "path");
+        FIELD_STR(&f, o->prefix, r->prefix, "prefix");
+        FIELD_STR(&f, o->regex, r->regex, "regex");
+        FIELD_NUM(&f, o->strip_prefix, r->strip_prefix, "strip_prefix");
+        FIELD_STR(&f, route_upstream(old, o), route_upstream(new, r), "upstream");
+        FIELD_NUM(&f, old->route_hooks[o->index - 1].handler, new->route_hooks[r->index - 1].handler, "handler");
+        FIELD_STR(&f, route_root(old, o), route_root(new, r), "static");
+        FIELD_NUM(&f, o->index, r->index, "order");
+        if (f.len)
+            diff_item(d, '~', k, f.p);
+        mp_strbuf_free(&f);
+    }
+    for (size_t i = 0; i < mp_router_count(old->router); i++) {
+        const mp_route_t *o = mp_router_get(old->router, i);
+        route_key(o, k, sizeof(k));
+        if (!find_route(new, k))
+            diff_item(d, '-', k, NULL);
+    }
+}
+
+static int same_statuses(const mp_statuses_t *a, const mp_statuses_t *b)
+{
+    return a->n == b->n && memcmp(a->codes, b->codes, (size_t)a->n * sizeof(a->codes[0])) == 0;
+}
+
+static int same_health(const mp_health_def_t *a, const mp_health_def_t *b)
+{
+    if (!a || !b)
+        return a == b;
+    return eq_str(a->path, b->path) && eq_str(a->host, b->host) && a->interval == b->interval &&
+           a->timeout == b->timeout && a->rise == b->rise && a->fall == b->fall &&
+           same_statuses(&a->statuses, &b->statuses);
+}
+
+static void diff_upstreams(diff_section_t *d, diff_section_t *sv, const mp_config_t *old, const mp_config_t *new)
+{
+    char key[1024];
+    for (size_t i = 0; i < new->nupstreams; i++) {
+        const mp_upstream_def_t *u = &new->upstreams[i];
+        int oi = mp_config_upstream(old, u->name);
+        const mp_upstream_def_t *o = oi >= 0 ? &old->upstreams[oi] : NULL;
+        for (size_t s = 0; s < u->nservers; s++) {
+            size_t t = 0;
+            while (o && t < o->nservers && strcmp(o->servers[t].addr.text, u->servers[s].addr.text) != 0)
+                t++;
+            snprintf(key, sizeof(key), "%s %s", u->name, u->servers[s].addr.text);
+            if (!o || t == o->nservers)
+                diff_item(sv, '+', key, NULL);
+            else if (o->servers[t].weight != u->servers[s].weight)
+                diff_item(sv, '~', key, "weight");
+        }
+        if (!o) {
+            diff_item(d, '+', u->name, NULL);
+            continue;
+        }
+        for (size_t t = 0; t < o->nservers; t++) {
+            size_t s = 0;
+            while (s < u->nservers && strcmp(o->servers[t].addr.text, u->servers[s].addr.text) != 0)
+                s++;
+            snprintf(key, sizeof(key), "%s %s", o->name, o->servers[t].addr.text);
+            if (s == u->nservers)
+                diff_item(sv, '-', key, NULL);
+        }
+        mp_strbuf_t f = {0};
+        FIELD_STR(&f, o->balancer, u->balancer, "balancer");
+        FIELD_STR(&f, o->hash_key, u->hash_key, "hash_key");
+        FIELD_NUM(&f, o->fail_open, u->fail_open, "fail_open");
+        FIELD_NUM(&f, o->retry_budget, u->retry_budget, "retry_budget");
+        FIELD_NUM(&f,
+                  o->passive_failures != u->passive_failures || o->passive_cooldown != u->passive_cooldown ||
+                      !same_statuses(&o->passive_statuses, &u->passive_statuses),
+                  0, "passive");
+        FIELD_NUM(&f, same_health(o->health, u->health), 1, "health");
+        FIELD_NUM(&f, o->keepalive, u->keepalive, "keepalive");
+        FIELD_NUM(&f, o->keepalive_timeout, u->keepalive_timeout, "keepalive_timeout");
+        FIELD_NUM(&f,
+                  o->connect_timeout != u->connect_timeout || o->send_timeout != u->send_timeout ||
+                      o->read_timeout != u->read_timeout || o->tunnel_timeout != u->tunnel_timeout,
+                  0, "timeouts");
+        FIELD_NUM(&f, o->retries, u->retries, "retries");
+        FIELD_STR(&f, o->host, u->host, "host");
+        FIELD_NUM(&f, o->tls != NULL, u->tls != NULL, "tls");
+        FIELD_STR(&f, o->tls_name, u->tls_name, "tls_name");
+        if (f.len)
+            diff_item(d, '~', u->name, f.p);
+        mp_strbuf_free(&f);
+    }
+    for (size_t i = 0; i < old->nupstreams; i++) {
+        const mp_upstream_def_t *o = &old->upstreams[i];
+        if (mp_config_upstream(new, o->name) >= 0)
+            continue;
+        diff_item(d, '-', o->name, NULL);
+        for (size_t t = 0; t < o->nservers; t++) {
+            snprintf(key, sizeof(key), "%s %s", o->name, o->servers[t].addr.text);
+            diff_item(sv, '-', key, NULL);
+        }
+    }
+}
+
+#define MAX_CERTS 64
+
+/* Every certificate of cfg (listeners and the admin port): "digest name". */
+static size_t cert_list(const mp_config_t *cfg, char (*out)[MP_TLS_DIGEST_LEN + 256], size_t max)
+{
+    size_t n = 0;
+    for (size_t l = 0; l <= cfg->nlistens; l++) {
+        const mp_tls_server_t *t = l < cfg->nlistens ? (cfg->listen_tls ? cfg->listen_tls[l] : NULL) : cfg->admin_tls;
+        char digests[MAX_CERTS][MP_TLS_DIGEST_LEN];
+        const char *names[MAX_CERTS];
+        size_t k = t ? mp_tls_server_digests(t, digests, names, MAX_CERTS) : 0;
+        for (size_t i = 0; i < k && i < MAX_CERTS; i++) {
+            char one[MP_TLS_DIGEST_LEN + 256];
+            snprintf(one, sizeof(one), "%.64s %.200s", digests[i], names[i]);
+            size_t j = 0;
+            while (j < n && strcmp(out[j], one) != 0)
+                j++;
+            if (j == n && n < max)
+                memcpy(out[n++], one, sizeof(one));
+        }
+    }
+    return n;
+}
+
+static void diff_certs(diff_section_t *d, const mp_config_t *old, const mp_config_t *new)
+{
+    static char a[MAX_CERTS][MP_TLS_DIGEST_LEN + 256], b[MAX_CERTS][MP_TLS_DIGEST_LEN + 256]; /* the main thread's */
+    size_t na = cert_list(old, a, MAX_CERTS), nb = cert_list(new, b, MAX_CERTS);
+    for (size_t i = 0; i < nb; i++) {
+        size_t j = 0;
+        while (j < na && strcmp(a[j], b[i]) != 0)
+            j++;
+        if (j == na)
+            diff_item(d, '+', b[i], NULL);
+    }
+    for (size_t j = 0; j < na; j++) {
+        size_t i = 0;
+        while (i < nb && strcmp(a[j], b[i]) != 0)
+            i++;
+        if (i == nb)
+            diff_item(d, '-', a[j], NULL);
+    }
+}
+
+static int same_trusted(const mp_settings_t *a, const mp_settings_t *b)
+{
+    return a->ntrusted == b->ntrusted &&
+           (a->ntrusted == 0 || memcmp(a->trusted, b->trusted, a->ntrusted * sizeof(*a->trusted)) == 0);
+}
+
+/* The settings that changed (d), and among them those only a restart applies (restart). */
+static void diff_settings(diff_section_t *d, diff_section_t *restart, const mp_config_t *old, const mp_config_t *new)
+{
+    const mp_settings_t *a = &old->settings, *b = &new->settings;
+    mp_strbuf_t f = {0}, r = {0};
+    FIELD_NUM(&r, same_listens(old, new), 1, "listen");
+    FIELD_STR(&r, old->admin ? old->admin->text : NULL, new->admin ? new->admin->text : NULL, "admin");
+    FIELD_STR(&r, a->access_log, b->access_log, "access_log");
+    FIELD_STR(&r, a->error_log, b->error_log, "error_log");
+    FIELD_NUM(&r, a->workers, b->workers, "workers");
+    FIELD_NUM(&r, a->body_buffer_size, b->body_buffer_size, "body_buffer_size");
+    FIELD_NUM(&f, a->client_header_timeout, b->client_header_timeout, "client_header_timeout");
+    FIELD_NUM(&f, a->client_body_timeout, b->client_body_timeout, "client_body_timeout");
+    FIELD_NUM(&f, a->keepalive_timeout, b->keepalive_timeout, "keepalive_timeout");
+    FIELD_NUM(&f, a->shutdown_timeout, b->shutdown_timeout, "shutdown_timeout");
+    FIELD_NUM(&f, a->max_header_size, b->max_header_size, "max_header_size");
+    FIELD_NUM(&f, a->max_uri_size, b->max_uri_size, "max_uri_size");
+    FIELD_NUM(&f, a->max_body_size, b->max_body_size, "max_body_size");
+    FIELD_NUM(&f, a->lua_memory, b->lua_memory, "lua_memory");
+    FIELD_NUM(&f, a->max_connections, b->max_connections, "max_connections");
+    FIELD_NUM(&f, same_trusted(a, b), 1, "trusted_proxies");
+    FIELD_NUM(&f, a->merge_slashes, b->merge_slashes, "merge_slashes");
+    FIELD_NUM(&f, a->escaped_slashes, b->escaped_slashes, "escaped_slashes");
+    FIELD_NUM(&f, a->underscores_in_headers, b->underscores_in_headers, "underscores_in_headers");
+    FIELD_NUM(&f, a->access_log_fields, b->access_log_fields, "access_log.fields");
+    FIELD_NUM(&f, a->reload_drain_timeout, b->reload_drain_timeout, "reload_drain_timeout");
+    FIELD_NUM(&f, a->hook_timeout, b->hook_timeout, "hook_timeout");
+    FIELD_NUM(&f, a->watch, b->watch, "watch");
+    FIELD_NUM(&f,
+              eq_str(a->resolver.nameservers, b->resolver.nameservers) &&
+                  eq_str(a->resolver.hosts, b->resolver.hosts) && a->resolver.timeout == b->resolver.timeout,
+              1, "resolver");
+    FIELD_STR(&f, old->admin_token, new->admin_token, "admin.token");
+    FIELD_NUM(&f, old->admin_tls != NULL, new->admin_tls != NULL, "admin.tls");
+    for (int pass = 0; pass < 2; pass++) {
+        for (const char *s = pass ? r.p : f.p; s && *s;) {
+            const char *e = strchr(s, ',');
+            size_t len = e ? (size_t)(e - s) : strlen(s);
+            char one[64];
+            snprintf(one, sizeof(one), "%.*s", (int)len, s);
+            diff_item(d, '~', one, NULL);
+            if (pass) {
+                mp_strbuf_printf(&restart->added, "%s", restart->na++ ? "," : "");
+                json_str(&restart->added, one);
+                mp_strbuf_printf(&restart->text, "%s%s", restart->text.len ? " " : "", one);
+            }
+            s += len + (e ? 1 : 0);
+        }
+    }
+    mp_strbuf_free(&f);
+    mp_strbuf_free(&r);
+}
+
+typedef struct {
+    char *key; /* "name" (every request's) or "name on ROUTE" */
+    char *conf;
+} plugin_t;
+
+/* The plugins of the configuration L built (lua/moonproxy.lua's _plugins):
+ * malloc'd, *n set; NULL (n 0) when L is NULL or they cannot be read. */
+static plugin_t *plugin_list(lua_State *L, const mp_config_t *cfg, size_t *n)
+{
+    *n = 0;
+    if (!L)
+        return NULL;
+    int top = lua_gettop(L);
+    plugin_t *out = NULL;
+    lua_getglobal(L, "package");
+    if (lua_istable(L, -1)) {
+        lua_getfield(L, -1, "loaded");
+        if (lua_istable(L, -1)) {
+            lua_getfield(L, -1, "moonproxy");
+            if (lua_istable(L, -1))
+                lua_getfield(L, -1, "_plugins");
+        }
+    }
+    if (!lua_isfunction(L, -1) || lua_pcall(L, 0, 1, 0) != 0 || !lua_istable(L, -1)) {
+        lua_settop(L, top);
+        return NULL;
+    }
+    size_t len = lua_objlen(L, -1);
+    out = calloc(len ? len : 1, sizeof(*out));
+    for (size_t i = 0; out && i < len; i++) {
+        lua_rawgeti(L, -1, (int)i + 1);
+        lua_getfield(L, -1, "route");
+        lua_getfield(L, -2, "name");
+        lua_getfield(L, -3, "conf");
+        int route = (int)lua_tointeger(L, -3);
+        const char *name = lua_tostring(L, -2), *conf = lua_tostring(L, -1);
+        char key[700], rk[512] = "";
+        if (route > 0 && (size_t)route <= mp_router_count(cfg->router))
+            route_key(mp_router_get(cfg->router, (size_t)route - 1), rk, sizeof(rk));
+        snprintf(key, sizeof(key), "%s%s%s", name ? name : "?", rk[0] ? " on " : "", rk);
+        out[*n].key = strdup(key);
+        out[*n].conf = strdup(conf ? conf : "");
+        if (out[*n].key && out[*n].conf)
+            (*n)++;
+        else
+            free(out[*n].key), free(out[*n].conf);
+        lua_pop(L, 4);
+    }
+    lua_settop(L, top);
+    return out;
+}
+
+static void plugins_free(plugin_t *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++) {
+        free(p[i].key);
+        free(p[i].conf);
+    }
+    free(p);
+}
+
+static const plugin_t *find_plugin(const plugin_t *p, size_t n, const char *key)
+{
+    for (size_t i = 0; i < n; i++)
+        if (strcmp(p[i].key, key) == 0)
+            return &p[i];
+    return NULL;
+}
+
+static void diff_plugins(diff_section_t *d, lua_State *old_L, const mp_config_t *old, lua_State *new_L,
+                         const mp_config_t *new)
+{
+    size_t na, nb;
+    plugin_t *a = plugin_list(old_L, old, &na), *b = plugin_list(new_L, new, &nb);
+    for (size_t i = 0; i < nb; i++) {
+        const plugin_t *o = find_plugin(a, na, b[i].key);
+        if (!o)
+            diff_item(d, '+', b[i].key, NULL);
+        else if (strcmp(o->conf, b[i].conf) != 0)
+            diff_item(d, '~', b[i].key, "options");
+    }
+    for (size_t i = 0; i < na; i++)
+        if (!find_plugin(b, nb, a[i].key))
+            diff_item(d, '-', a[i].key, NULL);
+    plugins_free(a, na);
+    plugins_free(b, nb);
+}
+
+static void section_json(mp_strbuf_t *out, const diff_section_t *d)
+{
+    mp_strbuf_printf(out, "\"%s\":{\"added\":[%s],\"removed\":[%s],\"changed\":[%s]}", d->name,
+                     d->added.p ? d->added.p : "", d->removed.p ? d->removed.p : "", d->changed.p ? d->changed.p : "");
+}
+
+int mp_config_diff(const mp_config_t *old, lua_State *old_L, const mp_config_t *new, lua_State *new_L,
+                   mp_strbuf_t *json, mp_strbuf_t *summary)
+{
+    diff_section_t s[7] = {{.name = "routes"},       {.name = "upstreams"}, {.name = "servers"}, {.name = "plugins"},
+                           {.name = "certificates"}, {.name = "settings"},  {.name = "restart"}};
+    diff_routes(&s[0], old, new);
+    diff_upstreams(&s[1], &s[2], old, new);
+    diff_plugins(&s[3], old_L, old, new_L, new);
+    diff_certs(&s[4], old, new);
+    diff_settings(&s[5], &s[6], old, new);
+    int changes = 0;
+    mp_strbuf_printf(json, "{");
+    for (int i = 0; i < 6; i++) {
+        section_json(json, &s[i]);
+        mp_strbuf_printf(json, ",");
+        changes += s[i].na + s[i].nr + s[i].nc;
+        if (s[i].text.len)
+            mp_strbuf_printf(summary, "%s%s: %s", summary->len ? "; " : "", s[i].name, s[i].text.p);
+    }
+    mp_strbuf_printf(json, "\"restart_required\":[%s],\"changes\":%d}", s[6].added.p ? s[6].added.p : "", changes);
+    if (s[6].na)
+        mp_strbuf_printf(summary, "%sonly a restart applies: %s", summary->len ? "; " : "",
+                         s[6].text.p ? s[6].text.p : "");
+    if (!summary->len)
+        mp_strbuf_printf(summary, "no changes");
+    for (int i = 0; i < 7; i++) {
+        mp_strbuf_free(&s[i].added);
+        mp_strbuf_free(&s[i].removed);
+        mp_strbuf_free(&s[i].changed);
+        mp_strbuf_free(&s[i].text);
+    }
+    return changes;
+}
+
 /* What a reload cannot change is said once, rather than silently ignored. */
 static void warn_fixed_at_start(const mp_config_t *old, const mp_config_t *new)
 {
@@ -391,6 +839,18 @@ static void warn_fixed_at_start(const mp_config_t *old, const mp_config_t *new)
         mp_log_warn("reload: workers changed; it applies at the next restart");
     if (old->settings.body_buffer_size != new->settings.body_buffer_size)
         mp_log_warn("reload: body_buffer_size changed; it applies at the next restart");
+}
+
+/* Whether the configuration cfg has the server (mp_health_forget_control's keep). */
+static int has_server(void *arg, const char *upstream, const char *addr)
+{
+    const mp_config_t *cfg = arg;
+    for (size_t u = 0; u < cfg->nupstreams; u++)
+        if (strcmp(cfg->upstreams[u].name, upstream) == 0)
+            for (size_t i = 0; i < cfg->upstreams[u].nservers; i++)
+                if (strcmp(cfg->upstreams[u].servers[i].addr.text, addr) == 0)
+                    return 1;
+    return 0;
 }
 
 enum { FROM_FILE, ROLLBACK, REFRESH };
@@ -452,6 +912,9 @@ static int reload(mp_reloader_t *rl, int mode, const char *reason, mp_reload_cb 
         return MP_EINVAL;
     }
     uint64_t id = ++rl->generation;
+    mp_strbuf_t changes = {0}, summary = {0};
+    mp_config_diff(rl->cfg, rl->L, cfgs[rl->nworkers], Ls[rl->nworkers], &changes, &summary);
+    mp_strbuf_free(&changes);
     if (mode != REFRESH) {
         rl->reloads_ok++;
         warn_fixed_at_start(rl->cfg, cfgs[rl->nworkers]);
@@ -469,6 +932,7 @@ static int reload(mp_reloader_t *rl, int mode, const char *reason, mp_reload_cb 
         rl->text = text;
         rl->len = len;
     }
+    mp_health_forget_control(has_server, rl->cfg);
     rl->loaded_at = epoch_now();
     *wt = (waiter_t){id, cb, arg, rl->waiters};
     rl->waiters = wt;
@@ -477,10 +941,40 @@ static int reload(mp_reloader_t *rl, int mode, const char *reason, mp_reload_cb 
     watch_files(rl);
     if (rl->on_config)
         rl->on_config(rl->on_config_arg, rl->cfg);
-    mp_log_info("reload: generation %llu loaded (%s%s)", (unsigned long long)id, reason, rollback ? ", rollback" : "");
+    mp_log_info("reload: generation %llu loaded (%s%s): %s", (unsigned long long)id, reason,
+                rollback ? ", rollback" : "", summary.p ? summary.p : "changes unknown (out of memory)");
+    mp_strbuf_free(&summary);
     free(Ls);
     free(cfgs);
     return 0;
+}
+
+char *mp_reload_preview(mp_reloader_t *rl, size_t *len, char *err, size_t errlen)
+{
+    size_t tlen = 0;
+    char *text = read_file(rl->path, &tlen, err, errlen);
+    lua_State *L = NULL;
+    mp_config_t *cfg = NULL;
+    if (!text || build(rl, text, tlen, 1, &L, &cfg, err, errlen) != 0) {
+        mp_log_info("reload preview (dry run): the script is refused: %s", err);
+        free(text);
+        return NULL;
+    }
+    free(text);
+    mp_strbuf_t changes = {0}, summary = {0}, b = {0};
+    int n = mp_config_diff(rl->cfg, rl->L, cfg, L, &changes, &summary);
+    mp_config_free(cfg);
+    mp_vm_close(L);
+    mp_strbuf_printf(&b, "{\"dry_run\":true,\"generation\":%llu,\"changes\":%d,\"diff\":%s,\"summary\":",
+                     (unsigned long long)rl->generation, n, changes.p ? changes.p : "null");
+    json_str(&b, summary.p ? summary.p : "");
+    mp_strbuf_printf(&b, "}\n");
+    mp_strbuf_free(&changes);
+    mp_strbuf_free(&summary);
+    char *out = mp_strbuf_steal(&b, len);
+    if (!out)
+        snprintf(err, errlen, "out of memory");
+    return out;
 }
 
 void mp_reloader_on_config(mp_reloader_t *rl, void (*fn)(void *arg, const mp_config_t *cfg), void *arg)

@@ -8,6 +8,7 @@
 
 #include "config.h"
 #include "gen.h"
+#include "strbuf.h"
 #include "worker.h"
 
 #include <ev.h>
@@ -46,6 +47,27 @@ void mp_reload(mp_reloader_t *rl, int rollback, const char *reason, mp_reload_cb
  * (rollback) and the reload counts are left as they are. reason is logged.
  * Returns 0 when the new generation was handed over, nonzero when refused. */
 int mp_reload_refresh(mp_reloader_t *rl, const char *reason);
+
+/* POST /reload?dry_run=1: reads the script, loads and checks it as a reload
+ * would (guards included) without handing anything over, and returns what
+ * would change as JSON (malloc'd, *len set): {"dry_run", "generation" (the
+ * running one, unchanged), "changes" (a count), "diff" (mp_config_diff's),
+ * "summary"}. NULL with the reason ("file:line: message") in err when the
+ * script is refused. */
+char *mp_reload_preview(mp_reloader_t *rl, size_t *len, char *err, size_t errlen);
+
+/* What changes from old to new (built in the VMs old_L and new_L, which
+ * tell their plugins; NULL: plugins not compared): json gets an object with
+ * "routes", "upstreams", "servers" ("upstream addr"), "plugins" ("name", or
+ * "name on ROUTE"; changed: its options), "certificates" ("sha256 name")
+ * and "settings", each {"added": [...], "removed": [...], "changed": [...]}
+ * (a changed route or upstream is {"name", "fields"}), "restart_required"
+ * (changed settings a reload does not apply: listen, admin, access_log,
+ * error_log, workers, body_buffer_size) and "changes" (the count);
+ * summary gets the same on one line ("no changes" when nothing changed).
+ * Hooks and handlers are Lua functions: not compared. Returns the count. */
+int mp_config_diff(const mp_config_t *old, lua_State *old_L, const mp_config_t *new, lua_State *new_L,
+                   mp_strbuf_t *json, mp_strbuf_t *summary);
 
 /* Called on the main thread with the new configuration after each
  * accepted reload (active health checks follow it). */

@@ -613,8 +613,24 @@ int mp_sim_set_server(mp_sim_t *s, const char *upstream, const char *addr, const
             p->latency_bits = lat.u;
             s->open[k] = (uint8_t)(st->open != 0);
             p->open_until = 0;
+            mp_peer_ctl_t c = {st->drain != 0, 0, st->weight, 1};
+            mp_peer_control(p, &c, MP_CTL_TESTING);
             return 0;
         }
+    return MP_ENOENT;
+}
+
+int mp_sim_control(mp_sim_t *s, const char *upstream, const char *addr, const mp_peer_ctl_t *c)
+{
+    const mp_config_t *cfg = s->gen.cfg;
+    size_t k = 0;
+    for (size_t u = 0; u < cfg->nupstreams; u++)
+        for (size_t i = 0; i < cfg->upstreams[u].nservers; i++, k++)
+            if (strcmp(cfg->upstreams[u].name, upstream) == 0 &&
+                strcmp(cfg->upstreams[u].servers[i].addr.text, addr) == 0) {
+                mp_peer_control(&s->peers[k], c, MP_CTL_TESTING);
+                return 0;
+            }
     return MP_ENOENT;
 }
 
@@ -718,10 +734,10 @@ static void note_pick(mp_sim_t *s, const mp_balancer_t *b, int server)
     double now = mp_health_now();
     for (size_t i = 0; i < d->nservers; i++) {
         mp_peer_t *p = b->peers[i];
-        const char *state = !p->probe_up ? "down" : p->open_until > now ? "circuit open" : "up";
+        const char *state = mp_peer_state(p, now);
         mp_strbuf_printf(&list, "%s%s (%s, weight %d, %d active, %.1f ms, %d failures)", i ? ", " : "",
-                         d->servers[i].addr.text, state, d->servers[i].weight, (int)p->active, mp_peer_latency(p),
-                         (int)p->fails);
+                         d->servers[i].addr.text, state, mp_peer_weight(p, d->servers[i].weight), (int)p->active,
+                         mp_peer_latency(p), (int)p->fails);
     }
     const char *text = list.p ? list.p : "";
     if (server >= 0)

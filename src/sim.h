@@ -14,6 +14,7 @@
 
 #include "common.h"
 #include "config.h"
+#include "health.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -87,6 +88,8 @@ typedef struct {
     int active;     /* requests in flight */
     int failures;   /* consecutive failures */
     double latency; /* EWMA latency, ms (0: unknown) */
+    int drain;      /* the operator drains it (no new requests) */
+    int weight;     /* the operator's weight; 0: the configured one */
 } mp_sim_state_t;
 
 /* Loads the script at path (or its text, when text is not NULL; path then
@@ -104,6 +107,11 @@ void mp_sim_set_now(mp_sim_t *s, double now);
 
 /* Sets what the balancer sees of one server. Returns 0, or MP_ENOENT. */
 int mp_sim_set_server(mp_sim_t *s, const char *upstream, const char *addr, const mp_sim_state_t *st);
+
+/* Applies operator control to a server, as POST /upstreams/NAME/servers/ADDR
+ * does (health.h's mp_peer_control), leaving its other state as it is.
+ * MP_ENOENT when the upstream has no such server. */
+int mp_sim_control(mp_sim_t *s, const char *upstream, const char *addr, const mp_peer_ctl_t *c);
 
 /* Who answers the call-outs hooks make (moonproxy.http, Redis) during the
  * next requests and responses: the functions `http` and `redis` of the

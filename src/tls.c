@@ -586,6 +586,22 @@ void mp_tls_server_free(mp_tls_server_t *s)
         server_unref(s);
 }
 
+size_t mp_tls_server_digests(const mp_tls_server_t *s, char (*digest)[MP_TLS_DIGEST_LEN], const char **names,
+                             size_t max)
+{
+    for (size_t i = 0; s && i < s->ncerts && i < max; i++) {
+        unsigned char md[EVP_MAX_MD_SIZE];
+        unsigned int n = 0;
+        X509 *x = SSL_CTX_get0_certificate(s->certs[i].ctx);
+        digest[i][0] = '\0';
+        if (x && X509_digest(x, EVP_sha256(), md, &n) == 1)
+            for (unsigned int k = 0; k < n && 2 * k + 2 < MP_TLS_DIGEST_LEN; k++)
+                snprintf(digest[i] + 2 * k, 3, "%02x", md[k]);
+        names[i] = s->certs[i].nnames ? s->certs[i].names[0] : "";
+    }
+    return s ? s->ncerts : 0;
+}
+
 SSL *mp_tls_server_session(mp_tls_server_t *s, int fd)
 {
     SSL *ssl = SSL_new(s->certs[0].ctx);

@@ -50,6 +50,13 @@ mp_tls_server_t *mp_tls_server_new(const mp_tls_server_def_t *def, char *err, si
  * no-op. */
 void mp_tls_server_free(mp_tls_server_t *s);
 
+/* The SHA-256 (hex) of each certificate's leaf, the default first, with
+ * its first name (or ""): at most max, returns how many there are. For a
+ * reload's preview (reload.h). */
+#define MP_TLS_DIGEST_LEN 65
+size_t mp_tls_server_digests(const mp_tls_server_t *s, char (*digest)[MP_TLS_DIGEST_LEN], const char **names,
+                             size_t max);
+
 /* A server session for the accepted socket fd (accept state: the handshake
  * runs within the first reads), or NULL when out of memory. */
 SSL *mp_tls_server_session(mp_tls_server_t *s, int fd);

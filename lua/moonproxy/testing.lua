@@ -42,7 +42,8 @@ end
 -- opts: seed (randomness: request ids, balancers, math.random; default 1),
 -- now (pins the clock of shared dicts, rate limits and health, in seconds),
 -- servers = { upstream = { ["addr"] = { down, open, active, failures,
--- latency } } } (what balancers see), name (names a script given as text),
+-- latency, drain, weight } } } (what balancers see; drain and weight as
+-- cfg:server_state sets them), name (names a script given as text),
 -- http = function(request) -> response | nil, err (answers the hooks'
 -- moonproxy.http calls: request is the table the hook gave, the response
 -- { status =, headers =, body = }), redis = function(cmd, ...) -> value |
@@ -103,6 +104,26 @@ end
 -- Sets what the balancers see: { upstream = { ["addr"] = { down = true } } }.
 function Config:servers(servers)
   apply_servers(self.sim, servers)
+end
+
+-- Sets an operator's control of one server, as POST
+-- /upstreams/NAME/servers/ADDR does: cfg:server_state("api", "10.0.0.1:80",
+-- { drain = true }); also down = true, weight = N (1..1000), reset = true
+-- (back to the configuration); drain = false and down = false undo. Other
+-- state (down by the checks, circuits) is left as it is.
+function Config:server_state(upstream, addr, state)
+  if type(upstream) ~= "string" or type(addr) ~= "string" or type(state) ~= "table" then
+    error("server_state: expects (upstream, addr, { drain =, down =, weight =, reset = })", 2)
+  end
+  for k in pairs(state) do
+    if k ~= "drain" and k ~= "down" and k ~= "weight" and k ~= "reset" then
+      error("server_state: unknown field '" .. tostring(k) .. "'", 2)
+    end
+  end
+  local ok, err = pcall(self.sim.control, self.sim, upstream, addr, state)
+  if not ok then
+    error(err, 2)
+  end
 end
 
 -- cfg:request { method = "GET", host =, path = "/p?q", headers = {}, body =,
