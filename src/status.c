@@ -250,9 +250,10 @@ static void json_upstreams(mp_status_t *s, mp_strbuf_t *b, const mp_config_t *cf
             mp_strbuf_printf(b, ",\"name\":");
             json_str(b, d->servers[k].name);
             mp_strbuf_printf(b,
-                             ",\"weight\":%d,\"up\":%s,\"circuit\":\"%s\",\"in_flight\":%d,\"latency_ms\":%.3f,"
-                             "\"rps\":%.1f,\"error_rate\":%.4f,\"requests\":%llu,\"failed\":%llu}",
-                             d->servers[k].weight, mp_peer_healthy(p, now) ? "true" : "false",
+                             ",\"weight\":%d,\"state\":\"%s\",\"up\":%s,\"circuit\":\"%s\",\"in_flight\":%d,"
+                             "\"latency_ms\":%.3f,\"rps\":%.1f,\"error_rate\":%.4f,\"requests\":%llu,\"failed\":%llu}",
+                             mp_peer_weight(p, d->servers[k].weight), mp_peer_state(p, now),
+                             mp_peer_healthy(p, now) && !p->ctl_drain ? "true" : "false",
                              open <= 0 ? "closed" : (now < open ? "open" : "half-open"), (int)p->active,
                              mp_peer_latency(p), r ? r->rps : 0, r ? r->err_rate : 0, (unsigned long long)p->requests,
                              (unsigned long long)p->failures);
@@ -409,7 +410,7 @@ static const char page[] =
     "(', ');\n"
     "let tb=document.querySelector('#upstreams tbody');tb.textContent='';\n"
     "for(const u of st.upstreams)for(const s of u.servers)row(tb,[[u.name],[s.name===s.addr?s.addr:s.name+' '+"
-    "s.addr],[s.up?'up':'down',s.up?'up':'down'],[s.circuit],[s.in_flight,'n'],[s.latency_ms.toFixed(1)+' ms',"
+    "s.addr],[s.state,s.up?'up':'down'],[s.circuit],[s.in_flight,'n'],[s.latency_ms.toFixed(1)+' ms',"
     "'n'],[s.rps.toFixed(1),'n'],[pct(s.error_rate),s.error_rate>0?'n err':'n']]);\n"
     "tb=document.querySelector('#routes tbody');tb.textContent='';\n"
     "for(const r of st.routes)row(tb,[[r.name],[r.rps.toFixed(1),'n'],[pct(r.error_rate),r.error_rate>0?'n err':"

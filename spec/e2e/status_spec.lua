@@ -93,6 +93,19 @@ describe("status page", function()
     end, 5))
   end)
 
+  it("shows a server an operator drained", function()
+    local function control(body)
+      return assert(raw.request(proxy.admin_port, { method = "POST", target = "/upstreams/api/servers/" .. origin.addr,
+        headers = { { "Host", "localhost:" .. proxy.admin_port } }, body = body }, { timeout = 5 }))
+    end
+    local res = control('{"drain": true}')
+    finally(function() control('{"reset": true}') end)
+    assert.equal(200, res.status)
+    local s
+    for _, x in ipairs(status().upstreams[1].servers) do if x.addr == origin.addr then s = x end end
+    assert.same({ "draining", false }, { s.state, s.up })
+  end)
+
   it("lists reloads with their result", function()
     local res = assert(proxy:admin("POST", "/reload"))
     assert.equal(200, res.status)
