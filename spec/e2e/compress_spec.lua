@@ -288,13 +288,13 @@ describe("moonproxy compression", function()
     assert(c:send(raw.build { target = "/events", headers = { { "Accept-Encoding", "gzip" } } }))
     local z = inflater()
     finally(function() z.close() end)
-    local text, rest = "", ""
+    local text = ""
     local deadline = socket.gettime() + 5
     -- the head, then chunks decoded as they come
     while not c.buf:find("\r\n\r\n", 1, true) do assert(c:fill(deadline)) end
     local head_end = c.buf:find("\r\n\r\n", 1, true)
     local head = c.buf:sub(1, head_end + 3)
-    rest = c.buf:sub(head_end + 4)
+    local rest = c.buf:sub(head_end + 4)
     c.buf = ""
     assert.matches("Content%-Encoding: gzip\r\n", head)
     assert.matches("Transfer%-Encoding: chunked\r\n", head)
