@@ -61,7 +61,7 @@ $(BIN): $(SRV_OBJS)
 	$(CC) $(LDFLAGS) -rdynamic -o $@ $^ $(LDLIBS)
 
 $(CORE): $(CORE_OBJS) | $(BUILD)/lib/moonproxy
-	$(CC) $(LDFLAGS) -shared -o $@ $^ -lev -lcares -lpcre2-8 -lhiredis -lssl -lcrypto -lpthread -lm
+	$(CC) $(LDFLAGS) -shared -o $@ $^ -lz -lbrotlienc -lzstd -lev -lcares -lpcre2-8 -lhiredis -lssl -lcrypto -lpthread -lm
 
 $(BUILD)/obj/redis_driver.o: spec/c/redis_driver.c | $(BUILD)/obj
 	$(CC) $(CPPFLAGS) -Isrc $(CFLAGS) $(WARN) -MMD -MP -c -o $@ $<
