@@ -11,6 +11,10 @@ proxy.settings { compress = { algorithms = { "br", "gzip" }, min_length = 100 } 
 local u = proxy.upstream "u" { servers = { "127.0.0.1:9001" } }
 proxy.route { name = "off", prefix = "/off/", upstream = u, compress = false }
 proxy.route { name = "zstd", prefix = "/z/", upstream = u, compress = { algorithms = { "zstd" } } }
+proxy.route { name = "hooked", prefix = "/h/", upstream = u, on_response = function(req, res)
+  if req.path == "/h/encoded" then res.headers["content-encoding"] = "custom" end
+  if req.path == "/h/plain" then res.headers["content-encoding"] = nil; res.headers["content-type"] = "text/plain" end
+end }
 proxy.route { name = "all", prefix = "/", upstream = u }
 ]]
 
@@ -60,6 +64,16 @@ describe("moonproxy.testing compression decision", function()
       assert.matches(c[2], res.compress_why, 1, true)
       assert.is_nil(res.headers.vary, c[2])
     end
+  end)
+
+  it("decides on the head the response hooks left", function()
+    local res = answer("/h/encoded", "gzip")
+    assert.is_false(res.compress)
+    assert.matches("Content-Encoding", res.compress_why, 1, true)
+    assert.equal("custom", res.headers["content-encoding"])
+    res = answer("/h/plain", "gzip", { ["content-encoding"] = "gzip", ["content-type"] = "image/png" })
+    assert.equal("gzip", res.compress)
+    assert.equal("gzip", res.headers["content-encoding"])
   end)
 
   it("reports nothing for a route that does not compress", function()
