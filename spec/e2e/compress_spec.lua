@@ -88,7 +88,7 @@ describe("moonproxy compression", function()
     local sse_port = h.free_port()
     sse = h.spawn { "luajit", "spec/helpers/sse_origin.lua", tostring(sse_port), flag }
     assert(h.eventually(function() return h.port_open(sse_port) end, 10), "sse origin did not start")
-    proxy = h.start_proxy { workers = 1, config = CONFIG, vars = { a = a.addr, sse = "127.0.0.1:" .. sse_port } }
+    proxy = h.start_proxy { workers = 2, config = CONFIG, vars = { a = a.addr, sse = "127.0.0.1:" .. sse_port } }
   end)
 
   lazy_teardown(function()
@@ -152,6 +152,24 @@ describe("moonproxy compression", function()
       local res = assert(c:request { target = "/big?size=3000" })
       assert.equal("3000", res:header("content-length"))
       assert.equal(origin.pattern(3000), res.body)
+    end)
+
+    it("serves concurrent clients on both workers, each response decoding whole", function()
+      local encs = { "gzip", "br", "zstd" }
+      local conns = {}
+      for i = 1, 16 do
+        conns[i] = {}
+        for j = 1, 3 do
+          conns[i][j] = { target = "/big?size=" .. (20000 + i * 100 + j) .. (j == 2 and "&chunked=1" or ""),
+                          headers = { { "Accept-Encoding", encs[(i + j) % 3 + 1] } } }
+        end
+      end
+      local out = h.fan_out(proxy.port, conns, { timeout = 20 })
+      for i = 1, 16 do
+        for j = 1, 3 do
+          assert_compressed(out[i][j], encs[(i + j) % 3 + 1], origin.pattern(20000 + i * 100 + j))
+        end
+      end
     end)
   end)
 
