@@ -22,7 +22,7 @@ else ifneq ($(SAN),)
 CFLAGS   := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined -DMP_DEBUG
 LDFLAGS  += -fsanitize=address,undefined
 endif
-LDLIBS   := -lluajit-5.1 -lev -lcares -lpcre2-8 -lhiredis -lssl -lcrypto -lsystemd -lpthread -lm -ldl
+LDLIBS   := -lluajit-5.1 -lz -lbrotlienc -lzstd -lev -lcares -lpcre2-8 -lhiredis -lssl -lcrypto -lsystemd -lpthread -lm -ldl
 
 # Everything but main.c also builds as the Lua C module moonproxy.core, which
 # moonproxy.testing and the specs use: the same router, hooks and request
@@ -61,7 +61,7 @@ $(BIN): $(SRV_OBJS)
 	$(CC) $(LDFLAGS) -rdynamic -o $@ $^ $(LDLIBS)
 
 $(CORE): $(CORE_OBJS) | $(BUILD)/lib/moonproxy
-	$(CC) $(LDFLAGS) -shared -o $@ $^ -lev -lcares -lpcre2-8 -lhiredis -lssl -lcrypto -lpthread -lm
+	$(CC) $(LDFLAGS) -shared -o $@ $^ -lz -lbrotlienc -lzstd -lev -lcares -lpcre2-8 -lhiredis -lssl -lcrypto -lpthread -lm
 
 $(BUILD)/obj/redis_driver.o: spec/c/redis_driver.c | $(BUILD)/obj
 	$(CC) $(CPPFLAGS) -Isrc $(CFLAGS) $(WARN) -MMD -MP -c -o $@ $<
@@ -105,7 +105,7 @@ test-asan: deps
 # scraped while requests run). Thread leaks are not
 # reported: past shutdown_timeout the process exits with workers running,
 # by design.
-TSAN_SPECS := spec/e2e/reload_spec.lua spec/e2e/shared_spec.lua spec/e2e/watchdog_spec.lua spec/e2e/health_spec.lua \
+TSAN_SPECS := spec/e2e/compress_spec.lua spec/e2e/reload_spec.lua spec/e2e/shared_spec.lua spec/e2e/watchdog_spec.lua spec/e2e/health_spec.lua \
               spec/e2e/metrics_spec.lua spec/e2e/limits_spec.lua spec/e2e/smuggling_spec.lua spec/e2e/path_spec.lua \
               spec/e2e/memory_spec.lua spec/e2e/admin_spec.lua spec/e2e/tls_spec.lua \
               spec/e2e/tls_edges_spec.lua spec/e2e/dns_spec.lua spec/e2e/callout_spec.lua spec/e2e/pool_spec.lua \

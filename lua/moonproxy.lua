@@ -34,6 +34,8 @@ local DEFAULTS = {
   health = { path = "/", interval = 2, timeout = 1, rise = 2, fall = 3 },
   route = { strip_prefix = false },
   static = { index = "index.html", precompressed = false },
+  compress = { algorithms = { "zstd", "br", "gzip" }, min_length = 256,
+    types = { "text/*", "application/json", "application/javascript", "application/xml", "image/svg+xml" } },
   tls = { protocols = { "TLSv1.2", "TLSv1.3" } },
   upstream_tls = { verify = true },
   resolver = { timeout = 2 },
@@ -318,9 +320,44 @@ local function tracing(v, src, what)
   return check(v, tracing_spec, what, src)
 end
 
+-- compress = { algorithms = { "zstd", "br", "gzip" }, types = { "text/*", ... }, min_length = 256,
+-- level = nil } (SPEC "Compression"), true for those defaults, or false (off). On a route, or in
+-- proxy.settings as the default of every route that sets none.
+local function media_type(v)
+  if type(v) == "string" and (v:match("^[%w!#$&^_.+-]+/[%w!#$&^_.+-]+$") or v:match("^[%w!#$&^_.+-]+/%*$")) then
+    return v:lower()
+  end
+  return bad(v, 'must be a media type like "text/html" or "text/*"')
+end
+
+local compress_spec = {
+  algorithms = schema.list(schema.one_of { "zstd", "br", "gzip" }, true),
+  types = schema.list(media_type, true),
+  min_length = schema.size,
+  level = schema.integer(1, 22),
+}
+
+local function compress(v, src, what)
+  if v == false then
+    return false
+  elseif v == true then
+    v = {}
+  end
+  local c = check(v, compress_spec, what, src)
+  local seen = {}
+  for _, a in ipairs(c.algorithms or {}) do
+    if seen[a] then
+      fail(src, "%s: algorithms names '%s' twice", what, a)
+    end
+    seen[a] = true
+  end
+  return with_defaults(c, "compress")
+end
+
 local settings_spec = {
   resolver = resolver,
   tracing = tracing,
+  compress = compress,
   workers = workers,
   client_header_timeout = schema.duration,
   client_body_timeout = schema.duration,
@@ -598,7 +635,7 @@ local route_spec = {
   path = schema.uri_path, prefix = schema.uri_path, regex = schema.string,
   headers = schema.header_filters, strip_prefix = schema.boolean, upstream = upstream_ref, upgrade = schema.boolean,
   rewrite = schema.func, on_request = schema.func, on_response = schema.func, handler = schema.func,
-  plugins = schema.list(function(e) return e end), static = static_files,
+  plugins = schema.list(function(e) return e end), static = static_files, compress = compress,
 }
 
 function _M.route(t)
@@ -613,6 +650,8 @@ function _M.route(t)
       .. 'or static = { root = "./public" }')
   elseif r.static and r.upgrade ~= nil then
     fail(src, "route: upgrade applies to routes to an upstream (a static route never upgrades)")
+  elseif r.static and r.compress then
+    fail(src, "route: compress applies to proxied responses (a static route serves precompressed = true files)")
   end
   r.index = #state.routes + 1
   r.name = r.name or tostring(r.index)

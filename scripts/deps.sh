@@ -4,8 +4,8 @@
 set -eu
 
 want=${1:-test}
-build_pkgs="build-essential luajit2 libluajit2-5.1-dev libev-dev libpcre2-dev libssl-dev libc-ares-dev libhiredis-dev libsystemd-dev"
-test_pkgs="redis-server lua-busted lua-socket lua-sec lua-cjson openssl curl clang libclang-rt-14-dev luarocks lua-check clang-format"
+build_pkgs="build-essential luajit2 libluajit2-5.1-dev libev-dev libpcre2-dev libssl-dev libc-ares-dev libhiredis-dev libsystemd-dev zlib1g-dev libbrotli-dev libzstd-dev"
+test_pkgs="redis-server lua-busted lua-socket lua-sec lua-cjson openssl curl clang libclang-rt-14-dev luarocks lua-check clang-format brotli zstd"
 bench_pkgs="wrk nginx libnginx-mod-http-lua haproxy valgrind"
 browser_pkgs="chromium" # make test-browser: the status page rendered headless
 

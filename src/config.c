@@ -362,6 +362,71 @@ static void build_resolver(lua_State *L, int t, mp_resolver_def_t *r, const char
     lua_pop(L, 1);
 }
 
+/* compress = {...} at field k of the table at t (the DSL checked and
+ * defaulted it): into *c. Returns 1 when set (a table or false), 0 when nil. */
+static int build_compress(lua_State *L, int t, const char *k, mp_compress_def_t *c, const char *src, const char *what)
+{
+    lua_getfield(L, t, k);
+    int ct = lua_gettop(L);
+    if (lua_isnil(L, ct) || (lua_isboolean(L, ct) && !lua_toboolean(L, ct))) {
+        int set = !lua_isnil(L, ct);
+        lua_pop(L, 1);
+        return set;
+    }
+    if (!lua_istable(L, ct))
+        fail(L, src, "%s: %s must be a table or false, got %s", what, k, luaL_typename(L, ct));
+    c->on = 1;
+    c->min_length = (uint64_t)get_num(L, ct, "min_length", 0, 9007199254740991.0, 1, src, what);
+    lua_getfield(L, ct, "level");
+    c->level = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : 0;
+    lua_pop(L, 1);
+    static const char *const names[] = {NULL, "gzip", "br", "zstd"};
+    push_need(L, ct, "algorithms", LUA_TTABLE, "a list", src, what);
+    for (int i = 1; c->nalgs < 3; i++) {
+        lua_rawgeti(L, -1, i);
+        const char *a = lua_tostring(L, -1);
+        lua_pop(L, 1);
+        if (!a)
+            break;
+        for (uint8_t e = MP_ENC_GZIP; e <= MP_ENC_ZSTD; e++)
+            if (strcmp(a, names[e]) == 0)
+                c->algs[c->nalgs++] = e;
+    }
+    lua_pop(L, 1);
+    push_need(L, ct, "types", LUA_TTABLE, "a list", src, what);
+    size_t n = lua_objlen(L, -1);
+    c->types = xcalloc(L, n ? n : 1, sizeof(*c->types));
+    for (size_t i = 0; i < n; i++) {
+        lua_rawgeti(L, -1, (int)i + 1);
+        const char *ty = lua_tostring(L, -1);
+        if (ty) {
+            char *d = xstrdup(L, ty);
+            for (char *q = d; *q; q++)
+                *q = (char)(*q >= 'A' && *q <= 'Z' ? *q + 32 : *q);
+            c->types[c->ntypes++] = d;
+        }
+        lua_pop(L, 1);
+    }
+    lua_settop(L, ct - 1);
+    return 1;
+}
+
+/* A copy of c (its types too) for a route that takes settings' default. */
+static void copy_compress(lua_State *L, mp_compress_def_t *to, const mp_compress_def_t *c)
+{
+    *to = *c;
+    to->types = xcalloc(L, c->ntypes ? c->ntypes : 1, sizeof(*to->types));
+    for (size_t i = 0; i < c->ntypes; i++)
+        to->types[i] = xstrdup(L, c->types[i]);
+}
+
+static void compress_dispose(mp_compress_def_t *c)
+{
+    for (size_t i = 0; i < c->ntypes; i++)
+        free(c->types[i]);
+    free(c->types);
+}
+
 static void build_settings(lua_State *L, mp_settings_t *s)
 {
     need_table(L, 1, "settings", NULL, "config");
@@ -384,6 +449,7 @@ static void build_settings(lua_State *L, mp_settings_t *s)
     s->hook_timeout = get_dur(L, t, "hook_timeout", src, w);
     s->watch = get_bool(L, t, "watch", src, w);
     build_resolver(L, t, &s->resolver, src);
+    build_compress(L, t, "compress", &s->compress, src, w);
 
     s->error_log = xstrdup(L, get_str(L, t, "error_log", src, w));
     s->access_log_fields = MP_ALOG_ALL;
@@ -961,6 +1027,9 @@ static void build_route(lua_State *L, mp_config_t *cfg)
     lua_getfield(L, t, "upgrade"); /* default true: WebSocket handshakes are forwarded */
     cfg->no_upgrade[mp_router_count(cfg->router)] = lua_isboolean(L, -1) && !lua_toboolean(L, -1);
     lua_pop(L, 1);
+    mp_compress_def_t *cz = &cfg->compress[mp_router_count(cfg->router)];
+    if (!build_compress(L, t, "compress", cz, src, "route") && cfg->settings.compress.on)
+        copy_compress(L, cz, &cfg->settings.compress);
     const char *up = get_str(L, t, "upstream", src, "route");
     lua_getfield(L, t, "handler");
     int handler = lua_isfunction(L, -1);
@@ -995,6 +1064,7 @@ static void build_routes(lua_State *L, mp_config_t *cfg)
     cfg->statics = xcalloc(L, n, sizeof(*cfg->statics));
     cfg->nstatics = n;
     cfg->no_upgrade = xcalloc(L, n ? n : 1, sizeof(*cfg->no_upgrade));
+    cfg->compress = xcalloc(L, n ? n : 1, sizeof(*cfg->compress));
     for (size_t i = 0; i < n; i++) {
         lua_rawgeti(L, -1, (int)i + 1);
         if (!lua_istable(L, -1))
@@ -1283,7 +1353,11 @@ void mp_config_free(mp_config_t *cfg)
         free(cfg->statics[i].root);
         free(cfg->statics[i].index);
         free(cfg->statics[i].fallback);
+        if (cfg->compress)
+            compress_dispose(&cfg->compress[i]);
     }
+    free(cfg->compress);
+    compress_dispose(&cfg->settings.compress);
     free(cfg->statics);
     free(cfg->no_upgrade);
     free(cfg->path);

@@ -102,6 +102,21 @@ typedef struct {
     uint8_t addr[16];
 } mp_cidr_t;
 
+/* Response compression (SPEC "Compression"): the encodings, in the
+ * Content-Encoding names "gzip", "br", "zstd". */
+enum { MP_ENC_NONE = 0, MP_ENC_GZIP = 1, MP_ENC_BR = 2, MP_ENC_ZSTD = 3 };
+
+/* A route's compress = {...} (or settings' default for every route). */
+typedef struct {
+    uint8_t on;          /* 0: responses are relayed as they come */
+    uint8_t nalgs;       /* algs used: the preference when the client accepts several */
+    uint8_t algs[3];     /* MP_ENC_* */
+    int level;           /* 0: each algorithm's default */
+    uint64_t min_length; /* a Content-Length under this is not compressed */
+    char **types;        /* media types ("text/html", or "text/" + "*": any text type), lowercase (owned) */
+    size_t ntypes;
+} mp_compress_def_t;
+
 typedef struct {
     int workers; /* 0 = auto (number of CPUs) */
     double client_header_timeout, client_body_timeout, keepalive_timeout, shutdown_timeout; /* seconds */
@@ -126,6 +141,7 @@ typedef struct {
     double hook_timeout;         /* seconds one call into Lua may take before the watchdog reports it */
     int watch;                   /* reload when the script changes */
     mp_resolver_def_t resolver;  /* upstream servers by name */
+    mp_compress_def_t compress;  /* the default of routes that set none */
 } mp_settings_t;
 
 /* A route's Lua chains (lua/moonproxy/hooks.lua): registry references in
@@ -163,6 +179,7 @@ typedef struct mp_config {
     mp_route_hooks_t *route_hooks; /* by route index - 1 */
     mp_static_def_t *statics;      /* by route index - 1; root NULL for routes that are not static */
     uint8_t *no_upgrade;           /* by route index - 1: upgrade = false (no WebSocket handshake forwarded) */
+    mp_compress_def_t *compress;   /* by route index - 1: its compress (settings' when it sets none) */
     size_t nstatics;
     int has_hooks;  /* any chain at all: requests need a Lua object */
     int expect_ref; /* the proxy.expect guards, a list in the VM (nexpects > 0) */

@@ -222,11 +222,45 @@ int mp_head_request(mp_req_t *r, mp_buf_t *b)
 
 /* ---- the client response to an upstream's ---- */
 
+/* Whether a Vary value lists Accept-Encoding (or "*", which covers it). */
+static int varies_on_encoding(mp_slice v)
+{
+    for (size_t i = 0; i < v.len; i++) {
+        if (v.p[i] == '*')
+            return 1;
+        if (v.len - i >= 15 && mp_slice_ieq((mp_slice){v.p + i, 15}, "accept-encoding", 15))
+            return 1;
+    }
+    return 0;
+}
+
+/* A compressed response's field (SPEC "Compression"): the first Vary gets
+ * Accept-Encoding (once: *vary_done), a strong ETag becomes weak. Returns
+ * 1 when it wrote the field (rc in *rc), 0 to write it as it came. */
+static int put_encoded_field(mp_buf_t *b, mp_slice name, mp_slice value, int *vary_done, int *rc)
+{
+    if (MP_SLICE_IEQ(name, "vary") && !*vary_done) {
+        *vary_done = 1;
+        if (varies_on_encoding(value))
+            return 0;
+        *rc |= put_s(b, name) || PUT_LIT(b, ": ") || put_s(b, value) || PUT_LIT(b, ", Accept-Encoding\r\n");
+        return 1;
+    }
+    if (MP_SLICE_IEQ(name, "etag") && value.len && value.p[0] == '"') {
+        *rc |= put_line(b, name, MP_SLICE_LIT(": W/"), value);
+        return 1;
+    }
+    return 0;
+}
+
 int mp_head_response(mp_req_t *r, const mp_http_response_t *rh, mp_buf_t *b)
 {
     mp_slice toks[MAX_CONN_TOKENS];
     unsigned ntoks = connection_tokens(rh->headers, rh->nheaders, toks);
-    int rc;
+    int rc, vary_done = !r->enc;
+    if (r->enc) /* a Vary that lists Accept-Encoding already is kept as it is */
+        for (unsigned i = 0; i < rh->nheaders && !vary_done; i++)
+            vary_done = MP_SLICE_IEQ(rh->headers[i].name, "vary") && varies_on_encoding(rh->headers[i].value);
     if (r->resp_status && r->resp_status != rh->status)
         rc = put_status(b, r->resp_status, reason_of(r->resp_status));
     else
@@ -239,15 +273,23 @@ int mp_head_response(mp_req_t *r, const mp_http_response_t *rh, mp_buf_t *b)
         dated |= MP_SLICE_IEQ(name, "date");
         if (r->resp_edits && mp_hedit_find(r->resp_edits, name))
             continue;
+        if (MP_UNLIKELY(r->enc) && put_encoded_field(b, name, rh->headers[i].value, &vary_done, &rc))
+            continue;
         rc |= put_field(b, name, rh->headers[i].value);
     }
     rc |= mp_hedit_put(b, r->resp_edits, NULL);
+    if (MP_UNLIKELY(r->enc)) {
+        const char *e = mp_req_encoding_name(r->enc);
+        rc |= put_field(b, MP_SLICE_LIT("Content-Encoding"), (mp_slice){e, strlen(e)});
+        if (!vary_done)
+            rc |= PUT_LIT(b, "Vary: Accept-Encoding\r\n");
+    }
     if (!dated) /* RFC 9110 §6.6.1: a recipient with a clock adds one */
         rc |= put_s(b, mp_req_date(r->env));
     rc |= put_request_id(b, r);
     if (MP_UNLIKELY(r->tunnel_open)) /* the WebSocket handshake's answer (req.c let no other through) */
         return rc || PUT_LIT(b, "Connection: upgrade\r\nUpgrade: websocket\r\n\r\n") ? MP_ENOMEM : 0;
-    if (!rh->chunked)
+    if (!rh->chunked && !r->enc)
         rc |= put_length(b, rh->content_length);
     if ((r->resp.kind == MP_BODY_CHUNKED && !r->dechunk) || r->rechunk)
         rc |= PUT_LIT(b, "Transfer-Encoding: chunked\r\n");

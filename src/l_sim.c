@@ -151,6 +151,11 @@ static void push_result(lua_State *L, const mp_sim_result_t *r)
         lua_pushboolean(L, 1);
         lua_setfield(L, -2, "tunnel");
     }
+    if (r->compress || r->compress_why) { /* compress = "gzip", or false and why */
+        r->compress ? lua_pushstring(L, r->compress) : lua_pushboolean(L, 0);
+        lua_setfield(L, -2, "compress");
+        set_string(L, "compress_why", r->compress_why);
+    }
     lua_pushlstring(L, r->head, r->head_len);
     lua_setfield(L, -2, "head");
     if (r->head_len)

@@ -787,3 +787,172 @@ int mp_local_response_resume(mp_req_t *r, int rc, mp_buf_t *b, mp_local_t *out)
 {
     return local_finish(r, r->local_asked, mp_req_response_resume(r, rc), b, out);
 }
+
+/* ---- response compression ---- */
+
+const char *mp_req_encoding_name(int enc)
+{
+    static const char *const names[] = {NULL, "gzip", "br", "zstd"};
+    return enc > 0 && enc <= MP_ENC_ZSTD ? names[enc] : NULL;
+}
+
+/* The i-th field line named name (lowercase) of the response as the hooks
+ * left it: an edit replaces every line of its name. Returns 0 past the last. */
+static int resp_field(const mp_req_t *r, const mp_http_response_t *rh, mp_slice name, unsigned i, mp_slice *out)
+{
+    const mp_hedit_t *e = r->resp_edits ? mp_hedit_find(r->resp_edits, name) : NULL;
+    if (e) {
+        if (i >= e->nvalues)
+            return 0;
+        *out = e->values[i];
+        return 1;
+    }
+    for (unsigned k = 0; k < rh->nheaders; k++)
+        if (mp_slice_ieq(rh->headers[k].name, name.p, name.len) && i-- == 0) {
+            *out = rh->headers[k].value;
+            return 1;
+        }
+    return 0;
+}
+
+/* The next element of a comma-separated list from *p (up to end), trimmed;
+ * 0 when none is left. */
+static int next_elem(const char **p, const char *end, mp_slice *out)
+{
+    while (*p < end && (**p == ',' || **p == ' ' || **p == '\t'))
+        (*p)++;
+    if (*p >= end)
+        return 0;
+    const char *b = *p;
+    while (*p < end && **p != ',')
+        (*p)++;
+    const char *e = *p;
+    while (e > b && (e[-1] == ' ' || e[-1] == '\t'))
+        e--;
+    *out = (mp_slice){b, (size_t)(e - b)};
+    return 1;
+}
+
+/* An element's q-value in thousandths (RFC 9110 §12.4.2): 1000 without one. */
+static int qvalue(mp_slice params)
+{
+    const char *p = params.p, *end = params.p + params.len;
+    while ((p = memchr(p, ';', (size_t)(end - p))) != NULL) {
+        p++;
+        while (p < end && (*p == ' ' || *p == '\t'))
+            p++;
+        if (end - p >= 2 && (*p == 'q' || *p == 'Q') && p[1] == '=') {
+            p += 2;
+            if (p < end && *p == '1')
+                return 1000;
+            int q = 0, scale = 100;
+            if (p < end && *p == '0' && ++p < end && *p == '.')
+                for (p++; p < end && *p >= '0' && *p <= '9' && scale; p++, scale /= 10)
+                    q += (*p - '0') * scale;
+            return q;
+        }
+    }
+    return 1000;
+}
+
+/* The client's weight for coding name (lowercase) in its Accept-Encoding
+ * values: its own element's q, else "*"'s, else 0. */
+static int accepted(const mp_req_t *r, const char *name)
+{
+    int q = -1, star = -1;
+    size_t n = strlen(name);
+    for (unsigned i = 0; i < r->h.nheaders; i++) {
+        if (!MP_SLICE_IEQ(r->h.headers[i].name, "accept-encoding"))
+            continue;
+        const char *p = r->h.headers[i].value.p, *end = p + r->h.headers[i].value.len;
+        mp_slice el;
+        while (next_elem(&p, end, &el)) {
+            const char *semi = memchr(el.p, ';', el.len);
+            mp_slice tok = {el.p, semi ? (size_t)(semi - el.p) : el.len};
+            while (tok.len && (tok.p[tok.len - 1] == ' ' || tok.p[tok.len - 1] == '\t'))
+                tok.len--;
+            int v = qvalue(el);
+            if (mp_slice_ieq(tok, name, n) || (n == 4 && MP_SLICE_IEQ(tok, "x-gzip")))
+                q = v > q ? v : q;
+            else if (MP_SLICE_IEQ(tok, "*"))
+                star = v;
+        }
+    }
+    return q >= 0 ? q : star > 0 ? star : 0;
+}
+
+/* Whether the Content-Type value v (parameters ignored) is one of types
+ * (a type ending in "/" and "*" matches any subtype). */
+static int type_listed(const mp_compress_def_t *c, mp_slice v)
+{
+    const char *semi = memchr(v.p, ';', v.len);
+    mp_slice t = {v.p, semi ? (size_t)(semi - v.p) : v.len};
+    while (t.len && (t.p[t.len - 1] == ' ' || t.p[t.len - 1] == '\t'))
+        t.len--;
+    for (size_t i = 0; i < c->ntypes; i++) {
+        size_t n = strlen(c->types[i]);
+        if (n >= 2 && c->types[i][n - 1] == '*' && t.len > n - 1 &&
+            mp_slice_ieq((mp_slice){t.p, n - 1}, c->types[i], n - 1))
+            return 1;
+        if (mp_slice_ieq(t, c->types[i], n))
+            return 1;
+    }
+    return 0;
+}
+
+/* Why the response is not compressed, or NULL when nothing rules it out. */
+static const char *compress_refusal(mp_req_t *r, const mp_http_response_t *rh, const mp_compress_def_t *c)
+{
+    mp_slice v;
+    if (r->is_head)
+        return "a HEAD request";
+    if (r->status == 204 || r->status == 304 || r->status == 206 || r->status < 200)
+        return r->status == 206 ? "a 206 (partial content)" : "a response without a body";
+    if (r->tunnel_open || r->resp.kind == MP_BODY_NONE)
+        return "a response without a body";
+    if (resp_field(r, rh, MP_SLICE_LIT("content-encoding"), 0, &v))
+        return "the response already has a Content-Encoding";
+    for (unsigned i = 0; resp_field(r, rh, MP_SLICE_LIT("cache-control"), i, &v); i++) {
+        const char *p = v.p, *end = p + v.len;
+        mp_slice el;
+        while (next_elem(&p, end, &el))
+            if (MP_SLICE_IEQ(el, "no-transform"))
+                return "Cache-Control: no-transform";
+    }
+    if (!rh->chunked && rh->content_length >= 0 && (uint64_t)rh->content_length < c->min_length)
+        return "Content-Length under min_length";
+    if (!resp_field(r, rh, MP_SLICE_LIT("content-type"), 0, &v) || !type_listed(c, v))
+        return "its Content-Type is not in types";
+    return NULL;
+}
+
+int mp_req_compress(mp_req_t *r, const mp_http_response_t *rh)
+{
+    r->enc = 0;
+    r->enc_why = NULL;
+    if (!r->match.route)
+        return 0;
+    const mp_compress_def_t *c = &r->gen->cfg->compress[mp_route_slot(r->match.route)];
+    if (!c->on)
+        return 0;
+    if ((r->enc_why = compress_refusal(r, rh, c)) != NULL)
+        return 0;
+    int best = 0, best_q = 0;
+    for (unsigned i = 0; i < c->nalgs; i++) {
+        int q = accepted(r, mp_req_encoding_name(c->algs[i]));
+        if (q > best_q)
+            best = c->algs[i], best_q = q;
+    }
+    if (!best) {
+        r->enc_why = "the client accepts none of algorithms";
+        return 0;
+    }
+    r->enc = (uint8_t)best;
+    /* the encoder takes the body without the upstream's framing; the client
+     * gets it chunked (HTTP/1.1) or until close (HTTP/1.0) */
+    r->dechunk = r->resp.kind == MP_BODY_CHUNKED;
+    r->rechunk = r->h.minor == 1;
+    if (r->h.minor == 0)
+        r->keepalive = 0;
+    return best;
+}

@@ -212,6 +212,13 @@ typedef struct mp_req {
     uint64_t chunk_left; /* data bytes of the current chunk still to go */
     int file_fd;
     uint64_t file_off, file_left; /* bytes of the file sent, still to send */
+    /* Response compression (mp_req_compress decides; upstream.c encodes). */
+    uint8_t enc;              /* MP_ENC_* the response is sent in (0: as it came) */
+    unsigned zflush : 1;      /* input went in since the encoder's last complete flush */
+    unsigned zdone : 1;       /* the encoder's stream is finished */
+    const char *enc_why;      /* why not compressed (static text), or NULL: the route does not compress */
+    struct mp_compress *zenc; /* the encoder (compress.h; owned, freed by mp_upstream_cancel) */
+    mp_buf_t zout;            /* its output not yet sent (a block from the worker's pool) */
 } mp_req_t;
 
 /* What a request's head decides (mp_req_decide): go upstream, answer what a
@@ -369,6 +376,18 @@ static inline int mp_req_on_log(mp_req_t *r)
  * it: bytes the client sent in hope of the upgrade are never read as a
  * request. Returns 1 (tunnel), 0 (an ordinary response) or -1. */
 int mp_req_upgrade_answer(mp_req_t *r, const mp_http_response_t *rh);
+
+/* Whether the response rh, as the response hooks left it (their header
+ * edits count), is compressed (SPEC "Compression"): the route's compress,
+ * the client's Accept-Encoding (q-values; ties by the route's algorithms
+ * order), and the exclusions (Content-Encoding, no-transform, 206, HEAD,
+ * 204/304, Content-Length under min_length, a type not in types). Sets
+ * r->enc (and the framing: chunked to HTTP/1.1, close-delimited to 1.0;
+ * upstream chunking removed), or r->enc_why. Returns r->enc. */
+int mp_req_compress(mp_req_t *r, const mp_http_response_t *rh);
+
+/* The Content-Encoding name of enc: "gzip", "br", "zstd"; NULL for none. */
+const char *mp_req_encoding_name(int enc);
 
 /* No server of b is available: the answer is 503, with Retry-After for
  * when one may be again. Returns 503. */

@@ -818,6 +818,8 @@ static void fill_result(mp_sim_t *s, mp_sim_result_t *out)
     out->has_upgrade = r->h.upgrade;
     out->upgrade = r->upgrade;
     out->upgrade_refused = r->upgrade ? NULL : r->upgrade_why ? r->upgrade_why : unforwarded_why(s);
+    out->compress = mp_req_encoding_name(r->enc);
+    out->compress_why = r->enc ? NULL : r->enc_why;
     out->tunnel = r->tunnel_open;
     out->status = s->forwarded ? 0 : r->status;
     if (r->match.route) {
@@ -1037,6 +1039,10 @@ static int run_response(mp_sim_t *s, const mp_sim_response_t *rs)
     }
     r->status = shown;
     s->out.start = s->out.end = 0;
+    if (mp_req_compress(r, &rh))
+        step(s, "compress", "%s (Accept-Encoding)", mp_req_encoding_name(r->enc));
+    else if (r->enc_why)
+        step(s, "compress", "not compressed: %s", r->enc_why);
     if (mp_head_response(r, &rh, &s->out) != 0)
         return MP_ENOMEM;
     step(s, "response", "sent %d to the client", r->status);

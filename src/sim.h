@@ -77,6 +77,8 @@ typedef struct {
     int upgrade;                 /*   forwarded as a WebSocket handshake (a 101 would open a tunnel), */
     const char *upgrade_refused; /*   or why not (static text) */
     int tunnel;                  /* a response: the 101 that opens the handshake's tunnel */
+    const char *compress;        /* a response on a compressing route: the encoding ("gzip"), */
+    const char *compress_why;    /*   or why not (static text); both NULL when the route does not compress */
     const mp_sim_step_t *trace;
     size_t ntrace;
 } mp_sim_result_t;

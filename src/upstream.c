@@ -5,6 +5,7 @@
 #include "upstream.h"
 
 #include "balancer.h"
+#include "compress.h"
 #include "err.h"
 #include "gen.h"
 #include "head.h"
@@ -119,6 +120,13 @@ void mp_upstream_cancel(mp_req_t *r)
     if (u)
         mp_upconn_close(u);
     peer_done(r);
+    if (r->zenc) {
+        mp_compress_free(r->zenc);
+        r->zenc = NULL;
+    }
+    if (r->zout.data)
+        mp_buf_release(&r->zout, &ctx_of(r)->bufs);
+    r->enc = 0;
     /* Body bytes not yet written are never read as the next request: it
      * starts after the body (for chunked, after the client's framing). */
     if (r->body.done && r->body.kind == MP_BODY_CHUNKED && r->body.scan)
@@ -185,7 +193,8 @@ static void sync_events(mp_req_t *r)
     mp_upconn_t *u = r->up;
     const mp_settings_t *s = &r->gen->cfg->settings;
     int pending_resp = mp_buf_len(&c->out) || (u && r->resp_ready > u->in.start) ||
-                       (MP_UNLIKELY(r->rechunk) && (r->chunk_tail || r->chunk_hdr_off < r->chunk_hdr_len));
+                       (MP_UNLIKELY(r->rechunk) && (r->chunk_tail || r->chunk_hdr_off < r->chunk_hdr_len)) ||
+                       (MP_UNLIKELY(r->enc) && (mp_buf_len(&r->zout) || r->zflush || (r->resp.done && !r->zdone)));
     int need_body = !r->body.done && !r->body_abandoned;
     int client_room = c->in.data ? mp_buf_room(&c->in) > 0 : 1;
 
@@ -588,6 +597,11 @@ static const char *head_out(mp_req_t *r, const mp_http_response_t *rh, int shown
     r->status = shown;
     if (mp_buf_acquire(&c->out, &c->ctx->bufs) != 0)
         return mp_err_invalid;
+    if (MP_UNLIKELY(mp_req_compress(r, rh))) {
+        r->zenc = mp_compress_new(r->enc, r->gen->cfg->compress[mp_route_slot(r->match.route)].level);
+        if (!r->zenc)
+            return mp_err_invalid;
+    }
     uint32_t mark = c->out.end; /* a head that does not fit leaves nothing behind (a 100 Continue stays) */
     if (mp_head_response(r, rh, &c->out) != 0) {
         c->out.end = mark;
@@ -759,6 +773,70 @@ static void finish(mp_req_t *r)
     client_done(r);
 }
 
+/* A compressed response: feeds the encoder the body bytes ready in u->in
+ * and appends its output to r->zout: a flush once it has taken what was
+ * read (so each upstream read reaches the client whole, as SSE needs), the
+ * stream's end once the body ended. Bounded by r->zout's room: input it
+ * could not take waits in u->in, and the upstream is not read meanwhile
+ * (sync_events). Returns 0, or -1 when the encoder failed. */
+static int encode(mp_req_t *r)
+{
+    mp_upconn_t *u = r->up;
+    mp_buf_t *z = &r->zout;
+    if (r->zdone)
+        return 0;
+    if (mp_buf_acquire(z, &ctx_of(r)->bufs) != 0)
+        return -1;
+    if (z->start == z->end)
+        z->start = z->end = 0;
+    size_t in_len = u && u->in.data ? r->resp_ready - u->in.start : 0;
+    int op = r->resp.done ? MP_COMPRESS_FINISH : in_len || r->zflush ? MP_COMPRESS_FLUSH : -1;
+    size_t room = z->cap - z->end;
+    if (op < 0 || !room)
+        return 0;
+    const char *in = in_len ? u->in.data + u->in.start : "", *in0 = in;
+    char *out = z->data + z->end;
+    int rc = mp_compress_step(r->zenc, op, &in, &in_len, &out, &room);
+    if (in != in0)
+        u->in.start += (uint32_t)(in - in0);
+    z->end = (uint32_t)(out - z->data);
+    if (rc < 0) {
+        mp_env_log(r->env, MP_LOG_WARN, "request %.*s: the response encoder failed", r->id_len, r->id);
+        return -1;
+    }
+    r->zflush = rc == 0; /* out of room: the flush goes on once the client took some */
+    r->zdone = rc == 1 && op == MP_COMPRESS_FINISH;
+    return 0;
+}
+
+/* The body bytes ready for the client (the encoder's output when the
+ * response is compressed): their length, at *p. */
+static size_t body_out(mp_req_t *r, char **p)
+{
+    mp_upconn_t *u = r->up;
+    if (MP_UNLIKELY(r->enc)) {
+        *p = r->zout.data ? r->zout.data + r->zout.start : NULL;
+        return mp_buf_len(&r->zout);
+    }
+    *p = u && u->in.data ? u->in.data + u->in.start : NULL;
+    return u && r->resp_ready > u->in.start ? r->resp_ready - u->in.start : 0;
+}
+
+/* k bytes of body_out went to the client. */
+static void body_sent(mp_req_t *r, size_t k)
+{
+    if (MP_UNLIKELY(r->enc))
+        r->zout.start += (uint32_t)k;
+    else if (r->up)
+        r->up->in.start += (uint32_t)k;
+}
+
+/* The body is all out of the upstream (and of the encoder). */
+static int body_ended(const mp_req_t *r)
+{
+    return r->resp.done && (!r->enc || (r->zdone && !mp_buf_len(&r->zout)));
+}
+
 /* The rest of a close-delimited response to an HTTP/1.1 client, chunked:
  * the head (c->out), then for each run of bytes read a chunk (its size
  * line, the bytes, CRLF), and once the upstream ended cleanly the last
@@ -768,16 +846,19 @@ static int write_rechunked(mp_req_t *r)
 {
     static const char tail[] = "\r\n0\r\n\r\n"; /* a chunk's CRLF, then the last chunk */
     mp_client_side_t *c = mp_client_side(r);
-    mp_upconn_t *u = r->up;
     for (;;) {
+        char *data;
+        size_t ready;
         if (!r->chunk_left && !r->chunk_tail && r->chunk_hdr_off == r->chunk_hdr_len) {
-            if (u && r->resp_ready > u->in.start) { /* a new chunk of what is ready */
-                r->chunk_left = r->resp_ready - u->in.start;
+            if (MP_UNLIKELY(r->enc) && encode(r) != 0)
+                return -1;
+            if ((ready = body_out(r, &data)) > 0) { /* a new chunk of what is ready */
+                r->chunk_left = ready;
                 r->chunk_hdr_len = (uint8_t)snprintf(r->chunk_hdr, sizeof(r->chunk_hdr), "%llx\r\n",
                                                      (unsigned long long)r->chunk_left);
                 r->chunk_hdr_off = 0;
                 r->chunk_tail = 2;
-            } else if (r->resp.done && !r->chunk_end) {
+            } else if (body_ended(r) && !r->chunk_end) {
                 r->chunk_end = 1;
                 r->chunk_tail = 5;
             }
@@ -788,8 +869,8 @@ static int write_rechunked(mp_req_t *r)
             iov[n++] = (struct iovec){mp_buf_head(&c->out), mp_buf_len(&c->out)};
         if (r->chunk_hdr_off < r->chunk_hdr_len)
             iov[n++] = (struct iovec){r->chunk_hdr + r->chunk_hdr_off, (size_t)(r->chunk_hdr_len - r->chunk_hdr_off)};
-        if (r->chunk_left)
-            iov[n++] = (struct iovec){u->in.data + u->in.start, r->chunk_left};
+        if (r->chunk_left && body_out(r, &data))
+            iov[n++] = (struct iovec){data, r->chunk_left};
         if (r->chunk_tail) /* CRLF ("\r\n" of tail), or the last chunk after a CRLF already sent */
             iov[n++] = (struct iovec){(char *)(r->chunk_end ? tail + 7 - r->chunk_tail : tail + 2 - r->chunk_tail),
                                       r->chunk_tail};
@@ -813,7 +894,7 @@ static int write_rechunked(mp_req_t *r)
         left -= x;
         x = r->chunk_left < left ? (size_t)r->chunk_left : left;
         r->chunk_left -= x;
-        u->in.start += (uint32_t)x;
+        body_sent(r, x);
         left -= x;
         r->chunk_tail -= (uint8_t)left;
     }
@@ -839,10 +920,14 @@ static void pump_response(mp_req_t *r)
     for (;;) {
         struct iovec iov[2];
         int n = 0;
+        char *data;
+        size_t ready;
+        if (MP_UNLIKELY(r->enc) && !r->rechunk && r->resp_head_done && encode(r) != 0)
+            return client_abort(r);
         if (mp_buf_len(&c->out))
             iov[n++] = (struct iovec){mp_buf_head(&c->out), mp_buf_len(&c->out)};
-        if (u && r->resp_ready > u->in.start)
-            iov[n++] = (struct iovec){u->in.data + u->in.start, r->resp_ready - u->in.start};
+        if ((ready = body_out(r, &data)) > 0)
+            iov[n++] = (struct iovec){data, ready};
         if (n == 0)
             break;
         ssize_t k = mp_io_writev(&c->sock, iov, n);
@@ -857,11 +942,10 @@ static void pump_response(mp_req_t *r)
             r->resp_started = 1;
         size_t head = mp_buf_len(&c->out) < (size_t)k ? mp_buf_len(&c->out) : (size_t)k;
         c->out.start += (uint32_t)head;
-        if (u)
-            u->in.start += (uint32_t)((size_t)k - head);
+        body_sent(r, (size_t)k - head);
     }
     mp_buf_release(&c->out, &c->ctx->bufs);
-    if (r->resp_head_done && r->resp.done)
+    if (r->resp_head_done && body_ended(r))
         return finish(r);
     if (u && u->in.data && u->in.start == r->resp_ready && r->resp_scan == u->in.end)
         u->in.start = u->in.end = r->resp_ready = r->resp_scan = 0;

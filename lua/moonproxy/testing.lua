@@ -156,6 +156,8 @@ end
 -- cfg:response(result, { status = 200, headers = {}, body = "" }) -> the
 -- response the client receives after the response hooks: status, headers,
 -- body, trace. result is what cfg:request returned (a forwarded request).
+-- On a route that compresses (SPEC "Compression") it also has compress: the
+-- encoding ("gzip", "br", "zstd"), or false and compress_why.
 function Config:response(result, resp)
   if type(result) ~= "table" or not result.request then
     error("response: expects the result of cfg:request, then { status =, headers =, body = }", 2)
