@@ -43,6 +43,7 @@ describe("the status page in a browser", function()
   lazy_setup(function()
     origin = h.start_origin("shop")
     proxy = h.start_proxy { workers = 2, config = CONFIG, vars = { origin = origin.addr, dead = h.free_port() } }
+    proxy:wait_ready()
     for i = 1, 20 do raw.get(proxy.port, "/shop/item" .. i) end
     for _ = 1, 3 do raw.get(proxy.port, "/login") end
     url = "http://127.0.0.1:" .. proxy.admin_port .. "/"

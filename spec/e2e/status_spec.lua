@@ -24,6 +24,7 @@ describe("status page", function()
   lazy_setup(function()
     origin = h.start_origin("o")
     proxy = h.start_proxy { workers = 2, config = CONFIG, vars = { origin = origin.addr, dead = h.free_port() } }
+    proxy:wait_ready() -- the admin port, not only the listener
   end)
 
   lazy_teardown(function()
@@ -124,6 +125,7 @@ proxy.admin { addr = "${admin}", token = "s3cret" }
 proxy.route { prefix = "/", handler = function(req) return req:respond(200, "ok\n") end }
 ]] }
     finally(function() h.shutdown(p) end)
+    p:wait_ready()
     assert.equal(200, assert(p:admin("GET", "/status")).status)
     assert.equal(200, assert(p:admin("GET", "/")).status)
     for _, path in ipairs { "/", "/status" } do
