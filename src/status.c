@@ -65,7 +65,9 @@ static series_t *series_of(mp_status_t *s, const char *name)
         return NULL;
     series_t *r = &s->routes[s->nroutes++];
     memset(r, 0, sizeof(*r));
-    snprintf(r->name, sizeof(r->name), "%s", name);
+    size_t n = strlen(name) < sizeof(r->name) ? strlen(name) : sizeof(r->name) - 1; /* cut to fit */
+    memcpy(r->name, name, n);
+    r->name[n] = '\0';
     return r;
 }
 
